@@ -1,0 +1,84 @@
+"""Label conventions and the three evaluated tumour regions ET, TC, WT.
+
+Two on-disk conventions exist:
+
+=============  ====  ====  ====  ====  ========  ===========  ==============
+convention      1     2     3     4     ET        TC           WT
+=============  ====  ====  ====  ====  ========  ===========  ==============
+``fets``        NCR   ED    --    ET    {4}       {1, 4}       {1, 2, 4}
+``brats2023``   NETC  SNFH  ET    RC    {3}       {1, 3}       {1, 2, 3}
+=============  ====  ====  ====  ====  ========  ===========  ==============
+
+``fets`` covers FeTS 2021-2024 and BraTS 2018-2021; ``brats2023`` covers BraTS 2023
+and 2024, where label 4 (resection cavity, post-treatment data only) belongs to no
+tumour region. Internally every target is a ``3 x H x W x D`` boolean stack in the
+canonical region order :data:`REGIONS` = (ET, TC, WT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+REGIONS: tuple[str, ...] = ("ET", "TC", "WT")
+"""Canonical region order of every target and network output channel."""
+
+
+@dataclass(frozen=True)
+class LabelConvention:
+    """Which label values make up each region, and which values may appear at all."""
+
+    name: str
+    necrosis: int
+    edema: int
+    enhancing: int
+    allowed: frozenset[int]
+
+    @property
+    def region_labels(self) -> dict[str, tuple[int, ...]]:
+        """Region name -> label values that belong to it."""
+        return {
+            "ET": (self.enhancing,),
+            "TC": (self.necrosis, self.enhancing),
+            "WT": (self.necrosis, self.edema, self.enhancing),
+        }
+
+
+CONVENTIONS: dict[str, LabelConvention] = {
+    "fets": LabelConvention("fets", necrosis=1, edema=2, enhancing=4, allowed=frozenset({0, 1, 2, 4})),
+    "brats2023": LabelConvention("brats2023", necrosis=1, edema=2, enhancing=3, allowed=frozenset({0, 1, 2, 3, 4})),
+}
+
+
+def get_convention(name: str) -> LabelConvention:
+    try:
+        return CONVENTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown label convention {name!r}; expected one of {', '.join(CONVENTIONS)}") from None
+
+
+def invalid_labels(seg: np.ndarray, convention: LabelConvention) -> list[int]:
+    """Label values in ``seg`` that the convention does not allow (sorted); empty when valid."""
+    values = np.unique(seg)
+    return [int(v) for v in values if int(v) not in convention.allowed]
+
+
+def regions_from_labels(seg: np.ndarray, convention: LabelConvention) -> np.ndarray:
+    """``H x W x D`` integer label map -> ``3 x H x W x D`` boolean ET, TC, WT masks."""
+    return np.stack([np.isin(seg, labels) for labels in convention.region_labels.values()])
+
+
+def labels_from_regions(regions: np.ndarray, convention: LabelConvention) -> np.ndarray:
+    """``3 x H x W x D`` boolean ET, TC, WT masks -> ``H x W x D`` uint8 label map.
+
+    Nested reconstruction, as the FeTS and BraTS pipelines do it: a voxel is enhancing
+    if ET, otherwise necrosis if TC, otherwise edema if WT. Inconsistent masks (ET
+    outside TC) are therefore resolved in favour of the smaller region.
+    """
+    et, tc, wt = (np.asarray(r, dtype=bool) for r in regions)
+    out = np.zeros(et.shape, dtype=np.uint8)
+    out[wt] = convention.edema
+    out[tc] = convention.necrosis
+    out[et] = convention.enhancing
+    return out
