@@ -1,0 +1,73 @@
+"""Configuration: one YAML per concern under ``mstkd/configs/``, merged, then overridden.
+
+``configs/<concern>.yaml`` becomes the ``<concern>`` key of the merged config
+(``data.yaml`` -> ``cfg.data``). A preset group is a folder: ``configs/model/<name>.yaml``
+is chosen with the override ``model=<name>``. Further overrides are OmegaConf dot-lists
+(``data.normalization=minmax train.lr=2e-4``); a key that does not exist is refused, so a
+typo never silently does nothing. The resolved config is saved beside every output
+(:func:`save_config`), so each result says how it was made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mstkd.errors import InputError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESETS = {"model": "lite"}
+
+
+def preset_names(group: str) -> list[str]:
+    """Names of the presets in ``configs/<group>/``."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The default config with ``overrides`` applied (``group=preset`` or ``dotted.key=value``).
+
+    Raises:
+        InputError: an unknown preset, an unknown key or a malformed override.
+    """
+    presets = dict(DEFAULT_PRESETS)
+    dotlist = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"override {item!r} is not of the form key=value")
+        if key in presets:
+            presets[key] = value
+        else:
+            dotlist.append(item)
+
+    parts = {p.stem: OmegaConf.load(p) for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+    for group, name in presets.items():
+        if not (CONFIG_DIR / group).is_dir():
+            continue
+        path = CONFIG_DIR / group / f"{name}.yaml"
+        if not path.is_file():
+            raise InputError(f"unknown {group} preset {name!r}; choose one of {', '.join(preset_names(group))}")
+        parts[group] = OmegaConf.merge(OmegaConf.load(path), {"preset": name})
+    cfg = OmegaConf.create(parts)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as exc:
+        raise InputError(f"bad config override: {str(exc).splitlines()[0]}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,150 @@
+"""The preprocessed cache: decompress and normalise each case once, then read ``.npy`` forever after.
+
+One folder per case under the cache root::
+
+    <cache>/<case_id>/image.npy     4 x h x w x d, normalised, cropped to the brain (float16 by default)
+    <cache>/<case_id>/regions.npy   h x w x d uint8, bit i set when the voxel is in REGIONS[i] (ET, TC, WT)
+    <cache>/<case_id>/meta.json     source files and their size/mtime, layout, original shape,
+                                    affine, spacing, crop box, normalisation, available modalities
+
+An entry is reused while its source files keep their size and modification time and the
+normalisation settings match; otherwise it is rebuilt. Entries are written to a temporary
+folder and renamed into place, so an interrupted run never leaves a half-written entry.
+Reading an entry never opens a NIfTI file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mstkd.data.cases import bounding_box, brain_mask, load_case, normalize
+from mstkd.data.labels import REGIONS
+from mstkd.data.layouts import CaseFiles
+from mstkd.modalities import MODALITIES, Subset
+
+CACHE_FORMAT = 1
+BRAIN_MARGIN = 2  # voxels of background kept around the brain, so crops near the edge see some
+
+
+@dataclass(frozen=True)
+class CachedCase:
+    """A case in the cache; arrays are memory-mapped on demand."""
+
+    case_id: str
+    folder: Path
+    meta: dict[str, Any]
+
+    def image(self) -> np.ndarray:
+        """``4 x h x w x d`` normalised image (memory-mapped, read-only)."""
+        return np.load(self.folder / "image.npy", mmap_mode="r")
+
+    def regions(self) -> np.ndarray | None:
+        """``3 x h x w x d`` boolean ET, TC, WT; None when the case had no label map."""
+        path = self.folder / "regions.npy"
+        if not path.exists():
+            return None
+        bits = np.load(path)
+        return np.stack([(bits >> i) & 1 for i in range(len(REGIONS))]).astype(bool)
+
+    @property
+    def available(self) -> Subset:
+        return Subset.of(self.meta["available"])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.meta["has_labels"])
+
+
+def _fingerprint(files: CaseFiles) -> dict[str, list[int]]:
+    paths = {**files.images, **({"seg": files.seg} if files.seg else {})}
+    out = {}
+    for key, path in sorted(paths.items()):
+        st = path.stat()
+        out[key] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+class CaseCache:
+    """Builds and reads cache entries under ``root`` for one normalisation setting."""
+
+    def __init__(self, root: str | Path, *, normalization: str = "zscore", dtype: str = "float16") -> None:
+        self.root = Path(root)
+        self.normalization = normalization
+        self.dtype = np.dtype(dtype)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"format": CACHE_FORMAT, "normalization": self.normalization, "dtype": self.dtype.name}
+
+    def lookup(self, files: CaseFiles) -> CachedCase | None:
+        """The valid entry for ``files``, or None when absent or stale (``stat`` only, no NIfTI read)."""
+        folder = self.root / files.case_id
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("settings") != self._settings() or meta.get("fingerprint") != _fingerprint(files):
+            return None
+        return CachedCase(files.case_id, folder, meta)
+
+    def get(self, files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_seg: bool = True) -> CachedCase:
+        """The entry for ``files``, built from the NIfTI files first when needed."""
+        entry = self.lookup(files)
+        if entry is not None and (entry.has_labels or not with_seg):
+            return entry
+        return self._build(files, required=required, with_seg=with_seg)
+
+    def _build(self, files: CaseFiles, *, required: Sequence[str], with_seg: bool) -> CachedCase:
+        case = load_case(files, required=required, with_seg=with_seg)
+        mask = brain_mask(case.image)
+        box = bounding_box(mask, margin=BRAIN_MARGIN)
+        crop = tuple(slice(a, b) for a, b in box)
+        image = normalize(case.image, self.normalization, mask)[(slice(None), *crop)].astype(self.dtype)
+        meta = {
+            "case_id": files.case_id,
+            "layout": files.layout,
+            "convention": files.convention.name,
+            "sources": {k: str(p) for k, p in {**files.images, "seg": files.seg}.items() if p is not None},
+            "fingerprint": _fingerprint(files),
+            "settings": self._settings(),
+            "available": list(files.available),
+            "has_labels": case.regions is not None,
+            "shape": list(case.image.shape[1:]),
+            "crop_box": [list(b) for b in box],
+            "affine": case.affine.tolist(),
+            "spacing": list(case.spacing),
+            "modalities": list(MODALITIES),
+            "regions": list(REGIONS),
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{files.case_id}-{uuid.uuid4().hex[:8]}"
+        final = self.root / files.case_id
+        try:
+            tmp.mkdir()
+            np.save(tmp / "image.npy", np.ascontiguousarray(image))
+            if case.regions is not None:
+                bits = np.zeros(case.regions.shape[1:], dtype=np.uint8)
+                for i, region in enumerate(case.regions):
+                    bits |= region.astype(np.uint8) << i
+                np.save(tmp / "regions.npy", np.ascontiguousarray(bits[crop]))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError:
+            # Another process may have written the same entry meanwhile; use it if valid.
+            entry = self.lookup(files)
+            if entry is None:
+                raise
+            return entry
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return CachedCase(files.case_id, final, meta)

@@ -1,0 +1,120 @@
+"""Loading one case: validate its files, stack the modalities, normalise intensities.
+
+A loaded case is a ``4 x H x W x D`` float32 image in canonical modality order
+(FLAIR, T1, T1ce, T2; absent modalities zero-filled) plus, when present, the label map
+as ``3 x H x W x D`` booleans ET, TC, WT. Every file must share the first image's shape
+and affine; label maps must hold integers of the layout's convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+from mstkd.data.labels import invalid_labels, regions_from_labels
+from mstkd.data.layouts import CaseFiles
+from mstkd.data.nifti import check_same_grid, read_volume
+from mstkd.errors import InputError
+from mstkd.modalities import MODALITIES, Subset
+
+NORMALIZATIONS = ("zscore", "minmax")
+
+
+@dataclass
+class LoadedCase:
+    """One case in memory, in canonical order, with the geometry of its files."""
+
+    files: CaseFiles
+    image: np.ndarray  # 4 x H x W x D float32, raw intensities (absent modalities 0)
+    regions: np.ndarray | None  # 3 x H x W x D bool (ET, TC, WT), None without a label map
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    spacing: tuple[float, float, float]
+
+    @property
+    def available(self) -> Subset:
+        return Subset.of(self.files.available)
+
+
+def load_case(files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_seg: bool = True) -> LoadedCase:
+    """Read and validate every file of a case.
+
+    Args:
+        files: the case, as found by :func:`~mstkd.data.layouts.detect_case`.
+        required: modalities that must be on disk; others are read when present.
+        with_seg: read the label map too (and require it).
+
+    Raises:
+        InputError: a required file is missing, a file is unreadable, holds NaN/Inf,
+            disagrees in shape or affine with the others, or a label value is not an
+            integer of the layout's convention.
+    """
+    files.require(required, seg=with_seg)
+    volumes = {m: read_volume(files.images[m]) for m in MODALITIES if m in files.images}
+    reference = next(iter(volumes.values()))
+    for volume in volumes.values():
+        check_same_grid(reference, volume)
+    image = np.zeros((len(MODALITIES), *reference.data.shape), dtype=np.float32)
+    for i, m in enumerate(MODALITIES):
+        if m in volumes:
+            image[i] = volumes[m].data
+
+    regions = None
+    if with_seg:
+        seg = read_volume(files.seg, dtype=np.float64)  # type: ignore[arg-type]
+        check_same_grid(reference, seg)
+        if not np.array_equal(seg.data, np.round(seg.data)):
+            raise InputError(f"{seg.path}: label map holds non-integer values")
+        bad = invalid_labels(seg.data.astype(np.int64), files.convention)
+        if bad:
+            allowed = ", ".join(str(v) for v in sorted(files.convention.allowed))
+            raise InputError(f"{seg.path}: label value(s) {bad} not in the {files.convention.name} convention ({allowed})")
+        regions = regions_from_labels(seg.data.astype(np.int64), files.convention)
+    return LoadedCase(files, image, regions, reference.affine, reference.header, reference.spacing)
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """``H x W x D`` mask of voxels non-zero in any modality (the data are skull-stripped)."""
+    return (image != 0).any(axis=0)
+
+
+def normalize(image: np.ndarray, method: str = "zscore", mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-modality intensity normalisation of a ``C x H x W x D`` image.
+
+    - ``zscore``: ``(x - mean_B) / std_B`` inside the brain mask B, 0 outside (nnU-Net, MONAI
+      ``NormalizeIntensity(nonzero=True, channel_wise=True)``).
+    - ``minmax``: ``(x - min) / (max - min)`` over the whole volume (the official MST-KDNet code).
+
+    All-zero channels (absent modalities) stay zero.
+    """
+    if method not in NORMALIZATIONS:
+        raise InputError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if mask is None:
+        mask = brain_mask(image)
+    out = np.zeros_like(image, dtype=np.float32)
+    for c, channel in enumerate(image):
+        if not channel.any():
+            continue
+        if method == "zscore":
+            values = channel[mask]
+            std = float(values.std())
+            out[c][mask] = (values - float(values.mean())) / (std if std > 0 else 1.0)
+        else:
+            low, high = float(channel.min()), float(channel.max())
+            out[c] = (channel - low) / (high - low if high > low else 1.0)
+    return out
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[tuple[int, int], ...]:
+    """Per-axis ``(start, stop)`` of the non-zero voxels of ``mask``, widened by ``margin``; whole grid if empty."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        if hits.size == 0:
+            return tuple((0, n) for n in mask.shape)
+        box.append((max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)

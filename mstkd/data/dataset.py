@@ -1,0 +1,128 @@
+"""From a data folder to cached, split, ready-to-load sites.
+
+:func:`prepare_federation` is the ``preprocess`` stage: find the case folders, read the
+partition CSV (or put every case in one site), check the CSV against the disk, split
+deterministically, fill the cache with a progress bar and write the split as CSV beside
+the cache. The returned :class:`Federation` hands out cache entries per site and split,
+and :func:`make_loader` turns them into a MONAI ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from monai.data import DataLoader, Dataset
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from mstkd.data.cache import CachedCase, CaseCache
+from mstkd.data.layouts import detect_case, find_case_folders
+from mstkd.data.partitions import (
+    Partitions,
+    Split,
+    check_cases_exist,
+    make_split,
+    read_partitions,
+    single_site,
+    write_split_csv,
+)
+from mstkd.data.transforms import eval_transforms, load_cached, train_transforms
+
+DEFAULT_PARTITIONING = "partitioning.csv"
+DEFAULT_CACHE = ".mstkd-cache"
+
+
+@dataclass
+class Federation:
+    """Cached cases of a dataset, split into sites (train/val) and a global test set."""
+
+    data_dir: Path
+    cache_dir: Path
+    partitions: Partitions
+    split: Split
+    entries: dict[str, CachedCase]
+    split_csv: Path
+
+    @property
+    def sites(self) -> list[str]:
+        return self.split.sites
+
+    def site_cases(self, site: str, split: str = "train") -> list[CachedCase]:
+        ids = {"train": self.split.train, "val": self.split.val}[split][site]
+        return [self.entries[c] for c in ids]
+
+    def test_cases(self) -> list[CachedCase]:
+        return [self.entries[c] for c in self.split.test]
+
+    def summary(self) -> str:
+        """A table of sites with their train/val counts, and the test-set size."""
+        lines = ["| site | train | val |", "|---|---:|---:|"]
+        for site in self.sites:
+            lines.append(f"| {site} | {len(self.split.train[site])} | {len(self.split.val[site])} |")
+        lines.append(f"| **held-out test** | {len(self.split.test)} | |")
+        return "\n".join(lines)
+
+
+def prepare_federation(
+    data_dir: str | Path,
+    cfg: DictConfig,
+    *,
+    partitioning: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Federation:
+    """Validate, normalise, cache and split a dataset (the ``preprocess`` stage).
+
+    Args:
+        data_dir: folder of case folders.
+        cfg: the ``data`` section of the config.
+        partitioning: partition CSV; default ``data_dir/partitioning.csv`` when it exists,
+            otherwise one site holding every case.
+        cache_dir: where entries go; default ``data_dir/.mstkd-cache``.
+        progress: show a progress bar while caching.
+
+    Raises:
+        InputError: on any bad case or CSV (see :mod:`mstkd.data.cases`, :mod:`mstkd.data.partitions`).
+    """
+    data_dir = Path(data_dir)
+    folders = find_case_folders(data_dir)
+    if partitioning is None and (data_dir / DEFAULT_PARTITIONING).is_file():
+        partitioning = data_dir / DEFAULT_PARTITIONING
+    partitions = read_partitions(partitioning) if partitioning else single_site(folders)
+    check_cases_exist(partitions, folders)
+    s = cfg.split
+    split = make_split(
+        partitions,
+        seed=int(s.seed),
+        val_fraction=float(s.val_fraction),
+        test_fraction=float(s.test_fraction),
+        min_site_cases_for_test=int(s.min_site_cases_for_test),
+    )
+    cache = CaseCache(cache_dir or data_dir / DEFAULT_CACHE, normalization=cfg.normalization, dtype=cfg.cache_dtype)
+    entries = {}
+    required = list(cfg.modalities)
+    for case_id in tqdm(partitions.case_ids, desc="preprocess", unit="case", disable=not progress, leave=False):
+        entries[case_id] = cache.get(detect_case(folders[case_id]), required=required)
+    split_csv = write_split_csv(split, cache.root / "split.csv")
+    return Federation(data_dir, cache.root, partitions, split, entries, split_csv)
+
+
+def make_loader(entries: Sequence[CachedCase], cfg: DictConfig, *, train: bool, batch_size: int = 1,
+                shuffle: bool | None = None) -> DataLoader:
+    """A MONAI ``DataLoader`` over cache entries: random patches when ``train``, whole volumes otherwise."""
+    transform = train_transforms(cfg) if train else eval_transforms()
+    dataset = Dataset(list(entries), transform=_LoadThen(transform))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train if shuffle is None else shuffle,
+                      num_workers=int(cfg.num_workers))
+
+
+class _LoadThen:
+    """Load a cache entry when the sample is drawn, then apply ``transform``; keeps RAM flat for big sites."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, entry: CachedCase):
+        return self.transform(load_cached(entry))

@@ -1,0 +1,293 @@
+"""Data layer: layouts, validation, normalisation, cache, partitions, transforms."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mstkd.config import load_config
+from mstkd.data.cache import CaseCache
+from mstkd.data.cases import load_case, normalize
+from mstkd.data.dataset import make_loader, prepare_federation
+from mstkd.data.labels import CONVENTIONS, labels_from_regions, regions_from_labels
+from mstkd.data.layouts import detect_case, find_case_folders
+from mstkd.data.partitions import make_split, read_partitions, write_split_csv
+from mstkd.errors import InputError
+from tests.conftest import AFFINE, MODALITY_LEVEL, SHAPE, make_labels, write_case, write_nifti, write_partitions
+
+SHARED_FETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fets"
+DATA_CFG = load_config().data
+
+
+# --- layouts -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout,ext", [("fets", ".nii.gz"), ("fets", ".nii"), ("brats2023", ".nii.gz"),
+                                        ("brats2023", ".nii")])
+def test_detect_case_both_layouts_and_extensions(tmp_path, layout, ext):
+    case_id = "FeTS2022_00001" if layout == "fets" else "BraTS-GLI-00001-000"
+    folder = write_case(tmp_path, case_id, layout, ext=ext)
+    files = detect_case(folder)
+    assert files.layout == layout
+    assert files.available == ("flair", "t1", "t1ce", "t2")
+    assert files.seg is not None and files.seg.name.endswith(f"seg{ext}")
+    # t1 and t1ce are told apart, and brats2023 names map to the canonical keys
+    expected = {"fets": {"t1": "_t1", "t1ce": "_t1ce"}, "brats2023": {"t1": "-t1n", "t1ce": "-t1c"}}[layout]
+    for key, suffix in expected.items():
+        assert files.images[key].name == f"{case_id}{suffix}{ext}"
+
+
+def test_case_order_is_canonical_regardless_of_file_names(tmp_path):
+    for layout, case_id in (("fets", "A"), ("brats2023", "B")):
+        case = load_case(detect_case(write_case(tmp_path, case_id, layout)))
+        brain = case.image[0] > 0
+        means = [float(case.image[c][brain].mean()) for c in range(4)]
+        assert means == pytest.approx([MODALITY_LEVEL[m] for m in ("flair", "t1", "t1ce", "t2")], abs=3)
+
+
+def test_regions_per_convention(tmp_path):
+    # BraTS 2023: ET = 3, and label 4 (resection cavity) belongs to no region.
+    seg = np.array([0, 1, 2, 3, 4])
+    et, tc, wt = regions_from_labels(seg, CONVENTIONS["brats2023"])
+    assert et.tolist() == [False, False, False, True, False]
+    assert tc.tolist() == [False, True, False, True, False]
+    assert wt.tolist() == [False, True, True, True, False]
+    et, tc, wt = regions_from_labels(np.array([0, 1, 2, 4]), CONVENTIONS["fets"])
+    assert et.tolist() == [False, False, False, True] and tc.tolist() == [False, True, False, True]
+    # round trip regions -> labels in each convention
+    for name, enhancing in (("fets", 4), ("brats2023", 3)):
+        labels = make_labels(enhancing=enhancing)
+        back = labels_from_regions(regions_from_labels(labels, CONVENTIONS[name]), CONVENTIONS[name])
+        np.testing.assert_array_equal(back, labels)
+
+
+def test_nested_trees_are_found(tmp_path):
+    # BraTS 2018 keeps cases under HGG/ and LGG/
+    write_case(tmp_path / "HGG", "Brats18_2013_2_1")
+    write_case(tmp_path / "LGG", "Brats18_2013_0_1")
+    folders = find_case_folders(tmp_path)
+    assert set(folders) == {"Brats18_2013_2_1", "Brats18_2013_0_1"}
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def _corrupt(kind: str, folder: Path) -> str:
+    """Break one file of a FeTS case in the way ``kind`` says; return a word the error must contain."""
+    cid = folder.name
+    flair = folder / f"{cid}_flair.nii.gz"
+    if kind == "missing-modality":
+        (folder / f"{cid}_t1ce.nii.gz").unlink()
+        return "t1ce"
+    if kind == "truncated":
+        flair.write_bytes(flair.read_bytes()[: flair.stat().st_size // 2])
+        return flair.name
+    if kind == "not-nifti":
+        with gzip.open(flair, "wb") as f:
+            f.write(b"this is not an image" * 50)
+        return flair.name
+    if kind == "shape-mismatch":
+        write_nifti(flair, np.ones((SHAPE[0] + 1, *SHAPE[1:]), dtype=np.float32))
+        return "shape"
+    if kind == "affine-mismatch":
+        write_nifti(flair, nib.load(flair).get_fdata().astype(np.float32), AFFINE @ np.diag([1, 1, 1.5, 1]))
+        return "affine"
+    if kind == "nan":
+        data = nib.load(flair).get_fdata().astype(np.float32)
+        data[3, 3, 3] = np.nan
+        write_nifti(flair, data)
+        return "NaN"
+    if kind == "inf":
+        data = nib.load(flair).get_fdata().astype(np.float32)
+        data[3, 3, 3] = np.inf
+        write_nifti(flair, data)
+        return "Inf"
+    if kind == "bad-label":
+        write_nifti(folder / f"{cid}_seg.nii.gz", make_labels(enhancing=3))  # 3 is not a FeTS label
+        return "[3]"
+    if kind == "fractional-label":
+        write_nifti(folder / f"{cid}_seg.nii.gz", make_labels().astype(np.float32) + 0.5)
+        return "non-integer"
+    raise ValueError(kind)
+
+
+BAD_KINDS = ["missing-modality", "truncated", "not-nifti", "shape-mismatch", "affine-mismatch", "nan", "inf",
+             "bad-label", "fractional-label"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_case_is_refused_with_one_line(tmp_path, kind):
+    folder = write_case(tmp_path, "FeTS2022_00007")
+    word = _corrupt(kind, folder)
+    with pytest.raises(InputError) as err:
+        load_case(detect_case(folder))
+    message = str(err.value)
+    assert "\n" not in message and word in message
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_cli_bad_input_exit_2_no_traceback_no_partial_output(dataset, kind, capsys):
+    from mstkd.cli import main
+
+    _corrupt(kind, dataset / "FeTS2022_00004")
+    cache = dataset.parent / "cache"
+    assert main(["preprocess", str(dataset), "--cache", str(cache), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    # entries written before the bad case are complete; nothing half-written is left
+    if cache.exists():
+        assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+        assert "FeTS2022_00004" not in {p.name for p in cache.iterdir()}
+        assert not (cache / "split.csv").exists()
+
+
+def test_cli_empty_folder_and_unknown_csv_cases(tmp_path, dataset, capsys):
+    from mstkd.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["preprocess", str(tmp_path / "empty"), "--quiet"]) == 2
+    assert "no case folders" in capsys.readouterr().err
+    csv = write_partitions(tmp_path / "p.csv", {"1": ["FeTS2022_00001", "FeTS2022_99999"]})
+    assert main(["preprocess", str(dataset), "--partitioning", str(csv), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "FeTS2022_99999" in err and "p.csv" in err and len(err.strip().splitlines()) == 1
+
+
+# --- normalisation and cache ------------------------------------------------------------------------------------
+
+
+def test_normalizations():
+    rng = np.random.default_rng(0)
+    image = np.zeros((4, 10, 10, 10), dtype=np.float32)
+    image[:3, 2:8, 2:8, 2:8] = rng.normal(500, 50, (3, 6, 6, 6))  # channel 3 absent
+    z = normalize(image, "zscore")
+    brain = image[0] != 0
+    for c in range(3):
+        assert z[c][brain].mean() == pytest.approx(0, abs=1e-5)
+        assert z[c][brain].std() == pytest.approx(1, abs=1e-4)
+        assert (z[c][~brain] == 0).all()
+    assert not z[3].any()
+    m = normalize(image, "minmax")
+    assert m[:3].min() == 0 and m[:3].max() == pytest.approx(1) and not m[3].any()
+    with pytest.raises(InputError):
+        normalize(image, "histogram")
+
+
+def test_cache_second_read_does_not_touch_nifti(tmp_path, monkeypatch):
+    folder = write_case(tmp_path / "data", "FeTS2022_00001")
+    cache = CaseCache(tmp_path / "cache")
+    first = cache.get(detect_case(folder))
+    image, regions = np.array(first.image()), first.regions()
+
+    def no_nifti(*args, **kwargs):
+        raise AssertionError("NIfTI read on a cache hit")
+
+    monkeypatch.setattr(nib, "load", no_nifti)
+    second = cache.get(detect_case(folder))
+    np.testing.assert_array_equal(second.image(), image)
+    np.testing.assert_array_equal(second.regions(), regions)
+    assert image.dtype == np.float16 and image.shape[0] == 4
+    # the crop to the brain keeps every tumour voxel
+    assert regions[2].sum() == (make_labels() > 0).sum()
+
+
+def test_cache_rebuilds_when_source_or_setting_changes(tmp_path):
+    folder = write_case(tmp_path / "data", "FeTS2022_00001")
+    files = detect_case(folder)
+    z = CaseCache(tmp_path / "cache").get(files)
+    assert CaseCache(tmp_path / "cache", normalization="minmax").lookup(files) is None
+    mm = CaseCache(tmp_path / "cache", normalization="minmax").get(files)
+    assert float(np.asarray(mm.image()).max()) == pytest.approx(1.0, abs=1e-3)
+    # a changed source file invalidates the entry
+    seg = folder / "FeTS2022_00001_seg.nii.gz"
+    write_nifti(seg, make_labels(offset=1))
+    assert CaseCache(tmp_path / "cache", normalization="minmax").lookup(detect_case(folder)) is None
+    assert z.case_id == "FeTS2022_00001"
+
+
+# --- partitions and split ---------------------------------------------------------------------------------------
+
+
+def test_real_fets_partitions_read():
+    p1 = read_partitions(SHARED_FETS / "partitioning_1.csv")
+    p2 = read_partitions(SHARED_FETS / "partitioning_2.csv")
+    assert len(p1.sites) == 23 and len(p2.sites) == 33
+    assert len(p1.case_ids) == len(set(p1.case_ids)) == 1251
+    assert set(p1.case_ids) == set(p2.case_ids)
+    assert len(p1.sites["1"]) == 511 and len(p1.sites["18"]) == 382
+    assert all(c.startswith("FeTS2022_") for c in p1.case_ids)
+
+
+def test_split_deterministic_disjoint_and_test_held_out():
+    parts = read_partitions(SHARED_FETS / "partitioning_1.csv")
+    a = make_split(parts, seed=7)
+    b = make_split(parts, seed=7)
+    c = make_split(parts, seed=8)
+    assert a.train == b.train and a.val == b.val and a.test == b.test
+    assert a.test != c.test
+    seen: list[str] = []
+    for site in a.sites:
+        seen += a.train[site] + a.val[site]
+        assert not set(a.train[site]) & set(a.val[site])
+        assert a.train[site], f"site {site} has no training case"
+    assert not set(seen) & set(a.test)
+    assert sorted(seen + a.test) == sorted(parts.case_ids)
+    # ~80/20 on the biggest site, tiny sites keep all cases for training/validation
+    big = parts.sites["1"]
+    n_rest = len(big) - sum(1 for t in a.test if a.test_origin[t] == "1")
+    assert len(a.val["1"]) == round(0.2 * n_rest)
+    assert not [t for t in a.test if a.test_origin[t] in ("9", "19")]  # 4-case sites
+
+
+def test_split_csv_round_trip(tmp_path):
+    parts = read_partitions(SHARED_FETS / "partitioning_2.csv")
+    split = make_split(parts, seed=1)
+    path = write_split_csv(split, tmp_path / "split.csv")
+    again = make_split(read_partitions(path), seed=999)  # explicit column wins over the seed
+    assert again.train == split.train and again.val == split.val and sorted(again.test) == sorted(split.test)
+
+
+def test_partitions_refuse_bad_csv(tmp_path):
+    (tmp_path / "a.csv").write_text("Site,Case\n1,x\n")
+    (tmp_path / "b.csv").write_text("Partition_ID,Subject_ID\n1,x\n2,x\n")
+    (tmp_path / "c.csv").write_text("Partition_ID,Subject_ID,TrainOrVal\n1,x,train\n1,y,maybe\n")
+    for name, word in (("a.csv", "header"), ("b.csv", "twice"), ("c.csv", "maybe"), ("missing.csv", "not found")):
+        with pytest.raises(InputError, match=word):
+            read_partitions(tmp_path / name)
+
+
+# --- federation and loaders -------------------------------------------------------------------------------------
+
+
+def test_prepare_federation_and_loaders(dataset):
+    cfg = OmegaConf.merge(DATA_CFG, {"patch_size": [16, 16, 16], "foreground_ratio": 1.0,
+                                     "split": {"test_fraction": 0.2}})
+    fed = prepare_federation(dataset, cfg, progress=False)
+    assert fed.sites == ["1", "2"]
+    assert len(fed.test_cases()) == 1  # round(0.2 * 6) from site 1; site 2 (4 cases) is too small to give one
+    assert fed.split_csv.exists() and "| 1 |" in fed.summary()
+    loader = make_loader(fed.site_cases("1", "train"), cfg, train=True)
+    batch = next(iter(loader))
+    assert tuple(batch["image"].shape) == (1, 4, 16, 16, 16)
+    assert tuple(batch["label"].shape) == (1, 3, 16, 16, 16)
+    assert batch["image"].dtype == torch.float32
+    for batch in loader:  # foreground_ratio 1: every crop holds tumour
+        assert batch["label"][:, 2].sum() > 0
+    whole = next(iter(make_loader(fed.test_cases(), cfg, train=False)))
+    assert whole["image"].shape[2:] == whole["label"].shape[2:]
+
+
+def test_prepare_federation_without_csv_is_one_site(tmp_path):
+    for i in range(3):
+        write_case(tmp_path / "d", f"BraTS-GLI-0000{i}-000", "brats2023", seed=i)
+    fed = prepare_federation(tmp_path / "d", DATA_CFG, progress=False)
+    assert fed.sites == ["1"] and len(fed.split.train["1"]) + len(fed.split.val["1"]) == 3
+    assert fed.entries["BraTS-GLI-00000-000"].meta["convention"] == "brats2023"
+    shutil.rmtree(fed.cache_dir)
