@@ -28,9 +28,11 @@ TP = |X ∩ Y|, FP = |X \\ Y|, FN = |Y \\ X|, TN = N - |X ∪ Y| over all N voxe
 
 Both masks are cropped to the bounding box of X ∪ Y before any surface or distance work
 (padded by one background voxel for the erosion, so the crop border behaves like the
-volume border), and the distances come from ``scipy.ndimage.distance_transform_edt`` of
-the complement of one surface, read at the other surface's voxels; both are exact, so
-the crop changes the speed only, never the result.
+volume border). The distances come from ``scipy.ndimage.distance_transform_edt`` (with
+``sampling=spacing``) of the complement of one surface, read at the other surface's
+voxels, or, when the box is mostly empty space (a far-away false positive stretches it),
+from a KD-tree over the surface voxels' coordinates in mm. All of these are exact, so they
+change the speed only, never the result.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, spatial
 
 from mstkd.data.labels import REGIONS, LabelConvention, get_convention, invalid_labels, regions_from_labels
 from mstkd.data.nifti import Volume, check_same_grid, read_volume
@@ -52,12 +54,19 @@ HD_PERCENTILE = 95.0
 HD95_MODES = ("max", "pooled")
 """``max``: the larger of the two directed percentiles (MONAI); ``pooled``: the percentile of both sets together."""
 
+EDT_MAX_VOXELS_PER_SURFACE_VOXEL = 8.0
+"""Above this ratio of box voxels to surface voxels the distances come from a KD-tree, not an EDT.
+
+Measured on 2 CPU cores: two EDTs cost about 0.14 µs per box voxel, two KD-tree queries about
+1.2 µs per surface voxel; the break-even ratio is about 8.
+"""
+
 METRICS: tuple[str, ...] = ("dice", "hd95", "sensitivity", "specificity")
 """Keys of every per-region score dict, in report order."""
 
 
 def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """Length in mm of the volume's diagonal, sqrt(Σ (shape_i · spacing_i)²): the HD95 of a missed or spurious region."""
+    """Length in mm of the volume's diagonal, sqrt(Σ (shape_i · spacing_i)²): the default HD95 of a one-sided empty."""
     if len(shape) != len(spacing):
         raise ValueError(f"shape {tuple(shape)} and spacing {tuple(spacing)} have different lengths")
     return float(math.sqrt(sum((float(n) * float(s)) ** 2 for n, s in zip(shape, spacing, strict=True))))
@@ -241,17 +250,42 @@ def _score_pair(
         scores["hd95"] = float(empty_hd95) if empty_hd95 is not None else volume_diagonal(shape, spacing)
         return scores
 
-    surf_a = _surface(a)
-    surf_b = _surface(b)
-    # The nearest surface voxel of either mask lies inside the unpadded box, so the EDT runs there only.
-    d_ab = ndimage.distance_transform_edt(~surf_b, sampling=spacing)[surf_a]
-    d_ba = ndimage.distance_transform_edt(~surf_a, sampling=spacing)[surf_b]
+    d_ab, d_ba = _surface_distances(_surface(a), _surface(b), spacing)
     if hd95 == "max":
         value = max(np.percentile(d_ab, HD_PERCENTILE), np.percentile(d_ba, HD_PERCENTILE))
     else:
         value = np.percentile(np.concatenate([d_ab, d_ba]), HD_PERCENTILE)
     scores["hd95"] = float(value)
     return scores
+
+
+def _surface_distances(
+    surf_a: np.ndarray, surf_b: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Directed distances (mm) S(A)→S(B) and S(B)→S(A) between two non-empty surface masks of one box.
+
+    Two exact methods, picked by cost: the EDT of the complement of one surface, read at the
+    other's voxels, costs time per voxel of the box; a KD-tree over the surface voxels costs time
+    per surface voxel. A compact pair of masks favours the EDT, a box stretched by a far-away
+    false positive (mostly empty space) favours the KD-tree, which then stays fast.
+    """
+    n_surface = int(np.count_nonzero(surf_a)) + int(np.count_nonzero(surf_b))
+    if surf_a.size <= EDT_MAX_VOXELS_PER_SURFACE_VOXEL * n_surface:
+        # Every surface voxel lies inside the box, so the EDT on the box is the EDT on the volume.
+        d_ab = ndimage.distance_transform_edt(~surf_b, sampling=spacing)[surf_a]
+        d_ba = ndimage.distance_transform_edt(~surf_a, sampling=spacing)[surf_b]
+        return d_ab, d_ba
+    scale = np.asarray(spacing, dtype=np.float64)
+    points_a = _coordinates(surf_a) * scale
+    points_b = _coordinates(surf_b) * scale
+    d_ab = spatial.cKDTree(points_b).query(points_a, k=1)[0]
+    d_ba = spatial.cKDTree(points_a).query(points_b, k=1)[0]
+    return d_ab, d_ba
+
+
+def _coordinates(mask: np.ndarray) -> np.ndarray:
+    """``N x 3`` voxel indices of the True voxels (what np.argwhere returns, far faster on a sparse mask)."""
+    return np.column_stack(np.unravel_index(np.flatnonzero(mask), mask.shape)).astype(np.float64)
 
 
 def _surface(padded: np.ndarray) -> np.ndarray:
