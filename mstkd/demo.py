@@ -64,8 +64,9 @@ def run_demo(out: Path, overrides: Sequence[str] = (), *, progress: bool = True)
     for entry in federation.test_cases() + [e for s in federation.sites for e in federation.site_cases(s, "val")]:
         image = np.asarray(entry.image(), dtype=np.float32)
         pred = threshold_segmentation(image)
-        scores = score_regions(pred, entry.regions(), entry.meta["spacing"], hd95=cfg.metrics.hd95,
-                               empty_hd95=cfg.metrics.empty_hd95)
+        scores = score_regions(
+            pred, entry.regions(), entry.meta["spacing"], hd95=cfg.metrics.hd95, empty_hd95=cfg.metrics.empty_hd95
+        )
         rows.append({"case": entry.case_id, **{f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS}})
 
     with (out / "scores.csv").open("w", newline="") as f:

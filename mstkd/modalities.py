@@ -102,7 +102,9 @@ def subsets_within(available: Subset) -> tuple[Subset, ...]:
     return tuple(s for s in SUBSETS if s.issubset(available))
 
 
-def channel_mask(subset: Subset, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+def channel_mask(
+    subset: Subset, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """``C`` tensor of 0/1 weights, 1 for present modalities."""
     return torch.tensor(subset.mask, dtype=dtype, device=device)
 
@@ -127,7 +129,9 @@ def zero_fill(image: torch.Tensor | np.ndarray, subset: Subset) -> torch.Tensor 
     return image * np.asarray(subset.mask, dtype=image.dtype).reshape(shape)
 
 
-def sample_subset(rng: np.random.Generator, subsets: Sequence[Subset] = SUBSETS, weights: Sequence[float] | None = None) -> Subset:
+def sample_subset(
+    rng: np.random.Generator, subsets: Sequence[Subset] = SUBSETS, weights: Sequence[float] | None = None
+) -> Subset:
     """Draw one subset, uniformly (the paper's modality dropout) or with ``weights``."""
     if weights is None:
         return subsets[int(rng.integers(len(subsets)))]

@@ -29,8 +29,9 @@ DATA_CFG = load_config().data
 # --- layouts -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout,ext", [("fets", ".nii.gz"), ("fets", ".nii"), ("brats2023", ".nii.gz"),
-                                        ("brats2023", ".nii")])
+@pytest.mark.parametrize(
+    "layout,ext", [("fets", ".nii.gz"), ("fets", ".nii"), ("brats2023", ".nii.gz"), ("brats2023", ".nii")]
+)
 def test_detect_case_both_layouts_and_extensions(tmp_path, layout, ext):
     case_id = "FeTS2022_00001" if layout == "fets" else "BraTS-GLI-00001-000"
     folder = write_case(tmp_path, case_id, layout, ext=ext)
@@ -118,8 +119,17 @@ def _corrupt(kind: str, folder: Path) -> str:
     raise ValueError(kind)
 
 
-BAD_KINDS = ["missing-modality", "truncated", "not-nifti", "shape-mismatch", "affine-mismatch", "nan", "inf",
-             "bad-label", "fractional-label"]
+BAD_KINDS = [
+    "missing-modality",
+    "truncated",
+    "not-nifti",
+    "shape-mismatch",
+    "affine-mismatch",
+    "nan",
+    "inf",
+    "bad-label",
+    "fractional-label",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -267,8 +277,9 @@ def test_partitions_refuse_bad_csv(tmp_path):
 
 
 def test_prepare_federation_and_loaders(dataset):
-    cfg = OmegaConf.merge(DATA_CFG, {"patch_size": [16, 16, 16], "foreground_ratio": 1.0,
-                                     "split": {"test_fraction": 0.2}})
+    cfg = OmegaConf.merge(
+        DATA_CFG, {"patch_size": [16, 16, 16], "foreground_ratio": 1.0, "split": {"test_fraction": 0.2}}
+    )
     fed = prepare_federation(dataset, cfg, progress=False)
     assert fed.sites == ["1", "2"]
     assert len(fed.test_cases()) == 1  # round(0.2 * 6) from site 1; site 2 (4 cases) is too small to give one

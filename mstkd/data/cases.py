@@ -71,7 +71,9 @@ def load_case(files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_se
         bad = invalid_labels(seg.data.astype(np.int64), files.convention)
         if bad:
             allowed = ", ".join(str(v) for v in sorted(files.convention.allowed))
-            raise InputError(f"{seg.path}: label value(s) {bad} not in the {files.convention.name} convention ({allowed})")
+            raise InputError(
+                f"{seg.path}: label value(s) {bad} not in the {files.convention.name} convention ({allowed})"
+            )
         regions = regions_from_labels(seg.data.astype(np.int64), files.convention)
     return LoadedCase(files, image, regions, reference.affine, reference.header, reference.spacing)
 

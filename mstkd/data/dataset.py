@@ -109,13 +109,15 @@ def prepare_federation(
     return Federation(data_dir, cache.root, partitions, split, entries, split_csv)
 
 
-def make_loader(entries: Sequence[CachedCase], cfg: DictConfig, *, train: bool, batch_size: int = 1,
-                shuffle: bool | None = None) -> DataLoader:
+def make_loader(
+    entries: Sequence[CachedCase], cfg: DictConfig, *, train: bool, batch_size: int = 1, shuffle: bool | None = None
+) -> DataLoader:
     """A MONAI ``DataLoader`` over cache entries: random patches when ``train``, whole volumes otherwise."""
     transform = train_transforms(cfg) if train else eval_transforms()
     dataset = Dataset(list(entries), transform=_LoadThen(transform))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train if shuffle is None else shuffle,
-                      num_workers=int(cfg.num_workers))
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train if shuffle is None else shuffle, num_workers=int(cfg.num_workers)
+    )
 
 
 class _LoadThen:

@@ -114,7 +114,8 @@ def detect_case(folder: str | Path) -> CaseFiles:
     layouts = [layout for layout, files in found.items() if files]
     if not layouts:
         raise InputError(
-            f"{folder}: no FeTS/BraTS image files (expected e.g. {folder.name}_flair.nii.gz or {folder.name}-t2f.nii.gz)"
+            f"{folder}: no FeTS/BraTS image files "
+            f"(expected e.g. {folder.name}_flair.nii.gz or {folder.name}-t2f.nii.gz)"
         )
     if len(layouts) > 1:
         raise InputError(f"{folder}: mixes FeTS (_flair, _t1ce, ...) and BraTS 2023 (-t2f, -t1c, ...) file names")

@@ -83,7 +83,9 @@ def check_same_grid(reference: Volume, other: Volume) -> None:
         raise InputError(f"{other.path}: affine differs from {reference.path.name} by up to {diff:.4g} mm")
 
 
-def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> Path:
+def write_volume(
+    path: str | Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None
+) -> Path:
     """Write ``data`` as NIfTI atomically (temporary file, then rename).
 
     With a ``header`` the output copies its geometry (qform/sform, zooms, units);

@@ -82,7 +82,9 @@ def read_partitions(path: str | Path) -> Partitions:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "Partition_ID" not in columns or "Subject_ID" not in columns:
-            raise InputError(f"{path}: expected the header Partition_ID,Subject_ID, got {','.join(columns) or 'nothing'}")
+            raise InputError(
+                f"{path}: expected the header Partition_ID,Subject_ID, got {','.join(columns) or 'nothing'}"
+            )
         sites: dict[str, list[str]] = {}
         explicit: dict[str, str] = {}
         seen: dict[str, int] = {}

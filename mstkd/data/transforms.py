@@ -45,12 +45,16 @@ def train_transforms(cfg: DictConfig) -> Compose:
         [
             SpatialPadd(keys, spatial_size=patch),
             # pos/neg are relative weights; the label's WT channel marks the foreground.
-            RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch, pos=ratio, neg=1 - ratio, num_samples=1),
+            RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=patch, pos=ratio, neg=1 - ratio, num_samples=1
+            ),
             *[RandFlipd(keys, prob=float(aug.flip_prob), spatial_axis=axis) for axis in range(3)],
-            RandScaleIntensityd("image", factors=float(aug.intensity_scale), prob=float(aug.intensity_prob),
-                                channel_wise=True),
-            RandShiftIntensityd("image", offsets=float(aug.intensity_shift), prob=float(aug.intensity_prob),
-                                channel_wise=True),
+            RandScaleIntensityd(
+                "image", factors=float(aug.intensity_scale), prob=float(aug.intensity_prob), channel_wise=True
+            ),
+            RandShiftIntensityd(
+                "image", offsets=float(aug.intensity_shift), prob=float(aug.intensity_prob), channel_wise=True
+            ),
             ToTensord(keys, track_meta=False),
         ]
     )
