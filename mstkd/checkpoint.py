@@ -1,0 +1,70 @@
+"""One-file checkpoints: the student's weights, the config it was trained with, and the label convention.
+
+``mstkd predict`` and ``mstkd evaluate`` need nothing else. Writes are atomic (temporary
+file, then rename), so a crash never leaves a truncated checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mstkd.data.labels import REGIONS
+from mstkd.errors import InputError
+from mstkd.modalities import MODALITIES
+from mstkd.model import MSTKDNet
+
+FORMAT = "mstkd-checkpoint/1"
+
+
+def save_checkpoint(
+    path: str | Path,
+    student: MSTKDNet | dict,
+    cfg: DictConfig,
+    *,
+    convention: str = "fets",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the student (a module or its state dict), ``cfg`` and ``convention`` to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = student.state_dict() if isinstance(student, torch.nn.Module) else student
+    payload = {
+        "format": FORMAT,
+        "student": {k: v.detach().cpu() for k, v in state.items()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "convention": convention,
+        "modalities": list(MODALITIES),
+        "regions": list(REGIONS),
+        "extra": extra or {},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[MSTKDNet, DictConfig, dict]:
+    """The student network (in eval mode), its config, and the raw payload.
+
+    Raises:
+        InputError: missing or unreadable file, or not an mstkd checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not an mstkd checkpoint")
+    cfg = OmegaConf.create(payload["config"])
+    net = MSTKDNet(cfg.model)
+    net.load_state_dict(payload["student"])
+    net.to(device).eval()
+    return net, cfg, payload

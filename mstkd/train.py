@@ -1,0 +1,187 @@
+"""The local teacher-student loop: one function, used by centralised training and by every federated site.
+
+Per step, on one batch of crops ``x`` (``B x 4 x h x w x d``) with region targets ``y``:
+
+1. draw the student's modality subset ``m`` (uniform over the 15, or per-site weights);
+2. forward the teacher on ``x`` and the student on ``zero_fill(x, m)``;
+3. generator step: the weighted terms of :class:`~mstkd.losses.MSTKDLoss` (segmentation of
+   both, MS-TKD, DMLD, GSM including the adversarial term), one Adam step over teacher and
+   student with gradient clipping;
+4. discriminator step (when GSM is on): ``BCE(D(style^T), 0) + BCE(D(style^S), 1)`` with its
+   own Adam, whose state persists across steps (the official code re-created it each step).
+
+The learning rate follows the poly schedule ``lr (1 - e / E)^0.9`` of a global (virtual)
+epoch ``e``, so the same schedule holds whether epochs run on one machine or as rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import cycle, islice
+
+import numpy as np
+import torch
+from monai.utils import set_determinism
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from mstkd.losses import MSTKDLoss, discriminator_loss
+from mstkd.modalities import SUBSETS, Subset, sample_subset, zero_fill
+from mstkd.model import MSTKDNet, StyleDiscriminator
+
+
+@dataclass
+class Networks:
+    """The three trained modules of one site."""
+
+    teacher: MSTKDNet
+    student: MSTKDNet
+    discriminator: StyleDiscriminator
+
+    def to(self, device: torch.device | str) -> Networks:
+        for m in (self.teacher, self.student, self.discriminator):
+            m.to(device)
+        return self
+
+
+@dataclass
+class Optimizers:
+    """Adam over teacher + student, and the discriminator's own Adam."""
+
+    main: torch.optim.Optimizer
+    discriminator: torch.optim.Optimizer
+
+
+def make_optimizers(nets: Networks, cfg: DictConfig) -> Optimizers:
+    """Fresh optimisers for ``nets`` (``cfg`` = the ``train`` section)."""
+    main = torch.optim.Adam(
+        [{"params": nets.teacher.parameters()}, {"params": nets.student.parameters()}],
+        lr=float(cfg.lr),
+        weight_decay=float(cfg.weight_decay),
+    )
+    disc = torch.optim.Adam(nets.discriminator.parameters(), lr=float(cfg.disc_lr), betas=tuple(cfg.disc_betas))
+    return Optimizers(main, disc)
+
+
+def poly_lr(cfg: DictConfig, epoch: float) -> float:
+    """``lr * (1 - epoch / epochs) ^ poly_power`` (0-based epoch; the last epoch keeps a small non-zero lr)."""
+    frac = min(max(epoch, 0.0) / float(cfg.epochs), 1.0)
+    return float(cfg.lr) * (1.0 - frac) ** float(cfg.poly_power)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and MONAI's random transforms."""
+    set_determinism(seed=seed % 2**32)
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """CUDA when present (or ``preferred``), else CPU."""
+    if preferred:
+        return torch.device(preferred)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when enabled and supported; a no-op otherwise (CPU runs in float32)."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_local(
+    nets: Networks,
+    optimizers: Optimizers,
+    loader: Iterable,
+    cfg: DictConfig,
+    *,
+    steps: int | None = None,
+    epoch: float = 0.0,
+    subsets: Sequence[Subset] = SUBSETS,
+    subset_weights: Sequence[float] | None = None,
+    rng: np.random.Generator | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Run ``steps`` teacher-student steps (default: one pass over ``loader``), updating ``nets`` in place.
+
+    Args:
+        nets: teacher, student and discriminator (moved to ``device``).
+        optimizers: their optimisers, whose state carries over between calls.
+        loader: yields dicts with ``image`` ``B x 4 x h x w x d`` and ``label`` ``B x 3 x h x w x d``.
+        cfg: the full config (``train`` and ``loss`` sections are read).
+        steps: number of steps; the loader is cycled when shorter.
+        epoch: the global epoch at the start, for the lr schedule and the consistency ramp.
+        subsets: the student's possible modality subsets (a site lacking a modality passes fewer).
+        subset_weights: sampling weights over ``subsets`` (None: uniform).
+        rng: generator for the subset draws (its state is the caller's to keep).
+        device: where to train (default: CUDA if present, else CPU).
+        progress: show a progress bar.
+
+    Returns:
+        Mean of each weighted loss term, ``loss`` (their sum), ``disc_loss``, ``steps``, ``lr``,
+        ``seconds`` and ``epoch`` (the global epoch at the end).
+    """
+    device = device or pick_device()
+    rng = rng or np.random.default_rng(int(cfg.train.seed))
+    nets.to(device)
+    for m in (nets.teacher, nets.student, nets.discriminator):
+        m.train()
+    criterion = MSTKDLoss(cfg.loss)
+    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    steps = steps if steps is not None else n_batches
+    if not steps:
+        raise ValueError("nothing to train: the loader is empty and no step count was given")
+    epoch_len = float(n_batches or steps)
+    gsm = bool(cfg.loss.gsm)
+    amp = bool(cfg.train.amp)
+    clip = cfg.train.grad_clip
+    params = [*nets.teacher.parameters(), *nets.student.parameters()]
+
+    sums: defaultdict[str, float] = defaultdict(float)
+    drawn: Counter[str] = Counter()
+    start = time.perf_counter()
+    bar = tqdm(islice(cycle(loader), steps), total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    for i, batch in enumerate(bar):
+        e = epoch + i / epoch_len
+        lr = poly_lr(cfg.train, e)
+        for group in optimizers.main.param_groups:
+            group["lr"] = lr
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        subset = sample_subset(rng, subsets, subset_weights)
+        drawn[subset.name] += 1
+
+        with autocast(device, amp):
+            out_t = nets.teacher(x)
+            out_s = nets.student(zero_fill(x, subset))
+            terms = criterion(out_t, out_s, y, e, nets.discriminator if gsm else None)
+        loss = sum(terms.values())
+        optimizers.main.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, float(clip))
+        optimizers.main.step()
+
+        if gsm:
+            optimizers.discriminator.zero_grad(set_to_none=True)  # drops what the generator term left there
+            with autocast(device, amp):
+                d_loss = discriminator_loss(nets.discriminator, out_t.style, out_s.style)
+            d_loss.backward()
+            optimizers.discriminator.step()
+            sums["disc_loss"] += float(d_loss.detach())
+
+        for name, value in terms.items():
+            sums[name] += float(value.detach())
+        sums["loss"] += float(loss.detach())
+        if progress:
+            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", refresh=False)
+
+    out = {name: total / steps for name, total in sums.items()}
+    out.update(steps=float(steps), lr=lr, seconds=time.perf_counter() - start, epoch=epoch + steps / epoch_len)
+    out["subsets_drawn"] = float(len(drawn))
+    return out

@@ -1,0 +1,147 @@
+"""Losses: known values on tiny tensors, switches, gradient flow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mstkd.config import load_config
+from mstkd.losses import (
+    AttentionDistillationLoss,
+    ConsistencyLoss,
+    FeatureDistillationLoss,
+    GlobalStyleLoss,
+    MSTKDLoss,
+    SegmentationLoss,
+    StandardizedKLLoss,
+    consistency_ramp,
+    cross_gram,
+    discriminator_loss,
+    standardize,
+)
+from mstkd.model import build_networks
+
+
+def test_segmentation_dice_known_values():
+    target = torch.zeros(1, 3, 2, 2, 2)
+    target[:, :, 0] = 1
+    big = 40.0
+    perfect = (target * 2 - 1) * big  # sigmoid -> exactly the target (to float precision)
+    assert SegmentationLoss()(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
+    # sigmoid(0) = 0.5 everywhere: per channel 1 - 2*0.5*4 / (0.25*8 + 4) = 1 - 4/6
+    assert SegmentationLoss()(torch.zeros(1, 3, 2, 2, 2), target).item() == pytest.approx(3 * (1 - 4 / 6), rel=1e-5)
+    with_bce = SegmentationLoss(bce_weight=1.0)(torch.zeros(1, 3, 2, 2, 2), target).item()
+    assert with_bce == pytest.approx(3 * (1 - 4 / 6) + math.log(2), rel=1e-5)
+
+
+def test_consistency_ramp_values():
+    assert consistency_ramp(0) == pytest.approx(10 * math.exp(-5))  # 0.067
+    assert consistency_ramp(10) == pytest.approx(10 * math.exp(-1.25))  # 2.87
+    assert consistency_ramp(20) == consistency_ramp(50) == 10.0
+
+
+def test_consistency_is_probability_mse():
+    t, s = torch.zeros(1, 3, 2, 2, 2), torch.full((1, 3, 2, 2, 2), math.log(3))  # sigmoid = 0.5 vs 0.75
+    assert ConsistencyLoss()(t, s).item() == pytest.approx(0.0625)
+
+
+def test_standardized_kl_known_value_direction_and_detach():
+    t = torch.tensor([2.0, 0.0, -2.0]).view(1, 3, 1, 1, 1).requires_grad_()
+    s = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1, 1).requires_grad_()
+    loss = StandardizedKLLoss(temperature=1.0)(t, s)
+    qt = F.softmax(standardize(t.detach(), 1).flatten(), 0)
+    qs = F.softmax(standardize(s.detach(), 1).flatten(), 0)
+    assert loss.item() == pytest.approx(float((qt * (qt / qs).log()).sum()), rel=1e-5)  # KL(qT || qS)
+    loss.backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+    # standardisation over classes makes the loss invariant to logit scale and shift
+    assert StandardizedKLLoss(1.0)(t, s * 5 + 3).item() == pytest.approx(loss.item(), rel=1e-4)
+    # the official form (z-score over the last spatial axis) flows into the teacher too
+    t2 = torch.randn(1, 3, 1, 1, 4, requires_grad=True)
+    StandardizedKLLoss(1.0, official=True)(t2, torch.randn(1, 3, 1, 1, 4)).backward()
+    assert t2.grad is not None and t2.grad.abs().sum() > 0
+
+
+def test_attention_distillation_zero_when_equal_and_scaled_by_tokens():
+    a = [torch.softmax(torch.randn(1, 2, 5, 5), -1) for _ in range(4)]
+    assert AttentionDistillationLoss()(a, a).item() == 0
+    b = [x.roll(1, -1) for x in a]
+    value = AttentionDistillationLoss()(a, b).item()
+    assert value > 0
+    # by hand for a single tap: max = min = mean = A, so 3 * MSE((5A)^2, (5B)^2)
+    a1, b1 = a[:1], b[:1]
+    expect = 3 * F.mse_loss((5 * b1[0]) ** 2, (5 * a1[0]) ** 2).item()
+    assert AttentionDistillationLoss()(a1, b1).item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_feature_and_gram_losses():
+    f = [torch.randn(1, 4, 2, 2, 2) for _ in range(4)]
+    assert FeatureDistillationLoss()(f, f).item() == 0
+    g = [x + 1 for x in f]
+    assert FeatureDistillationLoss()(f, g).item() == pytest.approx(4.0)
+    x = torch.ones(1, 2, 2, 2, 2)
+    assert torch.allclose(cross_gram(x, x), torch.full((1, 2, 2), 0.5))  # 8 / (2 * 8)
+    styles = [torch.randn(2, 4, 2, 2, 2) for _ in range(3)]
+    assert GlobalStyleLoss()(styles, styles).item() == 0
+    assert GlobalStyleLoss()(styles, [s * 2 for s in styles]).item() > 0
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    cfg = load_config(["model=tiny"])
+    torch.manual_seed(0)
+    teacher, student, disc = build_networks(cfg.model)
+    x = torch.randn(1, 4, 32, 32, 32)
+    target = (torch.rand(1, 3, 32, 32, 32) > 0.7).float()
+    return cfg, teacher, student, disc, x, target
+
+
+def test_switching_a_mechanism_off_removes_its_terms(outputs):
+    cfg, teacher, student, disc, x, target = outputs
+    with torch.no_grad():
+        t, s = teacher(x), student(x)
+    full = MSTKDLoss(cfg.loss)(t, s, target, epoch=5, discriminator=disc)
+    assert set(full) == {"seg_teacher", "seg_student", "attention", "transformer_features", "consistency", "kl",
+                         "gram", "content", "adversarial"}
+    for switch, removed in (("mstkd", {"attention", "transformer_features"}), ("dmld", {"consistency", "kl"}),
+                            ("gsm", {"gram", "content", "adversarial"})):
+        c = load_config(["model=tiny", f"loss.{switch}=false"])
+        terms = MSTKDLoss(c.loss)(t, s, target, epoch=5, discriminator=disc)
+        assert set(terms) == set(full) - removed
+        for name in terms:
+            assert terms[name].item() == pytest.approx(full[name].item())
+
+
+def test_gradients_reach_the_student_from_every_distillation_term(outputs):
+    cfg, teacher, student, disc, x, target = outputs
+    t, s = teacher(x), student(x * 0.5)
+    terms = MSTKDLoss(cfg.loss)(t, s, target, epoch=25, discriminator=disc)
+    for name in ("transformer_features", "consistency", "kl", "gram", "content", "adversarial"):
+        student.zero_grad()
+        terms[name].backward(retain_graph=True)
+        grad = sum(p.grad.abs().sum().item() for p in student.parameters() if p.grad is not None)
+        assert grad > 0, name
+    # with detach_teacher, no distillation term reaches the teacher
+    c = load_config(["model=tiny", "loss.detach_teacher=true"])
+    t, s = teacher(x), student(x * 0.5)
+    terms = MSTKDLoss(c.loss)(t, s, target, epoch=25)
+    teacher.zero_grad()
+    sum(v for k, v in terms.items() if k != "seg_teacher").backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in teacher.parameters())
+
+
+def test_discriminator_loss_trains_only_the_discriminator(outputs):
+    cfg, teacher, student, disc, x, target = outputs
+    t, s = teacher(x), student(x)
+    loss = discriminator_loss(disc, t.style, s.style)
+    assert loss.item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(disc(t.style), torch.zeros(1)).item()
+        + F.binary_cross_entropy_with_logits(disc(s.style), torch.ones(1)).item(),
+        rel=1e-5,
+    )
+    student.zero_grad()
+    loss.backward()
+    assert all(p.grad is None for p in student.parameters())
