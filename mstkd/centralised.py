@@ -49,7 +49,13 @@ def train_centralised(
     federation = prepare_federation(data_dir, cfg.data, partitioning=partitioning, progress=progress)
     train_cases = [e for s in federation.sites for e in federation.site_cases(s, "train")]
     val_cases = [e for s in federation.sites for e in federation.site_cases(s, "val")]
-    loader = make_loader(train_cases, cfg.data, train=True, batch_size=int(cfg.train.batch_size))
+    loader = make_loader(
+        train_cases,
+        cfg.data,
+        train=True,
+        patch=cfg.data.patch_size or cfg.model.input_size,
+        batch_size=int(cfg.train.batch_size),
+    )
     steps = cfg.train.steps_per_epoch
     steps = int(steps) if steps else len(loader)
 

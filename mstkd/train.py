@@ -12,6 +12,7 @@ Per step, on one batch of crops ``x`` (``B x 4 x h x w x d``) with region target
 
 The learning rate follows the poly schedule ``lr (1 - e / E)^0.9`` of a global (virtual)
 epoch ``e``, so the same schedule holds whether epochs run on one machine or as rounds.
+With ``train.mode=student`` only the student trains, on its segmentation loss (the baseline).
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ class Networks:
     discriminator: StyleDiscriminator
 
     def to(self, device: torch.device | str) -> Networks:
+        """Move to ``device``; on CPU also to the channels-last layout, which oneDNN runs faster."""
+        device = torch.device(device)
+        layout = torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
         for m in (self.teacher, self.student, self.discriminator):
-            m.to(device)
+            m.to(device=device, memory_format=layout)
         return self
 
 
@@ -137,10 +141,13 @@ def train_local(
     if not steps:
         raise ValueError("nothing to train: the loader is empty and no step count was given")
     epoch_len = float(n_batches or steps)
+    student_only = str(cfg.train.mode) == "student"
+    if str(cfg.train.mode) not in ("mstkd", "student"):
+        raise ValueError(f"train.mode must be mstkd or student, got {cfg.train.mode!r}")
     gsm = bool(cfg.loss.gsm)
     amp = bool(cfg.train.amp)
     clip = cfg.train.grad_clip
-    params = [*nets.teacher.parameters(), *nets.student.parameters()]
+    params = [*nets.student.parameters()] + ([] if student_only else [*nets.teacher.parameters()])
 
     sums: defaultdict[str, float] = defaultdict(float)
     drawn: Counter[str] = Counter()
@@ -152,14 +159,19 @@ def train_local(
         for group in optimizers.main.param_groups:
             group["lr"] = lr
         x = batch["image"].to(device, non_blocking=True)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         y = batch["label"].to(device, non_blocking=True)
         subset = sample_subset(rng, subsets, subset_weights)
         drawn[subset.name] += 1
 
         with autocast(device, amp):
-            out_t = nets.teacher(x)
             out_s = nets.student(zero_fill(x, subset))
-            terms = criterion(out_t, out_s, y, e, nets.discriminator if gsm else None)
+            if student_only:
+                terms = {"seg_student": criterion.seg(out_s.logits, y)}
+            else:
+                out_t = nets.teacher(x)
+                terms = criterion(out_t, out_s, y, e, nets.discriminator if gsm else None)
         loss = sum(terms.values())
         optimizers.main.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,7 +179,7 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(params, float(clip))
         optimizers.main.step()
 
-        if gsm:
+        if gsm and not student_only:
             optimizers.discriminator.zero_grad(set_to_none=True)  # drops what the generator term left there
             with autocast(device, amp):
                 d_loss = discriminator_loss(nets.discriminator, out_t.style, out_s.style)

@@ -284,7 +284,7 @@ def test_prepare_federation_and_loaders(dataset):
     assert fed.sites == ["1", "2"]
     assert len(fed.test_cases()) == 1  # round(0.2 * 6) from site 1; site 2 (4 cases) is too small to give one
     assert fed.split_csv.exists() and "| 1 |" in fed.summary()
-    loader = make_loader(fed.site_cases("1", "train"), cfg, train=True)
+    loader = make_loader(fed.site_cases("1", "train"), cfg, train=True)  # patch from data.patch_size
     batch = next(iter(loader))
     assert tuple(batch["image"].shape) == (1, 4, 16, 16, 16)
     assert tuple(batch["label"].shape) == (1, 3, 16, 16, 16)

@@ -104,10 +104,22 @@ def test_switching_a_mechanism_off_removes_its_terms(outputs):
     with torch.no_grad():
         t, s = teacher(x), student(x)
     full = MSTKDLoss(cfg.loss)(t, s, target, epoch=5, discriminator=disc)
-    assert set(full) == {"seg_teacher", "seg_student", "attention", "transformer_features", "consistency", "kl",
-                         "gram", "content", "adversarial"}
-    for switch, removed in (("mstkd", {"attention", "transformer_features"}), ("dmld", {"consistency", "kl"}),
-                            ("gsm", {"gram", "content", "adversarial"})):
+    assert set(full) == {
+        "seg_teacher",
+        "seg_student",
+        "attention",
+        "transformer_features",
+        "consistency",
+        "kl",
+        "gram",
+        "content",
+        "adversarial",
+    }
+    for switch, removed in (
+        ("mstkd", {"attention", "transformer_features"}),
+        ("dmld", {"consistency", "kl"}),
+        ("gsm", {"gram", "content", "adversarial"}),
+    ):
         c = load_config(["model=tiny", f"loss.{switch}=false"])
         terms = MSTKDLoss(c.loss)(t, s, target, epoch=5, discriminator=disc)
         assert set(terms) == set(full) - removed

@@ -77,3 +77,21 @@ def test_paper_preset_forward_pass():
         (256, 20, 24, 16),
         (512, 10, 12, 8),
     ]
+
+
+@pytest.mark.parametrize("channels,size,stride", [(16, 16, 1), (8, 16, 2), (4, 24, 1)])
+def test_fast_cpu_convolution_matches_native(channels, size, stride):
+    from mstkd.model.conv import Conv3d, use_fast_cpu_convolutions
+
+    torch.manual_seed(0)
+    native = torch.nn.Conv3d(channels, 12, 3, stride=stride, padding=1)
+    fast = use_fast_cpu_convolutions(torch.nn.Sequential(torch.nn.Conv3d(channels, 12, 3, stride=stride, padding=1)))
+    fast.load_state_dict({f"0.{k}": v for k, v in native.state_dict().items()})
+    assert type(fast[0]) is Conv3d
+    x = torch.randn(1, channels, size, size, size, requires_grad=True)
+    y1, y2 = native(x), fast(x)
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
+    g1 = torch.autograd.grad(y1.pow(2).sum(), [x, native.weight, native.bias])
+    g2 = torch.autograd.grad(y2.pow(2).sum(), [x, fast[0].weight, fast[0].bias])
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -110,10 +110,23 @@ def prepare_federation(
 
 
 def make_loader(
-    entries: Sequence[CachedCase], cfg: DictConfig, *, train: bool, batch_size: int = 1, shuffle: bool | None = None
+    entries: Sequence[CachedCase],
+    cfg: DictConfig,
+    *,
+    train: bool,
+    patch: Sequence[int] | None = None,
+    batch_size: int = 1,
+    shuffle: bool | None = None,
 ) -> DataLoader:
-    """A MONAI ``DataLoader`` over cache entries: random patches when ``train``, whole volumes otherwise."""
-    transform = train_transforms(cfg) if train else eval_transforms()
+    """A MONAI ``DataLoader`` over cache entries: random ``patch`` crops when ``train``, whole volumes otherwise.
+
+    ``cfg`` is the ``data`` section; the patch defaults to ``cfg.patch_size``.
+    """
+    if train:
+        patch = patch or cfg.patch_size
+        if not patch:
+            raise ValueError("a training loader needs a patch size (data.patch_size or the model's input size)")
+    transform = train_transforms(cfg, patch) if train else eval_transforms()
     dataset = Dataset(list(entries), transform=_LoadThen(transform))
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train if shuffle is None else shuffle, num_workers=int(cfg.num_workers)

@@ -35,9 +35,9 @@ def load_cached(entry: CachedCase) -> dict:
     return {"image": image, "label": label, "case_id": entry.case_id}
 
 
-def train_transforms(cfg: DictConfig) -> Compose:
-    """Pad to the patch, crop one patch (``foreground_ratio`` of them centred on tumour), flip, jitter."""
-    patch: Sequence[int] = tuple(cfg.patch_size)
+def train_transforms(cfg: DictConfig, patch: Sequence[int]) -> Compose:
+    """Pad to ``patch``, crop one patch (``foreground_ratio`` of them centred on tumour), flip, jitter."""
+    patch = tuple(int(p) for p in patch)
     ratio = float(cfg.foreground_ratio)
     aug = cfg.augment
     keys = ("image", "label")

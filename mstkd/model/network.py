@@ -37,6 +37,7 @@ from monai.networks.blocks.segresnet_block import ResBlock
 from omegaconf import DictConfig
 from torch import nn
 
+from mstkd.model.conv import use_fast_cpu_convolutions
 from mstkd.model.vit import BottleneckViT
 
 STRIDE = 32
@@ -161,6 +162,7 @@ class MSTKDNet(nn.Module):
         self.up2 = _UpStage(4 * c, 2 * c, gn)
         self.up1 = _UpStage(2 * c, c, gn)
         self.head = nn.Conv3d(c, out_channels, 1)
+        use_fast_cpu_convolutions(self)
 
     def forward(self, x: torch.Tensor) -> NetOutput:
         """``x``: ``B x 4 x H x W x D`` with H, W, D divisible by 32 (see :data:`STRIDE`)."""
@@ -200,7 +202,7 @@ class StyleDiscriminator(nn.Module):
             layers += [nn.Conv3d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
             in_channels = width
         layers.append(nn.Conv3d(in_channels, 1, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = use_fast_cpu_convolutions(nn.Sequential(*layers))
 
     def forward(self, style: torch.Tensor) -> torch.Tensor:
         return self.net(style).mean(dim=(1, 2, 3, 4))
