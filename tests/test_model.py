@@ -93,5 +93,5 @@ def test_fast_cpu_convolution_matches_native(channels, size, stride):
     torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
     g1 = torch.autograd.grad(y1.pow(2).sum(), [x, native.weight, native.bias])
     g2 = torch.autograd.grad(y2.pow(2).sum(), [x, fast[0].weight, fast[0].bias])
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g1, g2, strict=True):  # sums over thousands of voxels: compare relative to the scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
