@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data folder; split as at training time (same config and CSV)")
     p.add_argument("--partitioning", help="partition CSV used at training time")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which cases (default test)")
-    p.add_argument("--subsets", default="all", help="all (default), full, or comma-free names like flair+t1ce")
+    p.add_argument(
+        "--subsets", default="all", help="all (default), full, or subsets separated by commas, e.g. flair,flair+t1ce"
+    )
     p.add_argument("--out", required=True, help="folder for eval.md, eval.csv, eval.json, eval_cases.csv")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)

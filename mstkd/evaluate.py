@@ -69,13 +69,14 @@ def segment(
 
 
 def parse_subsets(spec) -> tuple[Subset, ...]:
-    """``all`` -> the 15 subsets; ``full`` -> all four only; a list of names -> those subsets."""
+    """``all`` -> the 15 subsets; ``full`` -> all four only; names (a list, or one string split at commas
+    and spaces, e.g. ``"flair flair+t1ce"``) -> those subsets, in paper order."""
     if spec in (None, "all"):
         return SUBSETS
     if spec == "full":
         return (FULL,)
-    names = [spec] if isinstance(spec, str) else list(spec)
-    chosen = {Subset.parse(n) for n in names}
+    names = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
+    chosen = {FULL if n == "full" else Subset.parse(n) for n in names}
     return tuple(s for s in SUBSETS if s in chosen)
 
 

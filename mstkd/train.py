@@ -108,6 +108,7 @@ def train_local(
     subset_weights: Sequence[float] | None = None,
     rng: np.random.Generator | None = None,
     device: torch.device | None = None,
+    proximal_mu: float = 0.0,
     progress: bool = True,
     desc: str = "train",
 ) -> dict[str, float]:
@@ -124,6 +125,7 @@ def train_local(
         subset_weights: sampling weights over ``subsets`` (None: uniform).
         rng: generator for the subset draws (its state is the caller's to keep).
         device: where to train (default: CUDA if present, else CPU).
+        proximal_mu: FedProx term ``mu / 2 * ||w - w_0||^2`` on the student, ``w_0`` = its weights at the start.
         progress: show a progress bar.
 
     Returns:
@@ -148,6 +150,7 @@ def train_local(
     amp = bool(cfg.train.amp)
     clip = cfg.train.grad_clip
     params = [*nets.student.parameters()] + ([] if student_only else [*nets.teacher.parameters()])
+    anchor = [p.detach().clone() for p in nets.student.parameters()] if proximal_mu > 0 else None
 
     sums: defaultdict[str, float] = defaultdict(float)
     drawn: Counter[str] = Counter()
@@ -172,6 +175,9 @@ def train_local(
             else:
                 out_t = nets.teacher(x)
                 terms = criterion(out_t, out_s, y, e, nets.discriminator if gsm else None)
+        if anchor is not None:
+            drift = sum((p - p0).pow(2).sum() for p, p0 in zip(nets.student.parameters(), anchor, strict=True))
+            terms["proximal"] = 0.5 * proximal_mu * drift
         loss = sum(terms.values())
         optimizers.main.zero_grad(set_to_none=True)
         loss.backward()

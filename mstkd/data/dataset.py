@@ -29,6 +29,7 @@ from mstkd.data.partitions import (
     write_split_csv,
 )
 from mstkd.data.transforms import eval_transforms, load_cached, train_transforms
+from mstkd.errors import InputError
 
 DEFAULT_PARTITIONING = "partitioning.csv"
 DEFAULT_CACHE = ".mstkd-cache"
@@ -71,6 +72,8 @@ def prepare_federation(
     *,
     partitioning: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    sites: Sequence[str] | None = None,
+    test: bool = True,
     progress: bool = True,
 ) -> Federation:
     """Validate, normalise, cache and split a dataset (the ``preprocess`` stage).
@@ -81,6 +84,9 @@ def prepare_federation(
         partitioning: partition CSV; default ``data_dir/partitioning.csv`` when it exists,
             otherwise one site holding every case.
         cache_dir: where entries go; default ``data_dir/.mstkd-cache``.
+        sites: cache the train/val cases of these sites only (default: every site); a federated
+            node passes its own, so it never reads another site's files.
+        test: cache the held-out test cases too.
         progress: show a progress bar while caching.
 
     Raises:
@@ -101,9 +107,14 @@ def prepare_federation(
         min_site_cases_for_test=int(s.min_site_cases_for_test),
     )
     cache = CaseCache(cache_dir or data_dir / DEFAULT_CACHE, normalization=cfg.normalization, dtype=cfg.cache_dtype)
+    unknown = [s for s in sites or () if s not in split.train]
+    if unknown:
+        raise InputError(f"{partitioning or data_dir}: no site {unknown[0]!r} (sites: {', '.join(split.sites)})")
+    wanted = [c for s in (split.sites if sites is None else sites) for c in split.train[s] + split.val[s]]
+    wanted += split.test if test else []
     entries = {}
     required = list(cfg.modalities)
-    for case_id in tqdm(partitions.case_ids, desc="preprocess", unit="case", disable=not progress, leave=False):
+    for case_id in tqdm(wanted, desc="preprocess", unit="case", disable=not progress, leave=False):
         entries[case_id] = cache.get(detect_case(folders[case_id]), required=required)
     split_csv = write_split_csv(split, cache.root / "split.csv")
     return Federation(data_dir, cache.root, partitions, split, entries, split_csv)

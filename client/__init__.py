@@ -1,0 +1,1 @@
+"""Flower ClientApp: one node per institution (see ``client/app.py``)."""

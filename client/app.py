@@ -1,0 +1,149 @@
+"""Flower ClientApp: one node = one institution, a thin adapter over ``mstkd.train`` and ``mstkd.evaluate``.
+
+``train``: load the global student and discriminator, restore the site's teacher, optimisers
+and subset generator (``context.state`` within a run, the node's state folder across restarts),
+train locally, save the local state, and reply with the student + discriminator only.
+``evaluate``: score the global student on the site's validation cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from mstkd.data.dataset import make_loader
+from mstkd.data.labels import REGIONS
+from mstkd.evaluate import evaluate_cases, parse_subsets
+from mstkd.federated import SiteState, config_from_run, default_home, federated_arrays, load_federated_arrays, site_data
+from mstkd.model import build_networks
+from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
+
+TRAIN_METRICS = (
+    "loss",
+    "seg_teacher",
+    "seg_student",
+    "attention",
+    "transformer_features",
+    "consistency",
+    "kl",
+    "gram",
+    "content",
+    "adversarial",
+    "disc_loss",
+    "proximal",
+)
+"""Every train reply carries all of these (0.0 when a term is off), so all sites send the same keys."""
+
+log = logging.getLogger("mstkd.client")
+app = ClientApp()
+
+
+def _state_folder(context: Context, site_name: str) -> Path:
+    """``<state-dir or work-dir or ~/.mstkd>/nodes/<run-name or run id>/<site>``: one folder per run and site."""
+    base = context.node_config.get("state-dir") or context.run_config.get("work-dir") or default_home()
+    run_name = str(context.run_config.get("run-name", "") or f"run-{context.run_id}")
+    return Path(str(base)).expanduser() / "nodes" / run_name / site_name
+
+
+def _setup(msg: Message, context: Context):
+    run = dict(context.run_config)
+    cfg = config_from_run(run)
+    data = site_data(run, context.node_config, cfg)
+    device = pick_device()
+    seed = int(cfg.train.seed) + int(context.node_config.get("partition-id", 0))
+    seed_everything(seed)
+    nets = Networks(*build_networks(cfg.model)).to(device)
+    load_federated_arrays(nets.student, nets.discriminator, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    return run, cfg, data, device, nets, seed
+
+
+def _reply_arrays(nets: Networks, transport: str) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in federated_arrays(nets.student, nets.discriminator, transport).items()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
+    run, cfg, data, device, nets, seed = _setup(msg, context)
+    config = msg.content["config"]
+    optimizers = make_optimizers(nets, cfg.train)
+    rng = np.random.default_rng(seed)
+    state = SiteState(_state_folder(context, data.name))
+    info = {"rounds": 0, "epoch": 0.0}
+    in_memory = "teacher" in context.state.array_records
+    if in_memory:
+        nets.teacher.load_state_dict(context.state["teacher"].to_torch_state_dict())
+    if state.exists():  # the state folder holds the optimisers and generator, and the teacher after a restart
+        info = state.load(nets, optimizers, rng, teacher=not in_memory)
+    if not data.train:
+        raise RuntimeError(f"{data.name}: no training cases")
+    loader = make_loader(
+        data.train,
+        cfg.data,
+        train=True,
+        patch=cfg.data.patch_size or cfg.model.input_size,
+        batch_size=int(cfg.train.batch_size),
+    )
+    local_epochs = float(run.get("local-epochs", 1))
+    steps = int(run.get("local-steps", 0)) or max(1, round(local_epochs * len(loader)))
+    epoch = float(config.get("epoch", info["epoch"]))
+    log.info(
+        "%s: training %d steps on %d cases (device %s, round %s)",
+        data.name,
+        steps,
+        len(data.train),
+        device,
+        config.get("server-round"),
+    )
+    metrics = train_local(
+        nets,
+        optimizers,
+        loader,
+        cfg,
+        steps=steps,
+        epoch=epoch,
+        rng=rng,
+        device=device,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        progress=False,
+        desc=data.name,
+    )
+    info = {"rounds": info["rounds"] + 1, "epoch": metrics["epoch"]}
+    state.save(nets, optimizers, rng, info)
+    context.state["teacher"] = ArrayRecord(nets.teacher.state_dict())
+    reply = {
+        "num-examples": len(data.train),
+        **{f"train-{k}": float(metrics.get(k, 0.0)) for k in TRAIN_METRICS},
+        "train-steps": steps,
+        "train-seconds": float(metrics["seconds"]),
+        "client-seconds": time.perf_counter() - start,
+    }
+    content = RecordDict(
+        {
+            "arrays": _reply_arrays(nets, str(run.get("transport", "float16"))),
+            "metrics": MetricRecord(reply),
+            "site": ConfigRecord({"name": data.name, "device": str(device)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    run, cfg, data, device, nets, _ = _setup(msg, context)
+    subsets = parse_subsets(str(run.get("site-eval-subsets", "full")))
+    metrics: dict[str, float | int] = {"num-examples": len(data.val)}
+    if data.val:
+        result = evaluate_cases(nets.student, data.val, cfg, subsets=subsets, device=device, progress=False)
+        summary = result.summary()
+        metrics.update({f"val-dice-{r}": float(summary[f"{r}_dice"]) for r in REGIONS})
+        metrics["val-mean-dice"] = float(summary["mean_dice"])
+    else:
+        metrics.update({f"val-dice-{r}": 0.0 for r in REGIONS} | {"val-mean-dice": 0.0})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": data.name})})
+    return Message(content=content, reply_to=msg)

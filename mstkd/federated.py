@@ -1,0 +1,217 @@
+"""What a federated engine needs from the method, without importing one.
+
+- :func:`config_from_run` turns a flat run config (Flower's ``[tool.flwr.app.config]``) into the
+  project's OmegaConf config.
+- :func:`federated_arrays` / :func:`load_federated_arrays` pack and unpack the weights that travel:
+  the student (``student.*``) and the style discriminator (``disc.*``), float tensors only. The
+  teacher and every optimiser state stay on the site.
+- :func:`site_data` finds a node's own cases: a phantom federation or a partitioned dataset in
+  simulation (``partition-id``), or the node's own folder in deployment (``data-path``).
+- :class:`SiteState` keeps a site's teacher, optimisers, subset generator and counters on disk
+  between rounds (atomic writes), so a restarted node resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mstkd.config import load_config
+from mstkd.data.dataset import Federation, prepare_federation
+from mstkd.errors import InputError
+from mstkd.train import Networks, Optimizers
+
+STUDENT, DISC = "student.", "disc."
+TRANSPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def default_home() -> Path:
+    """Where phantoms, caches, node state and runs go unless a path is given: ``$MSTKD_HOME`` or ``~/.mstkd``."""
+    return Path(os.environ.get("MSTKD_HOME", Path.home() / ".mstkd")).expanduser().resolve()
+
+
+def config_from_run(run: Mapping[str, Any]) -> DictConfig:
+    """The project config for a flat run config.
+
+    Keys read: ``model`` (preset), ``lr``, ``local-epochs``, ``num-server-rounds``, ``seed`` and
+    ``overrides`` (a string of dot-list overrides, e.g. ``"loss.gsm=false train.amp=false"``).
+    The lr schedule spans the whole federation: ``train.epochs = rounds x local-epochs``.
+    """
+    rounds = int(run.get("num-server-rounds", 1))
+    local = float(run.get("local-epochs", 1))
+    overrides = [
+        f"model={run.get('model', 'lite')}",
+        f"train.epochs={max(rounds * local, 1.0)}",
+        *([f"train.lr={float(run['lr'])}"] if "lr" in run else []),
+        *([f"train.seed={int(run['seed'])}"] if "seed" in run else []),
+        *shlex.split(str(run.get("overrides", ""))),
+    ]
+    return load_config(overrides)
+
+
+def federated_arrays(student: nn.Module, discriminator: nn.Module, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """``student.*`` and ``disc.*`` float tensors as numpy arrays in ``dtype`` (ordered by name)."""
+    if dtype not in TRANSPORT_DTYPES:
+        raise InputError(f"transport must be one of {', '.join(TRANSPORT_DTYPES)}, got {dtype!r}")
+    out = {}
+    for prefix, module in ((STUDENT, student), (DISC, discriminator)):
+        for key, value in module.state_dict().items():
+            if value.is_floating_point():
+                out[prefix + key] = value.detach().cpu().numpy().astype(TRANSPORT_DTYPES[dtype])
+    return dict(sorted(out.items()))
+
+
+def load_federated_arrays(student: nn.Module, discriminator: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load ``student.*`` and ``disc.*`` arrays (any float dtype) into the two modules; refuse anything else."""
+    parts: dict[str, dict[str, torch.Tensor]] = {STUDENT: {}, DISC: {}}
+    for key, value in arrays.items():
+        prefix = next((p for p in parts if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"unexpected array {key!r}: only student.* and disc.* are federated")
+        parts[prefix][key[len(prefix) :]] = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    for prefix, module in ((STUDENT, student), (DISC, discriminator)):
+        state = module.state_dict()
+        missing = [k for k, v in state.items() if v.is_floating_point() and k not in parts[prefix]]
+        if missing:
+            raise ValueError(f"federated arrays lack {prefix}{missing[0]}")
+        for key, value in parts[prefix].items():
+            state[key].copy_(value.to(state[key].dtype))
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_phantoms(
+    root: Path, *, cases: int, sites: int, shape: tuple[int, int, int], seed: int, layout: str = "fets"
+) -> Path:
+    """The phantom federation for these parameters under ``root``, generated once (safe across processes)."""
+    from mstkd.phantoms import write_federation
+
+    key = hashlib.sha1(json.dumps([cases, sites, list(shape), seed, layout]).encode()).hexdigest()[:10]
+    folder = root / f"phantoms-{sites}sites-{cases}cases-{key}"
+    with _file_lock(root / f".{folder.name}.lock"):
+        if not (folder / "partitioning.csv").is_file():
+            write_federation(folder, cases=cases, sites=sites, shape=shape, seed=seed, layout=layout, progress=False)
+    return folder
+
+
+def data_source(run: Mapping[str, Any], num_sites: int) -> tuple[Path, Path | None]:
+    """``(data folder, partition CSV)`` for a simulation: the run's ``data-path`` or a phantom federation."""
+    data_path = str(run.get("data-path", "") or "")
+    if data_path:
+        csv = str(run.get("partitioning", "") or "") or None
+        return Path(data_path).expanduser(), Path(csv).expanduser() if csv else None
+    home = Path(str(run.get("work-dir", "") or default_home())).expanduser()
+    shape = tuple(int(v) for v in str(run.get("phantom-shape", "96 96 64")).split())
+    folder = ensure_phantoms(
+        home / "phantoms",
+        cases=int(run.get("phantom-cases", 24)),
+        sites=num_sites,
+        shape=shape,
+        seed=int(run.get("phantom-seed", 0)),
+    )  # type: ignore[arg-type]
+    return folder, folder / "partitioning.csv"
+
+
+@dataclass
+class SiteData:
+    """A node's view of the data: its site key, name, and the federation restricted to it."""
+
+    federation: Federation
+    site: str
+    name: str
+
+    @property
+    def train(self):
+        return self.federation.site_cases(self.site, "train")
+
+    @property
+    def val(self):
+        return self.federation.site_cases(self.site, "val")
+
+
+def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) -> SiteData:
+    """The cases of this node.
+
+    Deployment: ``node["data-path"]`` is the site's own folder; all its cases are the site's
+    (split into train/val; the global test set lives with the server). Simulation:
+    ``node["partition-id"]`` picks the i-th site (in partition order) of the run's dataset,
+    and the dataset must have exactly ``node["num-partitions"]`` sites.
+    """
+    if node.get("data-path"):
+        folder = Path(str(node["data-path"])).expanduser()
+        no_test = OmegaConf.merge(cfg.data, {"split": {"test_fraction": 0.0}})
+        fed = prepare_federation(folder, no_test, cache_dir=node.get("cache-dir") or None, test=False, progress=False)
+        name = str(node.get("site-name") or folder.name)
+        return SiteData(fed, fed.sites[0] if len(fed.sites) == 1 else _only_site(fed, folder), name)
+    if "partition-id" not in node:
+        raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
+    index, count = int(node["partition-id"]), int(node["num-partitions"])
+    folder, csv = data_source(run, count)
+    fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[], test=False, progress=False)
+    if len(fed.sites) != count:
+        raise InputError(
+            f"{csv or folder}: {len(fed.sites)} sites but {count} simulated nodes; "
+            f'use --federation-config "num-supernodes={len(fed.sites)}"'
+        )
+    site = fed.sites[index]
+    fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[site], test=False, progress=False)
+    return SiteData(fed, site, f"site-{site}")
+
+
+def _only_site(fed: Federation, folder: Path) -> str:
+    raise InputError(f"{folder}: a node's data folder holds one site, but its partition CSV names {len(fed.sites)}")
+
+
+class SiteState:
+    """A site's local state on disk: teacher, optimisers, subset generator and counters, in one file."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / "local.pt"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, info: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "teacher": nets.teacher.state_dict(),
+            "optimizer": optimizers.main.state_dict(),
+            "disc_optimizer": optimizers.discriminator.state_dict(),
+            "rng": rng.bit_generator.state,
+            "info": info,
+        }
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, *, teacher: bool = True) -> dict:
+        """Restore into ``optimizers``/``rng`` (and the teacher of ``nets`` when ``teacher``); return the counters."""
+        payload = torch.load(self.path, map_location="cpu", weights_only=False)
+        if teacher:
+            nets.teacher.load_state_dict(payload["teacher"])
+        optimizers.main.load_state_dict(payload["optimizer"])
+        optimizers.discriminator.load_state_dict(payload["disc_optimizer"])
+        rng.bit_generator.state = payload["rng"]
+        return dict(payload["info"])

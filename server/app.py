@@ -1,0 +1,199 @@
+"""Flower ServerApp: FedAvg (or another strategy) over the student + discriminator, and global evaluation.
+
+The run folder (``out-dir``, absolute; default ``<work-dir>/runs/<run id>``) receives:
+``config.yaml`` (the resolved project config), ``run_config.json``, ``metrics.jsonl`` and
+``metrics.csv`` (one row per round), ``dice.png``, ``eval/round_<r>.{md,csv,json}`` (the
+15-subset table of each evaluated round), ``best.pt`` and ``last.pt`` (checkpoints of the
+global student that ``mstkd predict`` reads) and ``REPORT.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from mstkd.checkpoint import save_checkpoint
+from mstkd.config import save_config
+from mstkd.data.dataset import prepare_federation
+from mstkd.data.labels import REGIONS
+from mstkd.evaluate import evaluate_cases, parse_subsets
+from mstkd.federated import config_from_run, data_source, default_home, federated_arrays, load_federated_arrays
+from mstkd.model import MSTKDNet, StyleDiscriminator, count_parameters
+from mstkd.train import pick_device, seed_everything
+from server.runlog import RunLog
+from server.strategy import make_strategy
+
+log = logging.getLogger("mstkd.server")
+app = ServerApp()
+
+
+def _say(text: str) -> None:
+    """Progress lines for whoever follows the run (flwr run --stream shows the ServerApp's output)."""
+    print(f"[mstkd] {text}", file=sys.stderr, flush=True)
+
+
+def run_folder(run: dict, run_id: int) -> Path:
+    out = str(run.get("out-dir", "") or "")
+    home = Path(str(run.get("work-dir", "") or default_home())).expanduser()
+    return (Path(out).expanduser() if out else home / "runs" / f"run-{run_id}").resolve()
+
+
+def test_cases(run: dict, cfg, num_sites: int, limit: int):
+    """The held-out cases for global evaluation: ``test-data-path`` (every case), or the run's dataset's test split."""
+    test_path = str(run.get("test-data-path", "") or "")
+    if test_path:
+        fed = prepare_federation(Path(test_path).expanduser(), cfg.data, progress=False)
+        cases = [e for s in fed.sites for e in fed.site_cases(s, "train") + fed.site_cases(s, "val")] + fed.test_cases()
+    else:
+        folder, csv = data_source(run, num_sites)
+        fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[], test=True, progress=False)
+        cases = fed.test_cases()
+    return cases[:limit] if limit > 0 else cases
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = dict(context.run_config)
+    cfg = config_from_run(run)
+    seed_everything(int(cfg.train.seed))
+    out = run_folder(run, context.run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    (out / "run_config.json").write_text(json.dumps(run, indent=1, default=str))
+    device = pick_device()
+    rounds = int(run.get("num-server-rounds", 1))
+    min_nodes = int(run.get("min-nodes", 2))
+
+    student = MSTKDNet(cfg.model)
+    disc = StyleDiscriminator(8 * int(cfg.model.base_channels), list(cfg.model.discriminator_channels))
+    transport = str(run.get("transport", "float16"))
+    initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, "float32").items()})
+    wire_mb = (
+        sum(v.size for v in federated_arrays(student, disc, transport).values())
+        * (2 if transport == "float16" else 4)
+        / 1e6
+    )
+    _say(f"run folder {out}")
+    _say(
+        f"model {cfg.model.preset}: {count_parameters(student) / 1e6:.2f} M student parameters, "
+        f"{len(initial)} federated arrays, {wire_mb:.1f} MB per message ({transport}); server device {device}"
+    )
+
+    num_sites = int(run.get("phantom-sites", 0)) or max(len(list(grid.get_node_ids())), min_nodes)
+    cases = test_cases(run, cfg, num_sites, int(run.get("eval-cases", 0)))
+    subsets = parse_subsets(str(run.get("eval-subsets", "all")))
+    eval_every = max(int(run.get("eval-every", 1)), 1)
+    _say(f"global evaluation: {len(cases)} held-out cases x {len(subsets)} modality subsets every {eval_every} rounds")
+
+    runlog = RunLog(out)
+    best = {"mean_dice": -1.0, "round": None}
+    convention = cases[0].meta["convention"] if cases else "fets"
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        load_federated_arrays(student, disc, {k: v.numpy() for k, v in arrays.items()})
+        save_checkpoint(out / "last.pt", student, cfg, convention=convention, extra={"round": server_round})
+        rec = runlog.record(server_round)
+        metrics = None
+        if cases and (server_round % eval_every == 0 or server_round in (0, rounds)):
+            start = time.perf_counter()
+            result = evaluate_cases(student, cases, cfg, subsets=subsets, device=device, progress=False)
+            result.write(out / "eval", stem=f"round_{server_round}")
+            summary = result.summary()
+            rec["global"] = summary
+            rec["eval_seconds"] = time.perf_counter() - start
+            metrics = MetricRecord({k: float(v) for k, v in summary.items()})
+            if summary["mean_dice"] > best["mean_dice"]:
+                best.update(mean_dice=summary["mean_dice"], round=server_round)
+                save_checkpoint(
+                    out / "best.pt",
+                    student,
+                    cfg,
+                    convention=convention,
+                    extra={"round": server_round, "test_mean_dice": summary["mean_dice"]},
+                )
+            dice = ", ".join(f"{r} {summary[f'{r}_dice']:.3f}" for r in REGIONS)
+            _say(f"round {server_round}: global Dice {dice} (mean {summary['mean_dice']:.3f})")
+        student.to("cpu")
+        runlog.finish(server_round)
+        return metrics
+
+    strategy_kwargs = {
+        "fraction_train": float(run.get("fraction-train", 1.0)),
+        "fraction_evaluate": float(run.get("fraction-evaluate", 1.0)),
+        "min_train_nodes": min(min_nodes, int(run.get("min-train-nodes", min_nodes))),
+        "min_evaluate_nodes": min(min_nodes, int(run.get("min-evaluate-nodes", min_nodes))),
+        "min_available_nodes": min_nodes,
+    }
+    name = str(run.get("strategy", "fedavg")).lower()
+    if name == "fedprox":
+        strategy_kwargs["proximal_mu"] = float(run.get("proximal-mu", 0.01))
+    elif name == "fedavgm":
+        strategy_kwargs.update(
+            server_learning_rate=float(run.get("server-lr", 1.0)),
+            server_momentum=float(run.get("server-momentum", 0.9)),
+        )
+    elif name in ("fedadam", "fedyogi"):
+        strategy_kwargs.update(eta=float(run.get("server-lr", 1e-2)))
+    strategy = make_strategy(
+        name, runlog=runlog, transport=transport, local_epochs=float(run.get("local-epochs", 1)), **strategy_kwargs
+    )
+    start = time.perf_counter()
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=rounds,
+        evaluate_fn=evaluate_fn,
+        train_config=ConfigRecord({"lr": float(cfg.train.lr)}),
+        timeout=float(run.get("round-timeout", 3600)),
+    )
+    total = time.perf_counter() - start
+    report = write_report(out, runlog, cfg, run, total, best)
+    _say(
+        f"finished {rounds} rounds in {total:.0f} s; best mean Dice {best['mean_dice']:.3f} "
+        f"(round {best['round']}); report {report}"
+    )
+
+
+def write_report(out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best: dict) -> Path:
+    """``REPORT.md``: the Dice curve, the last round's 15-subset table, communication and timing."""
+    rows = runlog.rows()
+    evaluated = [r for r in sorted(runlog.records) if runlog.records[r].get("global")]
+    lines = [f"# Federated MST-KDNet run ({cfg.model.preset}, {run.get('strategy', 'fedavg')})", ""]
+    lines += [
+        "| round | global mean Dice | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT | "
+        "sent MB | received MB | wall s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        g = runlog.records[row["round"]].get("global")
+        dice = " | ".join(f"{g[f'{r}_dice']:.3f}" for r in REGIONS) if g else " | ".join("" for _ in REGIONS)
+        hd = " | ".join(f"{g[f'{r}_hd95']:.1f}" for r in REGIONS) if g else " | ".join("" for _ in REGIONS)
+        mean = f"{g['mean_dice']:.3f}" if g else ""
+        lines.append(
+            f"| {row['round']} | {mean} | {dice} | {hd} | {row['bytes_sent'] / 1e6:.1f} | "
+            f"{row['bytes_received'] / 1e6:.1f} | {row.get('wall_seconds', 0):.1f} |"
+        )
+    lines += [
+        "",
+        f"Total {seconds:.0f} s. Best mean Dice {best['mean_dice']:.3f} at round {best['round']} "
+        "(`best.pt`); `last.pt` holds the final global student.",
+        "",
+    ]
+    if evaluated:
+        last = evaluated[-1]
+        table = (out / "eval" / f"round_{last}.md").read_text()
+        lines += [f"## 15-subset table, round {last}", "", table, ""]
+    lines += [
+        "![global Dice over rounds](dice.png)",
+        "",
+        "Files: `metrics.csv`/`metrics.jsonl` (per round, per site), `eval/round_<r>.*`, `config.yaml`.",
+    ]
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,92 @@
+"""Run the ServerApp and ClientApps in one process, without Ray or a SuperLink, recording every message."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject_run_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+class InProcGrid(Grid):
+    """A Grid whose nodes are ClientApp calls with one persistent Context per node.
+
+    ``sent`` and ``replies`` keep every message in both directions; ``wire`` snapshots, at the moment
+    of transfer, each message's array names and dtypes (the server may convert replies afterwards).
+    """
+
+    def __init__(self, client_app, run_config: dict, node_configs: list[dict]) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            i + 1: Context(run_id=1, node_id=i + 1, node_config=nc, state=RecordDict(), run_config=run_config)
+            for i, nc in enumerate(node_configs)
+        }
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.wire: list[dict] = []
+        self._run = None
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        out = []
+        for message in messages:
+            self.sent.append(message)
+            self._snapshot("to-node", message)
+            try:
+                reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            except Exception as exc:  # a failing node becomes an error reply, as in a real deployment
+                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            self.replies.append(reply)
+            self._snapshot("to-server", reply)
+            out.append(reply)
+        return out
+
+    def _snapshot(self, direction: str, message: Message) -> None:
+        arrays = (
+            {}
+            if message.has_error()
+            else {k: a.numpy().dtype for r in message.content.array_records.values() for k, a in r.items()}
+        )
+        self.wire.append(
+            {
+                "direction": direction,
+                "type": message.metadata.message_type,
+                "arrays": arrays,
+                "error": message.has_error(),
+            }
+        )
+
+
+def run_inproc(server_app, client_app, run_config: dict, node_configs: list[dict]) -> InProcGrid:
+    """Run a whole federation in this process; return the grid with its message record."""
+    grid = InProcGrid(client_app, run_config, node_configs)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+    return grid

@@ -1,0 +1,141 @@
+"""The federated layer, in process: ServerApp + three ClientApps on tiny phantoms, two rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.app import app as client_app
+from mstkd.checkpoint import load_checkpoint
+from mstkd.cli import main as mstkd_main
+from mstkd.config import load_config
+from mstkd.model import MSTKDNet, StyleDiscriminator
+from server.app import app as server_app
+from tests.inproc import pyproject_run_config, run_inproc
+
+NODES = 3
+
+
+def tiny_run_config(tmp: Path, **extra) -> dict:
+    cfg = pyproject_run_config()
+    cfg.update(
+        {
+            "model": "tiny",
+            "num-server-rounds": 2,
+            "local-steps": 2,
+            "phantom-cases": 18,
+            "phantom-shape": "48 48 32",
+            "eval-subsets": "full,flair",
+            "min-nodes": NODES,
+            "work-dir": str(tmp / "work"),
+            "out-dir": str(tmp / "run"),
+            "overrides": "train.amp=false",
+        }
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def nodes() -> list[dict]:
+    return [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fed")
+    run_config = tiny_run_config(tmp)
+    grid = run_inproc(server_app, client_app, run_config, nodes())
+    return tmp, run_config, grid
+
+
+def _federated_keys() -> set[str]:
+    cfg = load_config(["model=tiny"]).model
+    student = MSTKDNet(cfg)
+    disc = StyleDiscriminator(8 * cfg.base_channels, list(cfg.discriminator_channels))
+    return {f"student.{k}" for k in student.state_dict()} | {f"disc.{k}" for k in disc.state_dict()}
+
+
+def test_only_student_and_discriminator_travel(federation):
+    _, _, grid = federation
+    expected = _federated_keys()
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(train_msgs) == 2 * NODES
+    carrying = [w for w in grid.wire if w["arrays"]]
+    assert {(w["direction"], w["type"]) for w in carrying} == {
+        ("to-node", "train"),
+        ("to-node", "evaluate"),
+        ("to-server", "train"),
+    }
+    for w in carrying:
+        assert set(w["arrays"]) == expected
+        assert all(dtype == np.float16 for dtype in w["arrays"].values())  # the default transport
+
+
+def test_teachers_stay_local_and_differ_per_node(federation):
+    tmp, _, grid = federation
+    states = sorted((tmp / "work" / "nodes").glob("*/*/local.pt"))
+    assert len(states) == NODES
+    teachers = [torch.load(p, weights_only=False)["teacher"] for p in states]
+    key = next(k for k in teachers[0] if k.endswith("weight"))
+    assert not torch.equal(teachers[0][key], teachers[1][key])
+    assert not torch.equal(teachers[1][key], teachers[2][key])
+    # no teacher tensor was ever sent or received, under any name
+    shapes = {tuple(v.shape) for v in teachers[0].values()}
+    sent_values = [
+        a.numpy()
+        for m in grid.sent + grid.replies
+        if not m.has_error()
+        for r in m.content.array_records.values()
+        for a in r.values()
+    ]
+    t = teachers[0][key].numpy()
+    assert not any(v.shape == t.shape and np.allclose(v.astype(np.float32), t, atol=1e-3) for v in sent_values)
+    assert shapes  # the teacher has tensors at all
+
+
+def test_run_log_checkpoints_and_report(federation, tmp_path):
+    tmp, _, _ = federation
+    run = tmp / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert set(r["sites"]) == {"site-1", "site-2", "site-3"}
+        assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["wall_seconds"] > 0
+        assert all("train-loss" in s and "val-mean-dice" in s for s in r["sites"].values())
+        assert 0 <= r["global"]["mean_dice"] <= 1
+    assert (run / "metrics.csv").read_text().count("\n") == 4
+    assert (run / "dice.png").stat().st_size > 0 and (run / "eval" / "round_2.md").exists()
+    assert "round" in (run / "REPORT.md").read_text()
+    net, cfg, payload = load_checkpoint(run / "best.pt")
+    assert cfg.model.preset == "tiny" and payload["extra"]["round"] in (0, 1, 2)
+    case = next(p for p in (tmp / "work" / "phantoms").glob("*/FeTS2022_*"))
+    assert (
+        mstkd_main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--case",
+                str(case),
+                "--out",
+                str(tmp_path / "seg.nii.gz"),
+            ]
+        )
+        == 0
+    )
+
+
+def test_float32_transport_and_fedprox(tmp_path):
+    run_config = tiny_run_config(
+        tmp_path, **{"num-server-rounds": 1, "transport": "float32", "strategy": "fedprox", "eval-subsets": "full"}
+    )
+    grid = run_inproc(server_app, client_app, run_config, nodes())
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert train and all(m.content["config"]["proximal-mu"] > 0 for m in train)
+    assert all(d == np.float32 for w in grid.wire for d in w["arrays"].values())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(s["train-proximal"] > 0 for s in records[1]["sites"].values())
