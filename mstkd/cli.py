@@ -108,13 +108,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from mstkd.demo import run_demo
-
-    run_demo(Path(args.out), args.overrides, progress=not args.quiet)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mstkd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,11 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", help="use only these, e.g. flair,t1ce (default: all present)")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="the end-to-end demo: phantom federation, cache, split, scoring")
-    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.normalization=minmax")
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# Run the main job (sets up .venv on first use). Extra arguments go to `mstkd demo`.
+# The main job (sets up .venv on first use): the default federated demo with `flwr run`.
+# Extra arguments go to `python -m simulations.demo`, e.g. --run-config "num-server-rounds=3".
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec mstkd demo "$@"
+exec python -m simulations.demo "$@"

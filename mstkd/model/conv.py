@@ -8,7 +8,7 @@ slow path, whose backward pass is 3-8x slower than oneDNN's (measured on 2 cores
 
 :func:`use_fast_cpu_convolutions` swaps every ``nn.Conv3d`` of a module for
 :class:`Conv3d`, which routes exactly those calls (CPU, float32, batch 1, gradients on,
-small ``C * D * H``) through oneDNN: the forward with ``mkldnn_convolution``, the backward
+small ``C * D * H``, with or without gradients) through oneDNN: the forward with ``mkldnn_convolution``, the backward
 through ``convolution_backward`` on a batch padded with one zero sample, which makes the
 kernel rule choose oneDNN (the zero sample adds nothing to the weight gradient and its input
 gradient is dropped). Results equal the native ones to float32 rounding; parameters and
@@ -63,7 +63,6 @@ class Conv3d(nn.Conv3d):
             and x.dtype == torch.float32
             and x.dim() == 5
             and x.shape[0] == 1
-            and torch.is_grad_enabled()
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_ONEDNN_THRESHOLD

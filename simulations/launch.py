@@ -1,0 +1,146 @@
+"""Run the Flower app with ``flwr run`` on a private local SuperLink, and stop that SuperLink afterwards.
+
+``flwr run . <connection>`` with the ``:local:`` connection starts a detached simulation
+SuperLink that outlives the command, listens on fixed ports, and ``flwr run`` exits 0 even
+when the run fails. :func:`flower_simulation` takes care of all three: it gives the run its own
+``FLWR_HOME`` and free loopback ports, reads the final status from ``flwr ls --format json``,
+and stops the SuperLink it started, by PID, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value) -> str:
+    """A run-config value in the TOML syntax ``flwr run --run-config`` expects."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def _flwr() -> str:
+    local = Path(sys.executable).with_name("flwr")
+    return str(local) if local.exists() else "flwr"
+
+
+def superlink_pids(flwr_home: Path) -> list[int]:
+    """PIDs of SuperLink processes whose database lives in ``flwr_home`` (Linux ``/proc``)."""
+    needle = str(flwr_home / "local-superlink").encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flower-superlink" in cmdline and needle in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL whatever is still alive after ``timeout`` seconds."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass
+class FlowerRun:
+    """What came out of one ``flwr run``."""
+
+    status: str  # e.g. finished:completed, finished:failed
+    run_id: str | None
+    seconds: float
+    log: Path
+    details: str = ""
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def flower_simulation(run_config: dict, *, extra: str = "", nodes: int, flwr_home: Path, log: Path, cpus_per_node: float = 2,
+                      gpus_per_node: float = 0.0, timeout: float = 3600, app: Path = ROOT,
+                      echo: bool = False) -> FlowerRun:
+    """``flwr run <app> --stream`` in simulation with ``nodes`` SuperNodes; the SuperLink is stopped afterwards.
+
+    ``run_config`` values are written as TOML; ``extra`` is appended verbatim (``"num-server-rounds=3"``).
+    """
+    flwr_home = flwr_home.resolve()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    overrides = " ".join([*(f"{k}={toml_value(v)}" for k, v in run_config.items()), extra]).strip()
+    federation = (f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node} "
+                  f"client-resources-num-gpus={gpus_per_node}")
+    cmd = [_flwr(), "run", str(app), "--stream", "--federation-config", federation]
+    if overrides:
+        cmd += ["--run-config", overrides]
+    start = time.perf_counter()
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                if echo and "[mstkd]" in line:
+                    print(line.rstrip(), file=sys.stderr, flush=True)
+                if time.perf_counter() - start > timeout:
+                    proc.kill()
+                    break
+            proc.wait()
+        seconds = time.perf_counter() - start
+        listing = subprocess.run([_flwr(), "ls", "--format", "json"], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        runs = json.loads(listing.stdout or "{}").get("runs", [])
+        if not runs:
+            return FlowerRun("unknown", None, seconds, log, listing.stderr.strip()[-500:])
+        latest = max(runs, key=lambda r: r.get("pending-at", ""))
+        return FlowerRun(latest["status"], str(latest["run-id"]), seconds, log, str(latest.get("status-details")))
+    finally:
+        stop(superlink_pids(flwr_home))
