@@ -40,11 +40,16 @@ def main() -> None:
 
         data_source(base, args.nodes)
         start = time.perf_counter()
-        run_inproc(server_app, client_app, {**base, "out-dir": str(tmp / "inproc")},
-                   [{"partition-id": i, "num-partitions": args.nodes} for i in range(args.nodes)])
+        run_inproc(
+            server_app,
+            client_app,
+            {**base, "out-dir": str(tmp / "inproc")},
+            [{"partition-id": i, "num-partitions": args.nodes} for i in range(args.nodes)],
+        )
         inproc = time.perf_counter() - start
-        flower = flower_simulation({**base, "out-dir": str(tmp / "flwr")}, nodes=args.nodes,
-                                   flwr_home=tmp / "flwr-home", log=tmp / "flwr.log")
+        flower = flower_simulation(
+            {**base, "out-dir": str(tmp / "flwr")}, nodes=args.nodes, flwr_home=tmp / "flwr-home", log=tmp / "flwr.log"
+        )
         if not flower.completed:
             raise SystemExit(f"flwr run ended as {flower.status}: {flower.details}")
     print(f"{args.nodes} nodes, run config {args.run_config or '(defaults)'}")

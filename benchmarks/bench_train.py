@@ -27,7 +27,7 @@ def _peak_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_step(preset: str, mode: str, crop: int, steps: int) -> dict:
+def measure_step(preset: str, mode: str, crop: tuple[int, int, int], steps: int) -> dict:
     """Median seconds of one training step (after one warm-up step) in ``train.mode=mode``."""
     import torch
 
@@ -40,8 +40,8 @@ def measure_step(preset: str, mode: str, crop: int, steps: int) -> dict:
     torch.manual_seed(0)
     nets = Networks(*build_networks(cfg.model)).to(device)
     opt = make_optimizers(nets, cfg.train)
-    x = torch.randn(1, 4, crop, crop, crop)
-    y = (torch.rand(1, 3, crop, crop, crop) > 0.9).float()
+    x = torch.randn(1, 4, *crop)
+    y = (torch.rand(1, 3, *crop) > 0.9).float()
     batch = [{"image": x, "label": y}]
     train_local(nets, opt, batch, cfg, steps=1, device=device, progress=False)
     times = []
@@ -86,7 +86,7 @@ def _child(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="lite")
-    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--crop", type=int, nargs="+", default=[64], help="edge, or X Y Z (paper: 160 192 128)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--skip-predict", action="store_true")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -94,17 +94,19 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "step":
-            result = measure_step(rest[0], rest[1], int(rest[2]), int(rest[3]))
+            crop = tuple(int(v) for v in rest[2].split("x"))
+            result = measure_step(rest[0], rest[1], crop, int(rest[3]))  # type: ignore[arg-type]
         else:
             result = measure_predict(rest[0])
         print(json.dumps(result))
         return
 
-    common = [args.preset, str(args.crop), str(args.steps)]
-    full = _child(["step", args.preset, "mstkd", *common[1:]])
-    student = _child(["step", args.preset, "student", *common[1:]])
+    crop = args.crop * 3 if len(args.crop) == 1 else args.crop
+    shape = "x".join(str(v) for v in crop)
+    full = _child(["step", args.preset, "mstkd", shape, str(args.steps)])
+    student = _child(["step", args.preset, "student", shape, str(args.steps)])
     gib = 1024**3
-    print(f"preset {args.preset}, crop {args.crop}^3, device {full['device']}, median of {args.steps} steps")
+    print(f"preset {args.preset}, crop {shape}, device {full['device']}, median of {args.steps} steps")
     print(
         f"MST-KDNet step (teacher+student+discriminator, all losses)  {full['seconds']:7.3f} s   "
         f"peak {full['peak_bytes'] / gib:.2f} GiB"

@@ -20,23 +20,11 @@ from mstkd.data.dataset import make_loader
 from mstkd.data.labels import REGIONS
 from mstkd.evaluate import evaluate_cases, parse_subsets
 from mstkd.federated import SiteState, config_from_run, default_home, federated_arrays, load_federated_arrays, site_data
+from mstkd.losses import TERMS
 from mstkd.model import build_networks
 from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
 
-TRAIN_METRICS = (
-    "loss",
-    "seg_teacher",
-    "seg_student",
-    "attention",
-    "transformer_features",
-    "consistency",
-    "kl",
-    "gram",
-    "content",
-    "adversarial",
-    "disc_loss",
-    "proximal",
-)
+TRAIN_METRICS = ("loss", *TERMS, "disc_loss", "proximal")
 """Every train reply carries all of these (0.0 when a term is off), so all sites send the same keys."""
 
 log = logging.getLogger("mstkd.client")
@@ -55,8 +43,10 @@ def _setup(msg: Message, context: Context):
     cfg = config_from_run(run)
     data = site_data(run, context.node_config, cfg)
     device = pick_device()
-    seed = int(cfg.train.seed) + int(context.node_config.get("partition-id", 0))
-    seed_everything(seed)
+    # distinct per site and per round: a node must not redraw the same crops every round
+    seed = int(cfg.train.seed) + 1000 * int(context.node_config.get("partition-id", 0))
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    seed_everything(seed + int(config.get("server-round", 0)))
     nets = Networks(*build_networks(cfg.model)).to(device)
     load_federated_arrays(nets.student, nets.discriminator, {k: v.numpy() for k, v in msg.content["arrays"].items()})
     return run, cfg, data, device, nets, seed

@@ -144,6 +144,20 @@ def adversarial_loss(logits: torch.Tensor, label: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), label))
 
 
+TERMS = (
+    "seg_teacher",
+    "seg_student",
+    "attention",
+    "transformer_features",
+    "consistency",
+    "kl",
+    "gram",
+    "content",
+    "adversarial",
+)
+"""Names of the weighted terms :class:`MSTKDLoss` can return, by mechanism."""
+
+
 class MSTKDLoss(nn.Module):
     """The weighted sum of every active term for one teacher/student step (``cfg`` = the ``loss`` section).
 

@@ -32,8 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     out = (Path(args.out) / stamp).resolve()
     run_config = {"out-dir": str(out), "work-dir": str(Path(args.work_dir).resolve()), "min-nodes": args.nodes}
     print(f"federated demo: {args.nodes} phantom sites, run folder {out}", file=sys.stderr)
-    result = flower_simulation(run_config, extra=args.run_config, nodes=args.nodes,
-                               flwr_home=Path(args.work_dir) / "flwr-home", log=out / "flwr.log", echo=True)
+    result = flower_simulation(
+        run_config,
+        extra=args.run_config,
+        nodes=args.nodes,
+        flwr_home=Path(args.work_dir) / "flwr-home",
+        log=out / "flwr.log",
+        echo=True,
+    )
     if not result.completed:
         print(f"error: the run ended as {result.status} ({result.details}); see {result.log}", file=sys.stderr)
         return 1

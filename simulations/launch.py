@@ -95,9 +95,19 @@ class FlowerRun:
         return self.status == "finished:completed"
 
 
-def flower_simulation(run_config: dict, *, extra: str = "", nodes: int, flwr_home: Path, log: Path, cpus_per_node: float = 2,
-                      gpus_per_node: float = 0.0, timeout: float = 3600, app: Path = ROOT,
-                      echo: bool = False) -> FlowerRun:
+def flower_simulation(
+    run_config: dict,
+    *,
+    extra: str = "",
+    nodes: int,
+    flwr_home: Path,
+    log: Path,
+    cpus_per_node: float = 2,
+    gpus_per_node: float = 0.0,
+    timeout: float = 3600,
+    app: Path = ROOT,
+    echo: bool = False,
+) -> FlowerRun:
     """``flwr run <app> --stream`` in simulation with ``nodes`` SuperNodes; the SuperLink is stopped afterwards.
 
     ``run_config`` values are written as TOML; ``extra`` is appended verbatim (``"num-server-rounds=3"``).
@@ -115,8 +125,9 @@ def flower_simulation(run_config: dict, *, extra: str = "", nodes: int, flwr_hom
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
     overrides = " ".join([*(f"{k}={toml_value(v)}" for k, v in run_config.items()), extra]).strip()
-    federation = (f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node} "
-                  f"client-resources-num-gpus={gpus_per_node}")
+    federation = (
+        f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node} client-resources-num-gpus={gpus_per_node}"
+    )
     cmd = [_flwr(), "run", str(app), "--stream", "--federation-config", federation]
     if overrides:
         cmd += ["--run-config", overrides]
@@ -135,8 +146,9 @@ def flower_simulation(run_config: dict, *, extra: str = "", nodes: int, flwr_hom
                     break
             proc.wait()
         seconds = time.perf_counter() - start
-        listing = subprocess.run([_flwr(), "ls", "--format", "json"], env=env, capture_output=True, text=True,
-                                 timeout=120)
+        listing = subprocess.run(
+            [_flwr(), "ls", "--format", "json"], env=env, capture_output=True, text=True, timeout=120
+        )
         runs = json.loads(listing.stdout or "{}").get("runs", [])
         if not runs:
             return FlowerRun("unknown", None, seconds, log, listing.stderr.strip()[-500:])
