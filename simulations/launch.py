@@ -117,6 +117,8 @@ def flower_simulation(
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
+        # flwr starts flower-superlink and friends by name: find them beside this interpreter
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -150,8 +152,8 @@ def flower_simulation(
             [_flwr(), "ls", "--format", "json"], env=env, capture_output=True, text=True, timeout=120
         )
         runs = json.loads(listing.stdout or "{}").get("runs", [])
-        if not runs:
-            return FlowerRun("unknown", None, seconds, log, listing.stderr.strip()[-500:])
+        if not runs:  # flwr run never got a run started: the reason is at the end of its log
+            return FlowerRun("not-started", None, seconds, log, log.read_text().strip()[-800:])
         latest = max(runs, key=lambda r: r.get("pending-at", ""))
         return FlowerRun(latest["status"], str(latest["run-id"]), seconds, log, str(latest.get("status-details")))
     finally:

@@ -30,6 +30,7 @@ def tiny_run_config(tmp: Path, **extra) -> dict:
             "phantom-cases": 18,
             "phantom-shape": "48 48 32",
             "eval-subsets": "full,flair",
+            "eval-every": 1,
             "min-nodes": NODES,
             "work-dir": str(tmp / "work"),
             "out-dir": str(tmp / "run"),
