@@ -22,7 +22,7 @@ from mstkd.data.partitions import make_split, read_partitions, write_split_csv
 from mstkd.errors import InputError
 from tests.conftest import AFFINE, MODALITY_LEVEL, SHAPE, make_labels, write_case, write_nifti, write_partitions
 
-SHARED_FETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fets"
+FETS_CSVS = Path(__file__).resolve().parents[1] / "simulations" / "fets"
 DATA_CFG = load_config().data
 
 
@@ -226,8 +226,8 @@ def test_cache_rebuilds_when_source_or_setting_changes(tmp_path):
 
 
 def test_real_fets_partitions_read():
-    p1 = read_partitions(SHARED_FETS / "partitioning_1.csv")
-    p2 = read_partitions(SHARED_FETS / "partitioning_2.csv")
+    p1 = read_partitions(FETS_CSVS / "partitioning_1.csv")
+    p2 = read_partitions(FETS_CSVS / "partitioning_2.csv")
     assert len(p1.sites) == 23 and len(p2.sites) == 33
     assert len(p1.case_ids) == len(set(p1.case_ids)) == 1251
     assert set(p1.case_ids) == set(p2.case_ids)
@@ -236,7 +236,7 @@ def test_real_fets_partitions_read():
 
 
 def test_split_deterministic_disjoint_and_test_held_out():
-    parts = read_partitions(SHARED_FETS / "partitioning_1.csv")
+    parts = read_partitions(FETS_CSVS / "partitioning_1.csv")
     a = make_split(parts, seed=7)
     b = make_split(parts, seed=7)
     c = make_split(parts, seed=8)
@@ -257,7 +257,7 @@ def test_split_deterministic_disjoint_and_test_held_out():
 
 
 def test_split_csv_round_trip(tmp_path):
-    parts = read_partitions(SHARED_FETS / "partitioning_2.csv")
+    parts = read_partitions(FETS_CSVS / "partitioning_2.csv")
     split = make_split(parts, seed=1)
     path = write_split_csv(split, tmp_path / "split.csv")
     again = make_split(read_partitions(path), seed=999)  # explicit column wins over the seed
