@@ -163,8 +163,11 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
         folder = Path(str(node["data-path"])).expanduser()
         no_test = OmegaConf.merge(cfg.data, {"split": {"test_fraction": 0.0}})
         fed = prepare_federation(folder, no_test, cache_dir=node.get("cache-dir") or None, test=False, progress=False)
-        name = str(node.get("site-name") or folder.name)
-        return SiteData(fed, fed.sites[0] if len(fed.sites) == 1 else _only_site(fed, folder), name)
+        if len(fed.sites) != 1:
+            raise InputError(
+                f"{folder}: a node's data folder holds one site, but its partition CSV names {len(fed.sites)}"
+            )
+        return SiteData(fed, fed.sites[0], str(node.get("site-name") or folder.name))
     if "partition-id" not in node:
         raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
     index, count = int(node["partition-id"]), int(node["num-partitions"])
@@ -178,10 +181,6 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
     site = fed.sites[index]
     fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[site], test=False, progress=False)
     return SiteData(fed, site, f"site-{site}")
-
-
-def _only_site(fed: Federation, folder: Path) -> str:
-    raise InputError(f"{folder}: a node's data folder holds one site, but its partition CSV names {len(fed.sites)}")
 
 
 class SiteState:

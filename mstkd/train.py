@@ -122,7 +122,8 @@ def train_local(
         steps: number of steps; the loader is cycled when shorter.
         epoch: the global epoch at the start, for the lr schedule and the consistency ramp.
         subsets: the student's possible modality subsets (a site lacking a modality passes fewer).
-        subset_weights: sampling weights over ``subsets`` (None: uniform).
+        subset_weights: sampling weights over ``subsets`` (None: ``train.subset_weights`` when ``subsets``
+            are all 15, else uniform).
         rng: generator for the subset draws (its state is the caller's to keep).
         device: where to train (default: CUDA if present, else CPU).
         proximal_mu: FedProx term ``mu / 2 * ||w - w_0||^2`` on the student, ``w_0`` = its weights at the start.
@@ -134,6 +135,8 @@ def train_local(
     """
     device = device or pick_device()
     rng = rng or np.random.default_rng(int(cfg.train.seed))
+    if subset_weights is None and cfg.train.subset_weights is not None and len(subsets) == len(SUBSETS):
+        subset_weights = list(cfg.train.subset_weights)  # the config's weights are over all 15, in paper order
     nets.to(device)
     for m in (nets.teacher, nets.student, nets.discriminator):
         m.train()

@@ -85,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
         f"{len(initial)} federated arrays, {wire_mb:.1f} MB per message ({transport}); server device {device}"
     )
 
-    num_sites = int(run.get("phantom-sites", 0)) or max(len(list(grid.get_node_ids())), min_nodes)
+    num_sites = max(len(list(grid.get_node_ids())), min_nodes)  # a phantom federation has one site per node
     cases = test_cases(run, cfg, num_sites, int(run.get("eval-cases", 0)))
     subsets = parse_subsets(str(run.get("eval-subsets", "all")))
     eval_every = max(int(run.get("eval-every", 1)), 1)

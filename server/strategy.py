@@ -81,7 +81,10 @@ class FederatedMixin:
                 continue
             rec["bytes_received"] += sum(r.count_bytes() for r in reply.content.array_records.values())
             metrics = next(iter(reply.content.metric_records.values()))
-            self.runlog.site(server_round, _site(reply)).update({k: v for k, v in metrics.items()})
+            site = self.runlog.site(server_round, _site(reply))
+            site.update({k: v for k, v in metrics.items()})
+            if "site" in reply.content.config_records and "device" in reply.content["site"]:
+                site["device"] = str(reply.content["site"]["device"])
         return replies
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

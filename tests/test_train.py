@@ -215,3 +215,17 @@ def test_train_evaluate_predict_verbs(phantoms, tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_configured_subset_weights_drive_modality_dropout(phantoms):
+    weights = [0.0] * 15
+    weights[3] = 1.0  # paper order: T2, T1Gd, T1, FLAIR, ...
+    cfg = load_config([*TINY, f"train.subset_weights={weights}"])
+    fed = prepare_federation(phantoms, cfg.data, progress=False)
+    loader = make_loader(fed.site_cases("1", "train"), cfg.data, train=True, patch=cfg.model.input_size)
+    nets = Networks(*build_networks(cfg.model))
+    seen = []
+    original = nets.student.forward
+    nets.student.forward = lambda x: seen.append((x.abs().sum(dim=(0, 2, 3, 4)) > 0).tolist()) or original(x)
+    metrics = train_local(nets, make_optimizers(nets, cfg.train), loader, cfg, steps=4, progress=False)
+    assert seen == [[True, False, False, False]] * 4 and metrics["subsets_drawn"] == 1
