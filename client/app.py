@@ -21,7 +21,7 @@ from mstkd.data.labels import REGIONS
 from mstkd.evaluate import evaluate_cases, parse_subsets
 from mstkd.federated import SiteState, config_from_run, default_home, federated_arrays, load_federated_arrays, site_data
 from mstkd.losses import TERMS
-from mstkd.model import build_networks
+from mstkd.model import MSTKDNet, build_discriminator
 from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
 
 TRAIN_METRICS = ("loss", *TERMS, "disc_loss", "proximal")
@@ -39,6 +39,8 @@ def _state_folder(context: Context, site_name: str) -> Path:
 
 
 def _setup(msg: Message, context: Context):
+    """Run config, project config, site data, device, seed, and the student + discriminator holding the global
+    weights."""
     run = dict(context.run_config)
     cfg = config_from_run(run)
     data = site_data(run, context.node_config, cfg)
@@ -47,9 +49,9 @@ def _setup(msg: Message, context: Context):
     seed = int(cfg.train.seed) + 1000 * int(context.node_config.get("partition-id", 0))
     config = msg.content["config"] if "config" in msg.content.config_records else {}
     seed_everything(seed + int(config.get("server-round", 0)))
-    nets = Networks(*build_networks(cfg.model)).to(device)
-    load_federated_arrays(nets.student, nets.discriminator, {k: v.numpy() for k, v in msg.content["arrays"].items()})
-    return run, cfg, data, device, nets, seed
+    student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
+    load_federated_arrays(student, disc, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    return run, cfg, data, device, seed, student, disc
 
 
 def _reply_arrays(nets: Networks, transport: str) -> ArrayRecord:
@@ -59,7 +61,8 @@ def _reply_arrays(nets: Networks, transport: str) -> ArrayRecord:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
-    run, cfg, data, device, nets, seed = _setup(msg, context)
+    run, cfg, data, device, seed, student, disc = _setup(msg, context)
+    nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     config = msg.content["config"]
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
@@ -125,11 +128,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    run, cfg, data, device, nets, _ = _setup(msg, context)
+    run, cfg, data, device, _, student, _ = _setup(msg, context)
     subsets = parse_subsets(str(run.get("site-eval-subsets", "full")))
     metrics: dict[str, float | int] = {"num-examples": len(data.val)}
     if data.val:
-        result = evaluate_cases(nets.student, data.val, cfg, subsets=subsets, device=device, progress=False)
+        result = evaluate_cases(student, data.val, cfg, subsets=subsets, device=device, progress=False)
         summary = result.summary()
         metrics.update({f"val-dice-{r}": float(summary[f"{r}_dice"]) for r in REGIONS})
         metrics["val-mean-dice"] = float(summary["mean_dice"])

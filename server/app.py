@@ -24,7 +24,7 @@ from mstkd.data.dataset import prepare_federation
 from mstkd.data.labels import REGIONS
 from mstkd.evaluate import evaluate_cases, parse_subsets
 from mstkd.federated import config_from_run, data_source, default_home, federated_arrays, load_federated_arrays
-from mstkd.model import MSTKDNet, StyleDiscriminator, count_parameters
+from mstkd.model import MSTKDNet, build_discriminator, count_parameters
 from mstkd.train import pick_device, seed_everything
 from server.runlog import RunLog
 from server.strategy import make_strategy
@@ -71,7 +71,7 @@ def main(grid: Grid, context: Context) -> None:
     min_nodes = int(run.get("min-nodes", 2))
 
     student = MSTKDNet(cfg.model)
-    disc = StyleDiscriminator(8 * int(cfg.model.base_channels), list(cfg.model.discriminator_channels))
+    disc = build_discriminator(cfg.model)
     transport = str(run.get("transport", "float16"))
     initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, "float32").items()})
     wire_mb = (

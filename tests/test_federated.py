@@ -13,7 +13,7 @@ from client.app import app as client_app
 from mstkd.checkpoint import load_checkpoint
 from mstkd.cli import main as mstkd_main
 from mstkd.config import load_config
-from mstkd.model import MSTKDNet, StyleDiscriminator
+from mstkd.model import MSTKDNet, build_discriminator
 from server.app import app as server_app
 from tests.inproc import pyproject_run_config, run_inproc
 
@@ -56,7 +56,7 @@ def federation(tmp_path_factory):
 def _federated_keys() -> set[str]:
     cfg = load_config(["model=tiny"]).model
     student = MSTKDNet(cfg)
-    disc = StyleDiscriminator(8 * cfg.base_channels, list(cfg.discriminator_channels))
+    disc = build_discriminator(cfg)
     return {f"student.{k}" for k in student.state_dict()} | {f"disc.{k}" for k in disc.state_dict()}
 
 

@@ -208,13 +208,14 @@ class StyleDiscriminator(nn.Module):
         return self.net(style).mean(dim=(1, 2, 3, 4))
 
 
+def build_discriminator(cfg: DictConfig) -> StyleDiscriminator:
+    """The style discriminator for a model preset (``cfg`` = the ``model`` section)."""
+    return StyleDiscriminator(8 * int(cfg.base_channels), list(cfg.discriminator_channels))
+
+
 def build_networks(cfg: DictConfig) -> tuple[MSTKDNet, MSTKDNet, StyleDiscriminator]:
     """Teacher, student and style discriminator for a model preset (``cfg`` = the ``model`` section)."""
-    return (
-        MSTKDNet(cfg),
-        MSTKDNet(cfg),
-        StyleDiscriminator(8 * int(cfg.base_channels), list(cfg.discriminator_channels)),
-    )
+    return MSTKDNet(cfg), MSTKDNet(cfg), build_discriminator(cfg)
 
 
 def count_parameters(module: nn.Module) -> int:
