@@ -6,13 +6,13 @@ file, then rename), so a crash never leaves a truncated checkpoint.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mstkd.atomic import atomic_path
 from mstkd.data.labels import REGIONS
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES
@@ -42,9 +42,8 @@ def save_checkpoint(
         "regions": list(REGIONS),
         "extra": extra or {},
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

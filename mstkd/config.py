@@ -10,13 +10,13 @@ typo never silently does nothing. The resolved config is saved beside every outp
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mstkd.atomic import write_text
 from mstkd.errors import InputError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -65,9 +65,4 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 def save_config(cfg: DictConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from monai.inferers import sliding_window_inference
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from mstkd.atomic import atomic_path, write_text
 from mstkd.data.cache import CachedCase
 from mstkd.data.labels import REGIONS
 from mstkd.metrics import score_regions, volume_diagonal
@@ -149,28 +149,18 @@ class EvalResult:
             "json": out_dir / f"{stem}.json",
             "md": out_dir / f"{stem}.md",
         }
-        _atomic_csv(paths["csv"], self.table())
-        _atomic_csv(paths["cases"], self.rows)
-        _atomic_text(
-            paths["json"], json.dumps({"table": self.table(), "cases": self.rows, "hd95": self.hd95}, indent=1)
-        )
-        _atomic_text(paths["md"], self.markdown() + "\n")
+        _write_csv(paths["csv"], self.table())
+        _write_csv(paths["cases"], self.rows)
+        write_text(paths["json"], json.dumps({"table": self.table(), "cases": self.rows, "hd95": self.hd95}, indent=1))
+        write_text(paths["md"], self.markdown() + "\n")
         return paths
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["subset"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def evaluate_cases(

@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mstkd.atomic import atomic_path
 from mstkd.config import load_config
 from mstkd.data.dataset import Federation, prepare_federation
 from mstkd.errors import InputError
@@ -201,9 +202,8 @@ class SiteState:
             "rng": rng.bit_generator.state,
             "info": info,
         }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(payload, tmp)
 
     def load(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, *, teacher: bool = True) -> dict:
         """Restore into ``optimizers``/``rng`` (and the teacher of ``nets`` when ``teacher``); return the counters."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from mstkd.atomic import write_text
 from mstkd.checkpoint import save_checkpoint
 from mstkd.config import save_config
 from mstkd.data.dataset import prepare_federation
@@ -65,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     out = run_folder(run, context.run_id)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    (out / "run_config.json").write_text(json.dumps(run, indent=1, default=str))
+    write_text(out / "run_config.json", json.dumps(run, indent=1, default=str))
     device = pick_device()
     rounds = int(run.get("num-server-rounds", 1))
     min_nodes = int(run.get("min-nodes", 2))
@@ -194,6 +195,4 @@ def write_report(out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best
         "",
         "Files: `metrics.csv`/`metrics.jsonl` (per round, per site), `eval/round_<r>.*`, `config.yaml`.",
     ]
-    path = out / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(out / "REPORT.md", "\n".join(lines) + "\n")

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from mstkd.atomic import atomic_path, write_text
 from mstkd.data.labels import REGIONS
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -71,15 +65,13 @@ class RunLog:
     def write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         ordered = [self.records[r] for r in sorted(self.records)]
-        _atomic_write(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in ordered))
+        write_text(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in ordered))
         rows = self.rows()
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        tmp = self.folder / f".metrics.csv.{os.getpid()}.tmp"
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.folder / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.folder / "metrics.csv")
         self.plot()
 
     def plot(self) -> Path | None:
@@ -105,8 +97,7 @@ class RunLog:
         ax.set_title("Global student on the held-out test set")
         fig.tight_layout()
         path = self.folder / "dice.png"
-        tmp = self.folder / f".dice.{os.getpid()}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
         return path

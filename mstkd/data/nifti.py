@@ -9,7 +9,6 @@ so an interrupted run never leaves a half-written file behind.
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from mstkd.atomic import atomic_path
 from mstkd.errors import InputError
 
 AFFINE_TOLERANCE = 1e-3
@@ -92,16 +92,10 @@ def write_volume(
     the data type is set from ``data``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(data, affine, header=header.copy() if header is not None else None)
     img.set_data_dtype(data.dtype)
     if header is not None:
         img.header.set_slope_inter(1.0, 0.0)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -17,7 +17,6 @@ splits, and no site trains on a test case.
 from __future__ import annotations
 
 import csv
-import os
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mstkd.atomic import atomic_path
 from mstkd.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -162,12 +162,8 @@ def make_split(
 
 def write_split_csv(split: Split, path: str | Path) -> Path:
     """Write ``Partition_ID,Subject_ID,Split`` (readable again by :func:`read_partitions`), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Partition_ID", "Subject_ID", "Split"])
         writer.writerows(split.rows())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
