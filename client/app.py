@@ -102,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         epoch=epoch,
         rng=rng,
         device=device,
+        subsets=data.subsets,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         progress=False,
         desc=data.name,
@@ -120,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": _reply_arrays(nets, str(run.get("transport", "float16"))),
             "metrics": MetricRecord(reply),
-            "site": ConfigRecord({"name": data.name, "device": str(device)}),
+            "site": ConfigRecord({"name": data.name, "device": str(device), "modalities": data.available.name}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -129,7 +130,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     run, cfg, data, device, _, student, _ = _setup(msg, context)
-    subsets = parse_subsets(str(run.get("site-eval-subsets", "full")))
+    # "full" means everything this site has; subsets it cannot form are skipped
+    wanted = parse_subsets(str(run.get("site-eval-subsets", "full")))
+    subsets = [s for s in wanted if s.issubset(data.available)] or [data.available]
     metrics: dict[str, float | int] = {"num-examples": len(data.val)}
     if data.val:
         result = evaluate_cases(student, data.val, cfg, subsets=subsets, device=device, progress=False)

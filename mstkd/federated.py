@@ -32,7 +32,9 @@ from torch import nn
 from mstkd.atomic import atomic_path
 from mstkd.config import load_config
 from mstkd.data.dataset import Federation, prepare_federation
+from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.errors import InputError
+from mstkd.modalities import FULL, MODALITIES, Subset, subsets_within
 from mstkd.train import Networks, Optimizers
 
 STUDENT, DISC = "student.", "disc."
@@ -137,11 +139,12 @@ def data_source(run: Mapping[str, Any], num_sites: int) -> tuple[Path, Path | No
 
 @dataclass
 class SiteData:
-    """A node's view of the data: its site key, name, and the federation restricted to it."""
+    """A node's view of the data: its site key and name, the modalities it has, and its cases."""
 
     federation: Federation
     site: str
     name: str
+    available: Subset
 
     @property
     def train(self):
@@ -151,24 +154,68 @@ class SiteData:
     def val(self):
         return self.federation.site_cases(self.site, "val")
 
+    @property
+    def subsets(self) -> tuple[Subset, ...]:
+        """The modality subsets this site's student can be trained on."""
+        return subsets_within(self.available)
+
+
+def parse_dropped(spec: str) -> dict[str, Subset]:
+    """``"2:t1ce; 3:t1ce,t2"`` -> site id -> the modalities that site keeps (the simulated missing modalities)."""
+    kept = {}
+    for item in filter(None, (part.strip() for part in spec.replace(";", " ").split())):
+        site, sep, names = item.partition(":")
+        if not sep:
+            raise InputError(f"drop-modalities: {item!r} is not of the form SITE:MODALITY[,MODALITY]")
+        dropped = Subset.parse(names)
+        keep = [m for m in MODALITIES if m not in dropped.modalities]
+        if not keep:
+            raise InputError(f"drop-modalities: site {site} would keep no modality")
+        kept[site.strip()] = Subset.of(keep)
+    return kept
+
+
+def _modalities_on_disk(folder: Path) -> Subset:
+    """The modalities every case under ``folder`` has."""
+    common = set(MODALITIES)
+    for case in find_case_folders(folder).values():
+        common &= set(detect_case(case).available)
+    if not common:
+        raise InputError(f"{folder}: no modality is present in every case")
+    return Subset.of(common)
+
+
+def _with_modalities(cfg: DictConfig, available: Subset) -> DictConfig:
+    return OmegaConf.merge(cfg, {"data": {"modalities": list(available.modalities)}})
+
 
 def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) -> SiteData:
-    """The cases of this node.
+    """The cases of this node, and the modalities it has.
 
     Deployment: ``node["data-path"]`` is the site's own folder; all its cases are the site's
-    (split into train/val; the global test set lives with the server). Simulation:
-    ``node["partition-id"]`` picks the i-th site (in partition order) of the run's dataset,
-    and the dataset must have exactly ``node["num-partitions"]`` sites.
+    (split into train/val; the global test set lives with the server). The site's modalities
+    are ``node["modalities"]`` (e.g. ``"flair,t1,t2"``) or, when not given, those present in
+    every case. Simulation: ``node["partition-id"]`` picks the i-th site (in partition order)
+    of the run's dataset, which must have exactly ``node["num-partitions"]`` sites; the run
+    config ``drop-modalities`` (``"2:t1ce"``) makes chosen sites lack modalities.
+
+    Rule for a site that lacks modalities: its cases are read without them (zero channels, even
+    where a file exists), its student draws only subsets of what the site has, and its teacher
+    sees everything the site has; distillation runs on every case, between that teacher and
+    that student.
     """
     if node.get("data-path"):
         folder = Path(str(node["data-path"])).expanduser()
-        no_test = OmegaConf.merge(cfg.data, {"split": {"test_fraction": 0.0}})
+        declared = str(node.get("modalities", "") or "")
+        available = Subset.parse(declared) if declared else _modalities_on_disk(folder)
+        site_cfg = _with_modalities(cfg, available)
+        no_test = OmegaConf.merge(site_cfg.data, {"split": {"test_fraction": 0.0}})
         fed = prepare_federation(folder, no_test, cache_dir=node.get("cache-dir") or None, test=False, progress=False)
         if len(fed.sites) != 1:
             raise InputError(
                 f"{folder}: a node's data folder holds one site, but its partition CSV names {len(fed.sites)}"
             )
-        return SiteData(fed, fed.sites[0], str(node.get("site-name") or folder.name))
+        return SiteData(fed, fed.sites[0], str(node.get("site-name") or folder.name), available)
     if "partition-id" not in node:
         raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
     index, count = int(node["partition-id"]), int(node["num-partitions"])
@@ -180,8 +227,10 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
             f'use --federation-config "num-supernodes={len(fed.sites)}"'
         )
     site = fed.sites[index]
-    fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[site], test=False, progress=False)
-    return SiteData(fed, site, f"site-{site}")
+    available = parse_dropped(str(run.get("drop-modalities", "") or "")).get(site, FULL)
+    site_cfg = _with_modalities(cfg, available)
+    fed = prepare_federation(folder, site_cfg.data, partitioning=csv, sites=[site], test=False, progress=False)
+    return SiteData(fed, site, f"site-{site}", available)
 
 
 class SiteState:

@@ -83,8 +83,9 @@ class FederatedMixin:
             metrics = next(iter(reply.content.metric_records.values()))
             site = self.runlog.site(server_round, _site(reply))
             site.update({k: v for k, v in metrics.items()})
-            if "site" in reply.content.config_records and "device" in reply.content["site"]:
-                site["device"] = str(reply.content["site"]["device"])
+            if "site" in reply.content.config_records:
+                info = reply.content["site"]
+                site.update({k: str(info[k]) for k in ("device", "modalities") if k in info})
         return replies
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

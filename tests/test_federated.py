@@ -140,3 +140,44 @@ def test_float32_transport_and_fedprox(tmp_path):
     assert all(d == np.float32 for w in grid.wire for d in w["arrays"].values())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(s["train-proximal"] > 0 for s in records[1]["sites"].values())
+
+
+def test_sites_with_missing_modalities(tmp_path):
+    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 1, "drop-modalities": "2:t1ce; 3:t1ce,t2"})
+    grid = run_inproc(server_app, client_app, run_config, nodes())
+    assert not any(r.has_error() for r in grid.replies)
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
+    assert {s: v["modalities"] for s, v in record["sites"].items()} == {
+        "site-1": "flair+t1+t1ce+t2",
+        "site-2": "flair+t1+t2",
+        "site-3": "flair+t1",
+    }
+    # what the sites lacking T1ce cached holds no T1ce, although the phantom files exist
+    split = next((tmp_path / "work" / "phantoms").glob("*/partitioning.csv")).parent / ".mstkd-cache" / "split.csv"
+    rows = [line.split(",") for line in split.read_text().splitlines()[1:]]
+    cache = split.parent
+    for site, case, part in rows:
+        if part == "test":
+            continue
+        image = np.load(cache / case / "image.npy")
+        assert (not image[2].any()) == (site in ("2", "3")), (site, case)
+        assert (not image[3].any()) == (site == "3")
+
+
+def test_deployed_site_modalities_declared_or_detected(tmp_path):
+    from mstkd.federated import parse_dropped, site_data
+    from tests.conftest import write_case
+
+    for i in range(4):
+        write_case(tmp_path / "site", f"FeTS2022_{i:05d}", seed=i, modalities=("flair", "t1", "t2"))
+    cfg = load_config(["model=tiny"])
+    detected = site_data({}, {"data-path": str(tmp_path / "site")}, cfg)
+    assert detected.available.name == "flair+t1+t2" and len(detected.subsets) == 7
+    assert all(not s.mask[2] for s in detected.subsets)
+    declared = site_data({}, {"data-path": str(tmp_path / "site"), "modalities": "flair,t2", "site-name": "h1"}, cfg)
+    assert declared.name == "h1" and declared.available.name == "flair+t2"
+    assert not np.load(declared.train[0].folder / "image.npy")[1].any()  # T1 on disk, but not declared
+    assert parse_dropped("2:t1ce; 3:t1ce,t2") == {
+        "2": declared.available.parse("flair+t1+t2"),
+        "3": declared.available.parse("flair+t1"),
+    }

@@ -76,13 +76,26 @@ def _fingerprint(files: CaseFiles) -> dict[str, list[int]]:
 class CaseCache:
     """Builds and reads cache entries under ``root`` for one normalisation setting."""
 
-    def __init__(self, root: str | Path, *, normalization: str = "zscore", dtype: str = "float16") -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        normalization: str = "zscore",
+        dtype: str = "float16",
+        modalities: Sequence[str] = MODALITIES,
+    ) -> None:
         self.root = Path(root)
         self.normalization = normalization
         self.dtype = np.dtype(dtype)
+        self.modalities = [m for m in MODALITIES if m in modalities]
 
     def _settings(self) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "normalization": self.normalization, "dtype": self.dtype.name}
+        return {
+            "format": CACHE_FORMAT,
+            "normalization": self.normalization,
+            "dtype": self.dtype.name,
+            "modalities": self.modalities,
+        }
 
     def lookup(self, files: CaseFiles) -> CachedCase | None:
         """The valid entry for ``files``, or None when absent or stale (``stat`` only, no NIfTI read)."""
@@ -95,15 +108,18 @@ class CaseCache:
             return None
         return CachedCase(files.case_id, folder, meta)
 
-    def get(self, files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_seg: bool = True) -> CachedCase:
-        """The entry for ``files``, built from the NIfTI files first when needed."""
+    def get(self, files: CaseFiles, *, with_seg: bool = True) -> CachedCase:
+        """The entry for ``files``, built from the NIfTI files first when needed.
+
+        Exactly the cache's ``modalities`` are read (each must be on disk); other channels are zero.
+        """
         entry = self.lookup(files)
         if entry is not None and (entry.has_labels or not with_seg):
             return entry
-        return self._build(files, required=required, with_seg=with_seg)
+        return self._build(files, with_seg=with_seg)
 
-    def _build(self, files: CaseFiles, *, required: Sequence[str], with_seg: bool) -> CachedCase:
-        case = load_case(files, required=required, with_seg=with_seg)
+    def _build(self, files: CaseFiles, *, with_seg: bool) -> CachedCase:
+        case = load_case(files, required=self.modalities, with_seg=with_seg, others=False)
         mask = brain_mask(case.image)
         box = bounding_box(mask, margin=BRAIN_MARGIN)
         crop = tuple(slice(a, b) for a, b in box)
@@ -115,7 +131,7 @@ class CaseCache:
             "sources": {k: str(p) for k, p in {**files.images, "seg": files.seg}.items() if p is not None},
             "fingerprint": _fingerprint(files),
             "settings": self._settings(),
-            "available": list(files.available),
+            "available": list(case.available.modalities),
             "has_labels": case.regions is not None,
             "shape": list(case.image.shape[1:]),
             "crop_box": [list(b) for b in box],

@@ -36,15 +36,20 @@ class LoadedCase:
 
     @property
     def available(self) -> Subset:
-        return Subset.of(self.files.available)
+        """The modalities whose channels hold data."""
+        return Subset.of(m for m, channel in zip(MODALITIES, self.image, strict=True) if channel.any())
 
 
-def load_case(files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_seg: bool = True) -> LoadedCase:
+def load_case(
+    files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_seg: bool = True, others: bool = True
+) -> LoadedCase:
     """Read and validate every file of a case.
 
     Args:
         files: the case, as found by :func:`~mstkd.data.layouts.detect_case`.
-        required: modalities that must be on disk; others are read when present.
+        required: modalities that must be on disk.
+        others: also read the other modalities present on disk; without, their channels stay zero
+            (a site that declares it lacks a modality never uses it, even where a file exists).
         with_seg: read the label map too (and require it).
 
     Raises:
@@ -53,7 +58,8 @@ def load_case(files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_se
             integer of the layout's convention.
     """
     files.require(required, seg=with_seg)
-    volumes = {m: read_volume(files.images[m]) for m in MODALITIES if m in files.images}
+    wanted = [m for m in MODALITIES if m in files.images and (others or m in required)]
+    volumes = {m: read_volume(files.images[m]) for m in wanted}
     reference = next(iter(volumes.values()))
     for volume in volumes.values():
         check_same_grid(reference, volume)
@@ -62,6 +68,8 @@ def load_case(files: CaseFiles, *, required: Sequence[str] = MODALITIES, with_se
         if m in volumes:
             image[i] = volumes[m].data
 
+    if not image.any():
+        raise InputError(f"{files.folder}: every voxel of the images read ({', '.join(volumes)}) is zero")
     regions = None
     if with_seg:
         seg = read_volume(files.seg, dtype=np.float64)  # type: ignore[arg-type]

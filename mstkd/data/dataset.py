@@ -106,16 +106,20 @@ def prepare_federation(
         test_fraction=float(s.test_fraction),
         min_site_cases_for_test=int(s.min_site_cases_for_test),
     )
-    cache = CaseCache(cache_dir or data_dir / DEFAULT_CACHE, normalization=cfg.normalization, dtype=cfg.cache_dtype)
+    cache = CaseCache(
+        cache_dir or data_dir / DEFAULT_CACHE,
+        normalization=cfg.normalization,
+        dtype=cfg.cache_dtype,
+        modalities=list(cfg.modalities),
+    )
     unknown = [s for s in sites or () if s not in split.train]
     if unknown:
         raise InputError(f"{partitioning or data_dir}: no site {unknown[0]!r} (sites: {', '.join(split.sites)})")
     wanted = [c for s in (split.sites if sites is None else sites) for c in split.train[s] + split.val[s]]
     wanted += split.test if test else []
     entries = {}
-    required = list(cfg.modalities)
     for case_id in tqdm(wanted, desc="preprocess", unit="case", disable=not progress, leave=False):
-        entries[case_id] = cache.get(detect_case(folders[case_id]), required=required)
+        entries[case_id] = cache.get(detect_case(folders[case_id]))
     split_csv = write_split_csv(split, cache.root / "split.csv")
     return Federation(data_dir, cache.root, partitions, split, entries, split_csv)
 
