@@ -1,0 +1,1 @@
+"""Deployment tooling: credentials (CA, SuperLink certificate, node keys) and process helpers."""

@@ -1,0 +1,143 @@
+"""Make the credentials of a deployment: a certificate authority, the SuperLink's TLS certificate, node keys.
+
+Usage (everything lands in ``deploy/generated/``, which git ignores; keep private keys private):
+
+    python deploy/credentials.py ca                      # generated/ca.crt, ca.key
+    python deploy/credentials.py server --host link.example.org --host 10.0.0.5
+                                                          # generated/server.pem, server.key (signed by the CA)
+    python deploy/credentials.py node hospital-a         # generated/nodes/hospital-a{,.pub}
+
+The SuperLink's certificate must name every address the SuperNodes and the coordinator use to
+reach it (``--host``, repeatable; 127.0.0.1 and localhost are always included). A node key is an
+ECDSA P-384 key pair in OpenSSH format: the hospital keeps the private key, the coordinator
+registers the public one (``flwr supernode register <key>.pub <connection>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+GENERATED = Path(__file__).resolve().parent / "generated"
+VALID_DAYS = 825
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+    return path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_ca(out: Path, name: str = "MST-KDNet federation CA") -> tuple[Path, Path]:
+    """Self-signed certificate authority: ``ca.crt`` and ``ca.key``."""
+    key = _key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+    return (
+        _write(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM)),
+        _write(out / "ca.key", _pem_key(key), private=True),
+    )
+
+
+def make_server(out: Path, hosts: list[str]) -> tuple[Path, Path]:
+    """The SuperLink's certificate for ``hosts`` (names or IP addresses), signed by the CA in ``out``."""
+    ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    names = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
+    alt: list[x509.GeneralName] = []
+    for host in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+    key = _key()
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+    )
+    return (
+        _write(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM)),
+        _write(out / "server.key", _pem_key(key), private=True),
+    )
+
+
+def make_node_key(out: Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 OpenSSH key pair for SuperNode authentication: ``nodes/<name>`` and ``nodes/<name>.pub``."""
+    key = _key()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return (
+        _write(out / "nodes" / name, private, private=True),
+        _write(out / "nodes" / f"{name}.pub", public + f" {name}\n".encode()),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(GENERATED), help=f"output folder (default {GENERATED})")
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("ca", help="certificate authority")
+    server = sub.add_parser("server", help="the SuperLink's TLS certificate")
+    server.add_argument("--host", action="append", default=[], help="an address the SuperLink is reached at")
+    node = sub.add_parser("node", help="a SuperNode key pair")
+    node.add_argument("name", help="site name, e.g. hospital-a")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.what == "ca":
+        paths = make_ca(out)
+    elif args.what == "server":
+        if not (out / "ca.key").is_file():
+            print(f"error: no CA in {out}; run `python deploy/credentials.py ca` first", file=sys.stderr)
+            return 2
+        paths = make_server(out, args.host)
+    else:
+        paths = make_node_key(out, args.name)
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

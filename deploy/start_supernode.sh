@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Start one hospital's SuperNode. Its data stay on its disk; only the student and discriminator leave.
+# Usage: deploy/start_supernode.sh SITE_NAME DATA_DIR SUPERLINK_HOST:PORT [MODALITIES] [LOCAL_PORT]
+#   SITE_NAME   the name its key was made and registered with (deploy/generated/nodes/SITE_NAME)
+#   DATA_DIR    the site's case folders (FeTS or BraTS 2023 naming)
+#   MODALITIES  optional, e.g. flair,t1,t2 when the site lacks T1ce (default: what every case has)
+#   LOCAL_PORT  optional port of the node's local API (default 9094; differ when nodes share a machine)
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CREDS="${CREDS:-$HERE/generated}"
+[ $# -ge 3 ] || { sed -n '3,8p' "$0" >&2; exit 2; }
+SITE="$1"; DATA="$(cd "$2" && pwd)"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
+KEY="$CREDS/nodes/$SITE"
+[ -f "$KEY" ] || { echo "error: no key $KEY; run python deploy/credentials.py node $SITE" >&2; exit 2; }
+STATE="${STATE:-$CREDS/supernodes/$SITE}"
+mkdir -p "$STATE"
+CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
+[ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
+export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0
+exec flower-supernode --root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$KEY" \
+    --superlink "$LINK" --port "$LOCAL" --node-config "$CONFIG"

@@ -1,0 +1,115 @@
+"""The real thing on one machine: a SuperLink and three SuperNodes on 127.0.0.1 with TLS and node authentication.
+
+Each node points at its own phantom site folder (one of them has no T1ce files at all); the
+coordinator registers the three node keys and runs two rounds of the ``tiny`` preset with
+``flwr run``. A fourth node with an unregistered key must be refused. Every process started is
+stopped by its process group, also when the test fails; ports are free ones, so two runs of the
+test can share the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.credentials import make_ca, make_node_key, make_server
+from deploy.processes import flower_bin, start_superlink, start_supernode, stop_group
+from mstkd.phantoms import write_federation
+from simulations.launch import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def _flwr(args: list[str], home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": str(Path(flower_bin("flwr")).parent) + ":/usr/bin:/bin",
+    }
+    return subprocess.run(
+        [flower_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+@pytest.mark.slow
+def test_tls_authenticated_deployment_two_rounds(tmp_path):
+    creds = tmp_path / "creds"
+    make_ca(creds)
+    make_server(creds, [])
+    keys = {site: make_node_key(creds, site)[0] for site in (*SITES, "intruder")}
+    for i, site in enumerate(SITES):
+        write_federation(tmp_path / "data" / site, cases=4, sites=1, shape=(48, 48, 32), seed=10 + i, progress=False)
+    for t1ce in (tmp_path / "data" / "hospital-c").glob("*/*_t1ce.nii.gz"):
+        t1ce.unlink()  # this hospital has no T1ce at all
+    write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
+
+    port = free_port()
+    cli = tmp_path / "cli"
+    cli.mkdir()
+    (cli / "config.toml").write_text(
+        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{creds / "ca.crt"}"\n'
+    )
+    procs = []
+    try:
+        procs.append(start_superlink(creds, port=port, state=tmp_path / "link", log=tmp_path / "link.log"))
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in (tmp_path / "link.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for site in SITES:
+            out = _flwr(["supernode", "register", str(keys[site].with_suffix(".pub")), "hospitals"], cli)
+            assert "registered" in out.stdout, out.stdout + out.stderr
+        for site in SITES:
+            procs.append(
+                start_supernode(
+                    creds,
+                    keys[site],
+                    superlink=f"127.0.0.1:{port}",
+                    port=free_port(),
+                    node_config={
+                        "data-path": str(tmp_path / "data" / site),
+                        "site-name": site,
+                        "state-dir": str(tmp_path / "state" / site),
+                    },
+                    home=tmp_path / "nodes" / site,
+                    log=tmp_path / f"{site}.log",
+                )
+            )
+        intruder = start_supernode(
+            creds,
+            keys["intruder"],
+            superlink=f"127.0.0.1:{port}",
+            port=free_port(),
+            node_config={"data-path": str(tmp_path / "data" / "hospital-a")},
+            home=tmp_path / "nodes" / "intruder",
+            log=tmp_path / "intruder.log",
+        )
+        procs.append(intruder)
+        assert intruder.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
+
+        run_config = (
+            f"model='tiny' num-server-rounds=2 local-steps=2 eval-subsets='full' min-nodes=3 "
+            f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
+            f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
+        )
+        start = time.perf_counter()
+        run = _flwr(["run", ".", "hospitals", "--stream", "--run-config", run_config], cli, timeout=900)
+        seconds = time.perf_counter() - start
+        listing = json.loads(_flwr(["ls", "hospitals", "--format", "json"], cli).stdout)
+        assert listing["runs"][0]["status"] == "finished:completed", run.stdout[-3000:]
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [0, 1, 2]
+        for r in records[1:]:
+            assert set(r["sites"]) == set(SITES) and not r["failures"]
+        assert records[1]["sites"]["hospital-c"]["modalities"] == "flair+t1+t2"
+        print(f"deployed two-round run: {seconds:.1f} s")
+    finally:
+        for proc in reversed(procs):
+            stop_group(proc)
