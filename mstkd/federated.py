@@ -31,7 +31,7 @@ from torch import nn
 
 from mstkd.atomic import atomic_path
 from mstkd.config import load_config
-from mstkd.data.dataset import Federation, prepare_federation
+from mstkd.data.dataset import Federation, prepare_federation, resolve_partitions
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.errors import InputError
 from mstkd.modalities import FULL, MODALITIES, Subset, subsets_within
@@ -220,13 +220,13 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
         raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
     index, count = int(node["partition-id"]), int(node["num-partitions"])
     folder, csv = data_source(run, count)
-    fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[], test=False, progress=False)
-    if len(fed.sites) != count:
+    sites = list(resolve_partitions(folder, csv)[1].sites)
+    if len(sites) != count:
         raise InputError(
-            f"{csv or folder}: {len(fed.sites)} sites but {count} simulated nodes; "
-            f'use --federation-config "num-supernodes={len(fed.sites)}"'
+            f"{csv or folder}: {len(sites)} sites but {count} simulated nodes; "
+            f'use --federation-config "num-supernodes={len(sites)}"'
         )
-    site = fed.sites[index]
+    site = sites[index]
     available = parse_dropped(str(run.get("drop-modalities", "") or "")).get(site, FULL)
     site_cfg = _with_modalities(cfg, available)
     fed = prepare_federation(folder, site_cfg.data, partitioning=csv, sites=[site], test=False, progress=False)

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage, spatial
 
+from mstkd.data.cases import mask_bounds
 from mstkd.data.labels import REGIONS, LabelConvention, get_convention, invalid_labels, regions_from_labels
 from mstkd.data.nifti import Volume, check_same_grid, read_volume
 from mstkd.errors import InputError
@@ -151,7 +152,7 @@ def score_labels(
     # Every region lies inside WT, so one crop to the WT union serves all three and keeps the
     # per-region label lookups off the full volume.
     wt_labels = convention.region_labels["WT"]
-    box = _bounding_box(np.isin(pred_labels, wt_labels) | np.isin(ref_labels, wt_labels))
+    box = mask_bounds(np.isin(pred_labels, wt_labels) | np.isin(ref_labels, wt_labels))
     if box is None:
         box = tuple(slice(0, 0) for _ in pred_labels.shape)
     pred_regions = regions_from_labels(pred_labels[box], convention)
@@ -225,7 +226,7 @@ def _score_pair(
 ) -> dict[str, float]:
     """Score boolean masks that hold all foreground of a volume of ``shape`` (they may be a crop of it)."""
     n_total = math.prod(shape)
-    box = _bounding_box(pred | ref)
+    box = mask_bounds(pred | ref)
     if box is None:
         return {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0}
 
@@ -304,24 +305,6 @@ def _surface(padded: np.ndarray) -> np.ndarray:
         & padded[1:-1, 1:-1, 2:]
     )
     return core & ~interior
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tightest slices holding every True voxel of ``mask``; None when it has none."""
-    box: list[slice] = []
-    sub = mask
-    # Reduce each axis on the already narrowed sub-array: after the first axis the rest is cheap.
-    for axis in range(mask.ndim):
-        others = tuple(i for i in range(mask.ndim) if i != axis)
-        hits = np.flatnonzero(sub.any(axis=others))
-        if hits.size == 0:
-            return None
-        s = slice(int(hits[0]), int(hits[-1]) + 1)
-        box.append(s)
-        index = [slice(None)] * mask.ndim
-        index[axis] = s
-        sub = sub[tuple(index)]
-    return tuple(box)
 
 
 def _label_map(volume: Volume, convention: LabelConvention) -> np.ndarray:

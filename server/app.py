@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,8 +24,16 @@ from mstkd.checkpoint import save_checkpoint
 from mstkd.config import save_config
 from mstkd.data.dataset import prepare_federation
 from mstkd.data.labels import REGIONS
+from mstkd.errors import InputError
 from mstkd.evaluate import evaluate_cases, parse_subsets
-from mstkd.federated import config_from_run, data_source, default_home, federated_arrays, load_federated_arrays
+from mstkd.federated import (
+    TRANSPORT_DTYPES,
+    config_from_run,
+    data_source,
+    default_home,
+    federated_arrays,
+    load_federated_arrays,
+)
 from mstkd.model import MSTKDNet, build_discriminator, count_parameters
 from mstkd.train import pick_device, seed_everything
 from server.runlog import RunLog
@@ -75,11 +84,10 @@ def main(grid: Grid, context: Context) -> None:
     disc = build_discriminator(cfg.model)
     transport = str(run.get("transport", "float16"))
     initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, "float32").items()})
-    wire_mb = (
-        sum(v.size for v in federated_arrays(student, disc, transport).values())
-        * (2 if transport == "float16" else 4)
-        / 1e6
-    )
+    if transport not in TRANSPORT_DTYPES:
+        raise InputError(f"transport must be one of {', '.join(TRANSPORT_DTYPES)}, got {transport!r}")
+    floats = sum(v.numel() for m in (student, disc) for v in m.state_dict().values() if v.is_floating_point())
+    wire_mb = floats * np.dtype(TRANSPORT_DTYPES[transport]).itemsize / 1e6
     _say(f"run folder {out}")
     _say(
         f"model {cfg.model.preset}: {count_parameters(student) / 1e6:.2f} M student parameters, "

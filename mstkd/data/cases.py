@@ -118,13 +118,27 @@ def normalize(image: np.ndarray, method: str = "zscore", mask: np.ndarray | None
     return out
 
 
+def mask_bounds(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Tightest slices holding every True voxel of ``mask``; None when it has none."""
+    box: list[slice] = []
+    sub = mask
+    # Reduce each axis on the already narrowed sub-array: after the first axis the rest is cheap.
+    for axis in range(mask.ndim):
+        others = tuple(i for i in range(mask.ndim) if i != axis)
+        hits = np.flatnonzero(sub.any(axis=others))
+        if hits.size == 0:
+            return None
+        s = slice(int(hits[0]), int(hits[-1]) + 1)
+        box.append(s)
+        index = [slice(None)] * mask.ndim
+        index[axis] = s
+        sub = sub[tuple(index)]
+    return tuple(box)
+
+
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[tuple[int, int], ...]:
     """Per-axis ``(start, stop)`` of the non-zero voxels of ``mask``, widened by ``margin``; whole grid if empty."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if hits.size == 0:
-            return tuple((0, n) for n in mask.shape)
-        box.append((max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
+    box = mask_bounds(mask)
+    if box is None:
+        return tuple((0, n) for n in mask.shape)
+    return tuple((max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, mask.shape, strict=True))

@@ -66,6 +66,17 @@ class Federation:
         return "\n".join(lines)
 
 
+def resolve_partitions(data_dir: Path, partitioning: str | Path | None) -> tuple[dict[str, Path], Partitions]:
+    """Case folders and their partitions: ``partitioning``, else ``data_dir/partitioning.csv`` when it exists,
+    else one site holding every case; a CSV naming cases not on disk is refused."""
+    folders = find_case_folders(data_dir)
+    if partitioning is None and (data_dir / DEFAULT_PARTITIONING).is_file():
+        partitioning = data_dir / DEFAULT_PARTITIONING
+    partitions = read_partitions(partitioning) if partitioning else single_site(folders)
+    check_cases_exist(partitions, folders)
+    return folders, partitions
+
+
 def prepare_federation(
     data_dir: str | Path,
     cfg: DictConfig,
@@ -93,11 +104,7 @@ def prepare_federation(
         InputError: on any bad case or CSV (see :mod:`mstkd.data.cases`, :mod:`mstkd.data.partitions`).
     """
     data_dir = Path(data_dir)
-    folders = find_case_folders(data_dir)
-    if partitioning is None and (data_dir / DEFAULT_PARTITIONING).is_file():
-        partitioning = data_dir / DEFAULT_PARTITIONING
-    partitions = read_partitions(partitioning) if partitioning else single_site(folders)
-    check_cases_exist(partitions, folders)
+    folders, partitions = resolve_partitions(data_dir, partitioning)
     s = cfg.split
     split = make_split(
         partitions,
