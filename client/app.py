@@ -1,8 +1,9 @@
 """Flower ClientApp: one node = one institution, a thin adapter over ``mstkd.train`` and ``mstkd.evaluate``.
 
 ``train``: load the global student and discriminator, restore the site's teacher, optimisers
-and subset generator (``context.state`` within a run, the node's state folder across restarts),
-train locally, save the local state, and reply with the student + discriminator only.
+and subset generator from the node's state folder (on disk, so a federation of many simulated
+sites does not hold every teacher in memory, and a restarted node resumes), train locally,
+save the local state, and reply with the student + discriminator only.
 ``evaluate``: score the global student on the site's validation cases.
 """
 
@@ -68,11 +69,8 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng(seed)
     state = SiteState(_state_folder(context, data.name))
     info = {"rounds": 0, "epoch": 0.0}
-    in_memory = "teacher" in context.state.array_records
-    if in_memory:
-        nets.teacher.load_state_dict(context.state["teacher"].to_torch_state_dict())
-    if state.exists():  # the state folder holds the optimisers and generator, and the teacher after a restart
-        info = state.load(nets, optimizers, rng, teacher=not in_memory)
+    if state.exists():
+        info = state.load(nets, optimizers, rng)
     if not data.train:
         raise RuntimeError(f"{data.name}: no training cases")
     loader = make_loader(
@@ -109,7 +107,6 @@ def train(msg: Message, context: Context) -> Message:
     )
     info = {"rounds": info["rounds"] + 1, "epoch": metrics["epoch"]}
     state.save(nets, optimizers, rng, info)
-    context.state["teacher"] = ArrayRecord(nets.teacher.state_dict())
     reply = {
         "num-examples": len(data.train),
         **{f"train-{k}": float(metrics.get(k, 0.0)) for k in TRAIN_METRICS},

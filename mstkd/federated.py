@@ -106,16 +106,36 @@ def _file_lock(path: Path):
 
 
 def ensure_phantoms(
-    root: Path, *, cases: int, sites: int, shape: tuple[int, int, int], seed: int, layout: str = "fets"
+    root: Path,
+    *,
+    cases: int,
+    sites: int,
+    shape: tuple[int, int, int],
+    seed: int,
+    layout: str = "fets",
+    site_sizes: list[float] | None = None,
+    progress: bool = False,
 ) -> Path:
     """The phantom federation for these parameters under ``root``, generated once (safe across processes)."""
     from mstkd.phantoms import write_federation
 
-    key = hashlib.sha1(json.dumps([cases, sites, list(shape), seed, layout]).encode()).hexdigest()[:10]
+    params: list = [cases, sites, list(shape), seed, layout]
+    if site_sizes is not None:  # equal sites keep the key they always had
+        params.append([float(s) for s in site_sizes])
+    key = hashlib.sha1(json.dumps(params).encode()).hexdigest()[:10]
     folder = root / f"phantoms-{sites}sites-{cases}cases-{key}"
     with _file_lock(root / f".{folder.name}.lock"):
         if not (folder / "partitioning.csv").is_file():
-            write_federation(folder, cases=cases, sites=sites, shape=shape, seed=seed, layout=layout, progress=False)
+            write_federation(
+                folder,
+                cases=cases,
+                sites=sites,
+                shape=shape,
+                seed=seed,
+                layout=layout,
+                site_sizes=site_sizes,
+                progress=progress,
+            )
     return folder
 
 
@@ -254,11 +274,10 @@ class SiteState:
         with atomic_path(self.path) as tmp:
             torch.save(payload, tmp)
 
-    def load(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, *, teacher: bool = True) -> dict:
-        """Restore into ``optimizers``/``rng`` (and the teacher of ``nets`` when ``teacher``); return the counters."""
+    def load(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator) -> dict:
+        """Restore the teacher of ``nets``, ``optimizers`` and ``rng``; return the counters."""
         payload = torch.load(self.path, map_location="cpu", weights_only=False)
-        if teacher:
-            nets.teacher.load_state_dict(payload["teacher"])
+        nets.teacher.load_state_dict(payload["teacher"])
         optimizers.main.load_state_dict(payload["optimizer"])
         optimizers.discriminator.load_state_dict(payload["disc_optimizer"])
         rng.bit_generator.state = payload["rng"]

@@ -98,6 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     cases = test_cases(run, cfg, num_sites, int(run.get("eval-cases", 0)))
     subsets = parse_subsets(str(run.get("eval-subsets", "all")))
     eval_every = max(int(run.get("eval-every", 1)), 1)
+    eval_initial = bool(run.get("eval-initial", True))
     _say(f"global evaluation: {len(cases)} held-out cases x {len(subsets)} modality subsets every {eval_every} rounds")
 
     runlog = RunLog(out)
@@ -109,7 +110,8 @@ def main(grid: Grid, context: Context) -> None:
         save_checkpoint(out / "last.pt", student, cfg, convention=convention, extra={"round": server_round})
         rec = runlog.record(server_round)
         metrics = None
-        if cases and (server_round % eval_every == 0 or server_round in (0, rounds)):
+        due = server_round == rounds or (server_round % eval_every == 0 and (server_round or eval_initial))
+        if cases and due:
             start = time.perf_counter()
             result = evaluate_cases(student, cases, cfg, subsets=subsets, device=device, progress=False)
             result.write(out / "eval", stem=f"round_{server_round}")

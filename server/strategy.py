@@ -82,7 +82,8 @@ class FederatedMixin:
             rec["bytes_received"] += sum(r.count_bytes() for r in reply.content.array_records.values())
             metrics = next(iter(reply.content.metric_records.values()))
             site = self.runlog.site(server_round, _site(reply))
-            site.update({k: v for k, v in metrics.items()})
+            # train and evaluate replies both count their cases as num-examples: keep both
+            site.update({(f"{stage}-examples" if k == "num-examples" else k): v for k, v in metrics.items()})
             if "site" in reply.content.config_records:
                 info = reply.content["site"]
                 site.update({k: str(info[k]) for k in ("device", "modalities") if k in info})

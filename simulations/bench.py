@@ -1,0 +1,236 @@
+"""Federated benchmark: every arm of a scenario, over several seeds, into one paper-ready report.
+
+Usage::
+
+    python -m simulations.bench phantom-4 --seeds 3
+    python -m simulations.bench fets-partitioning-2 --data-path /data/MICCAI_FeTS2022_TrainingData \\
+        --arms mstkd,student --seeds 1 --gpus-per-node 0.25
+
+Each (arm, seed) trains in its own folder, ``<out>/<scenario>/<arm>/seed-<s>/``: federated
+arms through Flower's simulation engine (``flwr run``), the centralised arm in this process.
+An arm is finished once its ``done.json`` exists; a rerun skips finished arms and restarts
+unfinished ones from scratch (their node state included), so an interrupted benchmark
+resumes where it stopped. ``REPORT.md`` and its tables and plots are rewritten after every
+arm (see :mod:`simulations.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mstkd.atomic import write_text
+from mstkd.errors import InputError
+from simulations.launch import ROOT, flower_simulation
+from simulations.report import write_report
+from simulations.scenario import Arm, Scenario, load_scenario, parse_arms, scenario_data
+
+DONE = "done.json"
+REPORT_FILES = ("REPORT.md", "bench.json", "summary.csv", "summary.json", "sites.csv", "curves.csv", "curves.png")
+
+
+def machine() -> str:
+    """One line about where this ran: CPU cores, accelerator, Python and torch."""
+    import torch
+
+    gpu = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores{gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def _say(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def run_federated(
+    scenario: Scenario,
+    arm: Arm,
+    seed: int,
+    folder: Path,
+    *,
+    data: Path,
+    csv: Path | None,
+    work_dir: Path,
+    extra: str,
+    cpus: float,
+    gpus: float,
+) -> dict:
+    run_name = f"bench-{scenario.name}-{arm.name}-seed{seed}"
+    shutil.rmtree(work_dir / "nodes" / run_name, ignore_errors=True)  # an interrupted try starts over
+    run = {
+        **scenario.arm_run_config(arm, seed),
+        "out-dir": str(folder),
+        "work-dir": str(work_dir),
+        "run-name": run_name,
+        "data-path": str(data),
+        "partitioning": str(csv or ""),
+        "eval-initial": False,
+    }
+    run.setdefault("eval-every", int(run.get("num-server-rounds", 1)))
+    result = flower_simulation(
+        run,
+        extra=extra,
+        nodes=scenario.num_sites,
+        flwr_home=work_dir / "flwr-home",
+        log=folder / "flwr.log",
+        cpus_per_node=cpus,
+        gpus_per_node=gpus,
+        timeout=24 * 3600,
+    )
+    if not result.completed:
+        raise RuntimeError(f"flwr run ended as {result.status} ({result.details}); see {result.log}")
+    shutil.rmtree(work_dir / "nodes" / run_name, ignore_errors=True)  # teachers are not part of the result
+    rounds = int(run["num-server-rounds"])
+    return {"table": f"eval/round_{rounds}.json", "log": "metrics.jsonl", "flwr_run": result.run_id}
+
+
+def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: Path, csv: Path | None, extra: str) -> dict:
+    from mstkd.centralised import train_centralised
+    from mstkd.checkpoint import load_checkpoint
+    from mstkd.config import load_config
+    from mstkd.evaluate import evaluate_cases, parse_subsets
+    from server.app import test_cases
+
+    if extra:
+        raise InputError("--run-config applies to federated arms; put centralised settings in the scenario")
+    cfg = load_config(scenario.centralised_overrides(seed, scenario.num_sites))
+    train_centralised(data, cfg, folder, partitioning=csv, progress=True)
+    student, cfg, _ = load_checkpoint(folder / "last.pt")
+    run = {**scenario.run, "data-path": str(data), "partitioning": str(csv or "")}
+    cases = test_cases(run, cfg, scenario.num_sites, int(scenario.run.get("eval-cases", 0)))
+    subsets = parse_subsets(str(scenario.run.get("eval-subsets", "all")))
+    result = evaluate_cases(student, cases, cfg, subsets=subsets, desc="test")
+    result.write(folder / "eval", stem="final")
+    return {"table": "eval/final.json", "log": "log.jsonl"}
+
+
+def publish(bench: Path, target: Path) -> Path:
+    """Copy the report and what it is built from (tables, plots, summaries; no checkpoints) to ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        if (bench / name).is_file():
+            shutil.copy2(bench / name, target / name)
+    shutil.copytree(bench / "tables", target / "tables", dirs_exist_ok=True)
+    for done in sorted(bench.glob("*/seed-*/done.json")):  # each run's wall time and its round-by-round log
+        run = done.parent
+        dest = target / "runs" / run.parent.name / run.name
+        dest.mkdir(parents=True, exist_ok=True)
+        info = json.loads(done.read_text())
+        for name in ("done.json", info["log"], info["table"]):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run / name, dest / name)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "scenario", help="a name in simulations/scenarios (phantom-4, fets-partitioning-1, ...) or a path"
+    )
+    parser.add_argument("--arms", default="all", help="comma-separated arms (default: the scenario's)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="parent of the benchmark folder")
+    parser.add_argument("--work-dir", default=str(ROOT / ".cache" / "mstkd"), help="phantoms, caches, node state")
+    parser.add_argument("--data-path", default=None, help="real data folder (default: the scenario's phantoms)")
+    parser.add_argument("--partitioning", default=None, help="partition CSV for --data-path (default: the scenario's)")
+    parser.add_argument("--cpus-per-node", type=float, default=2, help="Ray CPUs per simulated node (default 2)")
+    parser.add_argument("--gpus-per-node", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
+    parser.add_argument(
+        "--run-config", default="", help="extra run config for federated arms, e.g. \"transport='float32'\""
+    )
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished arms only")
+    parser.add_argument("--publish", default=None, help="also copy the report files (no checkpoints) to this folder")
+    args = parser.parse_args(argv)
+
+    try:
+        scenario = load_scenario(args.scenario)
+        arms = parse_arms(args.arms, scenario)
+        if args.seeds < 1:
+            raise InputError("--seeds must be at least 1")
+        seeds = list(range(args.seeds))
+        bench = Path(args.out).resolve() / scenario.name
+        work_dir = Path(args.work_dir).resolve()
+        data_path = Path(args.data_path).expanduser() if args.data_path else None
+        partitioning = Path(args.partitioning).expanduser().resolve() if args.partitioning else None
+        if args.report_only:
+            write_report(bench, scenario, arms, seeds)
+            _say(f"report: {bench / 'REPORT.md'}")
+            return 0
+        data, csv, description = scenario_data(scenario, work_dir, data_path, partitioning)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    bench.mkdir(parents=True, exist_ok=True)
+    write_text(
+        bench / "bench.json",
+        json.dumps(
+            {
+                "scenario": scenario.name,
+                "scenario_file": str(scenario.source),
+                "data": description,
+                "data_path": str(data),
+                "partitioning": str(csv or ""),
+                "command": " ".join(["python -m simulations.bench", *(argv if argv is not None else sys.argv[1:])]),
+                "machine": machine(),
+            },
+            indent=1,
+        ),
+    )
+    _say(f"{scenario.name}: {description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
+    failed = []
+    for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds
+        for arm in arms:
+            folder = bench / arm.name / f"seed-{seed}"
+            if (folder / DONE).is_file():
+                _say(f"{arm.name} seed {seed}: finished earlier, skipped")
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            _say(f"{arm.name} seed {seed}: {arm.label} ...")
+            start = time.perf_counter()
+            try:
+                if arm.federated:
+                    files = run_federated(
+                        scenario,
+                        arm,
+                        seed,
+                        folder,
+                        data=data,
+                        csv=csv,
+                        work_dir=work_dir,
+                        extra=args.run_config,
+                        cpus=args.cpus_per_node,
+                        gpus=args.gpus_per_node,
+                    )
+                else:
+                    files = run_centralised(scenario, seed, folder, data=data, csv=csv, extra=args.run_config)
+            except (RuntimeError, InputError) as exc:
+                _say(f"{arm.name} seed {seed}: FAILED: {exc}")
+                failed.append(f"{arm.name}/seed-{seed}")
+                continue
+            seconds = time.perf_counter() - start
+            done = {"arm": arm.name, "seed": seed, "seconds": seconds, "machine": machine(), **files}
+            write_text(folder / DONE, json.dumps(done, indent=1))
+            _say(f"{arm.name} seed {seed}: done in {seconds:.0f} s")
+            write_report(bench, scenario, arms, seeds)
+    report = write_report(bench, scenario, arms, seeds)
+    if args.publish:
+        _say(f"report files copied to {publish(bench, Path(args.publish))}")
+    if failed:
+        _say(f"{len(failed)} runs failed ({', '.join(failed)}); rerun the same command to retry them")
+        return 1
+    _say(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Benchmark scenarios (``simulations/scenarios/*.yaml``) and the arms a benchmark compares.
+
+A scenario names its sites either by relative sizes (``sites.sizes: [8, 4, 2, 1]``) or by a
+FeTS partition CSV (``sites.partitioning: fets/partitioning_1.csv``, relative to
+``simulations/``). It maps onto data in one of two ways:
+
+- **real data** (``--data-path``): the cases of that folder, one node per partition of the
+  scenario's CSV (or of ``--partitioning``, or of ``<data>/partitioning.csv``);
+- **phantoms** (default): a phantom federation with as many sites and the same relative site
+  sizes, scaled down to ``phantom.cases`` (each site keeps at least one case), generated once.
+
+``run`` is the Flower run config shared by every federated arm; an arm adds its own keys
+(:data:`ARMS`). The centralised arm pools every site's training cases and trains for as many
+epochs (and steps) as a federated arm does in all its rounds.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mstkd.data.partitions import read_partitions
+from mstkd.errors import InputError
+from mstkd.federated import ensure_phantoms
+
+HERE = Path(__file__).resolve().parent
+SCENARIOS = HERE / "scenarios"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One thing a benchmark compares: how it trains and what it changes in the run config."""
+
+    name: str
+    label: str  # how tables name it
+    federated: bool = True
+    run: dict[str, Any] = field(default_factory=dict)  # run-config keys
+    overrides: str = ""  # project-config dot-list, appended to the scenario's
+
+
+ARMS: dict[str, Arm] = {
+    arm.name: arm
+    for arm in (
+        Arm("centralised", "Centralised MST-KDNet (pooled data)", federated=False),
+        Arm("mstkd", "Federated MST-KDNet (FedAvg)"),
+        Arm("student", "Federated student only (no teacher)", overrides="train.mode=student"),
+        Arm("no-mstkd", "w/o MS-TKD", overrides="loss.mstkd=false"),
+        Arm("no-dmld", "w/o DMLD (SLKD)", overrides="loss.dmld=false"),
+        Arm("no-gsm", "w/o GSM", overrides="loss.gsm=false"),
+        Arm("fedprox", "Federated MST-KDNet (FedProx)", run={"strategy": "fedprox", "proximal-mu": 0.01}),
+        Arm("fedadam", "Federated MST-KDNet (FedAdam)", run={"strategy": "fedadam", "server-lr": 0.01}),
+    )
+}
+ABLATIONS = ("no-mstkd", "no-gsm", "no-dmld", "mstkd")
+"""The rows of the Table-5-style ablation table, in the paper's order (full method last)."""
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    sizes: list[int]  # cases per site in the scenario's own terms (the CSV's, or the relative sizes)
+    partitioning: Path | None  # the scenario's CSV, when it names one
+    phantom: dict[str, Any]
+    run: dict[str, Any]
+    arms: list[str]
+    source: Path
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.sizes)
+
+    def arm_run_config(self, arm: Arm, seed: int) -> dict[str, Any]:
+        """The run config of ``arm`` under ``seed`` (without paths)."""
+        run = {**self.run, **arm.run, "seed": seed, "min-nodes": self.num_sites}
+        run["overrides"] = " ".join(filter(None, [str(self.run.get("overrides", "")), arm.overrides]))
+        return run
+
+    def centralised_overrides(self, seed: int, num_sites: int) -> list[str]:
+        """Project-config overrides that make centralised training match a federated arm's budget."""
+        rounds = int(self.run.get("num-server-rounds", 1))
+        local = float(self.run.get("local-epochs", 1.0))
+        steps = int(self.run.get("local-steps", 0))
+        out = [
+            f"model={self.run.get('model', 'lite')}",
+            f"train.epochs={max(int(round(rounds * local)), 1) if not steps else rounds}",
+            f"train.seed={seed}",
+            "train.eval_every=1",
+            "train.eval_subsets=full",
+        ]
+        if "lr" in self.run:
+            out.append(f"train.lr={float(self.run['lr'])}")
+        if steps:  # a federated round is local-steps on every site
+            out.append(f"train.steps_per_epoch={steps * num_sites}")
+        return [*out, *shlex.split(str(self.run.get("overrides", "")))]
+
+
+def scenario_path(name: str | Path) -> Path:
+    """A scenario file: a path, or the name of one in ``simulations/scenarios``."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path.resolve()
+    candidate = SCENARIOS / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.yaml")))
+    raise InputError(f"unknown scenario {name!r}; known: {known} (or a path to a .yaml file)")
+
+
+def load_scenario(name: str | Path) -> Scenario:
+    path = scenario_path(name)
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(raw, dict)
+    unknown = set(raw) - {"description", "sites", "phantom", "run", "arms"}
+    if unknown:
+        raise InputError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    sites = raw.get("sites") or {}
+    csv = None
+    if "partitioning" in sites:
+        csv = (HERE / str(sites["partitioning"])).resolve()
+        partitions = read_partitions(csv)
+        counts = Counter({site: len(cases) for site, cases in partitions.sites.items()})
+        sizes = [counts[s] for s in partitions.sites]
+    elif "sizes" in sites:
+        sizes = [int(s) for s in sites["sizes"]]
+    else:
+        raise InputError(f"{path}: sites needs 'sizes' or 'partitioning'")
+    if not sizes or min(sizes) <= 0:
+        raise InputError(f"{path}: every site needs a positive size")
+    arms = [str(a) for a in raw.get("arms") or ARMS]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise InputError(f"{path}: unknown arm {bad[0]!r}; known: {', '.join(ARMS)}")
+    return Scenario(
+        name=path.stem,
+        description=str(raw.get("description", "")),
+        sizes=sizes,
+        partitioning=csv,
+        phantom=dict(raw.get("phantom") or {}),
+        run=dict(raw.get("run") or {}),
+        arms=arms,
+        source=path,
+    )
+
+
+def parse_arms(spec: str | None, scenario: Scenario) -> list[Arm]:
+    """``"mstkd,student"`` -> those arms; ``None``/``"all"`` -> the scenario's."""
+    names = scenario.arms if spec in (None, "", "all") else [a.strip() for a in str(spec).split(",") if a.strip()]
+    bad = [a for a in names if a not in ARMS]
+    if bad:
+        raise InputError(f"unknown arm {bad[0]!r}; known: {', '.join(ARMS)}")
+    return [ARMS[a] for a in names]
+
+
+def scenario_data(
+    scenario: Scenario, work_dir: Path, data_path: Path | None = None, partitioning: Path | None = None
+) -> tuple[Path, Path | None, str]:
+    """``(data folder, partition CSV, description)`` of the scenario: real data, or its phantom federation."""
+    if data_path is not None:
+        if not data_path.is_dir():
+            raise InputError(f"{data_path}: data folder not found")
+        csv = partitioning or scenario.partitioning
+        if csv is None and (data_path / "partitioning.csv").is_file():
+            csv = data_path / "partitioning.csv"
+        return data_path.resolve(), csv, f"real data from {data_path}"
+    shape = tuple(int(v) for v in scenario.phantom.get("shape", [96, 96, 64]))
+    cases = int(scenario.phantom.get("cases", 4 * scenario.num_sites))
+    folder = ensure_phantoms(
+        work_dir / "phantoms",
+        cases=cases,
+        sites=scenario.num_sites,
+        shape=shape,  # type: ignore[arg-type]
+        seed=int(scenario.phantom.get("seed", 0)),
+        site_sizes=[float(s) for s in scenario.sizes],
+        progress=True,
+    )
+    text = (
+        f"phantom federation of {cases} cases ({'x'.join(map(str, shape))} voxels) over {scenario.num_sites} sites "
+        f"sized in proportion to {scenario.sizes if len(scenario.sizes) <= 8 else 'the partition CSV'}"
+    )
+    return folder, folder / "partitioning.csv", text
