@@ -5,18 +5,27 @@ and subset generator from the node's state folder (on disk, so a federation of m
 sites does not hold every teacher in memory, and a restarted node resumes), train locally,
 save the local state, and reply with the student + discriminator only.
 ``evaluate``: score the global student on the site's validation cases.
+
+Mods: ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks for secure aggregation
+(``secagg=true``; :mod:`client.secagg`), ``clip_updates`` clips the update for client-side
+differential privacy (``dp='client'``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key fixedclipping_mod reads
 
+from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from mstkd.data.dataset import make_loader
 from mstkd.data.labels import REGIONS
 from mstkd.evaluate import evaluate_cases, parse_subsets
@@ -29,50 +38,60 @@ TRAIN_METRICS = ("loss", *TERMS, "disc_loss", "proximal")
 """Every train reply carries all of these (0.0 when a term is off), so all sites send the same keys."""
 
 log = logging.getLogger("mstkd.client")
-app = ClientApp()
 
 
-def _state_folder(context: Context, site_name: str) -> Path:
-    """``<state-dir or work-dir or ~/.mstkd>/nodes/<run-name or run id>/<site>``: one folder per run and site."""
+def clip_updates(msg: Message, context: Context, call_next) -> Message:
+    """Client-side differential privacy: clip this site's update (Flower's ``fixedclipping_mod``) on train
+    messages that carry a clipping norm, i.e. when the server runs ``dp='client'``; pass everything else."""
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secagg_mod, clip_updates])
+
+
+def _state_folder(context: Context, site_name: str, key: str = "") -> Path:
+    """``<state-dir or work-dir or ~/.mstkd>/nodes/<key>/<site>``: one folder per run and site.
+
+    ``key`` comes from the server (``state-key``: the run name or the first run's id, kept when a run
+    is resumed under a new run id); without it, the run name or this run's id."""
     base = context.node_config.get("state-dir") or context.run_config.get("work-dir") or default_home()
-    run_name = str(context.run_config.get("run-name", "") or f"run-{context.run_id}")
-    return Path(str(base)).expanduser() / "nodes" / run_name / site_name
+    key = key or str(context.run_config.get("run-name", "") or f"run-{context.run_id}")
+    return Path(str(base)).expanduser() / "nodes" / key / site_name
 
 
-def _setup(msg: Message, context: Context):
-    """Run config, project config, site data, device, seed, and the student + discriminator holding the global
-    weights."""
+def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: Context):
+    """Run config, project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
     run = dict(context.run_config)
     cfg = config_from_run(run)
     data = site_data(run, context.node_config, cfg)
     device = pick_device()
     # distinct per site and per round: a node must not redraw the same crops every round
     seed = int(cfg.train.seed) + 1000 * int(context.node_config.get("partition-id", 0))
-    config = msg.content["config"] if "config" in msg.content.config_records else {}
     seed_everything(seed + int(config.get("server-round", 0)))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
-    load_federated_arrays(student, disc, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    load_federated_arrays(student, disc, arrays)
     return run, cfg, data, device, seed, student, disc
 
 
-def _reply_arrays(nets: Networks, transport: str) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in federated_arrays(nets.student, nets.discriminator, transport).items()})
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def local_round(
+    arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: Context, transport: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, str]]:
+    """One round of local training from the global ``arrays``: the updated student + discriminator arrays,
+    the scalar metrics and the site's name, device and modalities (everything a reply carries)."""
     start = time.perf_counter()
-    run, cfg, data, device, seed, student, disc = _setup(msg, context)
+    run, cfg, data, device, seed, student, disc = _setup(arrays, config, context)
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
-    config = msg.content["config"]
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
-    state = SiteState(_state_folder(context, data.name))
-    info = {"rounds": 0, "epoch": 0.0}
-    if state.exists():
-        info = state.load(nets, optimizers, rng)
+    server_round = int(config.get("server-round", 0))
+    state = SiteState(_state_folder(context, data.name, str(config.get("state-key", ""))))
+    info = state.load(nets, optimizers, rng, before_round=server_round) or {"rounds": 0, "epoch": 0.0}
     if not data.train:
-        raise RuntimeError(f"{data.name}: no training cases")
+        skipped = len(data.federation.skipped)
+        raise RuntimeError(f"{data.name}: no usable training case ({skipped} left out as broken; see the node log)")
     loader = make_loader(
         data.train,
         cfg.data,
@@ -89,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         steps,
         len(data.train),
         device,
-        config.get("server-round"),
+        server_round,
     )
     metrics = train_local(
         nets,
@@ -105,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         progress=False,
         desc=data.name,
     )
-    info = {"rounds": info["rounds"] + 1, "epoch": metrics["epoch"]}
+    info = {"rounds": info["rounds"] + 1, "epoch": metrics["epoch"], "round": server_round}
     state.save(nets, optimizers, rng, info)
     reply = {
         "num-examples": len(data.train),
@@ -113,12 +132,29 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": steps,
         "train-seconds": float(metrics["seconds"]),
         "client-seconds": time.perf_counter() - start,
+        "skipped-cases": len(data.federation.skipped),
     }
+    site = {"name": data.name, "device": str(device), "modalities": data.available.name}
+    updated = federated_arrays(nets.student, nets.discriminator, "float32")
+    # the L2 norm of this site's update: what a DP clipping norm is compared with
+    reply["update-norm"] = float(
+        np.sqrt(sum(np.sum((updated[k] - np.asarray(v, np.float32)) ** 2, dtype=np.float64) for k, v in arrays.items()))
+    )
+    wire = transport or str(run.get("transport", "float16"))
+    return federated_arrays(nets.student, nets.discriminator, wire), reply, site
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    if is_secagg_fit(msg):
+        return secagg_train(msg, context, local_round)
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    updated, metrics, site = local_round(arrays, dict(msg.content["config"]), context)
     content = RecordDict(
         {
-            "arrays": _reply_arrays(nets, str(run.get("transport", "float16"))),
-            "metrics": MetricRecord(reply),
-            "site": ConfigRecord({"name": data.name, "device": str(device), "modalities": data.available.name}),
+            "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord(site),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -126,7 +162,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    run, cfg, data, device, _, student, _ = _setup(msg, context)
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    run, cfg, data, device, _, student, _ = _setup(
+        {k: v.numpy() for k, v in msg.content["arrays"].items()}, config, context
+    )
     # "full" means everything this site has; subsets it cannot form are skipped
     wanted = parse_subsets(str(run.get("site-eval-subsets", "full")))
     subsets = [s for s in wanted if s.issubset(data.available)] or [data.available]

@@ -196,13 +196,21 @@ def parse_dropped(spec: str) -> dict[str, Subset]:
 
 
 def _modalities_on_disk(folder: Path) -> Subset:
-    """The modalities every case under ``folder`` has."""
-    common = set(MODALITIES)
-    for case in find_case_folders(folder).values():
-        common &= set(detect_case(case).available)
-    if not common:
-        raise InputError(f"{folder}: no modality is present in every case")
-    return Subset.of(common)
+    """The modalities the site has: those on disk in at least half of its cases. A case that lacks one of
+    them is a broken case (left out with a warning); a modality most cases lack is one the site lacks."""
+    counts = dict.fromkeys(MODALITIES, 0)
+    cases = find_case_folders(folder).values()
+    for case in cases:
+        try:
+            available = detect_case(case).available
+        except InputError:
+            continue  # unreadable layout: the case is reported when it is loaded
+        for m in available:
+            counts[m] += 1
+    kept = [m for m in MODALITIES if counts[m] and 2 * counts[m] >= len(cases)]
+    if not kept:
+        raise InputError(f"{folder}: no modality is present in at least half of the cases")
+    return Subset.of(kept)
 
 
 def _with_modalities(cfg: DictConfig, available: Subset) -> DictConfig:
@@ -230,7 +238,9 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
         available = Subset.parse(declared) if declared else _modalities_on_disk(folder)
         site_cfg = _with_modalities(cfg, available)
         no_test = OmegaConf.merge(site_cfg.data, {"split": {"test_fraction": 0.0}})
-        fed = prepare_federation(folder, no_test, cache_dir=node.get("cache-dir") or None, test=False, progress=False)
+        fed = prepare_federation(
+            folder, no_test, cache_dir=node.get("cache-dir") or None, test=False, progress=False, skip_bad=True
+        )
         if len(fed.sites) != 1:
             raise InputError(
                 f"{folder}: a node's data folder holds one site, but its partition CSV names {len(fed.sites)}"
@@ -249,20 +259,30 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
     site = sites[index]
     available = parse_dropped(str(run.get("drop-modalities", "") or "")).get(site, FULL)
     site_cfg = _with_modalities(cfg, available)
-    fed = prepare_federation(folder, site_cfg.data, partitioning=csv, sites=[site], test=False, progress=False)
+    fed = prepare_federation(
+        folder, site_cfg.data, partitioning=csv, sites=[site], test=False, progress=False, skip_bad=True
+    )
     return SiteData(fed, site, f"site-{site}", available)
 
 
 class SiteState:
-    """A site's local state on disk: teacher, optimisers, subset generator and counters, in one file."""
+    """A site's local state on disk: teacher, optimisers, subset generator and counters.
+
+    ``local.pt`` holds the state after the newest round the site trained, ``local.prev.pt`` the one
+    before. A node asked to train round ``r`` starts from the newest state of a round before ``r``,
+    so a server that crashed in the middle of round ``r`` and resumes from round ``r - 1`` finds the
+    state that round ``r`` started from.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / "local.pt"
+        self.previous = Path(folder) / "local.prev.pt"
 
     def exists(self) -> bool:
-        return self.path.is_file()
+        return self.path.is_file() or self.previous.is_file()
 
     def save(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, info: dict) -> None:
+        """Write the state after round ``info["round"]``; the state it replaces becomes the previous one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "teacher": nets.teacher.state_dict(),
@@ -271,14 +291,25 @@ class SiteState:
             "rng": rng.bit_generator.state,
             "info": info,
         }
+        if self.path.is_file():
+            os.replace(self.path, self.previous)
         with atomic_path(self.path) as tmp:
             torch.save(payload, tmp)
 
-    def load(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator) -> dict:
-        """Restore the teacher of ``nets``, ``optimizers`` and ``rng``; return the counters."""
-        payload = torch.load(self.path, map_location="cpu", weights_only=False)
-        nets.teacher.load_state_dict(payload["teacher"])
-        optimizers.main.load_state_dict(payload["optimizer"])
-        optimizers.discriminator.load_state_dict(payload["disc_optimizer"])
-        rng.bit_generator.state = payload["rng"]
-        return dict(payload["info"])
+    def load(
+        self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, *, before_round: int | None = None
+    ) -> dict | None:
+        """Restore the newest state saved before round ``before_round`` (any, when None) into the teacher of
+        ``nets``, ``optimizers`` and ``rng``; return its counters, or None when there is none."""
+        for path in (self.path, self.previous):
+            if not path.is_file():
+                continue
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+            if before_round is not None and int(payload["info"].get("round", 0)) >= before_round:
+                continue
+            nets.teacher.load_state_dict(payload["teacher"])
+            optimizers.main.load_state_dict(payload["optimizer"])
+            optimizers.discriminator.load_state_dict(payload["disc_optimizer"])
+            rng.bit_generator.state = payload["rng"]
+            return dict(payload["info"])
+        return None

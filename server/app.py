@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 
 from mstkd.atomic import write_text
 from mstkd.checkpoint import save_checkpoint
@@ -36,7 +41,16 @@ from mstkd.federated import (
 )
 from mstkd.model import MSTKDNet, build_discriminator, count_parameters
 from mstkd.train import pick_device, seed_everything
+from server.loop import (
+    ServerCheckpoint,
+    arrays_to_numpy,
+    numpy_to_arrays,
+    restore_strategy,
+    run_rounds,
+    strategy_state,
+)
 from server.runlog import RunLog
+from server.secagg import run_secagg
 from server.strategy import make_strategy
 
 log = logging.getLogger("mstkd.server")
@@ -72,7 +86,9 @@ def main(grid: Grid, context: Context) -> None:
     run = dict(context.run_config)
     cfg = config_from_run(run)
     seed_everything(int(cfg.train.seed))
-    out = run_folder(run, context.run_id)
+    resume = str(run.get("resume-from", "") or "")
+    checkpoint = ServerCheckpoint.load(Path(resume).expanduser()) if resume else None
+    out = Path(resume).expanduser().resolve() if resume else run_folder(run, context.run_id)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     write_text(out / "run_config.json", json.dumps(run, indent=1, default=str))
@@ -83,7 +99,11 @@ def main(grid: Grid, context: Context) -> None:
     student = MSTKDNet(cfg.model)
     disc = build_discriminator(cfg.model)
     transport = str(run.get("transport", "float16"))
-    initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, "float32").items()})
+    if checkpoint is not None:
+        initial = numpy_to_arrays(checkpoint.arrays)
+        load_federated_arrays(student, disc, checkpoint.arrays)
+    else:
+        initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, "float32").items()})
     if transport not in TRANSPORT_DTYPES:
         raise InputError(f"transport must be one of {', '.join(TRANSPORT_DTYPES)}, got {transport!r}")
     floats = sum(v.numel() for m in (student, disc) for v in m.state_dict().values() if v.is_floating_point())
@@ -102,7 +122,14 @@ def main(grid: Grid, context: Context) -> None:
     _say(f"global evaluation: {len(cases)} held-out cases x {len(subsets)} modality subsets every {eval_every} rounds")
 
     runlog = RunLog(out)
-    best = {"mean_dice": -1.0, "round": None}
+    best: dict = {"mean_dice": -1.0, "round": None}
+    state_key = str(run.get("run-name", "") or f"run-{context.run_id}")
+    first_round = 1
+    if checkpoint is not None:
+        runlog.records = {int(r): rec for r, rec in checkpoint.records.items()}
+        best, state_key, first_round = dict(checkpoint.best), checkpoint.state_key, checkpoint.round + 1
+        random.setstate(checkpoint.random_state)
+        _say(f"resuming {out} after round {checkpoint.round} (best mean Dice {best['mean_dice']:.3f})")
     convention = cases[0].meta["convention"] if cases else "fets"
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -134,34 +161,64 @@ def main(grid: Grid, context: Context) -> None:
         runlog.finish(server_round)
         return metrics
 
-    strategy_kwargs = {
-        "fraction_train": float(run.get("fraction-train", 1.0)),
-        "fraction_evaluate": float(run.get("fraction-evaluate", 1.0)),
-        "min_train_nodes": min(min_nodes, int(run.get("min-train-nodes", min_nodes))),
-        "min_evaluate_nodes": min(min_nodes, int(run.get("min-evaluate-nodes", min_nodes))),
-        "min_available_nodes": min_nodes,
-    }
-    name = str(run.get("strategy", "fedavg")).lower()
-    if name == "fedprox":
-        strategy_kwargs["proximal_mu"] = float(run.get("proximal-mu", 0.01))
-    elif name == "fedavgm":
-        strategy_kwargs.update(
-            server_learning_rate=float(run.get("server-lr", 1.0)),
-            server_momentum=float(run.get("server-momentum", 0.9)),
+    if bool(run.get("secagg", False)):
+        if checkpoint is not None or privacy_settings(run, min_nodes):
+            raise InputError("secagg=true cannot be combined with resume-from or dp")
+        _say(f"secure aggregation (SecAgg+) over {min_nodes} nodes per round")
+        start = time.perf_counter()
+        run_secagg(
+            grid,
+            context,
+            initial=arrays_to_numpy(initial),
+            rounds=rounds,
+            min_nodes=min_nodes,
+            timeout=float(run.get("round-timeout", 3600)),
+            local_epochs=float(run.get("local-epochs", 1)),
+            train_config={"lr": float(cfg.train.lr), "state-key": state_key},
+            runlog=runlog,
+            evaluate_fn=evaluate_fn,
         )
-    elif name in ("fedadam", "fedyogi"):
-        strategy_kwargs.update(eta=float(run.get("server-lr", 1e-2)))
-    strategy = make_strategy(
-        name, runlog=runlog, transport=transport, local_epochs=float(run.get("local-epochs", 1)), **strategy_kwargs
-    )
+        report = write_report(out, runlog, cfg, run, time.perf_counter() - start, best)
+        _say(f"finished {rounds} rounds with SecAgg+; best mean Dice {best['mean_dice']:.3f}; report {report}")
+        return
+
+    strategy = build_strategy(run, runlog, min_nodes)
+    privacy = privacy_settings(run, min_nodes)
+    if privacy:
+        _say(f"differential privacy: {privacy}")
+    if checkpoint is not None:
+        restore_strategy(strategy, checkpoint.strategy)
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        if privacy:
+            runlog.record(server_round)["privacy"] = privacy
+            runlog.write()
+        ServerCheckpoint(
+            round=server_round,
+            arrays=arrays_to_numpy(arrays),
+            strategy=strategy_state(strategy),
+            records=runlog.records,
+            best=best,
+            state_key=state_key,
+            random_state=random.getstate(),
+        ).save(out)
+
     start = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
+    run_rounds(
+        strategy,
+        grid,
+        arrays=initial,
+        first_round=first_round,
         num_rounds=rounds,
-        evaluate_fn=evaluate_fn,
-        train_config=ConfigRecord({"lr": float(cfg.train.lr)}),
+        runlog=runlog,
+        train_config={"lr": float(cfg.train.lr), "state-key": state_key},
         timeout=float(run.get("round-timeout", 3600)),
+        min_nodes=min_nodes,
+        min_replies=max(int(run.get("min-replies", 1)), 1),
+        node_wait=float(run.get("node-wait", 600)),
+        evaluate_fn=evaluate_fn,
+        after_round=after_round,
+        say=_say,
     )
     total = time.perf_counter() - start
     report = write_report(out, runlog, cfg, run, total, best)
@@ -171,6 +228,79 @@ def main(grid: Grid, context: Context) -> None:
     )
 
 
+def build_strategy(run: dict, runlog: RunLog, min_nodes: int):
+    """The run config's strategy (with the project's mixin), wrapped for differential privacy when asked."""
+    kwargs: dict = {
+        "fraction_train": float(run.get("fraction-train", 1.0)),
+        "fraction_evaluate": float(run.get("fraction-evaluate", 1.0)),
+        # the round loop waits for min-nodes itself (with a limit); Flower's own wait has none
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
+    }
+    name = str(run.get("strategy", "fedavg")).lower()
+    if name == "fedprox":
+        kwargs["proximal_mu"] = float(run.get("proximal-mu", 0.01))
+    elif name == "fedavgm":
+        kwargs.update(
+            server_learning_rate=float(run.get("server-lr", 1.0)),
+            server_momentum=float(run.get("server-momentum", 0.9)),
+        )
+    elif name in ("fedadam", "fedyogi"):
+        kwargs.update(eta=float(run.get("server-lr", 1e-2)))
+    strategy = make_strategy(
+        name,
+        runlog=runlog,
+        transport=str(run.get("transport", "float16")),
+        local_epochs=float(run.get("local-epochs", 1)),
+        **kwargs,
+    )
+    privacy = privacy_settings(run, min_nodes)
+    if not privacy:
+        return strategy
+    wrapper = DP_WRAPPERS[privacy["mode"]]
+    return wrapper(
+        strategy,
+        noise_multiplier=privacy["noise_multiplier"],
+        clipping_norm=privacy["clipping_norm"],
+        num_sampled_clients=privacy["sampled_nodes"],
+    )
+
+
+DP_WRAPPERS = {
+    "server": DifferentialPrivacyServerSideFixedClipping,
+    "client": DifferentialPrivacyClientSideFixedClipping,
+}
+
+
+def privacy_settings(run: dict, min_nodes: int) -> dict:
+    """``dp`` = off | server | client, with ``dp-clip`` and ``dp-noise``: what the run log records."""
+    mode = str(run.get("dp", "off")).lower()
+    if mode == "off":
+        return {}
+    if mode not in DP_WRAPPERS:
+        raise InputError(f"dp must be off, server or client, got {mode!r}")
+    clip, noise = float(run.get("dp-clip", 1.0)), float(run.get("dp-noise", 0.1))
+    if clip <= 0 or noise < 0:
+        raise InputError(f"dp-clip must be positive and dp-noise non-negative, got {clip} and {noise}")
+    return {
+        "mode": mode,
+        "clipping": "fixed",
+        "clipping_norm": clip,
+        "noise_multiplier": noise,
+        "sampled_nodes": min_nodes,
+        "noise_stdev": noise * clip / min_nodes,
+    }
+
+
+def _faults(record: dict) -> str:
+    """What went wrong in a round, for the report: failed or silent nodes, and a skipped round."""
+    parts = [f"node {f['node']} ({f['stage']}): {f['reason'][:80]}" for f in record.get("failures", [])]
+    if record.get("skipped"):
+        parts.append(f"**round skipped**: {record['skipped']}")
+    return "; ".join(parts).replace("|", "/")
+
+
 def write_report(out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best: dict) -> Path:
     """``REPORT.md``: the Dice curve, the last round's 15-subset table, communication and timing."""
     rows = runlog.rows()
@@ -178,8 +308,8 @@ def write_report(out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best
     lines = [f"# Federated MST-KDNet run ({cfg.model.preset}, {run.get('strategy', 'fedavg')})", ""]
     lines += [
         "| round | global mean Dice | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT | "
-        "sent MB | received MB | wall s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "sent MB | received MB | wall s | failed nodes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         g = runlog.records[row["round"]].get("global")
@@ -188,7 +318,8 @@ def write_report(out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best
         mean = f"{g['mean_dice']:.3f}" if g else ""
         lines.append(
             f"| {row['round']} | {mean} | {dice} | {hd} | {row['bytes_sent'] / 1e6:.1f} | "
-            f"{row['bytes_received'] / 1e6:.1f} | {row.get('wall_seconds', 0):.1f} |"
+            f"{row['bytes_received'] / 1e6:.1f} | {row.get('wall_seconds', 0):.1f} | "
+            f"{_faults(runlog.records[row['round']])} |"
         )
     lines += [
         "",

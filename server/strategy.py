@@ -6,8 +6,8 @@ FedAvgM, FedAdam, FedYogi) extended by :class:`FederatedMixin`, which
 - sends the global arrays in the transport dtype (float16 by default) and aggregates the
   replies in float32, so the server's model never accumulates in half precision;
 - tells each node the global epoch at which its local training starts (for the lr schedule);
-- records, per round, bytes each way, per-site training and validation metrics, and failed
-  nodes with their reasons, into a :class:`~server.runlog.RunLog`.
+- records, per round, bytes each way and per-site training and validation metrics into a
+  :class:`~server.runlog.RunLog` (failed and silent nodes are recorded by :mod:`server.loop`).
 """
 
 from __future__ import annotations
@@ -67,17 +67,7 @@ class FederatedMixin:
         replies = list(replies)
         rec = self.runlog.record(server_round)
         for reply in replies:
-            if reply.has_error():
-                rec["failures"].append(
-                    {"stage": stage, "node": reply.metadata.src_node_id, "reason": reply.error.reason}
-                )
-                log.warning(
-                    "round %d: %s failed on node %s: %s",
-                    server_round,
-                    stage,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
+            if reply.has_error():  # recorded by the round loop (server.loop.split_replies)
                 continue
             rec["bytes_received"] += sum(r.count_bytes() for r in reply.content.array_records.values())
             metrics = next(iter(reply.content.metric_records.values()))

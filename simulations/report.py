@@ -267,6 +267,7 @@ def _headlines(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -
     pairs += [("mstkd", "student", "MST-KDNet vs student-only baseline")]
     pairs += [("mstkd", a, f"full method vs {ARMS[a].label}") for a in ("no-mstkd", "no-dmld", "no-gsm")]
     pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg") for a in ("fedprox", "fedadam")]
+    pairs += [(a, "mstkd", f"{ARMS[a].label} vs none") for a in ("dp-clip", "dp")]
     lines = [
         "| Comparison | seeds | Δ mean Dice (points) | sd of Δ | every seed same sign | larger than the spread |",
         "|---|---:|---:|---:|:---:|:---:|",

@@ -54,6 +54,12 @@ ARMS: dict[str, Arm] = {
         Arm("no-gsm", "w/o GSM", overrides="loss.gsm=false"),
         Arm("fedprox", "Federated MST-KDNet (FedProx)", run={"strategy": "fedprox", "proximal-mu": 0.01}),
         Arm("fedadam", "Federated MST-KDNet (FedAdam)", run={"strategy": "fedadam", "server-lr": 0.01}),
+        Arm(
+            "dp-clip",
+            "Federated MST-KDNet, updates clipped (DP without noise)",
+            run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.0},
+        ),
+        Arm("dp", "Federated MST-KDNet, server-side DP", run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.001}),
     )
 }
 ABLATIONS = ("no-mstkd", "no-gsm", "no-dmld", "mstkd")

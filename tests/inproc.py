@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,6 +34,7 @@ class InProcGrid(Grid):
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.wire: list[dict] = []
+        self.offline: set[int] = set()  # nodes get_node_ids does not list (disconnected)
         self._run = None
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -47,7 +49,7 @@ class InProcGrid(Grid):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return [n for n in self.contexts if n not in self.offline]
 
     def push_messages(self, messages):
         raise NotImplementedError
@@ -56,14 +58,26 @@ class InProcGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Call the nodes one after another (deterministic); each call gets up to ``timeout`` seconds, and a node
+        that has not answered by then sends nothing, as on a real grid."""
         out = []
         for message in messages:
             self.sent.append(message)
             self._snapshot("to-node", message)
-            try:
-                reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
-            except Exception as exc:  # a failing node becomes an error reply, as in a real deployment
-                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            result: dict[str, Message] = {}
+
+            def call(message=message, result=result) -> None:
+                try:
+                    result["reply"] = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+                except Exception as exc:  # a failing node becomes an error reply, as in a real deployment
+                    result["reply"] = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+
+            worker = threading.Thread(target=call, daemon=True)
+            worker.start()
+            worker.join(timeout)
+            if "reply" not in result:
+                continue
+            reply = result["reply"]
             self.replies.append(reply)
             self._snapshot("to-server", reply)
             out.append(reply)

@@ -10,7 +10,8 @@ and :func:`make_loader` turns them into a MONAI ``DataLoader``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from monai.data import DataLoader, Dataset
@@ -31,6 +32,8 @@ from mstkd.data.partitions import (
 from mstkd.data.transforms import eval_transforms, load_cached, train_transforms
 from mstkd.errors import InputError
 
+log = logging.getLogger("mstkd.data")
+
 DEFAULT_PARTITIONING = "partitioning.csv"
 DEFAULT_CACHE = ".mstkd-cache"
 
@@ -45,6 +48,7 @@ class Federation:
     split: Split
     entries: dict[str, CachedCase]
     split_csv: Path
+    skipped: dict[str, str] = field(default_factory=dict)  # case -> why it was left out (skip_bad)
 
     @property
     def sites(self) -> list[str]:
@@ -86,6 +90,7 @@ def prepare_federation(
     sites: Sequence[str] | None = None,
     test: bool = True,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> Federation:
     """Validate, normalise, cache and split a dataset (the ``preprocess`` stage).
 
@@ -99,9 +104,13 @@ def prepare_federation(
             node passes its own, so it never reads another site's files.
         test: cache the held-out test cases too.
         progress: show a progress bar while caching.
+        skip_bad: leave out a case that cannot be read or fails validation (truncated or missing
+            files, shape or affine mismatch, NaN voxels, labels outside the convention), with one
+            warning line each, instead of raising. The files are never touched.
 
     Raises:
-        InputError: on any bad case or CSV (see :mod:`mstkd.data.cases`, :mod:`mstkd.data.partitions`).
+        InputError: on any bad CSV, and on a bad case unless ``skip_bad`` (see :mod:`mstkd.data.cases`,
+            :mod:`mstkd.data.partitions`).
     """
     data_dir = Path(data_dir)
     folders, partitions = resolve_partitions(data_dir, partitioning)
@@ -124,11 +133,24 @@ def prepare_federation(
         raise InputError(f"{partitioning or data_dir}: no site {unknown[0]!r} (sites: {', '.join(split.sites)})")
     wanted = [c for s in (split.sites if sites is None else sites) for c in split.train[s] + split.val[s]]
     wanted += split.test if test else []
-    entries = {}
+    entries, skipped = {}, {}
     for case_id in tqdm(wanted, desc="preprocess", unit="case", disable=not progress, leave=False):
-        entries[case_id] = cache.get(detect_case(folders[case_id]))
+        try:
+            entries[case_id] = cache.get(detect_case(folders[case_id]))
+        except InputError as exc:
+            if not skip_bad:
+                raise
+            skipped[case_id] = str(exc)
+            log.warning("skipping case %s: %s", case_id, exc)
+    if skipped:
+        split = Split(
+            {site: [c for c in cases if c not in skipped] for site, cases in split.train.items()},
+            {site: [c for c in cases if c not in skipped] for site, cases in split.val.items()},
+            [c for c in split.test if c not in skipped],
+            {c: site for c, site in split.test_origin.items() if c not in skipped},
+        )
     split_csv = write_split_csv(split, cache.root / "split.csv")
-    return Federation(data_dir, cache.root, partitions, split, entries, split_csv)
+    return Federation(data_dir, cache.root, partitions, split, entries, split_csv, skipped)
 
 
 def make_loader(

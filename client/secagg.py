@@ -1,0 +1,66 @@
+"""Secure aggregation (SecAgg+) on the node: the node's only contact with Flower's legacy API.
+
+Flower 1.42 runs SecAgg+ only through its legacy workflow, whose train messages carry
+``fitins.*`` records and expect ``fitres.*`` replies, and whose client protocol
+(``secaggplus_mod``) masks the reply's parameters before they leave the node. This module:
+
+- :func:`secagg_mod` hands the protocol's messages (those with a ``secaggplus_configs`` record)
+  to ``secaggplus_mod`` and passes every other message through;
+- :func:`secagg_train` turns a legacy fit message into the same local round as any other
+  (:func:`client.app.local_round`) and its result back into a legacy fit reply.
+
+The federated arrays travel as a list in the order of their names (``student.*``, ``disc.*``),
+which is the order the server packs them in (:mod:`server.secagg`), always as float32 because
+the protocol quantises them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from mstkd.federated import config_from_run, federated_arrays
+from mstkd.model import MSTKDNet, build_discriminator
+
+FIT_PARAMETERS = "fitins.parameters"
+
+
+def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+    """Run the SecAgg+ client protocol on its own messages; leave every other message alone."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def is_secagg_fit(msg: Message) -> bool:
+    return FIT_PARAMETERS in msg.content.array_records
+
+
+def array_names(run: dict) -> list[str]:
+    """Names of the federated arrays, in the order both sides pack them."""
+    cfg = config_from_run(run)
+    return list(federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model)))
+
+
+def secagg_train(msg: Message, context: Context, local_round: Callable) -> Message:
+    """A legacy fit message in, the same local round as always, a legacy fit reply out."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    names = array_names(dict(context.run_config))
+    values = parameters_to_ndarrays(fitins.parameters)
+    if len(values) != len(names):
+        raise ValueError(f"secure aggregation: {len(values)} arrays received, the model federates {len(names)}")
+    arrays = dict(zip(names, values, strict=True))
+    updated, metrics, site = local_round(arrays, dict(fitins.config), context, transport="float32")
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters([np.asarray(updated[n], dtype=np.float32) for n in names]),
+        num_examples=int(metrics.pop("num-examples")),
+        metrics={**metrics, "site": site["name"]},
+    )
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

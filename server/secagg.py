@@ -1,0 +1,93 @@
+"""Secure aggregation (SecAgg+) on the server: the server's only contact with Flower's legacy API.
+
+With ``secagg=true`` the rounds run through Flower's legacy ``DefaultWorkflow`` with a
+``SecAggPlusWorkflow`` fit stage: each node masks its update, and the server learns only the
+weighted sum over the nodes that took part (the masks cancel in the sum), which plain FedAvg then
+divides by the total weight. A node's individual weights never reach the server.
+
+What differs from the normal loop (:mod:`server.loop`): every round needs all ``min-nodes``
+nodes (at least 3; the protocol splits each node's key into shares that the others hold),
+there is no per-node validation, no checkpoint and no resume, differential privacy cannot be
+combined with it, and weights travel as float32 (the protocol quantises them itself, to
+2**22 levels over [-8, 8] by default). Global evaluation, the run log and the report are as
+usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.common import ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+from mstkd.errors import InputError
+from server.runlog import RunLog
+
+RECONSTRUCTION = 2 / 3
+"""Share of key shares needed to recover a dropped node's mask."""
+
+
+def run_secagg(
+    grid: Grid,
+    context: Context,
+    *,
+    initial: dict[str, np.ndarray],
+    rounds: int,
+    min_nodes: int,
+    timeout: float,
+    local_epochs: float,
+    train_config: dict,
+    runlog: RunLog,
+    evaluate_fn: Callable[[int, ArrayRecord], object],
+) -> dict[str, np.ndarray]:
+    """Run ``rounds`` rounds of FedAvg with SecAgg+; return the final global arrays (by name)."""
+    if min_nodes < 3:
+        raise InputError(f"secure aggregation needs min-nodes >= 3 (key shares among the others), got {min_nodes}")
+    names = list(initial)
+    current = {"round": 0, "arrays": dict(initial)}
+
+    def fit_config(server_round: int) -> dict:
+        current["round"] = server_round
+        runlog.record(server_round)["secure_aggregation"] = "SecAgg+"
+        return {**train_config, "server-round": server_round, "epoch": (server_round - 1) * local_epochs}
+
+    def fit_metrics(results: list[tuple[int, dict]]) -> dict:
+        for num_examples, metrics in results:
+            site = runlog.site(current["round"], str(metrics.get("site", "?")))
+            site.update({k: v for k, v in metrics.items() if k != "site"})
+            site["train-examples"] = num_examples
+        return {}
+
+    def evaluate(server_round: int, ndarrays: list[np.ndarray], config: dict) -> None:
+        arrays = {n: np.asarray(a, dtype=np.float32) for n, a in zip(names, ndarrays, strict=True)}
+        current["arrays"] = arrays
+        evaluate_fn(server_round, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+        return None
+
+    strategy = LegacyFedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=min_nodes,
+        min_evaluate_clients=0,
+        min_available_clients=min_nodes,
+        initial_parameters=ndarrays_to_parameters([np.asarray(initial[n], dtype=np.float32) for n in names]),
+        on_fit_config_fn=fit_config,
+        evaluate_fn=evaluate,
+        fit_metrics_aggregation_fn=fit_metrics,
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=rounds, round_timeout=timeout), strategy=strategy
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=1.0,  # every sampled node holds a share of every other node's key
+            reconstruction_threshold=RECONSTRUCTION,
+            timeout=timeout,
+        )
+    )
+    workflow(grid, legacy)
+    return current["arrays"]

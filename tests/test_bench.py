@@ -1,0 +1,128 @@
+"""The federated benchmark: scenarios, arms, the FeTS convergence score, and a whole (tiny) benchmark."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from mstkd.config import load_config
+from mstkd.errors import InputError
+from mstkd.modalities import SUBSETS
+from simulations import bench
+from simulations.report import convergence_score, simulated_round_times
+from simulations.scenario import ARMS, SCENARIOS, load_scenario, parse_arms
+
+
+def test_every_scenario_loads_and_every_arm_is_a_valid_config():
+    names = sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
+    assert {"phantom-4", "phantom-8", "fets-partitioning-1", "fets-partitioning-2", "tiny-2"} <= set(names)
+    for name in names:
+        scenario = load_scenario(name)
+        for arm in parse_arms("all", scenario):
+            run = scenario.arm_run_config(arm, seed=1)
+            assert run["min-nodes"] == scenario.num_sites and run["seed"] == 1
+            load_config([f"model={run.get('model', 'lite')}", *run["overrides"].split()])  # refuses unknown keys
+        load_config(scenario.centralised_overrides(seed=0, num_sites=scenario.num_sites))
+
+
+def test_fets_scenarios_keep_the_institution_sizes():
+    p1, p2 = load_scenario("fets-partitioning-1"), load_scenario("fets-partitioning-2")
+    assert p1.num_sites == 23 and sum(p1.sizes) == 1251 and max(p1.sizes) == 511 and min(p1.sizes) == 4
+    assert p2.num_sites == 33 and sum(p2.sizes) == 1251 and p2.sizes[:3] == [170, 170, 171]
+
+
+def test_arms_and_scenarios_are_refused_with_one_line():
+    with pytest.raises(InputError, match="unknown arm 'nope'"):
+        parse_arms("mstkd,nope", load_scenario("tiny-2"))
+    with pytest.raises(InputError, match="unknown scenario"):
+        load_scenario("no-such-scenario")
+    assert bench.main(["tiny-2", "--arms", "nope"]) == 2
+
+
+def test_the_arms_change_what_the_paper_ablates():
+    assert "train.mode=student" in ARMS["student"].overrides
+    assert [ARMS[a].overrides for a in ("no-mstkd", "no-dmld", "no-gsm")] == [
+        "loss.mstkd=false",
+        "loss.dmld=false",
+        "loss.gsm=false",
+    ]
+    assert not ARMS["centralised"].federated
+
+
+def test_convergence_score_by_hand():
+    # two rounds of 1 h: best 0.5 then 0.7; T_max = 10 h
+    hour = 3600.0
+    auc = 0.5 * hour + 0.7 * hour
+    expected = ((10 * hour - 2 * hour) * 0.7 + auc) / (10 * hour)
+    assert convergence_score([0.5, 0.7], [hour, hour], t_max=10 * hour) == pytest.approx(expected)
+    # a worse later round does not lower best-so-far
+    assert convergence_score([0.7, 0.2], [hour, hour], t_max=10 * hour) == pytest.approx(
+        ((8 * hour) * 0.7 + 1.4 * hour) / (10 * hour)
+    )
+    # rounds past the budget are not counted
+    assert convergence_score([0.5, 0.9], [6 * hour, 6 * hour], t_max=10 * hour) == pytest.approx(
+        (4 * hour * 0.5 + 0.5 * 6 * hour) / (10 * hour)
+    )
+
+
+def test_simulated_round_times_follow_the_slowest_site():
+    small = simulated_round_times([2], [1], rounds=3, epochs=1.0)
+    both = simulated_round_times([2, 200], [1, 20], rounds=3, epochs=1.0)
+    assert small.shape == (3,) and np.all(both > small)
+    # download + upload alone average about 305 s; 200 cases x 6.7 s add about 1,340 s more
+    assert 250 < small.mean() < 600 and both.mean() > 1500
+    assert np.array_equal(both, simulated_round_times([2, 200], [1, 20], rounds=3, epochs=1.0))  # seeded
+
+
+def _rows(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
+    args = ["tiny-2", "--seeds", "1", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    assert bench.main([*args, "--publish", str(tmp_path / "published")]) == 0
+    folder = tmp_path / "out" / "tiny-2"
+    arms = load_scenario("tiny-2").arms
+    assert len(arms) == 6
+
+    for name in ("REPORT.md", "summary.csv", "summary.json", "sites.csv", "curves.csv", "curves.png", "bench.json"):
+        assert (folder / name).is_file(), name
+        assert (tmp_path / "published" / name).is_file(), name
+    expected = [s.display_name for s in SUBSETS] + ["Average"]
+    for arm in arms:
+        rows = _rows(folder / "tables" / f"{arm}.csv")
+        assert [r["subset"] for r in rows] == expected  # 15 subsets in the paper's order + the average
+        assert all(0.0 <= float(r["WT_dice_mean"]) <= 1.0 for r in rows)
+        assert (folder / "tables" / f"{arm}.md").read_text().count("\n") == 17
+        assert (folder / arm / "seed-0" / "done.json").is_file()
+    ablation = _rows(folder / "tables" / "ablation.csv")
+    assert [r["arm"] for r in ablation] == ["no-mstkd", "no-gsm", "no-dmld", "mstkd"]
+
+    summary = {r["arm"]: r for r in _rows(folder / "summary.csv")}
+    assert set(summary) == set(arms)
+    assert float(summary["centralised"]["bytes_total"]) == 0.0
+    assert float(summary["mstkd"]["bytes_total"]) > 0 and float(summary["mstkd"]["convergence_score"]) >= 0
+    sites = _rows(folder / "sites.csv")
+    assert {r["site"] for r in sites if r["arm"] == "mstkd"} == {"site-1", "site-2"}
+
+    report = (folder / "REPORT.md").read_text()
+    for section in ("Headline differences", "Ablation", "Validation Dice over rounds", "Paper layout", "Per-site"):
+        assert section in report
+    assert "not comparable" in report and "Machine:" in report
+
+    # resume: finished arms are skipped; an interrupted one starts over from an empty folder
+    done = {a: (folder / a / "seed-0" / "done.json").stat().st_mtime_ns for a in arms}
+    (folder / "centralised" / "seed-0" / "done.json").unlink()
+    (folder / "centralised" / "seed-0" / "leftover.tmp").write_text("half-written")
+    capsys.readouterr()
+    assert bench.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished earlier, skipped") == 5
+    assert not (folder / "centralised" / "seed-0" / "leftover.tmp").exists()
+    assert json.loads((folder / "centralised" / "seed-0" / "done.json").read_text())["arm"] == "centralised"
+    assert all((folder / a / "seed-0" / "done.json").stat().st_mtime_ns == done[a] for a in arms if a != "centralised")
