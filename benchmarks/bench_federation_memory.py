@@ -14,6 +14,7 @@ simulation engine, Ray node actors, ServerApp). It prints the peaks, the node st
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 import time
@@ -85,10 +86,14 @@ def main() -> int:
     result = {}
 
     def go() -> None:
-        result["run"] = flower_simulation(
-            run, nodes=scenario.num_sites, flwr_home=work / "flwr-home", log=out / "flwr.log", timeout=3 * 3600
-        )
-        done.set()
+        try:
+            result["run"] = flower_simulation(
+                run, nodes=scenario.num_sites, flwr_home=work / "flwr-home", log=out / "flwr.log", timeout=3 * 3600
+            )
+        finally:
+            done.set()
+
+    shutil.rmtree(work / "nodes" / run_name, ignore_errors=True)  # count this run's node state only
 
     worker = threading.Thread(target=go)
     start = time.perf_counter()
@@ -109,6 +114,8 @@ def main() -> int:
             peaks[kind] = max(peaks.get(kind, 0), rss)
     worker.join()
     seconds = time.perf_counter() - start
+    if "run" not in result:
+        return 1
     flower = result["run"]
     state = _folder_bytes(work / "nodes" / run_name)
     sites = len(list((work / "nodes" / run_name).glob("*"))) if state else 0

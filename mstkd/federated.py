@@ -291,10 +291,14 @@ class SiteState:
             "rng": rng.bit_generator.state,
             "info": info,
         }
-        if self.path.is_file():
-            os.replace(self.path, self.previous)
-        with atomic_path(self.path) as tmp:
-            torch.save(payload, tmp)
+        with _file_lock(self.path.with_name(".local.lock")):
+            if self.path.is_file():
+                newest = torch.load(self.path, map_location="cpu", weights_only=False)["info"].get("round", 0)
+                if int(newest) >= int(info.get("round", 0)) > 0:
+                    return  # a late reply to an older round: the newer state stays
+                os.replace(self.path, self.previous)
+            with atomic_path(self.path) as tmp:
+                torch.save(payload, tmp)
 
     def load(
         self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, *, before_round: int | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -72,11 +73,11 @@ def test_cases(run: dict, cfg, num_sites: int, limit: int):
     """The held-out cases for global evaluation: ``test-data-path`` (every case), or the run's dataset's test split."""
     test_path = str(run.get("test-data-path", "") or "")
     if test_path:
-        fed = prepare_federation(Path(test_path).expanduser(), cfg.data, progress=False)
+        fed = prepare_federation(Path(test_path).expanduser(), cfg.data, progress=False, skip_bad=True)
         cases = [e for s in fed.sites for e in fed.site_cases(s, "train") + fed.site_cases(s, "val")] + fed.test_cases()
     else:
         folder, csv = data_source(run, num_sites)
-        fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[], test=True, progress=False)
+        fed = prepare_federation(folder, cfg.data, partitioning=csv, sites=[], test=True, progress=False, skip_bad=True)
         cases = fed.test_cases()
     return cases[:limit] if limit > 0 else cases
 
@@ -90,8 +91,9 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = ServerCheckpoint.load(Path(resume).expanduser()) if resume else None
     out = Path(resume).expanduser().resolve() if resume else run_folder(run, context.run_id)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    write_text(out / "run_config.json", json.dumps(run, indent=1, default=str))
+    stem = "resumed_" if checkpoint is not None else ""  # a resumed run keeps the original files
+    save_config(cfg, out / f"{stem}config.yaml")
+    write_text(out / f"{stem}run_config.json", json.dumps(run, indent=1, default=str))
     device = pick_device()
     rounds = int(run.get("num-server-rounds", 1))
     min_nodes = int(run.get("min-nodes", 2))
@@ -174,6 +176,7 @@ def main(grid: Grid, context: Context) -> None:
             min_nodes=min_nodes,
             timeout=float(run.get("round-timeout", 3600)),
             local_epochs=float(run.get("local-epochs", 1)),
+            max_weight=float(run.get("secagg-max-weight", 100.0)),
             train_config={"lr": float(cfg.train.lr), "state-key": state_key},
             runlog=runlog,
             evaluate_fn=evaluate_fn,
@@ -214,7 +217,8 @@ def main(grid: Grid, context: Context) -> None:
         train_config={"lr": float(cfg.train.lr), "state-key": state_key},
         timeout=float(run.get("round-timeout", 3600)),
         min_nodes=min_nodes,
-        min_replies=max(int(run.get("min-replies", 1)), 1),
+        # with DP every sampled node must reply: the noise is calibrated to that many
+        min_replies=min_nodes if privacy else max(int(run.get("min-replies", 1)), 1),
         node_wait=float(run.get("node-wait", 600)),
         evaluate_fn=evaluate_fn,
         after_round=after_round,
@@ -258,6 +262,7 @@ def build_strategy(run: dict, runlog: RunLog, min_nodes: int):
     privacy = privacy_settings(run, min_nodes)
     if not privacy:
         return strategy
+    strategy.uniform_weights = True  # the noise is calibrated to one site's share being 1 / sites
     wrapper = DP_WRAPPERS[privacy["mode"]]
     return wrapper(
         strategy,
@@ -267,10 +272,33 @@ def build_strategy(run: dict, runlog: RunLog, min_nodes: int):
     )
 
 
-DP_WRAPPERS = {
-    "server": DifferentialPrivacyServerSideFixedClipping,
-    "client": DifferentialPrivacyClientSideFixedClipping,
-}
+class _UnpredictableNoise:
+    """Gaussian noise from a generator seeded by the operating system's entropy.
+
+    Flower's wrappers draw the noise from NumPy's global generator, which the server seeds with the
+    run's (published) seed: anyone could recompute and subtract it, and a resumed run would repeat it.
+    """
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        stdev = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+        rng = np.random.default_rng(secrets.randbits(128))
+        return ArrayRecord(
+            {
+                k: Array((v.numpy() + rng.normal(0.0, stdev, v.numpy().shape)).astype(v.numpy().dtype))
+                for k, v in aggregated_arrays.items()
+            }
+        )
+
+
+class ServerSideDP(_UnpredictableNoise, DifferentialPrivacyServerSideFixedClipping):
+    """The server clips each site's update, then adds noise to their average."""
+
+
+class ClientSideDP(_UnpredictableNoise, DifferentialPrivacyClientSideFixedClipping):
+    """The sites clip their own updates (``fixedclipping_mod``); the server adds noise to the average."""
+
+
+DP_WRAPPERS = {"server": ServerSideDP, "client": ClientSideDP}
 
 
 def privacy_settings(run: dict, min_nodes: int) -> dict:

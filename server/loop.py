@@ -105,6 +105,7 @@ def split_replies(
     """Record failed and silent nodes in the run log; return the good replies."""
     rec = runlog.record(server_round)
     good = [r for r in replies if not r.has_error()]
+    rec["bytes_received"] += sum(a.count_bytes() for r in good for a in r.content.array_records.values())
     for reply in replies:
         if reply.has_error():
             reason = reply.error.reason
@@ -151,16 +152,23 @@ def run_rounds(
             if len(good) < min_replies:
                 rec["skipped"] = f"{len(good)} of {len(sent)} nodes replied (min-replies {min_replies})"
             else:
-                new, _ = strategy.aggregate_train(server_round, good)
+                try:
+                    new, _ = strategy.aggregate_train(server_round, good)
+                except Exception as exc:  # e.g. replies whose metric keys disagree (mixed client versions)
+                    new = None
+                    rec["skipped"] = f"aggregation failed: {type(exc).__name__}: {exc}"
                 if new is None:
-                    rec["skipped"] = "the strategy aggregated nothing"
+                    rec.setdefault("skipped", "the strategy aggregated nothing")
                 else:
                     arrays = new
                     sent = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
                     replies = list(grid.send_and_receive(sent, timeout=timeout))
                     good = split_replies(runlog, server_round, "evaluate", sent, replies, timeout)
-                    if good:
-                        strategy.aggregate_evaluate(server_round, good)
+                    try:
+                        if good:
+                            strategy.aggregate_evaluate(server_round, good)
+                    except Exception as exc:
+                        rec["failures"].append({"stage": "evaluate", "node": None, "reason": f"aggregation: {exc}"})
         if "skipped" in rec:
             say(f"round {server_round}: skipped ({rec['skipped']}); the global model is unchanged")
         if evaluate_fn is not None:

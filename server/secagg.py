@@ -8,9 +8,12 @@ divides by the total weight. A node's individual weights never reach the server.
 What differs from the normal loop (:mod:`server.loop`): every round needs all ``min-nodes``
 nodes (at least 3; the protocol splits each node's key into shares that the others hold),
 there is no per-node validation, no checkpoint and no resume, differential privacy cannot be
-combined with it, and weights travel as float32 (the protocol quantises them itself, to
-2**22 levels over [-8, 8] by default). Global evaluation, the run log and the report are as
-usual.
+combined with it, ``strategy``, ``fraction-train``, ``min-replies`` and ``node-wait`` do not apply,
+and no bytes are logged. Weights travel as float32: the protocol scales each node's weights by
+``num-examples / secagg-max-weight`` and quantises them to 2**22 levels over [-8, 8], so the
+error of the average is about ``nodes x 3.8e-6 x secagg-max-weight / total examples``; set
+``secagg-max-weight`` to about the largest site's number of training cases. The scalar metrics
+(losses, ``update-norm``, case counts) are not masked.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def run_secagg(
     min_nodes: int,
     timeout: float,
     local_epochs: float,
+    max_weight: float,
     train_config: dict,
     runlog: RunLog,
     evaluate_fn: Callable[[int, ArrayRecord], object],
@@ -86,6 +90,7 @@ def run_secagg(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=1.0,  # every sampled node holds a share of every other node's key
             reconstruction_threshold=RECONSTRUCTION,
+            max_weight=max_weight,
             timeout=timeout,
         )
     )

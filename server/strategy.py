@@ -48,6 +48,7 @@ class FederatedMixin:
         self.transport = TRANSPORT_DTYPES[transport]
         self.local_epochs = local_epochs
         self.runlog = runlog
+        self.uniform_weights = False  # True: every site counts the same (differential privacy)
 
     def _outgoing(self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -65,11 +66,9 @@ class FederatedMixin:
 
     def _incoming(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
         replies = list(replies)
-        rec = self.runlog.record(server_round)
         for reply in replies:
             if reply.has_error():  # recorded by the round loop (server.loop.split_replies)
                 continue
-            rec["bytes_received"] += sum(r.count_bytes() for r in reply.content.array_records.values())
             metrics = next(iter(reply.content.metric_records.values()))
             site = self.runlog.site(server_round, _site(reply))
             # train and evaluate replies both count their cases as num-examples: keep both
@@ -84,6 +83,8 @@ class FederatedMixin:
         for reply in replies:
             if not reply.has_error():
                 reply.content["arrays"] = cast_arrays(reply.content["arrays"], np.float32)
+                if self.uniform_weights:
+                    reply.content["metrics"]["num-examples"] = 1
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
             self.runlog.record(server_round)["train"] = {k: v for k, v in metrics.items()}

@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         arms = parse_arms(args.arms, scenario)
         if args.seeds < 1:
             raise InputError("--seeds must be at least 1")
+        fixed = [k for k in ("num-server-rounds", "seed", "out-dir", "run-name") if f"{k}=" in args.run_config]
+        if fixed:
+            raise InputError(f"--run-config cannot set {fixed[0]}: the scenario and --seeds decide it")
         seeds = list(range(args.seeds))
         bench = Path(args.out).resolve() / scenario.name
         work_dir = Path(args.work_dir).resolve()

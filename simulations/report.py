@@ -65,17 +65,20 @@ def simulated_round_times(
 
 
 def convergence_score(dice: Sequence[float], round_times: Sequence[float], t_max: float = T_MAX) -> float:
-    """FeTS convergence score: ``[(T_max - t_r) best_r + AUC_r] / T_max`` after the last round, where
-    ``best_r`` is the best validation Dice so far and ``AUC_r = sum best_i * roundtime_i``; rounds past
-    ``T_max`` are not counted."""
+    """FeTS convergence score after the last round: ``[(T_max - t_r) best_r + AUC_r] / T_max``.
+
+    ``dice[r]`` is the validation Dice of the model that round ``r + 1`` starts from (as in FeTS, where
+    a round first validates the incoming model), ``best_r`` the best of them so far, ``AUC_r`` the sum of
+    ``best_i x roundtime_i``. As in the FeTS experiment loop, the round that crosses ``T_max`` still
+    counts and ends the experiment (``t_r`` is then capped at ``T_max``)."""
     best = auc = elapsed = 0.0
     for value, seconds in zip(dice, round_times, strict=True):
-        if elapsed + seconds > t_max:
-            break
         best = max(best, float(value))
         auc += best * float(seconds)
         elapsed += float(seconds)
-    return ((t_max - elapsed) * best + auc) / t_max
+        if elapsed > t_max:
+            break
+    return ((t_max - min(elapsed, t_max)) * best + auc) / t_max
 
 
 # --------------------------------------------------------------------------- reading the runs
@@ -132,7 +135,8 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
             len(records),
             local_epochs,
         )
-        dice = [v if v is not None else 0.0 for _, v in out["curve"]]
+        # round r starts from the model validated after round r - 1; the untrained model counts as Dice 0
+        dice = [0.0] + [v if v is not None else 0.0 for _, v in out["curve"]][:-1]
         out["convergence"] = convergence_score(dice, times)
         out["simulated_hours"] = float(times.sum() / 3600)
     else:
@@ -405,7 +409,8 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             "modality subsets (final round; centralised: last epoch). Bytes: both directions, all nodes "
             "(`metrics.jsonl`: `bytes_sent` + `bytes_received`). The FeTS convergence score is "
             "[(T_max − t) · best + AUC] / T_max over a simulated week (T_max = 604,800 s), with best = the best "
-            "aggregated site-validation Dice so far (`metrics.jsonl`: `val.val-mean-dice`) and simulated round "
+            "aggregated site-validation Dice so far of the model each round starts from (`metrics.jsonl`: "
+            "`val.val-mean-dice` of the round before; the untrained model counts as 0) and simulated round "
             "times drawn from the FeTS example timing distributions (train 6.71 ± 0.87 s and validation "
             "23.1 ± 2.6 s per case, download 112.4 ± 14.5 s, upload 192.3 ± 21.5 s; seed 0xFEEDFACE, per round; "
             "the slowest site sets the round time). The challenge assigns each site one of 21 timing "

@@ -21,7 +21,7 @@ def test_every_scenario_loads_and_every_arm_is_a_valid_config():
     assert {"phantom-4", "phantom-8", "fets-partitioning-1", "fets-partitioning-2", "tiny-2"} <= set(names)
     for name in names:
         scenario = load_scenario(name)
-        for arm in parse_arms("all", scenario):
+        for arm in ARMS.values():
             run = scenario.arm_run_config(arm, seed=1)
             assert run["min-nodes"] == scenario.num_sites and run["seed"] == 1
             load_config([f"model={run.get('model', 'lite')}", *run["overrides"].split()])  # refuses unknown keys
@@ -62,9 +62,9 @@ def test_convergence_score_by_hand():
     assert convergence_score([0.7, 0.2], [hour, hour], t_max=10 * hour) == pytest.approx(
         ((8 * hour) * 0.7 + 1.4 * hour) / (10 * hour)
     )
-    # rounds past the budget are not counted
-    assert convergence_score([0.5, 0.9], [6 * hour, 6 * hour], t_max=10 * hour) == pytest.approx(
-        (4 * hour * 0.5 + 0.5 * 6 * hour) / (10 * hour)
+    # the round that crosses the budget still counts, and ends the experiment
+    assert convergence_score([0.5, 0.9, 1.0], [6 * hour, 6 * hour, 6 * hour], t_max=10 * hour) == pytest.approx(
+        (0.5 * 6 * hour + 0.9 * 6 * hour) / (10 * hour)
     )
 
 

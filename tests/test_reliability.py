@@ -117,9 +117,10 @@ class KillAtRound(InProcGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
         if any(m.metadata.message_type == "train" and _round(m) == self.kill_round for m in messages):
-            raise ServerKilled
-        return super().send_and_receive(messages, timeout=timeout)
+            raise ServerKilled  # the nodes trained round 3, the server died before it aggregated
+        return replies
 
 
 @pytest.mark.slow
@@ -391,7 +392,9 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(client_module, "local_round", recording_round)
-    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True})
+    run_config = tiny_run_config(
+        tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
+    )
     grid = run_inproc(server_app, client_module.app, run_config, nodes())
     assert sorted(updates) == [1, 2, 3]
 
@@ -402,17 +405,29 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
     net, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")
     student = {f"student.{k}": v.numpy() for k, v in net.state_dict().items()}
     worst = max(float(np.abs(student[k] - fedavg[k]).max()) for k in student)
-    assert worst < 1e-4  # SecAgg+ quantises to 2**22 levels over [-8, 8]: steps of 3.8e-6
+    # SecAgg+ scales each update by n / max-weight and quantises it to 2**22 levels over [-8, 8]
+    bound = 3 * (16 / 2**22) * 10.0 / total
+    assert worst < 2 * bound + 1e-6, (worst, bound)
     assert any(float(np.abs(u[k] - fedavg[k]).max()) > 1e-3 for u, _ in updates.values() for k in student)
 
-    # no reply carries a node's own update: what leaves the node is masked
+    # what leaves a node is masked: no float arrays at all, and masked vectors uncorrelated with the update
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+    from flwr.compat.common.parameter import bytes_to_ndarray
+
+    names = sorted(fedavg)  # the order both sides pack the federated arrays in
+    checked = 0
     for reply in grid.replies:
-        for record in reply.content.array_records.values():
-            for array in record.values():
-                values = array.numpy()
-                for update, _ in updates.values():
-                    for k, v in update.items():
-                        if v.shape == values.shape:
-                            assert not np.allclose(values.astype(np.float64), v, atol=1e-6), k
+        assert not any(len(record) for record in reply.content.array_records.values())
+        for record in reply.content.config_records.values():
+            if Key.MASKED_PARAMETERS not in record:
+                continue
+            masked = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]][1:]  # [0]: the weight factor
+            update, _ = updates[reply.metadata.src_node_id]
+            for name, vector in zip(names, masked, strict=True):
+                if vector.size >= 1000:
+                    corr = np.corrcoef(vector.ravel().astype(np.float64), update[name].ravel())[0, 1]
+                    assert abs(corr) < 0.1, name  # an unmasked quantised vector correlates at about 1
+                    checked += 1
+    assert checked > 0
     record = _records(tmp_path / "run")[1]
     assert record["secure_aggregation"] == "SecAgg+" and set(record["sites"]) == {"site-1", "site-2", "site-3"}

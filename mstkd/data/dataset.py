@@ -9,8 +9,8 @@ and :func:`make_loader` turns them into a MONAI ``DataLoader``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from mstkd.data.transforms import eval_transforms, load_cached, train_transforms
 from mstkd.errors import InputError
 
 log = logging.getLogger("mstkd.data")
+_WARNED: set[tuple[str, str]] = set()
 
 DEFAULT_PARTITIONING = "partitioning.csv"
 DEFAULT_CACHE = ".mstkd-cache"
@@ -141,7 +142,9 @@ def prepare_federation(
             if not skip_bad:
                 raise
             skipped[case_id] = str(exc)
-            log.warning("skipping case %s: %s", case_id, exc)
+            if (str(folders[case_id]), str(exc)) not in _WARNED:  # once per process, not once per round
+                _WARNED.add((str(folders[case_id]), str(exc)))
+                log.warning("skipping case %s: %s", case_id, exc)
     if skipped:
         split = Split(
             {site: [c for c in cases if c not in skipped] for site, cases in split.train.items()},
