@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         partitioning = Path(args.partitioning).expanduser().resolve() if args.partitioning else None
         if args.report_only:
             write_report(bench, scenario, arms, seeds)
+            if args.publish:
+                _say(f"report files copied to {publish(bench, Path(args.publish))}")
             _say(f"report: {bench / 'REPORT.md'}")
             return 0
         data, csv, description = scenario_data(scenario, work_dir, data_path, partitioning)

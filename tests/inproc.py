@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
@@ -35,7 +37,7 @@ class InProcGrid(Grid):
         self.replies: list[Message] = []
         self.wire: list[dict] = []
         self.offline: set[int] = set()  # nodes get_node_ids does not list (disconnected)
-        self._run = None
+        self._run = SimpleNamespace(run_id=1)  # what Flower's legacy workflow reads (grid.run.run_id)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
     def set_run(self, run) -> None:
@@ -66,7 +68,10 @@ class InProcGrid(Grid):
             self._snapshot("to-node", message)
             result: dict[str, Message] = {}
 
-            def call(message=message, result=result) -> None:
+            # a node gets its own copy, as after (de)serialisation: messages may share content objects
+            delivered = copy.deepcopy(message)
+
+            def call(message=delivered, result=result) -> None:
                 try:
                     result["reply"] = self.client_app(message, self.contexts[message.metadata.dst_node_id])
                 except Exception as exc:  # a failing node becomes an error reply, as in a real deployment

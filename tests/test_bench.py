@@ -98,7 +98,7 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
         rows = _rows(folder / "tables" / f"{arm}.csv")
         assert [r["subset"] for r in rows] == expected  # 15 subsets in the paper's order + the average
         assert all(0.0 <= float(r["WT_dice_mean"]) <= 1.0 for r in rows)
-        assert (folder / "tables" / f"{arm}.md").read_text().count("\n") == 17
+        assert (folder / "tables" / f"{arm}.md").read_text().count("\n") == 18  # header, rule, 15 + average
         assert (folder / arm / "seed-0" / "done.json").is_file()
     ablation = _rows(folder / "tables" / "ablation.csv")
     assert [r["arm"] for r in ablation] == ["no-mstkd", "no-gsm", "no-dmld", "mstkd"]
