@@ -112,14 +112,19 @@ def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: Path, 
     return {"table": "eval/final.json", "log": "log.jsonl"}
 
 
-def publish(bench: Path, target: Path) -> Path:
-    """Copy the report and what it is built from (tables, plots, summaries; no checkpoints) to ``target``."""
+def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Path:
+    """Copy the report and what it is built from (tables, plots, summaries, the runs of ``arms`` x ``seeds``;
+    no checkpoints) to ``target``."""
     target.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:
         if (bench / name).is_file():
             shutil.copy2(bench / name, target / name)
-    shutil.copytree(bench / "tables", target / "tables", dirs_exist_ok=True)
-    for done in sorted(bench.glob("*/seed-*/done.json")):  # each run's wall time and its round-by-round log
+    (target / "tables").mkdir(exist_ok=True)
+    for table in sorted((bench / "tables").iterdir()):
+        if table.stem in {a.name for a in arms} | {"ablation"}:
+            shutil.copy2(table, target / "tables" / table.name)
+    done_files = [bench / a.name / f"seed-{s}" / DONE for a in arms for s in seeds]
+    for done in (d for d in done_files if d.is_file()):  # each run's wall time and its round-by-round log
         run = done.parent
         dest = target / "runs" / run.parent.name / run.name
         dest.mkdir(parents=True, exist_ok=True)
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "scenario", help="a name in simulations/scenarios (phantom-4, fets-partitioning-1, ...) or a path"
     )
     parser.add_argument("--arms", default="all", help="comma-separated arms (default: the scenario's)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1 (default 0)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="parent of the benchmark folder")
     parser.add_argument("--work-dir", default=str(ROOT / ".cache" / "mstkd"), help="phantoms, caches, node state")
     parser.add_argument("--data-path", default=None, help="real data folder (default: the scenario's phantoms)")
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = [k for k in ("num-server-rounds", "seed", "out-dir", "run-name") if f"{k}=" in args.run_config]
         if fixed:
             raise InputError(f"--run-config cannot set {fixed[0]}: the scenario and --seeds decide it")
-        seeds = list(range(args.seeds))
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         bench = Path(args.out).resolve() / scenario.name
         work_dir = Path(args.work_dir).resolve()
         data_path = Path(args.data_path).expanduser() if args.data_path else None
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             write_report(bench, scenario, arms, seeds)
             if args.publish:
-                _say(f"report files copied to {publish(bench, Path(args.publish))}")
+                _say(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
             _say(f"report: {bench / 'REPORT.md'}")
             return 0
         data, csv, description = scenario_data(scenario, work_dir, data_path, partitioning)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             write_report(bench, scenario, arms, seeds)
     report = write_report(bench, scenario, arms, seeds)
     if args.publish:
-        _say(f"report files copied to {publish(bench, Path(args.publish))}")
+        _say(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
     if failed:
         _say(f"{len(failed)} runs failed ({', '.join(failed)}); rerun the same command to retry them")
         return 1

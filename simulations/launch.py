@@ -58,8 +58,28 @@ def superlink_pids(flwr_home: Path) -> list[int]:
     return pids
 
 
+def descendants(pids: list[int]) -> list[int]:
+    """Every process below ``pids`` (Linux ``/proc``): a SuperLink's SuperExec, simulation engine and Ray workers."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(proc.name))
+    out, todo = [], list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def stop(pids: list[int], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL whatever is still alive after ``timeout`` seconds."""
+    """SIGTERM ``pids`` and everything below them, then SIGKILL whatever is still alive after ``timeout`` s."""
+    pids = [*pids, *descendants(pids)]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

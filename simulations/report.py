@@ -203,6 +203,8 @@ def _paper_table(results: dict[str, list[dict]], metric: str, scale: float, digi
 def _ablation_table(results: dict[str, list[dict]], out: Path) -> str | None:
     present = [a for a in ABLATIONS if a in results]
     if len(present) < 2:
+        for stale in (out / "ablation.csv", out / "ablation.md"):  # from an earlier report with more arms
+            stale.unlink(missing_ok=True)
         return None
     order = ["WT", "TC", "ET"]
     lines = ["| Method | Dice WT | Dice TC | Dice ET | HD95 WT | HD95 TC | HD95 ET |", "|---|" + "---:|" * 6]
