@@ -8,7 +8,7 @@ Usage::
 While the run goes, the script samples every 0.5 s the machine's used memory (above what was
 used before the start) and the resident memory of each process of the run (SuperLink,
 simulation engine, Ray node actors, ServerApp). It prints the peaks, the node state on disk
-(teachers and optimiser states of all sites) and the wall time.
+(teachers and optimiser states of all sites) and the wall time. Linux only (reads ``/proc``).
 """
 
 from __future__ import annotations
@@ -20,30 +20,44 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simulations.launch import flower_simulation  # noqa: E402
 from simulations.scenario import ARMS, load_scenario, scenario_data  # noqa: E402
 
-KINDS = {"ClientAppActor": "node actor", "flwr-simulation": "simulation engine", "flower-superlink": "SuperLink"}
+KINDS = {
+    "ClientAppActor": "node actor (Ray)",
+    "flwr-simulation": "simulation engine (ServerApp)",
+    "flower-superlink": "SuperLink",
+    "raylet": "Ray runtime",
+}
 
 
-def _kind(proc: psutil.Process) -> str | None:
-    try:
-        text = " ".join(proc.cmdline()) or proc.name()
-    except (psutil.Error, OSError):
-        return None
-    for needle, kind in KINDS.items():
-        if needle in text:
-            return kind
-    if "flwr-serverapp" in text or "serverapp" in text.lower():
-        return "ServerApp"
-    if "ray" in text and "raylet" in text:
-        return "Ray runtime"
-    return None
+def _used_bytes() -> int:
+    """Memory in use on the machine: MemTotal - MemAvailable (``/proc/meminfo``)."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+
+
+def _processes() -> dict[str, int]:
+    """Largest resident memory per kind of process of a run, in bytes."""
+    out: dict[str, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        kind = next((k for needle, k in KINDS.items() if needle in text), None)
+        if kind is None and "flwr-serverapp" in text:
+            kind = "ServerApp"
+        rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        if kind is not None:
+            out[kind] = max(out.get(kind, 0), rss)
+    return out
 
 
 def _folder_bytes(path: Path) -> int:
@@ -79,7 +93,7 @@ def main() -> int:
     }
     print(f"{scenario.name}: {scenario.num_sites} sites, {description}; preset {args.preset}", file=sys.stderr)
 
-    baseline = psutil.virtual_memory().used
+    baseline = _used_bytes()
     peaks: dict[str, int] = {}
     peak_total = 0
     done = threading.Event()
@@ -99,18 +113,8 @@ def main() -> int:
     start = time.perf_counter()
     worker.start()
     while not done.wait(0.5):
-        peak_total = max(peak_total, psutil.virtual_memory().used - baseline)
-        by_kind: dict[str, int] = {}
-        for proc in psutil.process_iter():
-            kind = _kind(proc)
-            if kind is None:
-                continue
-            try:
-                rss = proc.memory_info().rss
-            except (psutil.Error, OSError):
-                continue
-            by_kind[kind] = max(by_kind.get(kind, 0), rss)
-        for kind, rss in by_kind.items():
+        peak_total = max(peak_total, _used_bytes() - baseline)
+        for kind, rss in _processes().items():
             peaks[kind] = max(peaks.get(kind, 0), rss)
     worker.join()
     seconds = time.perf_counter() - start
