@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mstkd.atomic import write_text
 from mstkd.errors import InputError
-from simulations.launch import ROOT, flower_simulation
+from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
 from simulations.report import write_report
 from simulations.scenario import Arm, Scenario, load_scenario, parse_arms, scenario_data
 
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished arms only")
     parser.add_argument("--publish", default=None, help="also copy the report files (no checkpoints) to this folder")
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # kill <pid> stops the Flower processes too, as Ctrl-C does
 
     try:
         scenario = load_scenario(args.scenario)

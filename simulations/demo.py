@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.launch import ROOT, flower_simulation
+from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=3, help="simulated sites (default 3)")
     parser.add_argument("--run-config", default="", help='extra run config, e.g. "num-server-rounds=3 model=tiny"')
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # kill <pid> stops the Flower processes too, as Ctrl-C does
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = (Path(args.out) / stamp).resolve()

@@ -22,6 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit``, so that ``finally`` blocks still stop the SuperLink this process started."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
