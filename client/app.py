@@ -29,7 +29,15 @@ from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from mstkd.data.dataset import make_loader
 from mstkd.data.labels import REGIONS
 from mstkd.evaluate import evaluate_cases, parse_subsets
-from mstkd.federated import SiteState, config_from_run, default_home, federated_arrays, load_federated_arrays, site_data
+from mstkd.federated import (
+    TRANSPORT_DTYPES,
+    SiteState,
+    config_from_run,
+    default_home,
+    federated_arrays,
+    load_federated_arrays,
+    site_data,
+)
 from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
 from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
@@ -135,13 +143,13 @@ def local_round(
         "skipped-cases": len(data.federation.skipped),
     }
     site = {"name": data.name, "device": str(device), "modalities": data.available.name}
+    wire = TRANSPORT_DTYPES[transport or str(run.get("transport", "float16"))]
     updated = federated_arrays(nets.student, nets.discriminator, "float32")
     # the L2 norm of this site's update: what a DP clipping norm is compared with
     reply["update-norm"] = float(
         np.sqrt(sum(np.sum((updated[k] - np.asarray(v, np.float32)) ** 2, dtype=np.float64) for k, v in arrays.items()))
     )
-    wire = transport or str(run.get("transport", "float16"))
-    return federated_arrays(nets.student, nets.discriminator, wire), reply, site
+    return {k: v.astype(wire, copy=False) for k, v in updated.items()}, reply, site
 
 
 @app.train()

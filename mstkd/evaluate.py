@@ -11,7 +11,6 @@ average row, and is written as CSV, JSON and Markdown.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from monai.inferers import sliding_window_inference
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from mstkd.atomic import atomic_path, write_text
+from mstkd.atomic import write_csv, write_text
 from mstkd.data.cache import CachedCase
 from mstkd.data.labels import REGIONS
 from mstkd.metrics import score_regions, volume_diagonal
@@ -149,18 +148,12 @@ class EvalResult:
             "json": out_dir / f"{stem}.json",
             "md": out_dir / f"{stem}.md",
         }
-        _write_csv(paths["csv"], self.table())
-        _write_csv(paths["cases"], self.rows)
+        table = self.table()
+        write_csv(paths["csv"], table, None if table else ["subset"])
+        write_csv(paths["cases"], self.rows, None if self.rows else ["subset"])
         write_text(paths["json"], json.dumps({"table": self.table(), "cases": self.rows, "hd95": self.hd95}, indent=1))
         write_text(paths["md"], self.markdown() + "\n")
         return paths
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["subset"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def evaluate_cases(

@@ -133,11 +133,16 @@ def main(grid: Grid, context: Context) -> None:
         random.setstate(checkpoint.random_state)
         _say(f"resuming {out} after round {checkpoint.round} (best mean Dice {best['mean_dice']:.3f})")
     convention = cases[0].meta["convention"] if cases else "fets"
+    privacy = privacy_settings(run, min_nodes)
+    train_config = {"lr": float(cfg.train.lr), "state-key": state_key}
+    timeout = float(run.get("round-timeout", 3600))
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         load_federated_arrays(student, disc, {k: v.numpy() for k, v in arrays.items()})
         save_checkpoint(out / "last.pt", student, cfg, convention=convention, extra={"round": server_round})
         rec = runlog.record(server_round)
+        if privacy and server_round > 0:
+            rec["privacy"] = privacy
         metrics = None
         due = server_round == rounds or (server_round % eval_every == 0 and (server_round or eval_initial))
         if cases and due:
@@ -164,7 +169,7 @@ def main(grid: Grid, context: Context) -> None:
         return metrics
 
     if bool(run.get("secagg", False)):
-        if checkpoint is not None or privacy_settings(run, min_nodes):
+        if checkpoint is not None or privacy:
             raise InputError("secagg=true cannot be combined with resume-from or dp")
         _say(f"secure aggregation (SecAgg+) over {min_nodes} nodes per round")
         start = time.perf_counter()
@@ -174,10 +179,10 @@ def main(grid: Grid, context: Context) -> None:
             initial=arrays_to_numpy(initial),
             rounds=rounds,
             min_nodes=min_nodes,
-            timeout=float(run.get("round-timeout", 3600)),
+            timeout=timeout,
             local_epochs=float(run.get("local-epochs", 1)),
             max_weight=float(run.get("secagg-max-weight", 100.0)),
-            train_config={"lr": float(cfg.train.lr), "state-key": state_key},
+            train_config=train_config,
             runlog=runlog,
             evaluate_fn=evaluate_fn,
         )
@@ -185,17 +190,13 @@ def main(grid: Grid, context: Context) -> None:
         _say(f"finished {rounds} rounds with SecAgg+; best mean Dice {best['mean_dice']:.3f}; report {report}")
         return
 
-    strategy = build_strategy(run, runlog, min_nodes)
-    privacy = privacy_settings(run, min_nodes)
+    strategy = build_strategy(run, runlog, privacy)
     if privacy:
         _say(f"differential privacy: {privacy}")
     if checkpoint is not None:
         restore_strategy(strategy, checkpoint.strategy)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:
-        if privacy:
-            runlog.record(server_round)["privacy"] = privacy
-            runlog.write()
         ServerCheckpoint(
             round=server_round,
             arrays=arrays_to_numpy(arrays),
@@ -214,8 +215,8 @@ def main(grid: Grid, context: Context) -> None:
         first_round=first_round,
         num_rounds=rounds,
         runlog=runlog,
-        train_config={"lr": float(cfg.train.lr), "state-key": state_key},
-        timeout=float(run.get("round-timeout", 3600)),
+        train_config=train_config,
+        timeout=timeout,
         min_nodes=min_nodes,
         # with DP every sampled node must reply: the noise is calibrated to that many
         min_replies=min_nodes if privacy else max(int(run.get("min-replies", 1)), 1),
@@ -232,7 +233,7 @@ def main(grid: Grid, context: Context) -> None:
     )
 
 
-def build_strategy(run: dict, runlog: RunLog, min_nodes: int):
+def build_strategy(run: dict, runlog: RunLog, privacy: dict):
     """The run config's strategy (with the project's mixin), wrapped for differential privacy when asked."""
     kwargs: dict = {
         "fraction_train": float(run.get("fraction-train", 1.0)),
@@ -259,7 +260,6 @@ def build_strategy(run: dict, runlog: RunLog, min_nodes: int):
         local_epochs=float(run.get("local-epochs", 1)),
         **kwargs,
     )
-    privacy = privacy_settings(run, min_nodes)
     if not privacy:
         return strategy
     strategy.uniform_weights = True  # the noise is calibrated to one site's share being 1 / sites

@@ -9,13 +9,12 @@ round, so a crash never leaves a truncated log.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from mstkd.atomic import atomic_path, write_text
+from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
 
 
@@ -66,12 +65,7 @@ class RunLog:
         self.folder.mkdir(parents=True, exist_ok=True)
         ordered = [self.records[r] for r in sorted(self.records)]
         write_text(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in ordered))
-        rows = self.rows()
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        with atomic_path(self.folder / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(self.folder / "metrics.csv", self.rows())
         self.plot()
 
     def plot(self) -> Path | None:

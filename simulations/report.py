@@ -19,7 +19,6 @@ centralised, ``log.jsonl``). Outputs, in the benchmark folder:
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mstkd.atomic import atomic_path, write_text
+from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.modalities import SUBSETS
 from simulations.scenario import ABLATIONS, ARMS, Arm, Scenario
@@ -159,13 +158,6 @@ def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _arm_table(arm: Arm, runs: list[dict], out: Path) -> str:
     """``tables/<arm>.*``: 15 subsets + average, mean and sd over seeds; returns the Markdown."""
     rows, lines = [], ["| Subset | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT |", "|---|" + "---:|" * 6]
@@ -179,7 +171,7 @@ def _arm_table(arm: Arm, runs: list[dict], out: Path) -> str:
         rows.append(row)
         label = f"**{name}**" if name == "Average" else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    _write_csv(out / f"{arm.name}.csv", rows)
+    write_csv(out / f"{arm.name}.csv", rows)
     write_text(out / f"{arm.name}.json", json.dumps({"arm": arm.name, "label": arm.label, "rows": rows}, indent=1))
     md = "\n".join(lines)
     write_text(out / f"{arm.name}.md", md + "\n")
@@ -221,7 +213,7 @@ def _ablation_table(results: dict[str, list[dict]], out: Path) -> str | None:
         rows.append(row)
         label = f"**{row['label']}**" if name == "mstkd" else row["label"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    _write_csv(out / "ablation.csv", rows)
+    write_csv(out / "ablation.csv", rows)
     md = "\n".join(lines)
     write_text(out / "ablation.md", md + "\n")
     return md
@@ -263,7 +255,7 @@ def _curves(results: dict[str, list[dict]], bench: Path) -> Path:
     with atomic_path(bench / "curves.png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    _write_csv(bench / "curves.csv", rows or [{"arm": "", "round": "", "val_mean_dice": ""}])
+    write_csv(bench / "curves.csv", rows or [{"arm": "", "round": "", "val_mean_dice": ""}])
     return bench / "curves.png"
 
 
@@ -328,7 +320,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                 }
             )
     if summary_rows:
-        _write_csv(bench / "summary.csv", summary_rows)
+        write_csv(bench / "summary.csv", summary_rows)
     write_text(bench / "summary.json", json.dumps({"scenario": scenario.name, "runs": summary_rows}, indent=1))
 
     site_rows = []
@@ -352,7 +344,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                 }
             )
     if site_rows:
-        _write_csv(bench / "sites.csv", site_rows)
+        write_csv(bench / "sites.csv", site_rows)
 
     lines = [f"# Benchmark: {scenario.name}", "", scenario.description, ""]
     if meta:

@@ -168,12 +168,12 @@ def test_strategy_state_round_trips():
     from server.app import build_strategy
     from server.runlog import RunLog
 
-    strategy = build_strategy({"strategy": "fedadam"}, RunLog("/nonexistent"), 2)
+    strategy = build_strategy({"strategy": "fedadam"}, RunLog("/nonexistent"), {})
     strategy.current_arrays = ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})
     strategy.m_t = {"w": np.full(3, 0.5)}
     strategy.v_t = {"w": np.full(3, 0.25)}
     state = strategy_state(strategy)
-    fresh = build_strategy({"strategy": "fedadam"}, RunLog("/nonexistent"), 2)
+    fresh = build_strategy({"strategy": "fedadam"}, RunLog("/nonexistent"), {})
     restore_strategy(fresh, state)
     assert np.array_equal(fresh.m_t["w"], np.full(3, 0.5)) and np.array_equal(fresh.v_t["w"], np.full(3, 0.25))
     assert np.array_equal(fresh.current_arrays["w"].numpy(), np.ones(3))
