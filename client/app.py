@@ -27,8 +27,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key fix
 
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from mstkd.data.dataset import make_loader
-from mstkd.data.labels import REGIONS
-from mstkd.evaluate import evaluate_cases, parse_subsets
+from mstkd.data.labels import CLASSES, REGIONS
+from mstkd.errors import InputError
+from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.federated import (
     TRANSPORT_DTYPES,
     SiteState,
@@ -40,10 +41,18 @@ from mstkd.federated import (
 )
 from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
-from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
+from mstkd.train import (
+    Networks,
+    make_optimizers,
+    pick_device,
+    reset_optimizer_state,
+    seed_everything,
+    train_local,
+)
 
-TRAIN_METRICS = ("loss", *TERMS, "disc_loss", "proximal")
-"""Every train reply carries all of these (0.0 when a term is off), so all sites send the same keys."""
+TRAIN_METRICS = ("loss", *TERMS, "disc_loss", "proximal", *(f"fg_{c}" for c in CLASSES))
+"""Every train reply carries all of these as ``train-<name>`` (0.0 when a term is off), so all sites send the same
+keys; ``fg_<class>`` is the share of training-crop voxels the student put in each class."""
 
 log = logging.getLogger("mstkd.client")
 
@@ -97,6 +106,11 @@ def local_round(
     server_round = int(config.get("server-round", 0))
     state = SiteState(_state_folder(context, data.name, str(config.get("state-key", ""))))
     info = state.load(nets, optimizers, rng, before_round=server_round) or {"rounds": 0, "epoch": 0.0}
+    moments = str(cfg.train.student_moments)
+    if moments not in ("keep", "reset"):
+        raise InputError(f"train.student_moments must be keep or reset, got {moments!r}")
+    if moments == "reset":  # the kept moments belong to the site's last student, not to the new global one
+        reset_optimizer_state(optimizers.main, nets.student)
     if not data.train:
         skipped = len(data.federation.skipped)
         raise RuntimeError(f"{data.name}: no usable training case ({skipped} left out as broken; see the node log)")
@@ -131,6 +145,13 @@ def local_round(
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         progress=False,
         desc=data.name,
+    )
+    log.info(
+        "%s: round %s trained, loss %.3f, predicted class shares %s",
+        data.name,
+        server_round,
+        metrics["loss"],
+        ", ".join(f"{c} {metrics[f'fg_{c}']:.3f}" for c in CLASSES),
     )
     info = {"rounds": info["rounds"] + 1, "epoch": metrics["epoch"], "round": server_round}
     state.save(nets, optimizers, rng, info)
@@ -178,12 +199,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     wanted = parse_subsets(str(run.get("site-eval-subsets", "full")))
     subsets = [s for s in wanted if s.issubset(data.available)] or [data.available]
     metrics: dict[str, float | int] = {"num-examples": len(data.val)}
+    site = {"name": data.name}
     if data.val:
         result = evaluate_cases(student, data.val, cfg, subsets=subsets, device=device, progress=False)
         summary = result.summary()
         metrics.update({f"val-dice-{r}": float(summary[f"{r}_dice"]) for r in REGIONS})
+        metrics.update({f"val-share-{r}": float(summary[f"{r}_share_max"]) for r in REGIONS})
         metrics["val-mean-dice"] = float(summary["mean_dice"])
+        hits = result.collapse()
+        metrics["val-collapsed"] = float(len(hits))
+        if hits:
+            site["val-collapse"] = "; ".join(describe_collapse(h) for h in hits)
+            log.warning("%s: collapse on its validation cases: %s", data.name, site["val-collapse"])
     else:
-        metrics.update({f"val-dice-{r}": 0.0 for r in REGIONS} | {"val-mean-dice": 0.0})
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": data.name})})
+        metrics.update({f"val-dice-{r}": 0.0 for r in REGIONS} | {f"val-share-{r}": 0.0 for r in REGIONS})
+        metrics.update({"val-mean-dice": 0.0, "val-collapsed": 0.0})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
     return Message(content=content, reply_to=msg)

@@ -37,6 +37,15 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def copy_file(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` atomically."""
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
 def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> Path:
     """Write ``rows`` as CSV atomically; columns default to every key of every row, in first-seen order."""
     import csv

@@ -1,7 +1,8 @@
 """Centralised MST-KDNet training: every site's training cases pooled on one machine (the non-federated reference).
 
 Writes into the run folder: ``config.yaml`` (resolved), ``log.jsonl`` (one line per epoch:
-loss terms, lr, seconds, validation scores when run), ``last.pt`` and ``best.pt`` (one-file
+loss terms, the share of crop voxels the student put in each class, lr, seconds, validation
+scores and any collapse flagged on them, when run), ``last.pt`` and ``best.pt`` (one-file
 checkpoints of the student; best by mean validation Dice over ``train.eval_subsets``), and
 ``val_epoch<N>.md`` tables.
 """
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from mstkd.atomic import copy_file
 from mstkd.checkpoint import save_checkpoint
 from mstkd.config import save_config
 from mstkd.data.dataset import Federation, make_loader, prepare_federation
-from mstkd.evaluate import evaluate_cases, parse_subsets
+from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.modalities import SUBSETS
 from mstkd.model import build_networks
 from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
@@ -90,6 +92,9 @@ def train_centralised(
             )
             result.write(out, stem=f"val_epoch{epoch + 1}")
             record["val"] = result.summary()
+            record["collapse"] = [describe_collapse(hit) for hit in result.collapse()]
+            for what in record["collapse"]:
+                print(f"WARNING epoch {epoch + 1}: collapse on the validation cases: {what}", file=sys.stderr)
             if result.mean_dice() > best:
                 best = result.mean_dice()
                 save_checkpoint(
@@ -106,5 +111,5 @@ def train_centralised(
         val = f", val mean Dice {record['val']['mean_dice']:.3f}" if "val" in record else ""
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}{val} ({record['wall_seconds']:.0f} s)", file=sys.stderr)
     if not (out / "best.pt").exists():
-        (out / "best.pt").write_bytes((out / "last.pt").read_bytes())
+        copy_file(out / "last.pt", out / "best.pt")
     return out

@@ -1,4 +1,4 @@
-"""One-file checkpoints: the student's weights, the config it was trained with, and the label convention.
+"""One-file checkpoints: the student's weights, the config it was trained with, its head and the label convention.
 
 ``mstkd predict`` and ``mstkd evaluate`` need nothing else. Writes are atomic (temporary
 file, then rename), so a crash never leaves a truncated checkpoint.
@@ -13,12 +13,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mstkd.atomic import atomic_path
-from mstkd.data.labels import REGIONS
+from mstkd.data.labels import CLASSES, REGIONS
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES
 from mstkd.model import MSTKDNet
 
-FORMAT = "mstkd-checkpoint/1"
+FORMAT = "mstkd-checkpoint/2"
+"""Version 2: the network's head predicts the four exclusive classes (NETC, ED, ET, BG)."""
+OLD_REGION_HEAD = "mstkd-checkpoint/1"
+"""Version 1 had one sigmoid per region (ET, TC, WT); such a checkpoint cannot be loaded."""
 
 
 def save_checkpoint(
@@ -40,6 +43,7 @@ def save_checkpoint(
         "convention": convention,
         "modalities": list(MODALITIES),
         "regions": list(REGIONS),
+        "head": list(CLASSES),
         "extra": extra or {},
     }
     with atomic_path(path) as tmp:
@@ -60,7 +64,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if isinstance(payload, dict) and payload.get("format") == OLD_REGION_HEAD:
+        raise InputError(
+            f"{path}: made by an older version whose head predicted the regions (ET, TC, WT); this version "
+            f"predicts the classes ({', '.join(CLASSES)}): train the model again"
+        )
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("head") != list(CLASSES):
         raise InputError(f"{path}: not an mstkd checkpoint")
     cfg = OmegaConf.create(payload["config"])
     net = MSTKDNet(cfg.model)

@@ -1,12 +1,16 @@
 """Evaluation of a student on held-out cases under every modality subset, as the paper's Tables 1-4.
 
 For each case and each subset, the absent modalities are zero-filled, the whole
-(brain-cropped) volume is segmented by sliding-window inference, the region probabilities
-are thresholded and nested (ET within TC within WT, as the written label map would be),
-and Dice, HD95, sensitivity and specificity are computed per region with
-:mod:`mstkd.metrics`. HD95 for a missed or hallucinated region is the diagonal of the
-case's original grid. The table has one row per subset in the paper's order plus the
-average row, and is written as CSV, JSON and Markdown.
+(brain-cropped) volume is segmented by sliding-window inference, the four class
+probabilities (NETC, ED, ET, BG) are decoded into classes (``eval.decode``) and the regions
+follow (WT = NETC | ED | ET, TC = NETC | ET, ET), and Dice, HD95, sensitivity and
+specificity are computed per region with :mod:`mstkd.metrics`. HD95 for a missed or
+hallucinated region is the diagonal of the case's original grid. The table has one row per
+subset in the paper's order plus the average row, and is written as CSV, JSON and Markdown.
+
+Each row also holds the predicted and reference volume of every region and its share of the
+brain, so that a collapsed model (a region predicted over most of the brain) is flagged
+(:meth:`EvalResult.collapse`) instead of passing as a merely low Dice.
 """
 
 from __future__ import annotations
@@ -24,27 +28,37 @@ from tqdm.auto import tqdm
 
 from mstkd.atomic import write_csv, write_text
 from mstkd.data.cache import CachedCase
-from mstkd.data.labels import REGIONS
+from mstkd.data.labels import REGIONS, regions_from_classes
+from mstkd.losses import probabilities
 from mstkd.metrics import score_regions, volume_diagonal
 from mstkd.modalities import FULL, SUBSETS, Subset, zero_fill
 from mstkd.model import MSTKDNet
 from mstkd.train import autocast, pick_device
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
+DECODERS = ("auto", "threshold", "argmax")
 
 
-def nest_regions(regions: np.ndarray) -> np.ndarray:
-    """Make ``3 x ...`` ET, TC, WT masks nested: TC |= ET, WT |= TC."""
-    et, tc, wt = regions
-    tc = tc | et
-    return np.stack([et, tc, wt | tc])
+def decode(probs: np.ndarray, how: str = "threshold", threshold: float = 0.5) -> np.ndarray:
+    """``4 x ...`` class probabilities (NETC, ED, ET, BG) -> ``3 x ...`` nested boolean ET, TC, WT.
+
+    ``threshold``: every tumour class whose probability exceeds ``threshold`` (the official decoding;
+    with sigmoid outputs the classes may overlap, and each region is the union of its classes).
+    ``argmax``: the likeliest class per voxel (exclusive; background competes).
+    """
+    if how == "threshold":
+        return regions_from_classes(probs[:3] > threshold)
+    if how == "argmax":
+        best = probs.argmax(0)
+        return regions_from_classes(np.stack([best == c for c in range(3)]))
+    raise ValueError(f"eval.decode must be one of {', '.join(DECODERS)}, got {how!r}")
 
 
 @torch.no_grad()
 def segment(
     net: MSTKDNet, image: torch.Tensor | np.ndarray, subset: Subset, cfg: DictConfig, device: torch.device | None = None
 ) -> np.ndarray:
-    """``4 x H x W x D`` normalised image -> ``3 x H x W x D`` nested boolean ET, TC, WT.
+    """``4 x H x W x D`` normalised image -> ``3 x H x W x D`` nested boolean ET, TC, WT (see :func:`decode`).
 
     Sliding windows of ``eval.roi`` (default: the model's input size) with ``eval.overlap`` and
     Gaussian blending; any volume size works (windows are padded at the border).
@@ -63,8 +77,12 @@ def segment(
             overlap=float(cfg.eval.overlap),
             mode=str(cfg.eval.blend),
         )
-    probs = torch.sigmoid(logits.float())[0].cpu().numpy()
-    return nest_regions(probs > float(cfg.eval.threshold))
+    activation = str(cfg.loss.activation)
+    probs = probabilities(logits, activation)[0].cpu().numpy()
+    how = str(cfg.eval.decode)
+    if how == "auto":  # measured on validation cases: argmax suits softmax, and ruins sigmoid outputs
+        how = "argmax" if activation == "softmax" else "threshold"
+    return decode(probs, how, float(cfg.eval.threshold))
 
 
 def parse_subsets(spec) -> tuple[Subset, ...]:
@@ -83,8 +101,10 @@ def parse_subsets(spec) -> tuple[Subset, ...]:
 class EvalResult:
     """Per case and subset scores, and the paper-format summary built from them."""
 
-    rows: list[dict] = field(default_factory=list)  # case, subset, <region>_<metric>
+    rows: list[dict] = field(default_factory=list)  # case, subset, <region>_<metric>, <region>_share|pred|ref
     hd95: str = "max"
+    collapse_share: float = 0.5
+    collapse_ratio: float = 10.0
 
     def subsets(self) -> list[str]:
         seen = dict.fromkeys(r["subset"] for r in self.rows)
@@ -115,12 +135,31 @@ class EvalResult:
         return float(np.mean([avg[f"{r}_dice"] for r in REGIONS]))
 
     def summary(self) -> dict[str, float]:
-        """The average row: ``<region>_<metric>`` and ``mean_dice``."""
-        avg = self.table()[-1]
+        """The average row (``<region>_<metric>``, ``<region>_share|pred|ref``), ``mean_dice``, the largest
+        share of the brain each region takes under any subset (``<region>_share_max``) and how many regions
+        :meth:`collapse` flags (``collapsed``)."""
+        table = self.table()
         return {
-            **{k: v for k, v in avg.items() if k not in ("subset", "display", "cases")},
+            **{k: v for k, v in table[-1].items() if k not in ("subset", "display", "cases")},
             "mean_dice": self.mean_dice(),
+            **{f"{r}_share_max": max(row[f"{r}_share"] for row in table[:-1]) for r in REGIONS},
+            "collapsed": float(len(self.collapse())),
         }
+
+    def collapse(self) -> list[dict]:
+        """Regions predicted over more than ``collapse_share`` of the brain, or at more than ``collapse_ratio``
+        times their reference volume, under some subset (case means): per such region, its worst subset as
+        ``{"region", "subset", "share", "ratio"}`` (ratio None when no case has the region)."""
+        flagged: dict[str, dict] = {}
+        for row in self.table()[:-1]:
+            for r in REGIONS:
+                share = row[f"{r}_share"]
+                ratio = row[f"{r}_pred"] / row[f"{r}_ref"] if row[f"{r}_ref"] > 0 else None
+                if share > self.collapse_share or (ratio is not None and ratio > self.collapse_ratio):
+                    hit = {"region": r, "subset": row["subset"], "share": share, "ratio": ratio}
+                    if r not in flagged or share > flagged[r]["share"]:
+                        flagged[r] = hit
+        return [flagged[r] for r in REGIONS if r in flagged]
 
     def markdown(self) -> str:
         head = "| Subset | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT |"
@@ -136,6 +175,7 @@ class EvalResult:
             f"Dice in %, HD95 in mm ({'max of directed' if self.hd95 == 'max' else 'pooled'} 95th "
             f"percentiles; a region missed or hallucinated scores the volume diagonal), mean over {n} cases."
         )
+        lines += [f"\n**Collapse:** {describe_collapse(hit)}." for hit in self.collapse()]
         return "\n".join(lines)
 
     def write(self, out_dir: str | Path, stem: str = "eval") -> dict[str, Path]:
@@ -156,6 +196,13 @@ class EvalResult:
         return paths
 
 
+def describe_collapse(hit: dict) -> str:
+    """One phrase for a flagged region of :meth:`EvalResult.collapse`."""
+    ratio = f", {hit['ratio']:.1f}x its reference volume" if hit["ratio"] is not None else ""
+    subset = Subset.parse(hit["subset"]).display_name
+    return f"{hit['region']} predicted in {100 * hit['share']:.0f}% of the brain with {subset}{ratio}"
+
+
 def evaluate_cases(
     net: MSTKDNet,
     entries: Sequence[CachedCase],
@@ -169,13 +216,20 @@ def evaluate_cases(
     """Score ``net`` on every case of ``entries`` under every subset in ``subsets``."""
     device = device or pick_device()
     net.to(device)
-    result = EvalResult(hd95=str(cfg.metrics.hd95))
+    result = EvalResult(
+        hd95=str(cfg.metrics.hd95),
+        collapse_share=float(cfg.eval.collapse_share),
+        collapse_ratio=float(cfg.eval.collapse_ratio),
+    )
     todo = [(e, s) for e in entries for s in subsets]
     for entry, subset in tqdm(todo, desc=desc, unit="scan", disable=not progress, leave=False):
         ref = entry.regions()
         if ref is None:
             raise ValueError(f"case {entry.case_id} has no label map to evaluate against")
-        pred = segment(net, entry.image(), subset, cfg, device)
+        image = entry.image()
+        pred = segment(net, image, subset, cfg, device)
+        brain = np.any(np.asarray(image) != 0, axis=0)
+        brain_voxels = max(int(brain.sum()), 1)
         spacing = entry.meta["spacing"]
         empty = cfg.metrics.empty_hd95
         empty = volume_diagonal(entry.meta["shape"], spacing) if empty is None else float(empty)
@@ -185,6 +239,9 @@ def evaluate_cases(
                 "case": entry.case_id,
                 "subset": subset.name,
                 **{f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS},
+                **{f"{r}_share": float((pred[i] & brain).sum()) / brain_voxels for i, r in enumerate(REGIONS)},
+                **{f"{r}_pred": int(pred[i].sum()) for i, r in enumerate(REGIONS)},
+                **{f"{r}_ref": int(ref[i].sum()) for i, r in enumerate(REGIONS)},
             }
         )
     return result

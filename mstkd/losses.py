@@ -1,10 +1,12 @@
 """The losses of MST-KDNet, one small module each, and the weighted total.
 
-Notation: T = teacher, S = student; ``l`` are region logits ``B x 3 x H x W x D`` (ET, TC,
-WT), ``p = sigmoid(l)``, ``g`` the binary region targets; ``sg`` is stop-gradient. Every
-term can be switched off for ablations (``loss.mstkd``, ``loss.dmld``, ``loss.gsm``) and
-every weight lives in ``configs/loss.yaml``. Where the official code has a defect, the
-corrected form is the default and the official one sits behind a flag (see the config).
+Notation: T = teacher, S = student; ``l`` are class logits ``B x 4 x H x W x D`` over the
+mutually exclusive classes (NETC, ED, ET, BG), ``p = sigmoid(l)`` (one sigmoid per class, as
+the official code), ``g`` the one-hot class targets (:func:`class_targets`); ``sg`` is
+stop-gradient. Every term can be switched off for ablations (``loss.mstkd``, ``loss.dmld``,
+``loss.gsm``) and every weight lives in ``configs/loss.yaml``; ``docs/method.md`` lists the
+measured scale of each. Where the official code has a defect, the corrected form is the
+default and the official one sits behind a flag (see the config).
 """
 
 from __future__ import annotations
@@ -16,32 +18,69 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mstkd.data.labels import classes_from_regions
+
+OFFICIAL_GRAM_SCALE = 1e-4 / (4 * 128**2 * 480**2)
+"""The official code's normalisation of the cross-layer Gram loss, ``1e-4 / (4 C^2 N^2)`` with its
+hard-coded ``C = 128`` channels and ``N = 480`` (= D x H of its 20 x 24 x 16 bottleneck): about 6.6e-15."""
+
+
+def class_targets(regions: torch.Tensor) -> torch.Tensor:
+    """``B x 3 x ...`` ET, TC, WT region targets (0/1) -> ``B x 4 x ...`` one-hot NETC, ED, ET, BG (float).
+
+    Padding and augmentation act on the regions (padding is 0 = outside every region), so the
+    conversion happens here, on the batch the loss sees.
+    """
+    return classes_from_regions(regions.transpose(0, 1)).transpose(0, 1).to(regions.dtype)
+
+
+ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def probabilities(logits: torch.Tensor, activation: str = "sigmoid") -> torch.Tensor:
+    """Class probabilities from ``B x 4 x ...`` logits: one sigmoid per class (the official code) or a softmax
+    over the classes."""
+    if activation == "sigmoid":
+        return torch.sigmoid(logits.float())
+    if activation == "softmax":
+        return torch.softmax(logits.float(), dim=1)
+    raise ValueError(f"loss.activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
 
 class SegmentationLoss(nn.Module):
-    """Soft Dice over the regions, plus optional BCE.
+    """Soft Dice over the four classes, plus an optional cross-entropy.
 
-    ``L = sum_c [1 - 2 sum(p_c g_c) / (sum p_c^2 + sum g_c^2 + eps)] + w_bce * BCE(l, g)``,
-    sums over batch and voxels of each region c (squared denominators, as the official code).
+    ``L = sum_c [1 - 2 sum(p_c g_c) / (sum p_c^2 + sum g_c^2 + eps)] + w_ce * CE(l, g)``, sums over
+    batch and voxels of each class c (squared denominators, as the official code), ``p`` from
+    :func:`probabilities`; CE is the binary cross-entropy per class for sigmoid outputs, the
+    categorical one for softmax outputs (nnU-Net's Dice + CE).
     """
 
-    def __init__(self, bce_weight: float = 0.0, eps: float = 1e-5) -> None:
+    def __init__(self, ce_weight: float = 0.0, activation: str = "sigmoid", eps: float = 1e-5) -> None:
         super().__init__()
-        self.bce_weight = bce_weight
+        self.ce_weight = ce_weight
+        self.activation = activation
         self.eps = eps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(logits.float())
+        p = probabilities(logits, self.activation)
         g = target.float()
         dims = (0, *range(2, p.ndim))
         dice = 2 * (p * g).sum(dims) / ((p * p).sum(dims) + (g * g).sum(dims) + self.eps)
         loss = (1 - dice).sum()
-        if self.bce_weight:
-            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits.float(), g)
+        if self.ce_weight and self.activation == "sigmoid":
+            loss = loss + self.ce_weight * F.binary_cross_entropy_with_logits(logits.float(), g)
+        elif self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(logits.float(), g.argmax(1))
         return loss
 
 
 def consistency_ramp(epoch: float, ramp_epochs: float = 20.0, top: float = 10.0) -> float:
-    """Weight of the probability consistency: ``top * exp(-5 (1 - min(e, R)/R)^2)`` (0.067 at e=0, 10 from e=R)."""
+    """Weight of the probability consistency: ``top * exp(-5 (1 - min(e, R)/R)^2)`` (0.067 at e=0, 10 from e=R).
+
+    The official code ramps over R = 20 of its 100 epochs; :class:`MSTKDLoss` sets R to the same
+    fraction of the run's planned epochs (``loss.consistency_ramp``).
+    """
     if ramp_epochs <= 0:
         return top
     t = 1.0 - min(max(epoch, 0.0), ramp_epochs) / ramp_epochs
@@ -49,30 +88,43 @@ def consistency_ramp(epoch: float, ramp_epochs: float = 20.0, top: float = 10.0)
 
 
 class ConsistencyLoss(nn.Module):
-    """DMLD mode 1: ``MSE(p^T, p^S)`` over all region channels and voxels."""
+    """DMLD mode 1: ``MSE(p^T, p^S)`` over all four class channels and voxels (background included: the
+    official code put the teacher's background Dice here instead)."""
+
+    def __init__(self, activation: str = "sigmoid") -> None:
+        super().__init__()
+        self.activation = activation
 
     def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(torch.sigmoid(student_logits.float()), torch.sigmoid(teacher_logits.float()))
+        return F.mse_loss(
+            probabilities(student_logits, self.activation), probabilities(teacher_logits, self.activation)
+        )
 
 
-def standardize(logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """Z-score logits along ``dim``: ``(l - mean) / (std + 1e-7)`` (logit standardisation, Sun et al. 2024)."""
-    return (logits - logits.mean(dim, keepdim=True)) / (logits.std(dim, keepdim=True) + 1e-7)
+def standardize(logits: torch.Tensor, dim: int, floor: float = 0.0) -> torch.Tensor:
+    """Z-score logits along ``dim``: ``(l - mean) / (max(std, floor) + 1e-7)`` (logit standardisation, Sun et al.
+    2024). The floor keeps a near-constant logit vector (an untrained network's) from being blown up to unit
+    spread, which would make a few voxels' noise dominate the loss."""
+    std = logits.std(dim, keepdim=True)
+    if floor > 0:
+        std = std.clamp_min(floor)
+    return (logits - logits.mean(dim, keepdim=True)) / (std + 1e-7)
 
 
 class StandardizedKLLoss(nn.Module):
     """DMLD mode 2: temperature-scaled KL between softmaxes of standardised logits.
 
-    Corrected form (default): ``q^n = softmax_c(Z_c(l^n) / tau)`` with Z over the class axis,
-    ``L = tau^2 * mean_{b, voxels} KL(sg(q^T) || q^S)``.
+    Corrected form (default): ``q^n = softmax_c(Z_c(l^n) / tau)`` with Z over the four exclusive
+    classes (std floored at ``std_floor``), ``L = tau^2 * mean_{b, voxels} KL(sg(q^T) || q^S)``.
     Official form (``official=True``): Z over the last spatial axis, ``KL(q^S || q^T)``, no
     stop-gradient, normalised by ``B * numel(l)``.
     """
 
-    def __init__(self, temperature: float = 7.0, official: bool = False) -> None:
+    def __init__(self, temperature: float = 7.0, official: bool = False, std_floor: float = 0.0) -> None:
         super().__init__()
         self.tau = temperature
         self.official = official
+        self.floor = std_floor
 
     def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         t, s = teacher_logits.float(), student_logits.float()
@@ -81,8 +133,8 @@ class StandardizedKLLoss(nn.Module):
             log_qs = F.log_softmax(standardize(s, -1) / self.tau, dim=1)
             kl = (log_qs.exp() * (log_qs - log_qt)).sum()
             return self.tau**2 * kl / t.shape[0] / t.numel()
-        log_qt = F.log_softmax(standardize(t.detach(), 1) / self.tau, dim=1)
-        log_qs = F.log_softmax(standardize(s, 1) / self.tau, dim=1)
+        log_qt = F.log_softmax(standardize(t.detach(), 1, self.floor) / self.tau, dim=1)
+        log_qs = F.log_softmax(standardize(s, 1, self.floor) / self.tau, dim=1)
         kl = (log_qt.exp() * (log_qt - log_qs)).sum(1)
         return self.tau**2 * kl.mean()
 
@@ -91,16 +143,21 @@ class AttentionDistillationLoss(nn.Module):
     """MS-TKD (a), extreme-value distillation on the tapped attention maps ``A_k`` (``B x h x N x N``).
 
     Per network, ``M_max, M_min, M_mean`` = element-wise max, min, mean of ``A_k`` over the taps k;
-    ``L = sum_k sum_op MSE(N A^T_k * N M^T_op, N A^S_k * N M^S_op)``. The maps are scaled by the
-    token count N so that uniform attention is 1 whatever N; the official code uses raw
-    probabilities with weight 1e8, which for its N = 120 tokens equals weight 1e8 / 120^4 = 0.48
-    here.
+    ``L = sum_k sum_op MSE(s A^T_k * s M^T_op, s A^S_k * s M^S_op)`` with the maps scaled by ``s``:
+    ``norm="raw"``: s = 1 (the official code, with weight 1e8); ``norm="tokens"``: s = N, so that
+    uniform attention is 1 whatever the token count N.
     """
 
+    def __init__(self, norm: str = "tokens") -> None:
+        super().__init__()
+        if norm not in ("raw", "tokens"):
+            raise ValueError(f"loss.attention_norm must be raw or tokens, got {norm!r}")
+        self.norm = norm
+
     def forward(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
-        n = teacher[0].shape[-1]
-        at = torch.stack([a.float() for a in teacher]) * n
-        as_ = torch.stack([a.float() for a in student]) * n
+        scale = teacher[0].shape[-1] if self.norm == "tokens" else 1.0
+        at = torch.stack([a.float() for a in teacher]) * scale
+        as_ = torch.stack([a.float() for a in student]) * scale
         loss = at.new_zeros(())
         for op in (lambda a: a.amax(0), lambda a: a.amin(0), lambda a: a.mean(0)):
             mt, ms = op(at), op(as_)
@@ -126,9 +183,13 @@ class GlobalStyleLoss(nn.Module):
     """GSM cross-layer Gram matching over the global style features ``[f_enc, f_t, f_dec]``.
 
     ``G^n_i = cross_gram(F^n_i, F^n_{i-1})`` for i = 0, 1, 2 (index -1 wraps to 2: pairs
-    (enc, dec), (t, enc), (dec, t)); ``L = sum_i ||G^T_i - G^S_i||_F^2``, summed over the C x C
-    entries and averaged over the batch.
+    (enc, dec), (t, enc), (dec, t)); ``L = scale * sum_i ||G^T_i - G^S_i||_F^2``, summed over the
+    C x C entries and averaged over the batch, with the official ``scale`` (:data:`OFFICIAL_GRAM_SCALE`).
     """
+
+    def __init__(self, scale: float = OFFICIAL_GRAM_SCALE) -> None:
+        super().__init__()
+        self.scale = scale
 
     def forward(self, teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
         loss = teacher[0].new_zeros((), dtype=torch.float32)
@@ -136,7 +197,7 @@ class GlobalStyleLoss(nn.Module):
             gt = cross_gram(teacher[i], teacher[i - 1])
             gs = cross_gram(student[i], student[i - 1])
             loss = loss + (gt - gs).pow(2).sum((1, 2)).mean()
-        return loss
+        return self.scale * loss
 
 
 def adversarial_loss(logits: torch.Tensor, label: float) -> torch.Tensor:
@@ -165,15 +226,22 @@ class MSTKDLoss(nn.Module):
     ``seg_teacher``, ``seg_student``; with ``mstkd``: ``attention``, ``transformer_features``;
     with ``dmld``: ``consistency``, ``kl``; with ``gsm``: ``gram``, ``content``, ``adversarial``
     (the latter only when a discriminator is given).
+
+    ``epochs`` is the run's planned length (``train.epochs``; rounds x local epochs in a federation):
+    the consistency ramp spans ``loss.consistency_ramp`` of it, as the official 20 of 100 epochs.
+    ``target`` is the one-hot class target ``B x 4 x ...`` (:func:`class_targets`).
     """
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, epochs: float = 100.0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.seg = SegmentationLoss(bce_weight=float(cfg.bce))
-        self.consistency = ConsistencyLoss()
-        self.kl = StandardizedKLLoss(float(cfg.kl_temperature), official=bool(cfg.kl_official))
-        self.attention = AttentionDistillationLoss()
+        self.ramp_epochs = float(cfg.consistency_ramp) * float(epochs)
+        self.seg = SegmentationLoss(ce_weight=float(cfg.ce), activation=str(cfg.activation))
+        self.consistency = ConsistencyLoss(str(cfg.activation))
+        self.kl = StandardizedKLLoss(
+            float(cfg.kl_temperature), official=bool(cfg.kl_official), std_floor=float(cfg.kl_std_floor)
+        )
+        self.attention = AttentionDistillationLoss(str(cfg.attention_norm))
         self.features = FeatureDistillationLoss()
         self.gram = GlobalStyleLoss()
 
@@ -190,7 +258,7 @@ class MSTKDLoss(nn.Module):
                 t.transformer_features, student.transformer_features
             )
         if c.dmld:
-            weight = consistency_ramp(epoch, float(c.consistency_ramp_epochs), float(c.consistency_max))
+            weight = consistency_ramp(epoch, self.ramp_epochs, float(c.consistency_max))
             terms["consistency"] = weight * self.consistency(t.logits, student.logits)
             terms["kl"] = c.kl * self.kl(t.logits, student.logits)
         if c.gsm:

@@ -1,6 +1,7 @@
 """The local teacher-student loop: one function, used by centralised training and by every federated site.
 
-Per step, on one batch of crops ``x`` (``B x 4 x h x w x d``) with region targets ``y``:
+Per step, on one batch of crops ``x`` (``B x 4 x h x w x d``) with region targets turned into
+one-hot class targets ``y`` (``B x 4 x h x w x d``, NETC, ED, ET, BG):
 
 1. draw the student's modality subset ``m`` (uniform over the 15, or per-site weights);
 2. forward the teacher on ``x`` and the student on ``zero_fill(x, m)``;
@@ -30,7 +31,8 @@ from monai.utils import set_determinism
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from mstkd.losses import MSTKDLoss, discriminator_loss
+from mstkd.data.labels import CLASSES
+from mstkd.losses import MSTKDLoss, class_targets, discriminator_loss, probabilities
 from mstkd.modalities import SUBSETS, Subset, sample_subset, zero_fill
 from mstkd.model import MSTKDNet, StyleDiscriminator
 
@@ -69,6 +71,12 @@ def make_optimizers(nets: Networks, cfg: DictConfig) -> Optimizers:
     )
     disc = torch.optim.Adam(nets.discriminator.parameters(), lr=float(cfg.disc_lr), betas=tuple(cfg.disc_betas))
     return Optimizers(main, disc)
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
+    """Forget ``optimizer``'s moments for ``module``'s parameters (the others keep theirs)."""
+    for p in module.parameters():
+        optimizer.state.pop(p, None)
 
 
 def poly_lr(cfg: DictConfig, epoch: float) -> float:
@@ -131,7 +139,8 @@ def train_local(
 
     Returns:
         Mean of each weighted loss term, ``loss`` (their sum), ``disc_loss``, ``steps``, ``lr``,
-        ``seconds`` and ``epoch`` (the global epoch at the end).
+        ``seconds``, ``epoch`` (the global epoch at the end) and ``fg_<class>``: the share of crop
+        voxels the student put in each class (probability > 0.5), the first sign of a collapse.
     """
     device = device or pick_device()
     rng = rng or np.random.default_rng(int(cfg.train.seed))
@@ -140,7 +149,7 @@ def train_local(
     nets.to(device)
     for m in (nets.teacher, nets.student, nets.discriminator):
         m.train()
-    criterion = MSTKDLoss(cfg.loss)
+    criterion = MSTKDLoss(cfg.loss, epochs=float(cfg.train.epochs))
     n_batches = len(loader) if hasattr(loader, "__len__") else None
     steps = steps if steps is not None else n_batches
     if not steps:
@@ -167,7 +176,7 @@ def train_local(
         x = batch["image"].to(device, non_blocking=True)
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        y = batch["label"].to(device, non_blocking=True)
+        y = class_targets(batch["label"].to(device, non_blocking=True))
         subset = sample_subset(rng, subsets, subset_weights)
         drawn[subset.name] += 1
 
@@ -198,6 +207,11 @@ def train_local(
 
         for name, value in terms.items():
             sums[name] += float(value.detach())
+        with torch.no_grad():
+            probs = probabilities(out_s.logits.detach(), str(cfg.loss.activation))
+            shares = (probs > 0.5).float().mean(dim=(0, *range(2, probs.ndim)))
+        for name, share in zip(CLASSES, shares.tolist(), strict=True):
+            sums[f"fg_{name}"] += share
         sums["loss"] += float(loss.detach())
         if progress:
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", refresh=False)

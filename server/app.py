@@ -5,6 +5,12 @@ The run folder (``out-dir``, absolute; default ``<work-dir>/runs/<run id>``) rec
 ``metrics.csv`` (one row per round), ``dice.png``, ``eval/round_<r>.{md,csv,json}`` (the
 15-subset table of each evaluated round), ``best.pt`` and ``last.pt`` (checkpoints of the
 global student that ``mstkd predict`` reads) and ``REPORT.md``.
+
+``best.pt`` is the global student with the best aggregated site-validation Dice: the held-out
+test cases are scored for reporting only, never for choosing a model. A region that a model
+predicts over most of the brain (a collapse; ``eval.collapse_share``, ``eval.collapse_ratio``)
+is flagged in the run log, in ``REPORT.md`` and with a warning line, whether a site's
+validation or the global evaluation saw it.
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
 )
 
-from mstkd.atomic import write_text
+from mstkd.atomic import copy_file, write_text
 from mstkd.checkpoint import save_checkpoint
 from mstkd.config import save_config
 from mstkd.data.dataset import prepare_federation
 from mstkd.data.labels import REGIONS
 from mstkd.errors import InputError
-from mstkd.evaluate import evaluate_cases, parse_subsets
+from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.federated import (
     TRANSPORT_DTYPES,
     config_from_run,
@@ -103,7 +109,10 @@ def main(grid: Grid, context: Context) -> None:
     transport = str(run.get("transport", "float16"))
     if checkpoint is not None:
         initial = numpy_to_arrays(checkpoint.arrays)
-        load_federated_arrays(student, disc, checkpoint.arrays)
+        try:
+            load_federated_arrays(student, disc, checkpoint.arrays)
+        except (RuntimeError, ValueError) as exc:  # e.g. a run of the earlier region head (3 outputs)
+            raise InputError(f"resume-from: {resume} holds a model this version cannot load ({exc})") from None
     else:
         initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, "float32").items()})
     if transport not in TRANSPORT_DTYPES:
@@ -124,14 +133,15 @@ def main(grid: Grid, context: Context) -> None:
     _say(f"global evaluation: {len(cases)} held-out cases x {len(subsets)} modality subsets every {eval_every} rounds")
 
     runlog = RunLog(out)
-    best: dict = {"mean_dice": -1.0, "round": None}
+    best: dict = {"val_mean_dice": -1.0, "round": None}
     state_key = str(run.get("run-name", "") or f"run-{context.run_id}")
     first_round = 1
     if checkpoint is not None:
         runlog.records = {int(r): rec for r, rec in checkpoint.records.items()}
         best, state_key, first_round = dict(checkpoint.best), checkpoint.state_key, checkpoint.round + 1
+        best.setdefault("val_mean_dice", -1.0)
         random.setstate(checkpoint.random_state)
-        _say(f"resuming {out} after round {checkpoint.round} (best mean Dice {best['mean_dice']:.3f})")
+        _say(f"resuming {out} after round {checkpoint.round} (best site-validation Dice {_best(best)})")
     convention = cases[0].meta["convention"] if cases else "fets"
     privacy = privacy_settings(run, min_nodes)
     train_config = {"lr": float(cfg.train.lr), "state-key": state_key}
@@ -143,6 +153,19 @@ def main(grid: Grid, context: Context) -> None:
         rec = runlog.record(server_round)
         if privacy and server_round > 0:
             rec["privacy"] = privacy
+        val = rec.get("val", {}).get("val-mean-dice") if not rec.get("skipped") else None
+        if val is not None and float(val) > best["val_mean_dice"]:  # model selection on the sites' validation
+            best.update(val_mean_dice=float(val), round=server_round)
+            save_checkpoint(
+                out / "best.pt",
+                student,
+                cfg,
+                convention=convention,
+                extra={"round": server_round, "val_mean_dice": float(val)},
+            )
+        for site, values in sorted(rec["sites"].items()):
+            if values.get("val-collapsed"):
+                flag_collapse(rec, server_round, f"{site} validation", values.get("val-collapse", "a region"))
         metrics = None
         due = server_round == rounds or (server_round % eval_every == 0 and (server_round or eval_initial))
         if cases and due:
@@ -153,17 +176,10 @@ def main(grid: Grid, context: Context) -> None:
             rec["global"] = summary
             rec["eval_seconds"] = time.perf_counter() - start
             metrics = MetricRecord({k: float(v) for k, v in summary.items()})
-            if summary["mean_dice"] > best["mean_dice"]:
-                best.update(mean_dice=summary["mean_dice"], round=server_round)
-                save_checkpoint(
-                    out / "best.pt",
-                    student,
-                    cfg,
-                    convention=convention,
-                    extra={"round": server_round, "test_mean_dice": summary["mean_dice"]},
-                )
             dice = ", ".join(f"{r} {summary[f'{r}_dice']:.3f}" for r in REGIONS)
-            _say(f"round {server_round}: global Dice {dice} (mean {summary['mean_dice']:.3f})")
+            _say(f"round {server_round}: global Dice {dice} (mean {summary['mean_dice']:.3f}; held-out test)")
+            for hit in result.collapse() if server_round > 0 else ():  # the untrained model is not a collapse
+                flag_collapse(rec, server_round, "global evaluation", describe_collapse(hit))
         student.to("cpu")
         runlog.finish(server_round)
         return metrics
@@ -186,8 +202,9 @@ def main(grid: Grid, context: Context) -> None:
             runlog=runlog,
             evaluate_fn=evaluate_fn,
         )
+        keep_last_if_no_validation(out, best)
         report = write_report(out, runlog, cfg, run, time.perf_counter() - start, best)
-        _say(f"finished {rounds} rounds with SecAgg+; best mean Dice {best['mean_dice']:.3f}; report {report}")
+        _say(f"finished {rounds} rounds with SecAgg+; best.pt: {_best(best)}; report {report}")
         return
 
     strategy = build_strategy(run, runlog, privacy)
@@ -226,11 +243,28 @@ def main(grid: Grid, context: Context) -> None:
         say=_say,
     )
     total = time.perf_counter() - start
+    keep_last_if_no_validation(out, best)
     report = write_report(out, runlog, cfg, run, total, best)
-    _say(
-        f"finished {rounds} rounds in {total:.0f} s; best mean Dice {best['mean_dice']:.3f} "
-        f"(round {best['round']}); report {report}"
-    )
+    _say(f"finished {rounds} rounds in {total:.0f} s; best.pt: {_best(best)}; report {report}")
+
+
+def _best(best: dict) -> str:
+    if best.get("round") is None:
+        return "the final model (no site had validation cases to choose by)"
+    return f"round {best['round']} (site-validation mean Dice {best['val_mean_dice']:.3f})"
+
+
+def keep_last_if_no_validation(out: Path, best: dict) -> None:
+    """Without any site-validation score there is nothing to choose by: ``best.pt`` is the final model."""
+    if best.get("round") is None and (out / "last.pt").is_file():
+        _say("no site reported a validation Dice (no validation cases): best.pt is the final model")
+        copy_file(out / "last.pt", out / "best.pt")
+
+
+def flag_collapse(rec: dict, server_round: int, where: str, what: str) -> None:
+    """Record a collapsed region in the round's record and say it in one warning line."""
+    rec.setdefault("collapse", []).append({"where": where, "what": what})
+    _say(f"WARNING round {server_round}: collapse in the {where}: {what}")
 
 
 def build_strategy(run: dict, runlog: RunLog, privacy: dict):
@@ -351,10 +385,16 @@ def write_report(out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best
         )
     lines += [
         "",
-        f"Total {seconds:.0f} s. Best mean Dice {best['mean_dice']:.3f} at round {best['round']} "
-        "(`best.pt`); `last.pt` holds the final global student.",
+        f"Total {seconds:.0f} s. `best.pt`: {_best(best)}, chosen on the sites' validation cases; "
+        "`last.pt` holds the final global student. The global Dice and HD95 above are on the held-out "
+        "test cases, scored for reporting only.",
         "",
     ]
+    flagged = [(r, c) for r in sorted(runlog.records) for c in runlog.records[r].get("collapse", [])]
+    if flagged:
+        lines += ["## Collapse warnings", ""]
+        lines += [f"- round {r}, {c['where']}: {c['what']}" for r, c in flagged]
+        lines.append("")
     if evaluated:
         last = evaluated[-1]
         table = (out / "eval" / f"round_{last}.md").read_text()

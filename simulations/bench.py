@@ -87,9 +87,20 @@ def run_federated(
     )
     if not result.completed:
         raise RuntimeError(f"flwr run ended as {result.status} ({result.details}); see {result.log}")
+    incomplete_rounds(folder / "metrics.jsonl")
     shutil.rmtree(work_dir / "nodes" / run_name, ignore_errors=True)  # teachers are not part of the result
     rounds = int(run["num-server-rounds"])
     return {"table": f"eval/round_{rounds}.json", "log": "metrics.jsonl", "flwr_run": result.run_id}
+
+
+def incomplete_rounds(log: Path) -> None:
+    """Refuse a run in which a round was skipped or a site failed (e.g. a worker killed for memory): its
+    numbers would not be those of the scenario. Raises RuntimeError naming the first such round."""
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("skipped") or record.get("failures"):
+            why = record.get("skipped") or record["failures"][0]["reason"]
+            raise RuntimeError(f"round {record['round']} did not run on every site ({str(why)[:160]}); see {log}")
 
 
 def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: Path, csv: Path | None, extra: str) -> dict:
@@ -135,6 +146,16 @@ def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Pat
     return target
 
 
+def read_note(path: str | None) -> str | None:
+    """The text of ``--note``; a missing file is refused."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise InputError(f"--note: cannot read {path} ({exc.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -154,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished arms only")
     parser.add_argument("--publish", default=None, help="also copy the report files (no checkpoints) to this folder")
+    parser.add_argument("--note", default=None, help="a Markdown file whose text the report shows as 'What changed'")
     args = parser.parse_args(argv)
     exit_on_sigterm()  # kill <pid> stops the Flower processes too, as Ctrl-C does
 
@@ -170,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = Path(args.work_dir).resolve()
         data_path = Path(args.data_path).expanduser() if args.data_path else None
         partitioning = Path(args.partitioning).expanduser().resolve() if args.partitioning else None
+        note = read_note(args.note)
         if args.report_only:
+            if note is not None:
+                meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
+                write_text(bench / "bench.json", json.dumps({**meta, "note": note}, indent=1))
             write_report(bench, scenario, arms, seeds)
             if args.publish:
                 _say(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
@@ -182,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     bench.mkdir(parents=True, exist_ok=True)
+    if note is None and (bench / "bench.json").is_file():  # a resumed benchmark keeps its note
+        note = json.loads((bench / "bench.json").read_text()).get("note")
     write_text(
         bench / "bench.json",
         json.dumps(
@@ -193,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 "partitioning": str(csv or ""),
                 "command": " ".join(["python -m simulations.bench", *(argv if argv is not None else sys.argv[1:])]),
                 "machine": machine(),
+                **({"note": note} if note is not None else {}),
             },
             indent=1,
         ),

@@ -109,6 +109,7 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
     out: dict[str, Any] = {
         "table": table,
         "mean_dice": float(np.mean([avg[f"{r}_dice"] for r in REGIONS])),
+        **_collapse_numbers(table),
         **{k: float(avg[k]) for k in CELLS},
         "seconds": float(done["seconds"]),
         "machine": done.get("machine", ""),
@@ -143,6 +144,21 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
         out["curve"] = [(r["epoch"] / local_epochs, r["val"]["mean_dice"]) for r in records if "val" in r]
         out["bytes_per_round"] = out["bytes_total"] = 0.0
     return out
+
+
+def _collapse_numbers(table: list[dict]) -> dict[str, Any]:
+    """The largest share of the brain any region takes under any subset, and whether the run collapsed: a
+    region over more than half the brain, or at more than ten times its reference volume (case means)."""
+    rows = table[:-1]
+    if not all(f"{r}_share" in row for row in rows for r in REGIONS):
+        return {"max_share": None, "max_share_region": None, "collapsed": None}  # tables from older versions
+    share, region = max((row[f"{r}_share"], r) for row in rows for r in REGIONS)
+    ratios = [row[f"{r}_pred"] / row[f"{r}_ref"] for row in rows for r in REGIONS if row[f"{r}_ref"] > 0]
+    return {
+        "max_share": float(share),
+        "max_share_region": region,
+        "collapsed": bool(share > 0.5 or (ratios and max(ratios) > 10.0)),
+    }
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -289,6 +305,29 @@ def _headlines(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -
     return lines
 
 
+def _collapse_section(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[str]:
+    lines = [
+        "## Collapse check",
+        "",
+        "A final model has collapsed when, under some modality subset, a region covers more than half of the "
+        "brain or more than ten times its reference volume (means over the test cases). Largest share of the "
+        "brain taken by any region under any subset, per seed. Source: `summary.csv` (`max_region_share`, "
+        "`collapsed`).",
+        "",
+        "| Arm | largest region share per seed | collapsed runs |",
+        "|---|---|---:|",
+    ]
+    for name, runs in results.items():
+        shares = [
+            f"seed {seed}: {100 * r['max_share']:.0f}% ({r['max_share_region']})" if r["max_share"] is not None else "–"
+            for seed, r in zip(seeds_of[name], runs, strict=True)
+        ]
+        flagged = [seed for seed, r in zip(seeds_of[name], runs, strict=True) if r["collapsed"]]
+        count = f"{len(flagged)} of {len(runs)}" + (f" (seeds {', '.join(map(str, flagged))})" if flagged else "")
+        lines.append(f"| {ARMS[name].label} | {'; '.join(shares)} | {count} |")
+    return lines + [""]
+
+
 def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Sequence[int]) -> Path:
     """Rebuild every report file of ``bench`` from the finished runs; return the path of ``REPORT.md``."""
     tables = bench / "tables"
@@ -312,6 +351,8 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                     "seed": seed,
                     "mean_dice": run["mean_dice"],
                     **{k: run[k] for k in CELLS},
+                    "max_region_share": run["max_share"],
+                    "collapsed": run["collapsed"],
                     "convergence_score": run.get("convergence"),
                     "simulated_hours": run.get("simulated_hours"),
                     "bytes_per_round": run["bytes_per_round"],
@@ -361,6 +402,8 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             "machinery and compare arms with each other on the same phantoms; they are **not comparable** with "
             "the paper's real-data numbers.",
         ]
+    if meta.get("note"):
+        lines += ["", "## What changed", "", meta["note"].strip()]
     lines += ["", "Every number below is read from a file in this folder; each section names its files.", ""]
     missing = [f"{a.name} seed {s}" for a in arms for s in seeds if s not in seeds_of.get(a.name, [])]
     if missing:
@@ -411,6 +454,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             "distributions; here every site uses the example one.",
             "",
         ]
+        lines += _collapse_section(results, seeds_of)
         ablation = _ablation_table(results, tables)
         if ablation:
             lines += [

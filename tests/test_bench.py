@@ -40,6 +40,7 @@ def test_arms_and_scenarios_are_refused_with_one_line():
     with pytest.raises(InputError, match="unknown scenario"):
         load_scenario("no-such-scenario")
     assert bench.main(["tiny-2", "--arms", "nope"]) == 2
+    assert bench.main(["tiny-2", "--note", "/no/such/note.md"]) == 2
 
 
 def test_the_arms_change_what_the_paper_ablates():
@@ -85,7 +86,9 @@ def _rows(path):
 @pytest.mark.slow
 def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     args = ["tiny-2", "--seeds", "1", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
-    assert bench.main([*args, "--publish", str(tmp_path / "published")]) == 0
+    note = tmp_path / "note.md"
+    note.write_text("The head now predicts four exclusive classes.\n")
+    assert bench.main([*args, "--publish", str(tmp_path / "published"), "--note", str(note)]) == 0
     folder = tmp_path / "out" / "tiny-2"
     arms = load_scenario("tiny-2").arms
     assert len(arms) == 6
@@ -107,12 +110,24 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert set(summary) == set(arms)
     assert float(summary["centralised"]["bytes_total"]) == 0.0
     assert float(summary["mstkd"]["bytes_total"]) > 0 and float(summary["mstkd"]["convergence_score"]) >= 0
+    assert all(
+        0.0 <= float(r["max_region_share"]) <= 1.0 and r["collapsed"] in ("True", "False") for r in summary.values()
+    )
     sites = _rows(folder / "sites.csv")
     assert {r["site"] for r in sites if r["arm"] == "mstkd"} == {"site-1", "site-2"}
 
     report = (folder / "REPORT.md").read_text()
-    for section in ("Headline differences", "Ablation", "Validation Dice over rounds", "Paper layout", "Per-site"):
+    for section in (
+        "What changed",
+        "Headline differences",
+        "Collapse check",
+        "Ablation",
+        "Validation Dice over rounds",
+        "Paper layout",
+        "Per-site",
+    ):
         assert section in report
+    assert "four exclusive classes" in report
     assert "not comparable" in report and "Machine:" in report
 
     # resume: finished arms are skipped; an interrupted one starts over from an empty folder
@@ -123,6 +138,21 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert bench.main(args) == 0
     err = capsys.readouterr().err
     assert err.count("finished earlier, skipped") == 5
+    assert "four exclusive classes" in (folder / "REPORT.md").read_text()  # a resumed benchmark keeps its note
     assert not (folder / "centralised" / "seed-0" / "leftover.tmp").exists()
     assert json.loads((folder / "centralised" / "seed-0" / "done.json").read_text())["arm"] == "centralised"
     assert all((folder / a / "seed-0" / "done.json").stat().st_mtime_ns == done[a] for a in arms if a != "centralised")
+
+
+def test_a_run_with_a_skipped_round_or_a_failed_site_is_not_a_result(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    good = [{"round": r, "failures": []} for r in range(3)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in good))
+    bench.incomplete_rounds(log)  # every site in every round: accepted
+    failed = {"round": 2, "failures": [{"stage": "train", "node": 7, "reason": "OutOfMemoryError: worker killed"}]}
+    log.write_text("".join(json.dumps(r) + "\n" for r in [*good[:2], failed]))
+    with pytest.raises(RuntimeError, match="round 2 did not run on every site.*OutOfMemoryError"):
+        bench.incomplete_rounds(log)
+    log.write_text(json.dumps({"round": 1, "failures": [], "skipped": "0 of 4 nodes replied"}) + "\n")
+    with pytest.raises(RuntimeError, match="round 1 did not run on every site"):
+        bench.incomplete_rounds(log)

@@ -16,7 +16,14 @@ from mstkd.config import load_config
 from mstkd.data.cache import CaseCache
 from mstkd.data.cases import load_case, normalize
 from mstkd.data.dataset import make_loader, prepare_federation
-from mstkd.data.labels import CONVENTIONS, labels_from_regions, regions_from_labels
+from mstkd.data.labels import (
+    CLASSES,
+    CONVENTIONS,
+    classes_from_regions,
+    labels_from_regions,
+    regions_from_classes,
+    regions_from_labels,
+)
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.data.partitions import make_split, read_partitions, write_split_csv
 from mstkd.errors import InputError
@@ -67,6 +74,39 @@ def test_regions_per_convention(tmp_path):
         labels = make_labels(enhancing=enhancing)
         back = labels_from_regions(regions_from_labels(labels, CONVENTIONS[name]), CONVENTIONS[name])
         np.testing.assert_array_equal(back, labels)
+
+
+@pytest.mark.parametrize(
+    ("name", "netc", "ed", "et", "background"),
+    [("fets", 1, 2, 4, (0,)), ("brats2023", 1, 2, 3, (0, 4))],  # BraTS 2023+: the resection cavity (4) is background
+)
+def test_classes_and_regions_per_convention(name, netc, ed, et, background):
+    """Label map -> regions -> the four exclusive training classes -> regions again, in each convention."""
+    convention = CONVENTIONS[name]
+    seg = np.array([*background, netc, ed, et])
+    classes = classes_from_regions(regions_from_labels(seg, convention))
+    assert CLASSES == ("NETC", "ED", "ET", "BG")
+    assert classes.sum(0).tolist() == [1] * len(seg)  # exactly one class per voxel
+    n = len(background)
+    expected = {
+        "BG": list(range(n)),
+        "NETC": [n],
+        "ED": [n + 1],
+        "ET": [n + 2],
+    }
+    for i, cls in enumerate(CLASSES):
+        assert np.flatnonzero(classes[i]).tolist() == expected[cls], cls
+    et_mask, tc_mask, wt_mask = regions_from_classes(classes)
+    assert np.flatnonzero(et_mask).tolist() == [n + 2]  # ET = ET
+    assert np.flatnonzero(tc_mask).tolist() == [n, n + 2]  # TC = NETC | ET
+    assert np.flatnonzero(wt_mask).tolist() == [n, n + 1, n + 2]  # WT = NETC | ED | ET
+    # a real label map survives labels -> regions -> classes -> regions -> labels
+    labels = make_labels(enhancing=et)
+    back = regions_from_classes(classes_from_regions(regions_from_labels(labels, convention)))
+    np.testing.assert_array_equal(labels_from_regions(back, convention), labels)
+    # overlapping class masks (independent thresholds) still give nested regions
+    et_m, tc_m, wt_m = regions_from_classes(np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=bool))
+    assert et_m.tolist() == [False, True] and tc_m.tolist() == [True, True] and wt_m.tolist() == [True, True]
 
 
 def test_nested_trees_are_found(tmp_path):

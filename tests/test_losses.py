@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mstkd.config import load_config
+from mstkd.data.labels import classes_from_regions
 from mstkd.losses import (
+    OFFICIAL_GRAM_SCALE,
     TERMS,
     AttentionDistillationLoss,
     ConsistencyLoss,
@@ -18,6 +21,7 @@ from mstkd.losses import (
     MSTKDLoss,
     SegmentationLoss,
     StandardizedKLLoss,
+    class_targets,
     consistency_ramp,
     cross_gram,
     discriminator_loss,
@@ -27,26 +31,103 @@ from mstkd.model import build_networks
 
 
 def test_segmentation_dice_known_values():
-    target = torch.zeros(1, 3, 2, 2, 2)
+    target = torch.zeros(1, 4, 2, 2, 2)
     target[:, :, 0] = 1
     big = 40.0
     perfect = (target * 2 - 1) * big  # sigmoid -> exactly the target (to float precision)
     assert SegmentationLoss()(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
     # sigmoid(0) = 0.5 everywhere: per channel 1 - 2*0.5*4 / (0.25*8 + 4) = 1 - 4/6
-    assert SegmentationLoss()(torch.zeros(1, 3, 2, 2, 2), target).item() == pytest.approx(3 * (1 - 4 / 6), rel=1e-5)
-    with_bce = SegmentationLoss(bce_weight=1.0)(torch.zeros(1, 3, 2, 2, 2), target).item()
-    assert with_bce == pytest.approx(3 * (1 - 4 / 6) + math.log(2), rel=1e-5)
+    assert SegmentationLoss()(torch.zeros(1, 4, 2, 2, 2), target).item() == pytest.approx(4 * (1 - 4 / 6), rel=1e-5)
+    with_bce = SegmentationLoss(ce_weight=1.0)(torch.zeros(1, 4, 2, 2, 2), target).item()
+    assert with_bce == pytest.approx(4 * (1 - 4 / 6) + math.log(2), rel=1e-5)
+
+
+def test_softmax_segmentation_known_values():
+    """Softmax over the four classes: equal logits give p = 1/4 everywhere; CE is then log 4."""
+    target = torch.zeros(1, 4, 2, 2, 2)
+    target[:, 3] = 1  # all background
+    target[:, 3, 0, 0, 0], target[:, 2, 0, 0, 0] = 0, 1  # one ET voxel
+    loss = SegmentationLoss(activation="softmax")
+    flat = torch.zeros(1, 4, 2, 2, 2)
+    # per class 1 - 2 sum(p g) / (sum p^2 + sum g^2): NETC, ED: 1; ET: 1 - 0.5/(0.5 + 1); BG: 1 - 3.5/(0.5 + 7)
+    expected = 2 + (1 - 0.5 / 1.5) + (1 - 3.5 / 7.5)
+    assert loss(flat, target).item() == pytest.approx(expected, rel=1e-5)
+    with_ce = SegmentationLoss(ce_weight=1.0, activation="softmax")(flat, target).item()
+    assert with_ce == pytest.approx(expected + math.log(4), rel=1e-5)
+    # a perfect answer: ET and BG cost nothing; NETC and ED are absent from the batch, so their Dice is
+    # 0 / eps whatever is predicted: a constant 1 each, with no gradient
+    assert loss((target * 2 - 1) * 30, target).item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_everything_is_tumour_is_costly_with_the_background_class():
+    """The trap of the region head: predicting WT everywhere. With a background class it costs a whole Dice."""
+    regions = torch.zeros(1, 3, 8, 8, 8)
+    regions[:, 2, 1:6, 1:6, 1:6] = 1  # edema shell
+    regions[:, 1, 2:5, 2:5, 2:5] = 1  # tumour core ...
+    regions[:, 0, 2:5, 2:5, 2:5] = 1  # ... enhancing
+    regions[:, 0, 3, 3, 3] = 0  # ... around a necrotic voxel
+    target = class_targets(regions)
+    assert target.sum(1).eq(1).all()  # one class per voxel
+    big = 20.0
+    everything_tumour = torch.full((1, 4, 8, 8, 8), -big)
+    everything_tumour[:, 2] = big  # ET predicted everywhere, background nowhere
+    right = (target * 2 - 1) * big
+    loss = SegmentationLoss()
+    assert loss(right, target).item() < 1e-3
+    assert loss(everything_tumour, target).item() > 2.9  # NETC, ED and BG near 1, ET far from 1
+
+
+def test_class_targets_match_the_numpy_mapping():
+    regions = (torch.rand(2, 3, 4, 4, 4) > 0.5).float()
+    classes = class_targets(regions)
+    for b in range(2):
+        expected = classes_from_regions(regions[b].numpy() > 0)
+        assert np.array_equal(classes[b].numpy() > 0, expected)
+
+
+def test_kl_tells_all_background_from_all_tumour():
+    """Over the four exclusive classes the KL sees the difference the nested region head could not."""
+    background = torch.tensor([-9.0, -8.5, -8.0, 9.0]).view(1, 4, 1, 1, 1).expand(1, 4, 2, 2, 2)
+    tumour = torch.tensor([9.0, -8.5, -8.0, -9.0]).view(1, 4, 1, 1, 1).expand(1, 4, 2, 2, 2)
+    kl = StandardizedKLLoss(temperature=1.0, std_floor=1.0)
+    assert kl(background, background).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl(background, tumour).item() > 1.0
+    assert kl(tumour, background).item() > 1.0
+
+
+def test_kl_std_floor_keeps_near_constant_logits_quiet():
+    """An untrained network's logits barely differ between classes: without a floor, z-scoring blows that
+    noise up to unit spread; with it, the loss stays near zero."""
+    torch.manual_seed(0)
+    t = 0.01 * torch.randn(1, 4, 4, 4, 4)
+    s = 0.01 * torch.randn(1, 4, 4, 4, 4)
+    unfloored = StandardizedKLLoss(temperature=1.0)(t, s).item()
+    floored = StandardizedKLLoss(temperature=1.0, std_floor=1.0)(t, s).item()
+    assert floored < 1e-3 < unfloored
+    # above the floor, the z-score is unchanged
+    wide_t, wide_s = 5 * torch.randn(1, 4, 2, 2, 2), 5 * torch.randn(1, 4, 2, 2, 2)
+    assert StandardizedKLLoss(1.0, std_floor=1.0)(wide_t, wide_s).item() == pytest.approx(
+        StandardizedKLLoss(1.0)(wide_t, wide_s).item(), rel=1e-5
+    )
 
 
 def test_consistency_ramp_values():
     assert consistency_ramp(0) == pytest.approx(10 * math.exp(-5))  # 0.067
     assert consistency_ramp(10) == pytest.approx(10 * math.exp(-1.25))  # 2.87
     assert consistency_ramp(20) == consistency_ramp(50) == 10.0
+    # the ramp spans the same fraction of every run: 20 of 100 epochs officially, 2 of 10 in a short run
+    cfg = load_config(["model=tiny"]).loss
+    assert MSTKDLoss(cfg, epochs=100).ramp_epochs == pytest.approx(20)
+    assert MSTKDLoss(cfg, epochs=10).ramp_epochs == pytest.approx(2)
 
 
 def test_consistency_is_probability_mse():
-    t, s = torch.zeros(1, 3, 2, 2, 2), torch.full((1, 3, 2, 2, 2), math.log(3))  # sigmoid = 0.5 vs 0.75
+    t, s = torch.zeros(1, 4, 2, 2, 2), torch.full((1, 4, 2, 2, 2), math.log(3))  # sigmoid = 0.5 vs 0.75
     assert ConsistencyLoss()(t, s).item() == pytest.approx(0.0625)
+    s = torch.zeros(1, 4, 2, 2, 2)
+    s[:, 0] = math.log(3)  # softmax: (3, 1, 1, 1) / 6 against 1/4 each
+    expected = ((0.5 - 0.25) ** 2 + 3 * (1 / 6 - 0.25) ** 2) / 4
+    assert ConsistencyLoss("softmax")(t, s).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_standardized_kl_known_value_direction_and_detach():
@@ -76,6 +157,8 @@ def test_attention_distillation_zero_when_equal_and_scaled_by_tokens():
     a1, b1 = a[:1], b[:1]
     expect = 3 * F.mse_loss((5 * b1[0]) ** 2, (5 * a1[0]) ** 2).item()
     assert AttentionDistillationLoss()(a1, b1).item() == pytest.approx(expect, rel=1e-5)
+    # the official raw maps are the same loss divided by N^4
+    assert AttentionDistillationLoss("raw")(a1, b1).item() == pytest.approx(expect / 5**4, rel=1e-5)
 
 
 def test_feature_and_gram_losses():
@@ -87,7 +170,13 @@ def test_feature_and_gram_losses():
     assert torch.allclose(cross_gram(x, x), torch.full((1, 2, 2), 0.5))  # 8 / (2 * 8)
     styles = [torch.randn(2, 4, 2, 2, 2) for _ in range(3)]
     assert GlobalStyleLoss()(styles, styles).item() == 0
-    assert GlobalStyleLoss()(styles, [s * 2 for s in styles]).item() > 0
+    unscaled = GlobalStyleLoss(scale=1.0)(styles, [s * 2 for s in styles]).item()
+    assert unscaled > 0
+    # the official coefficient 1e-4 / (4 C^2 N^2) with C = 128, N = 480
+    assert OFFICIAL_GRAM_SCALE == pytest.approx(1e-4 / (4 * 128**2 * 480**2))
+    assert GlobalStyleLoss()(styles, [s * 2 for s in styles]).item() == pytest.approx(
+        OFFICIAL_GRAM_SCALE * unscaled, rel=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +185,7 @@ def outputs():
     torch.manual_seed(0)
     teacher, student, disc = build_networks(cfg.model)
     x = torch.randn(1, 4, 32, 32, 32)
-    target = (torch.rand(1, 3, 32, 32, 32) > 0.7).float()
+    target = class_targets((torch.rand(1, 3, 32, 32, 32) > 0.7).float())
     return cfg, teacher, student, disc, x, target
 
 

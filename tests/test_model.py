@@ -26,7 +26,7 @@ def test_shapes_at_several_input_sizes(tiny, size):
         out = net(torch.randn(1, 4, *size))
     s8 = tuple(v // 8 for v in size)
     tokens = (size[0] // STRIDE) * (size[1] // STRIDE) * (size[2] // STRIDE)
-    assert out.logits.shape == (1, 3, *size)
+    assert out.logits.shape == (1, 4, *size)
     assert out.style.shape == out.content.shape == (1, 8 * c, *s8)
     assert [tuple(f.shape) for f in out.global_style] == [(1, 8 * c, *s8)] * 3
     d1, d2, d3, d4 = cfg.decoder_channels
@@ -69,7 +69,7 @@ def test_paper_preset_forward_pass():
     net = MSTKDNet(cfg).eval()
     with torch.no_grad():
         out = net(torch.randn(1, 4, *cfg.input_size))
-    assert out.logits.shape == (1, 3, 160, 192, 128)
+    assert out.logits.shape == (1, 4, 160, 192, 128)
     assert out.attention[0].shape == (1, 12, 120, 120)
     assert [tuple(f.shape[1:]) for f in out.transformer_features] == [
         (64, 20, 24, 16),

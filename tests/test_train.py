@@ -22,6 +22,7 @@ from mstkd.train import Networks, make_optimizers, poly_lr, seed_everything, tra
 from tests.conftest import write_case
 
 TINY = ["model=tiny", "train.amp=false"]
+TINY_STEPS = 8  # per epoch in the no-collapse test
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,29 @@ def test_loss_goes_down_on_tiny_phantoms(phantoms):
     assert seg[-1] < seg[0] * 0.9, seg
     assert chunks[0]["steps"] == 12 and chunks[0]["subsets_drawn"] > 1
     assert {"attention", "kl", "gram", "disc_loss"} <= set(chunks[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiny_training_does_not_collapse(phantoms, seed):
+    """A short tiny-preset MST-KDNet training learns the tumour without predicting any region over the brain."""
+    cfg = load_config([*TINY, "train.lr=3e-3", "train.epochs=10"])
+    seed_everything(seed)
+    fed = prepare_federation(phantoms, cfg.data, progress=False)
+    train = fed.site_cases("1", "train") + fed.site_cases("2", "train")
+    loader = make_loader(train, cfg.data, train=True, patch=cfg.model.input_size)
+    nets = Networks(*build_networks(cfg.model))
+    opt = make_optimizers(nets, cfg.train)
+    rng = np.random.default_rng(seed)
+    for epoch in range(10):
+        m = train_local(nets, opt, loader, cfg, steps=TINY_STEPS, epoch=epoch, rng=rng, progress=False)
+    assert m["fg_BG"] > 0.5  # most of a crop is still background to the student
+    val = fed.site_cases("1", "val") + fed.site_cases("2", "val")
+    result = evaluate_cases(nets.student, val, cfg, subsets=parse_subsets("full"), progress=False)
+    assert result.collapse() == []
+    summary = result.summary()
+    assert max(summary[f"{r}_share_max"] for r in ("ET", "TC", "WT")) < 0.5
+    assert summary["WT_dice"] > 0.3, summary  # and it did learn the tumour
 
 
 def test_training_is_deterministic(phantoms):
@@ -96,6 +120,28 @@ def test_evaluation_table_has_15_rows_and_average(phantoms, tmp_path):
     assert md.count("\n|") == 17  # separator + 15 subsets + average
     assert json.loads(paths["json"].read_text())["table"][-1]["subset"] == "average"
     assert parse_subsets("full") == (Subset.parse("flair+t1+t1ce+t2"),)
+
+
+def test_a_collapsed_model_is_flagged(phantoms, tmp_path):
+    """A student that predicts enhancing tumour everywhere is named as a collapse, not passed off as a low Dice."""
+    cfg = load_config(TINY)
+    fed = prepare_federation(phantoms, cfg.data, progress=False)
+    net = build_networks(cfg.model)[1]
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([-10.0, -10.0, 10.0, -10.0]))  # ET wins every voxel
+    result = evaluate_cases(net, fed.site_cases("1", "val"), cfg, subsets=parse_subsets("full"), progress=False)
+    hits = result.collapse()
+    assert [h["region"] for h in hits] == ["ET", "TC", "WT"]
+    assert all(h["share"] == pytest.approx(1.0) and h["ratio"] > 10 for h in hits)
+    summary = result.summary()
+    assert summary["collapsed"] == 3 and summary["WT_share_max"] == pytest.approx(1.0)
+    assert "**Collapse:** ET predicted in 100% of the brain" in result.markdown()
+    # an untrained-looking but sane model (background everywhere) is not flagged
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([-10.0, -10.0, -10.0, 10.0]))
+    quiet = evaluate_cases(net, fed.site_cases("1", "val"), cfg, subsets=parse_subsets("full"), progress=False)
+    assert quiet.collapse() == [] and quiet.summary()["WT_share_max"] == 0
 
 
 def _checkpoint(tmp_path: Path) -> Path:
@@ -160,6 +206,22 @@ def test_predict_with_missing_modalities_and_bad_input(tmp_path, capsys):
         == 2
     )
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_checkpoint_with_the_old_region_head_is_refused_in_one_line(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    payload = torch.load(ckpt, weights_only=True)
+    payload["format"] = "mstkd-checkpoint/1"  # what the region-head versions wrote
+    payload.pop("head")
+    payload["student"]["head.weight"] = payload["student"]["head.weight"][:3]
+    payload["student"]["head.bias"] = payload["student"]["head.bias"][:3]
+    torch.save(payload, tmp_path / "old.pt")
+    folder = write_case(tmp_path / "cases", "FeTS2022_00003", seg=False)
+    out = tmp_path / "old.nii.gz"
+    assert main(["predict", "--checkpoint", str(tmp_path / "old.pt"), "--case", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older version" in err[0] and "NETC, ED, ET, BG" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.slow

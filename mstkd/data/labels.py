@@ -13,6 +13,10 @@ convention      1     2     3     4     ET        TC           WT
 and 2024, where label 4 (resection cavity, post-treatment data only) belongs to no
 tumour region. Internally every target is a ``3 x H x W x D`` boolean stack in the
 canonical region order :data:`REGIONS` = (ET, TC, WT).
+
+The network predicts four mutually exclusive classes, :data:`CLASSES` = (NETC, ED, ET, BG),
+as the official MST-KDNet code does; the regions follow from them (WT = NETC | ED | ET,
+TC = NETC | ET, ET = ET). The resection cavity of BraTS 2023+ is background for training.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 REGIONS: tuple[str, ...] = ("ET", "TC", "WT")
-"""Canonical region order of every target and network output channel."""
+"""Canonical region order of every target, metric and evaluation table."""
+
+CLASSES: tuple[str, ...] = ("NETC", "ED", "ET", "BG")
+"""Output channels of the network: necrotic/non-enhancing core, edema, enhancing tumour, background."""
+
+CLASS_REGIONS: dict[str, tuple[str, ...]] = {"ET": ("ET",), "TC": ("NETC", "ET"), "WT": ("NETC", "ED", "ET")}
+"""Which classes make up each region."""
 
 
 @dataclass(frozen=True)
@@ -82,3 +92,35 @@ def labels_from_regions(regions: np.ndarray, convention: LabelConvention) -> np.
     out[tc] = convention.necrosis
     out[et] = convention.enhancing
     return out
+
+
+def classes_from_regions(regions):
+    """``3 x ...`` boolean ET, TC, WT -> ``4 x ...`` one-hot NETC, ED, ET, BG (mutually exclusive).
+
+    ET = ET, NETC = TC without ET, ED = WT without TC, BG = outside WT; masks that are not nested
+    (ET outside TC) are read as the label map they came from would be (ET wins, then TC). NumPy
+    arrays and torch tensors alike (channels first; for a batch see :func:`mstkd.losses.class_targets`).
+    """
+    et, tc, wt = (r > 0 for r in regions[:3])
+    tc = tc | et
+    wt = wt | tc
+    return _stack([tc & ~et, wt & ~tc, et, ~wt])
+
+
+def regions_from_classes(classes):
+    """``4 x ...`` boolean NETC, ED, ET(, BG) masks -> ``3 x ...`` nested ET, TC, WT (the BG channel is unused).
+
+    The class masks may overlap (independent thresholds); each region is the union of its classes.
+    NumPy arrays and torch tensors alike.
+    """
+    netc, ed, et = (c > 0 for c in classes[:3])
+    tc = netc | et
+    return _stack([et, tc, tc | ed])
+
+
+def _stack(masks):
+    if isinstance(masks[0], np.ndarray):
+        return np.stack(masks)
+    import torch
+
+    return torch.stack(masks)

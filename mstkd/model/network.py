@@ -16,7 +16,7 @@ content (f_dec)    ResBlock x4 on output                              8c @ 1/8
 style   (f_t)      1x1 Conv on [maxpool(c2d), c3d, output]            8c @ 1/8
 fuse               1x1 Conv on [style, content], dropout              8c @ 1/8
 decoder            1x1 Conv, nearest x2, + skip, ResBlock (x3)        c @ 1
-head               1x1 Conv(c->3)                                     3 @ 1 (ET, TC, WT logits)
+head               1x1 Conv(c->4)                                     4 @ 1 (NETC, ED, ET, BG logits)
 =================  =================================================  ===================
 
 ResBlock is the pre-activation residual block ``x + Conv(ReLU(GN(Conv(ReLU(GN(x))))))``
@@ -37,6 +37,7 @@ from monai.networks.blocks.segresnet_block import ResBlock
 from omegaconf import DictConfig
 from torch import nn
 
+from mstkd.data.labels import CLASSES
 from mstkd.model.conv import use_fast_cpu_convolutions
 from mstkd.model.vit import BottleneckViT
 
@@ -48,7 +49,7 @@ STRIDE = 32
 class NetOutput:
     """Everything one forward pass returns (shapes for input ``B x 4 x H x W x D``)."""
 
-    logits: torch.Tensor  # B x 3 x H x W x D, region logits ET, TC, WT
+    logits: torch.Tensor  # B x 4 x H x W x D, class logits NETC, ED, ET, BG
     style: torch.Tensor  # B x 8c x H/8 x W/8 x D/8
     content: torch.Tensor  # B x 8c x H/8 x W/8 x D/8
     global_style: list[torch.Tensor]  # [f_enc = c3d, f_t = style, f_dec = content]
@@ -126,7 +127,7 @@ class _UpStage(nn.Module):
 class MSTKDNet(nn.Module):
     """One MST-KDNet network (teacher or student). See the module docstring for the stages."""
 
-    def __init__(self, cfg: DictConfig, in_channels: int = 4, out_channels: int = 3) -> None:
+    def __init__(self, cfg: DictConfig, in_channels: int = 4, out_channels: int = len(CLASSES)) -> None:
         super().__init__()
         c = int(cfg.base_channels)
         gn = _norm("group", int(cfg.norm_groups))
@@ -183,7 +184,7 @@ class MSTKDNet(nn.Module):
         return NetOutput(self.head(y), style, content, [c3d, style, content], features, attention)
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
-        """Region logits only (for sliding-window inference): ``B x 4 x H x W x D -> B x 3 x H x W x D``."""
+        """Class logits only (for sliding-window inference): ``B x 4 x H x W x D -> B x 4 x H x W x D``."""
         return self.forward(x).logits
 
 
