@@ -56,6 +56,24 @@ keys; ``fg_<class>`` is the share of training-crop voxels the student put in eac
 
 log = logging.getLogger("mstkd.client")
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(node_config: Mapping[str, Any]) -> None:
+    """Site logs on stderr: INFO in deployment (a node started with a ``data-path``), WARNING in
+    simulation, where many sites share one terminal; the node config ``log-level`` overrides both."""
+    default = "info" if "data-path" in node_config and "partition-id" not in node_config else "warning"
+    level = str(node_config.get("log-level", default)).lower()
+    if level not in LOG_LEVELS:
+        raise InputError(f"node config log-level={level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    root = logging.getLogger("mstkd")
+    root.setLevel(level.upper())
+    if not any(getattr(h, "mstkd_site", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.mstkd_site = True  # one handler however many messages this process serves
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+
 
 def clip_updates(msg: Message, context: Context, call_next) -> Message:
     """Client-side differential privacy: clip this site's update (Flower's ``fixedclipping_mod``) on train
@@ -81,6 +99,7 @@ def _state_folder(context: Context, site_name: str, key: str = "") -> Path:
 
 def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: Context):
     """Run config, project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
+    configure_logging(context.node_config)
     run = dict(context.run_config)
     cfg = config_from_run(run)
     data = site_data(run, context.node_config, cfg)

@@ -56,3 +56,19 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = No
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
+
+
+def check_writable(folder: str | Path, what: str = "output") -> None:
+    """Refuse, before any work, a folder that cannot be created or written to; create nothing.
+
+    Raises:
+        InputError: ``folder`` is a file, or its nearest existing ancestor is not a writable folder.
+    """
+    from mstkd.errors import InputError
+
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {folder}: {existing} is not writable")

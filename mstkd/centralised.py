@@ -3,33 +3,96 @@
 Writes into the run folder: ``config.yaml`` (resolved), ``log.jsonl`` (one line per epoch:
 loss terms, the share of crop voxels the student put in each class, lr, seconds, validation
 scores and any collapse flagged on them, when run), ``last.pt`` and ``best.pt`` (one-file
-checkpoints of the student; best by mean validation Dice over ``train.eval_subsets``), and
-``val_epoch<N>.md`` tables.
+checkpoints of the student; best by mean validation Dice over ``train.eval_subsets``),
+``val_epoch<N>.md`` tables, and ``state.pt``: everything needed to continue after the last
+finished epoch (teacher, student, discriminator, both optimisers, the best score so far and
+every random state: Python, NumPy, torch, the subset draws and the crop/augmentation
+transforms), so that :func:`resume_centralised` ends with the weights an uninterrupted run
+would have had.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+import torch
+from monai.transforms import Randomizable
+from omegaconf import DictConfig, OmegaConf
 
-from mstkd.atomic import copy_file
+from mstkd.atomic import atomic_path, check_writable, copy_file, write_text
 from mstkd.checkpoint import save_checkpoint
 from mstkd.config import save_config
 from mstkd.data.dataset import Federation, make_loader, prepare_federation
+from mstkd.errors import InputError
 from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.modalities import SUBSETS
 from mstkd.model import build_networks
+from mstkd.tracking import Tracker
 from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
 
 
 def _convention(federation: Federation) -> str:
     names = {e.meta["convention"] for e in federation.entries.values()}
     return names.pop() if len(names) == 1 else "fets"
+
+
+STATE = "state.pt"
+STATE_FORMAT = "mstkd-train-state/1"
+
+
+def _transforms(loader) -> list[Randomizable]:
+    """Every random transform of a training loader, depth first: the dictionary transforms and the array
+    transforms inside them (``RandScaleIntensityd.scaler``, ...), each with its own generator."""
+    found: list[Randomizable] = []
+
+    def visit(obj, depth: int = 0) -> None:
+        if depth > 6 or not hasattr(obj, "__dict__"):
+            return
+        if isinstance(obj, Randomizable) and all(obj is not f for f in found):
+            found.append(obj)
+        for value in vars(obj).values():
+            for item in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(item, Randomizable) or hasattr(item, "transforms") or hasattr(item, "transform"):
+                    visit(item, depth + 1)
+
+    visit(loader.dataset)
+    return found
+
+
+def _numpy_state(state: tuple) -> tuple:
+    return (state[0], torch.from_numpy(np.asarray(state[1], dtype=np.int64)), *state[2:])
+
+
+def _numpy_state_back(state: tuple) -> tuple:
+    return (state[0], state[1].numpy().astype(np.uint32), *state[2:])
+
+
+def random_states(loader, rng: np.random.Generator) -> dict:
+    """Every random state training draws from, in a form ``torch.load(weights_only=True)`` reads back."""
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state(np.random.get_state()),  # noqa: NPY002 - the global state MONAI and torch seed
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "subsets": rng.bit_generator.state,
+        "transforms": [_numpy_state(t.R.get_state()) for t in _transforms(loader)],
+    }
+
+
+def set_random_states(states: dict, loader, rng: np.random.Generator) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(_numpy_state_back(states["numpy"]))  # noqa: NPY002
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    rng.bit_generator.state = states["subsets"]
+    for t, state in zip(_transforms(loader), states["transforms"], strict=True):
+        t.R.set_state(_numpy_state_back(state))
 
 
 def train_centralised(
@@ -39,11 +102,66 @@ def train_centralised(
     *,
     partitioning: str | Path | None = None,
     progress: bool = True,
+    tensorboard: bool = False,
 ) -> Path:
-    """Train on all sites' training cases pooled; validate on their validation cases; return the run folder."""
+    """Train on all sites' training cases pooled; validate on their validation cases; return the run folder.
+
+    ``tensorboard``: also write each epoch's scalars under ``out_dir/tensorboard/``.
+
+    Raises:
+        InputError: ``out_dir`` cannot be written, or already holds a run (continue it with
+            :func:`resume_centralised`).
+    """
     out = Path(out_dir).resolve()
+    epochs = float(cfg.train.epochs)
+    if epochs < 1 or not epochs.is_integer():
+        raise InputError(f"train.epochs={epochs:g}: centralised training runs whole epochs (1 or more)")
+    check_writable(out, what="--out")
+    if (out / STATE).exists() or (out / "log.jsonl").exists():
+        raise InputError(f"--out {out} already holds a run: continue it with --resume {out}, or choose another --out")
+    tracker = Tracker(out, tensorboard)  # refuses before any work when the package is missing
+    partitioning = Path(partitioning).resolve() if partitioning else None  # state.pt must find it from anywhere
+    return _run(Path(data_dir).resolve(), cfg, out, partitioning=partitioning, progress=progress, tracker=tracker)
+
+
+def resume_centralised(run_dir: str | Path, *, progress: bool = True, tensorboard: bool = False) -> Path:
+    """Continue the run in ``run_dir`` after its last finished epoch, with its own config and data.
+
+    Raises:
+        InputError: ``run_dir`` holds no readable training state.
+    """
+    out = Path(run_dir).resolve()
+    path = out / STATE
+    if not path.is_file():
+        raise InputError(f"--resume {out}: no {STATE} (not a run folder of mstkd train, or no epoch finished)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise InputError(f"--resume {path}: not a readable training state ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f"--resume {path}: not a training state of this version")
+    cfg = OmegaConf.create(state["config"])
+    OmegaConf.set_readonly(cfg, True)
+    partitioning = state["partitioning"]
+    tracker = Tracker(out, tensorboard)
+    return _run(
+        Path(state["data"]), cfg, out, partitioning=partitioning, progress=progress, state=state, tracker=tracker
+    )
+
+
+def _run(
+    data_dir: Path,
+    cfg: DictConfig,
+    out: Path,
+    *,
+    partitioning: str | Path | None,
+    progress: bool,
+    state: dict | None = None,
+    tracker: Tracker | None = None,
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if state is None:
+        save_config(cfg, out / "config.yaml")
     seed_everything(int(cfg.train.seed))
     device = pick_device()
     print(f"device: {device}", file=sys.stderr)
@@ -66,10 +184,19 @@ def train_centralised(
     rng = np.random.default_rng(int(cfg.train.seed))
     subsets = parse_subsets(cfg.train.eval_subsets)
     convention = _convention(federation)
-    best = -1.0
+    best, first = -1.0, 0
     log = out / "log.jsonl"
-    log.unlink(missing_ok=True)
-    for epoch in range(int(cfg.train.epochs)):
+    if state is not None:
+        for name in ("teacher", "student", "discriminator"):  # loads into the parameters in place
+            getattr(nets, name).load_state_dict(state[name])
+        optimizers.main.load_state_dict(state["optimizer"])
+        optimizers.discriminator.load_state_dict(state["disc_optimizer"])
+        set_random_states(state["random"], loader, rng)
+        best, first = float(state["best"]), int(state["epoch"])
+        # an epoch logged but killed before its state was saved runs again: keep the log to the saved state
+        write_text(log, "".join(_logged_until(log, first)))
+        print(f"resuming {out} after epoch {first} of {int(cfg.train.epochs)}", file=sys.stderr)
+    for epoch in range(first, int(cfg.train.epochs)):
         start = time.perf_counter()
         metrics = train_local(
             nets,
@@ -82,9 +209,9 @@ def train_centralised(
             device=device,
             subsets=SUBSETS,
             progress=progress,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            desc=f"epoch {epoch + 1}/{int(cfg.train.epochs)}",
         )
-        record = {"epoch": epoch + 1, **metrics}
+        record = {**metrics, "epoch": epoch + 1}  # metrics["epoch"] is the schedule position
         last_epoch = epoch + 1 == int(cfg.train.epochs)
         if val_cases and ((epoch + 1) % int(cfg.train.eval_every) == 0 or last_epoch):
             result = evaluate_cases(
@@ -108,8 +235,43 @@ def train_centralised(
         record["wall_seconds"] = time.perf_counter() - start
         with log.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        _save_state(out, cfg, nets, optimizers, epoch + 1, best, random_states(loader, rng), data_dir, partitioning)
+        if tracker is not None:
+            tracker.log(epoch + 1, {"train": metrics, "val": record.get("val", {})})
         val = f", val mean Dice {record['val']['mean_dice']:.3f}" if "val" in record else ""
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}{val} ({record['wall_seconds']:.0f} s)", file=sys.stderr)
     if not (out / "best.pt").exists():
         copy_file(out / "last.pt", out / "best.pt")
+    if tracker is not None:
+        tracker.close()
     return out
+
+
+def _logged_until(log: Path, epoch: int) -> list[str]:
+    """The lines of ``log`` for epochs up to ``epoch``; a line cut short by a kill, or a missing log, is dropped."""
+    kept = []
+    for line in log.read_text().splitlines(keepends=True) if log.is_file() else []:
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
+
+
+def _save_state(out, cfg, nets, optimizers, epoch, best, randoms, data_dir, partitioning) -> None:
+    """``state.pt``, atomically: what :func:`resume_centralised` needs to continue after ``epoch``."""
+    payload = {
+        "format": STATE_FORMAT,
+        "epoch": epoch,
+        "best": best,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "data": str(data_dir),
+        "partitioning": str(partitioning) if partitioning else None,
+        **{name: getattr(nets, name).state_dict() for name in ("teacher", "student", "discriminator")},
+        "optimizer": optimizers.main.state_dict(),
+        "disc_optimizer": optimizers.discriminator.state_dict(),
+        "random": randoms,
+    }
+    with atomic_path(out / STATE) as tmp:
+        torch.save(payload, tmp)

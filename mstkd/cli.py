@@ -38,9 +38,38 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from mstkd.metrics import format_scores, score_files
 
-    scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
-    print(json.dumps(scores) if args.json else format_scores(scores, hd95=args.hd95))
-    return 0
+    pair, folders = bool(args.pred or args.ref), bool(args.pred_dir or args.ref_dir)
+    if pair == folders:
+        raise InputError("give either --pred with --ref (one pair) or --pred-dir with --ref-dir (every case)")
+    if pair:
+        if not (args.pred and args.ref):
+            raise InputError("--pred and --ref go together")
+        if args.csv:
+            raise InputError("--csv writes the per-case table of --pred-dir/--ref-dir; use --json for one pair")
+        scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
+        print(json.dumps(scores) if args.json else format_scores(scores, hd95=args.hd95))
+        return 0
+    from mstkd.atomic import check_writable
+    from mstkd.scoring import score_folders
+
+    if not (args.pred_dir and args.ref_dir):
+        raise InputError("--pred-dir and --ref-dir go together")
+    if args.csv:
+        if Path(args.csv).is_dir():
+            raise InputError(f"--csv {args.csv} is a folder; name the file to write, e.g. scores.csv")
+        check_writable(Path(args.csv).parent, what="--csv")
+    result = score_folders(args.pred_dir, args.ref_dir, labels=args.labels, hd95=args.hd95, progress=not args.quiet)
+    if not result.rows:
+        raise InputError(f"no case could be scored ({len(result.failed)} skipped)")
+    if args.csv:
+        result.write(args.csv)
+    if args.json:
+        print(json.dumps({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
+    else:
+        print(result.markdown())
+    if args.csv:
+        print(f"per-case table: {args.csv}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -58,14 +87,26 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mstkd.centralised import train_centralised
+    from mstkd.centralised import resume_centralised, train_centralised
     from mstkd.config import load_config
 
-    cfg = load_config(args.overrides)
-    out = train_centralised(
-        args.data, cfg, args.out or cfg.train.out_dir, partitioning=args.partitioning, progress=not args.quiet
-    )
-    print(f"run folder: {out} (best.pt, last.pt, log.jsonl, config.yaml)", file=sys.stderr)
+    if args.resume:
+        if args.data or args.out or args.partitioning or args.overrides:
+            raise InputError("--resume continues a run with its own data and config: give it alone")
+        out = resume_centralised(args.resume, progress=not args.quiet, tensorboard=args.tensorboard)
+    else:
+        if not args.data:
+            raise InputError("give --data (or --resume RUN_DIR to continue a run)")
+        cfg = load_config(args.overrides)
+        out = train_centralised(
+            args.data,
+            cfg,
+            args.out or cfg.train.out_dir,
+            partitioning=args.partitioning,
+            progress=not args.quiet,
+            tensorboard=args.tensorboard,
+        )
+    print(f"run folder: {out} (best.pt, last.pt, log.jsonl, config.yaml, state.pt)", file=sys.stderr)
     return 0
 
 
@@ -97,15 +138,43 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from mstkd.infer import predict_case
+    from mstkd.infer import predict_case, predict_folder
 
-    summary = predict_case(args.checkpoint, args.case, args.out, modalities=args.modalities)
+    if bool(args.case) == bool(args.input_dir):
+        raise InputError("give either --case with --out (one case) or --input-dir with --output-dir (every case)")
+    if args.case:
+        if not args.out:
+            raise InputError("--case needs --out (the label map to write, e.g. SEG.nii.gz)")
+        if args.output_dir:
+            raise InputError("--output-dir goes with --input-dir; with --case, name the file with --out")
+        summary = predict_case(
+            args.checkpoint, args.case, args.out, modalities=args.modalities, device=args.device, tta=args.tta
+        )
+        print(
+            f"wrote {summary['out']} ({summary['modalities']}, {summary['convention']} labels "
+            f"{summary['labels']}, {summary['seconds']:.1f} s)",
+            file=sys.stderr,
+        )
+        return 0
+    if not args.output_dir:
+        raise InputError("--input-dir needs --output-dir (where <CaseID>.nii.gz files go)")
+    if args.out:
+        raise InputError("--out goes with --case; with --input-dir, name the folder with --output-dir")
+    result = predict_folder(
+        args.checkpoint,
+        args.input_dir,
+        args.output_dir,
+        modalities=args.modalities,
+        device=args.device,
+        tta=args.tta,
+        progress=not args.quiet,
+    )
+    failed = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""
     print(
-        f"wrote {summary['out']} ({summary['modalities']}, {summary['convention']} labels "
-        f"{summary['labels']}, {summary['seconds']:.1f} s)",
+        f"wrote {len(result.written)} label maps to {args.output_dir} in {result.seconds:.1f} s{failed}",
         file=sys.stderr,
     )
-    return 0
+    return 1 if result.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,14 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_phantoms)
 
-    p = sub.add_parser("score", help="Dice, HD95, sensitivity, specificity of a prediction against a reference")
-    p.add_argument("--pred", required=True, help="predicted label map (NIfTI)")
-    p.add_argument("--ref", required=True, help="reference label map (NIfTI)")
+    p = sub.add_parser("score", help="Dice, HD95, sensitivity, specificity of predictions against references")
+    p.add_argument("--pred", help="one predicted label map (NIfTI)")
+    p.add_argument("--ref", help="its reference label map (NIfTI)")
+    p.add_argument("--pred-dir", help="a folder of predictions named <CaseID>.nii.gz")
+    p.add_argument("--ref-dir", help="references: <CaseID>.nii.gz files, or case folders holding a label map")
+    p.add_argument("--csv", help="with --pred-dir: write the per-case table (and mean, sd, median) here")
     p.add_argument(
         "--labels",
-        choices=("fets", "brats2023"),
-        default="fets",
-        help="label convention of both files: fets = 1/2/4 (default), brats2023 = 1/2/3 (+4 resection cavity)",
+        choices=("auto", "fets", "brats2023"),
+        default="auto",
+        help="label convention: fets = 1/2/4, brats2023 = 1/2/3 (+4 resection cavity); auto (default): "
+        "brats2023 where a label 3 occurs or the case folder is BraTS 2023-named, else fets",
     )
     p.add_argument(
         "--hd95",
@@ -145,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="max of the two directed 95th percentiles (MONAI, default) or the pooled percentile (medpy)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser(
@@ -161,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_preprocess)
 
     p = sub.add_parser("train", help="centralised teacher-student training (the non-federated reference)")
-    p.add_argument("--data", required=True, help="data folder (as for preprocess)")
+    p.add_argument("--data", help="data folder (as for preprocess)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run after its last finished epoch")
+    p.add_argument("--tensorboard", action="store_true", help="also write per-epoch scalars for TensorBoard")
     p.add_argument("--partitioning", help="partition CSV (sites are pooled; their val cases validate)")
     p.add_argument("--out", help="run folder (default train.out_dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -180,11 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="segment one case folder into a label map in the case's geometry")
+    p = sub.add_parser("predict", help="segment case folders into label maps in each case's own geometry")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--case", required=True, help="case folder (FeTS or BraTS 2023 naming; missing modalities ok)")
-    p.add_argument("--out", required=True, help="output label map, e.g. SEG.nii.gz")
+    p.add_argument("--case", help="one case folder (FeTS or BraTS 2023 naming; missing modalities ok)")
+    p.add_argument("--out", help="with --case: the label map to write, e.g. SEG.nii.gz")
+    p.add_argument("--input-dir", help="a folder of case folders: each is segmented, the model loaded once")
+    p.add_argument("--output-dir", help="with --input-dir: where <CaseID>.nii.gz files go")
     p.add_argument("--modalities", help="use only these, e.g. flair,t1ce (default: all present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:<n> or mps (default: CUDA when present)")
+    p.add_argument("--tta", action="store_true", help="average 8 mirrored passes (8x the time)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
     return parser
@@ -194,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except InputError as exc:
+    except (InputError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:
+        # a path the user gave that cannot be used is their input, not a bug
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

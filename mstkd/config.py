@@ -4,7 +4,8 @@
 (``data.yaml`` -> ``cfg.data``). A preset group is a folder: ``configs/model/<name>.yaml``
 is chosen with the override ``model=<name>``. Further overrides are OmegaConf dot-lists
 (``data.normalization=minmax train.lr=2e-4``); a key that does not exist is refused, so a
-typo never silently does nothing. The resolved config is saved beside every output
+typo never silently does nothing, and every value is checked against the typed schema of
+:mod:`mstkd.schema` (type, range, choices) before any work starts. The resolved config is saved beside every output
 (:func:`save_config`), so each result says how it was made.
 """
 
@@ -14,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from mstkd.atomic import write_text
 from mstkd.errors import InputError
+from mstkd.schema import Config, check_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESETS = {"model": "lite"}
@@ -53,12 +55,19 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
         if not path.is_file():
             raise InputError(f"unknown {group} preset {name!r}; choose one of {', '.join(preset_names(group))}")
         parts[group] = OmegaConf.merge(OmegaConf.load(path), {"preset": name})
-    cfg = OmegaConf.create(parts)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), parts)  # the YAML files are typed too
     OmegaConf.set_struct(cfg, True)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+        if missing := sorted(OmegaConf.missing_keys(cfg)):
+            raise InputError(f"config key {missing[0]} has no value")
+        OmegaConf.resolve(cfg)
+    except ConfigKeyError as exc:
+        raise InputError(f"unknown config key {exc.full_key}") from None
     except OmegaConfBaseException as exc:
-        raise InputError(f"bad config override: {str(exc).splitlines()[0]}") from None
+        key = f" {exc.full_key}" if getattr(exc, "full_key", None) else ""
+        raise InputError(f"bad config value{key}: {str(exc).splitlines()[0]}") from None
+    check_config(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

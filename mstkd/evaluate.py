@@ -54,31 +54,48 @@ def decode(probs: np.ndarray, how: str = "threshold", threshold: float = 0.5) ->
     raise ValueError(f"eval.decode must be one of {', '.join(DECODERS)}, got {how!r}")
 
 
+MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+"""Test-time augmentation: every combination of mirroring the three spatial axes (nnU-Net's)."""
+
+
 @torch.no_grad()
 def segment(
-    net: MSTKDNet, image: torch.Tensor | np.ndarray, subset: Subset, cfg: DictConfig, device: torch.device | None = None
+    net: MSTKDNet,
+    image: torch.Tensor | np.ndarray,
+    subset: Subset,
+    cfg: DictConfig,
+    device: torch.device | None = None,
+    *,
+    mirror: bool = False,
 ) -> np.ndarray:
     """``4 x H x W x D`` normalised image -> ``3 x H x W x D`` nested boolean ET, TC, WT (see :func:`decode`).
 
     Sliding windows of ``eval.roi`` (default: the model's input size) with ``eval.overlap`` and
-    Gaussian blending; any volume size works (windows are padded at the border).
+    Gaussian blending; any volume size works (windows are padded at the border). ``mirror``
+    averages the class probabilities of the 8 mirrored copies (:data:`MIRROR_AXES`), 8x the cost.
     """
     device = device or next(net.parameters()).device
     net.eval()
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None].to(device)
     x = zero_fill(x, subset)
     roi = tuple(cfg.eval.roi or cfg.model.input_size)
-    with autocast(device, bool(cfg.train.amp)):
-        logits = sliding_window_inference(
-            x,
-            roi,
-            int(cfg.eval.sw_batch_size),
-            net.segment,
-            overlap=float(cfg.eval.overlap),
-            mode=str(cfg.eval.blend),
-        )
     activation = str(cfg.loss.activation)
-    probs = probabilities(logits, activation)[0].cpu().numpy()
+    probs = None
+    for axes in MIRROR_AXES if mirror else ((),):
+        flipped = x.flip(axes) if axes else x
+        with autocast(device, bool(cfg.train.amp)):
+            logits = sliding_window_inference(
+                flipped,
+                roi,
+                int(cfg.eval.sw_batch_size),
+                net.segment,
+                overlap=float(cfg.eval.overlap),
+                mode=str(cfg.eval.blend),
+            )
+        p = probabilities(logits.float(), activation)
+        p = p.flip(axes) if axes else p
+        probs = p if probs is None else probs + p
+    probs = (probs / (len(MIRROR_AXES) if mirror else 1))[0].cpu().numpy()
     how = str(cfg.eval.decode)
     if how == "auto":  # measured on validation cases: argmax suits softmax, and ruins sigmoid outputs
         how = "argmax" if activation == "softmax" else "threshold"

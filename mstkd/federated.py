@@ -35,6 +35,7 @@ from mstkd.data.dataset import Federation, prepare_federation, resolve_partition
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.errors import InputError
 from mstkd.modalities import FULL, MODALITIES, Subset, subsets_within
+from mstkd.runconfig import check_run_config
 from mstkd.train import Networks, Optimizers
 
 STUDENT, DISC = "student.", "disc."
@@ -50,9 +51,11 @@ def config_from_run(run: Mapping[str, Any]) -> DictConfig:
     """The project config for a flat run config.
 
     Keys read: ``model`` (preset), ``lr``, ``local-epochs``, ``num-server-rounds``, ``seed`` and
-    ``overrides`` (a string of dot-list overrides, e.g. ``"loss.gsm=false train.amp=false"``).
+    ``overrides`` (a string of dot-list overrides, e.g. ``"loss.gsm=false train.amp=false"``); every key
+    is checked first (:func:`mstkd.runconfig.check_run_config`).
     The lr schedule spans the whole federation: ``train.epochs = rounds x local-epochs``.
     """
+    run = check_run_config(run)
     rounds = int(run.get("num-server-rounds", 1))
     local = float(run.get("local-epochs", 1))
     overrides = [

@@ -1,29 +1,103 @@
-"""Segment one case folder and write the label map in the case's own grid, header and label convention.
+"""Segment case folders and write label maps in each case's own grid, header and label convention.
 
-The case is read with whatever modalities are on disk (or a named subset of them), normalised
-as the checkpoint's training data were, cropped to the brain, segmented by sliding windows,
-and pasted back into the full grid. Labels follow the case's layout: FeTS/BraTS <= 2021
-cases get 1/2/4, BraTS 2023+ cases get 1/2/3.
+Each case is read with whatever modalities are on disk (or a named subset of them), normalised
+as the checkpoint's training data were, cropped to the brain, segmented by sliding windows
+(optionally averaged over mirrored copies, ``tta``), and pasted back into the full grid.
+Labels follow the case's layout: FeTS/BraTS <= 2021 cases get 1/2/4, BraTS 2023+ cases get
+1/2/3. :class:`Predictor` loads the checkpoint once; :func:`predict_folder` runs it over every
+case folder under a root and writes ``<CaseID>.nii.gz`` (the BraTS submission naming).
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from mstkd.atomic import check_writable
 from mstkd.checkpoint import load_checkpoint
 from mstkd.data.cache import BRAIN_MARGIN
 from mstkd.data.cases import bounding_box, brain_mask, load_case, normalize
 from mstkd.data.labels import labels_from_regions
-from mstkd.data.layouts import detect_case
+from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.data.nifti import write_volume
 from mstkd.errors import InputError
 from mstkd.evaluate import segment
 from mstkd.modalities import Subset
 from mstkd.train import pick_device
+
+
+def parse_device(name: str | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:<n>`` or ``mps``; None picks CUDA when present.
+
+    Raises:
+        InputError: a device name torch does not know, or one this machine does not have.
+    """
+    if not name:
+        return pick_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: expected cpu, cuda, cuda:<n> or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: this machine has no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available here")
+    return device
+
+
+class Predictor:
+    """A checkpoint's student, loaded once, that segments case folders."""
+
+    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None, *, tta: bool = False):
+        self.device = device if isinstance(device, torch.device) else parse_device(device)
+        self.net, self.cfg, payload = load_checkpoint(checkpoint, self.device)
+        self.trained_convention = payload["convention"]
+        self.tta = tta
+
+    def predict(self, case_dir: str | Path, out: str | Path, *, modalities: str | None = None) -> dict:
+        """Write the segmentation of ``case_dir`` to ``out`` (``.nii.gz``, atomically); return a short summary.
+
+        Raises:
+            InputError: bad case files, or ``modalities`` naming one the case does not have.
+        """
+        files = detect_case(case_dir)
+        subset = Subset.parse(modalities) if modalities else Subset.of(files.available)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # the peak of this case, not of the process
+        missing = [m for m in subset.modalities if m not in files.images]
+        if missing:
+            raise InputError(f"{files.folder}: --modalities names {', '.join(missing)}, which the case does not have")
+        start = time.perf_counter()
+        case = load_case(files, required=subset.modalities, with_seg=False)
+        image = case.image * np.asarray(subset.mask, dtype=np.float32)[:, None, None, None]
+        mask = brain_mask(image)
+        if not mask.any():
+            raise InputError(f"{files.folder}: every voxel of the chosen modalities is zero")
+        crop = tuple(slice(a, b) for a, b in bounding_box(mask, margin=BRAIN_MARGIN))
+        normalised = normalize(image, str(self.cfg.data.normalization), mask)[(slice(None), *crop)]
+        regions = np.zeros((3, *image.shape[1:]), dtype=bool)
+        regions[(slice(None), *crop)] = segment(self.net, normalised, subset, self.cfg, self.device, mirror=self.tta)
+        labels = labels_from_regions(regions, files.convention)
+        write_volume(out, labels, case.affine, case.header)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {
+            "case": files.case_id,
+            "modalities": subset.name,
+            "convention": files.convention.name,
+            "seconds": time.perf_counter() - start,
+            "out": str(out),
+            "labels": sorted(int(v) for v in np.unique(labels)),
+            "cuda_peak_bytes": peak,
+            "trained_convention": self.trained_convention,
+        }
 
 
 def predict_case(
@@ -33,39 +107,58 @@ def predict_case(
     *,
     modalities: str | None = None,
     device: str | None = None,
+    tta: bool = False,
 ) -> dict:
-    """Write the segmentation of ``case_dir`` to ``out`` (``.nii.gz``); return a short summary.
+    """One case: :meth:`Predictor.predict` with a freshly loaded checkpoint.
 
     Raises:
-        InputError: bad checkpoint, bad case files, or ``modalities`` naming one not on disk.
+        InputError: bad checkpoint, bad case files, an output that cannot be written, or
+            ``modalities`` naming one not on disk.
     """
-    dev = pick_device(device)
-    net, cfg, payload = load_checkpoint(checkpoint, dev)
-    files = detect_case(case_dir)
-    subset = Subset.parse(modalities) if modalities else Subset.of(files.available)
-    missing = [m for m in subset.modalities if m not in files.images]
-    if missing:
-        raise InputError(f"{files.folder}: --modalities names {', '.join(missing)}, which the case does not have")
+    check_writable(Path(out).parent, what="--out")
+    return Predictor(checkpoint, device, tta=tta).predict(case_dir, out, modalities=modalities)
+
+
+@dataclass
+class FolderResult:
+    written: list[dict] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # case id -> one-line reason
+    seconds: float = 0.0
+
+
+def predict_folder(
+    checkpoint: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    modalities: str | None = None,
+    device: str | None = None,
+    tta: bool = False,
+    progress: bool = True,
+) -> FolderResult:
+    """Segment every case folder under ``input_dir`` into ``output_dir/<CaseID>.nii.gz``.
+
+    The checkpoint is loaded once. A case that cannot be read or segmented (bad files, too
+    little memory) is skipped with one line on stderr and listed in :attr:`FolderResult.failed`;
+    no partial file is left for it (writes are atomic).
+
+    Raises:
+        InputError: no case folders, an output folder that cannot be written, a bad checkpoint
+            or device.
+    """
     start = time.perf_counter()
-    case = load_case(files, required=subset.modalities, with_seg=False)
-    image = case.image * np.asarray(subset.mask, dtype=np.float32)[:, None, None, None]
-    mask = brain_mask(image)
-    if not mask.any():
-        raise InputError(f"{files.folder}: every voxel of the chosen modalities is zero")
-    crop = tuple(slice(a, b) for a, b in bounding_box(mask, margin=BRAIN_MARGIN))
-    normalised = normalize(image, str(cfg.data.normalization), mask)[(slice(None), *crop)]
-    regions = np.zeros((3, *image.shape[1:]), dtype=bool)
-    regions[(slice(None), *crop)] = segment(net, normalised, subset, cfg, dev)
-    labels = labels_from_regions(regions, files.convention)
-    write_volume(out, labels, case.affine, case.header)
-    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-    return {
-        "case": files.case_id,
-        "modalities": subset.name,
-        "convention": files.convention.name,
-        "seconds": time.perf_counter() - start,
-        "out": str(out),
-        "labels": sorted(int(v) for v in np.unique(labels)),
-        "cuda_peak_bytes": peak,
-        "trained_convention": payload["convention"],
-    }
+    if modalities:
+        Subset.parse(modalities)  # a bad name is the caller's error once, not every case's
+    cases = find_case_folders(input_dir)
+    output_dir = Path(output_dir)
+    check_writable(output_dir, what="--output-dir")
+    predictor = Predictor(checkpoint, device, tta=tta)
+    result = FolderResult()
+    for case_id, folder in tqdm(sorted(cases.items()), desc="predict", unit="case", disable=not progress):
+        try:
+            result.written.append(predictor.predict(folder, output_dir / f"{case_id}.nii.gz", modalities=modalities))
+        except (InputError, OSError, ValueError, torch.OutOfMemoryError) as exc:  # this case only; go on
+            result.failed[case_id] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
+    result.seconds = time.perf_counter() - start
+    return result

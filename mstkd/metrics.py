@@ -164,35 +164,66 @@ def score_labels(
     }
 
 
+def resolve_labels(labels: str, ref: Volume, hint: str | None = None) -> str:
+    """The label convention to read a pair in: ``labels`` itself unless it is ``auto``.
+
+    ``auto`` asks the reference only (a prediction in the wrong convention must be refused, not
+    read in another one): ``hint``, the layout of the reference's case folder, when it has one;
+    else ``brats2023`` when the reference holds label 3 (FeTS and BraTS <= 2021 never use it);
+    else ``fets``. BraTS 2023+ references outside a case folder that hold no label 3 cannot be
+    told apart from FeTS ones by their values: name ``brats2023`` for those.
+    """
+    if labels != "auto":
+        get_convention(labels)
+        return labels
+    if hint:
+        return hint
+    return "brats2023" if bool((ref.data == 3).any()) else "fets"
+
+
+def score_volumes(
+    pred_vol: Volume,
+    ref_vol: Volume,
+    *,
+    labels: str = "auto",
+    hint: str | None = None,
+    hd95: str = "max",
+    empty_hd95: float | None = None,
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """Score two read label maps (see :func:`score_files`); returns the convention used and the scores."""
+    _check_mode(hd95)
+    check_same_grid(ref_vol, pred_vol)
+    convention = get_convention(resolve_labels(labels, ref_vol, hint=hint))
+    pred_labels = _label_map(pred_vol, convention)
+    ref_labels = _label_map(ref_vol, convention)
+    spacing = ref_vol.spacing
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"{ref_vol.path}: voxel spacing {spacing} is not positive")
+    return convention.name, score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
+
+
 def score_files(
     pred: str | Path,
     ref: str | Path,
     *,
-    labels: str = "fets",
+    labels: str = "auto",
     hd95: str = "max",
     empty_hd95: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Read a predicted and a reference label map (NIfTI) and score them with :func:`score_labels`.
 
     The spacing comes from the reference header. ``labels`` names the convention of both files
-    (``fets`` or ``brats2023``).
+    (``fets``, ``brats2023``, or ``auto``: see :func:`resolve_labels`).
 
     Raises:
         InputError: (one line, naming the offending file) a file is missing, unreadable, not 3-D
             NIfTI or holds NaN/Inf; the two grids differ in shape or affine; a label value is not
             an integer or not allowed by the convention; the reference spacing is not positive.
     """
-    convention = get_convention(labels)
     _check_mode(hd95)
     pred_vol = read_volume(pred, dtype=np.float64)
     ref_vol = read_volume(ref, dtype=np.float64)
-    check_same_grid(ref_vol, pred_vol)
-    pred_labels = _label_map(pred_vol, convention)
-    ref_labels = _label_map(ref_vol, convention)
-    spacing = ref_vol.spacing
-    if not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(f"{ref_vol.path}: voxel spacing {spacing} is not positive")
-    return score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
+    return score_volumes(pred_vol, ref_vol, labels=labels, hd95=hd95, empty_hd95=empty_hd95)[1]
 
 
 def format_scores(

@@ -47,6 +47,7 @@ from mstkd.federated import (
     load_federated_arrays,
 )
 from mstkd.model import MSTKDNet, build_discriminator, count_parameters
+from mstkd.tracking import Tracker
 from mstkd.train import pick_device, seed_everything
 from server.loop import (
     ServerCheckpoint,
@@ -96,6 +97,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = str(run.get("resume-from", "") or "")
     checkpoint = ServerCheckpoint.load(Path(resume).expanduser()) if resume else None
     out = Path(resume).expanduser().resolve() if resume else run_folder(run, context.run_id)
+    tracker = Tracker(out, bool(run.get("tensorboard", False)))  # refuses now if the package is missing
     out.mkdir(parents=True, exist_ok=True)
     stem = "resumed_" if checkpoint is not None else ""  # a resumed run keeps the original files
     save_config(cfg, out / f"{stem}config.yaml")
@@ -130,7 +132,14 @@ def main(grid: Grid, context: Context) -> None:
     subsets = parse_subsets(str(run.get("eval-subsets", "all")))
     eval_every = max(int(run.get("eval-every", 1)), 1)
     eval_initial = bool(run.get("eval-initial", True))
-    _say(f"global evaluation: {len(cases)} held-out cases x {len(subsets)} modality subsets every {eval_every} rounds")
+    if cases:
+        what = f"{len(cases)} held-out cases x {len(subsets)} modality subsets"
+        _say(f"global evaluation: {what} every {eval_every} rounds")
+    else:
+        _say(
+            "no held-out test case: the global model is not scored (give the federation more cases, "
+            "e.g. a larger phantom-cases, or a test-data-path); best.pt is still chosen on site validation"
+        )
 
     runlog = RunLog(out)
     best: dict = {"val_mean_dice": -1.0, "round": None}
@@ -182,6 +191,8 @@ def main(grid: Grid, context: Context) -> None:
                 flag_collapse(rec, server_round, "global evaluation", describe_collapse(hit))
         student.to("cpu")
         runlog.finish(server_round)
+        tracker.log(server_round, {**{k: v for k, v in rec.items() if k not in ("round", "sites")}, **rec["sites"]})
+        _say(runlog.progress(server_round, rounds))
         return metrics
 
     if bool(run.get("secagg", False)):
@@ -203,6 +214,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=evaluate_fn,
         )
         keep_last_if_no_validation(out, best)
+        tracker.close()
         report = write_report(out, runlog, cfg, run, time.perf_counter() - start, best)
         _say(f"finished {rounds} rounds with SecAgg+; best.pt: {_best(best)}; report {report}")
         return
@@ -244,6 +256,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     total = time.perf_counter() - start
     keep_last_if_no_validation(out, best)
+    tracker.close()
     report = write_report(out, runlog, cfg, run, total, best)
     _say(f"finished {rounds} rounds in {total:.0f} s; best.pt: {_best(best)}; report {report}")
 

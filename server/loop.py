@@ -169,7 +169,7 @@ def run_rounds(
                             strategy.aggregate_evaluate(server_round, good)
                     except Exception as exc:
                         rec["failures"].append({"stage": "evaluate", "node": None, "reason": f"aggregation: {exc}"})
-        if "skipped" in rec:
+        if "skipped" in rec and evaluate_fn is None:  # evaluate_fn reports the round itself
             say(f"round {server_round}: skipped ({rec['skipped']}); the global model is unchanged")
         if evaluate_fn is not None:
             evaluate_fn(server_round, arrays)

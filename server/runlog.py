@@ -18,6 +18,21 @@ from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [x, y]}`` -> ``{"<prefix>a/b": 1, "<prefix>c": 2}`` (lists by their length)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = len(value) if isinstance(value, list | tuple) else value
+    return flat
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 class RunLog:
     """Collects what happens in each round and writes ``metrics.jsonl``, ``metrics.csv`` and ``dice.png``."""
 
@@ -48,16 +63,44 @@ class RunLog:
         rec["wall_seconds"] = time.perf_counter() - self._started[server_round]
         self.write()
 
+    def progress(self, server_round: int, num_rounds: int) -> str:
+        """One line on a finished round: sites, training loss, site-validation Dice, traffic, time, time left."""
+        rec = self.records[server_round]
+        parts = [f"round {server_round}/{num_rounds}:"]
+        if server_round == 0:
+            parts.append("initial global model")
+        elif "skipped" in rec:
+            parts.append(f"skipped ({rec['skipped']}), the global model is unchanged")
+        else:
+            trained = sum("train-loss" in v for v in rec["sites"].values())
+            failed = sorted(
+                {str(f["node"]) for f in rec["failures"] if f["stage"] == "train" and f["node"] is not None}
+            )
+            parts.append(
+                f"{trained}/{trained + len(failed)} sites" + (f" (failed: {', '.join(failed)})" if failed else "")
+            )
+            if "train-loss" in rec.get("train", {}):
+                parts.append(f"train loss {rec['train']['train-loss']:.3f}")
+            if "val-mean-dice" in rec.get("val", {}):
+                parts.append(f"site-val Dice {rec['val']['val-mean-dice']:.3f}")
+        parts.append(f"sent {rec['bytes_sent'] / 1e6:.0f} MB, received {rec['bytes_received'] / 1e6:.0f} MB")
+        parts.append(f"{rec.get('wall_seconds', 0.0):.0f} s")
+        done = [v["wall_seconds"] for r, v in self.records.items() if r > 0 and "wall_seconds" in v]
+        left = num_rounds - server_round
+        if done and left > 0:
+            parts.append(f"about {_duration(left * sum(done) / len(done))} left")
+        return " ".join(parts[:1] + [", ".join(parts[1:])])
+
     def rows(self) -> list[dict[str, Any]]:
-        """Flat rows for the CSV: global columns, then ``site:<name>:<metric>`` columns."""
+        """Flat rows for the CSV, one scalar per column: ``round``, ``bytes_sent``, ...,
+        ``train/<metric>``, ``val/<metric>``, ``global/<metric>`` and ``<site>/<metric>``; lists
+        (failures, collapse warnings) become their count."""
         rows = []
         for r in sorted(self.records):
             rec = self.records[r]
-            row = {k: v for k, v in rec.items() if k not in ("sites", "failures", "global")}
-            row["failures"] = len(rec["failures"])
-            row.update({f"global_{k}": v for k, v in rec.get("global", {}).items()})
+            row = flatten({k: v for k, v in rec.items() if k != "sites"})
             for site, values in sorted(rec["sites"].items()):
-                row.update({f"site:{site}:{k}": v for k, v in values.items()})
+                row.update(flatten(values, f"{site}/"))
             rows.append(row)
         return rows
 

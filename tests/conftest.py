@@ -45,6 +45,7 @@ def write_case(
     ext: str = ".nii.gz",
     modalities=MODALITIES,
     seg: bool = True,
+    affine: np.ndarray = AFFINE,
 ) -> Path:
     """Write one small case; brain = an ellipsoid, intensities = level + noise inside it."""
     rng = np.random.default_rng(seed)
@@ -54,10 +55,10 @@ def write_case(
     brain = (((grid - centre[:, None, None, None]) / (centre[:, None, None, None] + 0.5)) ** 2).sum(0) <= 1.0
     for m in modalities:
         data = np.where(brain, MODALITY_LEVEL[m] + rng.normal(0, 10, shape), 0).astype(np.float32)
-        write_nifti(case_path(folder, case_id, layout, m).with_suffix("").with_suffix(ext), data)
+        write_nifti(case_path(folder, case_id, layout, m).with_suffix("").with_suffix(ext), data, affine)
     if seg:
         labels = make_labels(shape, enhancing=4 if layout == "fets" else 3, offset=seed % 3)
-        write_nifti(case_path(folder, case_id, layout, "seg").with_suffix("").with_suffix(ext), labels)
+        write_nifti(case_path(folder, case_id, layout, "seg").with_suffix("").with_suffix(ext), labels, affine)
     return folder
 
 

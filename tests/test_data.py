@@ -342,3 +342,28 @@ def test_prepare_federation_without_csv_is_one_site(tmp_path):
     assert fed.sites == ["1"] and len(fed.split.train["1"]) + len(fed.split.val["1"]) == 3
     assert fed.entries["BraTS-GLI-00000-000"].meta["convention"] == "brats2023"
     shutil.rmtree(fed.cache_dir)
+
+
+def test_a_site_with_odd_spacing_or_orientation_is_warned_once(tmp_path, caplog):
+    from tests.conftest import AFFINE
+
+    flipped = AFFINE.copy()
+    flipped[0, 0] = 1.0  # the first axis runs the other way: another orientation
+    fine = np.diag([-0.9, -0.9, 0.9, 1.0])  # same orientation as AFFINE, smaller voxels
+    for i, affine in enumerate([AFFINE, AFFINE, AFFINE, flipped, fine]):
+        write_case(tmp_path / "d", f"FeTS2022_0000{i}", seed=i, affine=affine)
+    with caplog.at_level("WARNING", logger="mstkd.data"):
+        prepare_federation(tmp_path / "d", DATA_CFG, progress=False)
+        prepare_federation(tmp_path / "d", DATA_CFG, progress=False)  # the same site again: no new warning
+    lines = [r.getMessage() for r in caplog.records if r.name == "mstkd.data"]
+    assert len(lines) == 2 and all("\n" not in line and line.startswith("site 1: ") for line in lines)
+    assert "1 of 5 cases do not have 1 mm voxels (e.g. FeTS2022_00004 at 0.90 x 0.90 x 0.90 mm)" in lines[0]
+    assert "1 of 5 cases are oriented differently" in lines[1] and "FeTS2022_00003" in lines[1]
+
+
+def test_a_regular_site_gets_no_geometry_warning(tmp_path, caplog):
+    for i in range(3):
+        write_case(tmp_path / "d", f"FeTS2022_0000{i}", seed=i)
+    with caplog.at_level("WARNING", logger="mstkd.data"):
+        prepare_federation(tmp_path / "d", DATA_CFG, progress=False)
+    assert not [r for r in caplog.records if r.name == "mstkd.data"]

@@ -48,7 +48,7 @@ def nodes() -> list[dict]:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
-    run_config = tiny_run_config(tmp)
+    run_config = tiny_run_config(tmp, tensorboard=True)
     grid = run_inproc(server_app, client_app, run_config, nodes())
     return tmp, run_config, grid
 
@@ -111,6 +111,11 @@ def test_run_log_checkpoints_and_report(federation, tmp_path):
         assert 0 <= r["global"]["mean_dice"] <= 1
         assert 0 <= r["global"]["WT_share_max"] <= 1 and "collapsed" in r["global"]
     assert (run / "metrics.csv").read_text().count("\n") == 4
+    import pandas as pd
+
+    table = pd.read_csv(run / "metrics.csv")
+    assert {"global/mean_dice", "val/val-mean-dice", "site-1/train-loss", "site-3/val-mean-dice"} <= set(table.columns)
+    assert all(table[c].dtype.kind in "ifb" for c in table.columns if c.endswith(("dice", "loss", "bytes_sent")))
     assert (run / "dice.png").stat().st_size > 0 and (run / "eval" / "round_2.md").exists()
     assert "round" in (run / "REPORT.md").read_text()
     net, cfg, payload = load_checkpoint(run / "best.pt")
@@ -205,3 +210,65 @@ def test_collapse_is_flagged_in_the_run_log_the_report_and_one_terminal_line(tmp
     report = write_report(tmp_path, runlog, cfg, {}, 1.0, {"val_mean_dice": -1.0, "round": None}).read_text()
     assert "## Collapse warnings" in report
     assert "round 1, global evaluation: WT predicted in 93% of the brain with FLAIR" in report
+
+
+def test_metrics_csv_has_one_scalar_per_column_and_every_round_gets_a_progress_line(tmp_path):
+    import pandas as pd
+
+    from server.runlog import RunLog
+
+    runlog = RunLog(tmp_path)
+    runlog.finish(0)
+    rec = runlog.record(1)
+    rec.update(bytes_sent=49e6, bytes_received=25e6, train={"train-loss": 2.41}, val={"val-mean-dice": 0.52})
+    runlog.site(1, "site-1").update({"train-loss": 2.3, "val-mean-dice": 0.5, "device": "cpu"})
+    runlog.site(1, "site-2").update({"train-loss": 2.5})
+    rec["failures"].append({"stage": "train", "node": 7, "reason": "boom"})
+    rec["collapse"] = [{"where": "global evaluation", "what": "WT everywhere"}]
+    runlog.finish(1)
+    table = pd.read_csv(tmp_path / "metrics.csv")
+    assert {"train/train-loss", "val/val-mean-dice", "site-1/train-loss", "site-2/train-loss"} <= set(table.columns)
+    assert table.loc[1, "site-1/train-loss"] == 2.3 and table.loc[1, "failures"] == 1 and table.loc[1, "collapse"] == 1
+    assert not table.map(lambda v: isinstance(v, str) and v.startswith(("{", "["))).any().any()  # no nested reprs
+    line = runlog.progress(1, 3)
+    assert line.startswith("round 1/3: 2/3 sites (failed: 7), train loss 2.410, site-val Dice 0.520")
+    assert "sent 49 MB, received 25 MB" in line and "left" in line
+    runlog.record(2)["skipped"] = "0 of 3 nodes replied"
+    runlog.finish(2)
+    assert "skipped (0 of 3 nodes replied)" in runlog.progress(2, 3)
+
+
+def test_tensorboard_has_a_point_per_round(federation):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, _, _ = federation
+    events = EventAccumulator(str(tmp / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"global/mean_dice", "global/WT_hd95", "site-1/train-loss", "val/val-mean-dice", "bytes_sent"} <= tags
+    assert [e.step for e in events.Scalars("global/mean_dice")] == [0, 1, 2]
+    assert [e.step for e in events.Scalars("site-2/train-loss")] == [1, 2]
+
+
+def test_sites_log_at_info_in_deployment_and_stay_quiet_in_simulation():
+    import logging
+
+    from client.app import configure_logging
+    from mstkd.errors import InputError
+
+    logger = logging.getLogger("mstkd")
+    level = logger.level
+    try:
+        configure_logging({"data-path": "/data/site", "site-name": "h1"})
+        assert logger.level == logging.INFO
+        configure_logging({"partition-id": 0, "num-partitions": 3})
+        assert logger.level == logging.WARNING
+        configure_logging({"partition-id": 0, "log-level": "info"})
+        assert logger.level == logging.INFO
+        assert sum(getattr(h, "mstkd_site", False) for h in logger.handlers) == 1  # one handler, however often
+        with pytest.raises(InputError, match="log-level"):
+            configure_logging({"log-level": "loud"})
+    finally:
+        logger.setLevel(level)
+        for h in [h for h in logger.handlers if getattr(h, "mstkd_site", False)]:
+            logger.removeHandler(h)

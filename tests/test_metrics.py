@@ -19,10 +19,12 @@ from scipy.spatial.distance import cdist
 from mstkd import metrics
 from mstkd.cli import main
 from mstkd.data.labels import REGIONS, get_convention, regions_from_labels
+from mstkd.data.nifti import read_volume
 from mstkd.errors import InputError
 from mstkd.metrics import (
     format_scores,
     region_scores,
+    resolve_labels,
     score_files,
     score_labels,
     score_regions,
@@ -363,6 +365,20 @@ def test_score_files_brats2023(tmp_path):
         score_files(pred_path, ref_path, labels="fets")
 
 
+def test_label_convention_is_detected_when_the_values_tell(tmp_path):
+    fets = write_nifti(tmp_path / "fets.nii.gz", tumour_labels())
+    brats = write_nifti(tmp_path / "brats.nii.gz", tumour_labels(enhancing=3))
+    fets_vol, brats_vol = (read_volume(p) for p in (fets, brats))
+    assert resolve_labels("auto", fets_vol) == "fets"  # 1/2/4: FeTS unless told otherwise
+    assert resolve_labels("auto", brats_vol) == "brats2023"  # a 3 exists only in BraTS 2023+
+    assert resolve_labels("auto", fets_vol, hint="brats2023") == "brats2023"  # the case folder's naming first
+    assert resolve_labels("fets", brats_vol) == "fets"  # a named convention always wins
+    assert score_files(brats, brats) == score_files(brats, brats, labels="brats2023")
+    assert all(v["dice"] == 1.0 for v in score_files(brats, brats).values())
+    with pytest.raises(InputError, match="label values 3 are not allowed in the fets"):
+        score_files(brats, fets)  # a prediction in the other convention is refused, never reinterpreted
+
+
 def _bad_shape(tmp_path, data):
     return write_nifti(tmp_path / "bad.nii.gz", data[:-1])
 
@@ -438,7 +454,7 @@ def test_score_files_refuses_bad_input_naming_the_file(tmp_path, side, kind):
     bad = make_bad(tmp_path, data)
     pred, ref = (bad, good) if side == "pred" else (good, bad)
     with pytest.raises(InputError) as info:
-        score_files(pred, ref)
+        score_files(pred, ref, labels="fets")  # named: with "auto", a label 3 would mean BraTS 2023+
     message = str(info.value)
     assert "\n" not in message
     assert reason in message
@@ -483,9 +499,79 @@ def test_cli_score_table_and_pooled(tmp_path, capsys):
 def test_cli_score_bad_input(tmp_path, capsys):
     ref = write_nifti(tmp_path / "ref.nii.gz", tumour_labels())
     bad = write_nifti(tmp_path / "pred.nii.gz", tumour_labels(enhancing=3))
-    assert main(["score", "--pred", str(bad), "--ref", str(ref), "--json"]) == 2
+    assert main(["score", "--pred", str(bad), "--ref", str(ref), "--json"]) == 2  # a 3 against a FeTS reference
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "pred.nii.gz" in lines[0]
     assert "Traceback" not in captured.err
+
+
+# --- folders ------------------------------------------------------------------------------------------------
+
+
+def _score_folders_fixture(tmp_path):
+    """Predictions of 4 cases: two flat FeTS references, two BraTS 2023 case folders (one missing)."""
+    preds, refs = tmp_path / "pred", tmp_path / "ref"
+    preds.mkdir()
+    refs.mkdir()
+    for i, shift in enumerate([(0, 0, 0), (1, 0, 0)]):
+        write_nifti(preds / f"FeTS2022_0000{i}.nii.gz", tumour_labels(shift=shift))
+        write_nifti(refs / f"FeTS2022_0000{i}.nii.gz", tumour_labels())
+    write_nifti(refs / "FeTS2022_00009.nii.gz", tumour_labels())  # a reference nobody predicted
+    for i, shift in enumerate([(0, 2, 0), (0, 0, 1)]):
+        case_id = f"BraTS-GLI-0000{i}-000"
+        write_nifti(preds / f"{case_id}.nii.gz", tumour_labels(enhancing=3, shift=shift))
+        if i == 0:
+            (refs / case_id).mkdir()
+            write_nifti(refs / case_id / f"{case_id}-seg.nii.gz", tumour_labels(enhancing=3))
+            write_nifti(refs / case_id / f"{case_id}-t2f.nii.gz", np.ones((24, 22, 16), np.float32))
+    return preds, refs
+
+
+def test_score_folders_writes_a_per_case_table_with_its_summary(tmp_path, capsys):
+    import pandas as pd
+
+    preds, refs = _score_folders_fixture(tmp_path)
+    csv = tmp_path / "scores.csv"
+    assert main(["score", "--pred-dir", str(preds), "--ref-dir", str(refs), "--csv", str(csv), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped BraTS-GLI-00001-000: no reference" in captured.err  # and so the exit status is 1
+    assert "1 references have no prediction" in captured.err  # said, but not a failure
+    table = pd.read_csv(csv).set_index("case")
+    assert list(table.index) == ["BraTS-GLI-00000-000", "FeTS2022_00000", "FeTS2022_00001", "mean", "sd", "median"]
+    assert table.loc["FeTS2022_00000", "labels"] == "fets" and table.loc["BraTS-GLI-00000-000", "labels"] == "brats2023"
+    assert table.loc["FeTS2022_00000", "WT_dice"] == 1.0
+    shifted = score_labels(tumour_labels(shift=(1, 0, 0)), tumour_labels(), FETS)
+    assert table.loc["FeTS2022_00001", "ET_hd95"] == pytest.approx(shifted["ET"]["hd95"])
+    cases = table.loc[["BraTS-GLI-00000-000", "FeTS2022_00000", "FeTS2022_00001"], "TC_dice"]
+    assert table.loc["mean", "TC_dice"] == pytest.approx(cases.mean())
+    assert table.loc["sd", "TC_dice"] == pytest.approx(cases.std())  # sample sd, as pandas
+    assert table.loc["median", "TC_dice"] == pytest.approx(cases.median())
+    assert "| WT |" in captured.out and "3 cases (1 not scored)" in captured.out
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--pred-dir", "{tmp}/nowhere", "--ref-dir", "{ref}"], "folder not found"),
+        (["--pred-dir", "{ref}/x", "--ref-dir", "{ref}"], "folder not found"),
+        (["--pred-dir", "{pred}"], "go together"),
+        (["--pred-dir", "{pred}", "--ref-dir", "{ref}", "--pred", "{pred}/a.nii.gz"], "either --pred"),
+        (["--pred-dir", "{pred}", "--ref-dir", "{ref}", "--csv", "{file}/scores.csv"], "is a file"),
+        (
+            ["--pred", "{pred}/FeTS2022_00000.nii.gz", "--ref", "{ref}/FeTS2022_00000.nii.gz", "--csv", "{tmp}/s.csv"],
+            "--csv",
+        ),
+        (["--pred-dir", "{empty}", "--ref-dir", "{ref}"], "no label maps"),
+    ],
+)
+def test_score_folders_refuses_bad_flags_in_one_line(tmp_path, capsys, flags, named):
+    preds, refs = _score_folders_fixture(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("a file")
+    places = {"pred": preds, "ref": refs, "tmp": tmp_path, "file": tmp_path / "file", "empty": tmp_path / "empty"}
+    assert main(["score", *(f.format(**places) for f in flags)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert not list(tmp_path.glob("*.csv"))

@@ -208,6 +208,105 @@ def test_predict_with_missing_modalities_and_bad_input(tmp_path, capsys):
     assert not (tmp_path / "x.nii.gz").exists()
 
 
+def test_predict_a_folder_of_mixed_cases_loads_the_model_once(tmp_path, capsys, monkeypatch):
+    import mstkd.infer
+
+    ckpt = _checkpoint(tmp_path)
+    cases = tmp_path / "cases"
+    expected = {}
+    for i in range(6):
+        layout = "fets" if i % 2 else "brats2023"
+        case_id = f"FeTS2022_{i:05d}" if layout == "fets" else f"BraTS-GLI-{i:05d}-000"
+        shape = (20 + 2 * i, 18, 14 + i)
+        affine = np.diag([1.0 + 0.1 * i, -1.0, 1.2, 1.0])
+        affine[:3, 3] = (i, -3 * i, 7)
+        write_case(cases, case_id, layout, shape=shape, seed=i, seg=False, affine=affine)
+        expected[case_id] = (shape, affine, {0, 1, 2, 4} if layout == "fets" else {0, 1, 2, 3})
+    loads = []
+    original = mstkd.infer.load_checkpoint
+    monkeypatch.setattr(mstkd.infer, "load_checkpoint", lambda *a, **k: loads.append(a) or original(*a, **k))
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out)]) == 0
+    assert len(loads) == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for c in expected)
+    for case_id, (shape, affine, allowed) in expected.items():
+        pred = nib.load(out / f"{case_id}.nii.gz")
+        assert pred.shape == shape
+        np.testing.assert_allclose(pred.affine, affine)
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= allowed
+    assert "wrote 6 label maps" in capsys.readouterr().err
+
+
+def test_predict_folder_skips_a_broken_case_and_exits_non_zero(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    cases = tmp_path / "cases"
+    write_case(cases, "FeTS2022_00001", seg=False)
+    broken = write_case(cases, "FeTS2022_00002", seg=False)
+    next(broken.glob("*_t1.nii.gz")).write_bytes(b"not a nifti file")
+    out = tmp_path / "pred"
+    argv = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out), "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("skipped FeTS2022_00002: ")] and len(err) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["FeTS2022_00001.nii.gz"]  # no partial file, no temporary
+
+
+def test_mirrored_test_time_augmentation_averages_eight_passes():
+    """``mirror=True`` equals averaging, by hand, the class probabilities of the 8 flipped-and-flipped-back passes."""
+    from mstkd.evaluate import MIRROR_AXES, decode, segment
+    from mstkd.losses import probabilities
+    from mstkd.modalities import FULL
+
+    cfg = load_config([*TINY, "eval.overlap=0"])
+    net = build_networks(cfg.model)[1].eval()
+    crop = np.random.default_rng(0).normal(size=(4, 32, 32, 32)).astype(np.float32)  # one window: no blending
+    passes = []
+    for axes in MIRROR_AXES:
+        x = torch.from_numpy(crop)[None]
+        with torch.no_grad():
+            p = probabilities(net.segment(x.flip(axes) if axes else x), "softmax")
+        passes.append((p.flip(axes) if axes else p)[0].numpy())
+    assert len({float(np.abs(p - passes[0]).sum()) for p in passes}) == 8  # the mirrored passes do differ
+    mirrored = segment(net, crop, FULL, cfg, mirror=True)
+    np.testing.assert_array_equal(mirrored, decode(np.mean(passes, axis=0), "argmax"))
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--input-dir", "{cases}", "--output-dir", "{pred}", "--device", "gpu7"], "--device"),
+        (["--input-dir", "{cases}", "--output-dir", "{pred}", "--device", "cuda:3"], "--device"),
+        (["--input-dir", "{cases}", "--output-dir", "{file}/pred"], "is a file"),
+        (["--input-dir", "{cases}", "--output-dir", "{pred}", "--case", "{cases}/FeTS2022_00001"], "either --case"),
+        (["--input-dir", "{cases}"], "needs --output-dir"),
+        (["--input-dir", "{tmp}/nowhere", "--output-dir", "{pred}"], "not found"),
+        (["--input-dir", "{cases}", "--output-dir", "{pred}", "--out", "{tmp}/x.nii.gz"], "--out goes with --case"),
+        (["--input-dir", "{cases}", "--output-dir", "{pred}", "--modalities", "flair,t9"], "t9"),
+    ],
+)
+def test_predict_folder_refuses_bad_flags_in_one_line_and_writes_nothing(tmp_path, capsys, flags, named):
+    ckpt = _checkpoint(tmp_path)
+    write_case(tmp_path / "cases", "FeTS2022_00001", seg=False)
+    (tmp_path / "file").write_text("a file")
+    places = {"cases": tmp_path / "cases", "pred": tmp_path / "pred", "file": tmp_path / "file", "tmp": tmp_path}
+    assert main(["predict", "--checkpoint", str(ckpt), *(f.format(**places) for f in flags)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert not (tmp_path / "pred").exists()
+
+
+def test_predict_into_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    folder = write_case(tmp_path / "cases", "FeTS2022_00001", seg=False)
+    (tmp_path / "file").write_text("a file")
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), "--case", str(folder), "--out", str(tmp_path / "file/x.nii.gz")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+
+
 def test_checkpoint_with_the_old_region_head_is_refused_in_one_line(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path)
     payload = torch.load(ckpt, weights_only=True)
@@ -291,3 +390,73 @@ def test_configured_subset_weights_drive_modality_dropout(phantoms):
     nets.student.forward = lambda x: seen.append((x.abs().sum(dim=(0, 2, 3, 4)) > 0).tolist()) or original(x)
     metrics = train_local(nets, make_optimizers(nets, cfg.train), loader, cfg, steps=4, progress=False)
     assert seen == [[True, False, False, False]] * 4 and metrics["subsets_drawn"] == 1
+
+
+def test_a_killed_training_resumed_ends_with_the_uninterrupted_weights(phantoms, tmp_path, capsys, monkeypatch):
+    import mstkd.centralised
+
+    argv = [*TINY, "train.epochs=3", "train.steps_per_epoch=3", "train.eval_every=2", "train.eval_subsets=full"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["train", "--data", str(phantoms), "--out", str(whole), "--quiet", *argv]) == 0
+    real, calls = mstkd.centralised.train_local, []
+
+    def dies_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mstkd.centralised, "train_local", dies_in_epoch_3)
+    assert main(["train", "--data", str(phantoms), "--out", str(killed), "--quiet", *argv]) == 130
+    assert len((killed / "log.jsonl").read_text().splitlines()) == 2
+    with (killed / "log.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "lo')  # a line cut short by the kill
+    monkeypatch.setattr(mstkd.centralised, "train_local", real)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+    assert "after epoch 2 of 3" in capsys.readouterr().err
+    log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]  # appended to, never deleted
+    for name in ("last.pt", "best.pt"):
+        a, b = (torch.load(d / name, weights_only=True)["student"] for d in (whole, killed))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    a, b = (torch.load(d / "state.pt", weights_only=True) for d in (whole, killed))
+    for key in a["teacher"]:
+        torch.testing.assert_close(a["teacher"][key], b["teacher"][key], rtol=1e-5, atol=1e-6)
+    assert load_checkpoint(killed / "last.pt")[2]["extra"]["epoch"] == 3  # last.pt is still the student alone
+
+
+def test_resume_and_fresh_runs_refuse_bad_folders_in_one_line(phantoms, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("")
+    cases = [
+        (["train", "--resume", str(tmp_path / "nothing")], "no state.pt"),
+        (["train", "--resume", str(run), "--data", str(phantoms)], "give it alone"),
+        (["train", "--data", str(phantoms), "--out", str(run), *TINY], "already holds a run"),
+        (["train", "--quiet", *TINY], "give --data"),
+        (["train", "--data", str(phantoms), "--out", str(tmp_path / "new"), *TINY, "train.epochs=2.5"], "whole epochs"),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
+    assert not (tmp_path / "new").exists()
+    (run / "state.pt").write_bytes(b"garbage")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "not a readable training state" in capsys.readouterr().err
+
+
+def test_tensorboard_gets_a_point_per_epoch(phantoms, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    argv = [*TINY, "train.epochs=2", "train.steps_per_epoch=2", "train.eval_every=1", "train.eval_subsets=full"]
+    assert main(["train", "--data", str(phantoms), "--out", str(run), "--quiet", "--tensorboard", *argv]) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/seg_student", "train/lr", "val/mean_dice", "val/WT_dice"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert [e.step for e in events.Scalars("val/mean_dice")] == [1, 2]

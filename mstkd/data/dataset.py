@@ -10,10 +10,12 @@ and :func:`make_loader` turns them into a MONAI ``DataLoader``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from monai.data import DataLoader, Dataset
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -153,7 +155,45 @@ def prepare_federation(
             {c: site for c, site in split.test_origin.items() if c not in skipped},
         )
     split_csv = write_split_csv(split, cache.root / "split.csv")
+    by_site = {site: split.train[site] + split.val[site] for site in split.sites}
+    for case_id in split.test:
+        by_site.setdefault(split.test_origin.get(case_id, "test"), []).append(case_id)
+    for site, cases in by_site.items():
+        for warning in geometry_warnings(site, [entries[c] for c in cases if c in entries]):
+            if (str(data_dir), warning) not in _WARNED:  # once per site and process
+                _WARNED.add((str(data_dir), warning))
+                log.warning(warning)
     return Federation(data_dir, cache.root, partitions, split, entries, split_csv, skipped)
+
+
+SPACING_TOLERANCE = 0.05
+"""Relative distance from 1 mm beyond which a voxel spacing is reported (BraTS data are 1 mm isotropic)."""
+
+
+def geometry_warnings(site: str, entries: Sequence[CachedCase]) -> list[str]:
+    """At most two lines for ``site``: cases whose voxels are not about 1 mm, and cases whose orientation
+    (axis codes such as RAS, LPS) differs from the site's most common one. The network sees voxels,
+    not millimetres, and never reorients: such cases should be resampled or reoriented first."""
+    import nibabel as nib
+
+    warnings = []
+    spacings = {e.case_id: [float(v) for v in e.meta["spacing"]] for e in entries}
+    off = [c for c, sp in spacings.items() if any(abs(v - 1.0) > SPACING_TOLERANCE for v in sp)]
+    if off:
+        example = " x ".join(f"{v:.2f}" for v in spacings[off[0]])
+        warnings.append(
+            f"site {site}: {len(off)} of {len(entries)} cases do not have 1 mm voxels (e.g. {off[0]} at "
+            f"{example} mm); the network sees voxels, not mm: resample them to 1 mm isotropic first"
+        )
+    codes = {e.case_id: "".join(nib.aff2axcodes(np.asarray(e.meta["affine"]))) for e in entries}
+    if len(set(codes.values())) > 1:
+        common = Counter(codes.values()).most_common(1)[0][0]
+        odd = [c for c, code in codes.items() if code != common]
+        warnings.append(
+            f"site {site}: {len(odd)} of {len(entries)} cases are oriented differently from the others "
+            f"({common}; e.g. {odd[0]} is {codes[odd[0]]}); reorient them to one orientation first"
+        )
+    return warnings
 
 
 def make_loader(

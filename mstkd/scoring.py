@@ -1,0 +1,154 @@
+"""Score a folder of predictions against a folder of references: a per-case table and its summary.
+
+Predictions are label maps named ``<CaseID>.nii.gz`` (what ``mstkd predict --input-dir`` writes,
+and the BraTS submission naming). Each is paired with ``<ref-dir>/<CaseID>.nii.gz`` or, when
+the references are case folders (``<ref-dir>/<CaseID>/<CaseID>_seg.nii.gz`` or
+``...-seg.nii.gz``), with that folder's label map, whose file naming also tells the label
+convention. Each pair is scored with :func:`mstkd.metrics.score_volumes`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mstkd.atomic import write_csv
+from mstkd.data.labels import REGIONS
+from mstkd.data.layouts import LAYOUT_CONVENTION, detect_case, find_case_folders
+from mstkd.data.nifti import NIFTI_SUFFIXES, read_volume
+from mstkd.errors import InputError
+from mstkd.metrics import METRICS, score_volumes
+
+SUMMARY_ROWS = ("mean", "sd", "median")
+
+
+def _case_id(path: Path) -> str:
+    return next(path.name[: -len(s)] for s in NIFTI_SUFFIXES if path.name.endswith(s))
+
+
+def find_references(ref_dir: Path) -> dict[str, tuple[Path, str | None]]:
+    """Case id -> (reference label map, its layout's convention or None) for every reference under ``ref_dir``."""
+    refs: dict[str, tuple[Path, str | None]] = {
+        _case_id(p): (p, None) for p in sorted(ref_dir.iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)
+    }
+    if any(p.is_dir() and not p.name.startswith(".") for p in ref_dir.iterdir()):
+        try:
+            folders = find_case_folders(ref_dir)
+        except InputError:
+            if not refs:
+                raise
+            folders = {}  # sub-folders without NIfTI files beside flat label maps
+        for case_id, folder in folders.items():
+            files = detect_case(folder)
+            if files.seg is not None:
+                refs.setdefault(case_id, (files.seg, LAYOUT_CONVENTION[files.layout]))
+    return refs
+
+
+@dataclass
+class FolderScores:
+    """Per-case rows (``case``, ``labels``, ``<R>_<metric>``) and the cases that could not be scored."""
+
+    rows: list[dict] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # predictions that could not be scored
+    unpredicted: list[str] = field(default_factory=list)  # references without a prediction
+
+    @property
+    def columns(self) -> list[str]:
+        return ["case", "labels", *(f"{r}_{m}" for r in REGIONS for m in METRICS)]
+
+    def summary(self) -> list[dict]:
+        """One row each for the mean, sample sd and median over the cases, per column."""
+        out = []
+        for name in SUMMARY_ROWS:
+            row: dict = {"case": name, "labels": ""}
+            for col in self.columns[2:]:
+                values = [r[col] for r in self.rows]
+                if name == "mean":
+                    row[col] = float(np.mean(values)) if values else float("nan")
+                elif name == "sd":
+                    row[col] = statistics.stdev(values) if len(values) > 1 else 0.0
+                else:
+                    row[col] = float(np.median(values)) if values else float("nan")
+            out.append(row)
+        return out
+
+    def write(self, path: str | Path) -> Path:
+        """The per-case table with the summary rows below it, as CSV (atomically)."""
+        return write_csv(path, [*self.rows, *self.summary()], self.columns)
+
+    def markdown(self) -> str:
+        """Mean ± sd (median) per region: Dice and HD95."""
+        mean, sd, median = self.summary()
+        lines = [
+            f"{len(self.rows)} cases" + (f" ({len(self.failed)} not scored)" if self.failed else ""),
+            "",
+            "| Region | Dice mean ± sd | Dice median | HD95 mm mean ± sd | HD95 median |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in REGIONS:
+            d, h = f"{r}_dice", f"{r}_hd95"
+            dice = f"{mean[d]:.4f} ± {sd[d]:.4f} | {median[d]:.4f}"
+            lines.append(f"| {r} | {dice} | {mean[h]:.2f} ± {sd[h]:.2f} | {median[h]:.2f} |")
+        return "\n".join(lines)
+
+
+def score_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    *,
+    labels: str = "auto",
+    hd95: str = "max",
+    empty_hd95: float | None = None,
+    progress: bool = True,
+) -> FolderScores:
+    """Score every ``<CaseID>.nii.gz`` in ``pred_dir`` against its reference in ``ref_dir``.
+
+    A prediction without a reference, or a pair that cannot be scored (unreadable file, other
+    grid, labels outside the convention), is skipped with one line on stderr and listed in
+    :attr:`FolderScores.failed`; references without a prediction are counted in one line and
+    listed in :attr:`FolderScores.unpredicted`.
+
+    Raises:
+        InputError: a folder is missing, or ``pred_dir`` holds no NIfTI file.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    for what, folder in (("--pred-dir", pred_dir), ("--ref-dir", ref_dir)):
+        if not folder.is_dir():
+            raise InputError(f"{what} {folder}: folder not found")
+    preds = {_case_id(p): p for p in sorted(pred_dir.iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)}
+    if not preds:
+        raise InputError(f"--pred-dir {pred_dir}: no label maps (expected <CaseID>.nii.gz files)")
+    refs = find_references(ref_dir)
+    result = FolderScores()
+    for case_id, pred in tqdm(preds.items(), desc="score", unit="case", disable=not progress):
+        if case_id not in refs:
+            result.failed[case_id] = f"no reference for {pred.name} under {ref_dir}"
+        else:
+            ref, hint = refs[case_id]
+            try:
+                convention, scores = score_volumes(
+                    read_volume(pred, dtype=np.float64),
+                    read_volume(ref, dtype=np.float64),
+                    labels=labels,
+                    hint=hint,
+                    hd95=hd95,
+                    empty_hd95=empty_hd95,
+                )
+            except InputError as exc:
+                result.failed[case_id] = str(exc)
+            else:
+                row = {"case": case_id, "labels": convention}
+                row.update({f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS})
+                result.rows.append(row)
+        if case_id in result.failed:
+            tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
+    result.unpredicted = sorted(set(refs) - set(preds))
+    if result.unpredicted:  # e.g. a test split's predictions against the whole data folder: not an error
+        print(f"{len(result.unpredicted)} references have no prediction and are not scored", file=sys.stderr)
+    return result

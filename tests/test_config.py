@@ -1,0 +1,128 @@
+"""The typed config: every preset loads, and wrong values are refused in one line before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from mstkd.cli import main
+from mstkd.config import load_config, preset_names
+from mstkd.errors import InputError
+
+
+@pytest.mark.parametrize("preset", preset_names("model"))
+def test_every_preset_passes_the_schema(preset):
+    cfg = load_config([f"model={preset}"])
+    assert cfg.model.preset == preset and cfg.train.epochs > 0
+    assert cfg.loss.attention == cfg.model.attention_distillation  # interpolation resolved
+
+
+def test_right_values_of_every_kind_are_accepted():
+    cfg = load_config(
+        [
+            "train.lr=2e-4",
+            "train.epochs=15",
+            "train.grad_clip=null",
+            "train.eval_subsets=[flair,flair+t1ce]",
+            "data.patch_size=[64,64,64]",
+            "metrics.empty_hd95=373.13",
+            "loss.activation=sigmoid",
+            "train.amp=false",
+        ]
+    )
+    assert cfg.train.lr == 2e-4 and cfg.train.epochs == 15 and cfg.train.grad_clip is None
+    assert list(cfg.data.patch_size) == [64, 64, 64] and cfg.loss.activation == "sigmoid"
+
+
+WRONG = {
+    "train.lr=abc": "train.lr",
+    "train.lr=0": "train.lr",
+    "train.lr=-1e-3": "train.lr",
+    "train.epochs=-1": "train.epochs",
+    "train.epochs=0": "train.epochs",
+    "train.seed=1.5": "train.seed",
+    "train.batch_size=0": "train.batch_size",
+    "train.amp=maybe": "train.amp",
+    "train.mode=teacher": "train.mode",
+    "train.student_moments=sometimes": "train.student_moments",
+    "train.eval_subsets=[flair,t9]": "train.eval_subsets",
+    "train.subset_weights=[1,2]": "train.subset_weights",
+    "train.disc_betas=[0.9]": "train.disc_betas",
+    "train.nope=1": "train.nope",
+    "eval.overlap=1.5": "eval.overlap",
+    "eval.decode=vote": "eval.decode",
+    "loss.kl=-1": "loss.kl",
+    "loss.activation=relu": "loss.activation",
+    "loss.consistency_ramp=2": "loss.consistency_ramp",
+    "data.modalities=[flair,t5]": "data.modalities",
+    "data.split.val_fraction=0.95": "data.split",
+    "data.foreground_ratio=1.5": "data.foreground_ratio",
+    "model.input_size=[64,64]": "model.input_size",
+    "model.input_size=[60,64,64]": "model.input_size",
+    "model=huge": "model preset",
+}
+
+
+@pytest.mark.parametrize("override", WRONG)
+def test_a_wrong_value_is_refused_in_one_line_naming_the_key(override):
+    with pytest.raises(InputError) as info:
+        load_config([override])
+    message = str(info.value)
+    assert "\n" not in message and WRONG[override] in message, message
+
+
+@pytest.mark.parametrize("override", ["train.lr=abc", "train.epochs=-1", "eval.overlap=1.5"])
+def test_the_cli_refuses_a_wrong_value_before_any_work(tmp_path, capsys, override):
+    """Exit status 2, one line, and nothing written: not the data's cache, not the run folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--quiet", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad config value") and "Traceback" not in err[0]
+    assert not out.exists() and list(data.iterdir()) == []
+
+
+def _shipped_run_config() -> dict:
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_the_shipped_run_config_passes_its_schema():
+    from mstkd.federated import config_from_run
+    from mstkd.runconfig import SCHEMA, check_run_config
+
+    run = _shipped_run_config()
+    assert set(run) == set(SCHEMA)  # every key is typed, and the schema names no key that does not exist
+    checked = check_run_config(run)
+    assert checked == run and all(type(checked[k]) is type(run[k]) for k in run)
+    assert type(check_run_config({"local-epochs": 2})["local-epochs"]) is float  # typed, not only equal
+    assert type(check_run_config({"num-server-rounds": 3.0})["num-server-rounds"]) is int
+    cfg = config_from_run(run)
+    assert cfg.train.epochs == run["num-server-rounds"] * run["local-epochs"]
+
+
+WRONG_RUN = [
+    ("num-server-rounds", "x", "num-server-rounds"),
+    ("num-server-rounds", 0, "num-server-rounds"),
+    ("local-epochs", -1.0, "local-epochs"),
+    ("lokal-epochs", 2.0, "did you mean local-epochs"),
+    ("dp", "of", "dp"),
+    ("strategy", "fedsgd", "strategy"),
+    ("fraction-train", 1.5, "fraction-train"),
+    ("secagg", "yes", "secagg"),
+    ("transport", "int8", "transport"),
+    ("lr", 0.0, "lr"),
+    ("overrides", "train.lr=abc", "train.lr"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "named"), WRONG_RUN)
+def test_a_wrong_run_config_value_is_refused_in_one_line(key, value, named):
+    from mstkd.federated import config_from_run
+
+    with pytest.raises(InputError) as info:
+        config_from_run({**_shipped_run_config(), key: value})
+    assert "\n" not in str(info.value) and named in str(info.value), str(info.value)
