@@ -11,6 +11,9 @@ The SuperLink's certificate must name every address the SuperNodes and the coord
 reach it (``--host``, repeatable; 127.0.0.1 and localhost are always included). A node key is an
 ECDSA P-384 key pair in OpenSSH format: the hospital keeps the private key, the coordinator
 registers the public one (``flwr supernode register <key>.pub <connection>``).
+
+Private keys are created with mode 0600 from their first byte. An existing file is never
+replaced unless ``--force`` is given: a new CA or node key invalidates what was made with the old one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -30,11 +34,39 @@ GENERATED = Path(__file__).resolve().parent / "generated"
 VALID_DAYS = 825
 
 
+class CredentialExists(FileExistsError):
+    """A credential file is already there: replacing it breaks what was signed or registered with it."""
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    """Check every file of a set before writing any, so a refusal leaves the set whole."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise CredentialExists(
+            f"{existing[0]} exists; --force replaces it (what was signed or registered with it stops working)"
+        )
+
+
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file created with its final mode, then rename.
+
+    A private file is created 0600, so it is never readable by others, not even for a moment
+    (writing first and restricting afterwards would leave a window under the usual umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -48,8 +80,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_ca(out: Path, name: str = "MST-KDNet federation CA") -> tuple[Path, Path]:
-    """Self-signed certificate authority: ``ca.crt`` and ``ca.key``."""
+def make_ca(out: Path, name: str = "MST-KDNet federation CA", *, force: bool = False) -> tuple[Path, Path]:
+    """Self-signed certificate authority: ``ca.crt`` and ``ca.key`` (an existing CA is kept unless ``force``)."""
+    _refuse_existing([out / "ca.crt", out / "ca.key"], force)
     key = _key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
@@ -70,8 +103,9 @@ def make_ca(out: Path, name: str = "MST-KDNet federation CA") -> tuple[Path, Pat
     )
 
 
-def make_server(out: Path, hosts: list[str]) -> tuple[Path, Path]:
+def make_server(out: Path, hosts: list[str], *, force: bool = False) -> tuple[Path, Path]:
     """The SuperLink's certificate for ``hosts`` (names or IP addresses), signed by the CA in ``out``."""
+    _refuse_existing([out / "server.pem", out / "server.key"], force)
     ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
     names = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
@@ -101,8 +135,9 @@ def make_server(out: Path, hosts: list[str]) -> tuple[Path, Path]:
     )
 
 
-def make_node_key(out: Path, name: str) -> tuple[Path, Path]:
+def make_node_key(out: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
     """An ECDSA P-384 OpenSSH key pair for SuperNode authentication: ``nodes/<name>`` and ``nodes/<name>.pub``."""
+    _refuse_existing([out / "nodes" / name, out / "nodes" / f"{name}.pub"], force)
     key = _key()
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
@@ -117,6 +152,7 @@ def make_node_key(out: Path, name: str) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(GENERATED), help=f"output folder (default {GENERATED})")
+    parser.add_argument("--force", action="store_true", help="replace existing files (default: refuse)")
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("ca", help="certificate authority")
     server = sub.add_parser("server", help="the SuperLink's TLS certificate")
@@ -125,15 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("name", help="site name, e.g. hospital-a")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    if args.what == "ca":
-        paths = make_ca(out)
-    elif args.what == "server":
-        if not (out / "ca.key").is_file():
-            print(f"error: no CA in {out}; run `python deploy/credentials.py ca` first", file=sys.stderr)
-            return 2
-        paths = make_server(out, args.host)
-    else:
-        paths = make_node_key(out, args.name)
+    try:
+        if args.what == "ca":
+            paths = make_ca(out, force=args.force)
+        elif args.what == "server":
+            if not (out / "ca.key").is_file():
+                print(f"error: no CA in {out}; run `python deploy/credentials.py ca` first", file=sys.stderr)
+                return 2
+            paths = make_server(out, args.host, force=args.force)
+        else:
+            paths = make_node_key(out, args.name, force=args.force)
+    except CredentialExists as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for path in paths:
         print(path)
     return 0
