@@ -38,6 +38,8 @@ SCHEMA: dict[str, tuple[type, Any]] = {
     "dp": (str, ("off", "server", "client")),
     "dp-clip": (float, POSITIVE),
     "dp-noise": (float, NON_NEGATIVE),
+    "dp-delta": (float, UNIT),
+    "dp-max-epsilon": (float, NON_NEGATIVE),
     "secagg": (bool, None),
     "secagg-max-weight": (float, POSITIVE),
     "transport": (str, ("float16", "float32")),

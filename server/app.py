@@ -153,6 +153,9 @@ def main(grid: Grid, context: Context) -> None:
         _say(f"resuming {out} after round {checkpoint.round} (best site-validation Dice {_best(best)})")
     convention = cases[0].meta["convention"] if cases else "fets"
     privacy = privacy_settings(run, min_nodes)
+    ledger = (
+        PrivacyLedger(privacy, num_sites, checkpoint.privacy if checkpoint is not None else None) if privacy else None
+    )
     train_config = {"lr": float(cfg.train.lr), "state-key": state_key}
     timeout = float(run.get("round-timeout", 3600))
 
@@ -160,8 +163,14 @@ def main(grid: Grid, context: Context) -> None:
         load_federated_arrays(student, disc, {k: v.numpy() for k, v in arrays.items()})
         save_checkpoint(out / "last.pt", student, cfg, convention=convention, extra={"round": server_round})
         rec = runlog.record(server_round)
-        if privacy and server_round > 0:
-            rec["privacy"] = privacy
+        if ledger is not None and server_round > 0 and "privacy" not in rec:
+            rec["privacy"] = dict(privacy)
+            if "skipped" not in rec:  # a skipped round released nothing new
+                rec["privacy"].update(ledger.release())
+                spent = rec["privacy"]
+                if spent["epsilon"] is not None:
+                    eps, delta = spent["epsilon"], spent["delta"]
+                    _say(f"round {server_round}: privacy spent epsilon {eps:.3f} at delta {delta:g}")
         val = rec.get("val", {}).get("val-mean-dice") if not rec.get("skipped") else None
         if val is not None and float(val) > best["val_mean_dice"]:  # model selection on the sites' validation
             best.update(val_mean_dice=float(val), round=server_round)
@@ -234,6 +243,7 @@ def main(grid: Grid, context: Context) -> None:
             best=best,
             state_key=state_key,
             random_state=random.getstate(),
+            privacy=ledger.state() if ledger is not None else {},
         ).save(out)
 
     start = time.perf_counter()
@@ -252,13 +262,15 @@ def main(grid: Grid, context: Context) -> None:
         node_wait=float(run.get("node-wait", 600)),
         evaluate_fn=evaluate_fn,
         after_round=after_round,
+        before_round=ledger.stop_reason if ledger is not None else None,
         say=_say,
     )
     total = time.perf_counter() - start
     keep_last_if_no_validation(out, best)
     tracker.close()
     report = write_report(out, runlog, cfg, run, total, best)
-    _say(f"finished {rounds} rounds in {total:.0f} s; best.pt: {_best(best)}; report {report}")
+    done = f"stopped early ({runlog.stopped})" if runlog.stopped else f"finished {rounds} rounds"
+    _say(f"{done} in {total:.0f} s; best.pt: {_best(best)}; report {report}")
 
 
 def _best(best: dict) -> str:
@@ -358,6 +370,9 @@ def privacy_settings(run: dict, min_nodes: int) -> dict:
     clip, noise = float(run.get("dp-clip", 1.0)), float(run.get("dp-noise", 0.1))
     if clip <= 0 or noise < 0:
         raise InputError(f"dp-clip must be positive and dp-noise non-negative, got {clip} and {noise}")
+    max_epsilon = float(run.get("dp-max-epsilon", 0.0))
+    if max_epsilon > 0 and noise == 0:
+        raise InputError("dp-max-epsilon needs dp-noise > 0: without noise there is no finite epsilon to bound")
     return {
         "mode": mode,
         "clipping": "fixed",
@@ -365,7 +380,64 @@ def privacy_settings(run: dict, min_nodes: int) -> dict:
         "noise_multiplier": noise,
         "sampled_nodes": min_nodes,
         "noise_stdev": noise * clip / min_nodes,
+        "delta": float(run.get("dp-delta", 1e-5)),
+        "max_epsilon": max_epsilon or None,
     }
+
+
+class PrivacyLedger:
+    """Client-level (epsilon, delta) of the released global models, from Flower's RDP accountant.
+
+    Each round that aggregates releases one Gaussian mechanism over the sampled sites (noise
+    multiplier ``dp-noise`` on updates clipped to ``dp-clip``). No amplification by sampling is
+    claimed: every sampled site must reply, and the count is the conservative one.
+    """
+
+    def __init__(self, privacy: dict, population: int, state: dict | None = None) -> None:
+        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        self.noise = float(privacy["noise_multiplier"])
+        self.accountant = None
+        if self.noise > 0:
+            config = PrivacyConfig(
+                target_delta=float(privacy["delta"]),
+                population_size=max(population, int(privacy["sampled_nodes"])),
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                max_epsilon=privacy["max_epsilon"],
+            )
+            self.accountant = RdpAccountant(config)
+            self.event = GaussianPrivacyEvent(
+                noise_multiplier=self.noise,
+                sample_size=int(privacy["sampled_nodes"]),
+                population_size=config.population_size,
+            )
+            if state:
+                self.accountant.load_state_dict(state)
+
+    def stop_reason(self) -> str | None:
+        """Why the next round must not run (its release would exceed ``dp-max-epsilon``), or None."""
+        if self.accountant is None or self.accountant.config.max_epsilon is None:
+            return None
+        if self.accountant.would_exceed(self.event):
+            spent = self.accountant.get_privacy_spent()
+            return (
+                f"the next round would exceed dp-max-epsilon {self.accountant.config.max_epsilon:g} "
+                f"(spent: epsilon {spent.epsilon:.3f} at delta {spent.delta:g})"
+            )
+        return None
+
+    def release(self) -> dict:
+        """Count one released global model; the spent budget so far, for the round's record."""
+        if self.accountant is None:
+            return {"epsilon": None, "epsilon_note": "no noise: no finite epsilon"}
+        self.accountant.compose(self.event)
+        spent = self.accountant.get_privacy_spent()
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+
+    def state(self) -> dict:
+        return self.accountant.state_dict() if self.accountant is not None else {}
 
 
 def _faults(record: dict) -> str:
@@ -403,6 +475,25 @@ def write_report(out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best
         "test cases, scored for reporting only.",
         "",
     ]
+    if runlog.stopped:
+        lines += [f"**The run ended early**: {runlog.stopped}.", ""]
+    spent = [(r, runlog.records[r]["privacy"]) for r in sorted(runlog.records) if "privacy" in runlog.records[r]]
+    if spent:
+        p = spent[-1][1]
+        lines += [
+            "## Differential privacy",
+            "",
+            f"{p['mode']}-side clipping at {p['clipping_norm']:g}, noise multiplier {p['noise_multiplier']:g} "
+            f"(noise stdev {p['noise_stdev']:.3g} per weight), {p['sampled_nodes']} sites per round. Client-level "
+            "epsilon from Flower's RDP accountant, one release per aggregated round, no amplification by sampling.",
+            "",
+            "| round | epsilon | delta |",
+            "|---:|---:|---:|",
+        ]
+        for r, q in spent:
+            eps = f"{q['epsilon']:.3f}" if q.get("epsilon") is not None else "unbounded (no noise)"
+            lines.append(f"| {r} | {eps} | {q.get('delta', p['delta']):g} |")
+        lines.append("")
     flagged = [(r, c) for r in sorted(runlog.records) for c in runlog.records[r].get("collapse", [])]
     if flagged:
         lines += ["## Collapse warnings", ""]

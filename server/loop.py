@@ -55,6 +55,7 @@ class ServerCheckpoint:
     best: dict[str, Any] = field(default_factory=dict)
     state_key: str = ""  # names the nodes' state folders
     random_state: Any = None  # Python's RNG, which Flower's node sampling uses
+    privacy: dict = field(default_factory=dict)  # the privacy accountant's state
 
     FILE = "server_state.pkl"
 
@@ -135,12 +136,22 @@ def run_rounds(
     node_wait: float,
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
     after_round: Callable[[int, ArrayRecord], None] | None = None,
+    before_round: Callable[[], str | None] | None = None,
     say: Callable[[str], None] = log.info,
 ) -> ArrayRecord:
-    """Rounds ``first_round`` .. ``num_rounds`` (see the module doc); returns the final global arrays."""
+    """Rounds ``first_round`` .. ``num_rounds`` (see the module doc); returns the final global arrays.
+
+    ``before_round`` may end the run cleanly before a round starts by returning the reason
+    (differential privacy: the next release would exceed the budget).
+    """
     if first_round == 1 and evaluate_fn is not None:
         evaluate_fn(0, arrays)
     for server_round in range(first_round, num_rounds + 1):
+        reason = before_round() if before_round is not None else None
+        if reason:
+            runlog.stopped = f"stopped before round {server_round}: {reason}"
+            say(runlog.stopped)
+            break
         rec = runlog.record(server_round)
         connected = wait_for_nodes(grid, min_nodes, node_wait)
         if connected < min_nodes:

@@ -40,6 +40,7 @@ class RunLog:
         self.folder = Path(folder)
         self.records: dict[int, dict[str, Any]] = {}
         self._started: dict[int, float] = {}
+        self.stopped: str | None = None  # why the run ended before its last round, if it did
 
     def record(self, server_round: int) -> dict[str, Any]:
         """The (mutable) record of ``server_round``; the round's clock starts at the first call."""

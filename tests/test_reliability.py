@@ -14,6 +14,7 @@ import torch
 
 from client.app import app as client_app
 from mstkd.config import load_config
+from mstkd.errors import InputError
 from mstkd.federated import SiteState, site_data
 from mstkd.model import build_networks
 from mstkd.train import Networks, make_optimizers, seed_everything
@@ -313,6 +314,10 @@ def test_differential_privacy_clips_updates_and_logs_its_parameters(tmp_path, mo
             "noise_multiplier": 0.0,
             "sampled_nodes": 3,
             "noise_stdev": 0.0,
+            "delta": 1e-5,
+            "max_epsilon": None,
+            "epsilon": None,  # no noise: no finite epsilon, and the log says so
+            "epsilon_note": "no noise: no finite epsilon",
         }
     assert not any(r.has_error() for r in grid.replies)
 
@@ -343,6 +348,43 @@ def test_dp_noise_moves_the_model_by_its_stdev(tmp_path):
         [(a - b).numpy().ravel() for a, b in zip(net.state_dict().values(), initial.state_dict().values(), strict=True)]
     )
     assert diffs.std() == pytest.approx(1e-6, rel=0.1)
+
+
+def test_dp_reports_epsilon_every_round_from_flowers_accountant(tmp_path):
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    extra = {"num-server-rounds": 2, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.5}
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path, **extra), nodes())
+    records = _records(tmp_path / "run")
+    accountant = RdpAccountant(
+        PrivacyConfig(1e-5, 3, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+    )
+    for r in (1, 2):  # one release of the Gaussian mechanism over the 3 sites per aggregated round
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=1.5, sample_size=3, population_size=3))
+        assert records[r]["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+        assert records[r]["privacy"]["releases"] == r
+    assert records[2]["privacy"]["epsilon"] > records[1]["privacy"]["epsilon"] > 0
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "## Differential privacy" in report and f"| 2 | {records[2]['privacy']['epsilon']:.3f} | 1e-05 |" in report
+
+
+def test_dp_max_epsilon_ends_training_cleanly_before_the_budget_is_exceeded(tmp_path):
+    extra = {"num-server-rounds": 4, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.0}
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path, **extra, **{"dp-max-epsilon": 6.0}), nodes())
+    records = _records(tmp_path / "run")
+    assert [r["round"] for r in records] == [0, 1]  # epsilon 4.73 after one round; a second would pass 6
+    assert records[1]["privacy"]["epsilon"] < 6.0
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "The run ended early" in report and "dp-max-epsilon 6" in report
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+
+
+def test_dp_max_epsilon_without_noise_is_refused():
+    from server.app import privacy_settings
+
+    with pytest.raises(InputError, match="dp-max-epsilon needs dp-noise"):
+        privacy_settings({"dp": "server", "dp-noise": 0.0, "dp-max-epsilon": 3.0}, 3)
 
 
 # --------------------------------------------------------------------------- what leaves a site
@@ -431,3 +473,14 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
     assert checked > 0
     record = _records(tmp_path / "run")[1]
     assert record["secure_aggregation"] == "SecAgg+" and set(record["sites"]) == {"site-1", "site-2", "site-3"}
+
+
+def test_the_privacy_ledger_survives_a_server_restart():
+    from server.app import PrivacyLedger, privacy_settings
+
+    privacy = privacy_settings({"dp": "client", "dp-clip": 1.0, "dp-noise": 2.0}, 3)
+    first = PrivacyLedger(privacy, 3)
+    first.release()
+    resumed = PrivacyLedger(privacy, 3, state=first.state())  # what ServerCheckpoint carries
+    assert resumed.release()["epsilon"] == pytest.approx(first.release()["epsilon"])
+    assert resumed.release()["releases"] == 3
