@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mstkd.atomic import atomic_path
+from mstkd.atomic import atomic_path, write_text
 from mstkd.config import load_config
 from mstkd.data.dataset import Federation, prepare_federation, resolve_partitions
 from mstkd.data.layouts import detect_case, find_case_folders
@@ -274,12 +274,36 @@ class SiteState:
     ``local.pt`` holds the state after the newest round the site trained, ``local.prev.pt`` the one
     before. A node asked to train round ``r`` starts from the newest state of a round before ``r``,
     so a server that crashed in the middle of round ``r`` and resumes from round ``r - 1`` finds the
-    state that round ``r`` started from.
+    state that round ``r`` started from. Each state file has a small sidecar (``.json``) with its
+    counters and the size and time of the file it describes, so choosing a file never reads one
+    (gigabytes at ``paper`` size); a sidecar that does not match its file is ignored.
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / "local.pt"
         self.previous = Path(folder) / "local.prev.pt"
+
+    @staticmethod
+    def _sidecar(path: Path) -> Path:
+        return path.with_suffix(".json")
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        info = path.stat()
+        return [info.st_size, info.st_mtime_ns]
+
+    def info(self, path: Path) -> dict | None:
+        """The counters saved in ``path`` (None when there is no such file): from its sidecar when that
+        matches the file, else by reading the file."""
+        if not path.is_file():
+            return None
+        try:
+            side = json.loads(self._sidecar(path).read_text())
+            if side["stamp"] == self._stamp(path):
+                return dict(side["info"])
+        except (OSError, ValueError, KeyError):
+            pass
+        return dict(torch.load(path, map_location="cpu", weights_only=False)["info"])
 
     def exists(self) -> bool:
         return self.path.is_file() or self.previous.is_file()
@@ -295,13 +319,17 @@ class SiteState:
             "info": info,
         }
         with _file_lock(self.path.with_name(".local.lock")):
-            if self.path.is_file():
-                newest = torch.load(self.path, map_location="cpu", weights_only=False)["info"].get("round", 0)
-                if int(newest) >= int(info.get("round", 0)) > 0:
+            newest = self.info(self.path)
+            if newest is not None:
+                if int(newest.get("round", 0)) >= int(info.get("round", 0)) > 0:
                     return  # a late reply to an older round: the newer state stays
-                os.replace(self.path, self.previous)
+                os.replace(self.path, self.previous)  # a rename keeps the file's size and time
+                if self._sidecar(self.path).is_file():
+                    os.replace(self._sidecar(self.path), self._sidecar(self.previous))
             with atomic_path(self.path) as tmp:
                 torch.save(payload, tmp)
+            side = {"stamp": self._stamp(self.path), "info": info}
+            write_text(self._sidecar(self.path), json.dumps(side, default=float))
 
     def load(
         self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, *, before_round: int | None = None
@@ -309,11 +337,10 @@ class SiteState:
         """Restore the newest state saved before round ``before_round`` (any, when None) into the teacher of
         ``nets``, ``optimizers`` and ``rng``; return its counters, or None when there is none."""
         for path in (self.path, self.previous):
-            if not path.is_file():
+            info = self.info(path)
+            if info is None or (before_round is not None and int(info.get("round", 0)) >= before_round):
                 continue
             payload = torch.load(path, map_location="cpu", weights_only=False)
-            if before_round is not None and int(payload["info"].get("round", 0)) >= before_round:
-                continue
             nets.teacher.load_state_dict(payload["teacher"])
             optimizers.main.load_state_dict(payload["optimizer"])
             optimizers.discriminator.load_state_dict(payload["disc_optimizer"])

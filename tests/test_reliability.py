@@ -484,3 +484,26 @@ def test_the_privacy_ledger_survives_a_server_restart():
     resumed = PrivacyLedger(privacy, 3, state=first.state())  # what ServerCheckpoint carries
     assert resumed.release()["epsilon"] == pytest.approx(first.release()["epsilon"])
     assert resumed.release()["releases"] == 3
+
+
+def test_site_state_is_chosen_without_reading_a_state_file(tmp_path, monkeypatch):
+    """At `paper` size a state file is gigabytes: a round reads exactly the one it restores, and a save none."""
+    import mstkd.federated
+
+    cfg = load_config(["model=tiny"])
+    nets = Networks(*build_networks(cfg.model))
+    optimizers = make_optimizers(nets, cfg.train)
+    rng = np.random.default_rng(0)
+    state = SiteState(tmp_path)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        mstkd.federated.torch, "load", lambda path, **kw: reads.append(Path(path).name) or real_load(path, **kw)
+    )
+    for r in (1, 2, 3):
+        state.save(nets, optimizers, rng, {"round": r, "rounds": r, "epoch": float(r)})
+    assert reads == []  # the sidecars told which round each file holds
+    assert state.load(nets, optimizers, rng, before_round=3)["round"] == 2
+    assert reads == ["local.prev.pt"]  # local.pt (round 3) was skipped without being read
+    (tmp_path / "local.json").write_text("{}")  # a sidecar that does not describe its file is ignored
+    assert state.info(tmp_path / "local.pt")["round"] == 3 and reads[-1] == "local.pt"
