@@ -272,3 +272,12 @@ def test_sites_log_at_info_in_deployment_and_stay_quiet_in_simulation():
         logger.setLevel(level)
         for h in [h for h in logger.handlers if getattr(h, "mstkd_site", False)]:
             logger.removeHandler(h)
+
+
+def test_node_state_leaves_out_the_student_moments_the_next_round_resets(federation):
+    tmp, _, _ = federation
+    state = torch.load(next((tmp / "work" / "nodes").glob("*/*/local.pt")), weights_only=False)
+    groups = state["optimizer"]["param_groups"]  # one Adam over [teacher, student]
+    teacher_ids, student_ids = set(groups[0]["params"]), set(groups[1]["params"])
+    assert teacher_ids and student_ids
+    assert set(state["optimizer"]["state"]) == teacher_ids  # the teacher's moments only
