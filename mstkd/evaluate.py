@@ -31,7 +31,8 @@ from mstkd.data.cache import CachedCase
 from mstkd.data.labels import REGIONS, regions_from_classes
 from mstkd.losses import probabilities
 from mstkd.metrics import score_regions, volume_diagonal
-from mstkd.modalities import FULL, SUBSETS, Subset, zero_fill
+from mstkd.modalities import SUBSETS, Subset, zero_fill
+from mstkd.modalities import parse_subsets as parse_subsets  # re-exported: callers import it from here
 from mstkd.model import MSTKDNet
 from mstkd.train import autocast, pick_device
 
@@ -100,18 +101,6 @@ def segment(
     if how == "auto":  # measured on validation cases: argmax suits softmax, and ruins sigmoid outputs
         how = "argmax" if activation == "softmax" else "threshold"
     return decode(probs, how, float(cfg.eval.threshold))
-
-
-def parse_subsets(spec) -> tuple[Subset, ...]:
-    """``all`` -> the 15 subsets; ``full`` -> all four only; names (a list, or one string split at commas
-    and spaces, e.g. ``"flair flair+t1ce"``) -> those subsets, in paper order."""
-    if spec in (None, "all"):
-        return SUBSETS
-    if spec == "full":
-        return (FULL,)
-    names = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
-    chosen = {FULL if n == "full" else Subset.parse(n) for n in names}
-    return tuple(s for s in SUBSETS if s in chosen)
 
 
 @dataclass

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mstkd.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the config checks use this module without it
+    import torch
 
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 """Canonical channel order of every image tensor ``C x H x W x D`` (C = 4)."""
@@ -102,11 +105,25 @@ def subsets_within(available: Subset) -> tuple[Subset, ...]:
     return tuple(s for s in SUBSETS if s.issubset(available))
 
 
+def parse_subsets(spec) -> tuple[Subset, ...]:
+    """``all`` -> the 15 subsets; ``full`` -> all four only; names (a list, or one string split at commas
+    and spaces, e.g. ``"flair flair+t1ce"``) -> those subsets, in paper order."""
+    if spec in (None, "all"):
+        return SUBSETS
+    if spec == "full":
+        return (FULL,)
+    names = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
+    chosen = {FULL if n == "full" else Subset.parse(n) for n in names}
+    return tuple(s for s in SUBSETS if s in chosen)
+
+
 def channel_mask(
-    subset: Subset, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    subset: Subset, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """``C`` tensor of 0/1 weights, 1 for present modalities."""
-    return torch.tensor(subset.mask, dtype=dtype, device=device)
+    """``C`` tensor of 0/1 weights, 1 for present modalities (float32 unless ``dtype``)."""
+    import torch
+
+    return torch.tensor(subset.mask, dtype=dtype or torch.float32, device=device)
 
 
 def zero_fill(image: torch.Tensor | np.ndarray, subset: Subset) -> torch.Tensor | np.ndarray:
@@ -124,9 +141,9 @@ def zero_fill(image: torch.Tensor | np.ndarray, subset: Subset) -> torch.Tensor 
         raise ValueError(f"expected {len(MODALITIES)} channels on axis {channel_axis}, got shape {tuple(image.shape)}")
     shape = [1] * image.ndim
     shape[channel_axis] = len(MODALITIES)
-    if isinstance(image, torch.Tensor):
-        return image * channel_mask(subset, dtype=image.dtype, device=image.device).view(shape)
-    return image * np.asarray(subset.mask, dtype=image.dtype).reshape(shape)
+    if isinstance(image, np.ndarray):
+        return image * np.asarray(subset.mask, dtype=image.dtype).reshape(shape)
+    return image * channel_mask(subset, dtype=image.dtype, device=image.device).view(shape)
 
 
 def sample_subset(

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig
 
 from mstkd.errors import InputError
+from mstkd.modalities import MODALITIES, parse_subsets
 
 # ----------------------------------------------------------------------------- types
 
@@ -276,8 +277,6 @@ def check_config(cfg: DictConfig) -> None:
             raise _bad(key, channels, "give positive channel counts")
     if not cfg.data.modalities:
         raise _bad("data.modalities", [], "name at least one modality")
-    from mstkd.modalities import MODALITIES
-
     if unknown := [m for m in cfg.data.modalities if m not in MODALITIES]:
         raise _bad("data.modalities", list(cfg.data.modalities), f"unknown {unknown}; known: {', '.join(MODALITIES)}")
     if len(cfg.train.disc_betas) != 2 or not all(0 <= b < 1 for b in cfg.train.disc_betas):
@@ -285,8 +284,6 @@ def check_config(cfg: DictConfig) -> None:
     weights = cfg.train.subset_weights
     if weights is not None and (len(weights) != 15 or any(w < 0 for w in weights) or not sum(weights) > 0):
         raise _bad("train.subset_weights", list(weights), "give 15 non-negative weights, in paper order, not all 0")
-    from mstkd.evaluate import parse_subsets
-
     spec = cfg.train.eval_subsets if isinstance(cfg.train.eval_subsets, str) else list(cfg.train.eval_subsets)
     try:
         chosen = parse_subsets(spec)
