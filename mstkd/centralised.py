@@ -156,8 +156,8 @@ def _run(
     *,
     partitioning: str | Path | None,
     progress: bool,
+    tracker: Tracker,
     state: dict | None = None,
-    tracker: Tracker | None = None,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
@@ -236,14 +236,12 @@ def _run(
         with log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         _save_state(out, cfg, nets, optimizers, epoch + 1, best, random_states(loader, rng), data_dir, partitioning)
-        if tracker is not None:
-            tracker.log(epoch + 1, {"train": metrics, "val": record.get("val", {})})
+        tracker.log(epoch + 1, {"train": metrics, "val": record.get("val", {})})
         val = f", val mean Dice {record['val']['mean_dice']:.3f}" if "val" in record else ""
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}{val} ({record['wall_seconds']:.0f} s)", file=sys.stderr)
     if not (out / "best.pt").exists():
         copy_file(out / "last.pt", out / "best.pt")
-    if tracker is not None:
-        tracker.close()
+    tracker.close()
     return out
 
 

@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels",
         choices=("auto", "fets", "brats2023"),
         default="auto",
-        help="label convention: fets = 1/2/4, brats2023 = 1/2/3 (+4 resection cavity); auto (default): "
-        "brats2023 where a label 3 occurs or the case folder is BraTS 2023-named, else fets",
+        help="label convention: fets = 1/2/4, brats2023 = 1/2/3 (+4 resection cavity); auto (default): the "
+        "reference's case-folder naming, else brats2023 when the reference holds a label 3, else fets",
     )
     p.add_argument(
         "--hd95",

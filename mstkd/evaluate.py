@@ -153,19 +153,8 @@ class EvalResult:
         }
 
     def collapse(self) -> list[dict]:
-        """Regions predicted over more than ``collapse_share`` of the brain, or at more than ``collapse_ratio``
-        times their reference volume, under some subset (case means): per such region, its worst subset as
-        ``{"region", "subset", "share", "ratio"}`` (ratio None when no case has the region)."""
-        flagged: dict[str, dict] = {}
-        for row in self.table()[:-1]:
-            for r in REGIONS:
-                share = row[f"{r}_share"]
-                ratio = row[f"{r}_pred"] / row[f"{r}_ref"] if row[f"{r}_ref"] > 0 else None
-                if share > self.collapse_share or (ratio is not None and ratio > self.collapse_ratio):
-                    hit = {"region": r, "subset": row["subset"], "share": share, "ratio": ratio}
-                    if r not in flagged or share > flagged[r]["share"]:
-                        flagged[r] = hit
-        return [flagged[r] for r in REGIONS if r in flagged]
+        """:func:`find_collapse` on this table's subset rows, with this result's limits."""
+        return find_collapse(self.table()[:-1], self.collapse_share, self.collapse_ratio)
 
     def markdown(self) -> str:
         head = "| Subset | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT |"
@@ -202,6 +191,22 @@ class EvalResult:
         return paths
 
 
+def find_collapse(rows: Sequence[dict], share_limit: float = 0.5, ratio_limit: float = 10.0) -> list[dict]:
+    """Regions predicted over more than ``share_limit`` of the brain, or at more than ``ratio_limit`` times
+    their reference volume, in some of ``rows`` (one per subset, case means, as :meth:`EvalResult.table`):
+    per such region, its worst subset as ``{"region", "subset", "share", "ratio"}`` (ratio None when no
+    case has the region)."""
+    flagged: dict[str, dict] = {}
+    for row in rows:
+        for r in REGIONS:
+            share = row[f"{r}_share"]
+            ratio = row[f"{r}_pred"] / row[f"{r}_ref"] if row[f"{r}_ref"] > 0 else None
+            if share > share_limit or (ratio is not None and ratio > ratio_limit):
+                if r not in flagged or share > flagged[r]["share"]:
+                    flagged[r] = {"region": r, "subset": row["subset"], "share": share, "ratio": ratio}
+    return [flagged[r] for r in REGIONS if r in flagged]
+
+
 def describe_collapse(hit: dict) -> str:
     """One phrase for a flagged region of :meth:`EvalResult.collapse`."""
     ratio = f", {hit['ratio']:.1f}x its reference volume" if hit["ratio"] is not None else ""
@@ -227,27 +232,31 @@ def evaluate_cases(
         collapse_share=float(cfg.eval.collapse_share),
         collapse_ratio=float(cfg.eval.collapse_ratio),
     )
-    todo = [(e, s) for e in entries for s in subsets]
-    for entry, subset in tqdm(todo, desc=desc, unit="scan", disable=not progress, leave=False):
+    bar = tqdm(total=len(entries) * len(subsets), desc=desc, unit="scan", disable=not progress, leave=False)
+    for entry in entries:  # what does not depend on the subset is read and computed once per case
         ref = entry.regions()
         if ref is None:
             raise ValueError(f"case {entry.case_id} has no label map to evaluate against")
         image = entry.image()
-        pred = segment(net, image, subset, cfg, device)
         brain = np.any(np.asarray(image) != 0, axis=0)
         brain_voxels = max(int(brain.sum()), 1)
+        ref_voxels = {f"{r}_ref": int(ref[i].sum()) for i, r in enumerate(REGIONS)}
         spacing = entry.meta["spacing"]
         empty = cfg.metrics.empty_hd95
         empty = volume_diagonal(entry.meta["shape"], spacing) if empty is None else float(empty)
-        scores = score_regions(pred, ref, spacing, hd95=str(cfg.metrics.hd95), empty_hd95=empty)
-        result.rows.append(
-            {
-                "case": entry.case_id,
-                "subset": subset.name,
-                **{f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS},
-                **{f"{r}_share": float((pred[i] & brain).sum()) / brain_voxels for i, r in enumerate(REGIONS)},
-                **{f"{r}_pred": int(pred[i].sum()) for i, r in enumerate(REGIONS)},
-                **{f"{r}_ref": int(ref[i].sum()) for i, r in enumerate(REGIONS)},
-            }
-        )
+        for subset in subsets:
+            pred = segment(net, image, subset, cfg, device)
+            scores = score_regions(pred, ref, spacing, hd95=str(cfg.metrics.hd95), empty_hd95=empty)
+            result.rows.append(
+                {
+                    "case": entry.case_id,
+                    "subset": subset.name,
+                    **{f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS},
+                    **{f"{r}_share": float((pred[i] & brain).sum()) / brain_voxels for i, r in enumerate(REGIONS)},
+                    **{f"{r}_pred": int(pred[i].sum()) for i, r in enumerate(REGIONS)},
+                    **ref_voxels,
+                }
+            )
+            bar.update()
+    bar.close()
     return result

@@ -16,15 +16,24 @@ from mstkd.errors import InputError
 FOLDER = "tensorboard"
 
 
-def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """``{"val": {"WT_dice": 0.8}, "loss": 2.1, "note": "x"}`` -> ``{"val/WT_dice": 0.8, "loss": 2.1}``."""
-    flat: dict[str, float] = {}
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [x, y]}`` -> ``{"<prefix>a/b": 1, "<prefix>c": 2}`` (lists by their length)."""
+    flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
-            flat.update(scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = float(value)
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = len(value) if isinstance(value, list | tuple) else value
     return flat
+
+
+def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of :func:`flatten`: ``{"val": {"WT_dice": 0.8}, "note": "x"}`` -> ``{"val/WT_dice": 0.8}``."""
+    return {
+        k: float(v)
+        for k, v in flatten(values, prefix).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 class Tracker:

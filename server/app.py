@@ -200,7 +200,7 @@ def main(grid: Grid, context: Context) -> None:
                 flag_collapse(rec, server_round, "global evaluation", describe_collapse(hit))
         student.to("cpu")
         runlog.finish(server_round)
-        tracker.log(server_round, {**{k: v for k, v in rec.items() if k not in ("round", "sites")}, **rec["sites"]})
+        tracker.log(server_round, {k: v for k, v in runlog.row(server_round).items() if k != "round"})
         _say(runlog.progress(server_round, rounds))
         return metrics
 

@@ -16,17 +16,7 @@ from typing import Any
 
 from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [x, y]}`` -> ``{"<prefix>a/b": 1, "<prefix>c": 2}`` (lists by their length)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = len(value) if isinstance(value, list | tuple) else value
-    return flat
+from mstkd.tracking import flatten
 
 
 def _duration(seconds: float) -> str:
@@ -92,18 +82,19 @@ class RunLog:
             parts.append(f"about {_duration(left * sum(done) / len(done))} left")
         return " ".join(parts[:1] + [", ".join(parts[1:])])
 
+    def row(self, server_round: int) -> dict[str, Any]:
+        """One round, one scalar per column: ``round``, ``bytes_sent``, ..., ``train/<metric>``,
+        ``val/<metric>``, ``global/<metric>`` and ``<site>/<metric>``; lists (failures, collapse
+        warnings) become their count."""
+        rec = self.records[server_round]
+        row = flatten({k: v for k, v in rec.items() if k != "sites"})
+        for site, values in sorted(rec["sites"].items()):
+            row.update(flatten(values, f"{site}/"))
+        return row
+
     def rows(self) -> list[dict[str, Any]]:
-        """Flat rows for the CSV, one scalar per column: ``round``, ``bytes_sent``, ...,
-        ``train/<metric>``, ``val/<metric>``, ``global/<metric>`` and ``<site>/<metric>``; lists
-        (failures, collapse warnings) become their count."""
-        rows = []
-        for r in sorted(self.records):
-            rec = self.records[r]
-            row = flatten({k: v for k, v in rec.items() if k != "sites"})
-            for site, values in sorted(rec["sites"].items()):
-                row.update(flatten(values, f"{site}/"))
-            rows.append(row)
-        return rows
+        """:meth:`row` for every round: the rows of ``metrics.csv``."""
+        return [self.row(r) for r in sorted(self.records)]
 
     def write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ import numpy as np
 
 from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
+from mstkd.evaluate import find_collapse
 from mstkd.modalities import SUBSETS
 from simulations.scenario import ABLATIONS, ARMS, Arm, Scenario
 
@@ -147,18 +148,14 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
 
 
 def _collapse_numbers(table: list[dict]) -> dict[str, Any]:
-    """The largest share of the brain any region takes under any subset, and whether the run collapsed: a
-    region over more than half the brain, or at more than ten times its reference volume (case means)."""
+    """The largest share of the brain any region takes under any subset, and whether the run collapsed
+    (:func:`mstkd.evaluate.find_collapse` at its default limits: a region over more than half the brain,
+    or at more than ten times its reference volume, case means)."""
     rows = table[:-1]
     if not all(f"{r}_share" in row for row in rows for r in REGIONS):
         return {"max_share": None, "max_share_region": None, "collapsed": None}  # tables from older versions
     share, region = max((row[f"{r}_share"], r) for row in rows for r in REGIONS)
-    ratios = [row[f"{r}_pred"] / row[f"{r}_ref"] for row in rows for r in REGIONS if row[f"{r}_ref"] > 0]
-    return {
-        "max_share": float(share),
-        "max_share_region": region,
-        "collapsed": bool(share > 0.5 or (ratios and max(ratios) > 10.0)),
-    }
+    return {"max_share": float(share), "max_share_region": region, "collapsed": bool(find_collapse(rows))}
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
