@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig
 
 from mstkd.errors import InputError
-from mstkd.modalities import MODALITIES, parse_subsets
+from mstkd.modalities import MODALITIES, SUBSETS, parse_subsets
 
 # ----------------------------------------------------------------------------- types
 
@@ -282,8 +282,12 @@ def check_config(cfg: DictConfig) -> None:
     if len(cfg.train.disc_betas) != 2 or not all(0 <= b < 1 for b in cfg.train.disc_betas):
         raise _bad("train.disc_betas", list(cfg.train.disc_betas), "give two numbers in [0, 1)")
     weights = cfg.train.subset_weights
-    if weights is not None and (len(weights) != 15 or any(w < 0 for w in weights) or not sum(weights) > 0):
-        raise _bad("train.subset_weights", list(weights), "give 15 non-negative weights, in paper order, not all 0")
+    if weights is not None and (len(weights) != len(SUBSETS) or any(w < 0 for w in weights) or not sum(weights) > 0):
+        raise _bad(
+            "train.subset_weights",
+            list(weights),
+            f"give {len(SUBSETS)} non-negative weights, in paper order, not all 0",
+        )
     spec = cfg.train.eval_subsets if isinstance(cfg.train.eval_subsets, str) else list(cfg.train.eval_subsets)
     try:
         chosen = parse_subsets(spec)
