@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,10 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from mstkd.metrics import format_scores, score_files
 
+    if args.lesion:
+        from mstkd.lesion import require_panoptica
+
+        require_panoptica()  # before any work: one line saying how to install it
     pair, folders = bool(args.pred or args.ref), bool(args.pred_dir or args.ref_dir)
     if pair == folders:
         raise InputError("give either --pred with --ref (one pair) or --pred-dir with --ref-dir (every case)")
@@ -46,8 +51,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
             raise InputError("--pred and --ref go together")
         if args.csv:
             raise InputError("--csv writes the per-case table of --pred-dir/--ref-dir; use --json for one pair")
+        if args.lesion:
+            return _score_pair_lesions(args)
         scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
-        print(json.dumps(scores) if args.json else format_scores(scores, hd95=args.hd95))
+        print(_strict_json(scores) if args.json else format_scores(scores, hd95=args.hd95))
         return 0
     from mstkd.atomic import check_writable
     from mstkd.scoring import score_folders
@@ -58,18 +65,55 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if Path(args.csv).is_dir():
             raise InputError(f"--csv {args.csv} is a folder; name the file to write, e.g. scores.csv")
         check_writable(Path(args.csv).parent, what="--csv")
-    result = score_folders(args.pred_dir, args.ref_dir, labels=args.labels, hd95=args.hd95, progress=not args.quiet)
+    result = score_folders(
+        args.pred_dir, args.ref_dir, labels=args.labels, hd95=args.hd95, lesion=args.lesion, progress=not args.quiet
+    )
     if not result.rows:
         raise InputError(f"no case could be scored ({len(result.failed)} skipped)")
     if args.csv:
         result.write(args.csv)
     if args.json:
-        print(json.dumps({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
+        print(_strict_json({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
     else:
         print(result.markdown())
     if args.csv:
         print(f"per-case table: {args.csv}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _strict_json(obj: object) -> str:
+    """JSON that every parser reads: NaN and infinities (e.g. a lesion-wise mean over no lesion) become null."""
+
+    def finite(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(obj), allow_nan=False)
+
+
+def _score_pair_lesions(args: argparse.Namespace) -> int:
+    """``score --pred --ref --lesion``: each region's dict also holds the lesion-wise scores."""
+    import numpy as np
+
+    from mstkd.data.nifti import read_volume
+    from mstkd.lesion import format_lesion_scores, lesion_scores
+    from mstkd.metrics import format_scores, label_pair, score_labels
+
+    convention, pred, ref, spacing = label_pair(
+        read_volume(args.pred, dtype=np.float64), read_volume(args.ref, dtype=np.float64), labels=args.labels
+    )
+    scores = score_labels(pred, ref, convention, spacing, hd95=args.hd95)
+    lesions = lesion_scores(pred, ref, convention, spacing)
+    if args.json:
+        print(_strict_json({r: {**scores[r], **lesions[r]} for r in scores}))
+    else:
+        print(format_scores(scores, hd95=args.hd95) + "\n\n" + format_lesion_scores(lesions))
+    return 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -216,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("max", "pooled"),
         default="max",
         help="max of the two directed 95th percentiles (MONAI, default) or the pooled percentile (medpy)",
+    )
+    p.add_argument(
+        "--lesion",
+        action="store_true",
+        help="also BraTS lesion-wise scores per region (TP/FP/FN lesions, lesion-wise Dice, HD95, NSD; "
+        "missed and spurious lesions count as Dice 0, HD95 374) through panoptica: pip install '.[lesion]' "
+        "&& pip install --no-deps panoptica==2.1.7",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

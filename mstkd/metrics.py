@@ -192,6 +192,18 @@ def score_volumes(
 ) -> tuple[str, dict[str, dict[str, float]]]:
     """Score two read label maps (see :func:`score_files`); returns the convention used and the scores."""
     _check_mode(hd95)
+    convention, pred_labels, ref_labels, spacing = label_pair(pred_vol, ref_vol, labels=labels, hint=hint)
+    return convention.name, score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
+
+
+def label_pair(
+    pred_vol: Volume, ref_vol: Volume, *, labels: str = "auto", hint: str | None = None
+) -> tuple[LabelConvention, np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """The checked pair that :func:`score_volumes` scores: convention, predicted and reference label maps, spacing.
+
+    Callers that score one pair in more than one way (e.g. also lesion-wise) check it once.
+    Raises :class:`InputError` as :func:`score_files` does.
+    """
     check_same_grid(ref_vol, pred_vol)
     convention = get_convention(resolve_labels(labels, ref_vol, hint=hint))
     pred_labels = _label_map(pred_vol, convention)
@@ -199,7 +211,7 @@ def score_volumes(
     spacing = ref_vol.spacing
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"{ref_vol.path}: voxel spacing {spacing} is not positive")
-    return convention.name, score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
+    return convention, pred_labels, ref_labels, spacing
 
 
 def score_files(

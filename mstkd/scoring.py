@@ -4,11 +4,13 @@ Predictions are label maps named ``<CaseID>.nii.gz`` (what ``mstkd predict --inp
 and the BraTS submission naming). Each is paired with ``<ref-dir>/<CaseID>.nii.gz`` or, when
 the references are case folders (``<ref-dir>/<CaseID>/<CaseID>_seg.nii.gz`` or
 ``...-seg.nii.gz``), with that folder's label map, whose file naming also tells the label
-convention. Each pair is scored with :func:`mstkd.metrics.score_volumes`.
+convention. Each pair is scored as :func:`mstkd.metrics.score_volumes` does and, with
+``lesion=True``, also lesion-wise (:mod:`mstkd.lesion`, which needs panoptica).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from mstkd.data.labels import REGIONS
 from mstkd.data.layouts import LAYOUT_CONVENTION, detect_case, find_case_folders
 from mstkd.data.nifti import NIFTI_SUFFIXES, read_volume
 from mstkd.errors import InputError
-from mstkd.metrics import METRICS, score_volumes
+from mstkd.metrics import METRICS, label_pair, score_labels
 
 SUMMARY_ROWS = ("mean", "sd", "median")
 
@@ -52,27 +54,41 @@ def find_references(ref_dir: Path) -> dict[str, tuple[Path, str | None]]:
 
 @dataclass
 class FolderScores:
-    """Per-case rows (``case``, ``labels``, ``<R>_<metric>``) and the cases that could not be scored."""
+    """Per-case rows (``case``, ``labels``, ``<R>_<metric>``) and the cases that could not be scored.
+
+    With ``lesion`` the rows also hold ``<R>_<lesion metric>`` for every :data:`mstkd.lesion.LESION_METRICS`.
+    """
 
     rows: list[dict] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # predictions that could not be scored
     unpredicted: list[str] = field(default_factory=list)  # references without a prediction
+    lesion: bool = False  # rows hold the lesion-wise columns too
 
     @property
     def columns(self) -> list[str]:
-        return ["case", "labels", *(f"{r}_{m}" for r in REGIONS for m in METRICS)]
+        columns = ["case", "labels", *(f"{r}_{m}" for r in REGIONS for m in METRICS)]
+        if self.lesion:
+            from mstkd.lesion import LESION_METRICS
+
+            columns += [f"{r}_{m}" for r in REGIONS for m in LESION_METRICS]
+        return columns
 
     def summary(self) -> list[dict]:
-        """One row each for the mean, sample sd and median over the cases, per column."""
+        """One row each for the mean, sample sd and median over the cases, per column.
+
+        NaN values (panoptica's matched-lesion means when a case has no lesion at all) are left
+        out, as pandas does; an infinite value makes the mean infinite and the sd NaN.
+        """
         out = []
         for name in SUMMARY_ROWS:
             row: dict = {"case": name, "labels": ""}
             for col in self.columns[2:]:
-                values = [r[col] for r in self.rows]
+                values = [r[col] for r in self.rows if not math.isnan(r[col])]
                 if name == "mean":
                     row[col] = float(np.mean(values)) if values else float("nan")
                 elif name == "sd":
-                    row[col] = statistics.stdev(values) if len(values) > 1 else 0.0
+                    finite = all(math.isfinite(v) for v in values)
+                    row[col] = (statistics.stdev(values) if finite else float("nan")) if len(values) > 1 else 0.0
                 else:
                     row[col] = float(np.median(values)) if values else float("nan")
             out.append(row)
@@ -95,7 +111,26 @@ class FolderScores:
             d, h = f"{r}_dice", f"{r}_hd95"
             dice = f"{mean[d]:.4f} ± {sd[d]:.4f} | {median[d]:.4f}"
             lines.append(f"| {r} | {dice} | {mean[h]:.2f} ± {sd[h]:.2f} | {median[h]:.2f} |")
+        if self.lesion:
+            lines += ["", *self._lesion_markdown(mean, sd)]
         return "\n".join(lines)
+
+    def _lesion_markdown(self, mean: dict, sd: dict) -> list[str]:
+        """Lesion counts summed over the cases, and the mean ± sd of the penalised lesion-wise scores."""
+        from mstkd.lesion import lesion_rule
+
+        lines = [
+            "| Region | TP | FP | FN | Lesion Dice mean ± sd | Lesion HD95 mm mean ± sd | Lesion NSD mean ± sd |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in REGIONS:
+            tp, fp, fn = (sum(int(row[f"{r}_lesion_{k}"]) for row in self.rows) for k in ("tp", "fp", "fn"))
+            d, h, n = (f"{r}_lesion_{m}" for m in ("dice", "hd95", "nsd"))
+            lines.append(
+                f"| {r} | {tp} | {fp} | {fn} | {mean[d]:.4f} ± {sd[d]:.4f} | {mean[h]:.2f} ± {sd[h]:.2f} "
+                f"| {mean[n]:.4f} ± {sd[n]:.4f} |"
+            )
+        return [*lines, "", lesion_rule()]
 
 
 def score_folders(
@@ -105,9 +140,12 @@ def score_folders(
     labels: str = "auto",
     hd95: str = "max",
     empty_hd95: float | None = None,
+    lesion: bool = False,
     progress: bool = True,
 ) -> FolderScores:
     """Score every ``<CaseID>.nii.gz`` in ``pred_dir`` against its reference in ``ref_dir``.
+
+    With ``lesion`` every case is also scored lesion-wise (:func:`mstkd.lesion.lesion_scores`).
 
     A prediction without a reference, or a pair that cannot be scored (unreadable file, other
     grid, labels outside the convention), is skipped with one line on stderr and listed in
@@ -115,8 +153,13 @@ def score_folders(
     listed in :attr:`FolderScores.unpredicted`.
 
     Raises:
-        InputError: a folder is missing, or ``pred_dir`` holds no NIfTI file.
+        InputError: a folder is missing, ``pred_dir`` holds no NIfTI file, or ``lesion`` is asked
+            for and panoptica is not installed.
     """
+    if lesion:
+        from mstkd.lesion import lesion_scores, require_panoptica
+
+        require_panoptica()
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     for what, folder in (("--pred-dir", pred_dir), ("--ref-dir", ref_dir)):
         if not folder.is_dir():
@@ -125,27 +168,30 @@ def score_folders(
     if not preds:
         raise InputError(f"--pred-dir {pred_dir}: no label maps (expected <CaseID>.nii.gz files)")
     refs = find_references(ref_dir)
-    result = FolderScores()
+    result = FolderScores(lesion=lesion)
     for case_id, pred in tqdm(preds.items(), desc="score", unit="case", disable=not progress):
         if case_id not in refs:
             result.failed[case_id] = f"no reference for {pred.name} under {ref_dir}"
         else:
             ref, hint = refs[case_id]
             try:
-                convention, scores = score_volumes(
-                    read_volume(pred, dtype=np.float64),
-                    read_volume(ref, dtype=np.float64),
-                    labels=labels,
-                    hint=hint,
-                    hd95=hd95,
-                    empty_hd95=empty_hd95,
+                convention, pred_labels, ref_labels, spacing = label_pair(
+                    read_volume(pred, dtype=np.float64), read_volume(ref, dtype=np.float64), labels=labels, hint=hint
                 )
             except InputError as exc:
                 result.failed[case_id] = str(exc)
             else:
-                row = {"case": case_id, "labels": convention}
+                scores = score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
+                row = {"case": case_id, "labels": convention.name}
                 row.update({f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS})
-                result.rows.append(row)
+                try:
+                    if lesion:
+                        lesions = lesion_scores(pred_labels, ref_labels, convention, spacing)
+                        row.update({f"{r}_{m}": v for r in REGIONS for m, v in lesions[r].items()})
+                except Exception as exc:  # an error inside panoptica skips this case, not the folder
+                    result.failed[case_id] = f"lesion-wise scoring failed: {type(exc).__name__}: {exc}"
+                else:
+                    result.rows.append(row)
         if case_id in result.failed:
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
     result.unpredicted = sorted(set(refs) - set(preds))
