@@ -1,11 +1,13 @@
-"""Size of a site's node state (``local.pt``) per preset, with and without the student's Adam moments.
+"""Size of a site's node state (``local.pt``) per preset: as the default stores it, with the student's
+Adam moments kept, and in half precision.
 
 Usage: ``python benchmarks/bench_node_state.py [--presets tiny,lite,paper] [--sites 33]``.
 A site keeps its teacher, the Adam moments of teacher and student (one optimiser over both),
 the discriminator's Adam moments and its subset generator; with ``train.student_moments=reset``
 (the default) the student's moments are dropped before saving, since the next round resets
-them. ``local.prev.pt`` doubles the figure once a second round has run. Prints MB per site and
-GB for a federation of ``--sites`` sites.
+them, and ``train.state_precision=half`` stores the teacher in float16 and every moment in bfloat16.
+``local.prev.pt`` doubles the figure once a second round has run. Prints MB per site and
+GB / GiB for a federation of ``--sites`` sites with both files.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 
-def state_bytes(preset: str, *, keep_student_moments: bool) -> int:
+def state_bytes(preset: str, *, keep_student_moments: bool, precision: str = "full") -> int:
     from mstkd.config import load_config
     from mstkd.federated import SiteState
     from mstkd.model import build_networks
@@ -38,7 +40,7 @@ def state_bytes(preset: str, *, keep_student_moments: bool) -> int:
     if not keep_student_moments:
         reset_optimizer_state(optimizers.main, nets.student)
     with tempfile.TemporaryDirectory() as tmp:
-        state = SiteState(tmp)
+        state = SiteState(tmp, precision)
         state.save(nets, optimizers, np.random.default_rng(0), {"round": 1, "rounds": 1, "epoch": 1.0})
         return (Path(tmp) / "local.pt").stat().st_size
 
@@ -48,12 +50,20 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,lite,paper")
     parser.add_argument("--sites", type=int, default=33)
     args = parser.parse_args()
-    print(f"{'preset':8}{'kept MB':>10}{'reset MB':>10}{'ratio':>8}{f'{args.sites} sites x2 GB (reset)':>26}")
+    n = args.sites
+    print(
+        f"{'preset':8}{'kept MB':>10}{'default MB':>12}{'half MB':>10}{'ratio':>7}"
+        f"{f'{n} sites x2, default':>24}{f'{n} sites x2, half':>24}"
+    )
     for preset in args.presets.split(","):
         kept = state_bytes(preset, keep_student_moments=True)
         reset = state_bytes(preset, keep_student_moments=False)
-        total = 2 * args.sites * reset / 1e9
-        print(f"{preset:8}{kept / 1e6:10.1f}{reset / 1e6:10.1f}{reset / kept:8.2f}{total:26.1f}")
+        lean = state_bytes(preset, keep_student_moments=False, precision="half")
+        totals = [f"{2 * n * b / 1e9:.1f} GB = {2 * n * b / 2**30:.1f} GiB" for b in (reset, lean)]
+        print(
+            f"{preset:8}{kept / 1e6:10.1f}{reset / 1e6:12.1f}{lean / 1e6:10.1f}{lean / reset:7.2f}"
+            f"{totals[0]:>24}{totals[1]:>24}"
+        )
 
 
 if __name__ == "__main__":

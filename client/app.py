@@ -14,6 +14,8 @@ differential privacy (``dp='client'``).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,12 +99,14 @@ def _state_folder(context: Context, site_name: str, key: str = "") -> Path:
     return Path(str(base)).expanduser() / "nodes" / key / site_name
 
 
-def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: Context):
+def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: Context, clock: Stopwatch):
     """Run config, project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
     configure_logging(context.node_config)
     run = dict(context.run_config)
     cfg = config_from_run(run)
+    clock.lap("config")
     data = site_data(run, context.node_config, cfg)
+    clock.lap("data")
     device = pick_device()
     # distinct per site and per round: a node must not redraw the same crops every round
     seed = int(cfg.train.seed) + 1000 * int(context.node_config.get("partition-id", 0))
@@ -112,22 +116,70 @@ def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context:
     return run, cfg, data, device, seed, student, disc
 
 
+class Stopwatch:
+    """Seconds spent in each phase of one message, sent back as ``<stage>-time-<phase>`` metrics
+    (``train-time-data``, ``val-time-evaluate``, ...).
+
+    ``<stage>-time-startup`` is the age of this process when its first message arrived: interpreter
+    start, imports and Flower's own set-up. A deployed SuperNode starts one process per message, so
+    every message pays it; a simulation's Ray workers start once per run, and report 0.
+    """
+
+    def __init__(self, stage: str) -> None:
+        global _SERVED
+        self.prefix = f"{stage}-time-"
+        first = not _SERVED and _ray_node() is None  # a Ray worker's age would include its idle time
+        self.times: dict[str, float] = {f"{self.prefix}startup": _process_age() if first else 0.0}
+        _SERVED = True
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to ``phase``."""
+        now = time.perf_counter()
+        key = self.prefix + phase
+        self.times[key] = self.times.get(key, 0.0) + now - self._last
+        self._last = now
+
+
+_SERVED = False  # has this process handled a message yet
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0.0 where it cannot be read)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+
+
+def _ray_node() -> str | None:
+    """The Ray node this message runs on in a simulation (a Ray cluster spreads sites over many); None outside
+    Ray. A deployed site reports nothing about its machine: its site name is all the server needs."""
+    ray = sys.modules.get("ray")  # imported by the simulation engine's workers, never by this module
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
 def local_round(
     arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: Context, transport: str | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, str]]:
     """One round of local training from the global ``arrays``: the updated student + discriminator arrays,
     the scalar metrics and the site's name, device and modalities (everything a reply carries)."""
     start = time.perf_counter()
-    run, cfg, data, device, seed, student, disc = _setup(arrays, config, context)
+    clock = Stopwatch("train")
+    run, cfg, data, device, seed, student, disc = _setup(arrays, config, context, clock)
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
     server_round = int(config.get("server-round", 0))
-    state = SiteState(_state_folder(context, data.name, str(config.get("state-key", ""))))
+    state = SiteState(
+        _state_folder(context, data.name, str(config.get("state-key", ""))), str(cfg.train.state_precision)
+    )
+    clock.lap("build")
     info = state.load(nets, optimizers, rng, before_round=server_round) or {"rounds": 0, "epoch": 0.0}
-    moments = str(cfg.train.student_moments)
-    if moments not in ("keep", "reset"):
-        raise InputError(f"train.student_moments must be keep or reset, got {moments!r}")
+    clock.lap("state-load")
+    moments = str(cfg.train.student_moments)  # keep | reset, checked with the config
     if moments == "reset":  # the kept moments belong to the site's last student, not to the new global one
         reset_optimizer_state(optimizers.main, nets.student)
     if not data.train:
@@ -140,6 +192,7 @@ def local_round(
         patch=cfg.data.patch_size or cfg.model.input_size,
         batch_size=int(cfg.train.batch_size),
     )
+    clock.lap("loader")
     local_epochs = float(run.get("local-epochs", 1))
     steps = int(run.get("local-steps", 0)) or max(1, round(local_epochs * len(loader)))
     epoch = float(config.get("epoch", info["epoch"]))
@@ -165,6 +218,7 @@ def local_round(
         progress=False,
         desc=data.name,
     )
+    clock.lap("train")
     log.info(
         "%s: round %s trained, loss %.3f, predicted class shares %s",
         data.name,
@@ -176,22 +230,27 @@ def local_round(
     if moments == "reset":  # the next round resets them anyway: not worth 40 % of the state on disk
         reset_optimizer_state(optimizers.main, nets.student)
     state.save(nets, optimizers, rng, info)
+    clock.lap("state-save")
     reply = {
         "num-examples": len(data.train),
         **{f"train-{k}": float(metrics.get(k, 0.0)) for k in TRAIN_METRICS},
         "train-steps": steps,
         "train-seconds": float(metrics["seconds"]),
-        "client-seconds": time.perf_counter() - start,
         "skipped-cases": len(data.federation.skipped),
     }
     site = {"name": data.name, "device": str(device), "modalities": data.available.name}
+    if node := _ray_node():
+        site["ray-node"] = node
     wire = TRANSPORT_DTYPES[transport or str(run.get("transport", "float16"))]
     updated = federated_arrays(nets.student, nets.discriminator, "float32")
     # the L2 norm of this site's update: what a DP clipping norm is compared with
     reply["update-norm"] = float(
         np.sqrt(sum(np.sum((updated[k] - np.asarray(v, np.float32)) ** 2, dtype=np.float64) for k, v in arrays.items()))
     )
-    return {k: v.astype(wire, copy=False) for k, v in updated.items()}, reply, site
+    wired = {k: v.astype(wire, copy=False) for k, v in updated.items()}
+    clock.lap("reply")
+    reply["client-seconds"] = time.perf_counter() - start
+    return wired, reply | clock.times, site
 
 
 @app.train()
@@ -213,9 +272,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"] if "config" in msg.content.config_records else {}
+    clock = Stopwatch("val")
     run, cfg, data, device, _, student, _ = _setup(
-        {k: v.numpy() for k, v in msg.content["arrays"].items()}, config, context
+        {k: v.numpy() for k, v in msg.content["arrays"].items()}, config, context, clock
     )
+    clock.lap("build")
     # "full" means everything this site has; subsets it cannot form are skipped
     wanted = parse_subsets(str(run.get("site-eval-subsets", "full")))
     subsets = [s for s in wanted if s.issubset(data.available)] or [data.available]
@@ -235,5 +296,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     else:
         metrics.update({f"val-dice-{r}": 0.0 for r in REGIONS} | {f"val-share-{r}": 0.0 for r in REGIONS})
         metrics.update({"val-mean-dice": 0.0, "val-collapsed": 0.0})
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
+    clock.lap("evaluate")
+    content = RecordDict({"metrics": MetricRecord(metrics | clock.times), "site": ConfigRecord(site)})
     return Message(content=content, reply_to=msg)

@@ -1,8 +1,10 @@
 """Start a SuperLink or a SuperNode with TLS and node authentication, and stop them with all their children.
 
 Both helpers start the process in its own session, so :func:`stop_group` can end it together
-with the ``flower-superexec`` children it spawns. Used by the deployment test; the shell scripts
-beside this file type the same commands for a person.
+with the ``flower-superexec`` children it spawns. :func:`start_local_federation` starts a whole
+federation on 127.0.0.1 (SuperLink, registered node keys, one SuperNode per site) for the
+deployment test and benchmark; the shell scripts beside this file type the same commands for a
+person.
 """
 
 from __future__ import annotations
@@ -57,10 +59,23 @@ def start_superlink(creds: Path, *, port: int, state: Path, log: Path, host: str
 
 
 def start_supernode(
-    creds: Path, key: Path, *, superlink: str, port: int, node_config: dict[str, str], home: Path, log: Path
+    creds: Path,
+    key: Path,
+    *,
+    superlink: str,
+    port: int,
+    node_config: dict[str, str],
+    home: Path,
+    log: Path,
+    threads: int | None = None,
 ) -> subprocess.Popen:
-    """``flower-supernode`` for one site: trusts ``creds``/ca.crt, authenticates with ``key``."""
+    """``flower-supernode`` for one site: trusts ``creds``/ca.crt, authenticates with ``key``.
+
+    ``threads`` caps the CPU threads of the site's training (``OMP_NUM_THREADS``), for several
+    nodes sharing one machine as simulated nodes share it; by default PyTorch uses every core.
+    """
     home.mkdir(parents=True, exist_ok=True)
+    env = _env(home) | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
     config = " ".join(f'{k}="{v}"' for k, v in node_config.items())
     cmd = [
         flower_bin("flower-supernode"),
@@ -75,7 +90,69 @@ def start_supernode(
         "--node-config",
         config,
     ]
-    return subprocess.Popen(cmd, env=_env(home), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def flwr_cli(
+    args: list[str], home: Path, *, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``flwr ARGS`` with its configuration (``config.toml``) in ``home``; output captured."""
+    cmd = [flower_bin("flwr"), *args]
+    return subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def start_local_federation(
+    procs: list[subprocess.Popen],
+    work: Path,
+    creds: Path,
+    nodes: dict[str, tuple[Path, dict[str, str]]],
+    *,
+    port: int,
+    node_ports: list[int],
+    connection: str = "local",
+    threads: int | None = None,
+) -> Path:
+    """A SuperLink with TLS and node authentication on 127.0.0.1:``port``, each key of ``nodes`` (site ->
+    (private key, node config)) registered with it and one SuperNode per site, logs in ``work``.
+
+    Every process started is appended to ``procs`` as it starts, so the caller stops them all (with
+    :func:`stop_group`) even when this fails half-way. Returns the ``flwr`` CLI home whose
+    ``config.toml`` names the SuperLink ``connection``. ``threads``: see :func:`start_supernode`.
+
+    Raises:
+        RuntimeError: the SuperLink exited or did not start within a minute, or a key was not registered.
+    """
+    cli = work / "cli"
+    cli.mkdir(parents=True, exist_ok=True)
+    (cli / "config.toml").write_text(
+        f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{creds / "ca.crt"}"\n'
+    )
+    log = work / "link.log"
+    procs.append(start_superlink(creds, port=port, state=work / "link", log=log))
+    deadline = time.monotonic() + 60
+    while "Uvicorn running" not in log.read_text():
+        if procs[-1].poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the SuperLink did not start; see {log}")
+        time.sleep(0.5)
+    for site, (key, _) in nodes.items():
+        out = flwr_cli(["supernode", "register", str(key.with_suffix(".pub")), connection], cli)
+        if "registered" not in out.stdout:
+            raise RuntimeError(f"registering {site}'s key failed: {out.stdout}{out.stderr}")
+    for (site, (key, node_config)), node_port in zip(nodes.items(), node_ports, strict=True):
+        procs.append(
+            start_supernode(
+                creds,
+                key,
+                superlink=f"127.0.0.1:{port}",
+                port=node_port,
+                node_config=node_config,
+                home=work / "nodes" / site,
+                log=work / f"{site}.log",
+                threads=threads,
+            )
+        )
+    return cli
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -268,6 +268,32 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
     return SiteData(fed, site, f"site-{site}", available)
 
 
+STATE_PRECISIONS = ("full", "half")
+
+
+def _halve_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A module's state dict with its floating tensors in float16 (10 mantissa bits: a weight keeps about
+    3.3 significant digits, 8 times finer than bfloat16, so a late round's small update is not rounded away);
+    the dict's ``_metadata`` is kept for ``load_state_dict``."""
+    out = type(state)((k, v.half() if v.is_floating_point() else v) for k, v in state.items())
+    if hasattr(state, "_metadata"):
+        out._metadata = state._metadata
+    return out
+
+
+def _halve_moments(state: dict) -> dict:
+    """An optimiser's state dict with its per-parameter tensors (Adam's moments) in bfloat16, whose range
+    holds a squared-gradient average of 1e-12 that float16 would flush to 0; scalars such as the step
+    counter stay as they are."""
+    per_param = {
+        p: {
+            k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() and v.ndim > 0 else v for k, v in st.items()
+        }
+        for p, st in state["state"].items()
+    }
+    return {**state, "state": per_param}
+
+
 class SiteState:
     """A site's local state on disk: teacher, optimisers, subset generator and counters.
 
@@ -277,11 +303,19 @@ class SiteState:
     state that round ``r`` started from. Each state file has a small sidecar (``.json``) with its
     counters and the size and time of the file it describes, so choosing a file never reads one
     (gigabytes at ``paper`` size); a sidecar that does not match its file is ignored.
+
+    ``precision="half"`` halves the file: the teacher is stored in float16 and the optimisers' moments
+    in bfloat16, and both are widened to float32 when the state is loaded. Training runs in float32
+    either way; what ``half`` changes is that each round starts from the stored teacher and moments
+    rounded to those types (the Adam step counters are never rounded).
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, precision: str = "full") -> None:
+        if precision not in STATE_PRECISIONS:
+            raise InputError(f"node state precision must be one of {', '.join(STATE_PRECISIONS)}, got {precision!r}")
         self.path = Path(folder) / "local.pt"
         self.previous = Path(folder) / "local.prev.pt"
+        self.half = precision == "half"
 
     @staticmethod
     def _sidecar(path: Path) -> Path:
@@ -318,6 +352,10 @@ class SiteState:
             "rng": rng.bit_generator.state,
             "info": info,
         }
+        if self.half:
+            payload["teacher"] = _halve_weights(payload["teacher"])
+            payload["optimizer"] = _halve_moments(payload["optimizer"])
+            payload["disc_optimizer"] = _halve_moments(payload["disc_optimizer"])
         with _file_lock(self.path.with_name(".local.lock")):
             newest = self.info(self.path)
             if newest is not None:

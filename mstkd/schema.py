@@ -105,6 +105,7 @@ class Train:
     grad_clip: float | None = MISSING
     amp: bool = MISSING
     student_moments: str = MISSING
+    state_precision: str = MISSING
     subset_weights: list[float] | None = MISSING
     eval_every: int = MISSING
     eval_subsets: Any = MISSING  # "all", "full", or a list of subset names
@@ -158,6 +159,7 @@ CHOICES = {
     "metrics.hd95": ("max", "pooled"),
     "train.mode": ("mstkd", "student"),
     "train.student_moments": ("reset", "keep"),
+    "train.state_precision": ("full", "half"),
     "model.decoder_norm": ("instance", "batch"),
 }
 

@@ -75,7 +75,9 @@ class FederatedMixin:
             site.update({(f"{stage}-examples" if k == "num-examples" else k): v for k, v in metrics.items()})
             if "site" in reply.content.config_records:
                 info = reply.content["site"]
-                site.update({k: str(info[k]) for k in ("device", "modalities", "val-collapse") if k in info})
+                site.update(
+                    {k: str(info[k]) for k in ("device", "ray-node", "modalities", "val-collapse") if k in info}
+                )
         return replies
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

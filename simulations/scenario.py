@@ -60,6 +60,7 @@ ARMS: dict[str, Arm] = {
             run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.0},
         ),
         Arm("dp", "Federated MST-KDNet, server-side DP", run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.001}),
+        Arm("lean-state", "Federated MST-KDNet, node state in half precision", overrides="train.state_precision=half"),
     )
 }
 ABLATIONS = ("no-mstkd", "no-gsm", "no-dmld", "mstkd")

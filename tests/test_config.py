@@ -44,6 +44,7 @@ WRONG = {
     "train.amp=maybe": "train.amp",
     "train.mode=teacher": "train.mode",
     "train.student_moments=sometimes": "train.student_moments",
+    "train.state_precision=quarter": "train.state_precision",
     "train.eval_subsets=[flair,t9]": "train.eval_subsets",
     "train.subset_weights=[1,2]": "train.subset_weights",
     "train.disc_betas=[0.9]": "train.disc_betas",

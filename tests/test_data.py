@@ -117,6 +117,19 @@ def test_nested_trees_are_found(tmp_path):
     assert set(folders) == {"Brats18_2013_2_1", "Brats18_2013_0_1"}
 
 
+def test_a_site_folder_of_links_to_shared_cases_is_found(tmp_path):
+    write_case(tmp_path / "shared", "FeTS2022_00001")
+    write_case(tmp_path / "shared", "FeTS2022_00002")
+    site = tmp_path / "site-a"
+    site.mkdir()
+    (site / "FeTS2022_00001").symlink_to(tmp_path / "shared" / "FeTS2022_00001", target_is_directory=True)
+    (site / "loop").symlink_to(site, target_is_directory=True)  # a link back up the tree is walked once
+    assert find_case_folders(site) == {"FeTS2022_00001": site / "FeTS2022_00001"}
+    (site / "alias").symlink_to(tmp_path / "shared" / "FeTS2022_00001", target_is_directory=True)
+    with pytest.raises(InputError, match="two links to one case"):
+        find_case_folders(site)
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 

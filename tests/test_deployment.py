@@ -10,31 +10,18 @@ test can share the machine.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from deploy.credentials import make_ca, make_node_key, make_server
-from deploy.processes import flower_bin, start_superlink, start_supernode, stop_group
+from deploy.processes import flwr_cli, start_local_federation, start_supernode, stop_group
 from mstkd.phantoms import write_federation
 from simulations.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
-
-
-def _flwr(args: list[str], home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PATH": str(Path(flower_bin("flwr")).parent) + ":/usr/bin:/bin",
-    }
-    return subprocess.run(
-        [flower_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
 
 
 @pytest.mark.slow
@@ -50,37 +37,22 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
     write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
 
     port = free_port()
-    cli = tmp_path / "cli"
-    cli.mkdir()
-    (cli / "config.toml").write_text(
-        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{creds / "ca.crt"}"\n'
-    )
+    nodes = {
+        site: (
+            keys[site],
+            {
+                "data-path": str(tmp_path / "data" / site),
+                "site-name": site,
+                "state-dir": str(tmp_path / "state" / site),
+            },
+        )
+        for site in SITES
+    }
     procs = []
     try:
-        procs.append(start_superlink(creds, port=port, state=tmp_path / "link", log=tmp_path / "link.log"))
-        deadline = time.monotonic() + 60
-        while "Uvicorn running" not in (tmp_path / "link.log").read_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for site in SITES:
-            out = _flwr(["supernode", "register", str(keys[site].with_suffix(".pub")), "hospitals"], cli)
-            assert "registered" in out.stdout, out.stdout + out.stderr
-        for site in SITES:
-            procs.append(
-                start_supernode(
-                    creds,
-                    keys[site],
-                    superlink=f"127.0.0.1:{port}",
-                    port=free_port(),
-                    node_config={
-                        "data-path": str(tmp_path / "data" / site),
-                        "site-name": site,
-                        "state-dir": str(tmp_path / "state" / site),
-                    },
-                    home=tmp_path / "nodes" / site,
-                    log=tmp_path / f"{site}.log",
-                )
-            )
+        cli = start_local_federation(
+            procs, tmp_path, creds, nodes, port=port, node_ports=[free_port() for _ in SITES], connection="hospitals"
+        )
         intruder = start_supernode(
             creds,
             keys["intruder"],
@@ -100,9 +72,9 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
             f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
         )
         start = time.perf_counter()
-        run = _flwr(["run", ".", "hospitals", "--stream", "--run-config", run_config], cli, timeout=900)
+        run = flwr_cli(["run", ".", "hospitals", "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
         seconds = time.perf_counter() - start
-        listing = json.loads(_flwr(["ls", "hospitals", "--format", "json"], cli).stdout)
+        listing = json.loads(flwr_cli(["ls", "hospitals", "--format", "json"], cli).stdout)
         assert listing["runs"][0]["status"] == "finished:completed", run.stdout[-3000:]
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [0, 1, 2]

@@ -108,6 +108,10 @@ def test_run_log_checkpoints_and_report(federation, tmp_path):
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["wall_seconds"] > 0
         assert all("train-loss" in s and "val-mean-dice" in s for s in r["sites"].values())
         assert all(f"train-fg_{c}" in s for s in r["sites"].values() for c in ("NETC", "ED", "ET", "BG"))
+        for s in r["sites"].values():  # where each message's time went, phase by phase
+            phases = [v for k, v in s.items() if k.startswith("train-time-") and k != "train-time-startup"]
+            assert s["train-time-train"] > 0 and s["val-time-evaluate"] > 0 and min(phases) >= 0
+            assert sum(phases) <= s["client-seconds"] and "ray-node" not in s
         assert 0 <= r["global"]["mean_dice"] <= 1
         assert 0 <= r["global"]["WT_share_max"] <= 1 and "collapsed" in r["global"]
     assert (run / "metrics.csv").read_text().count("\n") == 4

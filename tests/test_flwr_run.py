@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from simulations.launch import flower_simulation, superlink_pids
 
 
-@pytest.mark.slow
-def test_flwr_run_completes_and_the_superlink_is_stopped(tmp_path):
-    run_config = {
+def _tiny_run(tmp_path) -> dict:
+    return {
         "model": "tiny",
         "num-server-rounds": 2,
         "local-steps": 2,
@@ -23,6 +23,11 @@ def test_flwr_run_completes_and_the_superlink_is_stopped(tmp_path):
         "out-dir": str(tmp_path / "run"),
         "overrides": "train.amp=false",
     }
+
+
+@pytest.mark.slow
+def test_flwr_run_completes_and_the_superlink_is_stopped(tmp_path):
+    run_config = _tiny_run(tmp_path)
     result = flower_simulation(
         run_config, nodes=2, cpus_per_node=1, flwr_home=tmp_path / "flwr", log=tmp_path / "flwr.log", timeout=900
     )
@@ -31,3 +36,41 @@ def test_flwr_run_completes_and_the_superlink_is_stopped(tmp_path):
     assert rounds == [0, 1, 2]
     assert (tmp_path / "run" / "best.pt").exists()
     assert superlink_pids(tmp_path / "flwr") == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="127.0.0.2 is a loopback address on Linux only")
+def test_flwr_run_spreads_sites_over_an_existing_two_node_ray_cluster(tmp_path, monkeypatch):
+    """The simulation engine attaches to the cluster named by RAY_ADDRESS (how a user goes past one machine):
+    two Ray nodes on one loopback address with one CPU each, two sites of one CPU each, so each node must run one.
+
+    127.0.0.2, not 127.0.0.1: a driver given 127.0.0.1 or localhost swaps it for the machine's network address
+    (``ray._private.services.resolve_ip_for_localhost``), where a cluster bound to loopback does not listen.
+    The cluster's address is not written to /tmp/ray/ray_current_cluster, where any other ``ray.init()`` on
+    the machine (another simulation running meanwhile) would find and join it."""
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    node = {"num_cpus": 1, "node_ip_address": "127.0.0.2", "object_store_memory": 300 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    try:
+        cluster.add_node(**node)
+        node_ids = {node.node_id for node in cluster.list_all_nodes()}
+        assert len(node_ids) == 2
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        result = flower_simulation(
+            _tiny_run(tmp_path),
+            nodes=2,
+            cpus_per_node=1,
+            flwr_home=tmp_path / "flwr",
+            log=tmp_path / "flwr.log",
+            timeout=900,
+        )
+        assert result.completed, f"{result.status}: {result.details}\n{result.log.read_text()[-3000:]}"
+    finally:
+        cluster.shutdown()
+    assert superlink_pids(tmp_path / "flwr") == []
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    used = {site["ray-node"] for r in records for site in r["sites"].values() if "train-loss" in site}
+    assert used == node_ids  # every site trained on a node of this cluster, and both nodes trained

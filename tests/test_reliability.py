@@ -163,6 +163,38 @@ def test_site_state_keeps_the_previous_round_for_a_resumed_round(tmp_path):
     assert state.load(nets, optimizers, rng, before_round=1) is None
 
 
+def test_half_precision_site_state_halves_the_file_and_restores_float32_training_state(tmp_path):
+    cfg = load_config(["model=tiny"])
+    nets = Networks(*build_networks(cfg.model))
+    optimizers = make_optimizers(nets, cfg.train)
+    for p in [*nets.teacher.parameters(), *nets.student.parameters()]:
+        p.grad = torch.randn_like(p) * 1e-6  # squared-gradient averages near 1e-12: below float16's range
+    for _ in range(257):  # a step count that float16 and bfloat16 cannot hold exactly (257 -> 256)
+        optimizers.main.step()
+    rng = np.random.default_rng(0)
+    full, half = SiteState(tmp_path / "full"), SiteState(tmp_path / "half", "half")
+    for state in (full, half):
+        state.save(nets, optimizers, rng, {"round": 1, "rounds": 1, "epoch": 1.0})
+    assert 0.45 < half.path.stat().st_size / full.path.stat().st_size < 0.6
+    stored = torch.load(half.path, weights_only=False)
+    assert hasattr(stored["teacher"], "_metadata")  # what load_state_dict reads module versions from
+
+    fresh = Networks(*build_networks(cfg.model))
+    fresh_opt = make_optimizers(fresh, cfg.train)
+    assert half.load(fresh, fresh_opt, np.random.default_rng(1))["round"] == 1
+    restored = fresh.teacher.state_dict()
+    for name, value in nets.teacher.state_dict().items():
+        assert restored[name].dtype == value.dtype, name
+        if value.is_floating_point():  # the teacher as float16 holds it, widened again
+            assert torch.equal(restored[name], value.half().float()), name
+    teacher = next(nets.teacher.parameters())
+    moments = fresh_opt.main.state[next(fresh.teacher.parameters())]
+    assert moments["exp_avg"].dtype == torch.float32 and float(moments["step"]) == 257  # counters never rounded
+    expected = optimizers.main.state[teacher]["exp_avg_sq"]
+    assert expected.min() > 0 and moments["exp_avg_sq"].min() > 0  # not flushed to zero
+    assert torch.allclose(moments["exp_avg_sq"], expected, rtol=1e-2, atol=0)
+
+
 def test_strategy_state_round_trips():
     from flwr.app import Array, ArrayRecord
 

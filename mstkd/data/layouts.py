@@ -130,18 +130,29 @@ def detect_case(folder: str | Path) -> CaseFiles:
 def find_case_folders(root: str | Path) -> dict[str, Path]:
     """Every folder under ``root`` that directly holds NIfTI files, keyed by folder name (= case id).
 
-    Hidden folders (such as the preprocessed cache) are skipped.
+    Hidden folders (such as the preprocessed cache) are skipped. Symbolic links to folders are
+    followed (a site folder may link the cases of a shared dataset), each real folder once.
 
     Raises:
-        InputError: ``root`` is missing or empty of cases, or two case folders share a name.
+        InputError: ``root`` is missing or empty of cases, two case folders share a name, or two paths
+            lead to one case folder.
     """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: data folder not found")
     cases: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: dict[str, str] = {}  # real path -> the first path it was reached by
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        holds_cases = Path(dirpath) != root and any(is_nifti(Path(f)) for f in filenames)
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree (walked once), or a second path to one case
+            dirnames[:] = []
+            if holds_cases:
+                raise InputError(f"{dirpath}: the same case folder as {seen[real]} (two links to one case)")
+            continue
+        seen[real] = dirpath
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if Path(dirpath) != root and any(is_nifti(Path(f)) for f in filenames):
+        if holds_cases:
             folder = Path(dirpath)
             if folder.name in cases:
                 raise InputError(f"{folder}: case id {folder.name} also at {cases[folder.name]}")
