@@ -98,17 +98,11 @@ def _strict_json(obj: object) -> str:
 
 def _score_pair_lesions(args: argparse.Namespace) -> int:
     """``score --pred --ref --lesion``: each region's dict also holds the lesion-wise scores."""
-    import numpy as np
+    from mstkd.lesion import format_lesion_scores
+    from mstkd.metrics import format_scores
+    from mstkd.scoring import score_pair
 
-    from mstkd.data.nifti import read_volume
-    from mstkd.lesion import format_lesion_scores, lesion_scores
-    from mstkd.metrics import format_scores, label_pair, score_labels
-
-    convention, pred, ref, spacing = label_pair(
-        read_volume(args.pred, dtype=np.float64), read_volume(args.ref, dtype=np.float64), labels=args.labels
-    )
-    scores = score_labels(pred, ref, convention, spacing, hd95=args.hd95)
-    lesions = lesion_scores(pred, ref, convention, spacing)
+    _, scores, lesions = score_pair(Path(args.pred), Path(args.ref), labels=args.labels, hd95=args.hd95, lesion=True)
     if args.json:
         print(_strict_json({r: {**scores[r], **lesions[r]} for r in scores}))
     else:

@@ -133,6 +133,43 @@ class FolderScores:
         return [*lines, "", lesion_rule()]
 
 
+class LesionScoringError(RuntimeError):
+    """panoptica failed on a pair that the whole-region scores accepted."""
+
+
+def score_pair(
+    pred: Path,
+    ref: Path,
+    *,
+    labels: str = "auto",
+    hint: str | None = None,
+    hd95: str = "max",
+    empty_hd95: float | None = None,
+    lesion: bool = False,
+) -> tuple[str, dict[str, dict[str, float]], dict[str, dict[str, float]] | None]:
+    """Read and score one predicted and one reference label map: the label convention's name, the
+    whole-region scores of :func:`mstkd.metrics.score_labels` and, with ``lesion``, the lesion-wise
+    scores of :func:`mstkd.lesion.lesion_scores` (else None).
+
+    Raises:
+        InputError: as :func:`mstkd.metrics.score_files` does.
+        LesionScoringError: panoptica raised on this pair.
+    """
+    convention, pred_labels, ref_labels, spacing = label_pair(
+        read_volume(pred, dtype=np.float64), read_volume(ref, dtype=np.float64), labels=labels, hint=hint
+    )
+    scores = score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
+    if not lesion:
+        return convention.name, scores, None
+    from mstkd.lesion import lesion_scores
+
+    try:
+        lesions = lesion_scores(pred_labels, ref_labels, convention, spacing)
+    except Exception as exc:  # an error inside panoptica: the caller decides whether it skips the case
+        raise LesionScoringError(f"lesion-wise scoring failed: {type(exc).__name__}: {exc}") from exc
+    return convention.name, scores, lesions
+
+
 def score_folders(
     pred_dir: str | Path,
     ref_dir: str | Path,
@@ -157,7 +194,7 @@ def score_folders(
             for and panoptica is not installed.
     """
     if lesion:
-        from mstkd.lesion import lesion_scores, require_panoptica
+        from mstkd.lesion import require_panoptica
 
         require_panoptica()
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -175,23 +212,17 @@ def score_folders(
         else:
             ref, hint = refs[case_id]
             try:
-                convention, pred_labels, ref_labels, spacing = label_pair(
-                    read_volume(pred, dtype=np.float64), read_volume(ref, dtype=np.float64), labels=labels, hint=hint
+                name, scores, lesions = score_pair(
+                    pred, ref, labels=labels, hint=hint, hd95=hd95, empty_hd95=empty_hd95, lesion=lesion
                 )
-            except InputError as exc:
+            except (InputError, LesionScoringError) as exc:
                 result.failed[case_id] = str(exc)
             else:
-                scores = score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
-                row = {"case": case_id, "labels": convention.name}
+                row = {"case": case_id, "labels": name}
                 row.update({f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS})
-                try:
-                    if lesion:
-                        lesions = lesion_scores(pred_labels, ref_labels, convention, spacing)
-                        row.update({f"{r}_{m}": v for r in REGIONS for m, v in lesions[r].items()})
-                except Exception as exc:  # an error inside panoptica skips this case, not the folder
-                    result.failed[case_id] = f"lesion-wise scoring failed: {type(exc).__name__}: {exc}"
-                else:
-                    result.rows.append(row)
+                if lesions is not None:
+                    row.update({f"{r}_{m}": v for r in REGIONS for m, v in lesions[r].items()})
+                result.rows.append(row)
         if case_id in result.failed:
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
     result.unpredicted = sorted(set(refs) - set(preds))
