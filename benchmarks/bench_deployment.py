@@ -5,12 +5,14 @@ Each node gets the same CPU share in both: one CPU per simulated node, one threa
 
 Both runs train the same sites on the same phantom cases (each deployed node's folder links the
 cases of one simulated site) and score the same held-out cases, with the same run config. A
-deployed SuperNode starts a fresh ``flwr-clientapp`` process for every message; every reply carries
-the seconds of each phase of that message (``train-time-*`` and ``val-time-*``: process start-up,
-config, site data, networks, node state, loader, training or evaluation, state save, reply), and
-this script prints their means per message for both runs, the wall times and their ratio.
+deployed SuperNode starts a fresh ``flwr-clientapp`` process for every message, which hands the
+work to the node's warm worker (:mod:`client.worker`); every reply carries the seconds of each
+phase of that message (``train-time-*`` and ``val-time-*``: process start-up, hand-off to the
+worker, config, site data, networks, node state, loader, training or evaluation, state save,
+reply), and this script prints their means per message for both runs, the wall times and their
+ratio.
 
-Usage: ``python benchmarks/bench_deployment.py [--nodes 3] [--rounds 2] [--keep DIR]``.
+Usage: ``python benchmarks/bench_deployment.py [--nodes 3] [--rounds 2] [--model tiny] [--keep DIR]``.
 Every process started is stopped by its process group, also on failure.
 """
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default="tiny", choices=("tiny", "lite", "paper"), help="preset (default: tiny)")
     parser.add_argument("--run-config", default="", help="more run config, as flwr run --run-config takes it")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
@@ -116,7 +119,7 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         csv_path, test, folders = make_data(tmp, args.nodes)
         common = {
-            "model": "tiny",
+            "model": args.model,
             "num-server-rounds": args.rounds,
             "local-steps": 2,
             "eval-subsets": "full",
@@ -150,7 +153,7 @@ def main() -> None:
             incomplete_rounds(Path(run["out-dir"]) / "metrics.jsonl")
         dep_phases = phase_means(tmp / "dep-run" / "metrics.jsonl")
         sim_phases = phase_means(tmp / "sim-run" / "metrics.jsonl")
-        print(f"{args.nodes} nodes x {args.rounds} rounds; --run-config: {args.run_config or '(none)'}")
+        print(f"{args.nodes} nodes x {args.rounds} rounds, {args.model}; --run-config: {args.run_config or '(none)'}")
         print(f"deployed (TLS + node authentication): {t_dep:7.1f} s")
         print(f"simulated (Ray):                      {t_sim:7.1f} s")
         print(f"deployed / simulated:                 {t_dep / t_sim:7.2f}")

@@ -7,7 +7,8 @@ Flower 1.42 runs SecAgg+ only through its legacy workflow, whose train messages 
 - :func:`secagg_mod` hands the protocol's messages (those with a ``secaggplus_configs`` record)
   to ``secaggplus_mod`` and passes every other message through;
 - :func:`secagg_train` turns a legacy fit message into the same local round as any other
-  (:func:`client.app.local_round`) and its result back into a legacy fit reply.
+  (:func:`client.site.local_round`, wherever the node runs it) and its result back into a legacy
+  fit reply.
 
 The federated arrays travel as a list in the order of their names (``student.*``, ``disc.*``),
 which is the order the server packs them in (:mod:`server.secagg`), always as float32 because
@@ -17,6 +18,7 @@ the protocol quantises them itself.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -24,9 +26,6 @@ from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
-from mstkd.federated import config_from_run, federated_arrays
-from mstkd.model import MSTKDNet, build_discriminator
 
 FIT_PARAMETERS = "fitins.parameters"
 
@@ -42,21 +41,18 @@ def is_secagg_fit(msg: Message) -> bool:
     return FIT_PARAMETERS in msg.content.array_records
 
 
-def array_names(run: dict) -> list[str]:
-    """Names of the federated arrays, in the order both sides pack them."""
-    cfg = config_from_run(run)
-    return list(federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model)))
+def secagg_train(msg: Message, run: Callable[..., Any]) -> Message:
+    """A legacy fit message in, the same local round as always, a legacy fit reply out.
 
-
-def secagg_train(msg: Message, context: Context, local_round: Callable) -> Message:
-    """A legacy fit message in, the same local round as always, a legacy fit reply out."""
+    ``run(job, *args)`` runs a :mod:`client.site` function where the node does its work
+    (:func:`client.app.site_runner`)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    names = array_names(dict(context.run_config))
+    names = run("array_names")
     values = parameters_to_ndarrays(fitins.parameters)
     if len(values) != len(names):
         raise ValueError(f"secure aggregation: {len(values)} arrays received, the model federates {len(names)}")
     arrays = dict(zip(names, values, strict=True))
-    updated, metrics, site = local_round(arrays, dict(fitins.config), context, transport="float32")
+    updated, metrics, site = run("local_round", arrays, dict(fitins.config), "float32")
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters([np.asarray(updated[n], dtype=np.float32) for n in names]),

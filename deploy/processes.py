@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+TASK_POLL = "0.2"
+
 
 def flower_bin(name: str) -> str:
     """A Flower executable beside this interpreter (the project's venv), else from PATH."""
@@ -30,6 +32,8 @@ def _env(flwr_home: Path) -> dict[str, str]:
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # how often Flower's task launcher looks for work (default 1 s, paid by every message)
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL),
     }
 
 

@@ -17,5 +17,6 @@ mkdir -p "$STATE"
 CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
 export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # Flower looks for work every 1 s otherwise
 exec flower-supernode --root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$KEY" \
     --superlink "$LINK" --port "$LOCAL" --node-config "$CONFIG"

@@ -10,6 +10,7 @@ test can share the machine.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -82,9 +83,17 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
             assert set(r["sites"]) == set(SITES) and not r["failures"]
         assert records[1]["sites"]["hospital-c"]["modalities"] == "flair+t1+t2"
         print(f"deployed two-round run: {seconds:.1f} s")
+        # each node's four messages went to one warm worker, started by the first
+        started = re.compile(r"started the node's worker \(pid (\d+)\)")
+        workers = [started.findall((tmp_path / f"{site}.log").read_text()) for site in SITES]
+        assert [len(w) for w in workers] == [1] * len(SITES), workers
     finally:
         for proc in reversed(procs):
             stop_group(proc)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for [pid] in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for [pid] in workers)  # they ended with their nodes
 
 
 def test_private_keys_are_private_from_their_first_byte(tmp_path, monkeypatch):

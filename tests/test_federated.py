@@ -257,7 +257,7 @@ def test_tensorboard_has_a_point_per_round(federation):
 def test_sites_log_at_info_in_deployment_and_stay_quiet_in_simulation():
     import logging
 
-    from client.app import configure_logging
+    from client.worker import configure_logging
     from mstkd.errors import InputError
 
     logger = logging.getLogger("mstkd")

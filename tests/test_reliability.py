@@ -456,16 +456,17 @@ def test_message_audit_only_student_discriminator_and_scalars_leave_a_site(tmp_p
 
 def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
     import client.app as client_module
+    import client.site
 
     updates: dict[int, tuple[dict, int]] = {}
-    plain_round = client_module.local_round
+    plain_round = client.site.local_round
 
-    def recording_round(arrays, config, context, transport=None):
-        out = plain_round(arrays, config, context, transport)
+    def recording_round(context, arrays, config, transport=None):
+        out = plain_round(context, arrays, config, transport)
         updates[context.node_id] = ({k: v.astype(np.float64) for k, v in out[0].items()}, out[1]["num-examples"])
         return out
 
-    monkeypatch.setattr(client_module, "local_round", recording_round)
+    monkeypatch.setattr(client.site, "local_round", recording_round)
     run_config = tiny_run_config(
         tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
     )

@@ -1,0 +1,247 @@
+"""What a node does with a message, whichever process does it: one round of local training
+(:func:`local_round`) and one evaluation of the global student on the site's validation cases
+(:func:`evaluate_site`).
+
+``local_round`` loads the global student and discriminator, restores the site's teacher,
+optimisers and subset generator from the node's state folder (on disk, so a federation of many
+simulated sites does not hold every teacher in memory, and a restarted node resumes), trains
+locally, saves the local state, and returns the student + discriminator only.
+
+This module imports PyTorch and MONAI. The ClientApp (:mod:`client.app`) imports it only where the
+work runs in the ClientApp's own process (simulation); a deployed node runs it in its warm worker
+(:mod:`client.worker`), so the process Flower starts for each message stays light.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.worker import NodeContext, configure_logging, ray_node
+from mstkd.data.dataset import make_loader
+from mstkd.data.labels import CLASSES, REGIONS
+from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
+from mstkd.federated import (
+    TRANSPORT_DTYPES,
+    SiteState,
+    config_from_run,
+    default_home,
+    federated_arrays,
+    load_federated_arrays,
+    site_data,
+)
+from mstkd.losses import TERMS
+from mstkd.model import MSTKDNet, build_discriminator
+from mstkd.train import (
+    Networks,
+    make_optimizers,
+    pick_device,
+    reset_optimizer_state,
+    seed_everything,
+    train_local,
+)
+
+TRAIN_METRICS = ("loss", *TERMS, "disc_loss", "proximal", *(f"fg_{c}" for c in CLASSES))
+"""Every train reply carries all of these as ``train-<name>`` (0.0 when a term is off), so all sites send the same
+keys; ``fg_<class>`` is the share of training-crop voxels the student put in each class."""
+
+log = logging.getLogger("mstkd.client")
+
+
+def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
+    """``<state-dir or work-dir or ~/.mstkd>/nodes/<key>/<site>``: one folder per run and site.
+
+    ``key`` comes from the server (``state-key``: the run name or the first run's id, kept when a run
+    is resumed under a new run id); without it, the run name or this run's id."""
+    base = context.node_config.get("state-dir") or context.run_config.get("work-dir") or default_home()
+    key = key or str(context.run_config.get("run-name", "") or f"run-{context.run_id}")
+    return Path(str(base)).expanduser() / "nodes" / key / site_name
+
+
+def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: NodeContext, clock: Stopwatch):
+    """Run config, project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
+    configure_logging(context.node_config)
+    run = dict(context.run_config)
+    cfg = config_from_run(run)
+    clock.lap("config")
+    data = site_data(run, context.node_config, cfg)
+    clock.lap("data")
+    device = pick_device()
+    # distinct per site and per round: a node must not redraw the same crops every round
+    seed = int(cfg.train.seed) + 1000 * int(context.node_config.get("partition-id", 0))
+    seed_everything(seed + int(config.get("server-round", 0)))
+    student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
+    load_federated_arrays(student, disc, arrays)
+    return run, cfg, data, device, seed, student, disc
+
+
+class Stopwatch:
+    """Seconds spent in each phase of one message, sent back as ``<stage>-time-<phase>`` metrics
+    (``train-time-data``, ``val-time-evaluate``, ...).
+
+    ``<stage>-time-startup`` is the age of the process that took the message from Flower when the
+    message arrived (interpreter start, imports, Flower's own set-up): a deployed SuperNode starts
+    one such process per message, a simulation's Ray workers start once per run and report 0.
+    ``<stage>-time-handoff`` is the time from there to this work starting: 0 in that same process,
+    the connection to the node's warm worker (and starting it, on a node's first message) otherwise.
+    """
+
+    def __init__(self, stage: str, node: NodeContext) -> None:
+        self.prefix = f"{stage}-time-"
+        self.times: dict[str, float] = {
+            f"{self.prefix}startup": node.startup,
+            f"{self.prefix}handoff": max(time.time() - node.sent_at, 0.0),
+        }
+        self._first = self._last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the work was handed on (the hand-off included)."""
+        return time.perf_counter() - self._first + self.times[f"{self.prefix}handoff"]
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to ``phase``."""
+        now = time.perf_counter()
+        key = self.prefix + phase
+        self.times[key] = self.times.get(key, 0.0) + now - self._last
+        self._last = now
+
+
+def local_round(
+    context: NodeContext, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], transport: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, str]]:
+    """One round of local training from the global ``arrays``: the updated student + discriminator arrays,
+    the scalar metrics and the site's name, device and modalities (everything a reply carries)."""
+    clock = Stopwatch("train", context)
+    run, cfg, data, device, seed, student, disc = _setup(arrays, config, context, clock)
+    nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
+    optimizers = make_optimizers(nets, cfg.train)
+    rng = np.random.default_rng(seed)
+    server_round = int(config.get("server-round", 0))
+    state = SiteState(
+        _state_folder(context, data.name, str(config.get("state-key", ""))), str(cfg.train.state_precision)
+    )
+    clock.lap("build")
+    info = state.load(nets, optimizers, rng, before_round=server_round) or {"rounds": 0, "epoch": 0.0}
+    clock.lap("state-load")
+    moments = str(cfg.train.student_moments)  # keep | reset, checked with the config
+    if moments == "reset":  # the kept moments belong to the site's last student, not to the new global one
+        reset_optimizer_state(optimizers.main, nets.student)
+    if not data.train:
+        skipped = len(data.federation.skipped)
+        raise RuntimeError(f"{data.name}: no usable training case ({skipped} left out as broken; see the node log)")
+    loader = make_loader(
+        data.train,
+        cfg.data,
+        train=True,
+        patch=cfg.data.patch_size or cfg.model.input_size,
+        batch_size=int(cfg.train.batch_size),
+    )
+    clock.lap("loader")
+    local_epochs = float(run.get("local-epochs", 1))
+    steps = int(run.get("local-steps", 0)) or max(1, round(local_epochs * len(loader)))
+    epoch = float(config.get("epoch", info["epoch"]))
+    log.info(
+        "%s: training %d steps on %d cases (device %s, round %s)",
+        data.name,
+        steps,
+        len(data.train),
+        device,
+        server_round,
+    )
+    metrics = train_local(
+        nets,
+        optimizers,
+        loader,
+        cfg,
+        steps=steps,
+        epoch=epoch,
+        rng=rng,
+        device=device,
+        subsets=data.subsets,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        progress=False,
+        desc=data.name,
+    )
+    clock.lap("train")
+    log.info(
+        "%s: round %s trained, loss %.3f, predicted class shares %s",
+        data.name,
+        server_round,
+        metrics["loss"],
+        ", ".join(f"{c} {metrics[f'fg_{c}']:.3f}" for c in CLASSES),
+    )
+    info = {"rounds": info["rounds"] + 1, "epoch": metrics["epoch"], "round": server_round}
+    if moments == "reset":  # the next round resets them anyway: not worth 40 % of the state on disk
+        reset_optimizer_state(optimizers.main, nets.student)
+    state.save(nets, optimizers, rng, info)
+    clock.lap("state-save")
+    reply = {
+        "num-examples": len(data.train),
+        **{f"train-{k}": float(metrics.get(k, 0.0)) for k in TRAIN_METRICS},
+        "train-steps": steps,
+        "train-seconds": float(metrics["seconds"]),
+        "skipped-cases": len(data.federation.skipped),
+    }
+    site = {"name": data.name, "device": str(device), "modalities": data.available.name}
+    if node := ray_node():
+        site["ray-node"] = node
+    wire = TRANSPORT_DTYPES[transport or str(run.get("transport", "float16"))]
+    updated = federated_arrays(nets.student, nets.discriminator, "float32")
+    # the L2 norm of this site's update: what a DP clipping norm is compared with
+    reply["update-norm"] = float(
+        np.sqrt(sum(np.sum((updated[k] - np.asarray(v, np.float32)) ** 2, dtype=np.float64) for k, v in arrays.items()))
+    )
+    wired = {k: v.astype(wire, copy=False) for k, v in updated.items()}
+    clock.lap("reply")
+    reply["client-seconds"] = clock.elapsed()
+    return wired, reply | clock.times, site
+
+
+def evaluate_site(
+    context: NodeContext, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> tuple[dict[str, float | int], dict[str, str]]:
+    """Score the global student ``arrays`` on the site's validation cases: the metrics and the site's name."""
+    clock = Stopwatch("val", context)
+    run, cfg, data, device, _, student, _ = _setup(arrays, config, context, clock)
+    clock.lap("build")
+    # "full" means everything this site has; subsets it cannot form are skipped
+    wanted = parse_subsets(str(run.get("site-eval-subsets", "full")))
+    subsets = [s for s in wanted if s.issubset(data.available)] or [data.available]
+    metrics: dict[str, float | int] = {"num-examples": len(data.val)}
+    site = {"name": data.name}
+    if data.val:
+        result = evaluate_cases(student, data.val, cfg, subsets=subsets, device=device, progress=False)
+        summary = result.summary()
+        metrics.update({f"val-dice-{r}": float(summary[f"{r}_dice"]) for r in REGIONS})
+        metrics.update({f"val-share-{r}": float(summary[f"{r}_share_max"]) for r in REGIONS})
+        metrics["val-mean-dice"] = float(summary["mean_dice"])
+        hits = result.collapse()
+        metrics["val-collapsed"] = float(len(hits))
+        if hits:
+            site["val-collapse"] = "; ".join(describe_collapse(h) for h in hits)
+            log.warning("%s: collapse on its validation cases: %s", data.name, site["val-collapse"])
+    else:
+        metrics.update({f"val-dice-{r}": 0.0 for r in REGIONS} | {f"val-share-{r}": 0.0 for r in REGIONS})
+        metrics.update({"val-mean-dice": 0.0, "val-collapsed": 0.0})
+    clock.lap("evaluate")
+    return metrics | clock.times, site
+
+
+def array_names(context: NodeContext) -> list[str]:
+    """Names of the federated arrays (``student.*``, then ``disc.*``), in the order both sides pack them."""
+    cfg = config_from_run(context.run_config)
+    return list(federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model)))
+
+
+def release_memory() -> None:
+    """Give back what the last message's networks and data held (a warm worker lives on between messages)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

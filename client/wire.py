@@ -1,0 +1,105 @@
+"""The federated arrays in one piece on a deployed grid.
+
+A deployed Flower 1.42 grid moves a message as separate objects: every array of an
+``ArrayRecord`` is one (plus one per 5 MB chunk), and each is pulled with its own HTTPS request,
+two at a time, first by the SuperNode from the SuperLink and then by the per-message
+``flwr-clientapp`` from the SuperNode. The student + discriminator are 239 arrays (``tiny``) to
+337 (``paper``): a ``tiny`` message was 301 objects. The per-message process starts pulling
+before its SuperNode has them all, and backs off 1, 2, 4, 8 s on each miss: 15-20 s per message
+at ``tiny`` size.
+
+So on a deployed grid each ``ArrayRecord`` of a message travels packed: one flat array per dtype,
+under the record's own key, and its layout (names, shapes, dtypes, in order) in a ``ConfigRecord``
+under ``<key>.layout``. The server packs what it sends and unpacks what it receives
+(:func:`server.loop.send_and_receive`); :func:`packed_arrays_mod`, the node's outermost mod,
+unpacks an incoming message and packs its reply in the same way. Nothing else sees the packing:
+the mods, the work and the strategy get the named arrays, bit for bit. The values are the same
+whichever way they travel; a simulation (no object transfer) sends them as they are.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+LAYOUT = ".layout"  # suffix of the ConfigRecord that holds a packed ArrayRecord's layout
+
+
+def pack_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
+    """One flat array per dtype (keyed by its name), and the layout that restores ``record``."""
+    arrays = {name: array.numpy() for name, array in record.items()}
+    dtypes = {name: a.dtype.name for name, a in arrays.items()}
+    flats = {
+        dtype: np.concatenate([a.ravel() for name, a in arrays.items() if dtypes[name] == dtype])
+        for dtype in dict.fromkeys(dtypes.values())
+    }
+    layout = ConfigRecord(
+        {
+            "names": list(arrays),
+            "shapes": [",".join(map(str, a.shape)) for a in arrays.values()],
+            "dtypes": list(dtypes.values()),
+        }
+    )
+    return ArrayRecord({dtype: Array(flat) for dtype, flat in flats.items()}), layout
+
+
+def unpack_record(packed: ArrayRecord, layout: ConfigRecord) -> ArrayRecord:
+    """The named arrays :func:`pack_record` packed, in their order.
+
+    Raises:
+        ValueError: the layout does not account for exactly the packed values.
+    """
+    flats = {dtype: array.numpy() for dtype, array in packed.items()}
+    used = dict.fromkeys(flats, 0)
+    out = {}
+    for name, shape_text, dtype in zip(layout["names"], layout["shapes"], layout["dtypes"], strict=True):
+        shape = tuple(int(n) for n in str(shape_text).split(",") if n)
+        start, size = used.get(dtype, 0), prod(shape)
+        if dtype not in flats or start + size > flats[dtype].size:
+            raise ValueError(f"packed arrays: {name} ({dtype}, {shape}) lies beyond the packed values")
+        out[name] = Array(flats[dtype][start : start + size].reshape(shape))
+        used[dtype] = start + size
+    if any(used[d] != flats[d].size for d in flats):
+        raise ValueError("packed arrays: values left over after the layout")
+    return ArrayRecord(out)
+
+
+def pack(content: RecordDict) -> RecordDict:
+    """``content`` with every ArrayRecord of more than one array packed (see the module doc)."""
+    out = RecordDict()
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord) and len(record) > 1:
+            out[key], out[key + LAYOUT] = pack_record(record)
+        else:
+            out[key] = record
+    return out
+
+
+def is_packed(content: RecordDict) -> bool:
+    return any(key.endswith(LAYOUT) and key[: -len(LAYOUT)] in content.array_records for key in content.config_records)
+
+
+def unpack(content: RecordDict) -> RecordDict:
+    """``content`` with its packed ArrayRecords restored; unchanged if nothing is packed."""
+    packed = {key[: -len(LAYOUT)] for key in content.config_records if key.endswith(LAYOUT)}
+    packed &= set(content.array_records)
+    out = RecordDict()
+    for key, record in content.items():
+        if key in packed:
+            out[key] = unpack_record(record, content.config_records[key + LAYOUT])
+        elif not (key.endswith(LAYOUT) and key[: -len(LAYOUT)] in packed):
+            out[key] = record
+    return out
+
+
+def packed_arrays_mod(msg: Message, context: Context, call_next) -> Message:
+    """The node's side: unpack a packed message for the mods and the work after this one, pack the reply."""
+    if not is_packed(msg.content):
+        return call_next(msg, context)
+    msg.content = unpack(msg.content)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content = pack(reply.content)
+    return reply

@@ -1,0 +1,343 @@
+"""A deployed node's warm worker: one long-lived process per SuperNode that does the node's work.
+
+Flower 1.42 starts a fresh ``flwr-clientapp`` process on a SuperNode for every message. Were that
+process to train, every message would pay the interpreter start, the PyTorch and MONAI imports
+(seconds) and PyTorch's first-use set-up before any work. So on a deployed node the ClientApp
+stays light: it hands each message's work (:mod:`client.site`) to this worker and returns its
+answer, and the worker imports everything once and serves every later message warm.
+
+- **Start.** The first message on a node starts the worker (``python -m client.worker``, from the
+  same app code and interpreter); later messages find it through a Unix socket. A file lock makes
+  sure concurrent messages start one worker, not two.
+- **Privacy.** The socket and its key lie in a folder only the node's user can open (mode 0700,
+  ``$XDG_RUNTIME_DIR/mstkd`` or ``<tmp>/mstkd-<uid>``); the connection is authenticated with that
+  key (:mod:`multiprocessing.connection`), so no other user can hand the worker work.
+- **End.** The worker ends with its SuperNode (it watches Flower's task launcher, the parent of the
+  per-message process, and is in the SuperNode's process group), after ``worker-idle`` seconds
+  without a message (node config; default 1800), or on SIGTERM. It never outlives the node by more
+  than a second or two.
+- **Failures.** An exception in the work travels back and is raised in the ClientApp, so the server
+  logs it as that node's failure; a worker that dies mid-message is reported as such, and the
+  next message starts a new one.
+
+The node config ``worker`` chooses: ``auto`` (default: a worker wherever Flower starts a process
+per message, i.e. inside ``flwr-clientapp``), ``on`` or ``off`` (the work runs in the per-message
+process, as before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pickle
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from mstkd.errors import InputError
+
+log = logging.getLogger("mstkd.client")
+
+MODES = ("auto", "on", "off")
+DEFAULT_IDLE = 1800.0
+START_PATIENCE = 300.0  # seconds a message waits for a new worker to listen (it imports PyTorch first)
+APP_DIR = Path(__file__).resolve().parents[1]  # the app's code: the repository, or Flower's unpacked FAB
+JOBS = ("local_round", "evaluate_site", "array_names")  # what a worker runs: functions of client.site
+
+
+@dataclass
+class NodeContext:
+    """What the work needs of Flower's ``Context``, in a form that crosses a process boundary.
+
+    ``startup``: age in seconds of the process that received the message, when it arrived (0 after its
+    first message, and under Ray); ``sent_at``: ``time.time()`` when that process handed the work on.
+    """
+
+    run_id: int
+    node_id: int
+    node_config: dict[str, Any]
+    run_config: dict[str, Any]
+    startup: float = 0.0
+    sent_at: float = field(default_factory=time.time)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(node_config: Mapping[str, Any]) -> None:
+    """Site logs on stderr: INFO in deployment (a node started with a ``data-path``), WARNING in
+    simulation, where many sites share one terminal; the node config ``log-level`` overrides both."""
+    default = "info" if "data-path" in node_config and "partition-id" not in node_config else "warning"
+    level = str(node_config.get("log-level", default)).lower()
+    if level not in LOG_LEVELS:
+        raise InputError(f"node config log-level={level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    root = logging.getLogger("mstkd")
+    root.setLevel(level.upper())
+    if not any(getattr(h, "mstkd_site", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.mstkd_site = True  # one handler however many messages this process serves
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+
+
+class WorkerError(RuntimeError):
+    """The worker failed outside the work itself: it did not start, or it died during a message."""
+
+
+def mode(node_config: Mapping[str, Any]) -> str:
+    """The node config's ``worker`` value, checked (and its ``worker-idle``)."""
+    value = str(node_config.get("worker", "auto")).lower()
+    if value not in MODES:
+        raise InputError(f"node config worker={value!r}: choose one of {', '.join(MODES)}")
+    idle_seconds(node_config)
+    return value
+
+
+def idle_seconds(node_config: Mapping[str, Any]) -> float:
+    """The node config's ``worker-idle``: seconds a worker waits for a message before it ends."""
+    text = node_config.get("worker-idle", DEFAULT_IDLE)
+    try:
+        seconds = float(text)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise InputError(f"node config worker-idle={text!r}: give a number of seconds above 0")
+    return seconds
+
+
+def wanted(node_config: Mapping[str, Any]) -> bool:
+    """Whether this process hands its work to the node's worker (see the module doc)."""
+    chosen = mode(node_config)
+    return chosen == "on" or (chosen == "auto" and Path(sys.argv[0]).name == "flwr-clientapp")
+
+
+def ray_node() -> str | None:
+    """The Ray node this process runs on in a simulation (a Ray cluster spreads sites over many); None outside
+    Ray. A deployed site reports nothing about its machine: its site name is all the server needs."""
+    ray = sys.modules.get("ray")  # imported by the simulation engine's workers, never by this project
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
+# --------------------------------------------------------------------------- the ClientApp's side
+
+
+def call(node: NodeContext, job: str, *args: Any) -> Any:
+    """Run ``client.site.<job>(node, *args)`` in the node's worker (started if need be) and return its result.
+
+    Raises:
+        WorkerError: the worker could not be started, or ended before it answered.
+        Exception: whatever the work raised, re-raised here.
+    """
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}")
+    with _connection(node) as conn:
+        conn.send((job, (node, *args)))
+        try:
+            status, value = conn.recv()
+        except (EOFError, ConnectionError) as exc:
+            raise WorkerError(f"the node's worker ended during {job}; see the node log for why") from exc
+    if status == "ok":
+        return value
+    raise _exception(*value)
+
+
+def stop(node: NodeContext) -> bool:
+    """Ask the node's worker to end now; False if none is running."""
+    folder, ident = runtime_dir(), _ident(node)
+    conn = _connect(folder / f"{ident}.sock", folder / f"{ident}.key")
+    if conn is None:
+        return False
+    with conn:
+        conn.send(("stop", ()))
+        try:
+            conn.recv()
+        except (EOFError, ConnectionError):
+            pass
+    return True
+
+
+def _exception(name: str, text: str, pickled: bytes | None) -> BaseException:
+    """The work's exception as the worker raised it, or a RuntimeError naming it where it cannot be rebuilt."""
+    if pickled is not None:
+        try:
+            exc = pickle.loads(pickled)  # from the worker, over a connection authenticated with its key
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            return exc
+    return RuntimeError(f"{name}: {text}")
+
+
+def _ident(node: NodeContext) -> str:
+    """One worker per SuperNode, app version and interpreter: what tells two of them apart."""
+    key = [str(APP_DIR), sys.executable, node.node_id, {k: str(v) for k, v in node.node_config.items()}]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def runtime_dir() -> Path:
+    """A folder only this user can open, for the workers' sockets and keys (made on first use).
+
+    Raises:
+        WorkerError: the folder exists but belongs to someone else or others can open it.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    folder = Path(base) / "mstkd" if base else Path(tempfile.gettempdir()) / f"mstkd-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077 or not folder.is_dir() or folder.is_symlink():
+        raise WorkerError(f"{folder} must be a folder of this user with mode 0700; remove it and retry")
+    return folder
+
+
+@contextmanager
+def _connection(node: NodeContext) -> Iterator[Connection]:
+    folder, ident = runtime_dir(), _ident(node)
+    sock, key = folder / f"{ident}.sock", folder / f"{ident}.key"
+    if len(os.fsencode(sock)) > 100:  # the limit of a Unix socket's path is about 108 bytes
+        raise WorkerError(f"{folder}: too long a path for the worker's socket; set XDG_RUNTIME_DIR to a short one")
+    conn = _connect(sock, key)
+    if conn is None:
+        with open(folder / f"{ident}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one new worker, however many messages arrive at once
+            conn = _connect(sock, key) or _start(node, sock, key)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _connect(sock: Path, key: Path) -> Connection | None:
+    try:
+        return Client(str(sock), "AF_UNIX", authkey=key.read_bytes())
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+
+
+def _start(node: NodeContext, sock: Path, key: Path) -> Connection:
+    """Start the node's worker and connect to it once it listens."""
+    fd = os.open(key.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+    os.replace(key.with_suffix(".tmp"), key)
+    idle = idle_seconds(node.node_config)
+    cmd = [sys.executable, "-P", "-m", "client.worker", str(sock), str(key), "--watch", str(os.getppid())]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")]))}
+    # same process group as the SuperNode (stopping the node stops it); output goes to the node's log
+    proc = subprocess.Popen([*cmd, "--idle", str(idle)], env=env, stdin=subprocess.DEVNULL)
+    log.info("started the node's worker (pid %d); it serves this node's messages from now on", proc.pid)
+    deadline = time.monotonic() + START_PATIENCE
+    while (conn := _connect(sock, key)) is None:
+        if proc.poll() is not None:
+            raise WorkerError(f"the node's worker exited with status {proc.returncode}; see the node log")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise WorkerError(f"the node's worker did not listen within {START_PATIENCE:g} s")
+        time.sleep(0.05)
+    proc.returncode = 0  # it outlives this process on purpose: no "still running" warning at exit
+    return conn
+
+
+# --------------------------------------------------------------------------- the worker's side
+
+
+class _Worker:
+    def __init__(self, sock: Path, key: Path, watch: int | None, idle: float) -> None:
+        self.sock, self.watch, self.idle = sock, watch, idle
+        self.busy = False
+        self.last = time.monotonic()
+        sock.unlink(missing_ok=True)  # a dead worker's socket; its starter holds the lock
+        self.listener = Listener(str(sock), "AF_UNIX", authkey=key.read_bytes())
+
+    def stop(self, *_: Any) -> None:
+        self.sock.unlink(missing_ok=True)
+        os._exit(0)  # from the watch thread or a signal handler, whatever the main thread is doing
+
+    def watch_loop(self) -> None:
+        while True:
+            time.sleep(1.0)
+            if self.watch is not None and not _alive(self.watch):
+                self.stop()  # the SuperNode is gone: its answer has nowhere to go
+            if not self.busy and time.monotonic() - self.last > self.idle:
+                log.info("node worker idle for %g s: stopping", self.idle)
+                self.stop()
+
+    def serve(self) -> None:
+        import client.site  # PyTorch, MONAI and the project: once, before the first message
+
+        threading.Thread(target=self.watch_loop, daemon=True).start()
+        while True:
+            try:
+                conn = self.listener.accept()
+            except (OSError, EOFError, AuthenticationError):  # a client without the key, or one that hung up
+                continue
+            self.busy = True
+            try:
+                with conn:
+                    job, args = conn.recv()
+                    if job == "stop":
+                        conn.send(("ok", None))
+                        self.stop()
+                    try:
+                        if job not in JOBS:
+                            raise ValueError(f"unknown job {job!r}")
+                        reply = ("ok", getattr(client.site, job)(*args))
+                    except Exception as exc:
+                        log.debug("%s failed:\n%s", job, traceback.format_exc())
+                        reply = ("error", (type(exc).__name__, str(exc), _pickled(exc)))
+                    conn.send(reply)
+            except (OSError, EOFError):
+                pass  # the message's process went away; the next message brings a new one
+            finally:
+                self.busy = False
+                self.last = time.monotonic()
+                client.site.release_memory()
+
+
+def _pickled(exc: BaseException) -> bytes | None:
+    try:
+        return pickle.dumps(exc)
+    except Exception:  # an exception holding something that does not pickle: its name and text travel
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A deployed node's warm worker (started by the ClientApp).")
+    parser.add_argument("socket", type=Path)
+    parser.add_argument("key", type=Path)
+    parser.add_argument("--watch", type=int, help="stop when this process (Flower's task launcher) ends")
+    parser.add_argument("--idle", type=float, default=DEFAULT_IDLE, help="stop after this many seconds idle")
+    args = parser.parse_args(argv)
+    worker = _Worker(args.socket, args.key, args.watch if args.watch and args.watch > 1 else None, args.idle)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)  # Ctrl-C in the SuperNode's terminal reaches its whole group
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Packed arrays on a deployed grid (client.wire): the same values bit for bit, in a few objects instead of hundreds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import wire
+from client.app import app as client_app
+from mstkd.federated import config_from_run, federated_arrays
+from mstkd.model import MSTKDNet, build_discriminator
+from mstkd.phantoms import write_federation
+from tests.inproc import pyproject_run_config
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What Flower sets in a process before it makes messages."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def tiny_arrays(dtype: str) -> dict[str, np.ndarray]:
+    cfg = config_from_run({"model": "tiny"})
+    return federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_packing_restores_every_array_bit_for_bit_in_order(dtype):
+    arrays = tiny_arrays(dtype) | {"extra.scalar": np.array(2.5, np.float64), "extra.ints": np.arange(5)}
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": ConfigRecord()})
+    packed = wire.pack(content)
+    assert wire.is_packed(packed) and not wire.is_packed(content)
+    assert sorted(packed["arrays"]) == sorted({dtype, "float64", "int64"})
+    back = wire.unpack(packed)
+    assert list(back.keys()) == ["arrays", "config"] and list(back["arrays"]) == list(arrays)
+    for name, value in arrays.items():
+        got = back["arrays"][name].numpy()
+        assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value), name
+    assert wire.unpack(content) is not content and list(wire.unpack(content)["arrays"]) == list(arrays)
+
+
+def test_a_packed_message_is_a_handful_of_objects():
+    record = ArrayRecord({k: Array(v) for k, v in tiny_arrays("float16").items()})
+    plain = Message(RecordDict({"arrays": record}), dst_node_id=1, message_type=MessageType.TRAIN)
+    packed = Message(wire.pack(RecordDict({"arrays": record})), dst_node_id=1, message_type=MessageType.TRAIN)
+    # what a deployed node pulls one HTTPS request at a time
+    assert len(get_all_nested_objects(plain)) > 200  # 301: the 239 arrays and their chunks, less duplicates
+    assert len(get_all_nested_objects(packed)) < 10
+
+
+def test_a_layout_that_does_not_fit_is_refused():
+    record, layout = wire.pack_record(ArrayRecord({"a": Array(np.zeros(3, np.float32)), "b": Array(np.ones(2))}))
+    short = ConfigRecord({"names": ["a"], "shapes": ["3"], "dtypes": ["float32"]})
+    with pytest.raises(ValueError, match="left over"):
+        wire.unpack_record(record, short)
+    long = ConfigRecord({"names": ["a", "b"], "shapes": ["4", "2"], "dtypes": ["float32", "float64"]})
+    with pytest.raises(ValueError, match="beyond"):
+        wire.unpack_record(record, long)
+    assert list(wire.unpack_record(record, layout)) == ["a", "b"]
+
+
+def test_the_node_answers_a_packed_message_in_kind(tmp_path):
+    data = write_federation(tmp_path / "site", cases=4, sites=1, shape=(48, 48, 32), seed=5, progress=False).parent
+    run_config = pyproject_run_config() | {
+        "model": "tiny",
+        "local-steps": 1,
+        "work-dir": str(tmp_path / "work"),
+        "overrides": "train.amp=false",
+    }
+    node_config = {"data-path": str(data), "site-name": "h1", "state-dir": str(tmp_path / "state"), "worker": "off"}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    arrays = ArrayRecord({k: Array(v) for k, v in tiny_arrays("float16").items()})
+
+    def ask(kind: str, content: RecordDict) -> RecordDict:
+        return client_app(Message(content, dst_node_id=1, message_type=kind), context).content
+
+    evaluate = RecordDict({"arrays": arrays, "config": ConfigRecord()})
+    plain_scores = ask(MessageType.EVALUATE, evaluate)["metrics"]
+    packed_scores = ask(MessageType.EVALUATE, wire.pack(evaluate))["metrics"]
+    assert {k: v for k, v in plain_scores.items() if "-time-" not in k} == {
+        k: v for k, v in packed_scores.items() if "-time-" not in k
+    }
+
+    train = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    reply = ask(MessageType.TRAIN, wire.pack(train))
+    assert wire.is_packed(reply) and list(reply["arrays"]) == ["float16"]
+    assert list(wire.unpack(reply)["arrays"]) == list(arrays)

@@ -1,0 +1,152 @@
+"""A deployed node's warm worker (client.worker): the same work as in process, started once, private, and gone
+with its node."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import client.site
+from client import worker
+from mstkd.errors import InputError
+from mstkd.phantoms import write_federation
+from tests.inproc import ROOT, pyproject_run_config
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    """A short private runtime folder (a Unix socket's path must stay under ~108 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="w", dir="/tmp") as short:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", short)
+        yield Path(short) / "mstkd"
+
+
+def site_node(tmp: Path, **node_config) -> worker.NodeContext:
+    data = write_federation(tmp / "site", cases=4, sites=1, shape=(48, 48, 32), seed=3, progress=False).parent
+    run_config = pyproject_run_config() | {
+        "model": "tiny",
+        "local-steps": 2,
+        "work-dir": str(tmp / "work"),
+        "overrides": "train.amp=false",
+    }
+    config = {"data-path": str(data), "site-name": "h1", "state-dir": str(tmp / "state"), **node_config}
+    return worker.NodeContext(run_id=1, node_id=7, node_config=config, run_config=run_config)
+
+
+def global_arrays(node: worker.NodeContext) -> dict[str, np.ndarray]:
+    from mstkd.federated import config_from_run, federated_arrays
+    from mstkd.model import MSTKDNet, build_discriminator
+
+    cfg = config_from_run(node.run_config)
+    return federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model), "float16")
+
+
+def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_path, runtime, caplog):
+    node = site_node(tmp_path, worker="on")
+    arrays = global_arrays(node)
+    caplog.set_level(logging.INFO, logger="mstkd.client")
+    try:
+        assert worker.call(node, "array_names") == client.site.array_names(node) == list(arrays)
+        started = [r for r in caplog.records if "started the node's worker" in r.getMessage()]
+        assert len(started) == 1
+        sock = next(runtime.glob("*.sock"))
+        assert runtime.stat().st_mode & 0o777 == 0o700
+        assert next(runtime.glob("*.key")).stat().st_mode & 0o777 == 0o600
+
+        # scoring is deterministic: the worker and this process agree to the last bit
+        remote, site = worker.call(node, "evaluate_site", arrays, {})
+        local, _ = client.site.evaluate_site(node, arrays, {})
+        assert site["name"] == "h1"
+        assert {k: v for k, v in remote.items() if "-time-" not in k} == {
+            k: v for k, v in local.items() if "-time-" not in k
+        }
+
+        updated, metrics, site = worker.call(node, "local_round", arrays, {"server-round": 1})
+        assert list(updated) == list(arrays) and site["name"] == "h1"
+        assert metrics["train-steps"] == 2 and metrics["train-time-startup"] == 0.0
+        assert 0 <= metrics["train-time-handoff"] < metrics["client-seconds"]
+        assert (tmp_path / "state" / "nodes" / "run-1" / "h1" / "local.pt").exists()
+
+        with pytest.raises(AuthenticationError):  # someone without the key is turned away ...
+            Client(str(sock), "AF_UNIX", authkey=b"not the key")
+        # ... and an error in the work arrives as itself, with the worker still serving
+        broken = worker.NodeContext(**{**vars(node), "run_config": node.run_config | {"overrides": "no.such=1"}})
+        with pytest.raises(InputError, match="unknown config key"):
+            worker.call(broken, "evaluate_site", arrays, {})
+        assert worker.call(node, "array_names") == list(arrays)
+        assert len([r for r in caplog.records if "started the node's worker" in r.getMessage()]) == 1
+    finally:
+        stopped = worker.stop(node)
+    assert stopped and not sock.exists()
+    assert not worker.stop(node)  # nothing left to stop
+
+
+def test_a_worker_ends_with_its_node_and_when_idle(tmp_path, runtime):
+    runtime.mkdir(mode=0o700)
+    node = subprocess.Popen(["sleep", "2"])  # stands for Flower's task launcher on the node
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    procs = []
+    for name, extra in (("watch", ["--watch", str(node.pid)]), ("idle", ["--idle", "0.5"])):
+        key = runtime / f"{name}.key"
+        key.write_bytes(os.urandom(32))
+        cmd = [sys.executable, "-P", "-m", "client.worker", str(runtime / f"{name}.sock"), str(key), *extra]
+        procs.append(subprocess.Popen(cmd, env=env))
+    try:
+        node.wait()
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+        assert not list(runtime.glob("*.sock"))
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_worker_settings_are_checked(runtime):
+    assert worker.mode({}) == "auto" and not worker.wanted({})  # pytest is not a per-message flwr-clientapp
+    assert worker.wanted({"worker": "on"}) and not worker.wanted({"worker": "off"})
+    with pytest.raises(InputError, match="worker='maybe'"):
+        worker.mode({"worker": "maybe"})
+    with pytest.raises(InputError, match="worker-idle"):
+        worker.mode({"worker-idle": "-1"})
+    runtime.mkdir(mode=0o755)
+    os.chmod(runtime, 0o755)  # whatever the umask
+    with pytest.raises(worker.WorkerError, match="mode 0700"):
+        worker.runtime_dir()
+
+
+def test_a_worker_that_dies_mid_message_is_reported_and_replaced(tmp_path, runtime):
+    node = site_node(tmp_path, worker="on")
+    arrays = global_arrays(node)
+    outcome: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            worker.call(node, "local_round", arrays, {"server-round": 1})
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        assert worker.call(node, "array_names")  # started
+        found = subprocess.run(["pgrep", "-f", f"client.worker {runtime}"], capture_output=True, text=True)
+        thread = threading.Thread(target=train)
+        thread.start()
+        time.sleep(0.5)  # the first round prepares the site's cases first: seconds
+        os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
+        thread.join(60)
+        assert len(outcome) == 1 and isinstance(outcome[0], worker.WorkerError), outcome
+        assert "ended during local_round" in str(outcome[0])
+        assert worker.call(node, "array_names")  # the next message starts a new worker
+    finally:
+        worker.stop(node)
