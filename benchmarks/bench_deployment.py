@@ -36,14 +36,14 @@ from mstkd.phantoms import write_federation  # noqa: E402
 from simulations.bench import incomplete_rounds  # noqa: E402
 from simulations.launch import flower_simulation, free_port, toml_value  # noqa: E402
 
-SHAPE = (48, 48, 32)
+SHAPES = {"tiny": (48, 48, 32), "lite": (96, 96, 64), "paper": (160, 192, 128)}  # phantom size per preset
 CPUS_PER_NODE = 1
 
 
-def make_data(tmp: Path, nodes: int) -> tuple[Path, Path, list[Path]]:
+def make_data(tmp: Path, nodes: int, shape: tuple[int, int, int]) -> tuple[Path, Path, list[Path]]:
     """A phantom federation (for the simulation), one folder per site linking its cases (for the nodes),
     and a held-out test folder (for both)."""
-    csv_path = write_federation(tmp / "federation", cases=4 * nodes, sites=nodes, shape=SHAPE, seed=10, progress=False)
+    csv_path = write_federation(tmp / "federation", cases=4 * nodes, sites=nodes, shape=shape, seed=10, progress=False)
     by_site: dict[str, list[str]] = defaultdict(list)
     with open(csv_path, newline="") as fh:
         for row in csv.DictReader(fh):
@@ -56,7 +56,7 @@ def make_data(tmp: Path, nodes: int) -> tuple[Path, Path, list[Path]]:
             (folder / case).symlink_to(tmp / "federation" / case, target_is_directory=True)
         folders.append(folder)
     test = tmp / "test"
-    write_federation(test, cases=2, sites=1, shape=SHAPE, seed=99, progress=False)
+    write_federation(test, cases=2, sites=1, shape=shape, seed=99, progress=False)
     return csv_path, test, folders
 
 
@@ -117,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = (args.keep or Path(scratch)).resolve()
         tmp.mkdir(parents=True, exist_ok=True)
-        csv_path, test, folders = make_data(tmp, args.nodes)
+        csv_path, test, folders = make_data(tmp, args.nodes, SHAPES[args.model])
         common = {
             "model": args.model,
             "num-server-rounds": args.rounds,

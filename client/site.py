@@ -15,6 +15,7 @@ work runs in the ClientApp's own process (simulation); a deployed node runs it i
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -74,12 +75,20 @@ def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context:
     data = site_data(run, context.node_config, cfg)
     clock.lap("data")
     device = pick_device()
-    # distinct per site and per round: a node must not redraw the same crops every round
-    seed = int(cfg.train.seed) + 1000 * int(context.node_config.get("partition-id", 0))
+    # distinct per site and per round: a node must not redraw the same crops every round, nor the same as
+    # another site (a simulated site by its partition, a deployed one by its name)
+    seed = int(cfg.train.seed) + 1000 * site_number(context.node_config, data.name)
     seed_everything(seed + int(config.get("server-round", 0)))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
     load_federated_arrays(student, disc, arrays)
     return run, cfg, data, device, seed, student, disc
+
+
+def site_number(node_config: Mapping[str, Any], name: str) -> int:
+    """The simulated partition's id, or for a deployed site a number from its name (stable across runs)."""
+    if "partition-id" in node_config:
+        return int(node_config["partition-id"])
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:3], "big")
 
 
 class Stopwatch:
@@ -89,8 +98,9 @@ class Stopwatch:
     ``<stage>-time-startup`` is the age of the process that took the message from Flower when the
     message arrived (interpreter start, imports, Flower's own set-up): a deployed SuperNode starts
     one such process per message, a simulation's Ray workers start once per run and report 0.
-    ``<stage>-time-handoff`` is the time from there to this work starting: 0 in that same process,
-    the connection to the node's warm worker (and starting it, on a node's first message) otherwise.
+    ``<stage>-time-handoff`` is the time from there to this work starting: the connection to the node's
+    warm worker (and starting it, on a node's first message), or in that same process the import of
+    this module on its first message and next to nothing after.
     """
 
     def __init__(self, stage: str, node: NodeContext) -> None:

@@ -13,8 +13,9 @@ under the record's own key, and its layout (names, shapes, dtypes, in order) in 
 under ``<key>.layout``. The server packs what it sends and unpacks what it receives
 (:func:`server.loop.send_and_receive`); :func:`packed_arrays_mod`, the node's outermost mod,
 unpacks an incoming message and packs its reply in the same way. Nothing else sees the packing:
-the mods, the work and the strategy get the named arrays, bit for bit. The values are the same
-whichever way they travel; a simulation (no object transfer) sends them as they are.
+the mods, the work and the strategy get the named arrays, bit for bit (in native byte order).
+The values are the same whichever way they travel; a simulation (no object transfer) sends them
+as they are, and so does secure aggregation, whose messages Flower's own workflow sends.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def pack(content: RecordDict) -> RecordDict:
     out = RecordDict()
     for key, record in content.items():
         if isinstance(record, ArrayRecord) and len(record) > 1:
+            if key + LAYOUT in content:
+                raise ValueError(f"cannot pack record {key!r}: the message already has a record {key + LAYOUT!r}")
             out[key], out[key + LAYOUT] = pack_record(record)
         else:
             out[key] = record

@@ -14,15 +14,19 @@ answer, and the worker imports everything once and serves every later message wa
   key (:mod:`multiprocessing.connection`), so no other user can hand the worker work.
 - **End.** The worker ends with its SuperNode (it watches Flower's task launcher, the parent of the
   per-message process, and is in the SuperNode's process group), after ``worker-idle`` seconds
-  without a message (node config; default 1800), or on SIGTERM. It never outlives the node by more
-  than a second or two.
-- **Failures.** An exception in the work travels back and is raised in the ClientApp, so the server
-  logs it as that node's failure; a worker that dies mid-message is reported as such, and the
-  next message starts a new one.
+  without a message (node config; default 1800), or on SIGTERM or SIGINT. It outlives a SuperNode
+  that died without stopping its group by a few seconds at most.
+- **Failures.** An exception in the work travels back and is raised in the ClientApp (with the
+  worker's traceback in a note), so the server logs it as that node's failure; a worker that dies
+  mid-message is reported as such, and the next message starts a new one. A message that
+  reaches a worker as it stops for being idle goes to a new worker instead.
+- **One message at a time.** As Flower's SuperNode sends them. A message whose process Flower
+  ends (a stopped run) is still finished by the worker and its node state saved, as for a node
+  whose reply came too late.
 
 The node config ``worker`` chooses: ``auto`` (default: a worker wherever Flower starts a process
-per message, i.e. inside ``flwr-clientapp``), ``on`` or ``off`` (the work runs in the per-message
-process, as before).
+per message, i.e. inside ``flwr-clientapp``, unless Flower installs the app's dependencies for
+each message), ``on`` or ``off`` (the work runs in the per-message process, Flower's own way).
 """
 
 from __future__ import annotations
@@ -122,9 +126,15 @@ def idle_seconds(node_config: Mapping[str, Any]) -> float:
 
 
 def wanted(node_config: Mapping[str, Any]) -> bool:
-    """Whether this process hands its work to the node's worker (see the module doc)."""
+    """Whether this process hands its work to the node's worker (see the module doc).
+
+    ``auto`` stays in process where Flower installs the app's dependencies for each message
+    (``--allow-runtime-dependency-installation``): they live only as long as that process."""
     chosen = mode(node_config)
-    return chosen == "on" or (chosen == "auto" and Path(sys.argv[0]).name == "flwr-clientapp")
+    per_message = Path(sys.argv[0]).name == "flwr-clientapp"
+    return chosen == "on" or (
+        chosen == "auto" and per_message and "--allow-runtime-dependency-installation" not in sys.argv
+    )
 
 
 def ray_node() -> str | None:
@@ -140,21 +150,32 @@ def ray_node() -> str | None:
 def call(node: NodeContext, job: str, *args: Any) -> Any:
     """Run ``client.site.<job>(node, *args)`` in the node's worker (started if need be) and return its result.
 
+    A worker that ends before it takes the job (it was stopping when the message came) is replaced,
+    and the job goes to the new one.
+
     Raises:
         WorkerError: the worker could not be started, or ended before it answered.
-        Exception: whatever the work raised, re-raised here.
+        Exception: whatever the work raised, re-raised here (its worker-side traceback in a note).
     """
     if job not in JOBS:
         raise ValueError(f"unknown job {job!r}")
-    with _connection(node) as conn:
-        conn.send((job, (node, *args)))
-        try:
-            status, value = conn.recv()
-        except (EOFError, ConnectionError) as exc:
-            raise WorkerError(f"the node's worker ended during {job}; see the node log for why") from exc
-    if status == "ok":
-        return value
-    raise _exception(*value)
+    for attempt in range(2):
+        with _connection(node) as conn:
+            try:
+                conn.send((job, (node, *args)))
+                conn.recv()  # ("started", pid): from here on the job is the worker's
+            except (EOFError, OSError) as exc:
+                if attempt == 0:
+                    continue
+                raise WorkerError(f"the node's worker ended before it took {job}; see the node log") from exc
+            try:
+                status, value = conn.recv()
+            except (EOFError, OSError) as exc:
+                raise WorkerError(f"the node's worker ended during {job}; see the node log for why") from exc
+        if status == "ok":
+            return value
+        raise _exception(*value)
+    raise AssertionError("unreachable")
 
 
 def stop(node: NodeContext) -> bool:
@@ -197,7 +218,10 @@ def runtime_dir() -> Path:
         WorkerError: the folder exists but belongs to someone else or others can open it.
     """
     base = os.environ.get("XDG_RUNTIME_DIR")
-    folder = Path(base) / "mstkd" if base else Path(tempfile.gettempdir()) / f"mstkd-{os.getuid()}"
+    if base and Path(base).is_dir():
+        folder = Path(base) / "mstkd"
+    else:  # no session runtime folder (a service account, or after the last logout)
+        folder = Path(tempfile.gettempdir()) / f"mstkd-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     info = folder.lstat()
     if info.st_uid != os.getuid() or info.st_mode & 0o077 or not folder.is_dir() or folder.is_symlink():
@@ -223,9 +247,10 @@ def _connection(node: NodeContext) -> Iterator[Connection]:
 
 
 def _connect(sock: Path, key: Path) -> Connection | None:
+    """A connection to a listening worker, or None: no worker, a dead one's socket, or one that is stopping."""
     try:
         return Client(str(sock), "AF_UNIX", authkey=key.read_bytes())
-    except (FileNotFoundError, ConnectionRefusedError):
+    except (OSError, EOFError, AuthenticationError):
         return None
 
 
@@ -258,55 +283,79 @@ def _start(node: NodeContext, sock: Path, key: Path) -> Connection:
 
 class _Worker:
     def __init__(self, sock: Path, key: Path, watch: int | None, idle: float) -> None:
-        self.sock, self.watch, self.idle = sock, watch, idle
+        self.sock, self.key, self.watch, self.idle = sock, key, watch, idle
+        self.guard = threading.Lock()  # between taking a message and stopping when idle
         self.busy = False
         self.last = time.monotonic()
-        sock.unlink(missing_ok=True)  # a dead worker's socket; its starter holds the lock
-        self.listener = Listener(str(sock), "AF_UNIX", authkey=key.read_bytes())
+        self.inode: int | None = None
+
+    def listen(self) -> Listener:
+        """Listen once ready: a message that connects is served at once."""
+        self.sock.unlink(missing_ok=True)  # a dead worker's socket; this worker's starter holds the lock
+        listener = Listener(str(self.sock), "AF_UNIX", authkey=self.key.read_bytes())
+        self.inode = self.sock.stat().st_ino
+        return listener
+
+    def unlink(self) -> None:
+        """Remove this worker's socket (only its own: a successor may have bound the same path since)."""
+        try:
+            if self.inode is not None and self.sock.stat().st_ino == self.inode:
+                self.sock.unlink()
+        except FileNotFoundError:
+            pass
 
     def stop(self, *_: Any) -> None:
-        self.sock.unlink(missing_ok=True)
+        self.unlink()
         os._exit(0)  # from the watch thread or a signal handler, whatever the main thread is doing
 
     def watch_loop(self) -> None:
         while True:
             time.sleep(1.0)
             if self.watch is not None and not _alive(self.watch):
-                self.stop()  # the SuperNode is gone: its answer has nowhere to go
-            if not self.busy and time.monotonic() - self.last > self.idle:
-                log.info("node worker idle for %g s: stopping", self.idle)
-                self.stop()
+                self.stop()  # the SuperNode is gone: an answer would have nowhere to go
+            with self.guard:
+                if not self.busy and time.monotonic() - self.last > self.idle:
+                    log.info("node worker idle for %g s: stopping", self.idle)
+                    self.stop()
 
     def serve(self) -> None:
-        import client.site  # PyTorch, MONAI and the project: once, before the first message
+        import client.site  # PyTorch, MONAI and the project: once, before listening
 
+        listener = self.listen()
         threading.Thread(target=self.watch_loop, daemon=True).start()
         while True:
             try:
-                conn = self.listener.accept()
+                conn = listener.accept()
             except (OSError, EOFError, AuthenticationError):  # a client without the key, or one that hung up
                 continue
-            self.busy = True
+            with self.guard:
+                self.busy = True
             try:
                 with conn:
-                    job, args = conn.recv()
-                    if job == "stop":
-                        conn.send(("ok", None))
-                        self.stop()
-                    try:
-                        if job not in JOBS:
-                            raise ValueError(f"unknown job {job!r}")
-                        reply = ("ok", getattr(client.site, job)(*args))
-                    except Exception as exc:
-                        log.debug("%s failed:\n%s", job, traceback.format_exc())
-                        reply = ("error", (type(exc).__name__, str(exc), _pickled(exc)))
-                    conn.send(reply)
+                    self.handle(conn, client.site)
             except (OSError, EOFError):
                 pass  # the message's process went away; the next message brings a new one
             finally:
-                self.busy = False
-                self.last = time.monotonic()
+                with self.guard:
+                    self.busy = False
+                    self.last = time.monotonic()
                 client.site.release_memory()
+
+    def handle(self, conn: Connection, site: Any) -> None:
+        job, args = conn.recv()
+        if job == "stop":
+            self.unlink()
+            conn.send(("ok", None))
+            os._exit(0)
+        conn.send(("started", os.getpid()))
+        try:
+            if job not in JOBS:
+                raise ValueError(f"unknown job {job!r}")
+            reply = ("ok", getattr(site, job)(*args))
+        except Exception as exc:
+            exc.add_note(f"in the node's worker (pid {os.getpid()}):\n{traceback.format_exc().rstrip()}")
+            reply = ("error", (type(exc).__name__, str(exc), _pickled(exc)))
+        conn.send(reply)
 
 
 def _pickled(exc: BaseException) -> bytes | None:

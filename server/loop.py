@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
@@ -107,9 +108,12 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
         return list(grid.send_and_receive(messages, timeout=timeout))
     packed: dict[int, RecordDict] = {}  # the strategy gives every node the same content: pack it once
     for message in messages:
-        content = message.content
-        message.content = packed.setdefault(id(content), wire.pack(content))
-    waiting = set(grid.push_messages(messages))
+        if id(message.content) not in packed:
+            packed[id(message.content)] = wire.pack(message.content)
+        message.content = packed[id(message.content)]
+    ids = list(grid.push_messages(messages))
+    sent = dict(zip(ids, messages, strict=True))
+    waiting = set(ids)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
@@ -119,10 +123,19 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(REPLY_POLL)
-    for reply in replies:
-        if reply.has_content():
-            reply.content = wire.unpack(reply.content)
-    return replies
+    return [_unpacked(reply, sent) for reply in replies]
+
+
+def _unpacked(reply: Message, sent: dict[str, Message]) -> Message:
+    """A reply with its arrays unpacked, or an error reply from its node when they do not unpack."""
+    if not reply.has_content():
+        return reply
+    try:
+        reply.content = wire.unpack(reply.content)
+    except (ValueError, KeyError, TypeError) as exc:
+        reason = f"its reply's packed arrays do not unpack: {exc}"
+        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=sent[reply.metadata.reply_to_message_id])
+    return reply
 
 
 def wait_for_nodes(grid: Grid, count: int, patience: float, poll: float = 1.0) -> int:
