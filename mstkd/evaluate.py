@@ -37,7 +37,6 @@ from mstkd.model import MSTKDNet
 from mstkd.train import autocast, pick_device
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
-DECODERS = ("auto", "threshold", "argmax")
 
 
 def decode(probs: np.ndarray, how: str = "threshold", threshold: float = 0.5) -> np.ndarray:
@@ -52,7 +51,7 @@ def decode(probs: np.ndarray, how: str = "threshold", threshold: float = 0.5) ->
     if how == "argmax":
         best = probs.argmax(0)
         return regions_from_classes(np.stack([best == c for c in range(3)]))
-    raise ValueError(f"eval.decode must be one of {', '.join(DECODERS)}, got {how!r}")
+    raise ValueError(f"decode: how must be 'threshold' or 'argmax' (eval.decode='auto' is resolved first), got {how!r}")
 
 
 MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))

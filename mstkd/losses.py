@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mstkd.data.labels import classes_from_regions
+from mstkd.schema import CHOICES
 
 OFFICIAL_GRAM_SCALE = 1e-4 / (4 * 128**2 * 480**2)
 """The official code's normalisation of the cross-layer Gram loss, ``1e-4 / (4 C^2 N^2)`` with its
@@ -34,9 +35,6 @@ def class_targets(regions: torch.Tensor) -> torch.Tensor:
     return classes_from_regions(regions.transpose(0, 1)).transpose(0, 1).to(regions.dtype)
 
 
-ACTIVATIONS = ("sigmoid", "softmax")
-
-
 def probabilities(logits: torch.Tensor, activation: str = "sigmoid") -> torch.Tensor:
     """Class probabilities from ``B x 4 x ...`` logits: one sigmoid per class (the official code) or a softmax
     over the classes."""
@@ -44,7 +42,7 @@ def probabilities(logits: torch.Tensor, activation: str = "sigmoid") -> torch.Te
         return torch.sigmoid(logits.float())
     if activation == "softmax":
         return torch.softmax(logits.float(), dim=1)
-    raise ValueError(f"loss.activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    raise ValueError(f"loss.activation must be one of {', '.join(CHOICES['loss.activation'])}, got {activation!r}")
 
 
 class SegmentationLoss(nn.Module):
