@@ -297,12 +297,25 @@ class _Worker:
         return listener
 
     def unlink(self) -> None:
-        """Remove this worker's socket (only its own: a successor may have bound the same path since)."""
-        try:
-            if self.inode is not None and self.sock.stat().st_ino == self.inode:
-                self.sock.unlink()
-        except FileNotFoundError:
-            pass
+        """Remove this worker's socket and key: only its own (a successor may have bound the same path since),
+        and under the starters' lock, so that no message writes a successor's key meanwhile. Where a starter
+        holds the lock, it replaces both itself. The empty lock file stays."""
+        with open(self.sock.with_suffix(".lock"), "a") as lock:
+            deadline = time.monotonic() + 1.0
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return
+                    time.sleep(0.05)
+            try:
+                if self.inode is not None and self.sock.stat().st_ino == self.inode:
+                    self.sock.unlink()
+                    self.key.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
 
     def stop(self, *_: Any) -> None:
         self.unlink()

@@ -89,7 +89,7 @@ def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_pa
         assert len([r for r in caplog.records if "started the node's worker" in r.getMessage()]) == 1
     finally:
         stopped = worker.stop(node)
-    assert stopped and not sock.exists()
+    assert stopped and not sock.exists() and not list(runtime.glob("*.key"))  # nothing left but the lock
     assert not worker.stop(node)  # nothing left to stop
 
 
@@ -107,7 +107,7 @@ def test_a_worker_ends_with_its_node_and_when_idle(tmp_path, runtime):
         node.wait()
         for proc in procs:
             assert proc.wait(timeout=60) == 0
-        assert not list(runtime.glob("*.sock"))
+        assert not list(runtime.glob("*.sock")) and not list(runtime.glob("*.key"))
     finally:
         for proc in procs:
             proc.kill()
