@@ -54,6 +54,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from mstkd.atomic import write_bytes
 from mstkd.errors import InputError
 
 log = logging.getLogger("mstkd.client")
@@ -256,10 +257,7 @@ def _connect(sock: Path, key: Path) -> Connection | None:
 
 def _start(node: NodeContext, sock: Path, key: Path) -> Connection:
     """Start the node's worker and connect to it once it listens."""
-    fd = os.open(key.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secrets.token_bytes(32))
-    os.replace(key.with_suffix(".tmp"), key)
+    write_bytes(key, secrets.token_bytes(32), private=True)
     idle = idle_seconds(node.node_config)
     cmd = [sys.executable, "-P", "-m", "client.worker", str(sock), str(key), "--watch", str(os.getppid())]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")]))}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import sys
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from mstkd.atomic import write_bytes
 
 GENERATED = Path(__file__).resolve().parent / "generated"
 VALID_DAYS = 825
@@ -45,29 +46,6 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
         raise CredentialExists(
             f"{existing[0]} exists; --force replaces it (what was signed or registered with it stops working)"
         )
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary file created with its final mode, then rename.
-
-    A private file is created 0600, so it is never readable by others, not even for a moment
-    (writing first and restricting afterwards would leave a window under the usual umask).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -98,8 +76,8 @@ def make_ca(out: Path, name: str = "MST-KDNet federation CA", *, force: bool = F
         .sign(key, hashes.SHA384())
     )
     return (
-        _write(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM)),
-        _write(out / "ca.key", _pem_key(key), private=True),
+        write_bytes(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM)),
+        write_bytes(out / "ca.key", _pem_key(key), private=True),
     )
 
 
@@ -130,8 +108,8 @@ def make_server(out: Path, hosts: list[str], *, force: bool = False) -> tuple[Pa
         .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
     )
     return (
-        _write(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM)),
-        _write(out / "server.key", _pem_key(key), private=True),
+        write_bytes(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM)),
+        write_bytes(out / "server.key", _pem_key(key), private=True),
     )
 
 
@@ -144,8 +122,8 @@ def make_node_key(out: Path, name: str, *, force: bool = False) -> tuple[Path, P
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return (
-        _write(out / "nodes" / name, private, private=True),
-        _write(out / "nodes" / f"{name}.pub", public + f" {name}\n".encode()),
+        write_bytes(out / "nodes" / name, private, private=True),
+        write_bytes(out / "nodes" / f"{name}.pub", public + f" {name}\n".encode()),
     )
 
 

@@ -37,6 +37,30 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def write_bytes(path: str | Path, data: bytes, *, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file created with its final mode, then rename.
+
+    A private file (a key) is created 0600, so it is never readable by others, not even for a
+    moment (writing first and restricting afterwards would leave a window under the usual umask).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def copy_file(src: str | Path, dst: str | Path) -> Path:
     """Copy ``src`` to ``dst`` atomically."""
     import shutil

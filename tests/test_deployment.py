@@ -99,7 +99,7 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
 def test_private_keys_are_private_from_their_first_byte(tmp_path, monkeypatch):
     import os
 
-    import deploy.credentials as credentials
+    import mstkd.atomic as atomic  # where deploy.credentials writes its files
 
     modes = []
     real_write = os.write
@@ -110,7 +110,7 @@ def test_private_keys_are_private_from_their_first_byte(tmp_path, monkeypatch):
             modes.append(info.st_mode & 0o777)
         return real_write(fd, data)
 
-    monkeypatch.setattr(credentials.os, "write", spy)
+    monkeypatch.setattr(atomic.os, "write", spy)
     old_umask = os.umask(0)  # the most permissive umask: only the mode given at creation protects the file
     try:
         make_ca(tmp_path)
