@@ -10,9 +10,9 @@ warm worker (:mod:`client.worker`) on a deployed SuperNode, which starts a fresh
 every message. This module therefore imports neither PyTorch nor MONAI.
 
 Mods: ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and packs the
-reply (:mod:`client.wire`), ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks for secure aggregation
-(``secagg=true``; :mod:`client.secagg`), ``clip_updates`` clips the update for client-side
-differential privacy (``dp='client'``).
+reply (:mod:`client.wire`), ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks
+for secure aggregation (``secagg=true``; :mod:`client.secagg`), ``clip_updates`` clips the update
+for client-side differential privacy (``dp='client'``).
 """
 
 from __future__ import annotations

@@ -181,8 +181,8 @@ def call(node: NodeContext, job: str, *args: Any) -> Any:
 
 def stop(node: NodeContext) -> bool:
     """Ask the node's worker to end now; False if none is running."""
-    folder, ident = runtime_dir(), _ident(node)
-    conn = _connect(folder / f"{ident}.sock", folder / f"{ident}.key")
+    sock = _socket(node)
+    conn = _connect(sock, sock.with_suffix(".key"))
     if conn is None:
         return False
     with conn:
@@ -206,10 +206,16 @@ def _exception(name: str, text: str, pickled: bytes | None) -> BaseException:
     return RuntimeError(f"{name}: {text}")
 
 
-def _ident(node: NodeContext) -> str:
-    """One worker per SuperNode, app version and interpreter: what tells two of them apart."""
-    key = [str(APP_DIR), sys.executable, node.node_id, {k: str(v) for k, v in node.node_config.items()}]
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+def _socket(node: NodeContext) -> Path:
+    """The socket of the node's worker; its key and the starters' lock lie beside it (``.key``, ``.lock``).
+
+    One worker per SuperNode, app version and interpreter: the name tells them apart."""
+    ident = [str(APP_DIR), sys.executable, node.node_id, {k: str(v) for k, v in node.node_config.items()}]
+    folder = runtime_dir()
+    sock = folder / f"{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]}.sock"
+    if len(os.fsencode(sock)) > 100:  # the limit of a Unix socket's path is about 108 bytes
+        raise WorkerError(f"{folder}: too long a path for the worker's socket; set XDG_RUNTIME_DIR to a short one")
+    return sock
 
 
 def runtime_dir() -> Path:
@@ -232,13 +238,11 @@ def runtime_dir() -> Path:
 
 @contextmanager
 def _connection(node: NodeContext) -> Iterator[Connection]:
-    folder, ident = runtime_dir(), _ident(node)
-    sock, key = folder / f"{ident}.sock", folder / f"{ident}.key"
-    if len(os.fsencode(sock)) > 100:  # the limit of a Unix socket's path is about 108 bytes
-        raise WorkerError(f"{folder}: too long a path for the worker's socket; set XDG_RUNTIME_DIR to a short one")
+    sock = _socket(node)
+    key = sock.with_suffix(".key")
     conn = _connect(sock, key)
     if conn is None:
-        with open(folder / f"{ident}.lock", "a") as lock:
+        with open(sock.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one new worker, however many messages arrive at once
             conn = _connect(sock, key) or _start(node, sock, key)
     try:
