@@ -20,6 +20,30 @@ def pyproject_run_config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
+def deployed_site(tmp: Path, **node_config) -> tuple[dict, dict]:
+    """The run config (``tiny``, two local steps) and node config of one deployed site ``h1`` whose data
+    folder holds four phantom cases; ``node_config`` adds to the node config."""
+    from mstkd.phantoms import write_federation
+
+    data = write_federation(tmp / "site", cases=4, sites=1, shape=(48, 48, 32), seed=3, progress=False).parent
+    run_config = pyproject_run_config() | {
+        "model": "tiny",
+        "local-steps": 2,
+        "work-dir": str(tmp / "work"),
+        "overrides": "train.amp=false",
+    }
+    return run_config, {"data-path": str(data), "site-name": "h1", "state-dir": str(tmp / "state"), **node_config}
+
+
+def tiny_arrays(dtype: str = "float16") -> dict:
+    """A fresh ``tiny`` student's and discriminator's federated arrays: what a server sends a node."""
+    from mstkd.federated import config_from_run, federated_arrays
+    from mstkd.model import MSTKDNet, build_discriminator
+
+    cfg = config_from_run({"model": "tiny"})
+    return federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model), dtype)
+
+
 class InProcGrid(Grid):
     """A Grid whose nodes are ClientApp calls with one persistent Context per node.
 

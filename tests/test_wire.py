@@ -14,10 +14,7 @@ from flwr.superlink.grid.http_grid import HttpGrid
 
 from client import wire
 from client.app import app as client_app
-from mstkd.federated import config_from_run, federated_arrays
-from mstkd.model import MSTKDNet, build_discriminator
-from mstkd.phantoms import write_federation
-from tests.inproc import pyproject_run_config
+from tests.inproc import deployed_site, tiny_arrays
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +22,6 @@ def task_identity(monkeypatch):
     """What Flower sets in a process before it makes messages."""
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
-
-
-def tiny_arrays(dtype: str) -> dict[str, np.ndarray]:
-    cfg = config_from_run({"model": "tiny"})
-    return federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model), dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -68,14 +60,7 @@ def test_a_layout_that_does_not_fit_is_refused():
 
 
 def test_the_node_answers_a_packed_message_in_kind(tmp_path):
-    data = write_federation(tmp_path / "site", cases=4, sites=1, shape=(48, 48, 32), seed=5, progress=False).parent
-    run_config = pyproject_run_config() | {
-        "model": "tiny",
-        "local-steps": 1,
-        "work-dir": str(tmp_path / "work"),
-        "overrides": "train.amp=false",
-    }
-    node_config = {"data-path": str(data), "site-name": "h1", "state-dir": str(tmp_path / "state"), "worker": "off"}
+    run_config, node_config = deployed_site(tmp_path, worker="off")
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
     arrays = ArrayRecord({k: Array(v) for k, v in tiny_arrays("float16").items()})
 

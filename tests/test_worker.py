@@ -15,14 +15,12 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import client.site
 from client import worker
 from mstkd.errors import InputError
-from mstkd.phantoms import write_federation
-from tests.inproc import ROOT, pyproject_run_config
+from tests.inproc import ROOT, deployed_site, tiny_arrays
 
 
 @pytest.fixture
@@ -34,28 +32,13 @@ def runtime(monkeypatch):
 
 
 def site_node(tmp: Path, **node_config) -> worker.NodeContext:
-    data = write_federation(tmp / "site", cases=4, sites=1, shape=(48, 48, 32), seed=3, progress=False).parent
-    run_config = pyproject_run_config() | {
-        "model": "tiny",
-        "local-steps": 2,
-        "work-dir": str(tmp / "work"),
-        "overrides": "train.amp=false",
-    }
-    config = {"data-path": str(data), "site-name": "h1", "state-dir": str(tmp / "state"), **node_config}
+    run_config, config = deployed_site(tmp, **node_config)
     return worker.NodeContext(run_id=1, node_id=7, node_config=config, run_config=run_config)
-
-
-def global_arrays(node: worker.NodeContext) -> dict[str, np.ndarray]:
-    from mstkd.federated import config_from_run, federated_arrays
-    from mstkd.model import MSTKDNet, build_discriminator
-
-    cfg = config_from_run(node.run_config)
-    return federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model), "float16")
 
 
 def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_path, runtime, caplog):
     node = site_node(tmp_path, worker="on")
-    arrays = global_arrays(node)
+    arrays = tiny_arrays()
     caplog.set_level(logging.INFO, logger="mstkd.client")
     try:
         assert worker.call(node, "array_names") == client.site.array_names(node) == list(arrays)
@@ -128,7 +111,7 @@ def test_worker_settings_are_checked(runtime):
 
 def test_a_worker_that_dies_mid_message_is_reported_and_replaced(tmp_path, runtime):
     node = site_node(tmp_path, worker="on")
-    arrays = global_arrays(node)
+    arrays = tiny_arrays()
     outcome: list[BaseException] = []
 
     def train() -> None:
