@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--model", default="tiny", choices=("tiny", "lite", "paper"), help="preset (default: tiny)")
+    parser.add_argument("--model", default="tiny", choices=tuple(SHAPES), help="preset (default: tiny)")
     parser.add_argument("--run-config", default="", help="more run config, as flwr run --run-config takes it")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
