@@ -9,40 +9,82 @@ Where the work runs: in this process in a simulation (Ray keeps its workers warm
 warm worker (:mod:`client.worker`) on a deployed SuperNode, which starts a fresh process for
 every message. This module therefore imports neither PyTorch nor MONAI.
 
-Mods: ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and packs the
-reply (:mod:`client.wire`), ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks
-for secure aggregation (``secagg=true``; :mod:`client.secagg`), ``clip_updates`` clips the update
-for client-side differential privacy (``dp='client'``).
+Mods, outermost first: ``private_errors`` turns any failure into an error reply that tells the
+server a category and a short code only (:func:`mstkd.errors.public_reason`; the details go to the
+node's own log); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and
+packs the reply (:mod:`client.wire`); ``checked_input`` reads every incoming array safely and refuses
+a global model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks
+for secure aggregation (``secagg=true``; :mod:`client.secagg`); ``clip_updates`` clips the update
+for client-side differential privacy (``dp='client'``, fixed or adaptive clipping).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key fixedclipping_mod reads
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key the clipping mods read
 
 from client import worker
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
-from client.wire import packed_arrays_mod
+from client.wire import NUMERIC, WireError, decode_array, packed_arrays_mod
+from mstkd.errors import RefusedMessage, public_reason
+
+log = logging.getLogger("mstkd.client")
 
 
-def clip_updates(msg: Message, context: Context, call_next) -> Message:
-    """Client-side differential privacy: clip this site's update (Flower's ``fixedclipping_mod``) on train
-    messages that carry a clipping norm, i.e. when the server runs ``dp='client'``; pass everything else."""
-    config = msg.content.config_records.get("config")
-    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
+def private_errors(msg: Message, context: Context, call_next) -> Message:
+    """Whatever fails on this node becomes an error reply with its public reason only; the exception, with its
+    traceback, goes to the node's own log (case IDs, paths and settings never reach the server)."""
+    try:
+        return call_next(msg, context)
+    except Exception as exc:
+        try:
+            worker.configure_logging(context.node_config)
+        except Exception:  # a bad log-level: the message below still goes to stderr
+            pass
+        log.error("this node's %s work failed", msg.metadata.message_type, exc_info=exc)
+        reason = public_reason(exc)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def checked_input(msg: Message, context: Context, call_next) -> Message:
+    """Read every array a message brings with :func:`client.wire.decode_array` (its header checked against its
+    bytes), and refuse a global model with a value that is not finite: it would reach the site's teacher."""
+    for record in msg.content.array_records.values():
+        for name, array in record.items():
+            try:
+                values = decode_array(array, NUMERIC)
+            except WireError as exc:
+                raise RefusedMessage(f"the global model's {name} does not read ({exc})") from None
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                bad = int(values.size - np.isfinite(values).sum())
+                raise RefusedMessage(f"the global model is not finite ({bad} values in {name})")
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[packed_arrays_mod, secagg_mod, clip_updates])
+def clip_updates(msg: Message, context: Context, call_next) -> Message:
+    """Client-side differential privacy: clip this site's update (Flower's ``fixedclipping_mod``, or with
+    ``dp-clipping='adaptive'`` its ``adaptiveclipping_mod``, which also says whether it clipped) on train
+    messages that carry a clipping norm, i.e. when the server runs ``dp='client'``; pass everything else."""
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
+        adaptive = config.get("dp-clipping") == "adaptive"
+        return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, context, call_next)
+    return call_next(msg, context)
+
+
+MODS = [private_errors, packed_arrays_mod, checked_input, secagg_mod, clip_updates]
+app = ClientApp(mods=MODS)
 
 _SERVED = False  # has this process handled a message yet
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,10 +29,12 @@ import torch
 from client.worker import NodeContext, configure_logging, ray_node
 from mstkd.data.dataset import make_loader
 from mstkd.data.labels import CLASSES, REGIONS
+from mstkd.errors import InputError, NonFiniteUpdate, NoUsableCases, RefusedMessage
 from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.federated import (
     TRANSPORT_DTYPES,
     SiteState,
+    check_state_key,
     config_from_run,
     default_home,
     federated_arrays,
@@ -57,13 +60,25 @@ log = logging.getLogger("mstkd.client")
 
 
 def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
-    """``<state-dir or work-dir or ~/.mstkd>/nodes/<key>/<site>``: one folder per run and site.
+    """``<base>/nodes/<key>/<site>``: one folder per run and site, always inside the node's own base folder.
 
-    ``key`` comes from the server (``state-key``: the run name or the first run's id, kept when a run
-    is resumed under a new run id); without it, the run name or this run's id."""
-    base = context.node_config.get("state-dir") or context.run_config.get("work-dir") or default_home()
-    key = key or str(context.run_config.get("run-name", "") or f"run-{context.run_id}")
-    return Path(str(base)).expanduser() / "nodes" / key / site_name
+    The base is the node config's ``state-dir``, else (in a simulation only) the run config's ``work-dir``,
+    else ``$MSTKD_HOME``: a deployed node never lets a run submitter choose where it writes. ``key``
+    comes from the server (``state-key``: the run's name and a token of its own, kept when a run is
+    resumed); without it, this run's id. It must be a plain folder name; the site's name is made one.
+
+    Raises:
+        InputError: a key that is not a plain folder name (``..``, ``/``, an absolute path).
+    """
+    deployed = "data-path" in context.node_config
+    base = context.node_config.get("state-dir") or (None if deployed else context.run_config.get("work-dir"))
+    nodes = Path(str(base or default_home())).expanduser().resolve() / "nodes"
+    key = check_state_key(key or f"run-{context.run_id}")
+    site = re.sub(r"[^A-Za-z0-9._-]", "_", site_name).lstrip(".-") or "site"  # the node's own name, made a folder name
+    folder = (nodes / key / site).resolve()
+    if not folder.is_relative_to(nodes):  # a symlink inside the base pointing out of it
+        raise InputError(f"state folder {key}/{site_name} lies outside the node's state folder")
+    return folder
 
 
 def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: NodeContext, clock: Stopwatch):
@@ -80,7 +95,11 @@ def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context:
     seed = int(cfg.train.seed) + 1000 * site_number(context.node_config, data.name)
     seed_everything(seed + int(config.get("server-round", 0)))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
-    load_federated_arrays(student, disc, arrays)
+    try:
+        load_federated_arrays(student, disc, arrays)
+    except (ValueError, RuntimeError) as exc:  # names or shapes of another model
+        log.error("the global model does not fit this node's %s model: %s", cfg.model.preset, exc)
+        raise RefusedMessage(f"the global model does not fit this node's {cfg.model.preset} model") from None
     return run, cfg, data, device, seed, student, disc
 
 
@@ -145,7 +164,7 @@ def local_round(
         reset_optimizer_state(optimizers.main, nets.student)
     if not data.train:
         skipped = len(data.federation.skipped)
-        raise RuntimeError(f"{data.name}: no usable training case ({skipped} left out as broken; see the node log)")
+        raise NoUsableCases(f"{data.name}: no usable training case ({skipped} left out as broken; see the node log)")
     loader = make_loader(
         data.train,
         cfg.data,
@@ -196,22 +215,38 @@ def local_round(
         "num-examples": len(data.train),
         **{f"train-{k}": float(metrics.get(k, 0.0)) for k in TRAIN_METRICS},
         "train-steps": steps,
+        "train-skipped-steps": int(metrics["skipped_steps"]),
         "train-seconds": float(metrics["seconds"]),
         "skipped-cases": len(data.federation.skipped),
     }
     site = {"name": data.name, "device": str(device), "modalities": data.available.name}
     if node := ray_node():
         site["ray-node"] = node
-    wire = TRANSPORT_DTYPES[transport or str(run.get("transport", "float16"))]
     updated = federated_arrays(nets.student, nets.discriminator, "float32")
     # the L2 norm of this site's update: what a DP clipping norm is compared with
     reply["update-norm"] = float(
         np.sqrt(sum(np.sum((updated[k] - np.asarray(v, np.float32)) ** 2, dtype=np.float64) for k, v in arrays.items()))
     )
-    wired = {k: v.astype(wire, copy=False) for k, v in updated.items()}
+    wired = to_wire(updated, transport or str(run.get("transport", "float16")), data.name)
     clock.lap("reply")
     reply["client-seconds"] = clock.elapsed()
     return wired, reply | clock.times, site
+
+
+def to_wire(arrays: dict[str, np.ndarray], transport: str, site: str) -> dict[str, np.ndarray]:
+    """``arrays`` in the transport dtype; float32 for this message where float16 would overflow to inf.
+
+    Raises:
+        NonFiniteUpdate: a value is not finite already (training diverged): such an update never leaves.
+    """
+    peak = max((float(np.abs(v).max()) for v in arrays.values() if v.size), default=0.0)
+    if not np.isfinite(peak):
+        raise NonFiniteUpdate("the trained student or discriminator is not finite: no update is sent")
+    dtype = TRANSPORT_DTYPES[transport]
+    if dtype == np.float16 and peak > float(np.finfo(np.float16).max):
+        log.warning("%s: a weight of %.3g is beyond float16's range: this update travels as float32", site, peak)
+        dtype = np.float32
+    return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
 
 
 def evaluate_site(

@@ -16,16 +16,69 @@ unpacks an incoming message and packs its reply in the same way. Nothing else se
 the mods, the work and the strategy get the named arrays, bit for bit (in native byte order).
 The values are the same whichever way they travel; a simulation (no object transfer) sends them
 as they are, and so does secure aggregation, whose messages Flower's own workflow sends.
+
+Whatever arrives is read with :func:`decode_array`, never with ``Array.numpy()``: a ``.npy`` header
+is the sender's word, and NumPy allocates what a header claims before it reads a byte (a 136-byte
+array claiming 10^13 floats asks for 40 TB). :func:`decode_array` checks the header against the
+bytes that actually arrived first, and reads plain numbers only.
 """
 
 from __future__ import annotations
 
+import io
 from math import prod
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from numpy.lib import format as npy
 
 LAYOUT = ".layout"  # suffix of the ConfigRecord that holds a packed ArrayRecord's layout
+NUMERIC = "biuf"  # dtype kinds an array may have: bool, signed, unsigned, float (never objects or strings)
+MAX_HEADER = 4096  # bytes of a .npy header; NumPy writes about 128 for any array of ours
+
+
+class WireError(ValueError):
+    """An array that does not read as what it claims to be."""
+
+
+def decode_array(array: Array, kinds: str = NUMERIC) -> np.ndarray:
+    """The values of ``array``, read only once its header agrees with its metadata and with the bytes that came.
+
+    Checks, in order, before anything is allocated: NumPy serialisation, a version 1 or 2 header of at most
+    ``MAX_HEADER`` bytes, a dtype of one of ``kinds`` (no objects, no records), the header's shape and dtype
+    equal to the array's metadata (where it has any: the legacy API's arrays carry none), and exactly
+    ``prod(shape) x itemsize`` bytes after the header. The result is a read-only view of the received bytes.
+
+    Raises:
+        WireError: any check fails (the message says which).
+    """
+    if array.stype != "numpy.ndarray":
+        raise WireError(f"serialised as {str(array.stype)[:40]!r}, not as a NumPy array")
+    data = array.data
+    stream = io.BytesIO(data)
+    try:
+        version = npy.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise WireError(f"unsupported .npy version {version}")
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read(stream, max_header_size=MAX_HEADER)
+    except WireError:
+        raise
+    except Exception as exc:  # NumPy raises ValueError, SyntaxError, EOFError... for a bad header
+        raise WireError(f"unreadable .npy header ({type(exc).__name__})") from None
+    if dtype.kind not in kinds or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise WireError(f"dtype {dtype} is not a plain number type")
+    legacy = str(array.dtype) == "" and tuple(array.shape) == ()  # Flower's legacy parameters carry no metadata
+    if not legacy and (tuple(shape) != tuple(array.shape) or dtype.name != str(array.dtype)):
+        raise WireError(f"header says {dtype.name} {tuple(shape)}, metadata {array.dtype} {tuple(array.shape)}")
+    count = prod(shape)
+    expected = count * dtype.itemsize
+    if len(data) - stream.tell() != expected:
+        raise WireError(
+            f"{len(data) - stream.tell()} bytes of values where {dtype.name} {tuple(shape)} needs {expected}"
+        )
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return values.reshape(shape, order="F" if fortran else "C")
 
 
 def pack_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
@@ -50,9 +103,10 @@ def unpack_record(packed: ArrayRecord, layout: ConfigRecord) -> ArrayRecord:
     """The named arrays :func:`pack_record` packed, in their order.
 
     Raises:
-        ValueError: the layout does not account for exactly the packed values.
+        ValueError: the layout does not account for exactly the packed values, or a packed array does not
+            read (:class:`WireError`).
     """
-    flats = {dtype: array.numpy() for dtype, array in packed.items()}
+    flats = {dtype: decode_array(array) for dtype, array in packed.items()}
     used = dict.fromkeys(flats, 0)
     out = {}
     for name, shape_text, dtype in zip(layout["names"], layout["shapes"], layout["dtypes"], strict=True):

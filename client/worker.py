@@ -17,7 +17,10 @@ answer, and the worker imports everything once and serves every later message wa
   without a message (node config; default 1800), or on SIGTERM or SIGINT. It outlives a SuperNode
   that died without stopping its group by a few seconds at most.
 - **Failures.** An exception in the work travels back and is raised in the ClientApp (with the
-  worker's traceback in a note), so the server logs it as that node's failure; a worker that dies
+  worker's traceback in a note): the project's own types as themselves, rebuilt by name
+  (:data:`mstkd.errors.KNOWN`; never an unpickled exception object), any other as a ``RuntimeError`` that names
+  it. The ClientApp logs it and tells the server only its public reason
+  (:func:`mstkd.errors.public_reason`), which the worker works out; a worker that dies
   mid-message is reported as such, and the next message starts a new one. A message that
   reaches a worker as it stops for being idle goes to a new worker instead.
 - **One message at a time.** As Flower's SuperNode sends them. A message whose process Flower
@@ -37,7 +40,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import secrets
 import signal
 import subprocess
@@ -55,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from mstkd.atomic import write_bytes
-from mstkd.errors import InputError
+from mstkd.errors import KNOWN, InputError, public_reason
 
 log = logging.getLogger("mstkd.client")
 
@@ -194,16 +196,14 @@ def stop(node: NodeContext) -> bool:
     return True
 
 
-def _exception(name: str, text: str, pickled: bytes | None) -> BaseException:
-    """The work's exception as the worker raised it, or a RuntimeError naming it where it cannot be rebuilt."""
-    if pickled is not None:
-        try:
-            exc = pickle.loads(pickled)  # from the worker, over a connection authenticated with its key
-        except Exception:
-            exc = None
-        if isinstance(exc, BaseException):
-            return exc
-    return RuntimeError(f"{name}: {text}")
+def _exception(name: str, text: str, public: str, trace: str) -> BaseException:
+    """The work's exception: one of the project's own types rebuilt by name, else a RuntimeError naming it;
+    either way with the worker's traceback in a note and the public reason the worker worked out."""
+    exc: BaseException = KNOWN[name](text) if name in KNOWN else RuntimeError(f"{name}: {text}")
+    if name not in KNOWN:
+        exc.public = public  # type: ignore[attr-defined]
+    exc.add_note(trace)
+    return exc
 
 
 def _socket(node: NodeContext) -> Path:
@@ -368,16 +368,9 @@ class _Worker:
                 raise ValueError(f"unknown job {job!r}")
             reply = ("ok", getattr(site, job)(*args))
         except Exception as exc:
-            exc.add_note(f"in the node's worker (pid {os.getpid()}):\n{traceback.format_exc().rstrip()}")
-            reply = ("error", (type(exc).__name__, str(exc), _pickled(exc)))
+            trace = f"in the node's worker (pid {os.getpid()}):\n{traceback.format_exc().rstrip()}"
+            reply = ("error", (type(exc).__name__, str(exc), public_reason(exc), trace))
         conn.send(reply)
-
-
-def _pickled(exc: BaseException) -> bytes | None:
-    try:
-        return pickle.dumps(exc)
-    except Exception:  # an exception holding something that does not pickle: its name and text travel
-        return None
 
 
 def _alive(pid: int) -> bool:

@@ -14,6 +14,10 @@ registers the public one (``flwr supernode register <key>.pub <connection>``).
 
 Private keys are created with mode 0600 from their first byte. An existing file is never
 replaced unless ``--force`` is given: a new CA or node key invalidates what was made with the old one.
+
+Both certificates carry what strict X.509 verification (``VERIFY_X509_STRICT``, the default of
+Python 3.13's ``ssl`` and of recent OpenSSL clients) asks for: subject and authority key
+identifiers, key usage, and for the server the TLS server purpose.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mstkd.atomic import write_bytes
 
@@ -58,6 +62,21 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """A CA signs certificates (and revocation lists); a TLS server with an EC key signs handshakes."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not cert_sign,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def make_ca(out: Path, name: str = "MST-KDNet federation CA", *, force: bool = False) -> tuple[Path, Path]:
     """Self-signed certificate authority: ``ca.crt`` and ``ca.key`` (an existing CA is kept unless ``force``)."""
     _refuse_existing([out / "ca.crt", out / "ca.key"], force)
@@ -73,6 +92,9 @@ def make_ca(out: Path, name: str = "MST-KDNet federation CA", *, force: bool = F
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
     return (
@@ -105,6 +127,10 @@ def make_server(out: Path, hosts: list[str], *, force: bool = False) -> tuple[Pa
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
     )
     return (

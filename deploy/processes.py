@@ -115,9 +115,12 @@ def start_local_federation(
     node_ports: list[int],
     connection: str = "local",
     threads: int | None = None,
+    node_address: str | None = None,
 ) -> Path:
     """A SuperLink with TLS and node authentication on 127.0.0.1:``port``, each key of ``nodes`` (site ->
-    (private key, node config)) registered with it and one SuperNode per site, logs in ``work``.
+    (private key, node config)) registered with it and one SuperNode per site, logs in ``work``. The nodes
+    connect to ``node_address`` (default: the SuperLink itself; a proxy's public address, see
+    :mod:`deploy.proxy`).
 
     Every process started is appended to ``procs`` as it starts, so the caller stops them all (with
     :func:`stop_group`) even when this fails half-way. Returns the ``flwr`` CLI home whose
@@ -148,7 +151,7 @@ def start_local_federation(
             start_supernode(
                 creds,
                 key,
-                superlink=f"127.0.0.1:{port}",
+                superlink=node_address or f"127.0.0.1:{port}",
                 port=node_port,
                 node_config=node_config,
                 home=work / "nodes" / site,

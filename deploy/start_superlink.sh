@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Start the SuperLink at the coordinating site, with TLS and SuperNode authentication.
-# Usage: deploy/start_superlink.sh [HOST] [PORT]   (default 0.0.0.0 9093; state in deploy/generated/superlink)
+# Usage: deploy/start_superlink.sh [HOST] [PORT]   (default 127.0.0.1 9092; state in deploy/generated/superlink)
+# It listens on loopback: its one port also serves the unauthenticated Control API (flwr run, node registration).
+# Hospitals reach it through deploy/start_proxy.sh, which forwards the Fleet API only (docs/security.md).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
-HOST="${1:-0.0.0.0}"
-PORT="${2:-9093}"
+HOST="${1:-127.0.0.1}"
+PORT="${2:-9092}"
 STATE="${STATE:-$CREDS/superlink}"
 mkdir -p "$STATE"
 for f in ca.crt server.pem server.key; do

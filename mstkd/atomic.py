@@ -1,7 +1,8 @@
-"""Atomic file writes: write beside the target under a temporary name, then rename over it.
+"""Atomic, durable file writes: write beside the target under a temporary name, flush it to disk, rename it
+over the target, then flush the folder.
 
-A reader never sees a half-written file, and an interrupted run leaves either the old file or
-the new one (plus, at worst, a hidden temporary file that the next write replaces).
+A reader never sees a half-written file, and a crash or power cut at any instant leaves either the
+old file or the new one. A write that fails removes its temporary file.
 """
 
 from __future__ import annotations
@@ -25,9 +26,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffixes}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk; a folder that cannot be opened is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # some file systems do not open folders; the rename is still atomic there
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -46,16 +66,18 @@ def write_bytes(path: str | Path, data: bytes, *, private: bool = False) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    tmp.unlink(missing_ok=True)  # left by a process of the same id that died mid-write
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path

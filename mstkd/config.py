@@ -52,7 +52,7 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
         if not (CONFIG_DIR / group).is_dir():
             continue
         path = CONFIG_DIR / group / f"{name}.yaml"
-        if not path.is_file():
+        if name not in preset_names(group):  # a name, never a path (model=../x would reach beyond the presets)
             raise InputError(f"unknown {group} preset {name!r}; choose one of {', '.join(preset_names(group))}")
         parts[group] = OmegaConf.merge(OmegaConf.load(path), {"preset": name})
     cfg = OmegaConf.merge(OmegaConf.structured(Config), parts)  # the YAML files are typed too

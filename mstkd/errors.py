@@ -1,11 +1,64 @@
-"""The one exception type for bad user input.
+"""The exception types for bad input and refused data, and what of an error may leave a site.
 
 Anything a user can fix (a missing file, a corrupt NIfTI, a wrong label value, an
 unknown case in a CSV) raises :class:`InputError` with a one-line message that names
 the file and what is wrong. The ``mstkd`` command turns it into ``error: <message>``
 on stderr and exit status 2; every other exception is a bug and keeps its traceback.
+
+A federated node keeps such messages to itself: they name files and cases. What it tells the
+server is :func:`public_reason`: a category and a short code written here, never text that came
+from data, a path or the environment.
 """
+
+from __future__ import annotations
 
 
 class InputError(ValueError):
     """Bad input that the user can fix; the message is one line, naming the file."""
+
+    public = "input: the node's data or configuration was refused (details in the node's log)"
+
+
+class NoUsableCases(InputError):
+    """A site with no case left to train on (every one missing, unreadable or broken)."""
+
+    public = "data: no usable training case (details in the node's log)"
+
+
+class RefusedMessage(InputError):
+    """A node refuses what a message asked of it. The message text is written by this project, from no data:
+    it is what the server is told (e.g. "global model not finite")."""
+
+    @property
+    def public(self) -> str:
+        return f"refused: {self}"
+
+
+class NonFiniteState(ValueError):
+    """Weights or optimiser moments that are NaN or infinite: never saved, never restored."""
+
+    public = "refused: non-finite local state, not saved"
+
+
+class NonFiniteUpdate(ValueError):
+    """Training left NaN or infinite weights: such an update never leaves the site."""
+
+    public = "training diverged: non-finite update, not sent"
+
+
+KNOWN = {cls.__name__: cls for cls in (InputError, NoUsableCases, RefusedMessage, NonFiniteState, NonFiniteUpdate)}
+"""The exceptions that cross from a node's worker to its ClientApp as themselves (by name, never pickled)."""
+
+
+def public_reason(exc: BaseException) -> str:
+    """What a node may tell the server about ``exc``: a category and a short code, nothing from data, paths or
+    the environment (those stay in the node's own log)."""
+    public = getattr(exc, "public", None)
+    if isinstance(public, str):
+        return public
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError":  # torch's CUDA out-of-memory error
+        return "resources: out of memory"
+    if isinstance(exc, OSError):
+        return "io: a file could not be read or written (details in the node's log)"
+    return f"internal: {name} (details in the node's log)"

@@ -8,7 +8,9 @@
 - :func:`site_data` finds a node's own cases: a phantom federation or a partitioned dataset in
   simulation (``partition-id``), or the node's own folder in deployment (``data-path``).
 - :class:`SiteState` keeps a site's teacher, optimisers, subset generator and counters on disk
-  between rounds (atomic writes), so a restarted node resumes where it stopped.
+  between rounds (atomic writes), so a restarted node resumes where it stopped; it reads only
+  tensors and plain data back (``weights_only``) and never writes or restores non-finite weights.
+- :func:`check_state_key` keeps the folder a message names inside the node's own state folder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -33,13 +36,38 @@ from mstkd.atomic import atomic_path, write_text
 from mstkd.config import load_config
 from mstkd.data.dataset import Federation, prepare_federation, resolve_partitions
 from mstkd.data.layouts import detect_case, find_case_folders
-from mstkd.errors import InputError
+from mstkd.errors import InputError, NonFiniteState, RefusedMessage
 from mstkd.modalities import FULL, MODALITIES, Subset, subsets_within
 from mstkd.runconfig import check_run_config
 from mstkd.train import Networks, Optimizers
 
 STUDENT, DISC = "student.", "disc."
 TRANSPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
+STATE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A state key or site name is one plain folder name: no separators, no ``..``, nothing absolute."""
+
+
+def check_state_key(key: str, what: str = "state key") -> str:
+    """``key`` if it is one plain folder name (:data:`STATE_KEY`), so that joining it to a base folder stays there.
+
+    Raises:
+        RefusedMessage: a path separator, ``..``, a leading dot or dash, another character, or more than 128 of them.
+    """
+    if not STATE_KEY.fullmatch(key) or ".." in key:
+        shown = key if len(key) <= 60 and key.isprintable() else f"{key[:60]!r}..."
+        raise RefusedMessage(f"{what} {shown!r} is not a plain folder name (letters, digits, . _ -; no '..')")
+    return key
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every floating tensor in a (nested) state dict is finite."""
+    if torch.is_tensor(value):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, Mapping):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def default_home() -> Path:
@@ -56,6 +84,9 @@ def config_from_run(run: Mapping[str, Any]) -> DictConfig:
     The lr schedule spans the whole federation: ``train.epochs = rounds x local-epochs``.
     """
     run = check_run_config(run)
+    text = " ".join(str(run.get(key, "")) for key in ("model", "overrides"))
+    if "${" in text:  # ${oc.env:...} would read the environment of whoever loads it: a node's secrets
+        raise InputError("run config overrides: ${...} interpolation is not allowed in a run config")
     rounds = int(run.get("num-server-rounds", 1))
     local = float(run.get("local-epochs", 1))
     overrides = [
@@ -87,7 +118,8 @@ def load_federated_arrays(student: nn.Module, discriminator: nn.Module, arrays: 
         prefix = next((p for p in parts if key.startswith(p)), None)
         if prefix is None:
             raise ValueError(f"unexpected array {key!r}: only student.* and disc.* are federated")
-        parts[prefix][key[len(prefix) :]] = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        value = np.asarray(value, dtype=np.float32)
+        parts[prefix][key[len(prefix) :]] = torch.from_numpy(value if value.flags.writeable else value.copy())
     for prefix, module in ((STUDENT, student), (DISC, discriminator)):
         state = module.state_dict()
         missing = [k for k, v in state.items() if v.is_floating_point() and k not in parts[prefix]]
@@ -337,7 +369,24 @@ class SiteState:
                 return dict(side["info"])
         except (OSError, ValueError, KeyError):
             pass
-        return dict(torch.load(path, map_location="cpu", weights_only=False)["info"])
+        return dict(self._read(path)["info"])
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        """A state file's contents: tensors and plain data only (a file holding anything else is refused).
+
+        Raises:
+            InputError: the file does not read as node state.
+        """
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt or foreign file
+            raise InputError(f"{path}: not readable as node state ({type(exc).__name__})") from None
+        if not isinstance(payload, dict) or not {"teacher", "optimizer", "disc_optimizer", "rng", "info"} <= set(
+            payload
+        ):
+            raise InputError(f"{path}: not node state of this project")
+        return payload
 
     def exists(self) -> bool:
         return self.path.is_file() or self.previous.is_file()
@@ -352,6 +401,8 @@ class SiteState:
             "rng": rng.bit_generator.state,
             "info": info,
         }
+        if not _all_finite(payload):
+            raise NonFiniteState("the site's teacher or optimiser state is not finite: not saved")
         if self.half:
             payload["teacher"] = _halve_weights(payload["teacher"])
             payload["optimizer"] = _halve_moments(payload["optimizer"])
@@ -378,7 +429,9 @@ class SiteState:
             info = self.info(path)
             if info is None or (before_round is not None and int(info.get("round", 0)) >= before_round):
                 continue
-            payload = torch.load(path, map_location="cpu", weights_only=False)
+            payload = self._read(path)
+            if not _all_finite(payload):
+                raise NonFiniteState(f"{path}: the stored teacher or optimiser state is not finite; not restored")
             nets.teacher.load_state_dict(payload["teacher"])
             optimizers.main.load_state_dict(payload["optimizer"])
             optimizers.discriminator.load_state_dict(payload["disc_optimizer"])

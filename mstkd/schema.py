@@ -103,6 +103,7 @@ class Train:
     disc_lr: float = MISSING
     disc_betas: list[float] = MISSING
     grad_clip: float | None = MISSING
+    grad_clip_scope: str = MISSING
     amp: bool = MISSING
     student_moments: str = MISSING
     state_precision: str = MISSING
@@ -160,6 +161,7 @@ CHOICES = {
     "train.mode": ("mstkd", "student"),
     "train.student_moments": ("reset", "keep"),
     "train.state_precision": ("full", "half"),
+    "train.grad_clip_scope": ("joint", "separate"),
     "model.decoder_norm": ("instance", "batch"),
 }
 

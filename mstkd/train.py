@@ -7,9 +7,15 @@ one-hot class targets ``y`` (``B x 4 x h x w x d``, NETC, ED, ET, BG):
 2. forward the teacher on ``x`` and the student on ``zero_fill(x, m)``;
 3. generator step: the weighted terms of :class:`~mstkd.losses.MSTKDLoss` (segmentation of
    both, MS-TKD, DMLD, GSM including the adversarial term), one Adam step over teacher and
-   student with gradient clipping;
+   student with gradient clipping at ``train.grad_clip``: of both as one vector
+   (``train.grad_clip_scope=joint``, the reference) or of each on its own (``separate``: a student
+   with huge gradients, e.g. from a hostile global model, does not shrink the teacher's step);
 4. discriminator step (when GSM is on): ``BCE(D(style^T), 0) + BCE(D(style^S), 1)`` with its
    own Adam, whose state persists across steps (the official code re-created it each step).
+
+A step whose loss or gradients are not finite is skipped (no optimiser moves, the moments are
+untouched) and counted (``skipped_steps``): one bad crop or a global model that is barely holding
+together costs that step, never the weights.
 
 The learning rate follows the poly schedule ``lr (1 - e / E)^0.9`` of a global (virtual)
 epoch ``e``, so the same schedule holds whether epochs run on one machine or as rounds.
@@ -138,7 +144,8 @@ def train_local(
         progress: show a progress bar.
 
     Returns:
-        Mean of each weighted loss term, ``loss`` (their sum), ``disc_loss``, ``steps``, ``lr``,
+        Mean of each weighted loss term over the steps taken, ``loss`` (their sum), ``disc_loss``, ``steps``,
+        ``skipped_steps`` (non-finite loss or gradients), ``lr``,
         ``seconds``, ``epoch`` (the global epoch at the end) and ``fg_<class>``: the share of crop
         voxels the student put in each class (probability > 0.5), the first sign of a collapse.
     """
@@ -160,8 +167,12 @@ def train_local(
         raise ValueError(f"train.mode must be mstkd or student, got {cfg.train.mode!r}")
     gsm = bool(cfg.loss.gsm)
     amp = bool(cfg.train.amp)
-    clip = cfg.train.grad_clip
-    params = [*nets.student.parameters()] + ([] if student_only else [*nets.teacher.parameters()])
+    clip = float(cfg.train.grad_clip) if cfg.train.grad_clip else float("inf")
+    groups = [list(nets.student.parameters())] + ([] if student_only else [list(nets.teacher.parameters())])
+    parts = groups  # what is checked for non-finite gradients: each network on its own
+    if str(cfg.train.grad_clip_scope) == "joint":
+        groups = [[p for group in groups for p in group]]
+    skipped = counted = 0
     anchor = [p.detach().clone() for p in nets.student.parameters()] if proximal_mu > 0 else None
 
     sums: defaultdict[str, float] = defaultdict(float)
@@ -193,8 +204,15 @@ def train_local(
         loss = sum(terms.values())
         optimizers.main.zero_grad(set_to_none=True)
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, float(clip))
+        # checked per network, whatever the clipping: a NaN in one must not reach the other through a shared
+        # clipping coefficient, nor through Adam's moments
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in part if p.grad is not None]) for part in parts]
+        if not (torch.isfinite(loss.detach()) and all(torch.isfinite(n) for n in norms)):
+            optimizers.main.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, clip)  # clip = inf: measured, not clipped
         optimizers.main.step()
 
         if gsm and not student_only:
@@ -202,9 +220,13 @@ def train_local(
             with autocast(device, amp):
                 d_loss = discriminator_loss(nets.discriminator, out_t.style, out_s.style)
             d_loss.backward()
-            optimizers.discriminator.step()
-            sums["disc_loss"] += float(d_loss.detach())
+            d_norm = torch.nn.utils.clip_grad_norm_(list(nets.discriminator.parameters()), float("inf"))
+            if torch.isfinite(d_loss.detach()) and torch.isfinite(d_norm):
+                optimizers.discriminator.step()
+                sums["disc_loss"] += float(d_loss.detach())
+            optimizers.discriminator.zero_grad(set_to_none=True)
 
+        counted += 1
         for name, value in terms.items():
             sums[name] += float(value.detach())
         with torch.no_grad():
@@ -214,9 +236,10 @@ def train_local(
             sums[f"fg_{name}"] += share
         sums["loss"] += float(loss.detach())
         if progress:
-            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{sums['loss'] / counted:.3f}", refresh=False)
 
-    out = {name: total / steps for name, total in sums.items()}
+    out = {name: total / max(counted, 1) for name, total in sums.items()}  # means over the steps taken
     out.update(steps=float(steps), lr=lr, seconds=time.perf_counter() - start, epoch=epoch + steps / epoch_len)
+    out["skipped_steps"] = float(skipped)
     out["subsets_drawn"] = float(len(drawn))
     return out

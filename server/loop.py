@@ -7,12 +7,14 @@ these rules:
 
 - a round starts once ``min_nodes`` nodes are connected, or is **skipped** after ``node_wait``
   seconds with fewer;
-- the nodes have ``timeout`` seconds to reply; a node that fails (error reply) or stays silent is
-  recorded in the run log with its reason, and the round aggregates the others;
+- the nodes have ``timeout`` seconds to reply; every reply is checked before the strategy sees it
+  (:mod:`server.replies`); a node that fails (error reply), sends a reply that is refused, or stays
+  silent is recorded in the run log with its node id and the reason, and the round aggregates the others;
+- an aggregate that is not finite is not taken: the round is **skipped**;
 - with fewer than ``min_replies`` good replies the round is **skipped**: the global model stays
   as it was, and the next round proceeds;
-- after every round the server state is checkpointed atomically (:class:`ServerCheckpoint`), so
-  ``resume-from`` continues from the last completed round;
+- after every round ``after_round`` runs: the server checkpoints its state there
+  (:class:`server.state.ServerCheckpoint`), so ``resume-from`` continues from the last completed round;
 - replies are collected every ``REPLY_POLL`` seconds (:func:`send_and_receive`): a deployed grid
   otherwise looks only every 3 s, which a small federation's every stage would wait for.
 """
@@ -20,82 +22,22 @@ these rules:
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from client import wire
-from mstkd.atomic import atomic_path
-from mstkd.errors import InputError
+from client.wire import decode_array
+from server.replies import RefusedReply, ReplyRules, check_reply, common_metrics, finite_arrays, printable
 from server.runlog import RunLog
 
 log = logging.getLogger("mstkd.server")
-
-STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
-"""Attributes that carry a strategy's memory across rounds (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
-
-
-def _inner(strategy):
-    """The aggregating strategy inside a wrapper (differential privacy wraps one)."""
-    return getattr(strategy, "strategy", strategy)
-
-
-@dataclass
-class ServerCheckpoint:
-    """Everything the server needs to continue after round ``round``."""
-
-    round: int
-    arrays: dict[str, np.ndarray]  # the global student + discriminator, float32
-    strategy: dict[str, Any] = field(default_factory=dict)
-    records: dict[int, dict] = field(default_factory=dict)  # the run log so far
-    best: dict[str, Any] = field(default_factory=dict)
-    state_key: str = ""  # names the nodes' state folders
-    random_state: Any = None  # Python's RNG, which Flower's node sampling uses
-    privacy: dict = field(default_factory=dict)  # the privacy accountant's state
-
-    FILE = "server_state.pkl"
-
-    def save(self, folder: Path) -> Path:
-        path = Path(folder) / self.FILE
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(pickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL))
-        return path
-
-    @classmethod
-    def load(cls, folder: Path) -> ServerCheckpoint:
-        path = Path(folder) / cls.FILE
-        if not path.is_file():
-            raise InputError(f"resume-from: {folder} holds no {cls.FILE} (not a run folder, or no round finished)")
-        return cls(**pickle.loads(path.read_bytes()))
-
-
-def strategy_state(strategy) -> dict[str, Any]:
-    inner = _inner(strategy)
-    return {name: getattr(inner, name) for name in STRATEGY_STATE if getattr(inner, name, None) is not None}
-
-
-def restore_strategy(strategy, state: dict[str, Any]) -> None:
-    inner = _inner(strategy)
-    for name, value in state.items():
-        setattr(inner, name, value)
-
-
-def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()}
-
-
-def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-
 
 REPLY_POLL = 0.25
 
@@ -138,6 +80,16 @@ def _unpacked(reply: Message, sent: dict[str, Message]) -> Message:
     return reply
 
 
+def step_norm(old: ArrayRecord, new: ArrayRecord) -> tuple[float, float]:
+    """How far the global model moved in a round: the L2 norm of the change, and that over the old model's norm."""
+    change = before = 0.0
+    for name, array in old.items():
+        a = decode_array(array, "f").astype(np.float64)
+        change += float(np.sum((decode_array(new[name], "f").astype(np.float64) - a) ** 2))
+        before += float(np.sum(a**2))
+    return float(np.sqrt(change)), float(np.sqrt(change / before)) if before > 0 else float(change > 0)
+
+
 def wait_for_nodes(grid: Grid, count: int, patience: float, poll: float = 1.0) -> int:
     """Wait up to ``patience`` seconds for ``count`` connected nodes; return how many there are."""
     deadline = time.monotonic() + patience
@@ -147,24 +99,54 @@ def wait_for_nodes(grid: Grid, count: int, patience: float, poll: float = 1.0) -
 
 
 def split_replies(
-    runlog: RunLog, server_round: int, stage: str, sent: list[Message], replies: list[Message], timeout: float
+    runlog: RunLog,
+    server_round: int,
+    stage: str,
+    sent: list[Message],
+    replies: list[Message],
+    timeout: float,
+    rules: ReplyRules,
 ) -> list[Message]:
-    """Record failed and silent nodes in the run log; return the good replies."""
+    """The good replies, each checked (:func:`server.replies.check_reply`) and its node's numbers recorded in the run
+    log; failed, refused and silent nodes are recorded as failures, keyed by the node id Flower authenticated."""
     rec = runlog.record(server_round)
-    good = [r for r in replies if not r.has_error()]
-    rec["bytes_received"] += sum(a.count_bytes() for r in good for a in r.content.array_records.values())
+    good: list[Message] = []
     for reply in replies:
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            reason = reply.error.reason
-            rec["failures"].append({"stage": stage, "node": reply.metadata.src_node_id, "reason": reason})
-            log.warning("round %d: %s failed on node %s: %s", server_round, stage, reply.metadata.src_node_id, reason)
+            _failure(rec, server_round, stage, node, printable(reply.error.reason))
+            continue
+        rec["bytes_received"] += sum(a.count_bytes() for a in reply.content.array_records.values())
+        if any(g.metadata.src_node_id == node for g in good):
+            _failure(rec, server_round, stage, node, "refused: a second reply from this node")
+            continue
+        try:
+            reply.content = check_reply(reply.content, stage, rules)
+        except RefusedReply as exc:
+            _failure(rec, server_round, stage, node, f"refused: {exc}")
+            continue
+        record_site(runlog, server_round, stage, node, reply.content)
+        good.append(reply)
+    common_metrics([r.content for r in good])
     answered = {r.metadata.src_node_id for r in replies}
     silent = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
     for node in silent[: max(len(sent) - len(replies), 0)]:
-        reason = f"no reply within the round timeout ({timeout:g} s)"
-        rec["failures"].append({"stage": stage, "node": node, "reason": reason})
-        log.warning("round %d: %s on node %s: %s", server_round, stage, node, reason)
+        _failure(rec, server_round, stage, node, f"no reply within the round timeout ({timeout:g} s)")
     return good
+
+
+def _failure(rec: dict, server_round: int, stage: str, node: int | None, reason: str) -> None:
+    rec["failures"].append({"stage": stage, "node": node, "reason": reason})
+    log.warning("round %d: %s failed on node %s: %s", server_round, stage, node, reason)
+
+
+def record_site(runlog: RunLog, server_round: int, stage: str, node: int, content: RecordDict) -> None:
+    """A node's metrics and what it says about itself, in the round's record of that node."""
+    info = content["site"] if "site" in content.config_records else {}
+    site = runlog.site(server_round, node, str(info.get("name", "") or f"node-{node}"))
+    # train and evaluate replies both count their cases as num-examples: keep both
+    site.update({(f"{stage}-examples" if k == "num-examples" else k): v for k, v in content["metrics"].items()})
+    site.update({k: str(v) for k, v in info.items() if k != "name"})
 
 
 def run_rounds(
@@ -180,6 +162,8 @@ def run_rounds(
     min_nodes: int,
     min_replies: int,
     node_wait: float,
+    max_examples: int = 10_000,
+    required_metrics: tuple[str, ...] = (),
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
     after_round: Callable[[int, ArrayRecord], None] | None = None,
     before_round: Callable[[], str | None] | None = None,
@@ -203,9 +187,10 @@ def run_rounds(
         if connected < min_nodes:
             rec["skipped"] = f"{connected} of {min_nodes} nodes connected after {node_wait:g} s"
         else:
+            rules = ReplyRules.of(arrays, max_examples, required_metrics)
             sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
             replies = send_and_receive(grid, sent, timeout)
-            good = split_replies(runlog, server_round, "train", sent, replies, timeout)
+            good = split_replies(runlog, server_round, "train", sent, replies, timeout, rules)
             if len(good) < min_replies:
                 rec["skipped"] = f"{len(good)} of {len(sent)} nodes replied (min-replies {min_replies})"
             else:
@@ -214,13 +199,17 @@ def run_rounds(
                 except Exception as exc:  # e.g. replies whose metric keys disagree (mixed client versions)
                     new = None
                     rec["skipped"] = f"aggregation failed: {type(exc).__name__}: {exc}"
+                if new is not None and not finite_arrays(new):  # e.g. a server optimiser's step past float32
+                    new = None
+                    rec["skipped"] = "the aggregate is not finite"
                 if new is None:
                     rec.setdefault("skipped", "the strategy aggregated nothing")
                 else:
+                    rec["step_norm"], rec["step_relative"] = step_norm(arrays, new)
                     arrays = new
                     sent = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
                     replies = send_and_receive(grid, sent, timeout)
-                    good = split_replies(runlog, server_round, "evaluate", sent, replies, timeout)
+                    good = split_replies(runlog, server_round, "evaluate", sent, replies, timeout, rules)
                     try:
                         if good:
                             strategy.aggregate_evaluate(server_round, good)

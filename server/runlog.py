@@ -45,8 +45,19 @@ class RunLog:
             }
         return self.records[server_round]
 
-    def site(self, server_round: int, name: str) -> dict[str, Any]:
-        return self.record(server_round)["sites"].setdefault(name, {})
+    def site(self, server_round: int, node: int | None, name: str) -> dict[str, Any]:
+        """The record of one node in one round, keyed by the node id Flower authenticated (``name``, what the node
+        calls itself, is kept in it); without a node id (secure aggregation hides it), keyed by ``name``."""
+        sites = self.record(server_round)["sites"]
+        return sites.setdefault(str(node) if node is not None else name, {"name": name})
+
+    def labels(self, server_round: int) -> dict[str, str]:
+        """Node key -> the label its columns get: its name, or ``name@node`` where two nodes claim one name."""
+        sites = self.records[server_round]["sites"]
+        names = [str(v.get("name", k)) for k, v in sites.items()]
+        return {
+            key: name if names.count(name) == 1 else f"{name}@{key}" for key, name in zip(sites, names, strict=True)
+        }
 
     def finish(self, server_round: int) -> None:
         """Close the round: stamp its wall time and rewrite the files."""
@@ -88,8 +99,9 @@ class RunLog:
         warnings) become their count."""
         rec = self.records[server_round]
         row = flatten({k: v for k, v in rec.items() if k != "sites"})
-        for site, values in sorted(rec["sites"].items()):
-            row.update(flatten(values, f"{site}/"))
+        labels = self.labels(server_round)
+        for key, values in sorted(rec["sites"].items(), key=lambda item: labels[item[0]]):
+            row.update(flatten({k: v for k, v in values.items() if k != "name"}, f"{labels[key]}/"))
         return row
 
     def rows(self) -> list[dict[str, Any]]:

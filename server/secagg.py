@@ -28,6 +28,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from mstkd.errors import InputError
+from server.replies import printable
 from server.runlog import RunLog
 
 RECONSTRUCTION = 2 / 3
@@ -61,7 +62,7 @@ def run_secagg(
 
     def fit_metrics(results: list[tuple[int, dict]]) -> dict:
         for num_examples, metrics in results:
-            site = runlog.site(current["round"], str(metrics.get("site", "?")))
+            site = runlog.site(current["round"], None, printable(metrics.get("site", "?"), 64))
             site.update({k: v for k, v in metrics.items() if k != "site"})
             site["train-examples"] = num_examples
         return {}

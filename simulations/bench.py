@@ -27,9 +27,10 @@ from pathlib import Path
 
 from mstkd.atomic import write_text
 from mstkd.errors import InputError
+from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
 from simulations.report import write_report
-from simulations.scenario import Arm, Scenario, load_scenario, parse_arms, scenario_data
+from simulations.scenario import HOSTILE, Arm, Scenario, load_scenario, parse_arms, scenario_data
 
 DONE = "done.json"
 REPORT_FILES = ("REPORT.md", "bench.json", "summary.csv", "summary.json", "sites.csv", "curves.csv", "curves.png")
@@ -63,8 +64,8 @@ def run_federated(
     cpus: float,
     gpus: float,
 ) -> dict:
-    run_name = f"bench-{scenario.name}-{arm.name}-seed{seed}"
-    shutil.rmtree(work_dir / "nodes" / run_name, ignore_errors=True)  # an interrupted try starts over
+    run_name = f"bench-{scenario.name}-{arm.name.replace('+', '-')}-seed{seed}"
+    clear_node_state(work_dir, run_name)  # an interrupted try starts over
     run = {
         **scenario.arm_run_config(arm, seed),
         "out-dir": str(folder),
@@ -75,22 +76,36 @@ def run_federated(
         "eval-initial": False,
     }
     run.setdefault("eval-every", int(run.get("num-server-rounds", 1)))
-    result = flower_simulation(
-        run,
-        extra=extra,
-        nodes=scenario.num_sites,
-        flwr_home=work_dir / "flwr-home",
-        log=folder / "flwr.log",
-        cpus_per_node=cpus,
-        gpus_per_node=gpus,
-        timeout=24 * 3600,
-    )
+    app, env = hostile_app(work_dir / "apps" / run_name, {HOSTILE: arm.attack}) if arm.attack else (ROOT, {})
+    try:
+        result = flower_simulation(
+            run,
+            extra=extra,
+            nodes=scenario.num_sites,
+            flwr_home=work_dir / "flwr-home",
+            log=folder / "flwr.log",
+            cpus_per_node=cpus,
+            gpus_per_node=gpus,
+            timeout=24 * 3600,
+            app=app,
+            env=env,
+        )
+    finally:
+        if app != ROOT:
+            shutil.rmtree(app, ignore_errors=True)
     if not result.completed:
         raise RuntimeError(f"flwr run ended as {result.status} ({result.details}); see {result.log}")
-    incomplete_rounds(folder / "metrics.jsonl")
-    shutil.rmtree(work_dir / "nodes" / run_name, ignore_errors=True)  # teachers are not part of the result
+    if not arm.attack:  # under attack, skipped rounds and refused replies are part of the result
+        incomplete_rounds(folder / "metrics.jsonl")
+    clear_node_state(work_dir, run_name)  # teachers are not part of the result
     rounds = int(run["num-server-rounds"])
     return {"table": f"eval/round_{rounds}.json", "log": "metrics.jsonl", "flwr_run": result.run_id}
+
+
+def clear_node_state(work_dir: Path, run_name: str) -> None:
+    """Remove the node state of runs named ``run_name`` (each run keys its folder ``<run-name>.<token>``)."""
+    for folder in (work_dir / "nodes").glob(f"{run_name}.*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def incomplete_rounds(log: Path) -> None:

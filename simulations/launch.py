@@ -136,10 +136,12 @@ def flower_simulation(
     timeout: float = 3600,
     app: Path = ROOT,
     echo: bool = False,
+    env: dict[str, str] | None = None,
 ) -> FlowerRun:
     """``flwr run <app> --stream`` in simulation with ``nodes`` SuperNodes; the SuperLink is stopped afterwards.
 
-    ``run_config`` values are written as TOML; ``extra`` is appended verbatim (``"num-server-rounds=3"``).
+    ``run_config`` values are written as TOML; ``extra`` is appended verbatim (``"num-server-rounds=3"``);
+    ``env`` adds environment variables, which the SuperLink, the simulation engine and its workers inherit.
     """
     flwr_home = flwr_home.resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -154,6 +156,7 @@ def flower_simulation(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        **(env or {}),
     }
     overrides = " ".join([*(f"{k}={toml_value(v)}" for k, v in run_config.items()), extra]).strip()
     federation = (

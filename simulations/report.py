@@ -30,7 +30,7 @@ from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.evaluate import find_collapse
 from mstkd.modalities import SUBSETS
-from simulations.scenario import ABLATIONS, ARMS, Arm, Scenario
+from simulations.scenario import ABLATIONS, ARMS, ATTACK_LABELS, HOSTILE, ROBUST_STRATEGIES, Arm, Scenario
 
 T_MAX = 7 * 24 * 3600.0
 """The FeTS convergence score's time budget: one simulated week."""
@@ -120,7 +120,11 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
         out["curve"] = [(r["round"], r.get("val", {}).get("val-mean-dice")) for r in records]
         out["bytes_per_round"] = float(np.mean([r["bytes_sent"] + r["bytes_received"] for r in records]))
         out["bytes_total"] = float(sum(r["bytes_sent"] + r["bytes_received"] for r in records))
-        last = records[-1]["sites"]
+        out["model_norm"] = records[-1].get("model_norm")  # the final global model's L2 norm (absent in old logs)
+        out["skipped_rounds"] = sum(bool(r.get("skipped")) for r in records)
+        out["failed_replies"] = sum(len(r.get("failures", [])) for r in records)
+        # per site by the name it gave (the log keys them by node id, which differs between runs)
+        last = {str(s.get("name", key)): s for key, s in records[-1]["sites"].items()}
         out["sites"] = {
             name: {
                 "train": int(s.get("train-examples", 0)),
@@ -302,6 +306,65 @@ def _headlines(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -
     return lines
 
 
+def _robustness_section(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[str]:
+    """Per aggregator, the final mean Dice with no hostile site and with each attack, the damage paired by seed,
+    and the final global model's norm (how far an attack pushed the weights)."""
+    present = [
+        name for name in ROBUST_STRATEGIES if any(a in results for a in (name, *(f"{name}+{k}" for k in ATTACK_LABELS)))
+    ]
+    if not any(ARMS[a].attack for a in results) or not present:
+        return []
+    lines = [
+        "## Robustness: one hostile site",
+        "",
+        f"Site {HOSTILE + 1} (partition {HOSTILE}) sends a poisoned update in every round: "
+        + "; ".join(f"`{k}`: {v}" for k, v in ATTACK_LABELS.items())
+        + " (`simulations/adversary.py`). Every poisoned reply is well-formed, so the server's checks pass it: only "
+        "the aggregator stands between it and the global model. Mean Dice (%, 15 subsets, held-out test cases), "
+        "mean ± sd over seeds; Δ = attacked minus the same aggregator without a hostile site, paired by seed; "
+        "norm = L2 norm of the final global student + discriminator (`metrics.jsonl`: `model_norm`). "
+        "Source: `summary.csv`.",
+        "",
+        "| Aggregator | no hostile site | "
+        + " | ".join(f"{k}: Dice | {k}: Δ | {k}: norm" for k in ATTACK_LABELS)
+        + " |",
+        "|---|---:|" + "---:|---:|---:|" * len(ATTACK_LABELS),
+    ]
+    for name in present:
+        label = ROBUST_STRATEGIES[name][0]
+        honest = results.get(name)
+        cells = [_fmt([r["mean_dice"] for r in honest], 100.0) if honest else "–"]
+        for attack in ATTACK_LABELS:
+            runs = results.get(f"{name}+{attack}")
+            if not runs:
+                cells += ["–", "–", "–"]
+                continue
+            cells.append(_fmt([r["mean_dice"] for r in runs], 100.0))
+            if honest:
+                base = dict(zip(seeds_of[name], (r["mean_dice"] for r in honest), strict=True))
+                pairs = [
+                    (100 * (r["mean_dice"] - base[s]))
+                    for s, r in zip(seeds_of[f"{name}+{attack}"], runs, strict=True)
+                    if s in base
+                ]
+                cells.append(_fmt(pairs, 1.0) if pairs else "–")
+            else:
+                cells.append("–")
+            norms = [r["model_norm"] for r in runs if r.get("model_norm") is not None]
+            cells.append(f"{np.mean(norms):.3g}" if norms else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    norms = [r["model_norm"] for name in present if name in results for r in results[name] if r.get("model_norm")]
+    if norms:
+        lines += ["", f"Honest runs end with a model norm of {min(norms):.3g} to {max(norms):.3g}."]
+    lines += [
+        "",
+        "Bulyan is not in the table: it needs at least 4 x f + 3 = 7 replies per round to tolerate one hostile "
+        "site, and phantom-4 has four (`strategy='bulyan'` refuses to start with too few nodes).",
+        "",
+    ]
+    return lines
+
+
 def _collapse_section(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[str]:
     lines = [
         "## Collapse check",
@@ -355,6 +418,9 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                     "bytes_per_round": run["bytes_per_round"],
                     "bytes_total": run["bytes_total"],
                     "wall_seconds": run["seconds"],
+                    "model_norm": run.get("model_norm"),
+                    "skipped_rounds": run.get("skipped_rounds"),
+                    "failed_replies": run.get("failed_replies"),
                 }
             )
     if summary_rows:
@@ -451,6 +517,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             "distributions; here every site uses the example one.",
             "",
         ]
+        lines += _robustness_section(results, seeds_of)
         lines += _collapse_section(results, seeds_of)
         ablation = _ablation_table(results, tables)
         if ablation:

@@ -11,7 +11,8 @@ FeTS partition CSV (``sites.partitioning: fets/partitioning_1.csv``, relative to
 
 ``run`` is the Flower run config shared by every federated arm; an arm adds its own keys
 (:data:`ARMS`). The centralised arm pools every site's training cases and trains for as many
-epochs (and steps) as a federated arm does in all its rounds.
+epochs (and steps) as a federated arm does in all its rounds. A robustness arm also makes one
+site hostile (:mod:`simulations.adversary`): that site's every train reply is poisoned.
 """
 
 from __future__ import annotations
@@ -41,6 +42,38 @@ class Arm:
     federated: bool = True
     run: dict[str, Any] = field(default_factory=dict)  # run-config keys
     overrides: str = ""  # project-config dot-list, appended to the scenario's
+    attack: str = ""  # a poisoning attack of simulations.adversary, by the HOSTILE site
+
+
+ROBUST_STRATEGIES = {
+    "mstkd": ("FedAvg", {}),
+    "fedmedian": ("FedMedian", {"strategy": "fedmedian"}),
+    # with four sites a share of 0.25 trims one reply at either end (0.2 would trim none: int(0.2 x 4) = 0)
+    "fedtrimmedavg": ("FedTrimmedAvg (0.25)", {"strategy": "fedtrimmedavg", "trim-beta": 0.25}),
+    "krum": ("Krum (f = 1)", {"strategy": "krum", "malicious-nodes": 1}),
+    "multikrum": ("MultiKrum (f = 1, 3 of 4)", {"strategy": "multikrum", "malicious-nodes": 1}),
+}
+"""The aggregators of the robustness benchmark: arm name of the honest run -> (label, run config)."""
+ATTACK_LABELS = {"scale": "update x100", "sign-flip": "sign-flipped update", "noise": "N(0, 1) noise on every weight"}
+HOSTILE = 1
+"""The hostile site's partition in robustness arms: the second largest of phantom-4 (4 of 15 cases)."""
+
+
+def _robust_arms() -> list[Arm]:
+    arms = []
+    for name, (label, run) in ROBUST_STRATEGIES.items():
+        if name != "mstkd":
+            arms.append(Arm(name, f"Federated MST-KDNet ({label})", run=run))
+        for attack, what in ATTACK_LABELS.items():
+            arms.append(
+                Arm(
+                    f"{name}+{attack}",
+                    f"{label}, site {HOSTILE + 1} hostile ({what})",
+                    run=run,
+                    attack=attack,
+                )
+            )
+    return arms
 
 
 ARMS: dict[str, Arm] = {
@@ -61,6 +94,7 @@ ARMS: dict[str, Arm] = {
         ),
         Arm("dp", "Federated MST-KDNet, server-side DP", run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.001}),
         Arm("lean-state", "Federated MST-KDNet, node state in half precision", overrides="train.state_precision=half"),
+        *_robust_arms(),
     )
 }
 ABLATIONS = ("no-mstkd", "no-gsm", "no-dmld", "mstkd")

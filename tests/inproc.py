@@ -20,6 +20,36 @@ def pyproject_run_config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
+NODES = 3
+
+
+def tiny_run_config(tmp: Path, **extra) -> dict:
+    """The run config of a tiny federation of ``NODES`` phantom sites (two rounds of two steps), in ``tmp``."""
+    cfg = pyproject_run_config()
+    cfg.update(
+        {
+            "model": "tiny",
+            "num-server-rounds": 2,
+            "local-steps": 2,
+            "phantom-cases": 18,
+            "phantom-shape": "48 48 32",
+            "eval-subsets": "full,flair",
+            "eval-every": 1,
+            "min-nodes": NODES,
+            "work-dir": str(tmp / "work"),
+            "out-dir": str(tmp / "run"),
+            "overrides": "train.amp=false",
+        }
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def nodes() -> list[dict]:
+    """The node configs of the ``NODES`` simulated sites."""
+    return [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)]
+
+
 def deployed_site(tmp: Path, **node_config) -> tuple[dict, dict]:
     """The run config (``tiny``, two local steps) and node config of one deployed site ``h1`` whose data
     folder holds four phantom cases; ``node_config`` adds to the node config."""
@@ -33,6 +63,13 @@ def deployed_site(tmp: Path, **node_config) -> tuple[dict, dict]:
         "overrides": "train.amp=false",
     }
     return run_config, {"data-path": str(data), "site-name": "h1", "state-dir": str(tmp / "state"), **node_config}
+
+
+def by_name(record: dict) -> dict[str, dict]:
+    """A round record's per-node entries (keyed by node id) by the name each node gave, which must be unique."""
+    sites = {values["name"]: values for values in record["sites"].values()}
+    assert len(sites) == len(record["sites"]), record["sites"]
+    return sites
 
 
 def tiny_arrays(dtype: str = "float16") -> dict:
@@ -133,3 +170,20 @@ def run_inproc(server_app, client_app, run_config: dict, node_configs: list[dict
     grid = InProcGrid(client_app, run_config, node_configs)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
     return grid
+
+
+FAULT_REASONS = {
+    "nan": "2 non-finite values in",
+    "shape": "has shape",
+    "dtype": "has dtype int32, not a float",
+    "missing": "1 federated arrays missing",
+    "extra": "1 arrays that were not sent (first: 'teacher.x')",
+    "examples-0": "num-examples 0 is not a whole number from 1 to 10000",
+    "examples-negative": "num-examples -5 is not a whole number from 1 to 10000",
+    "examples-nan": "metric num-examples is not finite",
+    "examples-huge": "num-examples 1000000000000 is not a whole number from 1 to 10000",
+    "truncated": "bytes of values where float16",
+    "oversized": "bytes of values where float16",
+    "huge-header": "has shape (10000000000000,)",
+}
+"""What the server says when it refuses a reply carrying each fault of :mod:`simulations.adversary`."""

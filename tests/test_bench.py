@@ -156,3 +156,25 @@ def test_a_run_with_a_skipped_round_or_a_failed_site_is_not_a_result(tmp_path):
     log.write_text(json.dumps({"round": 1, "failures": [], "skipped": "0 of 4 nodes replied"}) + "\n")
     with pytest.raises(RuntimeError, match="round 1 did not run on every site"):
         bench.incomplete_rounds(log)
+
+
+@pytest.mark.slow
+def test_a_robustness_arm_makes_one_site_hostile_and_the_report_shows_the_damage(tmp_path):
+    """tiny-2 with its second site scaling its update x100 (FedAvg), beside the honest run: the hostile app is a
+    copy that is removed afterwards, the poisoned replies pass the server's checks (they are well-formed), and the
+    report's robustness table shows the damage and the model's norm."""
+    from simulations.scenario import HOSTILE
+
+    args = ["tiny-2", "--seeds", "1", "--arms", "mstkd,mstkd+scale", "--out", str(tmp_path / "out")]
+    assert bench.main([*args, "--work-dir", str(tmp_path / "work")]) == 0
+    folder = tmp_path / "out" / "tiny-2"
+    summary = {r["arm"]: r for r in _rows(folder / "summary.csv")}
+    assert float(summary["mstkd+scale"]["model_norm"]) > 2 * float(summary["mstkd"]["model_norm"])
+    records = [
+        json.loads(line) for line in (folder / "mstkd+scale" / "seed-0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(not r["failures"] for r in records)  # well-formed poison: only an aggregator can stop it
+    report = (folder / "REPORT.md").read_text()
+    assert "## Robustness: one hostile site" in report and f"Site {HOSTILE + 1}" in report
+    assert "| FedAvg |" in report
+    assert not list((tmp_path / "work" / "apps").iterdir())  # the hostile copy of the app is gone

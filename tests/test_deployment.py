@@ -20,6 +20,7 @@ from deploy.credentials import make_ca, make_node_key, make_server
 from deploy.processes import flwr_cli, start_local_federation, start_supernode, stop_group
 from mstkd.phantoms import write_federation
 from simulations.launch import free_port
+from tests.inproc import by_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -80,8 +81,8 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [0, 1, 2]
         for r in records[1:]:
-            assert set(r["sites"]) == set(SITES) and not r["failures"]
-        assert records[1]["sites"]["hospital-c"]["modalities"] == "flair+t1+t2"
+            assert set(by_name(r)) == set(SITES) and not r["failures"]
+        assert by_name(records[1])["hospital-c"]["modalities"] == "flair+t1+t2"
         print(f"deployed two-round run: {seconds:.1f} s")
         # each node's four messages went to one warm worker, started by the first
         started = re.compile(r"started the node's worker \(pid (\d+)\)")
@@ -136,3 +137,95 @@ def test_existing_credentials_are_never_replaced_unless_forced(tmp_path, capsys)
     assert main(["--out", str(tmp_path), "--force", "node", "hospital-a"]) == 0
     assert (tmp_path / "nodes" / "hospital-a").read_bytes() != key
     assert main(["--out", str(tmp_path), "ca"]) == 0 and main(["--out", str(tmp_path), "ca"]) == 2
+
+
+def _https_status(host: str, port: int, path: str, ca: Path, source: str) -> int:
+    """The HTTP status a POST of an empty body to ``path`` gets, sent from the loopback address ``source``."""
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection(host, port, source_address=(source, 0), context=context, timeout=30)
+    try:
+        conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_strangers_reach_only_the_fleet_api_through_the_public_address(tmp_path):
+    """The SuperLink listens on 127.0.0.1 only; nginx (deploy/proxy.py) is the public address, 127.0.0.2. Through it
+    a stranger's `flwr run` and `flwr supernode register` are refused, as is any Control or Runtime API call from
+    another loopback address, while the hospitals' nodes train through it. The coordinator works on loopback."""
+    from deploy.proxy import ProxyUnavailable, install_nginx, start_proxy
+
+    try:
+        install_nginx()
+    except ProxyUnavailable as exc:
+        pytest.skip(f"no reverse proxy to test: {exc}")
+    creds = tmp_path / "creds"
+    make_ca(creds)
+    make_server(creds, ["127.0.0.2"])
+    sites = SITES[:2]
+    keys = {site: make_node_key(creds, site)[0] for site in (*sites, "stranger")}
+    for i, site in enumerate(sites):
+        write_federation(tmp_path / "data" / site, cases=4, sites=1, shape=(48, 48, 32), seed=10 + i, progress=False)
+    write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
+    link, public = free_port(), free_port()
+    nodes = {site: (keys[site], {"data-path": str(tmp_path / "data" / site), "site-name": site}) for site in sites}
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "config.toml").write_text(
+        f'[superlink]\ndefault = "public"\n\n[superlink.public]\naddress = "127.0.0.2:{public}"\n'
+        f'root-certificates = "{creds / "ca.crt"}"\n'
+    )
+    procs = []
+    try:
+        procs.append(
+            start_proxy(
+                creds,
+                tmp_path / "proxy",
+                public=f"127.0.0.2:{public}",
+                superlink=f"127.0.0.1:{link}",
+                log=tmp_path / "proxy.log",
+            )
+        )
+        cli = start_local_federation(
+            procs,
+            tmp_path,
+            creds,
+            nodes,
+            port=link,
+            node_ports=[free_port() for _ in sites],
+            connection="coordinator",
+            node_address=f"127.0.0.2:{public}",
+        )
+        register = flwr_cli(["supernode", "register", str(keys["stranger"].with_suffix(".pub")), "public"], stranger)
+        assert register.returncode != 0 and "registered" not in register.stdout.lower(), register.stdout
+        submit = flwr_cli(
+            ["run", ".", "public", "--run-config", "num-server-rounds=1"], stranger, timeout=300, cwd=ROOT
+        )
+        assert submit.returncode != 0, submit.stdout
+        for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task", "/docs"):
+            assert _https_status("127.0.0.2", public, path, creds / "ca.crt", source="127.0.0.3") == 403, path
+        # the Fleet API answers the same stranger (it still needs a registered node key to do anything)
+        assert _https_status("127.0.0.2", public, "/v1/fleet/get-run", creds / "ca.crt", source="127.0.0.3") != 403
+
+        run_config = (
+            f"model='tiny' num-server-rounds=1 local-steps=2 eval-subsets='full' min-nodes={len(sites)} "
+            f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
+            f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
+        )
+        run = flwr_cli(["run", ".", "coordinator", "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
+        runs = json.loads(flwr_cli(["ls", "coordinator", "--format", "json"], cli).stdout)["runs"]
+        assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]  # the stranger's never started
+        record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+        assert set(by_name(record)) == set(sites) and not record["failures"]
+        listed = flwr_cli(["supernode", "list", "coordinator", "--format", "json"], cli).stdout
+        assert "stranger" not in listed and listed.count('"node-id"') == len(sites), listed
+        access = (tmp_path / "proxy" / "access.log").read_text()
+        assert '"POST /v1/fleet/pull-messages' in access and '"POST /v1/control/start-run HTTP/1.1" 403' in access
+    finally:
+        for proc in reversed(procs):
+            stop_group(proc)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,34 +14,7 @@ from mstkd.cli import main as mstkd_main
 from mstkd.config import load_config
 from mstkd.model import MSTKDNet, build_discriminator
 from server.app import app as server_app
-from tests.inproc import pyproject_run_config, run_inproc
-
-NODES = 3
-
-
-def tiny_run_config(tmp: Path, **extra) -> dict:
-    cfg = pyproject_run_config()
-    cfg.update(
-        {
-            "model": "tiny",
-            "num-server-rounds": 2,
-            "local-steps": 2,
-            "phantom-cases": 18,
-            "phantom-shape": "48 48 32",
-            "eval-subsets": "full,flair",
-            "eval-every": 1,
-            "min-nodes": NODES,
-            "work-dir": str(tmp / "work"),
-            "out-dir": str(tmp / "run"),
-            "overrides": "train.amp=false",
-        }
-    )
-    cfg.update(extra)
-    return cfg
-
-
-def nodes() -> list[dict]:
-    return [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)]
+from tests.inproc import NODES, by_name, nodes, run_inproc, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +76,7 @@ def test_run_log_checkpoints_and_report(federation, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
-        assert set(r["sites"]) == {"site-1", "site-2", "site-3"}
+        assert set(by_name(r)) == {"site-1", "site-2", "site-3"}
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["wall_seconds"] > 0
         assert all("train-loss" in s and "val-mean-dice" in s for s in r["sites"].values())
         assert all(f"train-fg_{c}" in s for s in r["sites"].values() for c in ("NETC", "ED", "ET", "BG"))
@@ -163,7 +135,7 @@ def test_sites_with_missing_modalities(tmp_path):
     grid = run_inproc(server_app, client_app, run_config, nodes())
     assert not any(r.has_error() for r in grid.replies)
     record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
-    assert {s: v["modalities"] for s, v in record["sites"].items()} == {
+    assert {s: v["modalities"] for s, v in by_name(record).items()} == {
         "site-1": "flair+t1+t1ce+t2",
         "site-2": "flair+t1+t2",
         "site-3": "flair+t1",
@@ -200,7 +172,8 @@ def test_deployed_site_modalities_declared_or_detected(tmp_path):
 
 
 def test_collapse_is_flagged_in_the_run_log_the_report_and_one_terminal_line(tmp_path, capsys):
-    from server.app import flag_collapse, write_report
+    from server.evaluation import flag_collapse
+    from server.report import write_report
     from server.runlog import RunLog
 
     runlog = RunLog(tmp_path)
@@ -225,8 +198,8 @@ def test_metrics_csv_has_one_scalar_per_column_and_every_round_gets_a_progress_l
     runlog.finish(0)
     rec = runlog.record(1)
     rec.update(bytes_sent=49e6, bytes_received=25e6, train={"train-loss": 2.41}, val={"val-mean-dice": 0.52})
-    runlog.site(1, "site-1").update({"train-loss": 2.3, "val-mean-dice": 0.5, "device": "cpu"})
-    runlog.site(1, "site-2").update({"train-loss": 2.5})
+    runlog.site(1, 11, "site-1").update({"train-loss": 2.3, "val-mean-dice": 0.5, "device": "cpu"})
+    runlog.site(1, 12, "site-2").update({"train-loss": 2.5})
     rec["failures"].append({"stage": "train", "node": 7, "reason": "boom"})
     rec["collapse"] = [{"where": "global evaluation", "what": "WT everywhere"}]
     runlog.finish(1)

@@ -74,3 +74,52 @@ def test_flwr_run_spreads_sites_over_an_existing_two_node_ray_cluster(tmp_path, 
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     used = {site["ray-node"] for r in records for site in r["sites"].values() if "train-loss" in site}
     assert used == node_ids  # every site trained on a node of this cluster, and both nodes trained
+
+
+FAULT_PAIRS = [
+    ("nan", "shape"),
+    ("dtype", "missing"),
+    ("extra", "examples-0"),
+    ("examples-negative", "examples-nan"),
+    ("examples-huge", "truncated"),
+    ("oversized", "huge-header"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("faults", FAULT_PAIRS, ids=["+".join(p) for p in FAULT_PAIRS])
+def test_faulty_nodes_never_stop_or_poison_a_flwr_run(tmp_path, faults):
+    """Three tiny sites, two rounds, through Flower's simulation engine: two nodes send broken train replies (one
+    fault each, every round); the run completes, each broken reply is refused with its reason in rounds 1 and 2,
+    the honest site's updates make the global model, and ``last.pt`` is finite."""
+    import torch
+
+    from simulations.adversary import hostile_app
+    from tests.inproc import FAULT_REASONS
+
+    app, env = hostile_app(tmp_path / "app", dict(enumerate(faults)))
+    run_config = {**_tiny_run(tmp_path), "phantom-cases": 18, "min-nodes": 3}
+    result = flower_simulation(
+        run_config,
+        nodes=3,
+        cpus_per_node=1,
+        flwr_home=tmp_path / "flwr",
+        log=tmp_path / "flwr.log",
+        timeout=900,
+        app=app,
+        env=env,
+    )
+    assert result.completed, f"{result.status}: {result.details}\n{result.log.read_text()[-3000:]}"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        assert "skipped" not in record
+        reasons = sorted(f["reason"] for f in record["failures"] if f["stage"] == "train")
+        assert len(reasons) == 2 and all(r.startswith("refused: ") for r in reasons), reasons
+        for fault in faults:
+            assert any(FAULT_REASONS[fault] in r for r in reasons), (fault, reasons)
+        assert {s["name"] for s in record["sites"].values() if "train-loss" in s} == {"site-3"}
+    student = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["student"]
+    assert all(torch.isfinite(v).all() for v in student.values() if v.is_floating_point())
+    assert "**Outcome: 2 of 2 rounds aggregated, 4 replies refused.**" in (tmp_path / "run" / "REPORT.md").read_text()
+    assert superlink_pids(tmp_path / "flwr") == []

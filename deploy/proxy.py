@@ -1,0 +1,169 @@
+"""The coordinator's public address: a TLS reverse proxy (nginx) that lets the hospitals' nodes reach the Fleet API
+and nobody anything else.
+
+Flower 1.42 serves its Fleet API (what SuperNodes use), its Control API (``flwr run``, ``flwr supernode
+register``, ...) and its Runtime API on one port, and the open-source Control API has no authentication:
+whoever reaches that port can submit an app that every hospital then runs, or register a node key of
+their own. So the SuperLink listens on the coordinator's loopback address only, where nothing but the
+coordinator's own host can reach it, and this proxy is the public address:
+
+- ``/v1/fleet/*``, POST only: forwarded to the SuperLink over TLS (the SuperLink's certificate is
+  verified against the federation's CA); the nodes' signed requests pass through unchanged;
+- everything else (``/v1/control/*``, ``/v1/runtime/*``, the API docs): 403, from nginx, before the
+  SuperLink sees it.
+
+The coordinator runs ``flwr run`` and ``flwr supernode register`` against the loopback address. Usage::
+
+    python deploy/proxy.py --public 0.0.0.0:9093 --superlink 127.0.0.1:9092   # writes the config, runs nginx
+    deploy/start_proxy.sh                                                        # the same, with defaults
+
+nginx comes from the system's packages (Debian/Ubuntu: ``apt-get install nginx-light``); :func:`nginx_binary`
+says so in one line when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GENERATED = HERE / "generated"
+
+CONFIG = """\
+# Written by deploy/proxy.py: the public address of the SuperLink. Fleet API only; everything else is refused.
+worker_processes 1;
+pid {state}/nginx.pid;
+error_log {state}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {state}/access.log;
+    client_body_temp_path {state}/body;
+    proxy_temp_path {state}/proxy;
+    fastcgi_temp_path {state}/fastcgi;
+    uwsgi_temp_path {state}/uwsgi;
+    scgi_temp_path {state}/scgi;
+    server_tokens off;
+    client_max_body_size 0;          # a message carries the model: hundreds of MB at paper size
+    proxy_request_buffering off;     # stream both ways, nothing on the proxy's disk
+    proxy_buffering off;
+    proxy_max_temp_file_size 0;
+    proxy_read_timeout 3600s;
+    proxy_send_timeout 3600s;
+    server {{
+        listen {public};
+        ssl_certificate {creds}/server.pem;
+        ssl_certificate_key {creds}/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location /v1/fleet/ {{
+            limit_except POST {{ deny all; }}
+            # with a URI here nginx forwards the normalised path it matched, never the client's raw one
+            proxy_pass https://{superlink}/v1/fleet/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_trusted_certificate {creds}/ca.crt;
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;    # a name every SuperLink certificate of deploy/credentials.py carries
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+        }}
+        location / {{
+            return 403;                  # Control API, Runtime API, docs: the coordinator's host only
+        }}
+    }}
+}}
+"""
+
+
+class ProxyUnavailable(RuntimeError):
+    """nginx is not installed here."""
+
+
+def nginx_binary() -> str:
+    """The nginx executable.
+
+    Raises:
+        ProxyUnavailable: none on PATH or in /usr/sbin (one line that says how to install it).
+    """
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise ProxyUnavailable("nginx is not installed (Debian/Ubuntu: apt-get install nginx-light)")
+    return found
+
+
+def install_nginx() -> str:
+    """Install nginx from the system's packages (``apt-get install nginx-light``, as root) unless it is there;
+    return its binary.
+
+    Raises:
+        ProxyUnavailable: not root, no ``apt-get``, or the installation failed (one line that says which).
+    """
+    try:
+        return nginx_binary()
+    except ProxyUnavailable:
+        pass
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        raise ProxyUnavailable("nginx is not installed, and installing it needs apt-get as root (Debian/Ubuntu)")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    install = [apt, "install", "-y", "-q", "--no-install-recommends", "nginx-light"]
+    for step in (install, [apt, "update", "-q"], install):  # the package lists of a fresh machine may be empty
+        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=600)
+        if step is install and done.returncode == 0:
+            return nginx_binary()
+    last = (done.stderr or done.stdout).strip().splitlines()
+    raise ProxyUnavailable(f"apt-get could not install nginx-light ({last[-1] if last else done.returncode})")
+
+
+def write_config(creds: Path, state: Path, *, public: str, superlink: str) -> Path:
+    """``<state>/nginx.conf`` for a public ``host:port`` in front of the SuperLink at ``superlink`` (loopback)."""
+    state.mkdir(parents=True, exist_ok=True)
+    host, _, port = public.rpartition(":")
+    listen = f"{host}:{port} ssl" if host else f"{port} ssl"
+    path = state / "nginx.conf"
+    path.write_text(CONFIG.format(state=state.resolve(), creds=creds.resolve(), public=listen, superlink=superlink))
+    return path
+
+
+def start_proxy(creds: Path, state: Path, *, public: str, superlink: str, log: Path) -> subprocess.Popen:
+    """nginx in the foreground in its own session (stop it with :func:`deploy.processes.stop_group`)."""
+    config = write_config(creds, state, public=public, superlink=superlink)
+    cmd = [nginx_binary(), "-c", str(config), "-p", str(state.resolve()), "-g", "daemon off;"]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--public", default="0.0.0.0:9093", help="the address hospitals connect to (host:port)")
+    parser.add_argument("--superlink", default="127.0.0.1:9092", help="the SuperLink, on loopback (host:port)")
+    parser.add_argument("--creds", default=str(GENERATED), help="ca.crt, server.pem, server.key")
+    parser.add_argument("--state", default=str(GENERATED / "proxy"), help="config, logs and pid of nginx")
+    parser.add_argument("--install", action="store_true", help="install nginx first if missing (apt-get, as root)")
+    args = parser.parse_args(argv)
+    creds = Path(args.creds)
+    missing = [name for name in ("ca.crt", "server.pem", "server.key") if not (creds / name).is_file()]
+    if missing:
+        print(
+            f"error: {creds / missing[0]} missing; run python deploy/credentials.py ca / server first", file=sys.stderr
+        )
+        return 2
+    host = args.superlink.rpartition(":")[0]
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        print(f"error: --superlink {args.superlink}: the SuperLink must listen on loopback only", file=sys.stderr)
+        return 2
+    try:
+        binary = install_nginx() if args.install else nginx_binary()
+    except ProxyUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    state = Path(args.state)
+    config = write_config(creds, state, public=args.public, superlink=args.superlink)
+    print(f"public address {args.public} -> Fleet API of {args.superlink}; config {config}", file=sys.stderr)
+    os.execv(binary, [binary, "-c", str(config), "-p", str(state.resolve()), "-g", "daemon off;"])
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

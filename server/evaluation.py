@@ -1,0 +1,126 @@
+"""What the server does with the global model after every round: the run's own ``evaluate_fn``.
+
+:class:`RoundEnd` writes ``last.pt``, records the privacy spent, keeps ``best.pt`` (the best
+aggregated site-validation Dice: the held-out test cases are scored for reporting only, never for
+choosing), flags collapsed regions, scores the model on the held-out cases under the chosen
+modality subsets when due, and closes the round's record in the run log.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord
+from omegaconf import DictConfig
+
+from client.wire import decode_array
+from mstkd.checkpoint import save_checkpoint
+from mstkd.data.labels import REGIONS
+from mstkd.evaluate import describe_collapse, evaluate_cases
+from mstkd.federated import load_federated_arrays
+from mstkd.modalities import Subset
+from mstkd.model import MSTKDNet, StyleDiscriminator
+from mstkd.tracking import Tracker
+from server.privacy import PrivacyLedger
+from server.runlog import RunLog
+
+
+def say(text: str) -> None:
+    """Progress lines for whoever follows the run (flwr run --stream shows the ServerApp's output)."""
+    print(f"[mstkd] {text}", file=sys.stderr, flush=True)
+
+
+def flag_collapse(rec: dict, server_round: int, where: str, what: str) -> None:
+    """Record a collapsed region in the round's record and say it in one warning line."""
+    rec.setdefault("collapse", []).append({"where": where, "what": what})
+    say(f"WARNING round {server_round}: collapse in the {where}: {what}")
+
+
+def model_norm(arrays: ArrayRecord) -> float:
+    """The L2 norm of all federated weights: a model that an attack blew up shows here first."""
+    return float(np.sqrt(sum(np.sum(decode_array(v, "f").astype(np.float64) ** 2) for v in arrays.values())))
+
+
+@dataclass
+class RoundEnd:
+    """``evaluate_fn(server_round, arrays)`` of :func:`server.loop.run_rounds` (see the module doc)."""
+
+    student: MSTKDNet
+    disc: StyleDiscriminator
+    cfg: DictConfig
+    out: Path
+    runlog: RunLog
+    tracker: Tracker
+    cases: list
+    subsets: list[Subset]
+    rounds: int
+    eval_every: int
+    eval_initial: bool
+    device: Any
+    best: dict
+    convention: str = "fets"
+    privacy: dict | None = None
+    ledger: PrivacyLedger | None = None
+    clipping_norm: Callable[[], float] | None = None  # the adaptive clipping norm now, when there is one
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        load_federated_arrays(self.student, self.disc, {k: decode_array(v, "f") for k, v in arrays.items()})
+        save_checkpoint(
+            self.out / "last.pt", self.student, self.cfg, convention=self.convention, extra={"round": server_round}
+        )
+        rec = self.runlog.record(server_round)
+        rec["model_norm"] = model_norm(arrays)
+        self._privacy(server_round, rec)
+        val = rec.get("val", {}).get("val-mean-dice") if not rec.get("skipped") else None
+        if val is not None and float(val) > self.best["val_mean_dice"]:  # model selection on the sites' validation
+            self.best.update(val_mean_dice=float(val), round=server_round)
+            extra = {"round": server_round, "val_mean_dice": float(val)}
+            save_checkpoint(self.out / "best.pt", self.student, self.cfg, convention=self.convention, extra=extra)
+        for values in sorted(rec["sites"].values(), key=lambda v: str(v.get("name"))):
+            if values.get("val-collapsed"):
+                where = f"{values.get('name')} validation"
+                flag_collapse(rec, server_round, where, str(values.get("val-collapse", "a region")))
+        metrics = None
+        last = server_round == self.rounds
+        due = last or (server_round % self.eval_every == 0 and (server_round or self.eval_initial))
+        if self.cases and due:
+            metrics = self._evaluate(server_round, rec)
+        self.student.to("cpu")
+        self.runlog.finish(server_round)
+        self.tracker.log(server_round, {k: v for k, v in self.runlog.row(server_round).items() if k != "round"})
+        say(self.runlog.progress(server_round, self.rounds))
+        return metrics
+
+    def _privacy(self, server_round: int, rec: dict) -> None:
+        if self.ledger is None or self.privacy is None or server_round == 0 or "privacy" in rec:
+            return
+        rec["privacy"] = dict(self.privacy)
+        if self.clipping_norm is not None:
+            norm = self.clipping_norm()  # the norm the next round clips at
+            rec["privacy"].update(clipping_norm_next=norm)
+        if "skipped" not in rec:  # a skipped round released nothing new
+            rec["privacy"].update(self.ledger.release())
+            spent = rec["privacy"]
+            if spent["epsilon"] is not None:
+                say(f"round {server_round}: privacy spent epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g}")
+
+    def _evaluate(self, server_round: int, rec: dict) -> MetricRecord:
+        start = time.perf_counter()
+        result = evaluate_cases(
+            self.student, self.cases, self.cfg, subsets=self.subsets, device=self.device, progress=False
+        )
+        result.write(self.out / "eval", stem=f"round_{server_round}")
+        summary = result.summary()
+        rec["global"] = summary
+        rec["eval_seconds"] = time.perf_counter() - start
+        dice = ", ".join(f"{r} {summary[f'{r}_dice']:.3f}" for r in REGIONS)
+        say(f"round {server_round}: global Dice {dice} (mean {summary['mean_dice']:.3f}; held-out test)")
+        for hit in result.collapse() if server_round > 0 else ():  # the untrained model is not a collapse
+            flag_collapse(rec, server_round, "global evaluation", describe_collapse(hit))
+        return MetricRecord({k: float(v) for k, v in summary.items()})

@@ -1,0 +1,188 @@
+"""Differential privacy on the server: Flower's DP wrappers with unpredictable noise, and the privacy ledger.
+
+``dp`` = ``off`` | ``server`` (the server clips each site's update) | ``client`` (each site clips its
+own, :mod:`client.app`'s ``clip_updates``), then the server adds Gaussian noise to the average.
+``dp-clipping`` = ``fixed`` clips at ``dp-clip``; ``adaptive`` starts there and moves the norm
+each round towards the ``dp-clip-quantile`` of the sites' update norms, at rate ``dp-clip-lr``
+(Andrew et al., 2021, as Flower implements it), so that nobody has to guess the norm. With
+adaptive clipping part of the privacy budget goes to the noisy count of clipped updates (its
+noise sd ``dp-count-noise``, by default ``nodes / 20``): the update noise is raised so that the
+two together give noise multiplier ``dp-noise``, which the ledger accounts for.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+
+from mstkd.errors import InputError
+
+
+class _UnpredictableNoise:
+    """Gaussian noise from a generator seeded by the operating system's entropy.
+
+    Flower's wrappers draw the noise from NumPy's global generator, which the server seeds with the
+    run's (published) seed: anyone could recompute and subtract it, and a resumed run would repeat it.
+    The same holds for the noise on the count of clipped updates that adaptive clipping releases.
+    """
+
+    @staticmethod
+    def _rng() -> np.random.Generator:
+        return np.random.default_rng(secrets.randbits(128))
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        stdev = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+        rng = self._rng()
+        return ArrayRecord(
+            {
+                k: Array((v.numpy() + rng.normal(0.0, stdev, v.numpy().shape)).astype(v.numpy().dtype))
+                for k, v in aggregated_arrays.items()
+            }
+        )
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return float(self._rng().normal(count, self.clipped_count_stddev)) / float(total)
+
+
+class ServerSideDP(_UnpredictableNoise, DifferentialPrivacyServerSideFixedClipping):
+    """The server clips each site's update at a fixed norm, then adds noise to their average."""
+
+
+class ClientSideDP(_UnpredictableNoise, DifferentialPrivacyClientSideFixedClipping):
+    """The sites clip their own updates (``fixedclipping_mod``); the server adds noise to the average."""
+
+
+class ServerSideAdaptiveDP(_UnpredictableNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    """The server clips each site's update at a norm it adapts every round, then adds noise to their average."""
+
+
+class ClientSideAdaptiveDP(_UnpredictableNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+    """The sites clip their own updates at the norm the server sends (``adaptiveclipping_mod``) and say whether
+    they clipped; the server adapts the norm and adds noise to the average."""
+
+
+DP_WRAPPERS = {
+    ("server", "fixed"): ServerSideDP,
+    ("client", "fixed"): ClientSideDP,
+    ("server", "adaptive"): ServerSideAdaptiveDP,
+    ("client", "adaptive"): ClientSideAdaptiveDP,
+}
+
+
+def privacy_settings(run: dict, min_nodes: int) -> dict:
+    """``dp`` = off | server | client, with ``dp-clipping``, ``dp-clip``, ``dp-noise`` and the rest: what the run
+    log records (empty when ``dp`` is off). The run config's types and ranges are checked already
+    (:mod:`mstkd.runconfig`); this checks the combinations."""
+    mode = str(run.get("dp", "off"))
+    if mode == "off":
+        return {}
+    clipping = str(run.get("dp-clipping", "fixed"))
+    clip, noise = float(run.get("dp-clip", 1.0)), float(run.get("dp-noise", 0.1))
+    max_epsilon = float(run.get("dp-max-epsilon", 0.0))
+    if max_epsilon > 0 and noise == 0:
+        raise InputError("dp-max-epsilon needs dp-noise > 0: without noise there is no finite epsilon to bound")
+    settings = {
+        "mode": mode,
+        "clipping": clipping,
+        "clipping_norm": clip,
+        "noise_multiplier": noise,
+        "sampled_nodes": min_nodes,
+        "noise_stdev": noise * clip / min_nodes,
+        "delta": float(run.get("dp-delta", 1e-5)),
+        "max_epsilon": max_epsilon or None,
+    }
+    if clipping == "adaptive":
+        count_noise = float(run.get("dp-count-noise", 0.0)) or min_nodes / 20
+        if noise > 0 and noise >= 2 * count_noise:
+            raise InputError(
+                f"adaptive clipping with dp-noise={noise:g} needs dp-count-noise above {noise / 2:g} (the noise on "
+                f"the count of clipped updates; now {count_noise:g}); or use dp-clipping='fixed'"
+            )
+        settings.update(
+            target_quantile=float(run.get("dp-clip-quantile", 0.5)),
+            clip_lr=float(run.get("dp-clip-lr", 0.2)),
+            count_noise=count_noise,
+        )
+        del settings["noise_stdev"]  # it follows the norm, which moves: the run log records it per round
+    return settings
+
+
+def wrap_for_privacy(strategy, privacy: dict):
+    """``strategy`` inside Flower's DP wrapper for ``privacy`` (:func:`privacy_settings`)."""
+    strategy.uniform_weights = True  # the noise is calibrated to one site's share being 1 / sites
+    wrapper = DP_WRAPPERS[(privacy["mode"], privacy["clipping"])]
+    common = {"noise_multiplier": privacy["noise_multiplier"], "num_sampled_clients": privacy["sampled_nodes"]}
+    if privacy["clipping"] == "fixed":
+        return wrapper(strategy, clipping_norm=privacy["clipping_norm"], **common)
+    return wrapper(
+        strategy,
+        initial_clipping_norm=privacy["clipping_norm"],
+        target_clipped_quantile=privacy["target_quantile"],
+        clip_norm_lr=privacy["clip_lr"],
+        clipped_count_stddev=privacy["count_noise"],
+        **common,
+    )
+
+
+class PrivacyLedger:
+    """Client-level (epsilon, delta) of the released global models, from Flower's RDP accountant.
+
+    Each round that aggregates releases one Gaussian mechanism over the sampled sites (noise
+    multiplier ``dp-noise`` on updates clipped to the round's norm; with adaptive clipping, that
+    multiplier covers the update noise and the clipped-count noise together). No amplification by
+    sampling is claimed: every sampled site must reply, and the count is the conservative one.
+    """
+
+    def __init__(self, privacy: dict, population: int, state: dict | None = None) -> None:
+        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        self.noise = float(privacy["noise_multiplier"])
+        self.accountant = None
+        if self.noise > 0:
+            config = PrivacyConfig(
+                target_delta=float(privacy["delta"]),
+                population_size=max(population, int(privacy["sampled_nodes"])),
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                max_epsilon=privacy["max_epsilon"],
+            )
+            self.accountant = RdpAccountant(config)
+            self.event = GaussianPrivacyEvent(
+                noise_multiplier=self.noise,
+                sample_size=int(privacy["sampled_nodes"]),
+                population_size=config.population_size,
+            )
+            if state:
+                self.accountant.load_state_dict(state)
+
+    def stop_reason(self) -> str | None:
+        """Why the next round must not run (its release would exceed ``dp-max-epsilon``), or None."""
+        if self.accountant is None or self.accountant.config.max_epsilon is None:
+            return None
+        if self.accountant.would_exceed(self.event):
+            spent = self.accountant.get_privacy_spent()
+            return (
+                f"the next round would exceed dp-max-epsilon {self.accountant.config.max_epsilon:g} "
+                f"(spent: epsilon {spent.epsilon:.3f} at delta {spent.delta:g})"
+            )
+        return None
+
+    def release(self) -> dict:
+        """Count one released global model; the spent budget so far, for the round's record."""
+        if self.accountant is None:
+            return {"epsilon": None, "epsilon_note": "no noise: no finite epsilon"}
+        self.accountant.compose(self.event)
+        spent = self.accountant.get_privacy_spent()
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+
+    def state(self) -> dict:
+        return self.accountant.state_dict() if self.accountant is not None else {}

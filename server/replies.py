@@ -1,0 +1,163 @@
+"""Every reply from a node is checked here before any of it reaches the strategy, the run log or the model.
+
+A node may be broken (a diverging site, a float16 overflow, a half-written reply) or hostile, and
+the server cannot tell which: so a reply is taken only when it is exactly what an honest node of
+this run sends, and a reply that is not costs its sender that round and nothing else.
+
+A train reply must hold exactly these records:
+
+- ``arrays``: the federated arrays that were sent (same names, same shapes), each a float array
+  (float16, float32 or float64) whose bytes match its header (:func:`client.wire.decode_array`:
+  nothing is allocated before that, so a header claiming 10^13 values costs nothing), every
+  value finite after conversion to float32;
+- ``metrics``: finite numbers under plain names, ``num-examples`` a whole number from 1 to
+  ``max-examples`` (0 is allowed in an evaluate reply: a site without validation cases);
+- optionally ``site``: short strings under known keys (the site's name, device, modalities).
+
+An evaluate reply holds ``metrics`` and optionally ``site``. :func:`check_reply` returns a clean
+copy (arrays as float32, strings trimmed to printable text) or raises :class:`RefusedReply`
+with a short reason, which the round loop records against the node id Flower authenticated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.wire import WireError, decode_array
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+SITE_KEYS = ("name", "device", "ray-node", "modalities", "val-collapse")
+"""What a node may say about itself; anything else in its ``site`` record is dropped."""
+REQUIRED = {"train": ("num-examples", "train-loss"), "evaluate": ("num-examples", "val-mean-dice")}
+"""Metrics every honest node sends, which the run log, the progress line and model selection read."""
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+MAX_METRICS = 256
+MAX_TEXT = 200
+
+
+class RefusedReply(ValueError):
+    """A reply that is not what an honest node sends; the message is the reason, in a few words."""
+
+
+def printable(text: object, limit: int = MAX_TEXT) -> str:
+    """``text`` as one line of printable characters, at most ``limit`` long (what a log or table may show)."""
+    clean = "".join(c if c.isprintable() else " " for c in str(text))
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """What a good reply of this round looks like."""
+
+    shapes: Mapping[str, tuple[int, ...]]  # the federated arrays sent to the nodes, by name
+    max_examples: int
+    required: tuple[str, ...] = ()  # metric keys a train reply must carry besides REQUIRED's
+
+    @classmethod
+    def of(cls, arrays: ArrayRecord, max_examples: int, required: Iterable[str] = ()) -> ReplyRules:
+        return cls({k: tuple(v.shape) for k, v in arrays.items()}, int(max_examples), tuple(required))
+
+
+def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDict:
+    """A clean copy of a ``train`` or ``evaluate`` reply's content (see the module doc).
+
+    Raises:
+        RefusedReply: the first thing that is not as it should be.
+    """
+    wanted = {"arrays", "metrics"} if stage == "train" else {"metrics"}
+    names = set(content.keys())
+    if missing := sorted(wanted - names):
+        raise RefusedReply(f"no {missing[0]!r} record")
+    if extra := sorted(names - wanted - {"site"}):
+        raise RefusedReply(f"unexpected record {printable(extra[0], 40)!r}")
+    out = RecordDict()
+    if stage == "train":
+        arrays = content["arrays"]
+        if not isinstance(arrays, ArrayRecord):
+            raise RefusedReply("'arrays' is not an array record")
+        out["arrays"] = ArrayRecord({k: Array(v) for k, v in _arrays(arrays, rules.shapes).items()})
+    metrics = content["metrics"]
+    if not isinstance(metrics, MetricRecord):
+        raise RefusedReply("'metrics' is not a metric record")
+    out["metrics"] = _metrics(metrics, stage, rules)
+    if "site" in names:
+        site = content["site"]
+        if not isinstance(site, ConfigRecord):
+            raise RefusedReply("'site' is not a config record")
+        out["site"] = ConfigRecord({k: printable(site[k]) for k in SITE_KEYS if isinstance(site.get(k), str)})
+    return out
+
+
+def _arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    got = list(record.keys())
+    if missing := [k for k in shapes if k not in record]:
+        raise RefusedReply(f"{len(missing)} federated arrays missing (first: {missing[0]})")
+    if extra := [k for k in got if k not in shapes]:
+        raise RefusedReply(f"{len(extra)} arrays that were not sent (first: {printable(extra[0], 60)!r})")
+    out = {}
+    for name in shapes:  # the order sent
+        array = record[name]
+        if str(array.dtype) not in FLOAT_DTYPES:
+            raise RefusedReply(f"{name} has dtype {printable(array.dtype, 20)}, not a float")
+        if tuple(array.shape) != shapes[name]:
+            raise RefusedReply(f"{name} has shape {printable(tuple(array.shape), 60)}, expected {shapes[name]}")
+        try:
+            values = decode_array(array, kinds="f")
+        except WireError as exc:
+            raise RefusedReply(f"{name}: {exc}") from None
+        values = values.astype(np.float32)  # a float64 beyond float32's range becomes inf, and is refused below
+        if not np.isfinite(values).all():
+            bad = int(values.size - np.isfinite(values).sum())
+            raise RefusedReply(f"{bad} non-finite values in {name}")
+        out[name] = values
+    return out
+
+
+def _number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RefusedReply(f"metric {key} is not a number")
+    if not math.isfinite(value):
+        raise RefusedReply(f"metric {key} is not finite")
+    return value
+
+
+def _metrics(record: MetricRecord, stage: str, rules: ReplyRules) -> MetricRecord:
+    if len(record) > MAX_METRICS:
+        raise RefusedReply(f"{len(record)} metrics (at most {MAX_METRICS})")
+    for key in record:
+        if not METRIC_NAME.fullmatch(key):
+            raise RefusedReply(f"metric name {printable(key, 40)!r}")
+    clean = {key: _number(key, value) for key, value in record.items()}
+    required = (*REQUIRED[stage], *(rules.required if stage == "train" else ()))
+    if missing := [k for k in required if k not in clean]:
+        raise RefusedReply(f"no {missing[0]} metric")
+    examples = clean["num-examples"]
+    least = 1 if stage == "train" else 0
+    if float(examples) != int(examples) or not least <= examples <= rules.max_examples:
+        raise RefusedReply(
+            f"num-examples {printable(examples, 30)} is not a whole number from {least} to {rules.max_examples}"
+        )
+    clean["num-examples"] = int(examples)
+    return MetricRecord(clean)
+
+
+def common_metrics(contents: list[RecordDict]) -> None:
+    """Keep in each content's ``metrics`` only the keys every content has, so that aggregation never fails on
+    replies whose metric names differ (a node of another version, or one that adds or drops a name)."""
+    if not contents:
+        return
+    shared = set.intersection(*(set(c["metrics"].keys()) for c in contents))
+    for content in contents:
+        metrics = content["metrics"]
+        content["metrics"] = MetricRecord({k: v for k, v in metrics.items() if k in shared})
+
+
+def finite_arrays(arrays: ArrayRecord) -> bool:
+    """Whether every value of ``arrays`` (the server's own, e.g. an aggregate) is finite."""
+    return all(np.isfinite(decode_array(v, kinds="f")).all() for v in arrays.values())

@@ -1,0 +1,122 @@
+"""``REPORT.md`` of a federated run: the rounds, the faults, privacy, collapse warnings and the 15-subset table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mstkd.atomic import write_text
+from mstkd.data.labels import REGIONS
+from server.runlog import RunLog
+
+
+def describe_best(best: dict) -> str:
+    if best.get("round") is None:
+        return "the final model (no site had validation cases to choose by)"
+    return f"round {best['round']} (site-validation mean Dice {best['val_mean_dice']:.3f})"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a run learned anything, in one line."""
+
+    learned: bool
+    text: str
+
+
+MOVED = 1e-6
+"""A round that moved the global model by less than this share of its norm changed nothing but rounding."""
+
+
+def outcome(runlog: RunLog, first_round: int, *, changed: bool | None = None) -> Verdict:
+    """How many of this run's rounds aggregated, and whether the global model changed at all: beyond float32
+    rounding in some round (the round loop records ``step_relative``), or as ``changed`` says where the loop
+    records no steps (secure aggregation)."""
+    rounds = [r for r in sorted(runlog.records) if r >= max(first_round, 1)]
+    aggregated = [r for r in rounds if "skipped" not in runlog.records[r]]
+    if changed is None:
+        changed = any(runlog.records[r].get("step_relative", 0.0) > MOVED for r in aggregated)
+    refused = sum(f["reason"].startswith("refused") for r in rounds for f in runlog.records[r]["failures"])
+    text = f"{len(aggregated)} of {len(rounds)} rounds aggregated"
+    if refused:
+        text += f", {refused} replies refused"
+    if not aggregated:
+        text = f"no round aggregated ({text})"
+    elif not changed:
+        text = f"the global model never changed ({text})"
+    return Verdict(bool(aggregated) and changed, text)
+
+
+def _faults(record: dict) -> str:
+    """What went wrong in a round, for the report: failed or silent nodes, and a skipped round."""
+    parts = [f"node {f['node']} ({f['stage']}): {f['reason'][:120]}" for f in record.get("failures", [])]
+    if record.get("skipped"):
+        parts.append(f"**round skipped**: {record['skipped']}")
+    return "; ".join(parts).replace("|", "/")
+
+
+def write_report(
+    out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best: dict, verdict: Verdict | None = None
+) -> Path:
+    """``REPORT.md``: the outcome, the Dice curve, the last round's 15-subset table, communication and timing."""
+    rows = runlog.rows()
+    evaluated = [r for r in sorted(runlog.records) if runlog.records[r].get("global")]
+    lines = [f"# Federated MST-KDNet run ({cfg.model.preset}, {run.get('strategy', 'fedavg')})", ""]
+    if verdict is not None:
+        lines += [f"**{'Outcome' if verdict.learned else 'FAILED'}: {verdict.text}.**", ""]
+    lines += [
+        "| round | global mean Dice | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT | "
+        "sent MB | received MB | wall s | failed nodes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        g = runlog.records[row["round"]].get("global")
+        dice = " | ".join(f"{g[f'{r}_dice']:.3f}" for r in REGIONS) if g else " | ".join("" for _ in REGIONS)
+        hd = " | ".join(f"{g[f'{r}_hd95']:.1f}" for r in REGIONS) if g else " | ".join("" for _ in REGIONS)
+        mean = f"{g['mean_dice']:.3f}" if g else ""
+        lines.append(
+            f"| {row['round']} | {mean} | {dice} | {hd} | {row['bytes_sent'] / 1e6:.1f} | "
+            f"{row['bytes_received'] / 1e6:.1f} | {row.get('wall_seconds', 0):.1f} | "
+            f"{_faults(runlog.records[row['round']])} |"
+        )
+    lines += [
+        "",
+        f"Total {seconds:.0f} s. `best.pt`: {describe_best(best)}, chosen on the sites' validation cases; "
+        "`last.pt` holds the final global student. The global Dice and HD95 above are on the held-out "
+        "test cases, scored for reporting only.",
+        "",
+    ]
+    if runlog.stopped:
+        lines += [f"**The run ended early**: {runlog.stopped}.", ""]
+    spent = [(r, runlog.records[r]["privacy"]) for r in sorted(runlog.records) if "privacy" in runlog.records[r]]
+    if spent:
+        p = spent[-1][1]
+        lines += [
+            "## Differential privacy",
+            "",
+            f"{p['mode']}-side clipping at {p['clipping_norm']:g}, noise multiplier {p['noise_multiplier']:g} "
+            f"(noise stdev {p['noise_stdev']:.3g} per weight), {p['sampled_nodes']} sites per round. Client-level "
+            "epsilon from Flower's RDP accountant, one release per aggregated round, no amplification by sampling.",
+            "",
+            "| round | epsilon | delta |",
+            "|---:|---:|---:|",
+        ]
+        for r, q in spent:
+            eps = f"{q['epsilon']:.3f}" if q.get("epsilon") is not None else "unbounded (no noise)"
+            lines.append(f"| {r} | {eps} | {q.get('delta', p['delta']):g} |")
+        lines.append("")
+    flagged = [(r, c) for r in sorted(runlog.records) for c in runlog.records[r].get("collapse", [])]
+    if flagged:
+        lines += ["## Collapse warnings", ""]
+        lines += [f"- round {r}, {c['where']}: {c['what']}" for r, c in flagged]
+        lines.append("")
+    if evaluated:
+        last = evaluated[-1]
+        table = (out / "eval" / f"round_{last}.md").read_text()
+        lines += [f"## 15-subset table, round {last}", "", table, ""]
+    lines += [
+        "![global Dice over rounds](dice.png)",
+        "",
+        "Files: `metrics.csv`/`metrics.jsonl` (per round, per site), `eval/round_<r>.*`, `config.yaml`.",
+    ]
+    return write_text(out / "REPORT.md", "\n".join(lines) + "\n")

@@ -1,0 +1,168 @@
+"""The server's state after a round, on disk as arrays plus JSON: what ``resume-from`` continues from.
+
+``server_state.npz`` holds the global student + discriminator, the strategy's memory (FedAvgM's
+momentum, FedAdam's and FedYogi's moments, an adaptive clipping norm) and, as one JSON document,
+the run log so far, the best round, the nodes' state key, Python's RNG state and the privacy
+accountant. It is read with ``allow_pickle=False``: a run folder copied from elsewhere can hold
+a wrong model, never code. One file, written atomically, so a crash leaves the previous round's.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from mstkd.atomic import atomic_path
+from mstkd.errors import InputError
+
+STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
+"""Attributes that carry a strategy's memory across rounds (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
+WRAPPER_STATE = ("clipping_norm",)
+"""What a differential-privacy wrapper carries across rounds (adaptive clipping moves its norm)."""
+META = "__meta__"
+
+
+def _inner(strategy):
+    """The aggregating strategy inside a wrapper (differential privacy wraps one)."""
+    return getattr(strategy, "strategy", strategy)
+
+
+def strategy_state(strategy) -> dict[str, Any]:
+    inner = _inner(strategy)
+    state = {name: getattr(inner, name) for name in STRATEGY_STATE if getattr(inner, name, None) is not None}
+    if inner is not strategy:
+        state |= {
+            f"wrapper.{name}": float(getattr(strategy, name)) for name in WRAPPER_STATE if hasattr(strategy, name)
+        }
+    return state
+
+
+def restore_strategy(strategy, state: dict[str, Any]) -> None:
+    inner = _inner(strategy)
+    for name, value in state.items():
+        if name.startswith("wrapper."):
+            if inner is not strategy:
+                setattr(strategy, name.removeprefix("wrapper."), value)
+        else:
+            setattr(inner, name, value)
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()}
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def _flatten(name: str, value: Any, out: dict[str, np.ndarray]) -> Any:
+    """Put the arrays of one strategy attribute into ``out``; return how to rebuild it (JSON)."""
+    if isinstance(value, ArrayRecord):
+        for key, array in value.items():
+            out[f"strategy/{name}/{key}"] = array.numpy()
+        return {"kind": "arrayrecord", "keys": list(value.keys())}
+    if isinstance(value, dict):
+        for key, array in value.items():
+            out[f"strategy/{name}/{key}"] = np.asarray(array)
+        return {"kind": "dict", "keys": list(value.keys())}
+    if isinstance(value, list | tuple):
+        for i, array in enumerate(value):
+            out[f"strategy/{name}/{i}"] = np.asarray(array)
+        return {"kind": "list", "length": len(value)}
+    return {"kind": "number", "value": float(value)}
+
+
+def _rebuild(name: str, how: dict, arrays: dict[str, np.ndarray]) -> Any:
+    kind = how["kind"]
+    if kind == "number":
+        return float(how["value"])
+    if kind == "list":
+        return [arrays[f"strategy/{name}/{i}"] for i in range(int(how["length"]))]
+    values = {key: arrays[f"strategy/{name}/{key}"] for key in how["keys"]}
+    return numpy_to_arrays(values) if kind == "arrayrecord" else values
+
+
+@dataclass
+class ServerCheckpoint:
+    """Everything the server needs to continue after round ``round``."""
+
+    round: int
+    arrays: dict[str, np.ndarray]  # the global student + discriminator, float32
+    strategy: dict[str, Any] = field(default_factory=dict)
+    records: dict[int, dict] = field(default_factory=dict)  # the run log so far
+    best: dict[str, Any] = field(default_factory=dict)
+    state_key: str = ""  # names the nodes' state folders
+    random_state: Any = None  # Python's RNG, which Flower's node sampling uses
+    privacy: dict = field(default_factory=dict)  # the privacy accountant's state
+
+    FILE = "server_state.npz"
+    OLD_FILE = "server_state.pkl"  # earlier versions pickled the state: never read
+
+    def save(self, folder: Path) -> Path:
+        arrays = {f"global/{k}": np.asarray(v, dtype=np.float32) for k, v in self.arrays.items()}
+        layout = {name: _flatten(name, value, arrays) for name, value in self.strategy.items()}
+        meta = {
+            "round": self.round,
+            "global": list(self.arrays),
+            "strategy": layout,
+            "records": {str(r): rec for r, rec in self.records.items()},
+            "best": self.best,
+            "state_key": self.state_key,
+            "random_state": self.random_state,
+            "privacy": self.privacy,
+        }
+        arrays[META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path = Path(folder) / self.FILE
+        with atomic_path(path) as tmp:
+            with tmp.open("wb") as handle:
+                np.savez(handle, allow_pickle=False, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> ServerCheckpoint:
+        """The state in ``folder``.
+
+        Raises:
+            InputError: no state there, a pickled state of an earlier version, or a file that does not read.
+        """
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            if (Path(folder) / cls.OLD_FILE).is_file():
+                raise InputError(
+                    f"resume-from: {folder} holds a server state of an earlier version ({cls.OLD_FILE}, a pickle), "
+                    "which is never loaded (a pickle can run code); start a new run"
+                )
+            raise InputError(f"resume-from: {folder} holds no {cls.FILE} (not a run folder, or no round finished)")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+            meta = json.loads(arrays.pop(META).tobytes().decode())
+            state = cls(
+                round=int(meta["round"]),
+                arrays={name: arrays[f"global/{name}"] for name in meta["global"]},
+                strategy={name: _rebuild(name, how, arrays) for name, how in meta["strategy"].items()},
+                records={int(r): rec for r, rec in meta["records"].items()},
+                best=dict(meta["best"]),
+                state_key=str(meta["state_key"]),
+                random_state=_random_state(meta["random_state"]),
+                privacy=dict(meta["privacy"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
+            raise InputError(f"resume-from: {path} is not a readable server state ({type(exc).__name__})") from None
+        if not all(np.issubdtype(v.dtype, np.floating) and np.isfinite(v).all() for v in state.arrays.values()):
+            raise InputError(f"resume-from: {path} holds a global model that is not finite; it is not resumed")
+        return state
+
+
+def _random_state(value: Any) -> Any:
+    """Python's ``random.getstate()`` back from JSON (lists to tuples)."""
+    if value is None:
+        return None
+    version, internal, gauss = value
+    return (int(version), tuple(int(v) for v in internal), gauss)
