@@ -145,7 +145,8 @@ def record_site(runlog: RunLog, server_round: int, stage: str, node: int, conten
     info = content["site"] if "site" in content.config_records else {}
     site = runlog.site(server_round, node, str(info.get("name", "") or f"node-{node}"))
     # train and evaluate replies both count their cases as num-examples: keep both
-    site.update({(f"{stage}-examples" if k == "num-examples" else k): v for k, v in content["metrics"].items()})
+    metrics = content["metrics"].items()
+    site.update({(f"{stage}-examples" if k == "num-examples" else k): v for k, v in metrics if k != "name"})
     site.update({k: str(v) for k, v in info.items() if k != "name"})
 
 
@@ -196,7 +197,7 @@ def run_rounds(
             else:
                 try:
                     new, _ = strategy.aggregate_train(server_round, good)
-                except Exception as exc:  # e.g. replies whose metric keys disagree (mixed client versions)
+                except Exception as exc:  # a strategy's own refusal (e.g. DP wrappers' checks): the round only
                     new = None
                     rec["skipped"] = f"aggregation failed: {type(exc).__name__}: {exc}"
                 if new is not None and not finite_arrays(new):  # e.g. a server optimiser's step past float32

@@ -4,7 +4,8 @@
 own, :mod:`client.app`'s ``clip_updates``), then the server adds Gaussian noise to the average.
 ``dp-clipping`` = ``fixed`` clips at ``dp-clip``; ``adaptive`` starts there and moves the norm
 each round towards the ``dp-clip-quantile`` of the sites' update norms, at rate ``dp-clip-lr``
-(Andrew et al., 2021, as Flower implements it), so that nobody has to guess the norm. With
+(Andrew et al., 2021, with Flower's wrappers, whose direction of that step :class:`_TowardsTarget`
+corrects), so that nobody has to guess the norm. With
 adaptive clipping part of the privacy budget goes to the noisy count of clipped updates (its
 noise sd ``dp-count-noise``, by default ``nodes / 20``): the update noise is raised so that the
 two together give noise multiplier ``dp-noise``, which the ledger accounts for.
@@ -12,6 +13,7 @@ two together give noise multiplier ``dp-noise``, which the ledger accounts for.
 
 from __future__ import annotations
 
+import math
 import secrets
 
 import numpy as np
@@ -60,11 +62,24 @@ class ClientSideDP(_UnpredictableNoise, DifferentialPrivacyClientSideFixedClippi
     """The sites clip their own updates (``fixedclipping_mod``); the server adds noise to the average."""
 
 
-class ServerSideAdaptiveDP(_UnpredictableNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+class _TowardsTarget:
+    """The adaptive norm's step, towards its target: ``C <- C exp(lr (clipped share - target share))``.
+
+    Flower 1.42 steps by ``exp(-lr (clipped share - target))``: its ``norm_bit`` marks an update that was
+    clipped, where Andrew et al. count the updates that were not. So more clipping than wanted shrank the
+    norm, which clipped still more, until every update was clipped to nearly nothing. The sign here makes
+    the norm grow when too many updates are clipped and shrink when too few are.
+    """
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+
+class ServerSideAdaptiveDP(_TowardsTarget, _UnpredictableNoise, DifferentialPrivacyServerSideAdaptiveClipping):
     """The server clips each site's update at a norm it adapts every round, then adds noise to their average."""
 
 
-class ClientSideAdaptiveDP(_UnpredictableNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+class ClientSideAdaptiveDP(_TowardsTarget, _UnpredictableNoise, DifferentialPrivacyClientSideAdaptiveClipping):
     """The sites clip their own updates at the norm the server sends (``adaptiveclipping_mod``) and say whether
     they clipped; the server adapts the norm and adds noise to the average."""
 

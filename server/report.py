@@ -91,19 +91,27 @@ def write_report(
     spent = [(r, runlog.records[r]["privacy"]) for r in sorted(runlog.records) if "privacy" in runlog.records[r]]
     if spent:
         p = spent[-1][1]
+        adaptive = p.get("clipping") == "adaptive"
+        clipping = (
+            f"adaptive clipping from {p['clipping_norm']:g} towards the {p['target_quantile']:g} quantile of the "
+            f"update norms (norm per round below)"
+            if adaptive
+            else f"clipping at {p['clipping_norm']:g} (noise stdev {p['noise_stdev']:.3g} per weight)"
+        )
         lines += [
             "## Differential privacy",
             "",
-            f"{p['mode']}-side clipping at {p['clipping_norm']:g}, noise multiplier {p['noise_multiplier']:g} "
-            f"(noise stdev {p['noise_stdev']:.3g} per weight), {p['sampled_nodes']} sites per round. Client-level "
-            "epsilon from Flower's RDP accountant, one release per aggregated round, no amplification by sampling.",
+            f"{p['mode']}-side {clipping}, noise multiplier {p['noise_multiplier']:g}, {p['sampled_nodes']} sites "
+            "per round. Client-level epsilon from Flower's RDP accountant, one release per aggregated round, no "
+            "amplification by sampling.",
             "",
-            "| round | epsilon | delta |",
-            "|---:|---:|---:|",
+            "| round | epsilon | delta |" + (" next clipping norm |" if adaptive else ""),
+            "|---:|---:|---:|" + ("---:|" if adaptive else ""),
         ]
         for r, q in spent:
             eps = f"{q['epsilon']:.3f}" if q.get("epsilon") is not None else "unbounded (no noise)"
-            lines.append(f"| {r} | {eps} | {q.get('delta', p['delta']):g} |")
+            norm = f" {q['clipping_norm_next']:.4g} |" if adaptive and "clipping_norm_next" in q else ""
+            lines.append(f"| {r} | {eps} | {q.get('delta', p['delta']):g} |{norm}")
         lines.append("")
     flagged = [(r, c) for r in sorted(runlog.records) for c in runlog.records[r].get("collapse", [])]
     if flagged:

@@ -169,11 +169,14 @@ def test_a_robustness_arm_makes_one_site_hostile_and_the_report_shows_the_damage
     assert bench.main([*args, "--work-dir", str(tmp_path / "work")]) == 0
     folder = tmp_path / "out" / "tiny-2"
     summary = {r["arm"]: r for r in _rows(folder / "summary.csv")}
-    assert float(summary["mstkd+scale"]["model_norm"]) > 2 * float(summary["mstkd"]["model_norm"])
-    records = [
-        json.loads(line) for line in (folder / "mstkd+scale" / "seed-0" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert all(not r["failures"] for r in records)  # well-formed poison: only an aggregator can stop it
+    assert float(summary["mstkd+scale"]["model_norm"]) > float(summary["mstkd"]["model_norm"])
+    logs = {
+        arm: [json.loads(line) for line in (folder / arm / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+        for arm in ("mstkd", "mstkd+scale")
+    }
+    assert all(not r["failures"] for r in logs["mstkd+scale"])  # well-formed poison: only an aggregator can stop it
+    # FedAvg takes the hostile site's share of a x100 update: the global model moves many times further
+    assert logs["mstkd+scale"][1]["step_norm"] > 10 * logs["mstkd"][1]["step_norm"]
     report = (folder / "REPORT.md").read_text()
     assert "## Robustness: one hostile site" in report and f"Site {HOSTILE + 1}" in report
     assert "| FedAvg |" in report
