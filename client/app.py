@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
@@ -36,7 +35,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key the
 
 from client import worker
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
-from client.wire import NUMERIC, WireError, decode_array, packed_arrays_mod
+from client.wire import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from mstkd.errors import RefusedMessage, public_reason
 
 log = logging.getLogger("mstkd.client")
@@ -66,8 +65,7 @@ def checked_input(msg: Message, context: Context, call_next) -> Message:
                 values = decode_array(array, NUMERIC)
             except WireError as exc:
                 raise RefusedMessage(f"the global model's {name} does not read ({exc})") from None
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                bad = int(values.size - np.isfinite(values).sum())
+            if bad := nonfinite(values):
                 raise RefusedMessage(f"the global model is not finite ({bad} values in {name})")
     return call_next(msg, context)
 
@@ -129,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
     run = site_runner(context)
     if is_secagg_fit(msg):
         return secagg_train(msg, run)
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
     updated, metrics, site = run("local_round", arrays, dict(msg.content["config"]))
     content = RecordDict(
         {
@@ -144,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
     metrics, site = site_runner(context)("evaluate_site", arrays, config)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
     return Message(content=content, reply_to=msg)

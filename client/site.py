@@ -199,6 +199,8 @@ def local_round(
         desc=data.name,
     )
     clock.lap("train")
+    if metrics["skipped_steps"] >= steps:  # nothing learned: sending the model back would count as a round of work
+        raise NonFiniteUpdate(f"{data.name}: every one of the {steps} steps had a non-finite loss or gradient")
     log.info(
         "%s: round %s trained, loss %.3f, predicted class shares %s",
         data.name,

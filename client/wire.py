@@ -81,6 +81,11 @@ def decode_array(array: Array, kinds: str = NUMERIC) -> np.ndarray:
     return values.reshape(shape, order="F" if fortran else "C")
 
 
+def nonfinite(values: np.ndarray) -> int:
+    """How many values of a float array are NaN or infinite (0 for any other dtype)."""
+    return int(values.size - np.count_nonzero(np.isfinite(values))) if values.dtype.kind == "f" else 0
+
+
 def pack_record(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
     """One flat array per dtype (keyed by its name), and the layout that restores ``record``."""
     arrays = {name: array.numpy() for name, array in record.items()}
@@ -109,8 +114,13 @@ def unpack_record(packed: ArrayRecord, layout: ConfigRecord) -> ArrayRecord:
     flats = {dtype: decode_array(array) for dtype, array in packed.items()}
     used = dict.fromkeys(flats, 0)
     out = {}
-    for name, shape_text, dtype in zip(layout["names"], layout["shapes"], layout["dtypes"], strict=True):
+    names = list(layout["names"])
+    if len(set(names)) != len(names):
+        raise ValueError("packed arrays: the layout names an array twice")
+    for name, shape_text, dtype in zip(names, layout["shapes"], layout["dtypes"], strict=True):
         shape = tuple(int(n) for n in str(shape_text).split(",") if n)
+        if any(n < 0 for n in shape):
+            raise ValueError(f"packed arrays: {name} has a negative size")
         start, size = used.get(dtype, 0), prod(shape)
         if dtype not in flats or start + size > flats[dtype].size:
             raise ValueError(f"packed arrays: {name} ({dtype}, {shape}) lies beyond the packed values")

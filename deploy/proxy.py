@@ -47,7 +47,7 @@ http {{
     uwsgi_temp_path {state}/uwsgi;
     scgi_temp_path {state}/scgi;
     server_tokens off;
-    client_max_body_size 0;          # a message carries the model: hundreds of MB at paper size
+    client_max_body_size 64m;        # Flower sends a message's objects in pieces of at most 5 MiB
     proxy_request_buffering off;     # stream both ways, nothing on the proxy's disk
     proxy_buffering off;
     proxy_max_temp_file_size 0;
@@ -110,7 +110,10 @@ def install_nginx() -> str:
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
     install = [apt, "install", "-y", "-q", "--no-install-recommends", "nginx-light"]
     for step in (install, [apt, "update", "-q"], install):  # the package lists of a fresh machine may be empty
-        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=600)
+        try:
+            done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise ProxyUnavailable(f"apt-get did not finish within 10 minutes ({' '.join(step[1:])})") from None
         if step is install and done.returncode == 0:
             return nginx_binary()
     last = (done.stderr or done.stdout).strip().splitlines()

@@ -31,19 +31,19 @@ class RefusedMessage(InputError):
 
     @property
     def public(self) -> str:
-        return f"refused: {self}"
+        return f"node refused: {self}"
 
 
 class NonFiniteState(ValueError):
     """Weights or optimiser moments that are NaN or infinite: never saved, never restored."""
 
-    public = "refused: non-finite local state, not saved"
+    public = "node refused: non-finite local state, not saved"
 
 
 class NonFiniteUpdate(ValueError):
-    """Training left NaN or infinite weights: such an update never leaves the site."""
+    """Training left NaN or infinite weights, or took no finite step at all: nothing is sent."""
 
-    public = "training diverged: non-finite update, not sent"
+    public = "training diverged: non-finite loss, gradients or update; nothing sent"
 
 
 KNOWN = {cls.__name__: cls for cls in (InputError, NoUsableCases, RefusedMessage, NonFiniteState, NonFiniteUpdate)}

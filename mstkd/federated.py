@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -40,6 +41,8 @@ from mstkd.errors import InputError, NonFiniteState, RefusedMessage
 from mstkd.modalities import FULL, MODALITIES, Subset, subsets_within
 from mstkd.runconfig import check_run_config
 from mstkd.train import Networks, Optimizers
+
+log = logging.getLogger("mstkd.federated")
 
 STUDENT, DISC = "student.", "disc."
 TRANSPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -84,18 +87,23 @@ def config_from_run(run: Mapping[str, Any]) -> DictConfig:
     The lr schedule spans the whole federation: ``train.epochs = rounds x local-epochs``.
     """
     run = check_run_config(run)
-    text = " ".join(str(run.get(key, "")) for key in ("model", "overrides"))
-    if "${" in text:  # ${oc.env:...} would read the environment of whoever loads it: a node's secrets
-        raise InputError("run config overrides: ${...} interpolation is not allowed in a run config")
     rounds = int(run.get("num-server-rounds", 1))
     local = float(run.get("local-epochs", 1))
+    try:
+        extra = shlex.split(str(run.get("overrides", "")))
+    except ValueError as exc:  # an unclosed quote
+        raise InputError(f"run config overrides: {exc}") from None
     overrides = [
         f"model={run.get('model', 'lite')}",
         f"train.epochs={max(rounds * local, 1.0)}",
         *([f"train.lr={float(run['lr'])}"] if "lr" in run else []),
         *([f"train.seed={int(run['seed'])}"] if "seed" in run else []),
-        *shlex.split(str(run.get("overrides", ""))),
+        *extra,
     ]
+    # what OmegaConf will read, quotes and escapes removed: ${oc.env:...} would read the environment of whoever
+    # loads it (a node's secrets), however it was spelt in the run config
+    if any("${" in item for item in overrides):
+        raise InputError("run config overrides: ${...} interpolation is not allowed in a run config")
     return load_config(overrides)
 
 
@@ -401,12 +409,12 @@ class SiteState:
             "rng": rng.bit_generator.state,
             "info": info,
         }
-        if not _all_finite(payload):
-            raise NonFiniteState("the site's teacher or optimiser state is not finite: not saved")
         if self.half:
             payload["teacher"] = _halve_weights(payload["teacher"])
             payload["optimizer"] = _halve_moments(payload["optimizer"])
             payload["disc_optimizer"] = _halve_moments(payload["disc_optimizer"])
+        if not _all_finite(payload):  # after halving: a weight beyond float16's range would be inf
+            raise NonFiniteState("the site's teacher or optimiser state is not finite: not saved")
         with _file_lock(self.path.with_name(".local.lock")):
             newest = self.info(self.path)
             if newest is not None:
@@ -425,16 +433,25 @@ class SiteState:
     ) -> dict | None:
         """Restore the newest state saved before round ``before_round`` (any, when None) into the teacher of
         ``nets``, ``optimizers`` and ``rng``; return its counters, or None when there is none."""
+        refused = []
         for path in (self.path, self.previous):
-            info = self.info(path)
-            if info is None or (before_round is not None and int(info.get("round", 0)) >= before_round):
+            try:
+                info = self.info(path)
+                if info is None or (before_round is not None and int(info.get("round", 0)) >= before_round):
+                    continue
+                payload = self._read(path)
+                if not _all_finite(payload):
+                    raise NonFiniteState(f"{path}: the stored teacher or optimiser state is not finite")
+            except (InputError, NonFiniteState) as exc:  # the older state, if any, is still good
+                log.warning("%s; trying the state before it", exc)
+                refused.append(exc)
                 continue
-            payload = self._read(path)
-            if not _all_finite(payload):
-                raise NonFiniteState(f"{path}: the stored teacher or optimiser state is not finite; not restored")
             nets.teacher.load_state_dict(payload["teacher"])
             optimizers.main.load_state_dict(payload["optimizer"])
             optimizers.discriminator.load_state_dict(payload["disc_optimizer"])
             rng.bit_generator.state = payload["rng"]
             return dict(payload["info"])
+        if refused:  # state there, none of it usable: starting afresh would half-use this run's rounds
+            folder = self.path.parent
+            raise InputError(f"no usable node state in {folder} ({refused[-1]}); remove that folder to start over")
         return None

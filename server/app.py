@@ -294,7 +294,7 @@ def finish(
     if best.get("round") is None and (out / "last.pt").is_file():
         say("no site reported a validation Dice (no validation cases): best.pt is the final model")
         copy_file(out / "last.pt", out / "best.pt")
-    verdict = outcome(runlog, first_round, changed=changed)
+    verdict = outcome(runlog, first_round, transport=str(run.get("transport", "float16")), changed=changed)
     report = write_report(out, runlog, cfg, run, seconds, best, verdict)
     if not verdict.learned:
         say(f"FAILED: {verdict.text}; report {report}")

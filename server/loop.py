@@ -36,10 +36,12 @@ from client import wire
 from client.wire import decode_array
 from server.replies import RefusedReply, ReplyRules, check_reply, common_metrics, finite_arrays, printable
 from server.runlog import RunLog
+from server.state import restore_strategy, strategy_memory
 
 log = logging.getLogger("mstkd.server")
 
 REPLY_POLL = 0.25
+REFUSED = "refused: "  # how a reason the server gives for refusing a reply begins
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -75,7 +77,7 @@ def _unpacked(reply: Message, sent: dict[str, Message]) -> Message:
     try:
         reply.content = wire.unpack(reply.content)
     except (ValueError, KeyError, TypeError) as exc:
-        reason = f"its reply's packed arrays do not unpack: {exc}"
+        reason = f"{REFUSED}its reply's packed arrays do not unpack: {exc}"
         return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=sent[reply.metadata.reply_to_message_id])
     return reply
 
@@ -114,16 +116,17 @@ def split_replies(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            _failure(rec, server_round, stage, node, printable(reply.error.reason))
+            reason = printable(reply.error.reason)  # the server's own refusal of a packed reply, or the node's error
+            _failure(rec, server_round, stage, node, reason, "refused" if reason.startswith(REFUSED) else "error")
             continue
         rec["bytes_received"] += sum(a.count_bytes() for a in reply.content.array_records.values())
         if any(g.metadata.src_node_id == node for g in good):
-            _failure(rec, server_round, stage, node, "refused: a second reply from this node")
+            _failure(rec, server_round, stage, node, f"{REFUSED}a second reply from this node", "refused")
             continue
         try:
             reply.content = check_reply(reply.content, stage, rules)
         except RefusedReply as exc:
-            _failure(rec, server_round, stage, node, f"refused: {exc}")
+            _failure(rec, server_round, stage, node, f"{REFUSED}{exc}", "refused")
             continue
         record_site(runlog, server_round, stage, node, reply.content)
         good.append(reply)
@@ -131,12 +134,14 @@ def split_replies(
     answered = {r.metadata.src_node_id for r in replies}
     silent = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
     for node in silent[: max(len(sent) - len(replies), 0)]:
-        _failure(rec, server_round, stage, node, f"no reply within the round timeout ({timeout:g} s)")
+        _failure(rec, server_round, stage, node, f"no reply within the round timeout ({timeout:g} s)", "silent")
     return good
 
 
-def _failure(rec: dict, server_round: int, stage: str, node: int | None, reason: str) -> None:
-    rec["failures"].append({"stage": stage, "node": node, "reason": reason})
+def _failure(rec: dict, server_round: int, stage: str, node: int | None, reason: str, kind: str) -> None:
+    """Record one node's failure: ``kind`` is ``refused`` (the server refused its reply), ``error`` (the node
+    replied with an error) or ``silent`` (no reply in time)."""
+    rec["failures"].append({"stage": stage, "node": node, "reason": reason, "kind": kind})
     log.warning("round %d: %s failed on node %s: %s", server_round, stage, node, reason)
 
 
@@ -195,6 +200,7 @@ def run_rounds(
             if len(good) < min_replies:
                 rec["skipped"] = f"{len(good)} of {len(sent)} nodes replied (min-replies {min_replies})"
             else:
+                memory = strategy_memory(strategy)  # momentum, moments, a clipping norm: kept to undo a refused round
                 try:
                     new, _ = strategy.aggregate_train(server_round, good)
                 except Exception as exc:  # a strategy's own refusal (e.g. DP wrappers' checks): the round only
@@ -205,6 +211,7 @@ def run_rounds(
                     rec["skipped"] = "the aggregate is not finite"
                 if new is None:
                     rec.setdefault("skipped", "the strategy aggregated nothing")
+                    restore_strategy(strategy, memory)  # a refused round leaves no trace in the next one
                 else:
                     rec["step_norm"], rec["step_relative"] = step_norm(arrays, new)
                     arrays = new

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from mstkd.errors import InputError
+from server.strategy import ROBUST
 
 
 class _UnpredictableNoise:
@@ -41,7 +42,8 @@ class _UnpredictableNoise:
         return np.random.default_rng(secrets.randbits(128))
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        stdev = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+        norm = getattr(self, "noise_norm", self.clipping_norm)  # adaptive clipping: the norm the round clipped at
+        stdev = self.noise_multiplier * norm / self.num_sampled_clients
         rng = self._rng()
         return ArrayRecord(
             {
@@ -63,15 +65,19 @@ class ClientSideDP(_UnpredictableNoise, DifferentialPrivacyClientSideFixedClippi
 
 
 class _TowardsTarget:
-    """The adaptive norm's step, towards its target: ``C <- C exp(lr (clipped share - target share))``.
+    """The adaptive norm's step, towards its target: ``C <- C exp(lr (clipped share - target share))``; and the
+    round's noise at the norm its updates were clipped at.
 
     Flower 1.42 steps by ``exp(-lr (clipped share - target))``: its ``norm_bit`` marks an update that was
     clipped, where Andrew et al. count the updates that were not. So more clipping than wanted shrank the
     norm, which clipped still more, until every update was clipped to nearly nothing. The sign here makes
-    the norm grow when too many updates are clipped and shrink when too few are.
+    the norm grow when too many updates are clipped and shrink when too few are. Flower also moves the norm
+    before it adds the round's noise, which then follows next round's norm: too little noise whenever the
+    norm shrinks. The noise here uses the norm the round clipped at.
     """
 
     def _geometric_update(self, clipped_fraction: float) -> None:
+        self.noise_norm = self.clipping_norm  # what this round's updates were clipped at
         self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
 
 
@@ -99,6 +105,12 @@ def privacy_settings(run: dict, min_nodes: int) -> dict:
     mode = str(run.get("dp", "off"))
     if mode == "off":
         return {}
+    if str(run.get("strategy", "fedavg")) in ROBUST:
+        raise InputError(
+            f"dp={mode!r} with strategy={run.get('strategy')!r}: the noise is calibrated to an average of the clipped "
+            "updates (one site moves it by dp-clip / nodes); a median or a selection moves by up to dp-clip, so the "
+            "reported epsilon would be wrong. Use a robust strategy or differential privacy, not both"
+        )
     clipping = str(run.get("dp-clipping", "fixed"))
     clip, noise = float(run.get("dp-clip", 1.0)), float(run.get("dp-noise", 0.1))
     max_epsilon = float(run.get("dp-max-epsilon", 0.0))

@@ -10,8 +10,9 @@ A train reply must hold exactly these records:
   (float16, float32 or float64) whose bytes match its header (:func:`client.wire.decode_array`:
   nothing is allocated before that, so a header claiming 10^13 values costs nothing), every
   value finite after conversion to float32;
-- ``metrics``: finite numbers under plain names, ``num-examples`` a whole number from 1 to
-  ``max-examples`` (0 is allowed in an evaluate reply: a site without validation cases);
+- ``metrics``: finite numbers under plain names, Dice scores and brain shares within [0, 1],
+  ``num-examples`` a whole number from 1 to ``max-examples`` (0 is allowed in an evaluate reply: a
+  site without validation cases);
 - optionally ``site``: short strings under known keys (the site's name, device, modalities).
 
 An evaluate reply holds ``metrics`` and optionally ``site``. :func:`check_reply` returns a clean
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.wire import WireError, decode_array
+from client.wire import WireError, decode_array, nonfinite
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 SITE_KEYS = ("name", "device", "ray-node", "modalities", "val-collapse")
@@ -37,6 +38,8 @@ SITE_KEYS = ("name", "device", "ray-node", "modalities", "val-collapse")
 REQUIRED = {"train": ("num-examples", "train-loss"), "evaluate": ("num-examples", "val-mean-dice")}
 """Metrics every honest node sends, which the run log, the progress line and model selection read."""
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+SHARES = re.compile(r"val-mean-dice|val-dice-.+|val-share-.+")
+"""Metrics that are Dice scores or shares of the brain: each must lie in [0, 1] (model selection reads them)."""
 MAX_METRICS = 256
 MAX_TEXT = 200
 
@@ -112,8 +115,7 @@ def _arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[
         except WireError as exc:
             raise RefusedReply(f"{name}: {exc}") from None
         values = values.astype(np.float32)  # a float64 beyond float32's range becomes inf, and is refused below
-        if not np.isfinite(values).all():
-            bad = int(values.size - np.isfinite(values).sum())
+        if bad := nonfinite(values):
             raise RefusedReply(f"{bad} non-finite values in {name}")
         out[name] = values
     return out
@@ -134,6 +136,8 @@ def _metrics(record: MetricRecord, stage: str, rules: ReplyRules) -> MetricRecor
         if not METRIC_NAME.fullmatch(key):
             raise RefusedReply(f"metric name {printable(key, 40)!r}")
     clean = {key: _number(key, value) for key, value in record.items()}
+    if outside := [k for k, v in clean.items() if SHARES.fullmatch(k) and not 0.0 <= v <= 1.0]:
+        raise RefusedReply(f"metric {outside[0]} = {printable(clean[outside[0]], 30)} lies outside [0, 1]")
     required = (*REQUIRED[stage], *(rules.required if stage == "train" else ()))
     if missing := [k for k in required if k not in clean]:
         raise RefusedReply(f"no {missing[0]} metric")
@@ -160,4 +164,4 @@ def common_metrics(contents: list[RecordDict]) -> None:
 
 def finite_arrays(arrays: ArrayRecord) -> bool:
     """Whether every value of ``arrays`` (the server's own, e.g. an aggregate) is finite."""
-    return all(np.isfinite(decode_array(v, kinds="f")).all() for v in arrays.values())
+    return not any(nonfinite(decode_array(v, kinds="f")) for v in arrays.values())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mstkd.atomic import write_text
 from mstkd.data.labels import REGIONS
 from server.runlog import RunLog
@@ -24,19 +26,22 @@ class Verdict:
     text: str
 
 
-MOVED = 1e-6
-"""A round that moved the global model by less than this share of its norm changed nothing but rounding."""
+def moved_threshold(transport: str) -> float:
+    """The relative step below which a round changed nothing but rounding: the transport dtype's machine epsilon
+    (nodes that send back the model they were given move it by its rounding to that dtype), at least 1e-6."""
+    return max(1e-6, float(np.finfo(np.dtype(transport)).eps))
 
 
-def outcome(runlog: RunLog, first_round: int, *, changed: bool | None = None) -> Verdict:
-    """How many of this run's rounds aggregated, and whether the global model changed at all: beyond float32
-    rounding in some round (the round loop records ``step_relative``), or as ``changed`` says where the loop
-    records no steps (secure aggregation)."""
+def outcome(runlog: RunLog, first_round: int, *, transport: str = "float32", changed: bool | None = None) -> Verdict:
+    """How many of this run's rounds aggregated, and whether the global model changed at all: beyond rounding to
+    the transport dtype in some round (the round loop records ``step_relative``), or as ``changed`` says where the
+    loop records no steps (secure aggregation)."""
     rounds = [r for r in sorted(runlog.records) if r >= max(first_round, 1)]
     aggregated = [r for r in rounds if "skipped" not in runlog.records[r]]
     if changed is None:
-        changed = any(runlog.records[r].get("step_relative", 0.0) > MOVED for r in aggregated)
-    refused = sum(f["reason"].startswith("refused") for r in rounds for f in runlog.records[r]["failures"])
+        threshold = moved_threshold(transport)
+        changed = any(runlog.records[r].get("step_relative", 0.0) > threshold for r in aggregated)
+    refused = sum(f.get("kind") == "refused" for r in rounds for f in runlog.records[r]["failures"])
     text = f"{len(aggregated)} of {len(rounds)} rounds aggregated"
     if refused:
         text += f", {refused} replies refused"
@@ -47,12 +52,20 @@ def outcome(runlog: RunLog, first_round: int, *, changed: bool | None = None) ->
     return Verdict(bool(aggregated) and changed, text)
 
 
+MARKDOWN = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>!|~"})
+
+
+def plain(text: object) -> str:
+    """``text`` (which may come from a node) shown as itself in Markdown: no link, image, HTML or table cell."""
+    return str(text).translate(MARKDOWN)
+
+
 def _faults(record: dict) -> str:
     """What went wrong in a round, for the report: failed or silent nodes, and a skipped round."""
-    parts = [f"node {f['node']} ({f['stage']}): {f['reason'][:120]}" for f in record.get("failures", [])]
+    parts = [f"node {f['node']} ({f['stage']}): {plain(f['reason'][:120])}" for f in record.get("failures", [])]
     if record.get("skipped"):
-        parts.append(f"**round skipped**: {record['skipped']}")
-    return "; ".join(parts).replace("|", "/")
+        parts.append(f"**round skipped**: {plain(record['skipped'])}")
+    return "; ".join(parts)
 
 
 def write_report(
@@ -116,7 +129,7 @@ def write_report(
     flagged = [(r, c) for r in sorted(runlog.records) for c in runlog.records[r].get("collapse", [])]
     if flagged:
         lines += ["## Collapse warnings", ""]
-        lines += [f"- round {r}, {c['where']}: {c['what']}" for r, c in flagged]
+        lines += [f"- round {r}, {plain(c['where'])}: {plain(c['what'])}" for r, c in flagged]
         lines.append("")
     if evaluated:
         last = evaluated[-1]

@@ -9,7 +9,10 @@ What differs from the normal loop (:mod:`server.loop`): every round needs all ``
 nodes (at least 3; the protocol splits each node's key into shares that the others hold),
 there is no per-node validation, no checkpoint and no resume, differential privacy cannot be
 combined with it, ``strategy``, ``fraction-train``, ``min-replies`` and ``node-wait`` do not apply,
-and no bytes are logged. Weights travel as float32: the protocol scales each node's weights by
+and no bytes are logged. The server cannot check a single node's update (it sees only their masked sum): the
+reply checks of :mod:`server.replies` do not apply, nodes' metrics are kept only where they are finite
+numbers, records are keyed by position (node ids are hidden), and a sum that is not finite stops the
+run before it is saved or sent. Weights travel as float32: the protocol scales each node's weights by
 ``num-examples / secagg-max-weight`` and quantises them to 2**22 levels over [-8, 8], so the
 error of the average is about ``nodes x 3.8e-6 x secagg-max-weight / total examples``; set
 ``secagg-max-weight`` to about the largest site's number of training cases. The scalar metrics
@@ -18,6 +21,7 @@ error of the average is about ``nodes x 3.8e-6 x secagg-max-weight / total examp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -28,11 +32,21 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from mstkd.errors import InputError
-from server.replies import printable
+from server.replies import METRIC_NAME, printable
 from server.runlog import RunLog
 
 RECONSTRUCTION = 2 / 3
 """Share of key shares needed to recover a dropped node's mask."""
+
+
+def _plain_number(key: object, value: object) -> bool:
+    return (
+        isinstance(key, str)
+        and METRIC_NAME.fullmatch(key) is not None
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def run_secagg(
@@ -61,14 +75,21 @@ def run_secagg(
         return {**train_config, "server-round": server_round, "epoch": (server_round - 1) * local_epochs}
 
     def fit_metrics(results: list[tuple[int, dict]]) -> dict:
-        for num_examples, metrics in results:
-            site = runlog.site(current["round"], None, printable(metrics.get("site", "?"), 64))
-            site.update({k: v for k, v in metrics.items() if k != "site"})
-            site["train-examples"] = num_examples
+        # the protocol hides which node sent what: records are keyed by position, names are only labels, and only
+        # finite numbers under plain names are kept (the legacy API also lets a node send text and bytes)
+        for index, (num_examples, metrics) in enumerate(results):
+            site = runlog.site(current["round"], index, printable(metrics.get("site", "?"), 64))
+            site.update({k: v for k, v in metrics.items() if k != "site" and _plain_number(k, v)})
+            site["train-examples"] = int(num_examples)
         return {}
 
     def evaluate(server_round: int, ndarrays: list[np.ndarray], config: dict) -> None:
         arrays = {n: np.asarray(a, dtype=np.float32) for n, a in zip(names, ndarrays, strict=True)}
+        if not all(np.isfinite(a).all() for a in arrays.values()):  # no single update can be checked here
+            raise RuntimeError(
+                f"round {server_round}: the securely aggregated model is not finite (some node's update was not); "
+                "the run stops before it is saved or sent"
+            )
         current["arrays"] = arrays
         evaluate_fn(server_round, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,23 +35,47 @@ def _inner(strategy):
 
 
 def strategy_state(strategy) -> dict[str, Any]:
+    """What ``strategy`` carries across rounds and :class:`ServerCheckpoint` saves (attributes that hold nothing yet
+    are left out)."""
+    return {name: value for name, value in strategy_memory(strategy, copy=False).items() if value is not None}
+
+
+def strategy_memory(strategy, *, copy: bool = True) -> dict[str, Any]:
+    """Everything in ``strategy`` that aggregating a round changes, ``None`` where it holds nothing yet; a copy, so
+    that :func:`restore_strategy` can undo a round whose aggregate is refused."""
+    take = deepcopy if copy else (lambda value: value)
     inner = _inner(strategy)
-    state = {name: getattr(inner, name) for name in STRATEGY_STATE if getattr(inner, name, None) is not None}
+    memory = {name: take(getattr(inner, name)) for name in STRATEGY_STATE if hasattr(inner, name)}
     if inner is not strategy:
-        state |= {
-            f"wrapper.{name}": float(getattr(strategy, name)) for name in WRAPPER_STATE if hasattr(strategy, name)
-        }
-    return state
+        memory |= {f"wrapper.{name}": getattr(strategy, name) for name in WRAPPER_STATE if hasattr(strategy, name)}
+    return memory
 
 
 def restore_strategy(strategy, state: dict[str, Any]) -> None:
+    """Put ``state`` (:func:`strategy_memory`, or what a checkpoint held) back into ``strategy``: only the attributes
+    that carry its memory, whatever else a state file names."""
     inner = _inner(strategy)
     for name, value in state.items():
-        if name.startswith("wrapper."):
-            if inner is not strategy:
-                setattr(strategy, name.removeprefix("wrapper."), value)
-        else:
+        if name.startswith("wrapper.") and name.removeprefix("wrapper.") in WRAPPER_STATE and inner is not strategy:
+            setattr(strategy, name.removeprefix("wrapper."), value)
+        elif name in STRATEGY_STATE:
             setattr(inner, name, value)
+
+
+def _finite_state(state: dict[str, Any]) -> bool:
+    """Whether every number and array of a strategy's saved memory is finite (and a clipping norm positive)."""
+
+    def finite(value: Any) -> bool:
+        if isinstance(value, ArrayRecord):
+            return all(finite(v.numpy()) for v in value.values())
+        if isinstance(value, dict):
+            return all(finite(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return all(finite(v) for v in value)
+        return bool(np.all(np.isfinite(np.asarray(value, dtype=np.float64))))
+
+    norms = [v for k, v in state.items() if k == "wrapper.clipping_norm"]
+    return finite(list(state.values())) and all(float(v) > 0 for v in norms)
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -157,6 +182,12 @@ class ServerCheckpoint:
             raise InputError(f"resume-from: {path} is not a readable server state ({type(exc).__name__})") from None
         if not all(np.issubdtype(v.dtype, np.floating) and np.isfinite(v).all() for v in state.arrays.values()):
             raise InputError(f"resume-from: {path} holds a global model that is not finite; it is not resumed")
+        unknown = [
+            k for k in state.strategy if k not in STRATEGY_STATE and k.removeprefix("wrapper.") not in WRAPPER_STATE
+        ]
+        if unknown or not _finite_state(state.strategy):
+            what = f"an unknown strategy setting {unknown[0]!r}" if unknown else "a strategy memory that is not finite"
+            raise InputError(f"resume-from: {path} holds {what}; it is not resumed")
         return state
 
 

@@ -93,12 +93,16 @@ def run_federated(
     finally:
         if app != ROOT:
             shutil.rmtree(app, ignore_errors=True)
-    if not result.completed:
+    rounds = int(run["num-server-rounds"])
+    table = folder / "eval" / f"round_{rounds}.json"
+    # under attack, a run that learned nothing (the server ends it as failed, after writing every file), skipped
+    # rounds and refused replies are the result, not a reason to discard it
+    damaged = arm.attack and result.status == "finished:failed" and table.is_file()
+    if not result.completed and not damaged:
         raise RuntimeError(f"flwr run ended as {result.status} ({result.details}); see {result.log}")
-    if not arm.attack:  # under attack, skipped rounds and refused replies are part of the result
+    if not arm.attack:
         incomplete_rounds(folder / "metrics.jsonl")
     clear_node_state(work_dir, run_name)  # teachers are not part of the result
-    rounds = int(run["num-server-rounds"])
     return {"table": f"eval/round_{rounds}.json", "log": "metrics.jsonl", "flwr_run": result.run_id}
 
 

@@ -71,6 +71,15 @@ def write_partitions(path: Path, sites: dict[str, list[str]], crlf: bool = True)
     return path
 
 
+@pytest.fixture(autouse=True)
+def private_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's own ``$MSTKD_HOME``: a deployed node keeps its state there when its node config names no
+    ``state-dir`` (it never takes a folder from the run config), and nothing may land in the user's ~/.mstkd."""
+    home = tmp_path_factory.mktemp("mstkd-home")
+    monkeypatch.setenv("MSTKD_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     """Ten FeTS-layout cases over two sites (6 + 4) with ``partitioning.csv``."""

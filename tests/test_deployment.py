@@ -173,7 +173,10 @@ def test_strangers_reach_only_the_fleet_api_through_the_public_address(tmp_path)
         write_federation(tmp_path / "data" / site, cases=4, sites=1, shape=(48, 48, 32), seed=10 + i, progress=False)
     write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
     link, public = free_port(), free_port()
-    nodes = {site: (keys[site], {"data-path": str(tmp_path / "data" / site), "site-name": site}) for site in sites}
+    nodes = {
+        site: (keys[site], {"data-path": str(tmp_path / "data" / site), "site-name": site, "state-dir": str(tmp_path)})
+        for site in sites
+    }
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "config.toml").write_text(

@@ -107,6 +107,30 @@ def test_replies_of_the_wrong_shape_are_refused(content, reason):
         check_reply(RecordDict(content), "train", rules)
 
 
+def test_dice_scores_outside_zero_to_one_are_refused():
+    """A validation Dice of 1e300 would make its round best.pt for ever."""
+    _, _, rules = _honest_exchange()
+    evaluate = RecordDict({"metrics": MetricRecord({"num-examples": 2, "val-mean-dice": 1e300})})
+    with pytest.raises(RefusedReply, match="val-mean-dice = 1e[+]300 lies outside"):
+        check_reply(evaluate, "evaluate", rules)
+    evaluate["metrics"] = MetricRecord({"num-examples": 2, "val-mean-dice": 0.7, "val-share-WT": -0.1})
+    with pytest.raises(RefusedReply, match="val-share-WT"):
+        check_reply(evaluate, "evaluate", rules)
+
+
+def test_what_a_node_says_is_shown_as_text_in_the_report(tmp_path):
+    from server.report import write_report
+    from server.runlog import RunLog
+
+    runlog = RunLog(tmp_path)
+    runlog.record(1)["failures"].append(
+        {"stage": "train", "node": 7, "reason": "![x](http://evil.example) | <script>", "kind": "error"}
+    )
+    runlog.finish(1)
+    report = write_report(tmp_path, runlog, load_config(["model=tiny"]), {}, 1.0, {"round": None}).read_text()
+    assert "![x](" not in report and "<script>" not in report and "\\!\\[x\\]" in report
+
+
 def test_metric_values_must_be_finite_numbers_and_site_text_is_trimmed():
     sent, reply, rules = _honest_exchange()
     reply.content["metrics"]["train-loss"] = float("inf")
@@ -160,7 +184,7 @@ def test_a_run_whose_model_never_changes_is_a_failure(tmp_path):
             reply.content["arrays"] = message.content["arrays"]
         return reply
 
-    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "transport": "float32"})
+    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full"})  # float16 on the wire
     with pytest.raises(RunFailed, match="the global model never changed"):
         run_inproc(server_app, lazy, run_config, nodes())
     assert "FAILED: the global model never changed" in (tmp_path / "run" / "REPORT.md").read_text()
@@ -227,7 +251,7 @@ def test_a_node_refuses_a_global_model_that_is_not_finite_and_keeps_its_state(tm
     poisoned[name].flat[0] = np.nan
     reply = client_app(_train_message(poisoned, 2), context)
     assert reply.has_error()
-    assert reply.error.reason == f"refused: the global model is not finite (1 values in {name})"
+    assert reply.error.reason == f"node refused: the global model is not finite (1 values in {name})"
     assert hashlib.sha256(state.read_bytes()).hexdigest() == before  # not touched, and still finite
     payload = torch.load(state, weights_only=True)
     assert all(torch.isfinite(v).all() for v in payload["teacher"].values() if v.is_floating_point())
@@ -240,12 +264,12 @@ def test_a_state_key_that_leaves_the_state_folder_is_refused(tmp_path, key):
         with pytest.raises(RefusedMessage, match="not a plain folder name"):
             check_state_key(key)
     reply = client_app(_train_message(tiny_arrays(), 1, state_key=key or "../x"), context)
-    assert reply.has_error() and reply.error.reason.startswith("refused: state key ")
+    assert reply.has_error() and reply.error.reason.startswith("node refused: state key ")
     assert not list(tmp_path.rglob("local.pt"))  # nothing written anywhere
     assert not (tmp_path.parent / "escaped").exists()
 
 
-def test_a_deployed_node_never_writes_where_the_run_config_says(tmp_path):
+def test_a_deployed_node_never_writes_where_the_run_config_says(tmp_path, monkeypatch):
     """The run submitter's work-dir is ignored by a deployed node: its state lives under its own state folder."""
     _, context = _node(tmp_path)
     elsewhere = tmp_path / "chosen-by-the-run"
@@ -257,14 +281,8 @@ def test_a_deployed_node_never_writes_where_the_run_config_says(tmp_path):
         run_config=context.run_config | {"work-dir": str(elsewhere)},
     )
     home = tmp_path / "home"
-    os.environ["MSTKD_HOME"], old = str(home), os.environ.get("MSTKD_HOME")
-    try:
-        assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
-    finally:
-        if old is None:
-            del os.environ["MSTKD_HOME"]
-        else:
-            os.environ["MSTKD_HOME"] = old
+    monkeypatch.setenv("MSTKD_HOME", str(home))
+    assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
     assert not elsewhere.exists() and list((home / "nodes").rglob("local.pt"))
 
 
@@ -281,19 +299,21 @@ def test_a_float16_overflow_travels_as_float32_and_a_nan_never_leaves(caplog):
         to_wire({"a": np.array([np.nan], np.float32)}, "float16", "h1")
 
 
-def test_a_nan_in_the_student_never_reaches_the_teacher():
-    """Steps with non-finite gradients are skipped and counted; the teacher (clipped on its own) stays as it was."""
-    cfg = load_config(["model=tiny", "train.amp=false"])
+@pytest.mark.parametrize("scope", ["joint", "separate"])
+def test_a_nan_gradient_in_the_student_never_reaches_the_teacher(scope):
+    """The loss is finite, but one student gradient is NaN (as a poisoned global model can make it): with one
+    clipping coefficient for both networks the teacher's step would turn NaN too. The step is skipped, counted,
+    and the teacher and the optimiser's moments stay as they were, whichever clipping scope."""
+    cfg = load_config(["model=tiny", "train.amp=false", f"train.grad_clip_scope={scope}"])
     nets = Networks(*build_networks(cfg.model))
-    with torch.no_grad():
-        next(nets.student.parameters()).fill_(float("nan"))
+    next(nets.student.parameters()).register_hook(lambda grad: grad * float("nan"))
     teacher = {k: v.clone() for k, v in nets.teacher.state_dict().items()}
+    optimizers = make_optimizers(nets, cfg.train)
     batch = {"image": torch.randn(1, 4, 32, 32, 32), "label": torch.zeros(1, 3, 32, 32, 32)}
-    out = train_local(
-        nets, make_optimizers(nets, cfg.train), [batch], cfg, steps=3, progress=False, device=torch.device("cpu")
-    )
-    assert out["skipped_steps"] == 3
+    out = train_local(nets, optimizers, [batch], cfg, steps=3, progress=False, device=torch.device("cpu"))
+    assert out["skipped_steps"] == 3  # the loss itself was finite: the check is on each network's gradients
     assert all(torch.equal(teacher[k], v) for k, v in nets.teacher.state_dict().items())
+    assert not optimizers.main.state  # no moment was ever updated
 
 
 def test_site_state_is_read_without_unpickling_and_never_holds_non_finite_weights(tmp_path):
@@ -315,6 +335,11 @@ def test_site_state_is_read_without_unpickling_and_never_holds_non_finite_weight
     with pytest.raises(InputError, match="not readable as node state"):
         hostile.load(nets, optimizers, rng)
     assert not (tmp_path / "pwned").exists()
+
+    for r in (2, 3):  # a newest state that does not read (a disk error, a foreign file): the one before it serves
+        state.save(nets, optimizers, rng, {"round": r, "rounds": r, "epoch": float(r)})
+    state.path.write_bytes(b"garbage")
+    assert state.load(nets, optimizers, rng, before_round=4)["round"] == 2
 
     with torch.no_grad():
         next(nets.teacher.parameters()).fill_(float("inf"))
@@ -380,30 +405,38 @@ def test_a_reused_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the overflow this test makes
-def test_finite_replies_whose_aggregate_overflows_skip_the_round(tmp_path):
-    """Every node sends weights of 3e38, finite in float32; FedAvgM with a server step of 2 takes the model past
-    float32's range. The aggregate is not taken: the round is skipped and the model kept."""
+def test_finite_replies_whose_aggregate_overflows_skip_the_round_and_leave_no_trace(tmp_path):
+    """In round 1 every node sends weights of 3e38, finite in float32; FedAvgM with a server step of 2 takes the model
+    past float32's range. That aggregate is not taken, and the momentum it had already stored is undone: round 2,
+    honest, aggregates as if round 1 had never happened."""
 
-    def huge(message, context):
+    def huge_in_round_1(message, context):
         reply = client_app(message, context)
-        if message.metadata.message_type == "train":
+        if message.metadata.message_type == "train" and message.content["config"]["server-round"] == 1:
             arrays = reply.content["arrays"]
             reply.content["arrays"] = ArrayRecord(
                 {k: Array(np.full(v.shape, 3e38, np.float32)) for k, v in arrays.items()}
             )
         return reply
 
-    extra = {"num-server-rounds": 1, "eval-subsets": "full", "transport": "float32", "strategy": "fedavgm"}
-    run_config = tiny_run_config(tmp_path, **extra, **{"server-lr": 2.0})
-    with pytest.raises(RunFailed, match="no round aggregated"):
-        run_inproc(server_app, huge, run_config, nodes())
-    record = _records(tmp_path / "run")[1]
-    assert record["skipped"] == "the aggregate is not finite" and not record["failures"]  # each reply was fine
+    extra = {"num-server-rounds": 2, "eval-subsets": "full", "transport": "float32", "strategy": "fedavgm"}
+    run_inproc(server_app, huge_in_round_1, tiny_run_config(tmp_path, **extra, **{"server-lr": 2.0}), nodes())
+    records = _records(tmp_path / "run")
+    assert records[1]["skipped"] == "the aggregate is not finite" and not records[1]["failures"]  # each reply was fine
+    assert "skipped" not in records[2] and records[2]["model_norm"] < 1e3
     assert _finite_checkpoint(tmp_path / "run" / "last.pt")
+    state = ServerCheckpoint.load(tmp_path / "run")  # what a resume would restore: finite too
+    assert state.round == 2 and all(np.isfinite(v).all() for v in state.strategy["momentum_vector"])
 
 
 def test_overrides_that_would_read_the_environment_are_refused():
-    for overrides in ("train.lr=${oc.env:HOME}", "data.cache_dir=${oc.env:SECRET,x}"):
+    for overrides in (
+        "train.lr=${oc.env:HOME}",
+        "data.cache_dir=${oc.env:SECRET,x}",
+        r"train.lr=$\{oc.env:SECRET}",  # spelt so that only removing the shell escapes makes it an interpolation
+        "train.lr=$'{'oc.env:SECRET}",
+        'train.lr=$"{"oc.env:SECRET}',
+    ):
         with pytest.raises(InputError, match="interpolation is not allowed"):
             config_from_run({"model": "tiny", "overrides": overrides})
     with pytest.raises(InputError, match="unknown model preset"):

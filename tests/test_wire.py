@@ -141,3 +141,20 @@ def test_the_server_sends_packed_on_a_deployed_grid_and_turns_a_broken_reply_int
     good = by_node[1].content["arrays"]
     assert list(good) == list(arrays) and all(np.array_equal(good[k].numpy(), arrays[k].numpy()) for k in arrays)
     assert by_node[2].has_error() and "do not unpack" in by_node[2].error.reason
+
+
+def test_a_packed_layout_cannot_smuggle_values_under_a_repeated_name_or_a_negative_size():
+    """A layout that names ``a`` twice would spend 1000 extra values on the second ``a`` and hand on one array of the
+    right shape: the extra payload would pass every later check. Refused, as is a negative size."""
+    packed = ArrayRecord({"float32": Array(np.zeros(1003, np.float32))})
+    twice = ConfigRecord({"names": ["a", "a"], "shapes": ["3", "1000"], "dtypes": ["float32", "float32"]})
+    with pytest.raises(ValueError, match="names an array twice"):
+        wire.unpack_record(packed, twice)
+    negative = ConfigRecord({"names": ["a", "b"], "shapes": ["-1,3", "1006"], "dtypes": ["float32", "float32"]})
+    with pytest.raises(ValueError, match="negative size"):
+        wire.unpack_record(packed, negative)
+    lying = Array(dtype="float32", shape=(1003,), stype="numpy.ndarray", data=packed["float32"].data[:-40])
+    with pytest.raises(wire.WireError, match="bytes of values"):  # a packed array is read as carefully as any
+        wire.unpack_record(
+            ArrayRecord({"float32": lying}), ConfigRecord({"names": ["a"], "shapes": ["1003"], "dtypes": ["float32"]})
+        )
