@@ -137,6 +137,14 @@ class FederatedMixin:
         if self.uniform_weights:
             for reply in replies:
                 reply.content["metrics"]["num-examples"] = 1
+        beta = getattr(self, "beta", None)  # FedTrimmedAvg: fewer replies than planned may leave nothing to trim
+        if beta is not None and replies and int(beta * len(replies)) == 0:
+            log.warning(
+                "round %d: trim-beta %g trims no reply of %d: this round is a plain mean",
+                server_round,
+                beta,
+                len(replies),
+            )
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
             self.runlog.record(server_round)["train"] = {k: v for k, v in metrics.items()}
