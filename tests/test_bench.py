@@ -180,4 +180,5 @@ def test_a_robustness_arm_makes_one_site_hostile_and_the_report_shows_the_damage
     report = (folder / "REPORT.md").read_text()
     assert "## Robustness: one hostile site" in report and f"Site {HOSTILE + 1}" in report
     assert "| FedAvg |" in report
+    assert "site 2 hostile (update x100) vs FedAvg with no hostile site | 1 |" in report  # the headline pairs it
     assert not list((tmp_path / "work" / "apps").iterdir())  # the hostile copy of the app is gone
