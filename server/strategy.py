@@ -137,12 +137,12 @@ class FederatedMixin:
         if self.uniform_weights:
             for reply in replies:
                 reply.content["metrics"]["num-examples"] = 1
-        beta = getattr(self, "beta", None)  # FedTrimmedAvg: fewer replies than planned may leave nothing to trim
-        if beta is not None and replies and int(beta * len(replies)) == 0:
+        # fewer replies than planned may leave FedTrimmedAvg nothing to trim
+        if isinstance(self, FedTrimmedAvg) and replies and int(self.beta * len(replies)) == 0:
             log.warning(
                 "round %d: trim-beta %g trims no reply of %d: this round is a plain mean",
                 server_round,
-                beta,
+                self.beta,
                 len(replies),
             )
         arrays, metrics = super().aggregate_train(server_round, replies)

@@ -313,9 +313,9 @@ def _robustness_section(results: dict[str, list[dict]], seeds_of: dict[str, list
     present = [
         name for name in ROBUST_STRATEGIES if any(a in results for a in (name, *(f"{name}+{k}" for k in ATTACK_LABELS)))
     ]
-    if not any(ARMS[a].attack for a in results) or not present:
-        return []
     attacks = [k for k in ATTACK_LABELS if any(ARMS[a].attack == k for a in results)]  # columns for the attacks run
+    if not attacks or not present:
+        return []
     lines = [
         "## Robustness: one hostile site",
         "",
