@@ -3,7 +3,8 @@
 ``train``: one round of local training from the global student and discriminator
 (:func:`client.site.local_round`), replying with the student + discriminator only.
 ``evaluate``: the global student scored on the site's validation cases
-(:func:`client.site.evaluate_site`).
+(:func:`client.site.evaluate_site`). ``query``: before the first round, the site's median voxel size
+(:func:`client.site.site_geometry`), from which the server plans the federation's target geometry.
 
 Where the work runs: in this process in a simulation (Ray keeps its workers warm); in the node's
 warm worker (:mod:`client.worker`) on a deployed SuperNode, which starts a fresh process for
@@ -137,6 +138,14 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Before its first round the federation plans its target geometry: this site's median voxel size."""
+    config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
+    metrics = site_runner(context)("site_geometry", config)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

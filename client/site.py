@@ -40,6 +40,8 @@ from mstkd.federated import (
     federated_arrays,
     load_federated_arrays,
     site_data,
+    site_spacing,
+    with_target,
 )
 from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
@@ -85,7 +87,7 @@ def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context:
     """Run config, project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
     configure_logging(context.node_config)
     run = dict(context.run_config)
-    cfg = config_from_run(run)
+    cfg = with_target(config_from_run(run), config)  # the geometry the federation agreed on
     clock.lap("config")
     data = site_data(run, context.node_config, cfg)
     clock.lap("data")
@@ -279,6 +281,17 @@ def evaluate_site(
         metrics.update({"val-mean-dice": 0.0, "val-collapsed": 0.0})
     clock.lap("evaluate")
     return metrics | clock.times, site
+
+
+def site_geometry(context: NodeContext, config: Mapping[str, Any]) -> dict[str, float | int]:
+    """What this site tells the federation when it plans its target geometry: the median voxel size of its cases
+    in the orientation asked for (``spacing-0`` .. ``spacing-2``, mm) and how many cases that is (``num-examples``).
+    Only image headers are read, and only these four numbers leave the site."""
+    configure_logging(context.node_config)
+    cfg = config_from_run(context.run_config)
+    orientation = str(config.get("orientation", cfg.data.orientation))
+    spacing, cases = site_spacing(context.run_config, context.node_config, orientation)
+    return {"num-examples": cases, **{f"spacing-{axis}": float(v) for axis, v in enumerate(spacing)}}
 
 
 def array_names(context: NodeContext) -> list[str]:

@@ -65,7 +65,7 @@ MODES = ("auto", "on", "off")
 DEFAULT_IDLE = 1800.0
 START_PATIENCE = 300.0  # seconds a message waits for a new worker to listen (it imports PyTorch first)
 APP_DIR = Path(__file__).resolve().parents[1]  # the app's code: the repository, or Flower's unpacked FAB
-JOBS = ("local_round", "evaluate_site", "array_names")  # what a worker runs: functions of client.site
+JOBS = ("local_round", "evaluate_site", "site_geometry", "array_names")  # what a worker runs: functions of client.site
 
 
 @dataclass

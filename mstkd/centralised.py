@@ -160,13 +160,16 @@ def _run(
     state: dict | None = None,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        save_config(cfg, out / "config.yaml")
     seed_everything(int(cfg.train.seed))
     device = pick_device()
     print(f"device: {device}", file=sys.stderr)
 
     federation = prepare_federation(data_dir, cfg.data, partitioning=partitioning, progress=progress)
+    # the planned geometry becomes part of the config: config.yaml, the state and every checkpoint record it
+    cfg = OmegaConf.merge(cfg, {"data": federation.target.to_config()})
+    print(f"target geometry: {federation.target.describe()}", file=sys.stderr)
+    if state is None:
+        save_config(cfg, out / "config.yaml")
     train_cases = [e for s in federation.sites for e in federation.site_cases(s, "train")]
     val_cases = [e for s in federation.sites for e in federation.site_cases(s, "val")]
     loader = make_loader(

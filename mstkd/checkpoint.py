@@ -1,4 +1,5 @@
-"""One-file checkpoints: the student's weights, the config it was trained with, its head and the label convention.
+"""One-file checkpoints: the student's weights, the config it was trained with, its head, the label convention
+and the target geometry (the voxel size and orientation it was trained at; see :mod:`mstkd.data.geometry`).
 
 ``mstkd predict`` and ``mstkd evaluate`` need nothing else. Writes are atomic (temporary
 file, then rename), so a crash never leaves a truncated checkpoint.
@@ -13,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mstkd.atomic import atomic_path
+from mstkd.data.geometry import TargetGeometry
 from mstkd.data.labels import CLASSES, REGIONS
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES
@@ -32,7 +34,11 @@ def save_checkpoint(
     convention: str = "fets",
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the student (a module or its state dict), ``cfg`` and ``convention`` to ``path``."""
+    """Write the student (a module or its state dict), ``cfg`` and ``convention`` to ``path``.
+
+    The target geometry is ``cfg.data.target_spacing`` and ``cfg.data.orientation``: a trainer sets the spacing
+    it planned there before it saves (a checkpoint saved with none has no geometry, like an old one).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = student.state_dict() if isinstance(student, torch.nn.Module) else student
@@ -44,6 +50,7 @@ def save_checkpoint(
         "modalities": list(MODALITIES),
         "regions": list(REGIONS),
         "head": list(CLASSES),
+        "geometry": geometry.to_dict() if (geometry := TargetGeometry.from_config(cfg.data)) else None,
         "extra": extra or {},
     }
     with atomic_path(path) as tmp:
@@ -76,3 +83,18 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     net.load_state_dict(payload["student"])
     net.to(device).eval()
     return net, cfg, payload
+
+
+def checkpoint_geometry(payload: dict) -> TargetGeometry | None:
+    """The target geometry a checkpoint stores; None for one made before checkpoints stored it.
+
+    Raises:
+        InputError: a stored geometry that is not valid.
+    """
+    stored = payload.get("geometry")
+    if not stored:
+        return None
+    try:
+        return TargetGeometry.from_dict(stored)
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"checkpoint: its stored geometry does not read ({exc})") from None

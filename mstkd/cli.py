@@ -149,14 +149,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from mstkd.checkpoint import load_checkpoint
+    from mstkd.checkpoint import checkpoint_geometry, load_checkpoint
     from mstkd.config import save_config
     from mstkd.data.dataset import prepare_federation
     from mstkd.evaluate import evaluate_cases, parse_subsets
     from mstkd.train import pick_device
 
     device = pick_device()
-    net, cfg, _ = load_checkpoint(args.checkpoint, device)
+    net, cfg, payload = load_checkpoint(args.checkpoint, device)
+    if checkpoint_geometry(payload) is None:
+        print(
+            f"{args.checkpoint}: stores no training voxel size (made by an older version); the cases are evaluated "
+            "at their median voxel size",
+            file=sys.stderr,
+        )
     federation = prepare_federation(args.data, cfg.data, partitioning=args.partitioning, progress=not args.quiet)
     cases = (
         federation.test_cases()
@@ -176,7 +182,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from mstkd.infer import predict_case, predict_folder
+    from mstkd.infer import anisotropy_warning, describe_geometry, predict_case, predict_folder
 
     if bool(args.case) == bool(args.input_dir):
         raise InputError("give either --case with --out (one case) or --input-dir with --output-dir (every case)")
@@ -188,9 +194,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         summary = predict_case(
             args.checkpoint, args.case, args.out, modalities=args.modalities, device=args.device, tta=args.tta
         )
+        if summary["anisotropic"]:
+            print(anisotropy_warning(summary), file=sys.stderr)
         print(
             f"wrote {summary['out']} ({summary['modalities']}, {summary['convention']} labels "
-            f"{summary['labels']}, {summary['seconds']:.1f} s)",
+            f"{summary['labels']}, {describe_geometry(summary)}, {summary['seconds']:.1f} s)",
             file=sys.stderr,
         )
         return 0

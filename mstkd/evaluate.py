@@ -58,7 +58,6 @@ MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 """Test-time augmentation: every combination of mirroring the three spatial axes (nnU-Net's)."""
 
 
-@torch.no_grad()
 def segment(
     net: MSTKDNet,
     image: torch.Tensor | np.ndarray,
@@ -68,7 +67,29 @@ def segment(
     *,
     mirror: bool = False,
 ) -> np.ndarray:
-    """``4 x H x W x D`` normalised image -> ``3 x H x W x D`` nested boolean ET, TC, WT (see :func:`decode`).
+    """``4 x H x W x D`` normalised image -> ``3 x H x W x D`` nested boolean ET, TC, WT (see :func:`decode`)."""
+    return decode_for(cfg, class_probabilities(net, image, subset, cfg, device, mirror=mirror))
+
+
+def decode_for(cfg: DictConfig, probs: np.ndarray) -> np.ndarray:
+    """:func:`decode` with the config's rule (``eval.decode``; ``auto`` follows the activation)."""
+    how = str(cfg.eval.decode)
+    if how == "auto":  # measured on validation cases: argmax suits softmax, and ruins sigmoid outputs
+        how = "argmax" if str(cfg.loss.activation) == "softmax" else "threshold"
+    return decode(probs, how, float(cfg.eval.threshold))
+
+
+@torch.no_grad()
+def class_probabilities(
+    net: MSTKDNet,
+    image: torch.Tensor | np.ndarray,
+    subset: Subset,
+    cfg: DictConfig,
+    device: torch.device | None = None,
+    *,
+    mirror: bool = False,
+) -> np.ndarray:
+    """``4 x H x W x D`` normalised image -> ``4 x H x W x D`` float32 class probabilities (NETC, ED, ET, BG).
 
     Sliding windows of ``eval.roi`` (default: the model's input size) with ``eval.overlap`` and
     Gaussian blending; any volume size works (windows are padded at the border). ``mirror``
@@ -95,11 +116,7 @@ def segment(
         p = probabilities(logits.float(), activation)
         p = p.flip(axes) if axes else p
         probs = p if probs is None else probs + p
-    probs = (probs / (len(MIRROR_AXES) if mirror else 1))[0].cpu().numpy()
-    how = str(cfg.eval.decode)
-    if how == "auto":  # measured on validation cases: argmax suits softmax, and ruins sigmoid outputs
-        how = "argmax" if activation == "softmax" else "threshold"
-    return decode(probs, how, float(cfg.eval.threshold))
+    return (probs / (len(MIRROR_AXES) if mirror else 1))[0].cpu().numpy()
 
 
 @dataclass

@@ -35,7 +35,8 @@ from torch import nn
 
 from mstkd.atomic import atomic_path, write_text
 from mstkd.config import load_config
-from mstkd.data.dataset import Federation, prepare_federation, resolve_partitions
+from mstkd.data.dataset import Federation, case_spacings, prepare_federation, resolve_partitions
+from mstkd.data.geometry import DEFAULT_ORIENTATION, TargetGeometry, plan_spacing
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.errors import InputError, NonFiniteState, RefusedMessage
 from mstkd.modalities import FULL, MODALITIES, Subset, subsets_within
@@ -260,6 +261,57 @@ def _with_modalities(cfg: DictConfig, available: Subset) -> DictConfig:
     return OmegaConf.merge(cfg, {"data": {"modalities": list(available.modalities)}})
 
 
+def _simulated_site(run: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[Path, Path | None, str, list[Path]]:
+    """A simulated node's dataset folder, partition CSV, site name and case folders."""
+    if "partition-id" not in node:
+        raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
+    index, count = int(node["partition-id"]), int(node["num-partitions"])
+    folder, csv = data_source(run, count)
+    folders, partitions = resolve_partitions(folder, csv)
+    sites = list(partitions.sites)
+    if len(sites) != count:
+        raise InputError(
+            f"{csv or folder}: {len(sites)} sites but {count} simulated nodes; "
+            f'use --federation-config "num-supernodes={len(sites)}"'
+        )
+    site = sites[index]
+    return folder, csv, site, [folders[c] for c in partitions.sites[site]]
+
+
+def site_spacing(run: Mapping[str, Any], node: Mapping[str, Any], orientation: str) -> tuple[list[float], int]:
+    """This node's median voxel size in ``orientation`` and how many cases it is the median of, from the image
+    headers alone: what a site tells the federation when it plans its target geometry (no voxel is read).
+
+    Raises:
+        InputError: no readable case.
+    """
+    if node.get("data-path"):
+        folders = list(find_case_folders(Path(str(node["data-path"])).expanduser()).values())
+    else:
+        folders = _simulated_site(run, node)[3]
+    spacings = case_spacings(folders, orientation)
+    return list(plan_spacing(spacings)), len(spacings)
+
+
+def with_target(cfg: DictConfig, config: Mapping[str, Any]) -> DictConfig:
+    """``cfg`` with the target geometry a message's ``config`` names (``target-spacing``: three numbers in one
+    string, ``orientation``), which the federation agreed on before its first round.
+
+    Raises:
+        RefusedMessage: a target that is not three voxel sizes in range, or not an orientation.
+    """
+    if "target-spacing" not in config:
+        return cfg
+    try:
+        target = TargetGeometry(
+            tuple(str(config["target-spacing"]).split()),  # type: ignore[arg-type]
+            str(config.get("orientation", DEFAULT_ORIENTATION)),
+        )
+    except InputError as exc:
+        raise RefusedMessage(f"the message's target geometry is not valid ({exc})") from None
+    return OmegaConf.merge(cfg, {"data": target.to_config()})
+
+
 def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) -> SiteData:
     """The cases of this node, and the modalities it has.
 
@@ -289,17 +341,7 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
                 f"{folder}: a node's data folder holds one site, but its partition CSV names {len(fed.sites)}"
             )
         return SiteData(fed, fed.sites[0], str(node.get("site-name") or folder.name), available)
-    if "partition-id" not in node:
-        raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
-    index, count = int(node["partition-id"]), int(node["num-partitions"])
-    folder, csv = data_source(run, count)
-    sites = list(resolve_partitions(folder, csv)[1].sites)
-    if len(sites) != count:
-        raise InputError(
-            f"{csv or folder}: {len(sites)} sites but {count} simulated nodes; "
-            f'use --federation-config "num-supernodes={len(sites)}"'
-        )
-    site = sites[index]
+    folder, csv, site, _ = _simulated_site(run, node)
     available = parse_dropped(str(run.get("drop-modalities", "") or "")).get(site, FULL)
     site_cfg = _with_modalities(cfg, available)
     fed = prepare_federation(

@@ -1,8 +1,12 @@
 """Segment case folders and write label maps in each case's own grid, header and label convention.
 
-Each case is read with whatever modalities are on disk (or a named subset of them), normalised
-as the checkpoint's training data were, cropped to the brain, segmented by sliding windows
-(optionally averaged over mirrored copies, ``tta``), and pasted back into the full grid.
+Each case is read with whatever modalities are on disk (or a named subset of them), reoriented
+and resampled to the geometry the checkpoint was trained at (its voxel size and orientation,
+:mod:`mstkd.data.geometry`), normalised as the training data were, cropped to the brain,
+segmented by sliding windows (optionally averaged over mirrored copies, ``tta``), and pasted
+back into the full grid. A resampled case's class probabilities are resampled back to the
+case's own grid before they are decoded, as nnU-Net does, so the label map is always written
+in the case's own grid and affine. A case already at the target is not resampled at all.
 Labels follow the case's layout: FeTS/BraTS <= 2021 cases get 1/2/4, BraTS 2023+ cases get
 1/2/3. :class:`Predictor` loads the checkpoint once; :func:`predict_folder` runs it over every
 case folder under a root and writes ``<CaseID>.nii.gz`` (the BraTS submission naming).
@@ -20,14 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from mstkd.atomic import check_writable
-from mstkd.checkpoint import load_checkpoint
+from mstkd.checkpoint import checkpoint_geometry, load_checkpoint
 from mstkd.data.cache import BRAIN_MARGIN
 from mstkd.data.cases import bounding_box, brain_mask, load_case, normalize
-from mstkd.data.labels import labels_from_regions
+from mstkd.data.geometry import at_target, format_spacing, from_target, is_anisotropic, spacing_of, to_target
+from mstkd.data.labels import CLASSES, labels_from_regions
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.data.nifti import write_volume
 from mstkd.errors import InputError
-from mstkd.evaluate import segment
+from mstkd.evaluate import class_probabilities, decode_for
 from mstkd.modalities import Subset
 from mstkd.train import pick_device
 
@@ -60,6 +65,13 @@ class Predictor:
         self.device = device if isinstance(device, torch.device) else parse_device(device)
         self.net, self.cfg, payload = load_checkpoint(checkpoint, self.device)
         self.trained_convention = payload["convention"]
+        self.target = checkpoint_geometry(payload)
+        if self.target is None:
+            print(
+                f"{checkpoint}: stores no training voxel size (made by an older version); cases are predicted at "
+                "their own voxel size, as before",
+                file=sys.stderr,
+            )
         self.tta = tta
 
     def predict(self, case_dir: str | Path, out: str | Path, *, modalities: str | None = None) -> dict:
@@ -78,26 +90,53 @@ class Predictor:
         start = time.perf_counter()
         case = load_case(files, required=subset.modalities, with_seg=False)
         image = case.image * np.asarray(subset.mask, dtype=np.float32)[:, None, None, None]
+        resampled = self.target is not None and not at_target(case.affine, self.target)
+        affine = case.affine
+        if resampled:
+            image, affine = to_target(image, case.affine, self.target)
         mask = brain_mask(image)
         if not mask.any():
             raise InputError(f"{files.folder}: every voxel of the chosen modalities is zero")
-        crop = tuple(slice(a, b) for a, b in bounding_box(mask, margin=BRAIN_MARGIN))
-        normalised = normalize(image, str(self.cfg.data.normalization), mask)[(slice(None), *crop)]
-        regions = np.zeros((3, *image.shape[1:]), dtype=bool)
-        regions[(slice(None), *crop)] = segment(self.net, normalised, subset, self.cfg, self.device, mirror=self.tta)
-        labels = labels_from_regions(regions, files.convention)
+        crop = (slice(None), *(slice(a, b) for a, b in bounding_box(mask, margin=BRAIN_MARGIN)))
+        normalised = normalize(image, str(self.cfg.data.normalization), mask)[crop]
+        probs = np.zeros((len(CLASSES), *image.shape[1:]), dtype=np.float32)
+        probs[CLASSES.index("BG")] = 1.0  # outside the brain's box
+        probs[crop] = class_probabilities(self.net, normalised, subset, self.cfg, self.device, mirror=self.tta)
+        if resampled:  # back to the case's own grid before decoding (nnU-Net's order)
+            probs = from_target(probs, affine, case.affine, case.image.shape[1:])
+        labels = labels_from_regions(decode_for(self.cfg, probs), files.convention)
         write_volume(out, labels, case.affine, case.header)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {
             "case": files.case_id,
             "modalities": subset.name,
             "convention": files.convention.name,
+            "spacing": list(spacing_of(case.affine)),
+            "target": self.target.to_dict() if self.target else None,
+            "resampled": resampled,
+            "anisotropic": is_anisotropic(spacing_of(case.affine)),
             "seconds": time.perf_counter() - start,
             "out": str(out),
             "labels": sorted(int(v) for v in np.unique(labels)),
             "cuda_peak_bytes": peak,
             "trained_convention": self.trained_convention,
         }
+
+
+def describe_geometry(summary: dict) -> str:
+    """``0.78 x 0.78 x 6.5 mm -> 2.5 x 2.5 x 2.42 mm LPS (resampled)`` for a :meth:`Predictor.predict` summary."""
+    source = f"{format_spacing(summary['spacing'])} mm"
+    if summary["target"] is None:
+        return f"{source} (no target stored: not resampled)"
+    target = f"{format_spacing(summary['target']['spacing'])} mm {summary['target']['orientation']}"
+    return f"{source} -> {target} ({'resampled' if summary['resampled'] else 'already at the target'})"
+
+
+def anisotropy_warning(summary: dict) -> str:
+    return (
+        f"warning: {summary['case']} has thick slices ({format_spacing(summary['spacing'])} mm, the coarsest axis over "
+        "3x the finest): the model cannot recover the detail between them"
+    )
 
 
 def predict_case(
@@ -154,9 +193,14 @@ def predict_folder(
     check_writable(output_dir, what="--output-dir")
     predictor = Predictor(checkpoint, device, tta=tta)
     result = FolderResult()
-    for case_id, folder in tqdm(sorted(cases.items()), desc="predict", unit="case", disable=not progress):
+    bar = tqdm(sorted(cases.items()), desc="predict", unit="case", disable=not progress)
+    for case_id, folder in bar:
         try:
-            result.written.append(predictor.predict(folder, output_dir / f"{case_id}.nii.gz", modalities=modalities))
+            summary = predictor.predict(folder, output_dir / f"{case_id}.nii.gz", modalities=modalities)
+            result.written.append(summary)
+            bar.set_postfix_str(f"{case_id}: {describe_geometry(summary)}")
+            if summary["anisotropic"]:
+                tqdm.write(anisotropy_warning(summary), file=sys.stderr)
         except (InputError, OSError, ValueError, torch.OutOfMemoryError) as exc:  # this case only; go on
             result.failed[case_id] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig
 
+from mstkd.data.geometry import check_orientation, check_spacing
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES, SUBSETS, parse_subsets
 
@@ -44,6 +45,8 @@ class Data:
     split: Split = field(default_factory=Split)
     patch_size: list[int] | None = MISSING
     foreground_ratio: float = MISSING
+    target_spacing: list[float] | None = MISSING
+    orientation: str = MISSING
     augment: Augment = field(default_factory=Augment)
     num_workers: int = MISSING
 
@@ -279,6 +282,15 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("model.decoder_channels", "model.discriminator_channels"):
         if not (channels := list(_get(cfg, key))) or any(c <= 0 for c in channels):
             raise _bad(key, channels, "give positive channel counts")
+    if (spacing := cfg.data.target_spacing) is not None:
+        try:
+            check_spacing(spacing, "data.target_spacing")
+        except InputError as exc:
+            raise _bad("data.target_spacing", list(spacing), str(exc).split(": ", 1)[1]) from None
+    try:
+        check_orientation(cfg.data.orientation)
+    except InputError:
+        raise _bad("data.orientation", cfg.data.orientation, "give three axis codes such as LPS or RAS") from None
     if not cfg.data.modalities:
         raise _bad("data.modalities", [], "name at least one modality")
     if unknown := [m for m in cfg.data.modalities if m not in MODALITIES]:

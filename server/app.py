@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
 
 from mstkd.atomic import copy_file, write_text
 from mstkd.config import save_config
 from mstkd.data.dataset import prepare_federation
+from mstkd.data.geometry import TargetGeometry
 from mstkd.errors import InputError
 from mstkd.evaluate import parse_subsets
 from mstkd.federated import (
@@ -46,6 +48,7 @@ from mstkd.tracking import Tracker
 from mstkd.train import pick_device, seed_everything
 from server.evaluation import RoundEnd, say
 from server.loop import run_rounds
+from server.plan import agree_target
 from server.privacy import PrivacyLedger, privacy_settings, wrap_for_privacy
 from server.report import describe_best, outcome, write_report
 from server.runlog import RunLog
@@ -87,6 +90,21 @@ def claim_folder(out: Path, overwrite: bool) -> None:
         (out / name).unlink()
     for folder in ("eval", "tensorboard") if earlier else ():
         shutil.rmtree(out / folder, ignore_errors=True)
+
+
+def original_target(out: Path) -> TargetGeometry:
+    """The target geometry a run being resumed agreed on (its ``config.yaml``): a resumed run keeps it.
+
+    Raises:
+        InputError: the file is missing, does not read, or names no target (a run of an older version).
+    """
+    try:
+        target = TargetGeometry.from_config(OmegaConf.load(out / "config.yaml").data)
+    except Exception as exc:  # a missing or damaged file: OSError, a YAML error, a missing key, a bad value
+        raise InputError(f"resume-from: {out}/config.yaml does not read ({type(exc).__name__})") from None
+    if target is None:
+        raise InputError(f"resume-from: {out} was started by an older version that planned no target geometry")
+    return target
 
 
 def test_cases(run: dict, cfg, num_sites: int, limit: int):
@@ -140,6 +158,20 @@ def main(grid: Grid, context: Context) -> None:
         claim_folder(out, bool(run.get("overwrite", False)))
     tracker = Tracker(out, bool(run.get("tensorboard", False)))  # refuses now if the package is missing
     out.mkdir(parents=True, exist_ok=True)
+    target = (
+        original_target(out)
+        if checkpoint is not None
+        else agree_target(
+            grid,
+            cfg.data,
+            min_nodes=min_nodes,
+            node_wait=float(run.get("node-wait", 600)),
+            timeout=float(run.get("round-timeout", 3600)),
+            max_examples=int(run.get("max-examples", 10_000)),
+            say=say,
+        )
+    )
+    cfg = OmegaConf.merge(cfg, {"data": target.to_config()})  # the held-out cases, checkpoints and config.yaml
     stem = "resumed_" if checkpoint is not None else ""  # a resumed run keeps the original files
     save_config(cfg, out / f"{stem}config.yaml")
     write_text(out / f"{stem}run_config.json", json.dumps(run, indent=1, default=str))
@@ -189,7 +221,9 @@ def main(grid: Grid, context: Context) -> None:
     ledger = (
         PrivacyLedger(privacy, num_sites, checkpoint.privacy if checkpoint is not None else None) if privacy else None
     )
-    train_config = {"lr": float(cfg.train.lr), "state-key": state_key}
+    # every node works at the agreed geometry (it caches its cases there)
+    site_config = {"target-spacing": " ".join(repr(v) for v in target.spacing), "orientation": target.orientation}
+    train_config = {"lr": float(cfg.train.lr), "state-key": state_key, **site_config}
     if privacy:
         train_config["dp-clipping"] = privacy["clipping"]  # which clipping mod a node runs (client-side DP)
     timeout = float(run.get("round-timeout", 3600))
@@ -271,6 +305,7 @@ def main(grid: Grid, context: Context) -> None:
         node_wait=float(run.get("node-wait", 600)),
         max_examples=int(run.get("max-examples", 10_000)),
         required_metrics=("norm_bit",) if privacy.get("mode") == "client" and privacy["clipping"] == "adaptive" else (),
+        evaluate_config=site_config,
         evaluate_fn=round_end,
         after_round=after_round,
         before_round=ledger.stop_reason if ledger is not None else None,

@@ -170,6 +170,7 @@ def run_rounds(
     node_wait: float,
     max_examples: int = 10_000,
     required_metrics: tuple[str, ...] = (),
+    evaluate_config: dict[str, Any] | None = None,
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
     after_round: Callable[[int, ArrayRecord], None] | None = None,
     before_round: Callable[[], str | None] | None = None,
@@ -215,7 +216,11 @@ def run_rounds(
                 else:
                     rec["step_norm"], rec["step_relative"] = step_norm(arrays, new)
                     arrays = new
-                    sent = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+                    sent = list(
+                        strategy.configure_evaluate(
+                            server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid
+                        )
+                    )
                     replies = send_and_receive(grid, sent, timeout)
                     good = split_replies(runlog, server_round, "evaluate", sent, replies, timeout, rules)
                     try:

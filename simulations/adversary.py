@@ -138,6 +138,7 @@ def adversary_mod(msg: Message, context: Context, call_next: Callable) -> Messag
 app = ClientApp(mods=[adversary_mod, *honest.MODS])
 app.train()(honest.train)
 app.evaluate()(honest.evaluate)
+app.query()(honest.query)
 
 APP_PARTS = ("mstkd", "client", "server", "simulations")
 """The packages the app needs (what its FAB carries), copied into a hostile app."""

@@ -16,6 +16,7 @@ from mstkd.config import load_config
 from mstkd.data.cache import CaseCache
 from mstkd.data.cases import load_case, normalize
 from mstkd.data.dataset import make_loader, prepare_federation
+from mstkd.data.geometry import orientation_of
 from mstkd.data.labels import (
     CLASSES,
     CONVENTIONS,
@@ -357,21 +358,37 @@ def test_prepare_federation_without_csv_is_one_site(tmp_path):
     shutil.rmtree(fed.cache_dir)
 
 
-def test_a_site_with_odd_spacing_or_orientation_is_warned_once(tmp_path, caplog):
+def test_odd_spacings_and_orientations_are_brought_to_the_target_and_warned_once(tmp_path, caplog):
     from tests.conftest import AFFINE
 
     flipped = AFFINE.copy()
     flipped[0, 0] = 1.0  # the first axis runs the other way: another orientation
     fine = np.diag([-0.9, -0.9, 0.9, 1.0])  # same orientation as AFFINE, smaller voxels
-    for i, affine in enumerate([AFFINE, AFFINE, AFFINE, flipped, fine]):
+    thick = np.diag([-1.0, -1.0, 4.0, 1.0])  # slices 4x thicker than the in-plane size
+    for i, affine in enumerate([AFFINE, AFFINE, AFFINE, flipped, fine, thick]):
         write_case(tmp_path / "d", f"FeTS2022_0000{i}", seed=i, affine=affine)
     with caplog.at_level("WARNING", logger="mstkd.data"):
-        prepare_federation(tmp_path / "d", DATA_CFG, progress=False)
+        fed = prepare_federation(tmp_path / "d", DATA_CFG, progress=False)
         prepare_federation(tmp_path / "d", DATA_CFG, progress=False)  # the same site again: no new warning
     lines = [r.getMessage() for r in caplog.records if r.name == "mstkd.data"]
     assert len(lines) == 2 and all("\n" not in line and line.startswith("site 1: ") for line in lines)
-    assert "1 of 5 cases do not have 1 mm voxels (e.g. FeTS2022_00004 at 0.90 x 0.90 x 0.90 mm)" in lines[0]
-    assert "1 of 5 cases are oriented differently" in lines[1] and "FeTS2022_00003" in lines[1]
+    assert "3 of 6 cases reoriented or resampled to the target 1 x 1 x 1 mm LPS" in lines[0]
+    assert any(f"{case} mm" in lines[0] for case in ("00003 from 1 x 1 x 1", "00004 from 0.9 x 0.9 x 0.9"))
+    assert "1 of 6 cases have thick slices (e.g. FeTS2022_00005 at 1 x 1 x 4 mm)" in lines[1]
+    # the median of the six cases' voxel sizes is the target; every entry is cached at it, in LPS
+    assert fed.target.spacing == (1.0, 1.0, 1.0) and fed.target.orientation == "LPS"
+    for entry in fed.entries.values():
+        assert np.allclose(entry.meta["spacing"], 1.0) and orientation_of(np.array(entry.meta["affine"])) == "LPS"
+    plain, mirrored = fed.entries["FeTS2022_00000"], fed.entries["FeTS2022_00003"]
+    assert (
+        not plain.meta["resampled"] and mirrored.meta["resampled"] and fed.entries["FeTS2022_00005"].meta["resampled"]
+    )
+    # reorienting is exact: the mirrored case's label map is the original's, flipped back
+    seg = np.asarray(nib.load(tmp_path / "d/FeTS2022_00003/FeTS2022_00003_seg.nii.gz").dataobj)
+    box = [slice(a, b) for a, b in mirrored.meta["crop_box"]]
+    np.testing.assert_array_equal(mirrored.regions()[2], (seg > 0)[::-1][tuple(box)])
+    # a thick-slice case becomes 4x as many 1 mm slices
+    assert fed.entries["FeTS2022_00005"].meta["shape"][2] > 3 * fed.entries["FeTS2022_00005"].meta["source"]["shape"][2]
 
 
 def test_a_regular_site_gets_no_geometry_warning(tmp_path, caplog):

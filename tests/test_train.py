@@ -145,7 +145,8 @@ def test_a_collapsed_model_is_flagged(phantoms, tmp_path):
 
 
 def _checkpoint(tmp_path: Path) -> Path:
-    cfg = load_config(TINY)
+    """An untrained tiny student, saved as a trainer saves it: with the 1 mm target of the cases it predicts."""
+    cfg = load_config([*TINY, "data.target_spacing=[1,1,1]"])
     torch.manual_seed(0)
     return save_checkpoint(tmp_path / "student.pt", build_networks(cfg.model)[1], cfg)
 

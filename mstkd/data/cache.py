@@ -4,8 +4,12 @@ One folder per case under the cache root::
 
     <cache>/<case_id>/image.npy     4 x h x w x d, normalised, cropped to the brain (float16 by default)
     <cache>/<case_id>/regions.npy   h x w x d uint8, bit i set when the voxel is in REGIONS[i] (ET, TC, WT)
-    <cache>/<case_id>/meta.json     source files and their size/mtime, layout, original shape,
-                                    affine, spacing, crop box, normalisation, available modalities
+    <cache>/<case_id>/meta.json     source files and their size/mtime, layout, the source grid (shape,
+                                    affine, spacing), the cached grid (the same, after resampling to
+                                    the target geometry), crop box, normalisation, available modalities
+
+With a target geometry (:mod:`mstkd.data.geometry`) each case is reoriented and resampled to it
+before it is normalised and cropped; a case already at the target is stored as it is.
 
 An entry is reused while its source files keep their size and modification time and the
 normalisation settings match; otherwise it is rebuilt. Entries are written to a temporary
@@ -27,11 +31,12 @@ from typing import Any
 import numpy as np
 
 from mstkd.data.cases import bounding_box, brain_mask, load_case, normalize
+from mstkd.data.geometry import TargetGeometry, at_target, regions_to_target, spacing_of, to_target
 from mstkd.data.labels import REGIONS
 from mstkd.data.layouts import CaseFiles
 from mstkd.modalities import MODALITIES, Subset
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry their source grid and the target geometry
 BRAIN_MARGIN = 2  # voxels of background kept around the brain, so crops near the edge see some
 
 
@@ -83,8 +88,10 @@ class CaseCache:
         normalization: str = "zscore",
         dtype: str = "float16",
         modalities: Sequence[str] = MODALITIES,
+        target: TargetGeometry | None = None,
     ) -> None:
         self.root = Path(root)
+        self.target = target
         self.normalization = normalization
         self.dtype = np.dtype(dtype)
         self.modalities = [m for m in MODALITIES if m in modalities]
@@ -95,6 +102,7 @@ class CaseCache:
             "normalization": self.normalization,
             "dtype": self.dtype.name,
             "modalities": self.modalities,
+            "target": self.target.to_dict() if self.target else None,
         }
 
     def lookup(self, files: CaseFiles) -> CachedCase | None:
@@ -120,10 +128,17 @@ class CaseCache:
 
     def _build(self, files: CaseFiles, *, with_seg: bool) -> CachedCase:
         case = load_case(files, required=self.modalities, with_seg=with_seg, others=False)
-        mask = brain_mask(case.image)
+        available = case.available
+        image, affine, regions = case.image, case.affine, case.regions
+        resampled = self.target is not None and not at_target(affine, self.target)
+        if resampled:
+            image, affine = to_target(case.image, case.affine, self.target)
+            if regions is not None:
+                regions = regions_to_target(regions, case.affine, self.target)
+        mask = brain_mask(image)
         box = bounding_box(mask, margin=BRAIN_MARGIN)
         crop = tuple(slice(a, b) for a, b in box)
-        image = normalize(case.image, self.normalization, mask)[(slice(None), *crop)].astype(self.dtype)
+        image = normalize(image, self.normalization, mask)[(slice(None), *crop)].astype(self.dtype)
         meta = {
             "case_id": files.case_id,
             "layout": files.layout,
@@ -131,12 +146,18 @@ class CaseCache:
             "sources": {k: str(p) for k, p in {**files.images, "seg": files.seg}.items() if p is not None},
             "fingerprint": _fingerprint(files),
             "settings": self._settings(),
-            "available": list(case.available.modalities),
-            "has_labels": case.regions is not None,
-            "shape": list(case.image.shape[1:]),
+            "available": list(available.modalities),
+            "has_labels": regions is not None,
+            "shape": list(mask.shape),
             "crop_box": [list(b) for b in box],
-            "affine": case.affine.tolist(),
-            "spacing": list(case.spacing),
+            "affine": affine.tolist(),
+            "spacing": list(spacing_of(affine)) if resampled else list(case.spacing),
+            "resampled": resampled,
+            "source": {
+                "shape": list(case.image.shape[1:]),
+                "affine": case.affine.tolist(),
+                "spacing": list(case.spacing),
+            },
             "modalities": list(MODALITIES),
             "regions": list(REGIONS),
         }
@@ -146,9 +167,9 @@ class CaseCache:
         try:
             tmp.mkdir()
             np.save(tmp / "image.npy", np.ascontiguousarray(image))
-            if case.regions is not None:
-                bits = np.zeros(case.regions.shape[1:], dtype=np.uint8)
-                for i, region in enumerate(case.regions):
+            if regions is not None:
+                bits = np.zeros(regions.shape[1:], dtype=np.uint8)
+                for i, region in enumerate(regions):
                     bits |= region.astype(np.uint8) << i
                 np.save(tmp / "regions.npy", np.ascontiguousarray(bits[crop]))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -10,17 +10,25 @@ and :func:`make_loader` turns them into a MONAI ``DataLoader``.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from monai.data import DataLoader, Dataset
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mstkd.data.cache import CachedCase, CaseCache
+from mstkd.data.geometry import (
+    DEFAULT_ORIENTATION,
+    TargetGeometry,
+    format_spacing,
+    header_affine,
+    is_anisotropic,
+    orientation_of,
+    oriented_spacing,
+    plan_spacing,
+)
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.data.partitions import (
     Partitions,
@@ -51,6 +59,7 @@ class Federation:
     split: Split
     entries: dict[str, CachedCase]
     split_csv: Path
+    target: TargetGeometry
     skipped: dict[str, str] = field(default_factory=dict)  # case -> why it was left out (skip_bad)
 
     @property
@@ -82,6 +91,33 @@ def resolve_partitions(data_dir: Path, partitioning: str | Path | None) -> tuple
     partitions = read_partitions(partitioning) if partitioning else single_site(folders)
     check_cases_exist(partitions, folders)
     return folders, partitions
+
+
+def case_spacings(folders: Sequence[Path], orientation: str) -> list[tuple[float, float, float]]:
+    """The voxel size of each case folder in ``orientation``, read from one image header each (no voxels are
+    read); a folder that does not read as a case is left out here (it is reported when it is cached)."""
+    out = []
+    for folder in folders:
+        try:
+            files = detect_case(folder)
+            out.append(oriented_spacing(header_affine(next(iter(files.images.values()))), orientation))
+        except (InputError, StopIteration):
+            continue
+    return out
+
+
+def plan_target(cfg: DictConfig, folders: Sequence[Path]) -> TargetGeometry:
+    """``data.target_spacing`` when set, else nnU-Net's plan: the per-axis median voxel size of ``folders``
+    (the training cases), both in ``data.orientation``.
+
+    Raises:
+        InputError: no spacing set and no readable case to plan from.
+    """
+    given = TargetGeometry.from_config(cfg)
+    if given is not None:
+        return given
+    orientation = str(cfg.get("orientation") or DEFAULT_ORIENTATION)  # a config of an older version has none
+    return TargetGeometry(plan_spacing(case_spacings(folders, orientation)), orientation)
 
 
 def prepare_federation(
@@ -125,11 +161,14 @@ def prepare_federation(
         test_fraction=float(s.test_fraction),
         min_site_cases_for_test=int(s.min_site_cases_for_test),
     )
+    planned = [folders[c] for site in split.sites for c in split.train[site] + split.val[site]]
+    target = plan_target(cfg, planned or [folders[c] for c in split.test])
     cache = CaseCache(
         cache_dir or data_dir / DEFAULT_CACHE,
         normalization=cfg.normalization,
         dtype=cfg.cache_dtype,
         modalities=list(cfg.modalities),
+        target=target,
     )
     unknown = [s for s in sites or () if s not in split.train]
     if unknown:
@@ -159,39 +198,31 @@ def prepare_federation(
     for case_id in split.test:
         by_site.setdefault(split.test_origin.get(case_id, "test"), []).append(case_id)
     for site, cases in by_site.items():
-        for warning in geometry_warnings(site, [entries[c] for c in cases if c in entries]):
+        for warning in geometry_warnings(site, [entries[c] for c in cases if c in entries], target):
             if (str(data_dir), warning) not in _WARNED:  # once per site and process
                 _WARNED.add((str(data_dir), warning))
                 log.warning(warning)
-    return Federation(data_dir, cache.root, partitions, split, entries, split_csv, skipped)
+    return Federation(data_dir, cache.root, partitions, split, entries, split_csv, target, skipped)
 
 
-SPACING_TOLERANCE = 0.05
-"""Relative distance from 1 mm beyond which a voxel spacing is reported (BraTS data are 1 mm isotropic)."""
-
-
-def geometry_warnings(site: str, entries: Sequence[CachedCase]) -> list[str]:
-    """At most two lines for ``site``: cases whose voxels are not about 1 mm, and cases whose orientation
-    (axis codes such as RAS, LPS) differs from the site's most common one. The network sees voxels,
-    not millimetres, and never reorients: such cases should be resampled or reoriented first."""
-    import nibabel as nib
-
+def geometry_warnings(site: str, entries: Sequence[CachedCase], target: TargetGeometry) -> list[str]:
+    """At most two lines for ``site``: how many of its cases were resampled to ``target`` (and from what), and
+    how many have thick slices (a coarsest axis over 3x the finest), whose missing detail no resampling restores."""
     warnings = []
-    spacings = {e.case_id: [float(v) for v in e.meta["spacing"]] for e in entries}
-    off = [c for c, sp in spacings.items() if any(abs(v - 1.0) > SPACING_TOLERANCE for v in sp)]
-    if off:
-        example = " x ".join(f"{v:.2f}" for v in spacings[off[0]])
+    resampled = [e for e in entries if e.meta.get("resampled")]
+    if resampled:
+        source = resampled[0].meta["source"]
         warnings.append(
-            f"site {site}: {len(off)} of {len(entries)} cases do not have 1 mm voxels (e.g. {off[0]} at "
-            f"{example} mm); the network sees voxels, not mm: resample them to 1 mm isotropic first"
+            f"site {site}: {len(resampled)} of {len(entries)} cases reoriented or resampled to the target "
+            f"{target.describe()} (e.g. {resampled[0].case_id} from {format_spacing(source['spacing'])} mm "
+            f"{orientation_of(source['affine'])})"
         )
-    codes = {e.case_id: "".join(nib.aff2axcodes(np.asarray(e.meta["affine"]))) for e in entries}
-    if len(set(codes.values())) > 1:
-        common = Counter(codes.values()).most_common(1)[0][0]
-        odd = [c for c, code in codes.items() if code != common]
+    thick = [e for e in entries if is_anisotropic(e.meta.get("source", e.meta)["spacing"])]
+    if thick:
+        source = thick[0].meta.get("source", thick[0].meta)["spacing"]
         warnings.append(
-            f"site {site}: {len(odd)} of {len(entries)} cases are oriented differently from the others "
-            f"({common}; e.g. {odd[0]} is {codes[odd[0]]}); reorient them to one orientation first"
+            f"site {site}: {len(thick)} of {len(entries)} cases have thick slices (e.g. {thick[0].case_id} at "
+            f"{format_spacing(source)} mm): the model cannot recover the detail between them"
         )
     return warnings
 

@@ -1,0 +1,108 @@
+"""Before its first round a federation agrees on one target geometry (the voxel size its model works at).
+
+nnU-Net plans the target spacing as the median voxel size of the training cases. No party here
+sees every case, so each site reports the median of its own cases (from the image headers; four
+numbers leave the site) and the server takes the median of those, weighted by each site's case
+count. A run config that sets ``data.target_spacing`` (``overrides``) skips the exchange. The
+agreed value goes to every node with every train and evaluate message, the server's held-out
+cases are cached at it, and every checkpoint stores it.
+
+A site's reply is input from outside: exactly the four numbers, each voxel size within
+:data:`~mstkd.data.geometry.MIN_SPACING` .. :data:`~mstkd.data.geometry.MAX_SPACING` mm, a case count in
+1 .. ``max-examples``. A reply that fails these checks, an error reply and silence are logged with the
+node's id and leave the plan to the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from mstkd.data.geometry import TargetGeometry, check_spacing, format_spacing, plan_spacing
+from mstkd.errors import InputError
+from server.loop import send_and_receive, wait_for_nodes
+from server.replies import printable
+
+log = logging.getLogger("mstkd.server")
+
+REPLY_KEYS = frozenset({"num-examples", "spacing-0", "spacing-1", "spacing-2"})
+
+
+def site_spacing(content: RecordDict, max_examples: int) -> tuple[tuple[float, float, float], int]:
+    """The voxel size and case count of one site's reply.
+
+    Raises:
+        ValueError: anything but exactly :data:`REPLY_KEYS` with values in range.
+    """
+    if "metrics" not in content.metric_records or set(content.metric_records["metrics"]) != REPLY_KEYS:
+        raise ValueError("its reply is not the four numbers of a voxel-size report")
+    metrics = content.metric_records["metrics"]
+    cases = metrics["num-examples"]
+    if not isinstance(cases, int) or not 1 <= cases <= max_examples:
+        raise ValueError(f"num-examples {cases!r} is not a case count in 1..{max_examples}")
+    values = [metrics[f"spacing-{axis}"] for axis in range(3)]
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        raise ValueError("its voxel size is not three finite numbers")
+    try:
+        return check_spacing(values, "voxel size"), cases
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def agree_target(
+    grid: Grid,
+    data_cfg,
+    *,
+    min_nodes: int,
+    node_wait: float,
+    timeout: float,
+    max_examples: int,
+    say: Callable[[str], None] = log.info,
+) -> TargetGeometry:
+    """``data.target_spacing`` when the run config sets it; otherwise the case-weighted median of the connected
+    sites' median voxel sizes (see the module doc).
+
+    Raises:
+        InputError: no site gave a usable report.
+    """
+    given = TargetGeometry.from_config(data_cfg)
+    if given is not None:
+        say(f"target geometry {given.describe()} (data.target_spacing)")
+        return given
+    orientation = str(data_cfg.orientation)
+    wait_for_nodes(grid, min_nodes, node_wait)
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({"config": ConfigRecord({"orientation": orientation})})
+    sent = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    spacings, weights, heard = [], [], set()
+    for reply in send_and_receive(grid, sent, timeout):
+        node = reply.metadata.src_node_id
+        try:
+            if node in heard:
+                raise ValueError("a second reply from this node")
+            heard.add(node)
+            if reply.has_error():
+                raise ValueError(f"error reply: {printable(reply.error.reason)}")
+            spacing, cases = site_spacing(reply.content, max_examples)
+        except ValueError as exc:
+            log.warning("planning the target geometry: node %s left out: %s", node, exc)
+            continue
+        spacings.append(spacing)
+        weights.append(cases)
+    if not spacings:
+        raise InputError(
+            f"no site reported its voxel size ({len(nodes)} asked); set one with "
+            "overrides='data.target_spacing=[1,1,1]'"
+        )
+    target = TargetGeometry(plan_spacing(spacings, weights), orientation)  # type: ignore[arg-type]
+    missing = len(nodes) - len(spacings)
+    left_out = f"; {missing} site{'s' * (missing > 1)} left out (see the log)" if missing else ""
+    say(
+        f"target geometry {target.describe()}: the median voxel size of {sum(weights)} cases at "
+        f"{len(spacings)} sites (site medians {', '.join(format_spacing(s) for s in spacings)}){left_out}"
+    )
+    return target
