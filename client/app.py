@@ -98,13 +98,15 @@ def _process_age() -> float:
     return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
-def site_runner(context: Context):
+def site_runner(context: Context, *, timed: bool = True):
     """``run(job, *args)``: ``client.site.<job>`` in the node's warm worker or in this process
-    (:func:`client.worker.wanted`), called with a :class:`client.worker.NodeContext` first."""
+    (:func:`client.worker.wanted`), called with a :class:`client.worker.NodeContext` first. ``timed``: the
+    work reports this process's start-up (the voxel-size report before round 1 does not, so the first
+    train message still carries it)."""
     global _SERVED
     worker.configure_logging(context.node_config)
-    first = not _SERVED and worker.ray_node() is None  # a Ray worker's age would include its idle time
-    _SERVED = True
+    first = timed and not _SERVED and worker.ray_node() is None  # a Ray worker's age would include its idle time
+    _SERVED = _SERVED or timed
     node = worker.NodeContext(
         run_id=int(context.run_id),
         node_id=int(context.node_id),
@@ -144,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Before its first round the federation plans its target geometry: this site's median voxel size."""
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    metrics = site_runner(context)("site_geometry", config)
+    metrics = site_runner(context, timed=False)("site_geometry", config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

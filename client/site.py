@@ -28,6 +28,7 @@ import torch
 
 from client.worker import NodeContext, configure_logging, ray_node
 from mstkd.data.dataset import make_loader
+from mstkd.data.geometry import check_orientation
 from mstkd.data.labels import CLASSES, REGIONS
 from mstkd.errors import InputError, NonFiniteUpdate, NoUsableCases, RefusedMessage
 from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
@@ -289,7 +290,10 @@ def site_geometry(context: NodeContext, config: Mapping[str, Any]) -> dict[str, 
     Only image headers are read, and only these four numbers leave the site."""
     configure_logging(context.node_config)
     cfg = config_from_run(context.run_config)
-    orientation = str(config.get("orientation", cfg.data.orientation))
+    try:
+        orientation = check_orientation(str(config.get("orientation", cfg.data.orientation)))
+    except InputError as exc:
+        raise RefusedMessage(f"the message's orientation is not valid ({exc})") from None
     spacing, cases = site_spacing(context.run_config, context.node_config, orientation)
     return {"num-examples": cases, **{f"spacing-{axis}": float(v) for axis, v in enumerate(spacing)}}
 

@@ -35,7 +35,14 @@ from torch import nn
 
 from mstkd.atomic import atomic_path, write_text
 from mstkd.config import load_config
-from mstkd.data.dataset import Federation, case_spacings, prepare_federation, resolve_partitions
+from mstkd.data.dataset import (
+    Federation,
+    case_spacings,
+    prepare_federation,
+    resolve_partitions,
+    site_split,
+    split_of,
+)
 from mstkd.data.geometry import DEFAULT_ORIENTATION, TargetGeometry, plan_spacing
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.errors import InputError, NonFiniteState, RefusedMessage
@@ -262,7 +269,7 @@ def _with_modalities(cfg: DictConfig, available: Subset) -> DictConfig:
 
 
 def _simulated_site(run: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[Path, Path | None, str, list[Path]]:
-    """A simulated node's dataset folder, partition CSV, site name and case folders."""
+    """A simulated node's dataset folder, partition CSV, site name and case folders (all of them, test cases too)."""
     if "partition-id" not in node:
         raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
     index, count = int(node["partition-id"]), int(node["num-partitions"])
@@ -285,10 +292,13 @@ def site_spacing(run: Mapping[str, Any], node: Mapping[str, Any], orientation: s
     Raises:
         InputError: no readable case.
     """
-    if node.get("data-path"):
+    if node.get("data-path"):  # a deployed site's cases are all train or val (its test cases live with the server)
         folders = list(find_case_folders(Path(str(node["data-path"])).expanduser()).values())
     else:
-        folders = _simulated_site(run, node)[3]
+        folder, csv, site, _ = _simulated_site(run, node)
+        all_folders, partitions = resolve_partitions(folder, csv)
+        split = split_of(partitions, config_from_run(run).data)
+        folders = [all_folders[c] for c in site_split(split, site)]
     spacings = case_spacings(folders, orientation)
     return list(plan_spacing(spacings)), len(spacings)
 
@@ -301,6 +311,8 @@ def with_target(cfg: DictConfig, config: Mapping[str, Any]) -> DictConfig:
         RefusedMessage: a target that is not three voxel sizes in range, or not an orientation.
     """
     if "target-spacing" not in config:
+        if cfg.data.target_spacing is None:
+            log.warning("the message names no target geometry (a server of an older version?): this site plans its own")
         return cfg
     try:
         target = TargetGeometry(

@@ -92,19 +92,17 @@ def claim_folder(out: Path, overwrite: bool) -> None:
         shutil.rmtree(out / folder, ignore_errors=True)
 
 
-def original_target(out: Path) -> TargetGeometry:
-    """The target geometry a run being resumed agreed on (its ``config.yaml``): a resumed run keeps it.
+def original_target(out: Path) -> TargetGeometry | None:
+    """The target geometry a run being resumed agreed on (its ``config.yaml``), which a resumed run keeps; None
+    for a run of an older version, which planned none (the resumed run plans it now).
 
     Raises:
-        InputError: the file is missing, does not read, or names no target (a run of an older version).
+        InputError: the file is missing or does not read.
     """
     try:
-        target = TargetGeometry.from_config(OmegaConf.load(out / "config.yaml").data)
+        return TargetGeometry.from_config(OmegaConf.load(out / "config.yaml").data)
     except Exception as exc:  # a missing or damaged file: OSError, a YAML error, a missing key, a bad value
         raise InputError(f"resume-from: {out}/config.yaml does not read ({type(exc).__name__})") from None
-    if target is None:
-        raise InputError(f"resume-from: {out} was started by an older version that planned no target geometry")
-    return target
 
 
 def test_cases(run: dict, cfg, num_sites: int, limit: int):
@@ -158,18 +156,14 @@ def main(grid: Grid, context: Context) -> None:
         claim_folder(out, bool(run.get("overwrite", False)))
     tracker = Tracker(out, bool(run.get("tensorboard", False)))  # refuses now if the package is missing
     out.mkdir(parents=True, exist_ok=True)
-    target = (
-        original_target(out)
-        if checkpoint is not None
-        else agree_target(
-            grid,
-            cfg.data,
-            min_nodes=min_nodes,
-            node_wait=float(run.get("node-wait", 600)),
-            timeout=float(run.get("round-timeout", 3600)),
-            max_examples=int(run.get("max-examples", 10_000)),
-            say=say,
-        )
+    target = (original_target(out) if checkpoint is not None else None) or agree_target(
+        grid,
+        cfg.data,
+        min_nodes=min_nodes,
+        node_wait=float(run.get("node-wait", 600)),
+        timeout=float(run.get("round-timeout", 3600)),
+        max_examples=int(run.get("max-examples", 10_000)),
+        say=say,
     )
     cfg = OmegaConf.merge(cfg, {"data": target.to_config()})  # the held-out cases, checkpoints and config.yaml
     stem = "resumed_" if checkpoint is not None else ""  # a resumed run keeps the original files

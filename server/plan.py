@@ -22,7 +22,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from mstkd.data.geometry import TargetGeometry, check_spacing, format_spacing, plan_spacing
+from mstkd.data.geometry import TargetGeometry, check_orientation, check_spacing, format_spacing, plan_spacing
 from mstkd.errors import InputError
 from server.loop import send_and_receive, wait_for_nodes
 from server.replies import printable
@@ -73,7 +73,7 @@ def agree_target(
     if given is not None:
         say(f"target geometry {given.describe()} (data.target_spacing)")
         return given
-    orientation = str(data_cfg.orientation)
+    orientation = check_orientation(data_cfg.orientation)
     wait_for_nodes(grid, min_nodes, node_wait)
     nodes = sorted(grid.get_node_ids())
     content = RecordDict({"config": ConfigRecord({"orientation": orientation})})
@@ -93,6 +93,8 @@ def agree_target(
             continue
         spacings.append(spacing)
         weights.append(cases)
+    for node in sorted(set(nodes) - heard):
+        log.warning("planning the target geometry: node %s left out: no reply within %g s", node, timeout)
     if not spacings:
         raise InputError(
             f"no site reported its voxel size ({len(nodes)} asked); set one with "

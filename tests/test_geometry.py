@@ -224,7 +224,7 @@ def test_a_federation_agrees_on_one_target_and_a_bad_report_costs_only_its_sende
     grid = run_inproc(server_app, liar, tiny_run_config(tmp_path, **{"num-server-rounds": 1}), nodes())
     assert sum(w["type"] == MessageType.QUERY and w["direction"] == "to-node" for w in grid.wire) == NODES
     phantom = (5.0, 5.0, 4.84375)  # the 48 x 48 x 32 phantom grid
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "target geometry 5 x 5 x 4.84 mm LPS: the median voxel size of" in out and "at 2 sites" in out
     assert "1 site left out" in out
     run = tmp_path / "run"
@@ -312,3 +312,15 @@ def test_the_demo_model_segments_the_same_anatomy_at_1_mm_and_at_5_mm(tmp_path, 
                  "--output-dir", str(tmp_path / "pred-old"), "--quiet"]) == 0  # fmt: skip
     unresampled = _mean_dice(tmp_path / "pred-old", [one / versions["fine"][0].name])
     assert unresampled < dice["native"] - 0.2, (unresampled, dice)
+
+
+def test_a_lowercase_orientation_plans_and_a_target_far_finer_than_a_case_is_refused(tmp_path):
+    from mstkd.data.dataset import prepare_federation
+    from tests.conftest import write_case
+
+    for i in range(3):
+        write_case(tmp_path / "d", f"FeTS2022_0000{i}", seed=i)
+    fed = prepare_federation(tmp_path / "d", load_config(["data.orientation=lps"]).data, progress=False)
+    assert fed.target == TargetGeometry((1.0, 1.0, 1.0), "LPS")
+    with pytest.raises(InputError, match="would make 3.31e\\+08 voxels"):  # before anything is allocated
+        to_target(np.zeros((1, 240, 240, 155), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), TargetGeometry((0.3,) * 3))

@@ -453,7 +453,12 @@ def test_message_audit_only_student_discriminator_and_scalars_leave_a_site(tmp_p
         torch.load(p, weights_only=False)["teacher"] for p in (tmp_path / "work" / "nodes").glob("*/*/local.pt")
     ]
     teacher_arrays = [v.numpy() for t in teacher_states for v in t.values() if v.numel() > 16]
-    assert len(grid.replies) == 2 * 2 * 3  # train + evaluate, 2 rounds, 3 nodes
+    # each node's voxel-size report before round 1 (four numbers), then train + evaluate, 2 rounds, 3 nodes
+    reports = [r for r in grid.replies if r.metadata.message_type == "query"]
+    assert len(reports) == 3 and len(grid.replies) == 3 + 2 * 2 * 3
+    for reply in reports:
+        assert set(reply.content.keys()) == {"metrics"}
+        assert set(reply.content["metrics"]) == {"num-examples", "spacing-0", "spacing-1", "spacing-2"}
     for reply in grid.replies:
         assert not reply.has_error()
         content = reply.content

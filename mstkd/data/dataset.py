@@ -22,6 +22,7 @@ from mstkd.data.cache import CachedCase, CaseCache
 from mstkd.data.geometry import (
     DEFAULT_ORIENTATION,
     TargetGeometry,
+    check_orientation,
     format_spacing,
     header_affine,
     is_anisotropic,
@@ -93,6 +94,23 @@ def resolve_partitions(data_dir: Path, partitioning: str | Path | None) -> tuple
     return folders, partitions
 
 
+def split_of(partitions: Partitions, cfg: DictConfig) -> Split:
+    """The deterministic train/val/test split of ``partitions`` under the ``data`` section's ``split`` settings."""
+    s = cfg.split
+    return make_split(
+        partitions,
+        seed=int(s.seed),
+        val_fraction=float(s.val_fraction),
+        test_fraction=float(s.test_fraction),
+        min_site_cases_for_test=int(s.min_site_cases_for_test),
+    )
+
+
+def site_split(split: Split, site: str) -> list[str]:
+    """A site's training and validation cases (what it trains and selects on; never the held-out test cases)."""
+    return split.train[site] + split.val[site]
+
+
 def case_spacings(folders: Sequence[Path], orientation: str) -> list[tuple[float, float, float]]:
     """The voxel size of each case folder in ``orientation``, read from one image header each (no voxels are
     read); a folder that does not read as a case is left out here (it is reported when it is cached)."""
@@ -116,7 +134,7 @@ def plan_target(cfg: DictConfig, folders: Sequence[Path]) -> TargetGeometry:
     given = TargetGeometry.from_config(cfg)
     if given is not None:
         return given
-    orientation = str(cfg.get("orientation") or DEFAULT_ORIENTATION)  # a config of an older version has none
+    orientation = check_orientation(cfg.get("orientation") or DEFAULT_ORIENTATION)  # an older config has none
     return TargetGeometry(plan_spacing(case_spacings(folders, orientation)), orientation)
 
 
@@ -139,8 +157,9 @@ def prepare_federation(
         partitioning: partition CSV; default ``data_dir/partitioning.csv`` when it exists,
             otherwise one site holding every case.
         cache_dir: where entries go; default ``data_dir/.mstkd-cache``.
-        sites: cache the train/val cases of these sites only (default: every site); a federated
-            node passes its own, so it never reads another site's files.
+        sites: cache the train/val cases of these sites only (default: every site), and plan the target
+            geometry (when ``cfg.target_spacing`` is not set) from theirs; a federated node passes its own, so
+            it never reads another site's files.
         test: cache the held-out test cases too.
         progress: show a progress bar while caching.
         skip_bad: leave out a case that cannot be read or fails validation (truncated or missing
@@ -153,15 +172,9 @@ def prepare_federation(
     """
     data_dir = Path(data_dir)
     folders, partitions = resolve_partitions(data_dir, partitioning)
-    s = cfg.split
-    split = make_split(
-        partitions,
-        seed=int(s.seed),
-        val_fraction=float(s.val_fraction),
-        test_fraction=float(s.test_fraction),
-        min_site_cases_for_test=int(s.min_site_cases_for_test),
-    )
-    planned = [folders[c] for site in split.sites for c in split.train[site] + split.val[site]]
+    split = split_of(partitions, cfg)
+    # planned from the training cases of the sites asked for (the test cases when none is)
+    planned = [folders[c] for site in split.sites if sites is None or site in sites for c in site_split(split, site)]
     target = plan_target(cfg, planned or [folders[c] for c in split.test])
     cache = CaseCache(
         cache_dir or data_dir / DEFAULT_CACHE,

@@ -32,8 +32,12 @@ SPACING_TOLERANCE = 0.01
 ANISOTROPY = 3.0
 """A case whose coarsest axis is more than this many times its finest is anisotropic (nnU-Net's threshold)."""
 
-MIN_SPACING, MAX_SPACING = 0.05, 20.0
-"""The voxel sizes (mm) a target may have: anything outside is a broken header, not a scan."""
+MIN_SPACING, MAX_SPACING = 0.3, 20.0
+"""The voxel sizes (mm) a target may have: finer than any clinical brain MRI, coarser than any slice."""
+
+MAX_VOXELS = 150_000_000
+"""The most voxels a case may have once resampled (a 240 mm field of view at 0.45 mm; 2.4 GB for four float32
+channels): a target far finer than a case would otherwise exhaust the memory of whoever resamples it."""
 
 DEFAULT_ORIENTATION = "LPS"
 
@@ -187,6 +191,13 @@ def to_target(
     from monai.transforms import Orientation, Spacing
 
     image = MetaTensor(torch.as_tensor(np.asarray(volumes, dtype=np.float32)), affine=torch.as_tensor(affine))
+    extent = np.asarray(volumes.shape[1:]) * np.asarray(spacing_of(affine))  # the field of view, mm
+    voxels = float(np.prod(extent) / np.prod(target.spacing))
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"resampling a {format_spacing(spacing_of(affine))} mm grid of {volumes.shape[1:]} to "
+            f"{target.describe()} would make {voxels:.3g} voxels (at most {MAX_VOXELS:.3g})"
+        )
     image = Orientation(axcodes=target.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     if not at_target(image.affine.numpy(), target):
         image = Spacing(pixdim=target.spacing, mode=mode, padding_mode="zeros", dtype=torch.float32)(image)
