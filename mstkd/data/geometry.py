@@ -177,12 +177,19 @@ def at_target(affine: np.ndarray, target: TargetGeometry) -> bool:
 
 
 def to_target(
-    volumes: np.ndarray, affine: np.ndarray, target: TargetGeometry, *, mode: str = "bilinear"
+    volumes: np.ndarray, affine: np.ndarray, target: TargetGeometry, *, brain: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """``C x H x W x D`` volumes on the grid ``affine`` -> the same volumes reoriented and resampled to ``target``.
 
     Returns the new ``C x h x w x d`` float32 array and its affine (MONAI's ``Orientation`` then
-    ``Spacing``; zeros outside the source). A grid already at the target is returned as it is.
+    ``Spacing``, trilinear; zeros outside the source). A grid already at the target is returned as it is.
+
+    ``brain`` (images): the brain mask (voxels non-zero in any channel) is resampled with the images
+    (linear, ``>= 0.5``) and every voxel outside it is set to 0. An interpolator leaves small values just
+    outside the brain, which the z-score normalisation would count as brain (:func:`mstkd.data.cases.brain_mask`).
+    Measured with the demo's model on three phantom cases written at 1, 2.5, 3 and 4 mm: mean Dice 0.81 /
+    0.78 / 0.62 / 0.58 without this step, 0.82 / 0.78 / 0.75 / 0.70 with it. Nothing smooths before a grid is
+    made coarser (nnU-Net does not either); a cubic spline instead of trilinear gained at most 0.015 there.
     """
     if at_target(affine, target):
         return volumes, affine
@@ -190,7 +197,6 @@ def to_target(
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
 
-    image = MetaTensor(torch.as_tensor(np.asarray(volumes, dtype=np.float32)), affine=torch.as_tensor(affine))
     extent = np.asarray(volumes.shape[1:]) * np.asarray(spacing_of(affine))  # the field of view, mm
     voxels = float(np.prod(extent) / np.prod(target.spacing))
     if voxels > MAX_VOXELS:
@@ -198,17 +204,24 @@ def to_target(
             f"resampling a {format_spacing(spacing_of(affine))} mm grid of {volumes.shape[1:]} to "
             f"{target.describe()} would make {voxels:.3g} voxels (at most {MAX_VOXELS:.3g})"
         )
+    channels = [np.asarray(volumes, dtype=np.float32)]
+    if brain:
+        channels.append(np.any(channels[0] != 0, axis=0, keepdims=True).astype(np.float32))
+    image = MetaTensor(torch.as_tensor(np.concatenate(channels)), affine=torch.as_tensor(affine))
     image = Orientation(axcodes=target.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     if not at_target(image.affine.numpy(), target):
-        image = Spacing(pixdim=target.spacing, mode=mode, padding_mode="zeros", dtype=torch.float32)(image)
-    return np.ascontiguousarray(image.numpy(), dtype=np.float32), image.affine.numpy().astype(np.float64)
+        image = Spacing(pixdim=target.spacing, mode="bilinear", padding_mode="zeros", dtype=torch.float32)(image)
+    out = image.numpy()
+    if brain:
+        out = out[:-1] * (out[-1:] >= 0.5)
+    return np.ascontiguousarray(out, dtype=np.float32), image.affine.numpy().astype(np.float64)
 
 
 def regions_to_target(regions: np.ndarray, affine: np.ndarray, target: TargetGeometry) -> np.ndarray:
     """``3 x H x W x D`` boolean nested regions -> the same on ``target``'s grid (linear per region, ``>= 0.5``)."""
     if at_target(affine, target):
         return regions
-    resampled, _ = to_target(regions.astype(np.float32), affine, target)
+    resampled, _ = to_target(regions.astype(np.float32), affine, target, brain=False)
     return resampled >= 0.5
 
 
