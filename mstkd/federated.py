@@ -45,6 +45,7 @@ from mstkd.data.dataset import (
 )
 from mstkd.data.geometry import DEFAULT_ORIENTATION, TargetGeometry, plan_spacing
 from mstkd.data.layouts import detect_case, find_case_folders
+from mstkd.data.partitions import Partitions
 from mstkd.errors import InputError, NonFiniteState, RefusedMessage
 from mstkd.modalities import FULL, MODALITIES, Subset, subsets_within
 from mstkd.runconfig import check_run_config
@@ -268,8 +269,11 @@ def _with_modalities(cfg: DictConfig, available: Subset) -> DictConfig:
     return OmegaConf.merge(cfg, {"data": {"modalities": list(available.modalities)}})
 
 
-def _simulated_site(run: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[Path, Path | None, str, list[Path]]:
-    """A simulated node's dataset folder, partition CSV, site name and case folders (all of them, test cases too)."""
+def _simulated_site(
+    run: Mapping[str, Any], node: Mapping[str, Any]
+) -> tuple[Path, Path | None, str, dict[str, Path], Partitions]:
+    """A simulated node's dataset folder, partition CSV and site name, with the dataset's case folders and
+    partitions (as :func:`~mstkd.data.dataset.resolve_partitions` read them)."""
     if "partition-id" not in node:
         raise InputError("node config needs data-path (deployment) or partition-id (simulation)")
     index, count = int(node["partition-id"]), int(node["num-partitions"])
@@ -281,8 +285,7 @@ def _simulated_site(run: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[Pa
             f"{csv or folder}: {len(sites)} sites but {count} simulated nodes; "
             f'use --federation-config "num-supernodes={len(sites)}"'
         )
-    site = sites[index]
-    return folder, csv, site, [folders[c] for c in partitions.sites[site]]
+    return folder, csv, sites[index], folders, partitions
 
 
 def site_spacing(run: Mapping[str, Any], node: Mapping[str, Any], orientation: str) -> tuple[list[float], int]:
@@ -295,8 +298,7 @@ def site_spacing(run: Mapping[str, Any], node: Mapping[str, Any], orientation: s
     if node.get("data-path"):  # a deployed site's cases are all train or val (its test cases live with the server)
         folders = list(find_case_folders(Path(str(node["data-path"])).expanduser()).values())
     else:
-        folder, csv, site, _ = _simulated_site(run, node)
-        all_folders, partitions = resolve_partitions(folder, csv)
+        _, _, site, all_folders, partitions = _simulated_site(run, node)
         split = split_of(partitions, config_from_run(run).data)
         folders = [all_folders[c] for c in site_split(split, site)]
     spacings = case_spacings(folders, orientation)
@@ -353,7 +355,7 @@ def site_data(run: Mapping[str, Any], node: Mapping[str, Any], cfg: DictConfig) 
                 f"{folder}: a node's data folder holds one site, but its partition CSV names {len(fed.sites)}"
             )
         return SiteData(fed, fed.sites[0], str(node.get("site-name") or folder.name), available)
-    folder, csv, site, _ = _simulated_site(run, node)
+    folder, csv, site, _, _ = _simulated_site(run, node)
     available = parse_dropped(str(run.get("drop-modalities", "") or "")).get(site, FULL)
     site_cfg = _with_modalities(cfg, available)
     fed = prepare_federation(

@@ -106,15 +106,16 @@ class Predictor:
             probs = from_target(probs, affine, case.affine, case.image.shape[1:])
         labels = labels_from_regions(decode_for(self.cfg, probs), files.convention)
         write_volume(out, labels, case.affine, case.header)
+        spacing = spacing_of(case.affine)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {
             "case": files.case_id,
             "modalities": subset.name,
             "convention": files.convention.name,
-            "spacing": list(spacing_of(case.affine)),
+            "spacing": list(spacing),
             "target": self.target.to_dict() if self.target else None,
             "resampled": resampled,
-            "anisotropic": is_anisotropic(spacing_of(case.affine)),
+            "anisotropic": is_anisotropic(spacing),
             "seconds": time.perf_counter() - start,
             "out": str(out),
             "labels": sorted(int(v) for v in np.unique(labels)),

@@ -230,9 +230,9 @@ def geometry_warnings(site: str, entries: Sequence[CachedCase], target: TargetGe
             f"{target.describe()} (e.g. {resampled[0].case_id} from {format_spacing(source['spacing'])} mm "
             f"{orientation_of(source['affine'])})"
         )
-    thick = [e for e in entries if is_anisotropic(e.meta.get("source", e.meta)["spacing"])]
+    thick = [e for e in entries if is_anisotropic(e.meta["source"]["spacing"])]
     if thick:
-        source = thick[0].meta.get("source", thick[0].meta)["spacing"]
+        source = thick[0].meta["source"]["spacing"]
         warnings.append(
             f"site {site}: {len(thick)} of {len(entries)} cases have thick slices (e.g. {thick[0].case_id} at "
             f"{format_spacing(source)} mm): the model cannot recover the detail between them"
