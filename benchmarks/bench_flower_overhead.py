@@ -36,9 +36,10 @@ def main() -> None:
         tmp = Path(tmp)
         base = {**pyproject_run_config(), **extra, "min-nodes": args.nodes, "work-dir": str(tmp / "work")}
         # generate the phantoms outside both timings
-        from mstkd.federated import data_source
+        from mstkd.data.sites import data_source
+        from mstkd.runconfig import RunConfig
 
-        data_source(base, args.nodes)
+        data_source(RunConfig.parse(base), args.nodes)
         start = time.perf_counter()
         run_inproc(
             server_app,

@@ -21,8 +21,8 @@ import torch
 
 
 def state_bytes(preset: str, *, keep_student_moments: bool, precision: str = "full") -> int:
+    from client.state import SiteState
     from mstkd.config import load_config
-    from mstkd.federated import SiteState
     from mstkd.model import build_networks
     from mstkd.train import Networks, make_optimizers, reset_optimizer_state
 

@@ -13,7 +13,7 @@ every message. This module therefore imports neither PyTorch nor MONAI.
 Mods, outermost first: ``private_errors`` turns any failure into an error reply that tells the
 server a category and a short code only (:func:`mstkd.errors.public_reason`; the details go to the
 node's own log); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and
-packs the reply (:mod:`client.wire`); ``checked_input`` reads every incoming array safely and refuses
+packs the reply (:mod:`messages.arrays`); ``checked_input`` reads every incoming array safely and refuses
 a global model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks
 for secure aggregation (``secagg=true``; :mod:`client.secagg`); ``clip_updates`` clips the update
 for client-side differential privacy (``dp='client'``, fixed or adaptive clipping).
@@ -21,7 +21,6 @@ for client-side differential privacy (``dp='client'``, fixed or adaptive clippin
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -35,9 +34,11 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key the clipping mods read
 
 from client import worker
+from client.context import Job, NodeContext, configure_logging, ray_node
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
-from client.wire import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
+from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from mstkd.errors import RefusedMessage, public_reason
+from mstkd.runconfig import NodeConfig, RunConfig
 
 log = logging.getLogger("mstkd.client")
 
@@ -49,8 +50,8 @@ def private_errors(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     except Exception as exc:
         try:
-            worker.configure_logging(context.node_config)
-        except Exception:  # a bad log-level: the message below still goes to stderr
+            configure_logging(NodeConfig.parse(context.node_config))
+        except Exception:  # a bad node config: the message below still goes to stderr
             pass
         log.error("this node's %s work failed", msg.metadata.message_type, exc_info=exc)
         reason = public_reason(exc)
@@ -58,7 +59,7 @@ def private_errors(msg: Message, context: Context, call_next) -> Message:
 
 
 def checked_input(msg: Message, context: Context, call_next) -> Message:
-    """Read every array a message brings with :func:`client.wire.decode_array` (its header checked against its
+    """Read every array a message brings with :func:`messages.arrays.decode_array` (its header checked against its
     bytes), and refuse a global model with a value that is not finite: it would reach the site's teacher."""
     for record in msg.content.array_records.values():
         for name, array in record.items():
@@ -100,27 +101,28 @@ def _process_age() -> float:
 
 def site_runner(context: Context, *, timed: bool = True):
     """``run(job, *args)``: ``client.site.<job>`` in the node's warm worker or in this process
-    (:func:`client.worker.wanted`), called with a :class:`client.worker.NodeContext` first. ``timed``: the
+    (:func:`client.worker.wanted`), called with a :class:`client.context.NodeContext` first. ``timed``: the
     work reports this process's start-up (the voxel-size report before round 1 does not, so the first
     train message still carries it)."""
     global _SERVED
-    worker.configure_logging(context.node_config)
-    first = timed and not _SERVED and worker.ray_node() is None  # a Ray worker's age would include its idle time
+    node_config = NodeConfig.parse(context.node_config)
+    configure_logging(node_config)
+    first = timed and not _SERVED and ray_node() is None  # a Ray worker's age would include its idle time
     _SERVED = _SERVED or timed
-    node = worker.NodeContext(
+    node = NodeContext(
         run_id=int(context.run_id),
         node_id=int(context.node_id),
-        node_config=dict(context.node_config),
-        run_config=dict(context.run_config),
+        node=node_config,
+        run=RunConfig.parse(context.run_config),
         startup=_process_age() if first else 0.0,
     )
-    remote = worker.wanted(node.node_config)
+    remote = worker.wanted(node_config)
 
-    def run(job: str, *args: Any) -> Any:
+    def run(job: Job, *args: Any) -> Any:
         node.sent_at = time.time()
         if remote:
             return worker.call(node, job, *args)
-        return getattr(importlib.import_module("client.site"), job)(node, *args)
+        return worker.site_work(job)(node, *args)
 
     return run
 
@@ -131,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
     if is_secagg_fit(msg):
         return secagg_train(msg, run)
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
-    updated, metrics, site = run("local_round", arrays, dict(msg.content["config"]))
+    updated, metrics, site = run(Job.LOCAL_ROUND, arrays, dict(msg.content["config"]))
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),
@@ -146,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Before its first round the federation plans its target geometry: this site's median voxel size."""
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    metrics = site_runner(context, timed=False)("site_geometry", config)
+    metrics = site_runner(context, timed=False)(Job.SITE_GEOMETRY, config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -154,6 +156,6 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
-    metrics, site = site_runner(context)("evaluate_site", arrays, config)
+    metrics, site = site_runner(context)(Job.EVALUATE_SITE, arrays, config)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
     return Message(content=content, reply_to=msg)

@@ -27,6 +27,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.context import Job
+from mstkd.runconfig import Transport
+
 FIT_PARAMETERS = "fitins.parameters"
 
 
@@ -47,12 +50,12 @@ def secagg_train(msg: Message, run: Callable[..., Any]) -> Message:
     ``run(job, *args)`` runs a :mod:`client.site` function where the node does its work
     (:func:`client.app.site_runner`)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    names = run("array_names")
+    names = run(Job.ARRAY_NAMES)
     values = parameters_to_ndarrays(fitins.parameters)
     if len(values) != len(names):
         raise ValueError(f"secure aggregation: {len(values)} arrays received, the model federates {len(names)}")
     arrays = dict(zip(names, values, strict=True))
-    updated, metrics, site = run("local_round", arrays, dict(fitins.config), "float32")
+    updated, metrics, site = run(Job.LOCAL_ROUND, arrays, dict(fitins.config), Transport.FLOAT32)
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters([np.asarray(updated[n], dtype=np.float32) for n in names]),

@@ -26,26 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.worker import NodeContext, configure_logging, ray_node
+from client.context import NodeContext, configure_logging, ray_node
+from client.state import SiteState
 from mstkd.data.dataset import make_loader
 from mstkd.data.geometry import check_orientation
 from mstkd.data.labels import CLASSES, REGIONS
+from mstkd.data.sites import site_data, site_spacing, with_target
 from mstkd.errors import InputError, NonFiniteUpdate, NoUsableCases, RefusedMessage
 from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
-from mstkd.federated import (
-    TRANSPORT_DTYPES,
-    SiteState,
-    check_state_key,
-    config_from_run,
-    default_home,
-    federated_arrays,
-    load_federated_arrays,
-    site_data,
-    site_spacing,
-    with_target,
-)
 from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
+from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
+from mstkd.runconfig import NodeConfig, Transport, check_state_key, default_home, project_config
 from mstkd.train import (
     Networks,
     make_optimizers,
@@ -73,9 +65,9 @@ def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
     Raises:
         InputError: a key that is not a plain folder name (``..``, ``/``, an absolute path).
     """
-    deployed = "data-path" in context.node_config
-    base = context.node_config.get("state-dir") or (None if deployed else context.run_config.get("work-dir"))
-    nodes = Path(str(base or default_home())).expanduser().resolve() / "nodes"
+    node, run = context.node, context.run
+    base = node.state_dir or (run.work_dir if node.simulated else None)
+    nodes = Path(base or default_home()).expanduser().resolve() / "nodes"
     key = check_state_key(key or f"run-{context.run_id}")
     site = re.sub(r"[^A-Za-z0-9._-]", "_", site_name).lstrip(".-") or "site"  # the node's own name, made a folder name
     folder = (nodes / key / site).resolve()
@@ -85,17 +77,16 @@ def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
 
 
 def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: NodeContext, clock: Stopwatch):
-    """Run config, project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
-    configure_logging(context.node_config)
-    run = dict(context.run_config)
-    cfg = with_target(config_from_run(run), config)  # the geometry the federation agreed on
+    """Project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
+    configure_logging(context.node)
+    cfg = with_target(project_config(context.run), config)  # the geometry the federation agreed on
     clock.lap("config")
-    data = site_data(run, context.node_config, cfg)
+    data = site_data(context.run, context.node, cfg)
     clock.lap("data")
     device = pick_device()
     # distinct per site and per round: a node must not redraw the same crops every round, nor the same as
     # another site (a simulated site by its partition, a deployed one by its name)
-    seed = int(cfg.train.seed) + 1000 * site_number(context.node_config, data.name)
+    seed = int(cfg.train.seed) + 1000 * site_number(context.node, data.name)
     seed_everything(seed + int(config.get("server-round", 0)))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
     try:
@@ -103,13 +94,13 @@ def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context:
     except (ValueError, RuntimeError) as exc:  # names or shapes of another model
         log.error("the global model does not fit this node's %s model: %s", cfg.model.preset, exc)
         raise RefusedMessage(f"the global model does not fit this node's {cfg.model.preset} model") from None
-    return run, cfg, data, device, seed, student, disc
+    return cfg, data, device, seed, student, disc
 
 
-def site_number(node_config: Mapping[str, Any], name: str) -> int:
+def site_number(node: NodeConfig, name: str) -> int:
     """The simulated partition's id, or for a deployed site a number from its name (stable across runs)."""
-    if "partition-id" in node_config:
-        return int(node_config["partition-id"])
+    if node.partition_id is not None:
+        return node.partition_id
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:3], "big")
 
 
@@ -146,12 +137,15 @@ class Stopwatch:
 
 
 def local_round(
-    context: NodeContext, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], transport: str | None = None
+    context: NodeContext,
+    arrays: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    transport: Transport | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, str]]:
     """One round of local training from the global ``arrays``: the updated student + discriminator arrays,
     the scalar metrics and the site's name, device and modalities (everything a reply carries)."""
     clock = Stopwatch("train", context)
-    run, cfg, data, device, seed, student, disc = _setup(arrays, config, context, clock)
+    cfg, data, device, seed, student, disc = _setup(arrays, config, context, clock)
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
@@ -176,8 +170,7 @@ def local_round(
         batch_size=int(cfg.train.batch_size),
     )
     clock.lap("loader")
-    local_epochs = float(run.get("local-epochs", 1))
-    steps = int(run.get("local-steps", 0)) or max(1, round(local_epochs * len(loader)))
+    steps = context.run.local_steps or max(1, round(context.run.local_epochs * len(loader)))
     epoch = float(config.get("epoch", info["epoch"]))
     log.info(
         "%s: training %d steps on %d cases (device %s, round %s)",
@@ -227,18 +220,18 @@ def local_round(
     site = {"name": data.name, "device": str(device), "modalities": data.available.name}
     if node := ray_node():
         site["ray-node"] = node
-    updated = federated_arrays(nets.student, nets.discriminator, "float32")
+    updated = federated_arrays(nets.student, nets.discriminator, Transport.FLOAT32)
     # the L2 norm of this site's update: what a DP clipping norm is compared with
     reply["update-norm"] = float(
         np.sqrt(sum(np.sum((updated[k] - np.asarray(v, np.float32)) ** 2, dtype=np.float64) for k, v in arrays.items()))
     )
-    wired = to_wire(updated, transport or str(run.get("transport", "float16")), data.name)
+    sent = in_transport_dtype(updated, transport or context.run.transport, data.name)
     clock.lap("reply")
     reply["client-seconds"] = clock.elapsed()
-    return wired, reply | clock.times, site
+    return sent, reply | clock.times, site
 
 
-def to_wire(arrays: dict[str, np.ndarray], transport: str, site: str) -> dict[str, np.ndarray]:
+def in_transport_dtype(arrays: dict[str, np.ndarray], transport: Transport, site: str) -> dict[str, np.ndarray]:
     """``arrays`` in the transport dtype; float32 for this message where float16 would overflow to inf.
 
     Raises:
@@ -259,10 +252,10 @@ def evaluate_site(
 ) -> tuple[dict[str, float | int], dict[str, str]]:
     """Score the global student ``arrays`` on the site's validation cases: the metrics and the site's name."""
     clock = Stopwatch("val", context)
-    run, cfg, data, device, _, student, _ = _setup(arrays, config, context, clock)
+    cfg, data, device, _, student, _ = _setup(arrays, config, context, clock)
     clock.lap("build")
     # "full" means everything this site has; subsets it cannot form are skipped
-    wanted = parse_subsets(str(run.get("site-eval-subsets", "full")))
+    wanted = parse_subsets(context.run.site_eval_subsets)
     subsets = [s for s in wanted if s.issubset(data.available)] or [data.available]
     metrics: dict[str, float | int] = {"num-examples": len(data.val)}
     site = {"name": data.name}
@@ -288,19 +281,19 @@ def site_geometry(context: NodeContext, config: Mapping[str, Any]) -> dict[str, 
     """What this site tells the federation when it plans its target geometry: the median voxel size of its cases
     in the orientation asked for (``spacing-0`` .. ``spacing-2``, mm) and how many cases that is (``num-examples``).
     Only image headers are read, and only these four numbers leave the site."""
-    configure_logging(context.node_config)
-    cfg = config_from_run(context.run_config)
+    configure_logging(context.node)
+    cfg = project_config(context.run)
     try:
         orientation = check_orientation(str(config.get("orientation", cfg.data.orientation)))
     except InputError as exc:
         raise RefusedMessage(f"the message's orientation is not valid ({exc})") from None
-    spacing, cases = site_spacing(context.run_config, context.node_config, orientation)
+    spacing, cases = site_spacing(context.run, context.node, orientation)
     return {"num-examples": cases, **{f"spacing-{axis}": float(v) for axis, v in enumerate(spacing)}}
 
 
 def array_names(context: NodeContext) -> list[str]:
     """Names of the federated arrays (``student.*``, then ``disc.*``), in the order both sides pack them."""
-    cfg = config_from_run(context.run_config)
+    cfg = project_config(context.run)
     return list(federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model)))
 
 

@@ -3,8 +3,8 @@
 Flower 1.42 starts a fresh ``flwr-clientapp`` process on a SuperNode for every message. Were that
 process to train, every message would pay the interpreter start, the PyTorch and MONAI imports
 (seconds) and PyTorch's first-use set-up before any work. So on a deployed node the ClientApp
-stays light: it hands each message's work (:mod:`client.site`) to this worker and returns its
-answer, and the worker imports everything once and serves every later message warm.
+stays light: it hands each message's work (a :class:`client.context.Job` of :mod:`client.site`) to this
+worker and returns its answer, and the worker imports everything once and serves every later message warm.
 
 - **Start.** The first message on a node starts the worker (``python -m client.worker``, from the
   same app code and interpreter); later messages find it through a Unix socket. A file lock makes
@@ -48,109 +48,61 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from client.context import Job, NodeContext
 from mstkd.atomic import write_bytes
-from mstkd.errors import KNOWN, InputError, public_reason
+from mstkd.errors import KNOWN, public_reason
+from mstkd.runconfig import NodeConfig, WorkerMode
 
 log = logging.getLogger("mstkd.client")
 
-MODES = ("auto", "on", "off")
-DEFAULT_IDLE = 1800.0
 START_PATIENCE = 300.0  # seconds a message waits for a new worker to listen (it imports PyTorch first)
 APP_DIR = Path(__file__).resolve().parents[1]  # the app's code: the repository, or Flower's unpacked FAB
-JOBS = ("local_round", "evaluate_site", "site_geometry", "array_names")  # what a worker runs: functions of client.site
-
-
-@dataclass
-class NodeContext:
-    """What the work needs of Flower's ``Context``, in a form that crosses a process boundary.
-
-    ``startup``: age in seconds of the process that received the message, when it arrived (0 after its
-    first message, and under Ray); ``sent_at``: ``time.time()`` when that process handed the work on.
-    """
-
-    run_id: int
-    node_id: int
-    node_config: dict[str, Any]
-    run_config: dict[str, Any]
-    startup: float = 0.0
-    sent_at: float = field(default_factory=time.time)
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def configure_logging(node_config: Mapping[str, Any]) -> None:
-    """Site logs on stderr: INFO in deployment (a node started with a ``data-path``), WARNING in
-    simulation, where many sites share one terminal; the node config ``log-level`` overrides both."""
-    default = "info" if "data-path" in node_config and "partition-id" not in node_config else "warning"
-    level = str(node_config.get("log-level", default)).lower()
-    if level not in LOG_LEVELS:
-        raise InputError(f"node config log-level={level!r}: choose one of {', '.join(LOG_LEVELS)}")
-    root = logging.getLogger("mstkd")
-    root.setLevel(level.upper())
-    if not any(getattr(h, "mstkd_site", False) for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler.mstkd_site = True  # one handler however many messages this process serves
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
 
 
 class WorkerError(RuntimeError):
     """The worker failed outside the work itself: it did not start, or it died during a message."""
 
 
-def mode(node_config: Mapping[str, Any]) -> str:
-    """The node config's ``worker`` value, checked (and its ``worker-idle``)."""
-    value = str(node_config.get("worker", "auto")).lower()
-    if value not in MODES:
-        raise InputError(f"node config worker={value!r}: choose one of {', '.join(MODES)}")
-    idle_seconds(node_config)
-    return value
-
-
-def idle_seconds(node_config: Mapping[str, Any]) -> float:
-    """The node config's ``worker-idle``: seconds a worker waits for a message before it ends."""
-    text = node_config.get("worker-idle", DEFAULT_IDLE)
-    try:
-        seconds = float(text)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not seconds > 0:
-        raise InputError(f"node config worker-idle={text!r}: give a number of seconds above 0")
-    return seconds
-
-
-def wanted(node_config: Mapping[str, Any]) -> bool:
+def wanted(node: NodeConfig) -> bool:
     """Whether this process hands its work to the node's worker (see the module doc).
 
     ``auto`` stays in process where Flower installs the app's dependencies for each message
     (``--allow-runtime-dependency-installation``): they live only as long as that process."""
-    chosen = mode(node_config)
     per_message = Path(sys.argv[0]).name == "flwr-clientapp"
-    return chosen == "on" or (
-        chosen == "auto" and per_message and "--allow-runtime-dependency-installation" not in sys.argv
+    return node.worker == WorkerMode.ON or (
+        node.worker == WorkerMode.AUTO and per_message and "--allow-runtime-dependency-installation" not in sys.argv
     )
 
 
-def ray_node() -> str | None:
-    """The Ray node this process runs on in a simulation (a Ray cluster spreads sites over many); None outside
-    Ray. A deployed site reports nothing about its machine: its site name is all the server needs."""
-    ray = sys.modules.get("ray")  # imported by the simulation engine's workers, never by this project
-    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+def site_work(job: str) -> Callable[..., Any]:
+    """The function of :mod:`client.site` that does ``job`` (importing it imports PyTorch and MONAI).
+
+    Raises:
+        ValueError: ``job`` is not a :class:`~client.context.Job`.
+    """
+    job = Job.named(job)
+    import client.site as site
+
+    work = {
+        Job.LOCAL_ROUND: site.local_round,
+        Job.EVALUATE_SITE: site.evaluate_site,
+        Job.SITE_GEOMETRY: site.site_geometry,
+        Job.ARRAY_NAMES: site.array_names,
+    }
+    return work[job]
 
 
 # --------------------------------------------------------------------------- the ClientApp's side
 
 
-def call(node: NodeContext, job: str, *args: Any) -> Any:
+def call(node: NodeContext, job: Job, *args: Any) -> Any:
     """Run ``client.site.<job>(node, *args)`` in the node's worker (started if need be) and return its result.
 
     A worker that ends before it takes the job (it was stopping when the message came) is replaced,
@@ -160,8 +112,7 @@ def call(node: NodeContext, job: str, *args: Any) -> Any:
         WorkerError: the worker could not be started, or ended before it answered.
         Exception: whatever the work raised, re-raised here (its worker-side traceback in a note).
     """
-    if job not in JOBS:
-        raise ValueError(f"unknown job {job!r}")
+    job = Job.named(job)
     for attempt in range(2):
         with _connection(node) as conn:
             try:
@@ -210,7 +161,7 @@ def _socket(node: NodeContext) -> Path:
     """The socket of the node's worker; its key and the starters' lock lie beside it (``.key``, ``.lock``).
 
     One worker per SuperNode, app version and interpreter: the name tells them apart."""
-    ident = [str(APP_DIR), sys.executable, node.node_id, {k: str(v) for k, v in node.node_config.items()}]
+    ident = [str(APP_DIR), sys.executable, node.node_id, {k: str(v) for k, v in node.node.to_flower().items()}]
     folder = runtime_dir()
     sock = folder / f"{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]}.sock"
     if len(os.fsencode(sock)) > 100:  # the limit of a Unix socket's path is about 108 bytes
@@ -262,7 +213,7 @@ def _connect(sock: Path, key: Path) -> Connection | None:
 def _start(node: NodeContext, sock: Path, key: Path) -> Connection:
     """Start the node's worker and connect to it once it listens."""
     write_bytes(key, secrets.token_bytes(32), private=True)
-    idle = idle_seconds(node.node_config)
+    idle = node.node.worker_idle
     cmd = [sys.executable, "-P", "-m", "client.worker", str(sock), str(key), "--watch", str(os.getppid())]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")]))}
     # same process group as the SuperNode (stopping the node stops it); output goes to the node's log
@@ -347,7 +298,7 @@ class _Worker:
                 self.busy = True
             try:
                 with conn:
-                    self.handle(conn, client.site)
+                    self.handle(conn)
             except (OSError, EOFError):
                 pass  # the message's process went away; the next message brings a new one
             finally:
@@ -356,7 +307,7 @@ class _Worker:
                     self.last = time.monotonic()
                 client.site.release_memory()
 
-    def handle(self, conn: Connection, site: Any) -> None:
+    def handle(self, conn: Connection) -> None:
         job, args = conn.recv()
         if job == "stop":
             self.unlink()
@@ -364,9 +315,7 @@ class _Worker:
             os._exit(0)
         conn.send(("started", os.getpid()))
         try:
-            if job not in JOBS:
-                raise ValueError(f"unknown job {job!r}")
-            reply = ("ok", getattr(site, job)(*args))
+            reply = ("ok", site_work(job)(*args))
         except Exception as exc:
             trace = f"in the node's worker (pid {os.getpid()}):\n{traceback.format_exc().rstrip()}"
             reply = ("error", (type(exc).__name__, str(exc), public_reason(exc), trace))
@@ -388,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("socket", type=Path)
     parser.add_argument("key", type=Path)
     parser.add_argument("--watch", type=int, help="stop when this process (Flower's task launcher) ends")
-    parser.add_argument("--idle", type=float, default=DEFAULT_IDLE, help="stop after this many seconds idle")
+    idle = NodeConfig().worker_idle
+    parser.add_argument("--idle", type=float, default=idle, help="stop after this many seconds idle")
     args = parser.parse_args(argv)
     worker = _Worker(args.socket, args.key, args.watch if args.watch and args.watch > 1 else None, args.idle)
     signal.signal(signal.SIGTERM, worker.stop)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mstkd.data.layouts import Layout
 from mstkd.errors import InputError
 
 Command = Callable[[argparse.Namespace], int]
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("X", "Y", "Z"),
         help="grid size in voxels (default 96 96 64; 240 240 155 for the BraTS grid)",
     )
-    p.add_argument("--layout", choices=("fets", "brats2023"), default="fets", help="file naming and label convention")
+    p.add_argument("--layout", choices=list(Layout), default=Layout.FETS, help="file naming and label convention")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_phantoms)

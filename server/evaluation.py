@@ -19,14 +19,17 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig
 
-from client.wire import decode_array
+from messages.arrays import decode_array
 from mstkd.checkpoint import save_checkpoint
 from mstkd.data.labels import REGIONS
-from mstkd.evaluate import describe_collapse, evaluate_cases
-from mstkd.federated import load_federated_arrays
+from mstkd.data.sites import held_out_cases
+from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.modalities import Subset
 from mstkd.model import MSTKDNet, StyleDiscriminator
+from mstkd.model.federated import load_federated_arrays
+from mstkd.runconfig import RunConfig
 from mstkd.tracking import Tracker
+from mstkd.train import pick_device
 from server.privacy import PrivacyLedger
 from server.runlog import RunLog
 
@@ -68,6 +71,52 @@ class RoundEnd:
     privacy: dict | None = None
     ledger: PrivacyLedger | None = None
     clipping_norm: Callable[[], float] | None = None  # the adaptive clipping norm now, when there is one
+
+    @classmethod
+    def for_run(
+        cls,
+        run: RunConfig,
+        cfg: DictConfig,
+        student: MSTKDNet,
+        disc: StyleDiscriminator,
+        out: Path,
+        runlog: RunLog,
+        tracker: Tracker,
+        best: dict,
+        num_sites: int,
+        privacy: dict,
+        ledger: PrivacyLedger | None,
+    ) -> RoundEnd:
+        """The round end of a run: its held-out cases (:func:`~mstkd.data.sites.held_out_cases`), subsets and
+        schedule from the run config; says what will be scored."""
+        cases = held_out_cases(run, cfg, num_sites)
+        subsets = parse_subsets(run.eval_subsets)
+        if cases:
+            what = f"{len(cases)} held-out cases x {len(subsets)} modality subsets"
+            say(f"global evaluation: {what} every {run.eval_every} rounds")
+        else:
+            say(
+                "no held-out test case: the global model is not scored (give the federation more cases, "
+                "e.g. a larger phantom-cases, or a test-data-path); best.pt is still chosen on site validation"
+            )
+        return cls(
+            student=student,
+            disc=disc,
+            cfg=cfg,
+            out=out,
+            runlog=runlog,
+            tracker=tracker,
+            cases=cases,
+            subsets=subsets,
+            rounds=run.num_server_rounds,
+            eval_every=run.eval_every,
+            eval_initial=run.eval_initial,
+            device=pick_device(),
+            best=best,
+            convention=cases[0].meta["convention"] if cases else "fets",
+            privacy=privacy or None,
+            ledger=ledger,
+        )
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         load_federated_arrays(self.student, self.disc, {k: decode_array(v, "f") for k, v in arrays.items()})

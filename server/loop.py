@@ -32,8 +32,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from client import wire
-from client.wire import decode_array
+from messages.arrays import decode_array, pack, unpack
 from server.replies import RefusedReply, ReplyRules, check_reply, common_metrics, finite_arrays, printable
 from server.runlog import RunLog
 from server.state import restore_strategy, strategy_memory
@@ -46,14 +45,14 @@ REFUSED = "refused: "  # how a reason the server gives for refusing a reply begi
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """``grid.send_and_receive``, except on a deployed grid (Flower's ``HttpGrid``): there the arrays travel
-    packed (:mod:`client.wire`; replies come back unpacked) and replies are looked for every ``REPLY_POLL``
+    packed (:mod:`messages.arrays`; replies come back unpacked) and replies are looked for every ``REPLY_POLL``
     seconds instead of every 3 s. Every other grid moves messages in memory and polls fast already."""
     if not isinstance(grid, HttpGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     packed: dict[int, RecordDict] = {}  # the strategy gives every node the same content: pack it once
     for message in messages:
         if id(message.content) not in packed:
-            packed[id(message.content)] = wire.pack(message.content)
+            packed[id(message.content)] = pack(message.content)
         message.content = packed[id(message.content)]
     ids = list(grid.push_messages(messages))
     sent = dict(zip(ids, messages, strict=True))
@@ -75,7 +74,7 @@ def _unpacked(reply: Message, sent: dict[str, Message]) -> Message:
     if not reply.has_content():
         return reply
     try:
-        reply.content = wire.unpack(reply.content)
+        reply.content = unpack(reply.content)
     except (ValueError, KeyError, TypeError) as exc:
         reason = f"{REFUSED}its reply's packed arrays do not unpack: {exc}"
         return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=sent[reply.metadata.reply_to_message_id])

@@ -32,7 +32,7 @@ log = logging.getLogger("mstkd.server")
 REPLY_KEYS = frozenset({"num-examples", "spacing-0", "spacing-1", "spacing-2"})
 
 
-def site_spacing(content: RecordDict, max_examples: int) -> tuple[tuple[float, float, float], int]:
+def reported_spacing(content: RecordDict, max_examples: int) -> tuple[tuple[float, float, float], int]:
     """The voxel size and case count of one site's reply.
 
     Raises:
@@ -87,7 +87,7 @@ def agree_target(
             heard.add(node)
             if reply.has_error():
                 raise ValueError(f"error reply: {printable(reply.error.reason)}")
-            spacing, cases = site_spacing(reply.content, max_examples)
+            spacing, cases = reported_spacing(reply.content, max_examples)
         except ValueError as exc:
             log.warning("planning the target geometry: node %s left out: %s", node, exc)
             continue

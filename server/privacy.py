@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from mstkd.errors import InputError
-from server.strategy import ROBUST
+from mstkd.runconfig import DPClipping, DPMode, RunConfig
 
 
 class _UnpredictableNoise:
@@ -91,29 +91,29 @@ class ClientSideAdaptiveDP(_TowardsTarget, _UnpredictableNoise, DifferentialPriv
 
 
 DP_WRAPPERS = {
-    ("server", "fixed"): ServerSideDP,
-    ("client", "fixed"): ClientSideDP,
-    ("server", "adaptive"): ServerSideAdaptiveDP,
-    ("client", "adaptive"): ClientSideAdaptiveDP,
+    (DPMode.SERVER, DPClipping.FIXED): ServerSideDP,
+    (DPMode.CLIENT, DPClipping.FIXED): ClientSideDP,
+    (DPMode.SERVER, DPClipping.ADAPTIVE): ServerSideAdaptiveDP,
+    (DPMode.CLIENT, DPClipping.ADAPTIVE): ClientSideAdaptiveDP,
 }
 
 
-def privacy_settings(run: dict, min_nodes: int) -> dict:
+def privacy_settings(run: RunConfig) -> dict:
     """``dp`` = off | server | client, with ``dp-clipping``, ``dp-clip``, ``dp-noise`` and the rest: what the run
     log records (empty when ``dp`` is off). The run config's types and ranges are checked already
     (:mod:`mstkd.runconfig`); this checks the combinations."""
-    mode = str(run.get("dp", "off"))
-    if mode == "off":
+    mode, min_nodes = str(run.dp), run.min_nodes
+    if run.dp == DPMode.OFF:
         return {}
-    if str(run.get("strategy", "fedavg")) in ROBUST:
+    if run.strategy.robust:
         raise InputError(
-            f"dp={mode!r} with strategy={run.get('strategy')!r}: the noise is calibrated to an average of the clipped "
+            f"dp={mode!r} with strategy={str(run.strategy)!r}: the noise is calibrated to an average of the clipped "
             "updates (one site moves it by dp-clip / nodes); a median or a selection moves by up to dp-clip, so the "
             "reported epsilon would be wrong. Use a robust strategy or differential privacy, not both"
         )
-    clipping = str(run.get("dp-clipping", "fixed"))
-    clip, noise = float(run.get("dp-clip", 1.0)), float(run.get("dp-noise", 0.1))
-    max_epsilon = float(run.get("dp-max-epsilon", 0.0))
+    clipping = str(run.dp_clipping)
+    clip, noise = run.dp_clip, run.dp_noise
+    max_epsilon = run.dp_max_epsilon
     if max_epsilon > 0 and noise == 0:
         raise InputError("dp-max-epsilon needs dp-noise > 0: without noise there is no finite epsilon to bound")
     settings = {
@@ -123,19 +123,19 @@ def privacy_settings(run: dict, min_nodes: int) -> dict:
         "noise_multiplier": noise,
         "sampled_nodes": min_nodes,
         "noise_stdev": noise * clip / min_nodes,
-        "delta": float(run.get("dp-delta", 1e-5)),
+        "delta": run.dp_delta,
         "max_epsilon": max_epsilon or None,
     }
     if clipping == "adaptive":
-        count_noise = float(run.get("dp-count-noise", 0.0)) or min_nodes / 20
+        count_noise = run.dp_count_noise or min_nodes / 20
         if noise > 0 and noise >= 2 * count_noise:
             raise InputError(
                 f"adaptive clipping with dp-noise={noise:g} needs dp-count-noise above {noise / 2:g} (the noise on "
                 f"the count of clipped updates; now {count_noise:g}); or use dp-clipping='fixed'"
             )
         settings.update(
-            target_quantile=float(run.get("dp-clip-quantile", 0.5)),
-            clip_lr=float(run.get("dp-clip-lr", 0.2)),
+            target_quantile=run.dp_clip_quantile,
+            clip_lr=run.dp_clip_lr,
             count_noise=count_noise,
         )
         del settings["noise_stdev"]  # it follows the norm, which moves: the run log records it per round

@@ -7,7 +7,7 @@ this run sends, and a reply that is not costs its sender that round and nothing 
 A train reply must hold exactly these records:
 
 - ``arrays``: the federated arrays that were sent (same names, same shapes), each a float array
-  (float16, float32 or float64) whose bytes match its header (:func:`client.wire.decode_array`:
+  (float16, float32 or float64) whose bytes match its header (:func:`messages.arrays.decode_array`:
   nothing is allocated before that, so a header claiming 10^13 values costs nothing), every
   value finite after conversion to float32;
 - ``metrics``: finite numbers under plain names, Dice scores and brain shares within [0, 1],
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.wire import WireError, decode_array, nonfinite
+from messages.arrays import WireError, decode_array, nonfinite
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 SITE_KEYS = ("name", "device", "ray-node", "modalities", "val-collapse")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mstkd.atomic import write_text
+from mstkd.atomic import copy_file, write_text
 from mstkd.data.labels import REGIONS
+from mstkd.runconfig import RunConfig
+from server.evaluation import say
 from server.runlog import RunLog
 
 
@@ -69,12 +71,12 @@ def _faults(record: dict) -> str:
 
 
 def write_report(
-    out: Path, runlog: RunLog, cfg, run: dict, seconds: float, best: dict, verdict: Verdict | None = None
+    out: Path, runlog: RunLog, cfg, run: RunConfig, seconds: float, best: dict, verdict: Verdict | None = None
 ) -> Path:
     """``REPORT.md``: the outcome, the Dice curve, the last round's 15-subset table, communication and timing."""
     rows = runlog.rows()
     evaluated = [r for r in sorted(runlog.records) if runlog.records[r].get("global")]
-    lines = [f"# Federated MST-KDNet run ({cfg.model.preset}, {run.get('strategy', 'fedavg')})", ""]
+    lines = [f"# Federated MST-KDNet run ({cfg.model.preset}, {run.strategy})", ""]
     if verdict is not None:
         lines += [f"**{'Outcome' if verdict.learned else 'FAILED'}: {verdict.text}.**", ""]
     lines += [
@@ -141,3 +143,31 @@ def write_report(
         "Files: `metrics.csv`/`metrics.jsonl` (per round, per site), `eval/round_<r>.*`, `config.yaml`.",
     ]
     return write_text(out / "REPORT.md", "\n".join(lines) + "\n")
+
+
+class RunFailed(RuntimeError):
+    """The run ended without learning anything: no round aggregated, or the global model never changed."""
+
+
+def finish_run(
+    out: Path,
+    runlog: RunLog,
+    cfg,
+    run: RunConfig,
+    seconds: float,
+    best: dict,
+    first_round: int,
+    changed: bool | None = None,
+) -> None:
+    """Close the run: ``best.pt`` when nothing could be chosen, ``REPORT.md``, the last line; raise
+    :class:`RunFailed` when nothing was learned (after writing everything)."""
+    if best.get("round") is None and (out / "last.pt").is_file():
+        say("no site reported a validation Dice (no validation cases): best.pt is the final model")
+        copy_file(out / "last.pt", out / "best.pt")
+    verdict = outcome(runlog, first_round, transport=str(run.transport), changed=changed)
+    report = write_report(out, runlog, cfg, run, seconds, best, verdict)
+    if not verdict.learned:
+        say(f"FAILED: {verdict.text}; report {report}")
+        raise RunFailed(f"{verdict.text}; see {report}")
+    done = f"stopped early ({runlog.stopped})" if runlog.stopped else "finished"
+    say(f"{done} in {seconds:.0f} s: {verdict.text}; best.pt: {describe_best(best)}; report {report}")

@@ -32,6 +32,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from mstkd.errors import InputError
+from mstkd.runconfig import RunConfig
 from server.replies import METRIC_NAME, printable
 from server.runlog import RunLog
 
@@ -52,18 +53,16 @@ def _plain_number(key: object, value: object) -> bool:
 def run_secagg(
     grid: Grid,
     context: Context,
-    *,
+    run: RunConfig,
     initial: dict[str, np.ndarray],
-    rounds: int,
-    min_nodes: int,
-    timeout: float,
-    local_epochs: float,
-    max_weight: float,
     train_config: dict,
     runlog: RunLog,
     evaluate_fn: Callable[[int, ArrayRecord], object],
 ) -> dict[str, np.ndarray]:
-    """Run ``rounds`` rounds of FedAvg with SecAgg+; return the final global arrays (by name)."""
+    """Run the run's rounds of FedAvg with SecAgg+ over ``min-nodes`` nodes (``secagg-max-weight`` sets the
+    quantisation step); return the final global arrays (by name)."""
+    rounds, min_nodes, timeout = run.num_server_rounds, run.min_nodes, run.round_timeout
+    local_epochs, max_weight = run.local_epochs, run.secagg_max_weight
     if min_nodes < 3:
         raise InputError(f"secure aggregation needs min-nodes >= 3 (key shares among the others), got {min_nodes}")
     names = list(initial)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from flwr.app import Array, ArrayRecord
 
 from mstkd.atomic import atomic_path
 from mstkd.errors import InputError
+from mstkd.model import MSTKDNet, StyleDiscriminator, build_discriminator, count_parameters
+from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
+from mstkd.runconfig import RunConfig, Transport
+from mstkd.train import pick_device
 
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 """Attributes that carry a strategy's memory across rounds (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
@@ -197,3 +202,33 @@ def _random_state(value: Any) -> Any:
         return None
     version, internal, gauss = value
     return (int(version), tuple(int(v) for v in internal), gauss)
+
+
+def global_model(
+    cfg, run: RunConfig, checkpoint: ServerCheckpoint | None, say: Callable[[str], None]
+) -> tuple[MSTKDNet, StyleDiscriminator, ArrayRecord]:
+    """The global student and discriminator, and the arrays round 1 starts from: freshly initialised, or those of
+    the run ``checkpoint`` (``resume-from``) continues (one line on a model this version cannot load). Says what
+    travels.
+
+    Raises:
+        InputError: the checkpoint holds a model of another shape.
+    """
+    device = pick_device()
+    student = MSTKDNet(cfg.model)
+    disc = build_discriminator(cfg.model)
+    if checkpoint is not None:
+        initial = numpy_to_arrays(checkpoint.arrays)
+        try:
+            load_federated_arrays(student, disc, checkpoint.arrays)
+        except (RuntimeError, ValueError) as exc:  # e.g. a run of the earlier region head (3 outputs)
+            raise InputError(f"resume-from: {run.resume_from} holds a model this version cannot load ({exc})") from None
+    else:
+        initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, Transport.FLOAT32).items()})
+    floats = sum(v.numel() for m in (student, disc) for v in m.state_dict().values() if v.is_floating_point())
+    wire_mb = floats * np.dtype(TRANSPORT_DTYPES[run.transport]).itemsize / 1e6
+    say(
+        f"model {cfg.model.preset}: {count_parameters(student) / 1e6:.2f} M student parameters, "
+        f"{len(initial)} federated arrays, {wire_mb:.1f} MB per message ({run.transport}); server device {device}"
+    )
+    return student, disc, initial

@@ -39,45 +39,42 @@ from flwr.serverapp.strategy import (
 )
 
 from mstkd.errors import InputError
-from mstkd.federated import TRANSPORT_DTYPES
+from mstkd.model.federated import TRANSPORT_DTYPES
+from mstkd.runconfig import RunConfig, Strategy, Transport
 from server.runlog import RunLog
 
 log = logging.getLogger("mstkd.server")
 
 STRATEGIES = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedavgm": FedAvgM,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum,
-    "multikrum": MultiKrum,
-    "bulyan": Bulyan,
+    Strategy.FEDAVG: FedAvg,
+    Strategy.FEDPROX: FedProx,
+    Strategy.FEDAVGM: FedAvgM,
+    Strategy.FEDADAM: FedAdam,
+    Strategy.FEDYOGI: FedYogi,
+    Strategy.FEDMEDIAN: FedMedian,
+    Strategy.FEDTRIMMEDAVG: FedTrimmedAvg,
+    Strategy.KRUM: Krum,
+    Strategy.MULTIKRUM: MultiKrum,
+    Strategy.BULYAN: Bulyan,
 }
-ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
-def strategy_options(name: str, run: dict, nodes: int) -> dict:
-    """The keyword arguments of strategy ``name`` from the run config (``nodes``: how many reply per round).
+def strategy_options(run: RunConfig, nodes: int) -> dict:
+    """The keyword arguments of the run's strategy from its run config (``nodes``: how many reply per round).
 
     Raises:
         InputError: settings the strategy cannot work with (Bulyan with too few nodes, MultiKrum selecting
             more replies than there are).
     """
-    hostile = int(run.get("malicious-nodes", 1))
-    if name == "fedprox":
-        return {"proximal_mu": float(run.get("proximal-mu", 0.01))}
-    if name == "fedavgm":
-        return {
-            "server_learning_rate": float(run.get("server-lr", 1.0)),
-            "server_momentum": float(run.get("server-momentum", 0.9)),
-        }
-    if name in ("fedadam", "fedyogi"):
-        return {"eta": float(run.get("server-lr", 1e-2))}
-    if name == "fedtrimmedavg":
-        beta = float(run.get("trim-beta", 0.2))
+    name, hostile = run.strategy, run.malicious_nodes
+    if name == Strategy.FEDPROX:
+        return {"proximal_mu": run.proximal_mu}
+    if name == Strategy.FEDAVGM:
+        return {"server_learning_rate": run.server_lr, "server_momentum": run.server_momentum}
+    if name in (Strategy.FEDADAM, Strategy.FEDYOGI):
+        return {"eta": run.server_lr}
+    if name == Strategy.FEDTRIMMEDAVG:
+        beta = run.trim_beta
         if not 0 <= beta < 0.5:
             raise InputError(f"trim-beta={beta:g}: the share trimmed at either end must lie in [0, 0.5)")
         if int(beta * nodes) == 0:  # what SciPy's trim_mean cuts from each end
@@ -86,14 +83,14 @@ def strategy_options(name: str, run: dict, nodes: int) -> dict:
                 f"(int({beta:g} x {nodes}) = 0): give trim-beta of at least {1 / nodes:.3g}"
             )
         return {"beta": beta}
-    if name == "krum":
+    if name == Strategy.KRUM:
         return {"num_malicious_nodes": hostile}
-    if name == "multikrum":
-        select = int(run.get("krum-select", 0)) or max(nodes - hostile, 1)
+    if name == Strategy.MULTIKRUM:
+        select = run.krum_select or max(nodes - hostile, 1)
         if select > nodes:
             raise InputError(f"krum-select={select}: more replies than the {nodes} nodes of a round (min-nodes)")
         return {"num_malicious_nodes": hostile, "num_nodes_to_select": select}
-    if name == "bulyan":
+    if name == Strategy.BULYAN:
         if nodes < 4 * hostile + 3:
             raise InputError(
                 f"bulyan with malicious-nodes={hostile} needs at least {4 * hostile + 3} nodes per round "
@@ -111,7 +108,9 @@ def cast_arrays(arrays: ArrayRecord, dtype: type) -> ArrayRecord:
 class FederatedMixin:
     """Transport casting, global-epoch hand-out and per-round records over a Flower strategy."""
 
-    def __init__(self, *args, transport: str = "float16", local_epochs: float = 1.0, runlog: RunLog, **kwargs):
+    def __init__(
+        self, *args, transport: Transport = Transport.FLOAT16, local_epochs: float = 1.0, runlog: RunLog, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.transport = TRANSPORT_DTYPES[transport]
         self.local_epochs = local_epochs
@@ -125,12 +124,12 @@ class FederatedMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["epoch"] = (server_round - 1) * self.local_epochs
-        wire = cast_arrays(arrays, self.transport)
-        return self._outgoing(server_round, wire, super().configure_train(server_round, wire, config, grid))
+        sent = cast_arrays(arrays, self.transport)
+        return self._outgoing(server_round, sent, super().configure_train(server_round, sent, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        wire = cast_arrays(arrays, self.transport)
-        return self._outgoing(server_round, wire, super().configure_evaluate(server_round, wire, config, grid))
+        sent = cast_arrays(arrays, self.transport)
+        return self._outgoing(server_round, sent, super().configure_evaluate(server_round, sent, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)  # checked by the round loop: float32 arrays (server.replies)
@@ -160,10 +159,17 @@ class FederatedMixin:
         return metrics
 
 
-def make_strategy(name: str, *, runlog: RunLog, transport: str, local_epochs: float, **kwargs):
-    """An instance of strategy ``name`` (a key of :data:`STRATEGIES`) with the mixin."""
-    key = name.lower()
-    if key not in STRATEGIES:
-        raise InputError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    cls = type(f"MSTKD{STRATEGIES[key].__name__}", (FederatedMixin, STRATEGIES[key]), {})
-    return cls(runlog=runlog, transport=transport, local_epochs=local_epochs, **kwargs)
+def make_strategy(run: RunConfig, *, runlog: RunLog, nodes: int, **kwargs):
+    """An instance of the run's strategy (:data:`STRATEGIES`) with the mixin, its options from the run config
+    (:func:`strategy_options`); ``kwargs`` go to the Flower strategy."""
+    base = STRATEGIES[run.strategy]
+    cls = type(f"MSTKD{base.__name__}", (FederatedMixin, base), {})
+    return cls(
+        runlog=runlog,
+        transport=run.transport,
+        local_epochs=run.local_epochs,
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_evaluate,
+        **kwargs,
+        **strategy_options(run, nodes),
+    )

@@ -140,7 +140,7 @@ app.train()(honest.train)
 app.evaluate()(honest.evaluate)
 app.query()(honest.query)
 
-APP_PARTS = ("mstkd", "client", "server", "simulations")
+APP_PARTS = ("mstkd", "client", "server", "messages", "simulations")
 """The packages the app needs (what its FAB carries), copied into a hostile app."""
 
 

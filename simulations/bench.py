@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mstkd.atomic import write_text
 from mstkd.errors import InputError
+from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
 from simulations.report import write_report
@@ -75,7 +76,8 @@ def run_federated(
         "partitioning": str(csv or ""),
         "eval-initial": False,
     }
-    run.setdefault("eval-every", int(run.get("num-server-rounds", 1)))
+    rounds = RunConfig.parse(run).num_server_rounds
+    run.setdefault("eval-every", rounds)  # a benchmark scores the final model only
     app, env = hostile_app(work_dir / "apps" / run_name, {HOSTILE: arm.attack}) if arm.attack else (ROOT, {})
     try:
         result = flower_simulation(
@@ -93,7 +95,6 @@ def run_federated(
     finally:
         if app != ROOT:
             shutil.rmtree(app, ignore_errors=True)
-    rounds = int(run["num-server-rounds"])
     table = folder / "eval" / f"round_{rounds}.json"
     # under attack, a run that learned nothing (the server ends it as failed, after writing every file), skipped
     # rounds and refused replies are the result, not a reason to discard it
@@ -126,17 +127,17 @@ def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: Path, 
     from mstkd.centralised import train_centralised
     from mstkd.checkpoint import load_checkpoint
     from mstkd.config import load_config
+    from mstkd.data.sites import held_out_cases
     from mstkd.evaluate import evaluate_cases, parse_subsets
-    from server.app import test_cases
 
     if extra:
         raise InputError("--run-config applies to federated arms; put centralised settings in the scenario")
     cfg = load_config(scenario.centralised_overrides(seed, scenario.num_sites))
     train_centralised(data, cfg, folder, partitioning=csv, progress=True)
     student, cfg, _ = load_checkpoint(folder / "last.pt")
-    run = {**scenario.run, "data-path": str(data), "partitioning": str(csv or "")}
-    cases = test_cases(run, cfg, scenario.num_sites, int(scenario.run.get("eval-cases", 0)))
-    subsets = parse_subsets(str(scenario.run.get("eval-subsets", "all")))
+    run = scenario.config.replace(data_path=str(data), partitioning=str(csv or ""))
+    cases = held_out_cases(run, cfg, scenario.num_sites)
+    subsets = parse_subsets(run.eval_subsets)
     result = evaluate_cases(student, cases, cfg, subsets=subsets, desc="test")
     result.write(folder / "eval", stem="final")
     return {"table": "eval/final.json", "log": "log.jsonl"}

@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 
 from mstkd.data.partitions import read_partitions
 from mstkd.errors import InputError
-from mstkd.federated import ensure_phantoms
+from mstkd.phantoms import ensure_phantoms
+from mstkd.runconfig import RunConfig
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "scenarios"
@@ -116,29 +117,33 @@ class Scenario:
     def num_sites(self) -> int:
         return len(self.sizes)
 
+    @property
+    def config(self) -> RunConfig:
+        """The scenario's run config, typed (keys it does not give take their defaults)."""
+        return RunConfig.parse(self.run)
+
     def arm_run_config(self, arm: Arm, seed: int) -> dict[str, Any]:
-        """The run config of ``arm`` under ``seed`` (without paths)."""
-        run = {**self.run, **arm.run, "seed": seed, "min-nodes": self.num_sites}
-        run["overrides"] = " ".join(filter(None, [str(self.run.get("overrides", "")), arm.overrides]))
-        return run
+        """The run-config keys ``arm`` sets under ``seed`` (without paths): what ``flwr run`` is given."""
+        overrides = " ".join(filter(None, [self.config.overrides, arm.overrides]))
+        given = {**self.run, **arm.run, "seed": seed, "min-nodes": self.num_sites, "overrides": overrides}
+        RunConfig.parse(given)  # an arm's keys are checked like the scenario's
+        return given
 
     def centralised_overrides(self, seed: int, num_sites: int) -> list[str]:
         """Project-config overrides that make centralised training match a federated arm's budget."""
-        rounds = int(self.run.get("num-server-rounds", 1))
-        local = float(self.run.get("local-epochs", 1.0))
-        steps = int(self.run.get("local-steps", 0))
+        run = self.config
+        rounds, local, steps = run.num_server_rounds, run.local_epochs, run.local_steps
         out = [
-            f"model={self.run.get('model', 'lite')}",
+            f"model={run.model}",
             f"train.epochs={max(int(round(rounds * local)), 1) if not steps else rounds}",
             f"train.seed={seed}",
             "train.eval_every=1",
             "train.eval_subsets=full",
+            f"train.lr={run.lr}",
         ]
-        if "lr" in self.run:
-            out.append(f"train.lr={float(self.run['lr'])}")
         if steps:  # a federated round is local-steps on every site
             out.append(f"train.steps_per_epoch={steps * num_sites}")
-        return [*out, *shlex.split(str(self.run.get("overrides", "")))]
+        return [*out, *shlex.split(run.overrides)]
 
 
 def scenario_path(name: str | Path) -> Path:
@@ -173,6 +178,10 @@ def load_scenario(name: str | Path) -> Scenario:
         raise InputError(f"{path}: sites needs 'sizes' or 'partitioning'")
     if not sizes or min(sizes) <= 0:
         raise InputError(f"{path}: every site needs a positive size")
+    try:
+        RunConfig.parse(raw.get("run") or {})
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     arms = [str(a) for a in raw.get("arms") or ARMS]
     bad = [a for a in arms if a not in ARMS]
     if bad:

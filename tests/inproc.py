@@ -74,10 +74,11 @@ def by_name(record: dict) -> dict[str, dict]:
 
 def tiny_arrays(dtype: str = "float16") -> dict:
     """A fresh ``tiny`` student's and discriminator's federated arrays: what a server sends a node."""
-    from mstkd.federated import config_from_run, federated_arrays
     from mstkd.model import MSTKDNet, build_discriminator
+    from mstkd.model.federated import federated_arrays
+    from mstkd.runconfig import RunConfig, project_config
 
-    cfg = config_from_run({"model": "tiny"})
+    cfg = project_config(RunConfig(model="tiny"))
     return federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model), dtype)
 
 

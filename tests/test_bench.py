@@ -11,8 +11,9 @@ import pytest
 from mstkd.config import load_config
 from mstkd.errors import InputError
 from mstkd.modalities import SUBSETS
+from mstkd.runconfig import RunConfig, project_config
 from simulations import bench
-from simulations.report import convergence_score, simulated_round_times
+from simulations.convergence import convergence_score, simulated_round_times
 from simulations.scenario import ARMS, SCENARIOS, load_scenario, parse_arms
 
 
@@ -22,10 +23,32 @@ def test_every_scenario_loads_and_every_arm_is_a_valid_config():
     for name in names:
         scenario = load_scenario(name)
         for arm in ARMS.values():
-            run = scenario.arm_run_config(arm, seed=1)
-            assert run["min-nodes"] == scenario.num_sites and run["seed"] == 1
-            load_config([f"model={run.get('model', 'lite')}", *run["overrides"].split()])  # refuses unknown keys
+            given = scenario.arm_run_config(arm, seed=1)
+            config = RunConfig.parse(given)  # every key known, typed and in range
+            assert config.min_nodes == scenario.num_sites and config.seed == 1
+            project_config(config)  # the project config refuses an unknown override key
+        assert scenario.config == RunConfig.parse(scenario.run)
         load_config(scenario.centralised_overrides(seed=0, num_sites=scenario.num_sites))
+
+
+def test_a_misspelt_scenario_key_is_refused_in_one_line_naming_it(tmp_path):
+    text = (SCENARIOS / "tiny-2.yaml").read_text().replace("num-server-rounds:", "num-server-round:")
+    (tmp_path / "typo.yaml").write_text(text)
+    with pytest.raises(InputError) as info:
+        load_scenario(tmp_path / "typo.yaml")
+    message = str(info.value)
+    assert "\n" not in message and "'num-server-round'" in message and "did you mean num-server-rounds" in message
+    assert "typo.yaml" in message
+
+
+def test_a_scenario_without_local_epochs_trains_its_centralised_arm_as_long_as_its_federated_arms(tmp_path):
+    text = (SCENARIOS / "phantom-4.yaml").read_text().replace("  local-epochs: 1.0\n", "")
+    (tmp_path / "no-epochs.yaml").write_text(text)
+    scenario = load_scenario(tmp_path / "no-epochs.yaml")
+    federated = RunConfig.parse(scenario.arm_run_config(ARMS["mstkd"], seed=0))  # what flwr run is given
+    assert federated.local_epochs == RunConfig().local_epochs == 5.0  # pyproject.toml's default
+    epochs = [o for o in scenario.centralised_overrides(0, scenario.num_sites) if o.startswith("train.epochs=")]
+    assert epochs == [f"train.epochs={round(federated.num_server_rounds * federated.local_epochs)}"]
 
 
 def test_fets_scenarios_keep_the_institution_sizes():

@@ -91,18 +91,23 @@ def _shipped_run_config() -> dict:
     return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_the_shipped_run_config_passes_its_schema():
-    from mstkd.federated import config_from_run
-    from mstkd.runconfig import SCHEMA, check_run_config
+def test_pyproject_run_config_and_runconfig_defaults_are_identical():
+    from mstkd.runconfig import RunConfig, project_config
 
-    run = _shipped_run_config()
-    assert set(run) == set(SCHEMA)  # every key is typed, and the schema names no key that does not exist
-    checked = check_run_config(run)
-    assert checked == run and all(type(checked[k]) is type(run[k]) for k in run)
-    assert type(check_run_config({"local-epochs": 2})["local-epochs"]) is float  # typed, not only equal
-    assert type(check_run_config({"num-server-rounds": 3.0})["num-server-rounds"]) is int
-    cfg = config_from_run(run)
-    assert cfg.train.epochs == run["num-server-rounds"] * run["local-epochs"]
+    shipped = _shipped_run_config()
+    defaults = RunConfig().to_flower()
+    assert list(shipped) == list(defaults)  # the same keys, in the same order
+    assert shipped == defaults and all(type(shipped[k]) is type(defaults[k]) for k in shipped), {
+        k: (shipped[k], defaults[k])
+        for k in shipped
+        if shipped[k] != defaults[k] or type(shipped[k]) is not type(defaults[k])
+    }
+    assert RunConfig.parse(shipped) == RunConfig()  # Flower's mapping parses to the defaults
+    assert type(RunConfig.parse({"local-epochs": 2}).local_epochs) is float  # typed, not only equal
+    assert type(RunConfig.parse({"num-server-rounds": 3.0}).num_server_rounds) is int
+    cfg = project_config(RunConfig())
+    assert cfg.train.epochs == shipped["num-server-rounds"] * shipped["local-epochs"]
+    assert cfg.train.lr == shipped["lr"] and cfg.train.seed == shipped["seed"]
 
 
 WRONG_RUN = [
@@ -122,8 +127,8 @@ WRONG_RUN = [
 
 @pytest.mark.parametrize(("key", "value", "named"), WRONG_RUN)
 def test_a_wrong_run_config_value_is_refused_in_one_line(key, value, named):
-    from mstkd.federated import config_from_run
+    from mstkd.runconfig import RunConfig, project_config
 
     with pytest.raises(InputError) as info:
-        config_from_run({**_shipped_run_config(), key: value})
+        project_config(RunConfig.parse({**_shipped_run_config(), key: value}))
     assert "\n" not in str(info.value) and named in str(info.value), str(info.value)

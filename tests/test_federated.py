@@ -13,6 +13,7 @@ from mstkd.checkpoint import load_checkpoint
 from mstkd.cli import main as mstkd_main
 from mstkd.config import load_config
 from mstkd.model import MSTKDNet, build_discriminator
+from mstkd.runconfig import RunConfig
 from server.app import app as server_app
 from tests.inproc import NODES, by_name, nodes, run_inproc, tiny_run_config
 
@@ -153,16 +154,21 @@ def test_sites_with_missing_modalities(tmp_path):
 
 
 def test_deployed_site_modalities_declared_or_detected(tmp_path):
-    from mstkd.federated import parse_dropped, site_data
+    from mstkd.data.sites import parse_dropped, site_data
+    from mstkd.runconfig import NodeConfig, RunConfig
     from tests.conftest import write_case
 
     for i in range(4):
         write_case(tmp_path / "site", f"FeTS2022_{i:05d}", seed=i, modalities=("flair", "t1", "t2"))
     cfg = load_config(["model=tiny"])
-    detected = site_data({}, {"data-path": str(tmp_path / "site")}, cfg)
+    detected = site_data(RunConfig(), NodeConfig.parse({"data-path": str(tmp_path / "site")}), cfg)
     assert detected.available.name == "flair+t1+t2" and len(detected.subsets) == 7
     assert all(not s.mask[2] for s in detected.subsets)
-    declared = site_data({}, {"data-path": str(tmp_path / "site"), "modalities": "flair,t2", "site-name": "h1"}, cfg)
+    declared = site_data(
+        RunConfig(),
+        NodeConfig.parse({"data-path": str(tmp_path / "site"), "modalities": "flair,t2", "site-name": "h1"}),
+        cfg,
+    )
     assert declared.name == "h1" and declared.available.name == "flair+t2"
     assert not np.load(declared.train[0].folder / "image.npy")[1].any()  # T1 on disk, but not declared
     assert parse_dropped("2:t1ce; 3:t1ce,t2") == {
@@ -184,7 +190,7 @@ def test_collapse_is_flagged_in_the_run_log_the_report_and_one_terminal_line(tmp
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["collapse"] == [{"where": "global evaluation", "what": "WT predicted in 93% of the brain with FLAIR"}]
     cfg = load_config(["model=tiny"])
-    report = write_report(tmp_path, runlog, cfg, {}, 1.0, {"val_mean_dice": -1.0, "round": None}).read_text()
+    report = write_report(tmp_path, runlog, cfg, RunConfig(), 1.0, {"val_mean_dice": -1.0, "round": None}).read_text()
     assert "## Collapse warnings" in report
     assert "round 1, global evaluation: WT predicted in 93% of the brain with FLAIR" in report
 
@@ -230,21 +236,22 @@ def test_tensorboard_has_a_point_per_round(federation):
 def test_sites_log_at_info_in_deployment_and_stay_quiet_in_simulation():
     import logging
 
-    from client.worker import configure_logging
+    from client.context import configure_logging
     from mstkd.errors import InputError
+    from mstkd.runconfig import NodeConfig
 
     logger = logging.getLogger("mstkd")
     level = logger.level
     try:
-        configure_logging({"data-path": "/data/site", "site-name": "h1"})
+        configure_logging(NodeConfig.parse({"data-path": "/data/site", "site-name": "h1"}))
         assert logger.level == logging.INFO
-        configure_logging({"partition-id": 0, "num-partitions": 3})
+        configure_logging(NodeConfig.parse({"partition-id": 0, "num-partitions": 3}))
         assert logger.level == logging.WARNING
-        configure_logging({"partition-id": 0, "log-level": "info"})
+        configure_logging(NodeConfig.parse({"partition-id": 0, "log-level": "info"}))
         assert logger.level == logging.INFO
         assert sum(getattr(h, "mstkd_site", False) for h in logger.handlers) == 1  # one handler, however often
         with pytest.raises(InputError, match="log-level"):
-            configure_logging({"log-level": "loud"})
+            NodeConfig.parse({"log-level": "loud"})
     finally:
         logger.setLevel(level)
         for h in [h for h in logger.handlers if getattr(h, "mstkd_site", False)]:

@@ -30,13 +30,13 @@ from mstkd.data.geometry import (
 from mstkd.data.labels import CLASSES, CONVENTIONS, REGIONS, labels_from_regions
 from mstkd.data.layouts import case_path, detect_case
 from mstkd.data.nifti import write_volume
+from mstkd.data.sites import with_target
 from mstkd.errors import InputError
-from mstkd.federated import with_target
 from mstkd.modalities import MODALITIES
 from mstkd.model import build_networks
 from mstkd.phantoms import phantom_affine, write_federation
 from mstkd.scoring import score_pair
-from server.plan import site_spacing
+from server.plan import reported_spacing
 from tests.conftest import write_nifti
 
 TINY = ["model=tiny", "train.amp=false"]
@@ -178,7 +178,7 @@ def _reply(**metrics) -> RecordDict:
 
 def test_a_site_report_is_checked_before_it_counts():
     good = {"num-examples": 12, "spacing-0": 1.0, "spacing-1": 1.0, "spacing-2": 1.5}
-    assert site_spacing(_reply(**good), max_examples=100) == ((1.0, 1.0, 1.5), 12)
+    assert reported_spacing(_reply(**good), max_examples=100) == ((1.0, 1.0, 1.5), 12)
     for bad in (
         good | {"spacing-2": float("nan")},
         good | {"spacing-0": 0.0},
@@ -189,9 +189,9 @@ def test_a_site_report_is_checked_before_it_counts():
         {k: v for k, v in good.items() if k != "spacing-2"},
     ):
         with pytest.raises(ValueError):
-            site_spacing(_reply(**bad), max_examples=100)
+            reported_spacing(_reply(**bad), max_examples=100)
     with pytest.raises(ValueError):
-        site_spacing(RecordDict({"config": ConfigRecord({"x": 1})}), max_examples=100)
+        reported_spacing(RecordDict({"config": ConfigRecord({"x": 1})}), max_examples=100)
 
 
 def test_a_node_takes_the_agreed_target_from_its_message_and_refuses_a_bad_one():

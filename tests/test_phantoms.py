@@ -16,7 +16,7 @@ from mstkd import phantoms
 from mstkd.cli import main
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES
-from mstkd.phantoms import SiteStyle, make_case, phantom_affine, preview, site_style, write_federation
+from mstkd.phantoms import SiteStyle, federation, make_case, phantom_affine, preview, site_style, write_federation
 
 SMALL = (48, 48, 32)
 MEDIUM = (64, 64, 40)
@@ -220,9 +220,9 @@ def test_write_federation_is_deterministic(tmp_path):
 
 
 def test_default_site_sizes_are_balanced():
-    assert phantoms._site_counts(10, [1, 1, 1]) == [4, 3, 3]
-    assert phantoms._site_counts(7, [100, 1, 1]) == [5, 1, 1]
-    assert sum(phantoms._site_counts(23, [5, 3, 1, 1])) == 23
+    assert federation._site_counts(10, [1, 1, 1]) == [4, 3, 3]
+    assert federation._site_counts(7, [100, 1, 1]) == [5, 1, 1]
+    assert sum(federation._site_counts(23, [5, 3, 1, 1])) == 23
 
 
 def test_write_federation_refuses_bad_requests(tmp_path):
@@ -249,7 +249,7 @@ def test_write_federation_fills_an_existing_empty_folder(tmp_path):
 
 
 def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
-    real_write = phantoms.write_volume
+    real_write = federation.write_volume
     calls = 0
 
     def flaky_write(*args, **kwargs):
@@ -259,7 +259,7 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(phantoms, "write_volume", flaky_write)
+    monkeypatch.setattr(federation, "write_volume", flaky_write)
     with pytest.raises(OSError, match="disk full"):
         write_federation(tmp_path / "fed", cases=3, sites=1, shape=SMALL, progress=False)
     assert list(tmp_path.iterdir()) == []

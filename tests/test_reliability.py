@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from client.app import app as client_app
+from client.state import SiteState
 from mstkd.config import load_config
+from mstkd.data.sites import site_data
 from mstkd.errors import InputError
-from mstkd.federated import SiteState, site_data
 from mstkd.model import build_networks
+from mstkd.runconfig import NodeConfig, RunConfig
 from mstkd.train import Networks, make_optimizers, seed_everything
 from server.app import app as server_app
 from server.state import ServerCheckpoint, restore_strategy, strategy_state
@@ -100,7 +102,7 @@ def test_missing_nodes_skip_rounds_instead_of_waiting_forever(tmp_path):
     grid.offline = {3}
     from flwr.app import Context, RecordDict
 
-    from server.app import RunFailed
+    from server.report import RunFailed
 
     with pytest.raises(RunFailed, match="no round aggregated"):  # so flwr ls and the launchers say failed
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
@@ -202,15 +204,16 @@ def test_half_precision_site_state_halves_the_file_and_restores_float32_training
 def test_strategy_state_round_trips():
     from flwr.app import Array, ArrayRecord
 
-    from server.app import build_strategy
     from server.runlog import RunLog
+    from server.strategy import make_strategy
 
-    strategy = build_strategy({"strategy": "fedadam"}, RunLog("/nonexistent"), {}, 3)
+    fedadam = RunConfig.parse({"strategy": "fedadam"})
+    strategy = make_strategy(fedadam, runlog=RunLog("/nonexistent"), nodes=3)
     strategy.current_arrays = ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})
     strategy.m_t = {"w": np.full(3, 0.5)}
     strategy.v_t = {"w": np.full(3, 0.25)}
     state = strategy_state(strategy)
-    fresh = build_strategy({"strategy": "fedadam"}, RunLog("/nonexistent"), {}, 3)
+    fresh = make_strategy(fedadam, runlog=RunLog("/nonexistent"), nodes=3)
     restore_strategy(fresh, state)
     assert np.array_equal(fresh.m_t["w"], np.full(3, 0.5)) and np.array_equal(fresh.v_t["w"], np.full(3, 0.25))
     assert np.array_equal(fresh.current_arrays["w"].numpy(), np.ones(3))
@@ -258,7 +261,7 @@ def test_broken_cases_are_skipped_with_one_warning_each_and_left_untouched(tmp_p
     before = _tree_digest(tmp_path / "site")
     cfg = load_config(["model=tiny"])
     with caplog.at_level("WARNING", logger="mstkd.data"):
-        data = site_data({}, {"data-path": str(tmp_path / "site")}, cfg)
+        data = site_data(RunConfig(), NodeConfig.parse({"data-path": str(tmp_path / "site")}), cfg)
     assert data.available.name == "flair+t1+t1ce+t2"  # one case without T1ce does not make the site lack it
     assert set(data.federation.skipped) == set(broken)
     kept = {e.case_id for e in data.train + data.val}
@@ -438,7 +441,7 @@ def test_dp_max_epsilon_without_noise_is_refused():
     from server.privacy import privacy_settings
 
     with pytest.raises(InputError, match="dp-max-epsilon needs dp-noise"):
-        privacy_settings({"dp": "server", "dp-noise": 0.0, "dp-max-epsilon": 3.0}, 3)
+        privacy_settings(RunConfig.parse({"dp": "server", "dp-noise": 0.0, "dp-max-epsilon": 3.0, "min-nodes": 3}))
 
 
 # --------------------------------------------------------------------------- what leaves a site
@@ -540,7 +543,7 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
 def test_the_privacy_ledger_survives_a_server_restart():
     from server.privacy import PrivacyLedger, privacy_settings
 
-    privacy = privacy_settings({"dp": "client", "dp-clip": 1.0, "dp-noise": 2.0}, 3)
+    privacy = privacy_settings(RunConfig.parse({"dp": "client", "dp-clip": 1.0, "dp-noise": 2.0, "min-nodes": 3}))
     first = PrivacyLedger(privacy, 3)
     first.release()
     resumed = PrivacyLedger(privacy, 3, state=first.state())  # what ServerCheckpoint carries
@@ -550,7 +553,7 @@ def test_the_privacy_ledger_survives_a_server_restart():
 
 def test_site_state_is_chosen_without_reading_a_state_file(tmp_path, monkeypatch):
     """At `paper` size a state file is gigabytes: a round reads exactly the one it restores, and a save none."""
-    import mstkd.federated
+    import client.state
 
     cfg = load_config(["model=tiny"])
     nets = Networks(*build_networks(cfg.model))
@@ -560,7 +563,7 @@ def test_site_state_is_chosen_without_reading_a_state_file(tmp_path, monkeypatch
     reads = []
     real_load = torch.load
     monkeypatch.setattr(
-        mstkd.federated.torch, "load", lambda path, **kw: reads.append(Path(path).name) or real_load(path, **kw)
+        client.state.torch, "load", lambda path, **kw: reads.append(Path(path).name) or real_load(path, **kw)
     )
     for r in (1, 2, 3):
         state.save(nets, optimizers, rng, {"round": r, "rounds": r, "epoch": float(r)})

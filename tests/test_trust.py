@@ -18,14 +18,15 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import simulations.adversary as adversary
 from client.app import app as client_app
+from client.state import SiteState
 from mstkd.config import load_config
 from mstkd.errors import InputError, NonFiniteState, RefusedMessage
-from mstkd.federated import SiteState, check_state_key, config_from_run
 from mstkd.model import build_networks
+from mstkd.runconfig import RunConfig, check_state_key, project_config
 from mstkd.train import Networks, make_optimizers, train_local
-from server.app import RunFailed
 from server.app import app as server_app
 from server.replies import RefusedReply, ReplyRules, check_reply
+from server.report import RunFailed
 from server.state import ServerCheckpoint
 from tests.inproc import FAULT_REASONS, deployed_site, nodes, run_inproc, tiny_arrays, tiny_run_config
 
@@ -83,7 +84,7 @@ def test_every_faulty_reply_is_refused_with_a_reason(fault):
 
 
 def test_a_header_that_lies_about_its_size_allocates_nothing():
-    from client.wire import WireError, decode_array
+    from messages.arrays import WireError, decode_array
 
     header = adversary._npy_header("float32", (10**13,))  # 40 TB claimed in 128 bytes
     lying = Array(dtype="float32", shape=(10**13,), stype="numpy.ndarray", data=header + bytes(8))
@@ -127,7 +128,7 @@ def test_what_a_node_says_is_shown_as_text_in_the_report(tmp_path):
         {"stage": "train", "node": 7, "reason": "![x](http://evil.example) | <script>", "kind": "error"}
     )
     runlog.finish(1)
-    report = write_report(tmp_path, runlog, load_config(["model=tiny"]), {}, 1.0, {"round": None}).read_text()
+    report = write_report(tmp_path, runlog, load_config(["model=tiny"]), RunConfig(), 1.0, {"round": None}).read_text()
     assert "![x](" not in report and "<script>" not in report and "\\!\\[x\\]" in report
 
 
@@ -215,10 +216,10 @@ def test_impossible_robust_settings_are_refused_before_any_work():
     from server.strategy import strategy_options
 
     with pytest.raises(InputError, match="needs at least 7 nodes per round"):
-        strategy_options("bulyan", {"malicious-nodes": 1}, 4)
+        strategy_options(RunConfig.parse({"strategy": "bulyan", "malicious-nodes": 1}), 4)
     with pytest.raises(InputError, match="trims no reply"):
-        strategy_options("fedtrimmedavg", {"trim-beta": 0.2}, 4)
-    assert strategy_options("multikrum", {"malicious-nodes": 1}, 4) == {
+        strategy_options(RunConfig.parse({"strategy": "fedtrimmedavg", "trim-beta": 0.2}), 4)
+    assert strategy_options(RunConfig.parse({"strategy": "multikrum", "malicious-nodes": 1}), 4) == {
         "num_malicious_nodes": 1,
         "num_nodes_to_select": 3,
     }
@@ -287,16 +288,18 @@ def test_a_deployed_node_never_writes_where_the_run_config_says(tmp_path, monkey
 
 
 def test_a_float16_overflow_travels_as_float32_and_a_nan_never_leaves(caplog):
-    from client.site import to_wire
+    from client.site import in_transport_dtype
     from mstkd.errors import NonFiniteUpdate
 
     arrays = {"student.a": np.array([1.0, 70000.0], np.float32), "student.b": np.ones(3, np.float32)}
-    wired = to_wire(arrays, "float16", "h1")
+    wired = in_transport_dtype(arrays, "float16", "h1")
     assert {v.dtype for v in wired.values()} == {np.dtype(np.float32)} and wired["student.a"][1] == 70000.0
     assert "beyond float16's range" in caplog.text
-    assert {v.dtype for v in to_wire({"a": np.ones(2, np.float32)}, "float16", "h1").values()} == {np.dtype(np.float16)}
+    assert {v.dtype for v in in_transport_dtype({"a": np.ones(2, np.float32)}, "float16", "h1").values()} == {
+        np.dtype(np.float16)
+    }
     with pytest.raises(NonFiniteUpdate):
-        to_wire({"a": np.array([np.nan], np.float32)}, "float16", "h1")
+        in_transport_dtype({"a": np.array([np.nan], np.float32)}, "float16", "h1")
 
 
 @pytest.mark.parametrize("scope", ["joint", "separate"])
@@ -438,7 +441,7 @@ def test_overrides_that_would_read_the_environment_are_refused():
         'train.lr=$"{"oc.env:SECRET}',
     ):
         with pytest.raises(InputError, match="interpolation is not allowed"):
-            config_from_run({"model": "tiny", "overrides": overrides})
+            project_config(RunConfig.parse({"model": "tiny", "overrides": overrides}))
     with pytest.raises(InputError, match="unknown model preset"):
         load_config(["model=../../configs/train"])
 
@@ -463,7 +466,7 @@ def test_no_case_id_path_or_secret_leaves_a_site_in_an_error(tmp_path, monkeypat
     real = client.site.evaluate_site
 
     def leaky(context, arrays, config):
-        if context.node_config["site-name"] == "b":
+        if context.node.site_name == "b":
             raise OSError(
                 f"/data/hospital-b/FeTS2022_00001/t1.nii.gz unreadable (token {os.environ['HOSPITAL_TOKEN']})"
             )

@@ -19,7 +19,9 @@ import pytest
 
 import client.site
 from client import worker
+from client.context import Job, NodeContext
 from mstkd.errors import InputError
+from mstkd.runconfig import NodeConfig, RunConfig
 from tests.inproc import ROOT, deployed_site, tiny_arrays
 
 
@@ -31,9 +33,9 @@ def runtime(monkeypatch):
         yield Path(short) / "mstkd"
 
 
-def site_node(tmp: Path, **node_config) -> worker.NodeContext:
+def site_node(tmp: Path, **node_config) -> NodeContext:
     run_config, config = deployed_site(tmp, **node_config)
-    return worker.NodeContext(run_id=1, node_id=7, node_config=config, run_config=run_config)
+    return NodeContext(run_id=1, node_id=7, node=NodeConfig.parse(config), run=RunConfig.parse(run_config))
 
 
 def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_path, runtime, caplog):
@@ -41,7 +43,7 @@ def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_pa
     arrays = tiny_arrays()
     caplog.set_level(logging.INFO, logger="mstkd.client")
     try:
-        assert worker.call(node, "array_names") == client.site.array_names(node) == list(arrays)
+        assert worker.call(node, Job.ARRAY_NAMES) == client.site.array_names(node) == list(arrays)
         started = [r for r in caplog.records if "started the node's worker" in r.getMessage()]
         assert len(started) == 1
         sock = next(runtime.glob("*.sock"))
@@ -49,14 +51,14 @@ def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_pa
         assert next(runtime.glob("*.key")).stat().st_mode & 0o777 == 0o600
 
         # scoring is deterministic: the worker and this process agree to the last bit
-        remote, site = worker.call(node, "evaluate_site", arrays, {})
+        remote, site = worker.call(node, Job.EVALUATE_SITE, arrays, {})
         local, _ = client.site.evaluate_site(node, arrays, {})
         assert site["name"] == "h1"
         assert {k: v for k, v in remote.items() if "-time-" not in k} == {
             k: v for k, v in local.items() if "-time-" not in k
         }
 
-        updated, metrics, site = worker.call(node, "local_round", arrays, {"server-round": 1})
+        updated, metrics, site = worker.call(node, Job.LOCAL_ROUND, arrays, {"server-round": 1})
         assert list(updated) == list(arrays) and site["name"] == "h1"
         assert metrics["train-steps"] == 2 and metrics["train-time-train"] > 0
         assert (tmp_path / "state" / "nodes" / "run-1" / "h1" / "local.pt").exists()
@@ -64,11 +66,11 @@ def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_pa
         with pytest.raises(AuthenticationError):  # someone without the key is turned away ...
             Client(str(sock), "AF_UNIX", authkey=b"not the key")
         # ... and an error in the work arrives as itself, with the worker still serving
-        broken = worker.NodeContext(**{**vars(node), "run_config": node.run_config | {"overrides": "no.such=1"}})
+        broken = NodeContext(**{**vars(node), "run": node.run.replace(overrides="no.such=1")})
         with pytest.raises(InputError, match="unknown config key") as raised:
-            worker.call(broken, "evaluate_site", arrays, {})
-        assert any("in the node's worker" in note and "config_from_run" in note for note in raised.value.__notes__)
-        assert worker.call(node, "array_names") == list(arrays)
+            worker.call(broken, Job.EVALUATE_SITE, arrays, {})
+        assert any("in the node's worker" in note and "project_config" in note for note in raised.value.__notes__)
+        assert worker.call(node, Job.ARRAY_NAMES) == list(arrays)
         assert len([r for r in caplog.records if "started the node's worker" in r.getMessage()]) == 1
     finally:
         stopped = worker.stop(node)
@@ -97,12 +99,20 @@ def test_a_worker_ends_with_its_node_and_when_idle(tmp_path, runtime):
 
 
 def test_worker_settings_are_checked(runtime):
-    assert worker.mode({}) == "auto" and not worker.wanted({})  # pytest is not a per-message flwr-clientapp
-    assert worker.wanted({"worker": "on"}) and not worker.wanted({"worker": "off"})
+    assert NodeConfig().worker == "auto" and not worker.wanted(NodeConfig())  # pytest is no per-message process
+    assert worker.wanted(NodeConfig.parse({"worker": "on"})) and not worker.wanted(NodeConfig.parse({"worker": "off"}))
+    assert NodeConfig.parse({"worker-idle": "60"}).worker_idle == 60.0  # a deployment's node config may be text
     with pytest.raises(InputError, match="worker='maybe'"):
-        worker.mode({"worker": "maybe"})
+        NodeConfig.parse({"worker": "maybe"})
     with pytest.raises(InputError, match="worker-idle"):
-        worker.mode({"worker-idle": "-1"})
+        NodeConfig.parse({"worker-idle": "-1"})
+    with pytest.raises(InputError, match="did you mean worker-idle"):
+        NodeConfig.parse({"worker-idel": 60})
+    assert worker.site_work("array_names") is worker.site_work(Job.ARRAY_NAMES) is client.site.array_names
+    with pytest.raises(ValueError, match="unknown job 'release_memory'"):  # a function of client.site, not a job
+        worker.site_work("release_memory")
+    with pytest.raises(ValueError, match="unknown job 'train'"):  # refused before any worker starts
+        worker.call(NodeContext(run_id=1, node_id=7, node=NodeConfig(), run=RunConfig()), "train")
     runtime.mkdir(mode=0o755)
     os.chmod(runtime, 0o755)  # whatever the umask
     with pytest.raises(worker.WorkerError, match="mode 0700"):
@@ -116,12 +126,12 @@ def test_a_worker_that_dies_mid_message_is_reported_and_replaced(tmp_path, runti
 
     def train() -> None:
         try:
-            worker.call(node, "local_round", arrays, {"server-round": 1})
+            worker.call(node, Job.LOCAL_ROUND, arrays, {"server-round": 1})
         except BaseException as exc:
             outcome.append(exc)
 
     try:
-        assert worker.call(node, "array_names")  # started
+        assert worker.call(node, Job.ARRAY_NAMES)  # started
         found = subprocess.run(["pgrep", "-f", f"client.worker {runtime}"], capture_output=True, text=True)
         thread = threading.Thread(target=train)
         thread.start()
@@ -130,6 +140,6 @@ def test_a_worker_that_dies_mid_message_is_reported_and_replaced(tmp_path, runti
         thread.join(60)
         assert len(outcome) == 1 and isinstance(outcome[0], worker.WorkerError), outcome
         assert "ended during local_round" in str(outcome[0])
-        assert worker.call(node, "array_names")  # the next message starts a new worker
+        assert worker.call(node, Job.ARRAY_NAMES)  # the next message starts a new worker
     finally:
         worker.stop(node)

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from mstkd.data.labels import CONVENTIONS, LabelConvention
@@ -26,24 +27,37 @@ from mstkd.data.nifti import NIFTI_SUFFIXES, is_nifti
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES
 
+
+class Layout(StrEnum):
+    """How a dataset names its files (and which label convention it uses)."""
+
+    FETS = "fets"  # FeTS 2022/2024, BraTS 2018-2021: <ID>_flair.nii.gz, labels 1/2/4
+    BRATS2023 = "brats2023"  # BraTS 2023+: <ID>-t2f.nii.gz, labels 1/2/3
+
+
 # Suffix on disk -> canonical key ("seg" for the label map), per layout. Longer suffixes
 # come first in each pattern so that ``_t1ce`` is not read as ``_t1``.
-_SUFFIXES: dict[str, dict[str, str]] = {
-    "fets": {"flair": "flair", "t1ce": "t1ce", "t1gd": "t1ce", "t1": "t1", "t2": "t2", "seg": "seg"},
-    "brats2023": {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"},
+_SUFFIXES: dict[Layout, dict[str, str]] = {
+    Layout.FETS: {"flair": "flair", "t1ce": "t1ce", "t1gd": "t1ce", "t1": "t1", "t2": "t2", "seg": "seg"},
+    Layout.BRATS2023: {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg": "seg"},
 }
-_SEPARATOR = {"fets": "_", "brats2023": "-"}
+_SEPARATOR = {Layout.FETS: "_", Layout.BRATS2023: "-"}
 _PATTERNS = {
     layout: re.compile(rf"{re.escape(_SEPARATOR[layout])}({'|'.join(suffixes)})$")
     for layout, suffixes in _SUFFIXES.items()
 }
 FILE_SUFFIX = {
-    "fets": {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2", "seg": "seg"},
-    "brats2023": {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"},
+    Layout.FETS: {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2", "seg": "seg"},
+    Layout.BRATS2023: {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"},
 }
 """Canonical key -> file suffix, for writing files in a layout."""
 
-LAYOUT_CONVENTION = {"fets": "fets", "brats2023": "brats2023"}
+LAYOUT_CONVENTION = {Layout.FETS: "fets", Layout.BRATS2023: "brats2023"}
+
+
+def file_endings(layout: Layout | str) -> dict[str, str]:
+    """Canonical key -> how a file name of ``layout`` ends before ``.nii.gz`` (``flair`` -> ``_flair`` or ``-t2f``)."""
+    return {key: _SEPARATOR[layout] + suffix for key, suffix in FILE_SUFFIX[layout].items()}
 
 
 @dataclass

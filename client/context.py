@@ -1,0 +1,72 @@
+"""The node's context: what the work (:mod:`client.site`) needs to know of the node it runs on, and the jobs
+it does, in a form that crosses a process boundary.
+
+Both the work and its transport to the node's warm worker (:mod:`client.worker`) import this module; neither
+imports the other. It imports neither PyTorch nor MONAI, so the ClientApp's per-message process stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mstkd.runconfig import NodeConfig, RunConfig
+
+
+class Job(StrEnum):
+    """The work a node does for a message: each is the function of :mod:`client.site` of that name."""
+
+    LOCAL_ROUND = "local_round"
+    EVALUATE_SITE = "evaluate_site"
+    SITE_GEOMETRY = "site_geometry"
+    ARRAY_NAMES = "array_names"
+
+    @classmethod
+    def named(cls, name: str) -> Job:
+        """The job called ``name``.
+
+        Raises:
+            ValueError: no job has that name.
+        """
+        try:
+            return cls(name)
+        except ValueError:
+            raise ValueError(f"unknown job {name!r}") from None
+
+
+@dataclass
+class NodeContext:
+    """What the work needs of Flower's ``Context``, in a form that crosses a process boundary.
+
+    ``startup``: age in seconds of the process that received the message, when it arrived (0 after its
+    first message, and under Ray); ``sent_at``: ``time.time()`` when that process handed the work on.
+    """
+
+    run_id: int
+    node_id: int
+    node: NodeConfig
+    run: RunConfig
+    startup: float = 0.0
+    sent_at: float = field(default_factory=time.time)
+
+
+def configure_logging(node: NodeConfig) -> None:
+    """Site logs on stderr: INFO in deployment (a node started with a ``data-path``), WARNING in
+    simulation, where many sites share one terminal; the node config ``log-level`` overrides both."""
+    root = logging.getLogger("mstkd")
+    root.setLevel(node.level.upper())
+    if not any(getattr(h, "mstkd_site", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.mstkd_site = True  # one handler however many messages this process serves
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+
+
+def ray_node() -> str | None:
+    """The Ray node this process runs on in a simulation (a Ray cluster spreads sites over many); None outside
+    Ray. A deployed site reports nothing about its machine: its site name is all the server needs."""
+    ray = sys.modules.get("ray")  # imported by the simulation engine's workers, never by this project
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None

@@ -1,0 +1,50 @@
+"""The run folder: where a run writes, claimed once, and what a resumed run keeps of it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mstkd.data.geometry import TargetGeometry
+from mstkd.errors import InputError
+from mstkd.runconfig import RunConfig
+from server.state import ServerCheckpoint
+
+RUN_FILES = ("metrics.jsonl", "REPORT.md", "last.pt", "best.pt", ServerCheckpoint.FILE, ServerCheckpoint.OLD_FILE)
+"""A folder with any of these holds a run; ``overwrite=true`` removes them, with ``eval/`` and ``tensorboard/``."""
+
+
+def run_folder(run: RunConfig, run_id: int) -> Path:
+    """``out-dir``, else ``<work-dir>/runs/run-<run id>``; the folder of the run being resumed, with ``resume-from``."""
+    if run.resume_from:
+        return Path(run.resume_from).expanduser().resolve()
+    return (Path(run.out_dir).expanduser() if run.out_dir else run.home / "runs" / f"run-{run_id}").resolve()
+
+
+def claim_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds an earlier run (one line); with ``overwrite``, clear that run's files first."""
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not overwrite:
+        raise InputError(
+            f"out-dir {out} already holds a run ({earlier[0]}); choose another out-dir, continue it with "
+            f"resume-from='{out}', or replace it with overwrite=true"
+        )
+    for name in earlier:
+        (out / name).unlink()
+    for folder in ("eval", "tensorboard") if earlier else ():
+        shutil.rmtree(out / folder, ignore_errors=True)
+
+
+def original_target(out: Path) -> TargetGeometry | None:
+    """The target geometry a run being resumed agreed on (its ``config.yaml``), which a resumed run keeps; None
+    for a run of an older version, which planned none (the resumed run plans it now).
+
+    Raises:
+        InputError: the file is missing or does not read.
+    """
+    try:
+        return TargetGeometry.from_config(OmegaConf.load(out / "config.yaml").data)
+    except Exception as exc:  # a missing or damaged file: OSError, a YAML error, a missing key, a bad value
+        raise InputError(f"resume-from: {out}/config.yaml does not read ({type(exc).__name__})") from None
