@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from client.app import app as client_app  # noqa: E402
 from server.app import app as server_app  # noqa: E402
 from simulations.launch import flower_simulation  # noqa: E402
-from tests.inproc import pyproject_run_config, run_inproc  # noqa: E402
+from tests.helpers import pyproject_run_config, run_inproc  # noqa: E402
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def _process_age() -> float:
 
 
 def site_runner(context: Context, *, timed: bool = True):
-    """``run(job, *args)``: ``client.site.<job>`` in the node's warm worker or in this process
+    """``do_job(job, *args)``: ``client.site.<job>`` in the node's warm worker or in this process
     (:func:`client.worker.wanted`), called with a :class:`client.context.NodeContext` first. ``timed``: the
     work reports this process's start-up (the voxel-size report before round 1 does not, so the first
     train message still carries it)."""
@@ -118,22 +118,22 @@ def site_runner(context: Context, *, timed: bool = True):
     )
     remote = worker.wanted(node_config)
 
-    def run(job: Job, *args: Any) -> Any:
+    def do_job(job: Job, *args: Any) -> Any:
         node.sent_at = time.time()
         if remote:
             return worker.call(node, job, *args)
         return worker.site_work(job)(node, *args)
 
-    return run
+    return do_job
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    run = site_runner(context)
+    do_job = site_runner(context)
     if is_secagg_fit(msg):
-        return secagg_train(msg, run)
+        return secagg_train(msg, do_job)
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
-    updated, metrics, site = run(Job.LOCAL_ROUND, arrays, dict(msg.content["config"]))
+    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, dict(msg.content["config"]))
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),

@@ -44,18 +44,18 @@ def is_secagg_fit(msg: Message) -> bool:
     return FIT_PARAMETERS in msg.content.array_records
 
 
-def secagg_train(msg: Message, run: Callable[..., Any]) -> Message:
+def secagg_train(msg: Message, do_job: Callable[..., Any]) -> Message:
     """A legacy fit message in, the same local round as always, a legacy fit reply out.
 
-    ``run(job, *args)`` runs a :mod:`client.site` function where the node does its work
+    ``do_job(job, *args)`` runs a :mod:`client.site` function where the node does its work
     (:func:`client.app.site_runner`)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    names = run(Job.ARRAY_NAMES)
+    names = do_job(Job.ARRAY_NAMES)
     values = parameters_to_ndarrays(fitins.parameters)
     if len(values) != len(names):
         raise ValueError(f"secure aggregation: {len(values)} arrays received, the model federates {len(names)}")
     arrays = dict(zip(names, values, strict=True))
-    updated, metrics, site = run(Job.LOCAL_ROUND, arrays, dict(fitins.config), Transport.FLOAT32)
+    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, dict(fitins.config), Transport.FLOAT32)
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters([np.asarray(updated[n], dtype=np.float32) for n in names]),

@@ -76,10 +76,14 @@ def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
     return folder
 
 
-def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context: NodeContext, clock: Stopwatch):
-    """Project config, site data, device, seed, and the student + discriminator holding ``arrays``."""
+def _setup(arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any], context: NodeContext, clock: Stopwatch):
+    """Project config, site data, device, seed, and the student + discriminator holding ``arrays``.
+
+    ``instructions`` is the message's config record (the round, the state key, the agreed target geometry): what
+    the server asks of this round, as opposed to the run config (``context.run``) and the project config ``cfg``.
+    """
     configure_logging(context.node)
-    cfg = with_target(project_config(context.run), config)  # the geometry the federation agreed on
+    cfg = with_target(project_config(context.run), instructions)  # the geometry the federation agreed on
     clock.lap("config")
     data = site_data(context.run, context.node, cfg)
     clock.lap("data")
@@ -87,7 +91,7 @@ def _setup(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], context:
     # distinct per site and per round: a node must not redraw the same crops every round, nor the same as
     # another site (a simulated site by its partition, a deployed one by its name)
     seed = int(cfg.train.seed) + 1000 * site_number(context.node, data.name)
-    seed_everything(seed + int(config.get("server-round", 0)))
+    seed_everything(seed + int(instructions.get("server-round", 0)))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
     try:
         load_federated_arrays(student, disc, arrays)
@@ -139,19 +143,19 @@ class Stopwatch:
 def local_round(
     context: NodeContext,
     arrays: Mapping[str, np.ndarray],
-    config: Mapping[str, Any],
+    instructions: Mapping[str, Any],
     transport: Transport | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, str]]:
     """One round of local training from the global ``arrays``: the updated student + discriminator arrays,
     the scalar metrics and the site's name, device and modalities (everything a reply carries)."""
     clock = Stopwatch("train", context)
-    cfg, data, device, seed, student, disc = _setup(arrays, config, context, clock)
+    cfg, data, device, seed, student, disc = _setup(arrays, instructions, context, clock)
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
-    server_round = int(config.get("server-round", 0))
+    server_round = int(instructions.get("server-round", 0))
     state = SiteState(
-        _state_folder(context, data.name, str(config.get("state-key", ""))), str(cfg.train.state_precision)
+        _state_folder(context, data.name, str(instructions.get("state-key", ""))), str(cfg.train.state_precision)
     )
     clock.lap("build")
     info = state.load(nets, optimizers, rng, before_round=server_round) or {"rounds": 0, "epoch": 0.0}
@@ -171,7 +175,7 @@ def local_round(
     )
     clock.lap("loader")
     steps = context.run.local_steps or max(1, round(context.run.local_epochs * len(loader)))
-    epoch = float(config.get("epoch", info["epoch"]))
+    epoch = float(instructions.get("epoch", info["epoch"]))
     log.info(
         "%s: training %d steps on %d cases (device %s, round %s)",
         data.name,
@@ -190,7 +194,7 @@ def local_round(
         rng=rng,
         device=device,
         subsets=data.subsets,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(instructions.get("proximal-mu", 0.0)),
         progress=False,
         desc=data.name,
     )
@@ -248,11 +252,11 @@ def in_transport_dtype(arrays: dict[str, np.ndarray], transport: Transport, site
 
 
 def evaluate_site(
-    context: NodeContext, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]
+    context: NodeContext, arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any]
 ) -> tuple[dict[str, float | int], dict[str, str]]:
     """Score the global student ``arrays`` on the site's validation cases: the metrics and the site's name."""
     clock = Stopwatch("val", context)
-    cfg, data, device, _, student, _ = _setup(arrays, config, context, clock)
+    cfg, data, device, _, student, _ = _setup(arrays, instructions, context, clock)
     clock.lap("build")
     # "full" means everything this site has; subsets it cannot form are skipped
     wanted = parse_subsets(context.run.site_eval_subsets)
@@ -277,14 +281,14 @@ def evaluate_site(
     return metrics | clock.times, site
 
 
-def site_geometry(context: NodeContext, config: Mapping[str, Any]) -> dict[str, float | int]:
+def site_geometry(context: NodeContext, instructions: Mapping[str, Any]) -> dict[str, float | int]:
     """What this site tells the federation when it plans its target geometry: the median voxel size of its cases
     in the orientation asked for (``spacing-0`` .. ``spacing-2``, mm) and how many cases that is (``num-examples``).
     Only image headers are read, and only these four numbers leave the site."""
     configure_logging(context.node)
     cfg = project_config(context.run)
     try:
-        orientation = check_orientation(str(config.get("orientation", cfg.data.orientation)))
+        orientation = check_orientation(str(instructions.get("orientation", cfg.data.orientation)))
     except InputError as exc:
         raise RefusedMessage(f"the message's orientation is not valid ({exc})") from None
     spacing, cases = site_spacing(context.run, context.node, orientation)

@@ -34,7 +34,6 @@ def _all_finite(value: Any) -> bool:
     return True
 
 
-
 STATE_PRECISIONS = ("full", "half")
 
 

@@ -226,9 +226,9 @@ def global_model(
     else:
         initial = ArrayRecord({k: Array(v) for k, v in federated_arrays(student, disc, Transport.FLOAT32).items()})
     floats = sum(v.numel() for m in (student, disc) for v in m.state_dict().values() if v.is_floating_point())
-    wire_mb = floats * np.dtype(TRANSPORT_DTYPES[run.transport]).itemsize / 1e6
+    message_mb = floats * np.dtype(TRANSPORT_DTYPES[run.transport]).itemsize / 1e6
     say(
         f"model {cfg.model.preset}: {count_parameters(student) / 1e6:.2f} M student parameters, "
-        f"{len(initial)} federated arrays, {wire_mb:.1f} MB per message ({run.transport}); server device {device}"
+        f"{len(initial)} federated arrays, {message_mb:.1f} MB per message ({run.transport}); server device {device}"
     )
     return student, disc, initial

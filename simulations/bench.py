@@ -48,7 +48,8 @@ def machine() -> str:
     )
 
 
-def _say(text: str) -> None:
+def progress_line(text: str) -> None:
+    """One line of the benchmark's progress on stderr."""
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
@@ -219,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_text(bench / "bench.json", json.dumps({**meta, "note": note}, indent=1))
             write_report(bench, scenario, arms, seeds)
             if args.publish:
-                _say(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
-            _say(f"report: {bench / 'REPORT.md'}")
+                progress_line(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
+            progress_line(f"report: {bench / 'REPORT.md'}")
             return 0
         data, csv, description = scenario_data(scenario, work_dir, data_path, partitioning)
     except InputError as exc:
@@ -246,17 +247,17 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         ),
     )
-    _say(f"{scenario.name}: {description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
+    progress_line(f"{scenario.name}: {description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
     failed = []
     for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds
         for arm in arms:
             folder = bench / arm.name / f"seed-{seed}"
             if (folder / DONE).is_file():
-                _say(f"{arm.name} seed {seed}: finished earlier, skipped")
+                progress_line(f"{arm.name} seed {seed}: finished earlier, skipped")
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            _say(f"{arm.name} seed {seed}: {arm.label} ...")
+            progress_line(f"{arm.name} seed {seed}: {arm.label} ...")
             start = time.perf_counter()
             try:
                 if arm.federated:
@@ -275,21 +276,21 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     files = run_centralised(scenario, seed, folder, data=data, csv=csv, extra=args.run_config)
             except (RuntimeError, InputError) as exc:
-                _say(f"{arm.name} seed {seed}: FAILED: {exc}")
+                progress_line(f"{arm.name} seed {seed}: FAILED: {exc}")
                 failed.append(f"{arm.name}/seed-{seed}")
                 continue
             seconds = time.perf_counter() - start
             done = {"arm": arm.name, "seed": seed, "seconds": seconds, "machine": machine(), **files}
             write_text(folder / DONE, json.dumps(done, indent=1))
-            _say(f"{arm.name} seed {seed}: done in {seconds:.0f} s")
+            progress_line(f"{arm.name} seed {seed}: done in {seconds:.0f} s")
             write_report(bench, scenario, arms, seeds)
     report = write_report(bench, scenario, arms, seeds)
     if args.publish:
-        _say(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
+        progress_line(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
     if failed:
-        _say(f"{len(failed)} runs failed ({', '.join(failed)}); rerun the same command to retry them")
+        progress_line(f"{len(failed)} runs failed ({', '.join(failed)}); rerun the same command to retry them")
         return 1
-    _say(f"report: {report}")
+    progress_line(f"report: {report}")
     return 0
 
 

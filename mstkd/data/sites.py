@@ -200,7 +200,6 @@ def site_data(run: RunConfig, node: NodeConfig, cfg: DictConfig) -> SiteData:
     return SiteData(fed, site, f"site-{site}", available)
 
 
-
 def held_out_cases(run: RunConfig, cfg: DictConfig, num_sites: int) -> list:
     """The held-out cases a run's global model is scored on: every case of ``test-data-path``, or the test split
     of the run's dataset (``num_sites``: how many sites a phantom federation has); the first ``eval-cases`` of them

@@ -227,4 +227,3 @@ def ensure_phantoms(
                 progress=progress,
             )
     return folder
-

@@ -1,4 +1,5 @@
-"""The federated layer, in process: ServerApp + three ClientApps on tiny phantoms, two rounds."""
+"""Whole federations in process: ServerApp + three ClientApps on tiny phantoms (what travels, what stays, what a
+run writes, transports and strategies, missing modalities, the agreed target geometry)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from client.app import app as client_app
-from mstkd.checkpoint import load_checkpoint
+from mstkd.checkpoint import checkpoint_geometry, load_checkpoint
 from mstkd.cli import main as mstkd_main
 from mstkd.config import load_config
+from mstkd.data.geometry import TargetGeometry
 from mstkd.model import MSTKDNet, build_discriminator
-from mstkd.runconfig import RunConfig
 from server.app import app as server_app
-from tests.inproc import NODES, by_name, nodes, run_inproc, tiny_run_config
+from tests.helpers import NODES, by_name, nodes, run_inproc, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -153,74 +155,6 @@ def test_sites_with_missing_modalities(tmp_path):
         assert (not image[3].any()) == (site == "3")
 
 
-def test_deployed_site_modalities_declared_or_detected(tmp_path):
-    from mstkd.data.sites import parse_dropped, site_data
-    from mstkd.runconfig import NodeConfig, RunConfig
-    from tests.conftest import write_case
-
-    for i in range(4):
-        write_case(tmp_path / "site", f"FeTS2022_{i:05d}", seed=i, modalities=("flair", "t1", "t2"))
-    cfg = load_config(["model=tiny"])
-    detected = site_data(RunConfig(), NodeConfig.parse({"data-path": str(tmp_path / "site")}), cfg)
-    assert detected.available.name == "flair+t1+t2" and len(detected.subsets) == 7
-    assert all(not s.mask[2] for s in detected.subsets)
-    declared = site_data(
-        RunConfig(),
-        NodeConfig.parse({"data-path": str(tmp_path / "site"), "modalities": "flair,t2", "site-name": "h1"}),
-        cfg,
-    )
-    assert declared.name == "h1" and declared.available.name == "flair+t2"
-    assert not np.load(declared.train[0].folder / "image.npy")[1].any()  # T1 on disk, but not declared
-    assert parse_dropped("2:t1ce; 3:t1ce,t2") == {
-        "2": declared.available.parse("flair+t1+t2"),
-        "3": declared.available.parse("flair+t1"),
-    }
-
-
-def test_collapse_is_flagged_in_the_run_log_the_report_and_one_terminal_line(tmp_path, capsys):
-    from server.evaluation import flag_collapse
-    from server.report import write_report
-    from server.runlog import RunLog
-
-    runlog = RunLog(tmp_path)
-    flag_collapse(runlog.record(1), 1, "global evaluation", "WT predicted in 93% of the brain with FLAIR")
-    runlog.finish(1)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "WARNING round 1" in err[0] and "WT predicted in 93%" in err[0]
-    record = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert record["collapse"] == [{"where": "global evaluation", "what": "WT predicted in 93% of the brain with FLAIR"}]
-    cfg = load_config(["model=tiny"])
-    report = write_report(tmp_path, runlog, cfg, RunConfig(), 1.0, {"val_mean_dice": -1.0, "round": None}).read_text()
-    assert "## Collapse warnings" in report
-    assert "round 1, global evaluation: WT predicted in 93% of the brain with FLAIR" in report
-
-
-def test_metrics_csv_has_one_scalar_per_column_and_every_round_gets_a_progress_line(tmp_path):
-    import pandas as pd
-
-    from server.runlog import RunLog
-
-    runlog = RunLog(tmp_path)
-    runlog.finish(0)
-    rec = runlog.record(1)
-    rec.update(bytes_sent=49e6, bytes_received=25e6, train={"train-loss": 2.41}, val={"val-mean-dice": 0.52})
-    runlog.site(1, 11, "site-1").update({"train-loss": 2.3, "val-mean-dice": 0.5, "device": "cpu"})
-    runlog.site(1, 12, "site-2").update({"train-loss": 2.5})
-    rec["failures"].append({"stage": "train", "node": 7, "reason": "boom"})
-    rec["collapse"] = [{"where": "global evaluation", "what": "WT everywhere"}]
-    runlog.finish(1)
-    table = pd.read_csv(tmp_path / "metrics.csv")
-    assert {"train/train-loss", "val/val-mean-dice", "site-1/train-loss", "site-2/train-loss"} <= set(table.columns)
-    assert table.loc[1, "site-1/train-loss"] == 2.3 and table.loc[1, "failures"] == 1 and table.loc[1, "collapse"] == 1
-    assert not table.map(lambda v: isinstance(v, str) and v.startswith(("{", "["))).any().any()  # no nested reprs
-    line = runlog.progress(1, 3)
-    assert line.startswith("round 1/3: 2/3 sites (failed: 7), train loss 2.410, site-val Dice 0.520")
-    assert "sent 49 MB, received 25 MB" in line and "left" in line
-    runlog.record(2)["skipped"] = "0 of 3 nodes replied"
-    runlog.finish(2)
-    assert "skipped (0 of 3 nodes replied)" in runlog.progress(2, 3)
-
-
 def test_tensorboard_has_a_point_per_round(federation):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -233,31 +167,6 @@ def test_tensorboard_has_a_point_per_round(federation):
     assert [e.step for e in events.Scalars("site-2/train-loss")] == [1, 2]
 
 
-def test_sites_log_at_info_in_deployment_and_stay_quiet_in_simulation():
-    import logging
-
-    from client.context import configure_logging
-    from mstkd.errors import InputError
-    from mstkd.runconfig import NodeConfig
-
-    logger = logging.getLogger("mstkd")
-    level = logger.level
-    try:
-        configure_logging(NodeConfig.parse({"data-path": "/data/site", "site-name": "h1"}))
-        assert logger.level == logging.INFO
-        configure_logging(NodeConfig.parse({"partition-id": 0, "num-partitions": 3}))
-        assert logger.level == logging.WARNING
-        configure_logging(NodeConfig.parse({"partition-id": 0, "log-level": "info"}))
-        assert logger.level == logging.INFO
-        assert sum(getattr(h, "mstkd_site", False) for h in logger.handlers) == 1  # one handler, however often
-        with pytest.raises(InputError, match="log-level"):
-            NodeConfig.parse({"log-level": "loud"})
-    finally:
-        logger.setLevel(level)
-        for h in [h for h in logger.handlers if getattr(h, "mstkd_site", False)]:
-            logger.removeHandler(h)
-
-
 def test_node_state_leaves_out_the_student_moments_the_next_round_resets(federation):
     tmp, _, _ = federation
     state = torch.load(next((tmp / "work" / "nodes").glob("*/*/local.pt")), weights_only=False)
@@ -265,3 +174,31 @@ def test_node_state_leaves_out_the_student_moments_the_next_round_resets(federat
     teacher_ids, student_ids = set(groups[0]["params"]), set(groups[1]["params"])
     assert teacher_ids and student_ids
     assert set(state["optimizer"]["state"]) == teacher_ids  # the teacher's moments only
+
+
+def test_a_federation_agrees_on_one_target_and_a_bad_report_costs_only_its_sender(tmp_path, capsys):
+    """Node 1 reports a voxel size that is not a number; the plan is made from the other two sites' reports,
+    every node caches its cases at it, and the run's config and checkpoints store it."""
+    from flwr.app import MessageType
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+    from tests.helpers import NODES, nodes, run_inproc, tiny_run_config
+
+    def liar(message, context):
+        reply = client_app(message, context)
+        if message.metadata.message_type == MessageType.QUERY and context.node_id == 1:
+            reply.content["metrics"]["spacing-0"] = float("nan")
+        return reply
+
+    grid = run_inproc(server_app, liar, tiny_run_config(tmp_path, **{"num-server-rounds": 1}), nodes())
+    assert sum(w["type"] == MessageType.QUERY and w["direction"] == "to-node" for w in grid.wire) == NODES
+    phantom = (5.0, 5.0, 4.84375)  # the 48 x 48 x 32 phantom grid
+    out = capsys.readouterr().err
+    assert "target geometry 5 x 5 x 4.84 mm LPS: the median voxel size of" in out and "at 2 sites" in out
+    assert "1 site left out" in out
+    run = tmp_path / "run"
+    assert tuple(OmegaConf.load(run / "config.yaml").data.target_spacing) == phantom
+    assert checkpoint_geometry(load_checkpoint(run / "last.pt")[2]) == TargetGeometry(phantom, "LPS")
+    trains = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert trains and all(m.content["config"]["target-spacing"] == "5.0 5.0 4.84375" for m in trains)

@@ -20,9 +20,8 @@ from deploy.credentials import make_ca, make_node_key, make_server
 from deploy.processes import flwr_cli, start_local_federation, start_supernode, stop_group
 from mstkd.phantoms import write_federation
 from simulations.launch import free_port
-from tests.inproc import by_name
+from tests.helpers import ROOT, by_name
 
-ROOT = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
@@ -95,48 +94,6 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
     while any(Path(f"/proc/{pid}").exists() for [pid] in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for [pid] in workers)  # they ended with their nodes
-
-
-def test_private_keys_are_private_from_their_first_byte(tmp_path, monkeypatch):
-    import os
-
-    import mstkd.atomic as atomic  # where deploy.credentials writes its files
-
-    modes = []
-    real_write = os.write
-
-    def spy(fd, data):  # the file's permissions at the moment its first byte is written
-        info = os.fstat(fd)
-        if info.st_size == 0:
-            modes.append(info.st_mode & 0o777)
-        return real_write(fd, data)
-
-    monkeypatch.setattr(atomic.os, "write", spy)
-    old_umask = os.umask(0)  # the most permissive umask: only the mode given at creation protects the file
-    try:
-        make_ca(tmp_path)
-        make_server(tmp_path, ["link.example.org"])
-        make_node_key(tmp_path, "hospital-a")
-    finally:
-        os.umask(old_umask)
-    assert sorted(modes) == [0o600, 0o600, 0o600, 0o644, 0o644, 0o644]  # 3 keys, 2 certs, 1 public key
-    for private in ("ca.key", "server.key", "nodes/hospital-a"):
-        assert (tmp_path / private).stat().st_mode & 0o777 == 0o600
-    assert not list(tmp_path.rglob(".*.tmp"))
-
-
-def test_existing_credentials_are_never_replaced_unless_forced(tmp_path, capsys):
-    from deploy.credentials import main
-
-    assert main(["--out", str(tmp_path), "node", "hospital-a"]) == 0
-    key = (tmp_path / "nodes" / "hospital-a").read_bytes()
-    assert main(["--out", str(tmp_path), "node", "hospital-a"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "exists" in err[-1] and "--force" in err[-1]
-    assert (tmp_path / "nodes" / "hospital-a").read_bytes() == key
-    assert main(["--out", str(tmp_path), "--force", "node", "hospital-a"]) == 0
-    assert (tmp_path / "nodes" / "hospital-a").read_bytes() != key
-    assert main(["--out", str(tmp_path), "ca"]) == 0 and main(["--out", str(tmp_path), "ca"]) == 2
 
 
 def _https_status(host: str, port: int, path: str, ca: Path, source: str) -> int:

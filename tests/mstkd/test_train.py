@@ -19,7 +19,7 @@ from mstkd.modalities import SUBSETS, Subset
 from mstkd.model import build_networks
 from mstkd.phantoms import write_federation
 from mstkd.train import Networks, make_optimizers, poly_lr, seed_everything, train_local
-from tests.conftest import write_case
+from tests.helpers import write_case
 
 TINY = ["model=tiny", "train.amp=false"]
 TINY_STEPS = 8  # per epoch in the no-collapse test
@@ -461,3 +461,20 @@ def test_tensorboard_gets_a_point_per_epoch(phantoms, tmp_path):
         events.Tags()["scalars"]
     )
     assert [e.step for e in events.Scalars("val/mean_dice")] == [1, 2]
+
+
+@pytest.mark.parametrize("scope", ["joint", "separate"])
+def test_a_nan_gradient_in_the_student_never_reaches_the_teacher(scope):
+    """The loss is finite, but one student gradient is NaN (as a poisoned global model can make it): with one
+    clipping coefficient for both networks the teacher's step would turn NaN too. The step is skipped, counted,
+    and the teacher and the optimiser's moments stay as they were, whichever clipping scope."""
+    cfg = load_config(["model=tiny", "train.amp=false", f"train.grad_clip_scope={scope}"])
+    nets = Networks(*build_networks(cfg.model))
+    next(nets.student.parameters()).register_hook(lambda grad: grad * float("nan"))
+    teacher = {k: v.clone() for k, v in nets.teacher.state_dict().items()}
+    optimizers = make_optimizers(nets, cfg.train)
+    batch = {"image": torch.randn(1, 4, 32, 32, 32), "label": torch.zeros(1, 3, 32, 32, 32)}
+    out = train_local(nets, optimizers, [batch], cfg, steps=3, progress=False, device=torch.device("cpu"))
+    assert out["skipped_steps"] == 3  # the loss itself was finite: the check is on each network's gradients
+    assert all(torch.equal(teacher[k], v) for k, v in nets.teacher.state_dict().items())
+    assert not optimizers.main.state  # no moment was ever updated

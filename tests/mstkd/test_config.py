@@ -7,6 +7,7 @@ import pytest
 from mstkd.cli import main
 from mstkd.config import load_config, preset_names
 from mstkd.errors import InputError
+from mstkd.runconfig import RunConfig, project_config
 
 
 @pytest.mark.parametrize("preset", preset_names("model"))
@@ -87,7 +88,7 @@ def _shipped_run_config() -> dict:
     import tomllib
     from pathlib import Path
 
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
 
 
@@ -132,3 +133,17 @@ def test_a_wrong_run_config_value_is_refused_in_one_line(key, value, named):
     with pytest.raises(InputError) as info:
         project_config(RunConfig.parse({**_shipped_run_config(), key: value}))
     assert "\n" not in str(info.value) and named in str(info.value), str(info.value)
+
+
+def test_overrides_that_would_read_the_environment_are_refused():
+    for overrides in (
+        "train.lr=${oc.env:HOME}",
+        "data.cache_dir=${oc.env:SECRET,x}",
+        r"train.lr=$\{oc.env:SECRET}",  # spelt so that only removing the shell escapes makes it an interpolation
+        "train.lr=$'{'oc.env:SECRET}",
+        'train.lr=$"{"oc.env:SECRET}',
+    ):
+        with pytest.raises(InputError, match="interpolation is not allowed"):
+            project_config(RunConfig.parse({"model": "tiny", "overrides": overrides}))
+    with pytest.raises(InputError, match="unknown model preset"):
+        load_config(["model=../../configs/train"])

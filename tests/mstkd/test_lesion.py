@@ -18,7 +18,7 @@ from mstkd.cli import main
 from mstkd.data.labels import REGIONS, get_convention
 from mstkd.lesion import LESION_HD95_PENALTY, LESION_METRICS, evaluate_lesions, lesion_scores, penalised_mean
 from mstkd.metrics import region_scores, score_labels
-from tests.conftest import write_nifti
+from tests.helpers import write_nifti
 
 SHAPE = (32, 30, 24)
 

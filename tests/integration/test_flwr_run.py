@@ -95,7 +95,7 @@ def test_faulty_nodes_never_stop_or_poison_a_flwr_run(tmp_path, faults):
     import torch
 
     from simulations.adversary import hostile_app
-    from tests.inproc import FAULT_REASONS
+    from tests.helpers import FAULT_REASONS
 
     app, env = hostile_app(tmp_path / "app", dict(enumerate(faults)))
     run_config = {**_tiny_run(tmp_path), "phantom-cases": 18, "min-nodes": 3}

@@ -28,9 +28,9 @@ from mstkd.data.labels import (
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.data.partitions import make_split, read_partitions, write_split_csv
 from mstkd.errors import InputError
-from tests.conftest import AFFINE, MODALITY_LEVEL, SHAPE, make_labels, write_case, write_nifti, write_partitions
+from tests.helpers import AFFINE, MODALITY_LEVEL, SHAPE, make_labels, write_case, write_nifti, write_partitions
 
-FETS_CSVS = Path(__file__).resolve().parents[1] / "simulations" / "fets"
+FETS_CSVS = Path(__file__).resolve().parents[2] / "simulations" / "fets"
 DATA_CFG = load_config().data
 
 
@@ -359,7 +359,7 @@ def test_prepare_federation_without_csv_is_one_site(tmp_path):
 
 
 def test_odd_spacings_and_orientations_are_brought_to_the_target_and_warned_once(tmp_path, caplog):
-    from tests.conftest import AFFINE
+    from tests.helpers import AFFINE
 
     flipped = AFFINE.copy()
     flipped[0, 0] = 1.0  # the first axis runs the other way: another orientation

@@ -22,7 +22,7 @@ from client import worker
 from client.context import Job, NodeContext
 from mstkd.errors import InputError
 from mstkd.runconfig import NodeConfig, RunConfig
-from tests.inproc import ROOT, deployed_site, tiny_arrays
+from tests.helpers import ROOT, deployed_site, tiny_arrays
 
 
 @pytest.fixture

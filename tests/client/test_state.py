@@ -1,0 +1,117 @@
+"""A node's state between rounds (client.state.SiteState): the previous round kept for a redone one, half precision,
+read without unpickling, never non-finite, and chosen without reading a state file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.state import SiteState
+from mstkd.config import load_config
+from mstkd.errors import InputError, NonFiniteState
+from mstkd.model import build_networks
+from mstkd.train import Networks, make_optimizers
+
+
+def test_site_state_keeps_the_previous_round_for_a_resumed_round(tmp_path):
+    cfg = load_config(["model=tiny"])
+    nets = Networks(*build_networks(cfg.model))
+    optimizers = make_optimizers(nets, cfg.train)
+    rng = np.random.default_rng(0)
+    state = SiteState(tmp_path)
+    for r in (1, 2):
+        state.save(nets, optimizers, rng, {"round": r, "rounds": r, "epoch": float(r)})
+    assert state.load(nets, optimizers, rng, before_round=3)["round"] == 2
+    assert state.load(nets, optimizers, rng, before_round=2)["round"] == 1  # round 2 is being redone
+    assert state.load(nets, optimizers, rng, before_round=1) is None
+
+
+def test_half_precision_site_state_halves_the_file_and_restores_float32_training_state(tmp_path):
+    cfg = load_config(["model=tiny"])
+    nets = Networks(*build_networks(cfg.model))
+    optimizers = make_optimizers(nets, cfg.train)
+    for p in [*nets.teacher.parameters(), *nets.student.parameters()]:
+        p.grad = torch.randn_like(p) * 1e-6  # squared-gradient averages near 1e-12: below float16's range
+    for _ in range(257):  # a step count that float16 and bfloat16 cannot hold exactly (257 -> 256)
+        optimizers.main.step()
+    rng = np.random.default_rng(0)
+    full, half = SiteState(tmp_path / "full"), SiteState(tmp_path / "half", "half")
+    for state in (full, half):
+        state.save(nets, optimizers, rng, {"round": 1, "rounds": 1, "epoch": 1.0})
+    assert 0.45 < half.path.stat().st_size / full.path.stat().st_size < 0.6
+    stored = torch.load(half.path, weights_only=False)
+    assert hasattr(stored["teacher"], "_metadata")  # what load_state_dict reads module versions from
+
+    fresh = Networks(*build_networks(cfg.model))
+    fresh_opt = make_optimizers(fresh, cfg.train)
+    assert half.load(fresh, fresh_opt, np.random.default_rng(1))["round"] == 1
+    restored = fresh.teacher.state_dict()
+    for name, value in nets.teacher.state_dict().items():
+        assert restored[name].dtype == value.dtype, name
+        if value.is_floating_point():  # the teacher as float16 holds it, widened again
+            assert torch.equal(restored[name], value.half().float()), name
+    teacher = next(nets.teacher.parameters())
+    moments = fresh_opt.main.state[next(fresh.teacher.parameters())]
+    assert moments["exp_avg"].dtype == torch.float32 and float(moments["step"]) == 257  # counters never rounded
+    expected = optimizers.main.state[teacher]["exp_avg_sq"]
+    assert expected.min() > 0 and moments["exp_avg_sq"].min() > 0  # not flushed to zero
+    assert torch.allclose(moments["exp_avg_sq"], expected, rtol=1e-2, atol=0)
+
+
+def test_site_state_is_read_without_unpickling_and_never_holds_non_finite_weights(tmp_path):
+    cfg = load_config(["model=tiny"])
+    nets = Networks(*build_networks(cfg.model))
+    optimizers = make_optimizers(nets, cfg.train)
+    rng = np.random.default_rng(0)
+    state = SiteState(tmp_path / "ok")
+    state.save(nets, optimizers, rng, {"round": 1, "rounds": 1, "epoch": 1.0})
+    assert state.load(nets, optimizers, rng)["round"] == 1  # weights_only reads what a node writes
+
+    class Payload:  # anything beyond tensors and plain data: a pickle that would run code
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    hostile = SiteState(tmp_path / "hostile")
+    hostile.path.parent.mkdir(parents=True)
+    torch.save({"teacher": Payload(), "optimizer": {}, "disc_optimizer": {}, "rng": {}, "info": {}}, hostile.path)
+    with pytest.raises(InputError, match="not readable as node state"):
+        hostile.load(nets, optimizers, rng)
+    assert not (tmp_path / "pwned").exists()
+
+    for r in (2, 3):  # a newest state that does not read (a disk error, a foreign file): the one before it serves
+        state.save(nets, optimizers, rng, {"round": r, "rounds": r, "epoch": float(r)})
+    state.path.write_bytes(b"garbage")
+    assert state.load(nets, optimizers, rng, before_round=4)["round"] == 2
+
+    with torch.no_grad():
+        next(nets.teacher.parameters()).fill_(float("inf"))
+    with pytest.raises(NonFiniteState, match="not saved"):
+        SiteState(tmp_path / "inf").save(nets, optimizers, rng, {"round": 2, "rounds": 2, "epoch": 2.0})
+    assert not (tmp_path / "inf" / "local.pt").exists()
+
+
+def test_site_state_is_chosen_without_reading_a_state_file(tmp_path, monkeypatch):
+    """At `paper` size a state file is gigabytes: a round reads exactly the one it restores, and a save none."""
+    import client.state
+
+    cfg = load_config(["model=tiny"])
+    nets = Networks(*build_networks(cfg.model))
+    optimizers = make_optimizers(nets, cfg.train)
+    rng = np.random.default_rng(0)
+    state = SiteState(tmp_path)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        client.state.torch, "load", lambda path, **kw: reads.append(Path(path).name) or real_load(path, **kw)
+    )
+    for r in (1, 2, 3):
+        state.save(nets, optimizers, rng, {"round": r, "rounds": r, "epoch": float(r)})
+    assert reads == []  # the sidecars told which round each file holds
+    assert state.load(nets, optimizers, rng, before_round=3)["round"] == 2
+    assert reads == ["local.prev.pt"]  # local.pt (round 3) was skipped without being read
+    (tmp_path / "local.json").write_text("{}")  # a sidecar that does not describe its file is ignored
+    assert state.info(tmp_path / "local.pt")["round"] == 3 and reads[-1] == "local.pt"

@@ -1,0 +1,96 @@
+"""Deployment credentials (deploy.credentials): private from the first byte, never replaced unless forced, and
+certificates that pass strict X.509 verification."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+
+from deploy.credentials import make_ca, make_node_key, make_server
+
+
+def test_private_keys_are_private_from_their_first_byte(tmp_path, monkeypatch):
+    import os
+
+    import mstkd.atomic as atomic  # where deploy.credentials writes its files
+
+    modes = []
+    real_write = os.write
+
+    def spy(fd, data):  # the file's permissions at the moment its first byte is written
+        info = os.fstat(fd)
+        if info.st_size == 0:
+            modes.append(info.st_mode & 0o777)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(atomic.os, "write", spy)
+    old_umask = os.umask(0)  # the most permissive umask: only the mode given at creation protects the file
+    try:
+        make_ca(tmp_path)
+        make_server(tmp_path, ["link.example.org"])
+        make_node_key(tmp_path, "hospital-a")
+    finally:
+        os.umask(old_umask)
+    assert sorted(modes) == [0o600, 0o600, 0o600, 0o644, 0o644, 0o644]  # 3 keys, 2 certs, 1 public key
+    for private in ("ca.key", "server.key", "nodes/hospital-a"):
+        assert (tmp_path / private).stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_existing_credentials_are_never_replaced_unless_forced(tmp_path, capsys):
+    from deploy.credentials import main
+
+    assert main(["--out", str(tmp_path), "node", "hospital-a"]) == 0
+    key = (tmp_path / "nodes" / "hospital-a").read_bytes()
+    assert main(["--out", str(tmp_path), "node", "hospital-a"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[-1] and "--force" in err[-1]
+    assert (tmp_path / "nodes" / "hospital-a").read_bytes() == key
+    assert main(["--out", str(tmp_path), "--force", "node", "hospital-a"]) == 0
+    assert (tmp_path / "nodes" / "hospital-a").read_bytes() != key
+    assert main(["--out", str(tmp_path), "ca"]) == 0 and main(["--out", str(tmp_path), "ca"]) == 2
+
+
+def test_certificates_pass_strict_x509_verification(tmp_path):
+    from cryptography import x509
+
+    from deploy.credentials import make_ca, make_server
+
+    make_ca(tmp_path)
+    make_server(tmp_path, ["link.example.org"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    for extension in (
+        x509.SubjectKeyIdentifier,
+        x509.AuthorityKeyIdentifier,
+        x509.KeyUsage,
+        x509.ExtendedKeyUsage,
+    ):
+        cert.extensions.get_extension_for_class(extension)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    client.verify_flags |= ssl.VERIFY_X509_STRICT
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    errors: list[BaseException] = []
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            with server.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        client.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.recv(2) == b"ok"
+    thread.join(10)
+    listener.close()
+    assert not errors

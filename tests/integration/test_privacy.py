@@ -1,0 +1,286 @@
+"""Privacy, in process: differential privacy, what a node's messages carry, secure aggregation, and no case ID,
+path or secret in a site's errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from client.app import app as client_app
+from mstkd.train import seed_everything
+from server.app import app as server_app
+from tests.helpers import by_name, nodes, run_inproc, tiny_run_config
+from tests.helpers import run_records as _records
+from tests.helpers import server_round as _round
+
+# --------------------------------------------------------------------------- differential privacy
+
+
+def _global_step_norms(grid) -> list[float]:
+    """L2 norm of the change of the global arrays between consecutive train rounds."""
+    sent = {}
+    for m in grid.sent:
+        if m.metadata.message_type == "train":
+            sent.setdefault(_round(m), {k: v.numpy().astype(np.float64) for k, v in m.content["arrays"].items()})
+    rounds = sorted(sent)
+    return [
+        float(np.sqrt(sum(((sent[b][k] - sent[a][k]) ** 2).sum() for k in sent[a])))
+        for a, b in zip(rounds, rounds[1:], strict=False)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["off", "server", "client"])
+def test_differential_privacy_clips_updates_and_logs_its_parameters(tmp_path, mode):
+    clip = 0.05
+    run_config = tiny_run_config(
+        tmp_path,
+        **{
+            "num-server-rounds": 2,
+            "eval-subsets": "full",
+            "transport": "float32",
+            "dp": mode,
+            "dp-clip": clip,
+            "dp-noise": 0.0,
+        },
+    )
+    grid = run_inproc(server_app, client_app, run_config, nodes())
+    (step,) = _global_step_norms(grid)
+    records = _records(tmp_path / "run")
+    if mode == "off":
+        assert step > 2 * clip  # without clipping the tiny model moves further: the bound below is a real check
+        assert "privacy" not in records[1]
+    else:
+        assert step <= clip * (1 + 1e-4)  # every site's update clipped to the norm, so is their mean
+        assert records[1]["privacy"] == {
+            "mode": mode,
+            "clipping": "fixed",
+            "clipping_norm": clip,
+            "noise_multiplier": 0.0,
+            "sampled_nodes": 3,
+            "noise_stdev": 0.0,
+            "delta": 1e-5,
+            "max_epsilon": None,
+            "epsilon": None,  # no noise: no finite epsilon, and the log says so
+            "epsilon_note": "no noise: no finite epsilon",
+        }
+    assert not any(r.has_error() for r in grid.replies)
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_adaptive_clipping_moves_the_norm_towards_its_target(tmp_path, mode):
+    """Every update clipped (a tiny first norm): the norm grows; none clipped (a huge one): it shrinks. Half the
+    updates clipped is the target (dp-clip-quantile 0.5)."""
+    norms = {}
+    for start in (1e-3, 1e4):
+        extra = {"num-server-rounds": 1, "eval-subsets": "full", "dp": mode, "dp-clipping": "adaptive"}
+        extra["transport"] = "float32"  # a step clipped to 1e-3 is below float16's rounding of the model
+        run_config = tiny_run_config(tmp_path / str(start), **extra, **{"dp-clip": start, "dp-noise": 0.0})
+        grid = run_inproc(server_app, client_app, run_config, nodes())
+        privacy = _records(tmp_path / str(start) / "run")[1]["privacy"]
+        assert privacy["clipping"] == "adaptive" and privacy["target_quantile"] == 0.5
+        norms[start] = privacy["clipping_norm_next"]
+        if mode == "client":  # each site says whether it clipped its own update
+            bits = [r.content["metrics"]["norm_bit"] for r in grid.replies if r.metadata.message_type == "train"]
+            assert bits == [1, 1, 1] if start < 1 else bits == [0, 0, 0]
+    assert norms[1e-3] > 1e-3 * 1.05 and norms[1e4] < 1e4 / 1.05
+
+
+def test_dp_noise_moves_the_model_by_its_stdev(tmp_path):
+    run_config = tiny_run_config(
+        tmp_path,
+        **{
+            "num-server-rounds": 1,
+            "eval-subsets": "full",
+            "transport": "float32",
+            "dp": "server",
+            "dp-clip": 1e-6,
+            "dp-noise": 3.0,
+        },
+    )
+    run_inproc(server_app, client_app, run_config, nodes())
+    record = _records(tmp_path / "run")[1]
+    assert record["privacy"]["noise_stdev"] == pytest.approx(3.0 * 1e-6 / 3)
+    # clipped to 1e-6, the update is all noise: last.pt - the initial model has that stdev per weight
+    from mstkd.checkpoint import load_checkpoint
+    from mstkd.model import MSTKDNet
+
+    net, cfg, _ = load_checkpoint(tmp_path / "run" / "last.pt")
+    seed_everything(int(cfg.train.seed))  # as the server does before it builds the initial model
+    initial = MSTKDNet(cfg.model)
+    diffs = np.concatenate(
+        [(a - b).numpy().ravel() for a, b in zip(net.state_dict().values(), initial.state_dict().values(), strict=True)]
+    )
+    assert diffs.std() == pytest.approx(1e-6, rel=0.1)
+
+
+def test_dp_reports_epsilon_every_round_from_flowers_accountant(tmp_path):
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    extra = {"num-server-rounds": 2, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.5}
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path, **extra), nodes())
+    records = _records(tmp_path / "run")
+    accountant = RdpAccountant(
+        PrivacyConfig(1e-5, 3, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+    )
+    for r in (1, 2):  # one release of the Gaussian mechanism over the 3 sites per aggregated round
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=1.5, sample_size=3, population_size=3))
+        assert records[r]["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+        assert records[r]["privacy"]["releases"] == r
+    assert records[2]["privacy"]["epsilon"] > records[1]["privacy"]["epsilon"] > 0
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "## Differential privacy" in report and f"| 2 | {records[2]['privacy']['epsilon']:.3f} | 1e-05 |" in report
+
+
+def test_dp_max_epsilon_ends_training_cleanly_before_the_budget_is_exceeded(tmp_path):
+    extra = {"num-server-rounds": 4, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.0}
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path, **extra, **{"dp-max-epsilon": 6.0}), nodes())
+    records = _records(tmp_path / "run")
+    assert [r["round"] for r in records] == [0, 1]  # epsilon 4.73 after one round; a second would pass 6
+    assert records[1]["privacy"]["epsilon"] < 6.0
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "The run ended early" in report and "dp-max-epsilon 6" in report
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+
+
+# --------------------------------------------------------------------------- what leaves a site
+
+
+def test_message_audit_only_student_discriminator_and_scalars_leave_a_site(tmp_path):
+    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 2, "eval-subsets": "full"})
+    grid = run_inproc(server_app, client_app, run_config, nodes())
+    case_ids = {p.name for p in (tmp_path / "work" / "phantoms").glob("*/FeTS2022_*")}
+    assert case_ids
+    teacher_states = [
+        torch.load(p, weights_only=False)["teacher"] for p in (tmp_path / "work" / "nodes").glob("*/*/local.pt")
+    ]
+    teacher_arrays = [v.numpy() for t in teacher_states for v in t.values() if v.numel() > 16]
+    # each node's voxel-size report before round 1 (four numbers), then train + evaluate, 2 rounds, 3 nodes
+    reports = [r for r in grid.replies if r.metadata.message_type == "query"]
+    assert len(reports) == 3 and len(grid.replies) == 3 + 2 * 2 * 3
+    for reply in reports:
+        assert set(reply.content.keys()) == {"metrics"}
+        assert set(reply.content["metrics"]) == {"num-examples", "spacing-0", "spacing-1", "spacing-2"}
+    for reply in grid.replies:
+        assert not reply.has_error()
+        content = reply.content
+        assert set(content.keys()) <= {"arrays", "metrics", "site"}
+        for record in content.array_records.values():
+            for key, array in record.items():
+                assert key.startswith(("student.", "disc.")), key
+                values = array.numpy()
+                assert values.ndim <= 5 and values.size < 5_000_000
+                for t in teacher_arrays:  # no teacher tensor under another name
+                    assert not (t.shape == values.shape and np.array_equal(t.astype(values.dtype), values))
+        for record in content.metric_records.values():
+            assert all(isinstance(v, int | float) for v in record.values())  # scalars only, no lists
+        for record in content.config_records.values():
+            assert set(record.keys()) <= {"name", "device", "modalities"}
+            for value in record.values():
+                assert isinstance(value, str) and not any(case in value for case in case_ids)
+
+
+def test_no_case_id_path_or_secret_leaves_a_site_in_an_error(tmp_path, monkeypatch):
+    """Node c has only broken cases; node b's evaluation fails with a message holding a path, a case ID and an
+    environment secret. The server's records hold the failures' categories, and none of those."""
+    import client.site
+    from tests.helpers import write_case
+
+    secret = "s3cr3t-" + os.urandom(4).hex()
+    monkeypatch.setenv("HOSPITAL_TOKEN", secret)
+    shape = (32, 32, 32)
+    for i in range(3):
+        for site in ("a", "b"):
+            write_case(tmp_path / site, f"FeTS2022_{i:05d}", seed=i + (10 if site == "b" else 0), shape=shape)
+    write_case(tmp_path / "test", "FeTS2022_09000", seed=5, shape=shape)
+    broken = ("FeTS2022_00777", "FeTS2022_00778")
+    for case in broken:
+        write_case(tmp_path / "c", case, seed=1, shape=shape)
+        (tmp_path / "c" / case / f"{case}_seg.nii.gz").write_bytes(b"not a nifti file")
+    real = client.site.evaluate_site
+
+    def leaky(context, arrays, config):
+        if context.node.site_name == "b":
+            raise OSError(
+                f"/data/hospital-b/FeTS2022_00001/t1.nii.gz unreadable (token {os.environ['HOSPITAL_TOKEN']})"
+            )
+        return real(context, arrays, config)
+
+    monkeypatch.setattr(client.site, "evaluate_site", leaky)
+    run_config = tiny_run_config(
+        tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "test-data-path": str(tmp_path / "test")}
+    )
+    node_configs = [{"data-path": str(tmp_path / s), "site-name": s, "worker": "off"} for s in ("a", "b", "c")]
+    run_inproc(server_app, client_app, run_config, node_configs)
+    reasons = {f["stage"]: f["reason"] for f in _records(tmp_path / "run")[1]["failures"]}
+    assert reasons == {
+        "train": "data: no usable training case (details in the node's log)",
+        "evaluate": "io: a file could not be read or written (details in the node's log)",
+    }
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            for needle in (secret, *broken, "FeTS2022_00001", "hospital-b"):
+                assert needle.encode() not in text, (path.name, needle)
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+
+def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
+    import client.app as client_module
+    import client.site
+
+    updates: dict[int, tuple[dict, int]] = {}
+    plain_round = client.site.local_round
+
+    def recording_round(context, arrays, config, transport=None):
+        out = plain_round(context, arrays, config, transport)
+        updates[context.node_id] = ({k: v.astype(np.float64) for k, v in out[0].items()}, out[1]["num-examples"])
+        return out
+
+    monkeypatch.setattr(client.site, "local_round", recording_round)
+    run_config = tiny_run_config(
+        tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
+    )
+    grid = run_inproc(server_app, client_module.app, run_config, nodes())
+    assert sorted(updates) == [1, 2, 3]
+
+    total = sum(n for _, n in updates.values())
+    fedavg = {k: sum(u[k] * n for u, n in updates.values()) / total for k in next(iter(updates.values()))[0]}
+    from mstkd.checkpoint import load_checkpoint
+
+    net, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")
+    student = {f"student.{k}": v.numpy() for k, v in net.state_dict().items()}
+    worst = max(float(np.abs(student[k] - fedavg[k]).max()) for k in student)
+    # SecAgg+ scales each update by n / max-weight and quantises it to 2**22 levels over [-8, 8]
+    bound = 3 * (16 / 2**22) * 10.0 / total
+    assert worst < 2 * bound + 1e-6, (worst, bound)
+    assert any(float(np.abs(u[k] - fedavg[k]).max()) > 1e-3 for u, _ in updates.values() for k in student)
+
+    # what leaves a node is masked: no float arrays at all, and masked vectors uncorrelated with the update
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+    from flwr.compat.common.parameter import bytes_to_ndarray
+
+    names = sorted(fedavg)  # the order both sides pack the federated arrays in
+    checked = 0
+    for reply in grid.replies:
+        assert not any(len(record) for record in reply.content.array_records.values())
+        for record in reply.content.config_records.values():
+            if Key.MASKED_PARAMETERS not in record:
+                continue
+            masked = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]][1:]  # [0]: the weight factor
+            update, _ = updates[reply.metadata.src_node_id]
+            for name, vector in zip(names, masked, strict=True):
+                if vector.size >= 1000:
+                    corr = np.corrcoef(vector.ravel().astype(np.float64), update[name].ravel())[0, 1]
+                    # a random mask leaves a correlation of sd 1 / sqrt(n); 6 sd keeps false alarms under 1e-8
+                    # per vector, while an unmasked quantised vector correlates at about 1
+                    assert abs(corr) < 6 / np.sqrt(vector.size), (name, corr)
+                    checked += 1
+    assert checked > 0
+    record = _records(tmp_path / "run")[1]
+    assert record["secure_aggregation"] == "SecAgg+" and set(by_name(record)) == {"site-1", "site-2", "site-3"}

@@ -1,0 +1,74 @@
+"""Restarting a run, in process: a server killed mid-run resumes to the same result; a reused out-dir is refused
+unless resumed or overwritten."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.app import app as client_app
+from mstkd.errors import InputError
+from server.app import app as server_app
+from server.state import ServerCheckpoint
+from tests.helpers import InProcGrid, nodes, run_inproc, tiny_run_config
+from tests.helpers import run_records as _records
+from tests.helpers import server_round as _round
+
+
+class ServerKilled(BaseException):
+    """Stands for the server process dying (not an Exception: nothing may catch it)."""
+
+
+class KillAtRound(InProcGrid):
+    def __init__(self, *args, round: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_round = round
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" and _round(m) == self.kill_round for m in messages):
+            raise ServerKilled  # the nodes trained round 3, the server died before it aggregated
+        return replies
+
+
+@pytest.mark.slow
+def test_a_server_killed_after_round_2_resumes_to_the_same_result(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    extra = {"num-server-rounds": 3, "eval-subsets": "full", "eval-every": 1, "transport": "float32"}
+    whole = tiny_run_config(tmp_path / "whole", **extra)
+    run_inproc(server_app, client_app, whole, nodes())
+
+    broken = tiny_run_config(tmp_path / "crash", **extra)
+    grid = KillAtRound(client_app, broken, nodes(), round=3)
+    with pytest.raises(ServerKilled):
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(broken)))
+    run = tmp_path / "crash" / "run"
+    assert ServerCheckpoint.load(run).round == 2
+    resumed = {**broken, "resume-from": str(run), "out-dir": ""}
+    run_inproc(server_app, client_app, resumed, nodes())
+
+    a, b = _records(tmp_path / "whole" / "run"), _records(run)
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    for key, value in a[3]["global"].items():
+        assert b[3]["global"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    final_a = torch.load(tmp_path / "whole" / "run" / "last.pt", weights_only=True)["student"]
+    final_b = torch.load(run / "last.pt", weights_only=True)["student"]
+    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-5) for k in final_a)
+
+
+def test_a_reused_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
+    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full"})
+    run_inproc(server_app, client_app, run_config, nodes())
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    (tmp_path / "run" / "eval" / "round_7.md").write_text("stale")
+    with pytest.raises(InputError) as refused:
+        run_inproc(server_app, client_app, run_config, nodes())
+    assert "already holds a run" in str(refused.value) and "overwrite=true" in str(refused.value)
+    assert "\n" not in str(refused.value) and (tmp_path / "run" / "REPORT.md").read_text() == report
+    run_inproc(server_app, client_app, {**run_config, "overwrite": True}, nodes())
+    assert not (tmp_path / "run" / "eval" / "round_7.md").exists()
+    # the same run name (here: none, so run-1) twice: two state folders, neither run half-using the other's
+    keys = sorted(p.name for p in (tmp_path / "work" / "nodes").iterdir())
+    assert len(keys) == 2 and all(k.startswith("run-1.") for k in keys)

@@ -1,0 +1,26 @@
+"""Differential privacy settings and the privacy ledger (server.privacy)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mstkd.errors import InputError
+from mstkd.runconfig import RunConfig
+
+
+def test_dp_max_epsilon_without_noise_is_refused():
+    from server.privacy import privacy_settings
+
+    with pytest.raises(InputError, match="dp-max-epsilon needs dp-noise"):
+        privacy_settings(RunConfig.parse({"dp": "server", "dp-noise": 0.0, "dp-max-epsilon": 3.0, "min-nodes": 3}))
+
+
+def test_the_privacy_ledger_survives_a_server_restart():
+    from server.privacy import PrivacyLedger, privacy_settings
+
+    privacy = privacy_settings(RunConfig.parse({"dp": "client", "dp-clip": 1.0, "dp-noise": 2.0, "min-nodes": 3}))
+    first = PrivacyLedger(privacy, 3)
+    first.release()
+    resumed = PrivacyLedger(privacy, 3, state=first.state())  # what ServerCheckpoint carries
+    assert resumed.release()["epsilon"] == pytest.approx(first.release()["epsilon"])
+    assert resumed.release()["releases"] == 3

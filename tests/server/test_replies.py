@@ -1,0 +1,82 @@
+"""Replies checked one by one at the federation boundary (server.replies), each defence written as the attack.
+(tests/integration/test_flwr_run.py sends every fault through `flwr run` too.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+import simulations.adversary as adversary
+from server.replies import RefusedReply, ReplyRules, check_reply
+from tests.helpers import FAULT_REASONS, tiny_arrays
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
+
+
+def _honest_exchange(dtype: str = "float16") -> tuple[Message, Message, ReplyRules]:
+    """A train message with the tiny model, and the reply an honest node sends (the model moved a little)."""
+    arrays = tiny_arrays(dtype)
+    sent = Message(
+        RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": ConfigRecord({})}),
+        dst_node_id=3,
+        message_type=MessageType.TRAIN,
+    )
+    moved = {k: (v.astype(np.float32) + 0.01).astype(dtype) for k, v in arrays.items()}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in moved.items()}),
+            "metrics": MetricRecord({"num-examples": 4, "train-loss": 1.5}),
+            "site": ConfigRecord({"name": "site-1", "device": "cpu"}),
+        }
+    )
+    rules = ReplyRules.of(ArrayRecord({k: Array(v) for k, v in arrays.items()}), max_examples=10_000)
+    return sent, Message(content, reply_to=sent), rules
+
+
+@pytest.mark.parametrize("fault", adversary.FAULTS)
+def test_every_faulty_reply_is_refused_with_a_reason(fault):
+    sent, reply, rules = _honest_exchange()
+    clean = check_reply(reply.content, "train", rules)  # the honest reply passes, as float32
+    assert {a.dtype for a in clean["arrays"].values()} == {"float32"}
+    adversary.corrupt(fault, sent, reply)
+    with pytest.raises(RefusedReply) as refused:
+        check_reply(reply.content, "train", rules)
+    assert FAULT_REASONS[fault] in str(refused.value)
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ({"metrics": MetricRecord({"num-examples": 1})}, "no 'arrays' record"),
+        ({"arrays": ArrayRecord(), "metrics": MetricRecord(), "leak": ConfigRecord({"x": "y"})}, "unexpected record"),
+    ],
+)
+def test_replies_of_the_wrong_shape_are_refused(content, reason):
+    _, _, rules = _honest_exchange()
+    with pytest.raises(RefusedReply, match=reason):
+        check_reply(RecordDict(content), "train", rules)
+
+
+def test_dice_scores_outside_zero_to_one_are_refused():
+    """A validation Dice of 1e300 would make its round best.pt for ever."""
+    _, _, rules = _honest_exchange()
+    evaluate = RecordDict({"metrics": MetricRecord({"num-examples": 2, "val-mean-dice": 1e300})})
+    with pytest.raises(RefusedReply, match="val-mean-dice = 1e[+]300 lies outside"):
+        check_reply(evaluate, "evaluate", rules)
+    evaluate["metrics"] = MetricRecord({"num-examples": 2, "val-mean-dice": 0.7, "val-share-WT": -0.1})
+    with pytest.raises(RefusedReply, match="val-share-WT"):
+        check_reply(evaluate, "evaluate", rules)
+
+
+def test_metric_values_must_be_finite_numbers_and_site_text_is_trimmed():
+    sent, reply, rules = _honest_exchange()
+    reply.content["metrics"]["train-loss"] = float("inf")
+    with pytest.raises(RefusedReply, match="metric train-loss is not finite"):
+        check_reply(reply.content, "train", rules)
+    sent, reply, rules = _honest_exchange()
+    reply.content["site"] = ConfigRecord({"name": "a\nb|" + "x" * 500, "secret-path": "/data/x"})
+    clean = check_reply(reply.content, "train", rules)
+    assert set(clean["site"].keys()) == {"name"} and "\n" not in clean["site"]["name"]
+    assert len(clean["site"]["name"]) <= 200

@@ -1,0 +1,29 @@
+"""The run log (server.runlog): metrics.csv and the per-round progress line."""
+
+from __future__ import annotations
+
+
+def test_metrics_csv_has_one_scalar_per_column_and_every_round_gets_a_progress_line(tmp_path):
+    import pandas as pd
+
+    from server.runlog import RunLog
+
+    runlog = RunLog(tmp_path)
+    runlog.finish(0)
+    rec = runlog.record(1)
+    rec.update(bytes_sent=49e6, bytes_received=25e6, train={"train-loss": 2.41}, val={"val-mean-dice": 0.52})
+    runlog.site(1, 11, "site-1").update({"train-loss": 2.3, "val-mean-dice": 0.5, "device": "cpu"})
+    runlog.site(1, 12, "site-2").update({"train-loss": 2.5})
+    rec["failures"].append({"stage": "train", "node": 7, "reason": "boom"})
+    rec["collapse"] = [{"where": "global evaluation", "what": "WT everywhere"}]
+    runlog.finish(1)
+    table = pd.read_csv(tmp_path / "metrics.csv")
+    assert {"train/train-loss", "val/val-mean-dice", "site-1/train-loss", "site-2/train-loss"} <= set(table.columns)
+    assert table.loc[1, "site-1/train-loss"] == 2.3 and table.loc[1, "failures"] == 1 and table.loc[1, "collapse"] == 1
+    assert not table.map(lambda v: isinstance(v, str) and v.startswith(("{", "["))).any().any()  # no nested reprs
+    line = runlog.progress(1, 3)
+    assert line.startswith("round 1/3: 2/3 sites (failed: 7), train loss 2.410, site-val Dice 0.520")
+    assert "sent 49 MB, received 25 MB" in line and "left" in line
+    runlog.record(2)["skipped"] = "0 of 3 nodes replied"
+    runlog.finish(2)
+    assert "skipped (0 of 3 nodes replied)" in runlog.progress(2, 3)

@@ -1,0 +1,70 @@
+"""Benchmark scenarios and arms (simulations.scenario): every scenario loads, every arm is a valid config."""
+
+from __future__ import annotations
+
+import pytest
+
+from mstkd.config import load_config
+from mstkd.errors import InputError
+from mstkd.runconfig import RunConfig, project_config
+from simulations import bench
+from simulations.scenario import ARMS, SCENARIOS, load_scenario, parse_arms
+
+
+def test_every_scenario_loads_and_every_arm_is_a_valid_config():
+    names = sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
+    assert {"phantom-4", "phantom-8", "fets-partitioning-1", "fets-partitioning-2", "tiny-2"} <= set(names)
+    for name in names:
+        scenario = load_scenario(name)
+        for arm in ARMS.values():
+            given = scenario.arm_run_config(arm, seed=1)
+            config = RunConfig.parse(given)  # every key known, typed and in range
+            assert config.min_nodes == scenario.num_sites and config.seed == 1
+            project_config(config)  # the project config refuses an unknown override key
+        assert scenario.config == RunConfig.parse(scenario.run)
+        load_config(scenario.centralised_overrides(seed=0, num_sites=scenario.num_sites))
+
+
+def test_a_misspelt_scenario_key_is_refused_in_one_line_naming_it(tmp_path):
+    text = (SCENARIOS / "tiny-2.yaml").read_text().replace("num-server-rounds:", "num-server-round:")
+    (tmp_path / "typo.yaml").write_text(text)
+    with pytest.raises(InputError) as info:
+        load_scenario(tmp_path / "typo.yaml")
+    message = str(info.value)
+    assert "\n" not in message and "'num-server-round'" in message and "did you mean num-server-rounds" in message
+    assert "typo.yaml" in message
+
+
+def test_a_scenario_without_local_epochs_trains_its_centralised_arm_as_long_as_its_federated_arms(tmp_path):
+    text = (SCENARIOS / "phantom-4.yaml").read_text().replace("  local-epochs: 1.0\n", "")
+    (tmp_path / "no-epochs.yaml").write_text(text)
+    scenario = load_scenario(tmp_path / "no-epochs.yaml")
+    federated = RunConfig.parse(scenario.arm_run_config(ARMS["mstkd"], seed=0))  # what flwr run is given
+    assert federated.local_epochs == RunConfig().local_epochs == 5.0  # pyproject.toml's default
+    epochs = [o for o in scenario.centralised_overrides(0, scenario.num_sites) if o.startswith("train.epochs=")]
+    assert epochs == [f"train.epochs={round(federated.num_server_rounds * federated.local_epochs)}"]
+
+
+def test_fets_scenarios_keep_the_institution_sizes():
+    p1, p2 = load_scenario("fets-partitioning-1"), load_scenario("fets-partitioning-2")
+    assert p1.num_sites == 23 and sum(p1.sizes) == 1251 and max(p1.sizes) == 511 and min(p1.sizes) == 4
+    assert p2.num_sites == 33 and sum(p2.sizes) == 1251 and p2.sizes[:3] == [170, 170, 171]
+
+
+def test_arms_and_scenarios_are_refused_with_one_line():
+    with pytest.raises(InputError, match="unknown arm 'nope'"):
+        parse_arms("mstkd,nope", load_scenario("tiny-2"))
+    with pytest.raises(InputError, match="unknown scenario"):
+        load_scenario("no-such-scenario")
+    assert bench.main(["tiny-2", "--arms", "nope"]) == 2
+    assert bench.main(["tiny-2", "--note", "/no/such/note.md"]) == 2
+
+
+def test_the_arms_change_what_the_paper_ablates():
+    assert "train.mode=student" in ARMS["student"].overrides
+    assert [ARMS[a].overrides for a in ("no-mstkd", "no-dmld", "no-gsm")] == [
+        "loss.mstkd=false",
+        "loss.dmld=false",
+        "loss.gsm=false",
+    ]
+    assert not ARMS["centralised"].federated
