@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("X", "Y", "Z"),
         help="grid size in voxels (default 96 96 64; 240 240 155 for the BraTS grid)",
     )
-    p.add_argument("--layout", choices=list(Layout), default=Layout.FETS, help="file naming and label convention")
+    p.add_argument(
+        "--layout", choices=[str(v) for v in Layout], default=str(Layout.FETS), help="file naming and label convention"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_phantoms)

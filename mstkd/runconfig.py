@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import shlex
@@ -213,7 +214,7 @@ class NodeConfig:
         Raises:
             InputError: an unknown key, a wrong type or a value out of range (one line naming the key).
         """
-        return _parse(cls, values, "node config", numbers_from_text=True)
+        return _parse(cls, values, "node config", lenient=True)
 
     def to_flower(self) -> dict[str, bool | int | float | str]:
         return {k: v for k, v in _flat(self).items() if v is not None}
@@ -250,7 +251,7 @@ def keys(cls: type) -> list[str]:
     return list(_fields(cls))
 
 
-def _typed(what: str, key: str, value: Any, kind: Any, numbers_from_text: bool) -> Any:
+def _typed(what: str, key: str, value: Any, kind: Any, lenient: bool) -> Any:
     optional = getattr(kind, "__args__", None)
     if optional:  # X | None
         kind = next(k for k in optional if k is not type(None))
@@ -261,7 +262,9 @@ def _typed(what: str, key: str, value: Any, kind: Any, numbers_from_text: bool) 
         if text not in set(kind):
             raise InputError(f"{what} {key}={value!r}: choose one of {', '.join(kind)}")
         return kind(text)
-    if numbers_from_text and isinstance(value, str) and kind in (int, float):
+    if lenient and kind is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # site-name=3 on a command line arrives as a TOML number
+    if lenient and isinstance(value, str) and kind in (int, float):
         try:
             value = float(value) if kind is float else int(value)
         except ValueError:
@@ -282,16 +285,21 @@ def _typed(what: str, key: str, value: Any, kind: Any, numbers_from_text: bool) 
     raise InputError(f"{what} {key}={value!r}: expected {'true or false' if kind is bool else kind.__name__}")
 
 
-def _parse(cls: type, values: Mapping[str, Any], what: str, numbers_from_text: bool = False) -> Any:
+def _parse(cls: type, values: Mapping[str, Any], what: str, lenient: bool = False) -> Any:
+    """``lenient`` (a node config): numbers read from text and text from numbers, and an unknown key is left out
+    with a warning instead of refused, since one SuperNode's node config also serves other Flower apps."""
     fields = _fields(cls)
     checked = {}
     for key, value in values.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
+            if lenient:
+                _unknown_node_key(str(key), hint)
+                continue
             raise InputError(f"unknown {what} key {key!r}{hint}")
         name, kind, rule = fields[key]
-        value = checked[name] = _typed(what, key, value, kind, numbers_from_text)
+        value = checked[name] = _typed(what, key, value, kind, lenient)
         if value is None:
             continue
         if rule == POSITIVE and not value > 0:
@@ -301,6 +309,12 @@ def _parse(cls: type, values: Mapping[str, Any], what: str, numbers_from_text: b
         if rule == UNIT and not 0 <= value <= 1:
             raise InputError(f"{what} {key}={value!r}: must lie between 0 and 1")
     return cls(**checked)
+
+
+@cache
+def _unknown_node_key(key: str, hint: str) -> None:
+    """Say once per process that this app ignores ``key`` (another app's, or a misspelt one of ours)."""
+    logging.getLogger("mstkd.client").warning("node config key %r is not one of this app's%s: ignored", key, hint)
 
 
 def _flat(config: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mstkd", "messages", "client", "server", "simulations")
+PACKAGES = ("mstkd", "messages", "client", "server", "simulations", "deploy")
 MAX_LINES = 400
 
 
@@ -51,7 +51,7 @@ def _external(package: str) -> set[str]:
 
 
 def test_layers_point_one_way():
-    assert not _external("mstkd") & {"flwr", "messages", "client", "server", "simulations"}
+    assert not _external("mstkd") & {"flwr", "messages", "client", "server", "simulations", "deploy"}
     assert not _external("messages") & {"client", "server", "simulations"}
     assert not _external("server") & {"client", "simulations"}
     assert not _external("client") & {"server", "simulations"}
@@ -79,7 +79,7 @@ def test_the_import_graph_has_no_circle():
 def test_no_source_file_is_over_400_lines_and_the_server_app_is_a_page():
     long = {
         str(p.relative_to(ROOT)): n
-        for folder in (*PACKAGES, "deploy", "benchmarks")
+        for folder in (*PACKAGES, "benchmarks")
         for p in (ROOT / folder).rglob("*.py")
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }

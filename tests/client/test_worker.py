@@ -106,8 +106,6 @@ def test_worker_settings_are_checked(runtime):
         NodeConfig.parse({"worker": "maybe"})
     with pytest.raises(InputError, match="worker-idle"):
         NodeConfig.parse({"worker-idle": "-1"})
-    with pytest.raises(InputError, match="did you mean worker-idle"):
-        NodeConfig.parse({"worker-idel": 60})
     assert worker.site_work("array_names") is worker.site_work(Job.ARRAY_NAMES) is client.site.array_names
     with pytest.raises(ValueError, match="unknown job 'release_memory'"):  # a function of client.site, not a job
         worker.site_work("release_memory")

@@ -147,3 +147,18 @@ def test_overrides_that_would_read_the_environment_are_refused():
             project_config(RunConfig.parse({"model": "tiny", "overrides": overrides}))
     with pytest.raises(InputError, match="unknown model preset"):
         load_config(["model=../../configs/train"])
+
+
+def test_a_node_config_reads_numbers_given_as_text_and_leaves_other_apps_keys_out(caplog):
+    from mstkd.runconfig import NodeConfig
+
+    # flower-supernode --node-config 'site-name=3 worker-idle="60"': TOML gives a number and a string
+    node = NodeConfig.parse({"data-path": "/data/h3", "site-name": 3, "worker-idle": "60", "partition-id": "1"})
+    assert node.site_name == "3" and node.worker_idle == 60.0 and node.partition_id == 1
+    with caplog.at_level("WARNING", logger="mstkd.client"):
+        node = NodeConfig.parse({"data-path": "/data/h3", "dataset-path": "/other/app", "worker-idel": 60})
+    assert node == NodeConfig(data_path="/data/h3")  # one SuperNode's config also serves other apps
+    assert "'dataset-path'" in caplog.text and "'worker-idel'" in caplog.text
+    assert "did you mean worker-idle" in caplog.text
+    with pytest.raises(InputError, match="worker-idle"):
+        NodeConfig.parse({"worker-idle": "soon"})
