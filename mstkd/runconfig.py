@@ -246,11 +246,6 @@ def _fields(cls: type) -> dict[str, tuple[str, Any, str | None]]:
     return {key_name(f.name): (f.name, hints[f.name], f.metadata.get("rule")) for f in dataclasses.fields(cls)}
 
 
-def keys(cls: type) -> list[str]:
-    """Every key of a config class, in its order."""
-    return list(_fields(cls))
-
-
 def _typed(what: str, key: str, value: Any, kind: Any, lenient: bool) -> Any:
     optional = getattr(kind, "__args__", None)
     if optional:  # X | None

@@ -21,6 +21,7 @@ import random
 import secrets
 import time
 
+import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
@@ -30,7 +31,7 @@ from mstkd.config import save_config
 from mstkd.errors import InputError
 from mstkd.runconfig import DPClipping, DPMode, RunConfig, check_state_key, project_config
 from mstkd.tracking import Tracker
-from mstkd.train import seed_everything
+from mstkd.train import pick_device, seed_everything
 from server.evaluation import RoundEnd, say
 from server.loop import run_rounds
 from server.plan import agree_target
@@ -50,8 +51,8 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.parse(context.run_config)
     cfg = project_config(run)
     seed_everything(int(cfg.train.seed))
-    checkpoint = ServerCheckpoint.load(run_folder(run, context.run_id)) if run.resume_from else None
     out = run_folder(run, context.run_id)
+    checkpoint = ServerCheckpoint.load(out) if run.resume_from else None
     privacy = privacy_settings(run)
     strategy_options(run, run.min_nodes)  # refuses impossible settings now
     # the nodes' state folders: the run's name and a token of its own, so a reused run-name starts clean
@@ -75,13 +76,16 @@ def main(grid: Grid, context: Context) -> None:
     save_config(cfg, out / f"{stem}config.yaml")
     write_text(out / f"{stem}run_config.json", json.dumps(run.to_flower(), indent=1, default=str))
     say(f"run folder {out}")
-    student, disc, initial = global_model(cfg, run, checkpoint, say=say)
+    device = pick_device()
+    student, disc, initial = global_model(cfg, run, checkpoint, device, say=say)
 
     runlog = RunLog(out)
     best: dict = {"val_mean_dice": -1.0, "round": None}
     num_sites = max(len(list(grid.get_node_ids())), run.min_nodes)  # a phantom federation has one site per node
     ledger = PrivacyLedger(privacy, num_sites, checkpoint.privacy if checkpoint else None) if privacy else None
-    round_end = RoundEnd.for_run(run, cfg, student, disc, out, runlog, tracker, best, num_sites, privacy, ledger)
+    round_end = RoundEnd.for_run(
+        run, cfg, student, disc, device, out, runlog, tracker, best, num_sites, privacy, ledger
+    )
     first_round = 1
     if checkpoint is not None:
         runlog.records = dict(checkpoint.records)
@@ -101,8 +105,9 @@ def main(grid: Grid, context: Context) -> None:
             raise InputError("secagg=true cannot be combined with resume-from or dp")
         say(f"secure aggregation (SecAgg+) over {run.min_nodes} nodes per round")
         start = time.perf_counter()
-        final = run_secagg(grid, context, run, arrays_to_numpy(initial), train_config, runlog, round_end)
-        moved = any(not (final[k] == v).all() for k, v in arrays_to_numpy(initial).items())
+        start_arrays = arrays_to_numpy(initial)
+        final = run_secagg(grid, context, run, start_arrays, train_config, runlog, round_end)
+        moved = any(not np.array_equal(start_arrays[k], np.asarray(v, np.float32)) for k, v in final.items())
         finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, changed=moved)
         return
 

@@ -29,7 +29,6 @@ from mstkd.model import MSTKDNet, StyleDiscriminator
 from mstkd.model.federated import load_federated_arrays
 from mstkd.runconfig import RunConfig
 from mstkd.tracking import Tracker
-from mstkd.train import pick_device
 from server.privacy import PrivacyLedger
 from server.runlog import RunLog
 
@@ -79,6 +78,7 @@ class RoundEnd:
         cfg: DictConfig,
         student: MSTKDNet,
         disc: StyleDiscriminator,
+        device: Any,
         out: Path,
         runlog: RunLog,
         tracker: Tracker,
@@ -111,7 +111,7 @@ class RoundEnd:
             rounds=run.num_server_rounds,
             eval_every=run.eval_every,
             eval_initial=run.eval_initial,
-            device=pick_device(),
+            device=device,
             best=best,
             convention=cases[0].meta["convention"] if cases else "fets",
             privacy=privacy or None,

@@ -25,7 +25,6 @@ from mstkd.errors import InputError
 from mstkd.model import MSTKDNet, StyleDiscriminator, build_discriminator, count_parameters
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
 from mstkd.runconfig import RunConfig, Transport
-from mstkd.train import pick_device
 
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 """Attributes that carry a strategy's memory across rounds (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
@@ -205,7 +204,7 @@ def _random_state(value: Any) -> Any:
 
 
 def global_model(
-    cfg, run: RunConfig, checkpoint: ServerCheckpoint | None, say: Callable[[str], None]
+    cfg, run: RunConfig, checkpoint: ServerCheckpoint | None, device: Any, say: Callable[[str], None]
 ) -> tuple[MSTKDNet, StyleDiscriminator, ArrayRecord]:
     """The global student and discriminator, and the arrays round 1 starts from: freshly initialised, or those of
     the run ``checkpoint`` (``resume-from``) continues (one line on a model this version cannot load). Says what
@@ -214,7 +213,6 @@ def global_model(
     Raises:
         InputError: the checkpoint holds a model of another shape.
     """
-    device = pick_device()
     student = MSTKDNet(cfg.model)
     disc = build_discriminator(cfg.model)
     if checkpoint is not None:
