@@ -75,7 +75,7 @@ def main() -> int:
 
     scenario = load_scenario(args.scenario)
     work = Path(args.work_dir).resolve()
-    data, csv, description = scenario_data(scenario, work)
+    data = scenario_data(scenario, work)
     out = ROOT / "runs" / "memory" / f"{scenario.name}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_name = f"memory-{scenario.name}-{args.preset}"
     run = {
@@ -88,10 +88,9 @@ def main() -> int:
         "out-dir": str(out),
         "work-dir": str(work),
         "run-name": run_name,
-        "data-path": str(data),
-        "partitioning": str(csv or ""),
+        **data.run_paths(),
     }
-    print(f"{scenario.name}: {scenario.num_sites} sites, {description}; preset {args.preset}", file=sys.stderr)
+    print(f"{scenario.name}: {scenario.num_sites} sites, {data.description}; preset {args.preset}", file=sys.stderr)
 
     baseline = _used_bytes()
     peaks: dict[str, int] = {}

@@ -14,6 +14,10 @@ Usage::
     python benchmarks/grad_scales.py --presets tiny,lite --steps 30 --lr 1e-3
     python benchmarks/grad_scales.py --presets paper --batches 2 --steps 3 --cases 2   # about 14 GB, 10 min on CPU
     python benchmarks/grad_scales.py --presets lite loss.attention_norm=raw loss.attention=1e8   # official form
+    python benchmarks/grad_scales.py --presets lite --json simulations/results/phantom-4/grad_scales.json
+
+``--json`` also writes the numbers of the first preset (``{"init": {term: scale}, "after": {...}}``); the
+benchmark report reads them beside its per-term arms.
 
 Extra arguments of the form ``key=value`` are config overrides (e.g. ``loss.kl_std_floor=0``).
 """
@@ -21,6 +25,7 @@ Extra arguments of the form ``key=value`` are config overrides (e.g. ``loss.kl_s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -29,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mstkd.atomic import write_text
 from mstkd.config import load_config
 from mstkd.data.dataset import make_loader, prepare_federation
 from mstkd.losses import TERMS, MSTKDLoss, class_targets
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phantom-shape", type=int, nargs=3, default=None, help="phantom grid (default per preset)")
     parser.add_argument("--work-dir", default=None, help="where phantoms go (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the first preset's numbers to this JSON file")
     args, overrides = parser.parse_known_args(argv)
     torch.set_grad_enabled(True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,6 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                 extra = f"{r.get('kl_on_logits', float('nan')):.3g} | {r.get('kl_top_share', float('nan')):.2f}"
                 print(f"| {when} | {cells} | {extra} | {r['seg_student_norm']:.3g} |")
             print(f"\n({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+            if args.json and preset == args.presets.split(",")[0]:
+                record = {
+                    "preset": preset,
+                    "steps": args.steps,
+                    "batches": args.batches,
+                    "overrides": overrides,
+                    "command": " ".join(
+                        ["python benchmarks/grad_scales.py", *(argv if argv is not None else sys.argv[1:])]
+                    ),
+                    "init": rows[0][1],
+                    "after": rows[-1][1],
+                }
+                write_text(Path(args.json), json.dumps(record, indent=1) + "\n")
     return 0
 
 

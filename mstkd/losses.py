@@ -222,8 +222,9 @@ class MSTKDLoss(nn.Module):
 
     ``forward`` returns a dict of weighted terms (their sum is the generator loss):
     ``seg_teacher``, ``seg_student``; with ``mstkd``: ``attention``, ``transformer_features``;
-    with ``dmld``: ``consistency``, ``kl``; with ``gsm``: ``gram``, ``content``, ``adversarial``
-    (the latter only when a discriminator is given).
+    with ``dmld``: ``consistency``, ``kl``; with ``gsm``: ``gram``, ``adversarial`` (the latter only when a
+    discriminator is given); and SMU-Net's ``content``. A term whose weight is 0 is not computed (the per-term
+    ablations of the benchmark switch one term off that way).
 
     ``epochs`` is the run's planned length (``train.epochs``; rounds x local epochs in a federation):
     the consistency ramp spans ``loss.consistency_ramp`` of it, as the official 20 of 100 epochs.
@@ -250,20 +251,23 @@ class MSTKDLoss(nn.Module):
             "seg_teacher": c.teacher_seg * self.seg(teacher.logits, target),
             "seg_student": c.student_seg * self.seg(student.logits, target),
         }
-        if c.mstkd:
+        if c.mstkd and c.attention:
             terms["attention"] = c.attention * self.attention(t.attention, student.attention)
+        if c.mstkd and c.transformer_features:
             terms["transformer_features"] = c.transformer_features * self.features(
                 t.transformer_features, student.transformer_features
             )
-        if c.dmld:
-            weight = consistency_ramp(epoch, self.ramp_epochs, float(c.consistency_max))
+        weight = consistency_ramp(epoch, self.ramp_epochs, float(c.consistency_max))
+        if c.dmld and weight:
             terms["consistency"] = weight * self.consistency(t.logits, student.logits)
+        if c.dmld and c.kl:
             terms["kl"] = c.kl * self.kl(t.logits, student.logits)
-        if c.gsm:
+        if c.gsm and c.gram:
             terms["gram"] = c.gram * self.gram(t.global_style, student.global_style)
+        if c.content:  # SMU-Net's content term, not part of GSM: it has its own weight and arm
             terms["content"] = c.content * F.mse_loss(student.content.float(), t.content.float())
-            if discriminator is not None:
-                terms["adversarial"] = c.adversarial * adversarial_loss(discriminator(student.style), 0.0)
+        if c.gsm and c.adversarial and discriminator is not None:
+            terms["adversarial"] = c.adversarial * adversarial_loss(discriminator(student.style), 0.0)
         return terms
 
 

@@ -31,10 +31,20 @@ from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
 from simulations.report import write_report
-from simulations.scenario import HOSTILE, Arm, Scenario, load_scenario, parse_arms, scenario_data
+from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
 
 DONE = "done.json"
-REPORT_FILES = ("REPORT.md", "bench.json", "summary.csv", "summary.json", "sites.csv", "curves.csv", "curves.png")
+REPORT_FILES = (
+    "REPORT.md",
+    "bench.json",
+    "summary.csv",
+    "summary.json",
+    "comparisons.csv",
+    "sites.csv",
+    "curves.csv",
+    "curves.png",
+    "grad_scales.json",
+)
 
 
 def machine() -> str:
@@ -48,6 +58,22 @@ def machine() -> str:
     )
 
 
+def code_commit() -> str:
+    """The commit the code ran at: its sha, with ``-dirty`` when tracked files (the published results aside)
+    differ from it; empty outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return ""
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!simulations/results")
+    return sha + ("-dirty" if dirty else "")
+
+
 def progress_line(text: str) -> None:
     """One line of the benchmark's progress on stderr."""
     print(f"[bench] {text}", file=sys.stderr, flush=True)
@@ -59,8 +85,7 @@ def run_federated(
     seed: int,
     folder: Path,
     *,
-    data: Path,
-    csv: Path | None,
+    data: ScenarioData,
     work_dir: Path,
     extra: str,
     cpus: float,
@@ -73,8 +98,7 @@ def run_federated(
         "out-dir": str(folder),
         "work-dir": str(work_dir),
         "run-name": run_name,
-        "data-path": str(data),
-        "partitioning": str(csv or ""),
+        **data.run_paths(),
         "eval-initial": False,
     }
     rounds = RunConfig.parse(run).num_server_rounds
@@ -124,7 +148,7 @@ def incomplete_rounds(log: Path) -> None:
             raise RuntimeError(f"round {record['round']} did not run on every site ({str(why)[:160]}); see {log}")
 
 
-def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: Path, csv: Path | None, extra: str) -> dict:
+def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: ScenarioData, extra: str) -> dict:
     from mstkd.centralised import train_centralised
     from mstkd.checkpoint import load_checkpoint
     from mstkd.config import load_config
@@ -134,9 +158,11 @@ def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: Path, 
     if extra:
         raise InputError("--run-config applies to federated arms; put centralised settings in the scenario")
     cfg = load_config(scenario.centralised_overrides(seed, scenario.num_sites))
-    train_centralised(data, cfg, folder, partitioning=csv, progress=True)
+    train_centralised(data.folder, cfg, folder, partitioning=data.partitioning, progress=True)
     student, cfg, _ = load_checkpoint(folder / "last.pt")
-    run = scenario.config.replace(data_path=str(data), partitioning=str(csv or ""))
+    run = scenario.config.replace(
+        data_path=str(data.folder), partitioning=str(data.partitioning or ""), test_data_path=str(data.test or "")
+    )
     cases = held_out_cases(run, cfg, scenario.num_sites)
     subsets = parse_subsets(run.eval_subsets)
     result = evaluate_cases(student, cases, cfg, subsets=subsets, desc="test")
@@ -155,16 +181,54 @@ def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Pat
     for table in sorted((bench / "tables").iterdir()):
         if table.stem in {a.name for a in arms} | {"ablation"}:
             shutil.copy2(table, target / "tables" / table.name)
-    done_files = [bench / a.name / f"seed-{s}" / DONE for a in arms for s in seeds]
-    for done in (d for d in done_files if d.is_file()):  # each run's wall time and its round-by-round log
-        run = done.parent
-        dest = target / "runs" / run.parent.name / run.name
-        dest.mkdir(parents=True, exist_ok=True)
-        info = json.loads(done.read_text())
-        for name in ("done.json", info["log"], info["table"]):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run / name, dest / name)
+    for arm in arms:  # each run's wall time, its round-by-round log and its final table with per-case scores
+        for seed in seeds:
+            _copy_run(bench / arm.name / f"seed-{seed}", target / "runs" / arm.name / f"seed-{seed}")
     return target
+
+
+def _copy_run(run: Path, dest: Path) -> bool:
+    """Copy the small files of a finished run (``done.json`` and the log and table it names); False if unfinished."""
+    if not (run / DONE).is_file():
+        return False
+    info = json.loads((run / DONE).read_text())
+    for name in (DONE, info["log"], info["table"]):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / name, dest / name)
+    return True
+
+
+def run_spec(scenario: Scenario, arm: Arm, seed: int, extra: str) -> dict:
+    """What a run is, apart from where its files go: the run config a federated arm gives ``flwr run`` (and any
+    ``--run-config``), or the project-config overrides the centralised arm trains with. ``done.json`` keeps it, so
+    a published run is taken over only by a benchmark that would make the same run."""
+    if arm.federated:
+        return {"run": scenario.arm_run_config(arm, seed), "extra": extra}
+    return {"centralised": scenario.centralised_overrides(seed, scenario.num_sites)}
+
+
+def adopt_published(
+    bench: Path, published: Path, scenario: Scenario, arms: list[Arm], seeds: list[int], extra: str
+) -> tuple[list[str], list[str]]:
+    """Take the finished runs of a published folder into ``bench`` where ``bench`` lacks them (a benchmark that is
+    continued on another day, or in a fresh clone, skips what its published folder already holds), and its
+    ``grad_scales.json``. A published run made with another config (its ``done.json`` ``spec``) is not taken.
+    Returns the runs taken and those left for another config."""
+    taken, other = [], []
+    for arm in arms:
+        for seed in seeds:
+            folder = bench / arm.name / f"seed-{seed}"
+            source = published / "runs" / arm.name / f"seed-{seed}"
+            if (folder / DONE).is_file() or not (source / DONE).is_file():
+                continue
+            if json.loads((source / DONE).read_text()).get("spec") != run_spec(scenario, arm, seed, extra):
+                other.append(f"{arm.name}/seed-{seed}")
+            elif _copy_run(source, folder):
+                taken.append(f"{arm.name}/seed-{seed}")
+    if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():
+        bench.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(published / "grad_scales.json", bench / "grad_scales.json")
+    return taken, other
 
 
 def read_note(path: str | None) -> str | None:
@@ -208,12 +272,22 @@ def main(argv: list[str] | None = None) -> int:
         fixed = [k for k in ("num-server-rounds", "seed", "out-dir", "run-name") if f"{k}=" in args.run_config]
         if fixed:
             raise InputError(f"--run-config cannot set {fixed[0]}: the scenario and --seeds decide it")
+        if "eval-subsets=" in args.run_config or scenario.config.eval_subsets != "all":
+            raise InputError("a benchmark scores every arm under all 15 subsets: leave eval-subsets at 'all'")
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         bench = Path(args.out).resolve() / scenario.name
         work_dir = Path(args.work_dir).resolve()
         data_path = Path(args.data_path).expanduser() if args.data_path else None
         partitioning = Path(args.partitioning).expanduser().resolve() if args.partitioning else None
         note = read_note(args.note)
+        if args.publish:
+            taken, other = adopt_published(bench, Path(args.publish).resolve(), scenario, arms, seeds, args.run_config)
+            if taken:
+                progress_line(f"{len(taken)} runs finished earlier taken from {args.publish}: {', '.join(taken)}")
+            if other:
+                progress_line(
+                    f"{len(other)} runs of {args.publish} were made with another config, not taken: {', '.join(other)}"
+                )
         if args.report_only:
             if note is not None:
                 meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
@@ -223,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                 progress_line(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
             progress_line(f"report: {bench / 'REPORT.md'}")
             return 0
-        data, csv, description = scenario_data(scenario, work_dir, data_path, partitioning)
+        data = scenario_data(scenario, work_dir, data_path, partitioning)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     bench.mkdir(parents=True, exist_ok=True)
+    commit = code_commit()
     if note is None and (bench / "bench.json").is_file():  # a resumed benchmark keeps its note
         note = json.loads((bench / "bench.json").read_text()).get("note")
     write_text(
@@ -237,17 +312,19 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "scenario": scenario.name,
                 "scenario_file": str(scenario.source),
-                "data": description,
-                "data_path": str(data),
-                "partitioning": str(csv or ""),
+                "data": data.description,
+                "data_path": str(data.folder),
+                "partitioning": str(data.partitioning or ""),
+                "test_data_path": str(data.test or ""),
                 "command": " ".join(["python -m simulations.bench", *(argv if argv is not None else sys.argv[1:])]),
+                "commit": commit,
                 "machine": machine(),
                 **({"note": note} if note is not None else {}),
             },
             indent=1,
         ),
     )
-    progress_line(f"{scenario.name}: {description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
+    progress_line(f"{scenario.name}: {data.description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
     failed = []
     for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds
         for arm in arms:
@@ -267,20 +344,27 @@ def main(argv: list[str] | None = None) -> int:
                         seed,
                         folder,
                         data=data,
-                        csv=csv,
                         work_dir=work_dir,
                         extra=args.run_config,
                         cpus=args.cpus_per_node,
                         gpus=args.gpus_per_node,
                     )
                 else:
-                    files = run_centralised(scenario, seed, folder, data=data, csv=csv, extra=args.run_config)
+                    files = run_centralised(scenario, seed, folder, data=data, extra=args.run_config)
             except (RuntimeError, InputError) as exc:
                 progress_line(f"{arm.name} seed {seed}: FAILED: {exc}")
                 failed.append(f"{arm.name}/seed-{seed}")
                 continue
             seconds = time.perf_counter() - start
-            done = {"arm": arm.name, "seed": seed, "seconds": seconds, "machine": machine(), **files}
+            done = {
+                "arm": arm.name,
+                "seed": seed,
+                "seconds": seconds,
+                "machine": machine(),
+                "commit": commit,
+                "spec": run_spec(scenario, arm, seed, args.run_config),
+                **files,
+            }
             write_text(folder / DONE, json.dumps(done, indent=1))
             progress_line(f"{arm.name} seed {seed}: done in {seconds:.0f} s")
             write_report(bench, scenario, arms, seeds)

@@ -29,11 +29,20 @@ from typing import Any
 
 import numpy as np
 
-from mstkd.atomic import atomic_path, write_csv, write_text
+from mstkd.atomic import write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.evaluate import find_collapse
+from simulations.comparisons import (
+    compare,
+    comparison_rows,
+    comparison_sections,
+    convergence,
+    convergence_section,
+)
 from simulations.convergence import convergence_score, simulated_round_times
+from simulations.plots import validation_curves
 from simulations.scenario import ARMS, Arm, Scenario
+from simulations.stats import case_scores
 from simulations.tables import (
     CELLS,
     ROW_NAMES,
@@ -41,7 +50,6 @@ from simulations.tables import (
     arm_table,
     collapse_section,
     fmt,
-    headlines,
     mean_sd,
     paper_table,
     robustness_section,
@@ -58,10 +66,18 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_folder(bench: Path, arm: str, seed: int) -> Path:
+    """Where a run's files are: ``<bench>/<arm>/seed-<s>`` in a benchmark folder, ``<bench>/runs/<arm>/seed-<s>``
+    in a published one (which holds only the small files the report reads)."""
+    folder = bench / arm / f"seed-{seed}"
+    published = bench / "runs" / arm / f"seed-{seed}"
+    return published if not (folder / "done.json").is_file() and (published / "done.json").is_file() else folder
+
+
 def _finished(bench: Path, arm: Arm, seeds: Sequence[int]) -> list[tuple[int, Path, dict]]:
     out = []
     for seed in seeds:
-        folder = bench / arm.name / f"seed-{seed}"
+        folder = run_folder(bench, arm.name, seed)
         if (folder / "done.json").is_file():
             out.append((seed, folder, _json(folder / "done.json")))
     return out
@@ -69,17 +85,20 @@ def _finished(bench: Path, arm: Arm, seeds: Sequence[int]) -> list[tuple[int, Pa
 
 def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dict[str, Any]:
     """Everything the report needs from one finished run."""
-    table = _json(folder / done["table"])["table"]
+    scored = _json(folder / done["table"])
+    table = scored["table"]
     if [row["display"] for row in table] != ROW_NAMES:
         raise ValueError(f"{folder / done['table']}: expected the 15 subsets and the average")
     avg = table[-1]
     out: dict[str, Any] = {
         "table": table,
+        "cases": case_scores(scored["cases"]),  # per test case: Dice averaged over regions and subsets
         "mean_dice": float(np.mean([avg[f"{r}_dice"] for r in REGIONS])),
         **_collapse_numbers(table),
         **{k: float(avg[k]) for k in CELLS},
         "seconds": float(done["seconds"]),
         "machine": done.get("machine", ""),
+        "commit": done.get("commit", ""),
     }
     if arm.federated:
         records = [r for r in _jsonl(folder / done["log"]) if r["round"] >= 1]
@@ -114,6 +133,7 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
         records = _jsonl(folder / done["log"])
         out["curve"] = [(r["epoch"] / local_epochs, r["val"]["mean_dice"]) for r in records if "val" in r]
         out["bytes_per_round"] = out["bytes_total"] = 0.0
+    out["val_trend_last"] = convergence(out["curve"])
     return out
 
 
@@ -129,46 +149,6 @@ def _collapse_numbers(table: list[dict]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _curves(results: dict[str, list[dict]], bench: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in results.items():
-        points: dict[float, list[float]] = {}
-        for result in runs:
-            for x, y in result["curve"]:
-                if y is not None:
-                    points.setdefault(float(x), []).append(float(y))
-        xs = sorted(points)
-        if not xs:
-            continue
-        mean = np.array([np.mean(points[x]) for x in xs])
-        sd = np.array([np.std(points[x], ddof=1) if len(points[x]) > 1 else 0.0 for x in xs])
-        rows += [
-            {"arm": name, "round": x, "val_mean_dice": m, "sd": s, "seeds": len(points[x])}
-            for x, m, s in zip(xs, mean, sd, strict=True)
-        ]
-        style = "--" if not ARMS[name].federated else "-"
-        ax.plot(xs, mean, style, marker="o", label=ARMS[name].label)
-        ax.fill_between(xs, mean - sd, mean + sd, alpha=0.15)
-    ax.set_xlabel("round (centralised: epochs / local epochs)")
-    ax.set_ylabel("validation Dice, all four modalities")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Validation Dice over rounds (mean ± sd over seeds)")
-    fig.tight_layout()
-    with atomic_path(bench / "curves.png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    write_csv(bench / "curves.csv", rows or [{"arm": "", "round": "", "val_mean_dice": ""}])
-    return bench / "curves.png"
 
 
 def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Sequence[int]) -> Path:
@@ -193,6 +173,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                     "arm": name,
                     "seed": seed,
                     "mean_dice": result["mean_dice"],
+                    "test_cases": len(result["cases"]),
                     **{k: result[k] for k in CELLS},
                     "max_region_share": result["max_share"],
                     "collapsed": result["collapsed"],
@@ -204,6 +185,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                     "model_norm": result.get("model_norm"),
                     "skipped_rounds": result.get("skipped_rounds"),
                     "failed_replies": result.get("failed_replies"),
+                    "val_trend_last": result["val_trend_last"],
                 }
             )
     if summary_rows:
@@ -238,6 +220,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
         lines += [
             f"- Data: {meta.get('data', '')}.",
             f"- Command: `{meta.get('command', '')}`",
+            f"- Code: commit `{meta.get('commit') or 'not recorded'}`.",
             f"- Machine: {meta.get('machine', '')}.",
             f"- Scenario file: `simulations/scenarios/{scenario.source.name}`; seeds: {', '.join(map(str, seeds))}.",
         ]
@@ -256,19 +239,21 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
         lines += [f"**Incomplete**: not yet finished: {', '.join(missing)}.", ""]
 
     if results:
+        sizes = sorted({len(r["cases"]) for runs in results.values() for r in runs})
         lines += [
-            "## Headline differences",
-            "",
-            "Paired by seed; Δ = first minus second, in Dice points (mean of ET, TC, WT over the 15 subsets). "
-            "'Larger than the spread' means every seed agrees in sign and |mean Δ| exceeds the sd of Δ. "
-            "Source: `summary.csv`.",
+            f"**Test set**: {' or '.join(map(str, sizes))} held-out cases, scored under all 15 modality subsets; "
+            "no site trains on them and nothing is chosen on them (model selection and the schedule use the "
+            "sites' validation cases only).",
             "",
         ]
-        lines += headlines(results, seeds_of) + [""]
+        rows = compare(results, seeds_of)
+        if rows:
+            write_csv(bench / "comparisons.csv", comparison_rows(rows))
+        lines += comparison_sections(rows, bench)
         lines += [
             "## Overview",
             "",
-            "Source: `summary.csv` (one row per arm and seed), `<arm>/seed-<s>/done.json`.",
+            "Source: `summary.csv` (one row per arm and seed), `runs/<arm>/seed-<s>/done.json`.",
             "",
             "| Arm | seeds | mean Dice | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT | "
             "FeTS convergence score | MB per round | MB total | wall time (s) |",
@@ -312,16 +297,18 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                 ablation,
                 "",
             ]
-        _curves(results, bench)
+        validation_curves(results, bench)
         lines += [
             "## Validation Dice over rounds",
             "",
             "Aggregated site-validation Dice with all four modalities after each round (centralised: the "
-            "pooled validation cases after each epoch, placed at epoch / local epochs). Source: `curves.csv`.",
+            "pooled validation cases after each epoch, placed at epoch / local epochs), one panel per arm, "
+            "mean ± sd over seeds; the dashed line is the full method's mean. Source: `curves.csv`.",
             "",
             "![validation Dice over rounds](curves.png)",
             "",
         ]
+        lines += convergence_section(results, seeds_of)
         lines += [
             "## Paper layout (Tables 1-4)",
             "",
@@ -367,5 +354,6 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                 "",
             ]
         machines = sorted({r["machine"] for runs in results.values() for r in runs})
-        lines += ["## Where it ran", "", *[f"- {m}" for m in machines], ""]
+        commits = sorted({r["commit"] or "not recorded" for runs in results.values() for r in runs})
+        lines += ["## Where it ran", "", *[f"- {m}" for m in machines], "", f"Code: {', '.join(commits)}.", ""]
     return write_text(bench / "REPORT.md", "\n".join(lines) + "\n")

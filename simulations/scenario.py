@@ -7,7 +7,9 @@ FeTS partition CSV (``sites.partitioning: fets/partitioning_1.csv``, relative to
 - **real data** (``--data-path``): the cases of that folder, one node per partition of the
   scenario's CSV (or of ``--partitioning``, or of ``<data>/partitioning.csv``);
 - **phantoms** (default): a phantom federation with as many sites and the same relative site
-  sizes, scaled down to ``phantom.cases`` (each site keeps at least one case), generated once.
+  sizes, scaled down to ``phantom.cases`` (each site keeps at least one case), generated once;
+  with ``phantom.test_cases``, also a held-out test set of that many further cases drawn from the
+  same sites in the same proportions (the global model is scored on it, no site trains on it).
 
 ``run`` is the Flower run config shared by every federated arm; an arm adds its own keys
 (:data:`ARMS`). The centralised arm pools every site's training cases and trains for as many
@@ -46,6 +48,25 @@ class Arm:
     attack: str = ""  # a poisoning attack of simulations.adversary, by the HOSTILE site
 
 
+TERM_ARMS = {
+    "no-attention": ("w/o attention distillation (EVD)", "attention"),
+    "no-transformer-features": ("w/o transformer features", "transformer_features"),
+    "no-consistency": ("w/o consistency", "consistency_max"),
+    "no-kl": ("w/o KL", "kl"),
+    "no-gram": ("w/o Gram", "gram"),
+    "no-adversarial": ("w/o adversarial", "adversarial"),
+    "no-content": ("w/o content (SMU-Net)", "content"),
+}
+"""One arm per loss term of the full method: arm name -> (label, the ``loss`` weight it sets to 0). Groups:
+MS-TKD = attention + transformer features, DMLD = consistency + KL, GSM = Gram + adversarial; content is
+SMU-Net's."""
+TERM_GROUPS = {
+    "no-mstkd": ("no-attention", "no-transformer-features"),
+    "no-dmld": ("no-consistency", "no-kl"),
+    "no-gsm": ("no-gram", "no-adversarial"),
+}
+"""Which per-term arms make up each mechanism-group arm."""
+
 ROBUST_STRATEGIES = {
     "mstkd": ("FedAvg", {}),
     "fedmedian": ("FedMedian", {"strategy": "fedmedian"}),
@@ -83,9 +104,10 @@ ARMS: dict[str, Arm] = {
         Arm("centralised", "Centralised MST-KDNet (pooled data)", federated=False),
         Arm("mstkd", "Federated MST-KDNet (FedAvg)"),
         Arm("student", "Federated student only (no teacher)", overrides="train.mode=student"),
-        Arm("no-mstkd", "w/o MS-TKD", overrides="loss.mstkd=false"),
-        Arm("no-dmld", "w/o DMLD (SLKD)", overrides="loss.dmld=false"),
-        Arm("no-gsm", "w/o GSM", overrides="loss.gsm=false"),
+        *(Arm(name, label, overrides=f"loss.{key}=0") for name, (label, key) in TERM_ARMS.items()),
+        Arm("no-mstkd", "w/o MS-TKD (attention + transformer features)", overrides="loss.mstkd=false"),
+        Arm("no-dmld", "w/o DMLD (consistency + KL)", overrides="loss.dmld=false"),
+        Arm("no-gsm", "w/o GSM (Gram + adversarial)", overrides="loss.gsm=false"),
         Arm("fedprox", "Federated MST-KDNet (FedProx)", run={"strategy": "fedprox", "proximal-mu": 0.01}),
         Arm("fedadam", "Federated MST-KDNet (FedAdam)", run={"strategy": "fedadam", "server-lr": 0.01}),
         Arm(
@@ -99,7 +121,7 @@ ARMS: dict[str, Arm] = {
     )
 }
 ABLATIONS = ("no-mstkd", "no-gsm", "no-dmld", "mstkd")
-"""The rows of the Table-5-style ablation table, in the paper's order (full method last)."""
+"""The rows of the Table-5-style ablation table (the paper's mechanism groups), in its order (full method last)."""
 
 
 @dataclass
@@ -165,6 +187,12 @@ def load_scenario(name: str | Path) -> Scenario:
     unknown = set(raw) - {"description", "sites", "phantom", "run", "arms"}
     if unknown:
         raise InputError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    phantom = dict(raw.get("phantom") or {})
+    unknown = set(phantom) - {"cases", "shape", "seed", "test_cases"}
+    if unknown:
+        raise InputError(
+            f"{path}: unknown phantom keys {', '.join(sorted(unknown))} (known: cases, shape, seed, test_cases)"
+        )
     sites = raw.get("sites") or {}
     csv = None
     if "partitioning" in sites:
@@ -191,7 +219,7 @@ def load_scenario(name: str | Path) -> Scenario:
         description=str(raw.get("description", "")),
         sizes=sizes,
         partitioning=csv,
-        phantom=dict(raw.get("phantom") or {}),
+        phantom=phantom,
         run=dict(raw.get("run") or {}),
         arms=arms,
         source=path,
@@ -207,30 +235,54 @@ def parse_arms(spec: str | None, scenario: Scenario) -> list[Arm]:
     return [ARMS[a] for a in names]
 
 
+@dataclass(frozen=True)
+class ScenarioData:
+    """Where a scenario's cases are: the training federation, its partition CSV and, for phantoms with
+    ``phantom.test_cases``, a held-out test federation of the same sites that no site trains on."""
+
+    folder: Path
+    partitioning: Path | None
+    test: Path | None
+    description: str
+
+    def run_paths(self) -> dict[str, str]:
+        """The run-config keys that point a federated run at these cases."""
+        return {
+            "data-path": str(self.folder),
+            "partitioning": str(self.partitioning or ""),
+            "test-data-path": str(self.test or ""),
+        }
+
+
 def scenario_data(
     scenario: Scenario, work_dir: Path, data_path: Path | None = None, partitioning: Path | None = None
-) -> tuple[Path, Path | None, str]:
-    """``(data folder, partition CSV, description)`` of the scenario: real data, or its phantom federation."""
+) -> ScenarioData:
+    """The scenario's cases: real data, or its phantom federation (and held-out phantom test set)."""
     if data_path is not None:
         if not data_path.is_dir():
             raise InputError(f"{data_path}: data folder not found")
         csv = partitioning or scenario.partitioning
         if csv is None and (data_path / "partitioning.csv").is_file():
             csv = data_path / "partitioning.csv"
-        return data_path.resolve(), csv, f"real data from {data_path}"
+        return ScenarioData(data_path.resolve(), csv, None, f"real data from {data_path}")
     shape = tuple(int(v) for v in scenario.phantom.get("shape", [96, 96, 64]))
     cases = int(scenario.phantom.get("cases", 4 * scenario.num_sites))
-    folder = ensure_phantoms(
-        work_dir / "phantoms",
-        cases=cases,
-        sites=scenario.num_sites,
-        shape=shape,  # type: ignore[arg-type]
-        seed=int(scenario.phantom.get("seed", 0)),
-        site_sizes=[float(s) for s in scenario.sizes],
-        progress=True,
-    )
+    test_cases = int(scenario.phantom.get("test_cases", 0))
+    common = {
+        "sites": scenario.num_sites,
+        "shape": shape,
+        "seed": int(scenario.phantom.get("seed", 0)),
+        "site_sizes": [float(s) for s in scenario.sizes],
+        "progress": True,
+    }
+    folder = ensure_phantoms(work_dir / "phantoms", cases=cases, **common)  # type: ignore[arg-type]
+    sizes = scenario.sizes if len(scenario.sizes) <= 8 else "the partition CSV"
     text = (
         f"phantom federation of {cases} cases ({'x'.join(map(str, shape))} voxels) over {scenario.num_sites} sites "
-        f"sized in proportion to {scenario.sizes if len(scenario.sizes) <= 8 else 'the partition CSV'}"
+        f"sized in proportion to {sizes}"
     )
-    return folder, folder / "partitioning.csv", text
+    test = None
+    if test_cases:  # new draws of the same site styles: case numbers after the training federation's
+        test = ensure_phantoms(work_dir / "phantoms", cases=test_cases, first_case=cases + 1, **common)  # type: ignore[arg-type]
+        text += f"; held-out test set: {test_cases} further cases of the same sites, in the same proportions"
+    return ScenarioData(folder, folder / "partitioning.csv", test, text)

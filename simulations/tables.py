@@ -95,37 +95,6 @@ def ablation_table(results: dict[str, list[dict]], out: Path) -> str | None:
     return md
 
 
-def headlines(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[str]:
-    """Paired (same seed) differences in mean Dice, with their spread."""
-    pairs = [("mstkd", "centralised", "federated vs centralised")]
-    pairs += [("mstkd", "student", "MST-KDNet vs student-only baseline")]
-    pairs += [("mstkd", a, f"full method vs {ARMS[a].label}") for a in ("no-mstkd", "no-dmld", "no-gsm")]
-    pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg") for a in ("fedprox", "fedadam")]
-    pairs += [(a, "mstkd", f"{ARMS[a].label} vs none") for a in ("dp-clip", "dp")]
-    pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg with no hostile site") for a in results if ARMS[a].attack]
-    lines = [
-        "| Comparison | seeds | Δ mean Dice (points) | sd of Δ | every seed same sign | larger than the spread |",
-        "|---|---:|---:|---:|:---:|:---:|",
-    ]
-    for a, b, text in pairs:
-        if a not in results or b not in results:
-            continue
-        by_seed_a = dict(zip(seeds_of[a], (r["mean_dice"] for r in results[a]), strict=True))
-        by_seed_b = dict(zip(seeds_of[b], (r["mean_dice"] for r in results[b]), strict=True))
-        common = sorted(set(by_seed_a) & set(by_seed_b))
-        if not common:
-            continue
-        delta = np.array([100 * (by_seed_a[s] - by_seed_b[s]) for s in common])
-        mean, sd = mean_sd(delta)
-        same = bool(np.all(delta > 0) or np.all(delta < 0))
-        larger = len(common) > 1 and abs(mean) > sd and same
-        lines.append(
-            f"| {text} | {len(common)} | {mean:+.2f} | {sd:.2f} | {'yes' if same else 'no'} | "
-            f"{'yes' if larger else ('n/a (1 seed)' if len(common) == 1 else 'no')} |"
-        )
-    return lines
-
-
 def robustness_section(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[str]:
     """Per aggregator, the final mean Dice with no hostile site and with each attack, the damage paired by seed,
     and the final global model's norm (how far an attack pushed the weights)."""

@@ -1,8 +1,8 @@
 """Phantom federations on disk: cases split over sites, NIfTI files, a partition CSV and the generator's record.
 
-Case number ``n`` (counted from 1, site by site) is made by :func:`~mstkd.phantoms.case.make_case`
-from a generator seeded ``[seed, n]`` with the style of its site ``p``, ``site_style(p, seed)``;
-nothing else draws, so the same arguments write the same voxel data.
+Case number ``n`` (counted from ``first_case``, 1 by default, site by site) is made by
+:func:`~mstkd.phantoms.case.make_case` from a generator seeded ``[seed, n]`` with the style of its site ``p``,
+``site_style(p, seed)``; nothing else draws, so the same arguments write the same voxel data.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def write_federation(
     layout: str = "fets",
     seed: int = 0,
     site_sizes: Sequence[float] | None = None,
+    first_case: int = 1,
     progress: bool = True,
 ) -> Path:
     """Write a federation of phantom cases, a partition CSV and the generator parameters.
@@ -101,6 +102,9 @@ def write_federation(
         layout: ``fets`` or ``brats2023``.
         seed: non-negative; the same seed writes the same voxel data.
         site_sizes: relative site sizes (one positive number per site); default equal.
+        first_case: the number of the first case. A second federation with the same seed, sites and sizes that
+            starts after the first one's last case draws new cases from the same site styles: a held-out test
+            set of the same sites, with IDs of its own.
         progress: show a progress bar over cases on stderr.
 
     Returns:
@@ -116,8 +120,11 @@ def write_federation(
         raise InputError(f"need at least one site, got {sites}")
     if cases < sites:
         raise InputError(f"need at least one case per site: {cases} cases for {sites} sites")
-    if cases > MAX_CASES:
-        raise InputError(f"at most {MAX_CASES} phantom cases (IDs 90001-99999), got {cases}")
+    if first_case < 1 or first_case - 1 + cases > MAX_CASES:
+        raise InputError(
+            f"phantom case numbers must lie in 1..{MAX_CASES} (IDs 90001-99999), got {first_case}.."
+            f"{first_case - 1 + cases}"
+        )
     if seed < 0:
         raise InputError(f"seed must be non-negative, got {seed}")
     weights = [1.0] * sites if site_sizes is None else [float(s) for s in site_sizes]
@@ -143,7 +150,7 @@ def write_federation(
         records = []
         bar = tqdm(total=cases, desc="phantoms", unit="case", file=sys.stderr, disable=not progress)
         with bar:
-            number = 0
+            number = first_case - 1
             for partition, count in enumerate(counts, start=1):
                 for _ in range(count):
                     number += 1
@@ -170,6 +177,7 @@ def write_federation(
             "spacing_mm": [round(float(s), 6) for s in _spacing(shape)],
             "affine": phantom_affine(shape).tolist(),
             "cases": cases,
+            "first_case": first_case,
             "sites": sites,
             "site_sizes": counts,
             "recipe": {
@@ -206,14 +214,18 @@ def ensure_phantoms(
     seed: int,
     layout: str = "fets",
     site_sizes: list[float] | None = None,
+    first_case: int = 1,
     progress: bool = False,
 ) -> Path:
     """The phantom federation for these parameters under ``root``, generated once (safe across processes)."""
     params: list = [cases, sites, list(shape), seed, layout]
     if site_sizes is not None:  # equal sites keep the key they always had
         params.append([float(s) for s in site_sizes])
+    if first_case != 1:  # so do federations that start at case 1
+        params.append(first_case)
     key = hashlib.sha1(json.dumps(params).encode()).hexdigest()[:10]
-    folder = root / f"phantoms-{sites}sites-{cases}cases-{key}"
+    name = f"phantoms-{sites}sites-{cases}cases" + (f"-from{first_case}" if first_case != 1 else "")
+    folder = root / f"{name}-{key}"
     with file_lock(root / f".{folder.name}.lock"):
         if not (folder / "partitioning.csv").is_file():
             write_federation(
@@ -224,6 +236,7 @@ def ensure_phantoms(
                 seed=seed,
                 layout=layout,
                 site_sizes=site_sizes,
+                first_case=first_case,
                 progress=progress,
             )
     return folder

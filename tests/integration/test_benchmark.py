@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -25,9 +26,9 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert bench.main([*args, "--publish", str(tmp_path / "published"), "--note", str(note)]) == 0
     folder = tmp_path / "out" / "tiny-2"
     arms = load_scenario("tiny-2").arms
-    assert len(arms) == 6
+    assert len(arms) == 7
 
-    for name in ("REPORT.md", "summary.csv", "summary.json", "sites.csv", "curves.csv", "curves.png", "bench.json"):
+    for name in (n for n in bench.REPORT_FILES if n != "grad_scales.json"):  # no gradient scales were measured
         assert (folder / name).is_file(), name
         assert (tmp_path / "published" / name).is_file(), name
     expected = [s.display_name for s in SUBSETS] + ["Average"]
@@ -37,6 +38,14 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
         assert all(0.0 <= float(r["WT_dice_mean"]) <= 1.0 for r in rows)
         assert (folder / "tables" / f"{arm}.md").read_text().count("\n") == 18  # header, rule, 15 + average
         assert (folder / arm / "seed-0" / "done.json").is_file()
+        kept = tmp_path / "published" / "runs" / arm / "seed-0"  # the raw files the report is built from
+        done = json.loads((kept / "done.json").read_text())
+        assert (kept / done["log"]).is_file() and done["commit"]
+        assert {c["case"] for c in json.loads((kept / done["table"]).read_text())["cases"]} == {
+            "FeTS2022_90013",
+            "FeTS2022_90014",
+        }  # the held-out phantom test set, scored by every arm
+    assert json.loads((folder / "bench.json").read_text())["commit"]
     ablation = _rows(folder / "tables" / "ablation.csv")
     assert [r["arm"] for r in ablation] == ["no-mstkd", "no-gsm", "no-dmld", "mstkd"]
 
@@ -44,6 +53,12 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert set(summary) == set(arms)
     assert float(summary["centralised"]["bytes_total"]) == 0.0
     assert float(summary["mstkd"]["bytes_total"]) > 0 and float(summary["mstkd"]["convergence_score"]) >= 0
+    assert all(r["test_cases"] == "2" for r in summary.values())
+    compared = {(r["first"], r["second"]): r for r in _rows(folder / "comparisons.csv")}
+    assert {("mstkd", "centralised"), ("mstkd", "student"), ("mstkd", "no-kl"), ("mstkd", "no-gsm")} <= set(compared)
+    for row in compared.values():
+        assert float(row["ci_low"]) <= float(row["delta_points"]) <= float(row["ci_high"])
+        assert float(row["p"]) <= float(row["p_holm"]) <= 1.0
     assert all(
         0.0 <= float(r["max_region_share"]) <= 1.0 and r["collapsed"] in ("True", "False") for r in summary.values()
     )
@@ -53,7 +68,11 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     report = (folder / "REPORT.md").read_text()
     for section in (
         "What changed",
-        "Headline differences",
+        "Test set**: 2 held-out cases",
+        "Comparisons",
+        "One arm per loss term",
+        "Mechanism groups",
+        "Convergence",
         "Collapse check",
         "Ablation",
         "Validation Dice over rounds",
@@ -71,11 +90,19 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(args) == 0
     err = capsys.readouterr().err
-    assert err.count("finished earlier, skipped") == 5
+    assert err.count("finished earlier, skipped") == 6
     assert "four exclusive classes" in (folder / "REPORT.md").read_text()  # a resumed benchmark keeps its note
     assert not (folder / "centralised" / "seed-0" / "leftover.tmp").exists()
     assert json.loads((folder / "centralised" / "seed-0" / "done.json").read_text())["arm"] == "centralised"
     assert all((folder / a / "seed-0" / "done.json").stat().st_mtime_ns == done[a] for a in arms if a != "centralised")
+
+    # continued elsewhere (a fresh clone): runs the published folder holds are taken from it, not trained again
+    shutil.rmtree(folder)
+    capsys.readouterr()
+    assert bench.main([*args, "--publish", str(tmp_path / "published")]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(arms)} runs finished earlier taken from" in err and "Federated MST-KDNet (FedAvg) ..." not in err
+    assert _rows(folder / "comparisons.csv") == _rows(tmp_path / "published" / "comparisons.csv")
 
 
 @pytest.mark.slow
@@ -100,5 +127,5 @@ def test_a_robustness_arm_makes_one_site_hostile_and_the_report_shows_the_damage
     report = (folder / "REPORT.md").read_text()
     assert "## Robustness: one hostile site" in report and f"Site {HOSTILE + 1}" in report
     assert "| FedAvg |" in report
-    assert "site 2 hostile (update x100) vs FedAvg with no hostile site | 1 |" in report  # the headline pairs it
+    assert "site 2 hostile (update x100) vs FedAvg with no hostile site | 1 × 2 |" in report  # paired by seed, case
     assert not list((tmp_path / "work" / "apps").iterdir())  # the hostile copy of the app is gone

@@ -198,13 +198,36 @@ def test_switching_a_mechanism_off_removes_its_terms(outputs):
     for switch, removed in (
         ("mstkd", {"attention", "transformer_features"}),
         ("dmld", {"consistency", "kl"}),
-        ("gsm", {"gram", "content", "adversarial"}),
+        ("gsm", {"gram", "adversarial"}),  # content is SMU-Net's term, not GSM's: it stays
     ):
         c = load_config(["model=tiny", f"loss.{switch}=false"])
         terms = MSTKDLoss(c.loss)(t, s, target, epoch=5, discriminator=disc)
         assert set(terms) == set(full) - removed
         for name in terms:
             assert terms[name].item() == pytest.approx(full[name].item())
+
+
+@pytest.mark.parametrize(
+    ("weight", "term"),
+    [
+        ("attention", "attention"),
+        ("transformer_features", "transformer_features"),
+        ("consistency_max", "consistency"),
+        ("kl", "kl"),
+        ("gram", "gram"),
+        ("adversarial", "adversarial"),
+        ("content", "content"),
+    ],
+)
+def test_a_term_of_weight_zero_is_not_computed_and_the_others_are_unchanged(outputs, weight, term):
+    cfg, teacher, student, disc, x, target = outputs
+    with torch.no_grad():
+        t, s = teacher(x), student(x)
+    full = MSTKDLoss(cfg.loss)(t, s, target, epoch=5, discriminator=disc)
+    c = load_config(["model=tiny", f"loss.{weight}=0"])
+    terms = MSTKDLoss(c.loss)(t, s, target, epoch=5, discriminator=disc)
+    assert set(terms) == set(full) - {term}
+    assert all(terms[name].item() == full[name].item() for name in terms)
 
 
 def test_gradients_reach_the_student_from_every_distillation_term(outputs):

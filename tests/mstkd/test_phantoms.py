@@ -219,6 +219,27 @@ def test_write_federation_is_deterministic(tmp_path):
     assert (a / "partitioning.csv").read_bytes() == (b / "partitioning.csv").read_bytes()
 
 
+def test_a_federation_that_starts_after_another_draws_new_cases_of_the_same_sites(tmp_path):
+    train = write_federation(tmp_path / "train", cases=3, sites=2, shape=SMALL, seed=9, progress=False).parent
+    test = write_federation(tmp_path / "test", cases=2, sites=2, shape=SMALL, seed=9, first_case=4, progress=False)
+    test = test.parent
+    train_ids = sorted(p.name for p in train.iterdir() if p.is_dir())
+    test_ids = sorted(p.name for p in test.iterdir() if p.is_dir())
+    assert train_ids == ["FeTS2022_90001", "FeTS2022_90002", "FeTS2022_90003"]
+    assert test_ids == ["FeTS2022_90004", "FeTS2022_90005"]
+    meta = [json.loads((f / "phantoms.json").read_text()) for f in (train, test)]
+    assert meta[0]["site_styles"] == meta[1]["site_styles"]  # the same sites ...
+    assert meta[1]["first_case"] == 4 and meta[1]["site_sizes"] == [1, 1]
+
+    # ... but new draws: the last case of each is site 2's, and they differ
+    def flair(folder, case):
+        return np.asarray(nib.load(folder / case / f"{case}_flair.nii.gz").dataobj)
+
+    assert not np.array_equal(flair(test, "FeTS2022_90005"), flair(train, "FeTS2022_90003"))
+    with pytest.raises(InputError, match="case numbers must lie in"):
+        write_federation(tmp_path / "bad", cases=2, sites=1, shape=SMALL, first_case=9999, progress=False)
+
+
 def test_default_site_sizes_are_balanced():
     assert federation._site_counts(10, [1, 1, 1]) == [4, 3, 3]
     assert federation._site_counts(7, [100, 1, 1]) == [5, 1, 1]

@@ -1,4 +1,5 @@
-"""The benchmark driver (simulations.bench): a run with a skipped round or a failed site is not a result."""
+"""The benchmark driver (simulations.bench): a run with a skipped round or a failed site is not a result; a
+published run is taken over only by a benchmark that would make the same run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from simulations import bench
+from simulations.scenario import ARMS, load_scenario
 
 
 def test_a_run_with_a_skipped_round_or_a_failed_site_is_not_a_result(tmp_path):
@@ -21,3 +23,26 @@ def test_a_run_with_a_skipped_round_or_a_failed_site_is_not_a_result(tmp_path):
     log.write_text(json.dumps({"round": 1, "failures": [], "skipped": "0 of 4 nodes replied"}) + "\n")
     with pytest.raises(RuntimeError, match="round 1 did not run on every site"):
         bench.incomplete_rounds(log)
+
+
+def test_a_published_run_is_taken_over_only_by_a_benchmark_that_would_make_the_same_run(tmp_path):
+    scenario = load_scenario("tiny-2")
+    arms = [ARMS["mstkd"], ARMS["centralised"]]
+    published = tmp_path / "published"
+    for arm in arms:
+        run = published / "runs" / arm.name / "seed-0"
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "final.json").write_text("{}")
+        (run / "log.jsonl").write_text("")
+        spec = bench.run_spec(scenario, arm, 0, "")
+        done = {"arm": arm.name, "seed": 0, "spec": spec, "table": "eval/final.json", "log": "log.jsonl"}
+        (run / "done.json").write_text(json.dumps(done))
+    (published / "grad_scales.json").write_text("{}")
+    taken, other = bench.adopt_published(tmp_path / "bench", published, scenario, arms, [0, 1], "")
+    assert taken == ["mstkd/seed-0", "centralised/seed-0"] and other == []
+    assert (tmp_path / "bench" / "mstkd" / "seed-0" / "eval" / "final.json").is_file()
+    assert (tmp_path / "bench" / "grad_scales.json").is_file()
+    # another --run-config, or a scenario changed since: the published runs are someone else's
+    taken, other = bench.adopt_published(tmp_path / "other", published, scenario, arms, [0], "transport='float32'")
+    assert taken == ["centralised/seed-0"] and other == ["mstkd/seed-0"]
+    assert not (tmp_path / "other" / "mstkd").exists()

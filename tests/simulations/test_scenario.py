@@ -8,7 +8,7 @@ from mstkd.config import load_config
 from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig, project_config
 from simulations import bench
-from simulations.scenario import ARMS, SCENARIOS, load_scenario, parse_arms
+from simulations.scenario import ARMS, SCENARIOS, TERM_ARMS, TERM_GROUPS, load_scenario, parse_arms, scenario_data
 
 
 def test_every_scenario_loads_and_every_arm_is_a_valid_config():
@@ -68,3 +68,29 @@ def test_the_arms_change_what_the_paper_ablates():
         "loss.gsm=false",
     ]
     assert not ARMS["centralised"].federated
+    # one arm per loss term, each setting exactly one weight of the loss config to 0; the groups are made of them
+    loss = load_config([]).loss
+    for name, (_, key) in TERM_ARMS.items():
+        assert ARMS[name].overrides == f"loss.{key}=0" and float(loss[key]) > 0, name
+    assert sorted(a for group in TERM_GROUPS.values() for a in group) == sorted(set(TERM_ARMS) - {"no-content"})
+    assert set(load_scenario("phantom-4").arms) >= {"centralised", "mstkd", "student", *TERM_ARMS, *TERM_GROUPS}
+
+
+def test_a_phantom_scenario_can_hold_out_a_test_set_of_the_same_sites(tmp_path):
+    data = scenario_data(load_scenario("tiny-2"), tmp_path / "work")  # 12 cases, and 2 held out
+    train = sorted(p.name for p in data.folder.iterdir() if p.is_dir())
+    test = sorted(p.name for p in data.test.iterdir() if p.is_dir())
+    assert len(train) == 12 and test == ["FeTS2022_90013", "FeTS2022_90014"]
+    assert data.run_paths() == {
+        "data-path": str(data.folder),
+        "partitioning": str(data.folder / "partitioning.csv"),
+        "test-data-path": str(data.test),
+    }
+    assert "held-out test set: 2 further cases" in data.description
+    text = (SCENARIOS / "tiny-2.yaml").read_text()
+    assert "  test_cases: 2\n" in text
+    (tmp_path / "none.yaml").write_text(text.replace("  test_cases: 2\n", ""))
+    assert scenario_data(load_scenario(tmp_path / "none.yaml"), tmp_path / "work").test is None
+    (tmp_path / "typo.yaml").write_text(text.replace("test_cases", "test_case"))
+    with pytest.raises(InputError, match="unknown phantom keys test_case"):
+        load_scenario(tmp_path / "typo.yaml")

@@ -1,0 +1,185 @@
+"""The report's sections that compare arms with intervals, and the convergence check every arm must meet.
+
+Every comparison pairs two arms on (seed, test case) and gives the mean difference in Dice points, a 95 %
+two-way bootstrap interval and a p-value, Holm-corrected over every comparison the report makes
+(:mod:`simulations.stats`). The sections:
+
+- **headline**: federated vs centralised, MST-KDNet vs its student-only baseline;
+- **per term**: the full method against each arm that removes one loss term, with the term's measured
+  gradient scale where the benchmark folder holds ``grad_scales.json`` (``benchmarks/grad_scales.py --json``);
+- **mechanism groups**: the paper's Table 5 groups (MS-TKD, DMLD, GSM);
+- **other**: strategies, privacy and hostile sites against plain FedAvg.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from simulations.scenario import ARMS, TERM_ARMS, TERM_GROUPS
+from simulations.stats import RESAMPLES, format_p, holm, paired_bootstrap
+
+CONVERGENCE_WINDOW = 3
+"""Rounds (centralised: validation points) per window of the convergence check."""
+CONVERGENCE_TOLERANCE = 0.01
+"""Largest rise of the windowed mean validation Dice for a run to count as levelled off."""
+
+SECTIONS = {
+    "headline": "Headline comparisons",
+    "term": "One arm per loss term",
+    "group": "Mechanism groups (the paper's Table 5)",
+    "other": "Other comparisons",
+}
+
+
+def _pairs(results: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
+    """``(first, second, text, section)`` for every comparison whose arms have finished runs."""
+    pairs = [
+        ("mstkd", "centralised", "federated vs centralised", "headline"),
+        ("mstkd", "student", "MST-KDNet vs student-only baseline", "headline"),
+    ]
+    pairs += [("mstkd", a, f"full method vs {ARMS[a].label}", "term") for a in TERM_ARMS]
+    pairs += [("mstkd", a, f"full method vs {ARMS[a].label}", "group") for a in TERM_GROUPS]
+    pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg", "other") for a in ("fedprox", "fedadam")]
+    pairs += [(a, "mstkd", f"{ARMS[a].label} vs none", "other") for a in ("dp-clip", "dp")]
+    pairs += [
+        (a, "mstkd", f"{ARMS[a].label} vs FedAvg with no hostile site", "other") for a in results if ARMS[a].attack
+    ]
+    return [p for p in pairs if p[0] in results and p[1] in results]
+
+
+def compare(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[dict]:
+    """Every comparison the report makes, with its interval and its Holm-adjusted p-value (one family)."""
+    rows = []
+    for a, b, text, section in _pairs(results):
+        by_seed = [
+            {seed: run["cases"] for seed, run in zip(seeds_of[arm], results[arm], strict=True)} for arm in (a, b)
+        ]
+        paired = paired_bootstrap(*by_seed)
+        if paired is not None:
+            rows.append({"first": a, "second": b, "text": text, "section": section, "paired": paired})
+    for row, p in zip(rows, holm([r["paired"].p for r in rows]), strict=True):
+        row["paired"] = replace(row["paired"], p_holm=p)
+    return rows
+
+
+def comparison_rows(rows: list[dict]) -> list[dict]:
+    """The comparisons as flat records (``comparisons.csv``)."""
+    return [
+        {
+            "section": r["section"],
+            "first": r["first"],
+            "second": r["second"],
+            "seeds": r["paired"].seeds,
+            "cases": r["paired"].cases,
+            "delta_points": r["paired"].mean,
+            "ci_low": r["paired"].low,
+            "ci_high": r["paired"].high,
+            "p": r["paired"].p,
+            "p_holm": r["paired"].p_holm,
+            "significant": r["paired"].significant,
+        }
+        for r in rows
+    ]
+
+
+def _grad_scales(bench: Path) -> dict[str, float]:
+    path = bench / "grad_scales.json"
+    return json.loads(path.read_text()).get("after", {}) if path.is_file() else {}
+
+
+def comparison_sections(rows: list[dict], bench: Path) -> list[str]:
+    """Markdown for every section that has comparisons."""
+    if not rows:
+        return []
+    paired = rows[0]["paired"]
+    lines = [
+        "## Comparisons",
+        "",
+        f"Δ = first minus second, in Dice points (per test case: the mean of ET, TC and WT over the 15 subsets), "
+        f"paired by seed and test case. 95 % CI: two-way bootstrap over seeds and test cases ({RESAMPLES:,} "
+        f"resamples, percentile interval; `simulations/stats.py`). p: two-sided bootstrap p-value; p (Holm): "
+        f"Holm-corrected over all {len(rows)} comparisons of this report. A difference holds when p (Holm) < "
+        f"0.05. Seeds × test cases: {paired.seeds} × {paired.cases} for the comparisons with every seed. "
+        "Source: `comparisons.csv`, built from each run's per-case scores (`runs/<arm>/seed-<s>/eval/*.json`).",
+        "",
+    ]
+    scales = _grad_scales(bench)
+    term_of = {arm: key for arm, (_, key) in TERM_ARMS.items()}
+    for section, title in SECTIONS.items():
+        these = [r for r in rows if r["section"] == section]
+        if not these:
+            continue
+        extra = section == "term" and bool(scales)
+        lines += [f"### {title}", ""]
+        if extra:
+            lines += [
+                "Gradient scale: the L2 norm of the term's gradient on the student over that of the student's "
+                "segmentation loss, after 30 training steps, at the term's configured weight "
+                "(`grad_scales.json`, from `benchmarks/grad_scales.py`). A term whose scale is far below 10⁻² "
+                "barely moves the student at this weight; its arm measures little more than the seed.",
+                "",
+            ]
+        head = "| Comparison | seeds × cases | Δ (points) | 95 % CI | p | p (Holm) | holds |"
+        lines += [head + " gradient scale |" if extra else head, "|---|---:|---:|---|---:|---:|:---:|"]
+        lines[-1] += "---:|" if extra else ""
+        for r in these:
+            p = r["paired"]
+            cells = (
+                f"| {r['text']} | {p.seeds} × {p.cases} | {p.mean:+.2f} | [{p.low:+.2f}, {p.high:+.2f}] | "
+                f"{format_p(p.p)} | {format_p(p.p_holm)} | {'yes' if p.significant else 'no'} |"
+            )
+            if extra:
+                key = {"consistency_max": "consistency"}.get(term_of[r["second"]], term_of[r["second"]])
+                scale = scales.get(key)
+                cells += f" {scale:.2g} |" if scale is not None else " – |"
+            lines.append(cells)
+        lines.append("")
+    return lines
+
+
+def convergence(curve: list[tuple[float, float | None]]) -> float | None:
+    """The trend at a run's end: the mean validation Dice of its last :data:`CONVERGENCE_WINDOW` points minus that
+    of the window before (positive: still rising). Windows, not single rounds, because a site-validation Dice over a
+    few cases moves by a point or two from one round to the next even where the model has stopped improving."""
+    values = [v for _, v in curve if v is not None]
+    if len(values) < 2 * CONVERGENCE_WINDOW:
+        return None
+    last, before = values[-CONVERGENCE_WINDOW:], values[-2 * CONVERGENCE_WINDOW : -CONVERGENCE_WINDOW]
+    return float(np.mean(last) - np.mean(before))
+
+
+def convergence_section(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[str]:
+    n = CONVERGENCE_WINDOW
+    lines = [
+        "## Convergence",
+        "",
+        f"A run has levelled off when the mean of its aggregated site-validation Dice (all four modalities) over its "
+        f"last {n} rounds exceeds the mean over the {n} rounds before by at most "
+        f"{100 * CONVERGENCE_TOLERANCE:.0f} point (centralised: its last {2 * n} validation points): it is no longer "
+        "rising, so a difference between arms is not one of speed. Windows, not single rounds: a validation Dice "
+        "over a few cases moves by a point or two from round to round even once the model has stopped improving. "
+        "The schedule was chosen on validation data only. Source: `curves.csv`, `summary.csv` (`val_trend_last`: "
+        "the difference, positive when still rising).",
+        "",
+        "| Arm | runs levelled off | trend per seed (points) | final validation Dice |",
+        "|---|---:|---|---:|",
+    ]
+    failing = []
+    for name, runs in results.items():
+        trends = [convergence(r["curve"]) for r in runs]
+        ok = [t is not None and t <= CONVERGENCE_TOLERANCE for t in trends]
+        finals = [[v for _, v in r["curve"] if v is not None][-1] for r in runs if r["curve"]]
+        failing += [f"{name} seed {seed}" for seed, good in zip(seeds_of[name], ok, strict=True) if not good]
+        final = f"{100 * np.mean(finals):.1f}" if finals else "–"
+        shown = ", ".join("–" if t is None else f"{100 * t:+.1f}" for t in trends)
+        lines.append(f"| {ARMS[name].label} | {sum(ok)} of {len(runs)} | {shown} | {final} |")
+    verdict = (
+        "Every run meets the criterion."
+        if not failing
+        else f"**Not levelled off**: {', '.join(failing)}; their comparisons may reflect speed, not a ceiling."
+    )
+    return lines + ["", verdict, ""]

@@ -1,0 +1,57 @@
+"""The report's comparison and convergence sections (simulations.comparisons), on hand-made run numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulations.comparisons import compare, comparison_sections, convergence, convergence_section
+
+
+def _run(scores, curve):
+    return {"cases": dict(enumerate(scores)), "curve": list(enumerate(curve, start=1))}
+
+
+def _results():
+    flat = [0.79, 0.81, 0.80, 0.78, 0.82, 0.80]  # levelled off: the last three's mean equals the three before
+    rising = [0.50, 0.55, 0.60, 0.70, 0.72, 0.74]  # still rising: +17 points window to window
+    return {
+        "mstkd": [_run([0.6, 0.7, 0.8], flat), _run([0.62, 0.68, 0.8], flat)],
+        "student": [_run([0.5, 0.6, 0.7], rising), _run([0.52, 0.58, 0.7], flat)],
+        # identical to the full method on the test cases; its second run falls a little at the end (past its peak)
+        "no-kl": [_run([0.6, 0.7, 0.8], flat), _run([0.62, 0.68, 0.8], [0.83, 0.83, 0.83, 0.81, 0.81, 0.81])],
+    }
+
+
+def test_comparisons_pair_by_seed_and_case_and_are_holm_corrected_as_one_family(tmp_path):
+    results, seeds = _results(), {"mstkd": [0, 1], "student": [0, 1], "no-kl": [0, 1]}
+    rows = compare(results, seeds)
+    assert [(r["first"], r["second"], r["section"]) for r in rows] == [
+        ("mstkd", "student", "headline"),
+        ("mstkd", "no-kl", "term"),
+    ]
+    student, kl = rows[0]["paired"], rows[1]["paired"]
+    assert student.mean == pytest.approx(10.0) and student.low == pytest.approx(10.0)  # every pair differs by 0.1
+    assert student.significant and (student.seeds, student.cases) == (2, 3)
+    assert kl.mean == 0.0 and kl.p == 1.0 and not kl.significant
+    assert student.p_holm == pytest.approx(2 * student.p)  # the smaller of two p-values, times two
+
+    (tmp_path / "grad_scales.json").write_text(json.dumps({"after": {"kl": 0.024}}))
+    text = "\n".join(comparison_sections(rows, tmp_path))
+    assert "### Headline comparisons" in text and "### One arm per loss term" in text
+    assert "| MST-KDNet vs student-only baseline | 2 × 3 | +10.00 | [+10.00, +10.00] |" in text
+    assert "| full method vs w/o KL | 2 × 3 | +0.00 | [+0.00, +0.00] | 1.000 | 1.000 | no | 0.024 |" in text
+    assert "Holm-corrected over all 2 comparisons" in text
+
+
+def test_the_convergence_check_names_every_run_that_has_not_levelled_off():
+    assert convergence(list(enumerate([0.1, 0.5, 0.6, 0.7, 0.6, 0.62, 0.64]))) == pytest.approx(0.62 - 0.6)
+    assert convergence([(1, 0.5), (2, None), (3, 0.7), (4, 0.7), (5, 0.7), (6, 0.7)]) is None  # fewer than six
+    results, seeds = _results(), {"mstkd": [0, 1], "student": [0, 1], "no-kl": [0, 1]}
+    text = "\n".join(convergence_section(results, seeds))
+    assert "| Federated student only (no teacher) | 1 of 2 | +17.0, +0.0 | 77.0 |" in text
+    assert "**Not levelled off**: student seed 0;" in text
+    assert "| w/o KL | 2 of 2 | +0.0, -2.0 |" in text  # falling is not rising: levelled off
+    del results["student"]
+    assert "Every run meets the criterion." in "\n".join(convergence_section(results, seeds))

@@ -1,0 +1,60 @@
+"""The published reference runs (simulations/results/*/): their reports follow from the raw per-run files kept
+beside them. For every published folder that keeps its runs, the report is rebuilt from ``runs/`` alone and its
+per-run numbers (``summary.csv``) and comparisons (``comparisons.csv``, which the report's tables print) must be
+the published ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from simulations.report import write_report
+from simulations.scenario import ARMS, load_scenario
+from simulations.tables import CELLS
+
+RESULTS = Path(__file__).resolve().parents[2] / "simulations" / "results"
+KEPT = sorted(p for p in RESULTS.iterdir() if (p / "runs").is_dir() and (p / "summary.csv").is_file())
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _rebuild(published: Path, tmp: Path) -> Path:
+    folder = tmp / published.name
+    shutil.copytree(published / "runs", folder / "runs")
+    for name in ("bench.json", "grad_scales.json"):
+        if (published / name).is_file():
+            shutil.copy2(published / name, folder / name)
+    meta = json.loads((published / "bench.json").read_text())
+    arms = [ARMS[p.name] for p in sorted((folder / "runs").iterdir())]
+    seeds = sorted({int(p.name.split("-")[1]) for p in (folder / "runs").glob("*/seed-*")})
+    write_report(folder, load_scenario(meta["scenario"]), arms, seeds)
+    return folder
+
+
+@pytest.mark.parametrize("published", KEPT, ids=[p.name for p in KEPT])
+def test_a_published_report_is_recomputed_from_its_raw_runs(published, tmp_path):
+    rebuilt = _rebuild(published, tmp_path)
+    key = ("arm", "seed")
+    want = {tuple(r[k] for k in key): r for r in _rows(published / "summary.csv")}
+    got = {tuple(r[k] for k in key): r for r in _rows(rebuilt / "summary.csv")}
+    assert set(got) == set(want)
+    for run, row in want.items():
+        for column in ("mean_dice", *CELLS):
+            assert float(got[run][column]) == pytest.approx(float(row[column]), rel=1e-9, abs=1e-12), (run, column)
+    if (published / "comparisons.csv").is_file():
+        want_cmp, got_cmp = _rows(published / "comparisons.csv"), _rows(rebuilt / "comparisons.csv")
+        assert [(r["first"], r["second"]) for r in got_cmp] == [(r["first"], r["second"]) for r in want_cmp]
+        report = (published / "REPORT.md").read_text()
+        for w, g in zip(want_cmp, got_cmp, strict=True):
+            for column in ("delta_points", "ci_low", "ci_high", "p_holm"):
+                assert float(g[column]) == pytest.approx(float(w[column]), rel=1e-9, abs=1e-12), (w["second"], column)
+            assert (
+                f"{float(g['delta_points']):+.2f} | [{float(g['ci_low']):+.2f}, {float(g['ci_high']):+.2f}]" in report
+            )
