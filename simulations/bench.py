@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             write_text(folder / DONE, json.dumps(done, indent=1))
             progress_line(f"{arm.name} seed {seed}: done in {seconds:.0f} s")
             write_report(bench, scenario, arms, seeds)
+            if args.publish:  # after every run: an interrupted benchmark has published what it finished
+                publish(bench, Path(args.publish), arms, seeds)
     report = write_report(bench, scenario, arms, seeds)
     if args.publish:
         progress_line(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")

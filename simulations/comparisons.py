@@ -44,7 +44,8 @@ def _pairs(results: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
     pairs += [("mstkd", a, f"full method vs {ARMS[a].label}", "term") for a in TERM_ARMS]
     pairs += [("mstkd", a, f"full method vs {ARMS[a].label}", "group") for a in TERM_GROUPS]
     pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg", "other") for a in ("fedprox", "fedadam")]
-    pairs += [(a, "mstkd", f"{ARMS[a].label} vs none", "other") for a in ("dp-clip", "dp")]
+    pairs += [(a, "mstkd", f"{ARMS[a].label} vs none", "other") for a in ("dp-clip", "dp", "dp-adaptive")]
+    pairs += [("dp-adaptive", "dp", "adaptive vs fixed clipping (DP)", "other")]
     pairs += [
         (a, "mstkd", f"{ARMS[a].label} vs FedAvg with no hostile site", "other") for a in results if ARMS[a].attack
     ]

@@ -52,6 +52,7 @@ from simulations.tables import (
     fmt,
     mean_sd,
     paper_table,
+    privacy_section,
     robustness_section,
 )
 
@@ -106,6 +107,9 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
         out["bytes_per_round"] = float(np.mean([r["bytes_sent"] + r["bytes_received"] for r in records]))
         out["bytes_total"] = float(sum(r["bytes_sent"] + r["bytes_received"] for r in records))
         out["model_norm"] = records[-1].get("model_norm")  # the final global model's L2 norm (absent in old logs)
+        privacy = records[-1].get("privacy") or {}
+        out["epsilon"], out["delta"] = privacy.get("epsilon"), privacy.get("delta")
+        out["clip_last"] = privacy.get("clipping_norm_next", privacy.get("clipping_norm"))
         out["skipped_rounds"] = sum(bool(r.get("skipped")) for r in records)
         out["failed_replies"] = sum(len(r.get("failures", [])) for r in records)
         # per site by the name it gave (the log keys them by node id, which differs between runs)
@@ -186,6 +190,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                     "skipped_rounds": result.get("skipped_rounds"),
                     "failed_replies": result.get("failed_replies"),
                     "val_trend_last": result["val_trend_last"],
+                    "epsilon": result.get("epsilon"),
                 }
             )
     if summary_rows:
@@ -286,6 +291,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             "",
         ]
         lines += robustness_section(results, seeds_of)
+        lines += privacy_section(results)
         lines += collapse_section(results, seeds_of)
         ablation = ablation_table(results, tables)
         if ablation:

@@ -116,6 +116,11 @@ ARMS: dict[str, Arm] = {
             run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.0},
         ),
         Arm("dp", "Federated MST-KDNet, server-side DP", run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.001}),
+        Arm(
+            "dp-adaptive",
+            "Federated MST-KDNet, server-side DP, adaptive clipping",
+            run={"dp": "server", "dp-clipping": "adaptive", "dp-clip": 2.0, "dp-noise": 0.001},
+        ),
         Arm("lean-state", "Federated MST-KDNet, node state in half precision", overrides="train.state_precision=half"),
         *_robust_arms(),
     )

@@ -153,6 +153,36 @@ def robustness_section(results: dict[str, list[dict]], seeds_of: dict[str, list[
     return lines
 
 
+def privacy_section(results: dict[str, list[dict]]) -> list[str]:
+    """Per differentially private arm: its Dice, the privacy spent (epsilon at delta, Flower's RDP accountant) and
+    the clipping norm it ended with."""
+    private = [name for name in results if ARMS[name].run.get("dp", "off") != "off"]
+    if not private:
+        return []
+    lines = [
+        "## Differential privacy",
+        "",
+        "Mean Dice (%, 15 subsets, held-out test cases) and the privacy spent by the final release: epsilon at the "
+        "run's delta (client level, Flower's RDP accountant; ∞ without noise), and the clipping norm of the last "
+        "round (adaptive clipping moves it toward the chosen quantile of the update norms). Source: `summary.csv`, "
+        "`runs/<arm>/seed-<s>/metrics.jsonl` (`privacy`).",
+        "",
+        "| Arm | mean Dice | clipping | epsilon | delta | last clipping norm |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for name in private:
+        runs, run = results[name], ARMS[name].run
+        eps = [r["epsilon"] for r in runs if r.get("epsilon") is not None]
+        clips = [r["clip_last"] for r in runs if r.get("clip_last") is not None]
+        delta = next((r["delta"] for r in runs if r.get("delta") is not None), None)
+        lines.append(
+            f"| {ARMS[name].label} | {fmt([r['mean_dice'] for r in runs], 100.0)} | "
+            f"{run.get('dp-clipping', 'fixed')} from {run.get('dp-clip')} | {f'{np.mean(eps):.3g}' if eps else '∞'} | "
+            f"{f'{delta:g}' if delta is not None else '–'} | {f'{np.mean(clips):.3g}' if clips else '–'} |"
+        )
+    return lines + [""]
+
+
 def collapse_section(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[str]:
     lines = [
         "## Collapse check",

@@ -55,3 +55,21 @@ def test_the_convergence_check_names_every_run_that_has_not_levelled_off():
     assert "| w/o KL | 2 of 2 | +0.0, -2.0 |" in text  # falling is not rising: levelled off
     del results["student"]
     assert "Every run meets the criterion." in "\n".join(convergence_section(results, seeds))
+
+
+def test_the_privacy_section_gives_epsilon_beside_the_dice_of_every_private_arm():
+    from simulations.tables import privacy_section
+
+    results = {
+        "mstkd": [{"mean_dice": 0.55}],
+        "dp-clip": [{"mean_dice": 0.45, "epsilon": None, "delta": None, "clip_last": 2.0}],
+        "dp-adaptive": [
+            {"mean_dice": 0.50, "epsilon": 1.5e6, "delta": 1e-5, "clip_last": 0.8},
+            {"mean_dice": 0.52, "epsilon": 1.5e6, "delta": 1e-5, "clip_last": 1.0},
+        ],
+    }
+    text = "\n".join(privacy_section(results))
+    assert "| Federated MST-KDNet, updates clipped (DP without noise) | 45.0 | fixed from 2.0 | ∞ | – | 2 |" in text
+    assert "adaptive clipping | 51.0 ± 1.4 | adaptive from 2.0 | 1.5e+06 | 1e-05 | 0.9 |" in text
+    assert "FedAvg" not in text  # the arm without privacy has no row
+    assert privacy_section({"mstkd": results["mstkd"]}) == []
