@@ -207,14 +207,30 @@ def run_spec(scenario: Scenario, arm: Arm, seed: int, extra: str) -> dict:
     return {"centralised": scenario.centralised_overrides(seed, scenario.num_sites)}
 
 
+def same_data(meta: dict, data: ScenarioData) -> bool:
+    """Whether a published ``bench.json`` was made on these cases: the same training and test folders by name (a
+    phantom folder's name carries the hash of everything it was generated from)."""
+    names = [Path(meta.get(key) or "").name for key in ("data_path", "test_data_path")]
+    return names == [data.folder.name, data.test.name if data.test else ""]
+
+
 def adopt_published(
-    bench: Path, published: Path, scenario: Scenario, arms: list[Arm], seeds: list[int], extra: str
+    bench: Path,
+    published: Path,
+    scenario: Scenario,
+    data: ScenarioData,
+    arms: list[Arm],
+    seeds: list[int],
+    extra: str,
 ) -> tuple[list[str], list[str]]:
     """Take the finished runs of a published folder into ``bench`` where ``bench`` lacks them (a benchmark that is
     continued on another day, or in a fresh clone, skips what its published folder already holds), and its
-    ``grad_scales.json``. A published run made with another config (its ``done.json`` ``spec``) is not taken.
-    Returns the runs taken and those left for another config."""
+    ``grad_scales.json``. A published run made with another config (its ``done.json`` ``spec``, or none recorded),
+    or on other cases (``bench.json``), is not taken. Returns the runs taken and those left."""
     taken, other = [], []
+    meta = published / "bench.json"
+    if meta.is_file() and not same_data(json.loads(meta.read_text()), data):
+        return taken, [f"all (the published runs used other data: {json.loads(meta.read_text()).get('data', '')})"]
     for arm in arms:
         for seed in seeds:
             folder = bench / arm.name / f"seed-{seed}"
@@ -280,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         data_path = Path(args.data_path).expanduser() if args.data_path else None
         partitioning = Path(args.partitioning).expanduser().resolve() if args.partitioning else None
         note = read_note(args.note)
+        data = scenario_data(scenario, work_dir, data_path, partitioning)
         if args.publish:
-            taken, other = adopt_published(bench, Path(args.publish).resolve(), scenario, arms, seeds, args.run_config)
+            published = Path(args.publish).resolve()
+            taken, other = adopt_published(bench, published, scenario, data, arms, seeds, args.run_config)
             if taken:
                 progress_line(f"{len(taken)} runs finished earlier taken from {args.publish}: {', '.join(taken)}")
             if other:
-                progress_line(
-                    f"{len(other)} runs of {args.publish} were made with another config, not taken: {', '.join(other)}"
-                )
+                progress_line(f"not taken from {args.publish} (another config or other data): {', '.join(other)}")
         if args.report_only:
             if note is not None:
                 meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
@@ -297,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
                 progress_line(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
             progress_line(f"report: {bench / 'REPORT.md'}")
             return 0
-        data = scenario_data(scenario, work_dir, data_path, partitioning)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -367,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             write_text(folder / DONE, json.dumps(done, indent=1))
             progress_line(f"{arm.name} seed {seed}: done in {seconds:.0f} s")
-            write_report(bench, scenario, arms, seeds)
-            if args.publish:  # after every run: an interrupted benchmark has published what it finished
-                publish(bench, Path(args.publish), arms, seeds)
+            try:  # a report that cannot be built must not stop a long benchmark: the runs are kept either way
+                write_report(bench, scenario, arms, seeds)
+                if args.publish:  # after every run: an interrupted benchmark has published what it finished
+                    publish(bench, Path(args.publish), arms, seeds)
+            except (OSError, ValueError, KeyError) as exc:
+                progress_line(f"the report could not be rebuilt ({exc}); the runs are kept, see --report-only")
     report = write_report(bench, scenario, arms, seeds)
     if args.publish:
         progress_line(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")

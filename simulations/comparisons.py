@@ -1,8 +1,8 @@
 """The report's sections that compare arms with intervals, and the convergence check every arm must meet.
 
 Every comparison pairs two arms on (seed, test case) and gives the mean difference in Dice points, a 95 %
-two-way bootstrap interval and a p-value, Holm-corrected over every comparison the report makes
-(:mod:`simulations.stats`). The sections:
+crossed random-effects interval over seeds and cases and a p-value, Holm-corrected over every comparison the
+report makes (:mod:`simulations.stats`). The sections:
 
 - **headline**: federated vs centralised, MST-KDNet vs its student-only baseline;
 - **per term**: the full method against each arm that removes one loss term, with the term's measured
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from simulations.scenario import ARMS, TERM_ARMS, TERM_GROUPS
-from simulations.stats import RESAMPLES, format_p, holm, paired_bootstrap
+from simulations.stats import format_p, holm, paired_interval
 
 CONVERGENCE_WINDOW = 3
 """Rounds (centralised: validation points) per window of the convergence check."""
@@ -59,7 +59,7 @@ def compare(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> l
         by_seed = [
             {seed: run["cases"] for seed, run in zip(seeds_of[arm], results[arm], strict=True)} for arm in (a, b)
         ]
-        paired = paired_bootstrap(*by_seed)
+        paired = paired_interval(*by_seed)
         if paired is not None:
             rows.append({"first": a, "second": b, "text": text, "section": section, "paired": paired})
     for row, p in zip(rows, holm([r["paired"].p for r in rows]), strict=True):
@@ -87,28 +87,36 @@ def comparison_rows(rows: list[dict]) -> list[dict]:
     ]
 
 
-def _grad_scales(bench: Path) -> dict[str, float]:
+def _grad_scales(bench: Path, model: str) -> tuple[dict[str, float], int]:
+    """The per-term gradient scales of ``grad_scales.json`` after its training steps, if measured on ``model``."""
     path = bench / "grad_scales.json"
-    return json.loads(path.read_text()).get("after", {}) if path.is_file() else {}
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return (record.get("after", {}), int(record.get("steps", 0))) if record.get("preset") == model else ({}, 0)
 
 
-def comparison_sections(rows: list[dict], bench: Path) -> list[str]:
-    """Markdown for every section that has comparisons."""
+def _interval(p) -> str:
+    return "n/a" if np.isnan(p.low) else f"[{p.low:+.2f}, {p.high:+.2f}]"
+
+
+def comparison_sections(rows: list[dict], bench: Path, model: str) -> list[str]:
+    """Markdown for every section that has comparisons (``model``: the preset the arms trained, for the
+    gradient scales)."""
     if not rows:
         return []
-    paired = rows[0]["paired"]
     lines = [
         "## Comparisons",
         "",
-        f"Δ = first minus second, in Dice points (per test case: the mean of ET, TC and WT over the 15 subsets), "
-        f"paired by seed and test case. 95 % CI: two-way bootstrap over seeds and test cases ({RESAMPLES:,} "
-        f"resamples, percentile interval; `simulations/stats.py`). p: two-sided bootstrap p-value; p (Holm): "
-        f"Holm-corrected over all {len(rows)} comparisons of this report. A difference holds when p (Holm) < "
-        f"0.05. Seeds × test cases: {paired.seeds} × {paired.cases} for the comparisons with every seed. "
+        "Δ = first minus second, in Dice points (per test case: the mean of ET, TC and WT over the 15 subsets), "
+        "paired by seed and test case. 95 % CI: seeds and test cases as two crossed random samples; the variance "
+        "of the mean difference from the two-way analysis of variance (seed and case mean squares, residual not "
+        "subtracted: conservative), Satterthwaite's degrees of freedom, t-interval (`simulations/stats.py`). With "
+        "few seeds the seed term dominates: the interval is about as wide as one over the seeds' mean "
+        f"differences. p: the two-sided t-test; p (Holm): Holm-corrected over all {len(rows)} comparisons of this "
+        "report. A difference holds when p (Holm) < 0.05; n/a: fewer than two seeds or two test cases. "
         "Source: `comparisons.csv`, built from each run's per-case scores (`runs/<arm>/seed-<s>/eval/*.json`).",
         "",
     ]
-    scales = _grad_scales(bench)
+    scales, steps = _grad_scales(bench, model)
     term_of = {arm: key for arm, (_, key) in TERM_ARMS.items()}
     for section, title in SECTIONS.items():
         these = [r for r in rows if r["section"] == section]
@@ -119,7 +127,7 @@ def comparison_sections(rows: list[dict], bench: Path) -> list[str]:
         if extra:
             lines += [
                 "Gradient scale: the L2 norm of the term's gradient on the student over that of the student's "
-                "segmentation loss, after 30 training steps, at the term's configured weight "
+                f"segmentation loss, after {steps} training steps of `{model}`, at the term's configured weight "
                 "(`grad_scales.json`, from `benchmarks/grad_scales.py`). A term whose scale is far below 10⁻² "
                 "barely moves the student at this weight; its arm measures little more than the seed.",
                 "",
@@ -129,9 +137,10 @@ def comparison_sections(rows: list[dict], bench: Path) -> list[str]:
         lines[-1] += "---:|" if extra else ""
         for r in these:
             p = r["paired"]
+            holds = "n/a" if np.isnan(p.p) else ("yes" if p.significant else "no")
             cells = (
-                f"| {r['text']} | {p.seeds} × {p.cases} | {p.mean:+.2f} | [{p.low:+.2f}, {p.high:+.2f}] | "
-                f"{format_p(p.p)} | {format_p(p.p_holm)} | {'yes' if p.significant else 'no'} |"
+                f"| {r['text']} | {p.seeds} × {p.cases} | {p.mean:+.2f} | {_interval(p)} | "
+                f"{format_p(p.p)} | {format_p(p.p_holm)} | {holds} |"
             )
             if extra:
                 key = {"consistency_max": "consistency"}.get(term_of[r["second"]], term_of[r["second"]])
@@ -163,8 +172,8 @@ def convergence_section(results: dict[str, list[dict]], seeds_of: dict[str, list
         f"{100 * CONVERGENCE_TOLERANCE:.0f} point (centralised: its last {2 * n} validation points): it is no longer "
         "rising, so a difference between arms is not one of speed. Windows, not single rounds: a validation Dice "
         "over a few cases moves by a point or two from round to round even once the model has stopped improving. "
-        "The schedule was chosen on validation data only. Source: `curves.csv`, `summary.csv` (`val_trend_last`: "
-        "the difference, positive when still rising).",
+        "A falling end counts as levelled off: it is past its peak, not still rising. Source: `curves.csv`, "
+        "`summary.csv` (`val_trend_last`: the difference, positive when still rising).",
         "",
         "| Arm | runs levelled off | trend per seed (points) | final validation Dice |",
         "|---|---:|---|---:|",
@@ -173,7 +182,8 @@ def convergence_section(results: dict[str, list[dict]], seeds_of: dict[str, list
     for name, runs in results.items():
         trends = [convergence(r["curve"]) for r in runs]
         ok = [t is not None and t <= CONVERGENCE_TOLERANCE for t in trends]
-        finals = [[v for _, v in r["curve"] if v is not None][-1] for r in runs if r["curve"]]
+        finals = [next((v for _, v in reversed(r["curve"]) if v is not None), None) for r in runs]
+        finals = [v for v in finals if v is not None]
         failing += [f"{name} seed {seed}" for seed, good in zip(seeds_of[name], ok, strict=True) if not good]
         final = f"{100 * np.mean(finals):.1f}" if finals else "–"
         shown = ", ".join("–" if t is None else f"{100 * t:+.1f}" for t in trends)

@@ -107,7 +107,9 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
         out["bytes_per_round"] = float(np.mean([r["bytes_sent"] + r["bytes_received"] for r in records]))
         out["bytes_total"] = float(sum(r["bytes_sent"] + r["bytes_received"] for r in records))
         out["model_norm"] = records[-1].get("model_norm")  # the final global model's L2 norm (absent in old logs)
-        privacy = records[-1].get("privacy") or {}
+        # the privacy spent by the last release (a skipped round releases nothing and records no epsilon)
+        privacy = next((r["privacy"] for r in reversed(records) if "epsilon" in r.get("privacy", {})), None)
+        privacy = privacy or records[-1].get("privacy") or {}
         out["epsilon"], out["delta"] = privacy.get("epsilon"), privacy.get("delta")
         out["clip_last"] = privacy.get("clipping_norm_next", privacy.get("clipping_norm"))
         out["skipped_rounds"] = sum(bool(r.get("skipped")) for r in records)
@@ -254,7 +256,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
         rows = compare(results, seeds_of)
         if rows:
             write_csv(bench / "comparisons.csv", comparison_rows(rows))
-        lines += comparison_sections(rows, bench)
+        lines += comparison_sections(rows, bench, scenario.config.model)
         lines += [
             "## Overview",
             "",

@@ -1,30 +1,30 @@
-"""Paired comparisons of two arms over seeds x test cases: a two-way bootstrap and Holm's correction.
+"""Paired comparisons of two arms over seeds x test cases: a crossed random-effects interval and Holm's correction.
 
 Each finished run scores the same held-out cases, so two arms can be paired on (seed, case): Δ[s, c] is the
 difference of the two runs of seed ``s`` on case ``c``, each case's score being its Dice averaged over the
 three regions and the 15 modality subsets (the mean of those per-case scores is the run's mean Dice).
 
-The interval resamples both sources of variation at once: seeds with replacement and, independently, cases
-with replacement, and takes the mean of Δ over the drawn seeds x drawn cases (a two-way, or "pigeonhole",
-bootstrap; Owen 2007). Percentile interval; the two-sided p-value is twice the smaller share of resampled
-means on either side of 0. With few seeds the seed component is estimated coarsely (three seeds have ten
-distinct resamples), so the interval is, if anything, too narrow in that direction; the report states the
-number of seeds beside every interval.
+The interval treats seeds and test cases as two crossed random samples, Δ[s, c] = μ + a_s + b_c + e_sc, and
+estimates the variance of the mean of Δ from the two-way analysis of variance: with S seeds, C cases and the mean
+squares MS_seed, MS_case of the seed and case means, Var(mean) <= (MS_seed + MS_case) / (S C). The residual mean
+square is not subtracted, which makes the estimate conservative (too wide by at most σ_e² / (S C)) and never
+negative. The interval is mean ± t · sqrt(Var) with Satterthwaite's degrees of freedom, and p is the two-sided
+t-test of mean = 0. With three seeds the seed term usually dominates and has two degrees of freedom: the
+interval is then about as wide as a t-interval over the seeds' mean differences, as it should be; the test cases
+narrow it only where the seeds agree. Fewer than two seeds or two cases give no interval.
 
 Holm's step-down correction (Holm 1979) controls the family-wise error rate over all comparisons of a report.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from mstkd.data.labels import REGIONS
-
-RESAMPLES = 10_000
-SEED = 20240917  # fixed, so a report rebuilt from the same files prints the same intervals
 
 
 def case_scores(cases: Sequence[Mapping]) -> dict[str, float]:
@@ -45,27 +45,25 @@ class Paired:
     seeds: int
     cases: int
     mean: float
-    low: float
+    low: float  # NaN: too few seeds or cases for an interval
     high: float
     p: float
     p_holm: float = float("nan")
 
     @property
     def significant(self) -> bool:
-        """Whether the difference holds after Holm's correction at the 5 % level."""
+        """Whether the difference holds after Holm's correction at the 5 % level (never without an interval)."""
         return bool(self.p_holm < 0.05)
 
 
-def paired_bootstrap(
-    first: Mapping[int, Mapping[str, float]],
-    second: Mapping[int, Mapping[str, float]],
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = SEED,
+def paired_interval(
+    first: Mapping[int, Mapping[str, float]], second: Mapping[int, Mapping[str, float]], level: float = 0.95
 ) -> Paired | None:
-    """The two-way bootstrap of the mean paired difference (``{seed: {case: score}}`` for each arm), in points;
-    ``None`` when the arms share no seed. Only cases scored in both runs of a seed are paired, and only cases
-    every shared seed has."""
+    """The mean paired difference (``{seed: {case: score}}`` for each arm), in points, with its crossed
+    random-effects interval and p-value (NaN below two seeds or two cases); ``None`` when the arms share no seed
+    or no case. Only seeds both arms have, and cases every one of those runs scored, are paired."""
+    from scipy import stats
+
     seeds = sorted(set(first) & set(second))
     if not seeds:
         return None
@@ -73,27 +71,34 @@ def paired_bootstrap(
     if not cases:
         return None
     delta = 100.0 * np.array([[first[s][c] - second[s][c] for c in cases] for s in seeds])
-    rng = np.random.default_rng(seed)
     n_s, n_c = delta.shape
-    w_s = rng.multinomial(n_s, np.full(n_s, 1.0 / n_s), size=resamples)  # how often each seed is drawn
-    w_c = rng.multinomial(n_c, np.full(n_c, 1.0 / n_c), size=resamples)
-    means = np.einsum("rs,sc,rc->r", w_s, delta, w_c) / (n_s * n_c)
-    low, high = np.percentile(means, [2.5, 97.5])
-    p = min(1.0, 2.0 * min(float(np.mean(means <= 0)), float(np.mean(means >= 0))))
-    return Paired(n_s, n_c, float(delta.mean()), float(low), float(high), max(p, 1.0 / resamples))
+    mean = float(delta.mean())
+    if n_s < 2 or n_c < 2:
+        return Paired(n_s, n_c, mean, float("nan"), float("nan"), float("nan"))
+    ms_seed = n_c * float(np.var(delta.mean(axis=1), ddof=1))
+    ms_case = n_s * float(np.var(delta.mean(axis=0), ddof=1))
+    var = (ms_seed + ms_case) / (n_s * n_c)
+    if var <= 0:  # every seed and every case differ by the same amount
+        p = 1.0 if mean == 0 else 0.0
+        return Paired(n_s, n_c, mean, mean, mean, p)
+    df = (ms_seed + ms_case) ** 2 / (ms_seed**2 / (n_s - 1) + ms_case**2 / (n_c - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * var**0.5
+    p = float(2 * stats.t.sf(abs(mean) / var**0.5, df))
+    return Paired(n_s, n_c, mean, mean - half, mean + half, p)
 
 
 def holm(ps: Sequence[float]) -> list[float]:
-    """Holm-adjusted p-values, in the order given."""
-    m = len(ps)
-    order = np.argsort(ps, kind="stable")
-    adjusted = np.empty(m)
+    """Holm-adjusted p-values, in the order given; a NaN (no test) stays NaN and does not count in the family."""
+    tested = [i for i, p in enumerate(ps) if not math.isnan(p)]
+    adjusted = [float("nan")] * len(ps)
     running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * float(ps[i])))
+    for rank, i in enumerate(sorted(tested, key=lambda i: ps[i])):
+        running = max(running, min(1.0, (len(tested) - rank) * float(ps[i])))
         adjusted[i] = running
-    return adjusted.tolist()
+    return adjusted
 
 
-def format_p(p: float, resamples: int = RESAMPLES) -> str:
-    return f"< {1.0 / resamples:g}" if p <= 1.0 / resamples else (f"{p:.4f}" if p < 0.01 else f"{p:.3f}")
+def format_p(p: float) -> str:
+    if math.isnan(p):
+        return "n/a"
+    return "< 0.0001" if p < 1e-4 else (f"{p:.4f}" if p < 0.01 else f"{p:.3f}")

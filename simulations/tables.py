@@ -164,8 +164,9 @@ def privacy_section(results: dict[str, list[dict]]) -> list[str]:
         "",
         "Mean Dice (%, 15 subsets, held-out test cases) and the privacy spent by the final release: epsilon at the "
         "run's delta (client level, Flower's RDP accountant; ∞ without noise), and the clipping norm of the last "
-        "round (adaptive clipping moves it toward the chosen quantile of the update norms). Source: `summary.csv`, "
-        "`runs/<arm>/seed-<s>/metrics.jsonl` (`privacy`).",
+        "round (adaptive clipping moves it toward the chosen quantile of the update norms). An epsilon above about "
+        "10 gives no meaningful formal guarantee: such an arm measures what clipping and noise cost, not a private "
+        "configuration. Source: `summary.csv`, `runs/<arm>/seed-<s>/metrics.jsonl` (`privacy`).",
         "",
         "| Arm | mean Dice | clipping | epsilon | delta | last clipping norm |",
         "|---|---:|---|---:|---:|---:|",

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from simulations import bench
-from simulations.scenario import ARMS, load_scenario
+from simulations.scenario import ARMS, ScenarioData, load_scenario
 
 
 def test_a_run_with_a_skipped_round_or_a_failed_site_is_not_a_result(tmp_path):
@@ -38,11 +38,20 @@ def test_a_published_run_is_taken_over_only_by_a_benchmark_that_would_make_the_s
         done = {"arm": arm.name, "seed": 0, "spec": spec, "table": "eval/final.json", "log": "log.jsonl"}
         (run / "done.json").write_text(json.dumps(done))
     (published / "grad_scales.json").write_text("{}")
-    taken, other = bench.adopt_published(tmp_path / "bench", published, scenario, arms, [0, 1], "")
+    data = ScenarioData(tmp_path / "phantoms-a", tmp_path / "phantoms-a" / "partitioning.csv", tmp_path / "test-b", "")
+    meta = {"data_path": "/elsewhere/phantoms-a", "test_data_path": "/elsewhere/test-b"}  # another clone, same data
+    (published / "bench.json").write_text(json.dumps(meta))
+    taken, other = bench.adopt_published(tmp_path / "bench", published, scenario, data, arms, [0, 1], "")
     assert taken == ["mstkd/seed-0", "centralised/seed-0"] and other == []
     assert (tmp_path / "bench" / "mstkd" / "seed-0" / "eval" / "final.json").is_file()
     assert (tmp_path / "bench" / "grad_scales.json").is_file()
     # another --run-config, or a scenario changed since: the published runs are someone else's
-    taken, other = bench.adopt_published(tmp_path / "other", published, scenario, arms, [0], "transport='float32'")
+    taken, other = bench.adopt_published(
+        tmp_path / "other", published, scenario, data, arms, [0], "transport='float32'"
+    )
     assert taken == ["centralised/seed-0"] and other == ["mstkd/seed-0"]
     assert not (tmp_path / "other" / "mstkd").exists()
+    # other cases (another phantom federation, another test set): nothing is taken
+    (published / "bench.json").write_text(json.dumps({**meta, "test_data_path": "/elsewhere/test-c"}))
+    taken, other = bench.adopt_published(tmp_path / "third", published, scenario, data, arms, [0], "")
+    assert taken == [] and other[0].startswith("all (the published runs used other data")

@@ -37,11 +37,17 @@ def test_comparisons_pair_by_seed_and_case_and_are_holm_corrected_as_one_family(
     assert kl.mean == 0.0 and kl.p == 1.0 and not kl.significant
     assert student.p_holm == pytest.approx(2 * student.p)  # the smaller of two p-values, times two
 
-    (tmp_path / "grad_scales.json").write_text(json.dumps({"after": {"kl": 0.024}}))
-    text = "\n".join(comparison_sections(rows, tmp_path))
+    (tmp_path / "grad_scales.json").write_text(json.dumps({"preset": "lite", "steps": 30, "after": {"kl": 0.024}}))
+    assert "gradient scale" not in "\n".join(comparison_sections(rows, tmp_path, "paper"))  # measured on another
+    text = "\n".join(comparison_sections(rows, tmp_path, "lite"))
+    assert "after 30 training steps of `lite`" in text
     assert "### Headline comparisons" in text and "### One arm per loss term" in text
     assert "| MST-KDNet vs student-only baseline | 2 × 3 | +10.00 | [+10.00, +10.00] |" in text
     assert "| full method vs w/o KL | 2 × 3 | +0.00 | [+0.00, +0.00] | 1.000 | 1.000 | no | 0.024 |" in text
+    single = compare({k: v[:1] for k, v in results.items()}, {k: [0] for k in seeds})  # one seed: no interval
+    assert "| MST-KDNet vs student-only baseline | 1 × 3 | +10.00 | n/a | n/a | n/a | n/a |" in "\n".join(
+        comparison_sections(single, tmp_path, "lite")
+    )
     assert "Holm-corrected over all 2 comparisons" in text
 
 

@@ -32,8 +32,9 @@ def _rebuild(published: Path, tmp: Path) -> Path:
         if (published / name).is_file():
             shutil.copy2(published / name, folder / name)
     meta = json.loads((published / "bench.json").read_text())
-    arms = [ARMS[p.name] for p in sorted((folder / "runs").iterdir())]
-    seeds = sorted({int(p.name.split("-")[1]) for p in (folder / "runs").glob("*/seed-*")})
+    summary = _rows(published / "summary.csv")  # the arms and seeds the report covers (runs/ may hold more)
+    arms = [ARMS[name] for name in dict.fromkeys(r["arm"] for r in summary)]
+    seeds = sorted({int(r["seed"]) for r in summary})
     write_report(folder, load_scenario(meta["scenario"]), arms, seeds)
     return folder
 
