@@ -32,12 +32,14 @@ import numpy as np
 from mstkd.atomic import write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.evaluate import find_collapse
+from mstkd.runconfig import RunConfig
 from simulations.comparisons import (
     compare,
     comparison_rows,
     comparison_sections,
     convergence,
     convergence_section,
+    validation_section,
 )
 from simulations.convergence import convergence_score, simulated_round_times
 from simulations.plots import validation_curves
@@ -167,7 +169,8 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
     for arm in arms:
         finished = _finished(bench, arm, seeds)
         if finished:
-            results[arm.name] = [_run_numbers(arm, folder, done, local_epochs) for _, folder, done in finished]
+            epochs = RunConfig.parse(scenario.arm_run_config(arm, 0)).local_epochs if arm.federated else local_epochs
+            results[arm.name] = [_run_numbers(arm, folder, done, epochs) for _, folder, done in finished]
             seeds_of[arm.name] = [seed for seed, _, _ in finished]
     meta = _json(bench / "bench.json") if (bench / "bench.json").is_file() else {}
 
@@ -317,6 +320,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             "",
         ]
         lines += convergence_section(results, seeds_of)
+        lines += validation_section(results, seeds_of)
         lines += [
             "## Paper layout (Tables 1-4)",
             "",

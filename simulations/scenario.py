@@ -110,6 +110,16 @@ ARMS: dict[str, Arm] = {
         Arm("no-gsm", "w/o GSM (Gram + adversarial)", overrides="loss.gsm=false"),
         Arm("fedprox", "Federated MST-KDNet (FedProx)", run={"strategy": "fedprox", "proximal-mu": 0.01}),
         Arm("fedadam", "Federated MST-KDNet (FedAdam)", run={"strategy": "fedadam", "server-lr": 0.01}),
+        Arm("fedyogi", "Federated MST-KDNet (FedYogi)", run={"strategy": "fedyogi", "server-lr": 0.01}),
+        Arm("fedavgm", "Federated MST-KDNet (FedAvgM)", run={"strategy": "fedavgm", "server-momentum": 0.9}),
+        *(
+            Arm(
+                f"local-{e}",
+                f"Federated MST-KDNet (FedAvg, {e} local epochs per round)",
+                run={"local-epochs": float(e)},
+            )
+            for e in (2, 4)
+        ),
         Arm(
             "dp-clip",
             "Federated MST-KDNet, updates clipped (DP without noise)",
@@ -125,6 +135,9 @@ ARMS: dict[str, Arm] = {
         *_robust_arms(),
     )
 }
+STRATEGY_ARMS = ("fedprox", "fedavgm", "fedadam", "fedyogi", "local-2", "local-4")
+"""Arms that change how the federation trains (strategy, or local epochs per round at equal total epochs: a
+``local-<e>`` arm runs ``rounds / e`` rounds), chosen between on validation data (:mod:`simulations.comparisons`)."""
 ABLATIONS = ("no-mstkd", "no-gsm", "no-dmld", "mstkd")
 """The rows of the Table-5-style ablation table (the paper's mechanism groups), in its order (full method last)."""
 
@@ -150,9 +163,13 @@ class Scenario:
         return RunConfig.parse(self.run)
 
     def arm_run_config(self, arm: Arm, seed: int) -> dict[str, Any]:
-        """The run-config keys ``arm`` sets under ``seed`` (without paths): what ``flwr run`` is given."""
+        """The run-config keys ``arm`` sets under ``seed`` (without paths): what ``flwr run`` is given. An arm that
+        trains more local epochs per round runs proportionally fewer rounds: the same epochs in all."""
         overrides = " ".join(filter(None, [self.config.overrides, arm.overrides]))
         given = {**self.run, **arm.run, "seed": seed, "min-nodes": self.num_sites, "overrides": overrides}
+        if "local-epochs" in arm.run:
+            epochs = self.config.num_server_rounds * self.config.local_epochs
+            given["num-server-rounds"] = max(1, round(epochs / float(arm.run["local-epochs"])))
         RunConfig.parse(given)  # an arm's keys are checked like the scenario's
         return given
 

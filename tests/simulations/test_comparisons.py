@@ -79,3 +79,20 @@ def test_the_privacy_section_gives_epsilon_beside_the_dice_of_every_private_arm(
     assert "adaptive clipping | 51.0 ± 1.4 | adaptive from 2.0 | 1.5e+06 | 1e-05 | 0.9 |" in text
     assert "FedAvg" not in text  # the arm without privacy has no row
     assert privacy_section({"mstkd": results["mstkd"]}) == []
+
+
+def test_strategies_are_chosen_on_validation_paired_by_seed():
+    from simulations.comparisons import validation_section
+
+    def run(curve):
+        return {"curve": list(enumerate(curve, start=1))}
+
+    results = {
+        "mstkd": [run([0.5, 0.7, 0.70, 0.72, 0.74]), run([0.5, 0.7, 0.71, 0.71, 0.71])],  # finals 72.0 and 71.0
+        "fedprox": [run([0.5, 0.7, 0.72, 0.74, 0.76]), run([0.5, 0.7, 0.74, 0.74, 0.74])],  # 74.0 and 74.0
+        "local-2": [run([0.6, 0.73, 0.73])],  # one seed: a difference but no interval
+    }
+    text = "\n".join(validation_section(results, {"mstkd": [0, 1], "fedprox": [0, 1], "local-2": [1]}))
+    assert "| Federated MST-KDNet (FedProx) | 2 | 74.0 ± 0.0 | +2.50 | [-3.85, +8.85] |" in text
+    assert "| Federated MST-KDNet (FedAvg, 2 local epochs per round) | 1 | 68.7 | -2.33 | – |" in text
+    assert validation_section({"mstkd": results["mstkd"]}, {"mstkd": [0, 1]}) == []

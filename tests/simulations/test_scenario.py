@@ -76,6 +76,13 @@ def test_the_arms_change_what_the_paper_ablates():
     assert set(load_scenario("phantom-4").arms) >= {"centralised", "mstkd", "student", *TERM_ARMS, *TERM_GROUPS}
 
 
+def test_more_local_epochs_per_round_means_fewer_rounds_and_the_same_epochs_in_all():
+    scenario = load_scenario("phantom-4-strategies")
+    shape = {a: RunConfig.parse(scenario.arm_run_config(ARMS[a], 0)) for a in scenario.arms}
+    assert {(c.num_server_rounds, c.local_epochs) for c in shape.values()} == {(20, 1.0), (10, 2.0), (5, 4.0)}
+    assert shape["fedyogi"].strategy == "fedyogi" and shape["local-4"].strategy == "fedavg"
+
+
 def test_a_phantom_scenario_can_hold_out_a_test_set_of_the_same_sites(tmp_path):
     data = scenario_data(load_scenario("tiny-2"), tmp_path / "work")  # 12 cases, and 2 held out
     train = sorted(p.name for p in data.folder.iterdir() if p.is_dir())
