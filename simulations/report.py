@@ -251,9 +251,9 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
     if results:
         sizes = sorted({len(r["cases"]) for runs in results.values() for r in runs})
         lines += [
-            f"**Test set**: {' or '.join(map(str, sizes))} held-out cases, scored under all 15 modality subsets; "
-            "no site trains on them and nothing is chosen on them (model selection and the schedule use the "
-            "sites' validation cases only).",
+            f"**Test set**: {' or '.join(map(str, sizes))} held-out cases, scored under all 15 modality subsets. "
+            "No site trains on them, and every number below is the final round's model (centralised: the last "
+            "epoch's), so nothing is chosen on them.",
             "",
         ]
         rows = compare(results, seeds_of)
