@@ -30,21 +30,9 @@ from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
+from simulations.published import DONE, adopt_published, publish, run_spec
 from simulations.report import write_report
 from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
-
-DONE = "done.json"
-REPORT_FILES = (
-    "REPORT.md",
-    "bench.json",
-    "summary.csv",
-    "summary.json",
-    "comparisons.csv",
-    "sites.csv",
-    "curves.csv",
-    "curves.png",
-    "grad_scales.json",
-)
 
 
 def machine() -> str:
@@ -168,83 +156,6 @@ def run_centralised(scenario: Scenario, seed: int, folder: Path, *, data: Scenar
     result = evaluate_cases(student, cases, cfg, subsets=subsets, desc="test")
     result.write(folder / "eval", stem="final")
     return {"table": "eval/final.json", "log": "log.jsonl"}
-
-
-def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Path:
-    """Copy the report and what it is built from (tables, plots, summaries, the runs of ``arms`` x ``seeds``;
-    no checkpoints) to ``target``."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in REPORT_FILES:
-        if (bench / name).is_file():
-            shutil.copy2(bench / name, target / name)
-    (target / "tables").mkdir(exist_ok=True)
-    for table in sorted((bench / "tables").iterdir()):
-        if table.stem in {a.name for a in arms} | {"ablation"}:
-            shutil.copy2(table, target / "tables" / table.name)
-    for arm in arms:  # each run's wall time, its round-by-round log and its final table with per-case scores
-        for seed in seeds:
-            _copy_run(bench / arm.name / f"seed-{seed}", target / "runs" / arm.name / f"seed-{seed}")
-    return target
-
-
-def _copy_run(run: Path, dest: Path) -> bool:
-    """Copy the small files of a finished run (``done.json`` and the log and table it names); False if unfinished."""
-    if not (run / DONE).is_file():
-        return False
-    info = json.loads((run / DONE).read_text())
-    for name in (DONE, info["log"], info["table"]):
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / name, dest / name)
-    return True
-
-
-def run_spec(scenario: Scenario, arm: Arm, seed: int, extra: str) -> dict:
-    """What a run is, apart from where its files go: the run config a federated arm gives ``flwr run`` (and any
-    ``--run-config``), or the project-config overrides the centralised arm trains with. ``done.json`` keeps it, so
-    a published run is taken over only by a benchmark that would make the same run."""
-    if arm.federated:
-        return {"run": scenario.arm_run_config(arm, seed), "extra": extra}
-    return {"centralised": scenario.centralised_overrides(seed, scenario.num_sites)}
-
-
-def same_data(meta: dict, data: ScenarioData) -> bool:
-    """Whether a published ``bench.json`` was made on these cases: the same training and test folders by name (a
-    phantom folder's name carries the hash of everything it was generated from)."""
-    names = [Path(meta.get(key) or "").name for key in ("data_path", "test_data_path")]
-    return names == [data.folder.name, data.test.name if data.test else ""]
-
-
-def adopt_published(
-    bench: Path,
-    published: Path,
-    scenario: Scenario,
-    data: ScenarioData,
-    arms: list[Arm],
-    seeds: list[int],
-    extra: str,
-) -> tuple[list[str], list[str]]:
-    """Take the finished runs of a published folder into ``bench`` where ``bench`` lacks them (a benchmark that is
-    continued on another day, or in a fresh clone, skips what its published folder already holds), and its
-    ``grad_scales.json``. A published run made with another config (its ``done.json`` ``spec``, or none recorded),
-    or on other cases (``bench.json``), is not taken. Returns the runs taken and those left."""
-    taken, other = [], []
-    meta = published / "bench.json"
-    if meta.is_file() and not same_data(json.loads(meta.read_text()), data):
-        return taken, [f"all (the published runs used other data: {json.loads(meta.read_text()).get('data', '')})"]
-    for arm in arms:
-        for seed in seeds:
-            folder = bench / arm.name / f"seed-{seed}"
-            source = published / "runs" / arm.name / f"seed-{seed}"
-            if (folder / DONE).is_file() or not (source / DONE).is_file():
-                continue
-            if json.loads((source / DONE).read_text()).get("spec") != run_spec(scenario, arm, seed, extra):
-                other.append(f"{arm.name}/seed-{seed}")
-            elif _copy_run(source, folder):
-                taken.append(f"{arm.name}/seed-{seed}")
-    if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():
-        bench.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(published / "grad_scales.json", bench / "grad_scales.json")
-    return taken, other
 
 
 def read_note(path: str | None) -> str | None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
 
 from mstkd.modalities import SUBSETS
-from simulations import bench
+from simulations import bench, published
 from simulations.scenario import load_scenario
 
 
@@ -28,7 +29,7 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     arms = load_scenario("tiny-2").arms
     assert len(arms) == 7
 
-    for name in (n for n in bench.REPORT_FILES if n != "grad_scales.json"):  # no gradient scales were measured
+    for name in (n for n in published.REPORT_FILES if n != "grad_scales.json"):  # no gradient scales were measured
         assert (folder / name).is_file(), name
         assert (tmp_path / "published" / name).is_file(), name
     expected = [s.display_name for s in SUBSETS] + ["Average"]
@@ -56,9 +57,9 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert all(r["test_cases"] == "2" for r in summary.values())
     compared = {(r["first"], r["second"]): r for r in _rows(folder / "comparisons.csv")}
     assert {("mstkd", "centralised"), ("mstkd", "student"), ("mstkd", "no-kl"), ("mstkd", "no-gsm")} <= set(compared)
-    for row in compared.values():
-        assert float(row["ci_low"]) <= float(row["delta_points"]) <= float(row["ci_high"])
-        assert float(row["p"]) <= float(row["p_holm"]) <= 1.0
+    for row in compared.values():  # one seed: a difference, but no interval and no test (those need two seeds)
+        assert math.isfinite(float(row["delta_points"]))
+        assert all(math.isnan(float(row[k])) for k in ("ci_low", "ci_high", "p", "p_holm"))
     assert all(
         0.0 <= float(r["max_region_share"]) <= 1.0 and r["collapsed"] in ("True", "False") for r in summary.values()
     )

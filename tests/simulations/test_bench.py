@@ -1,5 +1,5 @@
-"""The benchmark driver (simulations.bench): a run with a skipped round or a failed site is not a result; a
-published run is taken over only by a benchmark that would make the same run."""
+"""The benchmark driver (simulations.bench, simulations.published): a run with a skipped round or a failed site is
+not a result; a published run is taken over only by a benchmark that would make the same run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 
 from simulations import bench
+from simulations import published as published_
 from simulations.scenario import ARMS, ScenarioData, load_scenario
 
 
@@ -34,24 +35,24 @@ def test_a_published_run_is_taken_over_only_by_a_benchmark_that_would_make_the_s
         (run / "eval").mkdir(parents=True)
         (run / "eval" / "final.json").write_text("{}")
         (run / "log.jsonl").write_text("")
-        spec = bench.run_spec(scenario, arm, 0, "")
+        spec = published_.run_spec(scenario, arm, 0, "")
         done = {"arm": arm.name, "seed": 0, "spec": spec, "table": "eval/final.json", "log": "log.jsonl"}
         (run / "done.json").write_text(json.dumps(done))
     (published / "grad_scales.json").write_text("{}")
     data = ScenarioData(tmp_path / "phantoms-a", tmp_path / "phantoms-a" / "partitioning.csv", tmp_path / "test-b", "")
     meta = {"data_path": "/elsewhere/phantoms-a", "test_data_path": "/elsewhere/test-b"}  # another clone, same data
     (published / "bench.json").write_text(json.dumps(meta))
-    taken, other = bench.adopt_published(tmp_path / "bench", published, scenario, data, arms, [0, 1], "")
+    taken, other = published_.adopt_published(tmp_path / "bench", published, scenario, data, arms, [0, 1], "")
     assert taken == ["mstkd/seed-0", "centralised/seed-0"] and other == []
     assert (tmp_path / "bench" / "mstkd" / "seed-0" / "eval" / "final.json").is_file()
     assert (tmp_path / "bench" / "grad_scales.json").is_file()
     # another --run-config, or a scenario changed since: the published runs are someone else's
-    taken, other = bench.adopt_published(
+    taken, other = published_.adopt_published(
         tmp_path / "other", published, scenario, data, arms, [0], "transport='float32'"
     )
     assert taken == ["centralised/seed-0"] and other == ["mstkd/seed-0"]
     assert not (tmp_path / "other" / "mstkd").exists()
     # other cases (another phantom federation, another test set): nothing is taken
     (published / "bench.json").write_text(json.dumps({**meta, "test_data_path": "/elsewhere/test-c"}))
-    taken, other = bench.adopt_published(tmp_path / "third", published, scenario, data, arms, [0], "")
+    taken, other = published_.adopt_published(tmp_path / "third", published, scenario, data, arms, [0], "")
     assert taken == [] and other[0].startswith("all (the published runs used other data")
