@@ -61,3 +61,14 @@ def test_a_published_report_is_recomputed_from_its_raw_runs(published, tmp_path)
             low, high = float(g["ci_low"]), float(g["ci_high"])
             interval = "n/a" if math.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
             assert f"{float(g['delta_points']):+.2f} | {interval}" in report
+
+
+def test_the_reference_benchmark_keeps_its_raw_runs():
+    """phantom-4 is the benchmark the README and docs/method.md quote: every run its report covers is kept, with the
+    commit it ran at and the run it was (so a continued benchmark takes over only the same run)."""
+    published = RESULTS / "phantom-4"
+    assert published in KEPT
+    for row in _rows(published / "summary.csv"):
+        done = json.loads((published / "runs" / row["arm"] / f"seed-{row['seed']}" / "done.json").read_text())
+        assert done["commit"] and done["spec"], (row["arm"], row["seed"])
+        assert (published / "runs" / row["arm"] / f"seed-{row['seed']}" / done["table"]).is_file()
