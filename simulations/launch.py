@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,10 +184,11 @@ def flower_simulation(
         listing = subprocess.run(
             [_flwr(), "ls", "--format", "json"], env=env, capture_output=True, text=True, timeout=120
         )
-        runs = json.loads(listing.stdout or "{}").get("runs", [])
-        if not runs:  # flwr run never got a run started: the reason is at the end of its log
-            return FlowerRun("not-started", None, seconds, log, log.read_text().strip()[-800:])
-        latest = max(runs, key=lambda r: r.get("pending-at", ""))
-        return FlowerRun(latest["status"], str(latest["run-id"]), seconds, log, str(latest.get("status-details")))
+        runs = {str(r["run-id"]): r for r in json.loads(listing.stdout or "{}").get("runs", [])}
+        started = re.search(r"Successfully started run (\d+)", log.read_text())
+        if started is None or started[1] not in runs:  # no run of this call (the SuperLink keeps earlier ones):
+            return FlowerRun("not-started", None, seconds, log, log.read_text().strip()[-800:])  # the log says why
+        this = runs[started[1]]
+        return FlowerRun(this["status"], started[1], seconds, log, str(this.get("status-details")))
     finally:
         stop(superlink_pids(flwr_home))
