@@ -185,9 +185,10 @@ def flower_simulation(
             [_flwr(), "ls", "--format", "json"], env=env, capture_output=True, text=True, timeout=120
         )
         runs = {str(r["run-id"]): r for r in json.loads(listing.stdout or "{}").get("runs", [])}
-        started = re.search(r"Successfully started run (\d+)", log.read_text())
+        printed = log.read_text()
+        started = re.search(r"Successfully started run (\d+)", printed)
         if started is None or started[1] not in runs:  # no run of this call (the SuperLink keeps earlier ones):
-            return FlowerRun("not-started", None, seconds, log, log.read_text().strip()[-800:])  # the log says why
+            return FlowerRun("not-started", None, seconds, log, printed.strip()[-800:])  # the log says why
         this = runs[started[1]]
         return FlowerRun(this["status"], started[1], seconds, log, str(this.get("status-details")))
     finally:

@@ -69,6 +69,7 @@ def test_the_reference_benchmark_keeps_its_raw_runs():
     published = RESULTS / "phantom-4"
     assert published in KEPT
     for row in _rows(published / "summary.csv"):
-        done = json.loads((published / "runs" / row["arm"] / f"seed-{row['seed']}" / "done.json").read_text())
+        run = published / "runs" / row["arm"] / f"seed-{row['seed']}"
+        done = json.loads((run / "done.json").read_text())
         assert done["commit"] and done["spec"], (row["arm"], row["seed"])
-        assert (published / "runs" / row["arm"] / f"seed-{row['seed']}" / done["table"]).is_file()
+        assert (run / done["table"]).is_file()
