@@ -30,7 +30,7 @@ from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
-from simulations.published import DONE, adopt_published, publish, run_spec
+from simulations.published import DONE, adopt_published, finished, publish, run_spec
 from simulations.report import write_report
 from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
 
@@ -251,11 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     progress_line(f"{scenario.name}: {data.description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
+    for seed in seeds:  # a run made with another config is not one of these: it is made again, not reported
+        for arm in arms:
+            folder = bench / arm.name / f"seed-{seed}"
+            if (folder / DONE).is_file() and not finished(folder, run_spec(scenario, arm, seed, args.run_config)):
+                shutil.rmtree(folder)
+                progress_line(f"{arm.name} seed {seed}: finished earlier with another config, removed to run again")
     failed = []
     for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds
         for arm in arms:
             folder = bench / arm.name / f"seed-{seed}"
-            if (folder / DONE).is_file():
+            spec = run_spec(scenario, arm, seed, args.run_config)
+            if finished(folder, spec):
                 progress_line(f"{arm.name} seed {seed}: finished earlier, skipped")
                 continue
             shutil.rmtree(folder, ignore_errors=True)
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": seconds,
                 "machine": machine(),
                 "commit": commit,
-                "spec": run_spec(scenario, arm, seed, args.run_config),
+                "spec": spec,
                 **files,
             }
             write_text(folder / DONE, json.dumps(done, indent=1))

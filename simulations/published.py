@@ -37,7 +37,9 @@ def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Pat
             shutil.copy2(table, target / "tables" / table.name)
     for arm in arms:  # each run's wall time, its round-by-round log and its final table with per-case scores
         for seed in seeds:
-            _copy_run(bench / arm.name / f"seed-{seed}", target / "runs" / arm.name / f"seed-{seed}")
+            dest = target / "runs" / arm.name / f"seed-{seed}"
+            if not _copy_run(bench / arm.name / f"seed-{seed}", dest):
+                shutil.rmtree(dest, ignore_errors=True)  # one the benchmark did not take over: another config
     return target
 
 
@@ -59,6 +61,11 @@ def run_spec(scenario: Scenario, arm: Arm, seed: int, extra: str) -> dict:
     if arm.federated:
         return {"run": scenario.arm_run_config(arm, seed), "extra": extra}
     return {"centralised": scenario.centralised_overrides(seed, scenario.num_sites)}
+
+
+def finished(folder: Path, spec: dict) -> bool:
+    """Whether ``folder`` holds a finished run made as ``spec`` says (a run of another config is not this run)."""
+    return (folder / DONE).is_file() and json.loads((folder / DONE).read_text()).get("spec") == spec
 
 
 def same_data(meta: dict, data: ScenarioData) -> bool:
@@ -89,11 +96,14 @@ def adopt_published(
         for seed in seeds:
             folder = bench / arm.name / f"seed-{seed}"
             source = published / "runs" / arm.name / f"seed-{seed}"
-            if (folder / DONE).is_file() or not (source / DONE).is_file():
+            spec = run_spec(scenario, arm, seed, extra)
+            if finished(folder, spec) or not (source / DONE).is_file():
                 continue
-            if json.loads((source / DONE).read_text()).get("spec") != run_spec(scenario, arm, seed, extra):
+            if not finished(source, spec):
                 other.append(f"{arm.name}/seed-{seed}")
-            elif _copy_run(source, folder):
+            else:
+                shutil.rmtree(folder, ignore_errors=True)  # a run of another config (or half a run) gives way
+                _copy_run(source, folder)
                 taken.append(f"{arm.name}/seed-{seed}")
     if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():
         bench.mkdir(parents=True, exist_ok=True)

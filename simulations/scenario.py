@@ -13,7 +13,8 @@ FeTS partition CSV (``sites.partitioning: fets/partitioning_1.csv``, relative to
 
 ``run`` is the Flower run config shared by every federated arm; an arm adds its own keys
 (:data:`ARMS`). The centralised arm pools every site's training cases and trains for as many
-epochs (and steps) as a federated arm does in all its rounds. A robustness arm also makes one
+epochs (and steps) as a federated arm does in all its rounds, or for ``centralised.epochs`` where the
+scenario gives it (a ceiling trained until it levels off, chosen on validation data). A robustness arm also makes one
 site hostile (:mod:`simulations.adversary`): that site's every train reply is poisoned.
 """
 
@@ -152,6 +153,7 @@ class Scenario:
     run: dict[str, Any]
     arms: list[str]
     source: Path
+    centralised_epochs: int | None = None  # None: as many as a federated arm trains in all its rounds
 
     @property
     def num_sites(self) -> int:
@@ -177,9 +179,10 @@ class Scenario:
         """Project-config overrides that make centralised training match a federated arm's budget."""
         run = self.config
         rounds, local, steps = run.num_server_rounds, run.local_epochs, run.local_steps
+        epochs = self.centralised_epochs or (max(int(round(rounds * local)), 1) if not steps else rounds)
         out = [
             f"model={run.model}",
-            f"train.epochs={max(int(round(rounds * local)), 1) if not steps else rounds}",
+            f"train.epochs={epochs}",
             f"train.seed={seed}",
             "train.eval_every=1",
             "train.eval_subsets=full",
@@ -206,9 +209,15 @@ def load_scenario(name: str | Path) -> Scenario:
     path = scenario_path(name)
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(raw, dict)
-    unknown = set(raw) - {"description", "sites", "phantom", "run", "arms"}
+    unknown = set(raw) - {"description", "sites", "phantom", "run", "arms", "centralised"}
     if unknown:
         raise InputError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    centralised = dict(raw.get("centralised") or {})
+    if set(centralised) - {"epochs"}:
+        raise InputError(f"{path}: unknown centralised keys {', '.join(sorted(set(centralised) - {'epochs'}))}")
+    epochs = centralised.get("epochs")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise InputError(f"{path}: centralised.epochs must be a positive whole number, not {epochs!r}")
     phantom = dict(raw.get("phantom") or {})
     unknown = set(phantom) - {"cases", "shape", "seed", "test_cases"}
     if unknown:
@@ -245,6 +254,7 @@ def load_scenario(name: str | Path) -> Scenario:
         run=dict(raw.get("run") or {}),
         arms=arms,
         source=path,
+        centralised_epochs=epochs,
     )
 
 

@@ -56,3 +56,34 @@ def test_a_published_run_is_taken_over_only_by_a_benchmark_that_would_make_the_s
     (published / "bench.json").write_text(json.dumps({**meta, "test_data_path": "/elsewhere/test-c"}))
     taken, other = published_.adopt_published(tmp_path / "third", published, scenario, data, arms, [0], "")
     assert taken == [] and other[0].startswith("all (the published runs used other data")
+
+
+def _finished_run(folder, spec):
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "final.json").write_text("{}")
+    (folder / "log.jsonl").write_text("")
+    done = {"spec": spec, "table": "eval/final.json", "log": "log.jsonl"}
+    (folder / "done.json").write_text(json.dumps(done))
+
+
+def test_a_run_of_another_config_gives_way_and_is_not_published(tmp_path):
+    scenario = load_scenario("tiny-2")
+    arm = ARMS["centralised"]
+    spec = published_.run_spec(scenario, arm, 0, "")
+    stale = {"centralised": [*spec["centralised"], "train.epochs=999"]}
+    bench_dir, published = tmp_path / "bench", tmp_path / "published"
+    _finished_run(bench_dir / "centralised" / "seed-0", stale)
+    (bench_dir / "centralised" / "seed-0" / "last.pt").write_text("old weights")
+    assert not published_.finished(bench_dir / "centralised" / "seed-0", spec)
+    _finished_run(published / "runs" / "centralised" / "seed-0", spec)
+    data = ScenarioData(tmp_path / "phantoms", None, None, "")
+    taken, other = published_.adopt_published(bench_dir, published, scenario, data, [arm], [0], "")
+    assert taken == ["centralised/seed-0"] and other == []
+    assert published_.finished(bench_dir / "centralised" / "seed-0", spec)
+    assert not (bench_dir / "centralised" / "seed-0" / "last.pt").exists()  # nothing of the other run is left
+    # a published run the benchmark does not hold (it was made with another config) leaves the published folder
+    (bench_dir / "tables").mkdir()
+    _finished_run(published / "runs" / "centralised" / "seed-1", stale)
+    published_.publish(bench_dir, published, [arm], [0, 1])
+    assert published_.finished(published / "runs" / "centralised" / "seed-0", spec)
+    assert not (published / "runs" / "centralised" / "seed-1").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from mstkd.config import load_config
 from mstkd.errors import InputError
@@ -36,13 +37,31 @@ def test_a_misspelt_scenario_key_is_refused_in_one_line_naming_it(tmp_path):
 
 
 def test_a_scenario_without_local_epochs_trains_its_centralised_arm_as_long_as_its_federated_arms(tmp_path):
-    text = (SCENARIOS / "phantom-4.yaml").read_text().replace("  local-epochs: 1.0\n", "")
-    (tmp_path / "no-epochs.yaml").write_text(text)
+    raw = OmegaConf.load(SCENARIOS / "phantom-4.yaml")
+    del raw.run["local-epochs"]
+    raw.pop("centralised", None)  # a ceiling trained longer on purpose is not this test's point
+    OmegaConf.save(raw, tmp_path / "no-epochs.yaml")
     scenario = load_scenario(tmp_path / "no-epochs.yaml")
     federated = RunConfig.parse(scenario.arm_run_config(ARMS["mstkd"], seed=0))  # what flwr run is given
     assert federated.local_epochs == RunConfig().local_epochs == 5.0  # pyproject.toml's default
     epochs = [o for o in scenario.centralised_overrides(0, scenario.num_sites) if o.startswith("train.epochs=")]
     assert epochs == [f"train.epochs={round(federated.num_server_rounds * federated.local_epochs)}"]
+
+
+def test_a_scenario_can_train_its_centralised_ceiling_longer(tmp_path):
+    text = (SCENARIOS / "tiny-2.yaml").read_text()
+    (tmp_path / "longer.yaml").write_text(text + "centralised:\n  epochs: 7\n")
+    scenario = load_scenario(tmp_path / "longer.yaml")
+    assert "train.epochs=7" in scenario.centralised_overrides(0, scenario.num_sites)
+    assert scenario.arm_run_config(ARMS["mstkd"], 0) == load_scenario("tiny-2").arm_run_config(ARMS["mstkd"], 0)
+    for bad, message in (
+        ("epochs: 0", "positive whole number"),
+        ("epochs: 2.5", "positive whole number"),
+        ("epoch: 7", "unknown centralised keys epoch"),
+    ):
+        (tmp_path / "bad.yaml").write_text(text + f"centralised:\n  {bad}\n")
+        with pytest.raises(InputError, match=message):
+            load_scenario(tmp_path / "bad.yaml")
 
 
 def test_fets_scenarios_keep_the_institution_sizes():
