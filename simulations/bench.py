@@ -168,6 +168,18 @@ def read_note(path: str | None) -> str | None:
         raise InputError(f"--note: cannot read {path} ({exc.strerror})") from None
 
 
+def stale_runs(bench: Path, scenario: Scenario, arms: list[Arm], seeds: list[int], extra: str) -> list[str]:
+    """The finished runs of ``bench`` (``arm/seed-s``) that were made with another config than this benchmark would
+    use: not results of this benchmark, so neither skipped nor reported."""
+    return [
+        f"{arm.name}/seed-{seed}"
+        for seed in seeds
+        for arm in arms
+        if (bench / arm.name / f"seed-{seed}" / DONE).is_file()
+        and not finished(bench / arm.name / f"seed-{seed}", run_spec(scenario, arm, seed, extra))
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -186,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         "--run-config", default="", help="extra run config for federated arms, e.g. \"transport='float32'\""
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished arms only")
+    parser.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="remove finished runs made with another config (the scenario or --run-config changed) and make them again",
+    )
     parser.add_argument("--publish", default=None, help="also copy the report files (no checkpoints) to this folder")
     parser.add_argument("--note", default=None, help="a Markdown file whose text the report shows as 'What changed'")
     args = parser.parse_args(argv)
@@ -215,13 +232,22 @@ def main(argv: list[str] | None = None) -> int:
                 progress_line(f"{len(taken)} runs finished earlier taken from {args.publish}: {', '.join(taken)}")
             if other:
                 progress_line(f"not taken from {args.publish} (another config or other data): {', '.join(other)}")
+        stale = stale_runs(bench, scenario, arms, seeds, args.run_config)
+        if stale and not args.rerun_stale:
+            raise InputError(
+                f"{len(stale)} finished runs in {bench} were made with another config ({', '.join(stale)}): "
+                "run with the config they were made with, or pass --rerun-stale to remove and remake them"
+            )
+        for run in stale:
+            shutil.rmtree(bench / run)
+            progress_line(f"{run}: made with another config, removed to be made again")
         if args.report_only:
             if note is not None:
                 meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
                 write_text(bench / "bench.json", json.dumps({**meta, "note": note}, indent=1))
             write_report(bench, scenario, arms, seeds)
             if args.publish:
-                progress_line(f"report files copied to {publish(bench, Path(args.publish), arms, seeds)}")
+                progress_line(f"report files copied to {publish(bench, published, arms, seeds)}")
             progress_line(f"report: {bench / 'REPORT.md'}")
             return 0
     except InputError as exc:
@@ -251,12 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     progress_line(f"{scenario.name}: {data.description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
-    for seed in seeds:  # a run made with another config is not one of these: it is made again, not reported
-        for arm in arms:
-            folder = bench / arm.name / f"seed-{seed}"
-            if (folder / DONE).is_file() and not finished(folder, run_spec(scenario, arm, seed, args.run_config)):
-                shutil.rmtree(folder)
-                progress_line(f"{arm.name} seed {seed}: finished earlier with another config, removed to run again")
     failed = []
     for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds
         for arm in arms:

@@ -38,7 +38,7 @@ def validation_curves(results: dict[str, list[dict]], bench: Path) -> Path:
         ]
     cols = min(4, max(len(means), 1))
     grid = max(1, -(-len(means) // cols))
-    fig, axes = plt.subplots(grid, cols, figsize=(3.2 * cols, 2.6 * grid), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(grid, cols, figsize=(3.2 * cols, 2.6 * grid), sharey=True, squeeze=False)
     for ax, (name, (xs, mean, sd)) in zip(axes.flat, means.items(), strict=False):
         if name != "mstkd" and "mstkd" in means:
             ax.plot(means["mstkd"][0], means["mstkd"][1], "--", color="grey", linewidth=1)

@@ -37,9 +37,7 @@ def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Pat
             shutil.copy2(table, target / "tables" / table.name)
     for arm in arms:  # each run's wall time, its round-by-round log and its final table with per-case scores
         for seed in seeds:
-            dest = target / "runs" / arm.name / f"seed-{seed}"
-            if not _copy_run(bench / arm.name / f"seed-{seed}", dest):
-                shutil.rmtree(dest, ignore_errors=True)  # one the benchmark did not take over: another config
+            _copy_run(bench / arm.name / f"seed-{seed}", target / "runs" / arm.name / f"seed-{seed}")
     return target
 
 
@@ -48,6 +46,7 @@ def _copy_run(run: Path, dest: Path) -> bool:
     if not (run / DONE).is_file():
         return False
     info = json.loads((run / DONE).read_text())
+    shutil.rmtree(dest, ignore_errors=True)  # nothing of an earlier run of this arm and seed is left beside it
     for name in (DONE, info["log"], info["table"]):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / name, dest / name)
@@ -65,7 +64,10 @@ def run_spec(scenario: Scenario, arm: Arm, seed: int, extra: str) -> dict:
 
 def finished(folder: Path, spec: dict) -> bool:
     """Whether ``folder`` holds a finished run made as ``spec`` says (a run of another config is not this run)."""
-    return (folder / DONE).is_file() and json.loads((folder / DONE).read_text()).get("spec") == spec
+    try:
+        return json.loads((folder / DONE).read_text()).get("spec") == spec
+    except (OSError, ValueError):  # absent, or half written: not finished
+        return False
 
 
 def same_data(meta: dict, data: ScenarioData) -> bool:
@@ -101,8 +103,7 @@ def adopt_published(
                 continue
             if not finished(source, spec):
                 other.append(f"{arm.name}/seed-{seed}")
-            else:
-                shutil.rmtree(folder, ignore_errors=True)  # a run of another config (or half a run) gives way
+            else:  # a run of another config (or half a run) gives way
                 _copy_run(source, folder)
                 taken.append(f"{arm.name}/seed-{seed}")
     if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():

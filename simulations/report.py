@@ -159,6 +159,23 @@ def _collapse_numbers(table: list[dict]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
+def schedules(scenario: Scenario) -> str:
+    """How long the federated arms and the centralised arm train, in epochs over the training cases."""
+    run = scenario.config
+    central = next(o for o in scenario.centralised_overrides(0, scenario.num_sites) if o.startswith("train.epochs="))
+    central_epochs = int(central.split("=", 1)[1])
+    if run.local_steps:
+        federated = f"{run.num_server_rounds} rounds of {run.local_steps} local steps"
+    else:
+        total = run.num_server_rounds * run.local_epochs
+        federated = f"{run.num_server_rounds} rounds of {run.local_epochs:g} local epochs ({total:g} epochs in all)"
+    longer = " (longer, to level off: see Convergence)" if scenario.centralised_epochs else ""
+    return (
+        f"**Schedules**: the federated arms train {federated}; the centralised arm trains {central_epochs} epochs "
+        f"over the pooled training cases{longer}."
+    )
+
+
 def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Sequence[int]) -> Path:
     """Rebuild every report file of ``bench`` from the finished runs; return the path of ``REPORT.md``."""
     tables = bench / "tables"
@@ -256,6 +273,8 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             "epoch's), so nothing is chosen on them.",
             "",
         ]
+        if "centralised" in results:
+            lines += [schedules(scenario), ""]
         rows = compare(results, seeds_of)
         if rows:
             write_csv(bench / "comparisons.csv", comparison_rows(rows))

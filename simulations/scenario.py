@@ -176,7 +176,8 @@ class Scenario:
         return given
 
     def centralised_overrides(self, seed: int, num_sites: int) -> list[str]:
-        """Project-config overrides that make centralised training match a federated arm's budget."""
+        """Project-config overrides of the centralised arm: a federated arm's budget in epochs (and steps), or
+        ``centralised.epochs`` where the scenario gives it."""
         run = self.config
         rounds, local, steps = run.num_server_rounds, run.local_epochs, run.local_steps
         epochs = self.centralised_epochs or (max(int(round(rounds * local)), 1) if not steps else rounds)
@@ -212,7 +213,9 @@ def load_scenario(name: str | Path) -> Scenario:
     unknown = set(raw) - {"description", "sites", "phantom", "run", "arms", "centralised"}
     if unknown:
         raise InputError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
-    centralised = dict(raw.get("centralised") or {})
+    centralised = raw.get("centralised") or {}
+    if not isinstance(centralised, dict):
+        raise InputError(f"{path}: centralised must be a mapping such as 'centralised: {{epochs: 40}}'")
     if set(centralised) - {"epochs"}:
         raise InputError(f"{path}: unknown centralised keys {', '.join(sorted(set(centralised) - {'epochs'}))}")
     epochs = centralised.get("epochs")

@@ -66,7 +66,7 @@ def _finished_run(folder, spec):
     (folder / "done.json").write_text(json.dumps(done))
 
 
-def test_a_run_of_another_config_gives_way_and_is_not_published(tmp_path):
+def test_a_run_of_another_config_gives_way_to_the_run_this_benchmark_makes(tmp_path):
     scenario = load_scenario("tiny-2")
     arm = ARMS["centralised"]
     spec = published_.run_spec(scenario, arm, 0, "")
@@ -81,9 +81,31 @@ def test_a_run_of_another_config_gives_way_and_is_not_published(tmp_path):
     assert taken == ["centralised/seed-0"] and other == []
     assert published_.finished(bench_dir / "centralised" / "seed-0", spec)
     assert not (bench_dir / "centralised" / "seed-0" / "last.pt").exists()  # nothing of the other run is left
-    # a published run the benchmark does not hold (it was made with another config) leaves the published folder
+    # publishing never deletes a published run; one of another config is replaced when its replacement is copied
     (bench_dir / "tables").mkdir()
     _finished_run(published / "runs" / "centralised" / "seed-1", stale)
+    (published / "runs" / "centralised" / "seed-1" / "extra.csv").write_text("of the old run")
     published_.publish(bench_dir, published, [arm], [0, 1])
-    assert published_.finished(published / "runs" / "centralised" / "seed-0", spec)
-    assert not (published / "runs" / "centralised" / "seed-1").exists()
+    assert not published_.finished(published / "runs" / "centralised" / "seed-1", spec)  # not made yet: kept
+    _finished_run(bench_dir / "centralised" / "seed-1", spec)
+    published_.publish(bench_dir, published, [arm], [0, 1])
+    assert published_.finished(published / "runs" / "centralised" / "seed-1", spec)
+    assert not (published / "runs" / "centralised" / "seed-1" / "extra.csv").exists()
+    (bench_dir / "centralised" / "seed-1" / "done.json").write_text('{"spec": ')  # half written: not finished
+    assert not published_.finished(bench_dir / "centralised" / "seed-1", spec)
+
+
+def test_a_benchmark_with_runs_of_another_config_stops_unless_told_to_remake_them(tmp_path, capsys):
+    scenario = load_scenario("tiny-2")
+    spec = published_.run_spec(scenario, ARMS["mstkd"], 0, "")
+    run = tmp_path / "out" / "tiny-2" / "mstkd" / "seed-0"
+    _finished_run(run, {**spec, "extra": "transport='float32'"})
+    args = ["tiny-2", "--arms", "mstkd", "--seeds", "1", "--out", str(tmp_path / "out"), "--report-only"]
+    args += ["--work-dir", str(tmp_path / "work")]
+    assert bench.main(args) == 2
+    message = capsys.readouterr().err
+    assert "1 finished runs" in message and "mstkd/seed-0" in message and "--rerun-stale" in message
+    assert (run / "done.json").is_file()  # nothing removed without being told
+    assert bench.main([*args, "--rerun-stale"]) == 0
+    assert not run.exists()
+    assert bench.main(args) == 0  # nothing stale is left

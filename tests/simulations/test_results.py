@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from simulations.published import run_spec
 from simulations.report import write_report
 from simulations.scenario import ARMS, load_scenario
 from simulations.tables import CELLS
@@ -68,8 +69,11 @@ def test_the_reference_benchmark_keeps_its_raw_runs():
     commit it ran at and the run it was (so a continued benchmark takes over only the same run)."""
     published = RESULTS / "phantom-4"
     assert published in KEPT
+    scenario = load_scenario("phantom-4")
     for row in _rows(published / "summary.csv"):
         run = published / "runs" / row["arm"] / f"seed-{row['seed']}"
         done = json.loads((run / "done.json").read_text())
         assert done["commit"] and done["spec"], (row["arm"], row["seed"])
+        # made as the scenario file of this commit says: the report does not mix in runs of another config
+        assert done["spec"] == run_spec(scenario, ARMS[row["arm"]], int(row["seed"]), ""), (row["arm"], row["seed"])
         assert (run / done["table"]).is_file()

@@ -62,6 +62,9 @@ def test_a_scenario_can_train_its_centralised_ceiling_longer(tmp_path):
         (tmp_path / "bad.yaml").write_text(text + f"centralised:\n  {bad}\n")
         with pytest.raises(InputError, match=message):
             load_scenario(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(text + "centralised: 40\n")
+    with pytest.raises(InputError, match="centralised must be a mapping"):
+        load_scenario(tmp_path / "bad.yaml")
 
 
 def test_fets_scenarios_keep_the_institution_sizes():
