@@ -58,7 +58,7 @@ def compare(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> l
     rows = []
     for a, b, text, section in _pairs(results):
         by_seed = [
-            {seed: run["cases"] for seed, run in zip(seeds_of[arm], results[arm], strict=True)} for arm in (a, b)
+            {seed: result["cases"] for seed, result in zip(seeds_of[arm], results[arm], strict=True)} for arm in (a, b)
         ]
         paired = paired_interval(*by_seed)
         if paired is not None:
@@ -219,8 +219,8 @@ def convergence_section(results: dict[str, list[dict]], seeds_of: dict[str, list
     return lines + [""]
 
 
-def _final_validation(run: dict) -> float | None:
-    values = _values(run["curve"])[-CONVERGENCE_WINDOW:]
+def _final_validation(result: dict) -> float | None:
+    values = _values(result["curve"])[-CONVERGENCE_WINDOW:]
     return float(np.mean(values)) if values else None
 
 

@@ -171,7 +171,7 @@ class Scenario:
         given = {**self.run, **arm.run, "seed": seed, "min-nodes": self.num_sites, "overrides": overrides}
         if "local-epochs" in arm.run:
             epochs = self.config.num_server_rounds * self.config.local_epochs
-            given["num-server-rounds"] = max(1, round(epochs / float(arm.run["local-epochs"])))
+            given["num-server-rounds"] = max(1, round(epochs / RunConfig.parse(given).local_epochs))
         RunConfig.parse(given)  # an arm's keys are checked like the scenario's
         return given
 

@@ -18,6 +18,7 @@ import numpy as np
 from mstkd.atomic import write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.modalities import SUBSETS
+from mstkd.runconfig import DPMode, RunConfig
 from simulations.scenario import ABLATIONS, ARMS, ATTACK_LABELS, HOSTILE, ROBUST_STRATEGIES, Arm
 
 ROW_NAMES = [s.display_name for s in SUBSETS] + ["Average"]
@@ -156,7 +157,8 @@ def robustness_section(results: dict[str, list[dict]], seeds_of: dict[str, list[
 def privacy_section(results: dict[str, list[dict]]) -> list[str]:
     """Per differentially private arm: its Dice, the privacy spent (epsilon at delta, Flower's RDP accountant) and
     the clipping norm it ended with."""
-    private = [name for name in results if ARMS[name].run.get("dp", "off") != "off"]
+    configs = {name: RunConfig.parse(ARMS[name].run) for name in results}
+    private = [name for name in results if configs[name].dp != DPMode.OFF]
     if not private:
         return []
     lines = [
@@ -172,13 +174,13 @@ def privacy_section(results: dict[str, list[dict]]) -> list[str]:
         "|---|---:|---|---:|---:|---:|",
     ]
     for name in private:
-        runs, run = results[name], ARMS[name].run
+        runs, config = results[name], configs[name]
         eps = [r["epsilon"] for r in runs if r.get("epsilon") is not None]
         clips = [r["clip_last"] for r in runs if r.get("clip_last") is not None]
         delta = next((r["delta"] for r in runs if r.get("delta") is not None), None)
         lines.append(
             f"| {ARMS[name].label} | {fmt([r['mean_dice'] for r in runs], 100.0)} | "
-            f"{run.get('dp-clipping', 'fixed')} from {run.get('dp-clip')} | {f'{np.mean(eps):.3g}' if eps else '∞'} | "
+            f"{config.dp_clipping} from {config.dp_clip} | {f'{np.mean(eps):.3g}' if eps else '∞'} | "
             f"{f'{delta:g}' if delta is not None else '–'} | {f'{np.mean(clips):.3g}' if clips else '–'} |"
         )
     return lines + [""]
