@@ -7,7 +7,10 @@ so every region has real surface errors. A second prediction adds two false-posi
 in far corners of the volume (the worst case for cropping). Prints the region sizes, the
 scores, and the best and median wall time of several runs for each. The target is at most 0.3 s per case on 2 CPU cores.
 
-Usage: ``python benchmarks/bench_metrics.py [--runs 5] [--hd95 max|pooled]``
+Then a folder of such cases (``--folder-cases``, each drawn with its own seed, written as NIfTI) is scored as
+``mstkd score --pred-dir --ref-dir`` does, in one process and with ``--jobs 2``, and the speed-up is printed.
+
+Usage: ``python benchmarks/bench_metrics.py [--runs 5] [--hd95 max|pooled] [--folder-cases 12]``
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--hd95", choices=("max", "pooled"), default="max")
+    parser.add_argument("--folder-cases", type=int, default=12, help="cases of the folder timing (0: skip it)")
     args = parser.parse_args()
 
     convention = get_convention("fets")
@@ -98,6 +102,37 @@ def main() -> None:
         print(
             f"score_labels, 3 regions: best {min(times):.3f} s, median {statistics.median(times):.3f} s "
             f"({args.runs} runs)"
+        )
+    if args.folder_cases:
+        folder_speedup(args.folder_cases, args.hd95)
+
+
+def folder_speedup(cases: int, hd95: str) -> None:
+    """Score a folder of ``cases`` pairs with one process, then with two; print both times and the ratio."""
+    import tempfile
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from mstkd.scoring import score_folders
+
+    with tempfile.TemporaryDirectory() as tmp:
+        preds, refs = Path(tmp, "pred"), Path(tmp, "ref")
+        preds.mkdir()
+        refs.mkdir()
+        for i in range(cases):
+            pred, ref = make_case(seed=i)
+            for folder, labels in ((preds, pred), (refs, ref)):
+                nib.save(nib.Nifti1Image(labels, np.eye(4)), folder / f"FeTS2022_{i:05d}.nii.gz")
+        times = {}
+        for jobs in (1, 2):
+            start = time.perf_counter()
+            result = score_folders(preds, refs, hd95=hd95, progress=False, jobs=jobs)
+            times[jobs] = time.perf_counter() - start
+            assert len(result.rows) == cases
+        print(
+            f"\nfolder of {cases} cases ({SHAPE}, read from .nii.gz): one process {times[1]:.2f} s, "
+            f"--jobs 2 {times[2]:.2f} s, speed-up {times[1] / times[2]:.2f}x"
         )
 
 

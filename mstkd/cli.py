@@ -58,27 +58,35 @@ def _cmd_score(args: argparse.Namespace) -> int:
         print(_strict_json(scores) if args.json else format_scores(scores, hd95=args.hd95))
         return 0
     from mstkd.atomic import check_writable
-    from mstkd.scoring import score_folders
+    from mstkd.scoring import SUMMARY_CSV, SUMMARY_JSON, score_folders
 
     if not (args.pred_dir and args.ref_dir):
         raise InputError("--pred-dir and --ref-dir go together")
     if args.csv:
         if Path(args.csv).is_dir():
             raise InputError(f"--csv {args.csv} is a folder; name the file to write, e.g. scores.csv")
+        if Path(args.csv).name in (SUMMARY_CSV, SUMMARY_JSON):
+            raise InputError(f"--csv {args.csv}: the summary is written beside the table under that name")
         check_writable(Path(args.csv).parent, what="--csv")
     result = score_folders(
-        args.pred_dir, args.ref_dir, labels=args.labels, hd95=args.hd95, lesion=args.lesion, progress=not args.quiet
+        args.pred_dir,
+        args.ref_dir,
+        labels=args.labels,
+        hd95=args.hd95,
+        lesion=args.lesion,
+        progress=not args.quiet,
+        jobs=args.jobs,
     )
     if not result.rows:
         raise InputError(f"no case could be scored ({len(result.failed)} skipped)")
-    if args.csv:
-        result.write(args.csv)
+    written = result.write(args.csv) if args.csv else ()
     if args.json:
         print(_strict_json({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
     else:
         print(result.markdown())
-    if args.csv:
-        print(f"per-case table: {args.csv}", file=sys.stderr)
+    if written:
+        table, *summary = written
+        print(f"per-case table: {table}; summary: {', '.join(map(str, summary))}", file=sys.stderr)
     return 1 if result.failed else 0
 
 
@@ -252,7 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="its reference label map (NIfTI)")
     p.add_argument("--pred-dir", help="a folder of predictions named <CaseID>.nii.gz")
     p.add_argument("--ref-dir", help="references: <CaseID>.nii.gz files, or case folders holding a label map")
-    p.add_argument("--csv", help="with --pred-dir: write the per-case table (and mean, sd, median) here")
+    p.add_argument(
+        "--csv",
+        help="with --pred-dir: write the per-case table here, and its mean, sd and median beside it "
+        "(summary.csv, summary.json)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="with --pred-dir: score this many cases at once, one process each"
+    )
     p.add_argument(
         "--labels",
         choices=("auto", "fets", "brats2023"),

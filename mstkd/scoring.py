@@ -10,16 +10,19 @@ convention. Each pair is scored as :func:`mstkd.metrics.score_volumes` does and,
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from mstkd.atomic import write_csv
+from mstkd.atomic import write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.data.layouts import LAYOUT_CONVENTION, detect_case, find_case_folders
 from mstkd.data.nifti import NIFTI_SUFFIXES, read_volume
@@ -27,6 +30,13 @@ from mstkd.errors import InputError
 from mstkd.metrics import METRICS, label_pair, score_labels
 
 SUMMARY_ROWS = ("mean", "sd", "median")
+SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
+"""The summary's files, written beside a per-case table."""
+
+
+def _finite(value: float) -> float | None:
+    """A number JSON parsers all read: NaN and infinities (a lesion-wise mean over no lesion) become null."""
+    return value if math.isfinite(value) else None
 
 
 def _case_id(path: Path) -> str:
@@ -94,9 +104,23 @@ class FolderScores:
             out.append(row)
         return out
 
-    def write(self, path: str | Path) -> Path:
-        """The per-case table with the summary rows below it, as CSV (atomically)."""
-        return write_csv(path, [*self.rows, *self.summary()], self.columns)
+    def write(self, path: str | Path) -> tuple[Path, Path, Path]:
+        """The per-case table at ``path`` and, beside it, its summary (mean, sd, median per column) as
+        ``summary.csv`` and ``summary.json``, each written atomically. The per-case table holds cases only,
+        so ``pandas.read_csv(path).mean()`` is a mean over cases."""
+        path = Path(path)
+        summary = self.summary()
+        table = write_csv(path, self.rows, self.columns)
+        stats = [{"statistic": row["case"], **{c: row[c] for c in self.columns[2:]}} for row in summary]
+        summary_csv = write_csv(path.parent / SUMMARY_CSV, stats, ["statistic", *self.columns[2:]])
+        record = {
+            "cases": len(self.rows),
+            "not_scored": self.failed,
+            "unpredicted": self.unpredicted,
+            **{row["case"]: {c: _finite(row[c]) for c in self.columns[2:]} for row in summary},
+        }
+        summary_json = write_text(path.parent / SUMMARY_JSON, json.dumps(record, indent=1, allow_nan=False) + "\n")
+        return table, summary_csv, summary_json
 
     def markdown(self) -> str:
         """Mean ± sd (median) per region: Dice and HD95."""
@@ -179,10 +203,12 @@ def score_folders(
     empty_hd95: float | None = None,
     lesion: bool = False,
     progress: bool = True,
+    jobs: int = 1,
 ) -> FolderScores:
     """Score every ``<CaseID>.nii.gz`` in ``pred_dir`` against its reference in ``ref_dir``.
 
-    With ``lesion`` every case is also scored lesion-wise (:func:`mstkd.lesion.lesion_scores`).
+    With ``lesion`` every case is also scored lesion-wise (:func:`mstkd.lesion.lesion_scores`). With ``jobs``
+    above 1, that many processes score cases side by side; the rows, in case order, are the same to the last bit.
 
     A prediction without a reference, or a pair that cannot be scored (unreadable file, other
     grid, labels outside the convention), is skipped with one line on stderr and listed in
@@ -204,28 +230,56 @@ def score_folders(
     preds = {_case_id(p): p for p in sorted(pred_dir.iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)}
     if not preds:
         raise InputError(f"--pred-dir {pred_dir}: no label maps (expected <CaseID>.nii.gz files)")
+    if jobs < 1:
+        raise InputError(f"--jobs {jobs}: give at least 1")
     refs = find_references(ref_dir)
     result = FolderScores(lesion=lesion)
-    for case_id, pred in tqdm(preds.items(), desc="score", unit="case", disable=not progress):
-        if case_id not in refs:
-            result.failed[case_id] = f"no reference for {pred.name} under {ref_dir}"
-        else:
-            ref, hint = refs[case_id]
-            try:
-                name, scores, lesions = score_pair(
-                    pred, ref, labels=labels, hint=hint, hd95=hd95, empty_hd95=empty_hd95, lesion=lesion
-                )
-            except (InputError, LesionScoringError) as exc:
-                result.failed[case_id] = str(exc)
-            else:
-                row = {"case": case_id, "labels": name}
-                row.update({f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS})
-                if lesions is not None:
-                    row.update({f"{r}_{m}": v for r in REGIONS for m, v in lesions[r].items()})
+    options = {"labels": labels, "hd95": hd95, "empty_hd95": empty_hd95, "lesion": lesion}
+    tasks = [(case_id, pred, refs.get(case_id), options) for case_id, pred in preds.items()]
+    parallel = jobs > 1 and len(tasks) > 1  # fresh processes (spawn): no forked copy of this one's threads
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=spawn) if parallel else _InProcess() as pool:
+        outcomes = pool.map(_score_case, tasks)  # in case order, whichever process scored it
+        for (case_id, pred, _, _), (row, error) in tqdm(
+            zip(tasks, outcomes, strict=True), total=len(tasks), desc="score", unit="case", disable=not progress
+        ):
+            if row is not None:
                 result.rows.append(row)
-        if case_id in result.failed:
+                continue
+            result.failed[case_id] = error or f"no reference for {pred.name} under {ref_dir}"
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
     result.unpredicted = sorted(set(refs) - set(preds))
     if result.unpredicted:  # e.g. a test split's predictions against the whole data folder: not an error
         print(f"{len(result.unpredicted)} references have no prediction and are not scored", file=sys.stderr)
     return result
+
+
+class _InProcess:
+    """``ProcessPoolExecutor``'s ``map`` and context, in this process (one job, or one case)."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
+
+
+def _score_case(task: tuple) -> tuple[dict | None, str | None]:
+    """One case's row, or (None, why it could not be scored; None: it has no reference)."""
+    case_id, pred, ref, options = task
+    if ref is None:
+        return None, None
+    ref_path, hint = ref
+    try:
+        name, scores, lesions = score_pair(pred, ref_path, hint=hint, **options)
+    except (InputError, LesionScoringError) as exc:
+        return None, str(exc)
+    row = {"case": case_id, "labels": name}
+    row.update({f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS})
+    if lesions is not None:
+        row.update({f"{r}_{m}": v for r in REGIONS for m, v in lesions[r].items()})
+    return row, None

@@ -163,8 +163,9 @@ def test_cli_score_lesion_adds_columns_and_a_summary(panoptica, tmp_path, capsys
         for metric in LESION_METRICS:
             assert f"{region}_{metric}" in table.columns
     cases = table.loc[["FeTS2022_00000", "FeTS2022_00001"]]
-    assert table.loc["mean", "WT_lesion_dice"] == pytest.approx(cases["WT_lesion_dice"].mean())
-    assert table.loc["sd", "ET_lesion_hd95"] == pytest.approx(cases["ET_lesion_hd95"].std())
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("statistic")
+    assert summary.loc["mean", "WT_lesion_dice"] == pytest.approx(cases["WT_lesion_dice"].mean())
+    assert summary.loc["sd", "ET_lesion_hd95"] == pytest.approx(cases["ET_lesion_hd95"].std())
     assert (cases["TC_dice"] >= 0).all()  # the usual columns stay
 
     assert main([*args[:-3], "--json"]) == 0  # without --lesion: no lesion columns

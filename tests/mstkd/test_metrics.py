@@ -30,6 +30,7 @@ from mstkd.metrics import (
     score_regions,
     volume_diagonal,
 )
+from mstkd.scoring import score_folders
 
 KEYS = set(metrics.METRICS)
 FETS = get_convention("fets")
@@ -539,16 +540,32 @@ def test_score_folders_writes_a_per_case_table_with_its_summary(tmp_path, capsys
     assert "skipped BraTS-GLI-00001-000: no reference" in captured.err  # and so the exit status is 1
     assert "1 references have no prediction" in captured.err  # said, but not a failure
     table = pd.read_csv(csv).set_index("case")
-    assert list(table.index) == ["BraTS-GLI-00000-000", "FeTS2022_00000", "FeTS2022_00001", "mean", "sd", "median"]
+    assert list(table.index) == ["BraTS-GLI-00000-000", "FeTS2022_00000", "FeTS2022_00001"]  # cases only
     assert table.loc["FeTS2022_00000", "labels"] == "fets" and table.loc["BraTS-GLI-00000-000", "labels"] == "brats2023"
     assert table.loc["FeTS2022_00000", "WT_dice"] == 1.0
     shifted = score_labels(tumour_labels(shift=(1, 0, 0)), tumour_labels(), FETS)
     assert table.loc["FeTS2022_00001", "ET_hd95"] == pytest.approx(shifted["ET"]["hd95"])
-    cases = table.loc[["BraTS-GLI-00000-000", "FeTS2022_00000", "FeTS2022_00001"], "TC_dice"]
-    assert table.loc["mean", "TC_dice"] == pytest.approx(cases.mean())
-    assert table.loc["sd", "TC_dice"] == pytest.approx(cases.std())  # sample sd, as pandas
-    assert table.loc["median", "TC_dice"] == pytest.approx(cases.median())
+    cases = table["TC_dice"]
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("statistic")  # the summary in its own file
+    assert list(summary.index) == ["mean", "sd", "median"]
+    assert summary.loc["mean", "TC_dice"] == pytest.approx(table.mean(numeric_only=True)["TC_dice"])
+    assert summary.loc["sd", "TC_dice"] == pytest.approx(cases.std())  # sample sd, as pandas
+    assert summary.loc["median", "TC_dice"] == pytest.approx(cases.median())
+    record = json.loads((tmp_path / "summary.json").read_text())
+    assert record["cases"] == 3 and list(record["not_scored"]) == ["BraTS-GLI-00001-000"]
+    assert record["unpredicted"] == ["FeTS2022_00009"]
+    assert record["median"]["TC_dice"] == summary.loc["median", "TC_dice"]
     assert "| WT |" in captured.out and "3 cases (1 not scored)" in captured.out
+    assert f"summary: {tmp_path / 'summary.csv'}, {tmp_path / 'summary.json'}" in captured.err
+
+
+def test_score_folders_with_several_processes_gives_the_same_rows_to_the_last_bit(tmp_path):
+    preds, refs = _score_folders_fixture(tmp_path)
+    one = score_folders(preds, refs, progress=False)
+    two = score_folders(preds, refs, progress=False, jobs=2)
+    assert [c["case"] for c in two.rows] == [c["case"] for c in one.rows]  # in case order
+    assert json.dumps(two.rows) == json.dumps(one.rows)  # every float's repr, NaN and infinities included
+    assert two.failed == one.failed and two.unpredicted == one.unpredicted
 
 
 @pytest.mark.parametrize(
@@ -559,6 +576,8 @@ def test_score_folders_writes_a_per_case_table_with_its_summary(tmp_path, capsys
         (["--pred-dir", "{pred}"], "go together"),
         (["--pred-dir", "{pred}", "--ref-dir", "{ref}", "--pred", "{pred}/a.nii.gz"], "either --pred"),
         (["--pred-dir", "{pred}", "--ref-dir", "{ref}", "--csv", "{file}/scores.csv"], "is a file"),
+        (["--pred-dir", "{pred}", "--ref-dir", "{ref}", "--csv", "{tmp}/summary.csv"], "summary is written beside"),
+        (["--pred-dir", "{pred}", "--ref-dir", "{ref}", "--jobs", "0"], "--jobs 0: give at least 1"),
         (
             ["--pred", "{pred}/FeTS2022_00000.nii.gz", "--ref", "{ref}/FeTS2022_00000.nii.gz", "--csv", "{tmp}/s.csv"],
             "--csv",
