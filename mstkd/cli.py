@@ -190,12 +190,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_FOLDER_FLAGS = {
+    "--continue": lambda a: a.resume,
+    "--save-probabilities": lambda a: a.save_probabilities,
+    "--num-parts": lambda a: a.num_parts != 1,
+    "--part-id": lambda a: a.part_id != 0,
+}
+"""Flags of folder prediction (``--input-dir``), and whether a call gave each."""
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from mstkd.infer import anisotropy_warning, describe_geometry, predict_case, predict_folder
 
     if bool(args.case) == bool(args.input_dir):
         raise InputError("give either --case with --out (one case) or --input-dir with --output-dir (every case)")
     if args.case:
+        folder_only = [f for f, on in _FOLDER_FLAGS.items() if on(args)]
+        if folder_only:
+            raise InputError(f"{folder_only[0]} goes with --input-dir")
         if not args.out:
             raise InputError("--case needs --out (the label map to write, e.g. SEG.nii.gz)")
         if args.output_dir:
@@ -223,10 +235,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         tta=args.tta,
         progress=not args.quiet,
+        resume=args.resume,
+        probabilities=args.save_probabilities,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
+        command=" ".join(["mstkd", *(args.argv or [])]),
     )
     failed = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""
+    kept = f", {len(result.kept)} kept from before" if result.kept else ""
     print(
-        f"wrote {len(result.written)} label maps to {args.output_dir} in {result.seconds:.1f} s{failed}",
+        f"wrote {len(result.written)} label maps to {args.output_dir} in {result.seconds:.1f} s{kept}{failed}; "
+        f"how they were made: {result.record}",
         file=sys.stderr,
     )
     return 1 if result.failed else 0
@@ -336,6 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", help="use only these, e.g. flair,t1ce (default: all present)")
     p.add_argument("--device", help="cpu, cuda, cuda:<n> or mps (default: CUDA when present)")
     p.add_argument("--tta", action="store_true", help="average 8 mirrored passes (8x the time)")
+    p.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="with --input-dir: keep cases whose label map is already there and valid, predict the rest",
+    )
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="with --input-dir: also write each case's class probabilities (<CaseID>.npz, float16, its own grid)",
+    )
+    p.add_argument("--num-parts", type=int, default=1, help="with --input-dir: split the cases into this many parts")
+    p.add_argument("--part-id", type=int, default=0, help="with --num-parts: the part this call predicts (from 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
@@ -344,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, as the user gave it
     try:
         return args.func(args)
     except (InputError, PermissionError, NotADirectoryError, IsADirectoryError) as exc:

@@ -14,16 +14,21 @@ case folder under a root and writes ``<CaseID>.nii.gz`` (the BraTS submission na
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
+from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
-from mstkd.atomic import check_writable
+from mstkd.atomic import atomic_path, check_writable, write_text
 from mstkd.checkpoint import checkpoint_geometry, load_checkpoint
 from mstkd.data.cache import BRAIN_MARGIN
 from mstkd.data.cases import bounding_box, brain_mask, load_case, normalize
@@ -74,8 +79,17 @@ class Predictor:
             )
         self.tta = tta
 
-    def predict(self, case_dir: str | Path, out: str | Path, *, modalities: str | None = None) -> dict:
+    def predict(
+        self,
+        case_dir: str | Path,
+        out: str | Path,
+        *,
+        modalities: str | None = None,
+        probabilities: str | Path | None = None,
+    ) -> dict:
         """Write the segmentation of ``case_dir`` to ``out`` (``.nii.gz``, atomically); return a short summary.
+
+        With ``probabilities``, also write the four class probabilities there (:func:`save_probabilities`).
 
         Raises:
             InputError: bad case files, or ``modalities`` naming one the case does not have.
@@ -105,7 +119,9 @@ class Predictor:
         if resampled:  # back to the case's own grid before decoding (nnU-Net's order)
             probs = from_target(probs, affine, case.affine, case.image.shape[1:])
         labels = labels_from_regions(decode_for(self.cfg, probs), files.convention)
-        write_volume(out, labels, case.affine, case.header)
+        if probabilities is not None:
+            save_probabilities(probabilities, probs)
+        write_volume(out, labels, case.affine, case.header)  # last: a label map on disk means the case is done
         spacing = spacing_of(case.affine)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {
@@ -122,6 +138,29 @@ class Predictor:
             "cuda_peak_bytes": peak,
             "trained_convention": self.trained_convention,
         }
+
+
+def save_probabilities(path: str | Path, probs: np.ndarray) -> Path:
+    """``probs`` (classes x the case's grid) as float16 in a compressed ``.npz`` (atomically): the array
+    ``probabilities`` and the array ``classes`` naming its first axis (:data:`mstkd.data.labels.CLASSES`)."""
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez_compressed(f, probabilities=probs.astype(np.float16), classes=np.asarray(CLASSES))
+    return Path(path)
+
+
+def finished_output(path: Path, case_dir: Path) -> bool:
+    """Whether ``path`` already holds this case's label map: a readable NIfTI on the case's grid whose values
+    are labels of the case's convention (a half-written or foreign file is not)."""
+    if not path.is_file():
+        return False
+    try:
+        files = detect_case(case_dir)
+        grid = nib.load(next(iter(files.images.values()))).shape[:3]
+        labels = np.asanyarray(nib.load(path).dataobj)
+    except (InputError, OSError, ValueError, EOFError, StopIteration, ImageFileError, zlib.error):
+        return False
+    values = set(np.unique(labels).tolist())
+    return labels.shape[:3] == grid and values <= set(files.convention.allowed)
 
 
 def describe_geometry(summary: dict) -> str:
@@ -163,7 +202,9 @@ def predict_case(
 class FolderResult:
     written: list[dict] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # case id -> one-line reason
+    kept: list[str] = field(default_factory=list)  # finished earlier (``resume``): not predicted again
     seconds: float = 0.0
+    record: Path | None = None  # predict.json
 
 
 def predict_folder(
@@ -175,29 +216,51 @@ def predict_folder(
     device: str | None = None,
     tta: bool = False,
     progress: bool = True,
+    resume: bool = False,
+    probabilities: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    command: str = "",
 ) -> FolderResult:
     """Segment every case folder under ``input_dir`` into ``output_dir/<CaseID>.nii.gz``.
 
     The checkpoint is loaded once. A case that cannot be read or segmented (bad files, too
     little memory) is skipped with one line on stderr and listed in :attr:`FolderResult.failed`;
-    no partial file is left for it (writes are atomic).
+    no partial file is left for it (writes are atomic). With ``resume``, a case whose label map is
+    already there and valid (:func:`finished_output`) is kept, not predicted again. With
+    ``probabilities``, each case's class probabilities go to ``<CaseID>.npz`` beside its label map.
+    ``num_parts``/``part_id`` take every ``num_parts``-th case of the sorted list, from ``part_id``:
+    parts that split one folder across machines. ``predict.json`` (``predict.part-<i>-of-<n>.json`` for
+    a part) records which model made the folder and how (:func:`provenance`).
 
     Raises:
         InputError: no case folders, an output folder that cannot be written, a bad checkpoint
-            or device.
+            or device, or a part that does not exist.
     """
     start = time.perf_counter()
     if modalities:
         Subset.parse(modalities)  # a bad name is the caller's error once, not every case's
-    cases = find_case_folders(input_dir)
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id {part_id} of --num-parts {num_parts}: give 0 <= part id < parts")
+    cases = sorted(find_case_folders(input_dir).items())[part_id::num_parts]
     output_dir = Path(output_dir)
     check_writable(output_dir, what="--output-dir")
     predictor = Predictor(checkpoint, device, tta=tta)
     result = FolderResult()
-    bar = tqdm(sorted(cases.items()), desc="predict", unit="case", disable=not progress)
+    if resume:
+        result.kept = [c for c, folder in cases if finished_output(output_dir / f"{c}.nii.gz", folder)]
+        if result.kept:
+            print(f"{len(result.kept)} of {len(cases)} cases finished earlier: kept", file=sys.stderr)
+    todo = [(c, folder) for c, folder in cases if c not in set(result.kept)]
+    bar = tqdm(todo, desc="predict", unit="case", disable=not progress)
     for case_id, folder in bar:
         try:
-            summary = predictor.predict(folder, output_dir / f"{case_id}.nii.gz", modalities=modalities)
+            summary = predictor.predict(
+                folder,
+                output_dir / f"{case_id}.nii.gz",
+                modalities=modalities,
+                probabilities=output_dir / f"{case_id}.npz" if probabilities else None,
+            )
             result.written.append(summary)
             bar.set_postfix_str(f"{case_id}: {describe_geometry(summary)}")
             if summary["anisotropic"]:
@@ -206,4 +269,40 @@ def predict_folder(
             result.failed[case_id] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
     result.seconds = time.perf_counter() - start
+    name = "predict.json" if num_parts == 1 else f"predict.part-{part_id}-of-{num_parts}.json"
+    record = provenance(predictor, checkpoint, command=command, modalities=modalities, probabilities=probabilities)
+    record["cases"] = {
+        "part": [part_id, num_parts],
+        "written": [w["case"] for w in result.written],
+        "kept": result.kept,
+        "failed": result.failed,
+        "seconds": result.seconds,
+    }
+    result.record = write_text(output_dir / name, json.dumps(record, indent=1) + "\n")
     return result
+
+
+def provenance(
+    predictor: Predictor, checkpoint: str | Path, *, command: str, modalities: str | None, probabilities: bool
+) -> dict:
+    """Which model made a folder of predictions, and how: the checkpoint's path and SHA-256, its config, its
+    label convention and voxel size, this package's version and commit, the command, the device, the test-time
+    augmentation and the time."""
+    from omegaconf import OmegaConf
+
+    from mstkd.provenance import package, sha256_of
+
+    return {
+        "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": sha256_of(checkpoint)},
+        "config": OmegaConf.to_container(predictor.cfg, resolve=True),
+        "trained_convention": predictor.trained_convention,
+        "labels": "each case's own layout: fets 0/1/2/4 (1 necrosis, 2 edema, 4 enhancing), brats2023 0/1/2/3",
+        "target": predictor.target.to_dict() if predictor.target else None,
+        "package": package(),
+        "command": command,
+        "device": str(predictor.device),
+        "tta": predictor.tta,
+        "modalities": modalities or "what each case has",
+        "probabilities": f"<CaseID>.npz, float16, classes {list(CLASSES)}" if probabilities else None,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mstkd.atomic import write_text
 from mstkd.errors import InputError
+from mstkd.provenance import code_commit
 from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
@@ -44,22 +45,6 @@ def machine() -> str:
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores{gpu}; "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
-
-
-def code_commit() -> str:
-    """The commit the code ran at: its sha, with ``-dirty`` when tracked files (the published results aside)
-    differ from it; empty outside a git checkout."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    sha = git("rev-parse", "HEAD")
-    if not sha:
-        return ""
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!simulations/results")
-    return sha + ("-dirty" if dirty else "")
 
 
 def progress_line(text: str) -> None:

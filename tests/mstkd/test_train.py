@@ -229,7 +229,7 @@ def test_predict_a_folder_of_mixed_cases_loads_the_model_once(tmp_path, capsys, 
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out)]) == 0
     assert len(loads) == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for c in expected)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{c}.nii.gz" for c in expected), "predict.json"])
     for case_id, (shape, affine, allowed) in expected.items():
         pred = nib.load(out / f"{case_id}.nii.gz")
         assert pred.shape == shape
@@ -249,7 +249,44 @@ def test_predict_folder_skips_a_broken_case_and_exits_non_zero(tmp_path, capsys)
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert [line for line in err if line.startswith("skipped FeTS2022_00002: ")] and len(err) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["FeTS2022_00001.nii.gz"]  # no partial file, no temporary
+    # no partial file, no temporary; the record says which case failed
+    assert sorted(p.name for p in out.iterdir()) == ["FeTS2022_00001.nii.gz", "predict.json"]
+    assert list(json.loads((out / "predict.json").read_text())["cases"]["failed"]) == ["FeTS2022_00002"]
+
+
+def test_predict_folder_continues_in_parts_with_probabilities_and_a_record(tmp_path, capsys):
+    import hashlib
+
+    from mstkd import __version__
+    from mstkd.data.labels import CLASSES
+
+    ckpt = _checkpoint(tmp_path)
+    cases, out = tmp_path / "cases", tmp_path / "pred"
+    ids = [f"FeTS2022_{i:05d}" for i in range(1, 5)]
+    for i, case_id in enumerate(ids):
+        write_case(cases, case_id, shape=(20 + i, 18, 14), seed=i, seg=False)
+    argv = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out), "--quiet"]
+    assert main([*argv, "--num-parts", "2", "--part-id", "0", "--save-probabilities"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{ids[0]}.nii.gz", f"{ids[0]}.npz", f"{ids[2]}.nii.gz", f"{ids[2]}.npz", "predict.part-0-of-2.json"]
+    )  # every second case of the sorted list, from the first
+    record = json.loads((out / "predict.part-0-of-2.json").read_text())
+    assert record["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert record["package"]["version"] == __version__ and "--num-parts 2" in record["command"]
+    assert record["device"] == "cpu" and record["tta"] is False and record["config"]["model"]
+    assert record["cases"]["written"] == [ids[0], ids[2]] and record["cases"]["part"] == [0, 2]
+    with np.load(out / f"{ids[2]}.npz") as saved:
+        probs, classes = saved["probabilities"], saved["classes"]
+    assert probs.dtype == np.float16 and probs.shape == (len(CLASSES), 22, 18, 14)  # the case's own grid
+    assert list(classes) == list(CLASSES)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(axis=0), 1.0, atol=1e-2)
+
+    (out / f"{ids[0]}.nii.gz").write_bytes(b"half a file")  # an interrupted write is not a finished case
+    assert main([*argv, "--continue"]) == 0
+    assert "1 of 4 cases finished earlier: kept" in capsys.readouterr().err
+    record = json.loads((out / "predict.json").read_text())
+    assert record["cases"]["kept"] == [ids[2]] and record["cases"]["written"] == [ids[0], ids[1], ids[3]]
+    assert nib.load(out / f"{ids[0]}.nii.gz").shape == (20, 18, 14)
 
 
 def test_mirrored_test_time_augmentation_averages_eight_passes():
@@ -283,6 +320,8 @@ def test_mirrored_test_time_augmentation_averages_eight_passes():
         (["--input-dir", "{tmp}/nowhere", "--output-dir", "{pred}"], "not found"),
         (["--input-dir", "{cases}", "--output-dir", "{pred}", "--out", "{tmp}/x.nii.gz"], "--out goes with --case"),
         (["--input-dir", "{cases}", "--output-dir", "{pred}", "--modalities", "flair,t9"], "t9"),
+        (["--input-dir", "{cases}", "--output-dir", "{pred}", "--num-parts", "2", "--part-id", "2"], "--part-id 2"),
+        (["--case", "{cases}/FeTS2022_00001", "--out", "{pred}/x.nii.gz", "--continue"], "--continue goes with"),
     ],
 )
 def test_predict_folder_refuses_bad_flags_in_one_line_and_writes_nothing(tmp_path, capsys, flags, named):
