@@ -200,7 +200,8 @@ _FOLDER_FLAGS = {
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from mstkd.infer import anisotropy_warning, describe_geometry, predict_case, predict_folder
+    from mstkd.folder import predict_folder
+    from mstkd.infer import anisotropy_warning, describe_geometry, predict_case
 
     if bool(args.case) == bool(args.input_dir):
         raise InputError("give either --case with --out (one case) or --input-dir with --output-dir (every case)")

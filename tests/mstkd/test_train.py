@@ -254,6 +254,30 @@ def test_predict_folder_skips_a_broken_case_and_exits_non_zero(tmp_path, capsys)
     assert list(json.loads((out / "predict.json").read_text())["cases"]["failed"]) == ["FeTS2022_00002"]
 
 
+def test_overlapped_folder_prediction_writes_the_same_label_maps_to_the_last_bit(tmp_path):
+    from mstkd.folder import predict_folder
+
+    ckpt = _checkpoint(tmp_path)
+    cases = tmp_path / "cases"
+    for i in range(4):
+        write_case(cases, f"FeTS2022_{i:05d}", shape=(20 + i, 18, 14), seed=i, seg=False)
+    broken = write_case(cases, "FeTS2022_00002", shape=(22, 18, 14), seed=2, seg=False)
+    next(broken.glob("*_t1.nii.gz")).write_bytes(b"not a nifti file")  # a failure between good cases
+    runs = {}
+    for overlap in (False, True):
+        out = tmp_path / f"pred-{overlap}"
+        result = predict_folder(ckpt, cases, out, progress=False, overlap=overlap, probabilities=True)
+        assert [w["case"] for w in result.written] == ["FeTS2022_00000", "FeTS2022_00001", "FeTS2022_00003"]
+        assert list(result.failed) == ["FeTS2022_00002"]
+        runs[overlap] = out
+    for name in ("FeTS2022_00000", "FeTS2022_00001", "FeTS2022_00003"):
+        sequential, overlapped = (nib.load(runs[o] / f"{name}.nii.gz") for o in (False, True))
+        np.testing.assert_array_equal(np.asarray(overlapped.dataobj), np.asarray(sequential.dataobj))
+        np.testing.assert_array_equal(overlapped.affine, sequential.affine)
+        with np.load(runs[False] / f"{name}.npz") as a, np.load(runs[True] / f"{name}.npz") as b:
+            np.testing.assert_array_equal(a["probabilities"], b["probabilities"])
+
+
 def test_predict_folder_continues_in_parts_with_probabilities_and_a_record(tmp_path, capsys):
     import hashlib
 

@@ -1,0 +1,213 @@
+"""Segment a folder of case folders: the model loaded once, reading and writing overlapped with inference,
+finished cases kept (``--continue``), a folder split into parts, and a record of which model made the folder.
+
+Each case goes through :class:`mstkd.infer.Predictor` and gets ``<CaseID>.nii.gz`` (the BraTS submission naming)
+and, on request, ``<CaseID>.npz`` with its class probabilities; ``predict.json`` says how they were made.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.filebasedimages import ImageFileError
+from tqdm.auto import tqdm
+
+from mstkd.atomic import check_writable, write_text
+from mstkd.data.labels import CLASSES
+from mstkd.data.layouts import detect_case, find_case_folders
+from mstkd.errors import InputError
+from mstkd.infer import Predictor, Prepared, anisotropy_warning, describe_geometry
+from mstkd.modalities import Subset
+
+
+def finished_output(path: Path, case_dir: Path) -> bool:
+    """Whether ``path`` already holds this case's label map: a readable NIfTI on the case's grid whose values
+    are labels of the case's convention (a half-written or foreign file is not)."""
+    if not path.is_file():
+        return False
+    try:
+        files = detect_case(case_dir)
+        grid = nib.load(next(iter(files.images.values()))).shape[:3]
+        labels = np.asanyarray(nib.load(path).dataobj)
+    except (InputError, OSError, ValueError, EOFError, StopIteration, ImageFileError, zlib.error):
+        return False
+    values = set(np.unique(labels).tolist())
+    return labels.shape[:3] == grid and values <= set(files.convention.allowed)
+
+
+@dataclass
+class FolderResult:
+    written: list[dict] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # case id -> one-line reason
+    kept: list[str] = field(default_factory=list)  # finished earlier (``resume``): not predicted again
+    seconds: float = 0.0
+    record: Path | None = None  # predict.json
+
+
+def predict_folder(
+    checkpoint: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    modalities: str | None = None,
+    device: str | None = None,
+    tta: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+    probabilities: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    command: str = "",
+    overlap: bool = True,
+) -> FolderResult:
+    """Segment every case folder under ``input_dir`` into ``output_dir/<CaseID>.nii.gz``.
+
+    The checkpoint is loaded once. A case that cannot be read or segmented (bad files, too
+    little memory) is skipped with one line on stderr and listed in :attr:`FolderResult.failed`;
+    no partial file is left for it (writes are atomic). With ``resume``, a case whose label map is
+    already there and valid (:func:`finished_output`) is kept, not predicted again. With
+    ``probabilities``, each case's class probabilities go to ``<CaseID>.npz`` beside its label map.
+    ``num_parts``/``part_id`` take every ``num_parts``-th case of the sorted list, from ``part_id``:
+    parts that split one folder across machines. ``predict.json`` (``predict.part-<i>-of-<n>.json`` for
+    a part) records which model made the folder and how (:func:`provenance`). With ``overlap`` (the default),
+    reading the next case and writing the last one run beside the current case's inference, with the same
+    label maps to the last bit.
+
+    Raises:
+        InputError: no case folders, an output folder that cannot be written, a bad checkpoint
+            or device, or a part that does not exist.
+    """
+    start = time.perf_counter()
+    if modalities:
+        Subset.parse(modalities)  # a bad name is the caller's error once, not every case's
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id {part_id} of --num-parts {num_parts}: give 0 <= part id < parts")
+    cases = sorted(find_case_folders(input_dir).items())[part_id::num_parts]
+    output_dir = Path(output_dir)
+    check_writable(output_dir, what="--output-dir")
+    predictor = Predictor(checkpoint, device, tta=tta)
+    result = FolderResult()
+    if resume:
+        result.kept = [c for c, folder in cases if finished_output(output_dir / f"{c}.nii.gz", folder)]
+        if result.kept:
+            print(f"{len(result.kept)} of {len(cases)} cases finished earlier: kept", file=sys.stderr)
+    todo = [(c, folder) for c, folder in cases if c not in set(result.kept)]
+    outputs = {c: (output_dir / f"{c}.nii.gz", output_dir / f"{c}.npz" if probabilities else None) for c, _ in todo}
+    bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
+    for case_id, outcome in _predict_cases(predictor, todo, outputs, modalities, overlap=overlap):
+        bar.update()
+        if isinstance(outcome, Exception):  # this case only; go on
+            result.failed[case_id] = str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__
+            tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
+            continue
+        result.written.append(outcome)
+        bar.set_postfix_str(f"{case_id}: {describe_geometry(outcome)}")
+        if outcome["anisotropic"]:
+            tqdm.write(anisotropy_warning(outcome), file=sys.stderr)
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    name = "predict.json" if num_parts == 1 else f"predict.part-{part_id}-of-{num_parts}.json"
+    record = provenance(predictor, checkpoint, command=command, modalities=modalities, probabilities=probabilities)
+    record["cases"] = {
+        "part": [part_id, num_parts],
+        "written": [w["case"] for w in result.written],
+        "kept": result.kept,
+        "failed": result.failed,
+        "seconds": result.seconds,
+    }
+    result.record = write_text(output_dir / name, json.dumps(record, indent=1) + "\n")
+    return result
+
+
+CASE_ERRORS = (InputError, OSError, ValueError, torch.OutOfMemoryError)
+"""What makes one case of a folder fail without stopping the others."""
+
+
+def _predict_cases(
+    predictor: Predictor,
+    todo: list[tuple[str, Path]],
+    outputs: dict[str, tuple[Path, Path | None]],
+    modalities: str | None,
+    *,
+    overlap: bool,
+) -> Iterator[tuple[str, dict | Exception]]:
+    """Each case's summary, or the error that stopped it, in order. With ``overlap``, two threads read and
+    prepare the next case and write the last one while the model infers the current one (numpy, nibabel and
+    zlib release the interpreter lock), so a folder's time is closer to its inference alone."""
+    if not overlap:
+        for case_id, folder in todo:
+            label_map, npz = outputs[case_id]
+            try:
+                yield case_id, predictor.predict(folder, label_map, modalities=modalities, probabilities=npz)
+            except CASE_ERRORS as exc:
+                yield case_id, exc
+        return
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="predict-io") as pool:
+        ahead = pool.submit(predictor.prepare, todo[0][1], modalities) if todo else None
+        behind: tuple[str, Future] | None = None  # the last case's write
+        for i, (case_id, _) in enumerate(todo):
+            prepared: Prepared | Exception
+            try:
+                prepared = ahead.result()
+            except CASE_ERRORS as exc:
+                prepared = exc
+            ahead = pool.submit(predictor.prepare, todo[i + 1][1], modalities) if i + 1 < len(todo) else None
+            if not isinstance(prepared, Exception):
+                try:
+                    probs = predictor.infer(prepared)
+                except CASE_ERRORS as exc:
+                    prepared = exc
+            if behind is not None:
+                yield behind[0], _outcome(behind[1])
+                behind = None
+            if isinstance(prepared, Exception):
+                yield case_id, prepared
+                continue
+            label_map, npz = outputs[case_id]
+            behind = (case_id, pool.submit(predictor.finish, prepared, probs, label_map, probabilities=npz))
+        if behind is not None:
+            yield behind[0], _outcome(behind[1])
+
+
+def _outcome(future: Future) -> dict | Exception:
+    try:
+        return future.result()
+    except CASE_ERRORS as exc:
+        return exc
+
+
+def provenance(
+    predictor: Predictor, checkpoint: str | Path, *, command: str, modalities: str | None, probabilities: bool
+) -> dict:
+    """Which model made a folder of predictions, and how: the checkpoint's path and SHA-256, its config, its
+    label convention and voxel size, this package's version and commit, the command, the device, the test-time
+    augmentation and the time."""
+    from omegaconf import OmegaConf
+
+    from mstkd.provenance import package, sha256_of
+
+    return {
+        "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": sha256_of(checkpoint)},
+        "config": OmegaConf.to_container(predictor.cfg, resolve=True),
+        "trained_convention": predictor.trained_convention,
+        "labels": "each case's own layout: fets 0/1/2/4 (1 necrosis, 2 edema, 4 enhancing), brats2023 0/1/2/3",
+        "target": predictor.target.to_dict() if predictor.target else None,
+        "package": package(),
+        "command": command,
+        "device": str(predictor.device),
+        "tta": predictor.tta,
+        "modalities": modalities or "what each case has",
+        "probabilities": f"<CaseID>.npz, float16, classes {list(CLASSES)}" if probabilities else None,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
