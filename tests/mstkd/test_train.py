@@ -259,8 +259,10 @@ def test_overlapped_folder_prediction_writes_the_same_label_maps_to_the_last_bit
 
     ckpt = _checkpoint(tmp_path)
     cases = tmp_path / "cases"
+    coarse = np.diag([-1.5, -1.5, 1.5, 1.0])  # at the 1 mm target after resampling: both paths are exercised
     for i in range(4):
-        write_case(cases, f"FeTS2022_{i:05d}", shape=(20 + i, 18, 14), seed=i, seg=False)
+        write_case(cases, f"FeTS2022_{i:05d}", shape=(20 + i, 18, 14), seed=i, seg=False, affine=coarse)
+    write_case(cases, "FeTS2022_00001", shape=(21, 18, 14), seed=1, seg=False)  # already at the target
     broken = write_case(cases, "FeTS2022_00002", shape=(22, 18, 14), seed=2, seg=False)
     next(broken.glob("*_t1.nii.gz")).write_bytes(b"not a nifti file")  # a failure between good cases
     runs = {}
@@ -269,6 +271,7 @@ def test_overlapped_folder_prediction_writes_the_same_label_maps_to_the_last_bit
         result = predict_folder(ckpt, cases, out, progress=False, overlap=overlap, probabilities=True)
         assert [w["case"] for w in result.written] == ["FeTS2022_00000", "FeTS2022_00001", "FeTS2022_00003"]
         assert list(result.failed) == ["FeTS2022_00002"]
+        assert [w["resampled"] for w in result.written] == [True, False, True]
         runs[overlap] = out
     for name in ("FeTS2022_00000", "FeTS2022_00001", "FeTS2022_00003"):
         sequential, overlapped = (nib.load(runs[o] / f"{name}.nii.gz") for o in (False, True))
