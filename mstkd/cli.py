@@ -7,8 +7,6 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from mstkd.metrics import format_scores, score_files
+    from mstkd.scoring import strict_json
 
     if args.lesion:
         from mstkd.lesion import require_panoptica
@@ -55,7 +54,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if args.lesion:
             return _score_pair_lesions(args)
         scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
-        print(_strict_json(scores) if args.json else format_scores(scores, hd95=args.hd95))
+        print(strict_json(scores) if args.json else format_scores(scores, hd95=args.hd95))
         return 0
     from mstkd.atomic import check_writable
     from mstkd.scoring import SUMMARY_CSV, SUMMARY_JSON, score_folders
@@ -81,7 +80,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise InputError(f"no case could be scored ({len(result.failed)} skipped)")
     written = result.write(args.csv) if args.csv else ()
     if args.json:
-        print(_strict_json({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
+        print(strict_json({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
     else:
         print(result.markdown())
     if written:
@@ -90,30 +89,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
-def _strict_json(obj: object) -> str:
-    """JSON that every parser reads: NaN and infinities (e.g. a lesion-wise mean over no lesion) become null."""
-
-    def finite(x: object) -> object:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: finite(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [finite(v) for v in x]
-        return x
-
-    return json.dumps(finite(obj), allow_nan=False)
-
-
 def _score_pair_lesions(args: argparse.Namespace) -> int:
     """``score --pred --ref --lesion``: each region's dict also holds the lesion-wise scores."""
     from mstkd.lesion import format_lesion_scores
     from mstkd.metrics import format_scores
-    from mstkd.scoring import score_pair
+    from mstkd.scoring import score_pair, strict_json
 
     _, scores, lesions = score_pair(Path(args.pred), Path(args.ref), labels=args.labels, hd95=args.hd95, lesion=True)
     if args.json:
-        print(_strict_json({r: {**scores[r], **lesions[r]} for r in scores}))
+        print(strict_json({r: {**scores[r], **lesions[r]} for r in scores}))
     else:
         print(format_scores(scores, hd95=args.hd95) + "\n\n" + format_lesion_scores(lesions))
     return 0

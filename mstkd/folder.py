@@ -102,7 +102,8 @@ def predict_folder(
         result.kept = [c for c, folder in cases if finished_output(output_dir / f"{c}.nii.gz", folder)]
         if result.kept:
             print(f"{len(result.kept)} of {len(cases)} cases finished earlier: kept", file=sys.stderr)
-    todo = [(c, folder) for c, folder in cases if c not in set(result.kept)]
+    kept = set(result.kept)
+    todo = [(c, folder) for c, folder in cases if c not in kept]
     outputs = {c: (output_dir / f"{c}.nii.gz", output_dir / f"{c}.npz" if probabilities else None) for c, _ in todo}
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
     for case_id, outcome in _predict_cases(predictor, todo, outputs, modalities, overlap=overlap):

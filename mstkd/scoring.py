@@ -16,6 +16,7 @@ import multiprocessing
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +35,19 @@ SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
 """The summary's files, written beside a per-case table."""
 
 
-def _finite(value: float) -> float | None:
-    """A number JSON parsers all read: NaN and infinities (a lesion-wise mean over no lesion) become null."""
-    return value if math.isfinite(value) else None
+def strict_json(obj: object, indent: int | None = None) -> str:
+    """JSON that every parser reads: NaN and infinities (e.g. a lesion-wise mean over no lesion) become null."""
+
+    def finite(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def _case_id(path: Path) -> str:
@@ -117,9 +128,9 @@ class FolderScores:
             "cases": len(self.rows),
             "not_scored": self.failed,
             "unpredicted": self.unpredicted,
-            **{row["case"]: {c: _finite(row[c]) for c in self.columns[2:]} for row in summary},
+            **{row["case"]: {c: row[c] for c in self.columns[2:]} for row in summary},
         }
-        summary_json = write_text(path.parent / SUMMARY_JSON, json.dumps(record, indent=1, allow_nan=False) + "\n")
+        summary_json = write_text(path.parent / SUMMARY_JSON, strict_json(record, indent=1) + "\n")
         return table, summary_csv, summary_json
 
     def markdown(self) -> str:
@@ -238,8 +249,8 @@ def score_folders(
     tasks = [(case_id, pred, refs.get(case_id), options) for case_id, pred in preds.items()]
     parallel = jobs > 1 and len(tasks) > 1  # fresh processes (spawn): no forked copy of this one's threads
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=spawn) if parallel else _InProcess() as pool:
-        outcomes = pool.map(_score_case, tasks)  # in case order, whichever process scored it
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=spawn) if parallel else nullcontext() as pool:
+        outcomes = (pool.map if parallel else map)(_score_case, tasks)  # in case order, whichever process scored it
         for (case_id, pred, _, _), (row, error) in tqdm(
             zip(tasks, outcomes, strict=True), total=len(tasks), desc="score", unit="case", disable=not progress
         ):
@@ -252,20 +263,6 @@ def score_folders(
     if result.unpredicted:  # e.g. a test split's predictions against the whole data folder: not an error
         print(f"{len(result.unpredicted)} references have no prediction and are not scored", file=sys.stderr)
     return result
-
-
-class _InProcess:
-    """``ProcessPoolExecutor``'s ``map`` and context, in this process (one job, or one case)."""
-
-    def __enter__(self) -> _InProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    @staticmethod
-    def map(fn, items):
-        return map(fn, items)
 
 
 def _score_case(task: tuple) -> tuple[dict | None, str | None]:

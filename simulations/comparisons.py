@@ -187,7 +187,6 @@ def convergence_section(results: dict[str, list[dict]], seeds_of: dict[str, list
         "| Arm | arm's trend (points) | levelled off | trend per seed (points) | final validation Dice |",
         "|---|---:|:---:|---|---:|",
     ]
-    failing = []
     failing, unjudged = [], []
     for name, runs in results.items():
         trends = [convergence(r["curve"]) for r in runs]

@@ -162,8 +162,6 @@ def _collapse_numbers(table: list[dict]) -> dict[str, Any]:
 def schedules(scenario: Scenario) -> str:
     """How long the federated arms and the centralised arm train, in epochs over the training cases."""
     run = scenario.config
-    central = next(o for o in scenario.centralised_overrides(0, scenario.num_sites) if o.startswith("train.epochs="))
-    central_epochs = int(central.split("=", 1)[1])
     if run.local_steps:
         federated = f"{run.num_server_rounds} rounds of {run.local_steps} local steps"
     else:
@@ -171,8 +169,8 @@ def schedules(scenario: Scenario) -> str:
         federated = f"{run.num_server_rounds} rounds of {run.local_epochs:g} local epochs ({total:g} epochs in all)"
     longer = " (longer, to level off: see Convergence)" if scenario.centralised_epochs else ""
     return (
-        f"**Schedules**: the federated arms train {federated}; the centralised arm trains {central_epochs} epochs "
-        f"over the pooled training cases{longer}."
+        f"**Schedules**: the federated arms train {federated}; the centralised arm trains "
+        f"{scenario.centralised_train_epochs} epochs over the pooled training cases{longer}."
     )
 
 

@@ -175,22 +175,31 @@ class Scenario:
         RunConfig.parse(given)  # an arm's keys are checked like the scenario's
         return given
 
+    @property
+    def centralised_train_epochs(self) -> int:
+        """The epochs the centralised arm trains: ``centralised.epochs``, else as many as a federated arm trains in all
+        its rounds (with ``local-steps``, one epoch per round)."""
+        run = self.config
+        if self.centralised_epochs:
+            return self.centralised_epochs
+        return (
+            run.num_server_rounds if run.local_steps else max(int(round(run.num_server_rounds * run.local_epochs)), 1)
+        )
+
     def centralised_overrides(self, seed: int, num_sites: int) -> list[str]:
         """Project-config overrides of the centralised arm: a federated arm's budget in epochs (and steps), or
         ``centralised.epochs`` where the scenario gives it."""
         run = self.config
-        rounds, local, steps = run.num_server_rounds, run.local_epochs, run.local_steps
-        epochs = self.centralised_epochs or (max(int(round(rounds * local)), 1) if not steps else rounds)
         out = [
             f"model={run.model}",
-            f"train.epochs={epochs}",
+            f"train.epochs={self.centralised_train_epochs}",
             f"train.seed={seed}",
             "train.eval_every=1",
             "train.eval_subsets=full",
             f"train.lr={run.lr}",
         ]
-        if steps:  # a federated round is local-steps on every site
-            out.append(f"train.steps_per_epoch={steps * num_sites}")
+        if run.local_steps:  # a federated round is local-steps on every site
+            out.append(f"train.steps_per_epoch={run.local_steps * num_sites}")
         return [*out, *shlex.split(run.overrides)]
 
 
