@@ -122,6 +122,11 @@ ARMS: dict[str, Arm] = {
             for e in (2, 4)
         ),
         Arm(
+            "rounds-40",
+            "Federated MST-KDNet (FedAvg, 40 rounds: twice the local epochs, as many as the centralised arm)",
+            run={"num-server-rounds": 40},
+        ),
+        Arm(
             "dp-clip",
             "Federated MST-KDNet, updates clipped (DP without noise)",
             run={"dp": "server", "dp-clip": 2.0, "dp-noise": 0.0},
@@ -139,6 +144,9 @@ ARMS: dict[str, Arm] = {
 STRATEGY_ARMS = ("fedprox", "fedavgm", "fedadam", "fedyogi", "local-2", "local-4")
 """Arms that change how the federation trains (strategy, or local epochs per round at equal total epochs: a
 ``local-<e>`` arm runs ``rounds / e`` rounds), chosen between on validation data (:mod:`simulations.comparisons`)."""
+LONGER_ARMS = ("rounds-40",)
+"""Arms that train longer than the scenario's schedule (not equal compute): whether the federation has levelled off
+by the scenario's last round, judged on validation data."""
 ABLATIONS = ("no-mstkd", "no-gsm", "no-dmld", "mstkd")
 """The rows of the Table-5-style ablation table (the paper's mechanism groups), in its order (full method last)."""
 
