@@ -40,9 +40,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from mstkd.scoring import strict_json
 
     if args.lesion:
-        from mstkd.lesion import require_panoptica
+        from mstkd.lesion import check_mode
 
-        require_panoptica()  # before any work: one line saying how to install it
+        check_mode(args.lesion)  # before any work: panoptica's mode says in one line how to install it
     pair, folders = bool(args.pred or args.ref), bool(args.pred_dir or args.ref_dir)
     if pair == folders:
         raise InputError("give either --pred with --ref (one pair) or --pred-dir with --ref-dir (every case)")
@@ -90,16 +90,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _score_pair_lesions(args: argparse.Namespace) -> int:
-    """``score --pred --ref --lesion``: each region's dict also holds the lesion-wise scores."""
+    """``score --pred --ref --lesion MODE``: each region's dict also holds the lesion-wise scores."""
     from mstkd.lesion import format_lesion_scores
     from mstkd.metrics import format_scores
     from mstkd.scoring import score_pair, strict_json
 
-    _, scores, lesions = score_pair(Path(args.pred), Path(args.ref), labels=args.labels, hd95=args.hd95, lesion=True)
+    options = {"labels": args.labels, "hd95": args.hd95, "lesion": args.lesion}
+    _, scores, lesions = score_pair(Path(args.pred), Path(args.ref), **options)
     if args.json:
         print(strict_json({r: {**scores[r], **lesions[r]} for r in scores}))
     else:
-        print(format_scores(scores, hd95=args.hd95) + "\n\n" + format_lesion_scores(lesions))
+        print(format_scores(scores, hd95=args.hd95) + "\n\n" + format_lesion_scores(lesions, args.lesion))
     return 0
 
 
@@ -150,6 +151,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = pick_device()
     net, cfg, payload = load_checkpoint(args.checkpoint, device)
+    if args.lesion:
+        cfg.eval.lesion = args.lesion
     if checkpoint_geometry(payload) is None:
         print(
             f"{args.checkpoint}: stores no training voxel size (made by an older version); the cases are evaluated "
@@ -287,10 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lesion",
-        action="store_true",
-        help="also BraTS lesion-wise scores per region (TP/FP/FN lesions, lesion-wise Dice, HD95, NSD; "
-        "missed and spurious lesions count as Dice 0, HD95 374) through panoptica: pip install '.[lesion]' "
-        "&& pip install --no-deps panoptica==2.1.7",
+        nargs="?",
+        const="panoptica",
+        default="",
+        choices=("panoptica", "brats2023"),
+        metavar="MODE",
+        help="also BraTS lesion-wise scores per region (TP/FP/FN lesions, lesion-wise Dice and HD95; missed and "
+        "spurious lesions count as Dice 0, HD95 374). MODE brats2023: the BraTS 2023 ranking's rules (lesions merged "
+        "and matched by a 3-voxel dilation, lesions of at most 50 mm³ left out); panoptica (the default of a bare "
+        "--lesion): one-to-one matching through panoptica, with NSD: pip install '.[lesion]' && "
+        "pip install --no-deps panoptica==2.1.7",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -328,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--subsets", default="all", help="all (default), full, or subsets separated by commas, e.g. flair,flair+t1ce"
     )
     p.add_argument("--out", required=True, help="folder for eval.md, eval.csv, eval.json, eval_cases.csv")
+    p.add_argument(
+        "--lesion",
+        nargs="?",
+        const="brats2023",
+        default="",
+        choices=("brats2023", "panoptica"),
+        metavar="MODE",
+        help="also lesion-wise columns per case and subset: brats2023 (the default of a bare --lesion) or panoptica",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 

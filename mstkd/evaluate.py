@@ -8,6 +8,9 @@ specificity are computed per region with :mod:`mstkd.metrics`. HD95 for a missed
 hallucinated region is the diagonal of the case's original grid. The table has one row per
 subset in the paper's order plus the average row, and is written as CSV, JSON and Markdown.
 
+With ``eval.lesion`` set to a mode of :data:`mstkd.lesion.LESION_MODES` (``brats2023``: the BraTS 2023
+ranking's rules), every row also holds that mode's lesion-wise scores per region (``<R>_lesion_dice``, ...).
+
 Each row also holds the predicted and reference volume of every region and its share of the
 brain, so that a collapsed model (a region predicted over most of the brain) is flagged
 (:meth:`EvalResult.collapse`) instead of passing as a merely low Dice.
@@ -125,6 +128,7 @@ class EvalResult:
 
     rows: list[dict] = field(default_factory=list)  # case, subset, <region>_<metric>, <region>_share|pred|ref
     hd95: str = "max"
+    lesion: str = ""  # the lesion-wise mode the rows hold, if any
     collapse_share: float = 0.5
     collapse_ratio: float = 10.0
 
@@ -187,7 +191,24 @@ class EvalResult:
             f"percentiles; a region missed or hallucinated scores the volume diagonal), mean over {n} cases."
         )
         lines += [f"\n**Collapse:** {describe_collapse(hit)}." for hit in self.collapse()]
-        return "\n".join(lines)
+        return "\n".join(lines + self._lesion_markdown())
+
+    def _lesion_markdown(self) -> list[str]:
+        """Lesion-wise Dice and HD95 per subset, when the rows hold them."""
+        if not self.rows or "ET_lesion_dice" not in self.rows[0]:
+            return []
+        lines = [
+            "",
+            "| Subset | Lesion Dice ET | Lesion Dice TC | Lesion Dice WT | Lesion HD95 ET | Lesion HD95 TC "
+            "| Lesion HD95 WT |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in self.table():
+            name = f"**{row['display']}**" if row["subset"] == "average" else row["display"]
+            dice = " | ".join(f"{100 * row[f'{r}_lesion_dice']:.1f}" for r in REGIONS)
+            hd = " | ".join(f"{row[f'{r}_lesion_hd95']:.2f}" for r in REGIONS)
+            lines.append(f"| {name} | {dice} | {hd} |")
+        return lines + ["", f"Lesion-wise scores ({self.lesion}): mean over cases."]
 
     def write(self, out_dir: str | Path, stem: str = "eval") -> dict[str, Path]:
         """Write ``<stem>.csv`` (the 15+1 table), ``<stem>_cases.csv``, ``<stem>.json`` and ``<stem>.md``."""
@@ -241,10 +262,16 @@ def evaluate_cases(
     desc: str = "evaluate",
 ) -> EvalResult:
     """Score ``net`` on every case of ``entries`` under every subset in ``subsets``."""
+    lesion = str(cfg.eval.get("lesion") or "")
+    if lesion:
+        from mstkd.lesion import check_mode, stack_scores
+
+        check_mode(lesion)
     device = device or pick_device()
     net.to(device)
     result = EvalResult(
         hd95=str(cfg.metrics.hd95),
+        lesion=lesion,
         collapse_share=float(cfg.eval.collapse_share),
         collapse_ratio=float(cfg.eval.collapse_ratio),
     )
@@ -273,6 +300,9 @@ def evaluate_cases(
                     **ref_voxels,
                 }
             )
+            if lesion:
+                scored = stack_scores(lesion, pred, ref, spacing)
+                result.rows[-1].update({f"{r}_{m}": v for r in REGIONS for m, v in scored[r].items()})
             bar.update()
     bar.close()
     return result

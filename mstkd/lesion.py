@@ -1,4 +1,9 @@
-"""BraTS lesion-wise scores per tumour region, computed by panoptica (an optional extra).
+"""BraTS lesion-wise scores per tumour region: two modes, and the panoptica one (an optional extra).
+
+``mstkd score --lesion MODE`` picks one of :data:`LESION_MODES` (:func:`mode_scores`): ``brats2023``
+(:mod:`mstkd.lesion_brats2023`, the BraTS 2023 ranking's dilation and size rules, scipy only) or
+``panoptica``, the panoptica-based evaluation (the ``brats-evaluation`` package), which the rest of this
+module computes:
 
 Each region (ET, TC, WT) of a label map is split into lesions, its 26-connected components,
 and the predicted lesions are matched one-to-one to the reference lesions as the official
@@ -45,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from mstkd.data.cases import bounding_box
-from mstkd.data.labels import CONVENTIONS, REGIONS, LabelConvention
+from mstkd.data.labels import CONVENTIONS, REGIONS, LabelConvention, labels_from_regions
 from mstkd.errors import InputError
 
 PANOPTICA_VERSION = "2.1.7"
@@ -214,15 +219,24 @@ def penalised_mean(matched_mean: float, tp: int, fp: int, fn: int, *, penalty: f
     return float((matched + penalty * (fp + fn)) / n)
 
 
-def format_lesion_scores(scores: dict[str, dict[str, float]], *, hd95_penalty: float = LESION_HD95_PENALTY) -> str:
-    """A plain-text table: one row per region, lesion counts and the penalised lesion-wise Dice, HD95 and NSD."""
-    lines = [f"{'region':<8}{'TP':>5}{'FP':>5}{'FN':>5}{'lesion dice':>13}{'lesion hd95':>13}{'lesion nsd':>12}"]
+def format_lesion_scores(scores: dict[str, dict[str, float]], mode: str = "panoptica") -> str:
+    """A plain-text table: one row per region, the lesion counts and the penalised lesion-wise scores of ``mode``
+    (with ``mode``'s rule below it)."""
+    columns = [
+        (k, f"{'lesion ' if k in ('dice', 'hd95', 'nsd') else ''}{k}")
+        for k in ("tp", "fp", "fn", "small", "dice", "hd95", "nsd")
+        if f"lesion_{k}" in mode_metrics(mode)
+    ]
+    lines = [f"{'region':<8}" + "".join(f"{name:>13}" for _, name in columns)]
     for region, s in scores.items():
-        lines.append(
-            f"{region:<8}{s['lesion_tp']:>5}{s['lesion_fp']:>5}{s['lesion_fn']:>5}"
-            f"{s['lesion_dice']:>13.4f}{s['lesion_hd95']:>13.2f}{s['lesion_nsd']:>12.4f}"
-        )
-    lines.append(lesion_rule(hd95_penalty))
+        cells = []
+        for k, _ in columns:
+            value = s[f"lesion_{k}"]
+            cells.append(
+                f"{value:>13.2f}" if k == "hd95" else f"{value:>13.4f}" if k in ("dice", "nsd") else f"{int(value):>13}"
+            )
+        lines.append(f"{region:<8}" + "".join(cells))
+    lines.append(mode_rule(mode))
     return "\n".join(lines)
 
 
@@ -241,3 +255,65 @@ def _canonical(labels: np.ndarray, convention: LabelConvention) -> np.ndarray:
     for name in ("necrosis", "edema", "enhancing"):
         out[labels == getattr(convention, name)] = getattr(_CANONICAL, name)
     return out
+
+
+# --- modes -------------------------------------------------------------------------------------------------
+
+LESION_MODES = ("panoptica", "brats2023")
+"""``panoptica``: this module (one-to-one matching, no dilation, no size rule, NSD too); ``brats2023``: the BraTS
+2023 ranking's rules (:mod:`mstkd.lesion_brats2023`: lesions merged and matched by a 3-voxel dilation, lesions of
+at most 50 mm³ left out)."""
+
+
+def check_mode(mode: str) -> None:
+    """Refuse an unknown mode, or the panoptica mode without panoptica, in one line, before any work.
+
+    Raises:
+        InputError: as said.
+    """
+    if mode not in LESION_MODES:
+        raise InputError(f"lesion mode {mode!r}: choose one of {', '.join(LESION_MODES)}")
+    if mode == "panoptica":
+        require_panoptica()
+
+
+def mode_metrics(mode: str) -> tuple[str, ...]:
+    """The per-region keys that ``mode`` scores."""
+    from mstkd import lesion_brats2023
+
+    return LESION_METRICS if mode == "panoptica" else lesion_brats2023.METRICS
+
+
+def mode_scores(
+    mode: str,
+    pred_labels: np.ndarray,
+    ref_labels: np.ndarray,
+    convention: LabelConvention,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> dict[str, dict[str, float]]:
+    """``{"ET": {...}, "TC": {...}, "WT": {...}}``: the lesion-wise scores of ``mode`` (its :func:`mode_metrics`)."""
+    from mstkd import lesion_brats2023
+
+    if mode == "panoptica":
+        return lesion_scores(pred_labels, ref_labels, convention, spacing)
+    return lesion_brats2023.lesion_scores(pred_labels, ref_labels, convention, spacing)
+
+
+def stack_scores(
+    mode: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> dict[str, dict[str, float]]:
+    """:func:`mode_scores` of two ``3 x H x W x D`` nested region stacks (ET, TC, WT), as evaluation holds them."""
+    from mstkd import lesion_brats2023
+
+    if mode == "brats2023":
+        return {r: lesion_brats2023.region_lesions(pred[i], ref[i], spacing) for i, r in enumerate(REGIONS)}
+    return lesion_scores(
+        labels_from_regions(pred, _CANONICAL), labels_from_regions(ref, _CANONICAL), _CANONICAL, spacing
+    )
+
+
+def mode_rule(mode: str) -> str:
+    """The one line that says how ``mode`` scores lesions."""
+    from mstkd import lesion_brats2023
+
+    return lesion_rule() if mode == "panoptica" else lesion_brats2023.rule()

@@ -138,6 +138,7 @@ class RunConfig:
     eval_initial: bool = True
     eval_subsets: str = "all"
     eval_cases: int = _key(NON_NEGATIVE, 0)
+    eval_lesion: bool = False
     site_eval_subsets: str = "full"
     data_path: str = ""
     partitioning: str = ""
@@ -333,7 +334,7 @@ def project_config(run: RunConfig) -> DictConfig:
 
     From ``model`` (preset), ``lr``, ``seed``, ``local-epochs``, ``num-server-rounds`` and ``overrides`` (a string
     of dot-list overrides, e.g. ``"loss.gsm=false train.amp=false"``). The lr schedule spans the whole federation:
-    ``train.epochs = rounds x local-epochs``.
+    ``train.epochs = rounds x local-epochs``. ``eval-lesion`` sets ``eval.lesion=brats2023``.
 
     Raises:
         InputError: a malformed override, an interpolation, or a value the project config refuses.
@@ -349,6 +350,7 @@ def project_config(run: RunConfig) -> DictConfig:
         f"train.epochs={max(run.num_server_rounds * run.local_epochs, 1.0)}",
         f"train.lr={run.lr}",
         f"train.seed={run.seed}",
+        *(["eval.lesion=brats2023"] if run.eval_lesion else []),
         *extra,
     ]
     # what OmegaConf will read, quotes and escapes removed: ${oc.env:...} would read the environment of whoever

@@ -61,6 +61,7 @@ class Eval:
     sw_batch_size: int = MISSING
     collapse_share: float = MISSING
     collapse_ratio: float = MISSING
+    lesion: str = MISSING
 
 
 @dataclass
@@ -158,6 +159,7 @@ CHOICES = {
     "data.cache_dtype": ("float16", "float32"),
     "eval.blend": ("gaussian", "constant"),
     "eval.decode": ("auto", "argmax", "threshold"),
+    "eval.lesion": ("", "brats2023", "panoptica"),
     "loss.activation": ("softmax", "sigmoid"),
     "loss.attention_norm": ("tokens", "raw"),
     "metrics.hd95": ("max", "pooled"),

@@ -5,7 +5,7 @@ and the BraTS submission naming). Each is paired with ``<ref-dir>/<CaseID>.nii.g
 the references are case folders (``<ref-dir>/<CaseID>/<CaseID>_seg.nii.gz`` or
 ``...-seg.nii.gz``), with that folder's label map, whose file naming also tells the label
 convention. Each pair is scored as :func:`mstkd.metrics.score_volumes` does and, with
-``lesion=True``, also lesion-wise (:mod:`mstkd.lesion`, which needs panoptica).
+``lesion`` set to a mode of :data:`mstkd.lesion.LESION_MODES`, also lesion-wise (:mod:`mstkd.lesion`).
 """
 
 from __future__ import annotations
@@ -77,21 +77,22 @@ def find_references(ref_dir: Path) -> dict[str, tuple[Path, str | None]]:
 class FolderScores:
     """Per-case rows (``case``, ``labels``, ``<R>_<metric>``) and the cases that could not be scored.
 
-    With ``lesion`` the rows also hold ``<R>_<lesion metric>`` for every :data:`mstkd.lesion.LESION_METRICS`.
+    With ``lesion`` (a mode of :data:`mstkd.lesion.LESION_MODES`) the rows also hold ``<R>_<lesion metric>`` for
+    every key of that mode (:func:`mstkd.lesion.mode_metrics`).
     """
 
     rows: list[dict] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # predictions that could not be scored
     unpredicted: list[str] = field(default_factory=list)  # references without a prediction
-    lesion: bool = False  # rows hold the lesion-wise columns too
+    lesion: str = ""  # the lesion-wise mode whose columns the rows hold too ("": none)
 
     @property
     def columns(self) -> list[str]:
         columns = ["case", "labels", *(f"{r}_{m}" for r in REGIONS for m in METRICS)]
         if self.lesion:
-            from mstkd.lesion import LESION_METRICS
+            from mstkd.lesion import mode_metrics
 
-            columns += [f"{r}_{m}" for r in REGIONS for m in LESION_METRICS]
+            columns += [f"{r}_{m}" for r in REGIONS for m in mode_metrics(self.lesion)]
         return columns
 
     def summary(self) -> list[dict]:
@@ -126,6 +127,7 @@ class FolderScores:
         summary_csv = write_csv(path.parent / SUMMARY_CSV, stats, ["statistic", *self.columns[2:]])
         record = {
             "cases": len(self.rows),
+            "lesion_mode": self.lesion or None,
             "not_scored": self.failed,
             "unpredicted": self.unpredicted,
             **{row["case"]: {c: row[c] for c in self.columns[2:]} for row in summary},
@@ -152,24 +154,30 @@ class FolderScores:
 
     def _lesion_markdown(self, mean: dict, sd: dict) -> list[str]:
         """Lesion counts summed over the cases, and the mean ± sd of the penalised lesion-wise scores."""
-        from mstkd.lesion import lesion_rule
+        from mstkd.lesion import mode_metrics, mode_rule
 
+        scores = [m for m in ("dice", "hd95", "nsd") if f"lesion_{m}" in mode_metrics(self.lesion)]
+        counts = [k for k in ("tp", "fp", "fn", "small") if f"lesion_{k}" in mode_metrics(self.lesion)]
+        names = {"dice": "Lesion Dice", "hd95": "Lesion HD95 mm", "nsd": "Lesion NSD", "small": "left out (small)"}
         lines = [
-            "| Region | TP | FP | FN | Lesion Dice mean ± sd | Lesion HD95 mm mean ± sd | Lesion NSD mean ± sd |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| Region | "
+            + " | ".join(names.get(k, k.upper()) for k in counts)
+            + " | "
+            + " | ".join(f"{names[m]} mean ± sd" for m in scores)
+            + " |",
+            "|---|" + "---:|" * (len(counts) + len(scores)),
         ]
         for r in REGIONS:
-            tp, fp, fn = (sum(int(row[f"{r}_lesion_{k}"]) for row in self.rows) for k in ("tp", "fp", "fn"))
-            d, h, n = (f"{r}_lesion_{m}" for m in ("dice", "hd95", "nsd"))
-            lines.append(
-                f"| {r} | {tp} | {fp} | {fn} | {mean[d]:.4f} ± {sd[d]:.4f} | {mean[h]:.2f} ± {sd[h]:.2f} "
-                f"| {mean[n]:.4f} ± {sd[n]:.4f} |"
-            )
-        return [*lines, "", lesion_rule()]
+            cells = [str(sum(int(row[f"{r}_lesion_{k}"]) for row in self.rows)) for k in counts]
+            for m in scores:
+                key, digits = f"{r}_lesion_{m}", 2 if m == "hd95" else 4
+                cells.append(f"{mean[key]:.{digits}f} ± {sd[key]:.{digits}f}")
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        return [*lines, "", mode_rule(self.lesion)]
 
 
 class LesionScoringError(RuntimeError):
-    """panoptica failed on a pair that the whole-region scores accepted."""
+    """Lesion-wise scoring (e.g. panoptica) failed on a pair that the whole-region scores accepted."""
 
 
 def score_pair(
@@ -180,15 +188,15 @@ def score_pair(
     hint: str | None = None,
     hd95: str = "max",
     empty_hd95: float | None = None,
-    lesion: bool = False,
+    lesion: str = "",
 ) -> tuple[str, dict[str, dict[str, float]], dict[str, dict[str, float]] | None]:
     """Read and score one predicted and one reference label map: the label convention's name, the
-    whole-region scores of :func:`mstkd.metrics.score_labels` and, with ``lesion``, the lesion-wise
-    scores of :func:`mstkd.lesion.lesion_scores` (else None).
+    whole-region scores of :func:`mstkd.metrics.score_labels` and, with ``lesion`` (a mode), the lesion-wise
+    scores of :func:`mstkd.lesion.mode_scores` (else None).
 
     Raises:
         InputError: as :func:`mstkd.metrics.score_files` does.
-        LesionScoringError: panoptica raised on this pair.
+        LesionScoringError: lesion-wise scoring raised on this pair.
     """
     convention, pred_labels, ref_labels, spacing = label_pair(
         read_volume(pred, dtype=np.float64), read_volume(ref, dtype=np.float64), labels=labels, hint=hint
@@ -196,11 +204,11 @@ def score_pair(
     scores = score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
     if not lesion:
         return convention.name, scores, None
-    from mstkd.lesion import lesion_scores
+    from mstkd.lesion import mode_scores
 
     try:
-        lesions = lesion_scores(pred_labels, ref_labels, convention, spacing)
-    except Exception as exc:  # an error inside panoptica: the caller decides whether it skips the case
+        lesions = mode_scores(lesion, pred_labels, ref_labels, convention, spacing)
+    except Exception as exc:  # e.g. an error inside panoptica: the caller decides whether it skips the case
         raise LesionScoringError(f"lesion-wise scoring failed: {type(exc).__name__}: {exc}") from exc
     return convention.name, scores, lesions
 
@@ -212,13 +220,13 @@ def score_folders(
     labels: str = "auto",
     hd95: str = "max",
     empty_hd95: float | None = None,
-    lesion: bool = False,
+    lesion: str = "",
     progress: bool = True,
     jobs: int = 1,
 ) -> FolderScores:
     """Score every ``<CaseID>.nii.gz`` in ``pred_dir`` against its reference in ``ref_dir``.
 
-    With ``lesion`` every case is also scored lesion-wise (:func:`mstkd.lesion.lesion_scores`). With ``jobs``
+    With ``lesion`` (a mode) every case is also scored lesion-wise (:func:`mstkd.lesion.mode_scores`). With ``jobs``
     above 1, that many processes score cases side by side; the rows, in case order, are the same to the last bit.
 
     A prediction without a reference, or a pair that cannot be scored (unreadable file, other
@@ -227,13 +235,13 @@ def score_folders(
     listed in :attr:`FolderScores.unpredicted`.
 
     Raises:
-        InputError: a folder is missing, ``pred_dir`` holds no NIfTI file, or ``lesion`` is asked
-            for and panoptica is not installed.
+        InputError: a folder is missing, ``pred_dir`` holds no NIfTI file, or ``lesion`` is an unknown mode or
+            the panoptica mode without panoptica installed.
     """
     if lesion:
-        from mstkd.lesion import require_panoptica
+        from mstkd.lesion import check_mode
 
-        require_panoptica()
+        check_mode(lesion)
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     for what, folder in (("--pred-dir", pred_dir), ("--ref-dir", ref_dir)):
         if not folder.is_dir():

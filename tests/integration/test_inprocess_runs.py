@@ -23,7 +23,7 @@ from tests.helpers import NODES, by_name, nodes, run_inproc, tiny_run_config
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
-    run_config = tiny_run_config(tmp, tensorboard=True)
+    run_config = tiny_run_config(tmp, tensorboard=True, **{"eval-lesion": True})
     grid = run_inproc(server_app, client_app, run_config, nodes())
     return tmp, run_config, grid
 
@@ -89,6 +89,7 @@ def test_run_log_checkpoints_and_report(federation, tmp_path):
             assert sum(phases) <= s["client-seconds"] and "ray-node" not in s
         assert 0 <= r["global"]["mean_dice"] <= 1
         assert 0 <= r["global"]["WT_share_max"] <= 1 and "collapsed" in r["global"]
+        assert all(0 <= r["global"][f"{x}_lesion_dice"] <= 1 for x in ("ET", "TC", "WT"))  # eval-lesion=true
     assert (run / "metrics.csv").read_text().count("\n") == 4
     import pandas as pd
 

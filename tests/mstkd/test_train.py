@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -430,12 +431,16 @@ def test_train_evaluate_predict_verbs(phantoms, tmp_path, capsys):
                 "flair",
                 "--out",
                 str(report),
+                "--lesion",
                 "--quiet",
             ]
         )
         == 0
     )
     assert (report / "eval.md").exists() and "FLAIR" in capsys.readouterr().out
+    rows = list(csv.DictReader((report / "eval_cases.csv").open()))  # --lesion: the BraTS 2023 lesion columns
+    assert rows and all(0 <= float(r[f"{x}_lesion_dice"]) <= 1 for r in rows for x in ("ET", "TC", "WT"))
+    assert "Lesion-wise scores (brats2023)" in (report / "eval.md").read_text()
     case = next(p for p in phantoms.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert (
         main(
