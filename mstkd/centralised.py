@@ -17,6 +17,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +103,12 @@ def train_centralised(
     *,
     partitioning: str | Path | None = None,
     progress: bool = True,
-    tensorboard: bool = False,
+    trackers: str | Iterable[str] = (),
 ) -> Path:
     """Train on all sites' training cases pooled; validate on their validation cases; return the run folder.
 
-    ``tensorboard``: also write each epoch's scalars under ``out_dir/tensorboard/``.
+    ``trackers``: ``tensorboard`` and/or ``mlflow`` (:mod:`mstkd.tracking`): each epoch's scalars, and with MLflow
+    the config, the best checkpoint and the last validation table.
 
     Raises:
         InputError: ``out_dir`` cannot be written, or already holds a run (continue it with
@@ -119,12 +121,13 @@ def train_centralised(
     check_writable(out, what="--out")
     if (out / STATE).exists() or (out / "log.jsonl").exists():
         raise InputError(f"--out {out} already holds a run: continue it with --resume {out}, or choose another --out")
-    tracker = Tracker(out, tensorboard)  # refuses before any work when the package is missing
+    tracker = Tracker(out, trackers)  # refuses before any work when a package is missing
     partitioning = Path(partitioning).resolve() if partitioning else None  # state.pt must find it from anywhere
-    return _run(Path(data_dir).resolve(), cfg, out, partitioning=partitioning, progress=progress, tracker=tracker)
+    with tracker.failed_on_error():
+        return _run(Path(data_dir).resolve(), cfg, out, partitioning=partitioning, progress=progress, tracker=tracker)
 
 
-def resume_centralised(run_dir: str | Path, *, progress: bool = True, tensorboard: bool = False) -> Path:
+def resume_centralised(run_dir: str | Path, *, progress: bool = True, trackers: str | Iterable[str] = ()) -> Path:
     """Continue the run in ``run_dir`` after its last finished epoch, with its own config and data.
 
     Raises:
@@ -143,10 +146,11 @@ def resume_centralised(run_dir: str | Path, *, progress: bool = True, tensorboar
     cfg = OmegaConf.create(state["config"])
     OmegaConf.set_readonly(cfg, True)
     partitioning = state["partitioning"]
-    tracker = Tracker(out, tensorboard)
-    return _run(
-        Path(state["data"]), cfg, out, partitioning=partitioning, progress=progress, state=state, tracker=tracker
-    )
+    tracker = Tracker(out, trackers)
+    with tracker.failed_on_error():
+        return _run(
+            Path(state["data"]), cfg, out, partitioning=partitioning, progress=progress, state=state, tracker=tracker
+        )
 
 
 def _run(
@@ -189,6 +193,7 @@ def _run(
     convention = _convention(federation)
     best, first = -1.0, 0
     log = out / "log.jsonl"
+    tracker.start(out.name, {"config": OmegaConf.to_container(cfg, resolve=True), "resumed": state is not None})
     if state is not None:
         for name in ("teacher", "student", "discriminator"):  # loads into the parameters in place
             getattr(nets, name).load_state_dict(state[name])
@@ -244,7 +249,9 @@ def _run(
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}{val} ({record['wall_seconds']:.0f} s)", file=sys.stderr)
     if not (out / "best.pt").exists():
         copy_file(out / "last.pt", out / "best.pt")
-    tracker.close()
+    last_table = sorted(out.glob("val_epoch*.md"), key=lambda p: int(p.stem.removeprefix("val_epoch")))[-1:]
+    tables = [t.with_suffix(suffix) for t in last_table for suffix in (".md", ".csv")]
+    tracker.finish([out / "best.pt", out / "config.yaml", out / "log.jsonl", *tables])
     return out
 
 

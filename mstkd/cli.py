@@ -36,72 +36,9 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from mstkd.metrics import format_scores, score_files
-    from mstkd.scoring import strict_json
+    from mstkd.scoring import score_command
 
-    if args.lesion:
-        from mstkd.lesion import check_mode
-
-        check_mode(args.lesion)  # before any work: panoptica's mode says in one line how to install it
-    pair, folders = bool(args.pred or args.ref), bool(args.pred_dir or args.ref_dir)
-    if pair == folders:
-        raise InputError("give either --pred with --ref (one pair) or --pred-dir with --ref-dir (every case)")
-    if pair:
-        if not (args.pred and args.ref):
-            raise InputError("--pred and --ref go together")
-        if args.csv:
-            raise InputError("--csv writes the per-case table of --pred-dir/--ref-dir; use --json for one pair")
-        if args.lesion:
-            return _score_pair_lesions(args)
-        scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
-        print(strict_json(scores) if args.json else format_scores(scores, hd95=args.hd95))
-        return 0
-    from mstkd.atomic import check_writable
-    from mstkd.scoring import SUMMARY_CSV, SUMMARY_JSON, score_folders
-
-    if not (args.pred_dir and args.ref_dir):
-        raise InputError("--pred-dir and --ref-dir go together")
-    if args.csv:
-        if Path(args.csv).is_dir():
-            raise InputError(f"--csv {args.csv} is a folder; name the file to write, e.g. scores.csv")
-        if Path(args.csv).name in (SUMMARY_CSV, SUMMARY_JSON):
-            raise InputError(f"--csv {args.csv}: the summary is written beside the table under that name")
-        check_writable(Path(args.csv).parent, what="--csv")
-    result = score_folders(
-        args.pred_dir,
-        args.ref_dir,
-        labels=args.labels,
-        hd95=args.hd95,
-        lesion=args.lesion,
-        progress=not args.quiet,
-        jobs=args.jobs,
-    )
-    if not result.rows:
-        raise InputError(f"no case could be scored ({len(result.failed)} skipped)")
-    written = result.write(args.csv) if args.csv else ()
-    if args.json:
-        print(strict_json({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
-    else:
-        print(result.markdown())
-    if written:
-        table, *summary = written
-        print(f"per-case table: {table}; summary: {', '.join(map(str, summary))}", file=sys.stderr)
-    return 1 if result.failed else 0
-
-
-def _score_pair_lesions(args: argparse.Namespace) -> int:
-    """``score --pred --ref --lesion MODE``: each region's dict also holds the lesion-wise scores."""
-    from mstkd.lesion import format_lesion_scores
-    from mstkd.metrics import format_scores
-    from mstkd.scoring import score_pair, strict_json
-
-    options = {"labels": args.labels, "hd95": args.hd95, "lesion": args.lesion}
-    _, scores, lesions = score_pair(Path(args.pred), Path(args.ref), **options)
-    if args.json:
-        print(strict_json({r: {**scores[r], **lesions[r]} for r in scores}))
-    else:
-        print(format_scores(scores, hd95=args.hd95) + "\n\n" + format_lesion_scores(lesions, args.lesion))
-    return 0
+    return score_command(args)
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -125,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.data or args.out or args.partitioning or args.overrides:
             raise InputError("--resume continues a run with its own data and config: give it alone")
-        out = resume_centralised(args.resume, progress=not args.quiet, tensorboard=args.tensorboard)
+        out = resume_centralised(args.resume, progress=not args.quiet, trackers=_trackers(args))
     else:
         if not args.data:
             raise InputError("give --data (or --resume RUN_DIR to continue a run)")
@@ -136,10 +73,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.out or cfg.train.out_dir,
             partitioning=args.partitioning,
             progress=not args.quiet,
-            tensorboard=args.tensorboard,
+            trackers=_trackers(args),
         )
     print(f"run folder: {out} (best.pt, last.pt, log.jsonl, config.yaml, state.pt)", file=sys.stderr)
     return 0
+
+
+def _trackers(args: argparse.Namespace) -> tuple[str, str]:
+    """What :class:`mstkd.tracking.Tracker` is given: ``--tensorboard`` and ``--tracker`` (comma-separated)."""
+    return ("tensorboard" if args.tensorboard else "", args.tracker)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -322,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data folder (as for preprocess)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run after its last finished epoch")
     p.add_argument("--tensorboard", action="store_true", help="also write per-epoch scalars for TensorBoard")
+    p.add_argument(
+        "--tracker",
+        default="",
+        help="tensorboard, mlflow or both (comma-separated): mlflow logs params, per-epoch metrics and the best "
+        "checkpoint to $MLFLOW_TRACKING_URI, else to OUT/mlflow.db (pip install '.[mlflow]')",
+    )
     p.add_argument("--partitioning", help="partition CSV (sites are pooled; their val cases validate)")
     p.add_argument("--out", help="run folder (default train.out_dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -152,6 +152,13 @@ class RunConfig:
     overwrite: bool = False
     run_name: str = ""
     tensorboard: bool = False
+    tracker: str = ""
+
+    @property
+    def trackers(self) -> tuple[str, str]:
+        """What :class:`mstkd.tracking.Tracker` is given: ``tracker`` (comma-separated names), and tensorboard
+        where ``tensorboard=true``."""
+        return ("tensorboard" if self.tensorboard else "", self.tracker)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:

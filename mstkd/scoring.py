@@ -10,6 +10,7 @@ convention. Each pair is scored as :func:`mstkd.metrics.score_volumes` does and,
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import multiprocessing
@@ -23,12 +24,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mstkd.atomic import write_csv, write_text
+from mstkd.atomic import check_writable, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.data.layouts import LAYOUT_CONVENTION, detect_case, find_case_folders
 from mstkd.data.nifti import NIFTI_SUFFIXES, read_volume
 from mstkd.errors import InputError
-from mstkd.metrics import METRICS, label_pair, score_labels
+from mstkd.metrics import METRICS, format_scores, label_pair, score_files, score_labels
 
 SUMMARY_ROWS = ("mean", "sd", "median")
 SUMMARY_CSV, SUMMARY_JSON = "summary.csv", "summary.json"
@@ -288,3 +289,65 @@ def _score_case(task: tuple) -> tuple[dict | None, str | None]:
     if lesions is not None:
         row.update({f"{r}_{m}": v for r in REGIONS for m, v in lesions[r].items()})
     return row, None
+
+
+def score_command(args: argparse.Namespace) -> int:
+    """The ``mstkd score`` verb: one pair (``--pred --ref``) or two folders (``--pred-dir --ref-dir``)."""
+    if args.lesion:
+        from mstkd.lesion import check_mode
+
+        check_mode(args.lesion)  # before any work: panoptica's mode says in one line how to install it
+    pair, folders = bool(args.pred or args.ref), bool(args.pred_dir or args.ref_dir)
+    if pair == folders:
+        raise InputError("give either --pred with --ref (one pair) or --pred-dir with --ref-dir (every case)")
+    if pair:
+        if not (args.pred and args.ref):
+            raise InputError("--pred and --ref go together")
+        if args.csv:
+            raise InputError("--csv writes the per-case table of --pred-dir/--ref-dir; use --json for one pair")
+        if args.lesion:
+            return _score_pair_lesions(args)
+        scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
+        print(strict_json(scores) if args.json else format_scores(scores, hd95=args.hd95))
+        return 0
+    if not (args.pred_dir and args.ref_dir):
+        raise InputError("--pred-dir and --ref-dir go together")
+    if args.csv:
+        if Path(args.csv).is_dir():
+            raise InputError(f"--csv {args.csv} is a folder; name the file to write, e.g. scores.csv")
+        if Path(args.csv).name in (SUMMARY_CSV, SUMMARY_JSON):
+            raise InputError(f"--csv {args.csv}: the summary is written beside the table under that name")
+        check_writable(Path(args.csv).parent, what="--csv")
+    result = score_folders(
+        args.pred_dir,
+        args.ref_dir,
+        labels=args.labels,
+        hd95=args.hd95,
+        lesion=args.lesion,
+        progress=not args.quiet,
+        jobs=args.jobs,
+    )
+    if not result.rows:
+        raise InputError(f"no case could be scored ({len(result.failed)} skipped)")
+    written = result.write(args.csv) if args.csv else ()
+    if args.json:
+        print(strict_json({"cases": result.rows, "summary": result.summary(), "failed": result.failed}))
+    else:
+        print(result.markdown())
+    if written:
+        table, *summary = written
+        print(f"per-case table: {table}; summary: {', '.join(map(str, summary))}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _score_pair_lesions(args: argparse.Namespace) -> int:
+    """``score --pred --ref --lesion MODE``: each region's dict also holds the lesion-wise scores."""
+    from mstkd.lesion import format_lesion_scores
+
+    options = {"labels": args.labels, "hd95": args.hd95, "lesion": args.lesion}
+    _, scores, lesions = score_pair(Path(args.pred), Path(args.ref), **options)
+    if args.json:
+        print(strict_json({r: {**scores[r], **lesions[r]} for r in scores}))
+    else:
+        print(format_scores(scores, hd95=args.hd95) + "\n\n" + format_lesion_scores(lesions, args.lesion))
+    return 0

@@ -1,29 +1,49 @@
-"""Optional TensorBoard scalars (``pip install '.[tensorboard]'`` in the repository), for those who follow runs there.
+"""Optional experiment tracking: TensorBoard scalars and MLflow runs, for those who follow runs there.
 
-Centralised training writes one point per epoch, a federated server one per round, under
-``<run folder>/tensorboard/``; ``tensorboard --logdir <run folder>`` shows them. Nested dicts
-become slash-separated tags (``val/WT_dice``, ``site-1/train-loss``); only numbers are written.
+Centralised training logs one point per epoch, a federated server one per round. Nested dicts
+become slash-separated keys (``val/WT_dice``, ``site-1/train-loss``); only numbers are logged.
+
+- **tensorboard** (``pip install '.[tensorboard]'``): event files under ``<run folder>/tensorboard/``;
+  ``tensorboard --logdir <run folder>`` shows them.
+- **mlflow** (``pip install '.[mlflow]'``): one MLflow run per training run, in the experiment
+  ``$MLFLOW_EXPERIMENT_NAME`` (default ``mstkd``), with the run and project config as params, the
+  same metrics per round or epoch, and at the end the best checkpoint, the final 15-subset table and
+  the report as artefacts. The store is ``$MLFLOW_TRACKING_URI`` when set (a server, or a database
+  shared by many runs), else a local one in the run folder: ``mlflow.db`` (SQLite) and
+  ``mlflow-artifacts/``; ``mlflow ui --backend-store-uri sqlite:///<run folder>/mlflow.db`` shows it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mstkd.errors import InputError
 
 FOLDER = "tensorboard"
+TRACKERS = ("tensorboard", "mlflow")
+MLFLOW_DB, MLFLOW_ARTIFACTS = "mlflow.db", "mlflow-artifacts"
+"""The local MLflow store in a run folder (when ``MLFLOW_TRACKING_URI`` is not set)."""
+EXPERIMENT = "mstkd"
+"""The MLflow experiment when ``MLFLOW_EXPERIMENT_NAME`` is not set."""
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [x, y]}`` -> ``{"<prefix>a/b": 1, "<prefix>c": 2}`` (lists by their length)."""
+def flatten(values: Mapping[str, Any], prefix: str = "", *, count_lists: bool = True) -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [x, y]}`` -> ``{"<prefix>a/b": 1, "<prefix>c": 2}`` (lists by their length, or as
+    they are with ``count_lists=False``)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}/"))
+            flat.update(flatten(value, f"{prefix}{key}/", count_lists=count_lists))
         else:
-            flat[f"{prefix}{key}"] = len(value) if isinstance(value, list | tuple) else value
+            counted = count_lists and isinstance(value, list | tuple)
+            flat[f"{prefix}{key}"] = len(value) if counted else value
     return flat
 
 
@@ -36,33 +56,143 @@ def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     }
 
 
-class Tracker:
-    """Writes scalars to TensorBoard event files, or does nothing when switched off."""
+def parse_trackers(specs: str | Iterable[str]) -> tuple[str, ...]:
+    """``"tensorboard,mlflow"``, or several such strings -> the trackers, each once, in the order given.
 
-    def __init__(self, run_dir: str | Path, enabled: bool) -> None:
-        """Raises :class:`InputError` at once (before any work) when enabled without the package."""
-        self.folder = Path(run_dir) / FOLDER
-        self.enabled = enabled
-        self.writer = None
-        if enabled:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise InputError(
-                    "TensorBoard logging needs the tensorboard package: pip install '.[tensorboard]' in the repository"
-                ) from None
+    Raises:
+        InputError: a name that is not one of :data:`TRACKERS`.
+    """
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    names = [name for spec in specs for name in str(spec).replace(",", " ").split()]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise InputError(f"tracker {', '.join(unknown)}: choose from {', '.join(TRACKERS)} (comma-separated)")
+    return tuple(dict.fromkeys(names))
+
+
+class Tracker:
+    """Logs to every tracker asked for (none: does nothing)."""
+
+    def __init__(self, run_dir: str | Path, trackers: str | Iterable[str] = ()) -> None:
+        """Raises :class:`InputError` at once (before any work) for an unknown tracker or one whose package is
+        missing."""
+        self.trackers = parse_trackers(trackers)
+        backends = {"tensorboard": _TensorBoard, "mlflow": _MLflow}
+        self.backends = [backends[name](Path(run_dir)) for name in self.trackers]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.backends)
+
+    def start(self, name: str, params: Mapping[str, Any]) -> None:
+        """Begin the run ``name`` with its settings (nested; MLflow keeps them as params)."""
+        for backend in self.backends:
+            backend.start(name, params)
 
     def log(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
-        if not self.enabled:
-            return
+        points = scalars(values, prefix)
+        for backend in self.backends:
+            backend.log(step, points)
+
+    def finish(self, artifacts: Iterable[Path] = (), *, failed: bool = False) -> None:
+        """End the run: keep ``artifacts`` (the files that exist; MLflow only) and mark it finished or failed.
+        A run already ended is left as it is."""
+        files = [p for p in artifacts if Path(p).is_file()]
+        for backend in self.backends:
+            backend.finish(files, failed)
+
+    @contextlib.contextmanager
+    def failed_on_error(self) -> Iterator[None]:
+        """Marks the run failed when the block raises (and lets the error through); a run the block finished
+        stays finished."""
+        try:
+            yield
+        except BaseException:
+            self.finish(failed=True)
+            raise
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "TensorBoard logging needs the tensorboard package: pip install '.[tensorboard]' in the repository"
+            ) from None
+        self.folder = run_dir / FOLDER
+        self.writer = None
+
+    def start(self, name: str, params: Mapping[str, Any]) -> None:
+        pass  # TensorBoard's run is its folder
+
+    def log(self, step: int, points: dict[str, float]) -> None:
         if self.writer is None:  # the folder appears with the first point, not before
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.folder))
-        for tag, value in scalars(values, prefix).items():
+        for tag, value in points.items():
             self.writer.add_scalar(tag, value, global_step=step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def finish(self, artifacts: list[Path], failed: bool) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+
+_MLFLOW_KEY = re.compile(r"[^/\w.\- :]")
+"""Characters MLflow refuses in a param or metric key (replaced by ``_``: a subset's ``+``, for instance)."""
+_MLFLOW_BATCH = 100  # params per call (MLflow's limit); metrics go 1000 at a time
+_MLFLOW_PARAM_LENGTH = 6000
+
+
+class _MLflow:
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise InputError("MLflow tracking needs mlflow: pip install '.[mlflow]' in the repository") from None
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        self.uri = uri or f"sqlite:///{run_dir.resolve() / MLFLOW_DB}"
+        self.artifact_location = None if uri else (run_dir.resolve() / MLFLOW_ARTIFACTS).as_uri()
+        self.client: Any = None
+        self.run_id = ""
+
+    def start(self, name: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.uri)
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(experiment, artifact_location=self.artifact_location)
+        )
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        flat = [
+            Param(_MLFLOW_KEY.sub("_", k), str(v)[:_MLFLOW_PARAM_LENGTH])
+            for k, v in flatten(params, count_lists=False).items()
+        ]
+        for i in range(0, len(flat), _MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, params=flat[i : i + _MLFLOW_BATCH])
+
+    def log(self, step: int, points: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        if not self.run_id:
+            self.start("run", {})
+        now = int(time.time() * 1000)
+        metrics = [Metric(_MLFLOW_KEY.sub("_", k), v, now, step) for k, v in points.items() if not math.isnan(v)]
+        for i in range(0, len(metrics), 10 * _MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 10 * _MLFLOW_BATCH])
+
+    def finish(self, artifacts: list[Path], failed: bool) -> None:
+        if not self.run_id:
+            return
+        for path in artifacts:
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        self.run_id = ""

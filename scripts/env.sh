@@ -33,7 +33,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
         quiet_pip "${TORCH_SPEC:-torch==2.13.0}"
     fi
-    quiet_pip -e "$ROOT[dev,lesion]"
+    quiet_pip -e "$ROOT[dev,lesion,mlflow]"
     # panoptica (mstkd score --lesion) pins rich<14, which flwr rules out: its other dependencies
     # come with the `lesion` extra above, panoptica itself without its pins (a no-op once installed).
     quiet_pip --no-deps "panoptica==2.1.7"

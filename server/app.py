@@ -60,101 +60,105 @@ def main(grid: Grid, context: Context) -> None:
     state_key = checkpoint.state_key if checkpoint else check_state_key(f"{name}.{secrets.token_hex(4)}", "run-name")
     if checkpoint is None:
         claim_folder(out, run.overwrite)
-    tracker = Tracker(out, run.tensorboard)  # refuses now if the package is missing
-    out.mkdir(parents=True, exist_ok=True)
-    target = (original_target(out) if checkpoint is not None else None) or agree_target(
-        grid,
-        cfg.data,
-        min_nodes=run.min_nodes,
-        node_wait=run.node_wait,
-        timeout=run.round_timeout,
-        max_examples=run.max_examples,
-        say=say,
-    )
-    cfg = OmegaConf.merge(cfg, {"data": target.to_config()})  # the held-out cases, checkpoints and config.yaml
-    stem = "resumed_" if checkpoint is not None else ""  # a resumed run keeps the original files
-    save_config(cfg, out / f"{stem}config.yaml")
-    write_text(out / f"{stem}run_config.json", json.dumps(run.to_flower(), indent=1, default=str))
-    say(f"run folder {out}")
-    device = pick_device()
-    student, disc, initial = global_model(cfg, run, checkpoint, device, say=say)
+    tracker = Tracker(out, run.trackers)  # refuses now if a package is missing
+    with tracker.failed_on_error():  # a run that stops on an error is marked failed where it is tracked
+        out.mkdir(parents=True, exist_ok=True)
+        target = (original_target(out) if checkpoint is not None else None) or agree_target(
+            grid,
+            cfg.data,
+            min_nodes=run.min_nodes,
+            node_wait=run.node_wait,
+            timeout=run.round_timeout,
+            max_examples=run.max_examples,
+            say=say,
+        )
+        cfg = OmegaConf.merge(cfg, {"data": target.to_config()})  # the held-out cases, checkpoints and config.yaml
+        stem = "resumed_" if checkpoint is not None else ""  # a resumed run keeps the original files
+        save_config(cfg, out / f"{stem}config.yaml")
+        write_text(out / f"{stem}run_config.json", json.dumps(run.to_flower(), indent=1, default=str))
+        tracker.start(name, {"run": run.to_flower(), "config": OmegaConf.to_container(cfg, resolve=True)})
+        say(f"run folder {out}")
+        device = pick_device()
+        student, disc, initial = global_model(cfg, run, checkpoint, device, say=say)
 
-    runlog = RunLog(out)
-    best: dict = {"val_mean_dice": -1.0, "round": None}
-    num_sites = max(len(list(grid.get_node_ids())), run.min_nodes)  # a phantom federation has one site per node
-    ledger = PrivacyLedger(privacy, num_sites, checkpoint.privacy if checkpoint else None) if privacy else None
-    round_end = RoundEnd.for_run(
-        run, cfg, student, disc, device, out, runlog, tracker, best, num_sites, privacy, ledger
-    )
-    first_round = 1
-    if checkpoint is not None:
-        runlog.records = dict(checkpoint.records)
-        best.clear()
-        best.update({"val_mean_dice": -1.0, **checkpoint.best})
-        first_round = checkpoint.round + 1
-        random.setstate(checkpoint.random_state)
-        say(f"resuming {out} after round {checkpoint.round} (best site-validation Dice {describe_best(best)})")
-    # every node works at the agreed geometry (it caches its cases there)
-    site_config = {"target-spacing": " ".join(repr(v) for v in target.spacing), "orientation": target.orientation}
-    train_config = {"lr": float(cfg.train.lr), "state-key": state_key, **site_config}
-    if privacy:
-        train_config["dp-clipping"] = privacy["clipping"]  # which clipping mod a node runs (client-side DP)
+        runlog = RunLog(out)
+        best: dict = {"val_mean_dice": -1.0, "round": None}
+        num_sites = max(len(list(grid.get_node_ids())), run.min_nodes)  # a phantom federation has one site per node
+        ledger = PrivacyLedger(privacy, num_sites, checkpoint.privacy if checkpoint else None) if privacy else None
+        round_end = RoundEnd.for_run(
+            run, cfg, student, disc, device, out, runlog, tracker, best, num_sites, privacy, ledger
+        )
+        first_round = 1
+        if checkpoint is not None:
+            runlog.records = dict(checkpoint.records)
+            best.clear()
+            best.update({"val_mean_dice": -1.0, **checkpoint.best})
+            first_round = checkpoint.round + 1
+            random.setstate(checkpoint.random_state)
+            say(f"resuming {out} after round {checkpoint.round} (best site-validation Dice {describe_best(best)})")
+        # every node works at the agreed geometry (it caches its cases there)
+        site_config = {"target-spacing": " ".join(repr(v) for v in target.spacing), "orientation": target.orientation}
+        train_config = {"lr": float(cfg.train.lr), "state-key": state_key, **site_config}
+        if privacy:
+            train_config["dp-clipping"] = privacy["clipping"]  # which clipping mod a node runs (client-side DP)
 
-    if run.secagg:
-        if checkpoint is not None or privacy:
-            raise InputError("secagg=true cannot be combined with resume-from or dp")
-        say(f"secure aggregation (SecAgg+) over {run.min_nodes} nodes per round")
+        if run.secagg:
+            if checkpoint is not None or privacy:
+                raise InputError("secagg=true cannot be combined with resume-from or dp")
+            say(f"secure aggregation (SecAgg+) over {run.min_nodes} nodes per round")
+            start = time.perf_counter()
+            start_arrays = arrays_to_numpy(initial)
+            final = run_secagg(grid, context, run, start_arrays, train_config, runlog, round_end)
+            moved = any(not np.array_equal(start_arrays[k], np.asarray(v, np.float32)) for k, v in final.items())
+            finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, tracker, changed=moved)
+            return
+
+        strategy = make_strategy(run, runlog=runlog, nodes=run.min_nodes, **WAIT_ELSEWHERE)
+        if privacy:
+            strategy = wrap_for_privacy(strategy, privacy)
+            say(f"differential privacy: {privacy}")
+            if run.dp_clipping == DPClipping.ADAPTIVE:
+                round_end.clipping_norm = lambda: float(strategy.clipping_norm)
+        if checkpoint is not None:
+            restore_strategy(strategy, checkpoint.strategy)
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:
+            ServerCheckpoint(
+                round=server_round,
+                arrays=arrays_to_numpy(arrays),
+                strategy=strategy_state(strategy),
+                records=runlog.records,
+                best=best,
+                state_key=state_key,
+                random_state=random.getstate(),
+                privacy=ledger.state() if ledger is not None else {},
+            ).save(out)
+
         start = time.perf_counter()
-        start_arrays = arrays_to_numpy(initial)
-        final = run_secagg(grid, context, run, start_arrays, train_config, runlog, round_end)
-        moved = any(not np.array_equal(start_arrays[k], np.asarray(v, np.float32)) for k, v in final.items())
-        finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, changed=moved)
-        return
-
-    strategy = make_strategy(run, runlog=runlog, nodes=run.min_nodes, **WAIT_ELSEWHERE)
-    if privacy:
-        strategy = wrap_for_privacy(strategy, privacy)
-        say(f"differential privacy: {privacy}")
-        if run.dp_clipping == DPClipping.ADAPTIVE:
-            round_end.clipping_norm = lambda: float(strategy.clipping_norm)
-    if checkpoint is not None:
-        restore_strategy(strategy, checkpoint.strategy)
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> None:
-        ServerCheckpoint(
-            round=server_round,
-            arrays=arrays_to_numpy(arrays),
-            strategy=strategy_state(strategy),
-            records=runlog.records,
-            best=best,
-            state_key=state_key,
-            random_state=random.getstate(),
-            privacy=ledger.state() if ledger is not None else {},
-        ).save(out)
-
-    start = time.perf_counter()
-    run_rounds(
-        strategy,
-        grid,
-        arrays=initial,
-        first_round=first_round,
-        num_rounds=run.num_server_rounds,
-        runlog=runlog,
-        train_config=train_config,
-        timeout=run.round_timeout,
-        min_nodes=run.min_nodes,
-        # with DP every sampled node must reply: the noise is calibrated to that many
-        min_replies=run.min_nodes if privacy else run.min_replies,
-        node_wait=run.node_wait,
-        max_examples=run.max_examples,
-        required_metrics=("norm_bit",) if run.dp == DPMode.CLIENT and run.dp_clipping == DPClipping.ADAPTIVE else (),
-        evaluate_config=site_config,
-        evaluate_fn=round_end,
-        after_round=after_round,
-        before_round=ledger.stop_reason if ledger is not None else None,
-        say=say,
-    )
-    finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round)
+        run_rounds(
+            strategy,
+            grid,
+            arrays=initial,
+            first_round=first_round,
+            num_rounds=run.num_server_rounds,
+            runlog=runlog,
+            train_config=train_config,
+            timeout=run.round_timeout,
+            min_nodes=run.min_nodes,
+            # with DP every sampled node must reply: the noise is calibrated to that many
+            min_replies=run.min_nodes if privacy else run.min_replies,
+            node_wait=run.node_wait,
+            max_examples=run.max_examples,
+            required_metrics=("norm_bit",)
+            if run.dp == DPMode.CLIENT and run.dp_clipping == DPClipping.ADAPTIVE
+            else (),
+            evaluate_config=site_config,
+            evaluate_fn=round_end,
+            after_round=after_round,
+            before_round=ledger.stop_reason if ledger is not None else None,
+            say=say,
+        )
+        finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, tracker)
 
 
 WAIT_ELSEWHERE = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}

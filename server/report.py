@@ -10,6 +10,7 @@ import numpy as np
 from mstkd.atomic import copy_file, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.runconfig import RunConfig
+from mstkd.tracking import Tracker
 from server.evaluation import say
 from server.runlog import RunLog
 
@@ -157,15 +158,21 @@ def finish_run(
     seconds: float,
     best: dict,
     first_round: int,
+    tracker: Tracker,
     changed: bool | None = None,
 ) -> None:
-    """Close the run: ``best.pt`` when nothing could be chosen, ``REPORT.md``, the last line; raise
-    :class:`RunFailed` when nothing was learned (after writing everything)."""
+    """Close the run: ``best.pt`` when nothing could be chosen, ``REPORT.md``, the tracked run's artefacts, the
+    last line; raise :class:`RunFailed` when nothing was learned (after writing everything)."""
     if best.get("round") is None and (out / "last.pt").is_file():
         say("no site reported a validation Dice (no validation cases): best.pt is the final model")
         copy_file(out / "last.pt", out / "best.pt")
     verdict = outcome(runlog, first_round, transport=str(run.transport), changed=changed)
     report = write_report(out, runlog, cfg, run, seconds, best, verdict)
+    tables = sorted((out / "eval").glob("round_*.md"), key=lambda p: int(p.stem.removeprefix("round_")))[-1:]
+    final = [t.with_suffix(suffix) for t in tables for suffix in (".md", ".csv", ".json")]
+    tracker.finish(
+        [out / "best.pt", report, out / "metrics.csv", out / "config.yaml", *final], failed=not verdict.learned
+    )
     if not verdict.learned:
         say(f"FAILED: {verdict.text}; report {report}")
         raise RunFailed(f"{verdict.text}; see {report}")

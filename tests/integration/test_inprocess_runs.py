@@ -23,7 +23,7 @@ from tests.helpers import NODES, by_name, nodes, run_inproc, tiny_run_config
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
-    run_config = tiny_run_config(tmp, tensorboard=True, **{"eval-lesion": True})
+    run_config = tiny_run_config(tmp, tensorboard=True, tracker="mlflow", **{"eval-lesion": True})
     grid = run_inproc(server_app, client_app, run_config, nodes())
     return tmp, run_config, grid
 
@@ -166,6 +166,24 @@ def test_tensorboard_has_a_point_per_round(federation):
     assert {"global/mean_dice", "global/WT_hd95", "site-1/train-loss", "val/val-mean-dice", "bytes_sent"} <= tags
     assert [e.step for e in events.Scalars("global/mean_dice")] == [0, 1, 2]
     assert [e.step for e in events.Scalars("site-2/train-loss")] == [1, 2]
+
+
+def test_mlflow_holds_the_run_its_metrics_and_its_best_checkpoint(federation, monkeypatch):
+    """tracker=mlflow with no MLFLOW_TRACKING_URI: a local store in the run folder, read back through MLflow's API."""
+    from mlflow.tracking import MlflowClient
+
+    tmp, run_config, _ = federation
+    client = MlflowClient(f"sqlite:///{tmp / 'run' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("mstkd").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["run/num-server-rounds"] == "2" and run.data.params["config/model/preset"] == "tiny"
+    history = client.get_metric_history(run.info.run_id, "global/mean_dice")
+    assert [m.step for m in history] == [0, 1, 2] and all(0 <= m.value <= 1 for m in history)
+    records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1].value == pytest.approx(records[-1]["global"]["mean_dice"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "site-2/train-loss")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"best.pt", "REPORT.md", "metrics.csv", "round_2.md", "round_2.csv"} <= artifacts
 
 
 def test_node_state_leaves_out_the_student_moments_the_next_round_resets(federation):

@@ -520,12 +520,20 @@ def test_resume_and_fresh_runs_refuse_bad_folders_in_one_line(phantoms, tmp_path
     assert "not a readable training state" in capsys.readouterr().err
 
 
-def test_tensorboard_gets_a_point_per_epoch(phantoms, tmp_path):
+def test_tensorboard_and_mlflow_get_a_point_per_epoch(phantoms, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
     argv = [*TINY, "train.epochs=2", "train.steps_per_epoch=2", "train.eval_every=1", "train.eval_subsets=full"]
-    assert main(["train", "--data", str(phantoms), "--out", str(run), "--quiet", "--tensorboard", *argv]) == 0
+    tracked = ["--tensorboard", "--tracker", "mlflow"]
+    assert main(["train", "--data", str(phantoms), "--out", str(run), "--quiet", *tracked, *argv]) == 0
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    [tracked_run] = client.search_runs([client.get_experiment_by_name("mstkd").experiment_id])
+    assert [m.step for m in client.get_metric_history(tracked_run.info.run_id, "val/mean_dice")] == [1, 2]
+    assert float(tracked_run.data.params["config/train/epochs"]) == 2 and tracked_run.info.status == "FINISHED"
+    assert {"best.pt", "val_epoch2.md"} <= {a.path for a in client.list_artifacts(tracked_run.info.run_id)}
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"train/loss", "train/seg_student", "train/lr", "val/mean_dice", "val/WT_dice"} <= set(

@@ -9,7 +9,16 @@ from mstkd.config import load_config
 from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig, project_config
 from simulations import bench
-from simulations.scenario import ARMS, LONGER_ARMS, SCENARIOS, TERM_ARMS, TERM_GROUPS, load_scenario, parse_arms, scenario_data
+from simulations.scenario import (
+    ARMS,
+    LONGER_ARMS,
+    SCENARIOS,
+    TERM_ARMS,
+    TERM_GROUPS,
+    load_scenario,
+    parse_arms,
+    scenario_data,
+)
 
 
 def test_every_scenario_loads_and_every_arm_is_a_valid_config():
