@@ -119,6 +119,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mstkd.export import export_bundle
+
+    out = export_bundle(args.checkpoint, args.out)
+    print(f"MONAI bundle: {out} (run it: see {out / 'docs' / 'README.md'})", file=sys.stderr)
+    return 0
+
+
 _FOLDER_FLAGS = {
     "--continue": lambda a: a.resume,
     "--save-probabilities": lambda a: a.save_probabilities,
@@ -296,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="a checkpoint as a MONAI bundle that runs with MONAI and PyTorch alone")
+    p.add_argument("checkpoint", help="an mstkd checkpoint (best.pt)")
+    p.add_argument("out", help="a new folder for the bundle")
+    p.add_argument("--format", choices=("monai-bundle",), default="monai-bundle", help="monai-bundle (the default)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="segment case folders into label maps in each case's own geometry")
     p.add_argument("--checkpoint", required=True)
