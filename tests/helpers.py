@@ -269,3 +269,16 @@ def run_records(run: Path) -> list[dict]:
 def server_round(message) -> int:
     """The server round a train or evaluate message belongs to."""
     return int(message.content["config"]["server-round"])
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """An untrained tiny student, saved as a trainer saves it: with the 1 mm target of the cases it predicts."""
+    import torch
+
+    from mstkd.checkpoint import save_checkpoint
+    from mstkd.config import load_config
+    from mstkd.model import build_networks
+
+    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]"])
+    torch.manual_seed(0)
+    return save_checkpoint(folder / "student.pt", build_networks(cfg.model)[1], cfg)

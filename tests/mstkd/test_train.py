@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mstkd.checkpoint import load_checkpoint, save_checkpoint
+from mstkd.checkpoint import load_checkpoint
 from mstkd.cli import main
 from mstkd.config import load_config
 from mstkd.data.dataset import make_loader, prepare_federation
@@ -20,7 +20,7 @@ from mstkd.modalities import SUBSETS, Subset
 from mstkd.model import build_networks
 from mstkd.phantoms import write_federation
 from mstkd.train import Networks, make_optimizers, poly_lr, seed_everything, train_local
-from tests.helpers import write_case
+from tests.helpers import tiny_checkpoint, write_case
 
 TINY = ["model=tiny", "train.amp=false"]
 TINY_STEPS = 8  # per epoch in the no-collapse test
@@ -145,19 +145,12 @@ def test_a_collapsed_model_is_flagged(phantoms, tmp_path):
     assert quiet.collapse() == [] and quiet.summary()["WT_share_max"] == 0
 
 
-def _checkpoint(tmp_path: Path) -> Path:
-    """An untrained tiny student, saved as a trainer saves it: with the 1 mm target of the cases it predicts."""
-    cfg = load_config([*TINY, "data.target_spacing=[1,1,1]"])
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path / "student.pt", build_networks(cfg.model)[1], cfg)
-
-
 @pytest.mark.parametrize(
     "layout,case_id,allowed",
     [("fets", "FeTS2022_00001", {0, 1, 2, 4}), ("brats2023", "BraTS-GLI-00001-000", {0, 1, 2, 3})],
 )
 def test_predict_keeps_geometry_and_convention(tmp_path, layout, case_id, allowed):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     folder = write_case(tmp_path / "cases", case_id, layout, seg=False)
     out = tmp_path / "seg.nii.gz"
     assert main(["predict", "--checkpoint", str(ckpt), "--case", str(folder), "--out", str(out)]) == 0
@@ -169,7 +162,7 @@ def test_predict_keeps_geometry_and_convention(tmp_path, layout, case_id, allowe
 
 
 def test_predict_with_missing_modalities_and_bad_input(tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     folder = write_case(tmp_path / "cases", "FeTS2022_00002", modalities=("flair", "t2"), seg=False)
     out = tmp_path / "seg.nii.gz"
     assert main(["predict", "--checkpoint", str(ckpt), "--case", str(folder), "--out", str(out)]) == 0
@@ -213,7 +206,7 @@ def test_predict_with_missing_modalities_and_bad_input(tmp_path, capsys):
 def test_predict_a_folder_of_mixed_cases_loads_the_model_once(tmp_path, capsys, monkeypatch):
     import mstkd.infer
 
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     cases = tmp_path / "cases"
     expected = {}
     for i in range(6):
@@ -240,7 +233,7 @@ def test_predict_a_folder_of_mixed_cases_loads_the_model_once(tmp_path, capsys, 
 
 
 def test_predict_folder_skips_a_broken_case_and_exits_non_zero(tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     cases = tmp_path / "cases"
     write_case(cases, "FeTS2022_00001", seg=False)
     broken = write_case(cases, "FeTS2022_00002", seg=False)
@@ -258,7 +251,7 @@ def test_predict_folder_skips_a_broken_case_and_exits_non_zero(tmp_path, capsys)
 def test_overlapped_folder_prediction_writes_the_same_label_maps_to_the_last_bit(tmp_path):
     from mstkd.folder import predict_folder
 
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     cases = tmp_path / "cases"
     coarse = np.diag([-1.5, -1.5, 1.5, 1.0])  # at the 1 mm target after resampling: both paths are exercised
     for i in range(4):
@@ -288,7 +281,7 @@ def test_predict_folder_continues_in_parts_with_probabilities_and_a_record(tmp_p
     from mstkd import __version__
     from mstkd.data.labels import CLASSES
 
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     cases, out = tmp_path / "cases", tmp_path / "pred"
     ids = [f"FeTS2022_{i:05d}" for i in range(1, 5)]
     for i, case_id in enumerate(ids):
@@ -353,7 +346,7 @@ def test_mirrored_test_time_augmentation_averages_eight_passes():
     ],
 )
 def test_predict_folder_refuses_bad_flags_in_one_line_and_writes_nothing(tmp_path, capsys, flags, named):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     write_case(tmp_path / "cases", "FeTS2022_00001", seg=False)
     (tmp_path / "file").write_text("a file")
     places = {"cases": tmp_path / "cases", "pred": tmp_path / "pred", "file": tmp_path / "file", "tmp": tmp_path}
@@ -364,7 +357,7 @@ def test_predict_folder_refuses_bad_flags_in_one_line_and_writes_nothing(tmp_pat
 
 
 def test_predict_into_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     folder = write_case(tmp_path / "cases", "FeTS2022_00001", seg=False)
     (tmp_path / "file").write_text("a file")
     assert (
@@ -376,7 +369,7 @@ def test_predict_into_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys
 
 
 def test_checkpoint_with_the_old_region_head_is_refused_in_one_line(tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path)
     payload = torch.load(ckpt, weights_only=True)
     payload["format"] = "mstkd-checkpoint/1"  # what the region-head versions wrote
     payload.pop("head")

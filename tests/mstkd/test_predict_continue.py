@@ -1,0 +1,61 @@
+"""``mstkd predict --input-dir --continue`` after a real interruption: the process is killed midway, and the
+rerun predicts only the cases it had not finished, keeping the finished ones byte for byte."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mstkd.cli import main
+from mstkd.data.labels import CLASSES, get_convention, labels_from_regions
+from mstkd.evaluate import decode
+from tests.helpers import tiny_checkpoint, write_case
+
+CASES = 16
+
+
+@pytest.mark.slow
+def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path)
+    cases, out = tmp_path / "cases", tmp_path / "pred"
+    ids = [f"FeTS2022_{i:05d}" for i in range(1, CASES + 1)]
+    for i, case_id in enumerate(ids):
+        write_case(cases, case_id, shape=(40, 40, 32), seed=i, seg=False)
+    argv = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out), "--quiet"]
+    code = "import sys; from mstkd.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.nii.gz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no clean-up of any kind
+    proc.wait()
+    finished = {p.name: p.read_bytes() for p in out.glob("*.nii.gz")}
+    assert 0 < len(finished) < CASES, "the kill should land midway"
+    assert not (out / "predict.json").exists()  # the record comes last
+
+    assert main([*argv, "--continue", "--save-probabilities"]) == 0
+    assert f"{len(finished)} of {CASES} cases finished earlier: kept" in capsys.readouterr().err
+    record = json.loads((out / "predict.json").read_text())
+    assert sorted(record["cases"]["kept"]) == sorted(n.removesuffix(".nii.gz") for n in finished)
+    assert len(record["cases"]["written"]) == CASES - len(finished)
+    assert all((out / name).read_bytes() == data for name, data in finished.items())  # kept as they were
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{i}.nii.gz" for i in ids)
+
+    # --save-probabilities: the probabilities argmax back to the written labels (the model's decoding is argmax),
+    # except where float16 rounding ties the two likeliest classes (the untrained model's are close everywhere)
+    fets = get_convention("fets")
+    for case_id in record["cases"]["written"]:
+        with np.load(out / f"{case_id}.npz") as saved:
+            assert list(saved["classes"]) == list(CLASSES)
+            probs = saved["probabilities"].astype(np.float32)
+        labels = np.asarray(nib.load(out / f"{case_id}.nii.gz").dataobj)
+        differ = labels_from_regions(decode(probs, "argmax"), fets) != labels
+        top2 = np.sort(probs, axis=0)[-2:]
+        assert differ.mean() < 1e-3 and np.all(top2[1][differ] - top2[0][differ] <= 1e-3)
