@@ -193,7 +193,7 @@ def _run(
     convention = _convention(federation)
     best, first = -1.0, 0
     log = out / "log.jsonl"
-    tracker.start(out.name, {"config": OmegaConf.to_container(cfg, resolve=True), "resumed": state is not None})
+    tracker.start(out.name, {"config": OmegaConf.to_container(cfg, resolve=True)}, resumed=state is not None)
     if state is not None:
         for name in ("teacher", "student", "discriminator"):  # loads into the parameters in place
             getattr(nets, name).load_state_dict(state[name])

@@ -295,12 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for eval.md, eval.csv, eval.json, eval_cases.csv")
     p.add_argument(
         "--lesion",
-        nargs="?",
-        const="brats2023",
         default="",
         choices=("brats2023", "panoptica"),
-        metavar="MODE",
-        help="also lesion-wise columns per case and subset: brats2023 (the default of a bare --lesion) or panoptica",
+        help="also lesion-wise columns per case and subset: brats2023 (the BraTS 2023 ranking's rules) or panoptica",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)

@@ -29,6 +29,9 @@ for sigmoid outputs) into the label convention. Where they differ, at the voxel 
   resampled here where ``mstkd`` keeps it as it is. Measured with a phantom-4 model on a phantom written at
   2 mm (the target 2.5 mm): 18 of 1,152,000 voxels differ; on a case at the target, none;
 - all four modalities must be on disk (``mstkd predict`` zero-fills missing ones).
+
+On CUDA, both run the network under bfloat16 autocast when the checkpoint trained with ``train.amp`` (the
+bundle's ``amp``; ``--amp false`` turns it off); on CPU both run in float32. The GPU path has not been run here.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ def _settings(cfg: Any, payload: dict) -> dict[str, Any]:
         "overlap": float(cfg.eval.overlap),
         "blend": str(cfg.eval.blend),
         "sw_batch_size": int(cfg.eval.sw_batch_size),
+        "amp": bool(cfg.train.amp),
     }
 
 
@@ -172,6 +176,7 @@ def inference_config(s: dict[str, Any], roi: list[int]) -> dict[str, Any]:
         "modality_endings": s["endings"],
         "class_labels": lut,
         "threshold": s["threshold"],
+        "amp": s["amp"],
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "datalist": "$[{'image': [os.path.join(c, os.path.basename(c) + e + '.nii.gz') for e in @modality_endings]} for c in sorted(glob.glob(os.path.join(@dataset_dir, '*'))) if os.path.isdir(c)]",  # noqa: E501
         "network": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device).eval()",
@@ -228,7 +233,9 @@ def inference_config(s: dict[str, Any], roi: list[int]) -> dict[str, Any]:
                 },
             ],
         },
-        "segment": "$lambda d: @postprocessing({**d, 'pred': @inferer(d['image'][None].to(@device), @network)[0].cpu()})",  # noqa: E501
+        # as mstkd.train.autocast: bfloat16 on a CUDA device that has it, when the model trained with amp
+        "predictor": "$torch.autocast('cuda', dtype=torch.bfloat16, enabled=@amp and @device.type == 'cuda' and torch.cuda.is_bf16_supported())(lambda x: @network(x).float())",  # noqa: E501
+        "segment": "$lambda d: @postprocessing({**d, 'pred': @inferer(d['image'][None].to(@device), @predictor)[0].cpu()})",  # noqa: E501
         "initialize": ["$torch.set_grad_enabled(False)"],
         "run": ["$[@segment(d) for d in @dataset]"],
     }
@@ -296,6 +303,7 @@ def metadata(s: dict[str, Any], roi: list[int], sha256: str, name: str) -> dict[
             "activation": s["activation"],
             "decode": s["decode"],
             "threshold": s["threshold"],
+            "amp": s["amp"],
         },
     }
 

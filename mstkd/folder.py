@@ -104,6 +104,10 @@ def predict_folder(
             print(f"{len(result.kept)} of {len(cases)} cases finished earlier: kept", file=sys.stderr)
     kept = set(result.kept)
     todo = [(c, folder) for c, folder in cases if c not in kept]
+    if resume:  # what a killed run left half-written (atomic writes' temporary files) of this part's own cases
+        for case_id, _ in todo:
+            for orphan in output_dir.glob(f".{case_id}.*.tmp*"):
+                orphan.unlink(missing_ok=True)
     outputs = {c: (output_dir / f"{c}.nii.gz", output_dir / f"{c}.npz" if probabilities else None) for c, _ in todo}
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
     for case_id, outcome in _predict_cases(predictor, todo, outputs, modalities, overlap=overlap):

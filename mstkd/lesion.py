@@ -281,7 +281,7 @@ def mode_metrics(mode: str) -> tuple[str, ...]:
     """The per-region keys that ``mode`` scores."""
     from mstkd import lesion_brats2023
 
-    return LESION_METRICS if mode == "panoptica" else lesion_brats2023.METRICS
+    return {"panoptica": LESION_METRICS, "brats2023": lesion_brats2023.METRICS}[_known(mode)]
 
 
 def mode_scores(
@@ -294,7 +294,7 @@ def mode_scores(
     """``{"ET": {...}, "TC": {...}, "WT": {...}}``: the lesion-wise scores of ``mode`` (its :func:`mode_metrics`)."""
     from mstkd import lesion_brats2023
 
-    if mode == "panoptica":
+    if _known(mode) == "panoptica":
         return lesion_scores(pred_labels, ref_labels, convention, spacing)
     return lesion_brats2023.lesion_scores(pred_labels, ref_labels, convention, spacing)
 
@@ -305,7 +305,7 @@ def stack_scores(
     """:func:`mode_scores` of two ``3 x H x W x D`` nested region stacks (ET, TC, WT), as evaluation holds them."""
     from mstkd import lesion_brats2023
 
-    if mode == "brats2023":
+    if _known(mode) == "brats2023":
         return {r: lesion_brats2023.region_lesions(pred[i], ref[i], spacing) for i, r in enumerate(REGIONS)}
     return lesion_scores(
         labels_from_regions(pred, _CANONICAL), labels_from_regions(ref, _CANONICAL), _CANONICAL, spacing
@@ -316,4 +316,10 @@ def mode_rule(mode: str) -> str:
     """The one line that says how ``mode`` scores lesions."""
     from mstkd import lesion_brats2023
 
-    return lesion_rule() if mode == "panoptica" else lesion_brats2023.rule()
+    return lesion_rule() if _known(mode) == "panoptica" else lesion_brats2023.rule()
+
+
+def _known(mode: str) -> str:
+    if mode not in LESION_MODES:
+        raise ValueError(f"lesion mode {mode!r}: expected one of {', '.join(LESION_MODES)}")
+    return mode

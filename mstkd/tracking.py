@@ -11,6 +11,11 @@ become slash-separated keys (``val/WT_dice``, ``site-1/train-loss``); only numbe
   the report as artefacts. The store is ``$MLFLOW_TRACKING_URI`` when set (a server, or a database
   shared by many runs), else a local one in the run folder: ``mlflow.db`` (SQLite) and
   ``mlflow-artifacts/``; ``mlflow ui --backend-store-uri sqlite:///<run folder>/mlflow.db`` shows it.
+  With a SQLite URI the artefacts go beside the database. A resumed run continues the MLflow run of
+  its folder (tag ``mstkd.run_folder``), so one MLflow run holds the whole history.
+
+A tracker that fails while the run goes on is dropped with one line on stderr: tracking never
+stops a run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -32,6 +38,8 @@ MLFLOW_DB, MLFLOW_ARTIFACTS = "mlflow.db", "mlflow-artifacts"
 """The local MLflow store in a run folder (when ``MLFLOW_TRACKING_URI`` is not set)."""
 EXPERIMENT = "mstkd"
 """The MLflow experiment when ``MLFLOW_EXPERIMENT_NAME`` is not set."""
+FOLDER_TAG = "mstkd.run_folder"
+"""The MLflow tag that names a run's folder, by which a resumed run finds the run it continues."""
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "", *, count_lists: bool = True) -> dict[str, Any]:
@@ -71,7 +79,11 @@ def parse_trackers(specs: str | Iterable[str]) -> tuple[str, ...]:
 
 
 class Tracker:
-    """Logs to every tracker asked for (none: does nothing)."""
+    """Logs to every tracker asked for (none: does nothing).
+
+    Tracking never stops a run: a tracker that fails once (a server that does not answer, a locked database)
+    says so in one line on stderr and is left out from then on; the run and its own files go on.
+    """
 
     def __init__(self, run_dir: str | Path, trackers: str | Iterable[str] = ()) -> None:
         """Raises :class:`InputError` at once (before any work) for an unknown tracker or one whose package is
@@ -84,22 +96,18 @@ class Tracker:
     def enabled(self) -> bool:
         return bool(self.backends)
 
-    def start(self, name: str, params: Mapping[str, Any]) -> None:
-        """Begin the run ``name`` with its settings (nested; MLflow keeps them as params)."""
-        for backend in self.backends:
-            backend.start(name, params)
+    def start(self, name: str, params: Mapping[str, Any], *, resumed: bool = False) -> None:
+        """Begin the run ``name`` with its settings (nested; MLflow keeps them as params); ``resumed``: continue the
+        run this folder tracked last, where the tracker can (MLflow), so that one run holds the whole history."""
+        self._each("start", name, params, resumed)
 
     def log(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
-        points = scalars(values, prefix)
-        for backend in self.backends:
-            backend.log(step, points)
+        self._each("log", step, scalars(values, prefix))
 
     def finish(self, artifacts: Iterable[Path] = (), *, failed: bool = False) -> None:
         """End the run: keep ``artifacts`` (the files that exist; MLflow only) and mark it finished or failed.
         A run already ended is left as it is."""
-        files = [p for p in artifacts if Path(p).is_file()]
-        for backend in self.backends:
-            backend.finish(files, failed)
+        self._each("finish", [p for p in artifacts if Path(p).is_file()], failed)
 
     @contextlib.contextmanager
     def failed_on_error(self) -> Iterator[None]:
@@ -110,6 +118,17 @@ class Tracker:
         except BaseException:
             self.finish(failed=True)
             raise
+
+    def _each(self, method: str, *args: Any) -> None:
+        for backend in list(self.backends):
+            try:
+                getattr(backend, method)(*args)
+            except Exception as exc:  # any error of a tracking library or its server
+                self.backends.remove(backend)
+                name = type(backend).__name__.strip("_")
+                print(
+                    f"warning: {name} tracking stopped ({type(exc).__name__}: {exc}); the run goes on", file=sys.stderr
+                )
 
 
 class _TensorBoard:
@@ -123,7 +142,7 @@ class _TensorBoard:
         self.folder = run_dir / FOLDER
         self.writer = None
 
-    def start(self, name: str, params: Mapping[str, Any]) -> None:
+    def start(self, name: str, params: Mapping[str, Any], resumed: bool) -> None:
         pass  # TensorBoard's run is its folder
 
     def log(self, step: int, points: dict[str, float]) -> None:
@@ -153,13 +172,16 @@ class _MLflow:
             import mlflow  # noqa: F401
         except ImportError:
             raise InputError("MLflow tracking needs mlflow: pip install '.[mlflow]' in the repository") from None
+        self.run_dir = run_dir.resolve()
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-        self.uri = uri or f"sqlite:///{run_dir.resolve() / MLFLOW_DB}"
-        self.artifact_location = None if uri else (run_dir.resolve() / MLFLOW_ARTIFACTS).as_uri()
+        self.uri = uri or f"sqlite:///{self.run_dir / MLFLOW_DB}"
+        # artefacts beside a local database (a server keeps its own); MLflow's default is ./mlruns wherever it runs
+        database = self.uri.removeprefix("sqlite:///") if self.uri.startswith("sqlite:///") else ""
+        self.artifact_location = (Path(database).parent / MLFLOW_ARTIFACTS).as_uri() if database else None
         self.client: Any = None
         self.run_id = ""
 
-    def start(self, name: str, params: Mapping[str, Any]) -> None:
+    def start(self, name: str, params: Mapping[str, Any], resumed: bool) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -171,7 +193,19 @@ class _MLflow:
             if found is not None
             else self.client.create_experiment(experiment, artifact_location=self.artifact_location)
         )
-        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        if resumed:  # the last run of this run folder, if this store holds one: it goes on
+            earlier = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{FOLDER_TAG}` = '{self.run_dir.as_posix()}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if earlier:
+                self.run_id = earlier[0].info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+        tags = {FOLDER_TAG: self.run_dir.as_posix()}
+        self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         flat = [
             Param(_MLFLOW_KEY.sub("_", k), str(v)[:_MLFLOW_PARAM_LENGTH])
             for k, v in flatten(params, count_lists=False).items()
@@ -183,7 +217,7 @@ class _MLflow:
         from mlflow.entities import Metric
 
         if not self.run_id:
-            self.start("run", {})
+            self.start("run", {}, False)
         now = int(time.time() * 1000)
         metrics = [Metric(_MLFLOW_KEY.sub("_", k), v, now, step) for k, v in points.items() if not math.isnan(v)]
         for i in range(0, len(metrics), 10 * _MLFLOW_BATCH):

@@ -76,7 +76,8 @@ def main(grid: Grid, context: Context) -> None:
         stem = "resumed_" if checkpoint is not None else ""  # a resumed run keeps the original files
         save_config(cfg, out / f"{stem}config.yaml")
         write_text(out / f"{stem}run_config.json", json.dumps(run.to_flower(), indent=1, default=str))
-        tracker.start(name, {"run": run.to_flower(), "config": OmegaConf.to_container(cfg, resolve=True)})
+        settings = {"run": run.to_flower(), "config": OmegaConf.to_container(cfg, resolve=True)}
+        tracker.start(name, settings, resumed=checkpoint is not None)
         say(f"run folder {out}")
         device = pick_device()
         student, disc, initial = global_model(cfg, run, checkpoint, device, say=say)

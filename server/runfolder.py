@@ -10,10 +10,12 @@ from omegaconf import OmegaConf
 from mstkd.data.geometry import TargetGeometry
 from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
+from mstkd.tracking import MLFLOW_ARTIFACTS, MLFLOW_DB
 from server.state import ServerCheckpoint
 
 RUN_FILES = ("metrics.jsonl", "REPORT.md", "last.pt", "best.pt", ServerCheckpoint.FILE, ServerCheckpoint.OLD_FILE)
-"""A folder with any of these holds a run; ``overwrite=true`` removes them, with ``eval/`` and ``tensorboard/``."""
+"""A folder with any of these holds a run; ``overwrite=true`` removes them, with ``eval/``, ``tensorboard/`` and the
+local MLflow store."""
 
 
 def run_folder(run: RunConfig, run_id: int) -> Path:
@@ -33,8 +35,10 @@ def claim_folder(out: Path, overwrite: bool) -> None:
         )
     for name in earlier:
         (out / name).unlink()
-    for folder in ("eval", "tensorboard") if earlier else ():
+    for folder in ("eval", "tensorboard", MLFLOW_ARTIFACTS) if earlier else ():
         shutil.rmtree(out / folder, ignore_errors=True)
+    if earlier:
+        (out / MLFLOW_DB).unlink(missing_ok=True)  # the replaced run's local MLflow store
 
 
 def original_target(out: Path) -> TargetGeometry | None:

@@ -24,7 +24,10 @@ from tests.helpers import NODES, by_name, nodes, run_inproc, tiny_run_config
 def federation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
     run_config = tiny_run_config(tmp, tensorboard=True, tracker="mlflow", **{"eval-lesion": True})
-    grid = run_inproc(server_app, client_app, run_config, nodes())
+    with pytest.MonkeyPatch.context() as env:  # MLflow's local store in the run folder, whatever the shell sets
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        grid = run_inproc(server_app, client_app, run_config, nodes())
     return tmp, run_config, grid
 
 
@@ -168,7 +171,7 @@ def test_tensorboard_has_a_point_per_round(federation):
     assert [e.step for e in events.Scalars("site-2/train-loss")] == [1, 2]
 
 
-def test_mlflow_holds_the_run_its_metrics_and_its_best_checkpoint(federation, monkeypatch):
+def test_mlflow_holds_the_run_its_metrics_and_its_best_checkpoint(federation):
     """tracker=mlflow with no MLFLOW_TRACKING_URI: a local store in the run folder, read back through MLflow's API."""
     from mlflow.tracking import MlflowClient
 

@@ -115,3 +115,26 @@ def test_the_bundle_runs_with_monai_alone(exported, tmp_path):
     args = [f"--{key}={value}" for key, value in bundle_args(exported, tmp_path / "out").items()]
     subprocess.run([str(python), "-m", "monai.bundle", "run", *args], cwd=tmp_path, env=env, check=True)
     same_labels(exported, tmp_path / "out")
+
+
+def test_a_sigmoid_model_is_decoded_by_threshold_in_the_bundle_too(tmp_path):
+    """The other decoding: sigmoid class outputs, each class above eval.threshold (ET, else NETC, else ED)."""
+    import torch
+    from monai.bundle import run
+
+    from mstkd.checkpoint import save_checkpoint
+    from mstkd.config import load_config
+    from mstkd.model import build_networks
+    from tests.helpers import write_case
+
+    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]", "loss.activation=sigmoid"])
+    torch.manual_seed(1)
+    ckpt = save_checkpoint(tmp_path / "sigmoid.pt", build_networks(cfg.model)[1], cfg)
+    case = write_case(tmp_path / "cases", "FeTS2022_90001", shape=(40, 36, 30), seed=2, seg=False)
+    assert main(["export", str(ckpt), str(tmp_path / "bundle")]) == 0
+    assert json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())["mstkd"]["decode"] == "threshold"
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), "--case", str(case), "--out", str(tmp_path / "mstkd.nii.gz")]) == 0
+    )
+    run(**bundle_args(tmp_path, tmp_path / "out"))
+    same_labels(tmp_path, tmp_path / "out")

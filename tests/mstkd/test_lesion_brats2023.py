@@ -81,8 +81,8 @@ def test_a_lesion_predicted_in_pieces_or_just_beside_it_is_matched_not_spurious(
     assert (s["lesion_tp"], s["lesion_fp"], s["lesion_fn"]) == (1, 0, 0)
     assert s["lesion_dice"] == pytest.approx(10 / 11)
     # HD95: the reference's x = 5 ring (20 of its 152 surface voxels, 13 %) is 1 mm from the pieces, the rest 0;
-    # of the pieces' 164 surface voxels, the 8 face centres beside the gap are 2 mm from the reference's surface
-    # (under 5 %) and 24 more are 1 mm: both 95th percentiles are 1 mm.
+    # of the pieces' 164 surface voxels, the 4 centres of the x = 4 face are 2 mm from the reference's surface
+    # (under 5 %) and 28 more are 1 mm: both 95th percentiles are 1 mm.
     assert s["lesion_hd95"] == pytest.approx(1.0)
     p = panoptica_region(pred, ref)  # one-to-one: the larger piece matches, the other is a false positive
     assert (p["lesion_tp"], p["lesion_fp"]) == (1, 1)

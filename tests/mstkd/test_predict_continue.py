@@ -21,6 +21,11 @@ from tests.helpers import tiny_checkpoint, write_case
 CASES = 16
 
 
+def written(out):
+    """The finished label maps (not the hidden temporary files that atomic writes rename into place)."""
+    return [p for p in out.glob("*.nii.gz") if not p.name.startswith(".")]
+
+
 @pytest.mark.slow
 def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path)
@@ -32,11 +37,11 @@ def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_pa
     code = "import sys; from mstkd.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list(out.glob("*.nii.gz")) and proc.poll() is None and time.monotonic() < deadline:
+    while not written(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # no clean-up of any kind
     proc.wait()
-    finished = {p.name: p.read_bytes() for p in out.glob("*.nii.gz")}
+    finished = {p.name: p.read_bytes() for p in written(out)}
     assert 0 < len(finished) < CASES, "the kill should land midway"
     assert not (out / "predict.json").exists()  # the record comes last
 
@@ -46,7 +51,8 @@ def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_pa
     assert sorted(record["cases"]["kept"]) == sorted(n.removesuffix(".nii.gz") for n in finished)
     assert len(record["cases"]["written"]) == CASES - len(finished)
     assert all((out / name).read_bytes() == data for name, data in finished.items())  # kept as they were
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{i}.nii.gz" for i in ids)
+    assert sorted(p.name for p in written(out)) == sorted(f"{i}.nii.gz" for i in ids)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file of the killed run is left
 
     # --save-probabilities: the probabilities argmax back to the written labels (the model's decoding is argmax),
     # except where float16 rounding ties the two likeliest classes (the untrained model's are close everywhere)

@@ -45,6 +45,7 @@ def test_a_run_that_raises_is_marked_failed(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'shared.db'}")  # a store given from outside
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     tracker = Tracker(tmp_path / "run", ["mlflow"])
     with pytest.raises(RuntimeError), tracker.failed_on_error():
         tracker.start("broken", {})
@@ -53,3 +54,34 @@ def test_a_run_that_raises_is_marked_failed(tmp_path, monkeypatch):
     client = MlflowClient(f"sqlite:///{tmp_path / 'shared.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("mstkd").experiment_id])
     assert run.info.status == "FAILED" and not (tmp_path / "run" / "mlflow.db").exists()
+    assert (tmp_path / "mlflow-artifacts").is_dir() or not client.list_artifacts(run.info.run_id)
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    first = Tracker(tmp_path, "mlflow")
+    first.start("run", {"lr": 0.1})
+    first.log(1, {"loss": 2.0})  # then the process is killed: the MLflow run stays RUNNING
+    again = Tracker(tmp_path, "mlflow")
+    again.start("run", {"lr": 0.1}, resumed=True)
+    again.log(2, {"loss": 1.0})
+    again.finish()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("mstkd").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 2.0), (2, 1.0)]
+
+
+def test_a_tracker_that_fails_is_dropped_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a file").write_text("not a folder")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "a file" / "x.db"))
+    tracker = Tracker(tmp_path, "tensorboard,mlflow")
+    tracker.start("run", {})  # MLflow cannot open its database
+    tracker.log(1, {"loss": 1.0})
+    tracker.finish()
+    assert "MLflow tracking stopped" in capsys.readouterr().err
+    assert [type(b).__name__ for b in tracker.backends] == ["_TensorBoard"]
+    assert list((tmp_path / "tensorboard").iterdir())  # TensorBoard went on

@@ -425,6 +425,7 @@ def test_train_evaluate_predict_verbs(phantoms, tmp_path, capsys):
                 "--out",
                 str(report),
                 "--lesion",
+                "brats2023",
                 "--quiet",
             ]
         )
