@@ -48,6 +48,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
     run = RunConfig.parse(context.run_config)
     cfg = project_config(run)
     seed_everything(int(cfg.train.seed))
@@ -103,6 +104,7 @@ def main(grid: Grid, context: Context) -> None:
         if privacy:
             train_config["dp-clipping"] = privacy["clipping"]  # which clipping mod a node runs (client-side DP)
 
+        runlog.setup_seconds = time.perf_counter() - started  # what this server did before its first round
         if run.secagg:
             if checkpoint is not None or privacy:
                 raise InputError("secagg=true cannot be combined with resume-from or dp")

@@ -120,6 +120,7 @@ class RoundEnd:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         load_federated_arrays(self.student, self.disc, {k: decode_array(v, "f") for k, v in arrays.items()})
+        writing = time.perf_counter()
         save_checkpoint(
             self.out / "last.pt", self.student, self.cfg, convention=self.convention, extra={"round": server_round}
         )
@@ -131,6 +132,7 @@ class RoundEnd:
             self.best.update(val_mean_dice=float(val), round=server_round)
             extra = {"round": server_round, "val_mean_dice": float(val)}
             save_checkpoint(self.out / "best.pt", self.student, self.cfg, convention=self.convention, extra=extra)
+        rec["write_seconds"] = rec.get("write_seconds", 0.0) + time.perf_counter() - writing
         for values in sorted(rec["sites"].values(), key=lambda v: str(v.get("name"))):
             if values.get("val-collapsed"):
                 where = f"{values.get('name')} validation"

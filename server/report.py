@@ -12,6 +12,7 @@ from mstkd.data.labels import REGIONS
 from mstkd.runconfig import RunConfig
 from mstkd.tracking import Tracker
 from server.evaluation import say
+from server.phases import phases_line, phases_markdown, time_phases, write_phases
 from server.runlog import RunLog
 
 
@@ -72,7 +73,14 @@ def _faults(record: dict) -> str:
 
 
 def write_report(
-    out: Path, runlog: RunLog, cfg, run: RunConfig, seconds: float, best: dict, verdict: Verdict | None = None
+    out: Path,
+    runlog: RunLog,
+    cfg,
+    run: RunConfig,
+    seconds: float,
+    best: dict,
+    verdict: Verdict | None = None,
+    phases: dict | None = None,
 ) -> Path:
     """``REPORT.md``: the outcome, the Dice curve, the last round's 15-subset table, communication and timing."""
     rows = runlog.rows()
@@ -138,6 +146,7 @@ def write_report(
         last = evaluated[-1]
         table = (out / "eval" / f"round_{last}.md").read_text()
         lines += [f"## 15-subset table, round {last}", "", table, ""]
+    lines += phases_markdown(phases) if phases else []
     lines += [
         "![global Dice over rounds](dice.png)",
         "",
@@ -167,7 +176,9 @@ def finish_run(
         say("no site reported a validation Dice (no validation cases): best.pt is the final model")
         copy_file(out / "last.pt", out / "best.pt")
     verdict = outcome(runlog, first_round, transport=str(run.transport), changed=changed)
-    report = write_report(out, runlog, cfg, run, seconds, best, verdict)
+    phases = time_phases(runlog.records, runlog.setup_seconds, runlog.setup_seconds + seconds)
+    write_phases(out, phases)
+    report = write_report(out, runlog, cfg, run, seconds, best, verdict, phases)
     tables = sorted((out / "eval").glob("round_*.md"), key=lambda p: int(p.stem.removeprefix("round_")))[-1:]
     final = [t.with_suffix(suffix) for t in tables for suffix in (".md", ".csv", ".json")]
     tracker.finish(
@@ -177,4 +188,5 @@ def finish_run(
         say(f"FAILED: {verdict.text}; report {report}")
         raise RunFailed(f"{verdict.text}; see {report}")
     done = f"stopped early ({runlog.stopped})" if runlog.stopped else "finished"
+    say(phases_line(phases))
     say(f"{done} in {seconds:.0f} s: {verdict.text}; best.pt: {describe_best(best)}; report {report}")

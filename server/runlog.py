@@ -31,6 +31,7 @@ class RunLog:
         self.records: dict[int, dict[str, Any]] = {}
         self._started: dict[int, float] = {}
         self.stopped: str | None = None  # why the run ended before its last round, if it did
+        self.setup_seconds = 0.0  # the server app's time before its first round (server.phases)
 
     def record(self, server_round: int) -> dict[str, Any]:
         """The (mutable) record of ``server_round``; the round's clock starts at the first call."""

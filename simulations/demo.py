@@ -13,10 +13,12 @@ Usage: ``python -m simulations.demo [--out runs/demo] [--nodes 3] [--run-config 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+from server.phases import FILE, phases_line
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
 
 
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if not result.completed:
         print(f"error: the run ended as {result.status} ({result.details}); see {result.log}", file=sys.stderr)
         return 1
+    phases = out / FILE
+    if phases.is_file():  # the server app's phases, and what came before it (flwr run, Ray, starting the app)
+        spent = json.loads(phases.read_text())
+        before = max(result.seconds - spent["total"], 0.0)
+        print(f"start-up before the server app {before:.0f} s; {phases_line(spent)}")
     print(f"\ndone in {result.seconds:.0f} s (flwr run {result.run_id}). Report: {out / 'REPORT.md'}")
     return 0
 

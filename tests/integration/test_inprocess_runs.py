@@ -101,6 +101,10 @@ def test_run_log_checkpoints_and_report(federation, tmp_path):
     assert all(table[c].dtype.kind in "ifb" for c in table.columns if c.endswith(("dice", "loss", "bytes_sent")))
     assert (run / "dice.png").stat().st_size > 0 and (run / "eval" / "round_2.md").exists()
     assert "round" in (run / "REPORT.md").read_text()
+    phases = json.loads((run / "phases.json").read_text())  # where the time went
+    assert phases["seconds"]["site training"] > 0 and phases["seconds"]["global evaluation"] > 0
+    assert phases["seconds"]["set-up"] > 0 and phases["total"] >= phases["rounds"] > 0
+    assert "## Where the time went" in (run / "REPORT.md").read_text()
     net, cfg, payload = load_checkpoint(run / "best.pt")
     # chosen on the aggregated site-validation Dice; the held-out test Dice plays no part
     val = {r["round"]: r["val"]["val-mean-dice"] for r in records if "val" in r}
