@@ -235,8 +235,8 @@ def inference_config(s: dict[str, Any], roi: list[int]) -> dict[str, Any]:
         },
         # as mstkd.train.autocast: bfloat16 on a CUDA device that has it, when the model trained with amp
         "predictor": "$torch.autocast('cuda', dtype=torch.bfloat16, enabled=@amp and @device.type == 'cuda' and torch.cuda.is_bf16_supported())(lambda x: @network(x).float())",  # noqa: E501
-        "segment": "$lambda d: @postprocessing({**d, 'pred': @inferer(d['image'][None].to(@device), @predictor)[0].cpu()})",  # noqa: E501
-        "initialize": ["$torch.set_grad_enabled(False)"],
+        # no_grad as a decorator: grad mode stays as it was around the bundle (it may run inside another program)
+        "segment": "$torch.no_grad()(lambda d: @postprocessing({**d, 'pred': @inferer(d['image'][None].to(@device), @predictor)[0].cpu()}))",  # noqa: E501
         "run": ["$[@segment(d) for d in @dataset]"],
     }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from mstkd.cli import main
 from mstkd.errors import InputError
@@ -99,6 +100,7 @@ def test_the_bundle_gives_predicts_labels(exported, tmp_path):
     from monai.bundle import run
 
     run(**bundle_args(exported, tmp_path / "out"))
+    assert torch.is_grad_enabled()  # the bundle leaves the process's grad mode as it found it
     same_labels(exported, tmp_path / "out")
 
 
@@ -119,7 +121,6 @@ def test_the_bundle_runs_with_monai_alone(exported, tmp_path):
 
 def test_a_sigmoid_model_is_decoded_by_threshold_in_the_bundle_too(tmp_path):
     """The other decoding: sigmoid class outputs, each class above eval.threshold (ET, else NETC, else ED)."""
-    import torch
     from monai.bundle import run
 
     from mstkd.checkpoint import save_checkpoint
