@@ -34,6 +34,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """The temporary files that :func:`atomic_path` writes for ``path`` and a killed process left behind (any
+    process id): safe to remove once nothing else writes ``path``."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp*"))
+
+
 def _fsync(path: Path) -> None:
     """Flush ``path`` (a file, or a folder's entries) to disk; a folder that cannot be opened is left as it is."""
     try:

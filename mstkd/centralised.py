@@ -30,7 +30,7 @@ from mstkd.checkpoint import save_checkpoint
 from mstkd.config import save_config
 from mstkd.data.dataset import Federation, make_loader, prepare_federation
 from mstkd.errors import InputError
-from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
+from mstkd.evaluate import describe_collapse, evaluate_cases, last_tables, parse_subsets
 from mstkd.modalities import SUBSETS
 from mstkd.model import build_networks
 from mstkd.tracking import Tracker
@@ -249,9 +249,7 @@ def _run(
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}{val} ({record['wall_seconds']:.0f} s)", file=sys.stderr)
     if not (out / "best.pt").exists():
         copy_file(out / "last.pt", out / "best.pt")
-    last_table = sorted(out.glob("val_epoch*.md"), key=lambda p: int(p.stem.removeprefix("val_epoch")))[-1:]
-    tables = [t.with_suffix(suffix) for t in last_table for suffix in (".md", ".csv")]
-    tracker.finish([out / "best.pt", out / "config.yaml", out / "log.jsonl", *tables])
+    tracker.finish([out / "best.pt", out / "config.yaml", out / "log.jsonl", *last_tables(out, "val_epoch")])
     return out
 
 

@@ -228,6 +228,14 @@ class EvalResult:
         return paths
 
 
+def last_tables(folder: Path, prefix: str) -> list[Path]:
+    """The Markdown, CSV and JSON tables that :meth:`EvalResult.write` left in ``folder`` under the stem
+    ``<prefix><n>`` with the largest ``n`` (``round_5``, ``val_epoch20``); none when there is none."""
+    stems = [p.stem for p in folder.glob(f"{prefix}*.md") if p.stem.removeprefix(prefix).isdigit()]
+    last = max(stems, key=lambda stem: int(stem.removeprefix(prefix)), default=None)
+    return [folder / f"{last}{suffix}" for suffix in (".md", ".csv", ".json")] if last else []
+
+
 def find_collapse(rows: Sequence[dict], share_limit: float = 0.5, ratio_limit: float = 10.0) -> list[dict]:
     """Regions predicted over more than ``share_limit`` of the brain, or at more than ``ratio_limit`` times
     their reference volume, in some of ``rows`` (one per subset, case means, as :meth:`EvalResult.table`):

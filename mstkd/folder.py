@@ -23,7 +23,7 @@ import torch
 from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
-from mstkd.atomic import check_writable, write_text
+from mstkd.atomic import check_writable, stale_temporaries, write_text
 from mstkd.data.labels import CLASSES
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.errors import InputError
@@ -104,11 +104,12 @@ def predict_folder(
             print(f"{len(result.kept)} of {len(cases)} cases finished earlier: kept", file=sys.stderr)
     kept = set(result.kept)
     todo = [(c, folder) for c, folder in cases if c not in kept]
-    if resume:  # what a killed run left half-written (atomic writes' temporary files) of this part's own cases
-        for case_id, _ in todo:
-            for orphan in output_dir.glob(f".{case_id}.*.tmp*"):
-                orphan.unlink(missing_ok=True)
     outputs = {c: (output_dir / f"{c}.nii.gz", output_dir / f"{c}.npz" if probabilities else None) for c, _ in todo}
+    if resume:  # what a killed run left half-written of this part's own cases (label maps and probabilities)
+        for case_id, _ in todo:
+            for path in (output_dir / f"{case_id}.nii.gz", output_dir / f"{case_id}.npz"):
+                for orphan in stale_temporaries(path):
+                    orphan.unlink(missing_ok=True)
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
     for case_id, outcome in _predict_cases(predictor, todo, outputs, modalities, overlap=overlap):
         bar.update()

@@ -222,19 +222,11 @@ def penalised_mean(matched_mean: float, tp: int, fp: int, fn: int, *, penalty: f
 def format_lesion_scores(scores: dict[str, dict[str, float]], mode: str = "panoptica") -> str:
     """A plain-text table: one row per region, the lesion counts and the penalised lesion-wise scores of ``mode``
     (with ``mode``'s rule below it)."""
-    columns = [
-        (k, f"{'lesion ' if k in ('dice', 'hd95', 'nsd') else ''}{k}")
-        for k in ("tp", "fp", "fn", "small", "dice", "hd95", "nsd")
-        if f"lesion_{k}" in mode_metrics(mode)
-    ]
-    lines = [f"{'region':<8}" + "".join(f"{name:>13}" for _, name in columns)]
+    counts, scored = mode_columns(mode)
+    lines = [f"{'region':<8}" + "".join(f"{k:>13}" for k in counts) + "".join(f"{'lesion ' + m:>13}" for m in scored)]
     for region, s in scores.items():
-        cells = []
-        for k, _ in columns:
-            value = s[f"lesion_{k}"]
-            cells.append(
-                f"{value:>13.2f}" if k == "hd95" else f"{value:>13.4f}" if k in ("dice", "nsd") else f"{int(value):>13}"
-            )
+        cells = [f"{int(s[f'lesion_{k}']):>13}" for k in counts]
+        cells += [f"{s[f'lesion_{m}']:>13.{2 if m == 'hd95' else 4}f}" for m in scored]
         lines.append(f"{region:<8}" + "".join(cells))
     lines.append(mode_rule(mode))
     return "\n".join(lines)
@@ -282,6 +274,16 @@ def mode_metrics(mode: str) -> tuple[str, ...]:
     from mstkd import lesion_brats2023
 
     return {"panoptica": LESION_METRICS, "brats2023": lesion_brats2023.METRICS}[_known(mode)]
+
+
+def mode_columns(mode: str) -> tuple[list[str], list[str]]:
+    """The lesion counts (``tp``, ``fp``, ``fn``, ``small``) and scores (``dice``, ``hd95``, ``nsd``) that ``mode``
+    gives, each in report order: what every table of lesion-wise scores shows."""
+    keys = mode_metrics(mode)
+    present = [k for k in ("tp", "fp", "fn", "small", "dice", "hd95", "nsd") if f"lesion_{k}" in keys]
+    return [k for k in present if k not in ("dice", "hd95", "nsd")], [
+        k for k in present if k in ("dice", "hd95", "nsd")
+    ]
 
 
 def mode_scores(

@@ -155,10 +155,9 @@ class FolderScores:
 
     def _lesion_markdown(self, mean: dict, sd: dict) -> list[str]:
         """Lesion counts summed over the cases, and the mean ± sd of the penalised lesion-wise scores."""
-        from mstkd.lesion import mode_metrics, mode_rule
+        from mstkd.lesion import mode_columns, mode_rule
 
-        scores = [m for m in ("dice", "hd95", "nsd") if f"lesion_{m}" in mode_metrics(self.lesion)]
-        counts = [k for k in ("tp", "fp", "fn", "small") if f"lesion_{k}" in mode_metrics(self.lesion)]
+        counts, scores = mode_columns(self.lesion)
         names = {"dice": "Lesion Dice", "hd95": "Lesion HD95 mm", "nsd": "Lesion NSD", "small": "left out (small)"}
         lines = [
             "| Region | "

@@ -88,9 +88,8 @@ class Tracker:
     def __init__(self, run_dir: str | Path, trackers: str | Iterable[str] = ()) -> None:
         """Raises :class:`InputError` at once (before any work) for an unknown tracker or one whose package is
         missing."""
-        self.trackers = parse_trackers(trackers)
         backends = {"tensorboard": _TensorBoard, "mlflow": _MLflow}
-        self.backends = [backends[name](Path(run_dir)) for name in self.trackers]
+        self.backends = [backends[name](Path(run_dir)) for name in parse_trackers(trackers)]
 
     @property
     def enabled(self) -> bool:

@@ -9,6 +9,7 @@ import numpy as np
 
 from mstkd.atomic import copy_file, write_text
 from mstkd.data.labels import REGIONS
+from mstkd.evaluate import last_tables
 from mstkd.runconfig import RunConfig
 from mstkd.tracking import Tracker
 from server.evaluation import say
@@ -179,8 +180,7 @@ def finish_run(
     phases = time_phases(runlog.records, runlog.setup_seconds, runlog.setup_seconds + seconds)
     write_phases(out, phases)
     report = write_report(out, runlog, cfg, run, seconds, best, verdict, phases)
-    tables = sorted((out / "eval").glob("round_*.md"), key=lambda p: int(p.stem.removeprefix("round_")))[-1:]
-    final = [t.with_suffix(suffix) for t in tables for suffix in (".md", ".csv", ".json")]
+    final = last_tables(out / "eval", "round_")
     tracker.finish(
         [out / "best.pt", report, out / "metrics.csv", out / "config.yaml", *final], failed=not verdict.learned
     )
