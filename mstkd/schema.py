@@ -284,6 +284,13 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("model.decoder_channels", "model.discriminator_channels"):
         if not (channels := list(_get(cfg, key))) or any(c <= 0 for c in channels):
             raise _bad(key, channels, "give positive channel counts")
+    # the style discriminator halves the 1/8 feature map once per layer with 4-voxel kernels, so every side
+    # of a training crop needs at least 2 voxels before its last layer: 8 x 2^layers
+    smallest = 8 * 2 ** len(model.discriminator_channels)
+    key = "data.patch_size" if cfg.data.patch_size is not None else "model.input_size"
+    crop = list(_get(cfg, key))
+    if any(s < smallest for s in crop):
+        raise _bad(key, crop, f"each side of the training crop must be at least {smallest} for this model")
     if (spacing := cfg.data.target_spacing) is not None:
         try:
             check_spacing(spacing, "data.target_spacing")

@@ -60,6 +60,7 @@ WRONG = {
     "data.foreground_ratio=1.5": "data.foreground_ratio",
     "model.input_size=[64,64]": "model.input_size",
     "model.input_size=[60,64,64]": "model.input_size",
+    "data.patch_size=[64,64,32]": "data.patch_size",  # lite's discriminator needs 64 (tiny's 32)
     "model=huge": "model preset",
 }
 
