@@ -165,6 +165,22 @@ def stale_runs(bench: Path, scenario: Scenario, arms: list[Arm], seeds: list[int
     ]
 
 
+def bench_meta(scenario: Scenario, data: ScenarioData, argv: list[str], note: str | None) -> dict:
+    """``bench.json``: what the benchmark ran on, the command that makes it, the code's commit and the machine."""
+    return {
+        "scenario": scenario.name,
+        "scenario_file": str(scenario.source),
+        "data": data.description,
+        "data_path": str(data.folder),
+        "partitioning": str(data.partitioning or ""),
+        "test_data_path": str(data.test or ""),
+        "command": " ".join(["python -m simulations.bench", *argv]),
+        "commit": code_commit(),
+        "machine": machine(),
+        **({"note": note} if note is not None else {}),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -191,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", default=None, help="also copy the report files (no checkpoints) to this folder")
     parser.add_argument("--note", default=None, help="a Markdown file whose text the report shows as 'What changed'")
     args = parser.parse_args(argv)
+    argv_list = list(argv if argv is not None else sys.argv[1:])
     exit_on_sigterm()  # kill <pid> stops the Flower processes too, as Ctrl-C does
 
     try:
@@ -227,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(bench / run)
             progress_line(f"{run}: made with another config, removed to be made again")
         if args.report_only:
+            meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
+            if "data_path" not in meta:  # a folder of runs taken over only: describe the benchmark that makes them
+                meta = bench_meta(scenario, data, [a for a in argv_list if a != "--report-only"], meta.get("note"))
             if note is not None:
-                meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
-                write_text(bench / "bench.json", json.dumps({**meta, "note": note}, indent=1))
+                meta["note"] = note
+            bench.mkdir(parents=True, exist_ok=True)
+            write_text(bench / "bench.json", json.dumps(meta, indent=1))
             write_report(bench, scenario, arms, seeds)
             if args.publish:
                 progress_line(f"report files copied to {publish(bench, published, arms, seeds)}")
@@ -240,27 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     bench.mkdir(parents=True, exist_ok=True)
-    commit = code_commit()
     if note is None and (bench / "bench.json").is_file():  # a resumed benchmark keeps its note
         note = json.loads((bench / "bench.json").read_text()).get("note")
-    write_text(
-        bench / "bench.json",
-        json.dumps(
-            {
-                "scenario": scenario.name,
-                "scenario_file": str(scenario.source),
-                "data": data.description,
-                "data_path": str(data.folder),
-                "partitioning": str(data.partitioning or ""),
-                "test_data_path": str(data.test or ""),
-                "command": " ".join(["python -m simulations.bench", *(argv if argv is not None else sys.argv[1:])]),
-                "commit": commit,
-                "machine": machine(),
-                **({"note": note} if note is not None else {}),
-            },
-            indent=1,
-        ),
-    )
+    meta = bench_meta(scenario, data, argv_list, note)
+    commit = meta["commit"]
+    write_text(bench / "bench.json", json.dumps(meta, indent=1))
     progress_line(f"{scenario.name}: {data.description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
     failed = []
     for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds

@@ -109,3 +109,17 @@ def test_a_benchmark_with_runs_of_another_config_stops_unless_told_to_remake_the
     assert bench.main([*args, "--rerun-stale"]) == 0
     assert not run.exists()
     assert bench.main(args) == 0  # nothing stale is left
+
+
+def test_a_report_only_benchmark_records_the_benchmark_that_makes_its_runs(tmp_path):
+    """A folder of taken-over runs gets a full bench.json (data, command, commit), so a later benchmark that
+    continues from the published folder takes its runs over instead of refusing them as other data."""
+    published = tmp_path / "published"
+    args = ["tiny-2", "--arms", "mstkd", "--seeds", "1", "--out", str(tmp_path / "out")]
+    args += ["--work-dir", str(tmp_path / "work"), "--publish", str(published)]
+    assert bench.main([*args, "--report-only"]) == 0
+    meta = json.loads((published / "bench.json").read_text())
+    assert meta["command"] == " ".join(["python -m simulations.bench", *args])  # the command that makes the runs
+    assert meta["commit"] and meta["machine"] and meta["scenario"] == "tiny-2"
+    data = bench.scenario_data(load_scenario("tiny-2"), tmp_path / "work", None, None)
+    assert published_.same_data(meta, data)
