@@ -53,7 +53,7 @@ def phantom_loader(cfg, root: Path, shape: tuple[int, ...], cases: int):
         write_federation(data, cases=cases, sites=1, shape=shape, seed=7, progress=False)
     fed = prepare_federation(data, cfg.data, progress=False)
     entries = [e for s in fed.sites for split in ("train", "val") for e in fed.site_cases(s, split)]
-    return make_loader(entries, cfg.data, train=True, patch=cfg.model.input_size)
+    return make_loader(entries, cfg.data, train=True, patch=cfg.data.patch_size or cfg.model.input_size)
 
 
 def _norm(grads) -> float:

@@ -31,7 +31,7 @@ from mstkd.provenance import code_commit
 from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
-from simulations.published import DONE, adopt_published, finished, publish, run_spec
+from simulations.published import DONE, adopt_published, finished, publish, run_spec, same_data
 from simulations.report import write_report
 from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
 
@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             progress_line(f"{run}: made with another config, removed to be made again")
         if args.report_only:
             meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
+            kept = (
+                json.loads((published / "bench.json").read_text())
+                if args.publish and (published / "bench.json").is_file()
+                else {}
+            )
+            if "data_path" not in meta and same_data(kept, data):  # the published benchmark's own record
+                meta = {**kept, **meta}
             if "data_path" not in meta:  # a folder of runs taken over only: describe the benchmark that makes them
                 meta = bench_meta(scenario, data, [a for a in argv_list if a != "--report-only"], meta.get("note"))
             if note is not None:

@@ -167,7 +167,8 @@ def schedules(scenario: Scenario) -> str:
     else:
         total = run.num_server_rounds * run.local_epochs
         federated = f"{run.num_server_rounds} rounds of {run.local_epochs:g} local epochs ({total:g} epochs in all)"
-    longer = " (longer, to level off: see Convergence)" if scenario.centralised_epochs else ""
+    federated_epochs = run.num_server_rounds if run.local_steps else run.num_server_rounds * run.local_epochs
+    longer = " (longer, to level off: see Convergence)" if scenario.centralised_train_epochs > federated_epochs else ""
     return (
         f"**Schedules**: the federated arms train {federated}; the centralised arm trains "
         f"{scenario.centralised_train_epochs} epochs over the pooled training cases{longer}."

@@ -123,3 +123,8 @@ def test_a_report_only_benchmark_records_the_benchmark_that_makes_its_runs(tmp_p
     assert meta["commit"] and meta["machine"] and meta["scenario"] == "tiny-2"
     data = bench.scenario_data(load_scenario("tiny-2"), tmp_path / "work", None, None)
     assert published_.same_data(meta, data)
+    # a report rewritten elsewhere (a fresh clone, another --out) keeps the published record: commit, command, note
+    (published / "bench.json").write_text(json.dumps({**meta, "commit": "abc123", "note": "why"}))
+    assert bench.main([*args[:6], str(tmp_path / "elsewhere"), *args[7:], "--report-only"]) == 0
+    kept = json.loads((published / "bench.json").read_text())
+    assert kept["commit"] == "abc123" and kept["note"] == "why" and kept["command"] == meta["command"]
