@@ -280,10 +280,8 @@ def mode_columns(mode: str) -> tuple[list[str], list[str]]:
     """The lesion counts (``tp``, ``fp``, ``fn``, ``small``) and scores (``dice``, ``hd95``, ``nsd``) that ``mode``
     gives, each in report order: what every table of lesion-wise scores shows."""
     keys = mode_metrics(mode)
-    present = [k for k in ("tp", "fp", "fn", "small", "dice", "hd95", "nsd") if f"lesion_{k}" in keys]
-    return [k for k in present if k not in ("dice", "hd95", "nsd")], [
-        k for k in present if k in ("dice", "hd95", "nsd")
-    ]
+    counts = [k for k in ("tp", "fp", "fn", "small") if f"lesion_{k}" in keys]
+    return counts, [k for k in ("dice", "hd95", "nsd") if f"lesion_{k}" in keys]
 
 
 def mode_scores(

@@ -31,7 +31,7 @@ from mstkd.provenance import code_commit
 from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
-from simulations.published import DONE, adopt_published, finished, publish, run_spec, same_data
+from simulations.published import DONE, adopt_published, finished, publish, read_meta, run_spec, same_data
 from simulations.report import write_report
 from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
 
@@ -244,15 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(bench / run)
             progress_line(f"{run}: made with another config, removed to be made again")
         if args.report_only:
-            meta = json.loads((bench / "bench.json").read_text()) if (bench / "bench.json").is_file() else {}
-            kept = (
-                json.loads((published / "bench.json").read_text())
-                if args.publish and (published / "bench.json").is_file()
-                else {}
-            )
-            if "data_path" not in meta and same_data(kept, data):  # the published benchmark's own record
-                meta = {**kept, **meta}
-            if "data_path" not in meta:  # a folder of runs taken over only: describe the benchmark that makes them
+            # this folder's record, else the published benchmark's (same cases), else one for the command that makes
+            # the runs (a folder of runs taken over only)
+            meta = read_meta(bench)
+            if "data_path" not in meta and args.publish and same_data(read_meta(published), data):
+                meta = {**read_meta(published), **meta}
+            if "data_path" not in meta:
                 meta = bench_meta(scenario, data, [a for a in argv_list if a != "--report-only"], meta.get("note"))
             if note is not None:
                 meta["note"] = note
@@ -268,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     bench.mkdir(parents=True, exist_ok=True)
-    if note is None and (bench / "bench.json").is_file():  # a resumed benchmark keeps its note
-        note = json.loads((bench / "bench.json").read_text()).get("note")
+    if note is None:  # a resumed benchmark keeps its note
+        note = read_meta(bench).get("note")
     meta = bench_meta(scenario, data, argv_list, note)
     commit = meta["commit"]
     write_text(bench / "bench.json", json.dumps(meta, indent=1))

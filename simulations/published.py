@@ -70,6 +70,12 @@ def finished(folder: Path, spec: dict) -> bool:
         return False
 
 
+def read_meta(folder: Path) -> dict:
+    """A benchmark folder's ``bench.json`` (empty when it has none)."""
+    path = folder / "bench.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def same_data(meta: dict, data: ScenarioData) -> bool:
     """Whether a published ``bench.json`` was made on these cases: the same training and test folders by name (a
     phantom folder's name carries the hash of everything it was generated from)."""
@@ -91,9 +97,9 @@ def adopt_published(
     ``grad_scales.json``. A published run made with another config (its ``done.json`` ``spec``, or none recorded),
     or on other cases (``bench.json``), is not taken. Returns the runs taken and those left."""
     taken, other = [], []
-    meta = published / "bench.json"
-    if meta.is_file() and not same_data(json.loads(meta.read_text()), data):
-        return taken, [f"all (the published runs used other data: {json.loads(meta.read_text()).get('data', '')})"]
+    meta = read_meta(published)
+    if (published / "bench.json").is_file() and not same_data(meta, data):
+        return taken, [f"all (the published runs used other data: {meta.get('data', '')})"]
     for arm in arms:
         for seed in seeds:
             folder = bench / arm.name / f"seed-{seed}"

@@ -43,6 +43,7 @@ from simulations.comparisons import (
 )
 from simulations.convergence import convergence_score, simulated_round_times
 from simulations.plots import validation_curves
+from simulations.published import read_meta
 from simulations.scenario import ARMS, Arm, Scenario
 from simulations.stats import case_scores
 from simulations.tables import (
@@ -167,8 +168,8 @@ def schedules(scenario: Scenario) -> str:
     else:
         total = run.num_server_rounds * run.local_epochs
         federated = f"{run.num_server_rounds} rounds of {run.local_epochs:g} local epochs ({total:g} epochs in all)"
-    federated_epochs = run.num_server_rounds if run.local_steps else run.num_server_rounds * run.local_epochs
-    longer = " (longer, to level off: see Convergence)" if scenario.centralised_train_epochs > federated_epochs else ""
+    trains_longer = scenario.centralised_train_epochs > scenario.federated_train_epochs
+    longer = " (longer, to level off: see Convergence)" if trains_longer else ""
     return (
         f"**Schedules**: the federated arms train {federated}; the centralised arm trains "
         f"{scenario.centralised_train_epochs} epochs over the pooled training cases{longer}."
@@ -188,7 +189,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             epochs = RunConfig.parse(scenario.arm_run_config(arm, 0)).local_epochs if arm.federated else local_epochs
             results[arm.name] = [_run_numbers(arm, folder, done, epochs) for _, folder, done in finished]
             seeds_of[arm.name] = [seed for seed, _, _ in finished]
-    meta = _json(bench / "bench.json") if (bench / "bench.json").is_file() else {}
+    meta = read_meta(bench)
 
     summary_rows = []
     for name, runs in results.items():

@@ -184,15 +184,17 @@ class Scenario:
         return given
 
     @property
-    def centralised_train_epochs(self) -> int:
-        """The epochs the centralised arm trains: ``centralised.epochs``, else as many as a federated arm trains in all
-        its rounds (with ``local-steps``, one epoch per round)."""
+    def federated_train_epochs(self) -> int:
+        """The epochs a federated arm trains in all its rounds (with ``local-steps``, one epoch per round)."""
         run = self.config
-        if self.centralised_epochs:
-            return self.centralised_epochs
         return (
             run.num_server_rounds if run.local_steps else max(int(round(run.num_server_rounds * run.local_epochs)), 1)
         )
+
+    @property
+    def centralised_train_epochs(self) -> int:
+        """The epochs the centralised arm trains: ``centralised.epochs``, else as many as a federated arm trains."""
+        return self.centralised_epochs or self.federated_train_epochs
 
     def centralised_overrides(self, seed: int, num_sites: int) -> list[str]:
         """Project-config overrides of the centralised arm: a federated arm's budget in epochs (and steps), or
