@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             # this folder's record, else the published benchmark's (same cases), else one for the command that makes
             # the runs (a folder of runs taken over only)
             meta = read_meta(bench)
-            if "data_path" not in meta and args.publish and same_data(read_meta(published), data):
-                meta = {**read_meta(published), **meta}
+            if "data_path" not in meta and args.publish:
+                record = read_meta(published)
+                if same_data(record, data):
+                    meta = {**record, **meta}
             if "data_path" not in meta:
                 meta = bench_meta(scenario, data, [a for a in argv_list if a != "--report-only"], meta.get("note"))
             if note is not None:
