@@ -56,13 +56,15 @@ def arm_table(arm: Arm, runs: list[dict], out: Path) -> str:
 
 
 def paper_table(results: dict[str, list[dict]], metric: str, scale: float, digits: int) -> str:
-    """Tables 1-4 layout: a row per region and arm, a column per subset, then the average."""
+    """Tables 1-4 layout: a row per region and arm, a column per subset, then the average; last, the mean of the
+    three regions (its average is the overview's mean), which shows in which subsets two arms differ."""
     head = "| Region | Arm | " + " | ".join(ROW_NAMES[:-1]) + " | Avg. |"
     lines = [head, "|---|---|" + "---:|" * len(ROW_NAMES)]
-    for region in reversed(REGIONS):  # the paper lists WT, TC, ET
+    for region in [*reversed(REGIONS), "Mean"]:  # the paper lists WT, TC, ET
+        keys = [f"{r}_{metric}" for r in (REGIONS if region == "Mean" else [region])]
         for j, (name, runs) in enumerate(results.items()):
             cells = [
-                f"{np.mean([result['table'][i][f'{region}_{metric}'] for result in runs]) * scale:.{digits}f}"
+                f"{np.mean([result['table'][i][k] for result in runs for k in keys]) * scale:.{digits}f}"
                 for i in range(len(ROW_NAMES))
             ]
             lines.append(f"| {region if j == 0 else ''} | {ARMS[name].label} | " + " | ".join(cells) + " |")
