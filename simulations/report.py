@@ -343,8 +343,8 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
         lines += [
             "## Paper layout (Tables 1-4)",
             "",
-            "Means over seeds. The Mean rows average ET, TC and WT (their Avg. is the overview's mean Dice): they show "
-            "in which modality subsets two arms differ. Source: `tables/<arm>.csv`.",
+            "Means over seeds. The Mean rows average ET, TC and WT (in the Dice table their Avg. is the overview's "
+            "mean Dice): they show in which modality subsets two arms differ. Source: `tables/<arm>.csv`.",
             "",
             "### Dice (%)",
             "",
