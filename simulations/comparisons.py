@@ -1,8 +1,8 @@
 """The report's sections that compare arms with intervals, and the convergence check every arm must meet.
 
 Every comparison pairs two arms on (seed, test case) and gives the mean difference in Dice points, a 95 %
-crossed random-effects interval over seeds and cases and a p-value, Holm-corrected over every comparison the
-report makes (:mod:`simulations.stats`). The sections:
+crossed random-effects interval over seeds and cases and a p-value, Holm-corrected over every comparison of the
+report that has one (:mod:`simulations.stats`). The sections:
 
 - **headline**: federated vs centralised, MST-KDNet vs its student-only baseline;
 - **per term**: the full method against each arm that removes one loss term, with the term's measured
@@ -105,6 +105,7 @@ def comparison_sections(rows: list[dict], bench: Path, model: str) -> list[str]:
     gradient scales)."""
     if not rows:
         return []
+    tested = sum(not np.isnan(r["paired"].p) for r in rows)
     lines = [
         "## Comparisons",
         "",
@@ -113,8 +114,8 @@ def comparison_sections(rows: list[dict], bench: Path, model: str) -> list[str]:
         "of the mean difference from the two-way analysis of variance (seed and case mean squares, residual not "
         "subtracted: conservative), Satterthwaite's degrees of freedom, t-interval (`simulations/stats.py`). With "
         "few seeds the seed term dominates: the interval is about as wide as one over the seeds' mean "
-        f"differences. p: the two-sided t-test; p (Holm): Holm-corrected over all {len(rows)} comparisons of this "
-        "report. A difference holds when p (Holm) < 0.05; n/a: fewer than two seeds or two test cases. "
+        f"differences. p: the two-sided t-test; p (Holm): Holm-corrected over the {tested} of this report's "
+        f"{len(rows)} comparisons that have a p. A difference holds when p (Holm) < 0.05; n/a: fewer than two seeds or two test cases. "
         "Source: `comparisons.csv`, built from each run's per-case scores (`runs/<arm>/seed-<s>/eval/*.json`).",
         "",
     ]
