@@ -115,8 +115,9 @@ def comparison_sections(rows: list[dict], bench: Path, model: str) -> list[str]:
         "subtracted: conservative), Satterthwaite's degrees of freedom, t-interval (`simulations/stats.py`). With "
         "few seeds the seed term dominates: the interval is about as wide as one over the seeds' mean "
         f"differences. p: the two-sided t-test; p (Holm): Holm-corrected over the {tested} of this report's "
-        f"{len(rows)} comparisons that have a p. A difference holds when p (Holm) < 0.05; n/a: fewer than two seeds or two test cases. "
-        "Source: `comparisons.csv`, built from each run's per-case scores (`runs/<arm>/seed-<s>/eval/*.json`).",
+        f"{len(rows)} comparisons that have a p. A difference holds when p (Holm) < 0.05; n/a: fewer than two "
+        "seeds or two test cases. Source: `comparisons.csv`, built from each run's per-case scores "
+        "(`runs/<arm>/seed-<s>/eval/*.json`).",
         "",
     ]
     scales, steps = _grad_scales(bench, model)
