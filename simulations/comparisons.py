@@ -8,19 +8,24 @@ report that has one (:mod:`simulations.stats`). The sections:
 - **per term**: the full method against each arm that removes one loss term, with the term's measured
   gradient scale where the benchmark folder holds ``grad_scales.json`` (``benchmarks/grad_scales.py --json``);
 - **mechanism groups**: the paper's Table 5 groups (MS-TKD, DMLD, GSM);
-- **other**: strategies, privacy and hostile sites against plain FedAvg.
+- **other**: strategies, privacy and hostile sites against plain FedAvg;
+- **against**: where sites lack modalities (``compare-with``), MST-KDNet's advantage over student-only here minus
+  the same advantage in the scenario whose sites have every modality, on the same test cases: over all subsets, and
+  over the subsets that as many sites can train.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from mstkd.modalities import SUBSETS
 from simulations.scenario import ARMS, LONGER_ARMS, STRATEGY_ARMS, TERM_ARMS, TERM_GROUPS
-from simulations.stats import format_p, holm, paired_interval
+from simulations.stats import Paired, case_scores, format_p, holm, paired_interval
 from simulations.tables import fmt
 
 CONVERGENCE_WINDOW = 3
@@ -33,7 +38,10 @@ SECTIONS = {
     "term": "One arm per loss term",
     "group": "Mechanism groups (the paper's Table 5)",
     "other": "Other comparisons",
+    "against": "Does the advantage grow where sites lack modalities?",
 }
+ADVANTAGE = ("mstkd", "student")
+"""The pair whose difference the ``against`` section compares between two scenarios."""
 
 
 def _pairs(results: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
@@ -54,8 +62,9 @@ def _pairs(results: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
     return [p for p in pairs if p[0] in results and p[1] in results]
 
 
-def compare(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> list[dict]:
-    """Every comparison the report makes, with its interval and its Holm-adjusted p-value (one family)."""
+def compare(results: dict[str, list[dict]], seeds_of: dict[str, list[int]], more: Sequence[dict] = ()) -> list[dict]:
+    """Every comparison the report makes, with its interval and its Holm-adjusted p-value (one family, which
+    includes the comparisons of ``more``: :func:`against`'s)."""
     rows = []
     for a, b, text, section in _pairs(results):
         by_seed = [
@@ -64,9 +73,100 @@ def compare(results: dict[str, list[dict]], seeds_of: dict[str, list[int]]) -> l
         paired = paired_interval(*by_seed)
         if paired is not None:
             rows.append({"first": a, "second": b, "text": text, "section": section, "paired": paired})
+    rows += more
     for row, p in zip(rows, holm([r["paired"].p for r in rows]), strict=True):
         row["paired"] = replace(row["paired"], p_holm=p)
     return rows
+
+
+def _advantage(results: dict[str, list[dict]], seeds_of: dict[str, list[int]], subsets=None) -> dict:
+    """``{seed: {case: first - second}}`` for the :data:`ADVANTAGE` pair, over ``subsets`` (None: all 15)."""
+    first, second = (
+        {s: case_scores(r["case_rows"], subsets) for s, r in zip(seeds_of[a], results[a], strict=True)}
+        for a in ADVANTAGE
+    )
+    return {s: {c: first[s][c] - second[s][c] for c in first[s] if c in second[s]} for s in first if s in second}
+
+
+def subset_groups(sites_training: dict[str, int]) -> list[tuple[str, str, list[str]]]:
+    """``(key, text, subset names)``: all 15 subsets, then, where sites lack modalities, the subsets that each
+    number of sites can train (most sites first)."""
+    groups = [("all", "all 15 subsets", list(sites_training))]
+    counts = sorted(set(sites_training.values()), reverse=True)
+    if len(counts) > 1:
+        total = max(counts)
+        for k in counts:
+            names = [n for n, v in sites_training.items() if v == k]
+            shown = ", ".join(s.display_name for s in SUBSETS if s.name in names)
+            groups.append((f"{k}-sites", f"the {len(names)} subsets {k} of {total} sites train ({shown})", names))
+    return groups
+
+
+def against(
+    results: dict[str, list[dict]],
+    seeds_of: dict[str, list[int]],
+    reference: dict[str, list[dict]],
+    reference_seeds_of: dict[str, list[int]],
+    name: str,
+    sites_training: dict[str, int],
+) -> list[dict]:
+    """MST-KDNet minus student-only here minus the same difference in the scenario ``name`` (``reference``), paired
+    by seed and test case, over each group of :func:`subset_groups`; none unless both scenarios have both arms."""
+    if any(a not in results or a not in reference for a in ADVANTAGE):
+        return []
+    rows = []
+    for key, text, names in subset_groups(sites_training):
+        paired = paired_interval(_advantage(results, seeds_of, names), _advantage(reference, reference_seeds_of, names))
+        if paired is not None:
+            pair = "-".join(ADVANTAGE)
+            rows.append(
+                {
+                    "first": pair,
+                    "second": f"{name}:{pair}",
+                    "subsets": key,
+                    "text": f"MST-KDNet − student here vs in `{name}`: {text}",
+                    "section": "against",
+                    "paired": paired,
+                }
+            )
+    return rows
+
+
+def against_subsets(
+    results: dict[str, list[dict]],
+    seeds_of: dict[str, list[int]],
+    reference: dict[str, list[dict]],
+    reference_seeds_of: dict[str, list[int]],
+    name: str,
+    sites_training: dict[str, int],
+) -> list[str]:
+    """Markdown: per subset, MST-KDNet's advantage over student-only here, in ``name`` and their difference (means
+    over the seeds and test cases both scenarios share; the intervals are :func:`against`'s, over groups)."""
+    if any(a not in results or a not in reference for a in ADVANTAGE):
+        return []
+    total = max(sites_training.values())
+    lines = [
+        f"Per subset: the mean of MST-KDNet − student-only over the seeds and test cases both scenarios share, here "
+        f"and in `{name}`, in Dice points (mean of ET, TC and WT), and how many of the {total} sites here can train "
+        "the subset. No interval per subset: the table shows where the difference lies; the rows above test it.",
+        "",
+        f"| Subset | sites that train it | here | in `{name}` | difference |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for subset in SUBSETS:
+        here = _advantage(results, seeds_of, [subset.name])
+        there = _advantage(reference, reference_seeds_of, [subset.name])
+        paired: Paired | None = paired_interval(here, there)
+        if paired is None:
+            continue
+        shared = [(s, c) for s in here if s in there for c in here[s] if c in there[s]]
+        mean_here = 100 * float(np.mean([here[s][c] for s, c in shared]))
+        mean_there = 100 * float(np.mean([there[s][c] for s, c in shared]))
+        lines.append(
+            f"| {subset.display_name} | {sites_training[subset.name]} | {mean_here:+.2f} | {mean_there:+.2f} | "
+            f"{paired.mean:+.2f} |"
+        )
+    return lines + [""]
 
 
 def comparison_rows(rows: list[dict]) -> list[dict]:
@@ -76,6 +176,7 @@ def comparison_rows(rows: list[dict]) -> list[dict]:
             "section": r["section"],
             "first": r["first"],
             "second": r["second"],
+            "subsets": r.get("subsets", "all"),
             "seeds": r["paired"].seeds,
             "cases": r["paired"].cases,
             "delta_points": r["paired"].mean,
@@ -100,9 +201,9 @@ def _interval(p) -> str:
     return "n/a" if np.isnan(p.low) else f"[{p.low:+.2f}, {p.high:+.2f}]"
 
 
-def comparison_sections(rows: list[dict], bench: Path, model: str) -> list[str]:
+def comparison_sections(rows: list[dict], bench: Path, model: str, subset_table: Sequence[str] = ()) -> list[str]:
     """Markdown for every section that has comparisons (``model``: the preset the arms trained, for the
-    gradient scales)."""
+    gradient scales; ``subset_table``: :func:`against_subsets`'s lines, shown under the ``against`` rows)."""
     if not rows:
         return []
     tested = sum(not np.isnan(r["paired"].p) for r in rows)
@@ -136,6 +237,14 @@ def comparison_sections(rows: list[dict], bench: Path, model: str) -> list[str]:
                 "barely moves the student at this weight; its arm measures little more than the seed.",
                 "",
             ]
+        if section == "against":
+            lines += [
+                "Δ = MST-KDNet − student-only here, minus the same difference in the scenario whose sites have every "
+                "modality, paired by seed and by test case (the same held-out cases): positive where the "
+                "distillation gains more when sites lack modalities. Each row averages a case's Dice over the "
+                "subsets it names; the rows are in the family Holm corrects over.",
+                "",
+            ]
         head = "| Comparison | seeds × cases | Δ (points) | 95 % CI | p | p (Holm) | holds |"
         lines += [head + " gradient scale |" if extra else head, "|---|---:|---:|---|---:|---:|:---:|"]
         lines[-1] += "---:|" if extra else ""
@@ -152,6 +261,8 @@ def comparison_sections(rows: list[dict], bench: Path, model: str) -> list[str]:
                 cells += f" {scale:.2g} |" if scale is not None else " – |"
             lines.append(cells)
         lines.append("")
+        if section == "against":
+            lines += subset_table
     return lines
 
 

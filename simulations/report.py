@@ -22,6 +22,7 @@ are built in :mod:`simulations.tables`, the FeTS convergence score in :mod:`simu
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,9 @@ from mstkd.data.labels import REGIONS
 from mstkd.evaluate import find_collapse
 from mstkd.runconfig import RunConfig
 from simulations.comparisons import (
+    ADVANTAGE,
+    against,
+    against_subsets,
     compare,
     comparison_rows,
     comparison_sections,
@@ -58,6 +62,9 @@ from simulations.tables import (
     privacy_section,
     robustness_section,
 )
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""The published benchmarks (a scenario's ``compare-with`` is read from here)."""
 
 # --------------------------------------------------------------------------- reading the runs
 
@@ -97,6 +104,7 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
     out: dict[str, Any] = {
         "table": table,
         "cases": case_scores(scored["cases"]),  # per test case: Dice averaged over regions and subsets
+        "case_rows": scored["cases"],  # per test case and subset
         "mean_dice": float(np.mean([avg[f"{r}_dice"] for r in REGIONS])),
         **_collapse_numbers(table),
         **{k: float(avg[k]) for k in CELLS},
@@ -144,6 +152,31 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
         out["bytes_per_round"] = out["bytes_total"] = 0.0
     out["val_trend_last"] = convergence(out["curve"])
     return out
+
+
+def reference_runs(scenario: Scenario, meta: dict) -> tuple[dict[str, list[dict]], dict[str, list[int]], str]:
+    """The published runs of ``scenario.compare_with`` of the :data:`ADVANTAGE` arms, at the seeds its report covers
+    (``{arm: [{"case_rows": ...}]}``, ``{arm: seeds}``), and why there are none where there are none. Runs on other
+    test cases than this benchmark's (``bench.json``) are not taken."""
+    name = scenario.compare_with
+    folder = RESULTS / str(name)
+    summary = folder / "summary.csv"
+    if not summary.is_file():
+        return {}, {}, f"`{name}` has no published report in `{folder.relative_to(RESULTS.parent.parent)}`"
+    there = Path(read_meta(folder).get("test_data_path") or "").name
+    if there != Path(meta.get("test_data_path") or "").name:
+        return {}, {}, f"`{name}`'s published runs were scored on other test cases ({there or 'none recorded'})"
+    with summary.open() as f:
+        covered = [(r["arm"], int(r["seed"])) for r in csv.DictReader(f)]
+    runs: dict[str, list[dict]] = {}
+    seeds_of: dict[str, list[int]] = {}
+    for arm in ADVANTAGE:
+        for seed in sorted(s for a, s in covered if a == arm):
+            run = folder / "runs" / arm / f"seed-{seed}"
+            done = _json(run / "done.json")
+            runs.setdefault(arm, []).append({"case_rows": _json(run / done["table"])["cases"]})
+            seeds_of.setdefault(arm, []).append(seed)
+    return runs, seeds_of, "" if len(runs) == len(ADVANTAGE) else f"`{name}` has no published runs of both arms"
 
 
 def _collapse_numbers(table: list[dict]) -> dict[str, Any]:
@@ -275,10 +308,18 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
         ]
         if "centralised" in results:
             lines += [schedules(scenario), ""]
-        rows = compare(results, seeds_of)
+        more: list[dict] = []
+        subset_table: list[str] = []
+        if scenario.compare_with:
+            ref, ref_seeds, why = reference_runs(scenario, meta)
+            given = (results, seeds_of, ref, ref_seeds, scenario.compare_with, scenario.sites_training())
+            more, subset_table = against(*given), against_subsets(*given)
+            if why:
+                lines += [f"**Not compared with `{scenario.compare_with}`**: {why}.", ""]
+        rows = compare(results, seeds_of, more)
         if rows:
             write_csv(bench / "comparisons.csv", comparison_rows(rows))
-        lines += comparison_sections(rows, bench, scenario.config.model)
+        lines += comparison_sections(rows, bench, scenario.config.model, subset_table)
         lines += [
             "## Overview",
             "",

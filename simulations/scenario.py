@@ -16,6 +16,10 @@ FeTS partition CSV (``sites.partitioning: fets/partitioning_1.csv``, relative to
 epochs (and steps) as a federated arm does in all its rounds, or for ``centralised.epochs`` where the
 scenario gives it (a ceiling trained until it levels off, chosen on validation data). A robustness arm also makes one
 site hostile (:mod:`simulations.adversary`): that site's every train reply is poisoned.
+
+``compare-with`` names a published scenario on the same test cases whose sites have every modality: the report
+then asks whether MST-KDNet's advantage over student-only differs from that scenario's, over all subsets and over
+the subsets that the same number of this scenario's sites can train (``run.drop-modalities``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mstkd.data.partitions import read_partitions
+from mstkd.data.sites import parse_dropped
 from mstkd.errors import InputError
+from mstkd.modalities import FULL, SUBSETS
 from mstkd.phantoms import ensure_phantoms
 from mstkd.runconfig import RunConfig
 
@@ -162,6 +168,7 @@ class Scenario:
     arms: list[str]
     source: Path
     centralised_epochs: int | None = None  # None: as many as a federated arm trains in all its rounds
+    compare_with: str | None = None  # a published scenario on the same test cases, every site with every modality
 
     @property
     def num_sites(self) -> int:
@@ -182,6 +189,12 @@ class Scenario:
             given["num-server-rounds"] = max(1, round(epochs / RunConfig.parse(given).local_epochs))
         RunConfig.parse(given)  # an arm's keys are checked like the scenario's
         return given
+
+    def sites_training(self) -> dict[str, int]:
+        """Per subset (by name), how many sites have its every modality, so that their students train it."""
+        kept = parse_dropped(self.config.drop_modalities)
+        have = [*kept.values(), *[FULL] * max(self.num_sites - len(kept), 0)]
+        return {s.name: sum(set(s.modalities) <= set(h.modalities) for h in have) for s in SUBSETS}
 
     @property
     def federated_train_epochs(self) -> int:
@@ -229,7 +242,7 @@ def load_scenario(name: str | Path) -> Scenario:
     path = scenario_path(name)
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(raw, dict)
-    unknown = set(raw) - {"description", "sites", "phantom", "run", "arms", "centralised"}
+    unknown = set(raw) - {"description", "sites", "phantom", "run", "arms", "centralised", "compare-with"}
     if unknown:
         raise InputError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
     centralised = raw.get("centralised") or {}
@@ -263,6 +276,11 @@ def load_scenario(name: str | Path) -> Scenario:
         RunConfig.parse(raw.get("run") or {})
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
+    compare_with = raw.get("compare-with")
+    if compare_with is not None:
+        compare_with = str(compare_with)
+        if compare_with == path.stem or not (SCENARIOS / f"{compare_with}.yaml").is_file():
+            raise InputError(f"{path}: compare-with must name another scenario of {SCENARIOS}, not {compare_with!r}")
     arms = [str(a) for a in raw.get("arms") or ARMS]
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -277,6 +295,7 @@ def load_scenario(name: str | Path) -> Scenario:
         arms=arms,
         source=path,
         centralised_epochs=epochs,
+        compare_with=compare_with,
     )
 
 

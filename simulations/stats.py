@@ -19,7 +19,7 @@ Holm's step-down correction (Holm 1979) controls the family-wise error rate over
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +27,13 @@ import numpy as np
 from mstkd.data.labels import REGIONS
 
 
-def case_scores(cases: Sequence[Mapping]) -> dict[str, float]:
-    """Per case, the Dice averaged over regions and subsets, from an evaluation's per-(case, subset) rows."""
+def case_scores(cases: Sequence[Mapping], subsets: Collection[str] | None = None) -> dict[str, float]:
+    """Per case, the Dice averaged over regions and subsets (all, or those named in ``subsets``), from an
+    evaluation's per-(case, subset) rows."""
     sums: dict[str, list[float]] = {}
     for row in cases:
+        if subsets is not None and row["subset"] not in subsets:
+            continue
         sums.setdefault(str(row["case"]), []).append(float(np.mean([row[f"{r}_dice"] for r in REGIONS])))
     counts = {len(v) for v in sums.values()}
     if len(counts) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,64 @@ def test_strategies_are_chosen_on_validation_paired_by_seed():
     assert "| Federated MST-KDNet (FedProx) | 2 | 74.0 ± 0.0 | +2.50 | [-3.85, +8.85] |" in text
     assert "| Federated MST-KDNet (FedAvg, 2 local epochs per round) | 1 | 68.7 | -2.33 | – |" in text
     assert validation_section({"mstkd": results["mstkd"]}, {"mstkd": [0, 1]}) == []
+
+
+def _scored(advantage, seed):
+    """A run's numbers on three test cases whose Dice in every subset is a seed and case offset plus
+    ``advantage(subset)``: the per-(case, subset) rows and the per-case scores."""
+    from mstkd.modalities import SUBSETS
+    from simulations.stats import case_scores
+
+    rows = [
+        {
+            "case": f"c{c}",
+            "subset": s.name,
+            **dict.fromkeys(("ET_dice", "TC_dice", "WT_dice"), 0.5 + 0.01 * seed + 0.02 * c + advantage(s.name)),
+        }
+        for c in range(3)
+        for s in SUBSETS
+    ]
+    return {"case_rows": rows, "cases": case_scores(rows)}
+
+
+def test_the_advantage_where_sites_lack_modalities_is_compared_with_the_full_federation_by_subset_group():
+    from simulations.comparisons import against, against_subsets
+    from simulations.scenario import load_scenario
+
+    sites = load_scenario("phantom-4-missing").sites_training()  # site 2 lacks T1ce; site 3 T1ce and FLAIR
+    assert sites["t1+t2"] == 4 and sites["flair+t2"] == 3 and sites["t1ce"] == 2 and sites["flair+t1+t1ce+t2"] == 2
+
+    # MST-KDNet gains 2 points over student-only in every subset of the full federation; where sites lack
+    # modalities it gains 10 in the subsets all four sites train, 5 in those three train and 2 in the rest
+    gain = {4: 0.10, 3: 0.05, 2: 0.02}
+    seeds = {"mstkd": [0, 1], "student": [0, 1]}
+    here = {
+        "mstkd": [_scored(lambda s: gain[sites[s]], seed) for seed in (0, 1)],
+        "student": [_scored(lambda s: 0.0, seed) for seed in (0, 1)],
+    }
+    there = {
+        "mstkd": [_scored(lambda s: 0.02, seed) for seed in (0, 1)],
+        "student": [_scored(lambda s: 0.0, seed) for seed in (0, 1)],
+    }
+    rows = against(here, seeds, there, seeds, "phantom-4", sites)
+    by_group = {r["subsets"]: r["paired"] for r in rows}
+    assert list(by_group) == ["all", "4-sites", "3-sites", "2-sites"]
+    assert by_group["4-sites"].mean == pytest.approx(8.0) and by_group["3-sites"].mean == pytest.approx(3.0)
+    assert by_group["2-sites"].mean == pytest.approx(0.0, abs=1e-9)
+    assert by_group["all"].mean == pytest.approx((3 * 8.0 + 4 * 3.0) / 15)  # 3 + 4 + 8 subsets
+    assert all((p.seeds, p.cases) == (2, 3) for p in by_group.values())
+    assert {r["second"] for r in rows} == {"phantom-4:mstkd-student"}
+    assert "the 3 subsets 4 of 4 sites train (T2, T1, T1+T2)" in rows[1]["text"]
+
+    # they join the report's one Holm family, and the section shows the per-subset table under its rows
+    family = compare(here, seeds, rows)
+    assert [r["section"] for r in family] == ["headline"] + ["against"] * 4
+    text = "\n".join(
+        comparison_sections(family, Path("."), "lite", against_subsets(here, seeds, there, seeds, "phantom-4", sites))
+    )
+    assert "### Does the advantage grow where sites lack modalities?" in text
+    assert "| T1+T2 | 4 | +10.00 | +2.00 | +8.00 |" in text and "| T1Gd | 2 | +2.00 | +2.00 | +0.00 |" in text
+    assert "Holm-corrected over the 5 of this report's 5 comparisons that have a p" in text
+    # without both arms in both scenarios there is nothing to compare
+    assert against(here, seeds, {"mstkd": there["mstkd"]}, seeds, "phantom-4", sites) == []
+    assert against_subsets({"mstkd": here["mstkd"]}, seeds, there, seeds, "phantom-4", sites) == []

@@ -1,7 +1,8 @@
 """The published reference runs (simulations/results/*/): their reports follow from the raw per-run files kept
 beside them. For every published folder that keeps its runs, the report is rebuilt from ``runs/`` alone and its
 per-run numbers (``summary.csv``) and comparisons (``comparisons.csv``, which the report's tables print) must be
-the published ones."""
+the published ones. A scenario with ``compare-with`` also reads that scenario's published runs: when those change,
+its report must be rebuilt too (``--report-only``, simulations/README.md), or this test fails on its comparisons."""
 
 from __future__ import annotations
 
@@ -77,3 +78,20 @@ def test_the_reference_benchmark_keeps_its_raw_runs():
         # made as the scenario file of this commit says: the report does not mix in runs of another config
         assert done["spec"] == run_spec(scenario, ARMS[row["arm"]], int(row["seed"]), ""), (row["arm"], row["seed"])
         assert (run / done["table"]).is_file()
+
+
+def test_a_scenario_is_compared_only_with_published_runs_on_its_own_test_cases(tmp_path, monkeypatch):
+    from simulations import report
+
+    scenario = load_scenario("phantom-4-missing")
+    reference = json.loads((RESULTS / "phantom-4" / "bench.json").read_text())
+    runs, seeds, why = report.reference_runs(scenario, {"test_data_path": reference["test_data_path"]})
+    covered = {(r["arm"], int(r["seed"])) for r in _rows(RESULTS / "phantom-4" / "summary.csv")}
+    assert why == "" and set(runs) == {"mstkd", "student"}
+    assert all((arm, s) in covered for arm, these in seeds.items() for s in these)  # the seeds its report covers
+    assert all(len(r["case_rows"]) == 15 * 32 for these in runs.values() for r in these)
+
+    runs, seeds, why = report.reference_runs(scenario, {"test_data_path": "/elsewhere/phantoms-4sites-32cases-other"})
+    assert runs == {} and "scored on other test cases" in why
+    monkeypatch.setattr(report, "RESULTS", tmp_path)  # nothing published
+    assert "has no published report" in report.reference_runs(scenario, {})[2]

@@ -134,3 +134,14 @@ def test_a_phantom_scenario_can_hold_out_a_test_set_of_the_same_sites(tmp_path):
     (tmp_path / "typo.yaml").write_text(text.replace("test_cases", "test_case"))
     with pytest.raises(InputError, match="unknown phantom keys test_case"):
         load_scenario(tmp_path / "typo.yaml")
+
+
+def test_compare_with_must_name_another_scenario(tmp_path):
+    assert load_scenario("phantom-4-missing").compare_with == "phantom-4"
+    assert load_scenario("phantom-4").compare_with is None
+    for name, value in (("self.yaml", "self"), ("other.yaml", "phantom-40")):
+        text = (SCENARIOS / "tiny-2.yaml").read_text() + f"\ncompare-with: {value}\n"
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=f"compare-with must name another scenario.*'{value}'") as info:
+            load_scenario(tmp_path / name)
+        assert "\n" not in str(info.value)
