@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from mstkd.modalities import SUBSETS
-from simulations.scenario import ARMS, LONGER_ARMS, STRATEGY_ARMS, TERM_ARMS, TERM_GROUPS
-from simulations.stats import Paired, case_scores, format_p, holm, paired_interval
+from simulations.scenario import ARMS, LONGER_ARMS, STRATEGY_ARMS, TERM_ARMS, TERM_GROUPS, Scenario
+from simulations.stats import case_scores, format_p, holm, paired_interval, shared_cells
 from simulations.tables import fmt
 
 CONVERGENCE_WINDOW = 3
@@ -79,6 +79,17 @@ def compare(results: dict[str, list[dict]], seeds_of: dict[str, list[int]], more
     return rows
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The scenario an ``against`` section compares with: its published runs of the :data:`ADVANTAGE` arms
+    (``{arm: [{"case_rows": ...}]}``) and their seeds."""
+
+    name: str
+    folder: str  # where its runs were read, as the report names it
+    runs: dict[str, list[dict]]
+    seeds_of: dict[str, list[int]]
+
+
 def _advantage(results: dict[str, list[dict]], seeds_of: dict[str, list[int]], subsets=None) -> dict:
     """``{seed: {case: first - second}}`` for the :data:`ADVANTAGE` pair, over ``subsets`` (None: all 15)."""
     first, second = (
@@ -88,43 +99,44 @@ def _advantage(results: dict[str, list[dict]], seeds_of: dict[str, list[int]], s
     return {s: {c: first[s][c] - second[s][c] for c in first[s] if c in second[s]} for s in first if s in second}
 
 
-def subset_groups(sites_training: dict[str, int]) -> list[tuple[str, str, list[str]]]:
+def subset_groups(scenario: Scenario) -> list[tuple[str, str, list[str]]]:
     """``(key, text, subset names)``: all 15 subsets, then, where sites lack modalities, the subsets that each
-    number of sites can train (most sites first)."""
-    groups = [("all", "all 15 subsets", list(sites_training))]
-    counts = sorted(set(sites_training.values()), reverse=True)
+    number of the scenario's sites can train (most sites first)."""
+    training = scenario.sites_training()
+    groups = [("all", "all 15 subsets", list(training))]
+    counts = sorted(set(training.values()), reverse=True)
     if len(counts) > 1:
-        total = max(counts)
         for k in counts:
-            names = [n for n, v in sites_training.items() if v == k]
+            names = [n for n, v in training.items() if v == k]
             shown = ", ".join(s.display_name for s in SUBSETS if s.name in names)
-            groups.append((f"{k}-sites", f"the {len(names)} subsets {k} of {total} sites train ({shown})", names))
+            text = f"the {len(names)} subsets {k} of {scenario.num_sites} sites train ({shown})"
+            groups.append((f"{k}-sites", text, names))
     return groups
 
 
+def _both(results: dict[str, list[dict]], reference: Reference | None) -> bool:
+    return reference is not None and all(a in results and a in reference.runs for a in ADVANTAGE)
+
+
 def against(
-    results: dict[str, list[dict]],
-    seeds_of: dict[str, list[int]],
-    reference: dict[str, list[dict]],
-    reference_seeds_of: dict[str, list[int]],
-    name: str,
-    sites_training: dict[str, int],
+    results: dict[str, list[dict]], seeds_of: dict[str, list[int]], reference: Reference | None, scenario: Scenario
 ) -> list[dict]:
-    """MST-KDNet minus student-only here minus the same difference in the scenario ``name`` (``reference``), paired
-    by seed and test case, over each group of :func:`subset_groups`; none unless both scenarios have both arms."""
-    if any(a not in results or a not in reference for a in ADVANTAGE):
+    """MST-KDNet minus student-only here minus the same difference in ``reference``, paired by seed and test
+    case, over each group of :func:`subset_groups`; none unless both scenarios have both arms."""
+    if not _both(results, reference):
         return []
+    pair = "-".join(ADVANTAGE)
     rows = []
-    for key, text, names in subset_groups(sites_training):
-        paired = paired_interval(_advantage(results, seeds_of, names), _advantage(reference, reference_seeds_of, names))
+    for key, text, names in subset_groups(scenario):
+        here = _advantage(results, seeds_of, names)
+        paired = paired_interval(here, _advantage(reference.runs, reference.seeds_of, names))
         if paired is not None:
-            pair = "-".join(ADVANTAGE)
             rows.append(
                 {
                     "first": pair,
-                    "second": f"{name}:{pair}",
+                    "second": f"{reference.name}:{pair}",
                     "subsets": key,
-                    "text": f"MST-KDNet − student here vs in `{name}`: {text}",
+                    "text": f"MST-KDNet − student here vs in `{reference.name}`: {text}",
                     "section": "against",
                     "paired": paired,
                 }
@@ -132,41 +144,49 @@ def against(
     return rows
 
 
-def against_subsets(
-    results: dict[str, list[dict]],
-    seeds_of: dict[str, list[int]],
-    reference: dict[str, list[dict]],
-    reference_seeds_of: dict[str, list[int]],
-    name: str,
-    sites_training: dict[str, int],
-) -> list[str]:
-    """Markdown: per subset, MST-KDNet's advantage over student-only here, in ``name`` and their difference (means
-    over the seeds and test cases both scenarios share; the intervals are :func:`against`'s, over groups)."""
-    if any(a not in results or a not in reference for a in ADVANTAGE):
-        return []
-    total = max(sites_training.values())
-    lines = [
-        f"Per subset: the mean of MST-KDNet − student-only over the seeds and test cases both scenarios share, here "
-        f"and in `{name}`, in Dice points (mean of ET, TC and WT), and how many of the {total} sites here can train "
-        "the subset. No interval per subset: the table shows where the difference lies; the rows above test it.",
+def against_text(
+    results: dict[str, list[dict]], seeds_of: dict[str, list[int]], reference: Reference | None, scenario: Scenario
+) -> tuple[list[str], list[str]]:
+    """Markdown around the :func:`against` rows: what they pair (above them), and per subset MST-KDNet's advantage
+    over student-only here, in the reference and their difference (below them; means over the same seeds and
+    cases as the rows, without an interval)."""
+    if not _both(results, reference):
+        return [], []
+    seeds, cases = shared_cells(_advantage(results, seeds_of), _advantage(reference.runs, reference.seeds_of))
+    here_seeds = sorted(set(seeds_of["mstkd"]) & set(seeds_of["student"]))
+    there_seeds = sorted(set(reference.seeds_of["mstkd"]) & set(reference.seeds_of["student"]))
+    above = [
+        f"Δ = MST-KDNet − student-only here, minus the same difference in `{reference.name}`, whose sites have "
+        "every modality, paired by seed and by test case (the same held-out cases): positive where the "
+        "distillation gains more when sites lack modalities. Each row averages a case's Dice over the subsets it "
+        f"names; the rows are in the family Holm corrects over. `{reference.name}`'s runs are read from "
+        f"`{reference.folder}` (seeds {_seeds(there_seeds)}); this scenario has seeds {_seeds(here_seeds)}; "
+        f"paired: {_seeds(seeds)}.",
         "",
-        f"| Subset | sites that train it | here | in `{name}` | difference |",
+    ]
+    training = scenario.sites_training()
+    below = [
+        f"Per subset: the mean of MST-KDNet − student-only over those seeds and the {len(cases)} test cases, here "
+        f"and in `{reference.name}`, in Dice points (mean of ET, TC and WT), and how many of the "
+        f"{scenario.num_sites} sites here can train the subset. No interval per subset: the table shows where "
+        "the difference lies; the rows above test it.",
+        "",
+        f"| Subset | sites that train it | here | in `{reference.name}` | difference |",
         "|---|---:|---:|---:|---:|",
     ]
     for subset in SUBSETS:
         here = _advantage(results, seeds_of, [subset.name])
-        there = _advantage(reference, reference_seeds_of, [subset.name])
-        paired: Paired | None = paired_interval(here, there)
-        if paired is None:
-            continue
-        shared = [(s, c) for s in here if s in there for c in here[s] if c in there[s]]
-        mean_here = 100 * float(np.mean([here[s][c] for s, c in shared]))
-        mean_there = 100 * float(np.mean([there[s][c] for s, c in shared]))
-        lines.append(
-            f"| {subset.display_name} | {sites_training[subset.name]} | {mean_here:+.2f} | {mean_there:+.2f} | "
-            f"{paired.mean:+.2f} |"
+        there = _advantage(reference.runs, reference.seeds_of, [subset.name])
+        mean_here, mean_there = (100 * float(np.mean([d[s][c] for s in seeds for c in cases])) for d in (here, there))
+        below.append(
+            f"| {subset.display_name} | {training[subset.name]} | {mean_here:+.2f} | {mean_there:+.2f} | "
+            f"{mean_here - mean_there:+.2f} |"
         )
-    return lines + [""]
+    return above, below + [""]
+
+
+def _seeds(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, seeds)) or "none"
 
 
 def comparison_rows(rows: list[dict]) -> list[dict]:
@@ -201,9 +221,11 @@ def _interval(p) -> str:
     return "n/a" if np.isnan(p.low) else f"[{p.low:+.2f}, {p.high:+.2f}]"
 
 
-def comparison_sections(rows: list[dict], bench: Path, model: str, subset_table: Sequence[str] = ()) -> list[str]:
+def comparison_sections(
+    rows: list[dict], bench: Path, model: str, against_lines: tuple[list[str], list[str]] = ([], [])
+) -> list[str]:
     """Markdown for every section that has comparisons (``model``: the preset the arms trained, for the
-    gradient scales; ``subset_table``: :func:`against_subsets`'s lines, shown under the ``against`` rows)."""
+    gradient scales; ``against_lines``: :func:`against_text`'s, shown above and below the ``against`` rows)."""
     if not rows:
         return []
     tested = sum(not np.isnan(r["paired"].p) for r in rows)
@@ -238,13 +260,7 @@ def comparison_sections(rows: list[dict], bench: Path, model: str, subset_table:
                 "",
             ]
         if section == "against":
-            lines += [
-                "Δ = MST-KDNet − student-only here, minus the same difference in the scenario whose sites have every "
-                "modality, paired by seed and by test case (the same held-out cases): positive where the "
-                "distillation gains more when sites lack modalities. Each row averages a case's Dice over the "
-                "subsets it names; the rows are in the family Holm corrects over.",
-                "",
-            ]
+            lines += against_lines[0]
         head = "| Comparison | seeds × cases | Δ (points) | 95 % CI | p | p (Holm) | holds |"
         lines += [head + " gradient scale |" if extra else head, "|---|---:|---:|---|---:|---:|:---:|"]
         lines[-1] += "---:|" if extra else ""
@@ -262,7 +278,7 @@ def comparison_sections(rows: list[dict], bench: Path, model: str, subset_table:
             lines.append(cells)
         lines.append("")
         if section == "against":
-            lines += subset_table
+            lines += against_lines[1]
     return lines
 
 

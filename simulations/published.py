@@ -79,8 +79,13 @@ def read_meta(folder: Path) -> dict:
 def same_data(meta: dict, data: ScenarioData) -> bool:
     """Whether a published ``bench.json`` was made on these cases: the same training and test folders by name (a
     phantom folder's name carries the hash of everything it was generated from)."""
-    names = [Path(meta.get(key) or "").name for key in ("data_path", "test_data_path")]
-    return names == [data.folder.name, data.test.name if data.test else ""]
+    return same_cases(meta, {"data_path": str(data.folder), "test_data_path": str(data.test or "")})
+
+
+def same_cases(meta: dict, other: dict) -> bool:
+    """Whether two ``bench.json`` records name the same training and test folders (see :func:`same_data`)."""
+    keys = ("data_path", "test_data_path")
+    return [Path(meta.get(k) or "").name for k in keys] == [Path(other.get(k) or "").name for k in keys]
 
 
 def adopt_published(

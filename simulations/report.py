@@ -36,8 +36,9 @@ from mstkd.evaluate import find_collapse
 from mstkd.runconfig import RunConfig
 from simulations.comparisons import (
     ADVANTAGE,
+    Reference,
     against,
-    against_subsets,
+    against_text,
     compare,
     comparison_rows,
     comparison_sections,
@@ -47,8 +48,8 @@ from simulations.comparisons import (
 )
 from simulations.convergence import convergence_score, simulated_round_times
 from simulations.plots import validation_curves
-from simulations.published import read_meta
-from simulations.scenario import ARMS, Arm, Scenario
+from simulations.published import read_meta, run_spec, same_cases
+from simulations.scenario import ARMS, Arm, Scenario, load_scenario
 from simulations.stats import case_scores
 from simulations.tables import (
     CELLS,
@@ -154,29 +155,33 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
     return out
 
 
-def reference_runs(scenario: Scenario, meta: dict) -> tuple[dict[str, list[dict]], dict[str, list[int]], str]:
+def reference_runs(scenario: Scenario, meta: dict) -> tuple[Reference | None, str]:
     """The published runs of ``scenario.compare_with`` of the :data:`ADVANTAGE` arms, at the seeds its report covers
-    (``{arm: [{"case_rows": ...}]}``, ``{arm: seeds}``), and why there are none where there are none. Runs on other
-    test cases than this benchmark's (``bench.json``) are not taken."""
-    name = scenario.compare_with
-    folder = RESULTS / str(name)
+    and made as that scenario says (``done.json`` ``spec``), or None and why. Runs on other cases than this
+    benchmark's (``bench.json``) are not taken."""
+    name = str(scenario.compare_with)
+    folder = RESULTS / name
+    shown = f"simulations/results/{name}/"
     summary = folder / "summary.csv"
     if not summary.is_file():
-        return {}, {}, f"`{name}` has no published report in `{folder.relative_to(RESULTS.parent.parent)}`"
-    there = Path(read_meta(folder).get("test_data_path") or "").name
-    if there != Path(meta.get("test_data_path") or "").name:
-        return {}, {}, f"`{name}`'s published runs were scored on other test cases ({there or 'none recorded'})"
+        return None, f"`{name}` has no published report in `{shown}`"
+    record = read_meta(folder)
+    if not record.get("test_data_path") or not same_cases(record, meta):
+        return None, f"`{name}`'s published runs were made on other cases ({record.get('data', 'not recorded')})"
     with summary.open() as f:
         covered = [(r["arm"], int(r["seed"])) for r in csv.DictReader(f)]
+    other = load_scenario(name)
     runs: dict[str, list[dict]] = {}
     seeds_of: dict[str, list[int]] = {}
     for arm in ADVANTAGE:
-        for seed in sorted(s for a, s in covered if a == arm):
-            run = folder / "runs" / arm / f"seed-{seed}"
-            done = _json(run / "done.json")
-            runs.setdefault(arm, []).append({"case_rows": _json(run / done["table"])["cases"]})
+        for seed, folder_of_run, done in _finished(folder, ARMS[arm], sorted(s for a, s in covered if a == arm)):
+            if done.get("spec") != run_spec(other, ARMS[arm], seed, ""):
+                return None, f"`{name}`'s {arm} seed {seed} was made with another config than its scenario's"
+            runs.setdefault(arm, []).append({"case_rows": _json(folder_of_run / done["table"])["cases"]})
             seeds_of.setdefault(arm, []).append(seed)
-    return runs, seeds_of, "" if len(runs) == len(ADVANTAGE) else f"`{name}` has no published runs of both arms"
+    if len(runs) < len(ADVANTAGE):
+        return None, f"`{name}` has no published runs of both {' and '.join(ADVANTAGE)}"
+    return Reference(name, shown, runs, seeds_of), ""
 
 
 def _collapse_numbers(table: list[dict]) -> dict[str, Any]:
@@ -308,18 +313,17 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
         ]
         if "centralised" in results:
             lines += [schedules(scenario), ""]
-        more: list[dict] = []
-        subset_table: list[str] = []
+        reference = None
         if scenario.compare_with:
-            ref, ref_seeds, why = reference_runs(scenario, meta)
-            given = (results, seeds_of, ref, ref_seeds, scenario.compare_with, scenario.sites_training())
-            more, subset_table = against(*given), against_subsets(*given)
+            reference, why = reference_runs(scenario, meta)
             if why:
                 lines += [f"**Not compared with `{scenario.compare_with}`**: {why}.", ""]
-        rows = compare(results, seeds_of, more)
+        rows = compare(results, seeds_of, against(results, seeds_of, reference, scenario))
         if rows:
             write_csv(bench / "comparisons.csv", comparison_rows(rows))
-        lines += comparison_sections(rows, bench, scenario.config.model, subset_table)
+        lines += comparison_sections(
+            rows, bench, scenario.config.model, against_text(results, seeds_of, reference, scenario)
+        )
         lines += [
             "## Overview",
             "",

@@ -192,8 +192,8 @@ class Scenario:
 
     def sites_training(self) -> dict[str, int]:
         """Per subset (by name), how many sites have its every modality, so that their students train it."""
-        kept = parse_dropped(self.config.drop_modalities)
-        have = [*kept.values(), *[FULL] * max(self.num_sites - len(kept), 0)]
+        kept = parse_dropped(self.config.drop_modalities)  # site ids checked against the sites' when loaded
+        have = [*kept.values(), *[FULL] * (self.num_sites - len(kept))]
         return {s.name: sum(set(s.modalities) <= set(h.modalities) for h in have) for s in SUBSETS}
 
     @property
@@ -238,6 +238,26 @@ def scenario_path(name: str | Path) -> Path:
     raise InputError(f"unknown scenario {name!r}; known: {known} (or a path to a .yaml file)")
 
 
+def _check_compare_with(path: Path, raw: dict, name: str) -> None:
+    """``compare-with`` must name another scenario that differs from this one only in having no sites that lack
+    modalities: the same sites, phantoms and run config but for ``drop-modalities``."""
+    other = SCENARIOS / f"{name}.yaml"
+    if name == path.stem or not other.is_file():
+        raise InputError(f"{path}: compare-with must name another scenario of {SCENARIOS}, not {name!r}")
+    theirs = OmegaConf.to_container(OmegaConf.load(other), resolve=True)
+    assert isinstance(theirs, dict)
+    if (theirs.get("run") or {}).get("drop-modalities"):
+        raise InputError(f"{path}: compare-with {name!r}: that scenario's sites lack modalities too")
+    differ = [key for key in ("sites", "phantom") if raw.get(key) != theirs.get(key)]
+    runs = [{k: v for k, v in (r.get("run") or {}).items() if k != "drop-modalities"} for r in (raw, theirs)]
+    differ += sorted(k for k in set(runs[0]) | set(runs[1]) if runs[0].get(k) != runs[1].get(k))
+    if differ:
+        raise InputError(
+            f"{path}: compare-with {name!r}: the two scenarios may differ only in drop-modalities, "
+            f"not in {', '.join(differ)}"
+        )
+
+
 def load_scenario(name: str | Path) -> Scenario:
     path = scenario_path(name)
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -273,14 +293,17 @@ def load_scenario(name: str | Path) -> Scenario:
     if not sizes or min(sizes) <= 0:
         raise InputError(f"{path}: every site needs a positive size")
     try:
-        RunConfig.parse(raw.get("run") or {})
+        run = RunConfig.parse(raw.get("run") or {})
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
+    ids = list(partitions.sites) if csv else [str(i) for i in range(1, len(sizes) + 1)]
+    unknown = sorted(set(parse_dropped(run.drop_modalities)) - set(ids))
+    if unknown:
+        raise InputError(f"{path}: drop-modalities names site {unknown[0]!r}, but the sites are {', '.join(ids)}")
     compare_with = raw.get("compare-with")
     if compare_with is not None:
         compare_with = str(compare_with)
-        if compare_with == path.stem or not (SCENARIOS / f"{compare_with}.yaml").is_file():
-            raise InputError(f"{path}: compare-with must name another scenario of {SCENARIOS}, not {compare_with!r}")
+        _check_compare_with(path, raw, compare_with)
     arms = [str(a) for a in raw.get("arms") or ARMS]
     bad = [a for a in arms if a not in ARMS]
     if bad:

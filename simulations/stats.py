@@ -59,6 +59,15 @@ class Paired:
         return bool(self.p_holm < 0.05)
 
 
+def shared_cells(
+    first: Mapping[int, Mapping[str, float]], second: Mapping[int, Mapping[str, float]]
+) -> tuple[list[int], list[str]]:
+    """The seeds both arms have, and the cases every one of those runs scored: what a comparison pairs."""
+    seeds = sorted(set(first) & set(second))
+    cases = sorted(set.intersection(*(set(first[s]) & set(second[s]) for s in seeds))) if seeds else []
+    return seeds, cases
+
+
 def paired_interval(
     first: Mapping[int, Mapping[str, float]], second: Mapping[int, Mapping[str, float]], level: float = 0.95
 ) -> Paired | None:
@@ -67,11 +76,8 @@ def paired_interval(
     or no case. Only seeds both arms have, and cases every one of those runs scored, are paired."""
     from scipy import stats
 
-    seeds = sorted(set(first) & set(second))
-    if not seeds:
-        return None
-    cases = sorted(set.intersection(*(set(first[s]) & set(second[s]) for s in seeds)))
-    if not cases:
+    seeds, cases = shared_cells(first, second)
+    if not seeds or not cases:
         return None
     delta = 100.0 * np.array([[first[s][c] - second[s][c] for c in cases] for s in seeds])
     n_s, n_c = delta.shape

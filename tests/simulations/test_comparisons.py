@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from simulations.comparisons import compare, comparison_sections, convergence, convergence_section
@@ -115,62 +116,82 @@ def test_strategies_are_chosen_on_validation_paired_by_seed():
     assert validation_section({"mstkd": results["mstkd"]}, {"mstkd": [0, 1]}) == []
 
 
-def _scored(advantage, seed):
-    """A run's numbers on three test cases whose Dice in every subset is a seed and case offset plus
-    ``advantage(subset)``: the per-(case, subset) rows and the per-case scores."""
+def _scored(mstkd_gain, seed):
+    """A run's numbers on three test cases: a seed and case offset, plus ``mstkd_gain(subset, seed, case)``
+    (0 for student-only runs): the per-(case, subset) rows and the per-case scores."""
     from mstkd.modalities import SUBSETS
     from simulations.stats import case_scores
 
-    rows = [
-        {
-            "case": f"c{c}",
-            "subset": s.name,
-            **dict.fromkeys(("ET_dice", "TC_dice", "WT_dice"), 0.5 + 0.01 * seed + 0.02 * c + advantage(s.name)),
-        }
-        for c in range(3)
-        for s in SUBSETS
-    ]
+    rows = []
+    for c in range(3):
+        for s in SUBSETS:
+            dice = 0.5 + 0.01 * seed + 0.02 * c + mstkd_gain(s.name, seed, c)
+            rows.append({"case": f"c{c}", "subset": s.name, **dict.fromkeys(("ET_dice", "TC_dice", "WT_dice"), dice)})
     return {"case_rows": rows, "cases": case_scores(rows)}
 
 
 def test_the_advantage_where_sites_lack_modalities_is_compared_with_the_full_federation_by_subset_group():
-    from simulations.comparisons import against, against_subsets
+    from simulations.comparisons import Reference, against, against_text
     from simulations.scenario import load_scenario
 
-    sites = load_scenario("phantom-4-missing").sites_training()  # site 2 lacks T1ce; site 3 T1ce and FLAIR
+    scenario = load_scenario("phantom-4-missing")  # site 2 lacks T1ce; site 3 T1ce and FLAIR
+    sites = scenario.sites_training()
     assert sites["t1+t2"] == 4 and sites["flair+t2"] == 3 and sites["t1ce"] == 2 and sites["flair+t1+t1ce+t2"] == 2
 
-    # MST-KDNet gains 2 points over student-only in every subset of the full federation; where sites lack
-    # modalities it gains 10 in the subsets all four sites train, 5 in those three train and 2 in the rest
+    # In the full federation MST-KDNet gains 2 points over student-only in every subset, plus a per-seed and
+    # per-case part; where sites lack modalities it gains 10 points in the subsets all four sites train, 5 in
+    # those three train and 2 in the rest, plus the same per-seed and per-case part for the same seed and case.
+    # A comparison that paired the wrong seeds or cases would not cancel that part.
+    def noise(seed, case):
+        return 0.01 * [0.0, 1.0, 3.0][seed] + 0.004 * [1.0, -1.0, 2.0][case] * (1 + seed)
+
     gain = {4: 0.10, 3: 0.05, 2: 0.02}
-    seeds = {"mstkd": [0, 1], "student": [0, 1]}
-    here = {
-        "mstkd": [_scored(lambda s: gain[sites[s]], seed) for seed in (0, 1)],
-        "student": [_scored(lambda s: 0.0, seed) for seed in (0, 1)],
-    }
-    there = {
-        "mstkd": [_scored(lambda s: 0.02, seed) for seed in (0, 1)],
-        "student": [_scored(lambda s: 0.0, seed) for seed in (0, 1)],
-    }
-    rows = against(here, seeds, there, seeds, "phantom-4", sites)
+
+    def runs(mstkd_gain, seeds):
+        return {
+            "mstkd": [_scored(mstkd_gain, seed) for seed in seeds],
+            "student": [_scored(lambda *_: 0.0, seed) for seed in seeds],
+        }
+
+    here_seeds = {"mstkd": [0, 1], "student": [0, 1]}
+    here = runs(lambda s, seed, c: gain[sites[s]] + noise(seed, c), [0, 1])
+    # the reference has its runs in another order and a seed more, which is not paired
+    there_seeds = {"mstkd": [2, 1, 0], "student": [2, 1, 0]}
+    there = Reference(
+        "phantom-4",
+        "simulations/results/phantom-4/",
+        runs(lambda s, seed, c: 0.02 + noise(seed, c), [2, 1, 0]),
+        there_seeds,
+    )
+    rows = against(here, here_seeds, there, scenario)
     by_group = {r["subsets"]: r["paired"] for r in rows}
     assert list(by_group) == ["all", "4-sites", "3-sites", "2-sites"]
     assert by_group["4-sites"].mean == pytest.approx(8.0) and by_group["3-sites"].mean == pytest.approx(3.0)
     assert by_group["2-sites"].mean == pytest.approx(0.0, abs=1e-9)
     assert by_group["all"].mean == pytest.approx((3 * 8.0 + 4 * 3.0) / 15)  # 3 + 4 + 8 subsets
     assert all((p.seeds, p.cases) == (2, 3) for p in by_group.values())
+    assert by_group["4-sites"].high - by_group["4-sites"].low == pytest.approx(0.0, abs=1e-9)  # nothing left over
     assert {r["second"] for r in rows} == {"phantom-4:mstkd-student"}
     assert "the 3 subsets 4 of 4 sites train (T2, T1, T1+T2)" in rows[1]["text"]
 
-    # they join the report's one Holm family, and the section shows the per-subset table under its rows
-    family = compare(here, seeds, rows)
+    # they join the report's one Holm family; the section says what it paired and shows the per-subset table
+    family = compare(here, here_seeds, rows)
     assert [r["section"] for r in family] == ["headline"] + ["against"] * 4
-    text = "\n".join(
-        comparison_sections(family, Path("."), "lite", against_subsets(here, seeds, there, seeds, "phantom-4", sites))
-    )
+    text = "\n".join(comparison_sections(family, Path("."), "lite", against_text(here, here_seeds, there, scenario)))
     assert "### Does the advantage grow where sites lack modalities?" in text
-    assert "| T1+T2 | 4 | +10.00 | +2.00 | +8.00 |" in text and "| T1Gd | 2 | +2.00 | +2.00 | +0.00 |" in text
+    assert (
+        "read from `simulations/results/phantom-4/` (seeds 0, 1, 2); this scenario has seeds 0, 1; paired: 0, 1."
+        in text
+    )
+    assert "over those seeds and the 3 test cases" in text
+    # per subset: here 10 + the mean noise, there 2 + the same, over seeds 0-1 and the three cases
+    extra = 100 * np.mean([noise(seed, c) for seed in (0, 1) for c in range(3)])
+    assert f"| T1+T2 | 4 | {10 + extra:+.2f} | {2 + extra:+.2f} | +8.00 |" in text
+    assert f"| T1Gd | 2 | {2 + extra:+.2f} | {2 + extra:+.2f} | +0.00 |" in text
     assert "Holm-corrected over the 5 of this report's 5 comparisons that have a p" in text
-    # without both arms in both scenarios there is nothing to compare
-    assert against(here, seeds, {"mstkd": there["mstkd"]}, seeds, "phantom-4", sites) == []
-    assert against_subsets({"mstkd": here["mstkd"]}, seeds, there, seeds, "phantom-4", sites) == []
+    # without both arms in both scenarios, or without a reference, there is nothing to compare
+    lacking = Reference("phantom-4", "", {"mstkd": there.runs["mstkd"]}, there_seeds)
+    assert against(here, here_seeds, lacking, scenario) == [] and against_text(here, here_seeds, None, scenario) == (
+        [],
+        [],
+    )

@@ -54,12 +54,15 @@ def test_a_published_report_is_recomputed_from_its_raw_runs(published, tmp_path)
             assert float(got[run][column]) == pytest.approx(float(row[column]), rel=1e-9, abs=1e-12), (run, column)
     if (published / "comparisons.csv").is_file():
         want_cmp, got_cmp = _rows(published / "comparisons.csv"), _rows(rebuilt / "comparisons.csv")
-        assert [(r["first"], r["second"]) for r in got_cmp] == [(r["first"], r["second"]) for r in want_cmp]
+        key = ("section", "first", "second", "subsets")  # a comparison of two scenarios has a row per subset group
+        assert [tuple(r.get(k, "all") for k in key) for r in got_cmp] == [
+            tuple(r.get(k, "all") for k in key) for r in want_cmp
+        ]
         report = (published / "REPORT.md").read_text()
         for w, g in zip(want_cmp, got_cmp, strict=True):
             for column in ("delta_points", "ci_low", "ci_high", "p_holm"):
                 want_value = pytest.approx(float(w[column]), rel=1e-9, abs=1e-12, nan_ok=True)  # n/a below 2 seeds
-                assert float(g[column]) == want_value, (w["second"], column)
+                assert float(g[column]) == want_value, (w["second"], g.get("subsets"), column)
             low, high = float(g["ci_low"]), float(g["ci_high"])
             interval = "n/a" if math.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
             assert f"{float(g['delta_points']):+.2f} | {interval}" in report
@@ -84,14 +87,27 @@ def test_a_scenario_is_compared_only_with_published_runs_on_its_own_test_cases(t
     from simulations import report
 
     scenario = load_scenario("phantom-4-missing")
-    reference = json.loads((RESULTS / "phantom-4" / "bench.json").read_text())
-    runs, seeds, why = report.reference_runs(scenario, {"test_data_path": reference["test_data_path"]})
+    record = json.loads((RESULTS / "phantom-4" / "bench.json").read_text())
+    reference, why = report.reference_runs(scenario, record)
     covered = {(r["arm"], int(r["seed"])) for r in _rows(RESULTS / "phantom-4" / "summary.csv")}
-    assert why == "" and set(runs) == {"mstkd", "student"}
-    assert all((arm, s) in covered for arm, these in seeds.items() for s in these)  # the seeds its report covers
-    assert all(len(r["case_rows"]) == 15 * 32 for these in runs.values() for r in these)
+    assert why == "" and set(reference.runs) == {"mstkd", "student"}
+    assert reference.folder == "simulations/results/phantom-4/"
+    assert all((arm, s) in covered for arm, these in reference.seeds_of.items() for s in these)  # what it reports
+    assert all(len(r["case_rows"]) == 15 * 32 for these in reference.runs.values() for r in these)
 
-    runs, seeds, why = report.reference_runs(scenario, {"test_data_path": "/elsewhere/phantoms-4sites-32cases-other"})
-    assert runs == {} and "scored on other test cases" in why
+    elsewhere = {**record, "test_data_path": "/elsewhere/phantoms-4sites-32cases-other"}
+    assert report.reference_runs(scenario, elsewhere)[0] is None
+    assert "made on other cases" in report.reference_runs(scenario, elsewhere)[1]
     monkeypatch.setattr(report, "RESULTS", tmp_path)  # nothing published
-    assert "has no published report" in report.reference_runs(scenario, {})[2]
+    assert "has no published report" in report.reference_runs(scenario, record)[1]
+    # a published run made with another config than its scenario's is not compared with
+    shutil.copytree(RESULTS / "phantom-4" / "runs" / "mstkd", tmp_path / "phantom-4" / "runs" / "mstkd")
+    shutil.copytree(RESULTS / "phantom-4" / "runs" / "student", tmp_path / "phantom-4" / "runs" / "student")
+    for name in ("bench.json", "summary.csv"):
+        shutil.copy2(RESULTS / "phantom-4" / name, tmp_path / "phantom-4" / name)
+    assert report.reference_runs(scenario, record)[1] == ""
+    done = tmp_path / "phantom-4" / "runs" / "student" / "seed-0" / "done.json"
+    changed = json.loads(done.read_text())
+    changed["spec"]["run"]["lr"] = 0.01
+    done.write_text(json.dumps(changed))
+    assert "student seed 0 was made with another config" in report.reference_runs(scenario, record)[1]

@@ -145,3 +145,15 @@ def test_compare_with_must_name_another_scenario(tmp_path):
         with pytest.raises(InputError, match=f"compare-with must name another scenario.*'{value}'") as info:
             load_scenario(tmp_path / name)
         assert "\n" not in str(info.value)
+    # the two scenarios may differ only in which sites lack modalities
+    missing = (SCENARIOS / "phantom-4-missing.yaml").read_text()
+    (tmp_path / "longer.yaml").write_text(missing.replace("num-server-rounds: 40", "num-server-rounds: 60"))
+    with pytest.raises(InputError, match="may differ only in drop-modalities, not in num-server-rounds"):
+        load_scenario(tmp_path / "longer.yaml")
+
+
+def test_drop_modalities_must_name_sites_the_scenario_has(tmp_path):
+    missing = (SCENARIOS / "phantom-4-missing.yaml").read_text()
+    (tmp_path / "site-0.yaml").write_text(missing.replace('"2:t1ce; 3:t1ce,flair"', '"0:t1ce"'))
+    with pytest.raises(InputError, match="drop-modalities names site '0', but the sites are 1, 2, 3, 4"):
+        load_scenario(tmp_path / "site-0.yaml")
