@@ -122,6 +122,9 @@ def _simulated_site(run: RunConfig, node: NodeConfig) -> tuple[Path, Path | None
             f"{csv or folder}: {len(sites)} sites but {count} simulated nodes; "
             f'use --federation-config "num-supernodes={len(sites)}"'
         )
+    unknown = sorted(set(parse_dropped(run.drop_modalities)) - set(sites))
+    if unknown:
+        raise InputError(f"drop-modalities names site {unknown[0]!r}, but the sites are {', '.join(sites)}")
     return folder, csv, sites[index], folders, partitions
 
 

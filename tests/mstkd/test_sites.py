@@ -90,3 +90,25 @@ def test_broken_cases_are_skipped_with_one_warning_each_and_left_untouched(tmp_p
     assert "NaN" in next(m for m in lines if "00104" in m)
     assert "label value" in next(m for m in lines if "00105" in m)
     assert _tree_digest(tmp_path / "site") == before  # nothing on disk modified or deleted
+
+
+def test_a_simulation_refuses_drop_modalities_for_a_site_it_does_not_have(tmp_path):
+    """A misspelt site id must not leave that site with every modality unnoticed."""
+    import pytest
+
+    from mstkd.errors import InputError
+    from tests.helpers import write_case
+
+    lines = ["Partition_ID,Subject_ID"]
+    for i in range(4):
+        write_case(tmp_path / "data", f"FeTS2022_{i:05d}", seed=i)
+        lines.append(f"{1 + i % 2},FeTS2022_{i:05d}")
+    (tmp_path / "partitioning.csv").write_text("\n".join(lines) + "\n")
+    paths = {"data-path": str(tmp_path / "data"), "partitioning": str(tmp_path / "partitioning.csv")}
+    node = NodeConfig.parse({"partition-id": 0, "num-partitions": 2})
+    cfg = load_config(["model=tiny"])
+    with pytest.raises(InputError, match="drop-modalities names site '3', but the sites are 1, 2"):
+        site_data(RunConfig.parse({**paths, "drop-modalities": "3:t1ce"}), node, cfg)
+    assert site_data(RunConfig.parse({**paths, "drop-modalities": "1:t1ce"}), node, cfg).available.name == (
+        "flair+t1+t2"
+    )
