@@ -152,9 +152,9 @@ def against_text(
     cases as the rows, without an interval)."""
     if not _both(results, reference):
         return [], []
-    seeds, cases = shared_cells(_advantage(results, seeds_of), _advantage(reference.runs, reference.seeds_of))
-    here_seeds = sorted(set(seeds_of["mstkd"]) & set(seeds_of["student"]))
-    there_seeds = sorted(set(reference.seeds_of["mstkd"]) & set(reference.seeds_of["student"]))
+    here_all, there_all = _advantage(results, seeds_of), _advantage(reference.runs, reference.seeds_of)
+    seeds, cases = shared_cells(here_all, there_all)
+    here_seeds, there_seeds = sorted(here_all), sorted(there_all)  # the seeds each scenario has both arms of
     above = [
         f"Δ = MST-KDNet − student-only here, minus the same difference in `{reference.name}`, whose sites have "
         "every modality, paired by seed and by test case (the same held-out cases): positive where the "

@@ -194,7 +194,7 @@ class Scenario:
         """Per subset (by name), how many sites have its every modality, so that their students train it."""
         kept = parse_dropped(self.config.drop_modalities)  # site ids checked against the sites' when loaded
         have = [*kept.values(), *[FULL] * (self.num_sites - len(kept))]
-        return {s.name: sum(set(s.modalities) <= set(h.modalities) for h in have) for s in SUBSETS}
+        return {s.name: sum(s.issubset(h) for h in have) for s in SUBSETS}
 
     @property
     def federated_train_epochs(self) -> int:
@@ -297,9 +297,10 @@ def load_scenario(name: str | Path) -> Scenario:
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     ids = list(partitions.sites) if csv else [str(i) for i in range(1, len(sizes) + 1)]
-    unknown = sorted(set(parse_dropped(run.drop_modalities)) - set(ids))
-    if unknown:
-        raise InputError(f"{path}: drop-modalities names site {unknown[0]!r}, but the sites are {', '.join(ids)}")
+    try:
+        parse_dropped(run.drop_modalities, ids)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     compare_with = raw.get("compare-with")
     if compare_with is not None:
         compare_with = str(compare_with)

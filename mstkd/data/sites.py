@@ -6,7 +6,7 @@ federation plans its target geometry, and the target a message names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,8 +71,9 @@ class SiteData:
         return subsets_within(self.available)
 
 
-def parse_dropped(spec: str) -> dict[str, Subset]:
-    """``"2:t1ce; 3:t1ce,t2"`` -> site id -> the modalities that site keeps (the simulated missing modalities)."""
+def parse_dropped(spec: str, sites: Sequence[str] | None = None) -> dict[str, Subset]:
+    """``"2:t1ce; 3:t1ce,t2"`` -> site id -> the modalities that site keeps (the simulated missing modalities).
+    With ``sites``, a site id that is not one of them is refused (a misspelt id would leave that site whole)."""
     kept = {}
     for item in filter(None, (part.strip() for part in spec.replace(";", " ").split())):
         site, sep, names = item.partition(":")
@@ -83,6 +84,9 @@ def parse_dropped(spec: str) -> dict[str, Subset]:
         if not keep:
             raise InputError(f"drop-modalities: site {site} would keep no modality")
         kept[site.strip()] = Subset.of(keep)
+    unknown = sorted(set(kept) - set(sites)) if sites is not None else []
+    if unknown:
+        raise InputError(f"drop-modalities names site {unknown[0]!r}, but the sites are {', '.join(sites)}")
     return kept
 
 
@@ -122,9 +126,7 @@ def _simulated_site(run: RunConfig, node: NodeConfig) -> tuple[Path, Path | None
             f"{csv or folder}: {len(sites)} sites but {count} simulated nodes; "
             f'use --federation-config "num-supernodes={len(sites)}"'
         )
-    unknown = sorted(set(parse_dropped(run.drop_modalities)) - set(sites))
-    if unknown:
-        raise InputError(f"drop-modalities names site {unknown[0]!r}, but the sites are {', '.join(sites)}")
+    parse_dropped(run.drop_modalities, sites)
     return folder, csv, sites[index], folders, partitions
 
 
