@@ -1,5 +1,5 @@
 """The report's tables and the sections of ``REPORT.md`` that compare arms, built from the per-run
-numbers :mod:`simulations.report` gathers (one dict per finished run: its 15-subset table, averages and logs).
+numbers :mod:`simulations.runs` reads (one dict per finished run: its 15-subset table, averages and logs).
 
 - ``tables/<arm>.csv|json|md``: the 15 subsets + average, mean and standard deviation over seeds;
 - the layout of the paper's Tables 1-4 and, in ``tables/ablation.csv|md``, of its Table 5;

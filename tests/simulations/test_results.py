@@ -84,11 +84,11 @@ def test_the_reference_benchmark_keeps_its_raw_runs():
 
 
 def test_a_scenario_is_compared_only_with_published_runs_on_its_own_test_cases(tmp_path, monkeypatch):
-    from simulations import report
+    from simulations import runs
 
     scenario = load_scenario("phantom-4-missing")
     record = json.loads((RESULTS / "phantom-4" / "bench.json").read_text())
-    reference, why = report.reference_runs(scenario, record)
+    reference, why = runs.reference_runs(scenario, record)
     covered = {(r["arm"], int(r["seed"])) for r in _rows(RESULTS / "phantom-4" / "summary.csv")}
     assert why == "" and set(reference.runs) == {"mstkd", "student"}
     assert reference.folder == "simulations/results/phantom-4/"
@@ -96,18 +96,18 @@ def test_a_scenario_is_compared_only_with_published_runs_on_its_own_test_cases(t
     assert all(len(r["case_rows"]) == 15 * 32 for these in reference.runs.values() for r in these)
 
     elsewhere = {**record, "test_data_path": "/elsewhere/phantoms-4sites-32cases-other"}
-    assert report.reference_runs(scenario, elsewhere)[0] is None
-    assert "made on other cases" in report.reference_runs(scenario, elsewhere)[1]
-    monkeypatch.setattr(report, "RESULTS", tmp_path)  # nothing published
-    assert "has no published report" in report.reference_runs(scenario, record)[1]
+    assert runs.reference_runs(scenario, elsewhere)[0] is None
+    assert "made on other cases" in runs.reference_runs(scenario, elsewhere)[1]
+    monkeypatch.setattr(runs, "RESULTS", tmp_path)  # nothing published
+    assert "has no published report" in runs.reference_runs(scenario, record)[1]
     # a published run made with another config than its scenario's is not compared with
     shutil.copytree(RESULTS / "phantom-4" / "runs" / "mstkd", tmp_path / "phantom-4" / "runs" / "mstkd")
     shutil.copytree(RESULTS / "phantom-4" / "runs" / "student", tmp_path / "phantom-4" / "runs" / "student")
     for name in ("bench.json", "summary.csv"):
         shutil.copy2(RESULTS / "phantom-4" / name, tmp_path / "phantom-4" / name)
-    assert report.reference_runs(scenario, record)[1] == ""
+    assert runs.reference_runs(scenario, record)[1] == ""
     done = tmp_path / "phantom-4" / "runs" / "student" / "seed-0" / "done.json"
     changed = json.loads(done.read_text())
     changed["spec"]["run"]["lr"] = 0.01
     done.write_text(json.dumps(changed))
-    assert "student seed 0 was made with another config" in report.reference_runs(scenario, record)[1]
+    assert "student seed 0 was made with another config" in runs.reference_runs(scenario, record)[1]
