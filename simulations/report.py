@@ -43,7 +43,7 @@ from simulations.comparisons import (
 )
 from simulations.plots import validation_curves
 from simulations.published import read_meta
-from simulations.runs import finished, reference_runs, run_numbers
+from simulations.runs import finished_runs, reference_runs, run_numbers
 from simulations.scenario import ARMS, Arm, Scenario
 from simulations.tables import (
     CELLS,
@@ -84,7 +84,7 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
     results: dict[str, list[dict]] = {}
     seeds_of: dict[str, list[int]] = {}
     for arm in arms:
-        done_runs = finished(bench, arm, seeds)
+        done_runs = finished_runs(bench, arm, seeds)
         if done_runs:
             epochs = RunConfig.parse(scenario.arm_run_config(arm, 0)).local_epochs if arm.federated else local_epochs
             results[arm.name] = [run_numbers(arm, folder, done, epochs) for _, folder, done in done_runs]

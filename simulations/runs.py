@@ -19,7 +19,7 @@ from mstkd.data.labels import REGIONS
 from mstkd.evaluate import find_collapse
 from simulations.comparisons import ADVANTAGE, Reference, convergence
 from simulations.convergence import convergence_score, simulated_round_times
-from simulations.published import read_meta, run_spec, same_cases
+from simulations.published import DONE, read_meta, run_spec, same_cases
 from simulations.scenario import ARMS, Arm, Scenario, load_scenario
 from simulations.stats import case_scores
 from simulations.tables import CELLS, ROW_NAMES
@@ -41,15 +41,16 @@ def run_folder(bench: Path, arm: str, seed: int) -> Path:
     in a published one (which holds only the small files the report reads)."""
     folder = bench / arm / f"seed-{seed}"
     published = bench / "runs" / arm / f"seed-{seed}"
-    return published if not (folder / "done.json").is_file() and (published / "done.json").is_file() else folder
+    return published if not (folder / DONE).is_file() and (published / DONE).is_file() else folder
 
 
-def finished(bench: Path, arm: Arm, seeds: Sequence[int]) -> list[tuple[int, Path, dict]]:
+def finished_runs(bench: Path, arm: Arm, seeds: Sequence[int]) -> list[tuple[int, Path, dict]]:
+    """(seed, folder, ``done.json``) of each of ``seeds`` that ``arm`` has finished in ``bench``."""
     out = []
     for seed in seeds:
         folder = run_folder(bench, arm.name, seed)
-        if (folder / "done.json").is_file():
-            out.append((seed, folder, _json(folder / "done.json")))
+        if (folder / DONE).is_file():
+            out.append((seed, folder, _json(folder / DONE)))
     return out
 
 
@@ -132,7 +133,7 @@ def reference_runs(scenario: Scenario, meta: dict) -> tuple[Reference | None, st
     runs: dict[str, list[dict]] = {}
     seeds_of: dict[str, list[int]] = {}
     for arm in ADVANTAGE:
-        for seed, folder_of_run, done in finished(folder, ARMS[arm], sorted(s for a, s in covered if a == arm)):
+        for seed, folder_of_run, done in finished_runs(folder, ARMS[arm], sorted(s for a, s in covered if a == arm)):
             if done.get("spec") != run_spec(other, ARMS[arm], seed, ""):
                 return None, f"`{name}`'s {arm} seed {seed} was made with another config than its scenario's"
             runs.setdefault(arm, []).append({"case_rows": _json(folder_of_run / done["table"])["cases"]})

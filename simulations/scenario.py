@@ -292,12 +292,9 @@ def load_scenario(name: str | Path) -> Scenario:
         raise InputError(f"{path}: sites needs 'sizes' or 'partitioning'")
     if not sizes or min(sizes) <= 0:
         raise InputError(f"{path}: every site needs a positive size")
-    try:
-        run = RunConfig.parse(raw.get("run") or {})
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
     ids = list(partitions.sites) if csv else [str(i) for i in range(1, len(sizes) + 1)]
     try:
+        run = RunConfig.parse(raw.get("run") or {})
         parse_dropped(run.drop_modalities, ids)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
