@@ -31,7 +31,7 @@ from mstkd.provenance import code_commit
 from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
-from simulations.published import DONE, adopt_published, finished, publish, read_meta, run_spec, same_data
+from simulations.published import DONE, adopt_published, finished, publish, read_meta, run_id, run_spec, same_data
 from simulations.report import write_report
 from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
 
@@ -157,11 +157,11 @@ def stale_runs(bench: Path, scenario: Scenario, arms: list[Arm], seeds: list[int
     """The finished runs of ``bench`` (``arm/seed-s``) that were made with another config than this benchmark would
     use: not results of this benchmark, so neither skipped nor reported."""
     return [
-        f"{arm.name}/seed-{seed}"
+        run_id(arm.name, seed)
         for seed in seeds
         for arm in arms
-        if (bench / arm.name / f"seed-{seed}" / DONE).is_file()
-        and not finished(bench / arm.name / f"seed-{seed}", run_spec(scenario, arm, seed, extra))
+        if (bench / run_id(arm.name, seed) / DONE).is_file()
+        and not finished(bench / run_id(arm.name, seed), run_spec(scenario, arm, seed, extra))
     ]
 
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds
         for arm in arms:
-            folder = bench / arm.name / f"seed-{seed}"
+            folder = bench / run_id(arm.name, seed)
             spec = run_spec(scenario, arm, seed, args.run_config)
             if finished(folder, spec):
                 progress_line(f"{arm.name} seed {seed}: finished earlier, skipped")
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                     files = run_centralised(scenario, seed, folder, data=data, extra=args.run_config)
             except (RuntimeError, InputError) as exc:
                 progress_line(f"{arm.name} seed {seed}: FAILED: {exc}")
-                failed.append(f"{arm.name}/seed-{seed}")
+                failed.append(run_id(arm.name, seed))
                 continue
             seconds = time.perf_counter() - start
             done = {

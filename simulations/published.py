@@ -24,6 +24,11 @@ REPORT_FILES = (
 )
 
 
+def run_id(arm: str, seed: int) -> str:
+    """A run's name and its folder relative to a benchmark: ``<arm>/seed-<s>``."""
+    return f"{arm}/seed-{seed}"
+
+
 def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Path:
     """Copy the report and what it is built from (tables, plots, summaries, the runs of ``arms`` x ``seeds``;
     no checkpoints) to ``target``."""
@@ -37,7 +42,7 @@ def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Pat
             shutil.copy2(table, target / "tables" / table.name)
     for arm in arms:  # each run's wall time, its round-by-round log and its final table with per-case scores
         for seed in seeds:
-            _copy_run(bench / arm.name / f"seed-{seed}", target / "runs" / arm.name / f"seed-{seed}")
+            _copy_run(bench / run_id(arm.name, seed), target / "runs" / run_id(arm.name, seed))
     return target
 
 
@@ -107,16 +112,16 @@ def adopt_published(
         return taken, [f"all (the published runs used other data: {meta.get('data', '')})"]
     for arm in arms:
         for seed in seeds:
-            folder = bench / arm.name / f"seed-{seed}"
-            source = published / "runs" / arm.name / f"seed-{seed}"
+            folder = bench / run_id(arm.name, seed)
+            source = published / "runs" / run_id(arm.name, seed)
             spec = run_spec(scenario, arm, seed, extra)
             if finished(folder, spec) or not (source / DONE).is_file():
                 continue
             if not finished(source, spec):
-                other.append(f"{arm.name}/seed-{seed}")
+                other.append(run_id(arm.name, seed))
             else:  # a run of another config (or half a run) gives way
                 _copy_run(source, folder)
-                taken.append(f"{arm.name}/seed-{seed}")
+                taken.append(run_id(arm.name, seed))
     if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():
         bench.mkdir(parents=True, exist_ok=True)
         shutil.copy2(published / "grad_scales.json", bench / "grad_scales.json")

@@ -19,7 +19,7 @@ from mstkd.data.labels import REGIONS
 from mstkd.evaluate import find_collapse
 from simulations.comparisons import ADVANTAGE, Reference, convergence
 from simulations.convergence import convergence_score, simulated_round_times
-from simulations.published import DONE, read_meta, run_spec, same_cases
+from simulations.published import DONE, read_meta, run_id, run_spec, same_cases
 from simulations.scenario import ARMS, Arm, Scenario, load_scenario
 from simulations.stats import case_scores
 from simulations.tables import CELLS, ROW_NAMES
@@ -39,8 +39,8 @@ def _jsonl(path: Path) -> list[dict]:
 def run_folder(bench: Path, arm: str, seed: int) -> Path:
     """Where a run's files are: ``<bench>/<arm>/seed-<s>`` in a benchmark folder, ``<bench>/runs/<arm>/seed-<s>``
     in a published one (which holds only the small files the report reads)."""
-    folder = bench / arm / f"seed-{seed}"
-    published = bench / "runs" / arm / f"seed-{seed}"
+    folder = bench / run_id(arm, seed)
+    published = bench / "runs" / run_id(arm, seed)
     return published if not (folder / DONE).is_file() and (published / DONE).is_file() else folder
 
 
