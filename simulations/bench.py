@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -165,7 +166,32 @@ def stale_runs(bench: Path, scenario: Scenario, arms: list[Arm], seeds: list[int
     ]
 
 
-def bench_meta(scenario: Scenario, data: ScenarioData, argv: list[str], note: str | None) -> dict:
+def report_command(args: argparse.Namespace, scenario: Scenario, arms: list[Arm]) -> str:
+    """The command that makes this report's runs, built from its scope rather than from the command line: the
+    arms (named only when they are not all of the scenario's), the seeds and every other option away from its
+    default, without this machine's folders (--out, --work-dir) or how this call was asked (--report-only,
+    --rerun-stale)."""
+    parts = ["python", "-m", "simulations.bench", args.scenario]
+    if [arm.name for arm in arms] != list(scenario.arms):
+        parts += ["--arms", ",".join(arm.name for arm in arms)]
+    parts += ["--seeds", str(args.seeds)]
+    options = {
+        "--first-seed": (args.first_seed, 0),
+        "--data-path": (args.data_path, None),
+        "--partitioning": (args.partitioning, None),
+        "--cpus-per-node": (args.cpus_per_node, 2),
+        "--gpus-per-node": (args.gpus_per_node, 0.0),
+        "--run-config": (args.run_config, ""),
+        "--note": (args.note, None),
+        "--publish": (args.publish, None),
+    }
+    for flag, (value, default) in options.items():
+        if value != default:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def bench_meta(scenario: Scenario, data: ScenarioData, command: str, note: str | None) -> dict:
     """``bench.json``: what the benchmark ran on, the command that makes it, the code's commit and the machine."""
     return {
         "scenario": scenario.name,
@@ -174,7 +200,7 @@ def bench_meta(scenario: Scenario, data: ScenarioData, argv: list[str], note: st
         "data_path": str(data.folder),
         "partitioning": str(data.partitioning or ""),
         "test_data_path": str(data.test or ""),
-        "command": " ".join(["python -m simulations.bench", *argv]),
+        "command": command,
         "commit": code_commit(),
         "machine": machine(),
         **({"note": note} if note is not None else {}),
@@ -207,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", default=None, help="also copy the report files (no checkpoints) to this folder")
     parser.add_argument("--note", default=None, help="a Markdown file whose text the report shows as 'What changed'")
     args = parser.parse_args(argv)
-    argv_list = list(argv if argv is not None else sys.argv[1:])
     exit_on_sigterm()  # kill <pid> stops the Flower processes too, as Ctrl-C does
 
     try:
@@ -226,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         data_path = Path(args.data_path).expanduser() if args.data_path else None
         partitioning = Path(args.partitioning).expanduser().resolve() if args.partitioning else None
         note = read_note(args.note)
+        command = report_command(args, scenario, arms)
         data = scenario_data(scenario, work_dir, data_path, partitioning)
         if args.publish:
             published = Path(args.publish).resolve()
@@ -244,15 +270,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(bench / run)
             progress_line(f"{run}: made with another config, removed to be made again")
         if args.report_only:
-            # this folder's record, else the published benchmark's (same cases), else one for the command that makes
-            # the runs (a folder of runs taken over only)
+            # this folder's record, else the published benchmark's (same cases), else a new one (a folder of runs
+            # taken over only); the command is always this report's, since an earlier call may have made a subset
             meta = read_meta(bench)
             if "data_path" not in meta and args.publish:
                 record = read_meta(published)
                 if same_data(record, data):
                     meta = {**record, **meta}
             if "data_path" not in meta:
-                meta = bench_meta(scenario, data, [a for a in argv_list if a != "--report-only"], meta.get("note"))
+                meta = bench_meta(scenario, data, command, meta.get("note"))
+            meta["command"] = command
             if note is not None:
                 meta["note"] = note
             bench.mkdir(parents=True, exist_ok=True)
@@ -269,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.mkdir(parents=True, exist_ok=True)
     if note is None:  # a resumed benchmark keeps its note
         note = read_meta(bench).get("note")
-    meta = bench_meta(scenario, data, argv_list, note)
+    meta = bench_meta(scenario, data, command, note)
     commit = meta["commit"]
     write_text(bench / "bench.json", json.dumps(meta, indent=1))
     progress_line(f"{scenario.name}: {data.description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")

@@ -119,7 +119,8 @@ def test_a_report_only_benchmark_records_the_benchmark_that_makes_its_runs(tmp_p
     args += ["--work-dir", str(tmp_path / "work"), "--publish", str(published)]
     assert bench.main([*args, "--report-only"]) == 0
     meta = json.loads((published / "bench.json").read_text())
-    assert meta["command"] == " ".join(["python -m simulations.bench", *args])  # the command that makes the runs
+    # the command that makes the runs: their scope, without this machine's folders or --report-only
+    assert meta["command"] == f"python -m simulations.bench tiny-2 --arms mstkd --seeds 1 --publish {published}"
     assert meta["commit"] and meta["machine"] and meta["scenario"] == "tiny-2"
     data = bench.scenario_data(load_scenario("tiny-2"), tmp_path / "work", None, None)
     assert published_.same_data(meta, data)
@@ -128,3 +129,8 @@ def test_a_report_only_benchmark_records_the_benchmark_that_makes_its_runs(tmp_p
     assert bench.main([*args[:6], str(tmp_path / "elsewhere"), *args[7:], "--report-only"]) == 0
     kept = json.loads((published / "bench.json").read_text())
     assert kept["commit"] == "abc123" and kept["note"] == "why" and kept["command"] == meta["command"]
+    # a report over every arm, after a call that made one arm, names the command for every arm
+    assert bench.main([*args[:1], *args[3:6], str(tmp_path / "elsewhere"), *args[7:], "--report-only"]) == 0
+    whole = json.loads((published / "bench.json").read_text())
+    assert whole["commit"] == "abc123" and "--arms" not in whole["command"]
+    assert whole["command"] == f"python -m simulations.bench tiny-2 --seeds 1 --publish {published}"
