@@ -147,6 +147,21 @@ def test_standardized_kl_known_value_direction_and_detach():
     assert t2.grad is not None and t2.grad.abs().sum() > 0
 
 
+def test_standardize_matches_the_sample_std_with_finite_gradients_on_constant_logits():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 3, 3, 3, requires_grad=True)
+    reference = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-7)
+    assert torch.allclose(standardize(x, 1), reference, atol=1e-6)
+    (grad,) = torch.autograd.grad(standardize(x, 1).pow(3).sum(), x)
+    (expected,) = torch.autograd.grad(reference.pow(3).sum(), x)
+    assert torch.allclose(grad, expected, atol=1e-4)
+    # an untrained network's constant logits: no NaN in the gradient, with or without the floor
+    for floor in (0.0, 0.5):
+        flat = torch.zeros(1, 4, 2, 2, 2, requires_grad=True)
+        (grad,) = torch.autograd.grad(standardize(flat, 1, floor).pow(2).sum(), flat)
+        assert torch.isfinite(grad).all()
+
+
 def test_attention_distillation_zero_when_equal_and_scaled_by_tokens():
     a = [torch.softmax(torch.randn(1, 2, 5, 5), -1) for _ in range(4)]
     assert AttentionDistillationLoss()(a, a).item() == 0
