@@ -166,28 +166,34 @@ def stale_runs(bench: Path, scenario: Scenario, arms: list[Arm], seeds: list[int
     ]
 
 
-def report_command(args: argparse.Namespace, scenario: Scenario, arms: list[Arm]) -> str:
+RECORDED_OPTIONS = (
+    "first_seed",
+    "data_path",
+    "partitioning",
+    "cpus_per_node",
+    "gpus_per_node",
+    "run_config",
+    "note",
+    "publish",
+)
+"""The options ``bench.json``'s command names when they are away from their defaults."""
+
+
+def report_command(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, scenario: Scenario, arms: list[Arm]
+) -> str:
     """The command that makes this report's runs, built from its scope rather than from the command line: the
     arms (named only when they are not all of the scenario's), the seeds and every other option away from its
-    default, without this machine's folders (--out, --work-dir) or how this call was asked (--report-only,
-    --rerun-stale)."""
+    default (the parser's), without this machine's folders (--out, --work-dir) or how this call was asked
+    (--report-only, --rerun-stale)."""
     parts = ["python", "-m", "simulations.bench", args.scenario]
     if [arm.name for arm in arms] != list(scenario.arms):
         parts += ["--arms", ",".join(arm.name for arm in arms)]
     parts += ["--seeds", str(args.seeds)]
-    options = {
-        "--first-seed": (args.first_seed, 0),
-        "--data-path": (args.data_path, None),
-        "--partitioning": (args.partitioning, None),
-        "--cpus-per-node": (args.cpus_per_node, 2),
-        "--gpus-per-node": (args.gpus_per_node, 0.0),
-        "--run-config": (args.run_config, ""),
-        "--note": (args.note, None),
-        "--publish": (args.publish, None),
-    }
-    for flag, (value, default) in options.items():
-        if value != default:
-            parts += [flag, str(value)]
+    for option in RECORDED_OPTIONS:
+        value = getattr(args, option)
+        if value != parser.get_default(option):
+            parts += ["--" + option.replace("_", "-"), str(value)]
     return shlex.join(parts)
 
 
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         data_path = Path(args.data_path).expanduser() if args.data_path else None
         partitioning = Path(args.partitioning).expanduser().resolve() if args.partitioning else None
         note = read_note(args.note)
-        command = report_command(args, scenario, arms)
+        command = report_command(args, parser, scenario, arms)
         data = scenario_data(scenario, work_dir, data_path, partitioning)
         if args.publish:
             published = Path(args.publish).resolve()
