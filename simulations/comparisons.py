@@ -330,13 +330,13 @@ def convergence_section(results: dict[str, list[dict]], seeds_of: dict[str, list
             verdict = "yes"
         else:
             verdict = "**no**"
-            failing.append(ARMS[name].label)
+            failing.append(f"{ARMS[name].label} ({100 * trend:+.3f} points)")  # how far past the tolerance, unrounded
         per_seed = ", ".join(
             f"{seed}: " + ("–" if t is None else f"{100 * t:+.1f}")
             for seed, t in zip(seeds_of[name], trends, strict=True)
         )
         final = f"{100 * np.mean(finals):.1f}" if finals else "–"
-        shown = "–" if trend is None else f"{100 * trend:+.1f}"
+        shown = "–" if trend is None else f"{100 * trend:+.2f}"
         lines.append(f"| {ARMS[name].label} | {shown} | {verdict} | {per_seed} | {final} |")
     lines.append("")
     if failing:

@@ -60,20 +60,20 @@ def test_the_convergence_check_judges_each_arm_on_its_runs_mean_trend():
     results, seeds = _results(), {"mstkd": [0, 1], "student": [0, 1], "no-kl": [0, 1]}
     # student: seed 0 rises +17 points window to window, seed 1 is flat, so the arm's trend is +8.5
     text = "\n".join(convergence_section(results, seeds))
-    assert "| Federated student only (no teacher) | +8.5 | **no** | 0: +17.0, 1: +0.0 | 77.0 |" in text
-    assert "**Not levelled off**: Federated student only (no teacher)." in text
-    assert "| w/o KL | -1.0 | yes | 0: +0.0, 1: -2.0 |" in text  # falling is not rising: levelled off
+    assert "| Federated student only (no teacher) | +8.50 | **no** | 0: +17.0, 1: +0.0 | 77.0 |" in text
+    assert "**Not levelled off**: Federated student only (no teacher) (+8.500 points)." in text
+    assert "| w/o KL | -1.00 | yes | 0: +0.0, 1: -2.0 |" in text  # falling is not rising: levelled off
     assert "Every arm meets the criterion." not in text
     # one run a little above the tolerance, the other below: the arm's mean decides
     results["student"][0]["curve"] = list(enumerate([0.79, 0.81, 0.80, 0.795, 0.83, 0.825], start=1))
     text = "\n".join(convergence_section(results, seeds))
-    assert "| Federated student only (no teacher) | +0.8 | yes | 0: +1.7, 1: +0.0 |" in text
+    assert "| Federated student only (no teacher) | +0.83 | yes | 0: +1.7, 1: +0.0 |" in text
     assert "Every arm meets the criterion." in text
     # a run too short to judge (a skipped round leaves five points) is left out of its arm's mean, not read as 0;
     # an arm with no run long enough is said to be unjudged, not levelled off
     results["student"][1]["curve"] = [(1, 0.5), (2, None), (3, 0.7), (4, 0.7), (5, 0.7), (6, 0.7)]
     text = "\n".join(convergence_section(results, seeds))
-    assert "| Federated student only (no teacher) | +1.7 | **no** | 0: +1.7, 1: – |" in text
+    assert "| Federated student only (no teacher) | +1.67 | **no** | 0: +1.7, 1: – |" in text
     results["student"][0]["curve"] = results["student"][1]["curve"]
     text = "\n".join(convergence_section(results, seeds))
     assert "| Federated student only (no teacher) | – | – | 0: –, 1: – |" in text
