@@ -330,7 +330,7 @@ def convergence_section(results: dict[str, list[dict]], seeds_of: dict[str, list
             verdict = "yes"
         else:
             verdict = "**no**"
-            failing.append(f"{ARMS[name].label} ({100 * trend:+.3f} points)")  # how far past the tolerance, unrounded
+            failing.append(f"{ARMS[name].label} ({100 * trend:+.3f} points)")  # 3 decimals: +1.004 reads past 1
         per_seed = ", ".join(
             f"{seed}: " + ("–" if t is None else f"{100 * t:+.1f}")
             for seed, t in zip(seeds_of[name], trends, strict=True)
