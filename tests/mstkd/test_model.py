@@ -79,19 +79,31 @@ def test_paper_preset_forward_pass():
     ]
 
 
-@pytest.mark.parametrize("channels,size,stride", [(16, 16, 1), (8, 16, 2), (4, 24, 1)])
-def test_fast_cpu_convolution_matches_native(channels, size, stride):
+@pytest.mark.parametrize(
+    "channels,out,size,stride,layout",
+    [  # 12 output channels: the zero-sample backward; 16 or more in and out: the oneDNN-layout one
+        (16, 12, 16, 1, torch.contiguous_format),
+        (8, 12, 16, 2, torch.contiguous_format),
+        (4, 12, 24, 1, torch.contiguous_format),
+        (16, 16, 16, 1, torch.contiguous_format),
+        (16, 32, 16, 2, torch.channels_last_3d),
+        (32, 16, 8, 1, torch.channels_last_3d),
+    ],
+)
+def test_fast_cpu_convolution_matches_native(channels, out, size, stride, layout):
     from mstkd.model.conv import Conv3d, use_fast_cpu_convolutions
 
     torch.manual_seed(0)
-    native = torch.nn.Conv3d(channels, 12, 3, stride=stride, padding=1)
-    fast = use_fast_cpu_convolutions(torch.nn.Sequential(torch.nn.Conv3d(channels, 12, 3, stride=stride, padding=1)))
+    native = torch.nn.Conv3d(channels, out, 3, stride=stride, padding=1)
+    fast = use_fast_cpu_convolutions(torch.nn.Sequential(torch.nn.Conv3d(channels, out, 3, stride=stride, padding=1)))
     fast.load_state_dict({f"0.{k}": v for k, v in native.state_dict().items()})
+    fast.to(memory_format=layout)
     assert type(fast[0]) is Conv3d
-    x = torch.randn(1, channels, size, size, size, requires_grad=True)
+    x = torch.randn(1, channels, size, size, size).contiguous(memory_format=layout).requires_grad_()
     y1, y2 = native(x), fast(x)
     torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
     g1 = torch.autograd.grad(y1.pow(2).sum(), [x, native.weight, native.bias])
     g2 = torch.autograd.grad(y2.pow(2).sum(), [x, fast[0].weight, fast[0].bias])
     for a, b in zip(g1, g2, strict=True):  # sums over thousands of voxels: compare relative to the scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    assert g2[0].is_contiguous(memory_format=layout)  # the input gradient keeps the input's layout
