@@ -134,8 +134,8 @@ class RunConfig:
     secagg: bool = False
     secagg_max_weight: float = _key(POSITIVE, 100.0)
     transport: Transport = Transport.FLOAT16
-    eval_every: int = _key(POSITIVE, 3)
-    eval_initial: bool = True
+    eval_every: int = _key(POSITIVE, 5)
+    eval_initial: bool = False
     eval_subsets: str = "all"
     eval_cases: int = _key(NON_NEGATIVE, 0)
     eval_lesion: bool = False
