@@ -32,8 +32,9 @@ def test_flwr_run_completes_and_the_superlink_is_stopped(tmp_path):
         run_config, nodes=2, cpus_per_node=1, flwr_home=tmp_path / "flwr", log=tmp_path / "flwr.log", timeout=900
     )
     assert result.completed, f"{result.status}: {result.details}\n{result.log.read_text()[-3000:]}"
-    rounds = [json.loads(line)["round"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [0, 1, 2]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert [r["round"] for r in records if r.get("global")] == [2]  # by default only the last round is scored
     assert (tmp_path / "run" / "best.pt").exists()
     assert superlink_pids(tmp_path / "flwr") == []
 

@@ -23,7 +23,7 @@ from tests.helpers import NODES, by_name, nodes, run_inproc, tiny_run_config
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
-    run_config = tiny_run_config(tmp, tensorboard=True, tracker="mlflow", **{"eval-lesion": True})
+    run_config = tiny_run_config(tmp, tensorboard=True, tracker="mlflow", **{"eval-lesion": True, "eval-initial": True})
     with pytest.MonkeyPatch.context() as env:  # MLflow's local store in the run folder, whatever the shell sets
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         env.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
