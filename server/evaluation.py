@@ -93,7 +93,10 @@ class RoundEnd:
         subsets = parse_subsets(run.eval_subsets)
         if cases:
             what = f"{len(cases)} held-out cases x {len(subsets)} modality subsets"
-            say(f"global evaluation: {what} every {run.eval_every} rounds")
+            last = run.eval_every >= run.num_server_rounds
+            when = "after the last round" if last else f"every {run.eval_every} rounds and after the last"
+            initial = ", and of the initial model" if run.eval_initial else ""
+            say(f"global evaluation: {what} {when}{initial}")
         else:
             say(
                 "no held-out test case: the global model is not scored (give the federation more cases, "

@@ -117,29 +117,39 @@ class RunLog:
         self.plot()
 
     def plot(self) -> Path | None:
-        """``dice.png``: global Dice per region (and their mean) over rounds."""
+        """``dice.png``: global Dice per region (and their mean) over the evaluated rounds, and the sites' mean
+        validation Dice over every round (a run that scores the held-out set once still shows its learning)."""
         points = [(r, rec["global"]) for r, rec in sorted(self.records.items()) if rec.get("global")]
-        if not points:
+        val = [(r, rec["val"]["val-mean-dice"]) for r, rec in sorted(self.records.items()) if _val_dice(rec)]
+        if not points and not val:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, ax = plt.subplots(figsize=(6, 4))
         rounds = [r for r, _ in points]
         for region in REGIONS:
-            ax.plot(rounds, [g[f"{region}_dice"] for _, g in points], marker="o", label=region)
-        ax.plot(rounds, [g["mean_dice"] for _, g in points], marker="s", color="black", label="mean")
+            ax.plot(rounds, [g[f"{region}_dice"] for _, g in points], marker="o", label=f"{region} (test)")
+        ax.plot(rounds, [g["mean_dice"] for _, g in points], marker="s", color="black", label="mean (test)")
+        if val:
+            ax.plot(*zip(*val, strict=True), ls="--", color="grey", marker=".", label="mean (site validation)")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("Dice (mean over evaluated subsets)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.set_title("Global student on the held-out test set")
+        ax.set_title("Global student: held-out test set and the sites' validation cases")
         fig.tight_layout()
         path = self.folder / "dice.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
         return path
+
+
+def _val_dice(record: dict) -> bool:
+    return isinstance(record.get("val"), dict) and record["val"].get("val-mean-dice") is not None

@@ -107,3 +107,18 @@ def test_fast_cpu_convolution_matches_native(channels, out, size, stride, layout
     for a, b in zip(g1, g2, strict=True):  # sums over thousands of voxels: compare relative to the scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
     assert g2[0].is_contiguous(memory_format=layout)  # the input gradient keeps the input's layout
+
+
+def test_fast_cpu_convolution_of_an_input_without_gradient_and_no_bias():
+    """The first layer: only the weight gradient is asked for, on both backward paths."""
+    from mstkd.model.conv import use_fast_cpu_convolutions
+
+    torch.manual_seed(0)
+    for channels in (4, 16):
+        native = torch.nn.Conv3d(channels, 16, 3, padding=1, bias=False)
+        fast = use_fast_cpu_convolutions(torch.nn.Sequential(torch.nn.Conv3d(channels, 16, 3, padding=1, bias=False)))
+        fast.load_state_dict({f"0.{k}": v for k, v in native.state_dict().items()})
+        x = torch.randn(1, channels, 16, 16, 16)
+        (g1,) = torch.autograd.grad(native(x).pow(2).sum(), [native.weight])
+        (g2,) = torch.autograd.grad(fast(x).pow(2).sum(), [fast[0].weight])
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5 * float(g1.abs().max()))

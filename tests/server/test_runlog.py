@@ -27,3 +27,19 @@ def test_metrics_csv_has_one_scalar_per_column_and_every_round_gets_a_progress_l
     runlog.record(2)["skipped"] = "0 of 3 nodes replied"
     runlog.finish(2)
     assert "skipped (0 of 3 nodes replied)" in runlog.progress(2, 3)
+
+
+def test_the_dice_plot_shows_site_validation_every_round_where_the_test_set_is_scored_once(tmp_path):
+    from matplotlib.image import imread
+
+    from server.runlog import RunLog
+
+    runlog = RunLog(tmp_path)
+    runlog.record(0)
+    assert runlog.plot() is None  # nothing scored yet: no plot
+    for r, dice in ((1, 0.3), (2, 0.5), (3, 0.6)):
+        runlog.record(r)["val"] = {"val-mean-dice": dice}
+    path = runlog.plot()
+    assert path == tmp_path / "dice.png" and imread(path).shape[0] > 100  # a curve with no global evaluation yet
+    runlog.records[3]["global"] = {"mean_dice": 0.55, **{f"{x}_dice": 0.5 for x in ("ET", "TC", "WT")}}
+    assert runlog.plot() == path and imread(path).shape[0] > 100
