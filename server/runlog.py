@@ -120,7 +120,11 @@ class RunLog:
         """``dice.png``: global Dice per region (and their mean) over the evaluated rounds, and the sites' mean
         validation Dice over every round (a run that scores the held-out set once still shows its learning)."""
         points = [(r, rec["global"]) for r, rec in sorted(self.records.items()) if rec.get("global")]
-        val = [(r, rec["val"]["val-mean-dice"]) for r, rec in sorted(self.records.items()) if _val_dice(rec)]
+        val = [
+            (r, rec["val"]["val-mean-dice"])
+            for r, rec in sorted(self.records.items())
+            if "val-mean-dice" in rec.get("val", {})
+        ]
         if not points and not val:
             return None
         import matplotlib
@@ -149,7 +153,3 @@ class RunLog:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
         return path
-
-
-def _val_dice(record: dict) -> bool:
-    return isinstance(record.get("val"), dict) and record["val"].get("val-mean-dice") is not None
