@@ -43,7 +43,8 @@ def reported_spacing(content: RecordDict, max_examples: int) -> tuple[tuple[floa
     metrics = content.metric_records["metrics"]
     cases = metrics["num-examples"]
     if not isinstance(cases, int) or not 1 <= cases <= max_examples:
-        raise ValueError(f"num-examples {cases!r} is not a case count in 1..{max_examples}")
+        shown = repr(cases) if isinstance(cases, int | float) else f"of type {type(cases).__name__}"
+        raise ValueError(f"num-examples {shown} is not a case count in 1..{max_examples}")
     values = [metrics[f"spacing-{axis}"] for axis in range(3)]
     if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
         raise ValueError("its voxel size is not three finite numbers")

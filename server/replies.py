@@ -49,9 +49,14 @@ class RefusedReply(ValueError):
 
 
 def printable(text: object, limit: int = MAX_TEXT) -> str:
-    """``text`` as one line of printable characters, at most ``limit`` long (what a log or table may show)."""
-    clean = "".join(c if c.isprintable() else " " for c in str(text))
-    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+    """``text`` as one line of printable characters, at most ``limit`` long (what a log or table may show).
+
+    Only the first ``limit`` characters are looked at: a node's text may be as long as a message allows.
+    """
+    text = str(text)
+    cut = len(text) > limit
+    clean = "".join(c if c.isprintable() else " " for c in text[: limit - 3 if cut else limit])
+    return clean + "..." if cut else clean
 
 
 @dataclass(frozen=True)

@@ -28,3 +28,6 @@ def test_a_site_report_is_checked_before_it_counts():
             reported_spacing(_reply(**bad), max_examples=100)
     with pytest.raises(ValueError):
         reported_spacing(RecordDict({"config": ConfigRecord({"x": 1})}), max_examples=100)
+    many = good | {"num-examples": list(range(100_000))}  # a whole list, which the warning must not print
+    with pytest.raises(ValueError, match=r"^num-examples of type list is not a case count in 1\.\.100$"):
+        reported_spacing(_reply(**many), max_examples=100)

@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 import simulations.adversary as adversary
-from server.replies import RefusedReply, ReplyRules, check_reply
+from server.replies import RefusedReply, ReplyRules, check_reply, printable
 from tests.helpers import FAULT_REASONS, tiny_arrays
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
@@ -80,3 +80,18 @@ def test_metric_values_must_be_finite_numbers_and_site_text_is_trimmed():
     clean = check_reply(reply.content, "train", rules)
     assert set(clean["site"].keys()) == {"name"} and "\n" not in clean["site"]["name"]
     assert len(clean["site"]["name"]) <= 200
+
+
+def test_a_node_text_as_long_as_a_message_allows_is_trimmed_without_copying_it():
+    """A node chooses its error reason and its name; only the characters a log line shows are looked at."""
+    import tracemalloc
+
+    text = "\u4e00\n" * 500_000  # each character would become a string of its own if the whole text were cleaned
+    tracemalloc.start()
+    try:
+        shown = printable(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert shown == ("\u4e00 " * 100)[:197] + "..."
+    assert peak < 100_000, peak
