@@ -12,13 +12,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from mstkd.atomic import atomic_path
+from mstkd.config import load_config
 from mstkd.data.geometry import TargetGeometry
-from mstkd.data.labels import CLASSES, REGIONS
+from mstkd.data.labels import CLASSES, CONVENTIONS, REGIONS
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES
 from mstkd.model import MSTKDNet
+from mstkd.schema import Config, check_config
 
 FORMAT = "mstkd-checkpoint/2"
 """Version 2: the network's head predicts the four exclusive classes (NETC, ED, ET, BG)."""
@@ -78,11 +81,75 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("head") != list(CLASSES):
         raise InputError(f"{path}: not an mstkd checkpoint")
-    cfg = OmegaConf.create(payload["config"])
+    if not isinstance(convention := payload.get("convention"), str) or convention not in CONVENTIONS:
+        raise InputError(f"{path}: its label convention is none of {', '.join(CONVENTIONS)}")
+    cfg = stored_config(payload.get("config"), path)
+    student = payload.get("student")
+    if not isinstance(student, dict) or not all(isinstance(v, torch.Tensor) for v in student.values()):
+        raise InputError(f"{path}: its student is not a set of named tensors")
+    with torch.device("meta"):  # the shapes the config implies, before any memory is spent on them
+        expected = {k: tuple(v.shape) for k, v in MSTKDNet(cfg.model).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in student.items()}
+    if stored != expected:
+        odd = sorted(set(stored) ^ set(expected)) or [k for k in expected if stored[k] != expected[k]]
+        raise InputError(f"{path}: its weights do not fit the network its config describes (first: {odd[0]!r})")
     net = MSTKDNet(cfg.model)
-    net.load_state_dict(payload["student"])
+    net.load_state_dict(student)
     net.to(device).eval()
     return net, cfg, payload
+
+
+def stored_config(raw: object, path: str | Path = "checkpoint") -> DictConfig:
+    """A checkpoint's config, checked as a config from the command line is.
+
+    A checkpoint may come from anywhere, so its config is not taken as it is: it stores resolved values only (an
+    interpolation such as ``${oc.env:...}`` would be evaluated on the reader's machine), every key must be one this
+    version knows, and every value passes :func:`mstkd.schema.check_config`. Keys it lacks (a checkpoint of an
+    older version) take this version's defaults for its model preset.
+
+    Raises:
+        InputError: a config that is not a mapping, holds an interpolation, or has an unknown key or a bad value.
+    """
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: its config is not a mapping")
+    if where := _interpolation(raw):
+        raise InputError(f"{path}: its config holds an interpolation at {where}; a checkpoint stores plain values")
+    model = raw.get("model")
+    preset = model.get("preset") if isinstance(model, dict) else None
+    if not isinstance(preset, str):
+        raise InputError(f"{path}: its config names no model preset")
+    try:
+        defaults = OmegaConf.to_container(load_config([f"model={preset}"]))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), defaults)  # typed: a value of the wrong type is refused
+        OmegaConf.set_struct(cfg, True)
+        cfg = OmegaConf.merge(cfg, raw)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    except ConfigKeyError as exc:
+        raise InputError(f"{path}: its config has a key this version does not know: {exc.full_key}") from None
+    except OmegaConfBaseException as exc:
+        key = f" {exc.full_key}" if getattr(exc, "full_key", None) else ""
+        raise InputError(f"{path}: bad config value{key} ({str(exc).splitlines()[0]})") from None
+    try:
+        check_config(cfg)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _interpolation(node: object, where: str = "") -> str:
+    """The dotted key of the first string in ``node`` that OmegaConf would resolve, or ``""``."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return where if isinstance(node, str) and "${" in node else ""
+    for key, value in items:
+        if found := _interpolation(value, f"{where}.{key}" if where else str(key)):
+            return found
+    return ""
 
 
 def checkpoint_geometry(payload: dict) -> TargetGeometry | None:

@@ -15,6 +15,7 @@ from mstkd.checkpoint import load_checkpoint
 from mstkd.cli import main
 from mstkd.config import load_config
 from mstkd.data.dataset import make_loader, prepare_federation
+from mstkd.errors import InputError
 from mstkd.evaluate import evaluate_cases, parse_subsets
 from mstkd.modalities import SUBSETS, Subset
 from mstkd.model import build_networks
@@ -382,6 +383,42 @@ def test_checkpoint_with_the_old_region_head_is_refused_in_one_line(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "older version" in err[0] and "NETC, ED, ET, BG" in err[0]
     assert not out.exists()
+
+
+def _tampered(ckpt: Path, tmp_path: Path, name: str, change) -> Path:
+    payload = torch.load(ckpt, weights_only=True)
+    change(payload)
+    torch.save(payload, tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_checkpoint_from_elsewhere_is_checked_before_anything_is_built_from_it(tmp_path, monkeypatch):
+    """A checkpoint's config is input from outside: no interpolation is resolved (``oc.env`` would read this
+    machine's environment), no value outside the schema is taken (``eval.blend`` becomes the mode of an exported
+    bundle, where MONAI runs a string that starts with ``$`` as Python), and a network is built only once its
+    weights are known to fit it."""
+    monkeypatch.setenv("MSTKD_TEST_SECRET", "gaussian")
+    ckpt = tiny_checkpoint(tmp_path)
+    assert load_checkpoint(ckpt)[1].eval.blend == "gaussian"  # the untouched checkpoint loads
+    cases = {
+        "interpolation at eval.blend": lambda p: p["config"]["eval"].update(blend="${oc.env:MSTKD_TEST_SECRET}"),
+        "bad config value eval.blend": lambda p: p["config"]["eval"].update(blend="$__import__('os').getcwd()"),
+        "does not know: loss.unknown": lambda p: p["config"]["loss"].update(unknown=1.0),
+        "bad config value model.base_channels": lambda p: p["config"]["model"].update(base_channels="many"),
+        "do not fit the network": lambda p: p["config"]["model"].update(base_channels=4096, norm_groups=1),
+        "unknown model preset": lambda p: p["config"]["model"].update(preset="../../x"),
+        "label convention": lambda p: p.update(convention=["fets"]),
+        "not a set of named tensors": lambda p: p.update(student={"head.weight": "x"}),
+        "config is not a mapping": lambda p: p.update(config=[1, 2]),
+    }
+    for reason, change in cases.items():
+        with pytest.raises(InputError, match=reason):
+            load_checkpoint(_tampered(ckpt, tmp_path, "bad.pt", change))
+
+
+def test_an_older_checkpoint_without_a_newer_key_takes_its_default(tmp_path):
+    ckpt = _tampered(tiny_checkpoint(tmp_path), tmp_path, "old.pt", lambda p: p["config"]["eval"].pop("blend"))
+    assert load_checkpoint(ckpt)[1].eval.blend == load_config([]).eval.blend
 
 
 @pytest.mark.slow
