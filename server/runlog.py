@@ -18,6 +18,16 @@ from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.tracking import flatten
 
+ROUND_KEYS = frozenset(
+    {
+        "round", "bytes_sent", "bytes_received", "sites", "failures", "wall_seconds", "write_seconds",
+        "eval_seconds", "model_norm", "step_norm", "step_relative", "skipped", "collapse", "privacy",
+        "global", "train", "val", "secure_aggregation",
+    }
+)  # fmt: skip
+"""The keys the server writes into a round's record: its columns, which no node's name may take over."""
+MAX_LABEL = 64
+
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
@@ -53,11 +63,14 @@ class RunLog:
         return sites.setdefault(str(node) if node is not None else name, {"name": name})
 
     def labels(self, server_round: int) -> dict[str, str]:
-        """Node key -> the label its columns get: its name, or ``name@node`` where two nodes claim one name."""
+        """Node key -> the label its columns get: its name (``/`` made ``_``, at most :data:`MAX_LABEL` characters),
+        or ``name@node`` where two nodes claim one name or a name is one of the server's own columns
+        (:data:`ROUND_KEYS`: a node called ``global`` must not write the held-out Dice)."""
         sites = self.records[server_round]["sites"]
-        names = [str(v.get("name", k)) for k, v in sites.items()]
+        names = [str(v.get("name", k)).replace("/", "_")[:MAX_LABEL] for k, v in sites.items()]
         return {
-            key: name if names.count(name) == 1 else f"{name}@{key}" for key, name in zip(sites, names, strict=True)
+            key: name if names.count(name) == 1 and name not in ROUND_KEYS else f"{name}@{key}"
+            for key, name in zip(sites, names, strict=True)
         }
 
     def finish(self, server_round: int) -> None:

@@ -17,6 +17,7 @@ from mstkd.config import load_config
 from mstkd.data.geometry import TargetGeometry
 from mstkd.model import MSTKDNet, build_discriminator
 from server.app import app as server_app
+from server.runlog import ROUND_KEYS
 from tests.helpers import NODES, by_name, nodes, run_inproc, tiny_run_config
 
 
@@ -81,6 +82,7 @@ def test_run_log_checkpoints_and_report(federation, tmp_path):
     run = tmp / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(set(r) <= ROUND_KEYS for r in records)  # the columns no node's name may take
     for r in records[1:]:
         assert set(by_name(r)) == {"site-1", "site-2", "site-3"}
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["wall_seconds"] > 0

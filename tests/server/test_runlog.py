@@ -43,3 +43,23 @@ def test_the_dice_plot_shows_site_validation_every_round_where_the_test_set_is_s
     assert path == tmp_path / "dice.png" and imread(path).shape[0] > 100  # a curve with no global evaluation yet
     runlog.records[3]["global"] = {"mean_dice": 0.55, **{f"{x}_dice": 0.5 for x in ("ET", "TC", "WT")}}
     assert runlog.plot() == path and imread(path).shape[0] > 100
+
+
+def test_a_node_cannot_name_itself_into_the_servers_own_columns(tmp_path):
+    """A node chooses its name: one called ``global`` or ``privacy`` that reports ``mean_dice`` or ``epsilon``
+    must not replace the held-out Dice or the privacy spent in metrics.csv and the trackers."""
+    from server.runlog import ROUND_KEYS, RunLog
+
+    runlog = RunLog(tmp_path)
+    rec = runlog.record(1)
+    rec.update(train={"train-loss": 2.0}, val={"val-mean-dice": 0.5}, privacy={"epsilon": 3.0})
+    rec["global"] = {"mean_dice": 0.4}
+    runlog.site(1, 11, "global").update({"mean_dice": 0.99})
+    runlog.site(1, 12, "privacy").update({"epsilon": 0.0})
+    runlog.site(1, 13, "global/mean_dice").update({"train-loss": 1.0})
+    runlog.site(1, 14, "x" * 500).update({"train-loss": 1.0})
+    row = runlog.row(1)
+    assert row["global/mean_dice"] == 0.4 and row["privacy/epsilon"] == 3.0
+    assert row["global@11/mean_dice"] == 0.99 and row["privacy@12/epsilon"] == 0.0
+    assert row["global_mean_dice/train-loss"] == 1.0 and row["x" * 64 + "/train-loss"] == 1.0
+    assert {"round", "global", "privacy", "train", "val"} <= ROUND_KEYS
