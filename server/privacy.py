@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import (
 
 from mstkd.errors import InputError
 from mstkd.runconfig import DPClipping, DPMode, RunConfig
+from server.replies import printable
 
 
 class _UnpredictableNoise:
@@ -188,8 +189,18 @@ class PrivacyLedger:
                 sample_size=int(privacy["sampled_nodes"]),
                 population_size=config.population_size,
             )
+            if state is not None and not state:  # resumed from a run whose rounds kept no account: it had no noise
+                raise InputError(
+                    "resume-from: its rounds were released without privacy accounting (dp off, or dp-noise 0); "
+                    "a run with dp-noise resumes only from a run that had it"
+                )
             if state:
-                self.accountant.load_state_dict(state)
+                try:
+                    self.accountant.load_state_dict(state)
+                except (ValueError, KeyError, TypeError) as exc:  # another population or delta, or a broken file
+                    raise InputError(
+                        f"resume-from: its privacy account does not fit this run's ({printable(exc, 120)})"
+                    ) from None
 
     def stop_reason(self) -> str | None:
         """Why the next round must not run (its release would exceed ``dp-max-epsilon``), or None."""

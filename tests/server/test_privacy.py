@@ -24,3 +24,18 @@ def test_the_privacy_ledger_survives_a_server_restart():
     resumed = PrivacyLedger(privacy, 3, state=first.state())  # what ServerCheckpoint carries
     assert resumed.release()["epsilon"] == pytest.approx(first.release()["epsilon"])
     assert resumed.release()["releases"] == 3
+
+
+def test_a_dp_run_resumes_only_from_a_state_whose_account_fits_it():
+    """Resuming with noise from a run without it would count only the resumed rounds: the epsilon reported, and
+    dp-max-epsilon, would ignore every model released before. A state of another population is refused too."""
+    from server.privacy import PrivacyLedger, privacy_settings
+
+    privacy = privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 2.0, "min-nodes": 3}))
+    with pytest.raises(InputError, match="released without privacy accounting"):
+        PrivacyLedger(privacy, 3, state={})  # what a run without dp saves
+    earlier = PrivacyLedger(privacy, 4)
+    earlier.release()
+    with pytest.raises(InputError, match="privacy account does not fit"):
+        PrivacyLedger(privacy, 3, state=earlier.state())
+    assert PrivacyLedger(privacy, 3).release()["releases"] == 1  # a fresh run has no state to check
