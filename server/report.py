@@ -67,7 +67,10 @@ def plain(text: object) -> str:
 
 def _faults(record: dict) -> str:
     """What went wrong in a round, for the report: failed or silent nodes, and a skipped round."""
-    parts = [f"node {f['node']} ({f['stage']}): {plain(f['reason'][:120])}" for f in record.get("failures", [])]
+    parts = [  # a resumed run's records come from a file: every part is shown as text
+        f"node {plain(f.get('node'))} ({plain(f.get('stage'))}): {plain(str(f.get('reason'))[:120])}"
+        for f in record.get("failures", [])
+    ]
     if record.get("skipped"):
         parts.append(f"**round skipped**: {plain(record['skipped'])}")
     return "; ".join(parts)

@@ -34,6 +34,9 @@ def test_what_a_node_says_is_shown_as_text_in_the_report(tmp_path):
     runlog.record(1)["failures"].append(
         {"stage": "train", "node": 7, "reason": "![x](http://evil.example) | <script>", "kind": "error"}
     )
+    # a resumed run's records come from server_state.npz, a file that may have been edited: no field is trusted
+    runlog.record(1)["failures"].append({"stage": "<img src=x>", "node": "[y](http://evil.example)", "reason": 5})
     runlog.finish(1)
     report = write_report(tmp_path, runlog, load_config(["model=tiny"]), RunConfig(), 1.0, {"round": None}).read_text()
     assert "![x](" not in report and "<script>" not in report and "\\!\\[x\\]" in report
+    assert "<img src=x>" not in report and "[y](" not in report and "\\[y\\]" in report
