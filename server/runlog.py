@@ -29,6 +29,12 @@ ROUND_KEYS = frozenset(
 MAX_LABEL = 64
 
 
+def _cell(value: Any) -> Any:
+    """A node's text as a spreadsheet shows it: one that starts like a formula (``=``, ``+``, ``-``, ``@``) gets a
+    leading ``'``, so that opening ``metrics.csv`` never runs what a node wrote."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(("=", "+", "-", "@")) else value
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
@@ -115,7 +121,8 @@ class RunLog:
         row = flatten({k: v for k, v in rec.items() if k != "sites"})
         labels = self.labels(server_round)
         for key, values in sorted(rec["sites"].items(), key=lambda item: labels[item[0]]):
-            row.update(flatten({k: v for k, v in values.items() if k != "name"}, f"{labels[key]}/"))
+            site = flatten({k: v for k, v in values.items() if k != "name"}, f"{labels[key]}/")
+            row.update({k: _cell(v) for k, v in site.items()})
         return row
 
     def rows(self) -> list[dict[str, Any]]:
