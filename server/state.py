@@ -24,7 +24,7 @@ from mstkd.atomic import atomic_path
 from mstkd.errors import InputError
 from mstkd.model import MSTKDNet, StyleDiscriminator, build_discriminator, count_parameters
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
-from mstkd.runconfig import RunConfig, Transport
+from mstkd.runconfig import RunConfig, Transport, check_state_key
 
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 """Attributes that carry a strategy's memory across rounds (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
@@ -192,6 +192,10 @@ class ServerCheckpoint:
         if unknown or not _finite_state(state.strategy):
             what = f"an unknown strategy setting {unknown[0]!r}" if unknown else "a strategy memory that is not finite"
             raise InputError(f"resume-from: {path} holds {what}; it is not resumed")
+        try:  # checked here once, not refused by every node in every round
+            check_state_key(state.state_key, "its state key")
+        except InputError as exc:
+            raise InputError(f"resume-from: {path}: {exc}; it is not resumed") from None
         return state
 
 

@@ -63,3 +63,8 @@ def test_server_state_is_arrays_and_json_and_an_old_pickle_is_refused(tmp_path):
     state.save(tmp_path / "nan")
     with pytest.raises(InputError, match="not finite"):
         ServerCheckpoint.load(tmp_path / "nan")
+    state.arrays = {"student.w": np.ones(3, np.float32)}
+    state.state_key = "../../elsewhere"  # would make every node refuse every round; refused once, at start
+    state.save(tmp_path / "key")
+    with pytest.raises(InputError, match="its state key '../../elsewhere' is not a plain folder name"):
+        ServerCheckpoint.load(tmp_path / "key")
