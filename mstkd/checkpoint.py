@@ -113,7 +113,10 @@ def stored_config(raw: object, path: str | Path = "checkpoint") -> DictConfig:
     if not isinstance(raw, dict):
         raise InputError(f"{path}: its config is not a mapping")
     if where := _interpolation(raw):
-        raise InputError(f"{path}: its config holds an interpolation at {where}; a checkpoint stores plain values")
+        raise InputError(
+            f"{path}: its config holds something other than a plain value at {where} (an interpolation "
+            "or a tuple); a checkpoint stores plain values"
+        )
     model = raw.get("model")
     preset = model.get("preset") if isinstance(model, dict) else None
     if not isinstance(preset, str):
@@ -134,18 +137,25 @@ def stored_config(raw: object, path: str | Path = "checkpoint") -> DictConfig:
         check_config(cfg)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    OmegaConf.set_readonly(cfg, True)
+    except (TypeError, ValueError) as exc:  # a value of a shape the checks do not expect
+        raise InputError(f"{path}: its config does not read ({type(exc).__name__})") from None
     return cfg
 
 
+PLAIN = (str, int, float, bool, type(None))
+
+
 def _interpolation(node: object, where: str = "") -> str:
-    """The dotted key of the first string in ``node`` that OmegaConf would resolve, or ``""``."""
+    """The dotted key of the first value in ``node`` that is not plain data (a mapping, a list, a string without
+    ``${``, a number, a bool or None), or ``""``: OmegaConf would resolve ``${...}``, also inside a tuple."""
     if isinstance(node, dict):
         items = node.items()
     elif isinstance(node, list):
         items = enumerate(node)
-    else:
+    elif isinstance(node, PLAIN):
         return where if isinstance(node, str) and "${" in node else ""
+    else:
+        return where or "its top level"
     for key, value in items:
         if found := _interpolation(value, f"{where}.{key}" if where else str(key)):
             return found

@@ -233,6 +233,11 @@ UNIT = (
 """Keys in [0, 1]."""
 
 
+MAX_VIT_LAYERS = 64
+MAX_STAGES = 16
+"""Bounds on how many modules a model config makes (the paper's network has 12 ViT layers and 4 decoder stages)."""
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
@@ -284,6 +289,10 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("model.decoder_channels", "model.discriminator_channels"):
         if not (channels := list(_get(cfg, key))) or any(c <= 0 for c in channels):
             raise _bad(key, channels, "give positive channel counts")
+        if len(channels) > MAX_STAGES:
+            raise _bad(key, channels, f"at most {MAX_STAGES} stages")
+    if model.vit.layers > MAX_VIT_LAYERS:  # a config from a file must not make millions of modules
+        raise _bad("model.vit.layers", model.vit.layers, f"at most {MAX_VIT_LAYERS}")
     # the style discriminator halves the 1/8 feature map once per layer with 4-voxel kernels, so every side
     # of a training crop needs at least 2 voxels before its last layer: 8 x 2^layers
     smallest = 8 * 2 ** len(model.discriminator_channels)

@@ -195,11 +195,14 @@ class PrivacyLedger:
                     "a run with dp-noise resumes only from a run that had it"
                 )
             if state:
+                if isinstance(state.get("config"), dict):  # the limit is a stopping rule, not part of the account:
+                    state = {**state, "config": {**state["config"], "max_epsilon": config.max_epsilon}}  # it may rise
                 try:
                     self.accountant.load_state_dict(state)
-                except (ValueError, KeyError, TypeError) as exc:  # another population or delta, or a broken file
+                except (ValueError, KeyError, TypeError) as exc:  # another number of sites or delta, or a broken file
                     raise InputError(
-                        f"resume-from: its privacy account does not fit this run's ({printable(exc, 120)})"
+                        "resume-from: its privacy account was kept for another number of sites or another dp-delta "
+                        f"({printable(exc, 120)})"
                     ) from None
 
     def stop_reason(self) -> str | None:

@@ -69,11 +69,11 @@ class RunLog:
         return sites.setdefault(str(node) if node is not None else name, {"name": name})
 
     def labels(self, server_round: int) -> dict[str, str]:
-        """Node key -> the label its columns get: its name (``/`` made ``_``, at most :data:`MAX_LABEL` characters),
-        or ``name@node`` where two nodes claim one name or a name is one of the server's own columns
-        (:data:`ROUND_KEYS`: a node called ``global`` must not write the held-out Dice)."""
+        """Node key -> the label its columns get: its name (``/`` and ``@`` made ``_``, at most :data:`MAX_LABEL`
+        characters, formula-like text escaped), or ``name@node`` where two nodes claim one name or a name is one of
+        the server's own columns (:data:`ROUND_KEYS`: a node called ``global`` must not write the held-out Dice)."""
         sites = self.records[server_round]["sites"]
-        names = [str(v.get("name", k)).replace("/", "_")[:MAX_LABEL] for k, v in sites.items()]
+        names = [_cell(str(v.get("name", k)).replace("/", "_").replace("@", "_")[:MAX_LABEL]) for k, v in sites.items()]
         return {
             key: name if names.count(name) == 1 and name not in ROUND_KEYS else f"{name}@{key}"
             for key, name in zip(sites, names, strict=True)

@@ -401,7 +401,10 @@ def test_a_checkpoint_from_elsewhere_is_checked_before_anything_is_built_from_it
     ckpt = tiny_checkpoint(tmp_path)
     assert load_checkpoint(ckpt)[1].eval.blend == "gaussian"  # the untouched checkpoint loads
     cases = {
-        "interpolation at eval.blend": lambda p: p["config"]["eval"].update(blend="${oc.env:MSTKD_TEST_SECRET}"),
+        "plain value at eval.blend": lambda p: p["config"]["eval"].update(blend="${oc.env:MSTKD_TEST_SECRET}"),
+        "plain value at data.modalities": lambda p: p["config"]["data"].update(modalities=("${oc.env:HOME}",)),
+        "at most 64": lambda p: p["config"]["model"]["vit"].update(layers=10**7),
+        "config does not read": lambda p: p["config"]["train"].update(eval_subsets=5),
         "bad config value eval.blend": lambda p: p["config"]["eval"].update(blend="$__import__('os').getcwd()"),
         "does not know: loss.unknown": lambda p: p["config"]["loss"].update(unknown=1.0),
         "bad config value model.base_channels": lambda p: p["config"]["model"].update(base_channels="many"),

@@ -36,6 +36,11 @@ def test_a_dp_run_resumes_only_from_a_state_whose_account_fits_it():
         PrivacyLedger(privacy, 3, state={})  # what a run without dp saves
     earlier = PrivacyLedger(privacy, 4)
     earlier.release()
-    with pytest.raises(InputError, match="privacy account does not fit"):
+    with pytest.raises(InputError, match="privacy account was kept for another number of sites"):
         PrivacyLedger(privacy, 3, state=earlier.state())
+    limited = {"dp": "server", "dp-clip": 1.0, "dp-noise": 2.0, "min-nodes": 3, "dp-max-epsilon": 5.0}
+    stopped = PrivacyLedger(privacy_settings(RunConfig.parse(limited)), 3)
+    spent = stopped.release()["epsilon"]
+    raised = privacy_settings(RunConfig.parse(limited | {"dp-max-epsilon": 10.0}))  # a run resumed with more budget
+    assert PrivacyLedger(raised, 3, state=stopped.state()).release()["epsilon"] > spent
     assert PrivacyLedger(privacy, 3).release()["releases"] == 1  # a fresh run has no state to check

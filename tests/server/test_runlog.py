@@ -57,10 +57,13 @@ def test_a_node_cannot_name_itself_into_the_servers_own_columns(tmp_path):
     runlog.site(1, 11, "global").update({"mean_dice": 0.99})
     runlog.site(1, 12, "privacy").update({"epsilon": 0.0})
     runlog.site(1, 13, "global/mean_dice").update({"train-loss": 1.0})
+    runlog.site(1, 15, "global@11").update({"mean_dice": 0.0})  # only the server adds @<node>
+    runlog.site(1, 16, "=cmd").update({"train-loss": 1.0})
     runlog.site(1, 14, "x" * 500).update({"train-loss": 1.0, "device": '=HYPERLINK("http://evil.example")'})
     row = runlog.row(1)
     assert row["x" * 64 + "/device"] == '\'=HYPERLINK("http://evil.example")'  # text, not a formula
     assert row["global/mean_dice"] == 0.4 and row["privacy/epsilon"] == 3.0
     assert row["global@11/mean_dice"] == 0.99 and row["privacy@12/epsilon"] == 0.0
+    assert row["global_11/mean_dice"] == 0.0 and row["'=cmd/train-loss"] == 1.0
     assert row["global_mean_dice/train-loss"] == 1.0 and row["x" * 64 + "/train-loss"] == 1.0
     assert {"round", "global", "privacy", "train", "val"} <= ROUND_KEYS
