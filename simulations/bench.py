@@ -303,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     if note is None:  # a resumed benchmark keeps its note
         note = read_meta(bench).get("note")
     meta = bench_meta(scenario, data, command, note)
-    commit = meta["commit"]
     write_text(bench / "bench.json", json.dumps(meta, indent=1))
     progress_line(f"{scenario.name}: {data.description}; {len(arms)} arms x {len(seeds)} seeds into {bench}")
     failed = []
@@ -317,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             progress_line(f"{arm.name} seed {seed}: {arm.label} ...")
+            commit = code_commit()  # each run packs the tree as it is now, which may differ from the benchmark's start
             start = time.perf_counter()
             try:
                 if arm.federated:
