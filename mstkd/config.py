@@ -11,8 +11,9 @@ typo never silently does nothing, and every value is checked against the typed s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -30,11 +31,12 @@ def preset_names(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def load_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The default config with ``overrides`` applied (``group=preset`` or ``dotted.key=value``).
+def load_config(overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> DictConfig:
+    """The default config with ``values`` (a nested mapping, e.g. a checkpoint's stored config) and then
+    ``overrides`` applied (``group=preset`` or ``dotted.key=value``), typed and checked the same way.
 
     Raises:
-        InputError: an unknown preset, an unknown key or a malformed override.
+        InputError: an unknown preset, an unknown key or a malformed override or value.
     """
     presets = dict(DEFAULT_PRESETS)
     dotlist = []
@@ -58,6 +60,8 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), parts)  # the YAML files are typed too
     OmegaConf.set_struct(cfg, True)
     try:
+        if values is not None:
+            cfg = OmegaConf.merge(cfg, values)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
         if missing := sorted(OmegaConf.missing_keys(cfg)):
             raise InputError(f"config key {missing[0]} has no value")

@@ -406,7 +406,7 @@ def test_a_checkpoint_from_elsewhere_is_checked_before_anything_is_built_from_it
         "at most 64": lambda p: p["config"]["model"]["vit"].update(layers=10**7),
         "config does not read": lambda p: p["config"]["train"].update(eval_subsets=5),
         "bad config value eval.blend": lambda p: p["config"]["eval"].update(blend="$__import__('os').getcwd()"),
-        "does not know: loss.unknown": lambda p: p["config"]["loss"].update(unknown=1.0),
+        "unknown config key loss.unknown": lambda p: p["config"]["loss"].update(unknown=1.0),
         "bad config value model.base_channels": lambda p: p["config"]["model"].update(base_channels="many"),
         "do not fit the network": lambda p: p["config"]["model"].update(base_channels=4096, norm_groups=1),
         "unknown model preset": lambda p: p["config"]["model"].update(preset="../../x"),
