@@ -16,7 +16,7 @@ node's own log); ``packed_arrays_mod`` unpacks the arrays a deployed server send
 packs the reply (:mod:`messages.arrays`); ``checked_input`` reads every incoming array safely and refuses
 a global model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks
 for secure aggregation (``secagg=true``; :mod:`client.secagg`); ``clip_updates`` clips the update
-for client-side differential privacy (``dp='client'``, fixed or adaptive clipping).
+for client-side differential privacy (``dp='client'``, fixed or adaptive clipping; :mod:`messages.clipping`).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.common.constant import ErrorCode
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the key the clipping mods read
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT  # what Flower's DP wrappers use
 
 from client import worker
 from client.context import Job, NodeContext, configure_logging, ray_node
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
+from messages.clipping import clip_update
 from mstkd.errors import RefusedMessage, public_reason
 from mstkd.runconfig import NodeConfig, RunConfig
 
@@ -73,14 +73,26 @@ def checked_input(msg: Message, context: Context, call_next) -> Message:
 
 
 def clip_updates(msg: Message, context: Context, call_next) -> Message:
-    """Client-side differential privacy: clip this site's update (Flower's ``fixedclipping_mod``, or with
-    ``dp-clipping='adaptive'`` its ``adaptiveclipping_mod``, which also says whether it clipped) on train
-    messages that carry a clipping norm, i.e. when the server runs ``dp='client'``; pass everything else."""
+    """Client-side differential privacy: on a train message that carries a clipping norm (the server runs
+    ``dp='client'``), scale this site's update down to that norm (:func:`messages.clipping.clip_update`, in float64)
+    and, with ``dp-clipping='adaptive'``, say whether it was scaled (``norm_bit``, which the server's adaptive norm
+    follows). Everything else passes."""
     config = msg.content.config_records.get("config")
-    if msg.metadata.message_type == MessageType.TRAIN and config is not None and KEY_CLIPPING_NORM in config:
-        adaptive = config.get("dp-clipping") == "adaptive"
-        return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, context, call_next)
-    return call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    norm = config[KEY_CLIPPING_NORM]
+    if isinstance(norm, bool) or not isinstance(norm, int | float) or not 0 < norm < float("inf"):
+        raise RefusedMessage("the message's clipping norm is not a positive number")
+    sent = {k: decode_array(v, "f") for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    returned = {k: decode_array(v, "f") for k, v in reply.content["arrays"].items()}
+    clipped, scaled = clip_update(sent, returned, float(norm))
+    reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in clipped.items()})
+    if config.get("dp-clipping") == "adaptive":
+        reply.content["metrics"][KEY_NORM_BIT] = int(scaled)
+    return reply
 
 
 MODS = [private_errors, packed_arrays_mod, checked_input, secagg_mod, clip_updates]

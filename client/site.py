@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
-from mstkd.runconfig import NodeConfig, Transport, check_state_key, default_home, project_config
+from mstkd.runconfig import NodeConfig, RunConfig, Transport, check_state_key, default_home, project_config
 from mstkd.train import (
     Networks,
     make_optimizers,
@@ -91,7 +92,7 @@ def _setup(arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any], co
     # distinct per site and per round: a node must not redraw the same crops every round, nor the same as
     # another site (a simulated site by its partition, a deployed one by its name)
     seed = int(cfg.train.seed) + 1000 * site_number(context.node, data.name)
-    seed_everything(seed + int(instructions.get("server-round", 0)))
+    seed_everything(seed + message_round(instructions, context.run))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
     try:
         load_federated_arrays(student, disc, arrays)
@@ -99,6 +100,33 @@ def _setup(arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any], co
         log.error("the global model does not fit this node's %s model: %s", cfg.model.preset, exc)
         raise RefusedMessage(f"the global model does not fit this node's {cfg.model.preset} model") from None
     return cfg, data, device, seed, student, disc
+
+
+def instruction(instructions: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
+    """A number the message's config names (``default`` when it names none), refused unless it lies in
+    ``low`` .. ``high``: the server chooses these numbers, and a value out of range (a round far in the future, a
+    NaN epoch) would otherwise reach the site's state or its learning rate.
+
+    Raises:
+        RefusedMessage: not a number in range (NaN is not).
+    """
+    value = instructions.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise RefusedMessage(f"the message's {key} is not a number in {low:g}..{high:g}")
+    return value
+
+
+def message_round(instructions: Mapping[str, Any], run: RunConfig) -> int:
+    """The round a message belongs to: a whole number from 0 (a server that names none) to ``num-server-rounds``.
+
+    Raises:
+        RefusedMessage: anything else (a round beyond the run's last would make every later round look late to
+            the site's state, which would then never be saved again).
+    """
+    value = instruction(instructions, "server-round", 0, 0, run.num_server_rounds)
+    if value != int(value):
+        raise RefusedMessage("the message's server-round is not a whole number")
+    return int(value)
 
 
 def site_number(node: NodeConfig, name: str) -> int:
@@ -153,7 +181,7 @@ def local_round(
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
-    server_round = int(instructions.get("server-round", 0))
+    server_round = message_round(instructions, context.run)
     state = SiteState(
         _state_folder(context, data.name, str(instructions.get("state-key", ""))), str(cfg.train.state_precision)
     )
@@ -175,7 +203,8 @@ def local_round(
     )
     clock.lap("loader")
     steps = context.run.local_steps or max(1, round(context.run.local_epochs * len(loader)))
-    epoch = float(instructions.get("epoch", info["epoch"]))
+    last_epoch = context.run.num_server_rounds * context.run.local_epochs  # where the server's schedule ends
+    epoch = float(instruction(instructions, "epoch", 0, 0, last_epoch) if "epoch" in instructions else info["epoch"])
     log.info(
         "%s: training %d steps on %d cases (device %s, round %s)",
         data.name,
@@ -194,7 +223,7 @@ def local_round(
         rng=rng,
         device=device,
         subsets=data.subsets,
-        proximal_mu=float(instructions.get("proximal-mu", 0.0)),
+        proximal_mu=float(instruction(instructions, "proximal-mu", 0.0, 0, math.inf)),
         progress=False,
         desc=data.name,
     )

@@ -193,8 +193,8 @@ def run_rounds(
         if connected < min_nodes:
             rec["skipped"] = f"{connected} of {min_nodes} nodes connected after {node_wait:g} s"
         else:
-            rules = ReplyRules.of(arrays, max_examples, required_metrics)
             sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+            rules = ReplyRules.of(arrays, max_examples, required_metrics, sent[0].content if sent else None)
             replies = send_and_receive(grid, sent, timeout)
             good = split_replies(runlog, server_round, "train", sent, replies, timeout, rules)
             if len(good) < min_replies:

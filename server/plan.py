@@ -1,9 +1,12 @@
 """Before its first round a federation agrees on one target geometry (the voxel size its model works at).
 
 nnU-Net plans the target spacing as the median voxel size of the training cases. No party here
-sees every case, so each site reports the median of its own cases (from the image headers; four
-numbers leave the site) and the server takes the median of those, weighted by each site's case
-count. A run config that sets ``data.target_spacing`` (``overrides``) skips the exchange. The
+sees every case, so each site reports the median of its own cases and how many cases that is (from
+the image headers; four numbers leave the site), and the server takes the per-axis median of the
+sites' medians, one vote per site. The case counts are logged but not weighed: a count is its
+site's word, and a weighted median lets one site that claims ``max-examples`` cases decide alone.
+With one vote each, a site among three or more cannot move the target beyond the other sites'
+medians. A run config that sets ``data.target_spacing`` (``overrides``) skips the exchange. The
 agreed value goes to every node with every train and evaluate message, the server's held-out
 cases are cached at it, and every checkpoint stores it.
 
@@ -64,8 +67,8 @@ def agree_target(
     max_examples: int,
     say: Callable[[str], None] = log.info,
 ) -> TargetGeometry:
-    """``data.target_spacing`` when the run config sets it; otherwise the case-weighted median of the connected
-    sites' median voxel sizes (see the module doc).
+    """``data.target_spacing`` when the run config sets it; otherwise the median of the connected sites' median
+    voxel sizes, one vote per site (see the module doc).
 
     Raises:
         InputError: no site gave a usable report.
@@ -79,7 +82,7 @@ def agree_target(
     nodes = sorted(grid.get_node_ids())
     content = RecordDict({"config": ConfigRecord({"orientation": orientation})})
     sent = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
-    spacings, weights, heard = [], [], set()
+    spacings, cases, heard = [], [], set()
     for reply in send_and_receive(grid, sent, timeout):
         node = reply.metadata.src_node_id
         try:
@@ -88,12 +91,12 @@ def agree_target(
             heard.add(node)
             if reply.has_error():
                 raise ValueError(f"error reply: {printable(reply.error.reason)}")
-            spacing, cases = reported_spacing(reply.content, max_examples)
+            spacing, count = reported_spacing(reply.content, max_examples)
         except ValueError as exc:
             log.warning("planning the target geometry: node %s left out: %s", node, exc)
             continue
         spacings.append(spacing)
-        weights.append(cases)
+        cases.append(count)
     for node in sorted(set(nodes) - heard):
         log.warning("planning the target geometry: node %s left out: no reply within %g s", node, timeout)
     if not spacings:
@@ -101,11 +104,11 @@ def agree_target(
             f"no site reported its voxel size ({len(nodes)} asked); set one with "
             "overrides='data.target_spacing=[1,1,1]'"
         )
-    target = TargetGeometry(plan_spacing(spacings, weights), orientation)  # type: ignore[arg-type]
+    target = TargetGeometry(plan_spacing(spacings), orientation)  # type: ignore[arg-type]
     missing = len(nodes) - len(spacings)
     left_out = f"; {missing} site{'s' * (missing > 1)} left out (see the log)" if missing else ""
     say(
-        f"target geometry {target.describe()}: the median voxel size of {sum(weights)} cases at "
-        f"{len(spacings)} sites (site medians {', '.join(format_spacing(s) for s in spacings)}){left_out}"
+        f"target geometry {target.describe()}: the median of {len(spacings)} sites' median voxel sizes "
+        f"({', '.join(f'{format_spacing(s)} of {n} cases' for s, n in zip(spacings, cases, strict=True))}){left_out}"
     )
     return target

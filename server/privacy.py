@@ -62,7 +62,8 @@ class ServerSideDP(_UnpredictableNoise, DifferentialPrivacyServerSideFixedClippi
 
 
 class ClientSideDP(_UnpredictableNoise, DifferentialPrivacyClientSideFixedClipping):
-    """The sites clip their own updates (``fixedclipping_mod``); the server adds noise to the average."""
+    """The sites clip their own updates (:func:`client.app.clip_updates`; the round loop refuses a reply that was not
+    clipped); the server adds noise to the average."""
 
 
 class _TowardsTarget:
@@ -87,7 +88,7 @@ class ServerSideAdaptiveDP(_TowardsTarget, _UnpredictableNoise, DifferentialPriv
 
 
 class ClientSideAdaptiveDP(_TowardsTarget, _UnpredictableNoise, DifferentialPrivacyClientSideAdaptiveClipping):
-    """The sites clip their own updates at the norm the server sends (``adaptiveclipping_mod``) and say whether
+    """The sites clip their own updates at the norm the server sends (:func:`client.app.clip_updates`) and say whether
     they clipped; the server adapts the norm and adds noise to the average."""
 
 

@@ -9,10 +9,11 @@ A train reply must hold exactly these records:
 - ``arrays``: the federated arrays that were sent (same names, same shapes), each a float array
   (float16, float32 or float64) whose bytes match its header (:func:`messages.arrays.decode_array`:
   nothing is allocated before that, so a header claiming 10^13 values costs nothing), every
-  value finite after conversion to float32;
+  value finite after conversion to float32; with client-side differential privacy, an update
+  within the clipping norm the node was sent (:func:`messages.clipping.unclipped_by`);
 - ``metrics``: finite numbers under plain names, Dice scores and brain shares within [0, 1],
   ``num-examples`` a whole number from 1 to ``max-examples`` (0 is allowed in an evaluate reply: a
-  site without validation cases);
+  site without validation cases), adaptive clipping's ``norm_bit`` 0 or 1;
 - optionally ``site``: short strings under known keys (the site's name, device, modalities).
 
 An evaluate reply holds ``metrics`` and optionally ``site``. :func:`check_reply` returns a clean
@@ -29,8 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from messages.arrays import WireError, decode_array, nonfinite
+from messages.clipping import unclipped_by
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 SITE_KEYS = ("name", "device", "ray-node", "modalities", "val-collapse")
@@ -40,6 +43,8 @@ REQUIRED = {"train": ("num-examples", "train-loss"), "evaluate": ("num-examples"
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 SHARES = re.compile(r"val-mean-dice|val-dice-.+|val-share-.+")
 """Metrics that are Dice scores or shares of the brain: each must lie in [0, 1] (model selection reads them)."""
+BITS = (KEY_NORM_BIT,)
+"""Metrics that are 0 or 1 (adaptive clipping counts the replies whose bit is 1)."""
 MAX_METRICS = 256
 MAX_TEXT = 200
 
@@ -66,10 +71,22 @@ class ReplyRules:
     shapes: Mapping[str, tuple[int, ...]]  # the federated arrays sent to the nodes, by name
     max_examples: int
     required: tuple[str, ...] = ()  # metric keys a train reply must carry besides REQUIRED's
+    clip: float | None = None  # client-side DP: the norm every update was to be clipped to ...
+    sent: Mapping[str, np.ndarray] | None = None  # ... from these arrays, as they were sent
 
     @classmethod
-    def of(cls, arrays: ArrayRecord, max_examples: int, required: Iterable[str] = ()) -> ReplyRules:
-        return cls({k: tuple(v.shape) for k, v in arrays.items()}, int(max_examples), tuple(required))
+    def of(
+        cls, arrays: ArrayRecord, max_examples: int, required: Iterable[str] = (), sent: RecordDict | None = None
+    ) -> ReplyRules:
+        """The rules for replies to a round of ``arrays``; ``sent``, the content of the train messages (the server's
+        own), names the clipping norm when the nodes clip their updates (client-side differential privacy)."""
+        config = sent.config_records.get("config") if sent is not None else None
+        clip = sent_arrays = None
+        if config is not None and KEY_CLIPPING_NORM in config:
+            clip = float(config[KEY_CLIPPING_NORM])  # type: ignore[arg-type]
+            sent_arrays = {k: decode_array(v, "f").astype(np.float64) for k, v in sent["arrays"].items()}
+        shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        return cls(shapes, int(max_examples), tuple(required), clip, sent_arrays)
 
 
 def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDict:
@@ -89,7 +106,12 @@ def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDic
         arrays = content["arrays"]
         if not isinstance(arrays, ArrayRecord):
             raise RefusedReply("'arrays' is not an array record")
-        out["arrays"] = ArrayRecord({k: Array(v) for k, v in _arrays(arrays, rules.shapes).items()})
+        wire = _arrays(arrays, rules.shapes)
+        if rules.clip is not None and rules.sent is not None:
+            if (beyond := unclipped_by(rules.sent, wire, rules.clip)) is not None:
+                clip = rules.clip
+                raise RefusedReply(f"its update is {beyond:.3g} longer than the clipping norm {clip:g}: not clipped")
+        out["arrays"] = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in wire.items()})
     metrics = content["metrics"]
     if not isinstance(metrics, MetricRecord):
         raise RefusedReply("'metrics' is not a metric record")
@@ -103,6 +125,7 @@ def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDic
 
 
 def _arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The arrays of a train reply, each in the float dtype it came in, all finite in float32."""
     got = list(record.keys())
     if missing := [k for k in shapes if k not in record]:
         raise RefusedReply(f"{len(missing)} federated arrays missing (first: {missing[0]})")
@@ -119,8 +142,8 @@ def _arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[
             values = decode_array(array, kinds="f")
         except WireError as exc:
             raise RefusedReply(f"{name}: {exc}") from None
-        values = values.astype(np.float32)  # a float64 beyond float32's range becomes inf, and is refused below
-        if bad := nonfinite(values):
+        # a float64 beyond float32's range becomes inf, and is refused
+        if bad := nonfinite(values) or nonfinite(values.astype(np.float32)):
             raise RefusedReply(f"{bad} non-finite values in {name}")
         out[name] = values
     return out
@@ -143,6 +166,8 @@ def _metrics(record: MetricRecord, stage: str, rules: ReplyRules) -> MetricRecor
     clean = {key: _number(key, value) for key, value in record.items()}
     if outside := [k for k, v in clean.items() if SHARES.fullmatch(k) and not 0.0 <= v <= 1.0]:
         raise RefusedReply(f"metric {outside[0]} = {printable(clean[outside[0]], 30)} lies outside [0, 1]")
+    if not_bit := [k for k in BITS if k in clean and clean[k] not in (0, 1)]:
+        raise RefusedReply(f"metric {not_bit[0]} = {printable(clean[not_bit[0]], 30)} is not 0 or 1")
     required = (*REQUIRED[stage], *(rules.required if stage == "train" else ()))
     if missing := [k for k in required if k not in clean]:
         raise RefusedReply(f"no {missing[0]} metric")

@@ -142,10 +142,9 @@ def header_affine(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable NIfTI header ({type(exc).__name__})") from None
 
 
-def plan_spacing(spacings: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> tuple[float, ...]:
-    """The per-axis median of ``spacings`` (nnU-Net's target spacing); with ``weights``, the weighted median
-    (the smallest value whose cumulative weight reaches half), which is how a federation agrees on one value
-    from its sites' medians weighted by their case counts.
+def plan_spacing(spacings: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """The per-axis median of ``spacings``: nnU-Net's target spacing from the cases' voxel sizes, and a federation's
+    from its sites' medians (one vote per site, :mod:`server.plan`).
 
     Raises:
         InputError: no spacing to plan from.
@@ -153,15 +152,7 @@ def plan_spacing(spacings: Sequence[Sequence[float]], weights: Sequence[float] |
     values = np.asarray(spacings, dtype=np.float64).reshape(-1, 3)
     if not len(values):
         raise InputError("no case to plan the target spacing from")
-    w = np.ones(len(values)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if weights is None:
-        return tuple(float(v) for v in np.median(values, axis=0))
-    out = []
-    for axis in range(3):
-        order = np.argsort(values[:, axis], kind="stable")
-        cumulative = np.cumsum(w[order])
-        out.append(float(values[order[np.searchsorted(cumulative, cumulative[-1] / 2)], axis]))
-    return tuple(out)
+    return tuple(float(v) for v in np.median(values, axis=0))
 
 
 def is_anisotropic(spacing: Sequence[float]) -> bool:

@@ -81,6 +81,29 @@ def test_a_node_refuses_a_global_model_that_is_not_finite_and_keeps_its_state(tm
     assert all(torch.isfinite(v).all() for v in payload["teacher"].values() if v.is_floating_point())
 
 
+def test_a_node_refuses_a_round_epoch_or_mu_out_of_range_and_keeps_its_state(tmp_path):
+    """A round far beyond the run's last would make every later round look late to the site's state (never saved
+    again); a NaN epoch would reach the learning rate. Each is refused before the site's state is touched."""
+    run_config, context = _node(tmp_path)
+    arrays = tiny_arrays()
+    assert not client_app(_train_message(arrays, 1), context).has_error()
+    state = next((tmp_path / "state").rglob("local.pt"))
+    before = hashlib.sha256(state.read_bytes()).hexdigest()
+    last = run_config["num-server-rounds"]
+    for key, value, reason in (
+        ("server-round", 10**12, f"server-round is not a number in 0..{last}"),
+        ("server-round", 1.5, "server-round is not a whole number"),
+        ("server-round", "2", f"server-round is not a number in 0..{last}"),
+        ("epoch", float("nan"), "epoch is not a number in 0.."),
+        ("proximal-mu", -1.0, "proximal-mu is not a number in 0..inf"),
+    ):
+        message = _train_message(arrays, 2)
+        message.content["config"][key] = value
+        reply = client_app(message, context)
+        assert reply.has_error() and reply.error.reason.startswith(f"node refused: the message's {reason}"), key
+    assert hashlib.sha256(state.read_bytes()).hexdigest() == before
+
+
 @pytest.mark.parametrize("key", ["../../escaped", "/tmp/absolute", "a/b", "..", ".hidden", ""])
 def test_a_state_key_that_leaves_the_state_folder_is_refused(tmp_path, key):
     _, context = _node(tmp_path)

@@ -223,7 +223,7 @@ def test_a_federation_agrees_on_one_target_and_a_bad_report_costs_only_its_sende
     assert sum(w["type"] == MessageType.QUERY and w["direction"] == "to-node" for w in grid.wire) == NODES
     phantom = (5.0, 5.0, 4.84375)  # the 48 x 48 x 32 phantom grid
     out = capsys.readouterr().err
-    assert "target geometry 5 x 5 x 4.84 mm LPS: the median voxel size of" in out and "at 2 sites" in out
+    assert "target geometry 5 x 5 x 4.84 mm LPS: the median of 2 sites' median voxel sizes (5 x 5 x 4.84 of " in out
     assert "1 site left out" in out
     run = tmp_path / "run"
     assert tuple(OmegaConf.load(run / "config.yaml").data.target_spacing) == phantom

@@ -88,6 +88,28 @@ def test_adaptive_clipping_moves_the_norm_towards_its_target(tmp_path, mode):
     assert norms[1e-3] > 1e-3 * 1.05 and norms[1e4] < 1e4 / 1.05
 
 
+def test_with_client_side_dp_a_node_that_does_not_clip_is_refused(tmp_path, monkeypatch):
+    """Node 1 sends the global model plus 100 times its clipped update (``scale``): the noise is calibrated to the
+    clipping norm, so its reply is refused, and with DP (every sampled node must reply) the round is skipped. The
+    honest nodes' replies, clipped and rounded to float16, pass."""
+    import simulations.adversary as adversary
+    from server.report import RunFailed
+
+    monkeypatch.setattr(adversary, "SETTINGS", {"attacks": {"0": "scale"}})
+    extra = {"num-server-rounds": 1, "eval-subsets": "full", "dp": "client", "dp-clip": 0.5, "dp-noise": 0.0}
+    with pytest.raises(RunFailed, match="no round aggregated"):
+        run_inproc(server_app, adversary.app, tiny_run_config(tmp_path, **extra), nodes())
+    record = _records(tmp_path / "run")[1]
+    (failure,) = record["failures"]
+    assert failure["node"] == 1 and failure["kind"] == "refused"
+    assert (
+        failure["reason"].startswith("refused: its update is ")
+        and "clipping norm 0.5: not clipped" in failure["reason"]
+    )
+    assert record["skipped"] == "2 of 3 nodes replied (min-replies 3)"
+    assert sorted(key for key, site in record["sites"].items() if "train-loss" in site) == ["2", "3"]
+
+
 def test_dp_noise_moves_the_model_by_its_stdev(tmp_path):
     run_config = tiny_run_config(
         tmp_path,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from omegaconf import OmegaConf
 
-from server.plan import reported_spacing
+from server.plan import agree_target, reported_spacing
+from tests.helpers import InProcGrid
 
 
 def _reply(**metrics) -> RecordDict:
@@ -31,3 +33,27 @@ def test_a_site_report_is_checked_before_it_counts():
     many = good | {"num-examples": list(range(100_000))}  # a whole list, which the warning must not print
     with pytest.raises(ValueError, match=r"^num-examples of type list is not a case count in 1\.\.100$"):
         reported_spacing(_reply(**many), max_examples=100)
+
+
+def test_a_site_that_claims_every_case_has_one_vote_like_the_others():
+    """Site 1 reports 9 mm voxels and the most cases a reply may claim; sites 2-4 report theirs honestly. A median
+    weighted by the claimed counts would be site 1's 9 mm; one vote per site gives the honest sites' value."""
+    reports = {
+        1: {"num-examples": 10_000, "spacing-0": 9.0, "spacing-1": 9.0, "spacing-2": 9.0},
+        2: {"num-examples": 12, "spacing-0": 1.0, "spacing-1": 1.0, "spacing-2": 1.0},
+        3: {"num-examples": 30, "spacing-0": 1.0, "spacing-1": 1.0, "spacing-2": 1.5},
+        4: {"num-examples": 8, "spacing-0": 1.2, "spacing-1": 1.2, "spacing-2": 3.0},
+    }
+
+    def site(message: Message, context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord(reports[context.node_id])}), reply_to=message)
+
+    grid = InProcGrid(site, {}, [{}] * len(reports))
+    said: list[str] = []
+    data = OmegaConf.create({"target_spacing": None, "orientation": "LPS"})
+    target = agree_target(grid, data, min_nodes=4, node_wait=0, timeout=5, max_examples=10_000, say=said.append)
+    assert target.spacing == (1.1, 1.1, 2.25) and target.orientation == "LPS"
+    assert said == [
+        "target geometry 1.1 x 1.1 x 2.25 mm LPS: the median of 4 sites' median voxel sizes (9 x 9 x 9 of 10000 "
+        "cases, 1 x 1 x 1 of 12 cases, 1 x 1 x 1.5 of 30 cases, 1.2 x 1.2 x 3 of 8 cases)"
+    ]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 import simulations.adversary as adversary
+from messages.clipping import clip_update, update_norm
 from server.replies import RefusedReply, ReplyRules, check_reply, printable
 from tests.helpers import FAULT_REASONS, tiny_arrays
 
@@ -68,6 +70,56 @@ def test_dice_scores_outside_zero_to_one_are_refused():
     evaluate["metrics"] = MetricRecord({"num-examples": 2, "val-mean-dice": 0.7, "val-share-WT": -0.1})
     with pytest.raises(RefusedReply, match="val-share-WT"):
         check_reply(evaluate, "evaluate", rules)
+
+
+def _train_reply(arrays: dict[str, np.ndarray], **metrics) -> RecordDict:
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 4, "train-loss": 1.5, **metrics})})
+
+
+def test_with_client_side_dp_an_update_longer_than_the_clipping_norm_is_refused():
+    """dp='client': the server's noise is calibrated to the clipping norm it sends; a node that skips clipping would
+    move the average without bound. An update clipped in float16 passes; one 10 % longer does not."""
+    arrays, clip = tiny_arrays("float16"), 0.5
+    sent = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()})})
+    sent["config"] = ConfigRecord({KEY_CLIPPING_NORM: clip})
+    rules = ReplyRules.of(ArrayRecord({k: Array(v.astype(np.float32)) for k, v in arrays.items()}), 10_000, sent=sent)
+    base = {k: v.astype(np.float64) for k, v in arrays.items()}
+    rng = np.random.default_rng(0)
+    trained = {k: (v + rng.normal(0.0, 0.01, v.shape)).astype(np.float16) for k, v in base.items()}
+    assert update_norm(base, trained) > 10 * clip
+
+    clipped, scaled = clip_update(base, trained, clip)
+    assert scaled and {v.dtype for v in clipped.values()} == {np.dtype(np.float16)}
+    assert update_norm(base, clipped) > clip  # float16 rounding moved it past the norm: what the check allows for
+    check_reply(_train_reply(clipped), "train", rules)
+    for reply in (trained, clip_update(base, trained, 1.1 * clip)[0]):
+        with pytest.raises(RefusedReply, match=r"longer than the clipping norm 0.5: not clipped"):
+            check_reply(_train_reply(reply), "train", rules)
+    assert ReplyRules.of(ArrayRecord(), 10_000, sent=RecordDict({"config": ConfigRecord({})})).clip is None
+
+
+def test_clipping_works_in_float64_whatever_the_transport_dtype():
+    """Float16 squares overflow past a norm of 256: an update that long would be scaled to nothing, not to the norm."""
+    sent = {"w": np.zeros(1000, np.float16)}
+    clipped, scaled = clip_update(sent, {"w": np.full(1000, 10.0, np.float16)}, 2.0)  # an update of norm 316
+    assert scaled and clipped["w"].dtype == np.float16
+    assert update_norm(sent, clipped) == pytest.approx(2.0, rel=1e-3)
+    kept, scaled = clip_update(sent, {"w": np.full(1000, 0.01, np.float16)}, 2.0)
+    assert not scaled and np.array_equal(kept["w"], np.full(1000, 0.01, np.float16))
+
+
+def test_adaptive_clippings_bit_must_be_0_or_1():
+    """The server counts the replies whose update was clipped: a bit of 10^6 would push its norm up for ever."""
+    _, _, rules = _honest_exchange()
+    rules = ReplyRules(rules.shapes, rules.max_examples, ("norm_bit",))
+    for bit, ok in ((0, True), (1, True), (2, False), (0.5, False)):
+        content = _train_reply({k: np.zeros(v, np.float16) for k, v in rules.shapes.items()}, norm_bit=bit)
+        if ok:
+            check_reply(content, "train", rules)
+        else:
+            with pytest.raises(RefusedReply, match="norm_bit = .* is not 0 or 1"):
+                check_reply(content, "train", rules)
 
 
 def test_metric_values_must_be_finite_numbers_and_site_text_is_trimmed():
