@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,64 @@ from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.tracking import flatten
 
-ROUND_KEYS = frozenset(
-    {
-        "round", "bytes_sent", "bytes_received", "sites", "failures", "wall_seconds", "write_seconds",
-        "eval_seconds", "model_norm", "step_norm", "step_relative", "skipped", "collapse", "privacy",
-        "global", "train", "val", "secure_aggregation",
-    }
-)  # fmt: skip
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | bool) or _number(value)
+
+
+def _map_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, dict) and all(ok(v) for v in value.values())
+
+
+def _list_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(ok(v) for v in value)
+
+
+RECORD_SHAPE: dict[str, Callable[[Any], bool]] = {
+    "round": _whole,
+    **dict.fromkeys(("bytes_sent", "bytes_received"), _whole),
+    **dict.fromkeys(("wall_seconds", "write_seconds", "eval_seconds"), _number),
+    **dict.fromkeys(("model_norm", "step_norm", "step_relative"), _number),
+    **dict.fromkeys(("skipped", "secure_aggregation"), _text),
+    "sites": _map_of(_map_of(_scalar)),  # node -> its metrics and what it says about itself
+    **dict.fromkeys(("failures", "collapse"), _list_of(_map_of(_scalar))),
+    "privacy": _map_of(_scalar),
+    **dict.fromkeys(("global", "train", "val"), _map_of(_number)),  # an HD95 of nothing is NaN: still a number
+}
+"""What each key of a round's record holds, as the server writes it."""
+ROUND_KEYS = frozenset(RECORD_SHAPE)
 """The keys the server writes into a round's record: its columns, which no node's name may take over."""
+REQUIRED_KEYS = ("round", "bytes_sent", "bytes_received", "sites", "failures")
 MAX_LABEL = 64
+
+
+def check_record(record: Any, server_round: int) -> None:
+    """Raise ``ValueError`` naming the first part of ``record`` that is not as this server writes round
+    ``server_round``'s record (:data:`RECORD_SHAPE`). A record read back from a file (``resume-from``) is shown in
+    the progress line, the report, the plot and the trackers after the run has trained, and must not stop it there.
+    """
+    if not isinstance(record, dict):
+        raise ValueError("not a record")
+    if unknown := sorted(str(k) for k in set(record) - ROUND_KEYS):
+        raise ValueError(f"an unknown key {unknown[0][:40]!r}")
+    if missing := [k for k in REQUIRED_KEYS if k not in record]:
+        raise ValueError(f"no {missing[0]!r}")
+    if wrong := [k for k, v in record.items() if not RECORD_SHAPE[k](v)]:
+        raise ValueError(f"{wrong[0]!r} is not what the server writes there")
+    if record["round"] != server_round:
+        raise ValueError(f"it says it is round {record['round']}")
 
 
 def _cell(value: Any) -> Any:

@@ -25,6 +25,7 @@ from mstkd.errors import InputError
 from mstkd.model import MSTKDNet, StyleDiscriminator, build_discriminator, count_parameters
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
 from mstkd.runconfig import RunConfig, Transport, check_state_key
+from server.runlog import check_record
 
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 """Attributes that carry a strategy's memory across rounds (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
@@ -196,7 +197,27 @@ class ServerCheckpoint:
             check_state_key(state.state_key, "its state key")
         except InputError as exc:
             raise InputError(f"resume-from: {path}: {exc}; it is not resumed") from None
+        for server_round, record in state.records.items():  # shown after training: checked before it
+            try:
+                check_record(record, server_round)
+            except ValueError as exc:
+                raise InputError(
+                    f"resume-from: {path}: round {server_round}'s record: {exc}; it is not resumed"
+                ) from None
+        if not _best_ok(state.best):
+            raise InputError(f"resume-from: {path}: its best round is not a round and a Dice; it is not resumed")
         return state
+
+
+def _best_ok(best: dict) -> bool:
+    """Whether ``best`` is as the server keeps it: the site-validation Dice of the best round, and that round."""
+    dice, best_round = best.get("val_mean_dice", -1.0), best.get("round")
+    return (
+        set(best) <= {"val_mean_dice", "round"}
+        and isinstance(dice, int | float)
+        and not isinstance(dice, bool)
+        and (best_round is None or (isinstance(best_round, int) and not isinstance(best_round, bool)))
+    )
 
 
 def _random_state(value: Any) -> Any:

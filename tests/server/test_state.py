@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,18 @@ def test_strategy_state_round_trips():
     assert np.array_equal(fresh.current_arrays["w"].numpy(), np.ones(3))
 
 
+def _records() -> dict[int, dict]:
+    """Two rounds' records as the server writes them: round 1 with one node's numbers and a refused reply."""
+    from server.runlog import RunLog
+
+    runlog = RunLog("/nonexistent")
+    runlog.record(0)["global"] = {"mean_dice": 0.1, "ET_hd95": float("nan")}
+    runlog.site(1, 7, "a").update({"train-loss": 1.5, "device": "cpu"})
+    runlog.record(1)["failures"].append({"stage": "train", "node": 8, "reason": "refused: x", "kind": "refused"})
+    runlog.record(1).update(wall_seconds=3.0, step_norm=0.2, privacy={"mode": "client", "epsilon": None})
+    return runlog.records
+
+
 def test_server_state_is_arrays_and_json_and_an_old_pickle_is_refused(tmp_path):
     state = ServerCheckpoint(
         round=2,
@@ -37,7 +51,7 @@ def test_server_state_is_arrays_and_json_and_an_old_pickle_is_refused(tmp_path):
             "momentum_vector": [np.zeros(2)],
             "wrapper.clipping_norm": 0.3,
         },
-        records={0: {"round": 0}, 1: {"round": 1, "sites": {"7": {"name": "a"}}}},
+        records=_records(),
         best={"round": 1, "val_mean_dice": 0.4},
         state_key="run-1.abcd",
         random_state=(3, tuple(range(625)), None),
@@ -68,3 +82,32 @@ def test_server_state_is_arrays_and_json_and_an_old_pickle_is_refused(tmp_path):
     state.save(tmp_path / "key")
     with pytest.raises(InputError, match="its state key '../../elsewhere' is not a plain folder name"):
         ServerCheckpoint.load(tmp_path / "key")
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda r: r[1].update(bytes_sent="1e9"), "round 1's record: 'bytes_sent' is not what the server writes there"),
+        (lambda r: r[1]["sites"]["7"].update(loss={"x": 1}), "round 1's record: 'sites' is not what the server"),
+        (lambda r: r[1].update(failures=["x"]), "round 1's record: 'failures' is not what the server"),
+        (lambda r: r[0].update(**{"global": {"mean_dice": "0.9"}}), "round 0's record: 'global' is not what the"),
+        (lambda r: r[1].update(leak=1), "round 1's record: an unknown key 'leak'"),
+        (lambda r: r[1].pop("sites"), "round 1's record: no 'sites'"),
+        (lambda r: r[1].update(round=5), "round 1's record: it says it is round 5"),
+        (lambda r: r.update({2: []}), "round 2's record: not a record"),
+    ],
+)
+def test_a_resumed_states_round_records_are_checked_before_the_run_trains(tmp_path, tamper, reason):
+    """A resumed run shows its earlier rounds in the progress line, the report, the plot and the trackers after it
+    has trained: a record a file changed (a string where a number belongs) is refused at start, in one line."""
+    records = _records()
+    tamper(records)
+    state = ServerCheckpoint(round=1, arrays={"w": np.ones(3, np.float32)}, records=records, state_key="run-1.ab")
+    state.save(tmp_path)
+    with pytest.raises(InputError, match=f"resume-from: .*: {re.escape(reason)}.*; it is not resumed"):
+        ServerCheckpoint.load(tmp_path)
+    state = ServerCheckpoint(round=1, arrays={"w": np.ones(3, np.float32)}, records=_records(), state_key="run-1.ab")
+    state.best = {"round": "1", "val_mean_dice": 0.5}
+    state.save(tmp_path)
+    with pytest.raises(InputError, match="its best round is not a round and a Dice"):
+        ServerCheckpoint.load(tmp_path)
