@@ -25,10 +25,8 @@ RELATIVE_SLACK = 1e-6
 
 
 def update_norm(sent: Mapping[str, np.ndarray], returned: Mapping[str, np.ndarray]) -> float:
-    """The L2 norm of ``returned - sent`` over every array, in float64."""
-    return float(
-        np.sqrt(sum(np.sum((np.asarray(v, np.float64) - sent[k]) ** 2, dtype=np.float64) for k, v in returned.items()))
-    )
+    """The L2 norm of ``returned - sent`` over every array, in float64 (one array's copy at a time)."""
+    return float(np.sqrt(sum(np.sum((np.asarray(v, np.float64) - sent[k]) ** 2) for k, v in returned.items())))
 
 
 def clip_update(

@@ -84,7 +84,7 @@ class ReplyRules:
         clip = sent_arrays = None
         if config is not None and KEY_CLIPPING_NORM in config:
             clip = float(config[KEY_CLIPPING_NORM])  # type: ignore[arg-type]
-            sent_arrays = {k: decode_array(v, "f").astype(np.float64) for k, v in sent["arrays"].items()}
+            sent_arrays = {k: decode_array(v, "f") for k, v in sent["arrays"].items()}  # views of the sent bytes
         shapes = {k: tuple(v.shape) for k, v in arrays.items()}
         return cls(shapes, int(max_examples), tuple(required), clip, sent_arrays)
 
