@@ -84,6 +84,7 @@ def _setup(arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any], co
     the server asks of this round, as opposed to the run config (``context.run``) and the project config ``cfg``.
     """
     configure_logging(context.node)
+    server_round = message_round(instructions, context.run)  # checked before anything is read
     cfg = with_target(project_config(context.run), instructions)  # the geometry the federation agreed on
     clock.lap("config")
     data = site_data(context.run, context.node, cfg)
@@ -92,7 +93,7 @@ def _setup(arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any], co
     # distinct per site and per round: a node must not redraw the same crops every round, nor the same as
     # another site (a simulated site by its partition, a deployed one by its name)
     seed = int(cfg.train.seed) + 1000 * site_number(context.node, data.name)
-    seed_everything(seed + message_round(instructions, context.run))
+    seed_everything(seed + server_round)
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
     try:
         load_federated_arrays(student, disc, arrays)
@@ -103,7 +104,7 @@ def _setup(arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any], co
 
 
 def instruction(instructions: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
-    """A number the message's config names (``default`` when it names none), refused unless it lies in
+    """A number the message's config names (``default`` when it names none), refused unless it is finite and lies in
     ``low`` .. ``high``: the server chooses these numbers, and a value out of range (a round far in the future, a
     NaN epoch) would otherwise reach the site's state or its learning rate.
 
@@ -111,8 +112,12 @@ def instruction(instructions: Mapping[str, Any], key: str, default: float, low: 
         RefusedMessage: not a number in range (NaN is not).
     """
     value = instructions.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise RefusedMessage(f"the message's {key} is not a number in {low:g}..{high:g}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (low <= value <= high and math.isfinite(value))
+    ):
+        raise RefusedMessage(f"the message's {key} is not a finite number in {low:g}..{high:g}")
     return value
 
 
@@ -177,11 +182,15 @@ def local_round(
     """One round of local training from the global ``arrays``: the updated student + discriminator arrays,
     the scalar metrics and the site's name, device and modalities (everything a reply carries)."""
     clock = Stopwatch("train", context)
+    # the message's numbers, checked before the site's data or state is read
+    server_round = message_round(instructions, context.run)
+    last_epoch = context.run.num_server_rounds * context.run.local_epochs  # where the server's schedule ends
+    given_epoch = instruction(instructions, "epoch", 0, 0, last_epoch) if "epoch" in instructions else None
+    proximal_mu = float(instruction(instructions, "proximal-mu", 0.0, 0, math.inf))
     cfg, data, device, seed, student, disc = _setup(arrays, instructions, context, clock)
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
-    server_round = message_round(instructions, context.run)
     state = SiteState(
         _state_folder(context, data.name, str(instructions.get("state-key", ""))), str(cfg.train.state_precision)
     )
@@ -203,8 +212,7 @@ def local_round(
     )
     clock.lap("loader")
     steps = context.run.local_steps or max(1, round(context.run.local_epochs * len(loader)))
-    last_epoch = context.run.num_server_rounds * context.run.local_epochs  # where the server's schedule ends
-    epoch = float(instruction(instructions, "epoch", 0, 0, last_epoch) if "epoch" in instructions else info["epoch"])
+    epoch = float(info["epoch"] if given_epoch is None else given_epoch)
     log.info(
         "%s: training %d steps on %d cases (device %s, round %s)",
         data.name,
@@ -223,7 +231,7 @@ def local_round(
         rng=rng,
         device=device,
         subsets=data.subsets,
-        proximal_mu=float(instruction(instructions, "proximal-mu", 0.0, 0, math.inf)),
+        proximal_mu=proximal_mu,
         progress=False,
         desc=data.name,
     )

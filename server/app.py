@@ -102,7 +102,7 @@ def main(grid: Grid, context: Context) -> None:
         site_config = {"target-spacing": " ".join(repr(v) for v in target.spacing), "orientation": target.orientation}
         train_config = {"lr": float(cfg.train.lr), "state-key": state_key, **site_config}
         if privacy:
-            train_config["dp-clipping"] = privacy["clipping"]  # which clipping mod a node runs (client-side DP)
+            train_config["dp-clipping"] = privacy["clipping"]  # client-side DP: whether a node reports norm_bit
 
         runlog.setup_seconds = time.perf_counter() - started  # what this server did before its first round
         if run.secagg:

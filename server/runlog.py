@@ -18,6 +18,9 @@ from typing import Any
 from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.tracking import flatten
+from server.replies import SITE_KEYS
+
+Check = Callable[[Any], bool]
 
 
 def _number(value: Any) -> bool:
@@ -32,30 +35,59 @@ def _text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, str | bool) or _number(value)
+def _maybe(check: Check) -> Check:
+    return lambda value: value is None or check(value)
 
 
-def _map_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, dict) and all(ok(v) for v in value.values())
+def _list_of(check: Check) -> Check:
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
 
 
-def _list_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, list) and all(ok(v) for v in value)
+def _fields(required: dict[str, Check], optional: dict[str, Check] | None = None, rest: Check | None = None) -> Check:
+    """A dict with every ``required`` key, any ``optional`` one, and any other key only where ``rest`` (its value's
+    check) is given; each value as its key's check says."""
+    known = {**(optional or {}), **required}
+
+    def check(value: Any) -> bool:
+        return (
+            isinstance(value, dict)
+            and all(k in value for k in required)
+            and all((c := known.get(k, rest)) is not None and c(v) for k, v in value.items())
+        )
+
+    return check
 
 
-RECORD_SHAPE: dict[str, Callable[[Any], bool]] = {
+def _privacy(value: Any) -> bool:
+    """The round's privacy settings and spending (:mod:`server.privacy`), with what the report reads."""
+    settings = {"mode": _text, "clipping_norm": _number, "noise_multiplier": _number, "sampled_nodes": _whole}
+    extra = dict.fromkeys(("noise_stdev", "target_quantile", "clip_lr", "count_noise", "clipping_norm_next"), _number)
+    extra |= {"clipping": _text, "max_epsilon": _maybe(_number), "epsilon": _maybe(_number), "releases": _whole}
+    extra |= {"epsilon_note": _text}
+    if not _fields(settings | {"delta": _number}, extra)(value):
+        return False
+    return ("target_quantile" if value.get("clipping") == "adaptive" else "noise_stdev") in value
+
+
+_SITE = _fields({"name": _text}, dict.fromkeys(set(SITE_KEYS) - {"name"}, _text), rest=_number)
+"""A node's record: its name, what else it says about itself (text), and its metrics (numbers)."""
+_FAILURE = _fields({"stage": _text, "node": _maybe(_whole), "reason": _text}, {"kind": _text})
+_SCORES = {f"{region}_{score}": _number for region in REGIONS for score in ("dice", "hd95")}
+RECORD_SHAPE: dict[str, Check] = {
     "round": _whole,
     **dict.fromkeys(("bytes_sent", "bytes_received"), _whole),
     **dict.fromkeys(("wall_seconds", "write_seconds", "eval_seconds"), _number),
     **dict.fromkeys(("model_norm", "step_norm", "step_relative"), _number),
     **dict.fromkeys(("skipped", "secure_aggregation"), _text),
-    "sites": _map_of(_map_of(_scalar)),  # node -> its metrics and what it says about itself
-    **dict.fromkeys(("failures", "collapse"), _list_of(_map_of(_scalar))),
-    "privacy": _map_of(_scalar),
-    **dict.fromkeys(("global", "train", "val"), _map_of(_number)),  # an HD95 of nothing is NaN: still a number
+    "sites": _fields({}, rest=_SITE),  # keyed by node id
+    "failures": _list_of(_FAILURE),
+    "collapse": _list_of(_fields({"where": _text, "what": _text})),
+    "privacy": _privacy,
+    "global": _fields({"mean_dice": _number, **_SCORES}, rest=_number),  # an HD95 of nothing is NaN: a number too
+    **dict.fromkeys(("train", "val"), _fields({}, rest=_number)),
 }
-"""What each key of a round's record holds, as the server writes it."""
+"""What each key of a round's record holds, as the server writes it and as the progress line, the report, the plot
+and the phase table read it."""
 ROUND_KEYS = frozenset(RECORD_SHAPE)
 """The keys the server writes into a round's record: its columns, which no node's name may take over."""
 REQUIRED_KEYS = ("round", "bytes_sent", "bytes_received", "sites", "failures")

@@ -204,19 +204,21 @@ class ServerCheckpoint:
                 raise InputError(
                     f"resume-from: {path}: round {server_round}'s record: {exc}; it is not resumed"
                 ) from None
-        if not _best_ok(state.best):
+        if not _best_ok(state.best, state.round):
             raise InputError(f"resume-from: {path}: its best round is not a round and a Dice; it is not resumed")
         return state
 
 
-def _best_ok(best: dict) -> bool:
-    """Whether ``best`` is as the server keeps it: the site-validation Dice of the best round, and that round."""
+def _best_ok(best: dict, last_round: int) -> bool:
+    """Whether ``best`` is as the server keeps it after ``last_round``: the site-validation Dice of the best round
+    (-1 before any; a NaN would keep every later round from being best), and that round (None before any)."""
     dice, best_round = best.get("val_mean_dice", -1.0), best.get("round")
     return (
         set(best) <= {"val_mean_dice", "round"}
         and isinstance(dice, int | float)
         and not isinstance(dice, bool)
-        and (best_round is None or (isinstance(best_round, int) and not isinstance(best_round, bool)))
+        and -1.0 <= dice <= 1.0
+        and (best_round is None or (type(best_round) is int and 0 <= best_round <= last_round))
     )
 
 

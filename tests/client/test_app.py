@@ -91,11 +91,12 @@ def test_a_node_refuses_a_round_epoch_or_mu_out_of_range_and_keeps_its_state(tmp
     before = hashlib.sha256(state.read_bytes()).hexdigest()
     last = run_config["num-server-rounds"]
     for key, value, reason in (
-        ("server-round", 10**12, f"server-round is not a number in 0..{last}"),
+        ("server-round", 10**12, f"server-round is not a finite number in 0..{last}"),
         ("server-round", 1.5, "server-round is not a whole number"),
-        ("server-round", "2", f"server-round is not a number in 0..{last}"),
-        ("epoch", float("nan"), "epoch is not a number in 0.."),
-        ("proximal-mu", -1.0, "proximal-mu is not a number in 0..inf"),
+        ("server-round", "2", f"server-round is not a finite number in 0..{last}"),
+        ("epoch", float("nan"), "epoch is not a finite number in 0.."),
+        ("proximal-mu", -1.0, "proximal-mu is not a finite number in 0..inf"),
+        ("proximal-mu", float("inf"), "proximal-mu is not a finite number in 0..inf"),
     ):
         message = _train_message(arrays, 2)
         message.content["config"][key] = value

@@ -31,14 +31,19 @@ def test_strategy_state_round_trips():
 
 
 def _records() -> dict[int, dict]:
-    """Two rounds' records as the server writes them: round 1 with one node's numbers and a refused reply."""
+    """Two rounds' records as the server writes them: the held-out scores of round 0, and round 1 with one node's
+    numbers, a refused reply, a collapse warning and the privacy spent."""
     from server.runlog import RunLog
 
     runlog = RunLog("/nonexistent")
-    runlog.record(0)["global"] = {"mean_dice": 0.1, "ET_hd95": float("nan")}
-    runlog.site(1, 7, "a").update({"train-loss": 1.5, "device": "cpu"})
+    scores = {f"{region}_{score}": 0.1 for region in ("ET", "TC", "WT") for score in ("dice", "hd95", "share_max")}
+    runlog.record(0)["global"] = scores | {"mean_dice": 0.1, "ET_hd95": float("nan")}
+    runlog.site(1, 7, "a").update({"train-loss": 1.5, "train-time-train": 2.0, "device": "cpu"})
     runlog.record(1)["failures"].append({"stage": "train", "node": 8, "reason": "refused: x", "kind": "refused"})
-    runlog.record(1).update(wall_seconds=3.0, step_norm=0.2, privacy={"mode": "client", "epsilon": None})
+    runlog.record(1)["collapse"] = [{"where": "site a validation", "what": "WT predicted in 50% of the brain"}]
+    privacy = {"mode": "client", "clipping": "fixed", "clipping_norm": 1.0, "noise_multiplier": 0.1}
+    privacy |= {"sampled_nodes": 3, "noise_stdev": 0.03, "delta": 1e-5, "max_epsilon": None, "epsilon": 4.2}
+    runlog.record(1).update(wall_seconds=3.0, step_norm=0.2, privacy=privacy)
     return runlog.records
 
 
@@ -84,13 +89,43 @@ def test_server_state_is_arrays_and_json_and_an_old_pickle_is_refused(tmp_path):
         ServerCheckpoint.load(tmp_path / "key")
 
 
+def test_a_resumed_states_records_are_shown_after_training_without_failing(tmp_path):
+    """What the progress line, metrics.csv, the plot, the phase table and REPORT.md read of a resumed state's rounds."""
+    from omegaconf import OmegaConf
+
+    from server.phases import time_phases
+    from server.report import write_report
+    from server.runlog import RunLog
+
+    ServerCheckpoint(round=1, arrays={"w": np.ones(3, np.float32)}, records=_records(), state_key="run-1.ab").save(
+        tmp_path
+    )
+    runlog = RunLog(tmp_path / "run")
+    runlog.records = dict(ServerCheckpoint.load(tmp_path).records)
+    assert "1/2 sites (failed: 8)" in runlog.progress(1, 2)
+    runlog.write()
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "round_0.md").write_text("| table |\n")
+    phases = time_phases(runlog.records, 1.0, 10.0)
+    cfg = OmegaConf.create({"model": {"preset": "tiny"}})
+    report = write_report(tmp_path / "run", runlog, cfg, RunConfig(), 10.0, {"round": None}, phases=phases)
+    text = report.read_text()
+    assert "client-side clipping at 1" in text and "| 1 | 4.200 | 1e-05 |" in text and "site a validation" in text
+
+
 @pytest.mark.parametrize(
     "tamper, reason",
     [
         (lambda r: r[1].update(bytes_sent="1e9"), "round 1's record: 'bytes_sent' is not what the server writes there"),
         (lambda r: r[1]["sites"]["7"].update(loss={"x": 1}), "round 1's record: 'sites' is not what the server"),
+        (lambda r: r[1]["sites"]["7"].update(**{"train-time-train": "x"}), "round 1's record: 'sites' is not"),
         (lambda r: r[1].update(failures=["x"]), "round 1's record: 'failures' is not what the server"),
-        (lambda r: r[0].update(**{"global": {"mean_dice": "0.9"}}), "round 0's record: 'global' is not what the"),
+        (lambda r: r[1].update(failures=[{}]), "round 1's record: 'failures' is not what the server"),
+        (lambda r: r[1].update(collapse=[{}]), "round 1's record: 'collapse' is not what the server"),
+        (lambda r: r[1]["privacy"].update(epsilon="x"), "round 1's record: 'privacy' is not what the server"),
+        (lambda r: r[1]["privacy"].pop("noise_stdev"), "round 1's record: 'privacy' is not what the server"),
+        (lambda r: r[0]["global"].update(mean_dice="0.9"), "round 0's record: 'global' is not what the"),
+        (lambda r: r[0]["global"].pop("TC_dice"), "round 0's record: 'global' is not what the"),
         (lambda r: r[1].update(leak=1), "round 1's record: an unknown key 'leak'"),
         (lambda r: r[1].pop("sites"), "round 1's record: no 'sites'"),
         (lambda r: r[1].update(round=5), "round 1's record: it says it is round 5"),
@@ -106,8 +141,15 @@ def test_a_resumed_states_round_records_are_checked_before_the_run_trains(tmp_pa
     state.save(tmp_path)
     with pytest.raises(InputError, match=f"resume-from: .*: {re.escape(reason)}.*; it is not resumed"):
         ServerCheckpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "best", [{"round": "1", "val_mean_dice": 0.5}, {"round": 1, "val_mean_dice": float("nan")}, {"round": 9}]
+)
+def test_a_resumed_states_best_round_is_a_round_it_had_and_a_dice(tmp_path, best):
+    """A NaN Dice would keep every later round from being best; a round it never had cannot be."""
     state = ServerCheckpoint(round=1, arrays={"w": np.ones(3, np.float32)}, records=_records(), state_key="run-1.ab")
-    state.best = {"round": "1", "val_mean_dice": 0.5}
+    state.best = best
     state.save(tmp_path)
     with pytest.raises(InputError, match="its best round is not a round and a Dice"):
         ServerCheckpoint.load(tmp_path)
