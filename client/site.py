@@ -77,14 +77,20 @@ def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
     return folder
 
 
-def _setup(arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any], context: NodeContext, clock: Stopwatch):
+def _setup(
+    arrays: Mapping[str, np.ndarray],
+    instructions: Mapping[str, Any],
+    server_round: int,
+    context: NodeContext,
+    clock: Stopwatch,
+):
     """Project config, site data, device, seed, and the student + discriminator holding ``arrays``.
 
     ``instructions`` is the message's config record (the round, the state key, the agreed target geometry): what
-    the server asks of this round, as opposed to the run config (``context.run``) and the project config ``cfg``.
+    the server asks of this round, as opposed to the run config (``context.run``) and the project config ``cfg``;
+    ``server_round`` its round, which the caller checked (:func:`message_round`) before anything was read.
     """
     configure_logging(context.node)
-    server_round = message_round(instructions, context.run)  # checked before anything is read
     cfg = with_target(project_config(context.run), instructions)  # the geometry the federation agreed on
     clock.lap("config")
     data = site_data(context.run, context.node, cfg)
@@ -187,7 +193,7 @@ def local_round(
     last_epoch = context.run.num_server_rounds * context.run.local_epochs  # where the server's schedule ends
     given_epoch = instruction(instructions, "epoch", 0, 0, last_epoch) if "epoch" in instructions else None
     proximal_mu = float(instruction(instructions, "proximal-mu", 0.0, 0, math.inf))
-    cfg, data, device, seed, student, disc = _setup(arrays, instructions, context, clock)
+    cfg, data, device, seed, student, disc = _setup(arrays, instructions, server_round, context, clock)
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
@@ -293,7 +299,8 @@ def evaluate_site(
 ) -> tuple[dict[str, float | int], dict[str, str]]:
     """Score the global student ``arrays`` on the site's validation cases: the metrics and the site's name."""
     clock = Stopwatch("val", context)
-    cfg, data, device, _, student, _ = _setup(arrays, instructions, context, clock)
+    server_round = message_round(instructions, context.run)  # checked before anything is read
+    cfg, data, device, _, student, _ = _setup(arrays, instructions, server_round, context, clock)
     clock.lap("build")
     # "full" means everything this site has; subsets it cannot form are skipped
     wanted = parse_subsets(context.run.site_eval_subsets)

@@ -106,12 +106,12 @@ def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDic
         arrays = content["arrays"]
         if not isinstance(arrays, ArrayRecord):
             raise RefusedReply("'arrays' is not an array record")
-        wire = _arrays(arrays, rules.shapes)
+        wire, floats = _arrays(arrays, rules.shapes)
         if rules.clip is not None and rules.sent is not None:
             if (beyond := unclipped_by(rules.sent, wire, rules.clip)) is not None:
                 clip = rules.clip
                 raise RefusedReply(f"its update is {beyond:.3g} longer than the clipping norm {clip:g}: not clipped")
-        out["arrays"] = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in wire.items()})
+        out["arrays"] = ArrayRecord({k: Array(v) for k, v in floats.items()})
     metrics = content["metrics"]
     if not isinstance(metrics, MetricRecord):
         raise RefusedReply("'metrics' is not a metric record")
@@ -124,14 +124,17 @@ def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDic
     return out
 
 
-def _arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The arrays of a train reply, each in the float dtype it came in, all finite in float32."""
+def _arrays(
+    record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The arrays of a train reply as they came (each in its float dtype) and in float32, where every value must be
+    finite."""
     got = list(record.keys())
     if missing := [k for k in shapes if k not in record]:
         raise RefusedReply(f"{len(missing)} federated arrays missing (first: {missing[0]})")
     if extra := [k for k in got if k not in shapes]:
         raise RefusedReply(f"{len(extra)} arrays that were not sent (first: {printable(extra[0], 60)!r})")
-    out = {}
+    wire, floats = {}, {}
     for name in shapes:  # the order sent
         array = record[name]
         if str(array.dtype) not in FLOAT_DTYPES:
@@ -142,11 +145,11 @@ def _arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[
             values = decode_array(array, kinds="f")
         except WireError as exc:
             raise RefusedReply(f"{name}: {exc}") from None
-        # a float64 beyond float32's range becomes inf, and is refused
-        if bad := nonfinite(values) or nonfinite(values.astype(np.float32)):
+        as32 = values.astype(np.float32)  # a float64 beyond float32's range becomes inf, and is refused below
+        if bad := nonfinite(as32):
             raise RefusedReply(f"{bad} non-finite values in {name}")
-        out[name] = values
-    return out
+        wire[name], floats[name] = values, as32
+    return wire, floats
 
 
 def _number(key: str, value: object) -> float:

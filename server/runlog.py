@@ -94,6 +94,17 @@ REQUIRED_KEYS = ("round", "bytes_sent", "bytes_received", "sites", "failures")
 MAX_LABEL = 64
 
 
+def check_best(best: Any, last_round: int) -> None:
+    """Raise ``ValueError`` unless ``best`` is as the server keeps it after ``last_round``: the site-validation Dice
+    of the best round (-1 before any; a NaN would keep every later round from being best) and that round (None
+    before any)."""
+    if not _fields({}, {"val_mean_dice": _number, "round": _maybe(_whole)})(best):
+        raise ValueError("not a round and a Dice")
+    dice, best_round = best.get("val_mean_dice", -1.0), best.get("round")
+    if not -1.0 <= dice <= 1.0 or (best_round is not None and not 0 <= best_round <= last_round):
+        raise ValueError("not a round and a Dice")
+
+
 def check_record(record: Any, server_round: int) -> None:
     """Raise ``ValueError`` naming the first part of ``record`` that is not as this server writes round
     ``server_round``'s record (:data:`RECORD_SHAPE`). A record read back from a file (``resume-from``) is shown in

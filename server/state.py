@@ -25,7 +25,7 @@ from mstkd.errors import InputError
 from mstkd.model import MSTKDNet, StyleDiscriminator, build_discriminator, count_parameters
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
 from mstkd.runconfig import RunConfig, Transport, check_state_key
-from server.runlog import check_record
+from server.runlog import check_best, check_record
 
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 """Attributes that carry a strategy's memory across rounds (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
@@ -204,22 +204,11 @@ class ServerCheckpoint:
                 raise InputError(
                     f"resume-from: {path}: round {server_round}'s record: {exc}; it is not resumed"
                 ) from None
-        if not _best_ok(state.best, state.round):
-            raise InputError(f"resume-from: {path}: its best round is not a round and a Dice; it is not resumed")
+        try:
+            check_best(state.best, state.round)
+        except ValueError as exc:
+            raise InputError(f"resume-from: {path}: its best round is {exc}; it is not resumed") from None
         return state
-
-
-def _best_ok(best: dict, last_round: int) -> bool:
-    """Whether ``best`` is as the server keeps it after ``last_round``: the site-validation Dice of the best round
-    (-1 before any; a NaN would keep every later round from being best), and that round (None before any)."""
-    dice, best_round = best.get("val_mean_dice", -1.0), best.get("round")
-    return (
-        set(best) <= {"val_mean_dice", "round"}
-        and isinstance(dice, int | float)
-        and not isinstance(dice, bool)
-        and -1.0 <= dice <= 1.0
-        and (best_round is None or (type(best_round) is int and 0 <= best_round <= last_round))
-    )
 
 
 def _random_state(value: Any) -> Any:
