@@ -15,6 +15,8 @@ The strategies: FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, and the robust aggre
 either end), Krum and MultiKrum (the ``krum-select`` replies nearest to the others) and Bulyan
 (Krum selection, then a trimmed median), all of Flower; the robust ones assume at most
 ``malicious-nodes`` hostile nodes among those that reply, and Bulyan needs 4 of them + 3 replies.
+With a robust one the sites' metrics are aggregated robustly too (:func:`median_metrics`): a
+hostile node's claimed case count and scores cannot then choose ``best.pt``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -57,6 +59,22 @@ STRATEGIES = {
     Strategy.MULTIKRUM: MultiKrum,
     Strategy.BULYAN: Bulyan,
 }
+
+
+def median_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Each metric's median over the replies, one vote per site whatever case count it claims: the robust
+    aggregators' counterpart of Flower's weighted mean (``weighted_by_key`` names the count, which is left out as
+    there). A weighted mean lets one node that claims ``max-examples`` validation cases and a Dice of 1 decide which
+    round becomes ``best.pt``; a median of three or more sites stays within the honest sites' scores. A reply that
+    counts no case (a site without validation cases) has no score to give. The replies are checked
+    (:mod:`server.replies`): plain finite numbers, the same names in each."""
+    records = [next(iter(c.metric_records.values())) for c in contents]
+    voting = [r for r in records if r[weighted_by_key] > 0]
+    return MetricRecord(
+        {key: float(np.median([r[key] for r in voting])) for key in voting[0] if key != weighted_by_key}
+        if voting
+        else {}
+    )
 
 
 def strategy_options(run: RunConfig, nodes: int) -> dict:
@@ -164,6 +182,8 @@ def make_strategy(run: RunConfig, *, runlog: RunLog, nodes: int, **kwargs):
     (:func:`strategy_options`); ``kwargs`` go to the Flower strategy."""
     base = STRATEGIES[run.strategy]
     cls = type(f"MSTKD{base.__name__}", (FederatedMixin, base), {})
+    if run.strategy.robust:  # the arrays ignore the claimed case counts, and so do the metrics
+        kwargs = {"train_metrics_aggr_fn": median_metrics, "evaluate_metrics_aggr_fn": median_metrics, **kwargs}
     return cls(
         runlog=runlog,
         transport=run.transport,

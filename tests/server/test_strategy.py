@@ -19,3 +19,42 @@ def test_impossible_robust_settings_are_refused_before_any_work():
         "num_malicious_nodes": 1,
         "num_nodes_to_select": 3,
     }
+
+
+def _evaluate_replies(scores: list[tuple[int, float]]):
+    from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+    replies = []
+    for node, (cases, dice) in enumerate(scores, start=1):
+        sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+        metrics = MetricRecord({"num-examples": cases, "val-mean-dice": dice, "val-dice-WT": dice})
+        replies.append(Message(RecordDict({"metrics": metrics}), reply_to=sent))
+    return replies
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+def test_with_a_robust_aggregator_a_node_claiming_every_case_cannot_choose_best_pt(tmp_path, strategy, task_identity):
+    from server.runlog import RunLog
+    from server.strategy import make_strategy
+
+    # three honest sites score 0.50-0.60; a fourth claims the cap on cases and a perfect Dice
+    replies = _evaluate_replies([(3, 0.50), (4, 0.55), (2, 0.60), (10_000, 1.0)])
+    options = {"strategy": strategy, "trim-beta": 0.25} if strategy == "fedtrimmedavg" else {"strategy": strategy}
+    robust = make_strategy(RunConfig.parse(options), runlog=RunLog(tmp_path), nodes=4 if strategy != "bulyan" else 7)
+    metrics = robust.aggregate_evaluate(1, replies)
+    assert metrics["val-mean-dice"] == pytest.approx(0.575)  # the median: between the honest sites' scores
+    assert metrics["val-dice-WT"] == pytest.approx(0.575)
+    assert "num-examples" not in metrics
+
+    fedavg = make_strategy(RunConfig.parse({}), runlog=RunLog(tmp_path), nodes=4)
+    assert fedavg.aggregate_evaluate(1, _evaluate_replies([(3, 0.50), (4, 0.55), (2, 0.60), (10_000, 1.0)]))[
+        "val-mean-dice"
+    ] == pytest.approx(0.9995, abs=1e-4)  # FedAvg trusts the counts, as its arrays do (docs/security.md)
+
+
+def test_a_site_without_validation_cases_has_no_vote_in_the_median(task_identity):
+    from server.strategy import median_metrics
+
+    contents = [r.content for r in _evaluate_replies([(0, 0.0), (3, 0.7), (5, 0.8)])]
+    assert median_metrics(contents, "num-examples")["val-mean-dice"] == pytest.approx(0.75)
+    assert len(median_metrics([r.content for r in _evaluate_replies([(0, 0.0)])], "num-examples")) == 0
