@@ -38,6 +38,7 @@ from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
 from mstkd.errors import RefusedMessage, public_reason
+from mstkd.numbers import is_finite
 from mstkd.runconfig import NodeConfig, RunConfig
 
 log = logging.getLogger("mstkd.client")
@@ -81,7 +82,7 @@ def clip_updates(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     norm = config[KEY_CLIPPING_NORM]
-    if isinstance(norm, bool) or not isinstance(norm, int | float) or not 0 < norm < float("inf"):
+    if not is_finite(norm) or norm <= 0:
         raise RefusedMessage("the message's clipping norm is not a positive number")
     sent = {k: decode_array(v, "f") for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
     reply = call_next(msg, context)

@@ -38,6 +38,7 @@ from mstkd.evaluate import describe_collapse, evaluate_cases, parse_subsets
 from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
+from mstkd.numbers import is_finite
 from mstkd.runconfig import NodeConfig, RunConfig, Transport, check_state_key, default_home, project_config
 from mstkd.train import (
     Networks,
@@ -118,11 +119,7 @@ def instruction(instructions: Mapping[str, Any], key: str, default: float, low: 
         RefusedMessage: not a number in range (NaN is not).
     """
     value = instructions.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (low <= value <= high and math.isfinite(value))
-    ):
+    if not is_finite(value) or not low <= value <= high:
         raise RefusedMessage(f"the message's {key} is not a finite number in {low:g}..{high:g}")
     return value
 

@@ -29,6 +29,7 @@ from typing import Any, get_type_hints
 from omegaconf import DictConfig
 
 from mstkd.errors import InputError, RefusedMessage
+from mstkd.numbers import is_number, is_whole
 
 POSITIVE, NON_NEGATIVE, UNIT = "positive", "non-negative", "unit"
 
@@ -265,7 +266,7 @@ def _typed(what: str, key: str, value: Any, kind: Any, lenient: bool) -> Any:
         if text not in set(kind):
             raise InputError(f"{what} {key}={value!r}: choose one of {', '.join(kind)}")
         return kind(text)
-    if lenient and kind is str and isinstance(value, int | float) and not isinstance(value, bool):
+    if lenient and kind is str and is_number(value):
         return str(value)  # site-name=3 on a command line arrives as a TOML number
     if lenient and isinstance(value, str) and kind in (int, float):
         try:
@@ -276,12 +277,12 @@ def _typed(what: str, key: str, value: Any, kind: Any, lenient: bool) -> Any:
         if isinstance(value, bool):
             return value
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_whole(value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if is_number(value):
             return float(value)
     elif isinstance(value, str):
         return value

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mstkd.errors import InputError
+from mstkd.numbers import is_number
 
 FOLDER = "tensorboard"
 TRACKERS = ("tensorboard", "mlflow")
@@ -57,11 +58,7 @@ def flatten(values: Mapping[str, Any], prefix: str = "", *, count_lists: bool = 
 
 def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numbers of :func:`flatten`: ``{"val": {"WT_dice": 0.8}, "note": "x"}`` -> ``{"val/WT_dice": 0.8}``."""
-    return {
-        k: float(v)
-        for k, v in flatten(values, prefix).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    return {k: float(v) for k, v in flatten(values, prefix).items() if is_number(v)}
 
 
 def parse_trackers(specs: str | Iterable[str]) -> tuple[str, ...]:

@@ -19,7 +19,6 @@ node's id and leave the plan to the others.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -27,6 +26,7 @@ from flwr.serverapp import Grid
 
 from mstkd.data.geometry import TargetGeometry, check_orientation, check_spacing, format_spacing, plan_spacing
 from mstkd.errors import InputError
+from mstkd.numbers import is_finite, is_number, is_whole
 from server.loop import send_and_receive, wait_for_nodes
 from server.replies import printable
 
@@ -45,11 +45,11 @@ def reported_spacing(content: RecordDict, max_examples: int) -> tuple[tuple[floa
         raise ValueError("its reply is not the four numbers of a voxel-size report")
     metrics = content.metric_records["metrics"]
     cases = metrics["num-examples"]
-    if not isinstance(cases, int) or not 1 <= cases <= max_examples:
-        shown = repr(cases) if isinstance(cases, int | float) else f"of type {type(cases).__name__}"
+    if not is_whole(cases) or not 1 <= cases <= max_examples:
+        shown = repr(cases) if is_number(cases) else f"of type {type(cases).__name__}"
         raise ValueError(f"num-examples {shown} is not a case count in 1..{max_examples}")
     values = [metrics[f"spacing-{axis}"] for axis in range(3)]
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+    if not all(is_finite(v) for v in values):
         raise ValueError("its voxel size is not three finite numbers")
     try:
         return check_spacing(values, "voxel size"), cases

@@ -34,6 +34,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from messages.arrays import WireError, decode_array, nonfinite
 from messages.clipping import unclipped_by
+from mstkd.numbers import is_number
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 SITE_KEYS = ("name", "device", "ray-node", "modalities", "val-collapse")
@@ -153,7 +154,7 @@ def _arrays(
 
 
 def _number(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise RefusedReply(f"metric {key} is not a number")
     if not math.isfinite(value):
         raise RefusedReply(f"metric {key} is not finite")

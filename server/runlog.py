@@ -1,10 +1,11 @@
 """The per-round record of a federated run: JSON lines, a CSV and a Dice-over-rounds plot.
 
 One record per round (round 0 = the initial global model): wall time of the round, bytes sent
-to and received from the nodes, per-site training losses and validation Dice, the
-weighted means, and the global Dice/HD95 per region (averaged over the evaluated modality
-subsets) when the server evaluated that round. Files are rewritten atomically after every
-round, so a crash never leaves a truncated log.
+to and received from the nodes, per-site training losses and validation Dice, their means
+weighted by the sites' case counts (medians over the sites with a robust aggregator), and the
+global Dice/HD95 per region (averaged over the evaluated modality subsets) when the server
+evaluated that round. Files are rewritten atomically after every round, so a crash never leaves
+a truncated log.
 """
 
 from __future__ import annotations
@@ -17,18 +18,11 @@ from typing import Any
 
 from mstkd.atomic import atomic_path, write_csv, write_text
 from mstkd.data.labels import REGIONS
+from mstkd.numbers import is_number, is_whole
 from mstkd.tracking import flatten
 from server.replies import SITE_KEYS
 
 Check = Callable[[Any], bool]
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _text(value: Any) -> bool:
@@ -60,31 +54,31 @@ def _fields(required: dict[str, Check], optional: dict[str, Check] | None = None
 
 def _privacy(value: Any) -> bool:
     """The round's privacy settings and spending (:mod:`server.privacy`), with what the report reads."""
-    settings = {"mode": _text, "clipping_norm": _number, "noise_multiplier": _number, "sampled_nodes": _whole}
-    extra = dict.fromkeys(("noise_stdev", "target_quantile", "clip_lr", "count_noise", "clipping_norm_next"), _number)
-    extra |= {"clipping": _text, "max_epsilon": _maybe(_number), "epsilon": _maybe(_number), "releases": _whole}
+    settings = {"mode": _text, "clipping_norm": is_number, "noise_multiplier": is_number, "sampled_nodes": is_whole}
+    extra = dict.fromkeys(("noise_stdev", "target_quantile", "clip_lr", "count_noise", "clipping_norm_next"), is_number)
+    extra |= {"clipping": _text, "max_epsilon": _maybe(is_number), "epsilon": _maybe(is_number), "releases": is_whole}
     extra |= {"epsilon_note": _text}
-    if not _fields(settings | {"delta": _number}, extra)(value):
+    if not _fields(settings | {"delta": is_number}, extra)(value):
         return False
     return ("target_quantile" if value.get("clipping") == "adaptive" else "noise_stdev") in value
 
 
-_SITE = _fields({"name": _text}, dict.fromkeys(set(SITE_KEYS) - {"name"}, _text), rest=_number)
+_SITE = _fields({"name": _text}, dict.fromkeys(set(SITE_KEYS) - {"name"}, _text), rest=is_number)
 """A node's record: its name, what else it says about itself (text), and its metrics (numbers)."""
-_FAILURE = _fields({"stage": _text, "node": _maybe(_whole), "reason": _text}, {"kind": _text})
-_SCORES = {f"{region}_{score}": _number for region in REGIONS for score in ("dice", "hd95")}
+_FAILURE = _fields({"stage": _text, "node": _maybe(is_whole), "reason": _text}, {"kind": _text})
+_SCORES = {f"{region}_{score}": is_number for region in REGIONS for score in ("dice", "hd95")}
 RECORD_SHAPE: dict[str, Check] = {
-    "round": _whole,
-    **dict.fromkeys(("bytes_sent", "bytes_received"), _whole),
-    **dict.fromkeys(("wall_seconds", "write_seconds", "eval_seconds"), _number),
-    **dict.fromkeys(("model_norm", "step_norm", "step_relative"), _number),
+    "round": is_whole,
+    **dict.fromkeys(("bytes_sent", "bytes_received"), is_whole),
+    **dict.fromkeys(("wall_seconds", "write_seconds", "eval_seconds"), is_number),
+    **dict.fromkeys(("model_norm", "step_norm", "step_relative"), is_number),
     **dict.fromkeys(("skipped", "secure_aggregation"), _text),
     "sites": _fields({}, rest=_SITE),  # keyed by node id
     "failures": _list_of(_FAILURE),
     "collapse": _list_of(_fields({"where": _text, "what": _text})),
     "privacy": _privacy,
-    "global": _fields({"mean_dice": _number, **_SCORES}, rest=_number),  # an HD95 of nothing is NaN: a number too
-    **dict.fromkeys(("train", "val"), _fields({}, rest=_number)),
+    "global": _fields({"mean_dice": is_number, **_SCORES}, rest=is_number),  # an HD95 of nothing is NaN: a number too
+    **dict.fromkeys(("train", "val"), _fields({}, rest=is_number)),
 }
 """What each key of a round's record holds, as the server writes it and as the progress line, the report, the plot
 and the phase table read it."""
@@ -98,7 +92,7 @@ def check_best(best: Any, last_round: int) -> None:
     """Raise ``ValueError`` unless ``best`` is as the server keeps it after ``last_round``: the site-validation Dice
     of the best round (-1 before any; a NaN would keep every later round from being best) and that round (None
     before any)."""
-    if not _fields({}, {"val_mean_dice": _number, "round": _maybe(_whole)})(best):
+    if not _fields({}, {"val_mean_dice": is_number, "round": _maybe(is_whole)})(best):
         raise ValueError("not a round and a Dice")
     dice, best_round = best.get("val_mean_dice", -1.0), best.get("round")
     if not -1.0 <= dice <= 1.0 or (best_round is not None and not 0 <= best_round <= last_round):

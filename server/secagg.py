@@ -21,7 +21,6 @@ error of the average is about ``nodes x 3.8e-6 x secagg-max-weight / total examp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -32,6 +31,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from mstkd.errors import InputError
+from mstkd.numbers import is_finite
 from mstkd.runconfig import RunConfig
 from server.replies import METRIC_NAME, printable
 from server.runlog import RunLog
@@ -41,13 +41,7 @@ RECONSTRUCTION = 2 / 3
 
 
 def _plain_number(key: object, value: object) -> bool:
-    return (
-        isinstance(key, str)
-        and METRIC_NAME.fullmatch(key) is not None
-        and isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(key, str) and METRIC_NAME.fullmatch(key) is not None and is_finite(value)
 
 
 def run_secagg(

@@ -36,6 +36,7 @@ from mstkd.data.partitions import read_partitions
 from mstkd.data.sites import parse_dropped
 from mstkd.errors import InputError
 from mstkd.modalities import FULL, SUBSETS
+from mstkd.numbers import is_whole
 from mstkd.phantoms import ensure_phantoms
 from mstkd.runconfig import RunConfig
 
@@ -271,7 +272,7 @@ def load_scenario(name: str | Path) -> Scenario:
     if set(centralised) - {"epochs"}:
         raise InputError(f"{path}: unknown centralised keys {', '.join(sorted(set(centralised) - {'epochs'}))}")
     epochs = centralised.get("epochs")
-    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+    if epochs is not None and (not is_whole(epochs) or epochs < 1):
         raise InputError(f"{path}: centralised.epochs must be a positive whole number, not {epochs!r}")
     phantom = dict(raw.get("phantom") or {})
     unknown = set(phantom) - {"cases", "shape", "seed", "test_cases"}
