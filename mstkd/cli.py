@@ -43,13 +43,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from mstkd.config import load_config, save_config
+    from mstkd.data.cache import CONFIG_YAML
     from mstkd.data.dataset import prepare_federation
 
     cfg = load_config(args.overrides)
     federation = prepare_federation(
         Path(args.data), cfg.data, partitioning=args.partitioning, cache_dir=args.cache, progress=not args.quiet
     )
-    save_config(cfg, federation.cache_dir / "config.yaml")
+    save_config(cfg, federation.cache_dir / CONFIG_YAML)
     print(federation.summary())
     print(f"cache: {federation.cache_dir}\nsplit: {federation.split_csv}", file=sys.stderr)
     return 0

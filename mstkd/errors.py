@@ -50,6 +50,12 @@ KNOWN = {cls.__name__: cls for cls in (InputError, NoUsableCases, RefusedMessage
 """The exceptions that cross from a node's worker to its ClientApp as themselves (by name, never pickled)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
+    text = str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
 def public_reason(exc: BaseException) -> str:
     """What a node may tell the server about ``exc``: a category and a short code, nothing from data, paths or
     the environment (those stay in the node's own log)."""

@@ -10,23 +10,21 @@ from __future__ import annotations
 import json
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
 from mstkd.atomic import check_writable, stale_temporaries, write_text
 from mstkd.data.labels import CLASSES
 from mstkd.data.layouts import detect_case, find_case_folders
-from mstkd.errors import InputError
+from mstkd.data.nifti import read_header
+from mstkd.errors import InputError, first_line
 from mstkd.infer import Predictor, Prepared, anisotropy_warning, describe_geometry
 from mstkd.modalities import Subset
 
@@ -38,9 +36,9 @@ def finished_output(path: Path, case_dir: Path) -> bool:
         return False
     try:
         files = detect_case(case_dir)
-        grid = nib.load(next(iter(files.images.values()))).shape[:3]
-        labels = np.asanyarray(nib.load(path).dataobj)
-    except (InputError, OSError, ValueError, EOFError, StopIteration, ImageFileError, zlib.error):
+        grid = read_header(next(iter(files.images.values()))).shape[:3]
+        labels = np.asanyarray(read_header(path).dataobj)
+    except Exception:  # whatever a half-written or foreign file makes nibabel raise: not this run's output
         return False
     values = set(np.unique(labels).tolist())
     return labels.shape[:3] == grid and values <= set(files.convention.allowed)
@@ -114,7 +112,7 @@ def predict_folder(
     for case_id, outcome in _predict_cases(predictor, todo, outputs, modalities, overlap=overlap):
         bar.update()
         if isinstance(outcome, Exception):  # this case only; go on
-            result.failed[case_id] = str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__
+            result.failed[case_id] = first_line(outcome)
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
             continue
         result.written.append(outcome)
@@ -136,7 +134,7 @@ def predict_folder(
     return result
 
 
-CASE_ERRORS = (InputError, OSError, ValueError, torch.OutOfMemoryError)
+CASE_ERRORS = (InputError, OSError, ValueError, MemoryError, torch.OutOfMemoryError)
 """What makes one case of a folder fail without stopping the others."""
 
 

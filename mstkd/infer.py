@@ -115,7 +115,7 @@ class Predictor:
         if not mask.any():
             raise InputError(f"{files.folder}: every voxel of the chosen modalities is zero")
         crop = (slice(None), *(slice(a, b) for a, b in bounding_box(mask, margin=BRAIN_MARGIN)))
-        normalised = normalize(image, str(self.cfg.data.normalization), mask)[crop]
+        normalised = normalize(image, str(self.cfg.data.normalization), mask, where=files.folder)[crop]
         return Prepared(
             files,
             subset,

@@ -22,5 +22,11 @@ def is_whole(value: Any) -> bool:
 
 
 def is_finite(value: Any) -> bool:
-    """An int or a float, not a bool, NaN or inf."""
-    return is_number(value) and math.isfinite(value)
+    """An int or a float, not a bool, NaN, inf, or an int beyond a float's range (``10**400``, which
+    ``math.isfinite`` cannot take)."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

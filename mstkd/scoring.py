@@ -68,7 +68,11 @@ def find_references(ref_dir: Path) -> dict[str, tuple[Path, str | None]]:
                 raise
             folders = {}  # sub-folders without NIfTI files beside flat label maps
         for case_id, folder in folders.items():
-            files = detect_case(folder)
+            try:
+                files = detect_case(folder)
+            except InputError as exc:  # one bad reference folder costs its case, not the others
+                print(f"warning: no reference for {case_id}: {exc}", file=sys.stderr)
+                continue
             if files.seg is not None:
                 refs.setdefault(case_id, (files.seg, LAYOUT_CONVENTION[files.layout]))
     return refs

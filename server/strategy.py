@@ -15,8 +15,10 @@ The strategies: FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, and the robust aggre
 either end), Krum and MultiKrum (the ``krum-select`` replies nearest to the others) and Bulyan
 (Krum selection, then a trimmed median), all of Flower; the robust ones assume at most
 ``malicious-nodes`` hostile nodes among those that reply, and Bulyan needs 4 of them + 3 replies.
-With a robust one the sites' metrics are aggregated robustly too (:func:`median_metrics`): a
-hostile node's claimed case count and scores cannot then choose ``best.pt``.
+With a robust one the sites' metrics are medians too (:func:`median_metrics`; Krum, MultiKrum and
+Bulyan give it only the replies they select for training, every reply for validation): a hostile
+node's claimed case count and scores cannot then choose ``best.pt``. (MultiKrum averages the
+replies it selects weighted by their claimed counts; the others' arrays ignore the counts.)
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def make_strategy(run: RunConfig, *, runlog: RunLog, nodes: int, **kwargs):
     (:func:`strategy_options`); ``kwargs`` go to the Flower strategy."""
     base = STRATEGIES[run.strategy]
     cls = type(f"MSTKD{base.__name__}", (FederatedMixin, base), {})
-    if run.strategy.robust:  # the arrays ignore the claimed case counts, and so do the metrics
+    if run.strategy.robust:  # hostile nodes expected: no claimed case count weighs in the sites' metrics
         kwargs = {"train_metrics_aggr_fn": median_metrics, "evaluate_metrics_aggr_fn": median_metrics, **kwargs}
     return cls(
         runlog=runlog,

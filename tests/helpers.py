@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gzip
 import json
 import threading
 import tomllib
@@ -32,6 +33,18 @@ MODALITY_LEVEL = {"flair": 100.0, "t1": 200.0, "t1ce": 300.0, "t2": 400.0}
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def patch_header(path: Path, **fields) -> Path:
+    """Overwrite fields of a ``.nii.gz`` file's header in its raw bytes (``dim``, ``datatype``, ``pixdim``,
+    ``scl_inter``, ...), as a broken or hostile file would have them: nibabel would clean them on save."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    header = np.frombuffer(bytes(raw[:348]), dtype=nib.Nifti1Header.template_dtype).copy()
+    for name, value in fields.items():
+        header[name] = value
+    raw[:348] = header.tobytes()
+    path.write_bytes(gzip.compress(bytes(raw), 1))
     return path
 
 

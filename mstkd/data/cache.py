@@ -4,16 +4,19 @@ One folder per case under the cache root::
 
     <cache>/<case_id>/image.npy     4 x h x w x d, normalised, cropped to the brain (float16 by default)
     <cache>/<case_id>/regions.npy   h x w x d uint8, bit i set when the voxel is in REGIONS[i] (ET, TC, WT)
-    <cache>/<case_id>/meta.json     source files and their size/mtime, layout, the source grid (shape,
+    <cache>/<case_id>/meta.json     source files and their stat fingerprint, layout, the source grid (shape,
                                     affine, spacing), the cached grid (the same, after resampling to
                                     the target geometry), crop box, normalisation, available modalities
 
 With a target geometry (:mod:`mstkd.data.geometry`) each case is reoriented and resampled to it
 before it is normalised and cropped; a case already at the target is stored as it is.
 
-An entry is reused while its source files keep their size and modification time and the
-normalisation settings match; otherwise it is rebuilt. Entries are written to a temporary
-folder and renamed into place, so an interrupted run never leaves a half-written entry.
+An entry is reused while its source files keep their size, modification time and last 8 bytes
+(in a ``.nii.gz``, a checksum of its whole content), the normalisation settings match, and its
+arrays have the shape and type its ``meta.json`` says (an entry copied in from elsewhere or
+damaged is rebuilt); otherwise it is rebuilt. A cached image that is not finite is refused when it is read. Entries are
+written to a temporary folder and renamed into place, so an interrupted run never leaves a
+half-written entry.
 Reading an entry never opens a NIfTI file.
 """
 
@@ -34,9 +37,17 @@ from mstkd.data.cases import bounding_box, brain_mask, load_case, normalize
 from mstkd.data.geometry import TargetGeometry, at_target, regions_to_target, spacing_of, to_target
 from mstkd.data.labels import REGIONS
 from mstkd.data.layouts import CaseFiles
+from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES, Subset
+from mstkd.numbers import is_finite
 
 CACHE_FORMAT = 2  # 2: entries carry their source grid and the target geometry
+SPLIT_CSV = "split.csv"
+"""Where the cache root keeps the split of the cases last prepared (:func:`mstkd.data.dataset.prepare_federation`)."""
+CONFIG_YAML = "config.yaml"
+"""Where ``mstkd preprocess`` keeps the config it prepared the cache with."""
+RESERVED = frozenset({SPLIT_CSV, CONFIG_YAML})
+"""Names in the cache root that are not case entries (temporary entries start with ``.``)."""
 BRAIN_MARGIN = 2  # voxels of background kept around the brain, so crops near the edge see some
 
 
@@ -70,12 +81,35 @@ class CachedCase:
 
 
 def _fingerprint(files: CaseFiles) -> dict[str, list[int]]:
+    """Per source file: its size, modification time and last 8 bytes, which in a ``.nii.gz`` are the gzip trailer (the
+    CRC-32 and length of the whole content), so a changed file is seen even where its size and modification time
+    were kept (``cp -p`` or ``rsync -t`` of another version of the same size). Change time and inode would see more,
+    but move on every ``chmod`` and, on some network mounts, every mount, and a rebuild of a large cache takes hours."""
     paths = {**files.images, **({"seg": files.seg} if files.seg else {})}
     out = {}
     for key, path in sorted(paths.items()):
         st = path.stat()
-        out[key] = [st.st_size, st.st_mtime_ns]
+        with path.open("rb") as f:
+            f.seek(max(st.st_size - 8, 0))
+            tail = int.from_bytes(f.read(8), "little")
+        out[key] = [st.st_size, st.st_mtime_ns, tail]
     return out
+
+
+def _sound(folder: Path, meta: dict[str, Any], dtype: np.dtype) -> bool:
+    """Whether an entry's arrays are what its ``meta.json`` says (read from the ``.npy`` headers, no voxel), and its
+    voxel size is three positive numbers: an entry damaged or copied in from elsewhere is rebuilt, not trusted."""
+    try:
+        shape = tuple(int(b) - int(a) for a, b in meta["crop_box"])
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        sound = isinstance(image, np.ndarray) and image.shape == (len(MODALITIES), *shape) and image.dtype == dtype
+        if meta["has_labels"]:
+            regions = np.load(folder / "regions.npy", mmap_mode="r")
+            sound = sound and isinstance(regions, np.ndarray) and regions.shape == shape and regions.dtype == np.uint8
+        spacing = meta["spacing"]
+        return sound and len(spacing) == 3 and all(is_finite(v) and v > 0 for v in spacing)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a missing array, a pickle, an .npz, ...
+        return False
 
 
 class CaseCache:
@@ -106,13 +140,18 @@ class CaseCache:
         }
 
     def lookup(self, files: CaseFiles) -> CachedCase | None:
-        """The valid entry for ``files``, or None when absent or stale (``stat`` only, no NIfTI read)."""
+        """The valid entry for ``files``, or None when absent, stale or unsound (``stat`` and the ``.npy`` headers
+        only, no NIfTI read)."""
         folder = self.root / files.case_id
         try:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(meta, dict):
+            return None
         if meta.get("settings") != self._settings() or meta.get("fingerprint") != _fingerprint(files):
+            return None
+        if not _sound(folder, meta, self.dtype):
             return None
         return CachedCase(files.case_id, folder, meta)
 
@@ -120,7 +159,13 @@ class CaseCache:
         """The entry for ``files``, built from the NIfTI files first when needed.
 
         Exactly the cache's ``modalities`` are read (each must be on disk); other channels are zero.
+
+        Raises:
+            InputError: a bad case (:func:`mstkd.data.cases.load_case`), or one named like the cache's own files
+                (``split.csv``, or a name starting with ``.``), whose entry would take their place.
         """
+        if files.case_id in RESERVED or files.case_id.startswith("."):
+            raise InputError(f"{files.folder}: a case may not be named {files.case_id!r}, which the cache uses itself")
         entry = self.lookup(files)
         if entry is not None and (entry.has_labels or not with_seg):
             return entry
@@ -138,7 +183,7 @@ class CaseCache:
         mask = brain_mask(image)
         box = bounding_box(mask, margin=BRAIN_MARGIN)
         crop = tuple(slice(a, b) for a, b in box)
-        image = normalize(image, self.normalization, mask)[(slice(None), *crop)].astype(self.dtype)
+        image = normalize(image, self.normalization, mask, where=files.folder)[(slice(None), *crop)].astype(self.dtype)
         meta = {
             "case_id": files.case_id,
             "layout": files.layout,

@@ -91,7 +91,9 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
     return (image != 0).any(axis=0)
 
 
-def normalize(image: np.ndarray, method: str = "zscore", mask: np.ndarray | None = None) -> np.ndarray:
+def normalize(
+    image: np.ndarray, method: str = "zscore", mask: np.ndarray | None = None, *, where: object = "image"
+) -> np.ndarray:
     """Per-modality intensity normalisation of a ``C x H x W x D`` image.
 
     - ``zscore``: ``(x - mean_B) / std_B`` inside the brain mask B, 0 outside (nnU-Net, MONAI
@@ -99,6 +101,11 @@ def normalize(image: np.ndarray, method: str = "zscore", mask: np.ndarray | None
     - ``minmax``: ``(x - min) / (max - min)`` over the whole volume (the official MST-KDNet code).
 
     All-zero channels (absent modalities) stay zero.
+
+    Raises:
+        InputError: an unknown method, or a channel whose finite values are too large to normalise in float32 (from
+            about 1e19, the squares of the z-score's deviations overflow it; no MR scan comes near); ``where`` (the
+            case) begins its message.
     """
     if method not in NORMALIZATIONS:
         raise InputError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
@@ -108,13 +115,18 @@ def normalize(image: np.ndarray, method: str = "zscore", mask: np.ndarray | None
     for c, channel in enumerate(image):
         if not channel.any():
             continue
-        if method == "zscore":
-            values = channel[mask]
-            std = float(values.std())
-            out[c][mask] = (values - float(values.mean())) / (std if std > 0 else 1.0)
-        else:
-            low, high = float(channel.min()), float(channel.max())
-            out[c] = (channel - low) / (high - low if high > low else 1.0)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
+            if method == "zscore":
+                values = channel[mask]
+                mean, spread = float(values.mean()), float(values.std())  # inf once the squares pass float32's range
+                out[c][mask] = (values - mean) / (spread if spread > 0 else 1.0)
+            else:
+                low, high = float(channel.min()), float(channel.max())
+                spread = high - low
+                out[c] = (channel - low) / (spread if spread > 0 else 1.0)
+        if not (np.isfinite(spread) and np.isfinite(out[c]).all()):  # an infinite spread leaves zeros, not NaN
+            name = MODALITIES[c] if len(image) == len(MODALITIES) else f"channel {c}"
+            raise InputError(f"{where}: {name} intensities up to {float(np.abs(channel).max()):.3g} overflow float32")
     return out
 
 

@@ -18,7 +18,7 @@ from monai.data import DataLoader, Dataset
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from mstkd.data.cache import CachedCase, CaseCache
+from mstkd.data.cache import SPLIT_CSV, CachedCase, CaseCache
 from mstkd.data.geometry import (
     DEFAULT_ORIENTATION,
     TargetGeometry,
@@ -206,7 +206,7 @@ def prepare_federation(
             [c for c in split.test if c not in skipped],
             {c: site for c, site in split.test_origin.items() if c not in skipped},
         )
-    split_csv = write_split_csv(split, cache.root / "split.csv")
+    split_csv = write_split_csv(split, cache.root / SPLIT_CSV)
     by_site = {site: split.train[site] + split.val[site] for site in split.sites}
     for case_id in split.test:
         by_site.setdefault(split.test_origin.get(case_id, "test"), []).append(case_id)

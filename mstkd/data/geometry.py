@@ -24,6 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from mstkd.data.nifti import read_header
 from mstkd.errors import InputError
 
 SPACING_TOLERANCE = 0.01
@@ -134,12 +135,9 @@ def header_affine(path: str | Path) -> np.ndarray:
     """The voxel-to-world affine of a NIfTI file, from its header alone (the voxels are not read).
 
     Raises:
-        InputError: a file that is not a readable NIfTI header.
+        InputError: a file whose header :func:`mstkd.data.nifti.read_header` refuses.
     """
-    try:
-        return np.asarray(nib.load(path).affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises many types for a broken header
-        raise InputError(f"{path}: not a readable NIfTI header ({type(exc).__name__})") from None
+    return np.asarray(read_header(path).affine, dtype=np.float64)
 
 
 def plan_spacing(spacings: Sequence[Sequence[float]]) -> tuple[float, ...]:

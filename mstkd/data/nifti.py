@@ -1,15 +1,18 @@
 """Reading and writing NIfTI volumes with checks that turn bad files into one-line errors.
 
-Every read goes through :func:`read_volume`, which refuses (with :class:`InputError`)
-a file that is missing, truncated, not NIfTI, not 3-D, or holds NaN/Inf voxels. Every
-write goes through :func:`write_volume`, which writes to a temporary name and renames,
-so an interrupted run never leaves a half-written file behind.
+Every read goes through :func:`read_header` (the header alone) or :func:`read_volume`, which
+refuse (with :class:`InputError`, one line) a file that is missing, truncated or not NIfTI, and
+before a voxel is read, one whose header claims more than 3 axes or more than
+:data:`MAX_FILE_VOXELS` voxels, voxels that are not plain numbers (complex, RGB), or a geometry
+that is not a grid (a non-finite or singular affine, a voxel size outside :data:`VOXEL_SIZE_RANGE`);
+then one whose values are NaN, Inf, or beyond the range of the type they are read as. Whatever
+nibabel raises for a broken file becomes that one line, so one bad file costs its case, never a
+whole site or folder. Every write goes through :func:`write_volume`, which writes to a temporary
+name and renames, so an interrupted run never leaves a half-written file behind.
 """
 
 from __future__ import annotations
 
-import gzip
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +20,21 @@ import nibabel as nib
 import numpy as np
 
 from mstkd.atomic import atomic_path
-from mstkd.errors import InputError
+from mstkd.errors import InputError, first_line
+from mstkd.numbers import is_finite
 
 AFFINE_TOLERANCE = 1e-3
 """Largest absolute difference (mm) between two affines that still counts as the same grid."""
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+MAX_FILE_VOXELS = 500_000_000
+"""The most voxels one file may hold (a 0.3 mm grid over 240 x 240 x 170 mm is 363 million; 2 GB as float32): a
+header that claims more is refused before anything is allocated, since a few hundred bytes can claim terabytes."""
+
+VOXEL_SIZE_RANGE = (1e-3, 1e3)
+"""Voxel sizes (mm) a file may have; outside them a header describes no scan (a 1e-30 mm axis squashes a case to
+one slice once resampled). The file's spatial unit is taken to be mm, as everywhere in the project."""
 
 
 @dataclass
@@ -44,32 +56,71 @@ def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
-def read_volume(path: str | Path, *, dtype: type = np.float32, check_finite: bool = True) -> Volume:
-    """Load a 3-D NIfTI file fully into memory.
+def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """Open a NIfTI file and check its header, reading no voxel: at most 3 axes (a trailing singleton 4th is
+    accepted) and :data:`MAX_FILE_VOXELS` voxels, plain numbers as voxels, a finite non-singular affine, and
+    voxel sizes (the header's and the affine's) within :data:`VOXEL_SIZE_RANGE`.
 
     Raises:
-        InputError: the file is missing, unreadable, truncated, not NIfTI, not 3-D
-            (a trailing singleton 4th axis is accepted), or contains NaN/Inf.
+        InputError: the file is missing or is not such a file.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
         img = nib.load(path)
-        data = np.asarray(img.dataobj)
-    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: not a readable NIfTI file ({reason})") from None
+        shape, stored, affine = img.shape, img.get_data_dtype(), np.asarray(img.affine, dtype=np.float64)
+        zooms = img.header.get_zooms()[:3]
+    except Exception as exc:  # nibabel raises many types for a broken file (HeaderDataError is not a ValueError)
+        raise InputError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"{path}: not a NIfTI file ({type(img).__name__})")
-    if data.ndim == 4 and data.shape[3] == 1:
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"{path}: expected a 3-D volume, got shape {tuple(shape)}")
+    if (voxels := float(np.prod(shape, dtype=np.float64))) > MAX_FILE_VOXELS:
+        raise InputError(f"{path}: its header claims {voxels:.3g} voxels (at most {MAX_FILE_VOXELS:.3g})")
+    if stored.kind not in "biuf" or stored.fields is not None or stored.subdtype is not None:
+        raise InputError(f"{path}: its voxels are not plain numbers ({stored})")
+    low, high = VOXEL_SIZE_RANGE
+    columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
+    if columns is None or abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise InputError(f"{path}: its voxel-to-world affine is not a grid (not finite, or singular)")
+    for where, sizes in (("its header's", zooms), ("its affine's", columns)):
+        if not all(is_finite(float(z)) and low <= float(z) <= high for z in sizes):
+            shown = " x ".join(f"{float(z):.3g}" for z in sizes)
+            raise InputError(f"{path}: {where} voxel size {shown} mm is not in {low:g}..{high:g} mm")
+    return img
+
+
+def read_volume(path: str | Path, *, dtype: type = np.float32, check_finite: bool = True) -> Volume:
+    """Load a 3-D NIfTI file fully into memory, once :func:`read_header` has accepted it.
+
+    Raises:
+        InputError: :func:`read_header`'s refusals; voxels that cannot be read (truncated, corrupt, a scaling that
+            is not finite); and with ``check_finite``, NaN/Inf voxels or values beyond ``dtype``'s range.
+    """
+    path = Path(path)
+    img = read_header(path)
+    try:
+        data = np.asarray(img.dataobj)
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read its {np.prod(img.shape):.3g} voxels") from None
+    except Exception as exc:  # truncated or corrupt data, a scaling nibabel refuses
+        raise InputError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
+    if data.ndim == 4:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    if check_finite and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+    floating = np.issubdtype(data.dtype, np.floating)
+    if check_finite and floating and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: {bad} NaN or Inf voxels")
-    return Volume(path=path, data=data.astype(dtype, copy=False), affine=img.affine.copy(), header=img.header.copy())
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = data.astype(dtype, copy=False)
+    if check_finite and floating and np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).sum())
+        raise InputError(f"{path}: {bad} voxels beyond the range of {np.dtype(dtype).name}")
+    return Volume(path=path, data=out, affine=img.affine.copy(), header=img.header.copy())
 
 
 def check_same_grid(reference: Volume, other: Volume) -> None:

@@ -17,6 +17,7 @@ splits, and no site trains on a test case.
 from __future__ import annotations
 
 import csv
+import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -65,44 +66,49 @@ class Split:
 
 
 def _sort_key(site: str) -> tuple[int, int | str]:
-    return (0, int(site)) if site.lstrip("-").isdigit() else (1, site)
+    return (0, int(site)) if re.fullmatch(r"-?[0-9]+", site) else (1, site)  # "²" and "--1" are names, not numbers
 
 
 def read_partitions(path: str | Path) -> Partitions:
     """Read a partition CSV (CRLF or LF, optional BOM, ids kept as strings).
 
     Raises:
-        InputError: missing file or columns, an empty file, a repeated subject, or an
-            unknown value in ``TrainOrVal``/``Split``.
+        InputError: missing file or columns, an empty file, a repeated subject, an
+            unknown value in ``TrainOrVal``/``Split``, or a file that is not UTF-8 CSV.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: partition CSV not found")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "Partition_ID" not in columns or "Subject_ID" not in columns:
-            raise InputError(
-                f"{path}: expected the header Partition_ID,Subject_ID, got {','.join(columns) or 'nothing'}"
-            )
-        sites: dict[str, list[str]] = {}
-        explicit: dict[str, str] = {}
-        seen: dict[str, int] = {}
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            site, case = row["Partition_ID"], row["Subject_ID"]
-            if not case:
-                continue
-            if case in seen:
-                raise InputError(f"{path}: subject {case} appears twice (lines {seen[case]} and {line})")
-            seen[case] = line
-            sites.setdefault(site, []).append(case)
-            tag = (row.get("Split") or row.get("TrainOrVal") or "").lower()
-            if tag:
-                tag = {"validation": "val", "training": "train"}.get(tag, tag)
-                if tag not in SPLITS:
-                    raise InputError(f"{path}: line {line}: split {tag!r} is not one of train, val, test")
-                explicit[case] = tag
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            if "Partition_ID" not in columns or "Subject_ID" not in columns:
+                raise InputError(
+                    f"{path}: expected the header Partition_ID,Subject_ID, got {','.join(columns) or 'nothing'}"
+                )
+            sites: dict[str, list[str]] = {}
+            explicit: dict[str, str] = {}
+            seen: dict[str, int] = {}
+            for line, row in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                site, case = row["Partition_ID"], row["Subject_ID"]
+                if not case:
+                    continue
+                if case in seen:
+                    raise InputError(f"{path}: subject {case} appears twice (lines {seen[case]} and {line})")
+                seen[case] = line
+                sites.setdefault(site, []).append(case)
+                tag = (row.get("Split") or row.get("TrainOrVal") or "").lower()
+                if tag:
+                    tag = {"validation": "val", "training": "train"}.get(tag, tag)
+                    if tag not in SPLITS:
+                        raise InputError(f"{path}: line {line}: split {tag!r} is not one of train, val, test")
+                    explicit[case] = tag
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (save it as UTF-8)") from None
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a readable CSV ({exc})") from None
     if not sites:
         raise InputError(f"{path}: no subjects listed")
     if explicit and len(explicit) != len(seen):

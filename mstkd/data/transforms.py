@@ -25,11 +25,18 @@ from monai.transforms import (
 from omegaconf import DictConfig
 
 from mstkd.data.cache import CachedCase
+from mstkd.errors import InputError
 
 
 def load_cached(entry: CachedCase) -> dict:
-    """Cache entry -> sample dict of float32 arrays (the label is all zeros when the case has none)."""
+    """Cache entry -> sample dict of float32 arrays (the label is all zeros when the case has none).
+
+    Raises:
+        InputError: a cached image that is not finite (the cache never writes one; a file put in its place did).
+    """
     image = np.asarray(entry.image(), dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise InputError(f"{entry.folder}: the cached image is not finite; delete that folder to rebuild it")
     regions = entry.regions()
     label = np.zeros((3, *image.shape[1:]), dtype=np.float32) if regions is None else regions.astype(np.float32)
     return {"image": image, "label": label, "case_id": entry.case_id}

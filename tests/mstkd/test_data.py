@@ -28,7 +28,16 @@ from mstkd.data.labels import (
 from mstkd.data.layouts import detect_case, find_case_folders
 from mstkd.data.partitions import make_split, read_partitions, write_split_csv
 from mstkd.errors import InputError
-from tests.helpers import AFFINE, MODALITY_LEVEL, SHAPE, make_labels, write_case, write_nifti, write_partitions
+from tests.helpers import (
+    AFFINE,
+    MODALITY_LEVEL,
+    SHAPE,
+    make_labels,
+    patch_header,
+    write_case,
+    write_nifti,
+    write_partitions,
+)
 
 FETS_CSVS = Path(__file__).resolve().parents[2] / "simulations" / "fets"
 DATA_CFG = load_config().data
@@ -164,6 +173,33 @@ def _corrupt(kind: str, folder: Path) -> str:
         data[3, 3, 3] = np.inf
         write_nifti(flair, data)
         return "Inf"
+    if kind == "huge-header":  # a few hundred bytes that claim 30000^3 voxels
+        patch_header(flair, dim=[3, 30000, 30000, 30000, 1, 1, 1, 1])
+        return "voxels"
+    if kind == "rgb":
+        rgb = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        write_nifti(flair, rgb)
+        return "plain numbers"
+    if kind == "complex":
+        write_nifti(flair, nib.load(flair).get_fdata().astype(np.complex64))
+        return "plain numbers"
+    if kind == "unknown-datatype":
+        patch_header(flair, datatype=9999)
+        return "data code 9999"
+    if kind == "infinite-intercept":
+        patch_header(flair, scl_slope=1.0, scl_inter=np.inf)
+        return "intercept"
+    if kind == "singular-affine":  # a row of zeros: no grid (nibabel will not save one, so the header is patched)
+        patch_header(flair, srow_y=[0.0, 0.0, 0.0, 17.0], qform_code=0, sform_code=1)
+        return "affine"
+    if kind == "nan-voxel-size":  # the header's voxel size, under a sound affine
+        pixdim = nib.load(flair).header["pixdim"].copy()
+        pixdim[1] = np.nan
+        patch_header(flair, pixdim=pixdim)
+        return "voxel size"
+    if kind == "float32-overflow":  # finite in the file, infinite once read as float32
+        write_nifti(flair, np.full(SHAPE, 1e300))
+        return "beyond the range of float32"
     if kind == "bad-label":
         write_nifti(folder / f"{cid}_seg.nii.gz", make_labels(enhancing=3))  # 3 is not a FeTS label
         return "[3]"
@@ -183,6 +219,14 @@ BAD_KINDS = [
     "inf",
     "bad-label",
     "fractional-label",
+    "huge-header",
+    "rgb",
+    "complex",
+    "unknown-datatype",
+    "infinite-intercept",
+    "singular-affine",
+    "nan-voxel-size",
+    "float32-overflow",
 ]
 
 
@@ -242,6 +286,13 @@ def test_normalizations():
     assert m[:3].min() == 0 and m[:3].max() == pytest.approx(1) and not m[3].any()
     with pytest.raises(InputError):
         normalize(image, "histogram")
+    # finite float32 intensities whose normalisation overflows: refused in one line, never a NaN or a blank channel
+    for scale, method in ((1e20, "zscore"), (3e38, "zscore"), (3e38, "minmax")):
+        huge = image.copy()
+        huge[1] *= scale / 500
+        huge[1, 2, 2, 2] = -huge[1, 2, 2, 2]
+        with pytest.raises(InputError, match=r"^case 7: t1 intensities up to .* overflow float32$"):
+            normalize(huge, method, where="case 7")
 
 
 def test_cache_second_read_does_not_touch_nifti(tmp_path, monkeypatch):
@@ -274,6 +325,58 @@ def test_cache_rebuilds_when_source_or_setting_changes(tmp_path):
     write_nifti(seg, make_labels(offset=1))
     assert CaseCache(tmp_path / "cache", normalization="minmax").lookup(detect_case(folder)) is None
     assert z.case_id == "FeTS2022_00001"
+
+
+def test_a_source_rewritten_with_its_old_mtime_or_a_damaged_entry_is_rebuilt(tmp_path):
+    """``cp -p`` and ``rsync -t`` keep a file's modification time; another version of the same size then looked
+    unchanged. A ``.nii.gz`` ends in a checksum of its content, which the fingerprint holds. An entry whose arrays
+    are not what its meta.json says (damaged, or copied in from elsewhere) is not trusted either."""
+    import gzip
+    import os
+
+    def write_stored(path: Path, labels: np.ndarray) -> None:  # gzip without compression: the size is the grid's
+        write_nifti(path, labels)
+        path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=0))
+
+    folder = write_case(tmp_path / "data", "FeTS2022_00001")
+    seg = folder / "FeTS2022_00001_seg.nii.gz"
+    write_stored(seg, make_labels())
+    cache = CaseCache(tmp_path / "cache")
+    entry = cache.get(detect_case(folder))
+    before = seg.stat()
+    write_stored(seg, make_labels(offset=1))  # corrected labels: the same size ...
+    os.utime(seg, ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and the same modification time
+    assert seg.stat().st_size == before.st_size and seg.stat().st_mtime_ns == before.st_mtime_ns
+    assert cache.lookup(detect_case(folder)) is None
+    assert cache.get(detect_case(folder)).regions()[2].sum() == (make_labels(offset=1) > 0).sum()
+    os.chmod(seg, 0o640)  # a change of permissions is no change of content
+    assert cache.lookup(detect_case(folder)) is not None
+
+    entry = cache.get(detect_case(folder))
+    np.save(entry.folder / "image.npy", np.zeros((4, 5, 5, 5), np.float16))  # not the shape meta.json records
+    assert cache.lookup(detect_case(folder)) is None
+    for planted in (np.array([None] * 8, dtype=object), None):  # a pickle; an .npz in the .npy's place
+        entry = cache.get(detect_case(folder))
+        if planted is None:
+            np.savez(entry.folder / "image.npz", x=np.zeros(3))
+            (entry.folder / "image.npz").replace(entry.folder / "image.npy")
+        else:
+            np.save(entry.folder / "image.npy", planted, allow_pickle=True)
+        assert cache.lookup(detect_case(folder)) is None
+    entry = cache.get(detect_case(folder))
+    (entry.folder / "meta.json").write_text("[1, 2]")  # JSON, but not an entry's
+    assert cache.lookup(detect_case(folder)) is None
+
+
+def test_a_cached_image_that_is_not_finite_is_refused_when_it_is_read(tmp_path):
+    from mstkd.data.transforms import load_cached
+
+    entry = CaseCache(tmp_path / "cache").get(detect_case(write_case(tmp_path / "data", "FeTS2022_00001")))
+    image = np.load(entry.folder / "image.npy")
+    image[0, 1, 1, 1] = np.nan
+    np.save(entry.folder / "image.npy", image)
+    with pytest.raises(InputError, match="the cached image is not finite; delete that folder to rebuild it"):
+        load_cached(entry)
 
 
 # --- partitions and split ---------------------------------------------------------------------------------------
@@ -322,9 +425,22 @@ def test_partitions_refuse_bad_csv(tmp_path):
     (tmp_path / "a.csv").write_text("Site,Case\n1,x\n")
     (tmp_path / "b.csv").write_text("Partition_ID,Subject_ID\n1,x\n2,x\n")
     (tmp_path / "c.csv").write_text("Partition_ID,Subject_ID,TrainOrVal\n1,x,train\n1,y,maybe\n")
-    for name, word in (("a.csv", "header"), ("b.csv", "twice"), ("c.csv", "maybe"), ("missing.csv", "not found")):
+    (tmp_path / "d.csv").write_bytes("Partition_ID,Subject_ID\n1,Müller\n".encode("latin-1"))
+    (tmp_path / "e.csv").write_text("Partition_ID,Subject_ID\n1," + "x" * 200_000 + "\n")  # past csv's field limit
+    bad = {
+        "a.csv": "header",
+        "b.csv": "twice",
+        "c.csv": "maybe",
+        "missing.csv": "not found",
+        "d.csv": "not UTF-8 text",
+        "e.csv": "not a readable CSV",
+    }
+    for name, word in bad.items():
         with pytest.raises(InputError, match=word):
             read_partitions(tmp_path / name)
+    # site ids that only look numeric to str.isdigit are names, sorted after the numbers
+    (tmp_path / "f.csv").write_text("Partition_ID,Subject_ID\n²,a\n--1,b\n10,c\n2,d\n-3,e\n")
+    assert list(read_partitions(tmp_path / "f.csv").sites) == ["-3", "2", "10", "--1", "²"]
 
 
 # --- federation and loaders -------------------------------------------------------------------------------------

@@ -530,6 +530,25 @@ def _score_folders_fixture(tmp_path):
     return preds, refs
 
 
+def test_a_broken_reference_folder_costs_its_case_only(tmp_path, capsys):
+    preds, refs = _score_folders_fixture(tmp_path)
+    broken = refs / "BraTS-GLI-00001-000"  # file names of two layouts in one folder: not a case
+    broken.mkdir()
+    write_nifti(broken / "BraTS-GLI-00001-000-seg.nii.gz", tumour_labels(enhancing=3))
+    write_nifti(broken / "BraTS-GLI-00001-000_flair.nii.gz", np.ones((24, 22, 16), np.float32))
+    csv = tmp_path / "scores.csv"
+    assert main(["score", "--pred-dir", str(preds), "--ref-dir", str(refs), "--csv", str(csv), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "warning: no reference for BraTS-GLI-00001-000: " in err and "Traceback" not in err
+    assert sorted(pd_cases(csv)) == ["BraTS-GLI-00000-000", "FeTS2022_00000", "FeTS2022_00001"]
+
+
+def pd_cases(csv: Path) -> list[str]:
+    import pandas as pd
+
+    return list(pd.read_csv(csv)["case"])
+
+
 def test_score_folders_writes_a_per_case_table_with_its_summary(tmp_path, capsys):
     import pandas as pd
 

@@ -65,3 +65,16 @@ def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_pa
         differ = labels_from_regions(decode(probs, "argmax"), fets) != labels
         top2 = np.sort(probs, axis=0)[-2:]
         assert differ.mean() < 1e-3 and np.all(top2[1][differ] - top2[0][differ] <= 1e-3)
+
+
+def test_a_foreign_file_where_an_output_belongs_is_not_taken_for_a_finished_case(tmp_path):
+    """``--continue`` skips a case whose label map is already there; a file nibabel cannot read in its place (here
+    one whose data type code is unknown) is not finished, and is no reason to stop the folder."""
+    from mstkd.folder import finished_output
+    from tests.helpers import SHAPE, make_labels, patch_header, write_nifti
+
+    case = write_case(tmp_path / "in", "FeTS2022_00001")
+    out = write_nifti(tmp_path / "out" / "FeTS2022_00001.nii.gz", make_labels(SHAPE))
+    assert finished_output(out, case)
+    patch_header(out, datatype=9999)
+    assert not finished_output(out, case)

@@ -10,7 +10,7 @@ import numpy as np
 from mstkd.config import load_config
 from mstkd.data.sites import site_data
 from mstkd.runconfig import NodeConfig, RunConfig
-from tests.helpers import write_case, write_nifti
+from tests.helpers import patch_header, write_case, write_nifti
 
 
 def test_deployed_site_modalities_declared_or_detected(tmp_path):
@@ -55,6 +55,10 @@ def write_broken_site(root: Path, good: int = 3) -> dict[str, str]:
         "FeTS2022_00103": "shape mismatch",
         "FeTS2022_00104": "NaN voxels",
         "FeTS2022_00105": "wrong labels",
+        "FeTS2022_00106": "a header claiming 30000^3 voxels",
+        "FeTS2022_00107": "intensities whose z-score overflows float32",
+        "FeTS2022_00108": "a singular affine (its voxel size is read before the case is)",
+        "split.csv": "named like the cache's own file",
     }
     for case in broken:
         write_case(root, case, seed=7)
@@ -68,6 +72,10 @@ def write_broken_site(root: Path, good: int = 3) -> dict[str, str]:
     labels = np.zeros((20, 18, 14), np.uint8)
     labels[5:9, 5:9, 5:9] = 3  # 3 is not a FeTS label
     write_nifti(root / "FeTS2022_00105" / "FeTS2022_00105_seg.nii.gz", labels)
+    patch_header(root / "FeTS2022_00106" / "FeTS2022_00106_t1.nii.gz", dim=[3, 30000, 30000, 30000, 1, 1, 1, 1])
+    write_nifti(root / "FeTS2022_00107" / "FeTS2022_00107_t2.nii.gz", np.full((20, 18, 14), 3e38, np.float32))
+    flair = root / "FeTS2022_00108" / "FeTS2022_00108_flair.nii.gz"
+    patch_header(flair, srow_x=[0.0, 0.0, 0.0, 0.0], qform_code=0, sform_code=1)
     return broken
 
 
@@ -89,6 +97,10 @@ def test_broken_cases_are_skipped_with_one_warning_each_and_left_untouched(tmp_p
     assert "t1ce" in next(m for m in lines if "00102" in m)
     assert "NaN" in next(m for m in lines if "00104" in m)
     assert "label value" in next(m for m in lines if "00105" in m)
+    assert "claims 2.7e+13 voxels" in next(m for m in lines if "00106" in m)
+    assert "t2 intensities up to 3e+38 overflow float32" in next(m for m in lines if "00107" in m)
+    assert "affine is not a grid" in next(m for m in lines if "00108" in m)
+    assert "the cache uses itself" in next(m for m in lines if "split.csv" in m)
     assert _tree_digest(tmp_path / "site") == before  # nothing on disk modified or deleted
 
 
