@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -100,15 +101,29 @@ def copy_file(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> Path:
-    """Write ``rows`` as CSV atomically; columns default to every key of every row, in first-seen order."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""How a cell that a spreadsheet would run as a formula begins."""
+
+
+def spreadsheet_text(value: Any) -> Any:
+    """Text from outside (a node's, a file name's) as a spreadsheet shows it: text that starts like a formula
+    (:data:`FORMULA_STARTS`) gets a leading ``'``, so that opening the CSV never runs what someone else wrote.
+    Anything else is returned as it is."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def write_csv(
+    path: str | Path, rows: list[dict], columns: list[str] | None = None, *, outside: Collection[str] = ()
+) -> Path:
+    """Write ``rows`` as CSV atomically; columns default to every key of every row, in first-seen order. The
+    columns named in ``outside`` hold text from outside, shown as :func:`spreadsheet_text`."""
     import csv
 
     columns = columns if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: spreadsheet_text(v) if k in outside else v for k, v in row.items()} for row in rows)
     return Path(path)
 
 

@@ -222,7 +222,7 @@ class EvalResult:
         }
         table = self.table()
         write_csv(paths["csv"], table, None if table else ["subset"])
-        write_csv(paths["cases"], self.rows, None if self.rows else ["subset"])
+        write_csv(paths["cases"], self.rows, None if self.rows else ["subset"], outside=("case",))
         write_text(paths["json"], json.dumps({"table": self.table(), "cases": self.rows, "hd95": self.hd95}, indent=1))
         write_text(paths["md"], self.markdown() + "\n")
         return paths

@@ -127,7 +127,7 @@ class FolderScores:
         so ``pandas.read_csv(path).mean()`` is a mean over cases."""
         path = Path(path)
         summary = self.summary()
-        table = write_csv(path, self.rows, self.columns)
+        table = write_csv(path, self.rows, self.columns, outside=("case",))  # names from the folders
         stats = [{"statistic": row["case"], **{c: row[c] for c in self.columns[2:]}} for row in summary]
         summary_csv = write_csv(path.parent / SUMMARY_CSV, stats, ["statistic", *self.columns[2:]])
         record = {

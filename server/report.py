@@ -65,6 +65,12 @@ def plain(text: object) -> str:
     return str(text).translate(MARKDOWN)
 
 
+def code(text: object) -> str:
+    """``text`` (which may come from elsewhere) as inline code, outside a table: Markdown renders nothing inside
+    it, and a backtick or a line break, which would end it, becomes a quote or a space."""
+    return "`" + " ".join(str(text).replace("`", "'").splitlines()) + "`"
+
+
 def _faults(record: dict) -> str:
     """What went wrong in a round, for the report: failed or silent nodes, and a skipped round."""
     parts = [  # a resumed run's records come from a file: every part is shown as text

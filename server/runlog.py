@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mstkd.atomic import atomic_path, write_csv, write_text
+from mstkd.atomic import atomic_path, spreadsheet_text, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.numbers import is_number, is_whole
 from mstkd.tracking import flatten
@@ -116,12 +116,6 @@ def check_record(record: Any, server_round: int) -> None:
         raise ValueError(f"it says it is round {record['round']}")
 
 
-def _cell(value: Any) -> Any:
-    """A node's text as a spreadsheet shows it: one that starts like a formula (``=``, ``+``, ``-``, ``@``) gets a
-    leading ``'``, so that opening ``metrics.csv`` never runs what a node wrote."""
-    return f"'{value}" if isinstance(value, str) and value.startswith(("=", "+", "-", "@")) else value
-
-
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
@@ -160,7 +154,8 @@ class RunLog:
         characters, formula-like text escaped), or ``name@node`` where two nodes claim one name or a name is one of
         the server's own columns (:data:`ROUND_KEYS`: a node called ``global`` must not write the held-out Dice)."""
         sites = self.records[server_round]["sites"]
-        names = [_cell(str(v.get("name", k)).replace("/", "_").replace("@", "_")[:MAX_LABEL]) for k, v in sites.items()]
+        names = [str(v.get("name", k)).replace("/", "_").replace("@", "_")[:MAX_LABEL] for k, v in sites.items()]
+        names = [spreadsheet_text(name) for name in names]
         return {
             key: name if names.count(name) == 1 and name not in ROUND_KEYS else f"{name}@{key}"
             for key, name in zip(sites, names, strict=True)
@@ -209,7 +204,7 @@ class RunLog:
         labels = self.labels(server_round)
         for key, values in sorted(rec["sites"].items(), key=lambda item: labels[item[0]]):
             site = flatten({k: v for k, v in values.items() if k != "name"}, f"{labels[key]}/")
-            row.update({k: _cell(v) for k, v in site.items()})
+            row.update({k: spreadsheet_text(v) for k, v in site.items()})
         return row
 
     def rows(self) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
 from simulations.published import DONE, adopt_published, finished, publish, read_meta, run_id, run_spec, same_data
 from simulations.report import write_report
+from simulations.runs import run_folder
 from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
 
 
@@ -155,15 +156,16 @@ def read_note(path: str | None) -> str | None:
 
 
 def stale_runs(bench: Path, scenario: Scenario, arms: list[Arm], seeds: list[int], extra: str) -> list[str]:
-    """The finished runs of ``bench`` (``arm/seed-s``) that were made with another config than this benchmark would
-    use: not results of this benchmark, so neither skipped nor reported."""
-    return [
-        run_id(arm.name, seed)
-        for seed in seeds
-        for arm in arms
-        if (bench / run_id(arm.name, seed) / DONE).is_file()
-        and not finished(bench / run_id(arm.name, seed), run_spec(scenario, arm, seed, extra))
-    ]
+    """The finished runs of ``bench`` (their folders relative to it: ``arm/seed-s``, or ``runs/arm/seed-s`` in a
+    published folder) that were made with another config than this benchmark would use: not results of this
+    benchmark, so neither skipped nor reported."""
+    stale = []
+    for seed in seeds:
+        for arm in arms:
+            folder = run_folder(bench, arm.name, seed)
+            if (folder / DONE).is_file() and not finished(folder, run_spec(scenario, arm, seed, extra)):
+                stale.append(str(folder.relative_to(bench)))
+    return stale
 
 
 RECORDED_OPTIONS = (

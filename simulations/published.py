@@ -5,9 +5,13 @@ benchmark continued elsewhere skips the runs already made."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
+from mstkd.errors import InputError
+from mstkd.numbers import is_finite
 from simulations.scenario import Arm, Scenario, ScenarioData
 
 DONE = "done.json"
@@ -22,6 +26,52 @@ REPORT_FILES = (
     "curves.png",
     "grad_scales.json",
 )
+
+
+RUN_FILES = {"table": re.compile(r"eval/(round_[0-9]+|final)\.json"), "log": re.compile(r"metrics\.jsonl|log\.jsonl")}
+"""The files a run's ``done.json`` may name, as the benchmark writes them (a published folder comes from elsewhere:
+a name like ``../../x`` would read or write outside the run)."""
+
+
+def plain_file(root: Path, name: str) -> Path:
+    """``root / name``, refused unless it is a file and neither it nor a folder on the way from ``root`` is a link
+    (a link in a published folder would copy a file of this machine into it, or write through it elsewhere).
+
+    Raises:
+        InputError: a link on the way, or no such file.
+    """
+    path = root
+    for part in Path(name).parts:
+        path = path / part
+        if path.is_symlink():
+            raise InputError(f"{path}: a link; a run folder holds plain files only")
+    if not path.is_file():
+        raise InputError(f"{path}: not found")
+    return path
+
+
+def read_done(run: Path) -> dict[str, Any]:
+    """A finished run's ``done.json``, checked: a JSON object that names its table and log as the benchmark writes
+    them (:data:`RUN_FILES`, each a plain file in ``run``), and whose wall time, if given, is a number of seconds.
+
+    Raises:
+        InputError: anything else, in one line.
+    """
+    path = plain_file(run, DONE)
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(done, dict):
+        raise InputError(f"{path}: not a JSON object")
+    for key, pattern in RUN_FILES.items():
+        name = done.get(key)
+        if not isinstance(name, str) or not pattern.fullmatch(name):
+            raise InputError(f"{path}: its {key} is not a file the benchmark writes ({str(name)[:60]!r})")
+        plain_file(run, name)
+    if "seconds" in done and (not is_finite(done["seconds"]) or done["seconds"] < 0):
+        raise InputError(f"{path}: its seconds is not a number of seconds")
+    return done
 
 
 def run_id(arm: str, seed: int) -> str:
@@ -50,7 +100,7 @@ def _copy_run(run: Path, dest: Path) -> bool:
     """Copy the small files of a finished run (``done.json`` and the log and table it names); False if unfinished."""
     if not (run / DONE).is_file():
         return False
-    info = json.loads((run / DONE).read_text())
+    info = read_done(run)  # the names it gives are the benchmark's own, and plain files
     shutil.rmtree(dest, ignore_errors=True)  # nothing of an earlier run of this arm and seed is left beside it
     for name in (DONE, info["log"], info["table"]):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -70,9 +120,10 @@ def run_spec(scenario: Scenario, arm: Arm, seed: int, extra: str) -> dict:
 def finished(folder: Path, spec: dict) -> bool:
     """Whether ``folder`` holds a finished run made as ``spec`` says (a run of another config is not this run)."""
     try:
-        return json.loads((folder / DONE).read_text()).get("spec") == spec
+        done = json.loads((folder / DONE).read_text())
     except (OSError, ValueError):  # absent, or half written: not finished
         return False
+    return isinstance(done, dict) and done.get("spec") == spec
 
 
 def read_meta(folder: Path) -> dict:
@@ -124,5 +175,5 @@ def adopt_published(
                 taken.append(run_id(arm.name, seed))
     if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():
         bench.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(published / "grad_scales.json", bench / "grad_scales.json")
+        shutil.copy2(plain_file(published, "grad_scales.json"), bench / "grad_scales.json")
     return taken, other

@@ -32,6 +32,7 @@ import numpy as np
 from mstkd.atomic import write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.runconfig import RunConfig
+from server.report import code, plain
 from simulations.comparisons import (
     against,
     against_text,
@@ -140,15 +141,15 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                 }
             )
     if site_rows:
-        write_csv(bench / "sites.csv", site_rows)
+        write_csv(bench / "sites.csv", site_rows, outside=("site",))  # the names the sites gave
 
     lines = [f"# Benchmark: {scenario.name}", "", scenario.description, ""]
     if meta:
         lines += [
-            f"- Data: {meta.get('data', '')}.",
-            f"- Command: `{meta.get('command', '')}`",
-            f"- Code: commit `{meta.get('commit') or 'not recorded'}`.",
-            f"- Machine: {meta.get('machine', '')}.",
+            f"- Data: {plain(meta.get('data', ''))}.",  # bench.json may come from elsewhere: shown as text
+            f"- Command: {code(meta.get('command', ''))}",
+            f"- Code: commit {code(meta.get('commit') or 'not recorded')}.",
+            f"- Machine: {plain(meta.get('machine', ''))}.",
             f"- Scenario file: `simulations/scenarios/{scenario.source.name}`; seeds: {', '.join(map(str, seeds))}.",
         ]
     if "phantom" in str(meta.get("data", "phantom")):
@@ -279,7 +280,8 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
                     else "–"
                 )
                 lines.append(
-                    f"| {ARMS[row['arm']].label} | {row['site']} | {row['train_cases']} | {row['val_cases']} | {dice} |"
+                    f"| {ARMS[row['arm']].label} | {plain(row['site'])} | {row['train_cases']} | {row['val_cases']} "
+                    f"| {dice} |"
                 )
             lines.append("")
         lines += ["## Per-arm tables", ""]
@@ -294,5 +296,6 @@ def write_report(bench: Path, scenario: Scenario, arms: Sequence[Arm], seeds: Se
             ]
         machines = sorted({r["machine"] for runs in results.values() for r in runs})
         commits = sorted({r["commit"] or "not recorded" for runs in results.values() for r in runs})
-        lines += ["## Where it ran", "", *[f"- {m}" for m in machines], "", f"Code: {', '.join(commits)}.", ""]
+        shown = [plain(c) for c in commits]  # done.json may come from elsewhere: shown as text
+        lines += ["## Where it ran", "", *[f"- {plain(m)}" for m in machines], "", f"Code: {', '.join(shown)}.", ""]
     return write_text(bench / "REPORT.md", "\n".join(lines) + "\n")

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from mstkd.data.labels import REGIONS
+from mstkd.errors import InputError, first_line
 from mstkd.evaluate import find_collapse
 from simulations.comparisons import ADVANTAGE, Reference, convergence
 from simulations.convergence import convergence_score, simulated_round_times
-from simulations.published import DONE, read_meta, run_id, run_spec, same_cases
+from simulations.published import DONE, read_done, read_meta, run_id, run_spec, same_cases
 from simulations.scenario import ARMS, Arm, Scenario, load_scenario
 from simulations.stats import case_scores
 from simulations.tables import CELLS, ROW_NAMES
@@ -50,16 +51,38 @@ def finished_runs(bench: Path, arm: Arm, seeds: Sequence[int]) -> list[tuple[int
     for seed in seeds:
         folder = run_folder(bench, arm.name, seed)
         if (folder / DONE).is_file():
-            out.append((seed, folder, _json(folder / DONE)))
+            out.append((seed, folder, read_done(folder)))
     return out
 
 
+def _check_scores(path: Path, rows: list[dict]) -> None:
+    """Dice in [0, 1] and HD95 not negative (NaN where a region is absent), in every row of a table or case list."""
+    for row in rows:
+        for region in REGIONS:
+            dice, hd95 = float(row[f"{region}_dice"]), float(row[f"{region}_hd95"])
+            if not 0.0 <= dice <= 1.0 or hd95 < 0:
+                raise InputError(f"{path}: {region} Dice {dice:g} or HD95 {hd95:g} is not a score")
+
+
 def run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dict[str, Any]:
-    """Everything the report needs from one finished run."""
+    """Everything the report needs from one finished run (``done``: its :func:`~simulations.published.read_done`).
+
+    Raises:
+        InputError: files that are not a finished run's (a run folder may come from elsewhere): a key missing, a
+            value of the wrong type, a score out of range; in one line that names the folder.
+    """
+    try:
+        return _run_numbers(arm, folder, done, local_epochs)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise InputError(f"{folder}: not a finished run's files ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dict[str, Any]:
     scored = _json(folder / done["table"])
     table = scored["table"]
     if [row["display"] for row in table] != ROW_NAMES:
         raise ValueError(f"{folder / done['table']}: expected the 15 subsets and the average")
+    _check_scores(folder / done["table"], [*table, *scored["cases"]])
     avg = table[-1]
     out: dict[str, Any] = {
         "table": table,

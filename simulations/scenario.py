@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from mstkd.data.partitions import read_partitions
 from mstkd.data.sites import parse_dropped
-from mstkd.errors import InputError
+from mstkd.errors import InputError, first_line
 from mstkd.modalities import FULL, SUBSETS
 from mstkd.numbers import is_whole
 from mstkd.phantoms import ensure_phantoms
@@ -245,8 +245,7 @@ def _check_compare_with(path: Path, raw: dict, name: str) -> None:
     other = SCENARIOS / f"{name}.yaml"
     if name == path.stem or not other.is_file():
         raise InputError(f"{path}: compare-with must name another scenario of {SCENARIOS}, not {name!r}")
-    theirs = OmegaConf.to_container(OmegaConf.load(other), resolve=True)
-    assert isinstance(theirs, dict)
+    theirs = _read_yaml(other)
     if (theirs.get("run") or {}).get("drop-modalities"):
         raise InputError(f"{path}: compare-with {name!r}: that scenario's sites lack modalities too")
     differ = [key for key in ("sites", "phantom") if raw.get(key) != theirs.get(key)]
@@ -259,10 +258,24 @@ def _check_compare_with(path: Path, raw: dict, name: str) -> None:
         )
 
 
+def _read_yaml(path: Path) -> dict:
+    """A scenario file as a plain mapping, or :class:`InputError` in one line: no interpolation (``${oc.env:...}``
+    would put this machine's environment into the report and past the run config's own refusal of ``${``)."""
+    text = path.read_text(errors="replace")
+    if "${" in text:
+        raise InputError(f"{path}: ${{...}} interpolation is not allowed in a scenario")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except Exception as exc:  # PyYAML's errors (a Python tag, an alias bomb) and OmegaConf's
+        raise InputError(f"{path}: not a readable scenario ({first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: not a mapping of scenario keys")
+    return raw
+
+
 def load_scenario(name: str | Path) -> Scenario:
     path = scenario_path(name)
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(raw, dict)
+    raw = _read_yaml(path)
     unknown = set(raw) - {"description", "sites", "phantom", "run", "arms", "centralised", "compare-with"}
     if unknown:
         raise InputError(f"{path}: unknown keys {', '.join(sorted(unknown))}")

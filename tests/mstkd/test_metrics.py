@@ -543,6 +543,16 @@ def test_a_broken_reference_folder_costs_its_case_only(tmp_path, capsys):
     assert sorted(pd_cases(csv)) == ["BraTS-GLI-00000-000", "FeTS2022_00000", "FeTS2022_00001"]
 
 
+def test_a_case_named_like_a_spreadsheet_formula_is_written_as_text(tmp_path):
+    preds, refs = tmp_path / "pred", tmp_path / "ref"
+    for folder in (preds, refs):
+        folder.mkdir()
+        write_nifti(folder / '=HYPERLINK("x","open").nii.gz', tumour_labels())
+    csv = tmp_path / "scores.csv"
+    assert main(["score", "--pred-dir", str(preds), "--ref-dir", str(refs), "--csv", str(csv), "--quiet"]) == 0
+    assert pd_cases(csv) == ['\'=HYPERLINK("x","open")']  # a leading ' : shown, never run
+
+
 def pd_cases(csv: Path) -> list[str]:
     import pandas as pd
 

@@ -134,3 +134,99 @@ def test_a_report_only_benchmark_records_the_benchmark_that_makes_its_runs(tmp_p
     whole = json.loads((published / "bench.json").read_text())
     assert whole["commit"] == "abc123" and "--arms" not in whole["command"]
     assert whole["command"] == f"python -m simulations.bench tiny-2 --seeds 1 --publish {published}"
+
+
+def test_a_published_folder_cannot_read_or_write_outside_its_runs(tmp_path):
+    """A published folder comes from elsewhere (a pull request, a colleague's clone): the files a done.json names
+    are the benchmark's own names, and a link anywhere on the way is refused, so taking its runs over neither
+    writes outside the benchmark folder nor copies a file of this machine into it."""
+    from mstkd.errors import InputError
+
+    scenario = load_scenario("tiny-2")
+    arm = ARMS["centralised"]
+    spec = published_.run_spec(scenario, arm, 0, "")
+    data = ScenarioData(tmp_path / "phantoms", None, None, "")
+    published, bench_dir = tmp_path / "published", tmp_path / "bench"
+    run = published / "runs" / "centralised" / "seed-0"
+    _finished_run(run, spec)
+    (run / "escaped.txt").write_text("the sender's content")
+    for name in ("../../../../escaped.txt", "/etc/passwd", "eval/../../escaped.txt"):
+        (run / "done.json").write_text(json.dumps({"spec": spec, "table": "eval/final.json", "log": name}))
+        with pytest.raises(InputError, match="its log is not a file the benchmark writes"):
+            published_.adopt_published(bench_dir, published, scenario, data, [arm], [0], "")
+    assert not (tmp_path / "escaped.txt").exists()
+
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "final.json").write_text('{"secret": 1}')
+    _finished_run(run.parent / "seed-9", spec)  # a fresh, well-formed run folder ...
+    run = run.parent / "seed-9"
+    (run / "eval" / "final.json").unlink()
+    (run / "eval").rmdir()
+    (run / "eval").symlink_to(private, target_is_directory=True)  # ... whose table lies behind a link
+    with pytest.raises(InputError, match="eval: a link; a run folder holds plain files only"):
+        published_.read_done(run)
+    (published / "grad_scales.json").symlink_to(private / "final.json")
+    (published / "runs" / "centralised" / "seed-0" / "done.json").write_text(
+        json.dumps({"spec": spec, "table": "eval/final.json", "log": "log.jsonl"})
+    )
+    with pytest.raises(InputError, match="grad_scales.json: a link"):
+        published_.adopt_published(bench_dir, published, scenario, data, [arm], [0], "")
+    assert not (bench_dir / "grad_scales.json").exists()
+
+
+def test_runs_laid_out_as_a_published_folder_are_checked_for_their_config_too(tmp_path, capsys):
+    scenario = load_scenario("tiny-2")
+    spec = published_.run_spec(scenario, ARMS["mstkd"], 0, "")
+    run = tmp_path / "out" / "tiny-2" / "runs" / "mstkd" / "seed-0"
+    _finished_run(run, {**spec, "extra": "transport='float32'"})
+    args = ["tiny-2", "--arms", "mstkd", "--seeds", "1", "--out", str(tmp_path / "out"), "--report-only"]
+    assert bench.main([*args, "--work-dir", str(tmp_path / "work")]) == 2
+    message = capsys.readouterr().err
+    assert "1 finished runs" in message and "runs/mstkd/seed-0" in message
+
+
+def test_a_run_folder_from_elsewhere_is_read_as_numbers_or_refused_in_one_line(tmp_path):
+    from mstkd.data.labels import REGIONS
+    from mstkd.errors import InputError
+    from simulations.runs import run_numbers
+    from simulations.tables import ROW_NAMES
+
+    run = tmp_path / "run"
+    _finished_run(run, {})
+    done = published_.read_done(run)
+    scores = {**{f"{r}_dice": 0.5 for r in REGIONS}, **{f"{r}_hd95": 3.0 for r in REGIONS}}
+    table = [{"display": name, **scores} for name in ROW_NAMES]
+    for bad, word in (
+        ({"ET_dice": float("nan")}, "ET Dice nan"),
+        ({"TC_dice": 7.5}, "TC Dice 7.5"),
+        ({"WT_hd95": -3.0}, "HD95 -3"),
+    ):
+        rows = [table[0] | bad, *table[1:]]
+        (run / "eval" / "final.json").write_text(json.dumps({"table": rows, "cases": []}))
+        with pytest.raises(InputError, match=word):
+            run_numbers(ARMS["centralised"], run, done | {"seconds": 1.0}, 1.0)
+    (run / "eval" / "final.json").write_text(json.dumps({"cases": []}))  # no table at all
+    with pytest.raises(InputError, match=r"not a finished run's files \(KeyError"):
+        run_numbers(ARMS["centralised"], run, done | {"seconds": 1.0}, 1.0)
+    (run / "done.json").write_text(json.dumps({**done, "seconds": "twelve"}))
+    with pytest.raises(InputError, match="its seconds is not a number of seconds"):
+        published_.read_done(run)
+    (run / "done.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="not a JSON object"):
+        published_.read_done(run)
+
+
+def test_what_a_bench_json_from_elsewhere_says_is_shown_as_text_in_the_report(tmp_path):
+    out = tmp_path / "out"
+    args = ["tiny-2", "--arms", "mstkd", "--seeds", "1", "--out", str(out), "--report-only"]
+    args += ["--work-dir", str(tmp_path / "work")]
+    assert bench.main(args) == 0
+    record = out / "tiny-2" / "bench.json"
+    meta = json.loads(record.read_text())
+    meta |= {"data": "phantom ![t](http://x.example/t.png)", "machine": "<script>x</script>", "commit": "`a`\n# Hi"}
+    record.write_text(json.dumps(meta))
+    assert bench.main(args) == 0
+    report = (out / "tiny-2" / "REPORT.md").read_text()
+    assert "![t](" not in report and "<script>" not in report and "\n# Hi" not in report
+    assert r"phantom \!\[t\](http://x.example/t.png)" in report and "commit `'a' # Hi`" in report

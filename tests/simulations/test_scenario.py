@@ -157,3 +157,22 @@ def test_drop_modalities_must_name_sites_the_scenario_has(tmp_path):
     (tmp_path / "site-0.yaml").write_text(missing.replace('"2:t1ce; 3:t1ce,flair"', '"0:t1ce"'))
     with pytest.raises(InputError, match="drop-modalities names site '0', but the sites are 1, 2, 3, 4"):
         load_scenario(tmp_path / "site-0.yaml")
+
+
+def test_a_scenario_file_cannot_read_the_environment_or_run_code(tmp_path, monkeypatch):
+    from mstkd.errors import InputError
+    from simulations.scenario import load_scenario
+
+    monkeypatch.setenv("MSTKD_SECRET", "hunter2")
+    reads = tmp_path / "reads.yaml"
+    reads.write_text('description: "secret is ${oc.env:MSTKD_SECRET}"\nsites: 2\n')
+    with pytest.raises(InputError, match="interpolation is not allowed in a scenario"):
+        load_scenario(reads)
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("description: !!python/object/apply:os.system ['echo ran']\n")
+    with pytest.raises(InputError, match=r"^.*runs\.yaml: not a readable scenario \(.*\)$"):
+        load_scenario(runs)
+    listing = tmp_path / "listing.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(InputError, match="not a mapping of scenario keys"):
+        load_scenario(listing)
