@@ -25,6 +25,9 @@ from simulations.scenario import ARMS, Arm, Scenario, load_scenario
 from simulations.stats import case_scores
 from simulations.tables import CELLS, ROW_NAMES
 
+MAX_ROUNDS, MAX_SITES = 1000, 1000
+"""The most rounds and sites a run's log may hold (a log from elsewhere could claim millions, at minutes of CPU)."""
+
 RESULTS = Path(__file__).resolve().parent / "results"
 """The published benchmarks (a scenario's ``compare-with`` is read from here)."""
 
@@ -97,6 +100,8 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
     }
     if arm.federated:
         records = [r for r in _jsonl(folder / done["log"]) if r["round"] >= 1]
+        if len(records) > MAX_ROUNDS or len(records[-1]["sites"]) > MAX_SITES:  # the time model below is their product
+            raise ValueError(f"{len(records)} rounds of {len(records[-1]['sites'])} sites: more than a benchmark runs")
         out["curve"] = [(r["round"], r.get("val", {}).get("val-mean-dice")) for r in records]
         out["bytes_per_round"] = float(np.mean([r["bytes_sent"] + r["bytes_received"] for r in records]))
         out["bytes_total"] = float(sum(r["bytes_sent"] + r["bytes_received"] for r in records))

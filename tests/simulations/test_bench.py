@@ -206,6 +206,10 @@ def test_a_run_folder_from_elsewhere_is_read_as_numbers_or_refused_in_one_line(t
         (run / "eval" / "final.json").write_text(json.dumps({"table": rows, "cases": []}))
         with pytest.raises(InputError, match=word):
             run_numbers(ARMS["centralised"], run, done | {"seconds": 1.0}, 1.0)
+    (run / "eval" / "final.json").write_text(json.dumps({"table": table, "cases": []}))
+    (run / "log.jsonl").write_text("".join(json.dumps({"round": r, "sites": {}}) + "\n" for r in range(1, 1002)))
+    with pytest.raises(InputError, match="1001 rounds of 0 sites: more than a benchmark runs"):  # minutes of CPU
+        run_numbers(ARMS["mstkd"], run, done | {"seconds": 1.0}, 1.0)
     (run / "eval" / "final.json").write_text(json.dumps({"cases": []}))  # no table at all
     with pytest.raises(InputError, match=r"not a finished run's files \(KeyError"):
         run_numbers(ARMS["centralised"], run, done | {"seconds": 1.0}, 1.0)
