@@ -33,21 +33,34 @@ RUN_FILES = {"table": re.compile(r"eval/(round_[0-9]+|final)\.json"), "log": re.
 a name like ``../../x`` would read or write outside the run)."""
 
 
-def plain_file(root: Path, name: str) -> Path:
-    """``root / name``, refused unless it is a file and neither it nor a folder on the way from ``root`` is a link
-    (a link in a published folder would copy a file of this machine into it, or write through it elsewhere).
-
-    Raises:
-        InputError: a link on the way, or no such file.
-    """
+def _no_link(root: Path, name: str) -> Path:
     path = root
     for part in Path(name).parts:
         path = path / part
         if path.is_symlink():
-            raise InputError(f"{path}: a link; a run folder holds plain files only")
+            raise InputError(f"{path}: a link; a benchmark's and a published folder hold plain files only")
+    return path
+
+
+def plain_file(root: Path, name: str) -> Path:
+    """``root / name``, refused unless it is a file and neither it nor a folder on the way from ``root`` is a link
+    (a link in a published folder would copy a file of this machine into it).
+
+    Raises:
+        InputError: a link on the way, or no such file.
+    """
+    path = _no_link(root, name)
     if not path.is_file():
         raise InputError(f"{path}: not found")
     return path
+
+
+def _copy(source: Path, root: Path, name: str) -> None:
+    """Copy ``source`` to ``root / name``, refused where a link lies on the way: a published folder from elsewhere
+    may hold one (``REPORT.md`` linked to a file of this machine), and copying onto it would write through it."""
+    dest = _no_link(root, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, dest)
 
 
 def read_done(run: Path) -> dict[str, Any]:
@@ -85,26 +98,26 @@ def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Pat
     target.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:
         if (bench / name).is_file():
-            shutil.copy2(bench / name, target / name)
-    (target / "tables").mkdir(exist_ok=True)
+            _copy(bench / name, target, name)
     for table in sorted((bench / "tables").iterdir()):
         if table.stem in {a.name for a in arms} | {"ablation"}:
-            shutil.copy2(table, target / "tables" / table.name)
+            _copy(table, target, f"tables/{table.name}")
     for arm in arms:  # each run's wall time, its round-by-round log and its final table with per-case scores
         for seed in seeds:
-            _copy_run(bench / run_id(arm.name, seed), target / "runs" / run_id(arm.name, seed))
+            _copy_run(bench / run_id(arm.name, seed), target, f"runs/{run_id(arm.name, seed)}")
     return target
 
 
-def _copy_run(run: Path, dest: Path) -> bool:
-    """Copy the small files of a finished run (``done.json`` and the log and table it names); False if unfinished."""
+def _copy_run(run: Path, root: Path, name: str) -> bool:
+    """Copy the small files of a finished run (``done.json`` and the log and table it names) to ``root / name``;
+    False if unfinished."""
     if not (run / DONE).is_file():
         return False
     info = read_done(run)  # the names it gives are the benchmark's own, and plain files
+    dest = _no_link(root, name)  # a linked run folder would be removed or written through below
     shutil.rmtree(dest, ignore_errors=True)  # nothing of an earlier run of this arm and seed is left beside it
-    for name in (DONE, info["log"], info["table"]):
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / name, dest / name)
+    for file in (DONE, info["log"], info["table"]):
+        _copy(run / file, dest, file)
     return True
 
 
@@ -171,9 +184,9 @@ def adopt_published(
             if not finished(source, spec):
                 other.append(run_id(arm.name, seed))
             else:  # a run of another config (or half a run) gives way
-                _copy_run(source, folder)
+                _copy_run(source, bench, run_id(arm.name, seed))
                 taken.append(run_id(arm.name, seed))
     if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():
         bench.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plain_file(published, "grad_scales.json"), bench / "grad_scales.json")
+        _copy(plain_file(published, "grad_scales.json"), bench, "grad_scales.json")
     return taken, other

@@ -164,7 +164,7 @@ def test_a_published_folder_cannot_read_or_write_outside_its_runs(tmp_path):
     (run / "eval" / "final.json").unlink()
     (run / "eval").rmdir()
     (run / "eval").symlink_to(private, target_is_directory=True)  # ... whose table lies behind a link
-    with pytest.raises(InputError, match="eval: a link; a run folder holds plain files only"):
+    with pytest.raises(InputError, match="eval: a link; a benchmark.s and a published folder hold plain files only"):
         published_.read_done(run)
     (published / "grad_scales.json").symlink_to(private / "final.json")
     (published / "runs" / "centralised" / "seed-0" / "done.json").write_text(
@@ -173,6 +173,24 @@ def test_a_published_folder_cannot_read_or_write_outside_its_runs(tmp_path):
     with pytest.raises(InputError, match="grad_scales.json: a link"):
         published_.adopt_published(bench_dir, published, scenario, data, [arm], [0], "")
     assert not (bench_dir / "grad_scales.json").exists()
+
+    # publishing into a folder from elsewhere never writes through a link it holds
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a file of this machine")
+    (published / "grad_scales.json").unlink()
+    (published / "REPORT.md").symlink_to(mine)
+    (bench_dir / "REPORT.md").write_text("the report")
+    (bench_dir / "tables").mkdir(exist_ok=True)
+    with pytest.raises(InputError, match="REPORT.md: a link"):
+        published_.publish(bench_dir, published, [arm], [0])
+    (published / "REPORT.md").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (published / "runs" / "centralised" / "seed-0").rename(tmp_path / "moved")
+    (published / "runs" / "centralised" / "seed-0").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(InputError, match="seed-0: a link"):
+        published_.publish(bench_dir, published, [arm], [0])
+    assert mine.read_text() == "a file of this machine" and not any(elsewhere.iterdir())
 
 
 def test_runs_laid_out_as_a_published_folder_are_checked_for_their_config_too(tmp_path, capsys):
