@@ -32,7 +32,17 @@ from mstkd.provenance import code_commit
 from mstkd.runconfig import RunConfig
 from simulations.adversary import hostile_app
 from simulations.launch import ROOT, exit_on_sigterm, flower_simulation
-from simulations.published import DONE, adopt_published, finished, publish, read_meta, run_id, run_spec, same_data
+from simulations.published import (
+    DONE,
+    adopt_published,
+    finished,
+    no_link,
+    publish,
+    read_meta,
+    run_id,
+    run_spec,
+    same_data,
+)
 from simulations.report import write_report
 from simulations.runs import run_folder
 from simulations.scenario import HOSTILE, Arm, Scenario, ScenarioData, load_scenario, parse_arms, scenario_data
@@ -275,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 "run with the config they were made with, or pass --rerun-stale to remove and remake them"
             )
         for run in stale:
-            shutil.rmtree(bench / run)
+            shutil.rmtree(no_link(bench, run))  # never through a link: it would remove a folder elsewhere
             progress_line(f"{run}: made with another config, removed to be made again")
         if args.report_only:
             # this folder's record, else the published benchmark's (same cases), else a new one (a folder of runs
@@ -315,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             if finished(folder, spec):
                 progress_line(f"{arm.name} seed {seed}: finished earlier, skipped")
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(no_link(bench, run_id(arm.name, seed)), ignore_errors=True)
             folder.mkdir(parents=True)
             progress_line(f"{arm.name} seed {seed}: {arm.label} ...")
             commit = code_commit()  # each run packs the tree as it is now, which may differ from the benchmark's start

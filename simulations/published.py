@@ -33,7 +33,10 @@ RUN_FILES = {"table": re.compile(r"eval/(round_[0-9]+|final)\.json"), "log": re.
 a name like ``../../x`` would read or write outside the run)."""
 
 
-def _no_link(root: Path, name: str) -> Path:
+def no_link(root: Path, name: str) -> Path:
+    """``root / name``, refused (:class:`InputError`) where it or a folder on the way from ``root`` is a link: a
+    benchmark's or a published folder holds plain files and folders only, so nothing is read, written or removed
+    through a link someone else committed."""
     path = root
     for part in Path(name).parts:
         path = path / part
@@ -49,7 +52,7 @@ def plain_file(root: Path, name: str) -> Path:
     Raises:
         InputError: a link on the way, or no such file.
     """
-    path = _no_link(root, name)
+    path = no_link(root, name)
     if not path.is_file():
         raise InputError(f"{path}: not found")
     return path
@@ -58,19 +61,21 @@ def plain_file(root: Path, name: str) -> Path:
 def _copy(source: Path, root: Path, name: str) -> None:
     """Copy ``source`` to ``root / name``, refused where a link lies on the way: a published folder from elsewhere
     may hold one (``REPORT.md`` linked to a file of this machine), and copying onto it would write through it."""
-    dest = _no_link(root, name)
+    dest = no_link(root, name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source, dest)
 
 
-def read_done(run: Path) -> dict[str, Any]:
-    """A finished run's ``done.json``, checked: a JSON object that names its table and log as the benchmark writes
-    them (:data:`RUN_FILES`, each a plain file in ``run``), and whose wall time, if given, is a number of seconds.
+def read_done(root: Path, run: str) -> dict[str, Any]:
+    """The ``done.json`` of the finished run ``root / run`` (``arm/seed-s``, or ``runs/arm/seed-s`` in a published
+    folder), checked: no link from ``root`` on (:func:`no_link`), a JSON object that names its table and log as the
+    benchmark writes them (:data:`RUN_FILES`, each a plain file of the run), and whose wall time, if given, is a
+    number of seconds.
 
     Raises:
         InputError: anything else, in one line.
     """
-    path = plain_file(run, DONE)
+    path = plain_file(root, f"{run}/{DONE}")
     try:
         done = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -81,7 +86,7 @@ def read_done(run: Path) -> dict[str, Any]:
         name = done.get(key)
         if not isinstance(name, str) or not pattern.fullmatch(name):
             raise InputError(f"{path}: its {key} is not a file the benchmark writes ({str(name)[:60]!r})")
-        plain_file(run, name)
+        plain_file(root, f"{run}/{name}")
     if "seconds" in done and (not is_finite(done["seconds"]) or done["seconds"] < 0):
         raise InputError(f"{path}: its seconds is not a number of seconds")
     return done
@@ -104,20 +109,20 @@ def publish(bench: Path, target: Path, arms: list[Arm], seeds: list[int]) -> Pat
             _copy(table, target, f"tables/{table.name}")
     for arm in arms:  # each run's wall time, its round-by-round log and its final table with per-case scores
         for seed in seeds:
-            _copy_run(bench / run_id(arm.name, seed), target, f"runs/{run_id(arm.name, seed)}")
+            _copy_run(bench, run_id(arm.name, seed), target, f"runs/{run_id(arm.name, seed)}")
     return target
 
 
-def _copy_run(run: Path, root: Path, name: str) -> bool:
-    """Copy the small files of a finished run (``done.json`` and the log and table it names) to ``root / name``;
-    False if unfinished."""
-    if not (run / DONE).is_file():
+def _copy_run(source: Path, run: str, root: Path, name: str) -> bool:
+    """Copy the small files of the finished run ``source / run`` (``done.json`` and the log and table it names) to
+    ``root / name``; False if unfinished."""
+    if not (source / run / DONE).is_file():
         return False
-    info = read_done(run)  # the names it gives are the benchmark's own, and plain files
-    dest = _no_link(root, name)  # a linked run folder would be removed or written through below
+    info = read_done(source, run)  # the names it gives are the benchmark's own, and plain files
+    dest = no_link(root, name)  # a linked run folder would be removed or written through below
     shutil.rmtree(dest, ignore_errors=True)  # nothing of an earlier run of this arm and seed is left beside it
     for file in (DONE, info["log"], info["table"]):
-        _copy(run / file, dest, file)
+        _copy(source / run / file, dest, file)
     return True
 
 
@@ -140,9 +145,21 @@ def finished(folder: Path, spec: dict) -> bool:
 
 
 def read_meta(folder: Path) -> dict:
-    """A benchmark folder's ``bench.json`` (empty when it has none)."""
-    path = folder / "bench.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A benchmark folder's ``bench.json`` (empty when it has none).
+
+    Raises:
+        InputError: a link, or anything but a JSON object.
+    """
+    if not (folder / "bench.json").is_file():
+        return {}
+    path = plain_file(folder, "bench.json")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return meta
 
 
 def same_data(meta: dict, data: ScenarioData) -> bool:
@@ -184,7 +201,7 @@ def adopt_published(
             if not finished(source, spec):
                 other.append(run_id(arm.name, seed))
             else:  # a run of another config (or half a run) gives way
-                _copy_run(source, bench, run_id(arm.name, seed))
+                _copy_run(published, f"runs/{run_id(arm.name, seed)}", bench, run_id(arm.name, seed))
                 taken.append(run_id(arm.name, seed))
     if (published / "grad_scales.json").is_file() and not (bench / "grad_scales.json").is_file():
         bench.mkdir(parents=True, exist_ok=True)

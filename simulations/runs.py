@@ -18,6 +18,7 @@ import numpy as np
 from mstkd.data.labels import REGIONS
 from mstkd.errors import InputError, first_line
 from mstkd.evaluate import find_collapse
+from mstkd.numbers import is_finite
 from simulations.comparisons import ADVANTAGE, Reference, convergence
 from simulations.convergence import convergence_score, simulated_round_times
 from simulations.published import DONE, read_done, read_meta, run_id, run_spec, same_cases
@@ -54,17 +55,24 @@ def finished_runs(bench: Path, arm: Arm, seeds: Sequence[int]) -> list[tuple[int
     for seed in seeds:
         folder = run_folder(bench, arm.name, seed)
         if (folder / DONE).is_file():
-            out.append((seed, folder, read_done(folder)))
+            out.append((seed, folder, read_done(bench, str(folder.relative_to(bench)))))
     return out
 
 
 def _check_scores(path: Path, rows: list[dict]) -> None:
-    """Dice in [0, 1] and HD95 not negative (NaN where a region is absent), in every row of a table or case list."""
+    """Every row of a table or case list scores each region with a Dice in [0, 1] and a finite HD95 of at least 0
+    (the scorer gives an absent region 1 and 0, and a missed one the volume diagonal: never NaN)."""
     for row in rows:
         for region in REGIONS:
-            dice, hd95 = float(row[f"{region}_dice"]), float(row[f"{region}_hd95"])
-            if not 0.0 <= dice <= 1.0 or hd95 < 0:
-                raise InputError(f"{path}: {region} Dice {dice:g} or HD95 {hd95:g} is not a score")
+            dice, hd95 = row[f"{region}_dice"], row[f"{region}_hd95"]
+            if not (is_finite(dice) and 0 <= dice <= 1 and is_finite(hd95) and hd95 >= 0):
+                raise InputError(f"{path}: {region} Dice {dice!r} or HD95 {hd95!r} is not a score")
+
+
+def _number_or_none(value: Any) -> float | None:
+    if value is not None and not is_finite(value):
+        raise ValueError(f"{str(value)[:40]!r} is not a number")
+    return value
 
 
 def run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dict[str, Any]:
@@ -105,12 +113,12 @@ def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dic
         out["curve"] = [(r["round"], r.get("val", {}).get("val-mean-dice")) for r in records]
         out["bytes_per_round"] = float(np.mean([r["bytes_sent"] + r["bytes_received"] for r in records]))
         out["bytes_total"] = float(sum(r["bytes_sent"] + r["bytes_received"] for r in records))
-        out["model_norm"] = records[-1].get("model_norm")  # the final global model's L2 norm (absent in old logs)
+        out["model_norm"] = _number_or_none(records[-1].get("model_norm"))  # the final model's L2 norm (old logs: none)
         # the privacy spent by the last release (a skipped round releases nothing and records no epsilon)
         privacy = next((r["privacy"] for r in reversed(records) if "epsilon" in r.get("privacy", {})), None)
         privacy = privacy or records[-1].get("privacy") or {}
-        out["epsilon"], out["delta"] = privacy.get("epsilon"), privacy.get("delta")
-        out["clip_last"] = privacy.get("clipping_norm_next", privacy.get("clipping_norm"))
+        out["epsilon"], out["delta"] = _number_or_none(privacy.get("epsilon")), _number_or_none(privacy.get("delta"))
+        out["clip_last"] = _number_or_none(privacy.get("clipping_norm_next", privacy.get("clipping_norm")))
         out["skipped_rounds"] = sum(bool(r.get("skipped")) for r in records)
         out["failed_replies"] = sum(len(r.get("failures", [])) for r in records)
         # per site by the name it gave (the log keys them by node id, which differs between runs)
@@ -164,7 +172,12 @@ def reference_runs(scenario: Scenario, meta: dict) -> tuple[Reference | None, st
         for seed, folder_of_run, done in finished_runs(folder, ARMS[arm], sorted(s for a, s in covered if a == arm)):
             if done.get("spec") != run_spec(other, ARMS[arm], seed, ""):
                 return None, f"`{name}`'s {arm} seed {seed} was made with another config than its scenario's"
-            runs.setdefault(arm, []).append({"case_rows": _json(folder_of_run / done["table"])["cases"]})
+            try:  # another scenario's published runs: checked as this one's are
+                rows = _json(folder_of_run / done["table"])["cases"]
+                _check_scores(folder_of_run / done["table"], rows)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError(f"{folder_of_run}: not a finished run's files ({first_line(exc)})") from None
+            runs.setdefault(arm, []).append({"case_rows": rows})
             seeds_of.setdefault(arm, []).append(seed)
     if len(runs) < len(ADVANTAGE):
         return None, f"`{name}` has no published runs of both {' and '.join(ADVANTAGE)}"

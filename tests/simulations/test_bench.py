@@ -136,7 +136,7 @@ def test_a_report_only_benchmark_records_the_benchmark_that_makes_its_runs(tmp_p
     assert whole["command"] == f"python -m simulations.bench tiny-2 --seeds 1 --publish {published}"
 
 
-def test_a_published_folder_cannot_read_or_write_outside_its_runs(tmp_path):
+def test_a_published_folder_cannot_read_or_write_outside_its_runs(tmp_path, capsys):
     """A published folder comes from elsewhere (a pull request, a colleague's clone): the files a done.json names
     are the benchmark's own names, and a link anywhere on the way is refused, so taking its runs over neither
     writes outside the benchmark folder nor copies a file of this machine into it."""
@@ -165,7 +165,7 @@ def test_a_published_folder_cannot_read_or_write_outside_its_runs(tmp_path):
     (run / "eval").rmdir()
     (run / "eval").symlink_to(private, target_is_directory=True)  # ... whose table lies behind a link
     with pytest.raises(InputError, match="eval: a link; a benchmark.s and a published folder hold plain files only"):
-        published_.read_done(run)
+        published_.read_done(published, "runs/centralised/seed-9")
     (published / "grad_scales.json").symlink_to(private / "final.json")
     (published / "runs" / "centralised" / "seed-0" / "done.json").write_text(
         json.dumps({"spec": spec, "table": "eval/final.json", "log": "log.jsonl"})
@@ -192,6 +192,27 @@ def test_a_published_folder_cannot_read_or_write_outside_its_runs(tmp_path):
         published_.publish(bench_dir, published, [arm], [0])
     assert mine.read_text() == "a file of this machine" and not any(elsewhere.iterdir())
 
+    # a link above a run (its arm's folder, or runs/ itself) is no way in either, nor a way to remove a folder
+    from simulations.runs import finished_runs
+
+    victim = tmp_path / "victim"
+    _finished_run(victim / "seed-0", {"spec": "someone else's"})
+    (published / "runs" / "centralised").rename(tmp_path / "moved-arm")
+    (published / "runs" / "centralised").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(InputError, match="centralised: a link"):
+        finished_runs(published, arm, [0])
+    out = tmp_path / "out" / "tiny-2"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "centralised").symlink_to(victim, target_is_directory=True)
+    args = ["tiny-2", "--arms", "centralised", "--seeds", "1", "--out", str(tmp_path / "out"), "--report-only"]
+    capsys.readouterr()
+    assert bench.main([*args, "--work-dir", str(tmp_path / "work"), "--rerun-stale"]) == 2
+    assert "centralised: a link" in capsys.readouterr().err
+    assert (victim / "seed-0" / "done.json").is_file()  # not removed through the link
+    (published / "bench.json").write_text("[]")
+    with pytest.raises(InputError, match="bench.json: not a JSON object"):
+        published_.read_meta(published)
+
 
 def test_runs_laid_out_as_a_published_folder_are_checked_for_their_config_too(tmp_path, capsys):
     scenario = load_scenario("tiny-2")
@@ -212,7 +233,7 @@ def test_a_run_folder_from_elsewhere_is_read_as_numbers_or_refused_in_one_line(t
 
     run = tmp_path / "run"
     _finished_run(run, {})
-    done = published_.read_done(run)
+    done = published_.read_done(tmp_path, "run")
     scores = {**{f"{r}_dice": 0.5 for r in REGIONS}, **{f"{r}_hd95": 3.0 for r in REGIONS}}
     table = [{"display": name, **scores} for name in ROW_NAMES]
     for bad, word in (
@@ -233,10 +254,10 @@ def test_a_run_folder_from_elsewhere_is_read_as_numbers_or_refused_in_one_line(t
         run_numbers(ARMS["centralised"], run, done | {"seconds": 1.0}, 1.0)
     (run / "done.json").write_text(json.dumps({**done, "seconds": "twelve"}))
     with pytest.raises(InputError, match="its seconds is not a number of seconds"):
-        published_.read_done(run)
+        published_.read_done(tmp_path, "run")
     (run / "done.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="not a JSON object"):
-        published_.read_done(run)
+        published_.read_done(tmp_path, "run")
 
 
 def test_what_a_bench_json_from_elsewhere_says_is_shown_as_text_in_the_report(tmp_path):
