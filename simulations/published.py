@@ -66,6 +66,16 @@ def _copy(source: Path, root: Path, name: str) -> None:
     shutil.copy2(source, dest)
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return value
+
+
 def read_done(root: Path, run: str) -> dict[str, Any]:
     """The ``done.json`` of the finished run ``root / run`` (``arm/seed-s``, or ``runs/arm/seed-s`` in a published
     folder), checked: no link from ``root`` on (:func:`no_link`), a JSON object that names its table and log as the
@@ -76,12 +86,7 @@ def read_done(root: Path, run: str) -> dict[str, Any]:
         InputError: anything else, in one line.
     """
     path = plain_file(root, f"{run}/{DONE}")
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(done, dict):
-        raise InputError(f"{path}: not a JSON object")
+    done = _json_object(path)
     for key, pattern in RUN_FILES.items():
         name = done.get(key)
         if not isinstance(name, str) or not pattern.fullmatch(name):
@@ -152,14 +157,7 @@ def read_meta(folder: Path) -> dict:
     """
     if not (folder / "bench.json").is_file():
         return {}
-    path = plain_file(folder, "bench.json")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{path}: not a JSON object")
-    return meta
+    return _json_object(plain_file(folder, "bench.json"))
 
 
 def same_data(meta: dict, data: ScenarioData) -> bool:
