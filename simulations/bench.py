@@ -320,12 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for seed in seeds:  # seed-major: an interrupted benchmark already has every arm for the first seeds
         for arm in arms:
-            folder = bench / run_id(arm.name, seed)
+            folder = no_link(bench, run_id(arm.name, seed))  # never read, removed or written through a link
             spec = run_spec(scenario, arm, seed, args.run_config)
             if finished(folder, spec):
                 progress_line(f"{arm.name} seed {seed}: finished earlier, skipped")
                 continue
-            shutil.rmtree(no_link(bench, run_id(arm.name, seed)), ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             progress_line(f"{arm.name} seed {seed}: {arm.label} ...")
             commit = code_commit()  # each run packs the tree as it is now, which may differ from the benchmark's start

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +83,32 @@ def run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dict
         InputError: files that are not a finished run's (a run folder may come from elsewhere): a key missing, a
             value of the wrong type, a score out of range; in one line that names the folder.
     """
-    try:
+    with _run_files(folder):
         return _run_numbers(arm, folder, done, local_epochs)
+
+
+@contextmanager
+def _run_files(folder: Path) -> Iterator[None]:
+    """Reading a finished run's files (which may come from elsewhere): a missing key or a value of the wrong type
+    becomes one :class:`InputError` naming the folder."""
+    try:
+        yield
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise InputError(f"{folder}: not a finished run's files ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dict[str, Any]:
+def _scored(folder: Path, done: dict) -> dict:
+    """A run's final table file (``done["table"]``), every row of its table and its case list score-checked."""
     scored = _json(folder / done["table"])
+    _check_scores(folder / done["table"], [*scored["table"], *scored["cases"]])
+    return scored
+
+
+def _run_numbers(arm: Arm, folder: Path, done: dict, local_epochs: float) -> dict[str, Any]:
+    scored = _scored(folder, done)
     table = scored["table"]
     if [row["display"] for row in table] != ROW_NAMES:
         raise ValueError(f"{folder / done['table']}: expected the 15 subsets and the average")
-    _check_scores(folder / done["table"], [*table, *scored["cases"]])
     avg = table[-1]
     out: dict[str, Any] = {
         "table": table,
@@ -172,12 +187,8 @@ def reference_runs(scenario: Scenario, meta: dict) -> tuple[Reference | None, st
         for seed, folder_of_run, done in finished_runs(folder, ARMS[arm], sorted(s for a, s in covered if a == arm)):
             if done.get("spec") != run_spec(other, ARMS[arm], seed, ""):
                 return None, f"`{name}`'s {arm} seed {seed} was made with another config than its scenario's"
-            try:  # another scenario's published runs: checked as this one's are
-                rows = _json(folder_of_run / done["table"])["cases"]
-                _check_scores(folder_of_run / done["table"], rows)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(f"{folder_of_run}: not a finished run's files ({first_line(exc)})") from None
-            runs.setdefault(arm, []).append({"case_rows": rows})
+            with _run_files(folder_of_run):  # another scenario's published runs: checked as this one's are
+                runs.setdefault(arm, []).append({"case_rows": _scored(folder_of_run, done)["cases"]})
             seeds_of.setdefault(arm, []).append(seed)
     if len(runs) < len(ADVANTAGE):
         return None, f"`{name}` has no published runs of both {' and '.join(ADVANTAGE)}"

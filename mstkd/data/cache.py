@@ -13,10 +13,10 @@ before it is normalised and cropped; a case already at the target is stored as i
 
 An entry is reused while its source files keep their size, modification time and last 8 bytes
 (in a ``.nii.gz``, a checksum of its whole content), the normalisation settings match, and its
-arrays have the shape and type its ``meta.json`` says (an entry copied in from elsewhere or
-damaged is rebuilt); otherwise it is rebuilt. A cached image that is not finite is refused when it is read. Entries are
-written to a temporary folder and renamed into place, so an interrupted run never leaves a
-half-written entry.
+arrays have the shape and type its ``meta.json`` says; otherwise (a source changed, an entry
+damaged or copied in from elsewhere) it is rebuilt. A cached image that is not finite is refused
+when it is read. Entries are written to a temporary folder and renamed into place, so an
+interrupted run never leaves a half-written entry.
 Reading an entry never opens a NIfTI file.
 """
 

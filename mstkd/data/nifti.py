@@ -111,13 +111,13 @@ def read_volume(path: str | Path, *, dtype: type = np.float32, check_finite: boo
         raise InputError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
     if data.ndim == 4:
         data = data[..., 0]
-    floating = np.issubdtype(data.dtype, np.floating)
-    if check_finite and floating and not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise InputError(f"{path}: {bad} NaN or Inf voxels")
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below
         out = data.astype(dtype, copy=False)
-    if check_finite and floating and np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+    # one pass over the voxels: the cast keeps NaN and Inf, and turns a value beyond the target's range into inf
+    checked = out if np.issubdtype(out.dtype, np.floating) else data
+    if check_finite and np.issubdtype(data.dtype, np.floating) and not np.isfinite(checked).all():
+        if bad := int((~np.isfinite(data)).sum()):
+            raise InputError(f"{path}: {bad} NaN or Inf voxels")
         bad = int((~np.isfinite(out)).sum())
         raise InputError(f"{path}: {bad} voxels beyond the range of {np.dtype(dtype).name}")
     return Volume(path=path, data=out, affine=img.affine.copy(), header=img.header.copy())
