@@ -91,8 +91,12 @@ def write_report(
     best: dict,
     verdict: Verdict | None = None,
     phases: dict | None = None,
+    resumed_after: int | None = None,
 ) -> Path:
-    """``REPORT.md``: the outcome, the Dice curve, the last round's 15-subset table, communication and timing."""
+    """``REPORT.md``: the outcome, the Dice curve, the last round's 15-subset table, communication and timing.
+
+    The table is pasted from ``eval/round_<n>.md`` only where this server wrote it (a round after
+    ``resumed_after``); a resumed run's folder may come from elsewhere, so an older table is named, not pasted."""
     rows = runlog.rows()
     evaluated = [r for r in sorted(runlog.records) if runlog.records[r].get("global")]
     lines = [f"# Federated MST-KDNet run ({cfg.model.preset}, {run.strategy})", ""]
@@ -154,7 +158,10 @@ def write_report(
         lines.append("")
     if evaluated:
         last = evaluated[-1]
-        table = (out / "eval" / f"round_{last}.md").read_text()
+        if resumed_after is None or last > resumed_after:
+            table = (out / "eval" / f"round_{last}.md").read_text()
+        else:
+            table = f"Scored before this run resumed after round {resumed_after}: `eval/round_{last}.md`."
         lines += [f"## 15-subset table, round {last}", "", table, ""]
     lines += phases_markdown(phases) if phases else []
     lines += [
@@ -188,7 +195,8 @@ def finish_run(
     verdict = outcome(runlog, first_round, transport=str(run.transport), changed=changed)
     phases = time_phases(runlog.records, runlog.setup_seconds, runlog.setup_seconds + seconds)
     write_phases(out, phases)
-    report = write_report(out, runlog, cfg, run, seconds, best, verdict, phases)
+    resumed_after = first_round - 1 if first_round > 1 else None
+    report = write_report(out, runlog, cfg, run, seconds, best, verdict, phases, resumed_after)
     final = last_tables(out / "eval", "round_")
     tracker.finish(
         [out / "best.pt", report, out / "metrics.csv", out / "config.yaml", *final], failed=not verdict.learned

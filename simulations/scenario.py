@@ -297,6 +297,9 @@ def load_scenario(name: str | Path) -> Scenario:
     csv = None
     if "partitioning" in sites:
         csv = (HERE / str(sites["partitioning"])).resolve()
+        if not csv.is_relative_to(HERE):  # a scenario from elsewhere names its CSV; a site's own goes in --partitioning
+            named = sites["partitioning"]
+            raise InputError(f"{path}: sites.partitioning must name a file under simulations/, not {named!r}")
         partitions = read_partitions(csv)
         counts = Counter({site: len(cases) for site, cases in partitions.sites.items()})
         sizes = [counts[s] for s in partitions.sites]

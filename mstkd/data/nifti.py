@@ -3,12 +3,13 @@
 Every read goes through :func:`read_header` (the header alone) or :func:`read_volume`, which
 refuse (with :class:`InputError`, one line) a file that is missing, truncated or not NIfTI, and
 before a voxel is read, one whose header claims more than 3 axes or more than
-:data:`MAX_FILE_VOXELS` voxels, voxels that are not plain numbers (complex, RGB), or a geometry
-that is not a grid (a non-finite or singular affine, a voxel size outside :data:`VOXEL_SIZE_RANGE`);
-then one whose values are NaN, Inf, or beyond the range of the type they are read as. Whatever
-nibabel raises for a broken file becomes that one line, so one bad file costs its case, never a
-whole site or folder. Every write goes through :func:`write_volume`, which writes to a temporary
-name and renames, so an interrupted run never leaves a half-written file behind.
+:data:`MAX_FILE_VOXELS` voxels, voxels that are not plain numbers (complex, RGB), a spatial unit
+other than mm, or a geometry that is not a grid (a non-finite or singular affine, a voxel size
+outside :data:`VOXEL_SIZE_RANGE`); then one whose values are NaN, Inf, or beyond the range of the
+type they are read as. Whatever nibabel raises for a broken file becomes that one line, so one bad
+file costs its case, never a whole site or folder. Every write goes through :func:`write_volume`,
+which writes to a temporary name and renames, so an interrupted run never leaves a half-written
+file behind.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ header that claims more is refused before anything is allocated, since a few hun
 
 VOXEL_SIZE_RANGE = (1e-3, 1e3)
 """Voxel sizes (mm) a file may have; outside them a header describes no scan (a 1e-30 mm axis squashes a case to
-one slice once resampled). The file's spatial unit is taken to be mm, as everywhere in the project."""
+one slice once resampled)."""
+
+OTHER_UNITS = {1: "metres", 3: "micrometres"}
+"""Spatial units (the NIfTI ``xyzt_units`` code's low three bits) that are not mm. The project reads every voxel
+size and affine in mm, so a file in one of these is refused, not read a thousand times too coarse or too fine;
+the code for mm (2) and "unknown" (0, which every reader takes as mm) are read."""
 
 
 @dataclass
@@ -58,8 +64,8 @@ def is_nifti(path: Path) -> bool:
 
 def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     """Open a NIfTI file and check its header, reading no voxel: at most 3 axes (a trailing singleton 4th is
-    accepted) and :data:`MAX_FILE_VOXELS` voxels, plain numbers as voxels, a finite non-singular affine, and
-    voxel sizes (the header's and the affine's) within :data:`VOXEL_SIZE_RANGE`.
+    accepted) and :data:`MAX_FILE_VOXELS` voxels, plain numbers as voxels, mm (or no unit) as the spatial unit, a
+    finite non-singular affine, and voxel sizes (the header's and the affine's) within :data:`VOXEL_SIZE_RANGE`.
 
     Raises:
         InputError: the file is missing or is not such a file.
@@ -83,6 +89,8 @@ def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
         raise InputError(f"{path}: its header claims {voxels:.3g} voxels (at most {MAX_FILE_VOXELS:.3g})")
     if stored.kind not in "biuf" or stored.fields is not None or stored.subdtype is not None:
         raise InputError(f"{path}: its voxels are not plain numbers ({stored})")
+    if unit := OTHER_UNITS.get(int(img.header["xyzt_units"]) & 0x07):
+        raise InputError(f"{path}: its spatial unit is {unit}, not mm (convert the file to mm)")
     low, high = VOXEL_SIZE_RANGE
     columns = np.linalg.norm(affine[:3, :3], axis=0) if np.isfinite(affine).all() else None
     if columns is None or abs(np.linalg.det(affine[:3, :3])) == 0:

@@ -197,6 +197,9 @@ def _corrupt(kind: str, folder: Path) -> str:
         pixdim[1] = np.nan
         patch_header(flair, pixdim=pixdim)
         return "voxel size"
+    if kind == "metres":  # sizes of 0.001 pass the range check, but are a metre's thousandths: 1 mm voxels
+        patch_header(flair, xyzt_units=1)
+        return "metres, not mm"
     if kind == "float32-overflow":  # finite in the file, infinite once read as float32
         write_nifti(flair, np.full(SHAPE, 1e300))
         return "beyond the range of float32"
@@ -227,6 +230,7 @@ BAD_KINDS = [
     "singular-affine",
     "nan-voxel-size",
     "float32-overflow",
+    "metres",
 ]
 
 

@@ -40,3 +40,27 @@ def test_what_a_node_says_is_shown_as_text_in_the_report(tmp_path):
     report = write_report(tmp_path, runlog, load_config(["model=tiny"]), RunConfig(), 1.0, {"round": None}).read_text()
     assert "![x](" not in report and "<script>" not in report and "\\!\\[x\\]" in report
     assert "<img src=x>" not in report and "[y](" not in report and "\\[y\\]" in report
+
+
+def test_a_resumed_runs_report_pastes_only_the_tables_its_server_wrote(tmp_path):
+    from server.report import write_report
+    from server.runlog import RunLog
+
+    runlog = RunLog(tmp_path)
+    scores = {"mean_dice": 0.5, **{f"{region}_{m}": 0.5 for region in ("ET", "TC", "WT") for m in ("dice", "hd95")}}
+    runlog.record(2)["global"] = scores
+    runlog.finish(2)
+    runlog.finish(3)  # resumed after round 2, stopped (e.g. by the privacy budget) before round 3 was scored
+    (tmp_path / "eval").mkdir()
+    # the folder was copied in: its round-2 table is a link to a file of this machine, or Markdown of any kind
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private <img src=x>\n")
+    (tmp_path / "eval" / "round_2.md").symlink_to(secret)
+    cfg = load_config(["model=tiny"])
+    report = write_report(tmp_path, runlog, cfg, RunConfig(), 1.0, {"round": None}, resumed_after=2)
+    assert "private" not in report.read_text()  # round 2 was scored before the resume: named, not pasted
+    assert "Scored before this run resumed after round 2: `eval/round_2.md`." in report.read_text()
+    runlog.record(3)["global"] = scores  # a round this server scored: its table is pasted
+    (tmp_path / "eval" / "round_3.md").write_text("| Subset | Dice ET |\n")
+    report = write_report(tmp_path, runlog, cfg, RunConfig(), 1.0, {"round": None}, resumed_after=2)
+    assert "## 15-subset table, round 3\n\n| Subset | Dice ET |" in report.read_text()

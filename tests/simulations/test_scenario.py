@@ -176,3 +176,21 @@ def test_a_scenario_file_cannot_read_the_environment_or_run_code(tmp_path, monke
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(InputError, match="not a mapping of scenario keys"):
         load_scenario(listing)
+
+
+def test_a_scenario_names_its_partition_csv_only_under_simulations(tmp_path):
+    from mstkd.errors import InputError
+    from simulations.scenario import load_scenario
+
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("Partition_ID,Subject_ID\n1,FeTS2022_00001\n")
+    for named in (str(outside), "../../" + str(outside.relative_to("/"))):
+        scenario = tmp_path / "s.yaml"
+        scenario.write_text(f"description: d\nsites:\n  partitioning: {named}\n")
+        with pytest.raises(InputError, match=r"sites\.partitioning must name a file under simulations/"):
+            load_scenario(scenario)
+    scenario.write_text("description: d\nsites:\n  partitioning: ../shared/data/fets/partitioning_1.csv\n")
+    with pytest.raises(InputError, match="must name a file under simulations/"):
+        load_scenario(scenario)
+    shipped = load_scenario("fets-partitioning-1")  # the shipped scenarios' CSVs lie under simulations/fets/
+    assert len(shipped.sizes) == 23
