@@ -18,6 +18,7 @@ import torch
 
 from mstkd.atomic import atomic_path, file_lock, write_text
 from mstkd.errors import InputError, NonFiniteState
+from mstkd.numbers import is_whole
 from mstkd.train import Networks, Optimizers
 
 log = logging.getLogger("mstkd.client")
@@ -60,6 +61,16 @@ def _halve_moments(state: dict) -> dict:
     return {**state, "state": per_param}
 
 
+def _counters(info: object, path: Path) -> dict:
+    """A state's counters as a node writes them: a mapping whose ``round`` is a whole number.
+
+    Raises:
+        InputError: anything else (a state file copied in from elsewhere, or damaged)."""
+    if not isinstance(info, dict) or not is_whole(info.get("round", 0)):
+        raise InputError(f"{path}: its counters are not what a node writes")
+    return dict(info)
+
+
 class SiteState:
     """A site's local state on disk: teacher, optimisers, subset generator and counters.
 
@@ -100,10 +111,10 @@ class SiteState:
         try:
             side = json.loads(self._sidecar(path).read_text())
             if side["stamp"] == self._stamp(path):
-                return dict(side["info"])
-        except (OSError, ValueError, KeyError):
+                return _counters(side["info"], path)
+        except (OSError, ValueError, KeyError, TypeError):  # no sidecar, or not one a node writes: read the file
             pass
-        return dict(self._read(path)["info"])
+        return _counters(self._read(path)["info"], path)
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -172,11 +183,16 @@ class SiteState:
                 log.warning("%s; trying the state before it", exc)
                 refused.append(exc)
                 continue
-            nets.teacher.load_state_dict(payload["teacher"])
-            optimizers.main.load_state_dict(payload["optimizer"])
-            optimizers.discriminator.load_state_dict(payload["disc_optimizer"])
-            rng.bit_generator.state = payload["rng"]
-            return dict(payload["info"])
+            try:  # shapes and states that do not fit this run's networks: the older state, if any
+                nets.teacher.load_state_dict(payload["teacher"])
+                optimizers.main.load_state_dict(payload["optimizer"])
+                optimizers.discriminator.load_state_dict(payload["disc_optimizer"])
+                rng.bit_generator.state = payload["rng"]
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                refused.append(InputError(f"{path}: does not fit this run's networks ({type(exc).__name__})"))
+                log.warning("%s; trying the state before it", refused[-1])
+                continue
+            return _counters(payload["info"], path)
         if refused:  # state there, none of it usable: starting afresh would half-use this run's rounds
             folder = self.path.parent
             raise InputError(f"no usable node state in {folder} ({refused[-1]}); remove that folder to start over")

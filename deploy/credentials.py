@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import re
 import sys
 from pathlib import Path
 
@@ -33,14 +34,68 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from deploy.proxy import check_host
 from mstkd.atomic import write_bytes
 
 GENERATED = Path(__file__).resolve().parent / "generated"
 VALID_DAYS = 825
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A node's name, which names its key files and ends its public key's line: no path, no space, at most 64."""
 
 
 class CredentialExists(FileExistsError):
     """A credential file is already there: replacing it breaks what was signed or registered with it."""
+
+
+class BadCredentialInput(ValueError):
+    """A node name, a host or a CA that cannot make a credential (one line that says why)."""
+
+
+def check_node_name(name: str) -> str:
+    """``name`` if it is a plain file name (:data:`NODE_NAME`), which a key's files and comment can carry.
+
+    Raises:
+        BadCredentialInput: a path (``../x``, ``/etc/x``), a space, a newline, or over 64 characters.
+    """
+    if not NODE_NAME.fullmatch(name):
+        raise BadCredentialInput(
+            f"node name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _alt_name(host: str) -> x509.GeneralName:
+    """A certificate's name for ``host``: an IP address (IPv6 with or without brackets) or an ASCII DNS name
+    (:func:`deploy.proxy.check_host`).
+
+    Raises:
+        BadCredentialInput: anything else, a non-ASCII name included (with its A-label form to pass instead).
+    """
+    try:
+        checked = check_host(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    except ValueError as exc:
+        raise BadCredentialInput(f"--host {exc}") from None
+    try:
+        return x509.IPAddress(ipaddress.ip_address(checked.strip("[]")))
+    except ValueError:
+        return x509.DNSName(checked)
+
+
+def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    missing = [name for name in ("ca.crt", "ca.key") if not (out / name).is_file()]
+    if missing:
+        raise BadCredentialInput(f"no {missing[0]} in {out}; run `python deploy/credentials.py ca` first")
+    try:
+        cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+        key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise BadCredentialInput(f"the CA in {out} cannot be read ({type(exc).__name__}: {str(exc)[:100]!r})") from None
+    der = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise BadCredentialInput(f"ca.key in {out} is not an EC key")
+    if key.public_key().public_bytes(*der) != cert.public_key().public_bytes(*der):
+        raise BadCredentialInput(f"ca.key in {out} is not the key of ca.crt")
+    return cert, key
 
 
 def _refuse_existing(paths: list[Path], force: bool) -> None:
@@ -106,15 +161,9 @@ def make_ca(out: Path, name: str = "MST-KDNet federation CA", *, force: bool = F
 def make_server(out: Path, hosts: list[str], *, force: bool = False) -> tuple[Path, Path]:
     """The SuperLink's certificate for ``hosts`` (names or IP addresses), signed by the CA in ``out``."""
     _refuse_existing([out / "server.pem", out / "server.key"], force)
-    ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
-    names = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
-    alt: list[x509.GeneralName] = []
-    for host in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            alt.append(x509.DNSName(host))
+    alt = list(dict.fromkeys(_alt_name(host) for host in [*hosts, "127.0.0.1", "localhost"]))
+    ca_cert, ca_key = _load_ca(out)
+    names = [str(name.value) for name in alt]
     key = _key()
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -131,7 +180,7 @@ def make_server(out: Path, hosts: list[str], *, force: bool = False) -> tuple[Pa
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+        .sign(ca_key, hashes.SHA384())
     )
     return (
         write_bytes(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM)),
@@ -140,7 +189,12 @@ def make_server(out: Path, hosts: list[str], *, force: bool = False) -> tuple[Pa
 
 
 def make_node_key(out: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
-    """An ECDSA P-384 OpenSSH key pair for SuperNode authentication: ``nodes/<name>`` and ``nodes/<name>.pub``."""
+    """An ECDSA P-384 OpenSSH key pair for SuperNode authentication: ``nodes/<name>`` and ``nodes/<name>.pub``.
+
+    Raises:
+        BadCredentialInput: ``name`` is not a plain file name (:func:`check_node_name`).
+    """
+    check_node_name(name)
     _refuse_existing([out / "nodes" / name, out / "nodes" / f"{name}.pub"], force)
     key = _key()
     private = key.private_bytes(
@@ -165,19 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("name", help="site name, e.g. hospital-a")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     try:
         if args.what == "ca":
             paths = make_ca(out, force=args.force)
         elif args.what == "server":
-            if not (out / "ca.key").is_file():
-                print(f"error: no CA in {out}; run `python deploy/credentials.py ca` first", file=sys.stderr)
-                return 2
             paths = make_server(out, args.host, force=args.force)
         else:
             paths = make_node_key(out, args.name, force=args.force)
-    except CredentialExists as exc:
+    except (CredentialExists, BadCredentialInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder in the way, no permission, a full disk
+        print(f"error: cannot write {exc.filename or out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for path in paths:
         print(path)
     return 0

@@ -10,6 +10,7 @@ person.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,28 @@ import time
 from pathlib import Path
 
 TASK_POLL = "0.2"
+CONFIG_KEY = re.compile(r"[A-Za-z0-9_-]+")
+CONFIG_VALUE_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
+"""What Flower's ``--node-config`` cannot carry in a value: it splits ``key="value"`` pairs at the next quote
+(``flwr.common.config.parse_config_args``) and reads the value as a TOML string, where a backslash escapes."""
+
+
+def node_config_arg(node_config: dict[str, str]) -> str:
+    """``node_config`` as Flower's ``--node-config`` argument, ``key="value" ...``.
+
+    Raises:
+        ValueError: a key that is not a plain name, or a value with a quote, a backslash or a control
+            character (which would end it early and add keys of its own), in one line.
+    """
+    for key, value in node_config.items():
+        if not CONFIG_KEY.fullmatch(key):
+            raise ValueError(f"node-config key {key!r}: use letters, digits, '_' and '-' only")
+        if CONFIG_VALUE_UNSAFE.search(str(value)):
+            raise ValueError(
+                f"node-config {key} {str(value)!r}: a quote, backslash or control character cannot pass "
+                "through Flower's --node-config; rename it"
+            )
+    return " ".join(f'{k}="{v}"' for k, v in node_config.items())
 
 
 def flower_bin(name: str) -> str:
@@ -78,9 +101,9 @@ def start_supernode(
     ``threads`` caps the CPU threads of the site's training (``OMP_NUM_THREADS``), for several
     nodes sharing one machine as simulated nodes share it; by default PyTorch uses every core.
     """
+    config = node_config_arg(node_config)
     home.mkdir(parents=True, exist_ok=True)
     env = _env(home) | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
-    config = " ".join(f'{k}="{v}"' for k, v in node_config.items())
     cmd = [
         flower_bin("flower-supernode"),
         "--root-certificates",
@@ -127,8 +150,12 @@ def start_local_federation(
     ``config.toml`` names the SuperLink ``connection``. ``threads``: see :func:`start_supernode`.
 
     Raises:
+        ValueError: a node config that Flower's ``--node-config`` cannot carry (:func:`node_config_arg`), before
+            anything starts.
         RuntimeError: the SuperLink exited or did not start within a minute, or a key was not registered.
     """
+    for _, node_config in nodes.values():
+        node_config_arg(node_config)
     cli = work / "cli"
     cli.mkdir(parents=True, exist_ok=True)
     (cli / "config.toml").write_text(

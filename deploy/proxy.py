@@ -24,11 +24,15 @@ says so in one line when it is missing.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from mstkd.atomic import write_bytes
 
 HERE = Path(__file__).resolve().parent
 GENERATED = HERE / "generated"
@@ -36,16 +40,16 @@ GENERATED = HERE / "generated"
 CONFIG = """\
 # Written by deploy/proxy.py: the public address of the SuperLink. Fleet API only; everything else is refused.
 worker_processes 1;
-pid {state}/nginx.pid;
-error_log {state}/error.log warn;
+pid "{state}/nginx.pid";
+error_log "{state}/error.log" warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {state}/access.log;
-    client_body_temp_path {state}/body;
-    proxy_temp_path {state}/proxy;
-    fastcgi_temp_path {state}/fastcgi;
-    uwsgi_temp_path {state}/uwsgi;
-    scgi_temp_path {state}/scgi;
+    access_log "{state}/access.log";
+    client_body_temp_path "{state}/body";
+    proxy_temp_path "{state}/proxy";
+    fastcgi_temp_path "{state}/fastcgi";
+    uwsgi_temp_path "{state}/uwsgi";
+    scgi_temp_path "{state}/scgi";
     server_tokens off;
     client_max_body_size 64m;        # Flower sends a message's objects in pieces of at most 5 MiB
     proxy_request_buffering off;     # stream both ways, nothing on the proxy's disk
@@ -55,8 +59,8 @@ http {{
     proxy_send_timeout 3600s;
     server {{
         listen {public};
-        ssl_certificate {creds}/server.pem;
-        ssl_certificate_key {creds}/server.key;
+        ssl_certificate "{creds}/server.pem";
+        ssl_certificate_key "{creds}/server.key";
         ssl_protocols TLSv1.2 TLSv1.3;
         location /v1/fleet/ {{
             limit_except POST {{ deny all; }}
@@ -64,7 +68,7 @@ http {{
             proxy_pass https://{superlink}/v1/fleet/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_ssl_trusted_certificate {creds}/ca.crt;
+            proxy_ssl_trusted_certificate "{creds}/ca.crt";
             proxy_ssl_verify on;
             proxy_ssl_name localhost;    # a name every SuperLink certificate of deploy/credentials.py carries
             proxy_ssl_protocols TLSv1.2 TLSv1.3;
@@ -79,6 +83,69 @@ http {{
 
 class ProxyUnavailable(RuntimeError):
     """nginx is not installed here."""
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+"""A DNS host name: letters, digits and hyphens in dot-separated labels of at most 63 characters."""
+PORT = re.compile(r"[0-9]{1,5}")
+UNSAFE_PATH = re.compile(r'["\\$\x00-\x1f\x7f]')
+"""What a path pasted (quoted) into nginx's configuration may not hold: a quote, a backslash, a variable's ``$``,
+a control character."""
+
+
+def check_host(host: str) -> str:
+    """``host`` as an IP address in canonical form (IPv6 in brackets) or a DNS host name (letters, digits,
+    hyphens, dots).
+
+    Raises:
+        ValueError: anything else (a path, a space, a ``;``, a zone index, a non-ASCII name), in one line.
+    """
+    bracketed = host.startswith("[") and host.endswith("]")
+    inner = host[1:-1] if bracketed else host
+    try:
+        ip = None if "%" in inner else ipaddress.ip_address(inner)  # a zone index (fe80::1%eth0) may hold anything
+    except ValueError:
+        ip = None
+    if ip is not None and bracketed == (ip.version == 6):
+        return f"[{ip}]" if bracketed else str(ip)
+    if ip is None and not bracketed and len(host) <= 253 and HOSTNAME.fullmatch(host):
+        if not host.replace(".", "").isdigit():  # 127.1 is not a name
+            return host
+    hint = ""
+    if not host.isascii():
+        try:
+            hint = f"; pass its A-label form ({host.encode('idna').decode()})"
+        except UnicodeError:
+            hint = "; pass a non-ASCII name in its A-label (xn--) form"
+    raise ValueError(f"{host!r} is not an IP address (IPv6 in brackets) or a DNS host name{hint}")
+
+
+def check_address(address: str, what: str) -> str:
+    """``host:port`` with :func:`check_host`'s host and a port 1..65535, in canonical form.
+
+    Raises:
+        ValueError: anything else, in one line that names ``what`` (e.g. ``--public``).
+    """
+    host, colon, port = address.rpartition(":")
+    if colon and PORT.fullmatch(port) and 1 <= int(port) <= 65535:
+        try:
+            return f"{check_host(host)}:{int(port)}"
+        except ValueError as exc:
+            reason = str(exc)
+    else:
+        reason = "no port 1..65535 after its last ':'"
+    raise ValueError(f"{what} {address!r}: {reason}; expected HOST:PORT")
+
+
+def _check_path(path: Path, what: str) -> Path:
+    resolved = path.resolve()
+    if UNSAFE_PATH.search(str(resolved)):
+        raise ValueError(
+            f"{what} {str(resolved)!r}: a quote, backslash, $ or control character cannot go into nginx.conf"
+        )
+    return resolved
 
 
 def nginx_binary() -> str:
@@ -121,13 +188,27 @@ def install_nginx() -> str:
 
 
 def write_config(creds: Path, state: Path, *, public: str, superlink: str) -> Path:
-    """``<state>/nginx.conf`` for a public ``host:port`` in front of the SuperLink at ``superlink`` (loopback)."""
+    """``<state>/nginx.conf`` for a public ``host:port`` in front of the SuperLink at ``superlink`` (loopback).
+
+    Both addresses are checked (:func:`check_address`; the SuperLink's host must be a loopback one) and the
+    paths quoted before anything is pasted into the configuration, which is written atomically (a link planted
+    at ``nginx.conf`` is replaced, never written through).
+
+    Raises:
+        ValueError: an address or path that cannot go into the configuration, in one line.
+    """
+    public = check_address(public, "--public")
+    superlink = check_address(superlink, "--superlink")
+    if superlink.rpartition(":")[0] not in LOOPBACK:
+        raise ValueError(f"--superlink {superlink}: the SuperLink must listen on loopback only ({', '.join(LOOPBACK)})")
+    conf = CONFIG.format(
+        state=_check_path(state, "--state"),
+        creds=_check_path(creds, "--creds"),
+        public=f"{public} ssl",
+        superlink=superlink,
+    )
     state.mkdir(parents=True, exist_ok=True)
-    host, _, port = public.rpartition(":")
-    listen = f"{host}:{port} ssl" if host else f"{port} ssl"
-    path = state / "nginx.conf"
-    path.write_text(CONFIG.format(state=state.resolve(), creds=creds.resolve(), public=listen, superlink=superlink))
-    return path
+    return write_bytes(state / "nginx.conf", conf.encode())
 
 
 def start_proxy(creds: Path, state: Path, *, public: str, superlink: str, log: Path) -> subprocess.Popen:
@@ -152,17 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {creds / missing[0]} missing; run python deploy/credentials.py ca / server first", file=sys.stderr
         )
         return 2
-    host = args.superlink.rpartition(":")[0]
-    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
-        print(f"error: --superlink {args.superlink}: the SuperLink must listen on loopback only", file=sys.stderr)
-        return 2
+    state = Path(args.state)
     try:
+        config = write_config(creds, state, public=args.public, superlink=args.superlink)
         binary = install_nginx() if args.install else nginx_binary()
-    except ProxyUnavailable as exc:
+    except (ProxyUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    state = Path(args.state)
-    config = write_config(creds, state, public=args.public, superlink=args.superlink)
     print(f"public address {args.public} -> Fleet API of {args.superlink}; config {config}", file=sys.stderr)
     os.execv(binary, [binary, "-c", str(config), "-p", str(state.resolve()), "-g", "daemon off;"])
     return 0  # not reached

@@ -9,10 +9,28 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
 [ $# -ge 3 ] || { sed -n '3,8p' "$0" >&2; exit 2; }
-SITE="$1"; DATA="$(cd "$2" && pwd)"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
-KEY="$CREDS/nodes/$SITE"
-[ -f "$KEY" ] || { echo "error: no key $KEY; run python deploy/credentials.py node $SITE" >&2; exit 2; }
+fail() { echo "error: ${*//[[:cntrl:]]/?}" >&2; exit 2; }  # one line, whatever the arguments hold
+SITE="$1"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
+# SITE names files, as in deploy/credentials.py: 1..64 letters, digits, . _ -, the first a letter or digit (no
+# ranges: some locales stretch them past ASCII). The values go into --node-config as key="value", which Flower
+# splits at the next quote and reads as TOML strings (a backslash escapes): a quote, backslash or control
+# character is refused before anything starts.
+ALNUM=ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
+case "$SITE" in
+    [$ALNUM]*) ;;
+    *) fail "site name '$SITE': use letters, digits, '.', '_', '-', starting with a letter or digit" ;;
+esac
+case "$SITE" in *[!$ALNUM._-]*) fail "site name '$SITE': use letters, digits, '.', '_', '-' only" ;; esac
+[ "${#SITE}" -le 64 ] || fail "site name '$SITE': at most 64 characters"
+DATA="$(CDPATH='' cd -- "$2" 2>/dev/null && pwd)" || fail "no data folder '$2'"
 STATE="${STATE:-$CREDS/supernodes/$SITE}"
+for value in "$DATA" "$STATE" "$MODS"; do
+    case "$value" in
+        *[\"\\]* | *[[:cntrl:]]*) fail "'$value': a quote, backslash or control character cannot pass --node-config" ;;
+    esac
+done
+KEY="$CREDS/nodes/$SITE"
+[ -f "$KEY" ] || fail "no key $KEY; run python deploy/credentials.py node $SITE"
 mkdir -p "$STATE"
 CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""

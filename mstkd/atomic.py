@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +21,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffixes); on success rename it to ``path``.
 
     Usage: ``with atomic_path(out) as tmp: np.save(tmp, array)``. On an exception the temporary
-    file is removed and ``path`` is left as it was.
+    file is removed and ``path`` is left as it was. The temporary file is created here, under a name no other
+    process can guess, and only if nothing has that name: a link planted in the folder is never written through.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffixes}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp{suffixes}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to any new file
     try:
         yield tmp
         _fsync(tmp)
@@ -136,7 +139,9 @@ def check_writable(folder: str | Path, what: str = "output") -> None:
     from mstkd.errors import InputError
 
     folder = Path(folder).expanduser().absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.exists():
+        raise InputError(f"{what} {folder}: {existing} is a link to nothing")
     if not existing.is_dir():
         raise InputError(f"{what} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -26,13 +26,14 @@ from monai.transforms import Randomizable
 from omegaconf import DictConfig, OmegaConf
 
 from mstkd.atomic import atomic_path, check_writable, copy_file, write_text
-from mstkd.checkpoint import save_checkpoint
+from mstkd.checkpoint import save_checkpoint, stored_config
 from mstkd.config import save_config
 from mstkd.data.dataset import Federation, make_loader, prepare_federation
 from mstkd.errors import InputError
 from mstkd.evaluate import describe_collapse, evaluate_cases, last_tables, parse_subsets
 from mstkd.modalities import SUBSETS
 from mstkd.model import build_networks
+from mstkd.numbers import is_finite, is_whole
 from mstkd.tracking import Tracker
 from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
 
@@ -141,16 +142,38 @@ def resume_centralised(run_dir: str | Path, *, progress: bool = True, trackers: 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise InputError(f"--resume {path}: not a readable training state ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise InputError(f"--resume {path}: not a training state of this version")
-    cfg = OmegaConf.create(state["config"])
-    OmegaConf.set_readonly(cfg, True)
+    cfg = _checked_state(state, path)
     partitioning = state["partitioning"]
     tracker = Tracker(out, trackers)
     with tracker.failed_on_error():
         return _run(
             Path(state["data"]), cfg, out, partitioning=partitioning, progress=progress, state=state, tracker=tracker
         )
+
+
+def _checked_state(state: object, path: Path) -> DictConfig:
+    """The config of a ``state.pt`` (which may have been copied from elsewhere), once its config has passed
+    :func:`~mstkd.checkpoint.stored_config` (no ``${oc.env:...}``, only known keys, checked values) and every other
+    entry has the type this module writes; read-only.
+
+    Raises:
+        InputError: the state is not one of this version, or an entry is missing or of another type.
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f"--resume {path}: not a training state of this version")
+    cfg = stored_config(state.get("config"), f"--resume {path}")
+    types = {"data": str, "partitioning": str | None, "random": dict, "optimizer": dict, "disc_optimizer": dict}
+    types.update(teacher=dict, student=dict, discriminator=dict)
+    wrong = [key for key, kind in types.items() if not isinstance(state.get(key), kind)]
+    epoch, best = state.get("epoch"), state.get("best")
+    if not (is_whole(epoch) and 1 <= epoch <= int(cfg.train.epochs)):
+        wrong.append("epoch")
+    if not (is_finite(best) and -1 <= best <= 1):
+        wrong.append("best")
+    if wrong:
+        raise InputError(f"--resume {path}: not a training state this version writes ({wrong[0]!r})")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def _run(
@@ -195,11 +218,14 @@ def _run(
     log = out / "log.jsonl"
     tracker.start(out.name, {"config": OmegaConf.to_container(cfg, resolve=True)}, resumed=state is not None)
     if state is not None:
-        for name in ("teacher", "student", "discriminator"):  # loads into the parameters in place
-            getattr(nets, name).load_state_dict(state[name])
-        optimizers.main.load_state_dict(state["optimizer"])
-        optimizers.discriminator.load_state_dict(state["disc_optimizer"])
-        set_random_states(state["random"], loader, rng)
+        try:  # the weights, moments and random states must fit what the checked config builds
+            for name in ("teacher", "student", "discriminator"):  # loads into the parameters in place
+                getattr(nets, name).load_state_dict(state[name])
+            optimizers.main.load_state_dict(state["optimizer"])
+            optimizers.discriminator.load_state_dict(state["disc_optimizer"])
+            set_random_states(state["random"], loader, rng)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise InputError(f"--resume {out}: its {STATE} does not fit its config ({type(exc).__name__})") from None
         best, first = float(state["best"]), int(state["epoch"])
         # an epoch logged but killed before its state was saved runs again: keep the log to the saved state
         write_text(log, "".join(_logged_until(log, first)))

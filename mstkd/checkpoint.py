@@ -17,7 +17,7 @@ from mstkd.atomic import atomic_path
 from mstkd.config import load_config
 from mstkd.data.geometry import TargetGeometry
 from mstkd.data.labels import CLASSES, CONVENTIONS, REGIONS
-from mstkd.errors import InputError
+from mstkd.errors import InputError, first_line
 from mstkd.modalities import MODALITIES
 from mstkd.model import MSTKDNet
 
@@ -156,9 +156,11 @@ def checkpoint_geometry(payload: dict) -> TargetGeometry | None:
         InputError: a stored geometry that is not valid.
     """
     stored = payload.get("geometry")
-    if not stored:
+    if stored is None or stored == {}:
         return None
+    if not isinstance(stored, dict):  # a tensor here would make every truth test raise
+        raise InputError(f"checkpoint: its stored geometry is not a mapping ({type(stored).__name__})")
     try:
         return TargetGeometry.from_dict(stored)
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"checkpoint: its stored geometry does not read ({exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"checkpoint: its stored geometry does not read ({first_line(exc)})") from None

@@ -7,10 +7,12 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mstkd.atomic import check_writable
 from mstkd.data.layouts import Layout
 from mstkd.errors import InputError
 
@@ -92,6 +94,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mstkd.evaluate import evaluate_cases, parse_subsets
     from mstkd.train import pick_device
 
+    check_writable(args.out, "--out")  # before the evaluation, not after it
     device = pick_device()
     net, cfg, payload = load_checkpoint(args.checkpoint, device)
     if args.lesion:
@@ -178,7 +181,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         probabilities=args.save_probabilities,
         num_parts=args.num_parts,
         part_id=args.part_id,
-        command=" ".join(["mstkd", *(args.argv or [])]),
+        command=shlex.join(["mstkd", *(args.argv or [])]),
     )
     failed = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""
     kept = f", {len(result.kept)} kept from before" if result.kept else ""

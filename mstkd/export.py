@@ -38,6 +38,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import secrets
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -78,19 +81,25 @@ def export_bundle(checkpoint: str | Path, out: str | Path) -> Path:
             trace does not reproduce it.
     """
     out = Path(out)
+    check_writable(out, what="OUT")
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: not empty; export into a new folder")
-    check_writable(out, what="OUT")
     net, cfg, payload = load_checkpoint(checkpoint, "cpu")
     roi = [int(v) for v in (cfg.eval.roi or cfg.model.input_size)]
-    traced = _trace(net, roi)
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    torch.jit.save(traced, str(out / "models" / "model.ts"))
-    settings = _settings(cfg, payload)
-    write_text(out / "configs" / "inference.json", json.dumps(inference_config(settings, roi), indent=2) + "\n")
+    settings = _settings(cfg, payload)  # every refusal before anything is written
     meta = metadata(settings, roi, sha256_of(checkpoint), Path(checkpoint).name)
-    write_text(out / "configs" / "metadata.json", json.dumps(meta, indent=2) + "\n")
-    write_text(out / "docs" / "README.md", _readme(settings))
+    traced = _trace(net, roi)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    try:  # the bundle is built beside ``out`` and renamed into place: whole, or not there at all
+        (tmp / "models").mkdir(parents=True)
+        torch.jit.save(traced, str(tmp / "models" / "model.ts"))
+        write_text(tmp / "configs" / "inference.json", json.dumps(inference_config(settings, roi), indent=2) + "\n")
+        write_text(tmp / "configs" / "metadata.json", json.dumps(meta, indent=2) + "\n")
+        write_text(tmp / "docs" / "README.md", _readme(settings))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

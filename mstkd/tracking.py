@@ -15,7 +15,10 @@ become slash-separated keys (``val/WT_dice``, ``site-1/train-loss``); only numbe
   its folder (tag ``mstkd.run_folder``), so one MLflow run holds the whole history.
 
 A tracker that fails while the run goes on is dropped with one line on stderr: tracking never
-stops a run.
+stops a run. Run folders get copied between machines, so what one holds is checked before use: a
+local MLflow store whose run keeps its artefacts anywhere but ``<run folder>/mlflow-artifacts/`` is
+refused (the tracker is dropped), an artefact that is a link or not a regular file inside the run folder
+is not kept, and the user:password of a URL is cut from every warning.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ import contextlib
 import math
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from mstkd.errors import InputError
 from mstkd.numbers import is_number
@@ -61,6 +67,19 @@ def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return {k: float(v) for k, v in flatten(values, prefix).items() if is_number(v)}
 
 
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s]*@")
+"""The ``user:password@`` of a URL (up to its last ``@`` before the path), cut from what a warning says."""
+
+
+def redact(text: str) -> str:
+    """``text`` without the credentials of any URL in it: ``http://alice:pw@host/x`` -> ``http://host/x``."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {redact(text)}", file=sys.stderr)
+
+
 def parse_trackers(specs: str | Iterable[str]) -> tuple[str, ...]:
     """``"tensorboard,mlflow"``, or several such strings -> the trackers, each once, in the order given.
 
@@ -86,7 +105,8 @@ class Tracker:
         """Raises :class:`InputError` at once (before any work) for an unknown tracker or one whose package is
         missing."""
         backends = {"tensorboard": _TensorBoard, "mlflow": _MLflow}
-        self.backends = [backends[name](Path(run_dir)) for name in parse_trackers(trackers)]
+        self.run_dir = Path(run_dir)
+        self.backends = [backends[name](self.run_dir) for name in parse_trackers(trackers)]
 
     @property
     def enabled(self) -> bool:
@@ -101,9 +121,22 @@ class Tracker:
         self._each("log", step, scalars(values, prefix))
 
     def finish(self, artifacts: Iterable[Path] = (), *, failed: bool = False) -> None:
-        """End the run: keep ``artifacts`` (the files that exist; MLflow only) and mark it finished or failed.
-        A run already ended is left as it is."""
-        self._each("finish", [p for p in artifacts if Path(p).is_file()], failed)
+        """End the run: keep ``artifacts`` (the regular files that exist in the run folder, links not followed;
+        MLflow only) and mark it finished or failed. A run already ended is left as it is."""
+        kept = [Path(p) for p in artifacts if self.backends and self._keeps(Path(p))]
+        self._each("finish", kept, failed)
+
+    def _keeps(self, path: Path) -> bool:
+        """Whether ``path`` may leave as an artefact: a regular file (by ``lstat``: a link to a secret is not
+        followed) whose real place is in the run folder (no linked folder on the way); missing: silently not."""
+        try:
+            mode = path.lstat().st_mode
+        except OSError:  # missing, or under something that is not a folder
+            return False
+        if stat.S_ISREG(mode) and path.resolve().is_relative_to(self.run_dir.resolve()):
+            return True
+        _warn(f"{path} not kept as a tracking artefact: a link, not a regular file, or outside the run folder")
+        return False
 
     @contextlib.contextmanager
     def failed_on_error(self) -> Iterator[None]:
@@ -122,9 +155,7 @@ class Tracker:
             except Exception as exc:  # any error of a tracking library or its server
                 self.backends.remove(backend)
                 name = type(backend).__name__.strip("_")
-                print(
-                    f"warning: {name} tracking stopped ({type(exc).__name__}: {exc}); the run goes on", file=sys.stderr
-                )
+                _warn(f"{name} tracking stopped ({type(exc).__name__}: {exc}); the run goes on")
 
 
 class _TensorBoard:
@@ -171,6 +202,8 @@ class _MLflow:
         self.run_dir = run_dir.resolve()
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         self.uri = uri or f"sqlite:///{self.run_dir / MLFLOW_DB}"
+        # a store in the run folder may have come with a copied folder: its artefacts must stay in that folder
+        self.confined_to = None if uri else self.run_dir / MLFLOW_ARTIFACTS
         # artefacts beside a local database (a server keeps its own); MLflow's default is ./mlruns wherever it runs
         database = self.uri.removeprefix("sqlite:///") if self.uri.startswith("sqlite:///") else ""
         self.artifact_location = (Path(database).parent / MLFLOW_ARTIFACTS).as_uri() if database else None
@@ -189,25 +222,60 @@ class _MLflow:
             if found is not None
             else self.client.create_experiment(experiment, artifact_location=self.artifact_location)
         )
-        if resumed:  # the last run of this run folder, if this store holds one: it goes on
-            earlier = self.client.search_runs(
-                [experiment_id],
-                filter_string=f"tags.`{FOLDER_TAG}` = '{self.run_dir.as_posix()}'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if earlier:
-                self.run_id = earlier[0].info.run_id
-                self.client.update_run(self.run_id, status="RUNNING")
-                return
+        earlier = self._last_run(experiment_id) if resumed else None  # this folder's last run goes on
+        if earlier is not None:
+            self._check_artifacts(earlier.info.artifact_uri)
+            self.run_id = earlier.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
         tags = {FOLDER_TAG: self.run_dir.as_posix()}
-        self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        self._check_artifacts(run.info.artifact_uri)  # a planted experiment's location is the run's
+        self.run_id = run.info.run_id
         flat = [
             Param(_MLFLOW_KEY.sub("_", k), str(v)[:_MLFLOW_PARAM_LENGTH])
             for k, v in flatten(params, count_lists=False).items()
         ]
         for i in range(0, len(flat), _MLFLOW_BATCH):
             self.client.log_batch(self.run_id, params=flat[i : i + _MLFLOW_BATCH])
+
+    def _last_run(self, experiment_id: str) -> Any:
+        """The latest run tagged with this run folder, or None. The filter cannot quote every path (MLflow has
+        no escape for a quote), so it asks for a LIKE pattern with ``_`` for each unusual character, and the
+        tag is matched exactly here."""
+        folder = self.run_dir.as_posix()
+        pattern = re.sub(r"[^\w./ -]", "_", folder)
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{FOLDER_TAG}` LIKE '{pattern}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=_MLFLOW_BATCH,
+                page_token=token,
+            )
+            found = next((run for run in page if run.data.tags.get(FOLDER_TAG) == folder), None)
+            if found is not None or not page.token:
+                return found
+            token = page.token
+
+    def _check_artifacts(self, uri: str) -> None:
+        """Refuses (the tracker is dropped) a run of the local store whose artefacts would go anywhere but the
+        store's own folder in the run folder: another place, a linked folder, another scheme."""
+        if self.confined_to is None:
+            return  # a store given by MLFLOW_TRACKING_URI keeps its artefacts where its owner set
+        parts = urlsplit(uri or "")
+        path = Path(url2pathname(parts.path))
+        if not (
+            parts.scheme == "file"
+            and parts.netloc in ("", "localhost")
+            and path.is_absolute()
+            and path.resolve().is_relative_to(self.confined_to)
+        ):
+            raise InputError(
+                f"{MLFLOW_DB} keeps this run's artefacts outside {self.confined_to} (a copied run folder?): "
+                f"refused; move {MLFLOW_DB} aside to start a new store"
+            )
 
     def log(self, step: int, points: dict[str, float]) -> None:
         from mlflow.entities import Metric

@@ -48,6 +48,8 @@ CONFIG_YAML = "config.yaml"
 """Where ``mstkd preprocess`` keeps the config it prepared the cache with."""
 RESERVED = frozenset({SPLIT_CSV, CONFIG_YAML})
 """Names in the cache root that are not case entries (temporary entries start with ``.``)."""
+ENTRY_FILES = frozenset({"image.npy", "regions.npy", "meta.json"})
+"""What a case entry holds: a folder under the root with anything else is not replaced (it is not the cache's)."""
 BRAIN_MARGIN = 2  # voxels of background kept around the brain, so crops near the edge see some
 
 
@@ -110,6 +112,15 @@ def _sound(folder: Path, meta: dict[str, Any], dtype: np.dtype) -> bool:
         return sound and len(spacing) == 3 and all(is_finite(v) and v > 0 for v in spacing)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a missing array, a pickle, an .npz, ...
         return False
+
+
+def _check_entry(folder: Path) -> None:
+    """Refuse to replace ``folder`` unless it is a cache entry: a real folder of :data:`ENTRY_FILES` only (a cache
+    root given as the data folder, or a folder of someone's notes, keeps its files)."""
+    others = sorted(p.name for p in folder.iterdir() if p.name not in ENTRY_FILES) if folder.is_dir() else []
+    if folder.is_symlink() or not folder.is_dir() or others:
+        what = f"holds {others[0]}" if others else "is a link" if folder.is_symlink() else "is not a folder"
+        raise InputError(f"{folder}: not a cache entry ({what}); the cache replaces only its own entries")
 
 
 class CaseCache:
@@ -218,7 +229,8 @@ class CaseCache:
                     bits |= region.astype(np.uint8) << i
                 np.save(tmp / "regions.npy", np.ascontiguousarray(bits[crop]))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists():
+            if final.is_symlink() or final.exists():
+                _check_entry(final)
                 shutil.rmtree(final)
             os.replace(tmp, final)
         except OSError:

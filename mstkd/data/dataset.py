@@ -176,8 +176,11 @@ def prepare_federation(
     # planned from the training cases of the sites asked for (the test cases when none is)
     planned = [folders[c] for site in split.sites if sites is None or site in sites for c in site_split(split, site)]
     target = plan_target(cfg, planned or [folders[c] for c in split.test])
+    root = Path(cache_dir or data_dir / DEFAULT_CACHE)
+    if root.resolve() in {data_dir.resolve(), *(Path(f).resolve() for f in folders.values())}:
+        raise InputError(f"{root}: the cache folder may not be the data folder or a case folder")
     cache = CaseCache(
-        cache_dir or data_dir / DEFAULT_CACHE,
+        root,
         normalization=cfg.normalization,
         dtype=cfg.cache_dtype,
         modalities=list(cfg.modalities),

@@ -17,7 +17,8 @@ from mstkd.model import build_networks
 from mstkd.train import Networks, make_optimizers
 
 
-def test_site_state_keeps_the_previous_round_for_a_resumed_round(tmp_path):
+def _saved_twice(tmp_path):
+    """A tiny site's networks, optimisers and generator, and its state saved after rounds 1 and 2."""
     cfg = load_config(["model=tiny"])
     nets = Networks(*build_networks(cfg.model))
     optimizers = make_optimizers(nets, cfg.train)
@@ -25,6 +26,11 @@ def test_site_state_keeps_the_previous_round_for_a_resumed_round(tmp_path):
     state = SiteState(tmp_path)
     for r in (1, 2):
         state.save(nets, optimizers, rng, {"round": r, "rounds": r, "epoch": float(r)})
+    return nets, optimizers, rng, state
+
+
+def test_site_state_keeps_the_previous_round_for_a_resumed_round(tmp_path):
+    nets, optimizers, rng, state = _saved_twice(tmp_path)
     assert state.load(nets, optimizers, rng, before_round=3)["round"] == 2
     assert state.load(nets, optimizers, rng, before_round=2)["round"] == 1  # round 2 is being redone
     assert state.load(nets, optimizers, rng, before_round=1) is None
@@ -92,6 +98,29 @@ def test_site_state_is_read_without_unpickling_and_never_holds_non_finite_weight
     with pytest.raises(NonFiniteState, match="not saved"):
         SiteState(tmp_path / "inf").save(nets, optimizers, rng, {"round": 2, "rounds": 2, "epoch": 2.0})
     assert not (tmp_path / "inf" / "local.pt").exists()
+
+
+def test_a_damaged_sidecar_or_a_state_of_other_networks_falls_back_to_the_state_before_it(tmp_path):
+    """A sidecar of ``[]`` (TypeError) or with a round of ``"x"`` (ValueError), and a state whose teacher does not fit
+    this run's networks (RuntimeError), each stopped the message instead of falling back as the docs promise."""
+    import json
+
+    nets, optimizers, rng, state = _saved_twice(tmp_path)
+    sidecar = next(p for p in tmp_path.iterdir() if p.name.endswith(".json") and "prev" not in p.name)
+    written = json.loads(sidecar.read_text())
+    sidecar.write_text("[]")  # not a sidecar: the state file itself is read, and it is good
+    assert state.load(nets, optimizers, rng)["round"] == 2
+    sidecar.write_text(json.dumps({**written, "info": {**written["info"], "round": "x"}}))
+    assert state.load(nets, optimizers, rng)["round"] == 2
+    payload = torch.load(state.path, weights_only=True)
+    for bad_info in ({"round": "x"}, ["round"]):  # the file's own counters are not a node's
+        torch.save({**payload, "info": bad_info}, state.path)
+        assert state.load(nets, optimizers, rng)["round"] == 1
+    torch.save({**payload, "teacher": {"x": torch.zeros(2)}}, state.path)
+    assert state.load(nets, optimizers, rng)["round"] == 1
+    state.previous.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="no usable node state"):
+        state.load(nets, optimizers, rng)
 
 
 def test_site_state_is_chosen_without_reading_a_state_file(tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ssl
 import threading
 
+import pytest
+
 from deploy.credentials import make_ca, make_node_key, make_server
 
 
@@ -94,3 +96,51 @@ def test_certificates_pass_strict_x509_verification(tmp_path):
     thread.join(10)
     listener.close()
     assert not errors
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../escaped-key", "ABSOLUTE", "a\nssh-ed25519 AAAA attacker", "a b", ".hidden", "-rf", "", "x" * 65, "a/b"],
+)
+def test_a_node_name_cannot_leave_the_keys_folder_or_add_a_line(tmp_path, capsys, name):
+    from deploy.credentials import main
+
+    out = tmp_path / "deep" / "creds"
+    name = str(tmp_path / "absolute-key") if name == "ABSOLUTE" else name
+    assert main(["--out", str(out), "node", "--", name]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: node name"), err
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written, in or out of creds
+    with pytest.raises(ValueError, match="node name"):
+        make_node_key(out, name)
+    for good in ("hospital-a", "site_1.b", "x" * 64):
+        _, public = make_node_key(out, good)
+        assert public.read_text().count("\n") == 1 and public.read_text().endswith(f" {good}\n")
+
+
+def test_bad_hosts_a_half_ca_or_a_file_as_out_are_one_line_not_tracebacks(tmp_path, capsys):
+    from deploy.credentials import main
+
+    def one_line(argv: list[str], *words: str) -> None:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and all(w in err[0] for w in words), (argv, err)
+
+    out = tmp_path / "creds"
+    assert main(["--out", str(out), "ca"]) == 0
+    capsys.readouterr()
+    one_line(["--out", str(out), "server", "--host", "hôpital.example"], "A-label", "xn--hpital-ixa.example")
+    for host in ("a b", "link;evil", "link.example.org\nx", "[::1%x]", ""):
+        one_line(["--out", str(out), "server", "--host", host], "--host")
+    assert not (out / "server.pem").exists()
+    (out / "ca.crt").unlink()  # ca.key without ca.crt
+    one_line(["--out", str(out), "server", "--host", "link.example.org"], "ca.crt")
+    (out / "ca.crt").write_text("not a certificate")
+    one_line(["--out", str(out), "server"], "CA", "cannot be read")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    one_line(["--out", str(a_file), "ca"], "is a file")
+    one_line(["--out", str(a_file), "node", "hospital-a"], "is a file")
+    assert main(["--out", str(out), "--force", "ca"]) == 0
+    ok = ["--out", str(out), "server", "--host", "xn--hpital-ixa.example", "--host", "::1", "--host", "[fe80::1]"]
+    assert main(ok) == 0

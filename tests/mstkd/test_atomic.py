@@ -31,3 +31,25 @@ def test_atomic_writes_are_flushed_and_leave_nothing_behind_when_they_fail(tmp_p
         tmp.write_text("half")
         raise RuntimeError("crash mid-write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "key"]
+
+
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path):
+    """The temporary name was ``.<name>.<pid>.tmp<suffix>``: whoever could write the folder could plant a link there
+    for a range of process ids, and the next write went through it to a file of their choice."""
+    from mstkd.atomic import write_text
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for pid in (os.getpid(), *range(1, 200)):
+        (folder / f".REPORT.md.{pid}.tmp.md").symlink_to(outside)
+    old = os.umask(0o022)
+    try:
+        write_text(folder / "REPORT.md", "report")
+    finally:
+        os.umask(old)
+    assert outside.read_text() == "precious"
+    report = folder / "REPORT.md"
+    assert not report.is_symlink() and report.read_text() == "report"
+    assert report.stat().st_mode & 0o777 == 0o644  # a new file's usual mode, as before

@@ -331,6 +331,26 @@ def test_cache_rebuilds_when_source_or_setting_changes(tmp_path):
     assert z.case_id == "FeTS2022_00001"
 
 
+def test_the_cache_never_replaces_a_folder_it_did_not_write(dataset, tmp_path, capsys):
+    """``--cache`` set to the data folder (or a case folder) would have replaced each case's scans by its entry, and a
+    folder of notes that shares a case's name would have been emptied: refused in one line, every file kept."""
+    from mstkd.cli import main
+
+    files = sorted(p for p in dataset.rglob("*") if p.is_file())
+    for cache in (dataset, dataset / "FeTS2022_00001", dataset / "." / "FeTS2022_00002" / ".."):
+        assert main(["preprocess", str(dataset), "--cache", str(cache), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "the cache folder may not be the data folder or a case folder" in err and len(err.splitlines()) == 1
+    notes = tmp_path / "mycache" / "FeTS2022_00003"
+    notes.mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine")
+    assert main(["preprocess", str(dataset), "--cache", str(tmp_path / "mycache"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "FeTS2022_00003: not a cache entry (holds notes.txt)" in err and len(err.splitlines()) == 1
+    assert (notes / "notes.txt").read_text() == "mine" and sorted(notes.iterdir()) == [notes / "notes.txt"]
+    assert sorted(p for p in dataset.rglob("*") if p.is_file()) == files  # no scan removed, nothing added
+
+
 def test_a_source_rewritten_with_its_old_mtime_or_a_damaged_entry_is_rebuilt(tmp_path):
     """``cp -p`` and ``rsync -t`` keep a file's modification time; another version of the same size then looked
     unchanged. A ``.nii.gz`` ends in a checksum of its content, which the fingerprint holds. An entry whose arrays

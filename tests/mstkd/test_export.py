@@ -139,3 +139,21 @@ def test_a_sigmoid_model_is_decoded_by_threshold_in_the_bundle_too(tmp_path):
     )
     run(**bundle_args(tmp_path, tmp_path / "out"))
     same_labels(tmp_path, tmp_path / "out")
+
+
+def test_a_refused_export_leaves_no_folder_behind(tmp_path, capsys):
+    """``model.ts`` was written before the settings were checked, so a refused export left a half bundle, and the
+    next try was refused as "not empty"; an output that is a broken link or a file is one line too."""
+    from mstkd.checkpoint import save_checkpoint
+    from mstkd.config import load_config
+    from mstkd.model import build_networks
+
+    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]", "data.normalization=minmax"])
+    ckpt = save_checkpoint(tmp_path / "minmax.pt", build_networks(cfg.model)[1], cfg)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    for out, reason in (("bundle", "writes the z-score only"), ("dangling", "a link to nothing"), ("file", "a file")):
+        assert main(["export", str(ckpt), str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file", "minmax.pt"]

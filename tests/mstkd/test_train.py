@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mstkd.checkpoint import load_checkpoint
+from mstkd.checkpoint import checkpoint_geometry, load_checkpoint
 from mstkd.cli import main
 from mstkd.config import load_config
 from mstkd.data.dataset import make_loader, prepare_federation
@@ -417,6 +419,11 @@ def test_a_checkpoint_from_elsewhere_is_checked_before_anything_is_built_from_it
     for reason, change in cases.items():
         with pytest.raises(InputError, match=reason):
             load_checkpoint(_tampered(ckpt, tmp_path, "bad.pt", change))
+    # the target geometry is read by predict, evaluate and export: a tensor there raised on its truth value
+    for geometry in (torch.zeros(3), [2.0, 2.0, 2.0], {"spacing": [float("nan")] * 3}, {"spacing": "abc"}):
+        payload = torch.load(_tampered(ckpt, tmp_path, "bad.pt", lambda p, g=geometry: p.update(geometry=g)))
+        with pytest.raises(InputError, match="^checkpoint: its stored geometry "):
+            checkpoint_geometry(payload)
 
 
 def test_an_older_checkpoint_without_a_newer_key_takes_its_default(tmp_path):
@@ -552,6 +559,41 @@ def test_resume_and_fresh_runs_refuse_bad_folders_in_one_line(phantoms, tmp_path
     (run / "state.pt").write_bytes(b"garbage")
     assert main(["train", "--resume", str(run)]) == 2
     assert "not a readable training state" in capsys.readouterr().err
+
+
+def test_a_training_state_from_elsewhere_is_checked_before_it_is_resumed(phantoms, tmp_path, capsys, monkeypatch):
+    """A run folder copied in: its state.pt's config passes the checks a checkpoint's does (no ``${oc.env:...}``,
+    which was resolved and written into last.pt and the trackers, no model past the schema's bounds), every entry has
+    the type this version writes, and weights that do not fit the config are one line, not a traceback."""
+    run = tmp_path / "run"
+    argv = [*TINY, "train.epochs=2", "train.steps_per_epoch=1", "train.eval_every=5"]
+    assert main(["train", "--data", str(phantoms), "--out", str(run), "--quiet", *argv]) == 0
+    good = torch.load(run / "state.pt", weights_only=True)
+    capsys.readouterr()
+    monkeypatch.setenv("MSTKD_SECRET", "hunter2")
+
+    def with_config(key: str, value):
+        config = copy.deepcopy(good["config"])
+        *path, last = key.split(".")
+        functools.reduce(dict.__getitem__, path, config)[last] = value
+        return {**good, "config": config}
+
+    tampered = [
+        (with_config("train.out_dir", "leak:${oc.env:MSTKD_SECRET}"), "something other than a plain value"),
+        (with_config("model.vit.layers", 100000), "model.vit.layers"),
+        ({k: v for k, v in good.items() if k != "config"}, "its config is not a mapping"),
+        ({**good, "data": 5}, "'data'"),
+        ({**good, "epoch": 1e9}, "'epoch'"),
+        ({**good, "best": float("nan")}, "'best'"),
+        ({**good, "student": {"x": torch.zeros(2)}}, "does not fit its config (RuntimeError)"),
+    ]
+    for state, named in tampered:
+        torch.save(state, run / "state.pt")
+        assert main(["train", "--resume", str(run), "--quiet"]) == 2, named
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and named in errors[0] and "Traceback" not in err, (named, err)
+    assert not any(b"hunter2" in p.read_bytes() for p in run.rglob("*") if p.is_file())
 
 
 def test_tensorboard_and_mlflow_get_a_point_per_epoch(phantoms, tmp_path, monkeypatch):

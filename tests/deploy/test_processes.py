@@ -1,0 +1,87 @@
+"""Starting and stopping the deployment's processes (deploy.processes, deploy/start_supernode.sh): node configs
+that cannot smuggle keys into Flower's --node-config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from deploy import processes
+
+ROOT = Path(__file__).resolve().parents[2]
+SMUGGLING = ['hospital-b" extra="1', "a\\", 'x" site-name="hospital-b', "a\nb"]
+
+
+@pytest.mark.parametrize("value", SMUGGLING)
+def test_a_node_config_value_with_a_quote_or_backslash_is_refused_before_anything_starts(tmp_path, monkeypatch, value):
+    started = []
+    monkeypatch.setattr(processes.subprocess, "Popen", lambda *a, **k: started.append(a))
+    config = {"data-path": str(tmp_path), "site-name": value, "state-dir": str(tmp_path)}
+    with pytest.raises(ValueError, match="node-config site-name") as refused:
+        processes.start_supernode(
+            tmp_path,
+            tmp_path / "key",
+            superlink="127.0.0.1:1",
+            port=1,
+            node_config=config,
+            home=tmp_path / "h",
+            log=tmp_path / "l",
+        )
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ValueError, match="node-config"):
+        processes.start_local_federation(
+            [], tmp_path, tmp_path, {"a": (tmp_path / "k", config)}, port=1, node_ports=[2]
+        )
+    assert started == []
+    good = {"data-path": str(tmp_path / "my data=x y"), "site-name": "hospital-a", "modalities": "flair,t1"}
+    assert parse_config_args([processes.node_config_arg(good)]) == good
+
+
+def _supernode_sh(tmp_path: Path, site: str, data: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """deploy/start_supernode.sh with a stand-in flower-supernode that records its arguments."""
+    creds, fake = tmp_path / "creds", tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    record = tmp_path / "flower-supernode.args"
+    (fake / "flower-supernode").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{record}"\n')
+    (fake / "flower-supernode").chmod(0o755)
+    env = os.environ | {"CREDS": str(creds), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("STATE", None)
+    cmd = ["bash", str(ROOT / "deploy" / "start_supernode.sh"), site, str(data), "127.0.0.1:9093"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60), record
+
+
+@pytest.mark.parametrize(
+    ("site", "data"),
+    [
+        ('hospital-a" extra="1', "data"),
+        ("hospital-a", 'data" extra="1'),
+        ("hospital-a", "data\\"),
+        ("../escaped", "data"),
+    ],
+)
+def test_start_supernode_sh_refuses_what_would_add_node_config_keys_or_leave_the_keys_folder(tmp_path, site, data):
+    creds = tmp_path / "creds"
+    (creds / "nodes").mkdir(parents=True)
+    (creds / "nodes" / site).parent.mkdir(parents=True, exist_ok=True)
+    (creds / "nodes" / site).write_text("")  # a key is there, so only the new checks stand in the way
+    (tmp_path / data).mkdir()
+    done, record = _supernode_sh(tmp_path, site, tmp_path / data)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: ") and not record.exists()
+    assert not (creds / "supernodes").exists()  # nothing made, nothing started
+
+
+def test_start_supernode_sh_passes_a_good_site_through_as_flower_reads_it(tmp_path):
+    (tmp_path / "creds" / "nodes").mkdir(parents=True)
+    (tmp_path / "creds" / "nodes" / "hospital-a").write_text("")
+    (tmp_path / "my data").mkdir()
+    done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path / "my data")
+    assert done.returncode == 0, done.stderr
+    args = record.read_text().splitlines()
+    config = parse_config_args([args[args.index("--node-config") + 1]])
+    state = str(tmp_path / "creds" / "supernodes" / "hospital-a")
+    assert config == {"data-path": str(tmp_path / "my data"), "site-name": "hospital-a", "state-dir": state}
