@@ -177,6 +177,7 @@ class SiteState:
                 if info is None or (before_round is not None and int(info.get("round", 0)) >= before_round):
                     continue
                 payload = self._read(path)
+                counters = _counters(payload["info"], path)  # the file's own, whatever its sidecar says
                 if not _all_finite(payload):
                     raise NonFiniteState(f"{path}: the stored teacher or optimiser state is not finite")
             except (InputError, NonFiniteState) as exc:  # the older state, if any, is still good
@@ -192,7 +193,7 @@ class SiteState:
                 refused.append(InputError(f"{path}: does not fit this run's networks ({type(exc).__name__})"))
                 log.warning("%s; trying the state before it", refused[-1])
                 continue
-            return _counters(payload["info"], path)
+            return counters
         if refused:  # state there, none of it usable: starting afresh would half-use this run's rounds
             folder = self.path.parent
             raise InputError(f"no usable node state in {folder} ({refused[-1]}); remove that folder to start over")

@@ -66,19 +66,20 @@ def check_node_name(name: str) -> str:
 
 def _alt_name(host: str) -> x509.GeneralName:
     """A certificate's name for ``host``: an IP address (IPv6 with or without brackets) or an ASCII DNS name
-    (:func:`deploy.proxy.check_host`).
+    (:func:`deploy.proxy.check_host`), which may start with a wildcard label (``*.example.org``).
 
     Raises:
         BadCredentialInput: anything else, a non-ASCII name included (with its A-label form to pass instead).
     """
+    wildcard = "*." if host.startswith("*.") else ""  # a certificate for every name under a domain
     try:
-        checked = check_host(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+        checked = check_host(f"[{host}]" if ":" in host and not host.startswith("[") else host.removeprefix(wildcard))
     except ValueError as exc:
         raise BadCredentialInput(f"--host {exc}") from None
     try:
         return x509.IPAddress(ipaddress.ip_address(checked.strip("[]")))
     except ValueError:
-        return x509.DNSName(checked)
+        return x509.DNSName(wildcard + checked)
 
 
 def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

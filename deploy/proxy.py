@@ -86,9 +86,10 @@ class ProxyUnavailable(RuntimeError):
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
-"""A DNS host name: letters, digits and hyphens in dot-separated labels of at most 63 characters."""
+"""A host name: letters, digits, hyphens and underscores (which some local names carry) in dot-separated labels of
+at most 63 characters."""
 PORT = re.compile(r"[0-9]{1,5}")
 UNSAFE_PATH = re.compile(r'["\\$\x00-\x1f\x7f]')
 """What a path pasted (quoted) into nginx's configuration may not hold: a quote, a backslash, a variable's ``$``,
@@ -122,21 +123,29 @@ def check_host(host: str) -> str:
     raise ValueError(f"{host!r} is not an IP address (IPv6 in brackets) or a DNS host name{hint}")
 
 
-def check_address(address: str, what: str) -> str:
-    """``host:port`` with :func:`check_host`'s host and a port 1..65535, in canonical form.
+def check_address(address: str, what: str, *, listen: bool = False) -> str:
+    """``host:port`` with :func:`check_host`'s host (an IPv6 address may come without brackets: ``::1:9092``) and a
+    port 1..65535, in canonical form; with ``listen`` (an address to listen on) also ``PORT`` and ``*:PORT``, every
+    address.
 
     Raises:
         ValueError: anything else, in one line that names ``what`` (e.g. ``--public``).
     """
     host, colon, port = address.rpartition(":")
-    if colon and PORT.fullmatch(port) and 1 <= int(port) <= 65535:
+    if not (PORT.fullmatch(port) and 1 <= int(port) <= 65535):
+        reason = "no port 1..65535 after its last ':'"
+    elif listen and host in ("", "*"):  # nginx's "listen 9093" and "listen *:9093": every address
+        return f"*:{int(port)}" if host else str(int(port))
+    elif not colon:
+        reason = "no host before the port"
+    else:
         try:
-            return f"{check_host(host)}:{int(port)}"
+            ip = ipaddress.ip_address(host) if ":" in host and not host.startswith("[") else None
+            return f"{check_host(f'[{ip}]' if ip else host)}:{int(port)}"
         except ValueError as exc:
             reason = str(exc)
-    else:
-        reason = "no port 1..65535 after its last ':'"
-    raise ValueError(f"{what} {address!r}: {reason}; expected HOST:PORT")
+    expected = "HOST:PORT, *:PORT or PORT" if listen else "HOST:PORT"
+    raise ValueError(f"{what} {address!r}: {reason}; expected {expected}")
 
 
 def _check_path(path: Path, what: str) -> Path:
@@ -197,7 +206,7 @@ def write_config(creds: Path, state: Path, *, public: str, superlink: str) -> Pa
     Raises:
         ValueError: an address or path that cannot go into the configuration, in one line.
     """
-    public = check_address(public, "--public")
+    public = check_address(public, "--public", listen=True)
     superlink = check_address(superlink, "--superlink")
     if superlink.rpartition(":")[0] not in LOOPBACK:
         raise ValueError(f"--superlink {superlink}: the SuperLink must listen on loopback only ({', '.join(LOOPBACK)})")

@@ -89,15 +89,20 @@ def export_bundle(checkpoint: str | Path, out: str | Path) -> Path:
     settings = _settings(cfg, payload)  # every refusal before anything is written
     meta = metadata(settings, roi, sha256_of(checkpoint), Path(checkpoint).name)
     traced = _trace(net, roi)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
-    try:  # the bundle is built beside ``out`` and renamed into place: whole, or not there at all
+    folder = out.resolve()  # an empty folder given (``.``, or through a link) keeps its place, owner and mode
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    try:  # built beside ``out``, then renamed into place: each part whole, or not there at all
         (tmp / "models").mkdir(parents=True)
         torch.jit.save(traced, str(tmp / "models" / "model.ts"))
         write_text(tmp / "configs" / "inference.json", json.dumps(inference_config(settings, roi), indent=2) + "\n")
         write_text(tmp / "configs" / "metadata.json", json.dumps(meta, indent=2) + "\n")
         write_text(tmp / "docs" / "README.md", _readme(settings))
-        os.replace(tmp, out)
+        if folder.is_dir():
+            for part in ("configs", "docs", "models"):  # the model last: a bundle without it is plainly unfinished
+                os.replace(tmp / part, folder / part)
+        else:
+            os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

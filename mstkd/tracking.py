@@ -69,11 +69,14 @@ def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s]*@")
 """The ``user:password@`` of a URL (up to its last ``@`` before the path), cut from what a warning says."""
+_SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:password|passwd|secret|token|key)[^=&\s]*=)[^&\s]*", re.IGNORECASE)
+"""A query value whose name says it is a secret (``?sslpassword=...``, ``&access_token=...``)."""
 
 
 def redact(text: str) -> str:
-    """``text`` without the credentials of any URL in it: ``http://alice:pw@host/x`` -> ``http://host/x``."""
-    return _USERINFO.sub(r"\1", text)
+    """``text`` without the credentials of any URL in it: ``http://alice:pw@host/x?token=t`` -> ``http://host/x?token=***``
+    (the user:password part, and query values named like a password, secret, token or key)."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1", text))
 
 
 def _warn(text: str) -> None:
@@ -273,8 +276,8 @@ class _MLflow:
             and path.resolve().is_relative_to(self.confined_to)
         ):
             raise InputError(
-                f"{MLFLOW_DB} keeps this run's artefacts outside {self.confined_to} (a copied run folder?): "
-                f"refused; move {MLFLOW_DB} aside to start a new store"
+                f"{MLFLOW_DB} keeps this run's artefacts outside {self.confined_to} (a run folder moved or copied "
+                f"here?): refused; move {MLFLOW_DB} aside to start a new store"
             )
 
     def log(self, step: int, points: dict[str, float]) -> None:

@@ -115,9 +115,11 @@ def _sound(folder: Path, meta: dict[str, Any], dtype: np.dtype) -> bool:
 
 
 def _check_entry(folder: Path) -> None:
-    """Refuse to replace ``folder`` unless it is a cache entry: a real folder of :data:`ENTRY_FILES` only (a cache
-    root given as the data folder, or a folder of someone's notes, keeps its files)."""
-    others = sorted(p.name for p in folder.iterdir() if p.name not in ENTRY_FILES) if folder.is_dir() else []
+    """Refuse to replace ``folder`` unless it is a cache entry: a real folder of :data:`ENTRY_FILES` only, besides
+    the hidden files a file system leaves (a cache root given as the data folder, or a folder of someone's notes,
+    keeps its files)."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() and not folder.is_symlink() else []
+    others = sorted(n for n in names if n not in ENTRY_FILES and not n.startswith("."))  # .DS_Store, .nfs*: the OS's
     if folder.is_symlink() or not folder.is_dir() or others:
         what = f"holds {others[0]}" if others else "is a link" if folder.is_symlink() else "is not a folder"
         raise InputError(f"{folder}: not a cache entry ({what}); the cache replaces only its own entries")

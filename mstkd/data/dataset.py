@@ -177,8 +177,11 @@ def prepare_federation(
     planned = [folders[c] for site in split.sites if sites is None or site in sites for c in site_split(split, site)]
     target = plan_target(cfg, planned or [folders[c] for c in split.test])
     root = Path(cache_dir or data_dir / DEFAULT_CACHE)
-    if root.resolve() in {data_dir.resolve(), *(Path(f).resolve() for f in folders.values())}:
-        raise InputError(f"{root}: the cache folder may not be the data folder or a case folder")
+    real = root.resolve()
+    if real == data_dir.resolve() or any(
+        real in (f, *f.parents) for f in (Path(f).resolve() for f in folders.values())
+    ):
+        raise InputError(f"{root}: the cache folder may not be the data folder, a case folder or a folder above one")
     cache = CaseCache(
         root,
         normalization=cfg.normalization,

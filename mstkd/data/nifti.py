@@ -3,8 +3,8 @@
 Every read goes through :func:`read_header` (the header alone) or :func:`read_volume`, which
 refuse (with :class:`InputError`, one line) a file that is missing, truncated or not NIfTI, and
 before a voxel is read, one whose header claims more than 3 axes or more than
-:data:`MAX_FILE_VOXELS` voxels, voxels that are not plain numbers (complex, RGB), a spatial unit
-other than mm, or a geometry that is not a grid (a non-finite or singular affine, a voxel size
+:data:`MAX_FILE_VOXELS` voxels, voxels that are not plain numbers (complex, RGB), metres or
+micrometres as the spatial unit, or a geometry that is not a grid (a non-finite or singular affine, a voxel size
 outside :data:`VOXEL_SIZE_RANGE`); then one whose values are NaN, Inf, or beyond the range of the
 type they are read as. Whatever nibabel raises for a broken file becomes that one line, so one bad
 file costs its case, never a whole site or folder. Every write goes through :func:`write_volume`,
@@ -40,7 +40,7 @@ one slice once resampled)."""
 OTHER_UNITS = {1: "metres", 3: "micrometres"}
 """Spatial units (the NIfTI ``xyzt_units`` code's low three bits) that are not mm. The project reads every voxel
 size and affine in mm, so a file in one of these is refused, not read a thousand times too coarse or too fine;
-the code for mm (2) and "unknown" (0, which every reader takes as mm) are read."""
+the code for mm (2), "unknown" (0) and the codes NIfTI leaves undefined (4..7) are read as mm."""
 
 
 @dataclass
@@ -64,8 +64,9 @@ def is_nifti(path: Path) -> bool:
 
 def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     """Open a NIfTI file and check its header, reading no voxel: at most 3 axes (a trailing singleton 4th is
-    accepted) and :data:`MAX_FILE_VOXELS` voxels, plain numbers as voxels, mm (or no unit) as the spatial unit, a
-    finite non-singular affine, and voxel sizes (the header's and the affine's) within :data:`VOXEL_SIZE_RANGE`.
+    accepted) and :data:`MAX_FILE_VOXELS` voxels, plain numbers as voxels, a spatial unit that is not metres or
+    micrometres, a finite non-singular affine, and voxel sizes (the header's and the affine's) within
+    :data:`VOXEL_SIZE_RANGE`.
 
     Raises:
         InputError: the file is missing or is not such a file.

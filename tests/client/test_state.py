@@ -116,6 +116,13 @@ def test_a_damaged_sidecar_or_a_state_of_other_networks_falls_back_to_the_state_
     for bad_info in ({"round": "x"}, ["round"]):  # the file's own counters are not a node's
         torch.save({**payload, "info": bad_info}, state.path)
         assert state.load(nets, optimizers, rng)["round"] == 1
+        # the same behind a sidecar that matches the file (its stamp renewed): the file's counters still count
+        sidecar.write_text(
+            json.dumps(
+                {"stamp": [state.path.stat().st_size, state.path.stat().st_mtime_ns], **{"info": written["info"]}}
+            )
+        )
+        assert state.load(nets, optimizers, rng)["round"] == 1
     torch.save({**payload, "teacher": {"x": torch.zeros(2)}}, state.path)
     assert state.load(nets, optimizers, rng)["round"] == 1
     state.previous.write_bytes(b"garbage")

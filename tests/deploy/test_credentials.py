@@ -143,4 +143,11 @@ def test_bad_hosts_a_half_ca_or_a_file_as_out_are_one_line_not_tracebacks(tmp_pa
     one_line(["--out", str(a_file), "node", "hospital-a"], "is a file")
     assert main(["--out", str(out), "--force", "ca"]) == 0
     ok = ["--out", str(out), "server", "--host", "xn--hpital-ixa.example", "--host", "::1", "--host", "[fe80::1]"]
+    ok += ["--host", "*.fl.example.org"]
     assert main(ok) == 0
+    from cryptography import x509
+
+    names = x509.load_pem_x509_certificate((out / "server.pem").read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "*.fl.example.org" in names.value.get_values_for_type(x509.DNSName)

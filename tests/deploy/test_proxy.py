@@ -26,6 +26,9 @@ HOSTILE = [
     ("--public", "0.0.0.0:٩٠٩٣"),
     ("--public", "hôpital.example:9093"),
     ("--public", "::9093"),
+    ("--public", "**:9093"),
+    ("--superlink", "9092"),  # a bare port listens on every address; the SuperLink is reached at one
+    ("--superlink", "*:9092"),
 ]
 
 
@@ -63,10 +66,15 @@ def test_good_addresses_and_odd_folders_make_a_config_nginx_accepts(tmp_path):
         ("0.0.0.0:9093", "127.0.0.1:9092", "listen 0.0.0.0:9093 ssl;"),
         ("[::]:9093", "[::1]:9092", "listen [::]:9093 ssl;"),
         ("link.example.org:443", "localhost:9092", "listen link.example.org:443 ssl;"),
+        ("9093", "::1:9092", "listen 9093 ssl;"),  # forms the proxy took before its addresses were parsed
+        (":9093", "127.0.0.1:9092", "listen 9093 ssl;"),
+        ("*:9093", "127.0.0.1:9092", "listen *:9093 ssl;"),
+        ("fl_link.local:9093", "127.0.0.1:9092", "listen fl_link.local:9093 ssl;"),
     ]:
         state = tmp_path / f"state {public[:3]}"
         conf = proxy.write_config(creds, state, public=public, superlink=superlink).read_text()
-        assert listen in conf and f"proxy_pass https://{superlink}/v1/fleet/;" in conf
+        sent = "[::1]:9092" if superlink == "::1:9092" else superlink
+        assert listen in conf and f"proxy_pass https://{sent}/v1/fleet/;" in conf
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(nginx, os.X_OK):
         pytest.skip("nginx is not installed: the config's syntax was not checked by nginx")

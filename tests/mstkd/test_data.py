@@ -337,10 +337,11 @@ def test_the_cache_never_replaces_a_folder_it_did_not_write(dataset, tmp_path, c
     from mstkd.cli import main
 
     files = sorted(p for p in dataset.rglob("*") if p.is_file())
-    for cache in (dataset, dataset / "FeTS2022_00001", dataset / "." / "FeTS2022_00002" / ".."):
+    for cache in (dataset, dataset / "FeTS2022_00001", dataset / "." / "FeTS2022_00002" / "..", dataset.parent):
         assert main(["preprocess", str(dataset), "--cache", str(cache), "--quiet"]) == 2
         err = capsys.readouterr().err
-        assert "the cache folder may not be the data folder or a case folder" in err and len(err.splitlines()) == 1
+        assert "the cache folder may not be the data folder, a case folder or a folder above" in err
+        assert len(err.splitlines()) == 1
     notes = tmp_path / "mycache" / "FeTS2022_00003"
     notes.mkdir(parents=True)
     (notes / "notes.txt").write_text("mine")
@@ -349,6 +350,10 @@ def test_the_cache_never_replaces_a_folder_it_did_not_write(dataset, tmp_path, c
     assert "FeTS2022_00003: not a cache entry (holds notes.txt)" in err and len(err.splitlines()) == 1
     assert (notes / "notes.txt").read_text() == "mine" and sorted(notes.iterdir()) == [notes / "notes.txt"]
     assert sorted(p for p in dataset.rglob("*") if p.is_file()) == files  # no scan removed, nothing added
+    (notes / "notes.txt").unlink()
+    (notes / ".DS_Store").write_text("")  # what a file system leaves in an entry does not make it someone's
+    assert main(["preprocess", str(dataset), "--cache", str(tmp_path / "mycache"), "--quiet"]) == 0
+    assert {p.name for p in notes.iterdir()} == {"image.npy", "regions.npy", "meta.json"}
 
 
 def test_a_source_rewritten_with_its_old_mtime_or_a_damaged_entry_is_rebuilt(tmp_path):

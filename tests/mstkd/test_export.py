@@ -141,7 +141,7 @@ def test_a_sigmoid_model_is_decoded_by_threshold_in_the_bundle_too(tmp_path):
     same_labels(tmp_path, tmp_path / "out")
 
 
-def test_a_refused_export_leaves_no_folder_behind(tmp_path, capsys):
+def test_a_refused_export_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
     """``model.ts`` was written before the settings were checked, so a refused export left a half bundle, and the
     next try was refused as "not empty"; an output that is a broken link or a file is one line too."""
     from mstkd.checkpoint import save_checkpoint
@@ -157,3 +157,18 @@ def test_a_refused_export_leaves_no_folder_behind(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and reason in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file", "minmax.pt"]
+
+    # an empty folder given as it is, through a link, or as ``.``: filled in place, keeping its mode
+    zscore = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]"])
+    good = save_checkpoint(tmp_path / "good.pt", build_networks(zscore.model)[1], zscore)
+    (tmp_path / "shared").mkdir(mode=0o2770)
+    (tmp_path / "shared").chmod(0o2770)
+    (tmp_path / "linked").symlink_to(tmp_path / "shared")
+    (tmp_path / "here").mkdir()
+    assert main(["export", str(good), str(tmp_path / "linked")]) == 0
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["export", str(good), "."]) == 0
+    for folder in (tmp_path / "shared", tmp_path / "here"):
+        assert sorted(p.name for p in folder.iterdir()) == ["configs", "docs", "models"]
+    assert (tmp_path / "linked").is_symlink() and (tmp_path / "shared").stat().st_mode & 0o7777 == 0o2770
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -165,13 +165,18 @@ def test_a_tracking_warning_does_not_show_the_password_of_the_tracking_uri(tmp_p
 def test_any_backend_warning_loses_url_credentials(tmp_path, capsys):
     class _Failing:
         def start(self, *args):
-            raise ConnectionError("POST https://bob:p@ss@wandb.example/api and ftp://u:x@h/f failed")
+            raise ConnectionError(
+                "POST https://bob:p@ss@wandb.example/api and ftp://u:x@h/f failed; "
+                "postgresql://db:5432/mlflow?sslpassword=hunter2&application_name=x&Access_Token=t0k"
+            )
 
     tracker = Tracker(tmp_path)
     tracker.backends = [_Failing()]
     tracker.start("run", {})
     err = capsys.readouterr().err
     assert "https://wandb.example/api and ftp://h/f failed" in err and "p@ss" not in err and "bob" not in err
+    assert "mlflow?sslpassword=***&application_name=x&Access_Token=***" in err
+    assert "hunter2" not in err and "t0k" not in err
 
 
 def test_a_run_folder_with_quotes_in_its_name_resumes_its_own_run(tmp_path, monkeypatch, capsys):

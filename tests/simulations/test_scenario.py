@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -184,7 +186,9 @@ def test_a_scenario_names_its_partition_csv_only_under_simulations(tmp_path):
 
     outside = tmp_path / "elsewhere.csv"
     outside.write_text("Partition_ID,Subject_ID\n1,FeTS2022_00001\n")
-    for named in (str(outside), "../../" + str(outside.relative_to("/"))):
+    from simulations.scenario import HERE
+
+    for named in (str(outside), os.path.relpath(outside, HERE)):  # absolute, and up out of simulations/ to it
         scenario = tmp_path / "s.yaml"
         scenario.write_text(f"description: d\nsites:\n  partitioning: {named}\n")
         with pytest.raises(InputError, match=r"sites\.partitioning must name a file under simulations/"):
