@@ -8,6 +8,8 @@ old file or the new one. A write that fails removes its temporary file.
 from __future__ import annotations
 
 import fcntl
+import glob
+import hashlib
 import os
 import secrets
 from collections.abc import Collection, Iterator
@@ -27,7 +29,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp{suffixes}")
+    tmp = path.with_name(f"{_temporary_stem(path)}.{os.getpid()}-{secrets.token_hex(8)}.tmp{suffixes}")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to any new file
     try:
         yield tmp
@@ -38,11 +40,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _temporary_stem(path: Path) -> str:
+    """How :func:`atomic_path`'s temporary names for ``path`` begin: ``.<name>``, or for a name too long to take
+    the 40 or so characters more, ``.<its first 40 characters>~<a hash of the whole>``."""
+    if len(path.name.encode()) <= 200:
+        return f".{path.name}"
+    return f".{path.name[:40]}~{hashlib.sha256(path.name.encode()).hexdigest()[:16]}"
+
+
 def stale_temporaries(path: str | Path) -> list[Path]:
     """The temporary files that :func:`atomic_path` writes for ``path`` and a killed process left behind (any
     process id): safe to remove once nothing else writes ``path``."""
     path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.*.tmp*"))
+    return sorted(path.parent.glob(f"{glob.escape(_temporary_stem(path))}.*.tmp*"))
 
 
 def _fsync(path: Path) -> None:

@@ -349,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a path the user gave that cannot be used is their input, not a bug
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a disk that is full, a name too long: this machine's, not a bug
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ and, on request, ``<CaseID>.npz`` with its class probabilities; ``predict.json``
 from __future__ import annotations
 
 import json
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -17,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from mstkd.atomic import check_writable, stale_temporaries, write_text
@@ -29,19 +29,35 @@ from mstkd.infer import Predictor, Prepared, anisotropy_warning, describe_geomet
 from mstkd.modalities import Subset
 
 
-def finished_output(path: Path, case_dir: Path) -> bool:
-    """Whether ``path`` already holds this case's label map: a readable NIfTI on the case's grid whose values
-    are labels of the case's convention (a half-written or foreign file is not)."""
-    if not path.is_file():
+def _plain_file(path: Path) -> bool:
+    """A regular file, not a link (one planted there is not this run's output); False for any path error."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:  # missing, a name too long, a folder in the way
+        return False
+
+
+def finished_output(
+    path: Path, case_dir: Path, predictor: Predictor, modalities: str | None = None, probabilities: Path | None = None
+) -> bool:
+    """Whether ``path`` already holds this case's label map as ``predictor`` makes it: a plain, readable NIfTI on
+    the case's grid whose values are labels of the case's convention and whose header names this checkpoint,
+    test-time augmentation and modalities (:meth:`Predictor.stamp`), with its ``probabilities`` file beside it when
+    they are asked for. A half-written or foreign file, or one another model made, is not."""
+    if not _plain_file(path) or (probabilities is not None and not _plain_file(probabilities)):
         return False
     try:
         files = detect_case(case_dir)
+        subset = Subset.parse(modalities) if modalities else Subset.of(files.available)
         grid = read_header(next(iter(files.images.values()))).shape[:3]
-        labels = np.asanyarray(read_header(path).dataobj)
+        image = read_header(path)
+        made_by = bytes(image.header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
+        labels = np.asanyarray(image.dataobj)
     except Exception:  # whatever a half-written or foreign file makes nibabel raise: not this run's output
         return False
     values = set(np.unique(labels).tolist())
-    return labels.shape[:3] == grid and values <= set(files.convention.allowed)
+    same_model = made_by == predictor.stamp(subset)
+    return same_model and labels.shape[:3] == grid and values <= set(files.convention.allowed)
 
 
 @dataclass
@@ -91,13 +107,25 @@ def predict_folder(
         Subset.parse(modalities)  # a bad name is the caller's error once, not every case's
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise InputError(f"--part-id {part_id} of --num-parts {num_parts}: give 0 <= part id < parts")
-    cases = sorted(find_case_folders(input_dir).items())[part_id::num_parts]
     output_dir = Path(output_dir)
+    inside = output_dir.resolve()  # an output folder inside the input folder is not one of its cases
+    found = find_case_folders(input_dir).items()
+    cases = sorted((c, f) for c, f in found if not f.resolve().is_relative_to(inside))[part_id::num_parts]
     check_writable(output_dir, what="--output-dir")
     predictor = Predictor(checkpoint, device, tta=tta)
     result = FolderResult()
     if resume:
-        result.kept = [c for c, folder in cases if finished_output(output_dir / f"{c}.nii.gz", folder)]
+        result.kept = [
+            c
+            for c, folder in cases
+            if finished_output(
+                output_dir / f"{c}.nii.gz",
+                folder,
+                predictor,
+                modalities,
+                output_dir / f"{c}.npz" if probabilities else None,
+            )
+        ]
         if result.kept:
             print(f"{len(result.kept)} of {len(cases)} cases finished earlier: kept", file=sys.stderr)
     kept = set(result.kept)
@@ -134,8 +162,9 @@ def predict_folder(
     return result
 
 
-CASE_ERRORS = (InputError, OSError, ValueError, MemoryError, torch.OutOfMemoryError)
-"""What makes one case of a folder fail without stopping the others."""
+CASE_ERRORS = (InputError, OSError, ValueError, MemoryError, RuntimeError)
+"""What makes one case of a folder fail without stopping the others (``RuntimeError``: what PyTorch raises when
+memory runs out, on the CPU as on a GPU)."""
 
 
 def _predict_cases(
@@ -199,10 +228,10 @@ def provenance(
     augmentation and the time."""
     from omegaconf import OmegaConf
 
-    from mstkd.provenance import package, sha256_of
+    from mstkd.provenance import package
 
     return {
-        "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": sha256_of(checkpoint)},
+        "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": predictor.sha256},
         "config": OmegaConf.to_container(predictor.cfg, resolve=True),
         "trained_convention": predictor.trained_convention,
         "labels": "each case's own layout: fets 0/1/2/4 (1 necrosis, 2 edema, 4 enhancing), brats2023 0/1/2/3",

@@ -33,6 +33,7 @@ from mstkd.data.nifti import write_volume
 from mstkd.errors import InputError
 from mstkd.evaluate import class_probabilities, decode_for
 from mstkd.modalities import Subset
+from mstkd.provenance import sha256_of
 from mstkd.train import pick_device
 
 
@@ -63,6 +64,7 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None, *, tta: bool = False):
         self.device = device if isinstance(device, torch.device) else parse_device(device)
         self.net, self.cfg, payload = load_checkpoint(checkpoint, self.device)
+        self.sha256 = sha256_of(checkpoint)
         self.trained_convention = payload["convention"]
         self.target = checkpoint_geometry(payload)
         if self.target is None:
@@ -72,6 +74,11 @@ class Predictor:
                 file=sys.stderr,
             )
         self.tta = tta
+
+    def stamp(self, subset: Subset) -> str:
+        """What a label map's header says of how it was made (under NIfTI's 80 bytes): the checkpoint's SHA-256
+        (its first 16 digits), the test-time augmentation and the modalities it saw."""
+        return f"mstkd {self.sha256[:16]} tta={int(self.tta)} {subset.name}"
 
     def predict(
         self,
@@ -156,7 +163,9 @@ class Predictor:
         labels = labels_from_regions(decode_for(self.cfg, probs), prepared.files.convention)
         if probabilities is not None:
             save_probabilities(probabilities, probs)
-        write_volume(out, labels, prepared.affine, prepared.header)  # last: a label map on disk means it is done
+        header = prepared.header.copy()
+        header["descrip"] = self.stamp(prepared.subset).encode()  # which model made it (``--continue`` reads it)
+        write_volume(out, labels, prepared.affine, header)  # last: a label map on disk means it is done
         spacing = spacing_of(prepared.affine)
         return {
             "case": prepared.files.case_id,

@@ -23,21 +23,114 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context
-from flwr.common import ndarrays_to_parameters
+from flwr.app import Array, ArrayRecord, Context, Error, Message
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from mstkd.errors import InputError
-from mstkd.numbers import is_finite
+from mstkd.numbers import is_finite, is_whole
 from mstkd.runconfig import RunConfig
 from server.replies import METRIC_NAME, printable
 from server.runlog import RunLog
 
 RECONSTRUCTION = 2 / 3
 """Share of key shares needed to recover a dropped node's mask."""
+
+_KEY, _BYTES, _NODES = "key", "bytes", "nodes"
+STAGE_FIELDS = {
+    Stage.SETUP: {Key.PUBLIC_KEY_1: _KEY, Key.PUBLIC_KEY_2: _KEY},
+    Stage.SHARE_KEYS: {Key.DESTINATION_LIST: _NODES, Key.CIPHERTEXT_LIST: _BYTES},
+    Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: _BYTES},
+    Stage.UNMASK: {Key.NODE_ID_LIST: _NODES, Key.SHARE_LIST: _BYTES},
+}
+"""What Flower's SecAgg+ workflow reads from each stage's replies: a key (bytes), a list of bytes, or a list of the
+round's node ids under each key; the lists of one reply have one length."""
+
+
+class CheckedGrid:
+    """A grid whose SecAgg+ replies are checked for what the workflow reads before it reads them (the workflow indexes
+    them unchecked, so one malformed reply ended the run with a ``KeyError``): a reply that lacks a field, holds
+    another type, names a node outside the round, sends masked vectors of other shapes or a case count out of range
+    becomes that node's error, which the protocol treats as a dropped node. The contents of keys, ciphertexts and
+    shares cannot be checked: with secure aggregation the server cannot tell a wrong one (docs/security.md)."""
+
+    def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], max_examples: int) -> None:
+        self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
+        self.nodes: set[int] = set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        messages = list(messages)
+        stages = {m.metadata.dst_node_id: _stage(m) for m in messages}
+        if Stage.SETUP in stages.values():
+            self.nodes = set(stages)
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        return [self._checked(reply, stages.get(reply.metadata.src_node_id)) for reply in replies]
+
+    def _checked(self, reply: Message, stage: str | None) -> Message:
+        if reply.has_error() or stage not in STAGE_FIELDS:
+            return reply
+        try:
+            problem = self._problem(reply, stage)
+        except Exception as exc:  # a reply that does not even read
+            problem = f"unreadable ({type(exc).__name__})"
+        if problem is None:
+            return reply
+        return Message(metadata=reply.metadata, error=Error(code=0, reason=f"SecAgg+ {stage}: {problem}"))
+
+    def _problem(self, reply: Message, stage: str) -> str | None:
+        fields = STAGE_FIELDS[stage]
+        record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        values = {key: record.get(key) if record is not None else None for key in fields}
+        for key, kind in fields.items():
+            value = values[key]
+            if kind == _KEY and not isinstance(value, bytes):
+                return f"{key} is not a key"
+            if kind != _KEY and not isinstance(value, list):
+                return f"{key} is not a list"
+            if kind == _BYTES and not all(isinstance(v, bytes) for v in value):
+                return f"{key} holds something other than bytes"
+            if kind == _NODES and not all(is_whole(v) and v in self.nodes for v in value):
+                return f"{key} names a node outside the round"
+        if len({len(v) for v in values.values() if isinstance(v, list)}) > 1:
+            return "its lists differ in length"
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            vectors = [bytes_to_ndarray(b) for b in values[Key.MASKED_PARAMETERS]]
+            if [v.shape for v in vectors] != self.shapes or any(v.dtype.kind not in "iu" for v in vectors):
+                return "its masked vectors are not whole numbers of the model's shapes"
+            examples = compat.recorddict_to_fitres(reply.content, True).num_examples
+            if not (is_whole(examples) and 1 <= examples <= self.max_examples):
+                return f"a case count outside 1..{self.max_examples}"
+        return None
+
+
+class RoundSafeSecAgg(SecAggPlusWorkflow):
+    """Flower's SecAgg+ fit stage, whose failure costs its round, not the run: what a reply holds that cannot be
+    checked (shares that do not combine, a key that is not one) raised out of the workflow and ended the run. The
+    round is then skipped with its reason, and the global model kept, as when too few nodes are left."""
+
+    def __init__(self, *args, on_failure: Callable[[Exception], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_failure = on_failure
+
+    def __call__(self, grid, context) -> None:
+        try:
+            super().__call__(grid, context)
+        except Exception as exc:  # from Flower's protocol code, on contents no check can reach
+            self.on_failure(exc)
+
+
+def _stage(message: Message) -> str | None:
+    record = message.content.config_records.get(RECORD_KEY_CONFIGS) if message.has_content() else None
+    stage = record.get(Key.STAGE) if record is not None else None
+    return stage if isinstance(stage, str) else None
 
 
 def _plain_number(key: object, value: object) -> bool:
@@ -101,13 +194,20 @@ def run_secagg(
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=rounds, round_timeout=timeout), strategy=strategy
     )
+
+    def failed(exc: Exception) -> None:
+        reason = f"secure aggregation failed ({type(exc).__name__}: {printable(str(exc), 120)})"
+        runlog.record(current["round"])["skipped"] = reason
+
     workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
+        fit_workflow=RoundSafeSecAgg(
             num_shares=1.0,  # every sampled node holds a share of every other node's key
             reconstruction_threshold=RECONSTRUCTION,
             max_weight=max_weight,
             timeout=timeout,
+            on_failure=failed,
         )
     )
-    workflow(grid, legacy)
+    shapes = [np.shape(initial[n]) for n in names]
+    workflow(CheckedGrid(grid, shapes, run.max_examples), legacy)  # type: ignore[arg-type]
     return current["arrays"]

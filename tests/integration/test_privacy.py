@@ -306,3 +306,51 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
     assert checked > 0
     record = _records(tmp_path / "run")[1]
     assert record["secure_aggregation"] == "SecAgg+" and set(by_name(record)) == {"site-1", "site-2", "site-3"}
+
+
+HOSTILE_SECAGG = {  # what one node answers at a stage of SecAgg+, from what it would have answered
+    "setup": lambda honest: {"x": 1},
+    "share_keys": lambda honest: {"dsts": [999], "ctxts": [b"x", b"y"]},
+    "collect_masked_vectors": lambda honest: {"masked_params": [b"not an array"]},
+    "unmask": lambda honest: {"nids": [999], "shares": [b"x"]},
+    # of the right form, so no check can tell: the shares no longer combine, and the round is lost
+    "unmask-shares": lambda honest: {**honest, "shares": [bytes(len(b)) for b in honest["shares"]]},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(HOSTILE_SECAGG))
+def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, stage):
+    """Flower's SecAgg+ workflow reads every reply's fields unchecked: one node's reply without them ended the
+    whole run with a KeyError. Now it is that node's error, which the protocol treats as a dropped node."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    import client.app as client_module
+    from server.report import RunFailed
+
+    def hostile(msg, context):
+        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        asked = record.get(Key.STAGE) if record is not None else None  # read first: the node's mod consumes it
+        reply = client_module.app(msg, context)
+        if context.node_id == 3 and asked == stage.partition("-")[0]:
+            honest = dict(reply.content.config_records[RECORD_KEY_CONFIGS])
+            reply.content[RECORD_KEY_CONFIGS] = ConfigRecord(HOSTILE_SECAGG[stage](honest))
+        return reply
+
+    run_config = tiny_run_config(
+        tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
+    )
+    if stage in ("setup", "share_keys", "unmask-shares"):
+        # the other nodes' SecAgg+ expects every neighbour's keys (Flower's client side), so a node lost in the
+        # first two stages loses the round for all, as do shares that do not combine: the run goes on and, with
+        # its one round lost, ends as failed
+        with pytest.raises(RunFailed, match="no round aggregated|the global model never changed"):
+            run_inproc(server_app, hostile, run_config, nodes())
+    else:  # lost after its keys were shared: the protocol recovers, and the round aggregates
+        run_inproc(server_app, hostile, run_config, nodes())  # raised KeyError, ValueError or IndexError before
+    record = _records(tmp_path / "run")[1]
+    if stage == "unmask-shares":
+        assert record["skipped"].startswith("secure aggregation failed (ValueError: Failed to combine shares")
+    assert record["secure_aggregation"] == "SecAgg+" and "global" in record
+    assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "REPORT.md").is_file()

@@ -53,3 +53,21 @@ def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path):
     report = folder / "REPORT.md"
     assert not report.is_symlink() and report.read_text() == "report"
     assert report.stat().st_mode & 0o777 == 0o644  # a new file's usual mode, as before
+
+
+def test_a_temporary_name_fits_any_file_name_and_its_leftovers_are_found_by_name_not_pattern(tmp_path):
+    from mstkd.atomic import atomic_path, stale_temporaries, write_text
+
+    long = tmp_path / ("L" * 240 + ".nii.gz")  # 247 bytes: the temporary name adds about 40
+    write_text(long, "x")
+    assert long.read_text() == "x"
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "Patient[01].nii.gz"):
+        raise RuntimeError("killed")  # nothing is left; then what a killed writer of each case would leave
+    left = {}
+    for name in ("Patient[01].nii.gz", "Patient0.nii.gz", long.name):
+        with atomic_path(tmp_path / name) as tmp:
+            tmp.write_text("half")
+            left[name] = tmp.with_name(tmp.name + "~copy")
+            left[name].write_text("half")  # a copy of the temporary file survives the rename
+    for name, orphan in left.items():
+        assert orphan.name.startswith(".") and stale_temporaries(tmp_path / name) == [orphan]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -34,6 +35,7 @@ def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_pa
     for i, case_id in enumerate(ids):
         write_case(cases, case_id, shape=(40, 40, 32), seed=i, seg=False)
     argv = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out), "--quiet"]
+    argv += ["--save-probabilities"]  # a case is finished with its probabilities beside it
     code = "import sys; from mstkd.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -45,7 +47,7 @@ def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_pa
     assert 0 < len(finished) < CASES, "the kill should land midway"
     assert not (out / "predict.json").exists()  # the record comes last
 
-    assert main([*argv, "--continue", "--save-probabilities"]) == 0
+    assert main([*argv, "--continue"]) == 0
     assert f"{len(finished)} of {CASES} cases finished earlier: kept" in capsys.readouterr().err
     record = json.loads((out / "predict.json").read_text())
     assert sorted(record["cases"]["kept"]) == sorted(n.removesuffix(".nii.gz") for n in finished)
@@ -68,13 +70,67 @@ def test_a_killed_folder_prediction_continues_with_only_the_missing_cases(tmp_pa
 
 
 def test_a_foreign_file_where_an_output_belongs_is_not_taken_for_a_finished_case(tmp_path):
-    """``--continue`` skips a case whose label map is already there; a file nibabel cannot read in its place (here
-    one whose data type code is unknown) is not finished, and is no reason to stop the folder."""
+    """``--continue`` skips a case whose label map is already there, made by this model: a file nibabel cannot read
+    in its place (here one whose data type code is unknown), a link planted there, a label map another checkpoint,
+    test-time augmentation or set of modalities made, or one without the probabilities asked for, is not finished,
+    and is no reason to stop the folder."""
     from mstkd.folder import finished_output
+    from mstkd.infer import Predictor
+    from mstkd.modalities import Subset
     from tests.helpers import SHAPE, make_labels, patch_header, write_nifti
 
     case = write_case(tmp_path / "in", "FeTS2022_00001")
-    out = write_nifti(tmp_path / "out" / "FeTS2022_00001.nii.gz", make_labels(SHAPE))
-    assert finished_output(out, case)
-    patch_header(out, datatype=9999)
-    assert not finished_output(out, case)
+    predictor = Predictor(tiny_checkpoint(tmp_path), "cpu")
+    out = tmp_path / "out" / "FeTS2022_00001.nii.gz"
+
+    def label_map(stamp: str) -> Path:
+        path = write_nifti(out, make_labels(SHAPE))
+        image = nib.load(path)
+        image.header["descrip"] = stamp.encode()
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header), path)
+        return path
+
+    ours = predictor.stamp(Subset.parse("flair+t1+t1ce+t2"))
+    assert finished_output(label_map(ours), case, predictor)
+    assert not finished_output(out, case, predictor, probabilities=tmp_path / "out" / "FeTS2022_00001.npz")
+    assert not finished_output(out, case, predictor, modalities="flair")
+    for stamp in ("", ours.replace("tta=0", "tta=1"), "mstkd 0123456789abcdef tta=0 flair+t1+t1ce+t2"):
+        assert not finished_output(label_map(stamp), case, predictor)
+    patch_header(label_map(ours), datatype=9999)
+    assert not finished_output(out, case, predictor)
+    label_map(ours).rename(tmp_path / "elsewhere.nii.gz")
+    out.symlink_to(tmp_path / "elsewhere.nii.gz")
+    assert not finished_output(out, case, predictor)
+
+
+def test_one_case_that_fails_or_is_named_oddly_costs_only_itself(tmp_path, capsys, monkeypatch):
+    """A CPU allocation that fails (PyTorch raises a plain RuntimeError) stopped the whole folder; a case name of
+    230 characters made ``--continue`` raise (the temporary name grew past 255 bytes); an output folder inside the
+    input folder became a failing case of every later run."""
+    from mstkd.infer import Predictor
+
+    ckpt, cases = tiny_checkpoint(tmp_path), tmp_path / "cases"
+    ids = ["FeTS2022_00001", "Patient[01]", "L" * 230]
+    for i, case_id in enumerate(ids):
+        write_case(cases, case_id, shape=(40, 40, 32), seed=i, seg=False)
+    out = cases / "preds"
+    argv = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out), "--quiet"]
+    infer = Predictor.infer
+
+    def out_of_memory(self, prepared):
+        if prepared.files.case_id == ids[0]:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return infer(self, prepared)
+
+    monkeypatch.setattr(Predictor, "infer", out_of_memory)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {ids[0]}: [enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator" in err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in ids[1:])
+    monkeypatch.setattr(Predictor, "infer", infer)
+    assert main([*argv, "--continue"]) == 0
+    err = capsys.readouterr().err
+    assert "2 of 3 cases finished earlier: kept" in err and "skipped preds" not in err
+    record = json.loads((out / "predict.json").read_text())["cases"]
+    assert record["written"] == [ids[0]] and sorted(record["kept"]) == sorted(ids[1:]) and not record["failed"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
