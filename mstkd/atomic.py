@@ -11,6 +11,7 @@ import fcntl
 import glob
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -28,8 +29,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f"{_temporary_stem(path)}.{os.getpid()}-{secrets.token_hex(8)}.tmp{suffixes}")
+    tmp = path.with_name(f"{_temporary_stem(path)}.{os.getpid()}-{secrets.token_hex(8)}.tmp{_suffixes(path)}")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to any new file
     try:
         yield tmp
@@ -38,6 +38,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _suffixes(path: Path) -> str:
+    """The suffixes a temporary file keeps, so that writers that go by them (``np.save``, ``nib.save``) agree."""
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
 
 
 def _temporary_stem(path: Path) -> str:
@@ -52,7 +57,8 @@ def stale_temporaries(path: str | Path) -> list[Path]:
     """The temporary files that :func:`atomic_path` writes for ``path`` and a killed process left behind (any
     process id): safe to remove once nothing else writes ``path``."""
     path = Path(path)
-    return sorted(path.parent.glob(f"{glob.escape(_temporary_stem(path))}.*.tmp*"))
+    name = re.compile(rf"{re.escape(_temporary_stem(path))}\.\d+(-[0-9a-f]{{16}})?\.tmp({re.escape(_suffixes(path))})?")
+    return sorted(p for p in path.parent.glob(f"{glob.escape(_temporary_stem(path))}.*") if name.fullmatch(p.name))
 
 
 def _fsync(path: Path) -> None:

@@ -37,6 +37,13 @@ def _plain_file(path: Path) -> bool:
         return False
 
 
+def _output_folder(folder: Path, output_dir: Path) -> bool:
+    """Whether a case folder found under the input folder is a folder of predictions: this call's output folder
+    (inside the input folder), or one where another call or part recorded its predictions."""
+    real = folder.resolve()
+    return real == output_dir.resolve() or any(_plain_file(p) for p in folder.glob("predict*.json"))
+
+
 def finished_output(
     path: Path, case_dir: Path, predictor: Predictor, modalities: str | None = None, probabilities: Path | None = None
 ) -> bool:
@@ -48,16 +55,18 @@ def finished_output(
         return False
     try:
         files = detect_case(case_dir)
-        subset = Subset.parse(modalities) if modalities else Subset.of(files.available)
+        stamp = predictor.stamp(Subset.parse(modalities) if modalities else Subset.of(files.available))
         grid = read_header(next(iter(files.images.values()))).shape[:3]
         image = read_header(path)
         made_by = bytes(image.header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
         labels = np.asanyarray(image.dataobj)
-    except Exception:  # whatever a half-written or foreign file makes nibabel raise: not this run's output
+        if probabilities is not None:
+            with np.load(probabilities, allow_pickle=False) as saved:
+                made_by += "" if str(saved["made_by"]) == stamp else " (its probabilities by another)"
+    except Exception:  # whatever a half-written or foreign file makes nibabel or numpy raise: not this run's output
         return False
     values = set(np.unique(labels).tolist())
-    same_model = made_by == predictor.stamp(subset)
-    return same_model and labels.shape[:3] == grid and values <= set(files.convention.allowed)
+    return made_by == stamp and labels.shape[:3] == grid and values <= set(files.convention.allowed)
 
 
 @dataclass
@@ -108,9 +117,8 @@ def predict_folder(
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise InputError(f"--part-id {part_id} of --num-parts {num_parts}: give 0 <= part id < parts")
     output_dir = Path(output_dir)
-    inside = output_dir.resolve()  # an output folder inside the input folder is not one of its cases
-    found = find_case_folders(input_dir).items()
-    cases = sorted((c, f) for c, f in found if not f.resolve().is_relative_to(inside))[part_id::num_parts]
+    cases = sorted((c, f) for c, f in find_case_folders(input_dir).items() if not _output_folder(f, output_dir))
+    cases = cases[part_id::num_parts]
     check_writable(output_dir, what="--output-dir")
     predictor = Predictor(checkpoint, device, tta=tta)
     result = FolderResult()

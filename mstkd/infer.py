@@ -162,7 +162,7 @@ class Predictor:
             probs = from_target(probs, prepared.target_affine, prepared.affine, prepared.shape)
         labels = labels_from_regions(decode_for(self.cfg, probs), prepared.files.convention)
         if probabilities is not None:
-            save_probabilities(probabilities, probs)
+            save_probabilities(probabilities, probs, self.stamp(prepared.subset))
         header = prepared.header.copy()
         header["descrip"] = self.stamp(prepared.subset).encode()  # which model made it (``--continue`` reads it)
         write_volume(out, labels, prepared.affine, header)  # last: a label map on disk means it is done
@@ -201,11 +201,13 @@ class Prepared:
     cuda_peak_bytes: int | None = None
 
 
-def save_probabilities(path: str | Path, probs: np.ndarray) -> Path:
+def save_probabilities(path: str | Path, probs: np.ndarray, made_by: str = "") -> Path:
     """``probs`` (classes x the case's grid) as float16 in a compressed ``.npz`` (atomically): the array
-    ``probabilities`` and the array ``classes`` naming its first axis (:data:`mstkd.data.labels.CLASSES`)."""
+    ``probabilities``, the array ``classes`` naming its first axis (:data:`mstkd.data.labels.CLASSES`), and
+    ``made_by``, the :meth:`Predictor.stamp` of the model that made it."""
     with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.savez_compressed(f, probabilities=probs.astype(np.float16), classes=np.asarray(CLASSES))
+        arrays = {"probabilities": probs.astype(np.float16), "classes": np.asarray(CLASSES)}
+        np.savez_compressed(f, **arrays, made_by=np.asarray(made_by))
     return Path(path)
 
 

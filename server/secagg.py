@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
 from flwr.app import Array, ArrayRecord, Context, Error, Message
 from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -72,13 +73,14 @@ class CheckedGrid:
         if Stage.SETUP in stages.values():
             self.nodes = set(stages)
         replies = self.grid.send_and_receive(messages, timeout=timeout)
-        return [self._checked(reply, stages.get(reply.metadata.src_node_id)) for reply in replies]
+        return [self._checked(reply, stages) for reply in replies]
 
-    def _checked(self, reply: Message, stage: str | None) -> Message:
-        if reply.has_error() or stage not in STAGE_FIELDS:
+    def _checked(self, reply: Message, stages: dict[int, str | None]) -> Message:
+        stage = stages.get(reply.metadata.src_node_id)
+        if reply.has_error() or (stage not in STAGE_FIELDS and reply.metadata.src_node_id in stages):
             return reply
         try:
-            problem = self._problem(reply, stage)
+            problem = self._problem(reply, stage) if stage is not None else "a reply from a node not asked"
         except Exception as exc:  # a reply that does not even read
             problem = f"unreadable ({type(exc).__name__})"
         if problem is None:
@@ -112,9 +114,10 @@ class CheckedGrid:
 
 
 class RoundSafeSecAgg(SecAggPlusWorkflow):
-    """Flower's SecAgg+ fit stage, whose failure costs its round, not the run: what a reply holds that cannot be
-    checked (shares that do not combine, a key that is not one) raised out of the workflow and ended the run. The
-    round is then skipped with its reason, and the global model kept, as when too few nodes are left."""
+    """Flower's SecAgg+ fit stage, whose failure on what a reply holds costs its round, not the run: contents no
+    check can reach (shares that do not combine, a key that is not one) raised a ``ValueError`` out of the workflow
+    and ended the run. The round is then skipped with its reason, and the global model kept, as when too few nodes
+    are left; any other error (a bug) still ends the run."""
 
     def __init__(self, *args, on_failure: Callable[[Exception], None], **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -123,7 +126,7 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
     def __call__(self, grid, context) -> None:
         try:
             super().__call__(grid, context)
-        except Exception as exc:  # from Flower's protocol code, on contents no check can reach
+        except (ValueError, UnsupportedAlgorithm) as exc:  # the protocol's own, on contents no check can reach
             self.on_failure(exc)
 
 

@@ -64,10 +64,11 @@ def test_a_temporary_name_fits_any_file_name_and_its_leftovers_are_found_by_name
     with pytest.raises(RuntimeError), atomic_path(tmp_path / "Patient[01].nii.gz"):
         raise RuntimeError("killed")  # nothing is left; then what a killed writer of each case would leave
     left = {}
-    for name in ("Patient[01].nii.gz", "Patient0.nii.gz", long.name):
+    for name in ("Patient[01].nii.gz", "Patient0.nii.gz", "Patient0.nii.gz.v2.nii.gz", long.name, "key"):
         with atomic_path(tmp_path / name) as tmp:
-            tmp.write_text("half")
-            left[name] = tmp.with_name(tmp.name + "~copy")
-            left[name].write_text("half")  # a copy of the temporary file survives the rename
+            left[name] = tmp
+        tmp.write_text("half")  # what a writer killed before its rename leaves
+    (tmp_path / ".key.77.tmp").write_text("half")  # write_bytes's own temporary name
     for name, orphan in left.items():
-        assert orphan.name.startswith(".") and stale_temporaries(tmp_path / name) == [orphan]
+        expected = [orphan, tmp_path / ".key.77.tmp"] if name == "key" else [orphan]
+        assert orphan.name.startswith(".") and stale_temporaries(tmp_path / name) == sorted(expected), name

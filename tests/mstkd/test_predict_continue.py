@@ -134,3 +134,36 @@ def test_one_case_that_fails_or_is_named_oddly_costs_only_itself(tmp_path, capsy
     record = json.loads((out / "predict.json").read_text())["cases"]
     assert record["written"] == [ids[0]] and sorted(record["kept"]) == sorted(ids[1:]) and not record["failed"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_an_output_folder_above_or_beside_the_cases_and_probabilities_of_another_setting(tmp_path, capsys):
+    """An output folder that holds the input folder dropped every case; a part's output folder inside the input
+    folder became a case of the next part; ``--continue`` kept probabilities another ``--tta`` setting made."""
+    ckpt, data = tiny_checkpoint(tmp_path), tmp_path / "data"
+    ids = ["FeTS2022_00001", "FeTS2022_00002", "FeTS2022_00003"]
+    for i, case_id in enumerate(ids):
+        write_case(data / "test", case_id, shape=(40, 40, 32), seed=i, seg=False)
+    base = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(data / "test"), "--quiet"]
+    assert main([*base, "--output-dir", str(data)]) == 0  # the output folder holds the input folder
+    assert json.loads((data / "predict.json").read_text())["cases"]["written"] == ids
+    for part in (0, 1):  # each part's output folder inside the input folder
+        argv = [*base, "--output-dir", str(data / "test" / f"part{part}"), "--num-parts", "2", "--part-id", str(part)]
+        assert main(argv) == 0
+    parts = [json.loads((data / "test" / f"part{p}" / f"predict.part-{p}-of-2.json").read_text()) for p in (0, 1)]
+    assert sorted(parts[0]["cases"]["written"] + parts[1]["cases"]["written"]) == ids
+    out = ["--output-dir", str(tmp_path / "out"), "--save-probabilities"]
+    assert main([*base, *out, "--tta"]) == 0
+    assert main([*base, *out, "--continue"]) == 0  # without --tta: neither label maps nor probabilities are kept
+    record = json.loads((tmp_path / "out" / "predict.json").read_text())["cases"]
+    assert record["kept"] == [] and record["written"] == ids
+    assert main([*base, *out, "--continue"]) == 0
+    assert sorted(json.loads((tmp_path / "out" / "predict.json").read_text())["cases"]["kept"]) == ids
+    with np.load(tmp_path / "out" / f"{ids[0]}.npz") as saved:
+        assert str(saved["made_by"]).endswith("tta=0 flair+t1+t1ce+t2")
+    capsys.readouterr()
+    long = tmp_path / ("L" * 300 + ".nii.gz")  # a name no file system takes: one line, not a traceback
+    case = str(data / "test" / ids[0])
+    assert main(["predict", "--checkpoint", str(ckpt), "--case", case, "--out", str(long)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: [Errno 36] File name too long") and "Traceback" not in "\n".join(err)
