@@ -37,6 +37,10 @@ NUMERIC = "biuf"  # dtype kinds an array may have: bool, signed, unsigned, float
 MAX_HEADER = 4096  # bytes of a .npy header; NumPy writes about 128 for any array of ours
 
 
+NDARRAY = "numpy.ndarray"
+"""How Flower names an array serialised as NumPy's ``.npy``: the only kind read here."""
+
+
 class WireError(ValueError):
     """An array that does not read as what it claims to be."""
 
@@ -52,7 +56,7 @@ def decode_array(array: Array, kinds: str = NUMERIC) -> np.ndarray:
     Raises:
         WireError: any check fails (the message says which).
     """
-    if array.stype != "numpy.ndarray":
+    if array.stype != NDARRAY:
         raise WireError(f"serialised as {str(array.stype)[:40]!r}, not as a NumPy array")
     data = array.data
     stream = io.BytesIO(data)

@@ -20,17 +20,18 @@ from typing import Any
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffixes); on success rename it to ``path``.
 
     Usage: ``with atomic_path(out) as tmp: np.save(tmp, array)``. On an exception the temporary
-    file is removed and ``path`` is left as it was. The temporary file is created here, under a name no other
-    process can guess, and only if nothing has that name: a link planted in the folder is never written through.
+    file is removed and ``path`` is left as it was. The temporary file is created here, with ``mode`` (the
+    umask applies, as to any new file), under a name no other process can guess, and only if nothing has that
+    name: a link planted in the folder is never written through.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{_temporary_stem(path)}.{os.getpid()}-{secrets.token_hex(8)}.tmp{_suffixes(path)}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to any new file
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     try:
         yield tmp
         _fsync(tmp)
@@ -91,24 +92,15 @@ def write_bytes(path: str | Path, data: bytes, *, private: bool = False) -> Path
     A private file (a key) is created 0600, so it is never readable by others, not even for a
     moment (writing first and restricting afterwards would leave a window under the usual umask).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # left by a process of the same id that died mid-write
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with atomic_path(path, mode=0o600 if private else 0o644) as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def copy_file(src: str | Path, dst: str | Path) -> Path:

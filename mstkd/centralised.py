@@ -162,8 +162,11 @@ def _checked_state(state: object, path: Path) -> DictConfig:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise InputError(f"--resume {path}: not a training state of this version")
     cfg = stored_config(state.get("config"), f"--resume {path}")
-    types = {"data": str, "partitioning": str | None, "random": dict, "optimizer": dict, "disc_optimizer": dict}
-    types.update(teacher=dict, student=dict, discriminator=dict)
+    types = {
+        "data": str,
+        "partitioning": str | None,
+        **dict.fromkeys(("teacher", "student", "discriminator", "optimizer", "disc_optimizer", "random"), dict),
+    }
     wrong = [key for key, kind in types.items() if not isinstance(state.get(key), kind)]
     epoch, best = state.get("epoch"), state.get("best")
     if not (is_whole(epoch) and 1 <= epoch <= int(cfg.train.epochs)):

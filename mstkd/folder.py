@@ -40,8 +40,7 @@ def _plain_file(path: Path) -> bool:
 def _output_folder(folder: Path, output_dir: Path) -> bool:
     """Whether a case folder found under the input folder is a folder of predictions: this call's output folder
     (inside the input folder), or one where another call or part recorded its predictions."""
-    real = folder.resolve()
-    return real == output_dir.resolve() or any(_plain_file(p) for p in folder.glob("predict*.json"))
+    return folder.resolve() == output_dir.resolve() or any(_plain_file(p) for p in folder.glob("predict*.json"))
 
 
 def finished_output(
@@ -58,15 +57,17 @@ def finished_output(
         stamp = predictor.stamp(Subset.parse(modalities) if modalities else Subset.of(files.available))
         grid = read_header(next(iter(files.images.values()))).shape[:3]
         image = read_header(path)
-        made_by = bytes(image.header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
-        labels = np.asanyarray(image.dataobj)
-        if probabilities is not None:
+        ours = bytes(image.header["descrip"]).rstrip(b"\0").decode("ascii", "replace") == stamp
+        if ours and probabilities is not None:
             with np.load(probabilities, allow_pickle=False) as saved:
-                made_by += "" if str(saved["made_by"]) == stamp else " (its probabilities by another)"
+                ours = str(saved["made_by"]) == stamp
+        if not ours:  # another model's, or no model's: its voxels need not be read
+            return False
+        labels = np.asanyarray(image.dataobj)
     except Exception:  # whatever a half-written or foreign file makes nibabel or numpy raise: not this run's output
         return False
     values = set(np.unique(labels).tolist())
-    return made_by == stamp and labels.shape[:3] == grid and values <= set(files.convention.allowed)
+    return labels.shape[:3] == grid and values <= set(files.convention.allowed)
 
 
 @dataclass

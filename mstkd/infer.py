@@ -161,10 +161,11 @@ class Predictor:
         if prepared.resampled:
             probs = from_target(probs, prepared.target_affine, prepared.affine, prepared.shape)
         labels = labels_from_regions(decode_for(self.cfg, probs), prepared.files.convention)
+        made_by = self.stamp(prepared.subset)
         if probabilities is not None:
-            save_probabilities(probabilities, probs, self.stamp(prepared.subset))
+            save_probabilities(probabilities, probs, made_by)
         header = prepared.header.copy()
-        header["descrip"] = self.stamp(prepared.subset).encode()  # which model made it (``--continue`` reads it)
+        header["descrip"] = made_by.encode()  # which model made it (``--continue`` reads it)
         write_volume(out, labels, prepared.affine, header)  # last: a label map on disk means it is done
         spacing = spacing_of(prepared.affine)
         return {

@@ -27,12 +27,13 @@ import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from cryptography.exceptions import UnsupportedAlgorithm
 from flwr.app import Array, ArrayRecord, Context, Error, Message
-from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+from messages.arrays import NDARRAY, WireError, decode_array
 from mstkd.errors import InputError
 from mstkd.numbers import is_finite, is_whole
 from mstkd.runconfig import RunConfig
@@ -76,13 +77,17 @@ class CheckedGrid:
         return [self._checked(reply, stages) for reply in replies]
 
     def _checked(self, reply: Message, stages: dict[int, str | None]) -> Message:
-        stage = stages.get(reply.metadata.src_node_id)
-        if reply.has_error() or (stage not in STAGE_FIELDS and reply.metadata.src_node_id in stages):
+        if reply.has_error():
             return reply
-        try:
-            problem = self._problem(reply, stage) if stage is not None else "a reply from a node not asked"
-        except Exception as exc:  # a reply that does not even read
-            problem = f"unreadable ({type(exc).__name__})"
+        if (stage := stages.get(reply.metadata.src_node_id, "")) == "":
+            problem = "a reply from a node not asked"
+        elif stage not in STAGE_FIELDS:  # not a SecAgg+ stage: the workflow's other messages
+            return reply
+        else:
+            try:
+                problem = self._problem(reply, stage)
+            except Exception as exc:  # a reply that does not even read
+                problem = f"unreadable ({type(exc).__name__})"
         if problem is None:
             return reply
         return Message(metadata=reply.metadata, error=Error(code=0, reason=f"SecAgg+ {stage}: {problem}"))
@@ -104,9 +109,13 @@ class CheckedGrid:
         if len({len(v) for v in values.values() if isinstance(v, list)}) > 1:
             return "its lists differ in length"
         if stage == Stage.COLLECT_MASKED_VECTORS:
-            vectors = [bytes_to_ndarray(b) for b in values[Key.MASKED_PARAMETERS]]
-            if [v.shape for v in vectors] != self.shapes or any(v.dtype.kind not in "iu" for v in vectors):
-                return "its masked vectors are not whole numbers of the model's shapes"
+            try:  # the header against the bytes that came, before Flower's reader allocates what it claims
+                masked = values[Key.MASKED_PARAMETERS]
+                vectors = [decode_array(Array(dtype="", shape=(), stype=NDARRAY, data=b), "iu") for b in masked]
+            except WireError as exc:
+                return f"a masked vector does not read ({exc})"
+            if [v.shape for v in vectors] != self.shapes:
+                return "its masked vectors are not of the model's shapes"
             examples = compat.recorddict_to_fitres(reply.content, True).num_examples
             if not (is_whole(examples) and 1 <= examples <= self.max_examples):
                 return f"a case count outside 1..{self.max_examples}"

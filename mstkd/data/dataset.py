@@ -178,9 +178,8 @@ def prepare_federation(
     target = plan_target(cfg, planned or [folders[c] for c in split.test])
     root = Path(cache_dir or data_dir / DEFAULT_CACHE)
     real = root.resolve()
-    if real == data_dir.resolve() or any(
-        real in (f, *f.parents) for f in (Path(f).resolve() for f in folders.values())
-    ):
+    cases = [Path(folder).resolve() for folder in folders.values()]
+    if real == data_dir.resolve() or any(real == case or real in case.parents for case in cases):
         raise InputError(f"{root}: the cache folder may not be the data folder, a case folder or a folder above one")
     cache = CaseCache(
         root,

@@ -36,7 +36,7 @@ def test_private_keys_are_private_from_their_first_byte(tmp_path, monkeypatch):
     assert sorted(modes) == [0o600, 0o600, 0o600, 0o644, 0o644, 0o644]  # 3 keys, 2 certs, 1 public key
     for private in ("ca.key", "server.key", "nodes/hospital-a"):
         assert (tmp_path / private).stat().st_mode & 0o777 == 0o600
-    assert not list(tmp_path.rglob(".*.tmp"))
+    assert not list(tmp_path.rglob(".*.tmp*"))
 
 
 def test_existing_credentials_are_never_replaced_unless_forced(tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_a_temporary_name_fits_any_file_name_and_its_leftovers_are_found_by_name
         with atomic_path(tmp_path / name) as tmp:
             left[name] = tmp
         tmp.write_text("half")  # what a writer killed before its rename leaves
-    (tmp_path / ".key.77.tmp").write_text("half")  # write_bytes's own temporary name
+    (tmp_path / ".key.77.tmp").write_text("half")  # the temporary name an earlier version wrote
     for name, orphan in left.items():
         expected = [orphan, tmp_path / ".key.77.tmp"] if name == "key" else [orphan]
         assert orphan.name.startswith(".") and stale_temporaries(tmp_path / name) == sorted(expected), name
