@@ -143,10 +143,9 @@ def run_spec(scenario: Scenario, arm: Arm, seed: int, extra: str) -> dict:
 def finished(folder: Path, spec: dict) -> bool:
     """Whether ``folder`` holds a finished run made as ``spec`` says (a run of another config is not this run)."""
     try:
-        done = json.loads((folder / DONE).read_text())
-    except (OSError, ValueError):  # absent, or half written: not finished
+        return _json_object(folder / DONE).get("spec") == spec
+    except InputError:  # absent, half written, or not an object: not finished
         return False
-    return isinstance(done, dict) and done.get("spec") == spec
 
 
 def read_meta(folder: Path) -> dict:
