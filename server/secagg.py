@@ -50,49 +50,50 @@ STAGE_FIELDS = {
     Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: _BYTES},
     Stage.UNMASK: {Key.NODE_ID_LIST: _NODES, Key.SHARE_LIST: _BYTES},
 }
-"""What Flower's SecAgg+ workflow reads from each stage's replies: a key (bytes), a list of bytes, or a list of the
-round's node ids under each key; the lists of one reply have one length."""
+"""What Flower's SecAgg+ workflow reads from each stage's replies: a key (bytes), a list of bytes, or a list of node
+ids under each key; the lists of one reply have one length, and a list of node ids names exactly the nodes its message
+asked about, each once (its key shares go to each neighbour it was given the keys of; its shares for unmasking are
+of each node it was asked for)."""
 
 
 class CheckedGrid:
     """A grid whose SecAgg+ replies are checked for what the workflow reads before it reads them (the workflow indexes
     them unchecked, so one malformed reply ended the run with a ``KeyError``): a reply that lacks a field, holds
     another type, names a node outside the round, sends masked vectors of other shapes or a case count out of range
-    becomes that node's error, which the protocol treats as a dropped node. The contents of keys, ciphertexts and
-    shares cannot be checked: with secure aggregation the server cannot tell a wrong one (docs/security.md)."""
+    becomes that node's error, which the protocol treats as a dropped node. So does one whose key shares skip a
+    neighbour or whose unmasking shares skip a node asked for: the masks would no longer cancel, or too few shares
+    would be left, and the round's sum would be wrong or lost. The contents of keys, ciphertexts and shares cannot be
+    checked: with secure aggregation the server cannot tell a wrong one (docs/security.md)."""
 
     def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], max_examples: int) -> None:
         self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
-        self.nodes: set[int] = set()
 
     def __getattr__(self, name: str):
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
-        stages = {m.metadata.dst_node_id: _stage(m) for m in messages}
-        if Stage.SETUP in stages.values():
-            self.nodes = set(stages)
+        asked = {m.metadata.dst_node_id: _asked(m) for m in messages}
         replies = self.grid.send_and_receive(messages, timeout=timeout)
-        return [self._checked(reply, stages) for reply in replies]
+        return [self._checked(reply, asked) for reply in replies]
 
-    def _checked(self, reply: Message, stages: dict[int, str | None]) -> Message:
+    def _checked(self, reply: Message, asked: dict[int, tuple[str | None, list[int]]]) -> Message:
         if reply.has_error():
             return reply
-        if (stage := stages.get(reply.metadata.src_node_id, "")) == "":
-            problem = "a reply from a node not asked"
-        elif stage not in STAGE_FIELDS:  # not a SecAgg+ stage: the workflow's other messages
+        if reply.metadata.src_node_id not in asked:
+            stage, problem = "", "a reply from a node not asked"
+        elif (stage := asked[reply.metadata.src_node_id][0]) not in STAGE_FIELDS:  # the workflow's other messages
             return reply
         else:
             try:
-                problem = self._problem(reply, stage)
+                problem = self._problem(reply, stage, asked[reply.metadata.src_node_id][1])
             except Exception as exc:  # a reply that does not even read
                 problem = f"unreadable ({type(exc).__name__})"
         if problem is None:
             return reply
         return Message(metadata=reply.metadata, error=Error(code=0, reason=f"SecAgg+ {stage}: {problem}"))
 
-    def _problem(self, reply: Message, stage: str) -> str | None:
+    def _problem(self, reply: Message, stage: str, nodes: list[int]) -> str | None:
         fields = STAGE_FIELDS[stage]
         record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
         values = {key: record.get(key) if record is not None else None for key in fields}
@@ -104,8 +105,8 @@ class CheckedGrid:
                 return f"{key} is not a list"
             if kind == _BYTES and not all(isinstance(v, bytes) for v in value):
                 return f"{key} holds something other than bytes"
-            if kind == _NODES and not all(is_whole(v) and v in self.nodes for v in value):
-                return f"{key} names a node outside the round"
+            if kind == _NODES and not (all(is_whole(v) for v in value) and sorted(value) == sorted(nodes)):
+                return f"{key} does not name each node it was asked about once"
         if len({len(v) for v in values.values() if isinstance(v, list)}) > 1:
             return "its lists differ in length"
         if stage == Stage.COLLECT_MASKED_VECTORS:
@@ -123,10 +124,18 @@ class CheckedGrid:
 
 
 class RoundSafeSecAgg(SecAggPlusWorkflow):
-    """Flower's SecAgg+ fit stage, whose failure on what a reply holds costs its round, not the run: contents no
-    check can reach (shares that do not combine, a key that is not one) raised a ``ValueError`` out of the workflow
-    and ended the run. The round is then skipped with its reason, and the global model kept, as when too few nodes
-    are left; any other error (a bug) still ends the run."""
+    """Flower's SecAgg+ fit stage, with two repairs so that a node's failure costs that node, or at worst its round,
+    never the run:
+
+    - Contents no check can reach (shares that do not combine, a key that is not one) raised a ``ValueError`` out of
+      the workflow and ended the run. The round is now skipped with its reason, and the global model kept, as when
+      too few nodes are left; any other error (a bug) still ends the run.
+    - A node lost in the first two stages (no keys, or no shares of its own keys) lost the round for every node:
+      Flower's workflow still counted it among the round's nodes, so the last stage asked for its shares, which no
+      node holds, and its neighbours for shares of a key they never received. As in the protocol's paper, the round's
+      nodes are now those that shared their keys: a node lost before then is forgotten (no node masked its update
+      with it, and it sent no update), and one lost after is recovered from the others' shares, as before.
+    """
 
     def __init__(self, *args, on_failure: Callable[[Exception], None], **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -138,11 +147,34 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
         except (ValueError, UnsupportedAlgorithm) as exc:  # the protocol's own, on contents no check can reach
             self.on_failure(exc)
 
+    def setup_stage(self, grid, context, state) -> bool:
+        return super().setup_stage(grid, context, state) and self._forget_lost(state)
 
-def _stage(message: Message) -> str | None:
+    def share_keys_stage(self, grid, context, state) -> bool:
+        return super().share_keys_stage(grid, context, state) and self._forget_lost(state)
+
+    def _forget_lost(self, state) -> bool:
+        """Make the nodes still active the round's nodes, and their neighbours among them (a node that never sent its
+        key shares holds no part of the sum and no share another node needs); then check the protocol's threshold."""
+        kept = set(state.active_node_ids)
+        state.sampled_node_ids = kept
+        state.nid_to_neighbours = {n: ns & kept for n, ns in state.nid_to_neighbours.items() if n in kept}
+        return self._check_threshold(state)
+
+
+def _asked(message: Message) -> tuple[str | None, list[int]]:
+    """The SecAgg+ stage a message asks for (None for the workflow's other messages), and the nodes its reply must name:
+    the neighbours whose keys it carries (but the node itself) when sharing keys, the nodes whose shares it asks for
+    when unmasking."""
     record = message.content.config_records.get(RECORD_KEY_CONFIGS) if message.has_content() else None
     stage = record.get(Key.STAGE) if record is not None else None
-    return stage if isinstance(stage, str) else None
+    if stage == Stage.SHARE_KEYS:
+        nodes = [int(k) for k in record if k.isdigit() and int(k) != message.metadata.dst_node_id]
+    elif stage == Stage.UNMASK:
+        nodes = [*record[Key.ACTIVE_NODE_ID_LIST], *record[Key.DEAD_NODE_ID_LIST]]
+    else:
+        nodes = []
+    return (stage if isinstance(stage, str) else None), nodes
 
 
 def _plain_number(key: object, value: object) -> bool:

@@ -252,8 +252,8 @@ def test_no_case_id_path_or_secret_leaves_a_site_in_an_error(tmp_path, monkeypat
 # --------------------------------------------------------------------------- secure aggregation
 
 
-def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
-    import client.app as client_module
+def _record_updates(monkeypatch) -> dict[int, tuple[dict, int]]:
+    """Each node's update (float64, by name) and case count, by node id, as its local round returns them."""
     import client.site
 
     updates: dict[int, tuple[dict, int]] = {}
@@ -265,23 +265,37 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(client.site, "local_round", recording_round)
+    return updates
+
+
+def _assert_secagg_global_is_fedavg_of(run, updates: dict, counted: list[int], max_weight: float) -> dict:
+    """The run's global student is the plain FedAvg of the counted nodes' updates, within SecAgg+'s quantisation;
+    return that average."""
+    from mstkd.checkpoint import load_checkpoint
+
+    counted_updates = [updates[n] for n in counted]
+    total = sum(n for _, n in counted_updates)
+    fedavg = {k: sum(u[k] * n for u, n in counted_updates) / total for k in counted_updates[0][0]}
+    net, _, _ = load_checkpoint(run / "last.pt")
+    student = {f"student.{k}": v.numpy() for k, v in net.state_dict().items()}
+    worst = max(float(np.abs(student[k] - fedavg[k]).max()) for k in student)
+    # SecAgg+ scales each update by n / max-weight and quantises it to 2**22 levels over [-8, 8]
+    bound = len(counted) * (16 / 2**22) * max_weight / total
+    assert worst < 2 * bound + 1e-6, (worst, bound)
+    assert any(float(np.abs(u[k] - fedavg[k]).max()) > 1e-3 for u, _ in counted_updates for k in student)
+    return fedavg
+
+
+def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
+    import client.app as client_module
+
+    updates = _record_updates(monkeypatch)
     run_config = tiny_run_config(
         tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
     )
     grid = run_inproc(server_app, client_module.app, run_config, nodes())
     assert sorted(updates) == [1, 2, 3]
-
-    total = sum(n for _, n in updates.values())
-    fedavg = {k: sum(u[k] * n for u, n in updates.values()) / total for k in next(iter(updates.values()))[0]}
-    from mstkd.checkpoint import load_checkpoint
-
-    net, _, _ = load_checkpoint(tmp_path / "run" / "last.pt")
-    student = {f"student.{k}": v.numpy() for k, v in net.state_dict().items()}
-    worst = max(float(np.abs(student[k] - fedavg[k]).max()) for k in student)
-    # SecAgg+ scales each update by n / max-weight and quantises it to 2**22 levels over [-8, 8]
-    bound = 3 * (16 / 2**22) * 10.0 / total
-    assert worst < 2 * bound + 1e-6, (worst, bound)
-    assert any(float(np.abs(u[k] - fedavg[k]).max()) > 1e-3 for u, _ in updates.values() for k in student)
+    fedavg = _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], 10.0)
 
     # what leaves a node is masked: no float arrays at all, and masked vectors uncorrelated with the update
     from flwr.common.secure_aggregation.secaggplus_constants import Key
@@ -311,8 +325,11 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
 HOSTILE_SECAGG = {  # what one node answers at a stage of SecAgg+, from what it would have answered
     "setup": lambda honest: {"x": 1},
     "share_keys": lambda honest: {"dsts": [999], "ctxts": [b"x", b"y"]},
+    # key shares for one neighbour only: the other neighbour's mask with this node would not cancel in the sum
+    "share_keys-skip": lambda honest: {"dsts": honest["dsts"][:1], "ctxts": honest["ctxts"][:1]},
     "collect_masked_vectors": lambda honest: {"masked_params": [b"not an array"]},
     "unmask": lambda honest: {"nids": [999], "shares": [b"x"]},
+    "unmask-skip": lambda honest: {"nids": honest["nids"][:1], "shares": honest["shares"][:1]},
     # of the right form, so no check can tell: the shares no longer combine, and the round is lost
     "unmask-shares": lambda honest: {**honest, "shares": [bytes(len(b)) for b in honest["shares"]]},
 }
@@ -320,9 +337,11 @@ HOSTILE_SECAGG = {  # what one node answers at a stage of SecAgg+, from what it 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(HOSTILE_SECAGG))
-def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, stage):
+def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypatch, stage):
     """Flower's SecAgg+ workflow reads every reply's fields unchecked: one node's reply without them ended the
-    whole run with a KeyError. Now it is that node's error, which the protocol treats as a dropped node."""
+    whole run with a KeyError. Now it is that node's error, which the protocol treats as a dropped node; the round
+    aggregates the others' updates, whichever stage the node is lost in (one lost in the first two stages lost the
+    round for every node, and key shares that skipped a neighbour made the sum wrong)."""
     from flwr.app import ConfigRecord
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
@@ -338,21 +357,21 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, stage):
             reply.content[RECORD_KEY_CONFIGS] = ConfigRecord(HOSTILE_SECAGG[stage](honest))
         return reply
 
+    updates = _record_updates(monkeypatch)
     run_config = tiny_run_config(
         tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
     )
-    if stage in ("setup", "share_keys", "unmask-shares"):
-        # Flower's SecAgg+ still asks the last stage for the shares of a node lost in the first two, which no node
-        # holds, so the round aggregates nothing, as when shares do not combine: the run goes on and, with its one
-        # round lost, ends as failed
+    if stage == "unmask-shares":  # the run goes on and, with its one round lost, ends as failed
         with pytest.raises(RunFailed, match="no round aggregated|the global model never changed"):
             run_inproc(server_app, hostile, run_config, nodes())
-    else:  # lost after its keys were shared: the protocol recovers, and the round aggregates
-        run_inproc(server_app, hostile, run_config, nodes())  # raised KeyError, ValueError or IndexError before
+    else:  # raised KeyError, ValueError or IndexError, lost the round, or made the sum wrong before
+        run_inproc(server_app, hostile, run_config, nodes())
     record = _records(tmp_path / "run")[1]
     if stage == "unmask-shares":
         assert record["skipped"].startswith("secure aggregation failed (ValueError: Failed to combine shares")
     else:  # the reply was refused before the workflow read it: the protocol went on without its node
         assert "skipped" not in record
+        counted = [1, 2, 3] if stage.startswith("unmask") else [1, 2]  # node 3's update is in the sum or not at all
+        _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, counted, 10.0)
     assert record["secure_aggregation"] == "SecAgg+" and "global" in record
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "REPORT.md").is_file()
