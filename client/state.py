@@ -138,7 +138,9 @@ class SiteState:
 
     def save(self, nets: Networks, optimizers: Optimizers, rng: np.random.Generator, info: dict) -> None:
         """Write the state after round ``info["round"]``; the state it replaces becomes the previous one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the site's own folder private: a teacher trained on the site's cases is as private as they are
+        self.path.parent.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, exist_ok=True)
         payload = {
             "teacher": nets.teacher.state_dict(),
             "optimizer": optimizers.main.state_dict(),

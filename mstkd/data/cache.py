@@ -125,6 +125,21 @@ def _check_entry(folder: Path) -> None:
         raise InputError(f"{folder}: not a cache entry ({what}); the cache replaces only its own entries")
 
 
+def make_cache_folder(root: Path, data_dir: Path) -> None:
+    """Create the cache folder ``root``, when it is missing, as private as the data it copies: with the data folder's
+    permissions (its set-group-id bit included, so a shared group folder stays shared), not the umask's. Under the
+    usual umask a cache kept outside a private data folder left every case's voxels readable by every user of the
+    machine. The folder is private from its first moment; an existing one is left as it is."""
+    if root.is_dir():
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700)
+    except FileExistsError:  # made meanwhile by another process
+        return
+    os.chmod(root, data_dir.stat().st_mode & 0o2777)
+
+
 class CaseCache:
     """Builds and reads cache entries under ``root`` for one normalisation setting."""
 

@@ -18,7 +18,7 @@ from monai.data import DataLoader, Dataset
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from mstkd.data.cache import SPLIT_CSV, CachedCase, CaseCache
+from mstkd.data.cache import SPLIT_CSV, CachedCase, CaseCache, make_cache_folder
 from mstkd.data.geometry import (
     DEFAULT_ORIENTATION,
     TargetGeometry,
@@ -181,6 +181,7 @@ def prepare_federation(
     cases = [Path(folder).resolve() for folder in folders.values()]
     if real == data_dir.resolve() or any(real == case or real in case.parents for case in cases):
         raise InputError(f"{root}: the cache folder may not be the data folder, a case folder or a folder above one")
+    make_cache_folder(root, data_dir)
     cache = CaseCache(
         root,
         normalization=cfg.normalization,

@@ -151,3 +151,19 @@ def test_site_state_is_chosen_without_reading_a_state_file(tmp_path, monkeypatch
     assert reads == ["local.prev.pt"]  # local.pt (round 3) was skipped without being read
     (tmp_path / "local.json").write_text("{}")  # a sidecar that does not describe its file is ignored
     assert state.info(tmp_path / "local.pt")["round"] == 3 and reads[-1] == "local.pt"
+
+
+def test_a_sites_state_folder_is_private_to_the_nodes_user(tmp_path):
+    """The teacher in a node's state learned from the site's cases: its folder is created readable by the node's
+    user only, whatever the umask leaves to others (it was world-readable under the usual 022)."""
+    cfg = load_config(["model=tiny"])
+    nets = Networks(*build_networks(cfg.model))
+    old = os.umask(0o022)
+    try:
+        SiteState(tmp_path / "nodes" / "run-1" / "site-a").save(
+            nets, make_optimizers(nets, cfg.train), np.random.default_rng(0), {"round": 1, "rounds": 1, "epoch": 1.0}
+        )
+    finally:
+        os.umask(old)
+    assert (tmp_path / "nodes" / "run-1" / "site-a").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "nodes" / "run-1" / "site-a" / "local.pt").is_file()
