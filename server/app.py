@@ -148,8 +148,7 @@ def main(grid: Grid, context: Context) -> None:
             train_config=train_config,
             timeout=run.round_timeout,
             min_nodes=run.min_nodes,
-            # with DP every sampled node must reply: the noise is calibrated to that many
-            min_replies=run.min_nodes if privacy else run.min_replies,
+            min_replies=run.min_replies,  # with DP too: a node that does not reply adds a zero update (privacy.py)
             node_wait=run.node_wait,
             max_examples=run.max_examples,
             required_metrics=("norm_bit",)

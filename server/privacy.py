@@ -31,30 +31,53 @@ from server.replies import printable
 
 
 class _UnpredictableNoise:
-    """Gaussian noise from a generator seeded by the operating system's entropy.
+    """Gaussian noise from a generator seeded by the operating system's entropy, added to a sum over a fixed
+    denominator.
 
     Flower's wrappers draw the noise from NumPy's global generator, which the server seeds with the
     run's (published) seed: anyone could recompute and subtract it, and a resumed run would repeat it.
     The same holds for the noise on the count of clipped updates that adaptive clipping releases.
+
+    Flower's wrappers average the replies that came, while the noise is calibrated to ``num_sampled_clients`` (one
+    site moving the average by ``clip / min-nodes``), so a round had to wait for every node: one node that failed or
+    sent a refused reply in every round stopped a DP run from learning. Here the clipped updates that came are summed
+    and divided by the number of nodes the round asked (at least ``min-nodes``), as McMahan et al. (2018) do: a node
+    that does not reply adds a zero update, one site still moves the release by at most ``clip / min-nodes``, and the
+    noise still covers it. When every node asked replies, this is the plain average. Adaptive clipping's share of
+    clipped updates is counted over the same denominator (a node that did not reply counts as not clipped).
     """
 
     @staticmethod
     def _rng() -> np.random.Generator:
         return np.random.default_rng(secrets.randbits(128))
 
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.round_start = {k: v.numpy() for k, v in arrays.items()}
+        self.denominator = max(len(messages), self.num_sampled_clients)
+        return messages
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.replied = len(replies)
+        return super().aggregate_train(server_round, replies)
+
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         norm = getattr(self, "noise_norm", self.clipping_norm)  # adaptive clipping: the norm the round clipped at
         stdev = self.noise_multiplier * norm / self.num_sampled_clients
+        share = self.replied / self.denominator  # the mean of the replies, as a sum over the nodes asked
         rng = self._rng()
-        return ArrayRecord(
-            {
-                k: Array((v.numpy() + rng.normal(0.0, stdev, v.numpy().shape)).astype(v.numpy().dtype))
-                for k, v in aggregated_arrays.items()
-            }
-        )
+        noisy = {}
+        for k, v in aggregated_arrays.items():
+            mean = v.numpy()
+            if share < 1:
+                start = self.round_start[k].astype(np.float64)
+                mean = start + share * (mean.astype(np.float64) - start)
+            noisy[k] = Array((mean + rng.normal(0.0, stdev, mean.shape)).astype(v.numpy().dtype))
+        return ArrayRecord(noisy)
 
     def _noisy_fraction(self, count: int, total: int) -> float:
-        return float(self._rng().normal(count, self.clipped_count_stddev)) / float(total)
+        return float(self._rng().normal(count, self.clipped_count_stddev)) / float(self.denominator)
 
 
 class ServerSideDP(_UnpredictableNoise, DifferentialPrivacyServerSideFixedClipping):
@@ -165,9 +188,9 @@ class PrivacyLedger:
     """Client-level (epsilon, delta) of the released global models, from Flower's RDP accountant.
 
     Each round that aggregates releases one Gaussian mechanism over the sampled sites (noise
-    multiplier ``dp-noise`` on updates clipped to the round's norm; with adaptive clipping, that
-    multiplier covers the update noise and the clipped-count noise together). No amplification by
-    sampling is claimed: every sampled site must reply, and the count is the conservative one.
+    multiplier ``dp-noise`` on updates clipped to the round's norm and summed over at least ``min-nodes``,
+    whoever replies; with adaptive clipping, that multiplier covers the update noise and the clipped-count
+    noise together). No amplification by sampling is claimed, and the count is the conservative one.
     """
 
     def __init__(self, privacy: dict, population: int, state: dict | None = None) -> None:
