@@ -5,8 +5,9 @@ With ``secagg=true`` the rounds run through Flower's legacy ``DefaultWorkflow`` 
 weighted sum over the nodes that took part (the masks cancel in the sum), which plain FedAvg then
 divides by the total weight. A node's individual weights never reach the server.
 
-What differs from the normal loop (:mod:`server.loop`): every round needs all ``min-nodes``
-nodes (at least 3; the protocol splits each node's key into shares that the others hold),
+What differs from the normal loop (:mod:`server.loop`): every round starts with ``min-nodes`` nodes (at least 3;
+the protocol splits each node's key into shares that the others hold) and aggregates while two thirds of them are
+left (nodes lost on the way are forgotten or recovered, :class:`RoundSafeSecAgg`),
 there is no per-node validation, no checkpoint and no resume, differential privacy cannot be
 combined with it, ``strategy``, ``fraction-train``, ``min-replies`` and ``node-wait`` do not apply,
 and no bytes are logged. The server cannot check a single node's update (it sees only their masked sum): the
@@ -147,11 +148,17 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
         except (ValueError, UnsupportedAlgorithm) as exc:  # the protocol's own, on contents no check can reach
             self.on_failure(exc)
 
+    # Flower's own threshold check at the end of these two stages counts the lost nodes' neighbourhoods too (with a
+    # partial neighbour graph it may refuse a round that the nodes left can finish): its answer is replaced by the
+    # check after the lost nodes are forgotten. A setup stage that stopped before it drew the neighbour graph (no
+    # node sampled, or one) stays stopped.
     def setup_stage(self, grid, context, state) -> bool:
-        return super().setup_stage(grid, context, state) and self._forget_lost(state)
+        super().setup_stage(grid, context, state)
+        return bool(state.nid_to_neighbours) and self._forget_lost(state)
 
     def share_keys_stage(self, grid, context, state) -> bool:
-        return super().share_keys_stage(grid, context, state) and self._forget_lost(state)
+        super().share_keys_stage(grid, context, state)
+        return self._forget_lost(state)
 
     def _forget_lost(self, state) -> bool:
         """Make the nodes still active the round's nodes, and their neighbours among them (a node that never sent its

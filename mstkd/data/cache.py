@@ -125,19 +125,13 @@ def _check_entry(folder: Path) -> None:
         raise InputError(f"{folder}: not a cache entry ({what}); the cache replaces only its own entries")
 
 
-def make_cache_folder(root: Path, data_dir: Path) -> None:
-    """Create the cache folder ``root``, when it is missing, as private as the data it copies: with the data folder's
-    permissions (its set-group-id bit included, so a shared group folder stays shared), not the umask's. Under the
-    usual umask a cache kept outside a private data folder left every case's voxels readable by every user of the
-    machine. The folder is private from its first moment; an existing one is left as it is."""
-    if root.is_dir():
-        return
+def make_cache_folder(root: Path) -> None:
+    """Create the cache folder ``root``, when it is missing, readable by its user only (0700): it holds a copy of
+    every case's voxels, which under the usual umask was readable by every user of the machine, whatever the data
+    folder allowed. A folder that exists already is the user's choice (a group that shares a cache makes it) and is
+    left as it is."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        root.mkdir(mode=0o700)
-    except FileExistsError:  # made meanwhile by another process
-        return
-    os.chmod(root, data_dir.stat().st_mode & 0o2777)
+    root.mkdir(mode=0o700, exist_ok=True)
 
 
 class CaseCache:
@@ -234,7 +228,7 @@ class CaseCache:
             "modalities": list(MODALITIES),
             "regions": list(REGIONS),
         }
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_cache_folder(self.root)
         tmp = self.root / f".tmp-{files.case_id}-{uuid.uuid4().hex[:8]}"
         final = self.root / files.case_id
         try:

@@ -181,7 +181,7 @@ def prepare_federation(
     cases = [Path(folder).resolve() for folder in folders.values()]
     if real == data_dir.resolve() or any(real == case or real in case.parents for case in cases):
         raise InputError(f"{root}: the cache folder may not be the data folder, a case folder or a folder above one")
-    make_cache_folder(root, data_dir)
+    make_cache_folder(root)
     cache = CaseCache(
         root,
         normalization=cfg.normalization,

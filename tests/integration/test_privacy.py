@@ -411,3 +411,35 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypat
         _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, counted, 10.0)
     assert record["secure_aggregation"] == "SecAgg+" and "global" in record
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "REPORT.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["setup", "share_keys"])
+def test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others(tmp_path, monkeypatch, first):
+    """Five nodes: node 4 is lost before it has shared its keys, node 5 after (its masked vector is refused). The
+    round's sum is the FedAvg of nodes 1-3: node 5's masks with its neighbours are recovered from their shares, and
+    node 4, forgotten, is in no neighbourhood the server unmasks (were it, the sum was wrong, or a KeyError ended the
+    run)."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    import client.app as client_module
+
+    lost = {4: first, 5: "collect_masked_vectors"}
+
+    def hostile(msg, context):
+        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        asked = record.get(Key.STAGE) if record is not None else None  # read first: the node's mod consumes it
+        reply = client_module.app(msg, context)
+        if lost.get(context.node_id) == asked:
+            honest = dict(reply.content.config_records[RECORD_KEY_CONFIGS])
+            reply.content[RECORD_KEY_CONFIGS] = ConfigRecord(HOSTILE_SECAGG[asked](honest))
+        return reply
+
+    updates = _record_updates(monkeypatch)
+    extra = {"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
+    run_config = tiny_run_config(tmp_path, **extra, **{"min-nodes": 5, "phantom-cases": 30})
+    run_inproc(server_app, hostile, run_config, [{"partition-id": i, "num-partitions": 5} for i in range(5)])
+    record = _records(tmp_path / "run")[1]
+    assert "skipped" not in record and record["secure_aggregation"] == "SecAgg+"
+    _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], 10.0)

@@ -356,28 +356,28 @@ def test_the_cache_never_replaces_a_folder_it_did_not_write(dataset, tmp_path, c
     assert {p.name for p in notes.iterdir()} == {"image.npy", "regions.npy", "meta.json"}
 
 
-@pytest.mark.parametrize("data_mode", [0o700, 0o2770, 0o755], ids=oct)
-def test_a_new_cache_folder_is_as_private_as_the_data_it_copies(dataset, tmp_path, data_mode):
-    """A cache kept outside the data folder holds every case's voxels: it was created with the umask's permissions
-    (world-readable under the usual 022) whatever the data folder's were. It now takes the data folder's."""
+def test_a_new_cache_folder_is_private_to_its_user(dataset, tmp_path):
+    """The cache holds every case's voxels: it was created with the umask's permissions (world-readable under the
+    usual 022, whatever the data folder allowed). A new one is now its user's only; one that exists is left as it is
+    (a group that shares a cache makes the folder itself)."""
     import os
 
     from mstkd.cli import main
 
-    old_data_mode = dataset.stat().st_mode
     old_umask = os.umask(0o022)
     try:
-        os.chmod(dataset, data_mode)
         assert main(["preprocess", str(dataset), "--cache", str(tmp_path / "elsewhere" / "cache"), "--quiet"]) == 0
+        assert main(["preprocess", str(dataset), "--quiet"]) == 0  # the default cache, inside the data folder
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o2775)
+        os.chmod(shared, 0o2775)
+        assert main(["preprocess", str(dataset), "--cache", str(shared), "--quiet"]) == 0
     finally:
         os.umask(old_umask)
-        os.chmod(dataset, old_data_mode)
-    assert (tmp_path / "elsewhere" / "cache").stat().st_mode & 0o7777 == data_mode
-    assert any((tmp_path / "elsewhere" / "cache").glob("*/image.npy"))
-    mine = tmp_path / "mine"  # a folder that exists already is the user's: left as it is
-    mine.mkdir(mode=0o755)
-    assert main(["preprocess", str(dataset), "--cache", str(mine), "--quiet"]) == 0
-    assert mine.stat().st_mode & 0o777 == 0o755
+    for cache in (tmp_path / "elsewhere" / "cache", dataset / ".mstkd-cache"):
+        assert cache.stat().st_mode & 0o7777 == 0o700
+        assert any(cache.glob("*/image.npy"))
+    assert shared.stat().st_mode & 0o7777 == 0o2775 and any(shared.glob("*/image.npy"))
 
 
 def test_a_source_rewritten_with_its_old_mtime_or_a_damaged_entry_is_rebuilt(tmp_path):
