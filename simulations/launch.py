@@ -47,7 +47,8 @@ def toml_value(value) -> str:
     return json.dumps(str(value))
 
 
-def _flwr() -> str:
+def flwr_cli() -> str:
+    """The ``flwr`` command of this Python environment (else the one on the PATH)."""
     local = Path(sys.executable).with_name("flwr")
     return str(local) if local.exists() else "flwr"
 
@@ -163,7 +164,7 @@ def flower_simulation(
     federation = (
         f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_node} client-resources-num-gpus={gpus_per_node}"
     )
-    cmd = [_flwr(), "run", str(app), "--stream", "--federation-config", federation]
+    cmd = [flwr_cli(), "run", str(app), "--stream", "--federation-config", federation]
     if overrides:
         cmd += ["--run-config", overrides]
     start = time.perf_counter()
@@ -182,7 +183,7 @@ def flower_simulation(
             proc.wait()
         seconds = time.perf_counter() - start
         listing = subprocess.run(
-            [_flwr(), "ls", "--format", "json"], env=env, capture_output=True, text=True, timeout=120
+            [flwr_cli(), "ls", "--format", "json"], env=env, capture_output=True, text=True, timeout=120
         )
         runs = {str(r["run-id"]): r for r in json.loads(listing.stdout or "{}").get("runs", [])}
         printed = log.read_text()

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from simulations.launch import flower_simulation, superlink_pids
+from simulations.launch import flower_simulation, flwr_cli, superlink_pids
+from tests.helpers import ROOT
 
 
 def _tiny_run(tmp_path) -> dict:
@@ -23,6 +24,43 @@ def _tiny_run(tmp_path) -> dict:
         "out-dir": str(tmp_path / "run"),
         "overrides": "train.amp=false",
     }
+
+
+def test_the_bundle_every_node_receives_holds_the_apps_packages_only(tmp_path):
+    """``flwr run`` sends the app's bundle (FAB) to every node. Flower's default file list took every .py, .md,
+    .toml and .yaml file of the coordinator's checkout, so a run folder kept there sent its REPORT.md (every site's
+    scores) and config.yaml to each hospital, and any Python file lying about went too."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    app = tmp_path / "app"
+    shutil.copytree(
+        ROOT, app, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "runs", "__pycache__", "*.fab", "build")
+    )
+    (app / "results" / "run-1").mkdir(parents=True)
+    for name in ("REPORT.md", "config.yaml", "run_config.toml"):
+        (app / "results" / "run-1" / name).write_text("site-a: 0.91\n")
+    (app / "settings_local.py").write_text("TOKEN = 'secret'\n")
+    done = subprocess.run([flwr_cli(), "build", "--app", str(app)], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (fab,) = tmp_path.glob("*.fab")
+    names = set(zipfile.ZipFile(fab).namelist())
+    assert {n.split("/")[0] for n in names} == {
+        ".info",
+        "LICENSE",
+        "README.md",
+        "pyproject.toml",
+        "mstkd",
+        "client",
+        "server",
+        "messages",
+        "simulations",
+    }
+    assert {"client/app.py", "server/app.py", "mstkd/configs/model/lite.yaml", "simulations/adversary.py"} <= names
+    assert not any(
+        n.startswith(("simulations/results/", "simulations/fets/")) or n.endswith(".md") and "/" in n for n in names
+    )
 
 
 @pytest.mark.slow
