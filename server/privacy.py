@@ -26,25 +26,32 @@ from flwr.serverapp.strategy import (
 )
 
 from mstkd.errors import InputError
-from mstkd.runconfig import DPClipping, DPMode, RunConfig
+from mstkd.runconfig import DPClipping, DPMode, RunConfig, Strategy
 from server.replies import printable
 
 
 class _UnpredictableNoise:
     """Gaussian noise from a generator seeded by the operating system's entropy, added to a sum over a fixed
-    denominator.
+    number of sites.
 
     Flower's wrappers draw the noise from NumPy's global generator, which the server seeds with the
     run's (published) seed: anyone could recompute and subtract it, and a resumed run would repeat it.
     The same holds for the noise on the count of clipped updates that adaptive clipping releases.
 
-    Flower's wrappers average the replies that came, while the noise is calibrated to ``num_sampled_clients`` (one
-    site moving the average by ``clip / min-nodes``), so a round had to wait for every node: one node that failed or
-    sent a refused reply in every round stopped a DP run from learning. Here the clipped updates that came are summed
-    and divided by the number of nodes the round asked (at least ``min-nodes``), as McMahan et al. (2018) do: a node
-    that does not reply adds a zero update, one site still moves the release by at most ``clip / min-nodes``, and the
-    noise still covers it. When every node asked replies, this is the plain average. Adaptive clipping's share of
-    clipped updates is counted over the same denominator (a node that did not reply counts as not clipped).
+    Flower's wrappers average the replies that came, while the noise is calibrated to ``num_sampled_clients``
+    (``min-nodes``: one site moving the average by ``clip / min-nodes``), so a round had to wait for every node, and
+    one node that failed or sent a refused reply in every round stopped a DP run from learning. Here, as in
+    DP-FedAvg's fixed-denominator estimator (McMahan et al., 2018), a round asks at most ``min-nodes`` nodes
+    (:func:`wrap_for_privacy`), and the clipped updates that came are summed and divided by ``min-nodes`` whoever
+    replies: a node that does not reply adds a zero update, and adding or removing one site moves the release by at
+    most ``clip / min-nodes``, which the noise covers. A round in which all ``min-nodes`` nodes reply is their plain
+    average, as before. An update that is exactly zero (a node that sends back what it was sent) adds nothing to the
+    sum and is left out of it: Flower's clipping divides by its norm.
+
+    Adaptive clipping's share of clipped updates is the centred count of Andrew et al. (2021): each reply counts its
+    bit minus 1/2, the noise is added, the sum is divided by ``min-nodes`` and 1/2 added back. One site then moves
+    the count by 1/2, as the split of the noise between the updates and the count assumes
+    (``compute_adaptive_noise_params``), and a node that does not reply counts as half clipped.
     """
 
     @staticmethod
@@ -52,32 +59,40 @@ class _UnpredictableNoise:
         return np.random.default_rng(secrets.randbits(128))
 
     def configure_train(self, server_round, arrays, config, grid):
-        messages = list(super().configure_train(server_round, arrays, config, grid))
         self.round_start = {k: v.numpy() for k, v in arrays.items()}
-        self.denominator = max(len(messages), self.num_sampled_clients)
-        return messages
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
         self.replied = len(replies)
-        return super().aggregate_train(server_round, replies)
+        moving = [r for r in replies if not self._unchanged(r)]
+        self.summed = len(moving)
+        if not moving:
+            return None, None
+        return super().aggregate_train(server_round, moving)
+
+    def _unchanged(self, reply) -> bool:
+        """Whether the reply's arrays are exactly what the round sent (an update of norm 0)."""
+        arrays = next(iter(reply.content.array_records.values()))
+        return all(np.array_equal(arrays[k].numpy(), start) for k, start in self.round_start.items())
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         norm = getattr(self, "noise_norm", self.clipping_norm)  # adaptive clipping: the norm the round clipped at
         stdev = self.noise_multiplier * norm / self.num_sampled_clients
-        share = self.replied / self.denominator  # the mean of the replies, as a sum over the nodes asked
+        share = self.summed / self.num_sampled_clients  # the mean of the updates summed, as a sum over min-nodes
         rng = self._rng()
         noisy = {}
         for k, v in aggregated_arrays.items():
             mean = v.numpy()
-            if share < 1:
+            if share != 1:
                 start = self.round_start[k].astype(np.float64)
                 mean = start + share * (mean.astype(np.float64) - start)
             noisy[k] = Array((mean + rng.normal(0.0, stdev, mean.shape)).astype(v.numpy().dtype))
         return ArrayRecord(noisy)
 
     def _noisy_fraction(self, count: int, total: int) -> float:
-        return float(self._rng().normal(count, self.clipped_count_stddev)) / float(self.denominator)
+        absent = self.num_sampled_clients - self.replied  # count 1/2 each (a zero update that came: 0, not clipped)
+        return (float(self._rng().normal(count, self.clipped_count_stddev)) + absent / 2) / self.num_sampled_clients
 
 
 class ServerSideDP(_UnpredictableNoise, DifferentialPrivacyServerSideFixedClipping):
@@ -130,6 +145,12 @@ def privacy_settings(run: RunConfig) -> dict:
     mode, min_nodes = str(run.dp), run.min_nodes
     if run.dp == DPMode.OFF:
         return {}
+    if run.strategy in (Strategy.FEDAVGM, Strategy.FEDADAM, Strategy.FEDYOGI):
+        raise InputError(
+            f"dp={mode!r} with strategy={str(run.strategy)!r}: Flower adds the noise after the server optimiser, "
+            "whose momentum or moments then hold the sites' average without noise (and carry it into every later "
+            "round and the server's saved state); use fedavg or fedprox with differential privacy"
+        )
     if run.strategy.robust:
         raise InputError(
             f"dp={mode!r} with strategy={str(run.strategy)!r}: the noise is calibrated to an average of the clipped "
@@ -170,6 +191,7 @@ def privacy_settings(run: RunConfig) -> dict:
 def wrap_for_privacy(strategy, privacy: dict):
     """``strategy`` inside Flower's DP wrapper for ``privacy`` (:func:`privacy_settings`)."""
     strategy.uniform_weights = True  # the noise is calibrated to one site's share being 1 / sites
+    strategy.most_train_nodes = privacy["sampled_nodes"]  # the sum is divided by that many, whoever replies
     wrapper = DP_WRAPPERS[(privacy["mode"], privacy["clipping"])]
     common = {"noise_multiplier": privacy["noise_multiplier"], "num_sampled_clients": privacy["sampled_nodes"]}
     if privacy["clipping"] == "fixed":

@@ -136,6 +136,7 @@ class FederatedMixin:
         self.local_epochs = local_epochs
         self.runlog = runlog
         self.uniform_weights = False  # True: every site counts the same (differential privacy)
+        self.most_train_nodes: int | None = None  # at most this many nodes train in a round (differential privacy)
 
     def _outgoing(self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -145,7 +146,8 @@ class FederatedMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["epoch"] = (server_round - 1) * self.local_epochs
         sent = cast_arrays(arrays, self.transport)
-        return self._outgoing(server_round, sent, super().configure_train(server_round, sent, config, grid))
+        messages = list(super().configure_train(server_round, sent, config, grid))  # the nodes drawn, in random order
+        return self._outgoing(server_round, sent, messages[: self.most_train_nodes])
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         sent = cast_arrays(arrays, self.transport)
