@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from mstkd.modalities import SUBSETS
-from simulations.scenario import ARMS, LONGER_ARMS, STRATEGY_ARMS, TERM_ARMS, TERM_GROUPS, Scenario
+from simulations.scenario import (
+    ARMS,
+    LONGER_ARMS,
+    ROBUST_STRATEGIES,
+    STRATEGY_ARMS,
+    TERM_ARMS,
+    TERM_GROUPS,
+    Scenario,
+)
 from simulations.stats import case_scores, format_p, holm, paired_interval, shared_cells
 from simulations.tables import fmt
 
@@ -59,6 +67,8 @@ def _pairs(results: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
     pairs += [
         (a, "mstkd", f"{ARMS[a].label} vs FedAvg with no hostile site", "other") for a in results if ARMS[a].attack
     ]
+    robust = [a for a in ROBUST_STRATEGIES if a != "mstkd"]
+    pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg, every site honest", "other") for a in robust]
     return [p for p in pairs if p[0] in results and p[1] in results]
 
 
