@@ -3,7 +3,7 @@
 ``dp`` = ``off`` | ``server`` (the server clips each site's update) | ``client`` (each site clips its
 own, :mod:`client.app`'s ``clip_updates``), then the server adds Gaussian noise to the average.
 ``dp-clipping`` = ``fixed`` clips at ``dp-clip``; ``adaptive`` starts there and moves the norm
-each round towards the ``dp-clip-quantile`` of the sites' update norms, at rate ``dp-clip-lr``
+each round until a ``dp-clip-quantile`` share of the sites' updates is clipped, at rate ``dp-clip-lr``
 (Andrew et al., 2021, with Flower's wrappers, whose direction of that step :class:`_TowardsTarget`
 corrects), so that nobody has to guess the norm. With
 adaptive clipping part of the privacy budget goes to the noisy count of clipped updates (its
@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
+from flwr.supercore.differential_privacy import get_norm
 
 from mstkd.errors import InputError
 from mstkd.runconfig import DPClipping, DPMode, RunConfig, Strategy
@@ -45,8 +46,8 @@ class _UnpredictableNoise:
     (:func:`wrap_for_privacy`), and the clipped updates that came are summed and divided by ``min-nodes`` whoever
     replies: a node that does not reply adds a zero update, and adding or removing one site moves the release by at
     most ``clip / min-nodes``, which the noise covers. A round in which all ``min-nodes`` nodes reply is their plain
-    average, as before. An update that is exactly zero (a node that sends back what it was sent) adds nothing to the
-    sum and is left out of it: Flower's clipping divides by its norm.
+    average, as before. An update of norm 0 (a node that sends back what it was sent, or changes a weight of 0 by
+    1e-23) adds nothing to the sum and is left out of it: Flower's clipping divides by its norm.
 
     Adaptive clipping's share of clipped updates is the centred count of Andrew et al. (2021): each reply counts its
     bit minus 1/2, the noise is added, the sum is divided by ``min-nodes`` and 1/2 added back. One site then moves
@@ -72,9 +73,10 @@ class _UnpredictableNoise:
         return super().aggregate_train(server_round, moving)
 
     def _unchanged(self, reply) -> bool:
-        """Whether the reply's arrays are exactly what the round sent (an update of norm 0)."""
+        """Whether the reply's update has norm 0 as Flower's clipping computes it (in the arrays' float32, where an
+        update of 1e-23 on a weight of 0 squares to 0 as well)."""
         arrays = next(iter(reply.content.array_records.values()))
-        return all(np.array_equal(arrays[k].numpy(), start) for k, start in self.round_start.items())
+        return get_norm([np.subtract(arrays[k].numpy(), start) for k, start in self.round_start.items()]) == 0
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         norm = getattr(self, "noise_norm", self.clipping_norm)  # adaptive clipping: the norm the round clipped at
@@ -210,7 +212,7 @@ class PrivacyLedger:
     """Client-level (epsilon, delta) of the released global models, from Flower's RDP accountant.
 
     Each round that aggregates releases one Gaussian mechanism over the sampled sites (noise
-    multiplier ``dp-noise`` on updates clipped to the round's norm and summed over at least ``min-nodes``,
+    multiplier ``dp-noise`` on updates clipped to the round's norm, summed and divided by ``min-nodes``
     whoever replies; with adaptive clipping, that multiplier covers the update noise and the clipped-count
     noise together). No amplification by sampling is claimed, and the count is the conservative one.
     """

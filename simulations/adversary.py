@@ -160,8 +160,6 @@ def hostile_app(folder: Path, attacks: dict[int, str]) -> tuple[Path, dict[str, 
     pyproject, count = re.subn(r'clientapp = "client\.app:app"', 'clientapp = "simulations.adversary:app"', pyproject)
     if count != 1:
         raise RuntimeError("pyproject.toml: the clientapp component is not client.app:app")
-    # the copy holds no results or docs, so its FAB takes Flower's default file list (a fab-exclude pattern that
-    # matches nothing is refused)
-    pyproject = re.sub(r"(?m)^fab-(include|exclude) = .*\n", "", pyproject)
+    # the copy keeps the bundle's file list: it names the app's packages, which the copy holds
     (folder / "pyproject.toml").write_text(pyproject)
     return folder, {ENV: json.dumps({"attacks": {str(p): a for p, a in attacks.items()}})}

@@ -58,6 +58,11 @@ def test_the_bundle_every_node_receives_holds_the_apps_packages_only(tmp_path):
         "simulations",
     }
     assert {"client/app.py", "server/app.py", "mstkd/configs/model/lite.yaml", "simulations/adversary.py"} <= names
+    from simulations.adversary import hostile_app  # the robustness arms' copy of the app builds too
+
+    hostile, _ = hostile_app(tmp_path / "hostile", {1: "scale"})
+    done = subprocess.run([flwr_cli(), "build", "--app", str(hostile)], cwd=hostile, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
     assert not any(
         n.startswith(("simulations/results/", "simulations/fets/")) or n.endswith(".md") and "/" in n for n in names
     )

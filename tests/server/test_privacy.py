@@ -51,10 +51,7 @@ class _Nodes:
     """A grid of connected nodes whose messages are only built, never sent."""
 
     def __init__(self, count: int) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
-
         self.count = count
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what building a message reads
 
     def get_node_ids(self):
         return list(range(1, self.count + 1))
@@ -89,7 +86,7 @@ def _dp_round(strategy, start, updates, connected=5, bits=None):
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])
-def test_a_dp_round_divides_by_min_nodes_whoever_replies(tmp_path, mode):
+def test_a_dp_round_divides_by_min_nodes_whoever_replies(tmp_path, mode, task_identity):
     """The noise covers one site moving the release by dp-clip / min-nodes. Flower's wrappers averaged the replies
     that came, so a round needed all of them (one failing node stopped a DP run), and a round that asked more nodes
     than min-nodes let one site move it further. Now at most min-nodes nodes are asked and the sum of the clipped
@@ -98,6 +95,7 @@ def test_a_dp_round_divides_by_min_nodes_whoever_replies(tmp_path, mode):
     start = {"student.w": np.zeros(4, np.float32), "disc.w": np.ones(2, np.float32)}
     u = {"student.w": np.array([0.6, 0.0, 0.0, 0.0]), "disc.w": np.array([0.0, 0.8])}  # norm 1 = dp-clip
     zero = {k: np.zeros_like(v) for k, v in u.items()}
+    underflow = {"student.w": np.array([1e-23, 0.0, 0.0, 0.0]), "disc.w": np.zeros(2)}  # its square is 0 in float32
     minus = {k: -v for k, v in u.items()}
     sent, three = _dp_round(_dp_strategy(tmp_path, mode), start, [u, u, u])
     assert len(sent) == 3  # of 5 connected
@@ -105,10 +103,12 @@ def test_a_dp_round_divides_by_min_nodes_whoever_replies(tmp_path, mode):
         np.testing.assert_allclose(three[k], start[k] + u[k], atol=1e-6)  # every node asked replied: the mean
     _, two = _dp_round(_dp_strategy(tmp_path, mode), start, [u, u])
     _, echoed = _dp_round(_dp_strategy(tmp_path, mode), start, [u, u, zero])
+    _, underflown = _dp_round(_dp_strategy(tmp_path, mode), start, [u, u, underflow])
     _, flipped = _dp_round(_dp_strategy(tmp_path, mode), start, [u, u, minus])
     for k in start:
         np.testing.assert_allclose(two[k], start[k] + 2 * u[k] / 3, atol=1e-6)
         np.testing.assert_allclose(echoed[k], two[k], atol=1e-6)
+        np.testing.assert_allclose(underflown[k], two[k], atol=1e-6)
     for released in (three, flipped):  # one site more or less, or another in its place: at most dp-clip / 3
         moved = np.sqrt(sum(((released[k] - two[k]) ** 2).sum() for k in start))
         assert moved <= 1.0 / 3 + 1e-6
@@ -121,7 +121,7 @@ def test_a_dp_round_divides_by_min_nodes_whoever_replies(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])
-def test_adaptive_clippings_count_is_centred_and_a_missing_node_counts_half(tmp_path, mode, monkeypatch):
+def test_adaptive_clippings_count_is_centred_and_a_missing_node_counts_half(tmp_path, mode, monkeypatch, task_identity):
     """Andrew et al. count each bit minus 1/2, so that one site moves the noisy count by 1/2, as the split of the
     noise between the updates and the count assumes; the count was uncentred (one site moved it by 1), and a node
     that did not reply counted as not clipped, which shrank the norm however many updates were clipped."""
