@@ -13,6 +13,7 @@ two together give noise multiplier ``dp-noise``, which the ledger accounts for.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 
@@ -24,7 +25,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
-from flwr.supercore.differential_privacy import get_norm
+from flwr.supercore.differential_privacy import CLIENTS_DISCREPANCY_WARNING, get_norm
 
 from mstkd.errors import InputError
 from mstkd.runconfig import DPClipping, DPMode, RunConfig, Strategy
@@ -190,8 +191,18 @@ def privacy_settings(run: RunConfig) -> dict:
     return settings
 
 
+def _not_flowers_count_warning(record: logging.LogRecord) -> bool:
+    """Drops Flower's warning that fewer nodes replied than were sampled "could impact the differential privacy
+    guarantees": the sum here is divided by ``min-nodes`` whoever replies (:class:`_UnpredictableNoise`), so a node
+    that did not reply is a zero update the noise covers, and the warning would say so in every such round."""
+    return record.msg != CLIENTS_DISCREPANCY_WARNING
+
+
 def wrap_for_privacy(strategy, privacy: dict):
     """``strategy`` inside Flower's DP wrapper for ``privacy`` (:func:`privacy_settings`)."""
+    flower_log = logging.getLogger("flwr")
+    if _not_flowers_count_warning not in flower_log.filters:
+        flower_log.addFilter(_not_flowers_count_warning)
     strategy.uniform_weights = True  # the noise is calibrated to one site's share being 1 / sites
     strategy.most_train_nodes = privacy["sampled_nodes"]  # the sum is divided by that many, whoever replies
     wrapper = DP_WRAPPERS[(privacy["mode"], privacy["clipping"])]
