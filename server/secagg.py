@@ -81,13 +81,14 @@ class CheckedGrid:
     def _checked(self, reply: Message, asked: dict[int, tuple[str | None, list[int]]]) -> Message:
         if reply.has_error():
             return reply
+        stage, nodes = asked.get(reply.metadata.src_node_id, ("", []))
         if reply.metadata.src_node_id not in asked:
-            stage, problem = "", "a reply from a node not asked"
-        elif (stage := asked[reply.metadata.src_node_id][0]) not in STAGE_FIELDS:  # the workflow's other messages
+            problem = "a reply from a node not asked"
+        elif stage not in STAGE_FIELDS:  # the workflow's other messages
             return reply
         else:
             try:
-                problem = self._problem(reply, stage, asked[reply.metadata.src_node_id][1])
+                problem = self._problem(reply, stage, nodes)
             except Exception as exc:  # a reply that does not even read
                 problem = f"unreadable ({type(exc).__name__})"
         if problem is None:

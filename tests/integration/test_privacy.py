@@ -326,12 +326,10 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
     import client.app as client_module
 
     updates = _record_updates(monkeypatch)
-    run_config = tiny_run_config(
-        tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
-    )
+    run_config = tiny_run_config(tmp_path, **SECAGG_RUN)
     grid = run_inproc(server_app, client_module.app, run_config, nodes())
     assert sorted(updates) == [1, 2, 3]
-    fedavg = _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], 10.0)
+    fedavg = _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], SECAGG_RUN["secagg-max-weight"])
 
     # what leaves a node is masked: no float arrays at all, and masked vectors uncorrelated with the update
     from flwr.common.secure_aggregation.secaggplus_constants import Key
@@ -371,6 +369,31 @@ HOSTILE_SECAGG = {  # what one node answers at a stage of SecAgg+, from what it 
 }
 
 
+SECAGG_RUN = {"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
+"""One round of FedAvg with SecAgg+ (``secagg-max-weight`` about the tiny sites' case counts)."""
+
+
+def _secagg_liars(lost: dict[int, str]):
+    """The node app, but node ``n`` answers the stage that ``lost[n]`` (a :data:`HOSTILE_SECAGG` key) names with
+    that entry's reply."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    import client.app as client_module
+
+    def app(msg, context):
+        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        asked = record.get(Key.STAGE) if record is not None else None  # read first: the node's mod consumes it
+        reply = client_module.app(msg, context)
+        kind = lost.get(context.node_id)
+        if kind is not None and asked == kind.partition("-")[0]:
+            honest = dict(reply.content.config_records[RECORD_KEY_CONFIGS])
+            reply.content[RECORD_KEY_CONFIGS] = ConfigRecord(HOSTILE_SECAGG[kind](honest))
+        return reply
+
+    return app
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(HOSTILE_SECAGG))
 def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypatch, stage):
@@ -378,25 +401,11 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypat
     whole run with a KeyError. Now it is that node's error, which the protocol treats as a dropped node; the round
     aggregates the others' updates, whichever stage the node is lost in (one lost in the first two stages lost the
     round for every node, and key shares that skipped a neighbour made the sum wrong)."""
-    from flwr.app import ConfigRecord
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-    import client.app as client_module
     from server.report import RunFailed
 
-    def hostile(msg, context):
-        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        asked = record.get(Key.STAGE) if record is not None else None  # read first: the node's mod consumes it
-        reply = client_module.app(msg, context)
-        if context.node_id == 3 and asked == stage.partition("-")[0]:
-            honest = dict(reply.content.config_records[RECORD_KEY_CONFIGS])
-            reply.content[RECORD_KEY_CONFIGS] = ConfigRecord(HOSTILE_SECAGG[stage](honest))
-        return reply
-
+    hostile = _secagg_liars({3: stage})
     updates = _record_updates(monkeypatch)
-    run_config = tiny_run_config(
-        tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
-    )
+    run_config = tiny_run_config(tmp_path, **SECAGG_RUN)
     if stage == "unmask-shares":  # the run goes on and, with its one round lost, ends as failed
         with pytest.raises(RunFailed, match="no round aggregated|the global model never changed"):
             run_inproc(server_app, hostile, run_config, nodes())
@@ -408,7 +417,7 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypat
     else:  # the reply was refused before the workflow read it: the protocol went on without its node
         assert "skipped" not in record
         counted = [1, 2, 3] if stage.startswith("unmask") else [1, 2]  # node 3's update is in the sum or not at all
-        _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, counted, 10.0)
+        _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, counted, SECAGG_RUN["secagg-max-weight"])
     assert record["secure_aggregation"] == "SecAgg+" and "global" in record
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "REPORT.md").is_file()
 
@@ -420,26 +429,10 @@ def test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others(tmp_path
     round's sum is the FedAvg of nodes 1-3: node 5's masks with its neighbours are recovered from their shares, and
     node 4, forgotten, is in no neighbourhood the server unmasks (were it, the sum was wrong, or a KeyError ended the
     run)."""
-    from flwr.app import ConfigRecord
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-    import client.app as client_module
-
-    lost = {4: first, 5: "collect_masked_vectors"}
-
-    def hostile(msg, context):
-        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        asked = record.get(Key.STAGE) if record is not None else None  # read first: the node's mod consumes it
-        reply = client_module.app(msg, context)
-        if lost.get(context.node_id) == asked:
-            honest = dict(reply.content.config_records[RECORD_KEY_CONFIGS])
-            reply.content[RECORD_KEY_CONFIGS] = ConfigRecord(HOSTILE_SECAGG[asked](honest))
-        return reply
-
+    hostile = _secagg_liars({4: first, 5: "collect_masked_vectors"})
     updates = _record_updates(monkeypatch)
-    extra = {"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
-    run_config = tiny_run_config(tmp_path, **extra, **{"min-nodes": 5, "phantom-cases": 30})
+    run_config = tiny_run_config(tmp_path, **SECAGG_RUN, **{"min-nodes": 5, "phantom-cases": 30})
     run_inproc(server_app, hostile, run_config, [{"partition-id": i, "num-partitions": 5} for i in range(5)])
     record = _records(tmp_path / "run")[1]
     assert "skipped" not in record and record["secure_aggregation"] == "SecAgg+"
-    _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], 10.0)
+    _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], SECAGG_RUN["secagg-max-weight"])
