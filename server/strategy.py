@@ -15,10 +15,12 @@ The strategies: FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, and the robust aggre
 either end), Krum and MultiKrum (the ``krum-select`` replies nearest to the others) and Bulyan
 (Krum selection, then a trimmed median), all of Flower; the robust ones assume at most
 ``malicious-nodes`` hostile nodes among those that reply, and Bulyan needs 4 of them + 3 replies.
-With a robust one the sites' metrics are medians too (:func:`median_metrics`; Krum, MultiKrum and
-Bulyan give it only the replies they select for training, every reply for validation): a hostile
-node's claimed case count and scores cannot then choose ``best.pt``. (MultiKrum averages the
-replies it selects weighted by their claimed counts; the others' arrays ignore the counts.)
+With a robust one every site has one vote whatever case count it claims: the sites' metrics are
+medians (:func:`median_metrics`; Krum, MultiKrum and Bulyan give it only the replies they select
+for training, every reply for validation), so a hostile node's claimed count and scores cannot
+choose ``best.pt``, and MultiKrum averages the replies it selects unweighted, as Blanchard et al.
+(2017) define it (Flower's weighs them by their claimed counts, so one selected node that claims
+``max-examples`` cases would be nearly the whole average).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class FederatedMixin:
         self.transport = TRANSPORT_DTYPES[transport]
         self.local_epochs = local_epochs
         self.runlog = runlog
-        self.uniform_weights = False  # True: every site counts the same (differential privacy)
+        self.uniform_weights = False  # True: every site counts the same (robust aggregators, differential privacy)
         self.most_train_nodes: int | None = None  # at most this many nodes train in a round (differential privacy)
 
     def _outgoing(self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
@@ -188,7 +190,7 @@ def make_strategy(run: RunConfig, *, runlog: RunLog, nodes: int, **kwargs):
     cls = type(f"MSTKD{base.__name__}", (FederatedMixin, base), {})
     if run.strategy.robust:  # hostile nodes expected: no claimed case count weighs in the sites' metrics
         kwargs = {"train_metrics_aggr_fn": median_metrics, "evaluate_metrics_aggr_fn": median_metrics, **kwargs}
-    return cls(
+    strategy = cls(
         runlog=runlog,
         transport=run.transport,
         local_epochs=run.local_epochs,
@@ -197,3 +199,5 @@ def make_strategy(run: RunConfig, *, runlog: RunLog, nodes: int, **kwargs):
         **kwargs,
         **strategy_options(run, nodes),
     )
+    strategy.uniform_weights = run.strategy.robust  # the arrays too: only MultiKrum's read the counts
+    return strategy

@@ -58,3 +58,35 @@ def test_a_site_without_validation_cases_has_no_vote_in_the_median(task_identity
     contents = [r.content for r in _evaluate_replies([(0, 0.0), (3, 0.7), (5, 0.8)])]
     assert median_metrics(contents, "num-examples")["val-mean-dice"] == pytest.approx(0.75)
     assert len(median_metrics([r.content for r in _evaluate_replies([(0, 0.0)])], "num-examples")) == 0
+
+
+def _train_replies(updates: list[tuple[int, float]]):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    replies = []
+    for node, (cases, value) in enumerate(updates, start=1):
+        sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+        arrays = ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": cases, "train-loss": 1.0})})
+        replies.append(Message(content, reply_to=sent))
+    return replies
+
+
+def test_multikrum_averages_its_selection_one_vote_per_site_whatever_count_is_claimed(tmp_path, task_identity):
+    from server.runlog import RunLog
+    from server.strategy import make_strategy
+
+    # three honest sites send 1.0, 1.1 and 1.6; a hostile one sends 0.95, near enough to the others to be
+    # selected, and claims the cap on cases. MultiKrum (f = 1) keeps the 3 nearest to the others: 0.95, 1.0, 1.1
+    updates = [(3, 1.0), (4, 1.1), (2, 1.6), (10_000, 0.95)]
+    multikrum = make_strategy(
+        RunConfig.parse({"strategy": "multikrum", "malicious-nodes": 1}), runlog=RunLog(tmp_path), nodes=4
+    )
+    arrays, _ = multikrum.aggregate_train(1, _train_replies(updates))
+    # weighted by the claimed counts the hostile reply would be 99.9 % of the average (0.9501)
+    assert arrays["w"].numpy() == pytest.approx([(0.95 + 1.0 + 1.1) / 3] * 3)
+
+    fedavg = make_strategy(RunConfig.parse({}), runlog=RunLog(tmp_path), nodes=4)
+    arrays, _ = fedavg.aggregate_train(1, _train_replies(updates))
+    assert arrays["w"].numpy()[0] == pytest.approx(0.95, abs=1e-3)  # FedAvg trusts the counts (docs/security.md)
