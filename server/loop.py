@@ -35,7 +35,7 @@ from flwr.superlink.grid.http_grid import HttpGrid
 from messages.arrays import decode_array, pack, unpack
 from server.replies import RefusedReply, ReplyRules, check_reply, common_metrics, finite_arrays, printable
 from server.runlog import RunLog
-from server.state import restore_strategy, strategy_memory
+from server.state import finite_memory, restore_strategy, strategy_memory
 
 log = logging.getLogger("mstkd.server")
 
@@ -209,6 +209,11 @@ def run_rounds(
                 if new is not None and not finite_arrays(new):  # e.g. a server optimiser's step past float32
                     new = None
                     rec["skipped"] = "the aggregate is not finite"
+                # FedAdam's and FedYogi's second moment overflows on a reply of finite values near float32's range
+                # while their step stays finite (0): the model would then never move again, and the state not resume
+                if new is not None and not finite_memory(strategy_memory(strategy, copy=False)):
+                    new = None
+                    rec["skipped"] = "the strategy's memory (momentum, moments) is not finite"
                 if new is None:
                     rec.setdefault("skipped", "the strategy aggregated nothing")
                     restore_strategy(strategy, memory)  # a refused round leaves no trace in the next one

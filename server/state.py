@@ -67,7 +67,7 @@ def restore_strategy(strategy, state: dict[str, Any]) -> None:
             setattr(inner, name, value)
 
 
-def _finite_state(state: dict[str, Any]) -> bool:
+def finite_memory(state: dict[str, Any]) -> bool:
     """Whether every number and array of a strategy's saved memory is finite (and a clipping norm positive)."""
 
     def finite(value: Any) -> bool:
@@ -190,7 +190,7 @@ class ServerCheckpoint:
         unknown = [
             k for k in state.strategy if k not in STRATEGY_STATE and k.removeprefix("wrapper.") not in WRAPPER_STATE
         ]
-        if unknown or not _finite_state(state.strategy):
+        if unknown or not finite_memory(state.strategy):
             what = f"an unknown strategy setting {unknown[0]!r}" if unknown else "a strategy memory that is not finite"
             raise InputError(f"resume-from: {path} holds {what}; it is not resumed")
         try:  # checked here once, not refused by every node in every round

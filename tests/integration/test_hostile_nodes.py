@@ -14,7 +14,7 @@ import simulations.adversary as adversary
 from client.app import app as client_app
 from server.app import app as server_app
 from server.report import RunFailed
-from server.state import ServerCheckpoint
+from server.state import ServerCheckpoint, finite_memory
 from tests.helpers import nodes, run_inproc, tiny_run_config
 from tests.helpers import run_records as _records
 
@@ -114,3 +114,32 @@ def test_finite_replies_whose_aggregate_overflows_skip_the_round_and_leave_no_tr
     assert _finite_checkpoint(tmp_path / "run" / "last.pt")
     state = ServerCheckpoint.load(tmp_path / "run")  # what a resume would restore: finite too
     assert state.round == 2 and all(np.isfinite(v).all() for v in state.strategy["momentum_vector"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the overflow this test makes
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
+def test_one_reply_that_overflows_the_second_moment_skips_its_round_only(tmp_path, strategy):
+    """In round 1 node 1 sends every weight shifted by 1e20, finite in float32. FedAdam's and FedYogi's second moment
+    (the squared update) overflows to inf while their step stays finite, at 0: the round used to be taken, and every
+    later round, honest ones too, moved the model by 0 (and the state could not be resumed). Now the round is
+    skipped, its moments undone, and round 2 learns."""
+
+    def shifted_in_round_1(message, context):
+        reply = client_app(message, context)
+        if (
+            context.node_id == 1
+            and message.metadata.message_type == "train"
+            and message.content["config"]["server-round"] == 1
+        ):
+            arrays = reply.content["arrays"]
+            reply.content["arrays"] = ArrayRecord({k: Array(v.numpy() + np.float32(1e20)) for k, v in arrays.items()})
+        return reply
+
+    extra = {"num-server-rounds": 2, "eval-subsets": "full", "transport": "float32", "strategy": strategy}
+    run_inproc(server_app, shifted_in_round_1, tiny_run_config(tmp_path, **extra), nodes())
+    records = _records(tmp_path / "run")
+    assert records[1]["skipped"] == "the strategy's memory (momentum, moments) is not finite"
+    assert not records[1]["failures"]  # the reply itself was well-formed
+    assert "skipped" not in records[2] and records[2]["step_norm"] > 0
+    state = ServerCheckpoint.load(tmp_path / "run")  # what a resume would restore: finite
+    assert state.round == 2 and "v_t" in state.strategy and finite_memory(state.strategy)
