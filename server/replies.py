@@ -11,9 +11,12 @@ A train reply must hold exactly these records:
   nothing is allocated before that, so a header claiming 10^13 values costs nothing), every
   value finite after conversion to float32; with client-side differential privacy, an update
   within the clipping norm the node was sent (:func:`messages.clipping.unclipped_by`);
-- ``metrics``: finite numbers under plain names, Dice scores and brain shares within [0, 1],
-  ``num-examples`` a whole number from 1 to ``max-examples`` (0 is allowed in an evaluate reply: a
-  site without validation cases), adaptive clipping's ``norm_bit`` 0 or 1;
+- ``metrics``: finite numbers under plain names of its stage (``train-*``, ``update-norm``,
+  ``skipped-cases``, ``client-seconds`` and ``norm_bit`` in a train reply, ``val-*`` in an evaluate reply, and
+  ``num-examples``; none of the names the server itself writes in a site's record), Dice scores
+  and brain shares within [0, 1], the node's clocks within 0 .. a week, ``num-examples`` a whole
+  number from 1 to ``max-examples`` (0 is allowed in an evaluate reply: a site without validation
+  cases), adaptive clipping's ``norm_bit`` 0 or 1;
 - optionally ``site``: short strings under known keys (the site's name, device, modalities).
 
 An evaluate reply holds ``metrics`` and optionally ``site``. :func:`check_reply` returns a clean
@@ -42,6 +45,17 @@ SITE_KEYS = ("name", "device", "ray-node", "modalities", "val-collapse")
 REQUIRED = {"train": ("num-examples", "train-loss"), "evaluate": ("num-examples", "val-mean-dice")}
 """Metrics every honest node sends, which the run log, the progress line and model selection read."""
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+STAGE_METRICS = {
+    "train": re.compile(rf"num-examples|train-.+|update-norm|skipped-cases|client-seconds|{KEY_NORM_BIT}"),
+    "evaluate": re.compile(r"num-examples|val-.+"),
+}
+"""The metric names of each stage: a site's record holds both stages' metrics, so an evaluate reply that named a
+train metric would overwrite it."""
+RESERVED = frozenset({*SITE_KEYS, "train-examples", "evaluate-examples"})
+"""Names in a site's record that the server writes itself (its text, and the case counts it checked)."""
+CLOCKS = re.compile(r"train-time-.+|val-time-.+|train-seconds|client-seconds")
+MAX_SECONDS = 7 * 24 * 3600.0
+"""A node's clock for one message (:mod:`server.phases` sums them over sites and rounds)."""
 SHARES = re.compile(r"val-mean-dice|val-dice-.+|val-share-.+")
 """Metrics that are Dice scores or shares of the brain: each must lie in [0, 1] (model selection reads them)."""
 BITS = (KEY_NORM_BIT,)
@@ -167,7 +181,11 @@ def _metrics(record: MetricRecord, stage: str, rules: ReplyRules) -> MetricRecor
     for key in record:
         if not METRIC_NAME.fullmatch(key):
             raise RefusedReply(f"metric name {printable(key, 40)!r}")
+        if key in RESERVED or not STAGE_METRICS[stage].fullmatch(key):
+            raise RefusedReply(f"metric name {key!r} is not one of {stage} metrics")
     clean = {key: _number(key, value) for key, value in record.items()}
+    if clocks := [k for k, v in clean.items() if CLOCKS.fullmatch(k) and not 0.0 <= v <= MAX_SECONDS]:
+        raise RefusedReply(f"metric {clocks[0]} = {printable(clean[clocks[0]], 30)} s lies outside 0 .. a week")
     if outside := [k for k, v in clean.items() if SHARES.fullmatch(k) and not 0.0 <= v <= 1.0]:
         raise RefusedReply(f"metric {outside[0]} = {printable(clean[outside[0]], 30)} lies outside [0, 1]")
     if not_bit := [k for k in BITS if k in clean and clean[k] not in (0, 1)]:

@@ -156,3 +156,28 @@ def test_a_node_text_as_long_as_a_message_allows_is_trimmed_without_copying_it()
         tracemalloc.stop()
     assert shown == ("\u4e00 " * 100)[:197] + "..."
     assert peak < 100_000, peak
+
+
+@pytest.mark.parametrize(
+    "stage, name, value, reason",
+    [
+        # the site's record holds the server's own text and checked counts: a metric of that name replaced them
+        ("evaluate", "val-collapse", 1.0, "not one of evaluate metrics"),  # a text key: the state no longer resumed
+        ("train", "train-examples", 1e300, "not one of train metrics"),  # past the checked num-examples
+        ("train", "device", 1.0, "not one of train metrics"),
+        ("evaluate", "train-loss", 123.0, "not one of evaluate metrics"),  # overwrote the round's train loss
+        ("train", "val-mean-dice", 1.0, "not one of train metrics"),
+        ("train", "train-time-train", -1e6, "lies outside 0 .. a week"),  # a negative phase in phases.json
+        ("evaluate", "val-time-evaluate", 3e38, "lies outside 0 .. a week"),  # summed to Infinity
+    ],
+)
+def test_a_metric_cannot_take_another_stages_name_a_name_the_server_writes_or_an_impossible_clock(
+    stage, name, value, reason
+):
+    _, reply, rules = _honest_exchange()
+    content = reply.content if stage == "train" else RecordDict({"metrics": MetricRecord({"num-examples": 2})})
+    content["metrics"]["val-mean-dice" if stage == "evaluate" else "train-loss"] = 0.5
+    check_reply(content, stage, rules)  # honest
+    content["metrics"][name] = value
+    with pytest.raises(RefusedReply, match=reason):
+        check_reply(content, stage, rules)
