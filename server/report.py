@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +59,15 @@ def outcome(runlog: RunLog, first_round: int, *, transport: str = "float32", cha
 
 
 MARKDOWN = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>!|~"})
+AUTOLINK = re.compile(r"://|(?i:www)\.|@(?=[A-Za-z0-9-]+\.)")
+"""What GitHub's Markdown turns into a link even as plain text: a scheme's ``://``, ``www.`` and an e-mail's ``@``."""
 
 
 def plain(text: object) -> str:
-    """``text`` (which may come from a node) shown as itself in Markdown: no link, image, HTML or table cell."""
-    return str(text).translate(MARKDOWN)
+    """``text`` (which may come from a node) shown as itself in Markdown: no link, image, HTML or table cell. A bare
+    address is defanged (``https[:]//``, ``www[.]``, ``a[@]b.org``), which GitHub would otherwise link."""
+    escaped = str(text).translate(MARKDOWN)
+    return AUTOLINK.sub(lambda m: {"://": "\\[:\\]//", "@": "\\[@\\]"}.get(m[0], m[0][:-1] + "\\[.\\]"), escaped)
 
 
 def code(text: object) -> str:

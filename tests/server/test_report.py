@@ -42,6 +42,21 @@ def test_what_a_node_says_is_shown_as_text_in_the_report(tmp_path):
     assert "<img src=x>" not in report and "[y](" not in report and "\\[y\\]" in report
 
 
+def test_an_address_in_a_nodes_text_is_not_made_a_link(tmp_path):
+    """GitHub links a bare https://..., www.... or e-mail address even in escaped text: a node's error reason could
+    put a link to a 'patched client' into the report."""
+    from server.report import write_report
+    from server.runlog import RunLog
+
+    runlog = RunLog(tmp_path)
+    reason = "update at https://fl-update.example/get, www.evil.example or ask admin@evil.example"
+    runlog.record(1)["failures"].append({"stage": "train", "node": 7, "reason": reason, "kind": "error"})
+    runlog.finish(1)
+    report = write_report(tmp_path, runlog, load_config(["model=tiny"]), RunConfig(), 1.0, {"round": None}).read_text()
+    assert "https://" not in report and "www.evil" not in report and "admin@evil" not in report
+    assert "https\\[:\\]//fl-update.example/get, www\\[.\\]evil.example or ask admin\\[@\\]evil.example" in report
+
+
 def test_a_resumed_runs_report_pastes_only_the_tables_its_server_wrote(tmp_path):
     from server.report import write_report
     from server.runlog import RunLog
