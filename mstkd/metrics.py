@@ -45,8 +45,8 @@ import numpy as np
 from scipy import ndimage, spatial
 
 from mstkd.data.cases import mask_bounds
-from mstkd.data.labels import REGIONS, LabelConvention, get_convention, invalid_labels, regions_from_labels
-from mstkd.data.nifti import Volume, check_same_grid, read_volume
+from mstkd.data.labels import REGIONS, LabelConvention, check_labels, get_convention, label_map, regions_from_labels
+from mstkd.data.nifti import Volume, check_same_grid, read_labels
 from mstkd.errors import InputError
 
 HD_PERCENTILE = 95.0
@@ -233,8 +233,8 @@ def score_files(
             an integer or not allowed by the convention; the reference spacing is not positive.
     """
     _check_mode(hd95)
-    pred_vol = read_volume(pred, dtype=np.float64)
-    ref_vol = read_volume(ref, dtype=np.float64)
+    pred_vol = read_labels(pred)
+    ref_vol = read_labels(ref)
     return score_volumes(pred_vol, ref_vol, labels=labels, hd95=hd95, empty_hd95=empty_hd95)[1]
 
 
@@ -351,26 +351,10 @@ def _surface(padded: np.ndarray) -> np.ndarray:
 
 
 def _label_map(volume: Volume, convention: LabelConvention) -> np.ndarray:
-    """The volume's voxels as an integer label map, refusing non-integer or disallowed values."""
-    data = volume.data
-    fractional = data != np.floor(data)
-    if fractional.any():
-        example = float(data[fractional].flat[0])
-        raise InputError(
-            f"{volume.path}: {int(np.count_nonzero(fractional))} voxels hold non-integer label values "
-            f"(e.g. {example:g}); expected an integer label map"
-        )
-    # Every allowed label fits in uint8, which keeps np.unique (inside invalid_labels) and the
-    # region lookups cheap; anything outside 0..255 is invalid anyway and is reported as read.
-    in_range = float(data.min()) >= 0 and float(data.max()) <= 255
-    labels = data.astype(np.uint8) if in_range else data
-    bad = invalid_labels(labels, convention)
-    if bad:
-        allowed = ", ".join(str(v) for v in sorted(convention.allowed))
-        raise InputError(
-            f"{volume.path}: label values {', '.join(map(str, bad))} are not allowed in the "
-            f"{convention.name} convention (allowed: {allowed})"
-        )
+    """The volume's voxels as an integer label map (uint8, as :func:`~mstkd.data.nifti.read_labels` reads it),
+    refusing non-integer or disallowed values."""
+    labels = label_map(volume.data, volume.path)
+    check_labels(labels, convention, volume.path)
     return labels
 
 

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from mstkd.atomic import check_writable, write_csv, write_text
 from mstkd.data.labels import REGIONS
 from mstkd.data.layouts import LAYOUT_CONVENTION, detect_case, find_case_folders
-from mstkd.data.nifti import NIFTI_SUFFIXES, read_volume
-from mstkd.errors import InputError
+from mstkd.data.nifti import NIFTI_SUFFIXES, read_labels
+from mstkd.errors import InputError, first_line
 from mstkd.metrics import METRICS, format_scores, label_pair, score_files, score_labels
 
 SUMMARY_ROWS = ("mean", "sd", "median")
@@ -51,15 +51,34 @@ def strict_json(obj: object, indent: int | None = None) -> str:
     return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
+CASE_ERRORS = (InputError, OSError, ValueError, MemoryError, RuntimeError)
+"""What makes one case of a folder fail without stopping the others, as for ``mstkd predict``
+(:data:`mstkd.folder.CASE_ERRORS`): a file refused, a volume too large for memory, a numpy error on an input no
+check foresaw; :class:`LesionScoringError` is a ``RuntimeError``."""
+
+
 def _case_id(path: Path) -> str:
     return next(path.name[: -len(s)] for s in NIFTI_SUFFIXES if path.name.endswith(s))
 
 
+def label_maps(folder: Path) -> list[Path]:
+    """The NIfTI files directly in ``folder``, sorted, leaving out hidden names: what a file system or this project
+    leaves beside them (macOS's ``._<name>``, a write's temporary ``.<name>.<pid>-<hex>.tmp.nii.gz``) is no case."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and p.name[0] != "."]
+
+
+def case_error(exc: BaseException) -> str:
+    """One line for a case that could not be scored: an :class:`InputError`'s own message, else the error's type
+    and its first line."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    name, text = type(exc).__name__, first_line(exc)
+    return name if text == name else f"{name}: {text}"
+
+
 def find_references(ref_dir: Path) -> dict[str, tuple[Path, str | None]]:
     """Case id -> (reference label map, its layout's convention or None) for every reference under ``ref_dir``."""
-    refs: dict[str, tuple[Path, str | None]] = {
-        _case_id(p): (p, None) for p in sorted(ref_dir.iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)
-    }
+    refs: dict[str, tuple[Path, str | None]] = {_case_id(p): (p, None) for p in label_maps(ref_dir)}
     if any(p.is_dir() and not p.name.startswith(".") for p in ref_dir.iterdir()):
         try:
             folders = find_case_folders(ref_dir)
@@ -203,7 +222,7 @@ def score_pair(
         LesionScoringError: lesion-wise scoring raised on this pair.
     """
     convention, pred_labels, ref_labels, spacing = label_pair(
-        read_volume(pred, dtype=np.float64), read_volume(ref, dtype=np.float64), labels=labels, hint=hint
+        read_labels(pred), read_labels(ref), labels=labels, hint=hint
     )
     scores = score_labels(pred_labels, ref_labels, convention, spacing, hd95=hd95, empty_hd95=empty_hd95)
     if not lesion:
@@ -228,13 +247,15 @@ def score_folders(
     progress: bool = True,
     jobs: int = 1,
 ) -> FolderScores:
-    """Score every ``<CaseID>.nii.gz`` in ``pred_dir`` against its reference in ``ref_dir``.
+    """Score every ``<CaseID>.nii.gz`` in ``pred_dir`` (hidden names left out: :func:`label_maps`) against its
+    reference in ``ref_dir``.
 
     With ``lesion`` (a mode) every case is also scored lesion-wise (:func:`mstkd.lesion.mode_scores`). With ``jobs``
     above 1, that many processes score cases side by side; the rows, in case order, are the same to the last bit.
 
     A prediction without a reference, or a pair that cannot be scored (unreadable file, other
-    grid, labels outside the convention), is skipped with one line on stderr and listed in
+    grid, labels outside the convention, any of :data:`CASE_ERRORS` while it is read or scored, a lack of
+    memory included), is skipped with one line on stderr and listed in
     :attr:`FolderScores.failed`; references without a prediction are counted in one line and
     listed in :attr:`FolderScores.unpredicted`.
 
@@ -250,7 +271,7 @@ def score_folders(
     for what, folder in (("--pred-dir", pred_dir), ("--ref-dir", ref_dir)):
         if not folder.is_dir():
             raise InputError(f"{what} {folder}: folder not found")
-    preds = {_case_id(p): p for p in sorted(pred_dir.iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)}
+    preds = {_case_id(p): p for p in label_maps(pred_dir)}
     if not preds:
         raise InputError(f"--pred-dir {pred_dir}: no label maps (expected <CaseID>.nii.gz files)")
     if jobs < 1:
@@ -285,8 +306,8 @@ def _score_case(task: tuple) -> tuple[dict | None, str | None]:
     ref_path, hint = ref
     try:
         name, scores, lesions = score_pair(pred, ref_path, hint=hint, **options)
-    except (InputError, LesionScoringError) as exc:
-        return None, str(exc)
+    except CASE_ERRORS as exc:  # one case's failure costs that case only
+        return None, case_error(exc)
     row = {"case": case_id, "labels": name}
     row.update({f"{r}_{m}": scores[r][m] for r in REGIONS for m in METRICS})
     if lesions is not None:
@@ -308,9 +329,14 @@ def score_command(args: argparse.Namespace) -> int:
             raise InputError("--pred and --ref go together")
         if args.csv:
             raise InputError("--csv writes the per-case table of --pred-dir/--ref-dir; use --json for one pair")
-        if args.lesion:
-            return _score_pair_lesions(args)
-        scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
+        try:
+            if args.lesion:
+                return _score_pair_lesions(args)
+            scores = score_files(args.pred, args.ref, labels=args.labels, hd95=args.hd95)
+        except CASE_ERRORS as exc:  # one line, as a folder's case says it (an OSError is the command's own)
+            if isinstance(exc, InputError | OSError):
+                raise
+            raise InputError(f"{args.pred} against {args.ref}: not scored ({case_error(exc)})") from None
         print(strict_json(scores) if args.json else format_scores(scores, hd95=args.hd95))
         return 0
     if not (args.pred_dir and args.ref_dir):

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from mstkd.data.labels import invalid_labels, regions_from_labels
+from mstkd.data.labels import check_labels, regions_from_labels
 from mstkd.data.layouts import CaseFiles
-from mstkd.data.nifti import check_same_grid, read_volume
+from mstkd.data.nifti import check_same_grid, read_labels, read_volume
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES, Subset
 
@@ -72,17 +72,10 @@ def load_case(
         raise InputError(f"{files.folder}: every voxel of the images read ({', '.join(volumes)}) is zero")
     regions = None
     if with_seg:
-        seg = read_volume(files.seg, dtype=np.float64)  # type: ignore[arg-type]
+        seg = read_labels(files.seg)  # type: ignore[arg-type]
         check_same_grid(reference, seg)
-        if not np.array_equal(seg.data, np.round(seg.data)):
-            raise InputError(f"{seg.path}: label map holds non-integer values")
-        bad = invalid_labels(seg.data.astype(np.int64), files.convention)
-        if bad:
-            allowed = ", ".join(str(v) for v in sorted(files.convention.allowed))
-            raise InputError(
-                f"{seg.path}: label value(s) {bad} not in the {files.convention.name} convention ({allowed})"
-            )
-        regions = regions_from_labels(seg.data.astype(np.int64), files.convention)
+        check_labels(seg.data, files.convention, seg.path)
+        regions = regions_from_labels(seg.data, files.convention)
     return LoadedCase(files, image, regions, reference.affine, reference.header, reference.spacing)
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mstkd.errors import InputError
+
 REGIONS: tuple[str, ...] = ("ET", "TC", "WT")
 """Canonical region order of every target, metric and evaluation table."""
 
@@ -68,10 +70,52 @@ def get_convention(name: str) -> LabelConvention:
         raise ValueError(f"unknown label convention {name!r}; expected one of {', '.join(CONVENTIONS)}") from None
 
 
-def invalid_labels(seg: np.ndarray, convention: LabelConvention) -> list[int]:
-    """Label values in ``seg`` that the convention does not allow (sorted); empty when valid."""
+SHOWN_LABELS = 10
+"""How many refused label values an error names, beside their count: a map can hold millions of distinct values."""
+
+
+def invalid_labels(seg: np.ndarray, convention: LabelConvention) -> np.ndarray:
+    """Label values in ``seg`` that the convention does not allow (sorted, in ``seg``'s type); empty when valid."""
     values = np.unique(seg)
-    return [int(v) for v in values if int(v) not in convention.allowed]
+    return values[~np.isin(values, sorted(convention.allowed))]
+
+
+def label_map(data: np.ndarray, where: object) -> np.ndarray:
+    """``data`` as an integer label map: uint8 when every value lies in 0..255 (every convention's labels do), which
+    keeps :func:`invalid_labels` and the region lookups cheap; else as it is, for :func:`check_labels` to name them.
+
+    Raises:
+        InputError: a value that is not an integer; ``where`` (the file) begins its one line.
+    """
+    if data.dtype.kind not in "biu":
+        fractional = data != np.floor(data)
+        if fractional.any():
+            example = float(data[fractional].flat[0])
+            raise InputError(
+                f"{where}: {int(np.count_nonzero(fractional))} voxels hold non-integer label values "
+                f"(e.g. {example:g}); expected an integer label map"
+            )
+    if data.size and float(data.min()) >= 0 and float(data.max()) <= 255:
+        return data.astype(np.uint8, copy=False)
+    return data
+
+
+def check_labels(seg: np.ndarray, convention: LabelConvention, where: object) -> None:
+    """Refuse a label map holding values the convention does not allow, in one line beginning with ``where``: the
+    first :data:`SHOWN_LABELS` of them and, when there are more, their count.
+
+    Raises:
+        InputError: such values.
+    """
+    bad = invalid_labels(seg, convention)
+    if bad.size:
+        shown = ", ".join(f"{v:.12g}" for v in bad[:SHOWN_LABELS].tolist())
+        if bad.size > SHOWN_LABELS:
+            shown += f", ... ({bad.size} values)"
+        allowed = ", ".join(str(v) for v in sorted(convention.allowed))
+        raise InputError(
+            f"{where}: label values {shown} are not allowed in the {convention.name} convention (allowed: {allowed})"
+        )
 
 
 def regions_from_labels(seg: np.ndarray, convention: LabelConvention) -> np.ndarray:

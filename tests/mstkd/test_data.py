@@ -205,7 +205,7 @@ def _corrupt(kind: str, folder: Path) -> str:
         return "beyond the range of float32"
     if kind == "bad-label":
         write_nifti(folder / f"{cid}_seg.nii.gz", make_labels(enhancing=3))  # 3 is not a FeTS label
-        return "[3]"
+        return "label values 3 are not allowed"
     if kind == "fractional-label":
         write_nifti(folder / f"{cid}_seg.nii.gz", make_labels().astype(np.float32) + 0.5)
         return "non-integer"

@@ -623,3 +623,67 @@ def test_score_folders_refuses_bad_flags_in_one_line(tmp_path, capsys, flags, na
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
     assert not list(tmp_path.glob("*.csv"))
+
+
+def test_a_case_that_cannot_be_read_or_scored_costs_only_itself(tmp_path, capsys, monkeypatch):
+    """A label map with a zero-length axis (shape 0 x 16 x 16) stopped a whole ``--pred-dir`` run with numpy's
+    ValueError, and one pair that ran out of memory would have too; with ``--pred --ref`` it was a traceback."""
+    from mstkd import folder, scoring
+
+    preds, refs = tmp_path / "pred", tmp_path / "ref"
+    for where in (preds, refs):
+        where.mkdir()
+        for case_id in ("a", "c", "d"):
+            write_nifti(where / f"{case_id}.nii.gz", tumour_labels())
+        write_nifti(where / "b.nii.gz", np.zeros((0, 16, 16), np.uint8))
+    folders = ["score", "--pred-dir", str(preds), "--ref-dir", str(refs), "--quiet", "--json"]
+    assert main(folders) == 1
+    captured = capsys.readouterr()
+    assert "skipped b: " in captured.err and "empty axis" in captured.err and "Traceback" not in captured.err
+    assert [row["case"] for row in json.loads(captured.out)["cases"]] == ["a", "c", "d"]
+    pair = ["score", "--pred", str(preds / "b.nii.gz"), "--ref", str(refs / "b.nii.gz")]
+    assert main(pair) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        len(err) == 1 and err[0] == f"error: {preds / 'b.nii.gz'}: its header claims an empty axis (shape (0, 16, 16))"
+    )
+
+    # errors no check foresees (a pair too large for the memory left, numpy's ValueError) cost their case too
+    assert set(folder.CASE_ERRORS) <= set(scoring.CASE_ERRORS)  # as one case of ``mstkd predict --input-dir``
+    failures = {"c": MemoryError("Unable to allocate 488. MiB"), "d": ValueError("zero-size array\nto reduction")}
+    score_pair = scoring.score_pair
+
+    def failing(pred, ref, **options):
+        if error := failures.get(pred.name.split(".")[0]):
+            raise error
+        return score_pair(pred, ref, **options)
+
+    monkeypatch.setattr(scoring, "score_pair", failing)
+    result = score_folders(preds, refs, progress=False)
+    assert [row["case"] for row in result.rows] == ["a"]
+    assert result.failed["c"] == "MemoryError: Unable to allocate 488. MiB"
+    assert result.failed["d"] == "ValueError: zero-size array"  # its first line
+    capsys.readouterr()
+    monkeypatch.setattr(scoring, "score_files", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    assert main(["score", "--pred", str(preds / "a.nii.gz"), "--ref", str(refs / "a.nii.gz")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {preds / 'a.nii.gz'} against {refs / 'a.nii.gz'}: not scored (MemoryError)"]
+
+
+def test_hidden_files_in_a_prediction_or_reference_folder_are_not_cases(tmp_path, capsys):
+    """macOS's ``._a.nii.gz`` beside ``a.nii.gz``, or a write's temporary file left by a killed run, were scored as
+    cases: one was skipped as unreadable and made the run fail, another was scored against nothing."""
+    preds, refs = tmp_path / "pred", tmp_path / "ref"
+    for where in (preds, refs):
+        where.mkdir()
+        for case_id in ("a", "c"):
+            write_nifti(where / f"{case_id}.nii.gz", tumour_labels())
+        (where / "._a.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_nifti(preds / ".a.nii.gz.4242-0123456789abcdef.tmp.nii.gz", tumour_labels(shift=(3, 0, 0)))
+    write_nifti(refs / ".c.nii.gz.4242-0123456789abcdef.tmp.nii.gz", tumour_labels())
+    csv = tmp_path / "scores.csv"
+    assert main(["score", "--pred-dir", str(preds), "--ref-dir", str(refs), "--csv", str(csv), "--quiet"]) == 0
+    assert "skipped" not in capsys.readouterr().err
+    assert pd_cases(csv) == ["a", "c"]
+    record = json.loads((tmp_path / "summary.json").read_text())
+    assert record["not_scored"] == {} and record["unpredicted"] == []
