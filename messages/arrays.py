@@ -26,6 +26,7 @@ bytes that actually arrived first, and reads plain numbers only.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from math import prod
 
 import numpy as np
@@ -152,10 +153,24 @@ def is_packed(content: RecordDict) -> bool:
     return any(key.endswith(LAYOUT) and key[: -len(LAYOUT)] in content.array_records for key in content.config_records)
 
 
-def unpack(content: RecordDict) -> RecordDict:
-    """``content`` with its packed ArrayRecords restored; unchanged if nothing is packed."""
+def unpack(content: RecordDict, expected: Mapping[str, Sequence[str]] | None = None) -> RecordDict:
+    """``content`` with its packed ArrayRecords restored; unchanged if nothing is packed.
+
+    ``expected`` (the server reading a node's reply) names the records that may be packed and the arrays each must
+    name, in any order: any other layout is refused before an array is built, since a layout naming a few hundred
+    thousand empty arrays costs seconds of the server's time per megabyte.
+
+    Raises:
+        ValueError: with ``expected``, a packed record it does not name, or a layout of other names.
+    """
     packed = {key[: -len(LAYOUT)] for key in content.config_records if key.endswith(LAYOUT)}
     packed &= set(content.array_records)
+    if expected is not None:
+        for key in sorted(packed):
+            names = content.config_records[key + LAYOUT].get("names")
+            wanted = expected.get(key, ())
+            if not isinstance(names, list) or len(names) != len(wanted) or set(names) != set(wanted):
+                raise ValueError(f"packed arrays: record {key[:40]!r} does not hold the arrays that were sent")
     out = RecordDict()
     for key, record in content.items():
         if key in packed:

@@ -32,7 +32,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from messages.arrays import decode_array, pack, unpack
+from messages.arrays import LAYOUT, decode_array, pack, unpack
 from server.replies import RefusedReply, ReplyRules, check_reply, common_metrics, finite_arrays, printable
 from server.runlog import RunLog
 from server.state import finite_memory, restore_strategy, strategy_memory
@@ -70,14 +70,18 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
 
 
 def _unpacked(reply: Message, sent: dict[str, Message]) -> Message:
-    """A reply with its arrays unpacked, or an error reply from its node when they do not unpack."""
+    """A reply with its arrays unpacked, or an error reply from its node when they do not unpack. Only the records
+    its message had packed may be packed, naming the arrays that were sent (:func:`messages.arrays.unpack`)."""
     if not reply.has_content():
         return reply
+    message = sent[reply.metadata.reply_to_message_id]
+    layouts = message.content.config_records
+    expected = {k.removesuffix(LAYOUT): list(v["names"]) for k, v in layouts.items() if k.endswith(LAYOUT)}
     try:
-        reply.content = unpack(reply.content)
+        reply.content = unpack(reply.content, expected)  # type: ignore[arg-type]
     except (ValueError, KeyError, TypeError) as exc:
         reason = f"{REFUSED}its reply's packed arrays do not unpack: {exc}"
-        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=sent[reply.metadata.reply_to_message_id])
+        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=message)
     return reply
 
 
