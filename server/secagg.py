@@ -16,8 +16,10 @@ numbers, records are keyed by position (node ids are hidden), and a sum that is 
 run before it is saved or sent. Weights travel as float32: the protocol scales each node's weights by
 ``num-examples / secagg-max-weight`` and quantises them to 2**22 levels over [-8, 8], so the
 error of the average is about ``nodes x 3.8e-6 x secagg-max-weight / total examples``; set
-``secagg-max-weight`` to about the largest site's number of training cases. The scalar metrics
-(losses, ``update-norm``, case counts) are not masked.
+``secagg-max-weight`` to about the largest site's number of training cases; a node that claims more cases is
+refused (its update would be scaled past the quantisation's range). The sum of the nodes' weight factors, which
+the sum of updates is divided by, is masked too: once unmasked it must be what the case counts the nodes sent in
+the clear give, or the round is skipped. The scalar metrics (losses, ``update-norm``, case counts) are not masked.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_secagg
 
 from messages.arrays import NDARRAY, WireError, decode_array
 from mstkd.errors import InputError
@@ -68,6 +71,7 @@ class CheckedGrid:
 
     def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], max_examples: int) -> None:
         self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
+        self.counts: dict[int, int] = {}  # the case count of each node whose masked vectors were taken, this round
 
     def __getattr__(self, name: str):
         return getattr(self.grid, name)
@@ -121,7 +125,8 @@ class CheckedGrid:
                 return "its masked vectors are not of the model's shapes"
             examples = compat.recorddict_to_fitres(reply.content, True).num_examples
             if not (is_whole(examples) and 1 <= examples <= self.max_examples):
-                return f"a case count outside 1..{self.max_examples}"
+                return f"a case count outside 1..{self.max_examples} (secagg-max-weight, or max-examples if lower)"
+            self.counts[reply.metadata.src_node_id] = int(examples)
         return None
 
 
@@ -160,6 +165,32 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
     def share_keys_stage(self, grid, context, state) -> bool:
         super().share_keys_stage(grid, context, state)
         return self._forget_lost(state)
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        grid.counts = {}
+        return super().collect_masked_vectors_stage(grid, context, state)
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        """Flower's unmasking, which divides the sum by the sum of the nodes' weight factors (each node's first masked
+        value, which it chooses): that sum must be what the case counts the nodes sent in the clear give, or a node
+        could scale the round's model (a sum of 1 multiplied it by a million) or make it infinite."""
+        counts = {n: c for n, c in grid.counts.items() if n in state.active_node_ids}
+        expected = sum(round(c / self.max_weight * self.quantization_range) for c in counts.values())
+        extract = flower_secagg.factor_extract
+
+        def checked(parameters):
+            total, rest = extract(parameters)
+            if total != expected:
+                raise ValueError(
+                    f"the nodes' weights sum to {total}, not the {expected} their case counts give: some node lied"
+                )
+            return total, rest
+
+        flower_secagg.factor_extract = checked  # the one place the workflow reads the unmasked weights
+        try:
+            return super().unmask_stage(grid, context, state)
+        finally:
+            flower_secagg.factor_extract = extract
 
     def _forget_lost(self, state) -> bool:
         """Make the nodes still active the round's nodes, and their neighbours among them (a node that never sent its
@@ -261,5 +292,7 @@ def run_secagg(
         )
     )
     shapes = [np.shape(initial[n]) for n in names]
-    workflow(CheckedGrid(grid, shapes, run.max_examples), legacy)  # type: ignore[arg-type]
+    # a count above secagg-max-weight scales a node's update past the quantisation's range: the sum would be wrong
+    most = min(run.max_examples, max(int(max_weight), 1))
+    workflow(CheckedGrid(grid, shapes, most), legacy)  # type: ignore[arg-type]
     return current["arrays"]

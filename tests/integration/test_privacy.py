@@ -373,9 +373,9 @@ SECAGG_RUN = {"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "s
 """One round of FedAvg with SecAgg+ (``secagg-max-weight`` about the tiny sites' case counts)."""
 
 
-def _secagg_liars(lost: dict[int, str]):
-    """The node app, but node ``n`` answers the stage that ``lost[n]`` (a :data:`HOSTILE_SECAGG` key) names with
-    that entry's reply."""
+def _secagg_liars(lost: dict[int, str], table: dict | None = None):
+    """The node app, but node ``n`` answers the stage that ``lost[n]`` (a key of ``table``, by default
+    :data:`HOSTILE_SECAGG`) names with that entry's reply."""
     from flwr.app import ConfigRecord
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
@@ -388,7 +388,7 @@ def _secagg_liars(lost: dict[int, str]):
         kind = lost.get(context.node_id)
         if kind is not None and asked == kind.partition("-")[0]:
             honest = dict(reply.content.config_records[RECORD_KEY_CONFIGS])
-            reply.content[RECORD_KEY_CONFIGS] = ConfigRecord(HOSTILE_SECAGG[kind](honest))
+            reply.content[RECORD_KEY_CONFIGS] = ConfigRecord((table or HOSTILE_SECAGG)[kind](honest))
         return reply
 
     return app
@@ -436,3 +436,50 @@ def test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others(tmp_path
     record = _records(tmp_path / "run")[1]
     assert "skipped" not in record and record["secure_aggregation"] == "SecAgg+"
     _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], SECAGG_RUN["secagg-max-weight"])
+
+
+def _weight_plus(extra: int):
+    """A masked-vectors reply whose first value, the node's masked weight factor, is ``extra`` higher: the masks
+    still cancel, and the unmasked sum of the weights, which the workflow divides the sum of updates by, is off by
+    ``extra``."""
+    from flwr.compat.common.parameter import bytes_to_ndarray, ndarray_to_bytes
+
+    def lie(honest):
+        factor = bytes_to_ndarray(honest["masked_params"][0])
+        shifted = ((factor.astype(np.int64) + extra) % 2**32).astype(factor.dtype)
+        return {**honest, "masked_params": [ndarray_to_bytes(shifted), *honest["masked_params"][1:]]}
+
+    return lie
+
+
+WEIGHT_LIES = {
+    "collect_masked_vectors-weight+1": _weight_plus(1),
+    "collect_masked_vectors-weight-all": _weight_plus(-(2**31)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lie", sorted(WEIGHT_LIES))
+def test_a_node_that_lies_about_its_secagg_weight_loses_the_round_not_the_run(tmp_path, lie):
+    """The sum of the nodes' weight factors is masked like their updates, and it is what the workflow divides the
+    summed updates by: a node that shifted its own scaled the round's model at will (a sum of 1 multiplied it by a
+    million; 0 made it infinite, which stopped the run), and a shift of 1 went unseen. The server now checks the
+    unmasked sum against the case counts the nodes sent in the clear; the round is skipped (the server sees no single
+    weight, so no node can be blamed) and the model kept; the next round, honest, aggregates."""
+    hostile = _secagg_liars({3: lie}, WEIGHT_LIES)
+    once = {"lied": False}
+
+    def first_round_only(msg, context):  # node 3 lies in round 1 only
+        if once["lied"] or context.node_id != 3:
+            return _secagg_liars({})(msg, context)
+        reply = hostile(msg, context)
+        once["lied"] = reply.has_content() and any("masked_params" in r for r in reply.content.config_records.values())
+        return reply
+
+    run_inproc(
+        server_app, first_round_only, tiny_run_config(tmp_path, **{**SECAGG_RUN, "num-server-rounds": 2}), nodes()
+    )
+    records = _records(tmp_path / "run")
+    assert records[1]["skipped"].startswith("secure aggregation failed (ValueError: the nodes' weights sum to")
+    assert "skipped" not in records[2] and "global" in records[2]
+    assert (tmp_path / "run" / "last.pt").is_file()
