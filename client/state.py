@@ -19,6 +19,7 @@ import torch
 from mstkd.atomic import atomic_path, file_lock, write_text
 from mstkd.errors import InputError, NonFiniteState
 from mstkd.numbers import is_whole
+from mstkd.torchfile import archive_problem
 from mstkd.train import Networks, Optimizers
 
 log = logging.getLogger("mstkd.client")
@@ -118,11 +119,14 @@ class SiteState:
 
     @staticmethod
     def _read(path: Path) -> dict:
-        """A state file's contents: tensors and plain data only (a file holding anything else is refused).
+        """A state file's contents: tensors and plain data only (a file holding anything else is refused), read only
+        once its zip archive is one that torch.save writes (no compressed record, no sizes beyond the file's).
 
         Raises:
             InputError: the file does not read as node state.
         """
+        if problem := archive_problem(path):  # before torch.load reads a record at the size it claims
+            raise InputError(f"{path}: not readable as node state ({problem})")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a corrupt or foreign file

@@ -34,6 +34,7 @@ from mstkd.evaluate import describe_collapse, evaluate_cases, last_tables, parse
 from mstkd.modalities import SUBSETS
 from mstkd.model import build_networks
 from mstkd.numbers import is_finite, is_whole
+from mstkd.torchfile import archive_problem, check_optimizer, check_tensors, check_weights
 from mstkd.tracking import Tracker
 from mstkd.train import Networks, make_optimizers, pick_device, seed_everything, train_local
 
@@ -128,27 +129,76 @@ def train_centralised(
         return _run(Path(data_dir).resolve(), cfg, out, partitioning=partitioning, progress=progress, tracker=tracker)
 
 
-def resume_centralised(run_dir: str | Path, *, progress: bool = True, trackers: str | Iterable[str] = ()) -> Path:
-    """Continue the run in ``run_dir`` after its last finished epoch, with its own config and data.
+def resume_centralised(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    partitioning: str | Path | None = None,
+    progress: bool = True,
+    trackers: str | Iterable[str] = (),
+) -> Path:
+    """Continue the run in ``run_dir`` after its last finished epoch, with its own config, on ``data_dir``.
+
+    A ``state.pt`` may have been copied from elsewhere, so what it holds is checked before any data is read (its
+    archive before ``torch.load``, its config, its weights and optimiser moments against the networks that config
+    builds, on the ``meta`` device), and the folders it names choose nothing: ``data_dir`` and ``partitioning``
+    must be given, and must be the data folder and partition CSV (or none) the run was trained on.
 
     Raises:
-        InputError: ``run_dir`` holds no readable training state.
+        InputError: ``run_dir`` holds no readable training state, or one that does not fit its config, or
+            ``data_dir`` or ``partitioning`` is not the run's.
     """
     out = Path(run_dir).resolve()
     path = out / STATE
     if not path.is_file():
         raise InputError(f"--resume {out}: no {STATE} (not a run folder of mstkd train, or no epoch finished)")
+    if problem := archive_problem(path):  # before torch.load reads a record at the size it claims
+        raise InputError(f"--resume {path}: not a readable training state ({problem})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise InputError(f"--resume {path}: not a readable training state ({type(exc).__name__})") from None
     cfg = _checked_state(state, path)
-    partitioning = state["partitioning"]
+    _check_fit(state, cfg, path)
+    data = _named_as_stored("--data", data_dir, state["data"], out)
+    partitioning = _named_as_stored("--partitioning", partitioning, state["partitioning"], out)
     tracker = Tracker(out, trackers)
     with tracker.failed_on_error():
-        return _run(
-            Path(state["data"]), cfg, out, partitioning=partitioning, progress=progress, state=state, tracker=tracker
-        )
+        return _run(data, cfg, out, partitioning=partitioning, progress=progress, state=state, tracker=tracker)
+
+
+def _named_as_stored(flag: str, given: str | Path | None, stored: str | None, out: Path) -> Path | None:
+    """``given`` (resolved) once it is the path a training state recorded for ``flag``: a state from elsewhere must
+    not choose which folders are read, nor where the data's cache is written, unless the user names them too.
+
+    Raises:
+        InputError: ``given`` is missing where the run had one, or is another path.
+    """
+    named = Path(given).resolve() if given else None
+    if named == (Path(stored) if stored is not None else None):
+        return named
+    if stored is None:
+        raise InputError(f"--resume {out}: this run was trained without {flag}; give none")
+    if named is None:
+        raise InputError(f"--resume {out}: this run was trained with {flag} {stored[:200]!r}: give it too")
+    raise InputError(f"--resume {out}: {flag} {named} is not the run's ({stored[:200]!r})")
+
+
+def _check_fit(state: dict, cfg: DictConfig, path: Path) -> None:
+    """Refuse a training state whose weights or optimiser moments do not fit the networks ``cfg`` builds (on the
+    ``meta`` device: no memory is spent), or that holds a tensor that is not dense, real and finite.
+
+    Raises:
+        InputError: one line naming the entry.
+    """
+    with torch.device("meta"):
+        nets = Networks(*build_networks(cfg.model))
+    for name in ("teacher", "student", "discriminator"):
+        check_weights(state[name], getattr(nets, name).state_dict(), f"--resume {path}: its {name}")
+    optimizers = make_optimizers(nets, cfg.train)
+    check_optimizer(state["optimizer"], optimizers.main, f"--resume {path}: its optimizer", scheduled=("lr",))
+    check_optimizer(state["disc_optimizer"], optimizers.discriminator, f"--resume {path}: its disc_optimizer")
+    check_tensors(state["random"], f"--resume {path}: its random states")
 
 
 def _checked_state(state: object, path: Path) -> DictConfig:

@@ -20,6 +20,7 @@ from mstkd.data.labels import CLASSES, CONVENTIONS, REGIONS
 from mstkd.errors import InputError, first_line
 from mstkd.modalities import MODALITIES
 from mstkd.model import MSTKDNet
+from mstkd.torchfile import archive_problem, check_weights
 
 FORMAT = "mstkd-checkpoint/2"
 """Version 2: the network's head predicts the four exclusive classes (NETC, ED, ET, BG)."""
@@ -62,12 +63,18 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[MSTKDNet, DictConfig, dict]:
     """The student network (in eval mode), its config, and the raw payload.
 
+    The file is checked before ``torch.load`` reads it (:func:`mstkd.torchfile.archive_problem`: no compressed
+    record, no record sizes beyond the file's), and its weights before a network is built for them
+    (:func:`mstkd.torchfile.check_weights`: the names and shapes its config implies, dense, real and finite).
+
     Raises:
         InputError: missing or unreadable file, or not an mstkd checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
+    if problem := archive_problem(path):  # before torch.load reads a record at the size it claims
+        raise InputError(f"{path}: not a readable checkpoint ({problem})")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
@@ -83,14 +90,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise InputError(f"{path}: its label convention is none of {', '.join(CONVENTIONS)}")
     cfg = stored_config(payload.get("config"), path)
     student = payload.get("student")
-    if not isinstance(student, dict) or not all(isinstance(v, torch.Tensor) for v in student.values()):
-        raise InputError(f"{path}: its student is not a set of named tensors")
     with torch.device("meta"):  # the shapes the config implies, before any memory is spent on them
-        expected = {k: tuple(v.shape) for k, v in MSTKDNet(cfg.model).state_dict().items()}
-    stored = {k: tuple(v.shape) for k, v in student.items()}
-    if stored != expected:
-        odd = sorted(set(stored) ^ set(expected)) or [k for k in expected if stored[k] != expected[k]]
-        raise InputError(f"{path}: its weights do not fit the network its config describes (first: {odd[0]!r})")
+        expected = MSTKDNet(cfg.model).state_dict()
+    check_weights(student, expected, f"{path}: its student")  # names, shapes, dense, real and finite
     net = MSTKDNet(cfg.model)
     net.load_state_dict(student)
     net.to(device).eval()

@@ -63,9 +63,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mstkd.config import load_config
 
     if args.resume:
-        if args.data or args.out or args.partitioning or args.overrides:
-            raise InputError("--resume continues a run with its own data and config: give it alone")
-        out = resume_centralised(args.resume, progress=not args.quiet, trackers=_trackers(args))
+        if args.out or args.overrides:
+            raise InputError("--resume continues a run in its folder with its own config: give no --out or overrides")
+        out = resume_centralised(
+            args.resume, args.data, partitioning=args.partitioning, progress=not args.quiet, trackers=_trackers(args)
+        )
     else:
         if not args.data:
             raise InputError("give --data (or --resume RUN_DIR to continue a run)")
@@ -273,8 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_preprocess)
 
     p = sub.add_parser("train", help="centralised teacher-student training (the non-federated reference)")
-    p.add_argument("--data", help="data folder (as for preprocess)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run after its last finished epoch")
+    p.add_argument("--data", help="data folder (as for preprocess); with --resume, the one the run was trained on")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run after its last finished epoch, on its --data (and --partitioning, if it had one)",
+    )
     p.add_argument("--tensorboard", action="store_true", help="also write per-epoch scalars for TensorBoard")
     p.add_argument(
         "--tracker",

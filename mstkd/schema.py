@@ -9,12 +9,13 @@ before any data is read or any file written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, DictConfig
 
-from mstkd.data.geometry import check_orientation, check_spacing
+from mstkd.data.geometry import MAX_VOXELS, check_orientation, check_spacing
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES, SUBSETS, parse_subsets
 
@@ -237,6 +238,27 @@ MAX_VIT_LAYERS = 64
 MAX_STAGES = 16
 """Bounds on how many modules a model config makes (the paper's network has 12 ViT layers and 4 decoder stages)."""
 
+MAX_SIDE = 512
+"""The most voxels along each side of a training crop or a sliding window (the paper's crop: 160 x 192 x 128). A
+window is allocated whole, however small the case (MONAI pads the case to it); 512^3 is 134 M voxels, under the
+most a resampled case may have (:data:`mstkd.data.geometry.MAX_VOXELS`), which also bounds a batch of crops or
+windows (``train.batch_size``, ``eval.sw_batch_size``)."""
+
+AT_MOST = {
+    "model.base_channels": 64,  # the paper: 16 (its widest stage, 1/8 resolution, has 8 times that)
+    "model.vit.hidden": 4096,  # 768
+    "model.vit.mlp": 16384,  # 2048
+    "model.vit.heads": 64,  # 12; each head keeps a tokens x tokens attention map
+    "model.vit.layers": MAX_VIT_LAYERS,  # 12
+    "data.num_workers": 64,  # 0; each one a process
+}
+"""Upper bounds of the numbers that size an allocation or a process count. A checkpoint's weights must fit its
+config, but a few channels more cost little on disk and much in every activation, so the bounds are generous to
+what the presets use and far below what would not fit a machine."""
+
+MAX_CHANNELS = 1024
+"""The most channels of a decoder or discriminator stage (the paper's widest: 512)."""
+
 
 def _get(cfg: DictConfig, key: str) -> Any:
     node: Any = cfg
@@ -279,6 +301,16 @@ def check_config(cfg: DictConfig) -> None:
             raise _bad(key, list(size), "give three positive sizes")
         if size is not None and any(s % 32 for s in size):
             raise _bad(key, list(size), "each size must be a multiple of 32 (the network downsamples 32-fold)")
+        if size is not None and any(s > MAX_SIDE for s in size):
+            raise _bad(key, list(size), f"each size must be at most {MAX_SIDE}")
+    for key, bound in AT_MOST.items():
+        if (value := _get(cfg, key)) > bound:
+            raise _bad(key, value, f"at most {bound}")
+    crop = math.prod(cfg.data.patch_size or cfg.model.input_size)
+    window = math.prod(cfg.eval.roi or cfg.model.input_size)
+    for key, each, what in (("train.batch_size", crop, "crops"), ("eval.sw_batch_size", window, "windows")):
+        if (many := _get(cfg, key)) * each > MAX_VOXELS:
+            raise _bad(key, many, f"at most {MAX_VOXELS // each} {what} of {each} voxels ({MAX_VOXELS:.3g} in all)")
     model = cfg.model
     if model.vit.patch != 4:
         raise _bad("model.vit.patch", model.vit.patch, "the decoder is built for ViT patches of 4")
@@ -291,8 +323,14 @@ def check_config(cfg: DictConfig) -> None:
             raise _bad(key, channels, "give positive channel counts")
         if len(channels) > MAX_STAGES:
             raise _bad(key, channels, f"at most {MAX_STAGES} stages")
-    if model.vit.layers > MAX_VIT_LAYERS:  # a config from a file must not make millions of modules
-        raise _bad("model.vit.layers", model.vit.layers, f"at most {MAX_VIT_LAYERS}")
+        if any(c > MAX_CHANNELS for c in channels):
+            raise _bad(key, channels, f"at most {MAX_CHANNELS} channels a stage")
+    if len(model.decoder_channels) != 4:
+        raise _bad("model.decoder_channels", list(model.decoder_channels), "give four widths (one per tapped layer)")
+    if model.vit.taps != 4:
+        raise _bad("model.vit.taps", model.vit.taps, "the decoder reads 4 tapped layers")
+    if model.vit.layers % model.vit.taps:
+        raise _bad("model.vit.layers", model.vit.layers, "must be a multiple of model.vit.taps (4)")
     # the style discriminator halves the 1/8 feature map once per layer with 4-voxel kernels, so every side
     # of a training crop needs at least 2 voxels before its last layer: 8 x 2^layers
     smallest = 8 * 2 ** len(model.discriminator_channels)
@@ -333,8 +371,6 @@ def check_config(cfg: DictConfig) -> None:
 
 def _check_finite(cfg: DictConfig, prefix: str = "") -> None:
     """No NaN or infinity anywhere: a range check would let NaN through."""
-    import math
-
     for key, value in cfg.items():
         if isinstance(value, DictConfig):
             _check_finite(value, f"{prefix}{key}.")

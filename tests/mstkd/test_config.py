@@ -62,6 +62,22 @@ WRONG = {
     "model.input_size=[60,64,64]": "model.input_size",
     "data.patch_size=[64,64,32]": "data.patch_size",  # lite's discriminator needs 64 (tiny's 32)
     "model=huge": "model preset",
+    # what sizes an allocation is bounded (a checkpoint's eval.roi of 4096^3 asked for 1 TB)
+    "eval.roi=[4096,4096,4096]": "eval.roi=[4096, 4096, 4096]: each size must be at most 512",
+    "model.input_size=[544,64,64]": "model.input_size",
+    "data.patch_size=[64,64,1024]": "data.patch_size",
+    "eval.sw_batch_size=100000": "eval.sw_batch_size=100000: at most 572 windows",
+    "train.batch_size=100000": "train.batch_size=100000: at most 572 crops",
+    "model.base_channels=1024": "model.base_channels=1024: at most 64",
+    "model.vit.hidden=8192": "model.vit.hidden",
+    "model.vit.heads=128": "model.vit.heads=128: at most 64",
+    "model.vit.mlp=100000": "model.vit.mlp",
+    "model.decoder_channels=[100000,32,16,16]": "model.decoder_channels",
+    "model.discriminator_channels=[32,64,100000]": "model.discriminator_channels",
+    "data.num_workers=100000": "data.num_workers=100000: at most 64",
+    # and what the network cannot be built or run with is refused, not a traceback
+    "model.decoder_channels=[64,32,16]": "model.decoder_channels",
+    "model.vit.taps=2": "model.vit.taps",
 }
 
 

@@ -6,6 +6,8 @@ import copy
 import csv
 import functools
 import json
+import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from mstkd.checkpoint import checkpoint_geometry, load_checkpoint
+from mstkd.centralised import resume_centralised
+from mstkd.checkpoint import checkpoint_geometry, load_checkpoint, save_checkpoint
 from mstkd.cli import main
 from mstkd.config import load_config
 from mstkd.data.dataset import make_loader, prepare_federation
@@ -410,7 +413,9 @@ def test_a_checkpoint_from_elsewhere_is_checked_before_anything_is_built_from_it
         "bad config value eval.blend": lambda p: p["config"]["eval"].update(blend="$__import__('os').getcwd()"),
         "unknown config key loss.unknown": lambda p: p["config"]["loss"].update(unknown=1.0),
         "bad config value model.base_channels": lambda p: p["config"]["model"].update(base_channels="many"),
-        "do not fit the network": lambda p: p["config"]["model"].update(base_channels=4096, norm_groups=1),
+        "does not fit the network": lambda p: p["config"]["model"].update(base_channels=8),
+        "bad config value eval.roi": lambda p: p["config"]["eval"].update(roi=[4096] * 3),  # 1 TB per window
+        "model.base_channels=4096: at most 64": lambda p: p["config"]["model"].update(base_channels=4096),
         "unknown model preset": lambda p: p["config"]["model"].update(preset="../../x"),
         "label convention": lambda p: p.update(convention=["fets"]),
         "not a set of named tensors": lambda p: p.update(student={"head.weight": "x"}),
@@ -424,6 +429,67 @@ def test_a_checkpoint_from_elsewhere_is_checked_before_anything_is_built_from_it
         payload = torch.load(_tampered(ckpt, tmp_path, "bad.pt", lambda p, g=geometry: p.update(geometry=g)))
         with pytest.raises(InputError, match="^checkpoint: its stored geometry "):
             checkpoint_geometry(payload)
+
+
+def _poisoned(value: float):
+    def change(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t.view(-1)[0] = value
+        return t
+
+    return change
+
+
+ODD_WEIGHTS = {
+    "nan": (_poisoned(float("nan")), "is not finite"),  # predict wrote all-necrosis label maps, exit status 0
+    "inf": (_poisoned(float("inf")), "is not finite"),
+    "beyond-float32": (lambda t: _poisoned(1e300)(t.double()), "is not finite"),  # inf once cast to float32
+    "complex": (lambda t: t.to(torch.complex64), "is of type torch.complex64, not floating point"),  # was cast
+    "integer": (lambda t: (t * 1000).to(torch.int64), "is of type torch.int64, not floating point"),
+    "sparse": (lambda t: t.to_sparse(), "is not a dense tensor (torch.sparse_coo)"),  # a traceback
+    "meta": (lambda t: torch.empty(t.shape, device="meta"), "is a tensor without values (meta)"),  # a traceback
+    "expanded": (lambda t: torch.zeros(1).expand(t.shape), "is a view claiming more values than it stores"),
+}
+
+
+@pytest.mark.parametrize("kind", ODD_WEIGHTS)
+def test_a_checkpoint_whose_weights_are_not_dense_real_and_finite_is_refused_naming_the_weight(tmp_path, kind):
+    change, reason = ODD_WEIGHTS[kind]
+    ckpt = _tampered(
+        tiny_checkpoint(tmp_path),
+        tmp_path,
+        "odd.pt",
+        lambda p: p["student"].update({"c1.0.weight": change(p["student"]["c1.0.weight"])}),
+    )
+    with pytest.raises(InputError, match=f"odd.pt: its student: 'c1.0.weight' {re.escape(reason)}$"):
+        load_checkpoint(ckpt)
+
+
+def test_predict_refuses_a_checkpoint_with_a_nan_weight_and_writes_nothing(tmp_path, capsys):
+    ckpt = _tampered(
+        tiny_checkpoint(tmp_path),
+        tmp_path,
+        "nan.pt",
+        lambda p: p["student"]["c1.0.weight"].view(-1).__setitem__(0, float("nan")),
+    )
+    cases = tmp_path / "cases"
+    write_case(cases, "FeTS2022_00001", seg=False)
+    out = tmp_path / "preds"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input-dir", str(cases), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'c1.0.weight' is not finite" in err[0], err
+    assert not list(out.glob("*.nii.gz"))
+
+
+def test_an_integer_buffer_must_keep_its_type(tmp_path):
+    """With ``decoder_norm=batch`` the network has BatchNorm's int64 counters: those, and only those, are integers."""
+    cfg = load_config([*TINY, "model.decoder_norm=batch", "data.target_spacing=[1,1,1]"])
+    ckpt = save_checkpoint(tmp_path / "batch.pt", build_networks(cfg.model)[1], cfg)
+    assert load_checkpoint(ckpt)[0] is not None
+    name = next(k for k, v in torch.load(ckpt, weights_only=True)["student"].items() if v.dtype == torch.int64)
+    odd = _tampered(ckpt, tmp_path, "odd.pt", lambda p: p["student"].update({name: p["student"][name].double()}))
+    with pytest.raises(InputError, match=f"its student: '{re.escape(name)}' is of type torch.float64, not torch.int64"):
+        load_checkpoint(odd)
 
 
 def test_an_older_checkpoint_without_a_newer_key_takes_its_default(tmp_path):
@@ -526,7 +592,7 @@ def test_a_killed_training_resumed_ends_with_the_uninterrupted_weights(phantoms,
         f.write('{"epoch": 3, "lo')  # a line cut short by the kill
     monkeypatch.setattr(mstkd.centralised, "train_local", real)
     capsys.readouterr()
-    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+    assert main(["train", "--resume", str(killed), "--data", str(phantoms), "--quiet"]) == 0
     assert "after epoch 2 of 3" in capsys.readouterr().err
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]  # appended to, never deleted
@@ -546,7 +612,7 @@ def test_resume_and_fresh_runs_refuse_bad_folders_in_one_line(phantoms, tmp_path
     (run / "log.jsonl").write_text("")
     cases = [
         (["train", "--resume", str(tmp_path / "nothing")], "no state.pt"),
-        (["train", "--resume", str(run), "--data", str(phantoms)], "give it alone"),
+        (["train", "--resume", str(run), "--data", str(phantoms), "--out", str(run)], "give no --out or overrides"),
         (["train", "--data", str(phantoms), "--out", str(run), *TINY], "already holds a run"),
         (["train", "--quiet", *TINY], "give --data"),
         (["train", "--data", str(phantoms), "--out", str(tmp_path / "new"), *TINY, "train.epochs=2.5"], "whole epochs"),
@@ -561,16 +627,49 @@ def test_resume_and_fresh_runs_refuse_bad_folders_in_one_line(phantoms, tmp_path
     assert "not a readable training state" in capsys.readouterr().err
 
 
-def test_a_training_state_from_elsewhere_is_checked_before_it_is_resumed(phantoms, tmp_path, capsys, monkeypatch):
-    """A run folder copied in: its state.pt's config passes the checks a checkpoint's does (no ``${oc.env:...}``,
-    which was resolved and written into last.pt and the trackers, no model past the schema's bounds), every entry has
-    the type this version writes, and weights that do not fit the config are one line, not a traceback."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(phantoms, tmp_path_factory) -> Path:
+    """A centralised run of two epochs (one step each) on ``phantoms``, its ``state.pt`` after epoch 2."""
+    run = tmp_path_factory.mktemp("finished") / "run"
     argv = [*TINY, "train.epochs=2", "train.steps_per_epoch=1", "train.eval_every=5"]
     assert main(["train", "--data", str(phantoms), "--out", str(run), "--quiet", *argv]) == 0
+    return run
+
+
+def _moments(state: dict, key: str, change) -> dict:
+    """``state`` with the first parameter's moments of optimiser ``key`` changed by ``change``."""
+    optimizer = copy.deepcopy(state[key])
+    first = next(iter(optimizer["state"]))
+    change(optimizer["state"][first])
+    return {**state, key: optimizer}
+
+
+def _groups(state: dict, key: str, **settings) -> dict:
+    """``state`` with ``settings`` in every parameter group of optimiser ``key``."""
+    optimizer = copy.deepcopy(state[key])
+    for group in optimizer["param_groups"]:
+        group.update(settings)
+    return {**state, key: optimizer}
+
+
+def test_a_training_state_from_elsewhere_is_checked_before_it_is_resumed(finished_run, tmp_path, capsys, monkeypatch):
+    """A run folder copied in: its state.pt's config passes the checks a checkpoint's does (no ``${oc.env:...}``,
+    which was resolved and written into last.pt and the trackers, no model past the schema's bounds), every entry has
+    the type this version writes, and its weights and moments fit the networks its config builds (on the ``meta``
+    device), dense, real and finite: all before any data is read (the weights were checked after the data's cache
+    was built), each refusal one line, not a traceback."""
+    import mstkd.centralised
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
     good = torch.load(run / "state.pt", weights_only=True)
     capsys.readouterr()
     monkeypatch.setenv("MSTKD_SECRET", "hunter2")
+
+    def no_data_work(*args, **kwargs):
+        raise AssertionError("prepare_federation was reached")
+
+    monkeypatch.setattr(mstkd.centralised, "prepare_federation", no_data_work)
 
     def with_config(key: str, value):
         config = copy.deepcopy(good["config"])
@@ -578,14 +677,23 @@ def test_a_training_state_from_elsewhere_is_checked_before_it_is_resumed(phantom
         functools.reduce(dict.__getitem__, path, config)[last] = value
         return {**good, "config": config}
 
+    teacher = {**good["teacher"], "c1.0.weight": good["teacher"]["c1.0.weight"].clone().fill_(float("nan"))}
     tampered = [
         (with_config("train.out_dir", "leak:${oc.env:MSTKD_SECRET}"), "something other than a plain value"),
         (with_config("model.vit.layers", 100000), "model.vit.layers"),
+        (with_config("eval.roi", [4096] * 3), "eval.roi"),
         ({k: v for k, v in good.items() if k != "config"}, "its config is not a mapping"),
         ({**good, "data": 5}, "'data'"),
         ({**good, "epoch": 1e9}, "'epoch'"),
         ({**good, "best": float("nan")}, "'best'"),
-        ({**good, "student": {"x": torch.zeros(2)}}, "does not fit its config (RuntimeError)"),
+        ({**good, "student": {"x": torch.zeros(2)}}, "its student does not fit the network its config describes"),
+        ({**good, "teacher": teacher}, "its teacher: 'c1.0.weight' is not finite"),
+        (_moments(good, "optimizer", lambda m: m.update(exp_avg=torch.zeros(3))), "its optimizer does not fit"),
+        (_moments(good, "disc_optimizer", lambda m: m["exp_avg_sq"].fill_(float("inf"))), "'exp_avg_sq' is not finite"),
+        ({**good, "optimizer": {"state": {}, "param_groups": []}}, "its optimizer does not fit its config"),
+        (_groups(good, "optimizer", maximize=True), "its optimizer does not fit its config (maximize)"),
+        (_groups(good, "disc_optimizer", lr=float("nan")), "its disc_optimizer does not fit its config (lr)"),
+        (_moments(good, "optimizer", lambda m: m.update(step="many")), "its optimizer does not fit its config"),
     ]
     for state, named in tampered:
         torch.save(state, run / "state.pt")
@@ -594,6 +702,33 @@ def test_a_training_state_from_elsewhere_is_checked_before_it_is_resumed(phantom
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and named in errors[0] and "Traceback" not in err, (named, err)
     assert not any(b"hunter2" in p.read_bytes() for p in run.rglob("*") if p.is_file())
+
+
+def test_a_training_state_from_elsewhere_chooses_no_folder_to_read_or_write(phantoms, finished_run, tmp_path, capsys):
+    """A state.pt names the data folder and partition CSV it was trained on; one crafted to name someone's data made
+    ``mstkd train --resume`` read those cases and write ``.mstkd-cache`` into their folder. The user names the data
+    (and the CSV, if the run had one), and what they name must be what the state records."""
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    shutil.copytree(finished_run, run)
+    shutil.copytree(phantoms, victim, ignore=shutil.ignore_patterns(".mstkd-cache"))
+    untouched = sorted(victim.rglob("*"))
+    good = torch.load(run / "state.pt", weights_only=True)
+    capsys.readouterr()
+
+    torch.save({**good, "data": str(victim)}, run / "state.pt")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"trained with --data '.*victim': give it too$", err[0]), err
+    assert main(["train", "--resume", str(run), "--data", str(phantoms), "--quiet"]) == 2
+    assert "is not the run's" in capsys.readouterr().err
+    torch.save({**good, "partitioning": str(victim / "partitioning.csv")}, run / "state.pt")
+    with pytest.raises(InputError, match=r"trained with --partitioning '.*victim/partitioning.csv': give it too$"):
+        resume_centralised(run, phantoms, progress=False)
+    torch.save(good, run / "state.pt")
+    with pytest.raises(InputError, match="this run was trained without --partitioning; give none$"):
+        resume_centralised(run, phantoms, partitioning=victim / "partitioning.csv", progress=False)
+    assert sorted(victim.rglob("*")) == untouched  # nothing read into a cache, nothing written
+    assert resume_centralised(run, phantoms, progress=False) == run  # the run's own data: it resumes (and ends)
 
 
 def test_tensorboard_and_mlflow_get_a_point_per_epoch(phantoms, tmp_path, monkeypatch):
