@@ -131,10 +131,9 @@ def split_replies(
         except RefusedReply as exc:
             _failure(rec, server_round, stage, node, f"{REFUSED}{exc}", "refused")
             continue
+        record_site(runlog, server_round, stage, node, reply.content)
         good.append(reply)
-    common_metrics([r.content for r in good])  # recorded after: a node cannot add columns to the log every round
-    for reply in good:
-        record_site(runlog, server_round, stage, reply.metadata.src_node_id, reply.content)
+    common_metrics([r.content for r in good])
     answered = {r.metadata.src_node_id for r in replies}
     silent = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
     for node in silent[: max(len(sent) - len(replies), 0)]:
