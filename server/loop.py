@@ -153,8 +153,9 @@ def record_site(runlog: RunLog, server_round: int, stage: str, node: int, conten
     info = content["site"] if "site" in content.config_records else {}
     site = runlog.site(server_round, node, str(info.get("name", "") or f"node-{node}"))
     # train and evaluate replies both count their cases as num-examples: keep both
-    metrics = content["metrics"].items()
-    site.update({(f"{stage}-examples" if k == "num-examples" else k): v for k, v in metrics if k != "name"})
+    metrics = content["metrics"]
+    kept = runlog.names_of(node, metrics.keys())  # a node's own names are bounded over the run
+    site.update({(f"{stage}-examples" if k == "num-examples" else k): v for k, v in metrics.items() if k in kept})
     site.update({k: str(v) for k, v in info.items() if k != "name"})
 
 

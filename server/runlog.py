@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,9 @@ and the phase table read it."""
 ROUND_KEYS = frozenset(RECORD_SHAPE)
 """The keys the server writes into a round's record: its columns, which no node's name may take over."""
 REQUIRED_KEYS = ("round", "bytes_sent", "bytes_received", "sites", "failures")
+MAX_NODE_NAMES = 512
+"""The most metric names one node may add to the run log over a run (a node of this version sends about 60): a node
+sending names of its own each round would otherwise add columns to ``metrics.csv`` and the trackers every round."""
 MAX_LABEL = 64
 
 
@@ -129,6 +132,7 @@ class RunLog:
         self._started: dict[int, float] = {}
         self.stopped: str | None = None  # why the run ended before its last round, if it did
         self.setup_seconds = 0.0  # the server app's time before its first round (server.phases)
+        self._names: dict[str, set[str]] = {}  # node key -> the metric names it has put in the log
 
     def record(self, server_round: int) -> dict[str, Any]:
         """The (mutable) record of ``server_round``; the round's clock starts at the first call."""
@@ -148,6 +152,16 @@ class RunLog:
         calls itself, is kept in it); without a node id (secure aggregation hides it), keyed by ``name``."""
         sites = self.record(server_round)["sites"]
         return sites.setdefault(str(node) if node is not None else name, {"name": name})
+
+    def names_of(self, node: int | None, names: Iterable[str]) -> set[str]:
+        """Of ``names``, those one node's record may hold: every name it has put in the log before, and new ones
+        while it has put fewer than :data:`MAX_NODE_NAMES` there over the run."""
+        known = self._names.setdefault(str(node), set())
+        for name in names:
+            if len(known) >= MAX_NODE_NAMES:
+                break
+            known.add(name)
+        return known
 
     def labels(self, server_round: int) -> dict[str, str]:
         """Node key -> the label its columns get: its name (``/`` and ``@`` made ``_``, at most :data:`MAX_LABEL`

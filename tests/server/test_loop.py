@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from messages.arrays import is_packed, pack, unpack
@@ -95,3 +95,31 @@ def test_a_packed_reply_may_name_only_the_arrays_that_were_sent(where, monkeypat
     reply = _unpacked(Message(hostile, reply_to=message), {"m0": message})
     assert reply.has_error() and "does not hold the arrays that were sent" in reply.error.reason
     assert not built
+
+
+def test_a_node_cannot_add_columns_to_the_run_log_every_round(tmp_path):
+    """A node that sends 200 metric names of its own each round grew metrics.csv by 200 columns a round (past
+    Excel's 16,384 in 80 rounds); over a run one node may put at most MAX_NODE_NAMES names in the log, and the other
+    nodes' records keep all of theirs."""
+    from server.loop import split_replies
+    from server.replies import ReplyRules
+    from server.runlog import MAX_NODE_NAMES, RunLog
+
+    arrays = ArrayRecord({k: Array(v) for k, v in tiny_arrays("float32").items()})
+    runlog = RunLog(tmp_path)
+    for server_round in range(1, 6):
+        sent = [Message(RecordDict({"arrays": arrays}), dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
+        replies = []
+        for message in sent:
+            metrics = {"num-examples": 3, "train-loss": 0.5, "train-time-train": 2.0}
+            if message.metadata.dst_node_id == 2:  # 200 new names a round, and only the required ones besides
+                metrics = {"num-examples": 3, "train-loss": 0.5}
+                metrics |= {f"train-junk-{server_round}-{i}": 1.0 for i in range(200)}
+            reply = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            replies.append(reply)
+        assert len(split_replies(runlog, server_round, "train", sent, replies, 1.0, ReplyRules.of(arrays, 100))) == 2
+        honest = runlog.record(server_round)["sites"]["1"]
+        assert honest["train-time-train"] == 2.0 and honest["train-loss"] == 0.5  # the honest node keeps its own
+    names = {k for r in range(1, 6) for k in runlog.record(r)["sites"]["2"]}
+    assert len(names) <= MAX_NODE_NAMES + 2 and len(names) > 400  # its first names are logged, then no more
