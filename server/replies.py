@@ -167,25 +167,29 @@ def _arrays(
     return wire, floats
 
 
-def _number(key: str, value: object) -> float:
+def metric_problem(stage: str, key: object, value: object) -> str | None:
+    """Why one metric of a ``stage`` reply cannot be taken (a name that is not plain or not its stage's, a value
+    that is not a finite number, a clock out of range), or None. Its range as a Dice or share is checked apart."""
+    if not isinstance(key, str) or not METRIC_NAME.fullmatch(key):
+        return f"metric name {printable(key, 40)!r}"
+    if key in RESERVED or not STAGE_METRICS[stage].fullmatch(key):
+        return f"metric name {key!r} is not one of {stage} metrics"
     if not is_number(value):
-        raise RefusedReply(f"metric {key} is not a number")
+        return f"metric {key} is not a number"
     if not math.isfinite(value):
-        raise RefusedReply(f"metric {key} is not finite")
-    return value
+        return f"metric {key} is not finite"
+    if CLOCKS.fullmatch(key) and not 0.0 <= value <= MAX_SECONDS:
+        return f"metric {key} = {printable(value, 30)} s lies outside 0 .. a week"
+    return None
 
 
 def _metrics(record: MetricRecord, stage: str, rules: ReplyRules) -> MetricRecord:
     if len(record) > MAX_METRICS:
         raise RefusedReply(f"{len(record)} metrics (at most {MAX_METRICS})")
-    for key in record:
-        if not METRIC_NAME.fullmatch(key):
-            raise RefusedReply(f"metric name {printable(key, 40)!r}")
-        if key in RESERVED or not STAGE_METRICS[stage].fullmatch(key):
-            raise RefusedReply(f"metric name {key!r} is not one of {stage} metrics")
-    clean = {key: _number(key, value) for key, value in record.items()}
-    if clocks := [k for k, v in clean.items() if CLOCKS.fullmatch(k) and not 0.0 <= v <= MAX_SECONDS]:
-        raise RefusedReply(f"metric {clocks[0]} = {printable(clean[clocks[0]], 30)} s lies outside 0 .. a week")
+    for key, value in record.items():
+        if problem := metric_problem(stage, key, value):
+            raise RefusedReply(problem)
+    clean = dict(record.items())
     if outside := [k for k, v in clean.items() if SHARES.fullmatch(k) and not 0.0 <= v <= 1.0]:
         raise RefusedReply(f"metric {outside[0]} = {printable(clean[outside[0]], 30)} lies outside [0, 1]")
     if not_bit := [k for k in BITS if k in clean and clean[k] not in (0, 1)]:

@@ -16,8 +16,7 @@ numbers, records are keyed by position (node ids are hidden), and a sum that is 
 run before it is saved or sent. Weights travel as float32: the protocol scales each node's weights by
 ``num-examples / secagg-max-weight`` and quantises them to 2**22 levels over [-8, 8], so the
 error of the average is about ``nodes x 3.8e-6 x secagg-max-weight / total examples``; set
-``secagg-max-weight`` to about the largest site's number of training cases; a node that claims more cases is
-refused (its update would be scaled past the quantisation's range). The sum of the nodes' weight factors, which
+``secagg-max-weight`` to about the largest site's number of training cases. The sum of the nodes' weight factors, which
 the sum of updates is divided by, is masked too: once unmasked it must be what the case counts the nodes sent in
 the clear give, or the round is skipped. The scalar metrics (losses, ``update-norm``, case counts) are not masked.
 """
@@ -25,6 +24,7 @@ the clear give, or the round is skipped. The scalar metrics (losses, ``update-no
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -39,9 +39,9 @@ from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flowe
 
 from messages.arrays import NDARRAY, WireError, decode_array
 from mstkd.errors import InputError
-from mstkd.numbers import is_finite, is_whole
+from mstkd.numbers import is_whole
 from mstkd.runconfig import RunConfig
-from server.replies import METRIC_NAME, printable
+from server.replies import metric_problem, printable
 from server.runlog import RunLog
 
 RECONSTRUCTION = 2 / 3
@@ -125,9 +125,29 @@ class CheckedGrid:
                 return "its masked vectors are not of the model's shapes"
             examples = compat.recorddict_to_fitres(reply.content, True).num_examples
             if not (is_whole(examples) and 1 <= examples <= self.max_examples):
-                return f"a case count outside 1..{self.max_examples} (secagg-max-weight, or max-examples if lower)"
+                return f"a case count outside 1..{self.max_examples}"
             self.counts[reply.metadata.src_node_id] = int(examples)
         return None
+
+
+_EXPECTED_WEIGHT: ContextVar[int | None] = ContextVar("secagg_expected_weight", default=None)
+"""The sum of weight factors the round being unmasked (in this thread) must have; None outside an unmasking."""
+_flower_factor_extract = flower_secagg.factor_extract
+
+
+def _checked_factor_extract(parameters):
+    """Flower's ``factor_extract``, where its workflow reads the unmasked sum of the weight factors, checked against
+    :data:`_EXPECTED_WEIGHT` (installed once, for every workflow of this process; a no-op outside our unmasking)."""
+    total, rest = _flower_factor_extract(parameters)
+    expected = _EXPECTED_WEIGHT.get()
+    if expected is not None and total != expected:
+        raise ValueError(
+            f"the nodes' weights sum to {total}, not the {expected} their case counts give: some node lied"
+        )
+    return total, rest
+
+
+flower_secagg.factor_extract = _checked_factor_extract
 
 
 class RoundSafeSecAgg(SecAggPlusWorkflow):
@@ -174,23 +194,15 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
         """Flower's unmasking, which divides the sum by the sum of the nodes' weight factors (each node's first masked
         value, which it chooses): that sum must be what the case counts the nodes sent in the clear give, or a node
         could scale the round's model (a sum of 1 multiplied it by a million) or make it infinite."""
-        counts = {n: c for n, c in grid.counts.items() if n in state.active_node_ids}
-        expected = sum(round(c / self.max_weight * self.quantization_range) for c in counts.values())
-        extract = flower_secagg.factor_extract
-
-        def checked(parameters):
-            total, rest = extract(parameters)
-            if total != expected:
-                raise ValueError(
-                    f"the nodes' weights sum to {total}, not the {expected} their case counts give: some node lied"
-                )
-            return total, rest
-
-        flower_secagg.factor_extract = checked  # the one place the workflow reads the unmasked weights
+        counts = [c for n, c in grid.counts.items() if n in state.active_node_ids]
+        expected = sum(round(c / self.max_weight * self.quantization_range) for c in counts)
+        if expected >= self.modulus_range:  # the sum wraps round: Flower's division would be wrong for honest nodes
+            raise ValueError(f"the nodes' {sum(counts)} cases are too many for secagg-max-weight {self.max_weight:g}")
+        token = _EXPECTED_WEIGHT.set(expected)
         try:
             return super().unmask_stage(grid, context, state)
         finally:
-            flower_secagg.factor_extract = extract
+            _EXPECTED_WEIGHT.reset(token)
 
     def _forget_lost(self, state) -> bool:
         """Make the nodes still active the round's nodes, and their neighbours among them (a node that never sent its
@@ -214,10 +226,6 @@ def _asked(message: Message) -> tuple[str | None, list[int]]:
     else:
         nodes = []
     return (stage if isinstance(stage, str) else None), nodes
-
-
-def _plain_number(key: object, value: object) -> bool:
-    return isinstance(key, str) and METRIC_NAME.fullmatch(key) is not None and is_finite(value)
 
 
 def run_secagg(
@@ -248,7 +256,9 @@ def run_secagg(
         # finite numbers under plain names are kept (the legacy API also lets a node send text and bytes)
         for index, (num_examples, metrics) in enumerate(results):
             site = runlog.site(current["round"], index, printable(metrics.get("site", "?"), 64))
-            site.update({k: v for k, v in metrics.items() if k != "site" and _plain_number(k, v)})
+            # the checks of server.replies, but a metric that fails them is dropped: no single reply can be refused
+            kept = runlog.names_of(index, metrics)
+            site.update({k: v for k, v in metrics.items() if k in kept and metric_problem("train", k, v) is None})
             site["train-examples"] = int(num_examples)
         return {}
 
@@ -292,7 +302,5 @@ def run_secagg(
         )
     )
     shapes = [np.shape(initial[n]) for n in names]
-    # a count above secagg-max-weight scales a node's update past the quantisation's range: the sum would be wrong
-    most = min(run.max_examples, max(int(max_weight), 1))
-    workflow(CheckedGrid(grid, shapes, most), legacy)  # type: ignore[arg-type]
+    workflow(CheckedGrid(grid, shapes, run.max_examples), legacy)  # type: ignore[arg-type]
     return current["arrays"]

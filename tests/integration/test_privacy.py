@@ -483,3 +483,30 @@ def test_a_node_that_lies_about_its_secagg_weight_loses_the_round_not_the_run(tm
     assert records[1]["skipped"].startswith("secure aggregation failed (ValueError: the nodes' weights sum to")
     assert "skipped" not in records[2] and "global" in records[2]
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_under_secagg_a_nodes_metrics_pass_the_same_name_and_clock_rules(tmp_path):
+    """Under SecAgg+ the server cannot refuse one node's reply, so its metrics were kept under any plain name: a
+    node could write the server's own `device` text key, a clock of 3e38 s (an infinite phase in phases.json) or a
+    validation Dice in a train reply. Such metrics are now dropped, the node's update still summed."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    import client.app as client_module
+
+    def app(msg, context):
+        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        asked = record.get(Key.STAGE) if record is not None else None
+        reply = client_module.app(msg, context)
+        if asked == "collect_masked_vectors" and context.node_id == 3:
+            metrics = reply.content.config_records["fitres.metrics"]  # the legacy API's metrics of a fit
+            metrics.update({"device": 1.0, "train-time-train": 3e38, "val-mean-dice": 1.0, "train-ok": 1.0})
+        return reply
+
+    run_inproc(server_app, app, tiny_run_config(tmp_path, **SECAGG_RUN), nodes())
+    record = _records(tmp_path / "run")[1]
+    assert "skipped" not in record
+    sites = list(record["sites"].values())
+    assert sum("train-ok" in s for s in sites) == 1  # node 3's metrics arrived, and a plain one was kept
+    assert not any(s.get("device") == 1.0 or "val-mean-dice" in s for s in sites)
+    assert all(s.get("train-time-train", 0.0) < 1e6 for s in sites)
