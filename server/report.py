@@ -59,8 +59,9 @@ def outcome(runlog: RunLog, first_round: int, *, transport: str = "float32", cha
 
 
 MARKDOWN = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>!|~"})
-AUTOLINK = re.compile(r"://|(?i:www)\.|@(?=[A-Za-z0-9-]+\.)")
-"""What GitHub's Markdown turns into a link even as plain text: a scheme's ``://``, ``www.`` and an e-mail's ``@``."""
+AUTOLINK = re.compile(r"://|(?i:www)\.|@")
+"""What GitHub's Markdown turns into a link even as plain text: a scheme's ``://``, ``www.`` and an e-mail's ``@``
+(every ``@``: an escape inside the address, as in ``evil\\_x.org``, may not stop the link)."""
 
 
 def plain(text: object) -> str:

@@ -49,11 +49,11 @@ def test_an_address_in_a_nodes_text_is_not_made_a_link(tmp_path):
     from server.runlog import RunLog
 
     runlog = RunLog(tmp_path)
-    reason = "update at https://fl-update.example/get, www.evil.example or ask admin@evil.example"
+    reason = "update at https://fl-update.example/get, www.evil.example or ask admin@evil.example (bob@evil_x.org)"
     runlog.record(1)["failures"].append({"stage": "train", "node": 7, "reason": reason, "kind": "error"})
     runlog.finish(1)
     report = write_report(tmp_path, runlog, load_config(["model=tiny"]), RunConfig(), 1.0, {"round": None}).read_text()
-    assert "https://" not in report and "www.evil" not in report and "admin@evil" not in report
+    assert "https://" not in report and "www.evil" not in report and "@evil" not in report
     assert "https\\[:\\]//fl-update.example/get, www\\[.\\]evil.example or ask admin\\[@\\]evil.example" in report
 
 
