@@ -243,11 +243,12 @@ def write_volume(
     """Write ``data`` as NIfTI atomically (temporary file, then rename).
 
     With a ``header`` the output copies its geometry (qform/sform, zooms, units) and its fields, never its
-    extensions; the data type is set from ``data``.
+    extensions nor its free text but ``descrip`` (which a caller sets); the data type is set from ``data``.
     """
     path = Path(path)
     img = nib.Nifti1Image(data, affine, header=header.copy() if header is not None else None)
     img.header.extensions.clear()  # an input's extensions (free text, a DICOM header) never reach an output
+    img.header["aux_file"], img.header["intent_name"] = b"", b""  # nor its free-text fields (``descrip`` is set)
     img.set_data_dtype(data.dtype)
     if header is not None:
         img.header.set_slope_inter(1.0, 0.0)
