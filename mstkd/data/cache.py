@@ -98,9 +98,49 @@ def _fingerprint(files: CaseFiles) -> dict[str, list[int]]:
     return out
 
 
+def _sizes(value: Any, count: int = 3, *, whole: bool = False) -> bool:
+    """Whether ``value`` is ``count`` positive finite numbers (whole ones with ``whole``)."""
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(is_finite(v) and v > 0 and (not whole or float(v).is_integer()) for v in value)
+    )
+
+
+def _grid(value: Any) -> bool:
+    """Whether ``value`` is a 4 x 4 matrix of finite numbers (an affine)."""
+    rows = value if isinstance(value, list) and len(value) == 4 else []
+    return bool(rows) and all(isinstance(row, list) and len(row) == 4 and all(map(is_finite, row)) for row in rows)
+
+
+def _meta_sound(meta: dict[str, Any]) -> bool:
+    """Whether the fields of ``meta.json`` that readers use have the types and ranges the cache writes: an entry
+    copied in from elsewhere whose ``source`` spacing is text ended ``mstkd evaluate`` in a traceback."""
+    source = meta.get("source")
+    available = meta.get("available")
+    return (
+        _sizes(meta.get("shape"), whole=True)
+        and _sizes(meta.get("spacing"))
+        and _grid(meta.get("affine"))
+        and isinstance(meta.get("resampled"), bool)
+        and isinstance(meta.get("has_labels"), bool)
+        and isinstance(meta.get("convention"), str)
+        and isinstance(available, list)
+        and bool(available)
+        and all(m in MODALITIES for m in available)
+        and isinstance(source, dict)
+        and _sizes(source.get("shape"), whole=True)
+        and _sizes(source.get("spacing"))
+        and _grid(source.get("affine"))
+    )
+
+
 def _sound(folder: Path, meta: dict[str, Any], dtype: np.dtype) -> bool:
     """Whether an entry's arrays are what its ``meta.json`` says (read from the ``.npy`` headers, no voxel), and its
-    voxel size is three positive numbers: an entry damaged or copied in from elsewhere is rebuilt, not trusted."""
+    fields are what the cache writes (:func:`_meta_sound`): an entry damaged or copied in from elsewhere is rebuilt,
+    not trusted."""
+    if not _meta_sound(meta):
+        return False
     try:
         shape = tuple(int(b) - int(a) for a, b in meta["crop_box"])
         image = np.load(folder / "image.npy", mmap_mode="r")
@@ -108,8 +148,7 @@ def _sound(folder: Path, meta: dict[str, Any], dtype: np.dtype) -> bool:
         if meta["has_labels"]:
             regions = np.load(folder / "regions.npy", mmap_mode="r")
             sound = sound and isinstance(regions, np.ndarray) and regions.shape == shape and regions.dtype == np.uint8
-        spacing = meta["spacing"]
-        return sound and len(spacing) == 3 and all(is_finite(v) and v > 0 for v in spacing)
+        return sound
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a missing array, a pickle, an .npz, ...
         return False
 

@@ -419,6 +419,17 @@ def test_a_source_rewritten_with_its_old_mtime_or_a_damaged_entry_is_rebuilt(tmp
     entry = cache.get(detect_case(folder))
     (entry.folder / "meta.json").write_text("[1, 2]")  # JSON, but not an entry's
     assert cache.lookup(detect_case(folder)) is None
+    # fields readers use, of another type: a text spacing ended mstkd evaluate in a traceback
+    import json
+
+    spacing = cache.get(detect_case(folder)).meta["source"]["spacing"]
+    for key, value in (("source", {"spacing": ["x", "y", "z"]}), ("available", ["flair", "pd"]), ("shape", [0, 1, 2])):
+        entry = cache.get(detect_case(folder))
+        meta = json.loads((entry.folder / "meta.json").read_text())
+        meta[key] = {**meta[key], **value} if isinstance(value, dict) else value
+        (entry.folder / "meta.json").write_text(json.dumps(meta))
+        assert cache.lookup(detect_case(folder)) is None, key
+    assert cache.get(detect_case(folder)).meta["source"]["spacing"] == spacing  # rebuilt
 
 
 def test_a_cached_image_that_is_not_finite_is_refused_when_it_is_read(tmp_path):
