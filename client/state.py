@@ -19,7 +19,7 @@ import torch
 from mstkd.atomic import atomic_path, file_lock, write_text
 from mstkd.errors import InputError, NonFiniteState
 from mstkd.numbers import is_whole
-from mstkd.torchfile import archive_problem
+from mstkd.torchfile import archive_problem, check_tensors
 from mstkd.train import Networks, Optimizers
 
 log = logging.getLogger("mstkd.client")
@@ -120,7 +120,8 @@ class SiteState:
     @staticmethod
     def _read(path: Path) -> dict:
         """A state file's contents: tensors and plain data only (a file holding anything else is refused), read only
-        once its zip archive is one that torch.save writes (no compressed record, no sizes beyond the file's).
+        once its zip archive is one that torch.save writes (no compressed record, no sizes beyond the file's), and
+        checked tensor by tensor (:func:`mstkd.torchfile.check_tensors`).
 
         Raises:
             InputError: the file does not read as node state.
@@ -135,6 +136,9 @@ class SiteState:
             payload
         ):
             raise InputError(f"{path}: not node state of this project")
+        # every tensor dense, holding its values, real and finite, walked without recursion: a list that holds itself
+        # or one number expanded to 10^13 ended the node's round with an error its fallback did not catch
+        check_tensors(payload, f"{path}: its state")
         return payload
 
     def exists(self) -> bool:

@@ -93,20 +93,33 @@ def check_layout(path: Path) -> None:
     try:
         with ImageOpener(path) as f:
             raw = f.read(max(HEADER_LAYOUTS) + 4)
+            for order in "<>":
+                size = int(np.frombuffer(raw[:4], dtype=f"{order}i4")[0]) if len(raw) >= 4 else 0
+                if size in HEADER_LAYOUTS and len(raw) >= size:
+                    break
+            else:
+                raise InputError(f"{path}: not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+            at, kind = HEADER_LAYOUTS[size]
+            offset = float(np.frombuffer(raw, dtype=f"{order}{kind}", count=1, offset=at)[0])
+            if not offset <= MAX_VOX_OFFSET:
+                raise InputError(f"{path}: its voxels start at byte {offset:.4g}, past {MAX_VOX_OFFSET} (extensions)")
+            flagged = len(raw) >= size + 4 and raw[size] != 0
+            if flagged:  # the extensions' own sizes, which nibabel believes, up to where the voxels start
+                raw += f.read(max(int(offset) - len(raw), 0))
+    except InputError:
+        raise
     except Exception as exc:  # gzip and bz2 raise several types for a damaged stream
         raise InputError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
-    for order in "<>":
-        size = int(np.frombuffer(raw[:4], dtype=f"{order}i4")[0]) if len(raw) >= 4 else 0
-        if size in HEADER_LAYOUTS and len(raw) >= size:
-            break
-    else:
-        raise InputError(f"{path}: not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
-    at, kind = HEADER_LAYOUTS[size]
-    offset = float(np.frombuffer(raw, dtype=f"{order}{kind}", count=1, offset=at)[0])
-    if not offset <= MAX_VOX_OFFSET:
-        raise InputError(f"{path}: its voxels start at byte {offset:.4g}, past {MAX_VOX_OFFSET} (header extensions)")
-    if len(raw) >= size + 4 and raw[size] != 0 and offset < size + 4:
+    if flagged and offset < size + 4:
         raise InputError(f"{path}: its header announces extensions but its voxels start at byte {offset:g}")
+    start, left = size + 4, int(offset) - size - 4
+    while flagged and left >= 16:  # as nibabel walks them: each claims its size, 8 bytes of it its own header
+        claimed = int(np.frombuffer(raw, dtype=f"{order}i4", count=1, offset=start)[0]) if len(raw) >= start + 4 else 0
+        if not 8 <= claimed <= left:
+            raise InputError(
+                f"{path}: a header extension claims {claimed} bytes, where {left} are left before the voxels"
+            )
+        start, left = start + claimed, left - claimed
 
 
 def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:

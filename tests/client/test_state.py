@@ -167,3 +167,18 @@ def test_a_sites_state_folder_is_private_to_the_nodes_user(tmp_path):
         os.umask(old)
     assert (tmp_path / "nodes" / "run-1" / "site-a").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "nodes" / "run-1" / "site-a" / "local.pt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["expanded", "nan"])
+def test_a_state_file_whose_tensors_cannot_be_checked_safely_falls_back_to_the_state_before_it(tmp_path, kind):
+    """One number expanded to 10^13 values in a node's state file (a 40 TB allocation when checked for finiteness)
+    raised an error the fallback did not catch: the node failed every round on the same file. It is now refused as
+    that file, as a NaN teacher is, and the state before it serves."""
+    nets, optimizers, rng, state = _saved_twice(tmp_path)
+    payload = torch.load(state.path, weights_only=True)
+    if kind == "expanded":
+        payload["rng"] = {"huge": torch.zeros(1).expand(10**13)}
+    else:
+        payload["teacher"] = {k: torch.full_like(v, float("nan")) for k, v in payload["teacher"].items()}
+    torch.save(payload, state.path)
+    assert state.load(nets, optimizers, rng)["round"] == 1

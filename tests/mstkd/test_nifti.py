@@ -79,6 +79,25 @@ def test_extensions_announced_with_no_room_before_the_voxels_are_refused(tmp_pat
         read_header(bomb)
 
 
+def test_an_extension_claiming_more_than_lies_before_the_voxels_is_refused(tmp_path, monkeypatch):
+    """nibabel believes each extension's own size: one claiming 200 MiB, in a file whose voxels start at byte 368,
+    was read whole (and the rest of the file with it) although ``vox_offset`` was within the bound."""
+    import gzip
+    import struct
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((4, 4, 4))
+    header.set_data_dtype(np.uint8)
+    header.set_sform(np.eye(4), 1)
+    header["vox_offset"] = 368
+    path = tmp_path / "claims.nii.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header.binaryblock + b"\x01\0\0\0" + struct.pack("<ii", 200 * 2**20, 6) + bytes(8) + bytes(64))
+    monkeypatch.setattr(nifti.nib, "load", lambda *a, **k: pytest.fail("nibabel read a refused file"))
+    with pytest.raises(InputError, match="a header extension claims 209715200 bytes"):
+        read_header(path)
+
+
 def test_a_zero_length_axis_is_refused_in_one_line(tmp_path):
     """A (0, 16, 16) volume passed the header check, then stopped ``mstkd score`` with numpy's ValueError."""
     empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros((0, 16, 16), np.uint8))
