@@ -272,4 +272,4 @@ def test_what_a_bench_json_from_elsewhere_says_is_shown_as_text_in_the_report(tm
     assert bench.main(args) == 0
     report = (out / "tiny-2" / "REPORT.md").read_text()
     assert "![t](" not in report and "<script>" not in report and "\n# Hi" not in report
-    assert r"phantom \!\[t\](http://x.example/t.png)" in report and "commit `'a' # Hi`" in report
+    assert r"phantom \!\[t\](http\[:\]//x.example/t.png)" in report and "commit `'a' # Hi`" in report
