@@ -252,13 +252,14 @@ def run_secagg(
         return {**train_config, "server-round": server_round, "epoch": (server_round - 1) * local_epochs}
 
     def fit_metrics(results: list[tuple[int, dict]]) -> dict:
-        # the protocol hides which node sent what: records are keyed by position, names are only labels, and only
-        # finite numbers under plain names are kept (the legacy API also lets a node send text and bytes)
+        # the protocol hides which node sent what: records are keyed by position and names are only labels; a metric
+        # that fails server.replies' checks is dropped (no single reply can be refused), and only then counts
+        # against its position's bound on names (the legacy API also lets a node send text and bytes)
         for index, (num_examples, metrics) in enumerate(results):
             site = runlog.site(current["round"], index, printable(metrics.get("site", "?"), 64))
-            # the checks of server.replies, but a metric that fails them is dropped: no single reply can be refused
-            kept = runlog.names_of(index, metrics)
-            site.update({k: v for k, v in metrics.items() if k in kept and metric_problem("train", k, v) is None})
+            good = {k: v for k, v in metrics.items() if metric_problem("train", k, v) is None}
+            kept = runlog.names_of(index, good)
+            site.update({k: v for k, v in good.items() if k in kept})
             site["train-examples"] = int(num_examples)
         return {}
 
