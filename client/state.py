@@ -188,9 +188,7 @@ class SiteState:
                     continue
                 payload = self._read(path)
                 counters = _counters(payload["info"], path)  # the file's own, whatever its sidecar says
-                if not _all_finite(payload):
-                    raise NonFiniteState(f"{path}: the stored teacher or optimiser state is not finite")
-            except (InputError, NonFiniteState) as exc:  # the older state, if any, is still good
+            except InputError as exc:  # the older state, if any, is still good (_read refuses a non-finite one)
                 log.warning("%s; trying the state before it", exc)
                 refused.append(exc)
                 continue
