@@ -43,6 +43,11 @@ REPLY_POLL = 0.25
 REFUSED = "refused: "  # how a reason the server gives for refusing a reply begins
 
 
+class ServerRefusal(Message):
+    """The error reply the server makes in a node's place when that node's reply does not unpack. Told apart from
+    the node's own error replies by its type, which no node can send, not by its text, which any node can."""
+
+
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """``grid.send_and_receive``, except on a deployed grid (Flower's ``HttpGrid``): there the arrays travel
     packed (:mod:`messages.arrays`; replies come back unpacked) and replies are looked for every ``REPLY_POLL``
@@ -81,7 +86,7 @@ def _unpacked(reply: Message, sent: dict[str, Message]) -> Message:
         reply.content = unpack(reply.content, expected)  # type: ignore[arg-type]
     except (ValueError, KeyError, TypeError) as exc:
         reason = f"{REFUSED}its reply's packed arrays do not unpack: {exc}"
-        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=message)
+        return ServerRefusal(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=message)
     return reply
 
 
@@ -120,7 +125,7 @@ def split_replies(
         node = reply.metadata.src_node_id
         if reply.has_error():
             reason = printable(reply.error.reason)  # the server's own refusal of a packed reply, or the node's error
-            _failure(rec, server_round, stage, node, reason, "refused" if reason.startswith(REFUSED) else "error")
+            _failure(rec, server_round, stage, node, reason, "refused" if isinstance(reply, ServerRefusal) else "error")
             continue
         rec["bytes_received"] += sum(a.count_bytes() for a in reply.content.array_records.values())
         if any(g.metadata.src_node_id == node for g in good):

@@ -70,6 +70,29 @@ def test_the_server_sends_packed_on_a_deployed_grid_and_turns_a_broken_reply_int
     assert by_node[2].has_error() and "do not unpack" in by_node[2].error.reason
 
 
+def test_a_node_whose_error_reads_like_the_servers_refusal_is_still_filed_as_its_own_error(tmp_path):
+    """A node's error reply is its own text: one that began with the server's "refused: " was filed in the run log as
+    the server's refusal of its reply. Only the refusal the server made itself (a reply that does not unpack) is."""
+    from flwr.app import Error
+
+    from server.loop import REFUSED, ServerRefusal, split_replies
+    from server.replies import ReplyRules
+    from server.runlog import RunLog
+
+    arrays = ArrayRecord({k: Array(v) for k, v in tiny_arrays("float32").items()})
+    sent = [Message(RecordDict({"arrays": arrays}), dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
+    server_made = ServerRefusal(
+        Error(code=0, reason=f"{REFUSED}its reply's packed arrays do not unpack"), reply_to=sent[0]
+    )
+    imitation = Message(Error(code=0, reason=f"{REFUSED}its reply's packed arrays do not unpack"), reply_to=sent[1])
+    for reply, message in zip((server_made, imitation), sent, strict=True):
+        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+    runlog = RunLog(tmp_path)
+    assert split_replies(runlog, 1, "train", sent, [server_made, imitation], 1.0, ReplyRules.of(arrays, 100)) == []
+    kinds = {f["node"]: f["kind"] for f in runlog.record(1)["failures"]}
+    assert kinds == {1: "refused", 2: "error"}
+
+
 @pytest.mark.parametrize("where", ["arrays", "extra"])
 def test_a_packed_reply_may_name_only_the_arrays_that_were_sent(where, monkeypatch):
     """A layout that names 200,000 empty arrays (3.7 MB on the wire) made the server build one array object per name,
