@@ -256,6 +256,11 @@ AT_MOST = {
 config, but a few channels more cost little on disk and much in every activation, so the bounds are generous to
 what the presets use and far below what would not fit a machine."""
 
+MAX_OVERLAP = 0.9
+"""The most a sliding window may overlap its neighbours (nnU-Net's and the default: 0.5). MONAI steps by the
+window's side times (1 - overlap), at least one voxel, so windows grow as 1 / (1 - overlap)^3: at 0.9, 1000 times
+a tiling without overlap; a checkpoint's 0.999 asked for a window at every voxel, days of inference per case."""
+
 MAX_CHANNELS = 1024
 """The most channels of a decoder or discriminator stage (the paper's widest: 512)."""
 
@@ -290,8 +295,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in UNIT:
         if not 0 <= (value := _get(cfg, key)) <= 1:
             raise _bad(key, value, "must lie between 0 and 1")
-    if not 0 <= cfg.eval.overlap < 1:
-        raise _bad("eval.overlap", cfg.eval.overlap, "must be at least 0 and below 1")
+    if not 0 <= cfg.eval.overlap <= MAX_OVERLAP:
+        raise _bad("eval.overlap", cfg.eval.overlap, f"must lie between 0 and {MAX_OVERLAP}")
     split = cfg.data.split
     if split.val_fraction + split.test_fraction >= 1:
         raise _bad("data.split.test_fraction", split.test_fraction, "val_fraction + test_fraction must be below 1")

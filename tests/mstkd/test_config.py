@@ -75,6 +75,7 @@ WRONG = {
     "model.decoder_channels=[100000,32,16,16]": "model.decoder_channels",
     "model.discriminator_channels=[32,64,100000]": "model.discriminator_channels",
     "data.num_workers=100000": "data.num_workers=100000: at most 64",
+    "eval.overlap=0.999": "eval.overlap=0.999: must lie between 0 and 0.9",  # a window at every voxel
     # and what the network cannot be built or run with is refused, not a traceback
     "model.decoder_channels=[64,32,16]": "model.decoder_channels",
     "model.vit.taps=2": "model.vit.taps",
