@@ -158,8 +158,8 @@ class RoundEnd:
         if self.clipping_norm is not None:
             norm = self.clipping_norm()  # the norm the next round clips at
             rec["privacy"].update(clipping_norm_next=norm)
-        if "skipped" not in rec:  # a skipped round released nothing new
-            rec["privacy"].update(self.ledger.release())
+        if server_round in self.ledger.spent:  # counted as it left the server (a skipped round released nothing)
+            rec["privacy"].update(self.ledger.spent.pop(server_round))
             spent = rec["privacy"]
             if spent["epsilon"] is not None:
                 say(f"round {server_round}: privacy spent epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g}")

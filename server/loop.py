@@ -183,12 +183,14 @@ def run_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
     after_round: Callable[[int, ArrayRecord], None] | None = None,
     before_round: Callable[[], str | None] | None = None,
+    on_release: Callable[[int], None] | None = None,
     say: Callable[[str], None] = log.info,
 ) -> ArrayRecord:
     """Rounds ``first_round`` .. ``num_rounds`` (see the module doc); returns the final global arrays.
 
     ``before_round`` may end the run cleanly before a round starts by returning the reason
-    (differential privacy: the next release would exceed the budget).
+    (differential privacy: the next release would exceed the budget). ``on_release(round)`` runs when a round's
+    new global model is taken, before anything of it leaves the server (differential privacy counts it there).
     """
     if first_round == 1 and evaluate_fn is not None:
         evaluate_fn(0, arrays)
@@ -230,6 +232,8 @@ def run_rounds(
                 else:
                     rec["step_norm"], rec["step_relative"] = step_norm(arrays, new)
                     arrays = new
+                    if on_release is not None:
+                        on_release(server_round)
                     sent = list(
                         strategy.configure_evaluate(
                             server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid

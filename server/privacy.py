@@ -13,9 +13,11 @@ two together give noise multiplier ``dp-noise``, which the ledger accounts for.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -27,6 +29,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import CLIENTS_DISCREPANCY_WARNING, get_norm
 
+from mstkd.atomic import write_text
 from mstkd.errors import InputError
 from mstkd.runconfig import DPClipping, DPMode, RunConfig, Strategy
 from server.replies import printable
@@ -60,9 +63,15 @@ class _UnpredictableNoise:
     def _rng() -> np.random.Generator:
         return np.random.default_rng(secrets.randbits(128))
 
+    sites_clip = False  # whether the sites clip their own updates (client-side DP)
+
     def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         self.round_start = {k: v.numpy() for k, v in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.sites_clip and messages:  # they clip against the model as they received it, in the transport dtype:
+            sent = next(iter(messages[0].content.array_records.values()))  # a sum over that base moves by clip / nodes
+            self.round_start = {k: sent[k].numpy().astype(np.float32) for k in self.round_start}
+        return messages
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
@@ -106,6 +115,8 @@ class ClientSideDP(_UnpredictableNoise, DifferentialPrivacyClientSideFixedClippi
     """The sites clip their own updates (:func:`client.app.clip_updates`; the round loop refuses a reply that was not
     clipped); the server adds noise to the average."""
 
+    sites_clip = True
+
 
 class _TowardsTarget:
     """The adaptive norm's step, towards its target: ``C <- C exp(lr (clipped share - target share))``; and the
@@ -131,6 +142,8 @@ class ServerSideAdaptiveDP(_TowardsTarget, _UnpredictableNoise, DifferentialPriv
 class ClientSideAdaptiveDP(_TowardsTarget, _UnpredictableNoise, DifferentialPrivacyClientSideAdaptiveClipping):
     """The sites clip their own updates at the norm the server sends (:func:`client.app.clip_updates`) and say whether
     they clipped; the server adapts the norm and adds noise to the average."""
+
+    sites_clip = True
 
 
 DP_WRAPPERS = {
@@ -228,13 +241,21 @@ class PrivacyLedger:
     noise together). No amplification by sampling is claimed, and the count is the conservative one.
     """
 
+    FILE = "privacy.json"
+    """The account as of the last release, written before that release leaves the server (the server's state is
+    written only at the end of the round, after the sites have had the new model)."""
+
     def __init__(self, privacy: dict, population: int, state: dict | None = None) -> None:
         from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
         from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
         self.noise = float(privacy["noise_multiplier"])
         self.accountant = None
+        self.spent: dict[int, dict] = {}  # what each round's release brought the account to, for its record
         if self.noise > 0:
+            stored = state.get("config") if state else None
+            if isinstance(stored, dict) and isinstance(stored.get("population_size"), int):
+                population = stored["population_size"]  # no amplification: epsilon does not depend on it
             config = PrivacyConfig(
                 target_delta=float(privacy["delta"]),
                 population_size=max(population, int(privacy["sampled_nodes"])),
@@ -276,13 +297,49 @@ class PrivacyLedger:
             )
         return None
 
-    def release(self) -> dict:
-        """Count one released global model; the spent budget so far, for the round's record."""
+    def release(self, server_round: int, folder: Path) -> None:
+        """Count the round's new global model before it leaves the server, and write the account to ``folder``'s
+        :data:`FILE` first: a server that stops before the round's end resumes with the release counted (the round
+        then runs again, a second release with fresh noise). What the account came to is kept in :attr:`spent`."""
         if self.accountant is None:
-            return {"epsilon": None, "epsilon_note": "no noise: no finite epsilon"}
+            self.spent[server_round] = {"epsilon": None, "epsilon_note": "no noise: no finite epsilon"}
+            return
         self.accountant.compose(self.event)
+        write_text(Path(folder) / self.FILE, json.dumps({"round": server_round, "account": self.state()}))
         spent = self.accountant.get_privacy_spent()
-        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+        self.spent[server_round] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
 
     def state(self) -> dict:
         return self.accountant.state_dict() if self.accountant is not None else {}
+
+
+def resumed_account(privacy: dict, folder: Path, last_round: int, stored: dict, records: dict) -> dict:
+    """The privacy account a resumed run continues: its server state's (``stored``, as of ``last_round``), or the
+    run folder's :data:`PrivacyLedger.FILE` where a later release was counted there before the server stopped.
+
+    Raises:
+        InputError: the run released its models with differential privacy and ``privacy`` is off or has no noise
+            (its rounds would then release models without noise while the report still showed the old epsilon),
+            or the account file does not read.
+    """
+    path = Path(folder) / PrivacyLedger.FILE
+    if not privacy and (stored or path.is_file() or any("privacy" in rec for rec in records.values())):
+        raise InputError(
+            "resume-from: its rounds were released with differential privacy; resume it with the same dp settings "
+            "(dp='off' would release models without clipping or noise under the old epsilon)"
+        )
+    if (stored or path.is_file()) and not privacy.get("noise_multiplier"):
+        raise InputError(
+            "resume-from: its rounds were released with dp-noise > 0; resuming with dp-noise 0 would release models "
+            "without noise under an account that no longer grows"
+        )
+    if not privacy or not path.is_file():
+        return stored
+    try:
+        if path.stat().st_size > 1 << 20:  # an account is a few kB
+            raise ValueError(f"{path.stat().st_size} bytes")
+        written = json.loads(path.read_text(encoding="utf-8"))
+        later = int(written["round"]) > last_round and isinstance(written["account"], dict)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"resume-from: {PrivacyLedger.FILE} does not read ({printable(exc, 120)})") from None
+    return written["account"] if later else stored

@@ -147,7 +147,8 @@ def write_report(
             "",
             f"{p['mode']}-side {clipping}, noise multiplier {p['noise_multiplier']:g}, {p['sampled_nodes']} sites "
             "per round. Client-level epsilon from Flower's RDP accountant, one release per aggregated round, no "
-            "amplification by sampling.",
+            "amplification by sampling. It covers the released models, not the sites' metrics in this report and "
+            "`metrics.csv` (losses, validation Dice, case counts, update norms), nor which sites replied.",
             "",
             "| round | epsilon | delta |" + (" next clipping norm |" if adaptive else ""),
             "|---:|---:|---:|" + ("---:|" if adaptive else ""),

@@ -72,3 +72,38 @@ def test_a_reused_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     # the same run name (here: none, so run-1) twice: two state folders, neither run half-using the other's
     keys = sorted(p.name for p in (tmp_path / "work" / "nodes").iterdir())
     assert len(keys) == 2 and all(k.startswith("run-1.") for k in keys)
+
+
+class KillInValidation(InProcGrid):
+    """The server dies while the nodes validate round ``round``'s new global model: it has left the server."""
+
+    def __init__(self, *args, round: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_round = round
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "evaluate" and _round(m) == self.kill_round for m in messages):
+            raise ServerKilled
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_dp_run_killed_after_a_release_counts_it_and_resumes_only_with_its_noise(tmp_path):
+    """A release reached the nodes before it was counted, and the server's state (the account resume-from reads) was
+    written only at the round's end: a server killed in between resumed with the release uncounted and released the
+    round again. And a DP run resumed with dp='off' was taken, under a report that still showed the old epsilon."""
+    from flwr.app import Context, RecordDict
+
+    extra = {"num-server-rounds": 2, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.0}
+    broken = tiny_run_config(tmp_path, **extra)
+    grid = KillInValidation(client_app, broken, nodes(), round=2)
+    with pytest.raises(ServerKilled):
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(broken)))
+    run = tmp_path / "run"
+    assert ServerCheckpoint.load(run).round == 1
+    resumed = {**broken, "resume-from": str(run), "out-dir": ""}
+    with pytest.raises(InputError, match="resume it with the same dp settings"):
+        run_inproc(server_app, client_app, {**resumed, "dp": "off"}, nodes())
+    run_inproc(server_app, client_app, resumed, nodes())
+    records = _records(run)
+    assert [r["privacy"]["releases"] for r in records[1:]] == [1, 3]  # round 2 left the server twice
