@@ -20,7 +20,6 @@ import json
 import random
 import secrets
 import time
-from functools import partial
 
 import numpy as np
 from flwr.app import ArrayRecord, Context
@@ -34,9 +33,10 @@ from mstkd.runconfig import DPClipping, DPMode, RunConfig, check_state_key, proj
 from mstkd.tracking import Tracker
 from mstkd.train import pick_device, seed_everything
 from server.evaluation import RoundEnd, say
+from server.ledger import PrivacyLedger, resumed_account
 from server.loop import run_rounds
 from server.plan import agree_target
-from server.privacy import PrivacyLedger, privacy_settings, resumed_account, wrap_for_privacy
+from server.privacy import privacy_settings, wrap_for_privacy
 from server.report import describe_best, finish_run
 from server.runfolder import claim_folder, original_target, run_folder
 from server.runlog import RunLog
@@ -56,11 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     out = run_folder(run, context.run_id)
     checkpoint = ServerCheckpoint.load(out) if run.resume_from else None
     privacy = privacy_settings(run)
-    account = (
-        resumed_account(privacy, out, checkpoint.round, checkpoint.privacy, checkpoint.records)
-        if checkpoint is not None
-        else None
-    )
+    account = resumed_account(privacy, out, checkpoint) if checkpoint is not None else None
     strategy_options(run, run.min_nodes)  # refuses impossible settings now
     # the nodes' state folders: the run's name and a token of its own, so a reused run-name starts clean
     name = run.run_name or f"run-{context.run_id}"
@@ -92,7 +88,7 @@ def main(grid: Grid, context: Context) -> None:
         runlog = RunLog(out)
         best: dict = {"val_mean_dice": -1.0, "round": None}
         num_sites = max(len(list(grid.get_node_ids())), run.min_nodes)  # a phantom federation has one site per node
-        ledger = PrivacyLedger(privacy, num_sites, account) if privacy else None
+        ledger = PrivacyLedger(privacy, num_sites, account, folder=out, key=state_key) if privacy else None
         round_end = RoundEnd.for_run(
             run, cfg, student, disc, device, out, runlog, tracker, best, num_sites, privacy, ledger
         )
@@ -164,7 +160,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=round_end,
             after_round=after_round,
             before_round=ledger.stop_reason if ledger is not None else None,
-            on_release=partial(ledger.release, folder=out) if ledger is not None else None,
+            on_release=ledger.release if ledger is not None else None,
             say=say,
         )
         finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, tracker)

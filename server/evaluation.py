@@ -29,7 +29,7 @@ from mstkd.model import MSTKDNet, StyleDiscriminator
 from mstkd.model.federated import load_federated_arrays
 from mstkd.runconfig import RunConfig
 from mstkd.tracking import Tracker
-from server.privacy import PrivacyLedger
+from server.ledger import PrivacyLedger
 from server.runlog import RunLog
 
 
@@ -158,11 +158,12 @@ class RoundEnd:
         if self.clipping_norm is not None:
             norm = self.clipping_norm()  # the norm the next round clips at
             rec["privacy"].update(clipping_norm_next=norm)
-        if server_round in self.ledger.spent:  # counted as it left the server (a skipped round released nothing)
-            rec["privacy"].update(self.ledger.spent.pop(server_round))
-            spent = rec["privacy"]
-            if spent["epsilon"] is not None:
-                say(f"round {server_round}: privacy spent epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g}")
+        released = server_round in self.ledger.spent  # counted as it left the server
+        # a skipped round released nothing: it carries what was spent so far (with a release counted before a restart)
+        spent = self.ledger.spent.pop(server_round) if released else self.ledger.so_far()
+        rec["privacy"].update(spent)
+        if released and spent["epsilon"] is not None:
+            say(f"round {server_round}: privacy spent epsilon {spent['epsilon']:.3f} at delta {spent['delta']:g}")
 
     def _evaluate(self, server_round: int, rec: dict) -> MetricRecord:
         start = time.perf_counter()

@@ -13,11 +13,9 @@ two together give noise multiplier ``dp-noise``, which the ledger accounts for.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -29,10 +27,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import CLIENTS_DISCREPANCY_WARNING, get_norm
 
-from mstkd.atomic import write_text
 from mstkd.errors import InputError
 from mstkd.runconfig import DPClipping, DPMode, RunConfig, Strategy
-from server.replies import printable
 
 
 class _UnpredictableNoise:
@@ -230,116 +226,3 @@ def wrap_for_privacy(strategy, privacy: dict):
         clipped_count_stddev=privacy["count_noise"],
         **common,
     )
-
-
-class PrivacyLedger:
-    """Client-level (epsilon, delta) of the released global models, from Flower's RDP accountant.
-
-    Each round that aggregates releases one Gaussian mechanism over the sampled sites (noise
-    multiplier ``dp-noise`` on updates clipped to the round's norm, summed and divided by ``min-nodes``
-    whoever replies; with adaptive clipping, that multiplier covers the update noise and the clipped-count
-    noise together). No amplification by sampling is claimed, and the count is the conservative one.
-    """
-
-    FILE = "privacy.json"
-    """The account as of the last release, written before that release leaves the server (the server's state is
-    written only at the end of the round, after the sites have had the new model)."""
-
-    def __init__(self, privacy: dict, population: int, state: dict | None = None) -> None:
-        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-
-        self.noise = float(privacy["noise_multiplier"])
-        self.accountant = None
-        self.spent: dict[int, dict] = {}  # what each round's release brought the account to, for its record
-        if self.noise > 0:
-            stored = state.get("config") if state else None
-            if isinstance(stored, dict) and isinstance(stored.get("population_size"), int):
-                population = stored["population_size"]  # no amplification: epsilon does not depend on it
-            config = PrivacyConfig(
-                target_delta=float(privacy["delta"]),
-                population_size=max(population, int(privacy["sampled_nodes"])),
-                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                sampling_method=SamplingMethod.NO_AMPLIFICATION,
-                max_epsilon=privacy["max_epsilon"],
-            )
-            self.accountant = RdpAccountant(config)
-            self.event = GaussianPrivacyEvent(
-                noise_multiplier=self.noise,
-                sample_size=int(privacy["sampled_nodes"]),
-                population_size=config.population_size,
-            )
-            if state is not None and not state:  # resumed from a run whose rounds kept no account: it had no noise
-                raise InputError(
-                    "resume-from: its rounds were released without privacy accounting (dp off, or dp-noise 0); "
-                    "a run with dp-noise resumes only from a run that had it"
-                )
-            if state:
-                if isinstance(state.get("config"), dict):  # the limit is a stopping rule, not part of the account:
-                    state = {**state, "config": {**state["config"], "max_epsilon": config.max_epsilon}}  # it may rise
-                try:
-                    self.accountant.load_state_dict(state)
-                except (ValueError, KeyError, TypeError) as exc:  # another number of sites or delta, or a broken file
-                    raise InputError(
-                        "resume-from: its privacy account was kept for another number of sites or another dp-delta "
-                        f"({printable(exc, 120)})"
-                    ) from None
-
-    def stop_reason(self) -> str | None:
-        """Why the next round must not run (its release would exceed ``dp-max-epsilon``), or None."""
-        if self.accountant is None or self.accountant.config.max_epsilon is None:
-            return None
-        if self.accountant.would_exceed(self.event):
-            spent = self.accountant.get_privacy_spent()
-            return (
-                f"the next round would exceed dp-max-epsilon {self.accountant.config.max_epsilon:g} "
-                f"(spent: epsilon {spent.epsilon:.3f} at delta {spent.delta:g})"
-            )
-        return None
-
-    def release(self, server_round: int, folder: Path) -> None:
-        """Count the round's new global model before it leaves the server, and write the account to ``folder``'s
-        :data:`FILE` first: a server that stops before the round's end resumes with the release counted (the round
-        then runs again, a second release with fresh noise). What the account came to is kept in :attr:`spent`."""
-        if self.accountant is None:
-            self.spent[server_round] = {"epsilon": None, "epsilon_note": "no noise: no finite epsilon"}
-            return
-        self.accountant.compose(self.event)
-        write_text(Path(folder) / self.FILE, json.dumps({"round": server_round, "account": self.state()}))
-        spent = self.accountant.get_privacy_spent()
-        self.spent[server_round] = {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
-
-    def state(self) -> dict:
-        return self.accountant.state_dict() if self.accountant is not None else {}
-
-
-def resumed_account(privacy: dict, folder: Path, last_round: int, stored: dict, records: dict) -> dict:
-    """The privacy account a resumed run continues: its server state's (``stored``, as of ``last_round``), or the
-    run folder's :data:`PrivacyLedger.FILE` where a later release was counted there before the server stopped.
-
-    Raises:
-        InputError: the run released its models with differential privacy and ``privacy`` is off or has no noise
-            (its rounds would then release models without noise while the report still showed the old epsilon),
-            or the account file does not read.
-    """
-    path = Path(folder) / PrivacyLedger.FILE
-    if not privacy and (stored or path.is_file() or any("privacy" in rec for rec in records.values())):
-        raise InputError(
-            "resume-from: its rounds were released with differential privacy; resume it with the same dp settings "
-            "(dp='off' would release models without clipping or noise under the old epsilon)"
-        )
-    if (stored or path.is_file()) and not privacy.get("noise_multiplier"):
-        raise InputError(
-            "resume-from: its rounds were released with dp-noise > 0; resuming with dp-noise 0 would release models "
-            "without noise under an account that no longer grows"
-        )
-    if not privacy or not path.is_file():
-        return stored
-    try:
-        if path.stat().st_size > 1 << 20:  # an account is a few kB
-            raise ValueError(f"{path.stat().st_size} bytes")
-        written = json.loads(path.read_text(encoding="utf-8"))
-        later = int(written["round"]) > last_round and isinstance(written["account"], dict)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"resume-from: {PrivacyLedger.FILE} does not read ({printable(exc, 120)})") from None
-    return written["account"] if later else stored

@@ -11,9 +11,18 @@ from mstkd.data.geometry import TargetGeometry
 from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
 from mstkd.tracking import MLFLOW_ARTIFACTS, MLFLOW_DB
+from server.ledger import PrivacyLedger
 from server.state import ServerCheckpoint
 
-RUN_FILES = ("metrics.jsonl", "REPORT.md", "last.pt", "best.pt", ServerCheckpoint.FILE, ServerCheckpoint.OLD_FILE)
+RUN_FILES = (
+    "metrics.jsonl",
+    "REPORT.md",
+    "last.pt",
+    "best.pt",
+    ServerCheckpoint.FILE,
+    ServerCheckpoint.OLD_FILE,
+    PrivacyLedger.FILE,
+)
 """A folder with any of these holds a run; ``overwrite=true`` removes them, with ``eval/``, ``tensorboard/`` and the
 local MLflow store."""
 

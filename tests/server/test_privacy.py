@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,21 +19,22 @@ def test_dp_max_epsilon_without_noise_is_refused():
         privacy_settings(RunConfig.parse({"dp": "server", "dp-noise": 0.0, "dp-max-epsilon": 3.0, "min-nodes": 3}))
 
 
-def _released(ledger, server_round: int, folder) -> dict:
+def _released(ledger, server_round: int) -> dict:
     """What the account came to with the round's release (``PrivacyLedger.release`` keeps it for the round's record)."""
-    ledger.release(server_round, folder)
+    ledger.release(server_round)
     return ledger.spent[server_round]
 
 
 def test_the_privacy_ledger_survives_a_server_restart(tmp_path):
-    from server.privacy import PrivacyLedger, privacy_settings
+    from server.ledger import PrivacyLedger
+    from server.privacy import privacy_settings
 
     privacy = privacy_settings(RunConfig.parse({"dp": "client", "dp-clip": 1.0, "dp-noise": 2.0, "min-nodes": 3}))
     first = PrivacyLedger(privacy, 3)
-    _released(first, 1, tmp_path)
+    _released(first, 1)
     resumed = PrivacyLedger(privacy, 3, state=first.state())  # what ServerCheckpoint carries
-    assert _released(resumed, 2, tmp_path)["epsilon"] == pytest.approx(_released(first, 2, tmp_path)["epsilon"])
-    assert _released(resumed, 3, tmp_path)["releases"] == 3
+    assert _released(resumed, 2)["epsilon"] == pytest.approx(_released(first, 2)["epsilon"])
+    assert _released(resumed, 3)["releases"] == 3
 
 
 def test_a_dp_run_resumes_only_from_a_state_whose_account_fits_it(tmp_path):
@@ -40,43 +42,92 @@ def test_a_dp_run_resumes_only_from_a_state_whose_account_fits_it(tmp_path):
     dp-max-epsilon, would ignore every model released before. A state of another dp-delta is refused too; one
     kept while another number of nodes was connected is not (without amplification epsilon does not depend on it:
     that refusal only pushed operators to resume without dp)."""
-    from server.privacy import PrivacyLedger, privacy_settings
+    from server.ledger import PrivacyLedger
+    from server.privacy import privacy_settings
 
     privacy = privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 2.0, "min-nodes": 3}))
     with pytest.raises(InputError, match="released without privacy accounting"):
         PrivacyLedger(privacy, 3, state={})  # what a run without dp saves
     earlier = PrivacyLedger(privacy, 4)
-    once = _released(earlier, 1, tmp_path)["epsilon"]
-    assert _released(PrivacyLedger(privacy, 3, state=earlier.state()), 2, tmp_path)["releases"] == 2
-    assert _released(PrivacyLedger(privacy, 5, state=earlier.state()), 2, tmp_path)["epsilon"] > once
+    once = _released(earlier, 1)["epsilon"]
+    assert _released(PrivacyLedger(privacy, 3, state=earlier.state()), 2)["releases"] == 2
+    assert _released(PrivacyLedger(privacy, 5, state=earlier.state()), 2)["epsilon"] > once
     other_delta = privacy_settings(RunConfig.parse({"dp": "server", "dp-noise": 2.0, "min-nodes": 3, "dp-delta": 1e-6}))
     with pytest.raises(InputError, match="another dp-delta"):
         PrivacyLedger(other_delta, 3, state=earlier.state())
     limited = {"dp": "server", "dp-clip": 1.0, "dp-noise": 2.0, "min-nodes": 3, "dp-max-epsilon": 5.0}
     stopped = PrivacyLedger(privacy_settings(RunConfig.parse(limited)), 3)
-    spent = _released(stopped, 1, tmp_path)["epsilon"]
+    spent = _released(stopped, 1)["epsilon"]
     raised = privacy_settings(RunConfig.parse(limited | {"dp-max-epsilon": 10.0}))  # a run resumed with more budget
-    assert _released(PrivacyLedger(raised, 3, state=stopped.state()), 2, tmp_path)["epsilon"] > spent
-    assert _released(PrivacyLedger(privacy, 3), 1, tmp_path)["releases"] == 1  # a fresh run has no state to check
+    assert _released(PrivacyLedger(raised, 3, state=stopped.state()), 2)["epsilon"] > spent
+    assert _released(PrivacyLedger(privacy, 3), 1)["releases"] == 1  # a fresh run has no state to check
+
+
+def _checkpoint(round: int, ledger, key: str = "run.k", records: dict | None = None):
+    """What resume-from reads of the server's state: its round, account, records and the nodes' state key."""
+    return SimpleNamespace(round=round, privacy=ledger.state(), records=records or {}, state_key=key)
 
 
 @pytest.mark.parametrize("later", ["off", "no noise"])
 def test_a_dp_run_cannot_be_resumed_without_its_noise(tmp_path, later):
     """Resuming a DP run with dp='off' was taken: its later rounds released models without clipping or noise while
     REPORT.md still showed the epsilon of the rounds before, and the account was dropped from the saved state."""
-    from server.privacy import PrivacyLedger, privacy_settings, resumed_account
+    from server.ledger import PrivacyLedger, resumed_account
+    from server.privacy import privacy_settings
 
     privacy = privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 1.0, "min-nodes": 3}))
-    ledger = PrivacyLedger(privacy, 3)
-    ledger.release(1, tmp_path)
-    records = {1: {"privacy": {**privacy, **ledger.spent[1]}}}
+    ledger = PrivacyLedger(privacy, 3, folder=tmp_path, key="run.k")
+    ledger.release(1)
+    checkpoint = _checkpoint(1, ledger, records={1: {"privacy": {**privacy, **ledger.spent[1]}}})
     values = {"dp": "off"} if later == "off" else {"dp": "server", "dp-noise": 0.0, "min-nodes": 3}
-    with pytest.raises(InputError, match="resume it with the same dp settings|resuming with dp-noise 0"):
-        resumed_account(privacy_settings(RunConfig.parse(values)), tmp_path, 1, ledger.state(), records)
-    assert resumed_account(privacy, tmp_path, 1, ledger.state(), records) == ledger.state()
+    message = "resume it with the same dp settings" if later == "off" else "resuming with dp-noise 0"
+    with pytest.raises(InputError, match=message):
+        resumed_account(privacy_settings(RunConfig.parse(values)), tmp_path, checkpoint)
+    assert resumed_account(privacy, tmp_path, checkpoint) == ledger.state()
     (tmp_path / PrivacyLedger.FILE).write_text('{"round": ')
     with pytest.raises(InputError, match="privacy.json does not read"):
-        resumed_account(privacy, tmp_path, 0, {}, {})
+        resumed_account(privacy, tmp_path, checkpoint)
+
+
+def test_an_account_file_counts_only_for_its_own_run_and_a_later_release(tmp_path):
+    """The account file written at a release is read on resume only when it is the same run's (its state key), is
+    newer than the server's state and counts at least its releases: after overwrite=true, an earlier run's file in
+    the folder gave a new run that run's account (or refused to resume a run without dp at all)."""
+    from server.ledger import PrivacyLedger, resumed_account
+    from server.privacy import privacy_settings
+    from server.runfolder import claim_folder
+
+    privacy = privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 1.0, "min-nodes": 3}))
+    earlier = PrivacyLedger(privacy, 3, folder=tmp_path, key="earlier.k")
+    for r in range(1, 11):
+        earlier.release(r)
+    later = PrivacyLedger(privacy, 3, folder=None)
+    later.release(1)
+    assert resumed_account(privacy, tmp_path, _checkpoint(1, later, key="later.k")) == later.state()
+    without_dp = SimpleNamespace(round=1, privacy={}, records={}, state_key="plain.k")  # a run without dp
+    assert resumed_account({}, tmp_path, without_dp) == {}
+    stale = _checkpoint(10, earlier, key="earlier.k")  # the file is as old as the server's state: nothing later
+    assert resumed_account(privacy, tmp_path, stale) == earlier.state()
+    (tmp_path / "metrics.jsonl").write_text("")
+    claim_folder(tmp_path, overwrite=True)  # overwrite=true removes it with the run's other files
+    assert not (tmp_path / PrivacyLedger.FILE).exists()
+
+
+def test_a_release_counted_before_a_restart_shows_in_the_next_rounds_record(tmp_path, task_identity):
+    """A release restored from the account file belongs to no round's record; a round after the resume that is
+    skipped carried no epsilon, so the report's table ended below what was spent. It now carries the spent so far."""
+    from server.evaluation import RoundEnd
+    from server.ledger import PrivacyLedger
+    from server.privacy import privacy_settings
+
+    privacy = privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 1.0, "min-nodes": 3}))
+    before = PrivacyLedger(privacy, 3)
+    for r in (1, 2):
+        before.release(r)  # round 2 counted, then the server stopped before its end
+    ledger = PrivacyLedger(privacy, 3, state=before.state())
+    rec = {"skipped": "1 of 3 nodes connected after 600 s"}
+    RoundEnd._privacy(SimpleNamespace(ledger=ledger, privacy=privacy, clipping_norm=None), 2, rec)
+    assert rec["privacy"]["releases"] == 2 and rec["privacy"]["epsilon"] == pytest.approx(before.so_far()["epsilon"])
 
 
 def test_a_release_is_counted_before_it_leaves_the_server(tmp_path, task_identity):
@@ -86,8 +137,9 @@ def test_a_release_is_counted_before_it_leaves_the_server(tmp_path, task_identit
     from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
     from server.app import WAIT_ELSEWHERE
+    from server.ledger import PrivacyLedger, resumed_account
     from server.loop import run_rounds
-    from server.privacy import PrivacyLedger, privacy_settings, resumed_account, wrap_for_privacy
+    from server.privacy import privacy_settings, wrap_for_privacy
     from server.runlog import RunLog
     from server.strategy import make_strategy
 
@@ -113,18 +165,17 @@ def test_a_release_is_counted_before_it_leaves_the_server(tmp_path, task_identit
     run = RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 1.0, "min-nodes": 3, "transport": "float32"})
     privacy, runlog = privacy_settings(run), RunLog(tmp_path)
     strategy = wrap_for_privacy(make_strategy(run, runlog=runlog, nodes=3, **WAIT_ELSEWHERE), privacy)
-    ledger, saved = PrivacyLedger(privacy, 3), {}
+    ledger, saved = PrivacyLedger(privacy, 3, folder=tmp_path, key="run.k"), {}
     start = ArrayRecord({"student.w": Array(np.zeros(8, np.float32)), "disc.w": Array(np.zeros(2, np.float32))})
     with pytest.raises(Stopped):
         run_rounds(
             strategy, Grid(), arrays=start, first_round=1, num_rounds=3, runlog=runlog, train_config={}, timeout=1,
-            min_nodes=3, min_replies=1, node_wait=0, on_release=lambda r: ledger.release(r, tmp_path),
-            after_round=lambda r, arrays: saved.update(round=r, account=ledger.state()),
+            min_nodes=3, min_replies=1, node_wait=0, on_release=ledger.release,
+            after_round=lambda r, arrays: saved.setdefault("checkpoint", _checkpoint(r, ledger)),
         )  # fmt: skip
-    assert saved["round"] == 1  # the server's state, as resume-from reads it
-    account = resumed_account(privacy, tmp_path, saved["round"], saved["account"], {})
-    resumed = PrivacyLedger(privacy, 3, state=account)
-    assert _released(resumed, 2, tmp_path)["releases"] == 3  # round 1, round 2 before the stop, round 2 again
+    assert saved["checkpoint"].round == 1  # the server's state, as resume-from reads it
+    resumed = PrivacyLedger(privacy, 3, state=resumed_account(privacy, tmp_path, saved["checkpoint"]))
+    assert _released(resumed, 2)["releases"] == 3  # round 1, round 2 before the stop, round 2 again
 
 
 def test_sites_that_clip_move_the_release_by_at_most_clip_over_nodes_whatever_the_transport(tmp_path, task_identity):

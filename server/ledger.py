@@ -1,0 +1,164 @@
+"""The privacy ledger: client-level (epsilon, delta) of the global models a DP run released, and how a resumed run
+continues it.
+
+A round's release is counted when its model is taken, before anything of it leaves the server (site validation,
+``last.pt``), and the account is written to the run folder then (:data:`PrivacyLedger.FILE`): the server's own
+state (:class:`server.state.ServerCheckpoint`, which carries the account too) is written only at the round's end,
+after the sites have had the model. A server stopped in between resumes with that release counted
+(:func:`resumed_account`); the round then runs again, a second release with fresh noise, counted as well.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mstkd.atomic import write_text
+from mstkd.errors import InputError
+from server.replies import printable
+
+MAX_ACCOUNT_BYTES = 1 << 20
+"""The largest account file read (one is a few kB)."""
+
+
+class PrivacyLedger:
+    """Client-level (epsilon, delta) of the released global models, from Flower's RDP accountant.
+
+    Each round that aggregates releases one Gaussian mechanism over the sampled sites (noise
+    multiplier ``dp-noise`` on updates clipped to the round's norm, summed and divided by ``min-nodes``
+    whoever replies; with adaptive clipping, that multiplier covers the update noise and the clipped-count
+    noise together). No amplification by sampling is claimed, and the count is the conservative one. Without
+    amplification epsilon does not depend on the population, so a resumed account is kept whatever number of
+    nodes is connected now.
+
+    With ``folder``, every release writes the account to ``folder``'s :data:`FILE`, with the run's ``key`` (the
+    nodes' state key, which a run keeps on resume and a new run in the same folder does not share).
+    """
+
+    FILE = "privacy.json"
+
+    def __init__(
+        self, privacy: dict, population: int, state: dict | None = None, *, folder: Path | None = None, key: str = ""
+    ) -> None:
+        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        self.noise = float(privacy["noise_multiplier"])
+        self.folder, self.key = folder, key
+        self.accountant = None
+        self.spent: dict[int, dict] = {}  # what each round's release brought the account to, for its record
+        if self.noise <= 0:
+            return
+        config = PrivacyConfig(
+            target_delta=float(privacy["delta"]),
+            population_size=max(population, int(privacy["sampled_nodes"])),
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=privacy["max_epsilon"],
+        )
+        self.accountant = RdpAccountant(config)
+        self.event = GaussianPrivacyEvent(
+            noise_multiplier=self.noise,
+            sample_size=int(privacy["sampled_nodes"]),
+            population_size=config.population_size,
+        )
+        if state is not None and not state:  # resumed from a run whose rounds kept no account: it had no noise
+            raise InputError(
+                "resume-from: its rounds were released without privacy accounting (dp off, or dp-noise 0); "
+                "a run with dp-noise resumes only from a run that had it"
+            )
+        if state:
+            try:
+                self.accountant.load_state_dict(_for_population(state, config.population_size, config.max_epsilon))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # another delta, or a broken file
+                raise InputError(
+                    "resume-from: its privacy account was kept for another dp-delta, or does not read "
+                    f"({printable(exc, 120)})"
+                ) from None
+
+    def stop_reason(self) -> str | None:
+        """Why the next round must not run (its release would exceed ``dp-max-epsilon``), or None."""
+        if self.accountant is None or self.accountant.config.max_epsilon is None:
+            return None
+        if self.accountant.would_exceed(self.event):
+            spent = self.accountant.get_privacy_spent()
+            return (
+                f"the next round would exceed dp-max-epsilon {self.accountant.config.max_epsilon:g} "
+                f"(spent: epsilon {spent.epsilon:.3f} at delta {spent.delta:g})"
+            )
+        return None
+
+    def release(self, server_round: int) -> None:
+        """Count the round's new global model before it leaves the server, and write the account first (with a
+        ``folder``); what the account came to is kept in :attr:`spent` for the round's record."""
+        if self.accountant is not None:
+            self.accountant.compose(self.event)
+            if self.folder is not None:
+                record = {"round": server_round, "key": self.key, "account": self.state()}
+                write_text(Path(self.folder) / self.FILE, json.dumps(record))
+        self.spent[server_round] = self.so_far()
+
+    def so_far(self) -> dict:
+        """The budget spent so far, as a round's record carries it."""
+        if self.accountant is None:
+            return {"epsilon": None, "epsilon_note": "no noise: no finite epsilon"}
+        spent = self.accountant.get_privacy_spent()
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+
+    def state(self) -> dict:
+        return self.accountant.state_dict() if self.accountant is not None else {}
+
+
+def _for_population(state: dict, population: int, max_epsilon: float | None) -> dict:
+    """``state`` with this run's population and ``dp-max-epsilon``: neither is part of the account (no amplification
+    is claimed, and the limit is a stopping rule, which a resumed run may raise)."""
+    config = {**state["config"], "population_size": population, "max_epsilon": max_epsilon}
+    compositions = [
+        {**entry, "event": {**entry["event"], "population_size": population}} for entry in state["compositions"]
+    ]
+    return {**state, "config": config, "compositions": compositions}
+
+
+def _releases(account: dict) -> int:
+    return sum(int(entry["count"]) for entry in account.get("compositions", ()))
+
+
+def resumed_account(privacy: dict, folder: Path, checkpoint) -> dict:
+    """The privacy account a resumed run continues: its server state's (``checkpoint.privacy``, as of its round), or
+    ``folder``'s :data:`PrivacyLedger.FILE` where that holds a later release of the same run (its state key), counted
+    before the server stopped.
+
+    Raises:
+        InputError: the run released its models with differential privacy and ``privacy`` is off or has no noise
+            (its rounds would then release models without noise while the report still showed the old epsilon),
+            or the account file does not read.
+    """
+    stored, written = checkpoint.privacy, _written_account(Path(folder) / PrivacyLedger.FILE, checkpoint)
+    if not privacy and (stored or written or any("privacy" in rec for rec in checkpoint.records.values())):
+        raise InputError(
+            "resume-from: its rounds were released with differential privacy; resume it with the same dp settings "
+            "(dp='off' would release models without clipping or noise under the old epsilon)"
+        )
+    if privacy and (stored or written) and not privacy["noise_multiplier"]:
+        raise InputError(
+            "resume-from: its rounds were released with dp-noise > 0; resuming with dp-noise 0 would release models "
+            "without noise under an account that no longer grows"
+        )
+    return written or stored
+
+
+def _written_account(path: Path, checkpoint) -> dict:
+    """The account in ``path`` when it is this run's (the checkpoint's state key), written after the checkpoint's
+    round, and counts at least the checkpoint's releases; else ``{}``."""
+    if not path.is_file():
+        return {}
+    try:
+        if (size := path.stat().st_size) > MAX_ACCOUNT_BYTES:
+            raise ValueError(f"{size} bytes")
+        written = json.loads(path.read_text(encoding="utf-8"))
+        account = written["account"]
+        ours = written["key"] == checkpoint.state_key and int(written["round"]) > checkpoint.round
+        later = ours and isinstance(account, dict) and _releases(account) >= _releases(checkpoint.privacy)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"resume-from: {PrivacyLedger.FILE} does not read ({printable(exc, 120)})") from None
+    return account if later else {}
