@@ -42,7 +42,7 @@ from server.runfolder import claim_folder, original_target, run_folder
 from server.runlog import RunLog
 from server.secagg import run_secagg
 from server.state import ServerCheckpoint, arrays_to_numpy, global_model, restore_strategy, strategy_state
-from server.strategy import make_strategy, strategy_options
+from server.strategy import make_strategy, strategy_caveat, strategy_options
 
 app = ServerApp()
 
@@ -58,6 +58,8 @@ def main(grid: Grid, context: Context) -> None:
     privacy = privacy_settings(run)
     account = resumed_account(privacy, out, checkpoint) if checkpoint is not None else None
     strategy_options(run, run.min_nodes)  # refuses impossible settings now
+    if caveat := strategy_caveat(run, run.min_nodes):
+        say(f"WARNING {caveat}")
     # the nodes' state folders: the run's name and a token of its own, so a reused run-name starts clean
     name = run.run_name or f"run-{context.run_id}"
     state_key = checkpoint.state_key if checkpoint else check_state_key(f"{name}.{secrets.token_hex(4)}", "run-name")

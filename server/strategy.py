@@ -122,6 +122,19 @@ def strategy_options(run: RunConfig, nodes: int) -> dict:
     return {}
 
 
+def strategy_caveat(run: RunConfig, nodes: int) -> str | None:
+    """A warning for settings the strategy runs with but without its guarantee, or None: Krum and MultiKrum
+    (Blanchard et al., 2017) tolerate ``malicious-nodes`` f only among at least 2f + 3 replies; with fewer, a
+    hostile update can be nearer the honest ones than they are to each other, and be selected in their place."""
+    hostile = run.malicious_nodes
+    if run.strategy in (Strategy.KRUM, Strategy.MULTIKRUM) and hostile and nodes < 2 * hostile + 3:
+        return (
+            f"{run.strategy} with malicious-nodes={hostile} needs at least {2 * hostile + 3} nodes per round "
+            f"(2 x malicious-nodes + 3) to keep a hostile update out, but min-nodes is {nodes}: it may select one"
+        )
+    return None
+
+
 def cast_arrays(arrays: ArrayRecord, dtype: type) -> ArrayRecord:
     """A copy of ``arrays`` with every array in ``dtype``."""
     return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=dtype)) for k, v in arrays.items()})

@@ -21,6 +21,18 @@ def test_impossible_robust_settings_are_refused_before_any_work():
     }
 
 
+def test_krum_below_its_node_count_is_run_with_a_warning():
+    """Krum and MultiKrum keep f hostile updates out only among 2f + 3 replies (Blanchard et al., 2017); with four
+    sites and f = 1 a sign-flipped site was selected in the honest ones' place (phantom-4-robust)."""
+    from server.strategy import strategy_caveat
+
+    multikrum = RunConfig.parse({"strategy": "multikrum", "malicious-nodes": 1})
+    assert "needs at least 5 nodes per round" in strategy_caveat(multikrum, 4)
+    assert strategy_caveat(multikrum, 5) is None
+    assert strategy_caveat(RunConfig.parse({"strategy": "krum", "malicious-nodes": 2}), 6) is not None
+    assert strategy_caveat(RunConfig.parse({"strategy": "fedmedian", "malicious-nodes": 1}), 4) is None
+
+
 def _evaluate_replies(scores: list[tuple[int, float]]):
     from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
