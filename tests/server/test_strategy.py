@@ -23,7 +23,7 @@ def test_impossible_robust_settings_are_refused_before_any_work():
 
 def test_krum_below_its_node_count_is_run_with_a_warning():
     """Krum and MultiKrum keep f hostile updates out only among 2f + 3 replies (Blanchard et al., 2017); with four
-    sites and f = 1 a sign-flipped site was selected in the honest ones' place (phantom-4-robust)."""
+    sites, f = 1 and one site sign-flipping its update, a MultiKrum run never learned (phantom-4-robust)."""
     from server.strategy import strategy_caveat
 
     multikrum = RunConfig.parse({"strategy": "multikrum", "malicious-nodes": 1})
