@@ -195,3 +195,22 @@ def test_the_advantage_where_sites_lack_modalities_is_compared_with_the_full_fed
         [],
         [],
     )
+
+
+def test_an_attacked_robust_aggregator_is_compared_with_fedavg_under_the_same_attack():
+    """What a robust aggregator buys is its score against FedAvg's under the same attack, paired by seed and case;
+    the report compared each attacked arm only with FedAvg with no hostile site."""
+    flat = [0.8] * 6
+    results = {
+        "mstkd": [_run([0.6, 0.7, 0.8], flat), _run([0.6, 0.7, 0.8], flat)],
+        "mstkd+sign-flip": [_run([0.5, 0.6, 0.7], flat), _run([0.52, 0.6, 0.7], flat)],
+        "fedmedian+sign-flip": [_run([0.4, 0.5, 0.6], flat), _run([0.4, 0.52, 0.6], flat)],
+    }
+    rows = compare(results, {arm: [0, 1] for arm in results})
+    pairs = {(r["first"], r["second"]): r["paired"] for r in rows}
+    assert set(pairs) == {
+        ("mstkd+sign-flip", "mstkd"),
+        ("fedmedian+sign-flip", "mstkd"),
+        ("fedmedian+sign-flip", "mstkd+sign-flip"),
+    }
+    assert pairs["fedmedian+sign-flip", "mstkd+sign-flip"].mean == pytest.approx(-10.0)
