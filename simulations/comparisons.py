@@ -64,14 +64,10 @@ def _pairs(results: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
     pairs += [(a, "mstkd", f"{ARMS[a].label} vs 20 rounds", "other") for a in LONGER_ARMS]
     pairs += [(a, "mstkd", f"{ARMS[a].label} vs none", "other") for a in ("dp-clip", "dp", "dp-adaptive")]
     pairs += [("dp-adaptive", "dp", "adaptive vs fixed clipping (DP)", "other")]
-    pairs += [
-        (a, "mstkd", f"{ARMS[a].label} vs FedAvg with no hostile site", "other") for a in results if ARMS[a].attack
-    ]
-    pairs += [  # what a robust aggregator buys against the attack
-        (a, f"mstkd+{ARMS[a].attack}", f"{ARMS[a].label} vs FedAvg under the same attack", "other")
-        for a in results
-        if ARMS[a].attack and a != f"mstkd+{ARMS[a].attack}"
-    ]
+    attacked = [a for a in results if ARMS[a].attack]
+    pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg with no hostile site", "other") for a in attacked]
+    same = [(a, f"mstkd+{ARMS[a].attack}") for a in attacked if not a.startswith("mstkd+")]  # what an aggregator buys
+    pairs += [(a, b, f"{ARMS[a].label} vs FedAvg under the same attack", "other") for a, b in same]
     robust = [a for a in ROBUST_STRATEGIES if a != "mstkd"]
     pairs += [(a, "mstkd", f"{ARMS[a].label} vs FedAvg, every site honest", "other") for a in robust]
     return [p for p in pairs if p[0] in results and p[1] in results]
