@@ -1,4 +1,4 @@
-"""Differential privacy on the server: Flower's DP wrappers with unpredictable noise, and the privacy ledger.
+"""Differential privacy on the server: Flower's DP wrappers with unpredictable noise (the ledger: :mod:`server.ledger`).
 
 ``dp`` = ``off`` | ``server`` (the server clips each site's update) | ``client`` (each site clips its
 own, :mod:`client.app`'s ``clip_updates``), then the server adds Gaussian noise to the average.
