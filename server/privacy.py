@@ -63,10 +63,10 @@ class _UnpredictableNoise:
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.round_start = {k: v.numpy() for k, v in arrays.items()}
-        if self.sites_clip and messages:  # they clip against the model as they received it, in the transport dtype:
-            sent = next(iter(messages[0].content.array_records.values()))  # a sum over that base moves by clip / nodes
-            self.round_start = {k: sent[k].numpy().astype(np.float32) for k in self.round_start}
+        # sites that clip do so against the model as they received it, in the transport dtype: a sum over that base
+        # moves by clip / nodes
+        base = next(iter(messages[0].content.array_records.values())) if self.sites_clip and messages else arrays
+        self.round_start = {k: base[k].numpy().astype(np.float32, copy=False) for k in arrays}
         return messages
 
     def aggregate_train(self, server_round, replies):

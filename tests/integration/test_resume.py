@@ -20,15 +20,18 @@ class ServerKilled(BaseException):
 
 
 class KillAtRound(InProcGrid):
-    def __init__(self, *args, round: int, **kwargs) -> None:
+    """The server dies once the nodes have answered round ``round``'s ``stage`` messages, before it uses the replies
+    (``train``: they trained and it did not aggregate; ``evaluate``: the round's new global model has left it)."""
+
+    def __init__(self, *args, round: int, stage: str = "train", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.kill_round = round
+        self.kill_round, self.kill_stage = round, stage
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         replies = super().send_and_receive(messages, timeout=timeout)
-        if any(m.metadata.message_type == "train" and _round(m) == self.kill_round for m in messages):
-            raise ServerKilled  # the nodes trained round 3, the server died before it aggregated
+        if any(m.metadata.message_type == self.kill_stage and _round(m) == self.kill_round for m in messages):
+            raise ServerKilled
         return replies
 
 
@@ -74,20 +77,6 @@ def test_a_reused_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     assert len(keys) == 2 and all(k.startswith("run-1.") for k in keys)
 
 
-class KillInValidation(InProcGrid):
-    """The server dies while the nodes validate round ``round``'s new global model: it has left the server."""
-
-    def __init__(self, *args, round: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.kill_round = round
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        if any(m.metadata.message_type == "evaluate" and _round(m) == self.kill_round for m in messages):
-            raise ServerKilled
-        return super().send_and_receive(messages, timeout=timeout)
-
-
 def test_a_dp_run_killed_after_a_release_counts_it_and_resumes_only_with_its_noise(tmp_path):
     """A release reached the nodes before it was counted, and the server's state (the account resume-from reads) was
     written only at the round's end: a server killed in between resumed with the release uncounted and released the
@@ -96,7 +85,7 @@ def test_a_dp_run_killed_after_a_release_counts_it_and_resumes_only_with_its_noi
 
     extra = {"num-server-rounds": 2, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.0}
     broken = tiny_run_config(tmp_path, **extra)
-    grid = KillInValidation(client_app, broken, nodes(), round=2)
+    grid = KillAtRound(client_app, broken, nodes(), round=2, stage="evaluate")
     with pytest.raises(ServerKilled):
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(broken)))
     run = tmp_path / "run"

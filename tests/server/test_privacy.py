@@ -25,7 +25,7 @@ def _released(ledger, server_round: int) -> dict:
     return ledger.spent[server_round]
 
 
-def test_the_privacy_ledger_survives_a_server_restart(tmp_path):
+def test_the_privacy_ledger_survives_a_server_restart():
     from server.ledger import PrivacyLedger
     from server.privacy import privacy_settings
 
@@ -37,7 +37,7 @@ def test_the_privacy_ledger_survives_a_server_restart(tmp_path):
     assert _released(resumed, 3)["releases"] == 3
 
 
-def test_a_dp_run_resumes_only_from_a_state_whose_account_fits_it(tmp_path):
+def test_a_dp_run_resumes_only_from_a_state_whose_account_fits_it():
     """Resuming with noise from a run without it would count only the resumed rounds: the epsilon reported, and
     dp-max-epsilon, would ignore every model released before. A state of another dp-delta is refused too; one
     kept while another number of nodes was connected is not (without amplification epsilon does not depend on it:
