@@ -94,6 +94,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mstkd.config import save_config
     from mstkd.data.dataset import prepare_federation
     from mstkd.evaluate import evaluate_cases, parse_subsets
+    from mstkd.postprocess import check_threshold
     from mstkd.train import pick_device
 
     check_writable(args.out, "--out")  # before the evaluation, not after it
@@ -101,6 +102,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     net, cfg, payload = load_checkpoint(args.checkpoint, device)
     if args.lesion:
         cfg.eval.lesion = args.lesion
+    if args.et_min_mm3 is not None:
+        cfg.eval.et_min_mm3 = check_threshold(args.et_min_mm3)
     if checkpoint_geometry(payload) is None:
         print(
             f"{args.checkpoint}: stores no training voxel size (made by an older version); the cases are evaluated "
@@ -157,13 +160,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if args.output_dir:
             raise InputError("--output-dir goes with --input-dir; with --case, name the file with --out")
         summary = predict_case(
-            args.checkpoint, args.case, args.out, modalities=args.modalities, device=args.device, tta=args.tta
+            args.checkpoint,
+            args.case,
+            args.out,
+            modalities=args.modalities,
+            device=args.device,
+            tta=args.tta,
+            et_min_mm3=args.et_min_mm3,
         )
         if summary["anisotropic"]:
             print(anisotropy_warning(summary), file=sys.stderr)
         print(
             f"wrote {summary['out']} ({summary['modalities']}, {summary['convention']} labels "
-            f"{summary['labels']}, {describe_geometry(summary)}, {summary['seconds']:.1f} s)",
+            f"{summary['labels']}, {describe_geometry(summary)}, {summary['seconds']:.1f} s"
+            f"{', ET under the threshold: made necrosis' if summary['et_dropped'] else ''})",
             file=sys.stderr,
         )
         return 0
@@ -178,6 +188,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         modalities=args.modalities,
         device=args.device,
         tta=args.tta,
+        et_min_mm3=args.et_min_mm3,
         progress=not args.quiet,
         resume=args.resume,
         probabilities=args.save_probabilities,
@@ -187,6 +198,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     )
     failed = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""
     kept = f", {len(result.kept)} kept from before" if result.kept else ""
+    dropped = sum(bool(w["et_dropped"]) for w in result.written)
+    kept += f", ET under the threshold made necrosis in {dropped}" if dropped else ""
     print(
         f"wrote {len(result.written)} label maps to {args.output_dir} in {result.seconds:.1f} s{kept}{failed}; "
         f"how they were made: {result.record}",
@@ -304,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="folder for eval.md, eval.csv, eval.json, eval_cases.csv")
     p.add_argument(
+        "--et-min-mm3",
+        type=float,
+        help="also score ET with a predicted ET under this volume made necrosis (default: the checkpoint's "
+        "eval.et_min_mm3, 500; 0: not scored)",
+    )
+    p.add_argument(
         "--lesion",
         default="",
         choices=("brats2023", "panoptica"),
@@ -327,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", help="use only these, e.g. flair,t1ce (default: all present)")
     p.add_argument("--device", help="cpu, cuda, cuda:<n> or mps (default: CUDA when present)")
     p.add_argument("--tta", action="store_true", help="average 8 mirrored passes (8x the time)")
+    p.add_argument(
+        "--et-min-mm3",
+        type=float,
+        default=0.0,
+        help="a predicted enhancing tumour under this volume becomes necrosis (the RFNet protocol: 500); "
+        "choose it on validation cases with mstkd evaluate --split val (default 0: off)",
+    )
     p.add_argument(
         "--continue",
         dest="resume",

@@ -8,6 +8,10 @@ specificity are computed per region with :mod:`mstkd.metrics`. HD95 for a missed
 hallucinated region is the diagonal of the case's original grid. The table has one row per
 subset in the paper's order plus the average row, and is written as CSV, JSON and Markdown.
 
+With ``eval.et_min_mm3`` above 0, every row also holds ET's scores after the RFNet protocol's post-processing
+(:mod:`mstkd.postprocess`: a predicted ET under that many mm³ becomes necrosis), ``ET_pp_dice`` and ``ET_pp_hd95``,
+and whether it dropped ET (``ET_pp_dropped``), so that the rule is chosen on validation cases.
+
 With ``eval.lesion`` set to a mode of :data:`mstkd.lesion.LESION_MODES` (``brats2023``: the BraTS 2023
 ranking's rules), every row also holds that mode's lesion-wise scores per region (``<R>_lesion_dice``, ...).
 
@@ -37,6 +41,7 @@ from mstkd.metrics import score_regions, volume_diagonal
 from mstkd.modalities import SUBSETS, Subset, zero_fill
 from mstkd.modalities import parse_subsets as parse_subsets  # re-exported: callers import it from here
 from mstkd.model import MSTKDNet
+from mstkd.postprocess import postprocessed_et_scores
 from mstkd.train import autocast, pick_device
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
@@ -129,6 +134,7 @@ class EvalResult:
     rows: list[dict] = field(default_factory=list)  # case, subset, <region>_<metric>, <region>_share|pred|ref
     hd95: str = "max"
     lesion: str = ""  # the lesion-wise mode the rows hold, if any
+    et_min_mm3: float = 0.0  # the ET post-processing's threshold the rows hold scores for (0: none)
     collapse_share: float = 0.5
     collapse_ratio: float = 10.0
 
@@ -191,7 +197,29 @@ class EvalResult:
             f"percentiles; a region missed or hallucinated scores the volume diagonal), mean over {n} cases."
         )
         lines += [f"\n**Collapse:** {describe_collapse(hit)}." for hit in self.collapse()]
-        return "\n".join(lines + self._lesion_markdown())
+        return "\n".join(lines + self._postprocessed_markdown() + self._lesion_markdown())
+
+    def _postprocessed_markdown(self) -> list[str]:
+        """ET with and without the post-processing, per subset, when the rows hold it."""
+        if not self.rows or "ET_pp_dice" not in self.rows[0]:
+            return []
+        lines = [
+            "",
+            "| Subset | Dice ET | Dice ET, post-processed | HD95 ET | HD95 ET, post-processed | ET dropped |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in self.table():
+            name = f"**{row['display']}**" if row["subset"] == "average" else row["display"]
+            lines.append(
+                f"| {name} | {100 * row['ET_dice']:.1f} | {100 * row['ET_pp_dice']:.1f} | {row['ET_hd95']:.2f} "
+                f"| {row['ET_pp_hd95']:.2f} | {100 * row['ET_pp_dropped']:.0f}% |"
+            )
+        return lines + [
+            "",
+            f"Post-processed: a case's predicted ET under {self.et_min_mm3:g} mm³ becomes necrosis (the RFNet "
+            "protocol's 500 voxels of 1 mm); TC and WT do not change. Choose it on validation cases (`--split val`); "
+            f"`mstkd predict --et-min-mm3 {self.et_min_mm3:g}` applies it.",
+        ]
 
     def _lesion_markdown(self) -> list[str]:
         """Lesion-wise Dice and HD95 per subset, when the rows hold them."""
@@ -280,6 +308,7 @@ def evaluate_cases(
     result = EvalResult(
         hd95=str(cfg.metrics.hd95),
         lesion=lesion,
+        et_min_mm3=float(cfg.eval.et_min_mm3),
         collapse_share=float(cfg.eval.collapse_share),
         collapse_ratio=float(cfg.eval.collapse_ratio),
     )
@@ -308,6 +337,9 @@ def evaluate_cases(
                     **ref_voxels,
                 }
             )
+            if result.et_min_mm3 > 0:
+                pp = postprocessed_et_scores(pred, ref[0], scores["ET"], spacing, result.et_min_mm3, empty)
+                result.rows[-1].update(pp)
             if lesion:
                 scored = stack_scores(lesion, pred, ref, spacing)
                 result.rows[-1].update({f"{r}_{m}": v for r in REGIONS for m, v in scored[r].items()})

@@ -87,6 +87,7 @@ def predict_folder(
     modalities: str | None = None,
     device: str | None = None,
     tta: bool = False,
+    et_min_mm3: float = 0.0,
     progress: bool = True,
     resume: bool = False,
     probabilities: bool = False,
@@ -101,7 +102,8 @@ def predict_folder(
     little memory) is skipped with one line on stderr and listed in :attr:`FolderResult.failed`;
     no partial file is left for it (writes are atomic). With ``resume``, a case whose label map is
     already there and valid (:func:`finished_output`) is kept, not predicted again. With
-    ``probabilities``, each case's class probabilities go to ``<CaseID>.npz`` beside its label map.
+    ``probabilities``, each case's class probabilities go to ``<CaseID>.npz`` beside its label map (before the ET
+    post-processing that ``et_min_mm3`` asks for, :mod:`mstkd.postprocess`).
     ``num_parts``/``part_id`` take every ``num_parts``-th case of the sorted list, from ``part_id``:
     parts that split one folder across machines. ``predict.json`` (``predict.part-<i>-of-<n>.json`` for
     a part) records which model made the folder and how (:func:`provenance`). With ``overlap`` (the default),
@@ -121,7 +123,7 @@ def predict_folder(
     cases = sorted((c, f) for c, f in find_case_folders(input_dir).items() if not _output_folder(f, output_dir))
     cases = cases[part_id::num_parts]
     check_writable(output_dir, what="--output-dir")
-    predictor = Predictor(checkpoint, device, tta=tta)
+    predictor = Predictor(checkpoint, device, tta=tta, et_min_mm3=et_min_mm3)
     result = FolderResult()
     if resume:
         result.kept = [
@@ -165,6 +167,7 @@ def predict_folder(
         "written": [w["case"] for w in result.written],
         "kept": result.kept,
         "failed": result.failed,
+        "et_dropped": [w["case"] for w in result.written if w["et_dropped"]],
         "seconds": result.seconds,
     }
     result.record = write_text(output_dir / name, json.dumps(record, indent=1) + "\n")
@@ -234,7 +237,7 @@ def provenance(
 ) -> dict:
     """Which model made a folder of predictions, and how: the checkpoint's path and SHA-256, its config, its
     label convention and voxel size, this package's version and commit, the command, the device, the test-time
-    augmentation and the time."""
+    augmentation, the ET post-processing and the time."""
     from omegaconf import OmegaConf
 
     from mstkd.provenance import package
@@ -249,6 +252,7 @@ def provenance(
         "command": command,
         "device": str(predictor.device),
         "tta": predictor.tta,
+        "et_min_mm3": predictor.et_min_mm3,
         "modalities": modalities or "what each case has",
         "probabilities": f"<CaseID>.npz, float16, classes {list(CLASSES)}" if probabilities else None,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),

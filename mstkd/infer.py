@@ -6,7 +6,8 @@ and resampled to the geometry the checkpoint was trained at (its voxel size and 
 segmented by sliding windows (optionally averaged over mirrored copies, ``tta``), and pasted
 back into the full grid. A resampled case's class probabilities are resampled back to the
 case's own grid before they are decoded, as nnU-Net does, so the label map is always written
-in the case's own grid and affine. A case already at the target is not resampled at all.
+in the case's own grid and affine. A case already at the target is not resampled at all. With
+``et_min_mm3``, a predicted enhancing tumour under that volume becomes necrosis (:mod:`mstkd.postprocess`).
 Labels follow the case's layout: FeTS/BraTS <= 2021 cases get 1/2/4, BraTS 2023+ cases get
 1/2/3. :class:`Predictor` loads the checkpoint once; :func:`mstkd.folder.predict_folder` runs it over every
 case folder under a root and writes ``<CaseID>.nii.gz`` (the BraTS submission naming).
@@ -33,6 +34,7 @@ from mstkd.data.nifti import write_volume
 from mstkd.errors import InputError
 from mstkd.evaluate import class_probabilities, decode_for
 from mstkd.modalities import Subset
+from mstkd.postprocess import check_threshold, suppress_small_et
 from mstkd.provenance import sha256_of
 from mstkd.train import pick_device
 
@@ -61,7 +63,15 @@ def parse_device(name: str | None) -> torch.device:
 class Predictor:
     """A checkpoint's student, loaded once, that segments case folders."""
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None, *, tta: bool = False):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str | torch.device | None = None,
+        *,
+        tta: bool = False,
+        et_min_mm3: float = 0.0,
+    ):
+        self.et_min_mm3 = check_threshold(et_min_mm3)
         self.device = device if isinstance(device, torch.device) else parse_device(device)
         self.net, self.cfg, payload = load_checkpoint(checkpoint, self.device)
         self.sha256 = sha256_of(checkpoint)
@@ -77,8 +87,9 @@ class Predictor:
 
     def stamp(self, subset: Subset) -> str:
         """What a label map's header says of how it was made (under NIfTI's 80 bytes): the checkpoint's SHA-256
-        (its first 16 digits), the test-time augmentation and the modalities it saw."""
-        return f"mstkd {self.sha256[:16]} tta={int(self.tta)} {subset.name}"
+        (its first 16 digits), the test-time augmentation, the modalities it saw and the ET post-processing."""
+        post = f" et<{self.et_min_mm3:g}" if self.et_min_mm3 else ""
+        return f"mstkd {self.sha256[:16]} tta={int(self.tta)} {subset.name}{post}"
 
     def predict(
         self,
@@ -156,18 +167,19 @@ class Predictor:
         self, prepared: Prepared, probs: np.ndarray, out: str | Path, *, probabilities: str | Path | None = None
     ) -> dict:
         """Back to the case's own grid (probabilities first, then labels: nnU-Net's order), decoded into the
-        case's label convention and written; the case's summary."""
+        case's label convention (ET post-processed in mm³ of that grid) and written; the case's summary."""
         start = time.perf_counter()
         if prepared.resampled:
             probs = from_target(probs, prepared.target_affine, prepared.affine, prepared.shape)
-        labels = labels_from_regions(decode_for(self.cfg, probs), prepared.files.convention)
+        spacing = spacing_of(prepared.affine)
+        regions, et_dropped = suppress_small_et(decode_for(self.cfg, probs), spacing, self.et_min_mm3)
+        labels = labels_from_regions(regions, prepared.files.convention)
         made_by = self.stamp(prepared.subset)
         if probabilities is not None:
             save_probabilities(probabilities, probs, made_by)
         header = prepared.header.copy()
         header["descrip"] = made_by.encode()  # which model made it (``--continue`` reads it)
         write_volume(out, labels, prepared.affine, header)  # last: a label map on disk means it is done
-        spacing = spacing_of(prepared.affine)
         return {
             "case": prepared.files.case_id,
             "modalities": prepared.subset.name,
@@ -179,6 +191,7 @@ class Predictor:
             "seconds": prepared.seconds + time.perf_counter() - start,
             "out": str(out),
             "labels": sorted(int(v) for v in np.unique(labels)),
+            "et_dropped": et_dropped,
             "cuda_peak_bytes": prepared.cuda_peak_bytes,
             "trained_convention": self.trained_convention,
         }
@@ -236,6 +249,7 @@ def predict_case(
     modalities: str | None = None,
     device: str | None = None,
     tta: bool = False,
+    et_min_mm3: float = 0.0,
 ) -> dict:
     """One case: :meth:`Predictor.predict` with a freshly loaded checkpoint.
 
@@ -244,4 +258,5 @@ def predict_case(
             ``modalities`` naming one not on disk.
     """
     check_writable(Path(out).parent, what="--out")
-    return Predictor(checkpoint, device, tta=tta).predict(case_dir, out, modalities=modalities)
+    predictor = Predictor(checkpoint, device, tta=tta, et_min_mm3=et_min_mm3)
+    return predictor.predict(case_dir, out, modalities=modalities)

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig
 from mstkd.data.geometry import MAX_VOXELS, check_orientation, check_spacing
 from mstkd.errors import InputError
 from mstkd.modalities import MODALITIES, SUBSETS, parse_subsets
+from mstkd.postprocess import MAX_ET_MIN_MM3
 
 # ----------------------------------------------------------------------------- types
 
@@ -62,6 +63,7 @@ class Eval:
     sw_batch_size: int = MISSING
     collapse_share: float = MISSING
     collapse_ratio: float = MISSING
+    et_min_mm3: float = MISSING
     lesion: str = MISSING
 
 
@@ -297,6 +299,8 @@ def check_config(cfg: DictConfig) -> None:
             raise _bad(key, value, "must lie between 0 and 1")
     if not 0 <= cfg.eval.overlap <= MAX_OVERLAP:
         raise _bad("eval.overlap", cfg.eval.overlap, f"must lie between 0 and {MAX_OVERLAP}")
+    if not 0 <= cfg.eval.et_min_mm3 <= MAX_ET_MIN_MM3:
+        raise _bad("eval.et_min_mm3", cfg.eval.et_min_mm3, f"must lie between 0 and {MAX_ET_MIN_MM3:g} (mm³)")
     split = cfg.data.split
     if split.val_fraction + split.test_fraction >= 1:
         raise _bad("data.split.test_fraction", split.test_fraction, "val_fraction + test_fraction must be below 1")

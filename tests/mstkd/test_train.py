@@ -124,7 +124,7 @@ def test_evaluation_table_has_15_rows_and_average(phantoms, tmp_path):
     assert all(0 <= r["ET_dice"] <= 1 and r["WT_hd95"] >= 0 for r in table)
     paths = result.write(tmp_path)
     md = paths["md"].read_text()
-    assert md.count("\n|") == 17  # separator + 15 subsets + average
+    assert md.count("\n|") == 17 + 18  # separator + 15 subsets + average; ET post-processed: header, separator, 16
     assert json.loads(paths["json"].read_text())["table"][-1]["subset"] == "average"
     assert parse_subsets("full") == (Subset.parse("flair+t1+t1ce+t2"),)
 
