@@ -41,7 +41,7 @@ from mstkd.metrics import score_regions, volume_diagonal
 from mstkd.modalities import SUBSETS, Subset, zero_fill
 from mstkd.modalities import parse_subsets as parse_subsets  # re-exported: callers import it from here
 from mstkd.model import MSTKDNet
-from mstkd.postprocess import postprocessed_et_scores
+from mstkd.postprocess import describe, postprocessed_et_scores
 from mstkd.train import autocast, pick_device
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
@@ -216,8 +216,7 @@ class EvalResult:
             )
         return lines + [
             "",
-            f"Post-processed: a case's predicted ET under {self.et_min_mm3:g} mm³ becomes necrosis (the RFNet "
-            "protocol's 500 voxels of 1 mm); TC and WT do not change. Choose it on validation cases (`--split val`); "
+            f"Post-processed: {describe(self.et_min_mm3)}. Choose it on validation cases (`--split val`); "
             f"`mstkd predict --et-min-mm3 {self.et_min_mm3:g}` applies it.",
         ]
 
@@ -251,7 +250,8 @@ class EvalResult:
         table = self.table()
         write_csv(paths["csv"], table, None if table else ["subset"])
         write_csv(paths["cases"], self.rows, None if self.rows else ["subset"], outside=("case",))
-        write_text(paths["json"], json.dumps({"table": self.table(), "cases": self.rows, "hd95": self.hd95}, indent=1))
+        settings = {"hd95": self.hd95, "et_min_mm3": self.et_min_mm3, "lesion": self.lesion}
+        write_text(paths["json"], json.dumps({"table": self.table(), "cases": self.rows, **settings}, indent=1))
         write_text(paths["md"], self.markdown() + "\n")
         return paths
 

@@ -45,29 +45,32 @@ def _output_folder(folder: Path, output_dir: Path) -> bool:
 
 def finished_output(
     path: Path, case_dir: Path, predictor: Predictor, modalities: str | None = None, probabilities: Path | None = None
-) -> bool:
-    """Whether ``path`` already holds this case's label map as ``predictor`` makes it: a plain, readable NIfTI on
-    the case's grid whose values are labels of the case's convention and whose header names this checkpoint,
-    test-time augmentation and modalities (:meth:`Predictor.stamp`), with its ``probabilities`` file beside it when
-    they are asked for. A half-written or foreign file, or one another model made, is not."""
+) -> str | None:
+    """The header's stamp when ``path`` already holds this case's label map as ``predictor`` makes it: a plain,
+    readable NIfTI on the case's grid whose values are labels of the case's convention and whose header names this
+    checkpoint, test-time augmentation, modalities and ET post-processing (:meth:`Predictor.stamp`, which also says
+    whether the post-processing dropped the case's ET), with its ``probabilities`` file beside it when they are
+    asked for. None for a half-written or foreign file, or one another model made."""
     if not _plain_file(path) or (probabilities is not None and not _plain_file(probabilities)):
-        return False
+        return None
     try:
         files = detect_case(case_dir)
-        stamp = predictor.stamp(Subset.parse(modalities) if modalities else Subset.of(files.available))
+        subset = Subset.parse(modalities) if modalities else Subset.of(files.available)
+        stamp = predictor.stamp(subset)
         grid = read_header(next(iter(files.images.values()))).shape[:3]
         image = read_header(path)
-        ours = bytes(image.header["descrip"]).rstrip(b"\0").decode("ascii", "replace") == stamp
+        found = bytes(image.header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
+        ours = found == stamp or (bool(predictor.et_min_mm3) and found == predictor.stamp(subset, et_dropped=True))
         if ours and probabilities is not None:
             with np.load(probabilities, allow_pickle=False) as saved:
                 ours = str(saved["made_by"]) == stamp
         if not ours:  # another model's, or no model's: its voxels need not be read
-            return False
+            return None
         labels = np.asanyarray(image.dataobj)
     except Exception:  # whatever a half-written or foreign file makes nibabel or numpy raise: not this run's output
-        return False
+        return None
     values = set(np.unique(labels).tolist())
-    return labels.shape[:3] == grid and values <= set(files.convention.allowed)
+    return found if labels.shape[:3] == grid and values <= set(files.convention.allowed) else None
 
 
 @dataclass
@@ -125,18 +128,13 @@ def predict_folder(
     check_writable(output_dir, what="--output-dir")
     predictor = Predictor(checkpoint, device, tta=tta, et_min_mm3=et_min_mm3)
     result = FolderResult()
+    kept_stamps: dict[str, str] = {}
     if resume:
-        result.kept = [
-            c
-            for c, folder in cases
-            if finished_output(
-                output_dir / f"{c}.nii.gz",
-                folder,
-                predictor,
-                modalities,
-                output_dir / f"{c}.npz" if probabilities else None,
-            )
-        ]
+        for c, folder in cases:
+            npz = output_dir / f"{c}.npz" if probabilities else None
+            if stamp := finished_output(output_dir / f"{c}.nii.gz", folder, predictor, modalities, npz):
+                kept_stamps[c] = stamp
+        result.kept = list(kept_stamps)
         if result.kept:
             print(f"{len(result.kept)} of {len(cases)} cases finished earlier: kept", file=sys.stderr)
     kept = set(result.kept)
@@ -167,7 +165,10 @@ def predict_folder(
         "written": [w["case"] for w in result.written],
         "kept": result.kept,
         "failed": result.failed,
-        "et_dropped": [w["case"] for w in result.written if w["et_dropped"]],
+        "et_dropped": sorted(
+            [c for c, stamp in kept_stamps.items() if stamp.endswith("!")]
+            + [w["case"] for w in result.written if w["et_dropped"]]
+        ),
         "seconds": result.seconds,
     }
     result.record = write_text(output_dir / name, json.dumps(record, indent=1) + "\n")

@@ -7,7 +7,8 @@ segmented by sliding windows (optionally averaged over mirrored copies, ``tta``)
 back into the full grid. A resampled case's class probabilities are resampled back to the
 case's own grid before they are decoded, as nnU-Net does, so the label map is always written
 in the case's own grid and affine. A case already at the target is not resampled at all. With
-``et_min_mm3``, a predicted enhancing tumour under that volume becomes necrosis (:mod:`mstkd.postprocess`).
+``et_min_mm3``, a predicted enhancing tumour under that volume becomes necrosis (:mod:`mstkd.postprocess`),
+decided on the grid the model saw, as evaluation decides it.
 Labels follow the case's layout: FeTS/BraTS <= 2021 cases get 1/2/4, BraTS 2023+ cases get
 1/2/3. :class:`Predictor` loads the checkpoint once; :func:`mstkd.folder.predict_folder` runs it over every
 case folder under a root and writes ``<CaseID>.nii.gz`` (the BraTS submission naming).
@@ -34,7 +35,7 @@ from mstkd.data.nifti import write_volume
 from mstkd.errors import InputError
 from mstkd.evaluate import class_probabilities, decode_for
 from mstkd.modalities import Subset
-from mstkd.postprocess import check_threshold, suppress_small_et
+from mstkd.postprocess import check_threshold, drops_et, without_et
 from mstkd.provenance import sha256_of
 from mstkd.train import pick_device
 
@@ -85,10 +86,11 @@ class Predictor:
             )
         self.tta = tta
 
-    def stamp(self, subset: Subset) -> str:
+    def stamp(self, subset: Subset, *, et_dropped: bool = False) -> str:
         """What a label map's header says of how it was made (under NIfTI's 80 bytes): the checkpoint's SHA-256
-        (its first 16 digits), the test-time augmentation, the modalities it saw and the ET post-processing."""
-        post = f" et<{self.et_min_mm3:g}" if self.et_min_mm3 else ""
+        (its first 16 digits), the test-time augmentation, the modalities it saw and the ET post-processing's
+        threshold (its shortest exact decimal), followed by ``!`` where it dropped the case's ET."""
+        post = f" et<{self.et_min_mm3!r}{'!' if et_dropped else ''}" if self.et_min_mm3 else ""
         return f"mstkd {self.sha256[:16]} tta={int(self.tta)} {subset.name}{post}"
 
     def predict(
@@ -167,19 +169,22 @@ class Predictor:
         self, prepared: Prepared, probs: np.ndarray, out: str | Path, *, probabilities: str | Path | None = None
     ) -> dict:
         """Back to the case's own grid (probabilities first, then labels: nnU-Net's order), decoded into the
-        case's label convention (ET post-processed in mm³ of that grid) and written; the case's summary."""
+        case's label convention and written; the case's summary. Whether the ET post-processing drops the case's
+        ET is decided on the grid the model saw, in its mm³, as :func:`mstkd.evaluate.evaluate_cases` decides it."""
         start = time.perf_counter()
+        target_spacing = spacing_of(prepared.target_affine)
+        et_dropped = bool(self.et_min_mm3) and drops_et(decode_for(self.cfg, probs), target_spacing, self.et_min_mm3)
         if prepared.resampled:
             probs = from_target(probs, prepared.target_affine, prepared.affine, prepared.shape)
-        spacing = spacing_of(prepared.affine)
-        regions, et_dropped = suppress_small_et(decode_for(self.cfg, probs), spacing, self.et_min_mm3)
-        labels = labels_from_regions(regions, prepared.files.convention)
+        regions = decode_for(self.cfg, probs)
+        labels = labels_from_regions(without_et(regions) if et_dropped else regions, prepared.files.convention)
         made_by = self.stamp(prepared.subset)
         if probabilities is not None:
             save_probabilities(probabilities, probs, made_by)
         header = prepared.header.copy()
-        header["descrip"] = made_by.encode()  # which model made it (``--continue`` reads it)
+        header["descrip"] = self.stamp(prepared.subset, et_dropped=et_dropped).encode()  # ``--continue`` reads it
         write_volume(out, labels, prepared.affine, header)  # last: a label map on disk means it is done
+        spacing = spacing_of(prepared.affine)
         return {
             "case": prepared.files.case_id,
             "modalities": prepared.subset.name,

@@ -8,7 +8,8 @@ at 2.5 mm sees 32 of its voxels in 500 mm³).
 
 A dropped ET becomes necrosis (NETC): TC and WT keep its voxels and only ET changes, as in the RFNet protocol,
 where only the ET score moves. ``mstkd evaluate`` reports ET with and without the rule (``eval.et_min_mm3``); it is
-chosen on validation cases, and ``mstkd predict --et-min-mm3`` applies it to the label maps it writes.
+chosen on validation cases, and ``mstkd predict --et-min-mm3`` applies it to the label maps it writes. Both decide on
+the grid the model works at (its training voxel size), so that they drop the same cases.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ ET_MIN_MM3 = 500.0
 
 MAX_ET_MIN_MM3 = 1.0e6
 """The largest threshold accepted: a litre, far above any enhancing tumour; a larger one would drop every ET."""
+
+
+def describe(min_mm3: float) -> str:
+    """The rule at ``min_mm3`` in words, naming the RFNet protocol where it is its threshold."""
+    protocol = " (the RFNet protocol's 500 voxels of 1 mm)" if min_mm3 == ET_MIN_MM3 else ""
+    return f"a case's predicted ET under {min_mm3:g} mm³ becomes necrosis{protocol}; TC and WT do not change"
 
 
 def check_threshold(min_mm3: float, what: str = "--et-min-mm3") -> float:
@@ -54,14 +61,19 @@ def drops_et(regions: np.ndarray, spacing: Sequence[float], min_mm3: float) -> b
     return 0 < volume < min_mm3
 
 
-def suppress_small_et(regions: np.ndarray, spacing: Sequence[float], min_mm3: float) -> tuple[np.ndarray, bool]:
-    """``regions`` with ET emptied when :func:`drops_et`; TC and WT unchanged (a label map then shows necrosis
-    there). Returns the regions (a copy when changed) and whether ET was dropped. ``min_mm3`` 0 changes nothing."""
-    if not drops_et(regions, spacing, min_mm3):
-        return regions, False
+def without_et(regions: np.ndarray) -> np.ndarray:
+    """A copy of ``regions`` with ET emptied and TC and WT unchanged (a label map then shows necrosis there)."""
     out = regions.copy()
     out[0] = False
-    return out, True
+    return out
+
+
+def suppress_small_et(regions: np.ndarray, spacing: Sequence[float], min_mm3: float) -> tuple[np.ndarray, bool]:
+    """``regions`` :func:`without_et` when :func:`drops_et`, else as they are, and whether ET was dropped.
+    ``min_mm3`` 0 changes nothing."""
+    if not drops_et(regions, spacing, min_mm3):
+        return regions, False
+    return without_et(regions), True
 
 
 def postprocessed_et_scores(

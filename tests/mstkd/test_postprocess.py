@@ -4,24 +4,29 @@ the raw ET, and what ``mstkd predict --et-min-mm3`` writes."""
 from __future__ import annotations
 
 import json
+import math
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import mstkd.evaluate as evaluate_module
-from mstkd.checkpoint import save_checkpoint
+from mstkd.checkpoint import save_checkpoint, stored_config
 from mstkd.cli import main
 from mstkd.config import load_config
 from mstkd.data.dataset import prepare_federation
+from mstkd.data.geometry import from_target
 from mstkd.data.labels import get_convention, labels_from_regions
+from mstkd.data.layouts import detect_case
 from mstkd.errors import InputError
 from mstkd.evaluate import evaluate_cases, parse_subsets
-from mstkd.infer import Predictor
+from mstkd.infer import Predictor, Prepared
+from mstkd.modalities import Subset
 from mstkd.model import build_networks
 from mstkd.phantoms import write_federation
-from mstkd.postprocess import postprocessed_et_scores, suppress_small_et
+from mstkd.postprocess import et_volume_mm3, postprocessed_et_scores, suppress_small_et, voxel_mm3
 from tests.helpers import AFFINE, write_case
 
 
@@ -71,50 +76,64 @@ def phantoms(tmp_path_factory):
 
 
 def test_evaluation_reports_et_with_and_without_the_rule(phantoms, monkeypatch):
-    """A prediction that is the reference with its ET shrunk to one voxel: the raw ET scores that voxel, the
-    post-processed ET drops it (at the default 500 mm³) and scores an empty prediction; TC and WT are untouched."""
-
+    """Predictions that are the reference with its ET shrunk to a few voxels: one case's just under 500 mm³, the
+    other's just over. The raw ET scores those voxels; the post-processed ET drops the first (which then scores as
+    an empty prediction) and keeps the second, by volume and not by voxel count; TC and WT are untouched."""
     cfg = load_config(["model=tiny", "train.amp=false"])
     fed = prepare_federation(phantoms, cfg.data, progress=False)
     cases = fed.site_cases("1", "train")[:2]
+    voxel = voxel_mm3(cases[0].meta["spacing"])
+    assert voxel > 1 and all(voxel_mm3(c.meta["spacing"]) == voxel for c in cases)
+    over = math.ceil(500 / voxel)  # the fewest voxels that make 500 mm³
+    sizes = [over - 1, over]
+    assert sizes[0] >= 1 and sizes[1] < 500  # voxels, not mm³, would drop both
 
-    def one_et_voxel():  # each case's prediction in turn: one subset, cases in order
+    def shrunk_et():  # each case's prediction in turn: one subset, cases in order
         refs = iter([c.regions() for c in cases])
+        counts = iter(sizes)
 
         def segment(net, image, subset, cfg, device):
             pred = next(refs)
-            where = np.argwhere(pred[0])[0]
+            keep = tuple(np.argwhere(pred[0])[: next(counts)].T)
             pred[0] = False
-            pred[(0, *where)] = True
+            pred[0][keep] = True
             return pred
 
         return segment
 
-    monkeypatch.setattr(evaluate_module, "segment", one_et_voxel())
+    monkeypatch.setattr(evaluate_module, "segment", shrunk_et())
     net = build_networks(cfg.model)[1]
     full = parse_subsets("full")
-
     result = evaluate_cases(net, cases, cfg, subsets=full, progress=False)
-    for row, case in zip(result.rows, cases, strict=True):
-        n_et = int(case.regions()[0].sum())
-        assert row["ET_dice"] == pytest.approx(2 / (1 + n_et))  # the raw ET: one voxel of the reference's
-        assert row["ET_pp_dice"] == 0.0 and row["ET_pp_dropped"] == 1.0
-        assert row["ET_pp_hd95"] > row["ET_hd95"]  # the volume's diagonal
+    dropped, kept = result.rows
+    for row, case, n in zip(result.rows, cases, sizes, strict=True):
+        assert row["ET_dice"] == pytest.approx(2 * n / (n + int(case.regions()[0].sum())))  # the raw ET
         assert row["TC_dice"] == 1.0 and row["WT_dice"] == 1.0
+    assert dropped["ET_pp_dice"] == 0.0 and dropped["ET_pp_dropped"] == 1.0
+    assert dropped["ET_pp_hd95"] > dropped["ET_hd95"]  # the volume's diagonal
+    assert kept["ET_pp_dice"] == kept["ET_dice"] and kept["ET_pp_dropped"] == 0.0
     md = result.markdown()
     assert "| Subset | Dice ET | Dice ET, post-processed |" in md and "under 500 mm³ becomes necrosis" in md
-    assert result.summary()["ET_pp_dropped"] == 1.0
+    assert result.summary()["ET_pp_dropped"] == 0.5
 
-    monkeypatch.setattr(evaluate_module, "segment", one_et_voxel())
+    monkeypatch.setattr(evaluate_module, "segment", shrunk_et())
     off_cfg = load_config(["model=tiny", "train.amp=false", "eval.et_min_mm3=0"])  # the rows hold the raw scores only
     off = evaluate_cases(net, cases, off_cfg, subsets=full, progress=False)
     assert "ET_pp_dice" not in off.rows[0] and "post-processed" not in off.markdown()
     assert [r["ET_dice"] for r in off.rows] == [r["ET_dice"] for r in result.rows]
 
 
+def test_a_stored_threshold_that_cannot_be_a_volume_is_refused(tmp_path):
+    cfg = OmegaConf.to_container(load_config(["model=tiny"]))
+    for bad in (-1.0, 2e6, float("nan")):
+        cfg["eval"]["et_min_mm3"] = bad
+        with pytest.raises(InputError, match="eval.et_min_mm3"):
+            stored_config(cfg, "ckpt.pt")
+
+
 def et_everywhere_checkpoint(folder):
-    """A tiny student whose head makes every voxel it sees enhancing tumour, trained at 1 mm."""
-    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]"])
+    """A tiny student whose head makes every voxel it sees enhancing tumour, trained at 2 mm (8 mm³ voxels)."""
+    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[2,2,2]"])
     net = build_networks(cfg.model)[1]
     with torch.no_grad():
         net.head.weight.zero_()
@@ -122,28 +141,41 @@ def et_everywhere_checkpoint(folder):
     return save_checkpoint(folder / "student.pt", net, cfg)
 
 
-def test_predict_makes_a_small_et_necrosis_counted_in_mm3_of_the_case_grid(tmp_path, capsys):
+def test_predict_drops_a_small_et_by_its_volume_on_the_model_grid_and_continue_keeps_the_record(tmp_path, capsys):
+    """ET fills each case's field of view: 5040 mm³ for a case of 20 x 18 x 14 voxels of 1 mm (630 voxels of the
+    model's 2 mm), 40320 mm³ at 2 mm (5040 of the model's voxels). At 10080 mm³ the first is dropped and the
+    second kept, which a count of voxels (630 and 5040, both under 10080) would not do."""
     ckpt = et_everywhere_checkpoint(tmp_path)
     shape = (20, 18, 14)
     write_case(tmp_path / "cases", "FeTS2022_00001", shape=shape, seg=False)  # 1 mm voxels
     coarse = AFFINE.copy()
-    coarse[:3, :3] *= 2.0  # 8 mm³ voxels
-    write_case(tmp_path / "cases", "FeTS2022_00002", shape=shape, seg=False, affine=coarse)
-    box_mm3 = np.prod(shape)  # ET fills at most the brain's box: under this volume at 1 mm, under 8 times it at 2 mm
+    coarse[:3, :3] *= 2.0
+    write_case(tmp_path / "cases", "FeTS2022_00002", shape=shape, seg=False, affine=coarse)  # 2 mm voxels
     out = tmp_path / "pred"
     argv = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(tmp_path / "cases"), "--output-dir", str(out)]
-    assert main([*argv, "--quiet", "--et-min-mm3", str(box_mm3 + 1)]) == 0
-    fine = np.asarray(nib.load(out / "FeTS2022_00001.nii.gz").dataobj)
-    thick = np.asarray(nib.load(out / "FeTS2022_00002.nii.gz").dataobj)
-    assert 1 in fine and 4 not in fine  # dropped: necrosis where ET was
-    assert 4 in thick  # the same voxel count is 8 times the volume at 2 mm: kept
+    argv += ["--quiet"]
+
+    def labels(case_id):
+        return np.asarray(nib.load(out / f"{case_id}.nii.gz").dataobj)
+
+    assert main([*argv, "--et-min-mm3", "10080"]) == 0
+    assert 1 in labels("FeTS2022_00001") and 4 not in labels("FeTS2022_00001")  # dropped: necrosis where ET was
+    assert 4 in labels("FeTS2022_00002")  # kept
     record = json.loads((out / "predict.json").read_text())
-    assert record["et_min_mm3"] == box_mm3 + 1 and record["cases"]["et_dropped"] == ["FeTS2022_00001"]
+    assert record["et_min_mm3"] == 10080 and record["cases"]["et_dropped"] == ["FeTS2022_00001"]
     assert "ET under the threshold made necrosis in 1" in capsys.readouterr().err
 
-    # the label map's header names the rule, so --continue without it predicts the case again
-    assert main([*argv, "--quiet", "--continue"]) == 0
-    assert 4 in np.asarray(nib.load(out / "FeTS2022_00001.nii.gz").dataobj)
+    # continued with the same rule: both kept, and the record still names the case whose ET it dropped
+    assert main([*argv, "--et-min-mm3", "10080", "--continue"]) == 0
+    record = json.loads((out / "predict.json").read_text())
+    assert sorted(record["cases"]["kept"]) == ["FeTS2022_00001", "FeTS2022_00002"]
+    assert record["cases"]["et_dropped"] == ["FeTS2022_00001"]
+    # another threshold, or none, is another model's output: predicted again
+    assert main([*argv, "--et-min-mm3", "10080.5", "--continue"]) == 0
+    assert json.loads((out / "predict.json").read_text())["cases"]["kept"] == []
+    capsys.readouterr()
+    assert main([*argv, "--continue"]) == 0
+    assert 4 in labels("FeTS2022_00001")
     assert "finished earlier" not in capsys.readouterr().err
 
 
@@ -151,3 +183,38 @@ def test_predict_makes_a_small_et_necrosis_counted_in_mm3_of_the_case_grid(tmp_p
 def test_a_threshold_that_cannot_be_a_volume_is_refused_in_one_line(tmp_path, bad):
     with pytest.raises(InputError, match="--et-min-mm3 .*: give a volume between 0 and"):
         Predictor(et_everywhere_checkpoint(tmp_path), "cpu", et_min_mm3=bad)
+
+
+def test_predict_decides_on_the_model_grid_as_evaluation_does(tmp_path):
+    """An ET blob of 516 mm³ on the model's 2.5 mm grid comes back as 467 mm³ on a 1 mm case grid: evaluation, on
+    the model's grid, keeps it at 500 mm³, so predict must keep it too."""
+    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[2.5,2.5,2.5]"])
+    ckpt = save_checkpoint(tmp_path / "student.pt", build_networks(cfg.model)[1], cfg)
+    predictor = Predictor(ckpt, "cpu", et_min_mm3=500.0)
+    own, target = np.diag([-1.0, -1.0, 1.0, 1.0]), np.diag([-2.5, -2.5, 2.5, 1.0])
+    z, y, x = np.mgrid[:24, :24, :24].astype(float)
+    probs = np.zeros((4, 24, 24, 24), np.float32)
+    probs[2] = np.clip(1.6 - np.sqrt((z - 12) ** 2 + (y - 12) ** 2 + (x - 12) ** 2) / 1.82, 0, 1)
+    probs[3] = 0.5  # ET where its probability passes 0.5, whichever way the model decodes
+    on_model = evaluate_module.decode_for(cfg, probs)
+    on_case = evaluate_module.decode_for(cfg, from_target(probs, target, own, (60, 60, 60)))
+    assert et_volume_mm3(on_model, (2.5,) * 3) >= 500 > et_volume_mm3(on_case, (1.0,) * 3)
+
+    case = write_case(tmp_path / "cases", "FeTS2022_00001", shape=(60, 60, 60), seg=False, affine=own)
+    files = detect_case(case)
+    whole = (slice(None),) * 4
+    prepared = Prepared(
+        files,
+        Subset.of(files.available),
+        own,
+        nib.load(files.images["t1"]).header,
+        (60, 60, 60),
+        target,
+        (24, 24, 24),
+        True,
+        whole,
+        probs,
+        0.0,
+    )
+    summary = predictor.finish(prepared, probs, tmp_path / "seg.nii.gz")
+    assert not summary["et_dropped"] and 4 in np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
