@@ -7,7 +7,6 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,12 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
         f"wrote {args.cases} phantom cases over {args.sites} sites to {args.out} (partitions: {csv})", file=sys.stderr
     )
     return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from mstkd.data.convert import convert_command
+
+    return convert_command(args)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -136,76 +141,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-_FOLDER_FLAGS = {
-    "--continue": lambda a: a.resume,
-    "--save-probabilities": lambda a: a.save_probabilities,
-    "--num-parts": lambda a: a.num_parts != 1,
-    "--part-id": lambda a: a.part_id != 0,
-}
-"""Flags of folder prediction (``--input-dir``), and whether a call gave each."""
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from mstkd.folder import predict_folder
-    from mstkd.infer import anisotropy_warning, describe_geometry, predict_case
+    from mstkd.folder import predict_command
 
-    if bool(args.case) == bool(args.input_dir):
-        raise InputError("give either --case with --out (one case) or --input-dir with --output-dir (every case)")
-    if args.case:
-        folder_only = [f for f, on in _FOLDER_FLAGS.items() if on(args)]
-        if folder_only:
-            raise InputError(f"{folder_only[0]} goes with --input-dir")
-        if not args.out:
-            raise InputError("--case needs --out (the label map to write, e.g. SEG.nii.gz)")
-        if args.output_dir:
-            raise InputError("--output-dir goes with --input-dir; with --case, name the file with --out")
-        summary = predict_case(
-            args.checkpoint,
-            args.case,
-            args.out,
-            modalities=args.modalities,
-            device=args.device,
-            tta=args.tta,
-            et_min_mm3=args.et_min_mm3,
-        )
-        if summary["anisotropic"]:
-            print(anisotropy_warning(summary), file=sys.stderr)
-        print(
-            f"wrote {summary['out']} ({summary['modalities']}, {summary['convention']} labels "
-            f"{summary['labels']}, {describe_geometry(summary)}, {summary['seconds']:.1f} s"
-            f"{', ET under the threshold: made necrosis' if summary['et_dropped'] else ''})",
-            file=sys.stderr,
-        )
-        return 0
-    if not args.output_dir:
-        raise InputError("--input-dir needs --output-dir (where <CaseID>.nii.gz files go)")
-    if args.out:
-        raise InputError("--out goes with --case; with --input-dir, name the folder with --output-dir")
-    result = predict_folder(
-        args.checkpoint,
-        args.input_dir,
-        args.output_dir,
-        modalities=args.modalities,
-        device=args.device,
-        tta=args.tta,
-        et_min_mm3=args.et_min_mm3,
-        progress=not args.quiet,
-        resume=args.resume,
-        probabilities=args.save_probabilities,
-        num_parts=args.num_parts,
-        part_id=args.part_id,
-        command=shlex.join(["mstkd", *(args.argv or [])]),
-    )
-    failed = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""
-    kept = f", {len(result.kept)} kept from before" if result.kept else ""
-    dropped = sum(bool(w["et_dropped"]) for w in result.written)
-    kept += f", ET under the threshold made necrosis in {dropped}" if dropped else ""
-    print(
-        f"wrote {len(result.written)} label maps to {args.output_dir} in {result.seconds:.1f} s{kept}{failed}; "
-        f"how they were made: {result.record}",
-        file=sys.stderr,
-    )
-    return 1 if result.failed else 0
+    return predict_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("convert", help="an MSD task or nnU-Net raw dataset as FeTS-named case folders")
+    p.add_argument("src", help="the folder holding dataset.json, imagesTr/, labelsTr/ (and imagesTs/)")
+    p.add_argument("out", help="where the case folders go (a data folder for every other command)")
+    p.add_argument("--test", action="store_true", help="imagesTs/ (no labels) instead of imagesTr/ with labelsTr/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="a checkpoint as a MONAI bundle that runs with MONAI and PyTorch alone")
     p.add_argument("checkpoint", help="an mstkd checkpoint (best.pt)")

@@ -7,7 +7,9 @@ and, on request, ``<CaseID>.npz`` with its class probabilities; ``predict.json``
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 import stat
 import sys
 import time
@@ -258,3 +260,75 @@ def provenance(
         "probabilities": f"<CaseID>.npz, float16, classes {list(CLASSES)}" if probabilities else None,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+FOLDER_FLAGS = {
+    "--continue": lambda a: a.resume,
+    "--save-probabilities": lambda a: a.save_probabilities,
+    "--num-parts": lambda a: a.num_parts != 1,
+    "--part-id": lambda a: a.part_id != 0,
+}
+"""Flags of folder prediction (``--input-dir``), and whether a call gave each."""
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """``mstkd predict``: one case (``--case``) or a folder (``--input-dir``); the exit status."""
+    from mstkd.infer import predict_case
+
+    if bool(args.case) == bool(args.input_dir):
+        raise InputError("give either --case with --out (one case) or --input-dir with --output-dir (every case)")
+    if args.case:
+        folder_only = [f for f, on in FOLDER_FLAGS.items() if on(args)]
+        if folder_only:
+            raise InputError(f"{folder_only[0]} goes with --input-dir")
+        if not args.out:
+            raise InputError("--case needs --out (the label map to write, e.g. SEG.nii.gz)")
+        if args.output_dir:
+            raise InputError("--output-dir goes with --input-dir; with --case, name the file with --out")
+        summary = predict_case(
+            args.checkpoint,
+            args.case,
+            args.out,
+            modalities=args.modalities,
+            device=args.device,
+            tta=args.tta,
+            et_min_mm3=args.et_min_mm3,
+        )
+        if summary["anisotropic"]:
+            print(anisotropy_warning(summary), file=sys.stderr)
+        print(
+            f"wrote {summary['out']} ({summary['modalities']}, {summary['convention']} labels "
+            f"{summary['labels']}, {describe_geometry(summary)}, {summary['seconds']:.1f} s"
+            f"{', ET under the threshold: made necrosis' if summary['et_dropped'] else ''})",
+            file=sys.stderr,
+        )
+        return 0
+    if not args.output_dir:
+        raise InputError("--input-dir needs --output-dir (where <CaseID>.nii.gz files go)")
+    if args.out:
+        raise InputError("--out goes with --case; with --input-dir, name the folder with --output-dir")
+    result = predict_folder(
+        args.checkpoint,
+        args.input_dir,
+        args.output_dir,
+        modalities=args.modalities,
+        device=args.device,
+        tta=args.tta,
+        et_min_mm3=args.et_min_mm3,
+        progress=not args.quiet,
+        resume=args.resume,
+        probabilities=args.save_probabilities,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
+        command=shlex.join(["mstkd", *(args.argv or [])]),
+    )
+    failed = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""
+    kept = f", {len(result.kept)} kept from before" if result.kept else ""
+    dropped = sum(bool(w["et_dropped"]) for w in result.written)
+    kept += f", ET under the threshold made necrosis in {dropped}" if dropped else ""
+    print(
+        f"wrote {len(result.written)} label maps to {args.output_dir} in {result.seconds:.1f} s{kept}{failed}; "
+        f"how they were made: {result.record}",
+        file=sys.stderr,
+    )
+    return 1 if result.failed else 0

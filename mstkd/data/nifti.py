@@ -122,9 +122,10 @@ def check_layout(path: Path) -> None:
         start, left = start + claimed, left - claimed
 
 
-def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
+def read_header(path: str | Path, *, channels: int = 1) -> nib.Nifti1Image | nib.Nifti2Image:
     """Open a NIfTI file and check its header, reading no voxel: header extensions within :data:`MAX_VOX_OFFSET`
-    bytes (:func:`check_layout`), at most 3 axes (a trailing singleton 4th is accepted), none empty, and
+    bytes (:func:`check_layout`), 3 spatial axes (and a 4th of ``channels``, as the Medical Segmentation
+    Decathlon stores its modalities; a trailing singleton 4th is accepted for 1), none empty, and
     :data:`MAX_FILE_VOXELS` voxels, plain numbers as voxels, a spatial unit that is not metres or micrometres, a
     finite non-singular affine, voxel sizes (the header's and the affine's) within :data:`VOXEL_SIZE_RANGE` that
     agree within :data:`ZOOM_TOLERANCE`.
@@ -144,13 +145,15 @@ def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
         raise InputError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"{path}: not a NIfTI file ({type(img).__name__})")
-    if len(shape) == 4 and shape[3] == 1:
+    if min(shape, default=0) < 1:
+        raise InputError(f"{path}: its header claims an empty axis (shape {tuple(int(n) for n in shape)})")
+    if len(shape) == 4 and shape[3] == channels:
         shape = shape[:3]
+    elif channels > 1:
+        raise InputError(f"{path}: expected a 3-D volume of {channels} channels, got shape {tuple(shape)}")
     if len(shape) != 3:
         raise InputError(f"{path}: expected a 3-D volume, got shape {tuple(shape)}")
-    if min(shape) < 1:
-        raise InputError(f"{path}: its header claims an empty axis (shape {tuple(int(n) for n in shape)})")
-    if (voxels := float(np.prod(shape, dtype=np.float64))) > MAX_FILE_VOXELS:
+    if (voxels := float(np.prod(img.shape, dtype=np.float64))) > MAX_FILE_VOXELS:
         raise InputError(f"{path}: its header claims {voxels:.3g} voxels (at most {MAX_FILE_VOXELS:.3g})")
     if stored.kind not in "biuf" or stored.fields is not None or stored.subdtype is not None:
         raise InputError(f"{path}: its voxels are not plain numbers ({stored})")
@@ -170,8 +173,9 @@ def read_header(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     return img
 
 
-def read_volume(path: str | Path, *, dtype: type = np.float32, check_finite: bool = True) -> Volume:
-    """Load a 3-D NIfTI file fully into memory, once :func:`read_header` has accepted it.
+def read_volume(path: str | Path, *, dtype: type = np.float32, check_finite: bool = True, channels: int = 1) -> Volume:
+    """Load a 3-D NIfTI file fully into memory, once :func:`read_header` has accepted it; with ``channels`` above 1,
+    a file of that many 3-D volumes along a 4th axis (``H x W x D x channels``).
 
     Raises:
         InputError: :func:`read_header`'s refusals; voxels that cannot be read (truncated, corrupt, a scaling that
@@ -179,9 +183,9 @@ def read_volume(path: str | Path, *, dtype: type = np.float32, check_finite: boo
             ``dtype``'s range.
     """
     path = Path(path)
-    img = read_header(path)
+    img = read_header(path, channels=channels)
     with _memory_is_input(path, img):
-        data = _voxels(path, img)
+        data = _voxels(path, img, channels)
         with np.errstate(over="ignore", invalid="ignore"):  # checked below
             out = data.astype(dtype, copy=False)
         # one pass over the voxels: the cast keeps NaN and Inf, and turns a value beyond the target's range into inf
@@ -212,15 +216,15 @@ def read_labels(path: str | Path) -> Volume:
         return _volume(path, img, label_map(data, path))
 
 
-def _voxels(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
-    """The voxels as stored (scaled when the header says so), 3-D."""
+def _voxels(path: Path, img: nib.Nifti1Image | nib.Nifti2Image, channels: int = 1) -> np.ndarray:
+    """The voxels as stored (scaled when the header says so), 3-D (4-D with ``channels`` above 1)."""
     try:
         data = np.asarray(img.dataobj)
     except MemoryError:
         raise
     except Exception as exc:  # truncated or corrupt data, a scaling nibabel refuses
         raise InputError(f"{path}: not a readable NIfTI file ({first_line(exc)})") from None
-    return data[..., 0] if data.ndim == 4 else data
+    return data[..., 0] if data.ndim == 4 and channels == 1 else data
 
 
 def _volume(path: Path, img: nib.Nifti1Image | nib.Nifti2Image, data: np.ndarray) -> Volume:
