@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -36,7 +37,15 @@ from tqdm.auto import tqdm
 from mstkd.atomic import check_writable, copy_file, write_text
 from mstkd.data.labels import CONVENTIONS
 from mstkd.data.layouts import Layout, case_path
-from mstkd.data.nifti import NIFTI_SUFFIXES, is_nifti, read_header, read_labels, read_volume, write_volume
+from mstkd.data.nifti import (
+    AFFINE_TOLERANCE,
+    NIFTI_SUFFIXES,
+    is_nifti,
+    read_header,
+    read_labels,
+    read_volume,
+    write_volume,
+)
 from mstkd.errors import InputError, first_line
 
 MAX_JSON_BYTES = 16 << 20
@@ -118,6 +127,8 @@ def read_dataset(folder: str | Path) -> Dataset:
         if modality in channels.values():
             raise InputError(f"{path}: two channels are {modality}")
         channels[number] = modality
+    if sorted(channels) != list(range(len(channels))):
+        raise InputError(f"{path}: channels must be numbered 0..{len(channels) - 1}")
     return Dataset(folder, dict(sorted(channels.items())), _label_map(_names(meta.get("labels"), "labels"), path))
 
 
@@ -128,7 +139,7 @@ def _label_map(labels: dict[str, object], path: Path) -> dict[int, int]:
     if all(k[:1].isdigit() for k in labels):  # MSD and nnU-Net v1: value -> name
         if any(_index(k) is None for k in labels):
             raise InputError(f"{path}: label values must lie in 0..255")
-        pairs = [(int(k), str(v)) for k, v in labels.items()]
+        pairs = [(int(k), v) for k, v in labels.items()]
     else:
         values = {k: v if isinstance(v, list) else [v] for k, v in labels.items()}
         if not all(
@@ -141,31 +152,46 @@ def _label_map(labels: dict[str, object], path: Path) -> dict[int, int]:
         pairs = [(vs[0], name) for name, vs in values.items()]
     out: dict[int, int] = {}
     for value, name in pairs:
-        low = name.strip().lower()
-        if low == "background":
-            label = 0
-        elif "non-enhancing" in low or "non enhancing" in low or "necro" in low or low in ("ncr", "netc"):
-            label = fets.necrosis
-        elif "edema" in low or "oedema" in low or low == "snfh":
-            label = fets.edema
-        elif "enhancing" in low or low == "et":
-            label = fets.enhancing
-        else:
+        kind = _label_kind(name)
+        if kind is None:
             raise InputError(
-                f"{path}: label {value} named {name[:40]!r} is not background, necrosis, edema or enhancing"
+                f"{path}: label {value} named {str(name)[:40]!r} is not background, necrosis, edema or enhancing"
             )
         if value in out:
             raise InputError(f"{path}: label value {value} is named twice")
-        out[value] = label
+        out[value] = {"BG": 0, "NCR": fets.necrosis, "ED": fets.edema, "ET": fets.enhancing}[kind]
     return _checked(out, path)
+
+
+def _plain(name: object) -> str:
+    """A name in lower case with everything but letters and digits taken out: ``Non_Enhancing`` -> ``nonenhancing``."""
+    return re.sub(r"[\W_]+", "", name.lower()) if isinstance(name, str) else ""
+
+
+def _label_kind(name: object) -> str | None:
+    """``BG``, ``NCR``, ``ED`` or ``ET`` for a label's name, edema first (BraTS 2023 calls it the "surrounding
+    non-enhancing FLAIR hyperintensity"), then necrosis ("non-enhancing", "necrotic"), then enhancing; else None."""
+    plain = _plain(name)
+    if plain == "background":
+        return "BG"
+    if any(word in plain for word in ("edema", "oedema", "hyperintensity")) or plain in ("ed", "snfh"):
+        return "ED"
+    if any(word in plain for word in ("nonenhancing", "necro")) or plain.startswith(("ncr", "netc")):
+        return "NCR"
+    if "enhancing" in plain or plain == "et":
+        return "ET"
+    return None
 
 
 def _region_map(values: dict[str, list[int]], path: Path) -> dict[int, int]:
     fets = CONVENTIONS["fets"]
     regions: dict[str, set[int]] = {}
     for name, vs in values.items():
-        low = name.strip().lower()
-        key = "WT" if "whole" in low else "TC" if "core" in low else "ET" if "enhanc" in low else "BG"
+        plain = _plain(name)
+        key = (
+            "WT" if "whole" in plain or plain == "wt" else "TC" if "core" in plain or plain == "tc"
+            else "ET" if "enhanc" in plain or plain == "et" else "BG"
+        )  # fmt: skip
         if key == "BG" and vs != [0]:
             raise InputError(f"{path}: region {name[:40]!r} is not the whole tumour, tumour core or enhancing tumour")
         regions[key] = set(vs)
@@ -196,9 +222,11 @@ def find_cases(dataset: Dataset, images: str) -> dict[str, dict[int, Path] | Pat
     for path in sorted(folder.iterdir()):
         if is_nifti(path) and not path.name.startswith(".") and path.is_file():  # MSD's archive holds ._ copies
             stems.append((path.name[: -len(_suffix(path))], path))
-    split = [CHANNEL_FILE.fullmatch(stem) for stem, _ in stems]
     if not stems:
         raise InputError(f"{folder}: no NIfTI files")
+    split = [CHANNEL_FILE.fullmatch(stem) for stem, _ in stems]
+    if len(dataset.channels) > 1 and _holds_channels(stems[0][1], len(dataset.channels)):
+        split = [None] * len(stems)  # MSD: one 4-D file per case, whatever its name ends with
     if any(split) and not all(split):
         raise InputError(f"{folder}: mixes one file per channel (<ID>_0000.nii.gz) and one file per case")
     cases: dict[str, dict[int, Path] | Path] = {}
@@ -214,6 +242,15 @@ def find_cases(dataset: Dataset, images: str) -> dict[str, dict[int, Path] | Pat
         else:
             cases[case] = path
     return cases
+
+
+def _holds_channels(path: Path, channels: int) -> bool:
+    """Whether ``path`` is a 4-D file of ``channels`` volumes (MSD's layout)."""
+    try:
+        read_header(path, channels=channels)
+    except InputError:
+        return False
+    return True
 
 
 @dataclass
@@ -234,8 +271,19 @@ def convert_dataset(src: str | Path, out: str | Path, *, test: bool = False, pro
     dataset = read_dataset(src)
     cases = find_cases(dataset, "imagesTs" if test else "imagesTr")
     out = Path(out)
+    if dataset.folder.resolve().is_relative_to(out.resolve()):
+        raise InputError(f"{out}: holds the dataset; convert into a folder beside it or inside it")
     check_writable(out, what="output folder")
     out.mkdir(parents=True, exist_ok=True)
+    name = "convert-test.json" if test else "convert.json"
+    maps = {
+        "source": str(dataset.folder.resolve()),
+        "images": "imagesTs" if test else "imagesTr",
+        "channels": {str(i): m for i, m in dataset.channels.items()},
+        "labels": {str(v): label for v, label in dataset.labels.items()} if not test else None,
+    }
+    _check_earlier(out / name, maps, [c for c in cases if (out / c).exists()])
+    write_text(out / name, json.dumps({**maps, "cases": None}, indent=1))  # before any case: what made them
     result = ConvertResult()
     for case_id in cases:  # what an interrupted call left half-written
         for stale in out.glob(f".{case_id}.*"):
@@ -252,49 +300,81 @@ def convert_dataset(src: str | Path, out: str | Path, *, test: bool = False, pro
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
             continue
         result.written.append(case_id)
-    record = {
-        "source": str(dataset.folder.resolve()),
-        "images": "imagesTs" if test else "imagesTr",
-        "channels": {str(i): m for i, m in dataset.channels.items()},
-        "labels": {str(v): label for v, label in dataset.labels.items()} if not test else None,
-        "cases": {"written": result.written, "kept": result.kept, "failed": result.failed},
-    }
-    result.record = write_text(out / ("convert-test.json" if test else "convert.json"), json.dumps(record, indent=1))
+    cases_record = {"written": result.written, "kept": result.kept, "failed": result.failed}
+    result.record = write_text(out / name, json.dumps({**maps, "cases": cases_record}, indent=1))
     return result
 
 
+def _check_earlier(record: Path, maps: dict, there: list[str]) -> None:
+    """Refuse to keep case folders that this dataset's maps did not make: ones in a folder without ``record``, or
+    made from another source or with other channel or label maps (a corrected ``dataset.json``)."""
+    if not there:
+        return
+    try:
+        earlier = json.loads(record.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{record.parent}: already holds {there[0]}, not made by mstkd convert") from None
+    if not isinstance(earlier, dict) or {k: earlier.get(k) for k in maps} != maps:
+        raise InputError(
+            f"{record.parent}: holds cases converted from another source or with other channel or label maps "
+            f"({record.name}); convert into a new folder"
+        )
+
+
 def _write_case(dataset: Dataset, case_id: str, files: dict[int, Path] | Path, labels: Path | None, out: Path) -> None:
-    """One case into a hidden folder of ``out``, renamed to ``out/<ID>`` once every file is written."""
+    """One case into a hidden folder of ``out``, renamed to ``out/<ID>`` once every file is written and checked: every
+    channel ``dataset.json`` names, and a label map, on one grid."""
     fets = Layout.FETS.value
     staging = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=out))
     try:
         if isinstance(files, Path):  # MSD: the channels along the 4th axis
             volume = read_volume(files, channels=len(dataset.channels))
+            grid = (volume.data.shape[:3], volume.affine, files)
             for index, modality in dataset.channels.items():
-                channel = np.ascontiguousarray(volume.data[..., index])
-                write_volume(case_path(staging, case_id, fets, modality), channel, volume.affine, volume.header)
+                data = volume.data if volume.data.ndim == 3 else np.ascontiguousarray(volume.data[..., index])
+                write_volume(case_path(staging, case_id, fets, modality), data, volume.affine, volume.header)
         else:  # nnU-Net: each channel's file as it is (``.nii`` or ``.nii.gz``), once its header reads
+            if missing := [f"{case_id}_{i:04d}" for i in dataset.channels if i not in files]:
+                raise InputError(
+                    f"{case_id}: no {', '.join(missing)} image (dataset.json names {len(dataset.channels)})"
+                )
+            grid = None
             for index, path in files.items():
-                read_header(path)
+                img = read_header(path)
+                grid = grid or (img.shape[:3], img.affine, path)
+                _same_grid(grid, img.shape[:3], img.affine, path)
                 copy_file(path, staging / f"{case_id}_{dataset.channels[index]}{_suffix(path)}")
         if labels is not None:
             found = [labels / f"{case_id}{s}" for s in NIFTI_SUFFIXES if (labels / f"{case_id}{s}").is_file()]
             if not found:
                 raise InputError(f"{labels}: no label map {case_id}.nii.gz")
-            label_file = found[0]
-            seg = read_labels(label_file)
-            values = np.unique(seg.data)
-            unknown = [int(v) for v in values if int(v) not in dataset.labels]
+            seg = read_labels(found[0])
+            _same_grid(grid, seg.data.shape, seg.affine, found[0])
+            unknown = [int(v) for v in np.unique(seg.data) if int(v) not in dataset.labels]
             if unknown:
-                raise InputError(f"{label_file}: label values {unknown[:10]} are not in dataset.json")
+                raise InputError(f"{found[0]}: label values {unknown[:10]} are not in dataset.json")
             lookup = np.zeros(max(dataset.labels) + 1, dtype=np.uint8)
             for value, label in dataset.labels.items():
                 lookup[value] = label
             write_volume(case_path(staging, case_id, fets, "seg"), lookup[seg.data], seg.affine, seg.header)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; a case folder is as readable as its files
         staging.rename(out / case_id)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _same_grid(grid: tuple, shape: tuple, affine: np.ndarray, path: Path) -> None:
+    """Refuse a file of the case on another grid than its first image (every command reads them together)."""
+    first_shape, first_affine, first = grid
+    if tuple(shape) != tuple(first_shape) or not np.allclose(affine, first_affine, atol=AFFINE_TOLERANCE):
+        raise InputError(f"{path}: not on the grid of {first.name} (shape {tuple(shape)} against {tuple(first_shape)})")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def convert_command(args: argparse.Namespace) -> int:

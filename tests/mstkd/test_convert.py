@@ -4,6 +4,7 @@ FeTS-named case folders, mapped by the names in ``dataset.json``; what it refuse
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -20,7 +21,7 @@ from tests.helpers import AFFINE, make_labels
 SHAPE = (20, 18, 14)
 MSD = {
     "name": "BRATS",
-    "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+    "modality": {"0": "T2w", "1": "FLAIR", "2": "t1gd", "3": "T1w"},  # not the project's order: mapped by name
     "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
 }
 NNUNET = {
@@ -86,7 +87,7 @@ def test_an_msd_task_becomes_fets_case_folders_by_its_channel_and_label_names(tm
     for k, case_id in enumerate(result.written):
         files = detect_case(out / case_id)
         assert files.layout == "fets" and files.available == ("flair", "t1", "t1ce", "t2")
-        for i, modality in enumerate(("flair", "t1", "t1ce", "t2")):  # MSD's order: FLAIR, T1w, t1gd, T2w
+        for i, modality in enumerate(("t2", "flair", "t1ce", "t1")):
             img = nib.load(files.images[modality])
             assert img.shape == SHAPE and np.allclose(img.affine, AFFINE)
             assert np.array_equal(np.asarray(img.dataobj), channel(i, k))
@@ -158,6 +159,8 @@ def test_test_images_convert_without_labels(tmp_path):
         ({**NNUNET, "labels": {"background": 0, "edema": 1, "necrosis": 1, "enhancing": 3}}, "named twice"),
         ({**NNUNET, "labels": {"background": 0, "whole tumor": [], "tumor core": [2, 3], "enhancing": 3}}, "0..255"),
         ({**NNUNET, "channel_names": {"²": "T1"}}, "channel '²'"),
+        ({**NNUNET, "channel_names": {"0": "T1", "2": "T2"}}, "numbered 0..1"),
+        ({**MSD, "labels": {"0": "background", "1": ["not", "edema"], "2": "necrosis", "3": "enhancing"}}, "label 1"),
         ([1, 2, 3], "not a JSON object"),
     ],
 )
@@ -185,3 +188,79 @@ def test_an_msd_image_without_the_channels_dataset_json_names_costs_its_case(tmp
     assert result.written == ["BRATS_000"]
     assert "expected a 3-D volume of 4 channels, got shape (20, 18, 14, 3)" in result.failed["BRATS_001"]
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no half-written case
+
+
+@pytest.mark.parametrize(
+    "labels,expected",
+    [
+        (  # BraTS 2015's five labels, with necrosis spelled without a hyphen: not enhancing tumour
+            {"0": "background", "1": "necrosis", "2": "edema", "3": "nonenhancing tumor", "4": "enhancing tumor"},
+            {0: 0, 1: 1, 2: 2, 3: 1, 4: 4},
+        ),
+        (  # BraTS 2023's names: the edema is a "non-enhancing FLAIR hyperintensity"
+            {
+                "0": "background",
+                "1": "NETC",
+                "2": "Surrounding Non-enhancing FLAIR Hyperintensity",
+                "3": "GD_Enhancing_Tumor",
+            },
+            {0: 0, 1: 1, 2: 2, 3: 4},
+        ),
+        ({"0": "background", "1": "NCR/NET", "2": "peritumoral edema", "4": "ET"}, {0: 0, 1: 1, 2: 2, 4: 4}),
+    ],
+)
+def test_label_names_are_read_for_what_they_say(tmp_path, labels, expected):
+    (tmp_path / "dataset.json").write_text(json.dumps({**MSD, "labels": labels}))
+    assert read_dataset(tmp_path).labels == expected
+    regions = {"background": 0, "WT": [1, 2, 3], "TC": [2, 3], "ET": [3]}
+    (tmp_path / "dataset.json").write_text(json.dumps({**NNUNET, "labels": regions}))
+    assert read_dataset(tmp_path).labels == {0: 0, 1: 2, 2: 1, 3: 4}
+
+
+def test_a_case_every_command_would_refuse_is_not_written(tmp_path):
+    src = nnunet(tmp_path / "src", cases=3)
+    (src / "imagesTr" / "BraTS2021_00001_0002.nii.gz").unlink()  # a channel short
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 5.0
+    (src / "labelsTr" / "BraTS2021_00002.nii.gz").unlink()
+    nib.save(nib.Nifti1Image(source_labels(2), shifted), src / "labelsTr" / "BraTS2021_00002.nii.gz")
+    result = convert_dataset(src, tmp_path / "out", progress=False)
+    assert result.written == ["BraTS2021_00000"]
+    assert "no BraTS2021_00001_0002 image" in result.failed["BraTS2021_00001"]
+    assert "not on the grid of BraTS2021_00002_0000.nii.gz" in result.failed["BraTS2021_00002"]
+    prepare_federation(tmp_path / "out", read_cfg().data, progress=False)  # the folder reads
+
+
+def test_a_folder_made_with_other_maps_or_holding_the_dataset_is_refused(tmp_path):
+    src, out = nnunet(tmp_path / "src", cases=1), tmp_path / "out"
+    convert_dataset(src, out, progress=False)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "BraTS2021_00000").stat().st_mode & 0o777 == 0o777 & ~mask  # as readable as its files
+    (src / "dataset.json").write_text(
+        json.dumps({**NNUNET, "channel_names": {"0": "T1ce", "1": "T1", "2": "T2", "3": "Flair"}})
+    )
+    with pytest.raises(InputError, match="other channel or label maps"):
+        convert_dataset(src, out, progress=False)
+    with pytest.raises(InputError, match="holds the dataset"):
+        convert_dataset(src, tmp_path, progress=False)
+    (tmp_path / "mine" / "BraTS2021_00000").mkdir(parents=True)
+    with pytest.raises(InputError, match="already holds BraTS2021_00000, not made by mstkd convert"):
+        convert_dataset(src, tmp_path / "mine", progress=False)
+
+
+def test_an_msd_case_id_ending_in_four_digits_is_one_case(tmp_path):
+    src = msd(tmp_path / "src", cases=1)
+    (src / "imagesTr" / "BRATS_000.nii.gz").rename(src / "imagesTr" / "BRATS_0001.nii.gz")
+    (src / "labelsTr" / "BRATS_000.nii.gz").rename(src / "labelsTr" / "BRATS_0001.nii.gz")
+    assert convert_dataset(src, tmp_path / "out", progress=False).written == ["BRATS_0001"]
+
+
+def test_a_one_channel_msd_task_keeps_its_three_axes(tmp_path):
+    src = tmp_path / "src"
+    save(src / "imagesTr" / "BRATS_000.nii.gz", channel(0, 0))
+    save(src / "labelsTr" / "BRATS_000.nii.gz", source_labels(0))
+    (src / "dataset.json").write_text(json.dumps({**MSD, "modality": {"0": "FLAIR"}}))
+    assert convert_dataset(src, tmp_path / "out", progress=False).written == ["BRATS_000"]
+    flair = nib.load(detect_case(tmp_path / "out" / "BRATS_000").images["flair"])
+    assert flair.shape == SHAPE and np.array_equal(np.asarray(flair.dataobj), channel(0, 0))
