@@ -42,6 +42,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return convert_command(args)
 
 
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from mstkd.ensemble import ensemble_command
+
+    return ensemble_command(args)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from mstkd.scoring import score_command
 
@@ -282,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="a new folder for the bundle")
     p.add_argument("--format", choices=("monai-bundle",), default="monai-bundle", help="monai-bundle (the default)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("ensemble", help="average several models' predictions of one folder (--save-probabilities)")
+    p.add_argument("--input-dirs", nargs="+", required=True, help="folders that mstkd predict --input-dir wrote")
+    p.add_argument("--output-dir", required=True, help="where <CaseID>.nii.gz files go")
+    p.add_argument("--labels", default="auto", help="auto (from the inputs' label maps), fets or brats2023")
+    p.add_argument("--et-min-mm3", type=float, default=0.0, help="the small-ET rule, as for predict (default 0: off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_ensemble)
 
     p = sub.add_parser("predict", help="segment case folders into label maps in each case's own geometry")
     p.add_argument("--checkpoint", required=True)
