@@ -4,9 +4,11 @@ Each input is a folder that ``mstkd predict --input-dir ... --save-probabilities
 label map, and ``<CaseID>.npz``, the four class probabilities on the case's own grid. For every case the inputs'
 probabilities are averaged and decoded as the models decode them (``predict.json`` records their config: argmax for
 softmax outputs, a threshold for sigmoid ones; inputs that decode differently are refused), and the label map is
-written with the first input's grid and header, in the case's label convention (read from the inputs' label maps,
-or ``labels``). With ``et_min_mm3`` the small-ET rule (:mod:`mstkd.postprocess`) applies, in mm³ of the case's grid
-(the models may have worked at different voxel sizes). ``ensemble.json`` records which checkpoints made the inputs.
+written with the first input's grid and header, in the case's label convention (which the inputs' records name,
+or ``labels``). The probabilities were stored as float16, so where a model's classes nearly tie its ensemble with
+itself can differ from its own label map (76 of 196,608 voxels of an untrained model). With ``et_min_mm3`` the
+small-ET rule (:mod:`mstkd.postprocess`) applies, in mm³ of the case's grid (the models may have worked at
+different voxel sizes). ``ensemble.json`` records which checkpoints made the inputs.
 
 The inputs come from elsewhere as often as not (a colleague's folds, another site's models): a probabilities file
 is read without pickle, only once its zip directory shows the one array of the case's size it should hold, and a
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import stat
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -38,47 +42,92 @@ MAX_RECORD_BYTES = 16 << 20
 
 DECODES = ("argmax", "threshold")
 
+PROBABILITY_SLACK = 1e-3
+"""How far outside 0..1 a stored probability may lie (float16 rounding lies far within it)."""
+
+MAX_VOXELS = 150_000_000
+"""The largest case grid ensembled: its four-class float32 sum takes 2.4 GB (BraTS's 240 x 240 x 155 grid has 8.9
+million voxels); the grid comes from a label map from elsewhere, whose header alone can claim any size."""
+
+CASE_ERRORS = (InputError, OSError, ValueError, EOFError, MemoryError, RuntimeError)
+"""What makes one case fail without stopping the others (``EOFError``: a truncated ``.nii.gz``)."""
+
+
+def records(folder: Path) -> list[tuple[Path, dict]]:
+    """The ``predict*.json`` records of ``folder`` (one per part), each a plain file of at most
+    :data:`MAX_RECORD_BYTES` holding a JSON object.
+
+    Raises:
+        InputError: a record that is not such a file (a FIFO, a folder, a huge or malformed file).
+    """
+    found = []
+    for path in sorted(folder.glob("predict*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            mode = path.stat().st_mode
+            if not stat.S_ISREG(mode) or path.stat().st_size > MAX_RECORD_BYTES:
+                raise InputError(f"{path}: not a record of mstkd predict (a plain file under 16 MiB)")
+            record = json.loads(path.read_bytes())
+        except InputError:
+            raise
+        except (OSError, ValueError, RecursionError) as exc:
+            raise InputError(f"{path}: not a record of mstkd predict ({first_line(exc)})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}: not a record of mstkd predict")
+        found.append((path, record))
+    if not found:
+        raise InputError(f"{folder}: no predict.json (predict with --input-dir and --save-probabilities)")
+    return found
+
 
 def decode_rule(folder: Path) -> tuple[str, float]:
     """How the models that wrote ``folder`` decode probabilities: ``argmax`` or ``threshold`` and its threshold, from
-    the configs its ``predict*.json`` records (they must agree).
+    the configs its records (:func:`records`) hold; they must agree.
 
     Raises:
         InputError: no record, one that does not read, or records that decode differently.
     """
     rules = set()
-    for path in sorted(folder.glob("predict*.json")):
-        if path.name.startswith(".") or not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
-            continue
+    for path, record in records(folder):
         try:
-            cfg = json.loads(path.read_text())["config"]
+            cfg = record["config"]
             how, activation, threshold = cfg["eval"]["decode"], cfg["loss"]["activation"], cfg["eval"]["threshold"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise InputError(f"{path}: not a record of mstkd predict (no config to decode by)") from None
         if how == "auto":
             how = "argmax" if activation == "softmax" else "threshold"
         if how not in DECODES or not isinstance(threshold, int | float) or not 0 < threshold < 1:
             raise InputError(f"{path}: decodes by {str(how)[:20]!r} at {str(threshold)[:20]}, not a rule mstkd knows")
         rules.add((how, float(threshold) if how == "threshold" else 0.5))
-    if not rules:
-        raise InputError(f"{folder}: no predict.json (predict with --input-dir and --save-probabilities)")
     if len(rules) > 1:
         raise InputError(f"{folder}: its records decode in different ways ({sorted(rules)})")
     return rules.pop()
+
+
+def conventions(folder: Path) -> dict[str, str]:
+    """Case id -> its label convention, as ``folder``'s records say (records before this version say nothing)."""
+    out: dict[str, str] = {}
+    for _, record in records(folder):
+        cases = record.get("cases")
+        named = cases.get("conventions") if isinstance(cases, dict) else None
+        if isinstance(named, dict):
+            out.update({str(c): v for c, v in named.items() if v in CONVENTIONS})
+    return out
 
 
 def _cases(folder: Path) -> set[str]:
     return {p.name[: -len(".npz")] for p in folder.glob("*.npz") if not p.name.startswith(".") and p.is_file()}
 
 
-def read_probabilities(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """``path``'s class probabilities (``len(CLASSES) x shape``) as float32, once its zip directory shows them at
-    that size, as float16, in classes of :data:`CLASSES`.
+def read_probabilities(path: Path, shape: tuple[int, ...], *, into: np.ndarray) -> None:
+    """Add ``path``'s class probabilities (``len(CLASSES) x shape``, float16, in classes of :data:`CLASSES`, each in
+    0..1) to ``into``, class by class, once its zip directory shows them at that size.
 
     Raises:
         InputError: a file that is not such a file.
     """
-    expected = len(CLASSES) * int(np.prod(shape)) * 2
+    expected = len(CLASSES) * math.prod(shape) * 2
     try:
         with zipfile.ZipFile(path) as archive:
             sizes = {info.filename: info.file_size for info in archive.infolist()}
@@ -92,16 +141,20 @@ def read_probabilities(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         raise InputError(f"{path}: not a probabilities file of mstkd predict ({first_line(exc)})") from None
     if probs.dtype != np.float16 or probs.shape != (len(CLASSES), *shape) or classes.tolist() != list(CLASSES):
         raise InputError(f"{path}: probabilities of shape {probs.shape} ({probs.dtype}), not {len(CLASSES)} x {shape}")
-    out = probs.astype(np.float32)
-    if not np.isfinite(out).all():
-        raise InputError(f"{path}: probabilities that are not finite")
-    return out
+    for c in range(len(CLASSES)):
+        values = probs[c].astype(np.float32)
+        if not (
+            np.isfinite(values).all() and values.min() >= -PROBABILITY_SLACK and values.max() <= 1 + PROBABILITY_SLACK
+        ):
+            raise InputError(f"{path}: {CLASSES[c]} probabilities outside 0..1")
+        into[c] += values
 
 
 @dataclass
 class EnsembleResult:
     written: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    et_dropped: list[str] = field(default_factory=list)
     record: Path | None = None
 
 
@@ -141,11 +194,14 @@ def ensemble_folders(
         raise InputError(f"{output_dir}: is one of the inputs; write the ensemble to a folder of its own")
     check_writable(output_dir, what="--output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
+    named = [conventions(f) for f in folders]
     result = EnsembleResult()
     for case_id in tqdm(sorted(cases), desc="ensemble", unit="case", disable=not progress):
         try:
-            _ensemble_case(case_id, folders, output_dir, how, threshold, labels, et_min_mm3)
-        except (InputError, OSError, MemoryError) as exc:  # this case only; go on
+            convention = case_convention(case_id, named, labels)
+            if _ensemble_case(case_id, folders, output_dir, how, threshold, convention, et_min_mm3):
+                result.et_dropped.append(case_id)
+        except CASE_ERRORS as exc:  # this case only; go on
             result.failed[case_id] = first_line(exc)
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
             continue
@@ -154,7 +210,7 @@ def ensemble_folders(
         "inputs": [_provenance(f) for f in folders],
         "decode": how if how == "argmax" else f"threshold {threshold:g}",
         "et_min_mm3": et_min_mm3,
-        "cases": {"written": result.written, "failed": result.failed},
+        "cases": {"written": result.written, "failed": result.failed, "et_dropped": result.et_dropped},
     }
     result.record = write_text(output_dir / "ensemble.json", json.dumps(record, indent=1) + "\n")
     return result
@@ -163,46 +219,54 @@ def ensemble_folders(
 def _provenance(folder: Path) -> dict:
     """An input folder and the checkpoints its records name (SHA-256)."""
     made_by = set()
-    for path in sorted(folder.glob("predict*.json")):
-        try:
-            sha = json.loads(path.read_text())["checkpoint"]["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    for _, record in records(folder):
+        checkpoint = record.get("checkpoint")
+        sha = checkpoint.get("sha256") if isinstance(checkpoint, dict) else None
         if isinstance(sha, str):
             made_by.add(sha[:64])
     return {"folder": str(folder.resolve()), "checkpoints": sorted(made_by)}
 
 
 def _ensemble_case(
-    case_id: str, folders: list[Path], out: Path, how: str, threshold: float, labels: str, et_min_mm3: float
-) -> None:
+    case_id: str, folders: list[Path], out: Path, how: str, threshold: float, convention: str, et_min_mm3: float
+) -> bool:
+    """One case's ensemble written to ``out``; whether the small-ET rule dropped its ET."""
     maps = [read_header(f / f"{case_id}.nii.gz") for f in folders]
     first = maps[0]
     shape = tuple(int(n) for n in first.shape[:3])
+    if (voxels := math.prod(shape)) > MAX_VOXELS:
+        raise InputError(f"{folders[0] / f'{case_id}.nii.gz'}: {voxels:.3g} voxels, more than {MAX_VOXELS:.3g}")
     for folder, img in zip(folders[1:], maps[1:], strict=True):
         if tuple(img.shape[:3]) != shape or not np.allclose(img.affine, first.affine, atol=AFFINE_TOLERANCE):
             raise InputError(f"{folder / f'{case_id}.nii.gz'}: not on the grid of {folders[0] / f'{case_id}.nii.gz'}")
     total = np.zeros((len(CLASSES), *shape), dtype=np.float32)
     for folder in folders:
-        total += read_probabilities(folder / f"{case_id}.npz", shape)
-    regions, _ = suppress_small_et(decode(total / len(folders), how, threshold), spacing_of(first.affine), et_min_mm3)
-    convention = CONVENTIONS[labels if labels != "auto" else _convention(case_id, folders, maps)]
+        read_probabilities(folder / f"{case_id}.npz", shape, into=total)
+    total /= len(folders)
+    regions, dropped = suppress_small_et(decode(total, how, threshold), spacing_of(first.affine), et_min_mm3)
     header = first.header.copy()
-    header["descrip"] = f"mstkd ensemble of {len(folders)}".encode()
-    write_volume(out / f"{case_id}.nii.gz", labels_from_regions(regions, convention), first.affine, header)
+    rule = f" et<{et_min_mm3!r}{'!' if dropped else ''}" if et_min_mm3 else ""
+    header["descrip"] = f"mstkd ensemble of {len(folders)}{rule}".encode()
+    write_volume(out / f"{case_id}.nii.gz", labels_from_regions(regions, CONVENTIONS[convention]), first.affine, header)
+    return dropped
 
 
-def _convention(case_id: str, folders: list[Path], maps: list) -> str:
-    """The inputs' label convention for a case: ``fets`` where their maps hold a 4, ``brats2023`` where a 3."""
-    found = set()
-    for img in maps:
-        values = set(np.unique(np.asanyarray(img.dataobj)).tolist())
-        found |= {"fets"} if 4 in values else set()
-        found |= {"brats2023"} if 3 in values else set()
-    if len(found) != 1:
-        what = "no input marks enhancing tumour" if not found else "the inputs use both conventions"
-        raise InputError(f"{case_id}: {what}, so its labels are unknown; give --labels fets or brats2023")
-    return found.pop()
+def case_convention(case_id: str, named: list[dict[str, str]], labels: str) -> str:
+    """The label convention a case's ensemble is written in: the one the inputs' records name for it, or ``labels``.
+
+    Raises:
+        InputError: records that name different ones, ``labels`` against what they name, or neither.
+    """
+    said = {n[case_id] for n in named if case_id in n}
+    if len(said) > 1:
+        raise InputError(f"{case_id}: the inputs' records name different label conventions ({', '.join(sorted(said))})")
+    if said and labels != "auto" and said != {labels}:
+        raise InputError(f"{case_id}: --labels {labels}, but the inputs were predicted in {said.pop()} labels")
+    if said:
+        return said.pop()
+    if labels == "auto":
+        raise InputError(f"{case_id}: the inputs' records do not name its labels (an older predict); give --labels")
+    return labels
 
 
 def ensemble_command(args: argparse.Namespace) -> int:

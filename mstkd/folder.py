@@ -171,10 +171,25 @@ def predict_folder(
             [c for c, stamp in kept_stamps.items() if stamp.endswith("!")]
             + [w["case"] for w in result.written if w["et_dropped"]]
         ),
+        "conventions": {
+            **_conventions(dict(cases), result.kept),
+            **{w["case"]: w["convention"] for w in result.written},
+        },
         "seconds": result.seconds,
     }
     result.record = write_text(output_dir / name, json.dumps(record, indent=1) + "\n")
     return result
+
+
+def _conventions(folders: dict[str, Path], cases: list[str]) -> dict[str, str]:
+    """Each of ``cases``' label convention, from its case folder's file names (``mstkd ensemble`` reads them)."""
+    out = {}
+    for case_id in cases:
+        try:
+            out[case_id] = detect_case(folders[case_id]).convention.name
+        except InputError:
+            continue
+    return out
 
 
 CASE_ERRORS = (InputError, OSError, ValueError, MemoryError, RuntimeError)

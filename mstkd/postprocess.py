@@ -9,7 +9,8 @@ at 2.5 mm sees 32 of its voxels in 500 mm³).
 A dropped ET becomes necrosis (NETC): TC and WT keep its voxels and only ET changes, as in the RFNet protocol,
 where only the ET score moves. ``mstkd evaluate`` reports ET with and without the rule (``eval.et_min_mm3``); it is
 chosen on validation cases, and ``mstkd predict --et-min-mm3`` applies it to the label maps it writes. Both decide on
-the grid the model works at (its training voxel size), so that they drop the same cases.
+the grid the model works at (its training voxel size), so that they drop the same cases. ``mstkd ensemble``, whose
+models may work at different voxel sizes, decides on the case's own grid.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ written on each case's grid; what it refuses; a bad case costs itself."""
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -21,9 +22,9 @@ from tests.helpers import write_case
 CLASS = {"NETC": 0, "ED": 1, "ET": 2}
 
 
-def one_class_checkpoint(folder, name: str, winner: str):
+def one_class_checkpoint(folder, name: str, winner: str, activation: str = "softmax"):
     """A tiny student that gives every voxel it sees the class ``winner``, decisively."""
-    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]"])
+    cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]", f"loss.activation={activation}"])
     net = build_networks(cfg.model)[1]
     bias = torch.full((4,), -10.0)
     bias[CLASS[winner]] = 10.0
@@ -94,9 +95,54 @@ def test_a_probabilities_file_that_is_not_its_case_costs_that_case(predictions, 
     assert "holds more than the" in result.failed["FeTS2022_00001"]
 
 
-def test_without_enhancing_tumour_anywhere_the_labels_must_be_named(predictions, tmp_path):
-    inputs = [predictions["ed"], predictions["ed"]]
+def test_each_case_is_written_in_the_labels_its_records_name(predictions, tmp_path):
+    inputs = [predictions["et1"], predictions["et2"]]
+    with pytest.raises(InputError, match="--labels"):
+        ensemble_folders(inputs, tmp_path / "o", labels="bogus", progress=False)
+    result = ensemble_folders(inputs, tmp_path / "o", labels="brats2023", progress=False)  # against the records
+    assert result.written == [] and "predicted in fets labels" in result.failed["FeTS2022_00001"]
+    for folder in inputs:  # records of an older version name no labels: --labels must
+        record = json.loads((folder / "predict.json").read_text())
+        del record["cases"]["conventions"]
+        (folder / "predict.json").write_text(json.dumps(record))
+    assert "give --labels" in ensemble_folders(inputs, tmp_path / "o", progress=False).failed["FeTS2022_00001"]
+    assert ensemble_folders(inputs, tmp_path / "o", labels="brats2023", progress=False).written
+    assert labels(tmp_path / "o" / "FeTS2022_00001.nii.gz") == {3}  # BraTS 2023's enhancing tumour
+
+
+def test_a_threshold_ensemble_and_the_small_et_rule(tmp_path):
+    """Sigmoid models decode by threshold: two of three above 0.5 passes. The rule at a volume above the whole
+    case's drops the ensemble's ET, which then reads as necrosis, and is recorded."""
+    write_case(tmp_path / "cases", "FeTS2022_00001", seg=False)
+    folders = []
+    for name, winner in (("a", "ET"), ("b", "ET"), ("c", "ED")):
+        ckpt = one_class_checkpoint(tmp_path, name, winner, activation="sigmoid")
+        folders.append(tmp_path / name)
+        argv = ["predict", "--checkpoint", str(ckpt), "--input-dir", str(tmp_path / "cases")]
+        assert main([*argv, "--output-dir", str(folders[-1]), "--save-probabilities", "--quiet"]) == 0
+    result = ensemble_folders(folders, tmp_path / "o", progress=False)
+    record = json.loads((tmp_path / "o" / "ensemble.json").read_text())
+    assert result.written == ["FeTS2022_00001"] and record["decode"] == "threshold 0.5"
+    assert labels(tmp_path / "o" / "FeTS2022_00001.nii.gz") == {4}
+    volume = float(np.prod(nib.load(tmp_path / "o" / "FeTS2022_00001.nii.gz").shape))  # 1 mm voxels
+    ensemble_folders(folders, tmp_path / "pp", et_min_mm3=volume + 1, progress=False)
+    assert labels(tmp_path / "pp" / "FeTS2022_00001.nii.gz") == {1}
+    assert json.loads((tmp_path / "pp" / "ensemble.json").read_text())["cases"]["et_dropped"] == ["FeTS2022_00001"]
+    header = nib.load(tmp_path / "pp" / "FeTS2022_00001.nii.gz").header
+    assert bytes(header["descrip"]).rstrip(b"\0").decode().endswith("!")
+
+
+def test_broken_inputs_cost_their_case_or_are_refused_in_one_line(predictions, tmp_path):
+    inputs = [predictions["et1"], predictions["ed"]]
+    data = (predictions["ed"] / "FeTS2022_00001.nii.gz").read_bytes()
+    (predictions["ed"] / "FeTS2022_00001.nii.gz").write_bytes(data[: len(data) // 2])  # truncated
+    with np.load(predictions["et1"] / "FeTS2022_00002.npz") as saved:
+        arrays = dict(saved)
+    arrays["probabilities"][1] = 60000  # finite, far outside 0..1: it would outvote every other input
+    np.savez_compressed(predictions["et1"] / "FeTS2022_00002.npz", **arrays)
     result = ensemble_folders(inputs, tmp_path / "o", progress=False)
-    assert "give --labels fets or brats2023" in result.failed["FeTS2022_00001"]
-    named = ensemble_folders(inputs, tmp_path / "o", labels="brats2023", progress=False)
-    assert named.written == ["FeTS2022_00001", "FeTS2022_00002"]
+    assert result.written == [] and set(result.failed) == {"FeTS2022_00001", "FeTS2022_00002"}
+    assert "outside 0..1" in result.failed["FeTS2022_00002"]
+    os.mkfifo(predictions["ed"] / "predict.part-1-of-2.json")  # reading it would wait for ever
+    with pytest.raises(InputError, match="not a record of mstkd predict"):
+        ensemble_folders(inputs, tmp_path / "o", progress=False)
