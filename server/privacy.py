@@ -169,6 +169,12 @@ def privacy_settings(run: RunConfig) -> dict:
             "updates (one site moves it by dp-clip / nodes); a median or a selection moves by up to dp-clip, so the "
             "reported epsilon would be wrong. Use a robust strategy or differential privacy, not both"
         )
+    if run.dp_delta >= 1 / min_nodes:
+        raise InputError(
+            f"dp-delta={run.dp_delta:g} is at least 1 / min-nodes ({1 / min_nodes:.3g}): releasing one whole site's "
+            "update at random meets that delta, so its epsilon would guarantee nothing; use one far below it "
+            "(the default: 1e-5)"
+        )
     clipping = str(run.dp_clipping)
     clip, noise = run.dp_clip, run.dp_noise
     max_epsilon = run.dp_max_epsilon

@@ -25,6 +25,16 @@ def _released(ledger, server_round: int) -> dict:
     return ledger.spent[server_round]
 
 
+@pytest.mark.parametrize("delta,nodes", [(0.5, 3), (1 / 3, 3), (0.1, 10)])
+def test_a_delta_that_guarantees_nothing_is_refused(delta, nodes):
+    """(0, 1/n)-DP is met by releasing one of n sites' updates whole, picked at random: its epsilon says nothing."""
+    from server.privacy import privacy_settings
+
+    with pytest.raises(InputError, match=r"dp-delta=.* is at least 1 / min-nodes"):
+        privacy_settings(RunConfig.parse({"dp": "server", "dp-noise": 1.0, "min-nodes": nodes, "dp-delta": delta}))
+    assert privacy_settings(RunConfig.parse({"dp": "server", "dp-noise": 1.0, "min-nodes": nodes, "dp-delta": 0.01}))
+
+
 def test_the_privacy_ledger_survives_a_server_restart():
     from server.ledger import PrivacyLedger
     from server.privacy import privacy_settings
