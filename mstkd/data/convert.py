@@ -169,11 +169,12 @@ def _plain(name: object) -> str:
 
 
 def _label_kind(name: object) -> str | None:
-    """``BG``, ``NCR``, ``ED`` or ``ET`` for a label's name, edema first (BraTS 2023 calls it the "surrounding
-    non-enhancing FLAIR hyperintensity"), then necrosis ("non-enhancing", "necrotic"), then enhancing; else None."""
+    """``BG`` (background, or BraTS 2024's resection cavity), ``NCR``, ``ED`` or ``ET`` for a label's name; else None.
+    Edema first (BraTS 2023 calls it the "surrounding non-enhancing FLAIR hyperintensity"), then necrosis
+    ("non-enhancing", "necrotic"), then enhancing."""
     plain = _plain(name)
-    if plain == "background":
-        return "BG"
+    if plain in ("background", "rc") or "resection" in plain or "cavity" in plain:
+        return "BG"  # BraTS 2024's resection cavity belongs to no tumour region, as for training here
     if any(word in plain for word in ("edema", "oedema", "hyperintensity")) or plain in ("ed", "snfh"):
         return "ED"
     if any(word in plain for word in ("nonenhancing", "necro")) or plain.startswith(("ncr", "netc")):

@@ -207,6 +207,10 @@ def test_an_msd_image_without_the_channels_dataset_json_names_costs_its_case(tmp
             {0: 0, 1: 1, 2: 2, 3: 4},
         ),
         ({"0": "background", "1": "NCR/NET", "2": "peritumoral edema", "4": "ET"}, {0: 0, 1: 1, 2: 2, 4: 4}),
+        (  # BraTS 2024's resection cavity is in no tumour region: background, as the project trains it
+            {"0": "background", "1": "NETC", "2": "SNFH", "3": "ET", "4": "resection cavity"},
+            {0: 0, 1: 1, 2: 2, 3: 4, 4: 0},
+        ),
     ],
 )
 def test_label_names_are_read_for_what_they_say(tmp_path, labels, expected):
