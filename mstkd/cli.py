@@ -292,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ensemble", help="average several models' predictions of one folder (--save-probabilities)")
     p.add_argument("--input-dirs", nargs="+", required=True, help="folders that mstkd predict --input-dir wrote")
     p.add_argument("--output-dir", required=True, help="where <CaseID>.nii.gz files go")
-    p.add_argument("--labels", default="auto", help="auto (from the inputs' label maps), fets or brats2023")
+    p.add_argument(
+        "--labels",
+        choices=("auto", "fets", "brats2023"),
+        default="auto",
+        help="auto (what the inputs' predict.json name), or fets or brats2023 for folders of an older version",
+    )
     p.add_argument("--et-min-mm3", type=float, default=0.0, help="the small-ET rule, as for predict (default 0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ensemble)

@@ -277,6 +277,9 @@ def convert_dataset(src: str | Path, out: str | Path, *, test: bool = False, pro
     check_writable(out, what="output folder")
     out.mkdir(parents=True, exist_ok=True)
     name = "convert-test.json" if test else "convert.json"
+    other = out / ("convert.json" if test else "convert-test.json")
+    if other.exists():  # labelled and unlabelled cases in one data folder: every training command would fail
+        raise InputError(f"{out}: holds the {'training' if test else 'test'} cases ({other.name}); give each a folder")
     maps = {
         "source": str(dataset.folder.resolve()),
         "images": "imagesTs" if test else "imagesTr",

@@ -141,6 +141,11 @@ def test_test_images_convert_without_labels(tmp_path):
         save(src / "imagesTs" / f"BraTS2021_00009_{i:04d}.nii.gz", channel(i, 9))
     result = convert_dataset(src, tmp_path / "test", test=True, progress=False)
     assert result.written == ["BraTS2021_00009"] and detect_case(tmp_path / "test" / "BraTS2021_00009").seg is None
+    convert_dataset(src, tmp_path / "train", progress=False)
+    with pytest.raises(InputError, match="holds the training cases"):  # unlabelled cases among the training ones
+        convert_dataset(src, tmp_path / "train", test=True, progress=False)
+    with pytest.raises(InputError, match="holds the test cases"):
+        convert_dataset(src, tmp_path / "test", progress=False)
 
 
 @pytest.mark.parametrize(
