@@ -68,6 +68,9 @@ CHANNEL_NAMES = {
 }
 """A channel's name in ``dataset.json`` (lower case) -> the modality it is."""
 
+REGION_WORDS = {"WT": "whole", "TC": "core", "ET": "enhanc"}
+"""nnU-Net's region names: a word each holds (``whole tumor``), or the region's abbreviation (``WT``)."""
+
 CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What a case id may be: a plain file name (it names a folder and files)."""
 
@@ -189,10 +192,7 @@ def _region_map(values: dict[str, list[int]], path: Path) -> dict[int, int]:
     regions: dict[str, set[int]] = {}
     for name, vs in values.items():
         plain = _plain(name)
-        key = (
-            "WT" if "whole" in plain or plain == "wt" else "TC" if "core" in plain or plain == "tc"
-            else "ET" if "enhanc" in plain or plain == "et" else "BG"
-        )  # fmt: skip
+        key = next((k for k, word in REGION_WORDS.items() if word in plain or plain == k.lower()), "BG")
         if key == "BG" and vs != [0]:
             raise InputError(f"{path}: region {name[:40]!r} is not the whole tumour, tumour core or enhancing tumour")
         regions[key] = set(vs)
