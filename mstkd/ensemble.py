@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import stat
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ from mstkd.atomic import check_writable, write_text
 from mstkd.data.geometry import spacing_of
 from mstkd.data.labels import CLASSES, CONVENTIONS, labels_from_regions
 from mstkd.data.nifti import AFFINE_TOLERANCE, read_header, write_volume
-from mstkd.errors import InputError, first_line
+from mstkd.errors import InputError, first_line, read_json_object
 from mstkd.evaluate import decode
-from mstkd.postprocess import check_threshold, suppress_small_et
+from mstkd.postprocess import check_threshold, stamp, suppress_small_et
 
 MAX_RECORD_BYTES = 16 << 20
 """The largest ``predict.json`` read (it holds a config and the case lists)."""
@@ -65,31 +64,23 @@ def records(folder: Path) -> list[tuple[Path, dict]]:
         if path.name.startswith("."):
             continue
         try:
-            mode = path.stat().st_mode
-            if not stat.S_ISREG(mode) or path.stat().st_size > MAX_RECORD_BYTES:
-                raise InputError(f"{path}: not a record of mstkd predict (a plain file under 16 MiB)")
-            record = json.loads(path.read_bytes())
-        except InputError:
-            raise
-        except (OSError, ValueError, RecursionError) as exc:
+            found.append((path, read_json_object(path, MAX_RECORD_BYTES)))
+        except InputError as exc:
             raise InputError(f"{path}: not a record of mstkd predict ({first_line(exc)})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path}: not a record of mstkd predict")
-        found.append((path, record))
     if not found:
         raise InputError(f"{folder}: no predict.json (predict with --input-dir and --save-probabilities)")
     return found
 
 
-def decode_rule(folder: Path) -> tuple[str, float]:
+def decode_rule(folder: Path, found: list[tuple[Path, dict]]) -> tuple[str, float]:
     """How the models that wrote ``folder`` decode probabilities: ``argmax`` or ``threshold`` and its threshold, from
-    the configs its records (:func:`records`) hold; they must agree.
+    the configs its records (``found``, :func:`records`) hold; they must agree.
 
     Raises:
         InputError: no record, one that does not read, or records that decode differently.
     """
     rules = set()
-    for path, record in records(folder):
+    for path, record in found:
         try:
             cfg = record["config"]
             how, activation, threshold = cfg["eval"]["decode"], cfg["loss"]["activation"], cfg["eval"]["threshold"]
@@ -105,10 +96,11 @@ def decode_rule(folder: Path) -> tuple[str, float]:
     return rules.pop()
 
 
-def conventions(folder: Path) -> dict[str, str]:
-    """Case id -> its label convention, as ``folder``'s records say (records before this version say nothing)."""
+def conventions(found: list[tuple[Path, dict]]) -> dict[str, str]:
+    """Case id -> its label convention, as a folder's records (``found``) say (records before this version say
+    nothing)."""
     out: dict[str, str] = {}
-    for _, record in records(folder):
+    for _, record in found:
         cases = record.get("cases")
         named = cases.get("conventions") if isinstance(cases, dict) else None
         if isinstance(named, dict):
@@ -178,7 +170,8 @@ def ensemble_folders(
         raise InputError("give at least two prediction folders to ensemble")
     if labels not in ("auto", *CONVENTIONS):
         raise InputError(f"--labels {labels!r}: expected auto, {' or '.join(CONVENTIONS)}")
-    rules = {f: decode_rule(f) for f in folders}
+    found = {f: records(f) for f in folders}  # each read once
+    rules = {f: decode_rule(f, found[f]) for f in folders}
     if len(set(rules.values())) > 1:
         raise InputError(f"the inputs decode in different ways: {', '.join(f'{f}: {r[0]}' for f, r in rules.items())}")
     how, threshold = rules[folders[0]]
@@ -194,7 +187,7 @@ def ensemble_folders(
         raise InputError(f"{output_dir}: is one of the inputs; write the ensemble to a folder of its own")
     check_writable(output_dir, what="--output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
-    named = [conventions(f) for f in folders]
+    named = [conventions(found[f]) for f in folders]
     result = EnsembleResult()
     for case_id in tqdm(sorted(cases), desc="ensemble", unit="case", disable=not progress):
         try:
@@ -207,7 +200,7 @@ def ensemble_folders(
             continue
         result.written.append(case_id)
     record = {
-        "inputs": [_provenance(f) for f in folders],
+        "inputs": [_provenance(f, found[f]) for f in folders],
         "decode": how if how == "argmax" else f"threshold {threshold:g}",
         "et_min_mm3": et_min_mm3,
         "cases": {"written": result.written, "failed": result.failed, "et_dropped": result.et_dropped},
@@ -216,10 +209,10 @@ def ensemble_folders(
     return result
 
 
-def _provenance(folder: Path) -> dict:
-    """An input folder and the checkpoints its records name (SHA-256)."""
+def _provenance(folder: Path, found: list[tuple[Path, dict]]) -> dict:
+    """An input folder and the checkpoints its records (``found``) name (SHA-256)."""
     made_by = set()
-    for _, record in records(folder):
+    for _, record in found:
         checkpoint = record.get("checkpoint")
         sha = checkpoint.get("sha256") if isinstance(checkpoint, dict) else None
         if isinstance(sha, str):
@@ -245,8 +238,7 @@ def _ensemble_case(
     total /= len(folders)
     regions, dropped = suppress_small_et(decode(total, how, threshold), spacing_of(first.affine), et_min_mm3)
     header = first.header.copy()
-    rule = f" et<{et_min_mm3!r}{'!' if dropped else ''}" if et_min_mm3 else ""
-    header["descrip"] = f"mstkd ensemble of {len(folders)}{rule}".encode()
+    header["descrip"] = f"mstkd ensemble of {len(folders)}{stamp(et_min_mm3, dropped)}".encode()
     write_volume(out / f"{case_id}.nii.gz", labels_from_regions(regions, CONVENTIONS[convention]), first.affine, header)
     return dropped
 

@@ -12,6 +12,11 @@ from data, a path or the environment.
 
 from __future__ import annotations
 
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
 
 class InputError(ValueError):
     """Bad input that the user can fix; the message is one line, naming the file."""
@@ -68,3 +73,27 @@ def public_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "io: a file could not be read or written (details in the node's log)"
     return f"internal: {name} (details in the node's log)"
+
+
+def read_json_object(path: Path, max_bytes: int) -> dict[str, Any]:
+    """A JSON object from a file that may come from elsewhere: a plain file (not a FIFO, whose read would wait for
+    ever) of at most ``max_bytes``, read as data.
+
+    Raises:
+        InputError: ``path`` is not such a file: missing, not plain, too large, not JSON (nested past the parser's
+            depth included), or not an object; one line naming it.
+    """
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path}: not a plain file")
+        if info.st_size > max_bytes:
+            raise InputError(f"{path}: larger than {max_bytes >> 20} MiB")
+        value = json.loads(path.read_bytes())
+    except InputError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path}: not JSON ({first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return value

@@ -292,6 +292,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
     if bool(args.case) == bool(args.input_dir):
         raise InputError("give either --case with --out (one case) or --input-dir with --output-dir (every case)")
+    how = {"modalities": args.modalities, "device": args.device, "tta": args.tta, "et_min_mm3": args.et_min_mm3}
     if args.case:
         folder_only = [f for f, on in FOLDER_FLAGS.items() if on(args)]
         if folder_only:
@@ -300,15 +301,7 @@ def predict_command(args: argparse.Namespace) -> int:
             raise InputError("--case needs --out (the label map to write, e.g. SEG.nii.gz)")
         if args.output_dir:
             raise InputError("--output-dir goes with --input-dir; with --case, name the file with --out")
-        summary = predict_case(
-            args.checkpoint,
-            args.case,
-            args.out,
-            modalities=args.modalities,
-            device=args.device,
-            tta=args.tta,
-            et_min_mm3=args.et_min_mm3,
-        )
+        summary = predict_case(args.checkpoint, args.case, args.out, **how)
         if summary["anisotropic"]:
             print(anisotropy_warning(summary), file=sys.stderr)
         print(
@@ -326,10 +319,7 @@ def predict_command(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.input_dir,
         args.output_dir,
-        modalities=args.modalities,
-        device=args.device,
-        tta=args.tta,
-        et_min_mm3=args.et_min_mm3,
+        **how,
         progress=not args.quiet,
         resume=args.resume,
         probabilities=args.save_probabilities,

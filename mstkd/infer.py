@@ -36,6 +36,7 @@ from mstkd.errors import InputError
 from mstkd.evaluate import class_probabilities, decode_for
 from mstkd.modalities import Subset
 from mstkd.postprocess import check_threshold, drops_et, without_et
+from mstkd.postprocess import stamp as rule_stamp
 from mstkd.provenance import sha256_of
 from mstkd.train import pick_device
 
@@ -90,7 +91,7 @@ class Predictor:
         """What a label map's header says of how it was made (under NIfTI's 80 bytes): the checkpoint's SHA-256
         (its first 16 digits), the test-time augmentation, the modalities it saw and the ET post-processing's
         threshold (its shortest exact decimal), followed by ``!`` where it dropped the case's ET."""
-        post = f" et<{self.et_min_mm3!r}{'!' if et_dropped else ''}" if self.et_min_mm3 else ""
+        post = rule_stamp(self.et_min_mm3, et_dropped)
         return f"mstkd {self.sha256[:16]} tta={int(self.tta)} {subset.name}{post}"
 
     def predict(

@@ -35,6 +35,12 @@ def describe(min_mm3: float) -> str:
     return f"a case's predicted ET under {min_mm3:g} mm³ becomes necrosis{protocol}; TC and WT do not change"
 
 
+def stamp(min_mm3: float, dropped: bool) -> str:
+    """What a label map's header says of the rule: `` et<500.0`` (its threshold's shortest exact decimal), followed
+    by ``!`` where it dropped the case's ET; nothing when the rule is off."""
+    return f" et<{min_mm3!r}{'!' if dropped else ''}" if min_mm3 else ""
+
+
 def check_threshold(min_mm3: float, what: str = "--et-min-mm3") -> float:
     """``min_mm3`` as a float when it lies in 0 .. :data:`MAX_ET_MIN_MM3`.
 

@@ -4,13 +4,12 @@ benchmark continued elsewhere skips the runs already made."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from mstkd.errors import InputError
+from mstkd.errors import InputError, read_json_object
 from mstkd.numbers import is_finite
 from simulations.scenario import Arm, Scenario, ScenarioData
 
@@ -66,14 +65,12 @@ def _copy(source: Path, root: Path, name: str) -> None:
     shutil.copy2(source, dest)
 
 
+MAX_RECORD_BYTES = 16 << 20
+"""The largest ``done.json`` or ``bench.json`` read (the benchmark writes a few kB)."""
+
+
 def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: not a JSON object")
-    return value
+    return read_json_object(path, MAX_RECORD_BYTES)
 
 
 def read_done(root: Path, run: str) -> dict[str, Any]:

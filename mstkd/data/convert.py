@@ -46,7 +46,7 @@ from mstkd.data.nifti import (
     read_volume,
     write_volume,
 )
-from mstkd.errors import InputError, first_line
+from mstkd.errors import InputError, first_line, read_json_object
 
 MAX_JSON_BYTES = 16 << 20
 """The largest ``dataset.json`` read (MSD's lists 750 cases in under 100 kB)."""
@@ -113,14 +113,7 @@ def read_dataset(folder: str | Path) -> Dataset:
     path = folder / "dataset.json"
     if not path.is_file():
         raise InputError(f"{folder}: no dataset.json (expected an MSD task or an nnU-Net raw dataset folder)")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise InputError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB")
-    try:
-        meta = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as exc:
-        raise InputError(f"{path}: not JSON ({first_line(exc)})") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{path}: not a JSON object")
+    meta = read_json_object(path, MAX_JSON_BYTES)
     channels: dict[int, str] = {}
     for index, name in _names(meta.get("channel_names", meta.get("modality")), "channel_names").items():
         modality = CHANNEL_NAMES.get(str(name).strip().lower())
@@ -315,10 +308,10 @@ def _check_earlier(record: Path, maps: dict, there: list[str]) -> None:
     if not there:
         return
     try:
-        earlier = json.loads(record.read_text())
-    except (OSError, ValueError):
+        earlier = read_json_object(record, MAX_JSON_BYTES)
+    except InputError:
         raise InputError(f"{record.parent}: already holds {there[0]}, not made by mstkd convert") from None
-    if not isinstance(earlier, dict) or {k: earlier.get(k) for k in maps} != maps:
+    if {k: earlier.get(k) for k in maps} != maps:
         raise InputError(
             f"{record.parent}: holds cases converted from another source or with other channel or label maps "
             f"({record.name}); convert into a new folder"
