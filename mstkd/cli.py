@@ -14,6 +14,7 @@ from pathlib import Path
 from mstkd.atomic import check_writable
 from mstkd.data.layouts import Layout
 from mstkd.errors import InputError
+from mstkd.postprocess import SWEEP_MM3, mm3
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -109,6 +110,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mstkd.train import pick_device
 
     check_writable(args.out, "--out")  # before the evaluation, not after it
+    sweep = () if args.et_sweep is None else [check_threshold(t, "--et-sweep") for t in args.et_sweep or SWEEP_MM3]
+    if sweep and args.split == "test":
+        print(
+            "--et-sweep on the test cases: choose the threshold with --split val, never on the test cases",
+            file=sys.stderr,
+        )
     device = pick_device()
     net, cfg, payload = load_checkpoint(args.checkpoint, device)
     if args.lesion:
@@ -129,9 +136,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if not cases:
         raise InputError(f"{args.data}: the {args.split} split holds no case (see {federation.split_csv})")
-    result = evaluate_cases(
-        net, cases, cfg, subsets=parse_subsets(args.subsets), device=device, progress=not args.quiet
-    )
+    subsets = parse_subsets(args.subsets)
+    result = evaluate_cases(net, cases, cfg, subsets=subsets, device=device, progress=not args.quiet, et_sweep=sweep)
     paths = result.write(args.out)
     save_config(cfg, Path(args.out) / "config.yaml")
     print(result.markdown())
@@ -266,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="also score ET with a predicted ET under this volume made necrosis (default: the checkpoint's "
         "eval.et_min_mm3, 500; 0: not scored)",
+    )
+    p.add_argument(
+        "--et-sweep",
+        nargs="*",
+        type=float,
+        metavar="V",
+        help=f"also score that rule at each volume V (mm³; none given: {' '.join(map(mm3, SWEEP_MM3))}) from the "
+        "same predictions, and name the best; use with --split val",
     )
     p.add_argument(
         "--lesion",

@@ -10,7 +10,9 @@ subset in the paper's order plus the average row, and is written as CSV, JSON an
 
 With ``eval.et_min_mm3`` above 0, every row also holds ET's scores after the RFNet protocol's post-processing
 (:mod:`mstkd.postprocess`: a predicted ET under that many mm³ becomes necrosis), ``ET_pp_dice`` and ``ET_pp_hd95``,
-and whether it dropped ET (``ET_pp_dropped``), so that the rule is chosen on validation cases.
+and whether it dropped ET (``ET_pp_dropped``), so that the rule is chosen on validation cases. With thresholds in
+``et_sweep`` (``mstkd evaluate --et-sweep``), the result also scores the rule at each of them from the same predictions
+(:func:`mstkd.postprocess.sweep`) and names the best.
 
 With ``eval.lesion`` set to a mode of :data:`mstkd.lesion.LESION_MODES` (``brats2023``: the BraTS 2023
 ranking's rules), every row also holds that mode's lesion-wise scores per region (``<R>_lesion_dice``, ...).
@@ -41,7 +43,7 @@ from mstkd.metrics import score_regions, volume_diagonal
 from mstkd.modalities import SUBSETS, Subset, zero_fill
 from mstkd.modalities import parse_subsets as parse_subsets  # re-exported: callers import it from here
 from mstkd.model import MSTKDNet
-from mstkd.postprocess import describe, postprocessed_et_scores
+from mstkd.postprocess import EtCase, describe, et_volume_mm3, mm3, sweep, sweep_markdown
 from mstkd.train import autocast, pick_device
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
@@ -135,6 +137,8 @@ class EvalResult:
     hd95: str = "max"
     lesion: str = ""  # the lesion-wise mode the rows hold, if any
     et_min_mm3: float = 0.0  # the ET post-processing's threshold the rows hold scores for (0: none)
+    et_sweep: tuple[float, ...] = ()  # thresholds the rule is also scored at, from the same predictions
+    et_cases: dict[str, list[EtCase]] = field(default_factory=dict)  # per subset, what the rule's outcome needs
     collapse_share: float = 0.5
     collapse_ratio: float = 10.0
 
@@ -197,7 +201,12 @@ class EvalResult:
             f"percentiles; a region missed or hallucinated scores the volume diagonal), mean over {n} cases."
         )
         lines += [f"\n**Collapse:** {describe_collapse(hit)}." for hit in self.collapse()]
-        return "\n".join(lines + self._postprocessed_markdown() + self._lesion_markdown())
+        sweep_lines = sweep_markdown(self.sweep(), n) if self.et_sweep else []
+        return "\n".join(lines + self._postprocessed_markdown() + sweep_lines + self._lesion_markdown())
+
+    def sweep(self) -> list[dict[str, float]]:
+        """The rule's scores at each threshold of ``et_sweep`` (:func:`mstkd.postprocess.sweep`)."""
+        return sweep(self.et_cases, self.et_sweep) if self.et_sweep else []
 
     def _postprocessed_markdown(self) -> list[str]:
         """ET with and without the post-processing, per subset, when the rows hold it."""
@@ -217,7 +226,7 @@ class EvalResult:
         return lines + [
             "",
             f"Post-processed: {describe(self.et_min_mm3)}. Choose it on validation cases (`--split val`); "
-            f"`mstkd predict --et-min-mm3 {self.et_min_mm3:g}` applies it.",
+            f"`mstkd predict --et-min-mm3 {mm3(self.et_min_mm3)}` applies it.",
         ]
 
     def _lesion_markdown(self) -> list[str]:
@@ -250,7 +259,7 @@ class EvalResult:
         table = self.table()
         write_csv(paths["csv"], table, None if table else ["subset"])
         write_csv(paths["cases"], self.rows, None if self.rows else ["subset"], outside=("case",))
-        settings = {"hd95": self.hd95, "et_min_mm3": self.et_min_mm3, "lesion": self.lesion}
+        settings = {"hd95": self.hd95, "et_min_mm3": self.et_min_mm3, "lesion": self.lesion, "et_sweep": self.sweep()}
         write_text(paths["json"], json.dumps({"table": self.table(), "cases": self.rows, **settings}, indent=1))
         write_text(paths["md"], self.markdown() + "\n")
         return paths
@@ -296,8 +305,10 @@ def evaluate_cases(
     device: torch.device | None = None,
     progress: bool = True,
     desc: str = "evaluate",
+    et_sweep: Sequence[float] = (),
 ) -> EvalResult:
-    """Score ``net`` on every case of ``entries`` under every subset in ``subsets``."""
+    """Score ``net`` on every case of ``entries`` under every subset in ``subsets``, and the small-ET rule at each
+    threshold of ``et_sweep`` (checked by the caller)."""
     lesion = str(cfg.eval.get("lesion") or "")
     if lesion:
         from mstkd.lesion import check_mode, stack_scores
@@ -309,6 +320,7 @@ def evaluate_cases(
         hd95=str(cfg.metrics.hd95),
         lesion=lesion,
         et_min_mm3=float(cfg.eval.et_min_mm3),
+        et_sweep=tuple(float(t) for t in et_sweep),
         collapse_share=float(cfg.eval.collapse_share),
         collapse_ratio=float(cfg.eval.collapse_ratio),
     )
@@ -337,9 +349,17 @@ def evaluate_cases(
                     **ref_voxels,
                 }
             )
+            et = EtCase(
+                et_volume_mm3(pred, spacing),
+                ref_voxels["ET_ref"] > 0,
+                scores["ET"]["dice"],
+                scores["ET"]["hd95"],
+                empty,
+            )
+            result.et_cases.setdefault(subset.name, []).append(et)
             if result.et_min_mm3 > 0:
-                pp = postprocessed_et_scores(pred, ref[0], scores["ET"], spacing, result.et_min_mm3, empty)
-                result.rows[-1].update(pp)
+                dice, hd95, dropped = et.scores(result.et_min_mm3)
+                result.rows[-1].update(ET_pp_dice=dice, ET_pp_hd95=hd95, ET_pp_dropped=float(dropped))
             if lesion:
                 scored = stack_scores(lesion, pred, ref, spacing)
                 result.rows[-1].update({f"{r}_{m}": v for r in REGIONS for m, v in scored[r].items()})

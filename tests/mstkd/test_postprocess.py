@@ -26,7 +26,7 @@ from mstkd.infer import Predictor, Prepared
 from mstkd.modalities import Subset
 from mstkd.model import build_networks
 from mstkd.phantoms import write_federation
-from mstkd.postprocess import et_volume_mm3, postprocessed_et_scores, suppress_small_et, voxel_mm3
+from mstkd.postprocess import EtCase, et_volume_mm3, suppress_small_et, sweep, sweep_markdown, voxel_mm3
 from tests.helpers import AFFINE, write_case
 
 
@@ -52,20 +52,37 @@ def test_the_threshold_is_a_volume_so_it_means_the_same_at_any_voxel_size():
 
 
 def test_a_dropped_et_scores_as_an_empty_prediction():
-    raw = {"dice": 0.25, "hd95": 7.0}
-    small, empty_ref, ref = blob(2), np.zeros((12, 12, 12), bool), blob(4)[0]
-    assert postprocessed_et_scores(small, empty_ref, raw, (1, 1, 1), 500.0, 99.0) == {
-        "ET_pp_dice": 1.0,
-        "ET_pp_hd95": 0.0,
-        "ET_pp_dropped": 1.0,
-    }
-    assert postprocessed_et_scores(small, ref, raw, (1, 1, 1), 500.0, 99.0) == {
-        "ET_pp_dice": 0.0,
-        "ET_pp_hd95": 99.0,
-        "ET_pp_dropped": 1.0,
-    }
-    kept = postprocessed_et_scores(small, ref, raw, (1, 1, 1), 5.0, 99.0)  # 8 mm³ is above 5
-    assert kept == {"ET_pp_dice": 0.25, "ET_pp_hd95": 7.0, "ET_pp_dropped": 0.0}
+    small = EtCase(volume_mm3=8.0, has_et=False, dice=0.0, hd95=7.0, empty_hd95=99.0)
+    assert small.scores(500.0) == (1.0, 0.0, True)  # no ET in the reference: the dropped voxels were all wrong
+    missed = EtCase(volume_mm3=8.0, has_et=True, dice=0.25, hd95=7.0, empty_hd95=99.0)
+    assert missed.scores(500.0) == (0.0, 99.0, True)
+    assert missed.scores(5.0) == (0.25, 7.0, False)  # 8 mm³ is above 5
+    assert missed.scores(8.0) == (0.25, 7.0, False)  # only under the threshold
+    assert missed.scores(0.0) == (0.25, 7.0, False)  # 0: off
+    none = EtCase(volume_mm3=0.0, has_et=True, dice=0.0, hd95=99.0, empty_hd95=99.0)
+    assert none.scores(500.0) == (0.0, 99.0, False)  # nothing predicted: nothing to drop
+
+
+def test_a_sweep_scores_every_threshold_from_the_same_cases_and_names_the_best():
+    """Per subset: one case whose model hallucinates 30 mm³ of ET where there is none, one whose true ET of
+    800 mm³ it finds. 100 and 500 mm³ both drop the hallucination only (the smaller is named); 1000 also drops the
+    true ET; 0 and 10 change nothing."""
+    hallucinated = EtCase(30.0, False, 0.0, 40.0, 150.0)
+    found = EtCase(800.0, True, 0.8, 3.0, 150.0)
+    cases = {"flair": [hallucinated, found], "t1ce": [hallucinated, found, found, found]}
+    rows = {r["et_min_mm3"]: r for r in sweep(cases, [1000.0, 0.0, 100.0, 10.0, 500.0, 100.0])}
+    assert list(rows) == [0.0, 10.0, 100.0, 500.0, 1000.0]  # sorted, once each
+    assert rows[0.0]["ET_dice"] == pytest.approx((0.4 + 0.6) / 2)  # mean over subsets of their case means
+    assert rows[10.0]["ET_dice"] == rows[0.0]["ET_dice"] and rows[0.0]["dropped"] == 0.0
+    assert rows[100.0]["ET_dice"] == pytest.approx((0.9 + 0.85) / 2)
+    assert rows[100.0]["ET_hd95"] == pytest.approx((1.5 + 2.25) / 2)
+    assert rows[100.0]["dropped"] == pytest.approx((0.5 + 0.25) / 2)
+    assert rows[1000.0]["ET_dice"] == pytest.approx(0.5 / 2 + 0.25 / 2) and rows[1000.0]["dropped"] == 1.0
+    assert [t for t, r in rows.items() if r["best"]] == [100.0]
+    assert [r["best"] for r in sweep({"flair": [found]}, [0.0, 10.0])] == [1.0, 0.0]  # a tie: the smaller, no rule
+    md = "\n".join(sweep_markdown(list(rows.values()), cases=4))
+    assert "| **100** | 87.5 |" in md and "`mstkd predict --et-min-mm3 100`" in md
+    assert [r["best"] for r in sweep({}, [0.0, 500.0])] == [0.0, 0.0]  # nothing scored: nothing named
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +121,7 @@ def test_evaluation_reports_et_with_and_without_the_rule(phantoms, monkeypatch):
     monkeypatch.setattr(evaluate_module, "segment", shrunk_et())
     net = build_networks(cfg.model)[1]
     full = parse_subsets("full")
-    result = evaluate_cases(net, cases, cfg, subsets=full, progress=False)
+    result = evaluate_cases(net, cases, cfg, subsets=full, progress=False, et_sweep=(0.0, 500.0, 1e6))
     dropped, kept = result.rows
     for row, case, n in zip(result.rows, cases, sizes, strict=True):
         assert row["ET_dice"] == pytest.approx(2 * n / (n + int(case.regions()[0].sum())))  # the raw ET
@@ -115,11 +132,19 @@ def test_evaluation_reports_et_with_and_without_the_rule(phantoms, monkeypatch):
     md = result.markdown()
     assert "| Subset | Dice ET | Dice ET, post-processed |" in md and "under 500 mm³ becomes necrosis" in md
     assert result.summary()["ET_pp_dropped"] == 0.5
+    # the sweep, from the same predictions: at 0 the raw ET, at 500 the rows' post-processed ET, at 1e6 both dropped
+    raw, at_500, at_1e6 = result.sweep()
+    assert raw["ET_dice"] == pytest.approx(np.mean([r["ET_dice"] for r in result.rows])) and raw["dropped"] == 0
+    assert at_500["ET_dice"] == pytest.approx(np.mean([r["ET_pp_dice"] for r in result.rows]))
+    assert at_500["ET_hd95"] == pytest.approx(np.mean([r["ET_pp_hd95"] for r in result.rows]))
+    assert at_1e6["ET_dice"] == 0.0 and at_1e6["dropped"] == 1.0 and raw["best"] == 1.0
+    assert "| ET threshold (mm³) |" in md and "| **0** |" in md
 
     monkeypatch.setattr(evaluate_module, "segment", shrunk_et())
     off_cfg = load_config(["model=tiny", "train.amp=false", "eval.et_min_mm3=0"])  # the rows hold the raw scores only
     off = evaluate_cases(net, cases, off_cfg, subsets=full, progress=False)
     assert "ET_pp_dice" not in off.rows[0] and "post-processed" not in off.markdown()
+    assert off.sweep() == [] and "ET threshold" not in off.markdown()  # no sweep unless asked
     assert [r["ET_dice"] for r in off.rows] == [r["ET_dice"] for r in result.rows]
 
 
@@ -177,6 +202,29 @@ def test_predict_drops_a_small_et_by_its_volume_on_the_model_grid_and_continue_k
     assert main([*argv, "--continue"]) == 0
     assert 4 in labels("FeTS2022_00001")
     assert "finished earlier" not in capsys.readouterr().err
+
+
+def test_evaluate_sweeps_thresholds_from_one_pass_and_writes_them(phantoms, tmp_path, capsys):
+    ckpt = et_everywhere_checkpoint(tmp_path)  # ET over each case's whole field of view: thousands of mm³
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--data", str(phantoms), "--subsets", "full,flair", "--quiet"]
+    assert main([*argv, "--split", "val", "--out", str(tmp_path / "val"), "--et-sweep"]) == 0
+    record = json.loads((tmp_path / "val" / "eval.json").read_text())
+    assert [r["et_min_mm3"] for r in record["et_sweep"]] == [0, 100, 250, 500, 1000, 2000]  # the default candidates
+    assert all(r["dropped"] == 0 for r in record["et_sweep"])  # every ET is larger than 2000 mm³
+    md = (tmp_path / "val" / "eval.md").read_text()
+    assert "| **0** |" in md and "Best here: 0 mm³" in md and "`mstkd predict` without the rule" in md
+    assert "--et-sweep on the test cases" not in capsys.readouterr().err
+    assert main([*argv, "--split", "train", "--out", str(tmp_path / "train"), "--et-sweep", "1e6"]) == 0
+    record = json.loads((tmp_path / "train" / "eval.json").read_text())
+    (only,) = record["et_sweep"]  # ET over the whole brain is above a litre: kept, so the raw ET, and the best
+    assert only["et_min_mm3"] == 1e6 and only["dropped"] == 0.0 and only["best"] == 1.0
+    assert only["ET_dice"] == pytest.approx(record["table"][-1]["ET_dice"])
+    main([*argv, "--split", "test", "--out", str(tmp_path / "test"), "--et-sweep"])  # this federation has no test case
+    assert "--et-sweep on the test cases: choose the threshold with --split val" in capsys.readouterr().err
+    assert main([*argv, "--split", "val", "--out", str(tmp_path / "bad"), "--et-sweep", "500", "-1"]) == 2
+    assert "error: --et-sweep -1: give a volume between 0 and" in capsys.readouterr().err
+    assert main([*argv, "--split", "val", "--out", str(tmp_path / "none")]) == 0  # no flag, no sweep
+    assert json.loads((tmp_path / "none" / "eval.json").read_text())["et_sweep"] == []
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), 2e6])
