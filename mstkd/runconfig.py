@@ -115,6 +115,7 @@ class RunConfig:
     malicious_nodes: int = _key(NON_NEGATIVE, 1)
     trim_beta: float = _key(UNIT, 0.2)
     krum_select: int = _key(NON_NEGATIVE, 0)
+    update_bound: float = _key(NON_NEGATIVE, 0.0)
     max_examples: int = _key(POSITIVE, 10_000)
     min_nodes: int = _key(POSITIVE, 2)
     fraction_train: float = _key(UNIT, 1.0)

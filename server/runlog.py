@@ -75,6 +75,7 @@ RECORD_SHAPE: dict[str, Check] = {
     **dict.fromkeys(("skipped", "secure_aggregation"), _text),
     "sites": _fields({}, rest=_SITE),  # keyed by node id
     "failures": _list_of(_FAILURE),
+    "bounded": _list_of(_fields({"node": _maybe(is_whole), "norm": is_number, "limit": is_number})),
     "collapse": _list_of(_fields({"where": _text, "what": _text})),
     "privacy": _privacy,
     "global": _fields({"mean_dice": is_number, **_SCORES}, rest=is_number),  # an HD95 of nothing is NaN: a number too

@@ -21,6 +21,12 @@ for training, every reply for validation), so a hostile node's claimed count and
 choose ``best.pt``, and MultiKrum averages the replies it selects unweighted, as Blanchard et al.
 (2017) define it (Flower's weighs them by their claimed counts, so one selected node that claims
 ``max-examples`` cases would be nearly the whole average).
+
+With ``update-bound`` k > 0, any strategy first scales down each reply whose update (its weights less the round's
+global ones) is longer than k times the round's median update (the lower median of the nonzero ones), as norm
+bounding does (Sun et al., 2019, "Can you really backdoor federated learning?"): one site's update then moves an
+average at most k times as far as a typical site's, whatever it scaled it by. The direction of an update is kept,
+so a sign-flipped or noisy update of a typical length passes; the median needs most replies honest.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from flwr.serverapp.strategy import (
 
 from mstkd.errors import InputError
 from mstkd.model.federated import TRANSPORT_DTYPES
-from mstkd.runconfig import RunConfig, Strategy, Transport
+from mstkd.runconfig import DPMode, RunConfig, Strategy, Transport
 from server.runlog import RunLog
 
 log = logging.getLogger("mstkd.server")
@@ -88,6 +94,7 @@ def strategy_options(run: RunConfig, nodes: int) -> dict:
         InputError: settings the strategy cannot work with (Bulyan with too few nodes, MultiKrum selecting
             more replies than there are).
     """
+    check_update_bound(run)
     name, hostile = run.strategy, run.malicious_nodes
     if name == Strategy.FEDPROX:
         return {"proximal_mu": run.proximal_mu}
@@ -122,6 +129,28 @@ def strategy_options(run: RunConfig, nodes: int) -> dict:
     return {}
 
 
+def check_update_bound(run: RunConfig) -> None:
+    """Refuse an ``update-bound`` that cannot work: one below 1 (it would shrink a typical update too), or one with
+    secure aggregation (the server never sees a single update) or differential privacy (whose clipping bounds each
+    update at a norm of its own; a bound that follows the other sites' updates would change what the noise covers).
+
+    Raises:
+        InputError: one line naming the setting.
+    """
+    bound = run.update_bound
+    if not bound:
+        return
+    if bound < 1:
+        raise InputError(f"update-bound={bound:g}: give 0 (off) or at least 1 (times the round's median update)")
+    if run.secagg:
+        raise InputError("update-bound with secagg=true: the server sees only the sum of the updates, not one")
+    if run.dp != DPMode.OFF:
+        raise InputError(
+            f"update-bound with dp={str(run.dp)!r}: differential privacy clips each update at dp-clip already; "
+            "use one or the other"
+        )
+
+
 def strategy_caveat(run: RunConfig, nodes: int) -> str | None:
     """A warning for settings the strategy runs with but without its guarantee, or None: Krum and MultiKrum
     (Blanchard et al., 2017) tolerate ``malicious-nodes`` f only among at least 2f + 3 replies; with fewer, a
@@ -151,6 +180,8 @@ class FederatedMixin:
         self.local_epochs = local_epochs
         self.runlog = runlog
         self.uniform_weights = False  # True: every site counts the same (robust aggregators, differential privacy)
+        self.update_bound = 0.0  # > 0: no update longer than this many times the round's median one
+        self.bound_base: dict[str, np.ndarray] = {}  # the round's global weights, which updates are measured from
         self.most_train_nodes: int | None = None  # at most this many nodes train in a round (differential privacy)
 
     def _outgoing(self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]) -> list[Message]:
@@ -160,6 +191,8 @@ class FederatedMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["epoch"] = (server_round - 1) * self.local_epochs
+        if self.update_bound:
+            self.bound_base = {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()}
         sent = cast_arrays(arrays, self.transport)
         messages = list(super().configure_train(server_round, sent, config, grid))  # the nodes drawn, in random order
         return self._outgoing(server_round, sent, messages[: self.most_train_nodes])
@@ -170,6 +203,8 @@ class FederatedMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)  # checked by the round loop: float32 arrays (server.replies)
+        if self.update_bound and replies:
+            self._bound_updates(server_round, replies)
         if self.uniform_weights:
             for reply in replies:
                 reply.content["metrics"]["num-examples"] = 1
@@ -185,6 +220,36 @@ class FederatedMixin:
         if metrics is not None:
             self.runlog.record(server_round)["train"] = {k: v for k, v in metrics.items()}
         return arrays, metrics
+
+    def _bound_updates(self, server_round: int, replies: list[Message]) -> None:
+        """Scale each reply's update longer than ``update_bound`` times the round's median update down to that
+        length, in place, and record which (``bounded`` in the round's record: node, norm, limit)."""
+        updates, norms = [], []
+        for reply in replies:
+            (record,) = reply.content.array_records.values()
+            update = {k: record[k].numpy().astype(np.float64) - base for k, base in self.bound_base.items()}
+            updates.append(update)
+            norms.append(float(np.sqrt(sum(np.sum(u * u) for u in update.values()))))
+        moved = sorted(n for n in norms if n > 0)  # a node that sent back what it got adds nothing to compare
+        if not moved:
+            return
+        limit = self.update_bound * moved[(len(moved) - 1) // 2]  # the lower median: most replies must be honest
+        bounded = []
+        for reply, update, norm in zip(replies, updates, norms, strict=True):
+            if norm <= limit:
+                continue
+            name = next(iter(reply.content.array_records))
+            scale = limit / norm
+            reply.content[name] = ArrayRecord(
+                {k: Array((self.bound_base[k] + scale * u).astype(np.float32)) for k, u in update.items()}
+            )
+            node = reply.metadata.src_node_id
+            bounded.append({"node": node, "norm": norm, "limit": limit})
+            log.warning(
+                "round %d: node %s's update (norm %.4g) scaled to update-bound's %.4g", server_round, node, norm, limit
+            )
+        if bounded:
+            self.runlog.record(server_round)["bounded"] = bounded
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -213,4 +278,5 @@ def make_strategy(run: RunConfig, *, runlog: RunLog, nodes: int, **kwargs):
         **strategy_options(run, nodes),
     )
     strategy.uniform_weights = run.strategy.robust  # the arrays too: only MultiKrum's read the counts
+    strategy.update_bound = run.update_bound
     return strategy

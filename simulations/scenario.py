@@ -82,6 +82,7 @@ ROBUST_STRATEGIES = {
     "fedtrimmedavg": ("FedTrimmedAvg (0.25)", {"strategy": "fedtrimmedavg", "trim-beta": 0.25}),
     "krum": ("Krum (f = 1)", {"strategy": "krum", "malicious-nodes": 1}),
     "multikrum": ("MultiKrum (f = 1, 3 of 4)", {"strategy": "multikrum", "malicious-nodes": 1}),
+    "bounded": ("FedAvg, update-bound 3", {"update-bound": 3.0}),
 }
 """The aggregators of the robustness benchmark: arm name of the honest run -> (label, run config)."""
 ATTACK_LABELS = {"scale": "update x100", "sign-flip": "sign-flipped update", "noise": "N(0, 1) noise on every weight"}

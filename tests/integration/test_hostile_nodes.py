@@ -70,10 +70,10 @@ def test_a_run_whose_model_never_changes_is_a_failure(tmp_path):
     assert "FAILED: the global model never changed" in (tmp_path / "run" / "REPORT.md").read_text()
 
 
-def _global_step(tmp: Path, strategy: str, attack: str | None, monkeypatch) -> float:
+def _global_step(tmp: Path, strategy: str, attack: str | None, monkeypatch, **options) -> float:
     """How far one round moved the global model (L2), with node 1 honest or attacking."""
     monkeypatch.setattr(adversary, "SETTINGS", {"attacks": {"0": attack}} if attack else {})
-    extra = {"num-server-rounds": 1, "eval-subsets": "full", "strategy": strategy, "transport": "float32"}
+    extra = {"num-server-rounds": 1, "eval-subsets": "full", "strategy": strategy, "transport": "float32", **options}
     run_inproc(server_app, adversary.app, tiny_run_config(tmp, **extra), nodes())
     record = _records(tmp / "run")[1]
     assert not record["failures"]  # a poisoned update is well-formed: only the aggregator helps
@@ -89,6 +89,21 @@ def test_fedmedian_keeps_a_scaled_update_out_of_the_global_model(tmp_path, monke
     # FedAvg takes its share of the x100 update; the median of three ignores the one outlier
     assert steps[("fedavg", "scale")] > 10 * steps[("fedavg", None)]
     assert steps[("fedmedian", "scale")] < 2 * steps[("fedmedian", None)]
+
+
+def test_update_bound_scales_a_scaled_update_down_under_fedavg(tmp_path, monkeypatch):
+    """Node 1 sends its update x100. With update-bound 3 FedAvg takes it at 3 times the round's median update at
+    most, and says so in the round's record and the report; honest updates, within the bound, are not touched."""
+    bound = {"update-bound": 3.0}
+    honest = _global_step(tmp_path / "honest", "fedavg", None, monkeypatch)
+    assert _global_step(tmp_path / "honest-bounded", "fedavg", None, monkeypatch, **bound) == honest
+    assert "bounded" not in _records(tmp_path / "honest-bounded" / "run")[1]
+    attacked = _global_step(tmp_path / "attacked", "fedavg", "scale", monkeypatch, **bound)
+    assert attacked < 3 * honest  # unbounded, more than 10 times (the FedMedian test above)
+    (bounded,) = _records(tmp_path / "attacked" / "run")[1]["bounded"]
+    assert bounded["node"] == 1 and bounded["norm"] > 30 * bounded["limit"] / 3
+    report = (tmp_path / "attacked" / "run" / "REPORT.md").read_text()
+    assert "node 1's update (norm " in report and "scaled down to update-bound's" in report
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the overflow this test makes

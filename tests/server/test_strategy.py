@@ -102,3 +102,63 @@ def test_multikrum_averages_its_selection_one_vote_per_site_whatever_count_is_cl
     fedavg = make_strategy(RunConfig.parse({}), runlog=RunLog(tmp_path), nodes=4)
     arrays, _ = fedavg.aggregate_train(1, _train_replies(updates))
     assert arrays["w"].numpy()[0] == pytest.approx(0.95, abs=1e-3)  # FedAvg trusts the counts (docs/security.md)
+
+
+def _bounding_fedavg(tmp_path, bound: float):
+    import numpy as np
+
+    from server.runlog import RunLog
+    from server.strategy import make_strategy
+
+    fedavg = make_strategy(RunConfig.parse({"update-bound": bound}), runlog=RunLog(tmp_path), nodes=4)
+    fedavg.bound_base = {"w": np.zeros(3, dtype=np.float32)}  # the round's global weights, as configure_train keeps
+    return fedavg
+
+
+def test_update_bound_scales_an_update_longer_than_k_medians_down_and_records_it(tmp_path, task_identity):
+    """From a global model of 0, sites send 1.0, 1.2, 0.9 and 100 (x100, one site's update scaled). The lower median
+    update is 1.0's, so at update-bound 3 the fourth becomes 3.0, its direction kept; FedAvg then averages."""
+    import math
+
+    fedavg = _bounding_fedavg(tmp_path, 3.0)
+    arrays, _ = fedavg.aggregate_train(1, _train_replies([(1, 1.0), (1, 1.2), (1, 0.9), (1, 100.0)]))
+    assert arrays["w"].numpy() == pytest.approx([(1.0 + 1.2 + 0.9 + 3.0) / 4] * 3)
+    (bounded,) = fedavg.runlog.record(1)["bounded"]
+    assert bounded["node"] == 4
+    assert bounded["norm"] == pytest.approx(100 * math.sqrt(3)) and bounded["limit"] == pytest.approx(3 * math.sqrt(3))
+
+    unbounded = _bounding_fedavg(tmp_path / "off", 0.0)
+    arrays, _ = unbounded.aggregate_train(1, _train_replies([(1, 1.0), (1, 1.2), (1, 0.9), (1, 100.0)]))
+    assert arrays["w"].numpy()[0] == pytest.approx(103.1 / 4)  # off: the scaled update is a quarter of the average
+    assert "bounded" not in unbounded.runlog.record(1)
+
+
+def test_update_bound_leaves_updates_within_it_and_ignores_unchanged_replies(tmp_path, task_identity):
+    within = _bounding_fedavg(tmp_path / "within", 3.0)
+    arrays, _ = within.aggregate_train(1, _train_replies([(2, 1.0), (1, 1.2), (1, 0.9), (1, 2.9)]))
+    assert arrays["w"].numpy()[0] == pytest.approx((2.0 + 1.2 + 0.9 + 2.9) / 5)  # the counts still weigh
+    assert "bounded" not in within.runlog.record(1)
+    # two sites sent back the model they got: the median is of the updates that moved, 1.0 and 5.0 (the lower: 1.0)
+    lazy = _bounding_fedavg(tmp_path / "lazy", 3.0)
+    arrays, _ = lazy.aggregate_train(1, _train_replies([(1, 0.0), (1, 0.0), (1, 1.0), (1, 5.0)]))
+    assert arrays["w"].numpy()[0] == pytest.approx((1.0 + 3.0) / 4)
+    still = _bounding_fedavg(tmp_path / "still", 3.0)
+    arrays, _ = still.aggregate_train(1, _train_replies([(1, 0.0), (1, 0.0)]))  # nothing moved: nothing to bound
+    assert arrays["w"].numpy()[0] == 0.0 and "bounded" not in still.runlog.record(1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"update-bound": 0.5}, "update-bound=0.5: give 0 .off. or at least 1"),
+        ({"update-bound": 3.0, "secagg": True}, "update-bound with secagg=true"),
+        ({"update-bound": 3.0, "dp": "server"}, "update-bound with dp='server'"),
+        ({"update-bound": 3.0, "dp": "client"}, "update-bound with dp='client'"),
+    ],
+)
+def test_an_update_bound_that_cannot_work_is_refused_before_any_work(options, message):
+    from server.strategy import strategy_options
+
+    with pytest.raises(InputError, match=message):
+        strategy_options(RunConfig.parse(options), 4)
+    assert strategy_options(RunConfig.parse({"update-bound": 1.0, "strategy": "fedmedian"}), 4) == {}
