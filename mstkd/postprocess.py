@@ -63,7 +63,7 @@ def check_threshold(min_mm3: float, what: str = "--et-min-mm3") -> float:
     """
     if not 0 <= min_mm3 <= MAX_ET_MIN_MM3:  # NaN fails too
         raise InputError(f"{what} {min_mm3:g}: give a volume between 0 and {MAX_ET_MIN_MM3:g} mm³")
-    return float(min_mm3)
+    return float(min_mm3) + 0.0  # -0 is 0
 
 
 def voxel_mm3(spacing: Sequence[float]) -> float:
@@ -118,10 +118,11 @@ class EtCase:
 def sweep(cases: dict[str, list[EtCase]], thresholds: Sequence[float]) -> list[dict[str, float]]:
     """Per threshold, ET Dice and HD95 after the rule and the share of predictions whose ET it dropped, each the mean
     over subsets of the mean over their cases (``cases``: subset name -> its cases' :class:`EtCase`), as the
-    evaluation table's average row. Rows ``{"et_min_mm3", "ET_dice", "ET_hd95", "dropped", "best"}``: ``best`` 1 on
-    the threshold with the highest ET Dice, the smallest of those tied."""
+    evaluation table's average row. Rows ``{"et_min_mm3", "ET_dice", "ET_hd95", "dropped", "best"}``, one per
+    threshold and one for 0 (no rule) whether given or not: ``best`` 1 on the threshold with the highest ET Dice, the
+    smallest of those tied, so a rule is named only where it scores better than none."""
     rows = []
-    for t in sorted(set(thresholds)):
+    for t in sorted({0.0, *thresholds}):
         means = [np.mean([case.scores(t) for case in group], axis=0) for group in cases.values() if group]
         dice, hd95, dropped = np.mean(means, axis=0) if means else (np.nan,) * 3
         rows.append({"et_min_mm3": float(t), "ET_dice": dice, "ET_hd95": hd95, "dropped": dropped, "best": 0.0})

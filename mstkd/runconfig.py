@@ -309,7 +309,7 @@ def _parse(cls: type, values: Mapping[str, Any], what: str, lenient: bool = Fals
             continue
         if rule == POSITIVE and not value > 0:
             raise InputError(f"{what} {key}={value!r}: must be greater than 0")
-        if rule == NON_NEGATIVE and value < 0:
+        if rule == NON_NEGATIVE and not value >= 0:  # NaN too
             raise InputError(f"{what} {key}={value!r}: must not be negative")
         if rule == UNIT and not 0 <= value <= 1:
             raise InputError(f"{what} {key}={value!r}: must lie between 0 and 1")

@@ -22,11 +22,13 @@ choose ``best.pt``, and MultiKrum averages the replies it selects unweighted, as
 (2017) define it (Flower's weighs them by their claimed counts, so one selected node that claims
 ``max-examples`` cases would be nearly the whole average).
 
-With ``update-bound`` k > 0, any strategy first scales down each reply whose update (its weights less the round's
-global ones) is longer than k times the round's median update (the lower median of the nonzero ones), as norm
-bounding does (Sun et al., 2019, "Can you really backdoor federated learning?"): one site's update then moves an
-average at most k times as far as a typical site's, whatever it scaled it by. The direction of an update is kept,
-so a sign-flipped or noisy update of a typical length passes; the median needs most replies honest.
+With ``update-bound`` k > 0, any strategy first scales down each reply whose update (its weights less the global
+ones as sent, in the transport dtype) is longer than k times the round's median update (the lower median of those
+that moved), as norm bounding does (Sun et al., 2019, "Can you really backdoor federated learning?"): whatever a site
+scales its update by, it arrives at most k times as long as a typical site's. Its direction is kept, so a
+sign-flipped or noisy update of a typical length passes; the median needs three or more replies, most of them
+honest; and FedAvg still weighs each reply by the case count its site claims (up to ``max-examples``), so a site
+claiming far more cases than it has still outweighs the others (a robust aggregator gives every site one vote).
 """
 
 from __future__ import annotations
@@ -140,8 +142,8 @@ def check_update_bound(run: RunConfig) -> None:
     bound = run.update_bound
     if not bound:
         return
-    if bound < 1:
-        raise InputError(f"update-bound={bound:g}: give 0 (off) or at least 1 (times the round's median update)")
+    if not 1 <= bound < float("inf"):
+        raise InputError(f"update-bound={bound:g}: give 0 (off) or a number from 1 (times the round's median update)")
     if run.secagg:
         raise InputError("update-bound with secagg=true: the server sees only the sum of the updates, not one")
     if run.dp != DPMode.OFF:
@@ -191,9 +193,9 @@ class FederatedMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["epoch"] = (server_round - 1) * self.local_epochs
-        if self.update_bound:
-            self.bound_base = {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()}
         sent = cast_arrays(arrays, self.transport)
+        if self.update_bound:  # the model the nodes train from: an unchanged reply then has an update of 0
+            self.bound_base = {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in sent.items()}
         messages = list(super().configure_train(server_round, sent, config, grid))  # the nodes drawn, in random order
         return self._outgoing(server_round, sent, messages[: self.most_train_nodes])
 
@@ -224,24 +226,22 @@ class FederatedMixin:
     def _bound_updates(self, server_round: int, replies: list[Message]) -> None:
         """Scale each reply's update longer than ``update_bound`` times the round's median update down to that
         length, in place, and record which (``bounded`` in the round's record: node, norm, limit)."""
-        updates, norms = [], []
-        for reply in replies:
-            (record,) = reply.content.array_records.values()
-            update = {k: record[k].numpy().astype(np.float64) - base for k, base in self.bound_base.items()}
-            updates.append(update)
-            norms.append(float(np.sqrt(sum(np.sum(u * u) for u in update.values()))))
+        norms = [self._update_norm(reply) for reply in replies]
         moved = sorted(n for n in norms if n > 0)  # a node that sent back what it got adds nothing to compare
         if not moved:
             return
         limit = self.update_bound * moved[(len(moved) - 1) // 2]  # the lower median: most replies must be honest
         bounded = []
-        for reply, update, norm in zip(replies, updates, norms, strict=True):
+        for reply, norm in zip(replies, norms, strict=True):
             if norm <= limit:
                 continue
-            name = next(iter(reply.content.array_records))
+            ((name, record),) = reply.content.array_records.items()
             scale = limit / norm
             reply.content[name] = ArrayRecord(
-                {k: Array((self.bound_base[k] + scale * u).astype(np.float32)) for k, u in update.items()}
+                {
+                    k: Array((base + scale * (record[k].numpy().astype(np.float64) - base)).astype(np.float32))
+                    for k, base in self.bound_base.items()
+                }
             )
             node = reply.metadata.src_node_id
             bounded.append({"node": node, "norm": norm, "limit": limit})
@@ -250,6 +250,15 @@ class FederatedMixin:
             )
         if bounded:
             self.runlog.record(server_round)["bounded"] = bounded
+
+    def _update_norm(self, reply: Message) -> float:
+        """The L2 norm of a reply's update from :attr:`bound_base`, in float64, one array at a time."""
+        (record,) = reply.content.array_records.values()
+        total = 0.0
+        for k, base in self.bound_base.items():
+            update = record[k].numpy().astype(np.float64) - base
+            total += float(np.dot(update.ravel(), update.ravel()))
+        return float(np.sqrt(total))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)

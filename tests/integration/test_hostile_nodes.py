@@ -106,6 +106,27 @@ def test_update_bound_scales_a_scaled_update_down_under_fedavg(tmp_path, monkeyp
     assert "node 1's update (norm " in report and "scaled down to update-bound's" in report
 
 
+def test_update_bound_measures_updates_from_the_model_as_sent(tmp_path):
+    """Nodes 1 and 2 send back the float16 model they got, node 3 trains. Measured from the server's float32 model,
+    the two echoes would be float16's rounding error long, the lower median that error, and node 3's update cut to
+    three times it; measured from the model as sent they did not move, and node 3's update is the median."""
+
+    def two_echo(message, context):
+        reply = client_app(message, context)
+        if context.node_id in (1, 2) and message.metadata.message_type == "train" and reply.has_content():
+            reply.content["arrays"] = message.content["arrays"]
+        return reply
+
+    steps = []
+    for bound in (0.0, 3.0):
+        extra = {"num-server-rounds": 1, "eval-subsets": "full", "update-bound": bound}  # float16 on the wire
+        run_inproc(server_app, two_echo, tiny_run_config(tmp_path / f"bound-{bound}", **extra), nodes())
+        record = _records(tmp_path / f"bound-{bound}" / "run")[1]
+        assert "bounded" not in record and "skipped" not in record
+        steps.append(record["step_norm"])
+    assert steps[0] == steps[1] > 0
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the overflow this test makes
 def test_finite_replies_whose_aggregate_overflows_skip_the_round_and_leave_no_trace(tmp_path):
     """In round 1 every node sends weights of 3e38, finite in float32; FedAvgM with a server step of 2 takes the model

@@ -140,6 +140,8 @@ WRONG_RUN = [
     ("secagg", "yes", "secagg"),
     ("transport", "int8", "transport"),
     ("lr", 0.0, "lr"),
+    ("dp-noise", float("nan"), "dp-noise"),
+    ("update-bound", float("nan"), "update-bound"),
     ("overrides", "train.lr=abc", "train.lr"),
 ]
 

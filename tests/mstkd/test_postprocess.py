@@ -70,8 +70,8 @@ def test_a_sweep_scores_every_threshold_from_the_same_cases_and_names_the_best()
     hallucinated = EtCase(30.0, False, 0.0, 40.0, 150.0)
     found = EtCase(800.0, True, 0.8, 3.0, 150.0)
     cases = {"flair": [hallucinated, found], "t1ce": [hallucinated, found, found, found]}
-    rows = {r["et_min_mm3"]: r for r in sweep(cases, [1000.0, 0.0, 100.0, 10.0, 500.0, 100.0])}
-    assert list(rows) == [0.0, 10.0, 100.0, 500.0, 1000.0]  # sorted, once each
+    rows = {r["et_min_mm3"]: r for r in sweep(cases, [1000.0, 100.0, 10.0, 500.0, 100.0])}
+    assert list(rows) == [0.0, 10.0, 100.0, 500.0, 1000.0]  # sorted, once each, and 0 (no rule) always
     assert rows[0.0]["ET_dice"] == pytest.approx((0.4 + 0.6) / 2)  # mean over subsets of their case means
     assert rows[10.0]["ET_dice"] == rows[0.0]["ET_dice"] and rows[0.0]["dropped"] == 0.0
     assert rows[100.0]["ET_dice"] == pytest.approx((0.9 + 0.85) / 2)
@@ -80,6 +80,8 @@ def test_a_sweep_scores_every_threshold_from_the_same_cases_and_names_the_best()
     assert rows[1000.0]["ET_dice"] == pytest.approx(0.5 / 2 + 0.25 / 2) and rows[1000.0]["dropped"] == 1.0
     assert [t for t, r in rows.items() if r["best"]] == [100.0]
     assert [r["best"] for r in sweep({"flair": [found]}, [0.0, 10.0])] == [1.0, 0.0]  # a tie: the smaller, no rule
+    # thresholds that only drop true ETs are never named, even when 0 is not among those given
+    assert [(r["et_min_mm3"], r["best"]) for r in sweep({"flair": [found]}, [1000.0])] == [(0.0, 1.0), (1000.0, 0.0)]
     md = "\n".join(sweep_markdown(list(rows.values()), cases=4))
     assert "| **100** | 87.5 |" in md and "`mstkd predict --et-min-mm3 100`" in md
     assert [r["best"] for r in sweep({}, [0.0, 500.0])] == [0.0, 0.0]  # nothing scored: nothing named
@@ -216,9 +218,10 @@ def test_evaluate_sweeps_thresholds_from_one_pass_and_writes_them(phantoms, tmp_
     assert "--et-sweep on the test cases" not in capsys.readouterr().err
     assert main([*argv, "--split", "train", "--out", str(tmp_path / "train"), "--et-sweep", "1e6"]) == 0
     record = json.loads((tmp_path / "train" / "eval.json").read_text())
-    (only,) = record["et_sweep"]  # ET over the whole brain is above a litre: kept, so the raw ET, and the best
-    assert only["et_min_mm3"] == 1e6 and only["dropped"] == 0.0 and only["best"] == 1.0
-    assert only["ET_dice"] == pytest.approx(record["table"][-1]["ET_dice"])
+    none, litre = record["et_sweep"]  # 0 is always scored; ET over the whole brain is above a litre: kept
+    assert (none["et_min_mm3"], litre["et_min_mm3"]) == (0, 1e6) and litre["dropped"] == 0.0
+    assert litre["ET_dice"] == none["ET_dice"] == pytest.approx(record["table"][-1]["ET_dice"])
+    assert none["best"] == 1.0 and litre["best"] == 0.0  # a tie: no rule
     main([*argv, "--split", "test", "--out", str(tmp_path / "test"), "--et-sweep"])  # this federation has no test case
     assert "--et-sweep on the test cases: choose the threshold with --split val" in capsys.readouterr().err
     assert main([*argv, "--split", "val", "--out", str(tmp_path / "bad"), "--et-sweep", "500", "-1"]) == 2

@@ -150,7 +150,8 @@ def test_update_bound_leaves_updates_within_it_and_ignores_unchanged_replies(tmp
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"update-bound": 0.5}, "update-bound=0.5: give 0 .off. or at least 1"),
+        ({"update-bound": 0.5}, "update-bound=0.5: give 0 .off. or a number from 1"),
+        ({"update-bound": float("inf")}, "update-bound=inf: give 0"),
         ({"update-bound": 3.0, "secagg": True}, "update-bound with secagg=true"),
         ({"update-bound": 3.0, "dp": "server"}, "update-bound with dp='server'"),
         ({"update-bound": 3.0, "dp": "client"}, "update-bound with dp='client'"),
