@@ -18,7 +18,7 @@ from typing import Any
 
 from mstkd.atomic import atomic_path, spreadsheet_text, write_csv, write_text
 from mstkd.data.labels import REGIONS
-from mstkd.numbers import is_number, is_whole
+from mstkd.numbers import is_finite, is_number, is_whole
 from mstkd.tracking import flatten
 from server.replies import SITE_KEYS
 
@@ -75,7 +75,7 @@ RECORD_SHAPE: dict[str, Check] = {
     **dict.fromkeys(("skipped", "secure_aggregation"), _text),
     "sites": _fields({}, rest=_SITE),  # keyed by node id
     "failures": _list_of(_FAILURE),
-    "bounded": _list_of(_fields({"node": _maybe(is_whole), "norm": is_number, "limit": is_number})),
+    "bounded": _list_of(_fields({"node": _maybe(is_whole), "norm": is_finite, "limit": is_finite})),
     "collapse": _list_of(_fields({"where": _text, "what": _text})),
     "privacy": _privacy,
     "global": _fields({"mean_dice": is_number, **_SCORES}, rest=is_number),  # an HD95 of nothing is NaN: a number too

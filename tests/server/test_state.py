@@ -126,6 +126,8 @@ def test_a_resumed_states_records_are_shown_after_training_without_failing(tmp_p
         (lambda r: r[1]["privacy"].pop("noise_stdev"), "round 1's record: 'privacy' is not what the server"),
         (lambda r: r[0]["global"].update(mean_dice="0.9"), "round 0's record: 'global' is not what the"),
         (lambda r: r[0]["global"].pop("TC_dice"), "round 0's record: 'global' is not what the"),
+        (lambda r: r[1].update(bounded=[{"node": 1, "norm": 10**400, "limit": 3.0}]), "round 1's record: 'bounded'"),
+        (lambda r: r[1].update(bounded=[{"node": 1, "norm": 9.0}]), "round 1's record: 'bounded' is not what"),
         (lambda r: r[1].update(leak=1), "round 1's record: an unknown key 'leak'"),
         (lambda r: r[1].pop("sites"), "round 1's record: no 'sites'"),
         (lambda r: r[1].update(round=5), "round 1's record: it says it is round 5"),
