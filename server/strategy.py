@@ -172,7 +172,7 @@ def cast_arrays(arrays: ArrayRecord, dtype: type) -> ArrayRecord:
 
 
 class FederatedMixin:
-    """Transport casting, global-epoch hand-out and per-round records over a Flower strategy."""
+    """Transport casting, global-epoch hand-out, update bounding and per-round records over a Flower strategy."""
 
     def __init__(
         self, *args, transport: Transport = Transport.FLOAT16, local_epochs: float = 1.0, runlog: RunLog, **kwargs
