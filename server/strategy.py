@@ -4,8 +4,10 @@
 :class:`FederatedMixin`, which
 
 - sends the global arrays in the transport dtype (float16 by default); the round loop hands it
-  the replies checked and in float32 (:mod:`server.replies`), so the server's model never
-  accumulates in half precision;
+  the replies checked and in float32 (:mod:`server.replies`), so the server aggregates in float32
+  (FedAdam and FedYogi step from the model as sent, so with float16 on the wire a server step
+  finer than float16's resolution is lost at the next round's rounding; ``transport='float32'``
+  keeps it);
 - tells each node the global epoch at which its local training starts (for the lr schedule);
 - records, per round, bytes sent and the aggregated training and validation metrics into a
   :class:`~server.runlog.RunLog` (each node's own numbers are recorded by :mod:`server.loop`).
@@ -156,14 +158,20 @@ def check_update_bound(run: RunConfig) -> None:
 def strategy_caveat(run: RunConfig, nodes: int) -> str | None:
     """A warning for settings the strategy runs with but without its guarantee, or None: Krum and MultiKrum
     (Blanchard et al., 2017) tolerate ``malicious-nodes`` f only among at least 2f + 3 replies; with fewer, a
-    hostile update can be nearer the honest ones than they are to each other, and be selected in their place."""
-    hostile = run.malicious_nodes
+    hostile update can be nearer the honest ones than they are to each other, and be selected in their place.
+    ``update-bound`` needs three replies or more for its median to stand for the honest sites."""
+    hostile, caveats = run.malicious_nodes, []
     if run.strategy in (Strategy.KRUM, Strategy.MULTIKRUM) and hostile and nodes < 2 * hostile + 3:
-        return (
+        caveats.append(
             f"{run.strategy} with malicious-nodes={hostile} needs at least {2 * hostile + 3} nodes per round "
             f"(2 x malicious-nodes + 3) to keep a hostile update out, but min-nodes is {nodes}: it may select one"
         )
-    return None
+    if run.update_bound and nodes < 3:
+        caveats.append(
+            f"update-bound with min-nodes={nodes}: a round of fewer than three replies has no median a hostile "
+            "site cannot set (of two, the shorter update bounds the other; one is never bounded)"
+        )
+    return "; ".join(caveats) or None
 
 
 def cast_arrays(arrays: ArrayRecord, dtype: type) -> ArrayRecord:

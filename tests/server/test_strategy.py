@@ -31,6 +31,11 @@ def test_krum_below_its_node_count_is_run_with_a_warning():
     assert strategy_caveat(multikrum, 5) is None
     assert strategy_caveat(RunConfig.parse({"strategy": "krum", "malicious-nodes": 2}), 6) is not None
     assert strategy_caveat(RunConfig.parse({"strategy": "fedmedian", "malicious-nodes": 1}), 4) is None
+    bounded = RunConfig.parse({"update-bound": 3.0})
+    assert "update-bound with min-nodes=2: a round of fewer than three replies" in strategy_caveat(bounded, 2)
+    assert strategy_caveat(bounded, 3) is None and strategy_caveat(RunConfig.parse({}), 2) is None
+    both = strategy_caveat(RunConfig.parse({"strategy": "krum", "update-bound": 3.0}), 2)
+    assert "needs at least 5 nodes" in both and "update-bound with min-nodes=2" in both
 
 
 def _evaluate_replies(scores: list[tuple[int, float]]):
