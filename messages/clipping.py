@@ -33,7 +33,11 @@ def update_norm(sent: Mapping[str, np.ndarray], returned: Mapping[str, np.ndarra
     return float(np.sqrt(sum(np.sum((np.asarray(v, np.float64) - sent[k]) ** 2) for k, v in returned.items())))
 
 
-def _scaled(sent: Mapping[str, np.ndarray], returned: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+def scaled_update(
+    sent: Mapping[str, np.ndarray], returned: Mapping[str, np.ndarray], scale: float
+) -> dict[str, np.ndarray]:
+    """``sent`` plus ``scale`` times the update ``returned - sent``, computed in float64, each array in ``returned``'s
+    dtype."""
     out = {}
     for name, values in returned.items():
         base = np.asarray(sent[name], np.float64)
@@ -52,12 +56,12 @@ def clip_update(
         return {k: np.asarray(v) for k, v in returned.items()}, False
     target = norm
     for _ in range(TRIES):
-        out = _scaled(sent, returned, target / length)
+        out = scaled_update(sent, returned, target / length)
         rounded = update_norm(sent, out)
         if rounded <= norm:
             return out, True
         target *= AIM * norm / rounded
-    return _scaled(sent, returned, 0.0), True
+    return scaled_update(sent, returned, 0.0), True
 
 
 def unclipped_by(sent: Mapping[str, np.ndarray], returned: Mapping[str, np.ndarray], norm: float) -> float | None:

@@ -43,7 +43,7 @@ from mstkd.metrics import score_regions, volume_diagonal
 from mstkd.modalities import SUBSETS, Subset, zero_fill
 from mstkd.modalities import parse_subsets as parse_subsets  # re-exported: callers import it from here
 from mstkd.model import MSTKDNet
-from mstkd.postprocess import EtCase, describe, et_volume_mm3, mm3, sweep, sweep_markdown
+from mstkd.postprocess import EtCase, describe, mm3, sweep, sweep_markdown, voxel_mm3
 from mstkd.train import autocast, pick_device
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
@@ -138,7 +138,7 @@ class EvalResult:
     lesion: str = ""  # the lesion-wise mode the rows hold, if any
     et_min_mm3: float = 0.0  # the ET post-processing's threshold the rows hold scores for (0: none)
     et_sweep: tuple[float, ...] = ()  # thresholds the rule is also scored at, from the same predictions
-    et_cases: dict[str, list[EtCase]] = field(default_factory=dict)  # per subset, what the rule's outcome needs
+    et_cases: dict[str, list[EtCase]] = field(default_factory=dict)  # per subset, what the sweep needs
     collapse_share: float = 0.5
     collapse_ratio: float = 10.0
 
@@ -349,17 +349,13 @@ def evaluate_cases(
                     **ref_voxels,
                 }
             )
-            et = EtCase(
-                et_volume_mm3(pred, spacing),
-                ref_voxels["ET_ref"] > 0,
-                scores["ET"]["dice"],
-                scores["ET"]["hd95"],
-                empty,
-            )
-            result.et_cases.setdefault(subset.name, []).append(et)
+            row = result.rows[-1]
+            et = EtCase(row["ET_pred"] * voxel_mm3(spacing), row["ET_ref"] > 0, row["ET_dice"], row["ET_hd95"], empty)
+            if result.et_sweep:
+                result.et_cases.setdefault(subset.name, []).append(et)
             if result.et_min_mm3 > 0:
                 dice, hd95, dropped = et.scores(result.et_min_mm3)
-                result.rows[-1].update(ET_pp_dice=dice, ET_pp_hd95=hd95, ET_pp_dropped=float(dropped))
+                row.update(ET_pp_dice=dice, ET_pp_hd95=hd95, ET_pp_dropped=float(dropped))
             if lesion:
                 scored = stack_scores(lesion, pred, ref, spacing)
                 result.rows[-1].update({f"{r}_{m}": v for r in REGIONS for m, v in scored[r].items()})

@@ -54,6 +54,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
+from messages.clipping import scaled_update, update_norm
 from mstkd.errors import InputError
 from mstkd.model.federated import TRANSPORT_DTYPES
 from mstkd.runconfig import DPMode, RunConfig, Strategy, Transport
@@ -234,23 +235,19 @@ class FederatedMixin:
     def _bound_updates(self, server_round: int, replies: list[Message]) -> None:
         """Scale each reply's update longer than ``update_bound`` times the round's median update down to that
         length, in place, and record which (``bounded`` in the round's record: node, norm, limit)."""
-        norms = [self._update_norm(reply) for reply in replies]
+        returned = [_arrays(reply) for reply in replies]
+        norms = [update_norm(self.bound_base, arrays) for arrays in returned]
         moved = sorted(n for n in norms if n > 0)  # a node that sent back what it got adds nothing to compare
         if not moved:
             return
         limit = self.update_bound * moved[(len(moved) - 1) // 2]  # the lower median: most replies must be honest
         bounded = []
-        for reply, norm in zip(replies, norms, strict=True):
+        for reply, arrays, norm in zip(replies, returned, norms, strict=True):
             if norm <= limit:
                 continue
-            ((name, record),) = reply.content.array_records.items()
-            scale = limit / norm
-            reply.content[name] = ArrayRecord(
-                {
-                    k: Array((base + scale * (record[k].numpy().astype(np.float64) - base)).astype(np.float32))
-                    for k, base in self.bound_base.items()
-                }
-            )
+            (name,) = reply.content.array_records
+            scaled = scaled_update(self.bound_base, arrays, limit / norm)
+            reply.content[name] = ArrayRecord({k: Array(v) for k, v in scaled.items()})
             node = reply.metadata.src_node_id
             bounded.append({"node": node, "norm": norm, "limit": limit})
             log.warning(
@@ -258,15 +255,6 @@ class FederatedMixin:
             )
         if bounded:
             self.runlog.record(server_round)["bounded"] = bounded
-
-    def _update_norm(self, reply: Message) -> float:
-        """The L2 norm of a reply's update from :attr:`bound_base`, in float64, one array at a time."""
-        (record,) = reply.content.array_records.values()
-        total = 0.0
-        for k, base in self.bound_base.items():
-            update = record[k].numpy().astype(np.float64) - base
-            total += float(np.dot(update.ravel(), update.ravel()))
-        return float(np.sqrt(total))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -276,6 +264,12 @@ class FederatedMixin:
         if metrics is not None:
             self.runlog.record(server_round)["val"] = {k: v for k, v in metrics.items()}
         return metrics
+
+
+def _arrays(reply: Message) -> dict[str, np.ndarray]:
+    """A checked train reply's one array record as NumPy arrays (float32: :mod:`server.replies`)."""
+    (record,) = reply.content.array_records.values()
+    return {k: v.numpy() for k, v in record.items()}
 
 
 def make_strategy(run: RunConfig, *, runlog: RunLog, nodes: int, **kwargs):
