@@ -33,7 +33,7 @@ from mstkd.data.geometry import spacing_of
 from mstkd.data.labels import CLASSES, CONVENTIONS, labels_from_regions
 from mstkd.data.nifti import AFFINE_TOLERANCE, read_header, write_volume
 from mstkd.errors import InputError, first_line, read_json_object
-from mstkd.evaluate import decode
+from mstkd.evaluate import decode, resolve_decode
 from mstkd.postprocess import check_threshold, stamp, suppress_small_et
 
 MAX_RECORD_BYTES = 16 << 20
@@ -86,8 +86,7 @@ def decode_rule(folder: Path, found: list[tuple[Path, dict]]) -> tuple[str, floa
             how, activation, threshold = cfg["eval"]["decode"], cfg["loss"]["activation"], cfg["eval"]["threshold"]
         except (KeyError, TypeError):
             raise InputError(f"{path}: not a record of mstkd predict (no config to decode by)") from None
-        if how == "auto":
-            how = "argmax" if activation == "softmax" else "threshold"
+        how = resolve_decode(how, activation)
         if how not in DECODES or not isinstance(threshold, int | float) or not 0 < threshold < 1:
             raise InputError(f"{path}: decodes by {str(how)[:20]!r} at {str(threshold)[:20]}, not a rule mstkd knows")
         rules.add((how, float(threshold) if how == "threshold" else 0.5))

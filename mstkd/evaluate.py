@@ -81,11 +81,17 @@ def segment(
     return decode_for(cfg, class_probabilities(net, image, subset, cfg, device, mirror=mirror))
 
 
+def resolve_decode(how: str, activation: str) -> str:
+    """``eval.decode`` with ``auto`` resolved by ``loss.activation``: argmax for softmax, else threshold (measured on
+    validation cases: argmax suits softmax, and ruins sigmoid outputs); any other value as it is."""
+    if how == "auto":
+        return "argmax" if activation == "softmax" else "threshold"
+    return how
+
+
 def decode_for(cfg: DictConfig, probs: np.ndarray) -> np.ndarray:
-    """:func:`decode` with the config's rule (``eval.decode``; ``auto`` follows the activation)."""
-    how = str(cfg.eval.decode)
-    if how == "auto":  # measured on validation cases: argmax suits softmax, and ruins sigmoid outputs
-        how = "argmax" if str(cfg.loss.activation) == "softmax" else "threshold"
+    """:func:`decode` with the config's rule (``eval.decode``, :func:`resolve_decode`)."""
+    how = resolve_decode(str(cfg.eval.decode), str(cfg.loss.activation))
     return decode(probs, how, float(cfg.eval.threshold))
 
 

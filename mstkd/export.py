@@ -54,6 +54,7 @@ from mstkd.data.cache import BRAIN_MARGIN
 from mstkd.data.labels import CLASSES, get_convention
 from mstkd.data.layouts import Layout, file_endings
 from mstkd.errors import InputError
+from mstkd.evaluate import resolve_decode
 from mstkd.modalities import MODALITIES
 from mstkd.provenance import package, sha256_of
 
@@ -131,9 +132,7 @@ def _settings(cfg: Any, payload: dict) -> dict[str, Any]:
     if str(cfg.data.normalization) != "zscore":
         raise InputError(f"data.normalization={cfg.data.normalization}: the bundle writes the z-score only")
     activation = str(cfg.loss.activation)
-    decode = str(cfg.eval.decode)
-    if decode == "auto":  # as mstkd.evaluate.decode_for resolves it
-        decode = "argmax" if activation == "softmax" else "threshold"
+    decode = resolve_decode(str(cfg.eval.decode), activation)
     target = checkpoint_geometry(payload)
     layout = Layout.FETS if convention.name == "fets" else Layout.BRATS2023
     return {
