@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mstkd.atomic import check_writable, write_text
 from mstkd.data.geometry import spacing_of
 from mstkd.data.labels import CLASSES, CONVENTIONS, labels_from_regions
-from mstkd.data.nifti import AFFINE_TOLERANCE, read_header, write_volume
+from mstkd.data.nifti import check_grid, read_header, write_volume
 from mstkd.errors import InputError, first_line, read_json_object
 from mstkd.evaluate import decode, resolve_decode
 from mstkd.postprocess import check_threshold, stamp, suppress_small_et
@@ -229,8 +229,14 @@ def _ensemble_case(
     if (voxels := math.prod(shape)) > MAX_VOXELS:
         raise InputError(f"{folders[0] / f'{case_id}.nii.gz'}: {voxels:.3g} voxels, more than {MAX_VOXELS:.3g}")
     for folder, img in zip(folders[1:], maps[1:], strict=True):
-        if tuple(img.shape[:3]) != shape or not np.allclose(img.affine, first.affine, atol=AFFINE_TOLERANCE):
-            raise InputError(f"{folder / f'{case_id}.nii.gz'}: not on the grid of {folders[0] / f'{case_id}.nii.gz'}")
+        check_grid(
+            folder / f"{case_id}.nii.gz",
+            img.shape[:3],
+            img.affine,
+            folders[0] / f"{case_id}.nii.gz",
+            shape,
+            first.affine,
+        )
     total = np.zeros((len(CLASSES), *shape), dtype=np.float32)
     for folder in folders:
         read_probabilities(folder / f"{case_id}.npz", shape, into=total)

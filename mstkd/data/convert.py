@@ -38,8 +38,8 @@ from mstkd.atomic import check_writable, copy_file, write_text
 from mstkd.data.labels import CONVENTIONS
 from mstkd.data.layouts import Layout, case_path
 from mstkd.data.nifti import (
-    AFFINE_TOLERANCE,
     NIFTI_SUFFIXES,
+    check_grid,
     is_nifti,
     read_header,
     read_labels,
@@ -364,8 +364,7 @@ def _write_case(dataset: Dataset, case_id: str, files: dict[int, Path] | Path, l
 def _same_grid(grid: tuple, shape: tuple, affine: np.ndarray, path: Path) -> None:
     """Refuse a file of the case on another grid than its first image (every command reads them together)."""
     first_shape, first_affine, first = grid
-    if tuple(shape) != tuple(first_shape) or not np.allclose(affine, first_affine, atol=AFFINE_TOLERANCE):
-        raise InputError(f"{path}: not on the grid of {first.name} (shape {tuple(shape)} against {tuple(first_shape)})")
+    check_grid(path, shape, affine, first, first_shape, first_affine)
 
 
 def _umask() -> int:

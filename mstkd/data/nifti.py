@@ -17,7 +17,7 @@ a half-written file behind, and writes no header extension.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,13 +245,26 @@ def _memory_is_input(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> Iter
 
 def check_same_grid(reference: Volume, other: Volume) -> None:
     """Refuse ``other`` unless it has the same shape and affine as ``reference``."""
-    if reference.data.shape != other.data.shape:
-        raise InputError(
-            f"{other.path}: shape {other.data.shape} differs from {reference.path.name} {reference.data.shape}"
-        )
-    if not np.allclose(reference.affine, other.affine, atol=AFFINE_TOLERANCE):
-        diff = float(np.abs(reference.affine - other.affine).max())
-        raise InputError(f"{other.path}: affine differs from {reference.path.name} by up to {diff:.4g} mm")
+    check_grid(other.path, other.data.shape, other.affine, reference.path, reference.data.shape, reference.affine)
+
+
+def check_grid(
+    path: Path,
+    shape: Sequence[int],
+    affine: np.ndarray,
+    reference: Path,
+    ref_shape: Sequence[int],
+    ref_affine: np.ndarray,
+) -> None:
+    """Refuse the file ``path`` unless its ``shape`` and ``affine`` (from a header or a volume) are those of the
+    file ``reference``, the affine within :data:`AFFINE_TOLERANCE`."""
+    shape, ref_shape = tuple(int(n) for n in shape), tuple(int(n) for n in ref_shape)
+    ref = reference if reference.name == Path(path).name else reference.name  # the same name in another folder
+    if shape != ref_shape:
+        raise InputError(f"{path}: not on the grid of {ref}: shape {shape} differs from {ref_shape}")
+    if not np.allclose(ref_affine, affine, atol=AFFINE_TOLERANCE):
+        diff = float(np.abs(np.asarray(ref_affine) - np.asarray(affine)).max())
+        raise InputError(f"{path}: not on the grid of {ref}: affine differs by up to {diff:.4g} mm")
 
 
 def write_volume(
