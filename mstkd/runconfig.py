@@ -121,6 +121,7 @@ class RunConfig:
     fraction_train: float = _key(UNIT, 1.0)
     fraction_evaluate: float = _key(UNIT, 1.0)
     round_timeout: float = _key(POSITIVE, 3600.0)
+    rest_silent: int = _key(NON_NEGATIVE, 4)
     min_replies: int = _key(POSITIVE, 1)
     node_wait: float = _key(NON_NEGATIVE, 600.0)
     resume_from: str = ""

@@ -41,6 +41,7 @@ from server.report import describe_best, finish_run
 from server.runfolder import claim_folder, original_target, run_folder
 from server.runlog import RunLog
 from server.secagg import run_secagg
+from server.silence import SilentNodes
 from server.state import ServerCheckpoint, arrays_to_numpy, global_model, restore_strategy, strategy_state
 from server.strategy import make_strategy, strategy_caveat, strategy_options
 
@@ -163,6 +164,7 @@ def main(grid: Grid, context: Context) -> None:
             after_round=after_round,
             before_round=ledger.stop_reason if ledger is not None else None,
             on_release=ledger.release if ledger is not None else None,
+            silence=SilentNodes(run.rest_silent),
             say=say,
         )
         finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, tracker)

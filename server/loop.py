@@ -10,6 +10,7 @@ these rules:
 - the nodes have ``timeout`` seconds to reply; every reply is checked before the strategy sees it
   (:mod:`server.replies`); a node that fails (error reply), sends a reply that is refused, or stays
   silent is recorded in the run log with its node id and the reason, and the round aggregates the others;
+- a node that stayed silent sits the next rounds out (:mod:`server.silence`), so that it costs its timeout once;
 - an aggregate that is not finite is not taken: the round is **skipped**;
 - with fewer than ``min_replies`` good replies the round is **skipped**: the global model stays
   as it was, and the next round proceeds;
@@ -35,6 +36,7 @@ from flwr.superlink.grid.http_grid import HttpGrid
 from messages.arrays import LAYOUT, decode_array, pack, unpack
 from server.replies import RefusedReply, ReplyRules, check_reply, common_metrics, finite_arrays, printable
 from server.runlog import RunLog
+from server.silence import NodesAsked, SilentNodes
 from server.state import finite_memory, restore_strategy, strategy_memory
 
 log = logging.getLogger("mstkd.server")
@@ -139,11 +141,15 @@ def split_replies(
         record_site(runlog, server_round, stage, node, reply.content)
         good.append(reply)
     common_metrics([r.content for r in good])
-    answered = {r.metadata.src_node_id for r in replies}
-    silent = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
-    for node in silent[: max(len(sent) - len(replies), 0)]:
+    for node in _silent(sent, replies)[: max(len(sent) - len(replies), 0)]:
         _failure(rec, server_round, stage, node, f"no reply within the round timeout ({timeout:g} s)", "silent")
     return good
+
+
+def _silent(sent: list[Message], replies: list[Message]) -> list[int]:
+    """The nodes ``sent`` a message that none of ``replies`` answers, in the order sent."""
+    answered = {r.metadata.src_node_id for r in replies}
+    return [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
 
 
 def _failure(rec: dict, server_round: int, stage: str, node: int | None, reason: str, kind: str) -> None:
@@ -184,6 +190,7 @@ def run_rounds(
     after_round: Callable[[int, ArrayRecord], None] | None = None,
     before_round: Callable[[], str | None] | None = None,
     on_release: Callable[[int], None] | None = None,
+    silence: SilentNodes | None = None,
     say: Callable[[str], None] = log.info,
 ) -> ArrayRecord:
     """Rounds ``first_round`` .. ``num_rounds`` (see the module doc); returns the final global arrays.
@@ -194,6 +201,7 @@ def run_rounds(
     """
     if first_round == 1 and evaluate_fn is not None:
         evaluate_fn(0, arrays)
+    silence = silence or SilentNodes(0)
     for server_round in range(first_round, num_rounds + 1):
         reason = before_round() if before_round is not None else None
         if reason:
@@ -205,10 +213,18 @@ def run_rounds(
         if connected < min_nodes:
             rec["skipped"] = f"{connected} of {min_nodes} nodes connected after {node_wait:g} s"
         else:
-            sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+            if resting := silence.resting(server_round, grid.get_node_ids(), min_replies):
+                rec["rested"] = sorted(resting)
+                log.warning("round %d: nodes %s sit this round out (silent before)", server_round, rec["rested"])
+            asked = NodesAsked(grid, resting)
+            sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), asked))
             rules = ReplyRules.of(arrays, max_examples, required_metrics, sent[0].content if sent else None)
             replies = send_and_receive(grid, sent, timeout)
             good = split_replies(runlog, server_round, "train", sent, replies, timeout, rules)
+            silent = set(_silent(sent, replies))
+            silence.heard(server_round, [m.metadata.dst_node_id for m in sent], silent)
+            if silence.most_rounds:  # still at work on its training, or gone: not asked to validate
+                asked = NodesAsked(grid, resting | silent)
             if len(good) < min_replies:
                 rec["skipped"] = f"{len(good)} of {len(sent)} nodes replied (min-replies {min_replies})"
             else:
@@ -236,11 +252,12 @@ def run_rounds(
                         on_release(server_round)
                     sent = list(
                         strategy.configure_evaluate(
-                            server_round, arrays, ConfigRecord(dict(evaluate_config or {})), grid
+                            server_round, arrays, ConfigRecord(dict(evaluate_config or {})), asked
                         )
                     )
                     replies = send_and_receive(grid, sent, timeout)
                     good = split_replies(runlog, server_round, "evaluate", sent, replies, timeout, rules)
+                    silence.heard(server_round, [m.metadata.dst_node_id for m in sent], set(_silent(sent, replies)))
                     try:
                         if good:
                             strategy.aggregate_evaluate(server_round, good)

@@ -78,7 +78,8 @@ def code(text: object) -> str:
 
 
 def _faults(record: dict) -> str:
-    """What went wrong in a round, for the report: failed or silent nodes, updates scaled down, a skipped round."""
+    """What went wrong in a round, for the report: failed or silent nodes, updates scaled down, nodes that sat the
+    round out, a skipped round."""
     parts = [  # a resumed run's records come from a file: every part is shown as text
         f"node {plain(f.get('node'))} ({plain(f.get('stage'))}): {plain(str(f.get('reason'))[:120])}"
         for f in record.get("failures", [])
@@ -87,6 +88,8 @@ def _faults(record: dict) -> str:
         f"node {plain(b.get('node'))}'s update (norm {b['norm']:.3g}) scaled down to update-bound's {b['limit']:.3g}"
         for b in record.get("bounded", [])
     ]
+    if record.get("rested"):
+        parts.append(f"nodes {', '.join(plain(n) for n in record['rested'])} sat out (silent before)")
     if record.get("skipped"):
         parts.append(f"**round skipped**: {plain(record['skipped'])}")
     return "; ".join(parts)

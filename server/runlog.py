@@ -75,6 +75,7 @@ RECORD_SHAPE: dict[str, Check] = {
     **dict.fromkeys(("skipped", "secure_aggregation"), _text),
     "sites": _fields({}, rest=_SITE),  # keyed by node id
     "failures": _list_of(_FAILURE),
+    "rested": _list_of(is_whole),
     "bounded": _list_of(_fields({"node": _maybe(is_whole), "norm": is_finite, "limit": is_finite})),
     "collapse": _list_of(_fields({"where": _text, "what": _text})),
     "privacy": _privacy,
@@ -195,9 +196,9 @@ class RunLog:
             failed = sorted(
                 {str(f["node"]) for f in rec["failures"] if f["stage"] == "train" and f["node"] is not None}
             )
-            parts.append(
-                f"{trained}/{trained + len(failed)} sites" + (f" (failed: {', '.join(failed)})" if failed else "")
-            )
+            left_out = [f"failed: {', '.join(failed)}"] if failed else []
+            left_out += [f"sat out: {', '.join(map(str, rec['rested']))}"] if rec.get("rested") else []
+            parts.append(f"{trained}/{trained + len(failed)} sites" + (f" ({'; '.join(left_out)})" if left_out else ""))
             if "train-loss" in rec.get("train", {}):
                 parts.append(f"train loss {rec['train']['train-loss']:.3f}")
             if "val-mean-dice" in rec.get("val", {}):

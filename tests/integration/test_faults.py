@@ -48,20 +48,50 @@ def test_a_node_that_raises_mid_round_is_logged_and_the_round_aggregates_the_oth
     assert sum(r.has_error() for r in grid.replies) == 1
 
 
-def test_a_node_that_hangs_past_the_timeout_is_left_out(tmp_path):
+def _asked(grid, stage: str, server_round: int) -> set[int]:
+    return {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == stage and _round(m) == server_round}
+
+
+@pytest.mark.slow
+def test_a_node_that_hangs_past_the_timeout_sits_rounds_out_doubling(tmp_path, capsys):
+    """Silent in round 1's training, node 3 is not asked to validate round 1's model (it is still at work) and sits
+    round 2 out; silent again in round 3, it sits out rounds 4 and 5; it answers in round 6 and is asked as before."""
     run_config = tiny_run_config(
-        tmp_path, **{"num-server-rounds": 2, "eval-subsets": "full", "round-timeout": 4.0, "eval-every": 2}
+        tmp_path, **{"num-server-rounds": 7, "eval-subsets": "full", "round-timeout": 8.0, "eval-every": 7}
     )
-    faulty = Faulty(node=3, rounds={1}, mode="hang")
+    faulty = Faulty(node=3, rounds={1, 3}, mode="hang")
     try:
-        run_inproc(server_app, faulty, run_config, nodes())
+        grid = run_inproc(server_app, faulty, run_config, nodes())
     finally:
         faulty.release.set()
     records = _records(tmp_path / "run")
-    (failure,) = records[1]["failures"]
-    assert failure["node"] == 3 and "no reply within the round timeout (4 s)" in failure["reason"]
-    assert "skipped" not in records[1] and records[2]["failures"] == []
-    assert "global" in records[2]  # the run went on to the end
+    for r in (1, 3):
+        (failure,) = records[r]["failures"]
+        assert failure["node"] == 3 and "no reply within the round timeout (8 s)" in failure["reason"]
+        assert _asked(grid, "train", r) == {1, 2, 3} and _asked(grid, "evaluate", r) == {1, 2}
+    assert [records[r].get("rested") for r in range(1, 8)] == [None, [3], None, [3], [3], None, None]
+    assert _asked(grid, "train", 2) == _asked(grid, "train", 4) == _asked(grid, "train", 5) == {1, 2}
+    assert _asked(grid, "train", 6) == _asked(grid, "evaluate", 6) == {1, 2, 3}
+    assert "site-3" in {name for name, s in by_name(records[6]).items() if "train-loss" in s}
+    assert all("skipped" not in records[r] for r in range(1, 8)) and "global" in records[7]
+    assert "nodes 3 sat out (silent before)" in (tmp_path / "run" / "REPORT.md").read_text()
+    assert "round 2/7: 2/2 sites (sat out: 3)" in capsys.readouterr().err
+
+
+def test_with_rest_silent_0_a_silent_node_is_asked_every_stage(tmp_path):
+    run_config = tiny_run_config(
+        tmp_path,
+        **{"num-server-rounds": 2, "eval-subsets": "full", "round-timeout": 8.0, "eval-every": 2, "rest-silent": 0},
+    )
+    faulty = Faulty(node=3, rounds={1}, mode="hang")
+    try:
+        grid = run_inproc(server_app, faulty, run_config, nodes())
+    finally:
+        faulty.release.set()
+    records = _records(tmp_path / "run")
+    assert [f["node"] for f in records[1]["failures"]] == [3] and records[2]["failures"] == []
+    assert _asked(grid, "evaluate", 1) == _asked(grid, "train", 2) == {1, 2, 3}
+    assert "rested" not in records[2] and "global" in records[2]
 
 
 def test_too_few_replies_skip_the_round_and_keep_the_model(tmp_path):
