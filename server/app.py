@@ -164,7 +164,7 @@ def main(grid: Grid, context: Context) -> None:
             after_round=after_round,
             before_round=ledger.stop_reason if ledger is not None else None,
             on_release=ledger.release if ledger is not None else None,
-            silence=SilentNodes(run.rest_silent),
+            silence=SilentNodes.for_run(run),
             say=say,
         )
         finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, tracker)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
@@ -124,7 +124,7 @@ def split_replies(
     rec = runlog.record(server_round)
     good: list[Message] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = replier(reply, sent)
         if reply.has_error():
             reason = printable(reply.error.reason)  # the server's own refusal of a packed reply, or the node's error
             _failure(rec, server_round, stage, node, reason, "refused" if isinstance(reply, ServerRefusal) else "error")
@@ -141,14 +141,23 @@ def split_replies(
         record_site(runlog, server_round, stage, node, reply.content)
         good.append(reply)
     common_metrics([r.content for r in good])
-    for node in _silent(sent, replies)[: max(len(sent) - len(replies), 0)]:
+    for node in _silent(sent, replies):
         _failure(rec, server_round, stage, node, f"no reply within the round timeout ({timeout:g} s)", "silent")
     return good
 
 
+def replier(reply: Message, sent: list[Message]) -> int:
+    """The node ``reply`` answers for: its sender, which Flower authenticated; or, for the error reply a SuperLink
+    makes in place of a node it lost (sent from the SuperLink's own id), the node its message went to."""
+    node = reply.metadata.src_node_id
+    if node == SUPERLINK_NODE_ID and (answers := reply.metadata.reply_to_message_id):
+        node = next((m.metadata.dst_node_id for m in sent if m.metadata.message_id == answers), node)
+    return node
+
+
 def _silent(sent: list[Message], replies: list[Message]) -> list[int]:
     """The nodes ``sent`` a message that none of ``replies`` answers, in the order sent."""
-    answered = {r.metadata.src_node_id for r in replies}
+    answered = {replier(r, sent) for r in replies}
     return [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
 
 
@@ -209,22 +218,26 @@ def run_rounds(
             say(runlog.stopped)
             break
         rec = runlog.record(server_round)
-        connected = wait_for_nodes(grid, min_nodes, node_wait)
-        if connected < min_nodes:
+        wait_for_nodes(grid, min_nodes, node_wait)
+        everyone = NodesAsked(grid, set())  # the nodes connected now, which this round draws from
+        if (connected := len(everyone.nodes)) < min_nodes:
             rec["skipped"] = f"{connected} of {min_nodes} nodes connected after {node_wait:g} s"
         else:
-            if resting := silence.resting(server_round, grid.get_node_ids(), min_replies):
+            if resting := silence.resting(server_round, everyone.nodes):
                 rec["rested"] = sorted(resting)
                 log.warning("round %d: nodes %s sit this round out (silent before)", server_round, rec["rested"])
-            asked = NodesAsked(grid, resting)
-            sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), asked))
+            sent = list(
+                strategy.configure_train(
+                    server_round, arrays, ConfigRecord(dict(train_config)), NodesAsked(everyone, resting)
+                )
+            )
             rules = ReplyRules.of(arrays, max_examples, required_metrics, sent[0].content if sent else None)
             replies = send_and_receive(grid, sent, timeout)
             good = split_replies(runlog, server_round, "train", sent, replies, timeout, rules)
             silent = set(_silent(sent, replies))
             silence.heard(server_round, [m.metadata.dst_node_id for m in sent], silent)
-            if silence.most_rounds:  # still at work on its training, or gone: not asked to validate
-                asked = NodesAsked(grid, resting | silent)
+            # still at work on its training, or gone: not asked to validate
+            asked = NodesAsked(grid, (resting | silent) if silence.most_rounds else set())
             if len(good) < min_replies:
                 rec["skipped"] = f"{len(good)} of {len(sent)} nodes replied (min-replies {min_replies})"
             else:
@@ -250,10 +263,14 @@ def run_rounds(
                     arrays = new
                     if on_release is not None:
                         on_release(server_round)
-                    sent = list(
-                        strategy.configure_evaluate(
-                            server_round, arrays, ConfigRecord(dict(evaluate_config or {})), asked
+                    sent = (  # a draw from no node would wait without limit
+                        list(
+                            strategy.configure_evaluate(
+                                server_round, arrays, ConfigRecord(dict(evaluate_config or {})), asked
+                            )
                         )
+                        if asked.nodes
+                        else []
                     )
                     replies = send_and_receive(grid, sent, timeout)
                     good = split_replies(runlog, server_round, "evaluate", sent, replies, timeout, rules)

@@ -93,6 +93,27 @@ def test_a_node_whose_error_reads_like_the_servers_refusal_is_still_filed_as_its
     assert kinds == {1: "refused", 2: "error"}
 
 
+def test_the_superlinks_error_for_a_node_it_lost_is_that_nodes_and_the_node_that_hung_is_the_silent_one(tmp_path):
+    """A SuperLink answers for a node whose heartbeat lapsed with an error reply from its own id (1): it was filed
+    against id 1, the lost node counted as silent, and the node that really hung went unrecorded."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from server.loop import split_replies
+    from server.replies import ReplyRules
+    from server.runlog import RunLog
+
+    arrays = ArrayRecord({k: Array(v) for k, v in tiny_arrays("float32").items()})
+    sent = [Message(RecordDict({"arrays": arrays}), dst_node_id=n, message_type=MessageType.TRAIN) for n in (11, 12)]
+    for i, message in enumerate(sent):
+        message.metadata.__dict__["_message_id"] = f"m{i}"  # as the SuperLink assigns them
+    lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=sent[0])  # node 12 hangs and says nothing
+    lost.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # as the SuperLink makes it
+    runlog = RunLog(tmp_path)
+    assert split_replies(runlog, 1, "train", sent, [lost], 1.0, ReplyRules.of(arrays, 100)) == []
+    assert [(f["node"], f["kind"]) for f in runlog.record(1)["failures"]] == [(11, "error"), (12, "silent")]
+
+
 @pytest.mark.parametrize("where", ["arrays", "extra"])
 def test_a_packed_reply_may_name_only_the_arrays_that_were_sent(where, monkeypatch):
     """A layout that names 200,000 empty arrays (3.7 MB on the wire) made the server build one array object per name,
