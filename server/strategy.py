@@ -240,6 +240,13 @@ class FederatedMixin:
         moved = sorted(n for n in norms if n > 0)  # a node that sent back what it got adds nothing to compare
         if not moved:
             return
+        if len(moved) < 3:  # of two, the shorter bounds the other; one is never bounded
+            log.warning(
+                "round %d: update-bound compares %d update(s) that moved: no median here that a hostile site "
+                "cannot set (three or more are needed)",
+                server_round,
+                len(moved),
+            )
         limit = self.update_bound * moved[(len(moved) - 1) // 2]  # the lower median: most replies must be honest
         bounded = []
         for reply, arrays, norm in zip(replies, returned, norms, strict=True):

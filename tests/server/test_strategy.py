@@ -138,15 +138,17 @@ def test_update_bound_scales_an_update_longer_than_k_medians_down_and_records_it
     assert "bounded" not in unbounded.runlog.record(1)
 
 
-def test_update_bound_leaves_updates_within_it_and_ignores_unchanged_replies(tmp_path, task_identity):
+def test_update_bound_leaves_updates_within_it_and_ignores_unchanged_replies(tmp_path, task_identity, caplog):
     within = _bounding_fedavg(tmp_path / "within", 3.0)
     arrays, _ = within.aggregate_train(1, _train_replies([(2, 1.0), (1, 1.2), (1, 0.9), (1, 2.9)]))
     assert arrays["w"].numpy()[0] == pytest.approx((2.0 + 1.2 + 0.9 + 2.9) / 5)  # the counts still weigh
-    assert "bounded" not in within.runlog.record(1)
+    assert "bounded" not in within.runlog.record(1) and "update-bound compares" not in caplog.text
     # two sites sent back the model they got: the median is of the updates that moved, 1.0 and 5.0 (the lower: 1.0)
     lazy = _bounding_fedavg(tmp_path / "lazy", 3.0)
     arrays, _ = lazy.aggregate_train(1, _train_replies([(1, 0.0), (1, 0.0), (1, 1.0), (1, 5.0)]))
     assert arrays["w"].numpy()[0] == pytest.approx((1.0 + 3.0) / 4)
+    assert "update-bound compares 2 update(s) that moved" in caplog.text  # a round the bound cannot protect
+    caplog.clear()
     still = _bounding_fedavg(tmp_path / "still", 3.0)
     arrays, _ = still.aggregate_train(1, _train_replies([(1, 0.0), (1, 0.0)]))  # nothing moved: nothing to bound
     assert arrays["w"].numpy()[0] == 0.0 and "bounded" not in still.runlog.record(1)
