@@ -57,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
     out = run_folder(run, context.run_id)
     checkpoint = ServerCheckpoint.load(out) if run.resume_from else None
     privacy = privacy_settings(run)
-    account = resumed_account(privacy, out, checkpoint) if checkpoint is not None else None
+    account = resumed_account(privacy, out, checkpoint, run.home) if checkpoint is not None else None
     strategy_options(run, run.min_nodes)  # refuses impossible settings now
     if caveat := strategy_caveat(run, run.min_nodes):
         say(f"WARNING {caveat}")
@@ -91,7 +91,9 @@ def main(grid: Grid, context: Context) -> None:
         runlog = RunLog(out)
         best: dict = {"val_mean_dice": -1.0, "round": None}
         num_sites = max(len(list(grid.get_node_ids())), run.min_nodes)  # a phantom federation has one site per node
-        ledger = PrivacyLedger(privacy, num_sites, account, folder=out, key=state_key) if privacy else None
+        ledger = (
+            PrivacyLedger(privacy, num_sites, account, folder=out, key=state_key, home=run.home) if privacy else None
+        )
         round_end = RoundEnd.for_run(
             run, cfg, student, disc, device, out, runlog, tracker, best, num_sites, privacy, ledger
         )

@@ -6,6 +6,11 @@ A round's release is counted when its model is taken, before anything of it leav
 state (:class:`server.state.ServerCheckpoint`, which carries the account too) is written only at the round's end,
 after the sites have had the model. A server stopped in between resumes with that release counted
 (:func:`resumed_account`); the round then runs again, a second release with fresh noise, counted as well.
+
+The account is also written outside the run folder, to ``<work-dir>/privacy/<state key>.json`` (the server's home:
+``work-dir``, else ``$MSTKD_HOME``). A run folder can be restored from an older copy, whose files count fewer
+releases than the sites have had; resumed on the same server, the run continues the larger account. Resumed twice
+from copies of one run, it counts both resumptions' releases.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from mstkd.atomic import write_text
 from mstkd.errors import InputError
+from mstkd.runconfig import check_state_key
 from server.replies import printable
 
 MAX_ACCOUNT_BYTES = 1 << 20
@@ -32,19 +38,29 @@ class PrivacyLedger:
     nodes is connected now.
 
     With ``folder``, every release writes the account to ``folder``'s :data:`FILE`, with the run's ``key`` (the
-    nodes' state key, which a run keeps on resume and a new run in the same folder does not share).
+    nodes' state key, which a run keeps on resume and a new run in the same folder does not share); with ``home``,
+    to :func:`home_file` as well.
     """
 
     FILE = "privacy.json"
 
     def __init__(
-        self, privacy: dict, population: int, state: dict | None = None, *, folder: Path | None = None, key: str = ""
+        self,
+        privacy: dict,
+        population: int,
+        state: dict | None = None,
+        *,
+        folder: Path | None = None,
+        key: str = "",
+        home: Path | None = None,
     ) -> None:
         from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
         from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
         self.noise = float(privacy["noise_multiplier"])
-        self.folder, self.key = folder, key
+        self.key = key
+        self.files = [Path(folder) / self.FILE] if folder is not None else []
+        self.files += [home_file(home, key)] if home is not None else []
         self.accountant = None
         self.spent: dict[int, dict] = {}  # what each round's release brought the account to, for its record
         if self.noise <= 0:
@@ -93,9 +109,10 @@ class PrivacyLedger:
         ``folder``); what the account came to is kept in :attr:`spent` for the round's record."""
         if self.accountant is not None:
             self.accountant.compose(self.event)
-            if self.folder is not None:
-                record = {"round": server_round, "key": self.key, "account": self.state()}
-                write_text(Path(self.folder) / self.FILE, json.dumps(record))
+            record = json.dumps({"round": server_round, "key": self.key, "account": self.state()})
+            for path in self.files:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_text(path, record)
         self.spent[server_round] = self.so_far()
 
     def so_far(self) -> dict:
@@ -123,10 +140,16 @@ def _releases(account: dict) -> int:
     return sum(int(entry["count"]) for entry in account.get("compositions", ()))
 
 
-def resumed_account(privacy: dict, folder: Path, checkpoint) -> dict:
-    """The privacy account a resumed run continues: its server state's (``checkpoint.privacy``, as of its round), or
-    ``folder``'s :data:`PrivacyLedger.FILE` where that holds a later release of the same run (its state key), counted
-    before the server stopped.
+def home_file(home: Path, key: str) -> Path:
+    """Where a server whose home is ``home`` keeps the account of the run with state key ``key``, outside its run
+    folder."""
+    return Path(home) / "privacy" / f"{check_state_key(key)}.json"
+
+
+def resumed_account(privacy: dict, folder: Path, checkpoint, home: Path | None = None) -> dict:
+    """The privacy account a resumed run continues, the one that counts the most releases of: its server state's
+    (``checkpoint.privacy``, as of its round); ``folder``'s :data:`PrivacyLedger.FILE` and, with ``home``, the
+    server's own copy (:func:`home_file`), where either holds a later release of the same run (its state key).
 
     Raises:
         InputError: the run released its models with differential privacy and ``privacy`` is off or has no noise
@@ -134,6 +157,9 @@ def resumed_account(privacy: dict, folder: Path, checkpoint) -> dict:
             or the account file does not read.
     """
     stored, written = checkpoint.privacy, _written_account(Path(folder) / PrivacyLedger.FILE, checkpoint)
+    if home is not None:
+        kept = _written_account(home_file(home, checkpoint.state_key), checkpoint)
+        written = max((written, kept), key=_releases)
     if not privacy and (stored or written or any("privacy" in rec for rec in checkpoint.records.values())):
         raise InputError(
             "resume-from: its rounds were released with differential privacy; resume it with the same dp settings "
@@ -148,8 +174,9 @@ def resumed_account(privacy: dict, folder: Path, checkpoint) -> dict:
 
 
 def _written_account(path: Path, checkpoint) -> dict:
-    """The account in ``path`` when it is this run's (the checkpoint's state key), written after the checkpoint's
-    round, and counts at least the checkpoint's releases; else ``{}``."""
+    """The account in ``path`` when it is this run's (the checkpoint's state key) and counts more releases than the
+    checkpoint's; else ``{}``. Its round is not compared: a copy of the run resumed from an earlier round has written
+    a lower round, and counted every release before it."""
     if not path.is_file():
         return {}
     try:
@@ -157,8 +184,9 @@ def _written_account(path: Path, checkpoint) -> dict:
             raise ValueError(f"{size} bytes")
         written = json.loads(path.read_text(encoding="utf-8"))
         account = written["account"]
-        ours = written["key"] == checkpoint.state_key and int(written["round"]) > checkpoint.round
-        later = ours and isinstance(account, dict) and _releases(account) >= _releases(checkpoint.privacy)
+        int(written["round"])  # the round of its last release: a record of another shape does not read
+        ours = written["key"] == checkpoint.state_key and isinstance(account, dict)
+        later = ours and _releases(account) > _releases(checkpoint.privacy)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"resume-from: {PrivacyLedger.FILE} does not read ({printable(exc, 120)})") from None
+        raise InputError(f"resume-from: {path.name} does not read ({printable(exc, 120)})") from None
     return account if later else {}

@@ -96,3 +96,30 @@ def test_a_dp_run_killed_after_a_release_counts_it_and_resumes_only_with_its_noi
     run_inproc(server_app, client_app, resumed, nodes())
     records = _records(run)
     assert [r["privacy"]["releases"] for r in records[1:]] == [1, 3]  # round 2 left the server twice
+
+
+@pytest.mark.slow
+def test_a_dp_run_restored_from_an_older_copy_of_its_folder_counts_every_release_the_server_made(tmp_path):
+    """The account lived only in the run folder: restored from a copy made before round 2 and resumed, round 2's
+    release, which the sites had had, was no longer counted (2 releases reported where 3 were made). The server's
+    own copy of the account (<work-dir>/privacy/<state key>.json) keeps it."""
+    import shutil
+
+    from flwr.app import Context, RecordDict
+
+    extra = {"num-server-rounds": 2, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.0}
+    config = tiny_run_config(tmp_path, **extra)
+    grid = KillAtRound(client_app, config, nodes(), round=2, stage="train")  # stopped after round 1's end
+    with pytest.raises(ServerKilled):
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config)))
+    run, backup = tmp_path / "run", tmp_path / "backup"
+    shutil.copytree(run, backup)  # the copy of the folder after round 1: one release
+    resumed = {**config, "resume-from": str(run), "out-dir": ""}
+    run_inproc(server_app, client_app, resumed, nodes())
+    assert _records(run)[2]["privacy"]["releases"] == 2
+    shutil.rmtree(run)
+    shutil.copytree(backup, run)  # restored from the older copy; round 2 runs again
+    run_inproc(server_app, client_app, resumed, nodes())
+    assert _records(run)[2]["privacy"]["releases"] == 3
+    (kept,) = (tmp_path / "work" / "privacy").iterdir()
+    assert kept.name == f"{ServerCheckpoint.load(run).state_key}.json" and (kept.parent.stat().st_mode & 0o077) == 0

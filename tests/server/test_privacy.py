@@ -100,9 +100,9 @@ def test_a_dp_run_cannot_be_resumed_without_its_noise(tmp_path, later):
 
 
 def test_an_account_file_counts_only_for_its_own_run_and_a_later_release(tmp_path):
-    """The account file written at a release is read on resume only when it is the same run's (its state key), is
-    newer than the server's state and counts at least its releases: after overwrite=true, an earlier run's file in
-    the folder gave a new run that run's account (or refused to resume a run without dp at all)."""
+    """The account file written at a release is read on resume only when it is the same run's (its state key) and
+    counts more releases than the server's state: after overwrite=true, an earlier run's file in the folder gave a
+    new run that run's account (or refused to resume a run without dp at all)."""
     from server.ledger import PrivacyLedger, resumed_account
     from server.privacy import privacy_settings
     from server.runfolder import claim_folder
@@ -121,6 +121,37 @@ def test_an_account_file_counts_only_for_its_own_run_and_a_later_release(tmp_pat
     (tmp_path / "metrics.jsonl").write_text("")
     claim_folder(tmp_path, overwrite=True)  # overwrite=true removes it with the run's other files
     assert not (tmp_path / PrivacyLedger.FILE).exists()
+
+
+def test_the_servers_own_account_counts_the_releases_of_every_copy_of_a_run_resumed_on_it(tmp_path):
+    """A run resumed from a copy of round 5 (copy A) runs to round 10; resumed again from another copy of round 5
+    (copy B), its server's own account says 10 releases at round 10, and then, after B's round 6, 11 at round 6.
+    A third copy, of round 8, must still continue from 11: the account is compared by releases, not by round."""
+    from server.ledger import PrivacyLedger, home_file, resumed_account
+    from server.privacy import privacy_settings
+
+    privacy = privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 1.0, "min-nodes": 3}))
+    home, key = tmp_path / "home", "run.k"
+
+    def copy(rounds: int):  # the run's own state as a copy of its folder holds it after ``rounds`` rounds
+        ledger = PrivacyLedger(privacy, 3)
+        for r in range(1, rounds + 1):
+            ledger.release(r)
+        return _checkpoint(rounds, ledger, key=key)
+
+    a = PrivacyLedger(privacy, 3, state=copy(5).privacy, key=key, home=home)
+    for r in range(6, 11):
+        a.release(r)
+    account = resumed_account(privacy, tmp_path / "b", copy(5), home)
+    assert account == a.state() and resumed_account(privacy, tmp_path / "b", copy(5)) == copy(5).privacy
+    b = PrivacyLedger(privacy, 3, state=account, key=key, home=home)
+    b.release(6)
+    assert '"round": 6' in home_file(home, key).read_text()
+    assert (
+        _released(PrivacyLedger(privacy, 3, resumed_account(privacy, tmp_path / "c", copy(8), home)), 9)["releases"]
+        == 12
+    )
+    assert resumed_account(privacy, tmp_path / "d", _checkpoint(8, a, key="other.k"), home) == a.state()  # not ours
 
 
 def test_a_release_counted_before_a_restart_shows_in_the_next_rounds_record(tmp_path, task_identity):
