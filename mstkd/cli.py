@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="the folder holding dataset.json, imagesTr/, labelsTr/ (and imagesTs/)")
     p.add_argument("out", help="where the case folders go (a data folder for every other command)")
     p.add_argument("--test", action="store_true", help="imagesTs/ (no labels) instead of imagesTr/ with labelsTr/")
+    p.add_argument("--follow-links", action="store_true", help="read files the dataset links from outside its folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

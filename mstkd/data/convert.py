@@ -15,8 +15,11 @@ FeTS labels (1 necrosis, 2 edema, 4 enhancing), which every ``mstkd`` command an
 The channels and labels are mapped by their names, never by position, and a name that does not say what it is
 refuses the dataset in one line. ``dataset.json`` comes from elsewhere: it is read as data (at most
 :data:`MAX_JSON_BYTES`), its files are found by listing ``imagesTr/`` (never by paths it names), and a case id
-must be a plain file name. A case is written to a hidden folder and renamed into place when whole; one that cannot
-be read costs that case only, and a case folder already in ``OUT`` is kept, so an interrupted call resumes.
+must be a plain file name. A file that is a link to a place outside the dataset's folder (another patient's scan
+elsewhere on the machine, which ``OUT`` would then hold) is refused unless ``follow_links`` (``--follow-links``:
+a dataset that links to a shared copy of BraTS). A case is written to a hidden folder and renamed into place when
+whole; one that cannot be read costs that case only, and a case folder already in ``OUT`` is kept, so an
+interrupted call resumes.
 """
 
 from __future__ import annotations
@@ -255,15 +258,25 @@ class ConvertResult:
     record: Path | None = None
 
 
-def convert_dataset(src: str | Path, out: str | Path, *, test: bool = False, progress: bool = True) -> ConvertResult:
+def convert_dataset(
+    src: str | Path, out: str | Path, *, test: bool = False, progress: bool = True, follow_links: bool = False
+) -> ConvertResult:
     """Write every case of ``src`` (``imagesTr`` with ``labelsTr``, or ``imagesTs`` with ``test``) into ``out`` as a
-    FeTS case folder, and ``out/convert.json``: the source, the channel and label maps and the cases.
+    FeTS case folder, and ``out/convert.json``: the source, the channel and label maps and the cases. Files that
+    link outside ``src`` are read only with ``follow_links``.
 
     Raises:
-        InputError: :func:`read_dataset`'s and :func:`find_cases`' refusals, or an ``out`` that cannot be written.
+        InputError: :func:`read_dataset`'s and :func:`find_cases`' refusals, an image that links outside ``src``
+            (without ``follow_links``), or an ``out`` that cannot be written.
     """
     dataset = read_dataset(src)
     cases = find_cases(dataset, "imagesTs" if test else "imagesTr")
+    images = [f for files in cases.values() for f in (files.values() if isinstance(files, dict) else [files])]
+    if not follow_links and (outside := [f for f in images if not _inside(f, dataset.folder)]):
+        raise InputError(
+            f"{outside[0]} (and {len(outside) - 1} more) links outside {dataset.folder}; give --follow-links to "
+            "read files that a dataset links from elsewhere"
+        )
     out = Path(out)
     if dataset.folder.resolve().is_relative_to(out.resolve()):
         raise InputError(f"{out}: holds the dataset; convert into a folder beside it or inside it")
@@ -291,7 +304,7 @@ def convert_dataset(src: str | Path, out: str | Path, *, test: bool = False, pro
             result.kept.append(case_id)
             continue
         try:
-            _write_case(dataset, case_id, files, None if test else dataset.folder / "labelsTr", out)
+            _write_case(dataset, case_id, files, None if test else dataset.folder / "labelsTr", out, follow_links)
         except (InputError, OSError, MemoryError) as exc:  # this case only; go on
             result.failed[case_id] = first_line(exc)
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
@@ -318,9 +331,22 @@ def _check_earlier(record: Path, maps: dict, there: list[str]) -> None:
         )
 
 
-def _write_case(dataset: Dataset, case_id: str, files: dict[int, Path] | Path, labels: Path | None, out: Path) -> None:
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, its links followed, lies in ``folder``."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _write_case(
+    dataset: Dataset,
+    case_id: str,
+    files: dict[int, Path] | Path,
+    labels: Path | None,
+    out: Path,
+    follow_links: bool = False,
+) -> None:
     """One case into a hidden folder of ``out``, renamed to ``out/<ID>`` once every file is written and checked: every
-    channel ``dataset.json`` names, and a label map, on one grid."""
+    channel ``dataset.json`` names, and a label map (one that links outside the dataset only with ``follow_links``),
+    on one grid."""
     fets = Layout.FETS.value
     staging = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=out))
     try:
@@ -345,6 +371,8 @@ def _write_case(dataset: Dataset, case_id: str, files: dict[int, Path] | Path, l
             found = [labels / f"{case_id}{s}" for s in NIFTI_SUFFIXES if (labels / f"{case_id}{s}").is_file()]
             if not found:
                 raise InputError(f"{labels}: no label map {case_id}.nii.gz")
+            if not follow_links and not _inside(found[0], dataset.folder):
+                raise InputError(f"{found[0]}: links outside {dataset.folder}; give --follow-links to read it")
             seg = read_labels(found[0])
             _same_grid(grid, seg.data.shape, seg.affine, found[0])
             unknown = [int(v) for v in np.unique(seg.data) if int(v) not in dataset.labels]
@@ -375,7 +403,9 @@ def _umask() -> int:
 
 def convert_command(args: argparse.Namespace) -> int:
     """``mstkd convert``: the exit status (1 when a case failed)."""
-    result = convert_dataset(args.src, args.out, test=args.test, progress=not args.quiet)
+    result = convert_dataset(
+        args.src, args.out, test=args.test, progress=not args.quiet, follow_links=args.follow_links
+    )
     kept = f", {len(result.kept)} already there" if result.kept else ""
     failed = f"; {len(result.failed)} failed: {', '.join(result.failed)}" if result.failed else ""
     print(
