@@ -57,7 +57,9 @@ def main(grid: Grid, context: Context) -> None:
     out = run_folder(run, context.run_id)
     checkpoint = ServerCheckpoint.load(out) if run.resume_from else None
     privacy = privacy_settings(run)
-    account = resumed_account(privacy, out, checkpoint, run.home) if checkpoint is not None else None
+    account = (
+        resumed_account(privacy, out, checkpoint, run.home if privacy else None) if checkpoint is not None else None
+    )
     strategy_options(run, run.min_nodes)  # refuses impossible settings now
     if caveat := strategy_caveat(run, run.min_nodes):
         say(f"WARNING {caveat}")

@@ -16,12 +16,16 @@ from copies of one run, it counts both resumptions' releases.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from mstkd.atomic import write_text
+from mstkd.atomic import check_writable, write_text
 from mstkd.errors import InputError
+from mstkd.numbers import is_whole
 from mstkd.runconfig import check_state_key
 from server.replies import printable
+
+log = logging.getLogger("mstkd.server")
 
 MAX_ACCOUNT_BYTES = 1 << 20
 """The largest account file read (one is a few kB)."""
@@ -65,6 +69,8 @@ class PrivacyLedger:
         self.spent: dict[int, dict] = {}  # what each round's release brought the account to, for its record
         if self.noise <= 0:
             return
+        if home is not None:
+            prepare_home(self.files[-1])
         config = PrivacyConfig(
             target_delta=float(privacy["delta"]),
             population_size=max(population, int(privacy["sampled_nodes"])),
@@ -111,7 +117,6 @@ class PrivacyLedger:
             self.accountant.compose(self.event)
             record = json.dumps({"round": server_round, "key": self.key, "account": self.state()})
             for path in self.files:
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 write_text(path, record)
         self.spent[server_round] = self.so_far()
 
@@ -142,51 +147,119 @@ def _releases(account: dict) -> int:
 
 def home_file(home: Path, key: str) -> Path:
     """Where a server whose home is ``home`` keeps the account of the run with state key ``key``, outside its run
-    folder."""
-    return Path(home) / "privacy" / f"{check_state_key(key)}.json"
+    folder (``home`` made absolute: a relative ``work-dir`` would name another folder from another directory)."""
+    return Path(home).expanduser().resolve() / "privacy" / f"{check_state_key(key)}.json"
+
+
+def prepare_home(path: Path) -> None:
+    """Make the folder of ``path`` (a :func:`home_file`) ready, private to this user, before any round.
+
+    Raises:
+        InputError: it cannot be written, is a link, or others may write to it (and so replace the account).
+    """
+    folder = path.parent
+    check_writable(folder, what="work-dir: the server's copy of the privacy account,")
+    if folder.is_symlink():
+        raise InputError(f"work-dir: {folder} is a link; the server keeps its privacy accounts in a folder of its own")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (mode := folder.stat().st_mode) & 0o022:
+        raise InputError(
+            f"work-dir: others may write to {folder} (mode {mode & 0o777:o}), where the server keeps its privacy "
+            "accounts; make it private (chmod 700)"
+        )
 
 
 def resumed_account(privacy: dict, folder: Path, checkpoint, home: Path | None = None) -> dict:
     """The privacy account a resumed run continues, the one that counts the most releases of: its server state's
     (``checkpoint.privacy``, as of its round); ``folder``'s :data:`PrivacyLedger.FILE` and, with ``home``, the
-    server's own copy (:func:`home_file`), where either holds a later release of the same run (its state key).
+    server's own copy (:func:`home_file`), where either holds a later release of the same run (its state key). The
+    others must each be a beginning of it; a missing copy in ``home`` is a warning (a run folder restored from an
+    older copy then resumes with fewer releases than the sites have had).
 
     Raises:
         InputError: the run released its models with differential privacy and ``privacy`` is off or has no noise
             (its rounds would then release models without noise while the report still showed the old epsilon),
-            or the account file does not read.
+            an account file does not read, or two accounts each count releases the other does not.
     """
-    stored, written = checkpoint.privacy, _written_account(Path(folder) / PrivacyLedger.FILE, checkpoint)
-    if home is not None:
-        kept = _written_account(home_file(home, checkpoint.state_key), checkpoint)
-        written = max((written, kept), key=_releases)
-    if not privacy and (stored or written or any("privacy" in rec for rec in checkpoint.records.values())):
+    if checkpoint.privacy:
+        try:
+            _check_account(checkpoint.privacy)
+        except ValueError as exc:
+            raise InputError(f"resume-from: its server state's privacy account does not read ({exc})") from None
+    files = [Path(folder) / PrivacyLedger.FILE] + ([home_file(home, checkpoint.state_key)] if home else [])
+    accounts = {"the server's state": checkpoint.privacy} | {str(f): _written_account(f, checkpoint) for f in files}
+    accounts = {where: account for where, account in accounts.items() if account}
+    if not privacy and (accounts or any("privacy" in rec for rec in checkpoint.records.values())):
         raise InputError(
             "resume-from: its rounds were released with differential privacy; resume it with the same dp settings "
             "(dp='off' would release models without clipping or noise under the old epsilon)"
         )
-    if privacy and (stored or written) and not privacy["noise_multiplier"]:
+    if privacy and accounts and not privacy["noise_multiplier"]:
         raise InputError(
             "resume-from: its rounds were released with dp-noise > 0; resuming with dp-noise 0 would release models "
             "without noise under an account that no longer grows"
         )
-    return written or stored
+    if not accounts:
+        return {}
+    chosen = max(accounts, key=lambda where: _releases(accounts[where]))
+    for where, account in accounts.items():
+        if not _extends(accounts[chosen], account):
+            raise InputError(
+                f"resume-from: the privacy accounts in {where} and {chosen} each count releases the other does not "
+                "(the run was resumed elsewhere too, or with other dp settings): the releases of both were made; "
+                "resume where both are counted"
+            )
+    if home and privacy["noise_multiplier"] and not files[-1].is_file():
+        log.warning(
+            "resume-from: this server kept no copy of the run's privacy account (%s): if the run folder was restored "
+            "from an older copy, the releases made after it are not counted",
+            files[-1],
+        )
+    return accounts[chosen]
+
+
+def _check_account(account: object) -> None:
+    """Raise ``ValueError`` unless ``account`` has the accountant's list of releases, each with a whole count."""
+    if not isinstance(account, dict) or not isinstance(account.get("compositions"), list):
+        raise ValueError("not an account")
+    for entry in account["compositions"]:
+        if not isinstance(entry, dict) or not is_whole(entry.get("count")) or entry["count"] < 0:
+            raise ValueError("a count of releases that is not a whole number")
+        if not isinstance(entry.get("event"), dict) or not {"noise_multiplier", "sample_size"} <= entry["event"].keys():
+            raise ValueError("a release that does not say its noise")
+
+
+def _history(account: dict) -> list[tuple]:
+    """The releases of ``account`` in order: (noise multiplier, sites summed, count) each."""
+    return [(e["event"]["noise_multiplier"], e["event"]["sample_size"], e["count"]) for e in account["compositions"]]
+
+
+def _extends(account: dict, earlier: dict) -> bool:
+    """Whether ``account`` counts every release of ``earlier``, in order, and then perhaps more."""
+    before = _history(earlier)
+    return _history(account)[: len(before)] == before
 
 
 def _written_account(path: Path, checkpoint) -> dict:
     """The account in ``path`` when it is this run's (the checkpoint's state key) and counts more releases than the
     checkpoint's; else ``{}``. Its round is not compared: a copy of the run resumed from an earlier round has written
-    a lower round, and counted every release before it."""
-    if not path.is_file():
-        return {}
+    a lower round, and counted every release before it.
+
+    Raises:
+        InputError: the file does not read as an account (naming it: the server's copy lies outside the run folder).
+    """
     try:
+        if not path.is_file():
+            return {}
         if (size := path.stat().st_size) > MAX_ACCOUNT_BYTES:
             raise ValueError(f"{size} bytes")
         written = json.loads(path.read_text(encoding="utf-8"))
         account = written["account"]
-        int(written["round"])  # the round of its last release: a record of another shape does not read
-        ours = written["key"] == checkpoint.state_key and isinstance(account, dict)
+        if not is_whole(written["round"]):
+            raise ValueError("not the round of a release")
+        _check_account(account)
+        ours = written["key"] == checkpoint.state_key
         later = ours and _releases(account) > _releases(checkpoint.privacy)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"resume-from: {path.name} does not read ({printable(exc, 120)})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise InputError(f"resume-from: {path} does not read ({printable(exc, 120)})") from None
     return account if later else {}

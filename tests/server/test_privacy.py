@@ -154,6 +154,59 @@ def test_the_servers_own_account_counts_the_releases_of_every_copy_of_a_run_resu
     assert resumed_account(privacy, tmp_path / "d", _checkpoint(8, a, key="other.k"), home) == a.state()  # not ours
 
 
+def test_the_servers_copy_of_the_account_is_kept_in_a_private_folder_or_the_run_is_refused_before_any_round(
+    tmp_path,
+):
+    from server.ledger import PrivacyLedger
+    from server.privacy import privacy_settings
+
+    privacy = privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": 1.0, "min-nodes": 3}))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(InputError, match="afile is a file, not a folder"):
+        PrivacyLedger(privacy, 3, key="run.k", home=tmp_path / "afile")
+    (tmp_path / "open" / "privacy").mkdir(parents=True)
+    (tmp_path / "open" / "privacy").chmod(0o777)  # anyone could replace the account
+    with pytest.raises(InputError, match="others may write to .*open/privacy .mode 777.*chmod 700"):
+        PrivacyLedger(privacy, 3, key="run.k", home=tmp_path / "open")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "privacy").symlink_to(tmp_path / "open" / "privacy")
+    with pytest.raises(InputError, match="linked/privacy is a link"):
+        PrivacyLedger(privacy, 3, key="run.k", home=tmp_path / "linked")
+    PrivacyLedger(privacy, 3, key="run.k", home=tmp_path / "home").release(1)
+    assert (tmp_path / "home" / "privacy").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "home" / "privacy" / "run.k.json").is_file()
+
+
+def test_accounts_that_disagree_or_do_not_read_are_one_line_and_a_missing_copy_a_warning(tmp_path, caplog):
+    """Two accounts of one run that each count releases the other does not (resumed on two servers, or with another
+    dp-noise) were settled by the larger count, which may not be the larger epsilon; a crafted count of Infinity or
+    JSON nested 10^6 deep ended the resume in a traceback."""
+    from server.ledger import PrivacyLedger, home_file, resumed_account
+    from server.privacy import privacy_settings
+
+    def dp(noise: float) -> dict:
+        return privacy_settings(RunConfig.parse({"dp": "server", "dp-clip": 1.0, "dp-noise": noise, "min-nodes": 3}))
+
+    start = PrivacyLedger(dp(1.0), 3)
+    start.release(1)
+    here = PrivacyLedger(dp(1.0), 3, state=start.state(), folder=tmp_path / "run", key="run.k")
+    (tmp_path / "run").mkdir()
+    for r in (2, 3):
+        here.release(r)
+    there = PrivacyLedger(dp(3.0), 3, state=start.state(), key="run.k", home=tmp_path / "home")
+    for r in (2, 3, 4):
+        there.release(r)
+    with pytest.raises(InputError, match="each count releases the other does not"):
+        resumed_account(dp(1.0), tmp_path / "run", _checkpoint(1, start), tmp_path / "home")
+    home_file(tmp_path / "home", "run.k").unlink()
+    assert resumed_account(dp(1.0), tmp_path / "run", _checkpoint(1, start), tmp_path / "home") == here.state()
+    assert "this server kept no copy of the run's privacy account" in caplog.text
+    for crafted in ('{"round": 3, "key": "run.k", "account": {"compositions": [{"count": Infinity}]}}', "[" * 10**6):
+        home_file(tmp_path / "home", "run.k").write_text(crafted)
+        with pytest.raises(InputError, match=r"home/privacy/run.k.json does not read"):
+            resumed_account(dp(1.0), tmp_path / "run", _checkpoint(1, start), tmp_path / "home")
+
+
 def test_a_release_counted_before_a_restart_shows_in_the_next_rounds_record(tmp_path, task_identity):
     """A release restored from the account file belongs to no round's record; a round after the resume that is
     skipped carried no epsilon, so the report's table ended below what was spent. It now carries the spent so far."""
