@@ -42,6 +42,10 @@ from server.state import finite_memory, restore_strategy, strategy_memory
 log = logging.getLogger("mstkd.server")
 
 REPLY_POLL = 0.25
+TTL_MARGIN = 60.0
+"""Seconds a message outlives the server's wait for its reply (Flower's default is 12 hours). A node that comes back
+later then never works through rounds the server has given up on; the margin keeps the SuperLink from answering
+for an expired message while the server still waits."""
 REFUSED = "refused: "  # how a reason the server gives for refusing a reply begins
 
 
@@ -53,7 +57,10 @@ class ServerRefusal(Message):
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """``grid.send_and_receive``, except on a deployed grid (Flower's ``HttpGrid``): there the arrays travel
     packed (:mod:`messages.arrays`; replies come back unpacked) and replies are looked for every ``REPLY_POLL``
-    seconds instead of every 3 s. Every other grid moves messages in memory and polls fast already."""
+    seconds instead of every 3 s. Every other grid moves messages in memory and polls fast already. Every message
+    expires :data:`TTL_MARGIN` seconds after ``timeout``."""
+    for message in messages:
+        message.metadata.ttl = min(message.metadata.ttl, timeout + TTL_MARGIN)
     if not isinstance(grid, HttpGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     packed: dict[int, RecordDict] = {}  # the strategy gives every node the same content: pack it once

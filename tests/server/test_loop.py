@@ -50,7 +50,7 @@ class DeployedGrid(HttpGrid):
 
 
 def test_the_server_sends_packed_on_a_deployed_grid_and_turns_a_broken_reply_into_that_nodes_failure():
-    from server.loop import REPLY_POLL, send_and_receive
+    from server.loop import REPLY_POLL, TTL_MARGIN, send_and_receive
 
     arrays = ArrayRecord({k: Array(v) for k, v in tiny_arrays("float16").items()})
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
@@ -62,6 +62,8 @@ def test_the_server_sends_packed_on_a_deployed_grid_and_turns_a_broken_reply_int
     assert grid.pulls >= 4  # every REPLY_POLL seconds, not every 3 s
     assert all(is_packed(m.content) for m in grid.pushed)
     assert len({id(m.content) for m in grid.pushed}) == 1  # packed once for all nodes
+    # a node that comes back after the wait finds nothing of this round to work through (Flower's default: 12 h)
+    assert {m.metadata.ttl for m in grid.pushed} == {1.0 + TTL_MARGIN}
 
     by_node = {r.metadata.src_node_id: r for r in replies}
     assert sorted(by_node) == [1, 2]
