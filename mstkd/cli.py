@@ -153,6 +153,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_overlay(args: argparse.Namespace) -> int:
+    from mstkd.overlay import overlay_command
+
+    return overlay_command(args)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from mstkd.folder import predict_command
 
@@ -297,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-links", action="store_true", help="read files the dataset links from outside its folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("overlay", help="a case's scan with its reference and prediction over it, as a PNG")
+    p.add_argument("case", help="a case folder, or a data folder of them (then one PNG per case)")
+    p.add_argument("--pred", help="the case's prediction; for a data folder, a folder of <CaseID>.nii.gz")
+    p.add_argument("--out", help="the PNG (default <CaseID>.png); for a data folder, a folder (default overlays)")
+    p.add_argument("--modality", default="flair", choices=("flair", "t1", "t1ce", "t2"), help="the scan shown")
+    p.add_argument("--slices", type=int, nargs=3, metavar=("I", "J", "K"), help="voxel indices (default: tumour)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_overlay)
 
     p = sub.add_parser("export", help="a checkpoint as a MONAI bundle that runs with MONAI and PyTorch alone")
     p.add_argument("checkpoint", help="an mstkd checkpoint (best.pt)")
