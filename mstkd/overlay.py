@@ -38,6 +38,9 @@ COLOURS = {"necrosis": (0.9, 0.1, 0.1), "edema": (0.1, 0.8, 0.2), "enhancing": (
 ALPHA = 0.55
 """How much of a labelled voxel's colour is the label's (the rest is the scan's grey)."""
 VIEWS = ("axial", "coronal", "sagittal")
+MAX_ROW_INCHES = 8.0
+"""The tallest a row of views may be: a volume far longer on one axis than on the others (16 x 16 x 3000 voxels is a
+valid file) is drawn smaller, not as a picture 100,000 pixels tall."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,10 @@ class Oriented:
     flipped: tuple[bool, bool, bool]
 
     @classmethod
-    def of(cls, volume: Volume) -> Oriented:
-        ornt = nib.orientations.io_orientation(volume.affine)  # file axis i -> RAS axis ornt[i, 0], sign ornt[i, 1]
+    def of(cls, volume: Volume, like: Volume | None = None) -> Oriented:
+        """``volume`` in RAS+ order; with ``like`` (the scan a label map lies on), turned as ``like`` is, so that a
+        map whose affine differs from the scan's by a rounding turns with it, even on an oblique grid."""
+        ornt = nib.orientations.io_orientation((like or volume).affine)  # file axis i -> RAS axis ornt[i, 0]
         data = nib.orientations.apply_orientation(volume.data, ornt)
         zooms = np.sqrt((np.asarray(volume.affine)[:3, :3] ** 2).sum(axis=0))
         axes, flipped, spacing = [0, 0, 0], [False] * 3, [1.0, 1.0, 1.0]
@@ -146,7 +151,7 @@ def overlay(
     if not maps:
         raise InputError(f"{case.folder}: no label map to show (the case has no reference; give --pred)")
     image = Oriented.of(scan)
-    oriented = {name: Oriented.of(volume).data for name, volume in maps.items()}
+    oriented = {name: Oriented.of(volume, like=scan).data for name, volume in maps.items()}
     if slices is not None:
         if len(slices) != 3 or any(not 0 <= int(i) < n for i, n in zip(slices, scan.data.shape, strict=True)):
             raise InputError(
@@ -171,9 +176,12 @@ def _picture(case: CaseFiles, modality: str, image: Oriented, maps: dict, centre
     from matplotlib.figure import Figure
 
     grey = _slices(_window(image.data), centre)
-    widths = [grey[view].shape[1] for view in VIEWS]
-    width = 9.6  # inches; each view's width in proportion to its voxels, and its height at their true aspect
-    row = width * max(grey[v].shape[0] * _aspect(v, image.spacing) for v in VIEWS) / sum(widths)
+    sx, sy, sz = image.spacing
+    nx, ny, nz = image.data.shape
+    widths = [nx * sx, nx * sx, ny * sy]  # mm: axial and coronal span x, sagittal y
+    heights = [ny * sy, nz * sz, nz * sz]  # mm: axial spans y, coronal and sagittal z
+    width = 9.6  # inches, shared by the views in proportion to their width in mm: every view at one scale
+    row = min(width * max(heights) / sum(widths), MAX_ROW_INCHES)
     height = len(maps) * row * 1.04 + 0.45
     fig = Figure(figsize=(width + 0.3, height), facecolor="black")
     grid = fig.add_gridspec(
@@ -213,41 +221,41 @@ def _picture(case: CaseFiles, modality: str, image: Oriented, maps: dict, centre
 def overlay_command(args) -> int:
     """``mstkd overlay``: one case folder (``--pred`` a file, ``--out`` a PNG) or a data folder of them (``--pred``
     a folder of ``<CaseID>.nii.gz``, ``--out`` a folder of ``<CaseID>.png``); the exit status (1 when a case of a
-    data folder failed: that case is named and skipped)."""
+    data folder failed or has no prediction there: that case is named and skipped)."""
     import sys
 
     from tqdm.auto import tqdm
 
+    from mstkd.atomic import check_writable
     from mstkd.data.layouts import detect_case
+    from mstkd.data.nifti import is_nifti
 
     source, pred = Path(args.case), Path(args.pred) if args.pred else None
-    try:
+    if source.is_dir() and any(is_nifti(f) for f in source.iterdir()):  # a case folder: its own refusal, if any
         case = detect_case(source)
-    except InputError:
-        case = None
-    if case is not None:
         out = Path(args.out or f"{case.case_id}.png")
+        if out.is_dir():
+            raise InputError(f"--out {out}: a folder; give the PNG's path")
         scores = overlay(case, out, pred=pred, modality=args.modality, slices=args.slices)
         dice = "" if scores is None else ", ".join(f"{r} {100 * s['dice']:.1f}" for r, s in scores.items())
         print(f"wrote {out}" + (f" (Dice {dice})" if dice else ""), file=sys.stderr)
         return 0
-    folders = (
-        sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")) if source.is_dir() else []
-    )
+    folders = []
+    if source.is_dir():
+        folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise InputError(f"{source}: neither a case folder nor a folder of case folders")
+    if pred is not None and not pred.is_dir():
+        raise InputError(f"--pred {pred}: not a folder (for a data folder, give the folder of <CaseID>.nii.gz)")
     out_dir, failed = Path(args.out or "overlays"), {}
+    check_writable(out_dir, what="--out")
     for folder in tqdm(folders, desc="overlay", unit="case", disable=args.quiet):
         try:
             case = detect_case(folder)
             found = pred / f"{case.case_id}.nii.gz" if pred is not None else None
-            overlay(
-                case,
-                out_dir / f"{case.case_id}.png",
-                pred=found if found and found.is_file() else None,
-                modality=args.modality,
-                slices=args.slices,
-            )
+            if found is not None and not found.is_file():
+                raise InputError(f"no prediction {found.name} in {pred}")
+            overlay(case, out_dir / f"{case.case_id}.png", pred=found, modality=args.modality, slices=args.slices)
         except (InputError, OSError, MemoryError) as exc:  # that case only
             failed[folder.name] = str(exc).splitlines()[0]
             tqdm.write(f"skipped {folder.name}: {failed[folder.name]}", file=sys.stderr)

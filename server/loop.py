@@ -42,10 +42,11 @@ from server.state import finite_memory, restore_strategy, strategy_memory
 log = logging.getLogger("mstkd.server")
 
 REPLY_POLL = 0.25
-TTL_MARGIN = 60.0
+TTL_MARGIN = 600.0
 """Seconds a message outlives the server's wait for its reply (Flower's default is 12 hours). A node that comes back
-later then never works through rounds the server has given up on; the margin keeps the SuperLink from answering
-for an expired message while the server still waits."""
+later then never works through rounds the server has given up on. The margin covers packing and pushing, and a
+node's clock running minutes ahead (a node reckons its reply's lifetime on its own clock, and the SuperLink drops a
+reply whose lifetime is spent)."""
 REFUSED = "refused: "  # how a reason the server gives for refusing a reply begins
 
 
@@ -58,9 +59,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     """``grid.send_and_receive``, except on a deployed grid (Flower's ``HttpGrid``): there the arrays travel
     packed (:mod:`messages.arrays`; replies come back unpacked) and replies are looked for every ``REPLY_POLL``
     seconds instead of every 3 s. Every other grid moves messages in memory and polls fast already. Every message
-    expires :data:`TTL_MARGIN` seconds after ``timeout``."""
-    for message in messages:
-        message.metadata.ttl = min(message.metadata.ttl, timeout + TTL_MARGIN)
+    expires :data:`TTL_MARGIN` seconds after ``timeout`` (:func:`expire`)."""
+    expire(messages, timeout)
     if not isinstance(grid, HttpGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     packed: dict[int, RecordDict] = {}  # the strategy gives every node the same content: pack it once
@@ -81,6 +81,14 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
             break
         time.sleep(REPLY_POLL)
     return [_unpacked(reply, sent) for reply in replies]
+
+
+def expire(messages: list[Message], timeout: float | None) -> None:
+    """Each of ``messages`` expires :data:`TTL_MARGIN` seconds after the server stops waiting, ``timeout`` seconds
+    from now, or earlier where it would already (none: as it would)."""
+    if timeout is not None:
+        for message in messages:
+            message.metadata.ttl = min(message.metadata.ttl, timeout + TTL_MARGIN)
 
 
 def _unpacked(reply: Message, sent: dict[str, Message]) -> Message:

@@ -41,6 +41,7 @@ from messages.arrays import NDARRAY, WireError, decode_array
 from mstkd.errors import InputError
 from mstkd.numbers import is_whole
 from mstkd.runconfig import RunConfig
+from server.loop import expire
 from server.replies import metric_problem, printable
 from server.runlog import RunLog
 
@@ -79,6 +80,7 @@ class CheckedGrid:
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
         asked = {m.metadata.dst_node_id: _asked(m) for m in messages}
+        expire(messages, timeout)
         replies = self.grid.send_and_receive(messages, timeout=timeout)
         return [self._checked(reply, asked) for reply in replies]
 

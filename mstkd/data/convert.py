@@ -266,13 +266,16 @@ def convert_dataset(
     link outside ``src`` are read only with ``follow_links``.
 
     Raises:
-        InputError: :func:`read_dataset`'s and :func:`find_cases`' refusals, an image that links outside ``src``
-            (without ``follow_links``), or an ``out`` that cannot be written.
+        InputError: :func:`read_dataset`'s and :func:`find_cases`' refusals, an image or label map that links
+            outside ``src`` (without ``follow_links``), or an ``out`` that cannot be written.
     """
     dataset = read_dataset(src)
     cases = find_cases(dataset, "imagesTs" if test else "imagesTr")
-    images = [f for files in cases.values() for f in (files.values() if isinstance(files, dict) else [files])]
-    if not follow_links and (outside := [f for f in images if not _inside(f, dataset.folder)]):
+    files = [f for found in cases.values() for f in (found.values() if isinstance(found, dict) else [found])]
+    labels = dataset.folder / "labelsTr"
+    if not test and labels.is_dir():
+        files += [f for f in sorted(labels.iterdir()) if is_nifti(f) and not f.name.startswith(".")]
+    if not follow_links and (outside := [f for f in files if not _inside(f, dataset.folder)]):
         raise InputError(
             f"{outside[0]} (and {len(outside) - 1} more) links outside {dataset.folder}; give --follow-links to "
             "read files that a dataset links from elsewhere"

@@ -329,6 +329,10 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
     run_config = tiny_run_config(tmp_path, **SECAGG_RUN)
     grid = run_inproc(server_app, client_module.app, run_config, nodes())
     assert sorted(updates) == [1, 2, 3]
+    from mstkd.runconfig import RunConfig
+    from server.loop import TTL_MARGIN  # every stage's messages expire after the round's wait, not after 12 h
+
+    assert {m.metadata.ttl for m in grid.sent} == {RunConfig.parse(run_config).round_timeout + TTL_MARGIN}
     fedavg = _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], SECAGG_RUN["secagg-max-weight"])
 
     # what leaves a node is masked: no float arrays at all, and masked vectors uncorrelated with the update

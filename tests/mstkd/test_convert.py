@@ -278,7 +278,8 @@ def test_a_one_channel_msd_task_keeps_its_three_axes(tmp_path):
 def test_a_file_that_links_outside_the_dataset_is_read_only_with_follow_links(tmp_path, capsys):
     """A dataset from elsewhere could link a scan elsewhere on this machine (another study's patient) into its
     imagesTr/ or labelsTr/, and convert copied it into OUT, which may be shared. Links within the dataset are
-    followed; links out of it only with --follow-links (a dataset that links to a shared copy of BraTS)."""
+    followed; links out of it only with --follow-links (a dataset that links to a shared copy of BraTS), and both
+    images and label maps are checked before anything is written."""
     src, elsewhere = nnunet(tmp_path / "src", cases=2), nnunet(tmp_path / "private", cases=2)
     image = src / "imagesTr" / "BraTS2021_00001_0002.nii.gz"
     image.unlink()
@@ -296,7 +297,6 @@ def test_a_file_that_links_outside_the_dataset_is_read_only_with_follow_links(tm
     label.symlink_to(elsewhere / "labelsTr" / "BraTS2021_00000.nii.gz")
     image.unlink()
     image.symlink_to(src / "kept.nii.gz")
-    assert main(["convert", str(src), str(tmp_path / "again"), "--quiet"]) == 1  # that case only
-    err = capsys.readouterr().err
-    assert f"{label}: links outside {src}; give --follow-links to read it" in err
-    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["BraTS2021_00001", "convert.json"]
+    assert main(["convert", str(src), str(tmp_path / "again"), "--quiet"]) == 2  # a label map too, up front
+    assert f"{label} (and 0 more) links outside {src}; give --follow-links" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()

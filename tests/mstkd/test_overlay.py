@@ -89,3 +89,36 @@ def test_a_data_folder_gives_one_picture_per_case_and_a_broken_case_costs_itself
     assert "skipped FeTS2022_00003:" in err and "wrote 2 pictures to" in err
     assert main(["overlay", str(tmp_path / "png")]) == 2  # no case folder at all: one line
     assert "neither a case folder nor a folder of case folders" in capsys.readouterr().err
+    # a prediction folder that lacks a case's prediction: that case is named, not drawn with its reference alone
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    (preds / "FeTS2022_00001.nii.gz").write_bytes(
+        (tmp_path / "data/FeTS2022_00001/FeTS2022_00001_seg.nii.gz").read_bytes()
+    )
+    assert main(["overlay", str(tmp_path / "data"), "--pred", str(preds), "--out", str(tmp_path / "p"), "--quiet"]) == 1
+    assert "skipped FeTS2022_00002: no prediction FeTS2022_00002.nii.gz in" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["FeTS2022_00001.png"]
+    assert main(["overlay", str(tmp_path / "data"), "--pred", str(preds / "FeTS2022_00001.nii.gz")]) == 2
+    assert "not a folder (for a data folder, give the folder of <CaseID>.nii.gz)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spacing", [(2, 2, 2), (1, 8, 1), (8, 1, 1), (0.5, 0.5, 6)])
+def test_every_view_draws_the_head_at_one_scale_whatever_its_voxel_size(tmp_path, spacing):
+    """A 50 mm tumour in a 200 mm cube: the views were laid out by voxel count, so with 8 mm voxels on one axis one
+    view drew it 14 pixels wide and the others 101."""
+    shape = tuple(round(200 / s) for s in spacing)
+    x, y, z = np.meshgrid(*[(np.arange(n) + 0.5) * s - 100 for n, s in zip(shape, spacing, strict=True)], indexing="ij")
+    radius = np.sqrt(x**2 + y**2 + z**2)
+    affine = np.diag([*map(float, spacing), 1.0])
+    folder = tmp_path / "FeTS2022_00001"
+    write_nifti(folder / "FeTS2022_00001_flair.nii.gz", np.where(radius <= 80, 100.0, 0.0).astype(np.float32), affine)
+    seg = np.where(radius <= 25, 2, 0).astype(np.uint8)
+    write_nifti(folder / "FeTS2022_00001_seg.nii.gz", seg, affine)
+    overlay(detect_case(folder), tmp_path / "x.png")
+    rgb = matplotlib.image.imread(tmp_path / "x.png")[..., :3]
+    green = (rgb[..., 1] - rgb[..., 0] > 0.3)[rgb.shape[0] // 8 :]  # below the title
+    columns = np.flatnonzero(green.any(axis=0))
+    views = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)  # the three drawings of the tumour
+    sizes = [(len(v), int(green[:, v].any(axis=1).sum())) for v in views]
+    assert len(sizes) == 3
+    assert max(max(s) for s in sizes) <= 1.25 * min(min(s) for s in sizes)  # one scale: within a few pixels
