@@ -15,11 +15,10 @@ FeTS labels (1 necrosis, 2 edema, 4 enhancing), which every ``mstkd`` command an
 The channels and labels are mapped by their names, never by position, and a name that does not say what it is
 refuses the dataset in one line. ``dataset.json`` comes from elsewhere: it is read as data (at most
 :data:`MAX_JSON_BYTES`), its files are found by listing ``imagesTr/`` (never by paths it names), and a case id
-must be a plain file name. A file that is a link to a place outside the dataset's folder (another patient's scan
-elsewhere on the machine, which ``OUT`` would then hold) is refused unless ``follow_links`` (``--follow-links``:
-a dataset that links to a shared copy of BraTS). A case is written to a hidden folder and renamed into place when
-whole; one that cannot be read costs that case only, and a case folder already in ``OUT`` is kept, so an
-interrupted call resumes.
+must be a plain file name. A link out of the dataset's folder (another patient's scan on this machine, which ``OUT``
+would then hold) is refused unless ``follow_links`` (a dataset that links to a shared copy of BraTS). A case is
+written to a hidden folder and renamed into place when whole; one that cannot be read costs that case only, and a
+case folder already in ``OUT`` is kept, so an interrupted call resumes.
 """
 
 from __future__ import annotations
@@ -272,13 +271,11 @@ def convert_dataset(
     dataset = read_dataset(src)
     cases = find_cases(dataset, "imagesTs" if test else "imagesTr")
     files = [f for found in cases.values() for f in (found.values() if isinstance(found, dict) else [found])]
-    labels = dataset.folder / "labelsTr"
-    if not test and labels.is_dir():
-        files += [f for f in sorted(labels.iterdir()) if is_nifti(f) and not f.name.startswith(".")]
-    if not follow_links and (outside := [f for f in files if not _inside(f, dataset.folder)]):
+    files += [] if test else [f for f in sorted((dataset.folder / "labelsTr").glob("[!.]*")) if is_nifti(f)]
+    outside = [f for f in files if not f.resolve().is_relative_to(dataset.folder.resolve())]
+    if outside and not follow_links:
         raise InputError(
-            f"{outside[0]} (and {len(outside) - 1} more) links outside {dataset.folder}; give --follow-links to "
-            "read files that a dataset links from elsewhere"
+            f"{outside[0]} (and {len(outside) - 1} more) links outside {dataset.folder}; give --follow-links"
         )
     out = Path(out)
     if dataset.folder.resolve().is_relative_to(out.resolve()):
@@ -307,7 +304,7 @@ def convert_dataset(
             result.kept.append(case_id)
             continue
         try:
-            _write_case(dataset, case_id, files, None if test else dataset.folder / "labelsTr", out, follow_links)
+            _write_case(dataset, case_id, files, None if test else dataset.folder / "labelsTr", out)
         except (InputError, OSError, MemoryError) as exc:  # this case only; go on
             result.failed[case_id] = first_line(exc)
             tqdm.write(f"skipped {case_id}: {result.failed[case_id]}", file=sys.stderr)
@@ -334,22 +331,9 @@ def _check_earlier(record: Path, maps: dict, there: list[str]) -> None:
         )
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether ``path``, its links followed, lies in ``folder``."""
-    return path.resolve().is_relative_to(folder.resolve())
-
-
-def _write_case(
-    dataset: Dataset,
-    case_id: str,
-    files: dict[int, Path] | Path,
-    labels: Path | None,
-    out: Path,
-    follow_links: bool = False,
-) -> None:
+def _write_case(dataset: Dataset, case_id: str, files: dict[int, Path] | Path, labels: Path | None, out: Path) -> None:
     """One case into a hidden folder of ``out``, renamed to ``out/<ID>`` once every file is written and checked: every
-    channel ``dataset.json`` names, and a label map (one that links outside the dataset only with ``follow_links``),
-    on one grid."""
+    channel ``dataset.json`` names, and a label map, on one grid."""
     fets = Layout.FETS.value
     staging = Path(tempfile.mkdtemp(prefix=f".{case_id}.", dir=out))
     try:
@@ -374,8 +358,6 @@ def _write_case(
             found = [labels / f"{case_id}{s}" for s in NIFTI_SUFFIXES if (labels / f"{case_id}{s}").is_file()]
             if not found:
                 raise InputError(f"{labels}: no label map {case_id}.nii.gz")
-            if not follow_links and not _inside(found[0], dataset.folder):
-                raise InputError(f"{found[0]}: links outside {dataset.folder}; give --follow-links to read it")
             seg = read_labels(found[0])
             _same_grid(grid, seg.data.shape, seg.affine, found[0])
             unknown = [int(v) for v in np.unique(seg.data) if int(v) not in dataset.labels]
