@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from mstkd.atomic import write_bytes
+from mstkd.data.geometry import spacing_of
 from mstkd.data.labels import LabelConvention, check_labels
 from mstkd.data.layouts import CaseFiles
 from mstkd.data.nifti import Volume, check_grid, read_labels, read_volume
@@ -37,7 +38,9 @@ COLOURS = {"necrosis": (0.9, 0.1, 0.1), "edema": (0.1, 0.8, 0.2), "enhancing": (
 """Each tumour class's colour (RGB in 0..1)."""
 ALPHA = 0.55
 """How much of a labelled voxel's colour is the label's (the rest is the scan's grey)."""
-VIEWS = ("axial", "coronal", "sagittal")
+VIEW_AXES = {"axial": (1, 0), "coronal": (2, 0), "sagittal": (2, 1)}
+"""Each view's RAS+ axes: (the picture's rows, its columns)."""
+VIEWS = tuple(VIEW_AXES)
 MAX_ROW_INCHES = 8.0
 """The tallest a row of views may be: a volume far longer on one axis than on the others (16 x 16 x 3000 voxels is a
 valid file) is drawn smaller, not as a picture 100,000 pixels tall."""
@@ -59,7 +62,7 @@ class Oriented:
         map whose affine differs from the scan's by a rounding turns with it, even on an oblique grid."""
         ornt = nib.orientations.io_orientation((like or volume).affine)  # file axis i -> RAS axis ornt[i, 0]
         data = nib.orientations.apply_orientation(volume.data, ornt)
-        zooms = np.sqrt((np.asarray(volume.affine)[:3, :3] ** 2).sum(axis=0))
+        zooms = spacing_of(volume.affine)
         axes, flipped, spacing = [0, 0, 0], [False] * 3, [1.0, 1.0, 1.0]
         for file_axis, (ras_axis, sign) in enumerate(ornt):
             axes[int(ras_axis)], flipped[int(ras_axis)] = file_axis, sign < 0
@@ -91,15 +94,17 @@ def _slices(volume: np.ndarray, at: Sequence[int]) -> dict[str, np.ndarray]:
     """The three views of an RAS+ ``volume`` through voxel ``at``, each as rows x columns of the picture, row 0 at
     the top: superior (or, axial, anterior) up; the patient's right on the left (high x first), and anterior on the
     left of the sagittal view (high y first)."""
-    x, y, z = at
-    views = {"axial": volume[:, :, z], "coronal": volume[:, y, :], "sagittal": volume[x, :, :]}
-    return {view: plane.T[::-1, ::-1] for view, plane in views.items()}
+    views = {}
+    for view, (rows, columns) in VIEW_AXES.items():
+        through = 3 - rows - columns  # the axis the view cuts across; the plane keeps (columns, rows), in order
+        views[view] = np.take(volume, at[through], axis=through).T[::-1, ::-1]
+    return views
 
 
 def _aspect(view: str, spacing: Sequence[float]) -> float:
     """Height over width of one voxel of ``view``'s picture (rows, columns in mm)."""
-    sx, sy, sz = spacing
-    return {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[view]
+    rows, columns = VIEW_AXES[view]
+    return spacing[rows] / spacing[columns]
 
 
 def _blend(grey: np.ndarray, labels: np.ndarray, convention: LabelConvention) -> np.ndarray:
@@ -176,10 +181,9 @@ def _picture(case: CaseFiles, modality: str, image: Oriented, maps: dict, centre
     from matplotlib.figure import Figure
 
     grey = _slices(_window(image.data), centre)
-    sx, sy, sz = image.spacing
-    nx, ny, nz = image.data.shape
-    widths = [nx * sx, nx * sx, ny * sy]  # mm: axial and coronal span x, sagittal y
-    heights = [ny * sy, nz * sz, nz * sz]  # mm: axial spans y, coronal and sagittal z
+    span = [n * mm for n, mm in zip(image.data.shape, image.spacing, strict=True)]  # the volume's extent per axis
+    widths = [span[columns] for _, columns in VIEW_AXES.values()]  # mm
+    heights = [span[rows] for rows, _ in VIEW_AXES.values()]
     width = 9.6  # inches, shared by the views in proportion to their width in mm: every view at one scale
     row = min(width * max(heights) / sum(widths), MAX_ROW_INCHES)
     height = len(maps) * row * 1.04 + 0.45
