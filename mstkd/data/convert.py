@@ -261,8 +261,7 @@ def convert_dataset(
     src: str | Path, out: str | Path, *, test: bool = False, progress: bool = True, follow_links: bool = False
 ) -> ConvertResult:
     """Write every case of ``src`` (``imagesTr`` with ``labelsTr``, or ``imagesTs`` with ``test``) into ``out`` as a
-    FeTS case folder, and ``out/convert.json``: the source, the channel and label maps and the cases. Files that
-    link outside ``src`` are read only with ``follow_links``.
+    FeTS case folder, and ``out/convert.json``: the source, the channel and label maps and the cases.
 
     Raises:
         InputError: :func:`read_dataset`'s and :func:`find_cases`' refusals, an image or label map that links
@@ -272,13 +271,14 @@ def convert_dataset(
     cases = find_cases(dataset, "imagesTs" if test else "imagesTr")
     files = [f for found in cases.values() for f in (found.values() if isinstance(found, dict) else [found])]
     files += [] if test else [f for f in sorted((dataset.folder / "labelsTr").glob("[!.]*")) if is_nifti(f)]
-    outside = [f for f in files if not f.resolve().is_relative_to(dataset.folder.resolve())]
+    root = dataset.folder.resolve()
+    outside = [f for f in files if not f.resolve().is_relative_to(root)]
     if outside and not follow_links:
         raise InputError(
             f"{outside[0]} (and {len(outside) - 1} more) links outside {dataset.folder}; give --follow-links"
         )
     out = Path(out)
-    if dataset.folder.resolve().is_relative_to(out.resolve()):
+    if root.is_relative_to(out.resolve()):
         raise InputError(f"{out}: holds the dataset; convert into a folder beside it or inside it")
     check_writable(out, what="output folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +287,7 @@ def convert_dataset(
     if other.exists():  # labelled and unlabelled cases in one data folder: every training command would fail
         raise InputError(f"{out}: holds the {'training' if test else 'test'} cases ({other.name}); give each a folder")
     maps = {
-        "source": str(dataset.folder.resolve()),
+        "source": str(root),
         "images": "imagesTs" if test else "imagesTr",
         "channels": {str(i): m for i, m in dataset.channels.items()},
         "labels": {str(v): label for v, label in dataset.labels.items()} if not test else None,
