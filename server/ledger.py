@@ -8,7 +8,7 @@ after the sites have had the model. A server stopped in between resumes with tha
 (:func:`resumed_account`); the round then runs again, a second release with fresh noise, counted as well.
 
 The account is also written outside the run folder, to ``<work-dir>/privacy/<state key>.json`` (the server's home:
-``work-dir``, else ``$MSTKD_HOME``). A run folder can be restored from an older copy, whose files count fewer
+``work-dir``, else ``$MSTKD_HOME``, else ``~/.mstkd``). A run folder restored from an older copy counts fewer
 releases than the sites have had; resumed on the same server, the run continues the larger account. Resumed twice
 from copies of one run, it counts both resumptions' releases.
 """
