@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from deploy.approval import read_approved, write_gate
+
 TASK_POLL = "0.2"
 CONFIG_KEY = re.compile(r"[A-Za-z0-9_-]+")
 CONFIG_VALUE_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
@@ -95,15 +97,23 @@ def start_supernode(
     home: Path,
     log: Path,
     threads: int | None = None,
+    approved: Path | None = None,
 ) -> subprocess.Popen:
     """``flower-supernode`` for one site: trusts ``creds``/ca.crt, authenticates with ``key``.
 
     ``threads`` caps the CPU threads of the site's training (``OMP_NUM_THREADS``), for several
     nodes sharing one machine as simulated nodes share it; by default PyTorch uses every core.
+    ``approved``: the site's approval list; the node then runs only the apps it names (:mod:`deploy.approval`).
+
+    Raises:
+        ValueError: a node config Flower cannot carry (:func:`node_config_arg`), or an approval list that cannot
+            be read, before anything starts.
     """
     config = node_config_arg(node_config)
     home.mkdir(parents=True, exist_ok=True)
     env = _env(home) | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
+    if approved is not None:  # Flower starts each message's ClientApp process by name: the gate's comes first
+        env["PATH"] = os.pathsep.join([str(write_gate(home / "approval-gate", approved)), env["PATH"]])
     cmd = [
         flower_bin("flower-supernode"),
         "--root-certificates",
@@ -139,6 +149,7 @@ def start_local_federation(
     connection: str = "local",
     threads: int | None = None,
     node_address: str | None = None,
+    approved: dict[str, Path] | None = None,
 ) -> Path:
     """A SuperLink with TLS and node authentication on 127.0.0.1:``port``, each key of ``nodes`` (site ->
     (private key, node config)) registered with it and one SuperNode per site, logs in ``work``. The nodes
@@ -147,15 +158,18 @@ def start_local_federation(
 
     Every process started is appended to ``procs`` as it starts, so the caller stops them all (with
     :func:`stop_group`) even when this fails half-way. Returns the ``flwr`` CLI home whose
-    ``config.toml`` names the SuperLink ``connection``. ``threads``: see :func:`start_supernode`.
+    ``config.toml`` names the SuperLink ``connection``. ``threads``, and ``approved`` (site -> its approval list):
+    see :func:`start_supernode`.
 
     Raises:
-        ValueError: a node config that Flower's ``--node-config`` cannot carry (:func:`node_config_arg`), before
-            anything starts.
+        ValueError: a node config that Flower's ``--node-config`` cannot carry (:func:`node_config_arg`), or an
+            approval list that cannot be read, before anything starts.
         RuntimeError: the SuperLink exited or did not start within a minute, or a key was not registered.
     """
     for _, node_config in nodes.values():
         node_config_arg(node_config)
+    for approved_list in (approved or {}).values():
+        read_approved(approved_list)
     cli = work / "cli"
     cli.mkdir(parents=True, exist_ok=True)
     (cli / "config.toml").write_text(
@@ -184,6 +198,7 @@ def start_local_federation(
                 home=work / "nodes" / site,
                 log=work / f"{site}.log",
                 threads=threads,
+                approved=(approved or {}).get(site),
             )
         )
     return cli

@@ -5,10 +5,12 @@
 #   DATA_DIR    the site's case folders (FeTS or BraTS 2023 naming)
 #   MODALITIES  optional, e.g. flair,t1,t2 when the site lacks T1ce (default: what every case has)
 #   LOCAL_PORT  optional port of the node's local API (default 9094; differ when nodes share a machine)
+#   APPROVED    optional, in the environment: the site's approval list; the node then runs only the app
+#               versions it names (python deploy/approval.py approve CHECKOUT --list FILE)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
-[ $# -ge 3 ] || { sed -n '3,8p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '3,10p' "$0" >&2; exit 2; }
 fail() { echo "error: ${*//[[:cntrl:]]/?}" >&2; exit 2; }  # one line, whatever the arguments hold
 SITE="$1"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
 # SITE names files, as in deploy/credentials.py: 1..64 letters, digits, . _ -, the first a letter or digit (no
@@ -32,6 +34,12 @@ done
 KEY="$CREDS/nodes/$SITE"
 [ -f "$KEY" ] || fail "no key $KEY; run python deploy/credentials.py node $SITE"
 mkdir -p "$STATE"
+# APPROVED=FILE: the node runs only the app versions the site's list approves (deploy/approval.py). Flower starts
+# each message's ClientApp process as flwr-clientapp from PATH: the gate's comes first.
+if [ -n "${APPROVED:-}" ]; then
+    GATE="$(python "$HERE/approval.py" install-gate "$STATE/approval-gate" --list "$APPROVED")" || exit 2
+    export PATH="$GATE:$PATH"
+fi
 CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
 export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0

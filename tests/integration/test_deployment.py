@@ -195,3 +195,49 @@ def test_strangers_reach_only_the_fleet_api_through_the_public_address(tmp_path)
     finally:
         for proc in reversed(procs):
             stop_group(proc)
+
+
+@pytest.mark.slow
+def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
+    """hospital-a approved the app this checkout sends and trains; hospital-b approved another version and refuses
+    every message before any of the bundle's code runs; the server records why, and the run goes on without it."""
+    from deploy.approval import main as approval
+
+    creds = tmp_path / "creds"
+    make_ca(creds)
+    make_server(creds, [])
+    sites = SITES[:2]
+    keys = {site: make_node_key(creds, site)[0] for site in sites}
+    for i, site in enumerate(sites):
+        write_federation(tmp_path / "data" / site, cases=4, sites=1, shape=(48, 48, 32), seed=10 + i, progress=False)
+    write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
+    lists = {site: tmp_path / f"{site}-approved.txt" for site in sites}
+    assert approval(["approve", str(ROOT), "--list", str(lists["hospital-a"])]) == 0
+    lists["hospital-b"].write_text(f"{'0' * 64}  # another version\n")
+    nodes = {
+        site: (keys[site], {"data-path": str(tmp_path / "data" / site), "site-name": site, "state-dir": str(tmp_path)})
+        for site in sites
+    }
+    procs = []
+    try:
+        port = free_port()
+        cli = start_local_federation(
+            procs, tmp_path, creds, nodes, port=port, node_ports=[free_port() for _ in sites], approved=lists
+        )
+        run_config = (
+            f"model='tiny' num-server-rounds=1 local-steps=2 eval-subsets='full' min-nodes=2 min-replies=1 "
+            f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
+            f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
+        )
+        run = flwr_cli(["run", ".", "local", "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
+        runs = json.loads(flwr_cli(["ls", "local", "--format", "json"], cli).stdout)["runs"]
+        assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]
+    finally:
+        for proc in reversed(procs):
+            stop_group(proc)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    assert set(by_name(record)) == {"hospital-a"}
+    reasons = {(f["stage"], f["reason"]) for f in record["failures"]}
+    assert {stage for stage, _ in reasons} == {"train", "evaluate"}, reasons
+    assert all("app not approved at this site (digest " in reason for _, reason in reasons), reasons
+    assert "started the node's worker" not in (tmp_path / "hospital-b.log").read_text()  # none of the app ran

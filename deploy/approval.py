@@ -1,0 +1,252 @@
+"""Apps a hospital has approved: a node runs only the app versions its site reviewed.
+
+Every SuperNode runs the code the coordinator submits. Flower 1.42's app signing (``--trusted-entities``)
+accepts only apps whose licence Flower's hub verifies, so it cannot pin an app of the consortium's own; this
+module does that job at the node, as OpenFL's collaborators check the plan they signed.
+
+A SuperNode starts each message's ClientApp process as ``flwr-clientapp``, found on its ``PATH``. A node
+started with an approval list (``APPROVED=FILE deploy/start_supernode.sh ...``) finds this module's gate there
+first. The gate runs Flower's own ClientApp process, and before the app bundle (FAB) that came with the
+message is installed or any of its code imported, it checks the bundle's digest against the list. A bundle
+not on the list ends the message with ``app not approved at this site (digest ...)``, which the server
+records as that node's failure for the round; the node and the other sites go on.
+
+The digest is of the bundle's files, not of its bytes: SHA-256 over each file's name and SHA-256, in name
+order, so the same files give the same digest whatever the zip compression did. The coordinator sends the
+bundle ``flwr run APP_DIR`` builds from its checkout (the files ``fab-include`` names); a hospital gets the
+digest of the same bundle from its own reviewed checkout of the agreed commit:
+
+    python deploy/approval.py digest .                     # prints the digest
+    python deploy/approval.py approve . --list approved.txt  # adds it to the site's list
+
+The list holds one digest per line; ``#`` starts a comment. Like ``authorized_keys``, a list that others may
+write to is refused: whoever could add a line could run code on the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+import shlex
+import stat
+import subprocess
+import sys
+import zipfile
+from datetime import date
+from pathlib import Path
+
+from mstkd.atomic import write_bytes
+
+MAX_FILES = 10_000
+MAX_BYTES = 256 * 1024 * 1024  # unpacked; Flower refuses a bundle over 10 MB packed
+DIGEST = re.compile(r"[0-9a-f]{64}")
+GATE = "flwr-clientapp"  # the name Flower's task launcher starts a ClientApp process by (flwr 1.42)
+
+
+class NotApproved(Exception):
+    """A message's app is not one this site approved, or its bundle cannot be read. The text travels to the
+    server as the node's failure reason: it names no path of the node."""
+
+
+def bundle_files(fab: bytes) -> dict[str, bytes]:
+    """The files of an app bundle (a zip), by name, read within limits before anything is unpacked.
+
+    Raises:
+        NotApproved: not a zip, more than :data:`MAX_FILES` entries or :data:`MAX_BYTES` unpacked, a name
+            that is absolute, climbs out (``..``) or appears twice, or an entry larger than its header says.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(fab))
+        entries = archive.infolist()
+        if len(entries) > MAX_FILES:
+            raise NotApproved(f"the app bundle holds {len(entries)} entries (at most {MAX_FILES})")
+        if sum(e.file_size for e in entries) > MAX_BYTES:
+            raise NotApproved(f"the app bundle unpacks to more than {MAX_BYTES // 2**20} MB")
+        files: dict[str, bytes] = {}
+        for entry in entries:
+            name = entry.filename
+            parts = name.split("/")
+            if name.startswith("/") or "\\" in name or ".." in parts or name in files:
+                raise NotApproved(f"the app bundle names a file {name[:80]!r}")
+            if entry.is_dir():
+                continue
+            with archive.open(entry) as member:
+                data = member.read(entry.file_size + 1)
+            if len(data) != entry.file_size:
+                raise NotApproved(f"the app bundle's {name[:80]!r} is not the size its header gives")
+            files[name] = data
+        return files
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise NotApproved(f"the app bundle is not a readable zip ({type(exc).__name__})") from None
+
+
+def files_digest(files: dict[str, bytes]) -> str:
+    """SHA-256 over ``name NUL sha256(content) LF`` of every file, in name order (hex)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).hexdigest().encode() + b"\n")
+    return digest.hexdigest()
+
+
+def app_digest(app_dir: Path) -> str:
+    """The digest of the bundle ``flwr run app_dir`` sends, built with Flower's own builder."""
+    from flwr.cli.build import build_fab_from_disk
+
+    try:
+        fab = build_fab_from_disk(app_dir)
+    except Exception as exc:  # Flower's builder raises what it meets: no pyproject.toml, a tree too deep, ...
+        raise ValueError(f"{app_dir}: no Flower app bundle can be built from it ({exc})") from None
+    return files_digest(bundle_files(fab))
+
+
+def read_approved(path: Path, *, empty: bool = False) -> set[str]:
+    """The digests a site's list approves (``empty``: a list that approves none is no error).
+
+    Raises:
+        ValueError: one line: no such file, a link, a list others may write to, a line that is not a digest,
+            or a list that approves nothing.
+    """
+    try:
+        info = path.lstat()
+    except OSError as exc:
+        raise ValueError(f"approval list {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"approval list {path}: not a plain file (a link is refused)")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(f"approval list {path}: others may write to it; chmod go-w {shlex.quote(str(path))}")
+    if info.st_size > 1_000_000:
+        raise ValueError(f"approval list {path}: {info.st_size} bytes is not a list of digests")
+    approved = set()
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not DIGEST.fullmatch(text):
+            raise ValueError(f"approval list {path}, line {number}: not a digest (64 lower-case hex digits)")
+        approved.add(text)
+    if not approved and not empty:
+        raise ValueError(f"approval list {path}: approves no app")
+    return approved
+
+
+def check_bundle(fab: bytes, fab_hash: str, approved: set[str]) -> str:
+    """The bundle's digest, when ``approved`` holds it and the bundle is the one Flower will load (Flower
+    installs a bundle under the SHA-256 of its bytes and loads the app from the folder named by the run's
+    ``fab_hash``; a hash that is not the bundle's would load another app).
+
+    Raises:
+        NotApproved: the reason, naming the digest.
+    """
+    if hashlib.sha256(fab).hexdigest() != fab_hash:
+        raise NotApproved("the app bundle is not the one its run names (hash mismatch)")
+    digest = files_digest(bundle_files(fab))
+    if digest not in approved:
+        raise NotApproved(f"app not approved at this site (digest {digest[:16]})")
+    return digest
+
+
+def run_gate(approved_list: Path, flwr_args: list[str]) -> None:
+    """Flower's ClientApp process (``flwr-clientapp flwr_args``), with every bundle checked before Flower
+    installs it. A list that cannot be read refuses every message, with the reason."""
+    from flwr.supernode.cli import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    try:
+        approved, problem = read_approved(approved_list), None
+    except ValueError:
+        approved, problem = set(), "this site's approval list cannot be read (see the node's log)"
+    pulled: dict[str, str] = {}
+    pull, install = runtime.pull_task_input, runtime.install_from_fab
+
+    def pull_and_note(client):
+        message, context, run, fab = pull(client)
+        pulled["hash"] = fab.hash_str
+        return message, context, run, fab
+
+    def checked_install(fab: bytes, *args, **kwargs):
+        # raised here, after the message is pulled, so Flower replies with the reason instead of leaving the
+        # server to wait out its timeout
+        if problem:
+            raise NotApproved(problem)
+        check_bundle(fab, pulled.get("hash", ""), approved)
+        return install(fab, *args, **kwargs)
+
+    runtime.pull_task_input, runtime.install_from_fab = pull_and_note, checked_install
+    sys.argv = [GATE, *flwr_args]
+    flwr_clientapp()
+
+
+def write_gate(folder: Path, approved_list: Path) -> Path:
+    """A folder holding ``flwr-clientapp``, the gate over ``approved_list``, to put first on a SuperNode's
+    ``PATH``; only the node's user may change it. Checks the list first.
+
+    Raises:
+        ValueError: the list cannot be read (:func:`read_approved`), or ``folder`` is a link.
+    """
+    approved_list = approved_list.resolve()
+    read_approved(approved_list)
+    if folder.is_symlink():
+        raise ValueError(f"{folder}: a link; give a folder of the node's own")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    command = [sys.executable, str(Path(__file__).resolve()), "gate", "--list", str(approved_list), "--"]
+    script = "#!/bin/sh\nexec " + " ".join(shlex.quote(c) for c in command) + ' "$@"\n'
+    write_bytes(folder / GATE, script.encode())
+    (folder / GATE).chmod(0o700)
+    return folder
+
+
+def _commit(app_dir: Path) -> str:
+    out = subprocess.run(["git", "-C", str(app_dir), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else "no git commit"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploy/approval.py", description=__doc__.split("\n\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    digest = verbs.add_parser("digest", help="the digest of the app bundle that flwr run APP_DIR sends")
+    digest.add_argument("app_dir", nargs="?", default=".", type=Path)
+    approve = verbs.add_parser("approve", help="add APP_DIR's digest to a site's approval list")
+    approve.add_argument("app_dir", nargs="?", default=".", type=Path)
+    approve.add_argument("--list", required=True, type=Path, dest="approved")
+    check = verbs.add_parser("check", help="check a site's approval list")
+    check.add_argument("approved", type=Path)
+    install = verbs.add_parser("install-gate", help="write the gate for a SuperNode's PATH into FOLDER")
+    install.add_argument("folder", type=Path)
+    install.add_argument("--list", required=True, type=Path, dest="approved")
+    gate = verbs.add_parser("gate", help="Flower's ClientApp process behind the check (started by the SuperNode)")
+    gate.add_argument("--list", required=True, type=Path, dest="approved")
+    gate.add_argument("flwr_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "gate":
+            rest = args.flwr_args
+            run_gate(args.approved, rest[1:] if rest[:1] == ["--"] else rest)
+        elif args.verb == "digest":
+            print(app_digest(args.app_dir))
+        elif args.verb == "check":
+            print(f"{args.approved}: {len(read_approved(args.approved))} app(s) approved")
+        elif args.verb == "install-gate":
+            print(write_gate(args.folder, args.approved))
+        else:
+            value = app_digest(args.app_dir)
+            exists = args.approved.exists() or args.approved.is_symlink()
+            if value in (read_approved(args.approved, empty=True) if exists else set()):
+                print(f"{value} is on {args.approved} already")
+                return 0
+            text = args.approved.read_text() if exists else ""
+            line = f"{value}  # {_commit(args.app_dir)}, approved {date.today().isoformat()}\n"
+            write_bytes(args.approved, (text + ("" if text.endswith("\n") or not text else "\n") + line).encode())
+            print(f"{value} added to {args.approved}")
+    except (ValueError, NotApproved) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # run as a file (the gate is): its reasons then name deploy.approval.NotApproved
+    from deploy.approval import main as approval_main
+
+    sys.exit(approval_main())

@@ -1,0 +1,196 @@
+"""A node runs only the app versions its site approved (deploy.approval): the digest, the list, the gate."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from deploy import approval, processes
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tinyapp"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "someone"
+fab-include = ["/tinyapp/**/*.py"]
+
+[tool.flwr.app.components]
+serverapp = "tinyapp.server:app"
+clientapp = "tinyapp.client:app"
+"""
+
+
+def _zip(files: dict[str, bytes], *, method: int = zipfile.ZIP_DEFLATED, year: int = 2020) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, data in files.items():
+            archive.writestr(zipfile.ZipInfo(name, (year, 1, 1, 0, 0, 0)), data, compress_type=method)
+    return buffer.getvalue()
+
+
+def _app(folder: Path) -> Path:
+    (folder / "tinyapp").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(PYPROJECT)
+    (folder / "tinyapp" / "__init__.py").write_text("")
+    (folder / "tinyapp" / "client.py").write_text("app = None\n")
+    (folder / "tinyapp" / "server.py").write_text("app = None\n")
+    return folder
+
+
+def _list(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def test_the_digest_is_of_the_files_whatever_the_zip_did():
+    files = {"pyproject.toml": b"[project]\n", "app/client.py": b"x = 1\n"}
+    digest = approval.files_digest(approval.bundle_files(_zip(files)))
+    stored = _zip(dict(reversed(files.items())), method=zipfile.ZIP_STORED, year=2024)
+    assert stored != _zip(files)
+    assert approval.files_digest(approval.bundle_files(stored)) == digest
+    changed = approval.bundle_files(_zip(files | {"app/client.py": b"x = 2\n"}))
+    assert approval.files_digest(changed) != digest
+    renamed = approval.bundle_files(_zip({"pyproject.toml": b"[project]\n", "app/server.py": b"x = 1\n"}))
+    assert approval.files_digest(renamed) != digest
+
+
+def test_a_checkouts_digest_changes_with_what_the_bundle_sends_and_only_with_that(tmp_path):
+    app = _app(tmp_path / "app")
+    digest = approval.app_digest(app)
+    assert approval.DIGEST.fullmatch(digest)
+    (app / "notes.txt").write_text("not in fab-include: never sent")
+    assert approval.app_digest(app) == digest
+    (app / "tinyapp" / "client.py").write_text("app = None  # a change\n")
+    assert approval.app_digest(app) != digest
+    with pytest.raises(ValueError, match="no Flower app bundle can be built"):
+        approval.app_digest(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason"),
+    [
+        ({"../outside.py": b"x"}, "names a file"),
+        ({"/etc/cron.d/x": b"x"}, "names a file"),
+        ({"a\\..\\b.py": b"x"}, "names a file"),
+        ({f"f{i}.py": b"" for i in range(12)}, "entries"),
+    ],
+)
+def test_a_bundle_that_climbs_out_or_holds_too_much_is_refused_in_one_line(monkeypatch, entries, reason):
+    monkeypatch.setattr(approval, "MAX_FILES", 10)
+    with pytest.raises(approval.NotApproved, match=reason) as refused:
+        approval.bundle_files(_zip(entries))
+    assert "\n" not in str(refused.value)
+
+
+def test_a_bundle_that_is_no_zip_names_a_file_twice_or_lies_about_a_size_is_refused():
+    with pytest.raises(approval.NotApproved, match="not a readable zip"):
+        approval.bundle_files(b"PK\x03\x04 not really")
+    twice = io.BytesIO()
+    with zipfile.ZipFile(twice, "w") as archive:
+        archive.writestr("a.py", b"1")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr("a.py", b"2")
+    with pytest.raises(approval.NotApproved, match="names a file 'a.py'"):
+        approval.bundle_files(twice.getvalue())
+    big = _zip({"a.py": b"x" * 1000}, method=zipfile.ZIP_STORED)
+    header = big.index(b"PK\x01\x02")  # the central directory's entry: its size field says 10, the data is 1000
+    lying = big[: header + 24] + (10).to_bytes(4, "little") + big[header + 28 :]
+    with pytest.raises(approval.NotApproved):
+        approval.bundle_files(lying)
+
+
+def test_only_the_bundle_the_run_names_and_the_list_approves_passes():
+    fab = _zip({"pyproject.toml": b"[project]\n"})
+    digest = approval.files_digest(approval.bundle_files(fab))
+    fab_hash = hashlib.sha256(fab).hexdigest()
+    assert approval.check_bundle(fab, fab_hash, {digest}) == digest
+    with pytest.raises(approval.NotApproved, match=f"app not approved at this site \\(digest {digest[:16]}\\)"):
+        approval.check_bundle(fab, fab_hash, {"0" * 64})
+    # Flower loads the app from the folder of the run's hash: another bundle's would run other code
+    with pytest.raises(approval.NotApproved, match="hash mismatch"):
+        approval.check_bundle(fab, "f" * 64, {digest})
+
+
+def test_an_approval_list_others_may_write_a_link_or_a_line_that_is_no_digest_is_refused(tmp_path):
+    good = _list(tmp_path / "approved.txt", f"# reviewed by the site\n{'a' * 64}  # v0.1.0\n\n{'b' * 64}\n")
+    assert approval.read_approved(good) == {"a" * 64, "b" * 64}
+    writable = _list(tmp_path / "writable.txt", "a" * 64)
+    writable.chmod(0o664)
+    link = tmp_path / "link.txt"
+    link.symlink_to(good)
+    for path, reason in [
+        (writable, "others may write to it"),
+        (link, "not a plain file"),
+        (_list(tmp_path / "upper.txt", "A" * 64), "line 1: not a digest"),
+        (_list(tmp_path / "short.txt", f"{'a' * 64}\n{'a' * 63}\n"), "line 2: not a digest"),
+        (_list(tmp_path / "empty.txt", "# nothing yet\n"), "approves no app"),
+        (tmp_path / "missing.txt", "No such file"),
+    ]:
+        with pytest.raises(ValueError, match=reason) as refused:
+            approval.read_approved(path)
+        assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_approve_adds_a_checkouts_digest_once(tmp_path, capsys):
+    app = _app(tmp_path / "app")
+    approved = tmp_path / "approved.txt"
+    assert approval.main(["approve", str(app), "--list", str(approved)]) == 0
+    assert approval.main(["approve", str(app), "--list", str(approved)]) == 0
+    assert approval.read_approved(approved) == {approval.app_digest(app)}
+    assert len(approved.read_text().splitlines()) == 1 and not approved.stat().st_mode & 0o022
+    assert "already" in capsys.readouterr().out
+    approved.chmod(0o666)
+    assert approval.main(["approve", str(app), "--list", str(approved)]) == 2
+    assert "others may write to it" in capsys.readouterr().err
+
+
+def test_a_node_with_an_approval_list_starts_flowers_clientapp_through_the_gate(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(processes.subprocess, "Popen", lambda *a, **k: started.append((a, k)))
+    kwargs = {"superlink": "127.0.0.1:1", "port": 1, "node_config": {"site-name": "a"}, "log": tmp_path / "log"}
+    empty = _list(tmp_path / "empty.txt", "")
+    with pytest.raises(ValueError, match="approves no app"):
+        processes.start_supernode(tmp_path, tmp_path / "key", home=tmp_path / "n", approved=empty, **kwargs)
+    assert not started
+    approved = _list(tmp_path / "approved.txt", "c" * 64)
+    processes.start_supernode(tmp_path, tmp_path / "key", home=tmp_path / "node", approved=approved, **kwargs)
+    env = started[0][1]["env"]
+    monkeypatch.undo()
+    gate_folder = Path(env["PATH"].split(os.pathsep)[0])
+    assert gate_folder == tmp_path / "node" / "approval-gate" and gate_folder.stat().st_mode & 0o777 == 0o700
+    # the gate answers as flwr-clientapp does; with no SuperNode to ask, it fails, but through Flower's own parser
+    gate = subprocess.run([gate_folder / approval.GATE, "--help"], capture_output=True, text=True, timeout=120)
+    assert gate.returncode == 0 and "--runtime-api-address" in gate.stdout, gate.stderr
+
+
+def test_start_supernode_sh_puts_the_gate_first_on_the_nodes_path(tmp_path):
+    creds, fake = tmp_path / "creds", tmp_path / "bin"
+    (creds / "nodes").mkdir(parents=True)
+    (creds / "nodes" / "hospital-a").write_text("")
+    fake.mkdir()
+    record = tmp_path / "path.txt"
+    (fake / "flower-supernode").write_text(f'#!/bin/sh\nprintf "%s" "$PATH" > "{record}"\n')
+    (fake / "flower-supernode").chmod(0o755)
+    python = Path(os.sys.executable).parent
+    env = os.environ | {"CREDS": str(creds), "PATH": os.pathsep.join([str(fake), str(python), os.environ["PATH"]])}
+    cmd = ["bash", str(ROOT / "deploy" / "start_supernode.sh"), "hospital-a", str(tmp_path), "127.0.0.1:9093"]
+    refused = subprocess.run(cmd, env=env | {"APPROVED": str(tmp_path / "none.txt")}, capture_output=True, text=True)
+    assert refused.returncode == 2 and "none.txt" in refused.stderr and not record.exists()
+    approved = _list(tmp_path / "approved.txt", "d" * 64)
+    done = subprocess.run(cmd, env=env | {"APPROVED": str(approved)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first = Path(record.read_text().split(os.pathsep)[0])
+    assert first == creds / "supernodes" / "hospital-a" / "approval-gate" and (first / approval.GATE).exists()
