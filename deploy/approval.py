@@ -157,6 +157,9 @@ def run_gate(approved_list: Path, flwr_args: list[str]) -> None:
         approved, problem = read_approved(approved_list), None
     except ValueError:
         approved, problem = set(), "this site's approval list cannot be read (see the node's log)"
+    if not all(hasattr(runtime, name) for name in ("pull_task_input", "install_from_fab")):
+        # another Flower: its ClientApp process no longer has the steps checked here; run no code unchecked
+        sys.exit("error: this Flower's ClientApp process has no install step the approval check knows; refused")
     pulled: dict[str, str] = {}
     pull, install = runtime.pull_task_input, runtime.install_from_fab
 
