@@ -63,8 +63,9 @@ def _env(flwr_home: Path) -> dict[str, str]:
 
 
 def start_superlink(creds: Path, *, port: int, state: Path, log: Path, host: str = "127.0.0.1") -> subprocess.Popen:
-    """``flower-superlink`` with TLS (``creds``/ca.crt, server.pem, server.key) and SuperNode authentication."""
-    state.mkdir(parents=True, exist_ok=True)
+    """``flower-superlink`` with TLS (``creds``/ca.crt, server.pem, server.key) and SuperNode authentication. A new
+    ``state`` folder is its user's only: its database holds every message, each node's update among them."""
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
     cmd = [
         flower_bin("flower-superlink"),
         "--ssl-ca-certfile",
@@ -110,7 +111,7 @@ def start_supernode(
             be read, before anything starts.
     """
     config = node_config_arg(node_config)
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # the apps it installs, its state; a new one is private
     env = _env(home) | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
     if approved is not None:  # Flower starts each message's ClientApp process by name: the gate's comes first
         env["PATH"] = os.pathsep.join([str(write_gate(home / "approval-gate", approved)), env["PATH"]])

@@ -9,7 +9,8 @@ CREDS="${CREDS:-$HERE/generated}"
 HOST="${1:-127.0.0.1}"
 PORT="${2:-9092}"
 STATE="${STATE:-$CREDS/superlink}"
-mkdir -p "$STATE"
+# a new state folder is private: its database holds every message, each node's update among them
+[ -d "$STATE" ] || mkdir -p -m 700 "$STATE"
 for f in ca.crt server.pem server.key; do
     [ -f "$CREDS/$f" ] || { echo "error: $CREDS/$f missing; run python deploy/credentials.py ca / server first" >&2; exit 2; }
 done

@@ -33,7 +33,8 @@ for value in "$DATA" "$STATE" "$MODS"; do
 done
 KEY="$CREDS/nodes/$SITE"
 [ -f "$KEY" ] || fail "no key $KEY; run python deploy/credentials.py node $SITE"
-mkdir -p "$STATE"
+# a new state folder is private: the node's state and the apps it installs
+[ -d "$STATE" ] || mkdir -p -m 700 "$STATE"
 # APPROVED=FILE: the node runs only the app versions the site's list approves (deploy/approval.py). Flower starts
 # each message's ClientApp process as flwr-clientapp from PATH: the gate's comes first.
 if [ -n "${APPROVED:-}" ]; then

@@ -85,3 +85,29 @@ def test_start_supernode_sh_passes_a_good_site_through_as_flower_reads_it(tmp_pa
     config = parse_config_args([args[args.index("--node-config") + 1]])
     state = str(tmp_path / "creds" / "supernodes" / "hospital-a")
     assert config == {"data-path": str(tmp_path / "my data"), "site-name": "hospital-a", "state-dir": state}
+
+
+def test_a_new_superlink_or_supernode_state_folder_is_its_users_only(tmp_path, monkeypatch):
+    """The SuperLink's database holds every message, each node's update among them; a node's holds its state."""
+    monkeypatch.setattr(processes.subprocess, "Popen", lambda *a, **k: None)
+    processes.start_superlink(tmp_path, port=1, state=tmp_path / "link", log=tmp_path / "link.log")
+    node = {"superlink": "127.0.0.1:1", "port": 1, "node_config": {"site-name": "a"}, "log": tmp_path / "node.log"}
+    processes.start_supernode(tmp_path, tmp_path / "key", home=tmp_path / "node", **node)
+    assert [(tmp_path / f).stat().st_mode & 0o777 for f in ("link", "node")] == [0o700, 0o700]
+    monkeypatch.undo()
+    (tmp_path / "creds" / "nodes").mkdir(parents=True)
+    (tmp_path / "creds" / "nodes" / "hospital-a").write_text("")
+    done, _ = _supernode_sh(tmp_path, "hospital-a", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "creds" / "supernodes" / "hospital-a").stat().st_mode & 0o777 == 0o700
+    fake = tmp_path / "bin"
+    (fake / "flower-superlink").write_text("#!/bin/sh\n")
+    (fake / "flower-superlink").chmod(0o755)
+    for f in ("ca.crt", "server.pem", "server.key"):
+        (tmp_path / "creds" / f).write_text("")
+    env = os.environ | {"CREDS": str(tmp_path / "creds"), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("STATE", None)
+    script = str(ROOT / "deploy" / "start_superlink.sh")
+    link = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert link.returncode == 0, link.stderr
+    assert (tmp_path / "creds" / "superlink").stat().st_mode & 0o777 == 0o700
