@@ -26,18 +26,20 @@ write to is refused: whoever could add a line could run code on the node.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
+import os
 import re
 import shlex
 import stat
 import subprocess
 import sys
 import zipfile
+import zlib
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-
-from mstkd.atomic import write_bytes
 
 MAX_FILES = 10_000
 MAX_BYTES = 256 * 1024 * 1024  # unpacked; Flower refuses a bundle over 10 MB packed
@@ -78,7 +80,16 @@ def bundle_files(fab: bytes) -> dict[str, bytes]:
                 raise NotApproved(f"the app bundle's {name[:80]!r} is not the size its header gives")
             files[name] = data
         return files
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        RuntimeError,
+        zlib.error,
+        NotImplementedError,
+    ) as exc:  # RuntimeError: an entry flagged encrypted
         raise NotApproved(f"the app bundle is not a readable zip ({type(exc).__name__})") from None
 
 
@@ -102,39 +113,54 @@ def app_digest(app_dir: Path) -> str:
 
 
 def read_approved(path: Path, *, empty: bool = False) -> set[str]:
-    """The digests a site's list approves (``empty``: a list that approves none is no error).
+    """The digests a site's list approves (``empty``: a list that approves none is no error). The list is read
+    as ``sshd`` reads ``authorized_keys``: whoever could replace it could run code on the node.
 
     Raises:
-        ValueError: one line: no such file, a link, a list others may write to, a line that is not a digest,
+        ValueError: one line: no such file, a link, a file owned by another user or that others may write to,
+            a folder above it that others may write to (without the sticky bit), a line that is not a digest,
             or a list that approves nothing.
     """
     try:
-        info = path.lstat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise ValueError(f"approval list {path}: {exc.strerror}") from None
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"approval list {path}: not a plain file (a link is refused)")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ValueError(f"approval list {path}: others may write to it; chmod go-w {shlex.quote(str(path))}")
-    if info.st_size > 1_000_000:
-        raise ValueError(f"approval list {path}: {info.st_size} bytes is not a list of digests")
+        why = "a link is refused" if exc.errno == errno.ELOOP else exc.strerror
+        raise ValueError(f"approval list {path}: {why}") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"approval list {path}: not a plain file")
+        _check_owner(path, info, "approval list")
+        for folder in Path(os.path.realpath(path)).parents:
+            _check_owner(folder, folder.stat(), "the folder of approval list", sticky_ok=True)
+        if info.st_size > 1_000_000:
+            raise ValueError(f"approval list {path}: {info.st_size} bytes is not a list of digests")
+        text = file.read(1_000_001).decode("utf-8", "replace")
     approved = set()
-    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.split("#", 1)[0].strip()
+        if not value:
             continue
-        if not DIGEST.fullmatch(text):
+        if not DIGEST.fullmatch(value):
             raise ValueError(f"approval list {path}, line {number}: not a digest (64 lower-case hex digits)")
-        approved.add(text)
+        approved.add(value)
     if not approved and not empty:
         raise ValueError(f"approval list {path}: approves no app")
     return approved
 
 
+def _check_owner(path: Path, info: os.stat_result, what: str, *, sticky_ok: bool = False) -> None:
+    """Refuse ``path`` unless root or this user owns it and no one else may write to it (a folder with the
+    sticky bit, such as /tmp, lets others add entries but not rename or remove this user's)."""
+    if info.st_uid not in (0, os.geteuid()):
+        raise ValueError(f"{what} {path}: owned by another user (uid {info.st_uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (sticky_ok and info.st_mode & stat.S_ISVTX):
+        raise ValueError(f"{what} {path}: others may write to it; chmod go-w {shlex.quote(str(path))}")
+
+
 def check_bundle(fab: bytes, fab_hash: str, approved: set[str]) -> str:
-    """The bundle's digest, when ``approved`` holds it and the bundle is the one Flower will load (Flower
-    installs a bundle under the SHA-256 of its bytes and loads the app from the folder named by the run's
-    ``fab_hash``; a hash that is not the bundle's would load another app).
+    """The bundle's digest, when ``approved`` holds it and the bundle is the one the run names (Flower installs
+    a bundle under the SHA-256 of its bytes and loads the app by the run's ``fab_hash``).
 
     Raises:
         NotApproved: the reason, naming the digest.
@@ -147,63 +173,146 @@ def check_bundle(fab: bytes, fab_hash: str, approved: set[str]) -> str:
     return digest
 
 
+def check_installed(folder: Path, files: dict[str, bytes]) -> None:
+    """Refuse an installed app folder that does not hold the bundle's files as they are (Flower installs a
+    bundle's files, less ``.info/``, and reuses a folder that exists: one left by a crash half-way, or made by
+    hand, would run other code).
+
+    Raises:
+        NotApproved: the folder differs (the node's log names it).
+    """
+    for name, data in files.items():
+        if name.startswith(".info/"):
+            continue
+        target = folder / name
+        if (
+            target.is_symlink()
+            or not target.is_file()
+            or hashlib.sha256(target.read_bytes()).digest() != (hashlib.sha256(data).digest())
+        ):
+            print(f"error: {folder} does not hold the approved bundle's {name}; remove the folder", file=sys.stderr)
+            raise NotApproved("the installed copy of this app differs from its bundle (see the node's log)")
+
+
+class Gate:
+    """The two steps of Flower's ClientApp process that the gate wraps: pulling a message (the run and the bundle's
+    hash are noted) and installing its bundle (checked first: :meth:`install`). ``home``: the node's Flower home."""
+
+    def __init__(self, approved_list: Path, pull: Callable, install: Callable, home: Path) -> None:
+        try:
+            self.approved, self.problem = read_approved(approved_list), None
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)  # the node's log; the server is told no path
+            self.approved, self.problem = set(), "this site's approval list cannot be read (see the node's log)"
+        self._pull, self._install, self.home = pull, install, home
+        self.run, self.fab_hash = None, ""
+
+    def pull(self, client):
+        message, context, run, fab = self._pull(client)
+        self.run, self.fab_hash = run, fab.hash_str
+        return message, context, run, fab
+
+    def install(self, fab: bytes, *args, **kwargs) -> Path:
+        """Install an approved bundle where only approved bundles are (``<home>/approved/<digest>``: an app
+        installed before the list, or not approved, never lies there), and only where its run will load it from.
+        Raised after the message is pulled, so that Flower replies with the reason instead of leaving the server
+        to wait out its timeout.
+
+        Raises:
+            NotApproved: a list that cannot be read, a bundle not approved or not its run's, a run that names
+                another folder (its id or version), or an installed folder that differs from the bundle.
+        """
+        from flwr.common.config import get_project_dir
+
+        if self.problem:
+            raise NotApproved(self.problem)
+        digest = check_bundle(fab, self.fab_hash, self.approved)
+        apps = self.home / "approved" / digest
+        apps.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["FLWR_HOME"] = str(apps)  # where Flower installs the app and loads it from
+        installed = Path(self._install(fab, *args, **kwargs))
+        try:
+            named = get_project_dir(self.run.fab_id, self.run.fab_version, self.fab_hash)
+        except (AttributeError, ValueError):
+            named = None
+        if named is None or os.path.realpath(named) != os.path.realpath(installed):
+            raise NotApproved("the run names another app folder than its bundle's (its id or version)")
+        check_installed(installed, bundle_files(fab))
+        return installed
+
+
 def run_gate(approved_list: Path, flwr_args: list[str]) -> None:
-    """Flower's ClientApp process (``flwr-clientapp flwr_args``), with every bundle checked before Flower
-    installs it. A list that cannot be read refuses every message, with the reason."""
+    """Flower's ClientApp process (``flwr-clientapp flwr_args``) through :class:`Gate`. A list that cannot be read
+    refuses every message, with the reason."""
+    from flwr.common.config import get_flwr_home
     from flwr.supernode.cli import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    try:
-        approved, problem = read_approved(approved_list), None
-    except ValueError:
-        approved, problem = set(), "this site's approval list cannot be read (see the node's log)"
     if not all(hasattr(runtime, name) for name in ("pull_task_input", "install_from_fab")):
         # another Flower: its ClientApp process no longer has the steps checked here; run no code unchecked
         sys.exit("error: this Flower's ClientApp process has no install step the approval check knows; refused")
-    pulled: dict[str, str] = {}
-    pull, install = runtime.pull_task_input, runtime.install_from_fab
-
-    def pull_and_note(client):
-        message, context, run, fab = pull(client)
-        pulled["hash"] = fab.hash_str
-        return message, context, run, fab
-
-    def checked_install(fab: bytes, *args, **kwargs):
-        # raised here, after the message is pulled, so Flower replies with the reason instead of leaving the
-        # server to wait out its timeout
-        if problem:
-            raise NotApproved(problem)
-        check_bundle(fab, pulled.get("hash", ""), approved)
-        return install(fab, *args, **kwargs)
-
-    runtime.pull_task_input, runtime.install_from_fab = pull_and_note, checked_install
+    gate = Gate(approved_list, runtime.pull_task_input, runtime.install_from_fab, get_flwr_home())
+    runtime.pull_task_input, runtime.install_from_fab = gate.pull, gate.install
+    # the app's own packages, not the node checkout's, must be the ones it imports (Flower puts the installed
+    # app first on sys.path, and reuses a module already imported)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("mstkd", "deploy")]:
+        del sys.modules[name]
+    script_folder = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != script_folder]
     sys.argv = [GATE, *flwr_args]
     flwr_clientapp()
 
 
 def write_gate(folder: Path, approved_list: Path) -> Path:
-    """A folder holding ``flwr-clientapp``, the gate over ``approved_list``, to put first on a SuperNode's
-    ``PATH``; only the node's user may change it. Checks the list first.
+    """A folder to put first on a SuperNode's ``PATH``: ``flwr-clientapp``, the gate over ``approved_list``, and
+    every other process Flower's task launcher may start by name (``flwr-agentapp``, ...), each refusing to run;
+    only the node's user may change it. Checks the list first.
 
     Raises:
         ValueError: the list cannot be read (:func:`read_approved`), or ``folder`` is a link.
     """
-    approved_list = approved_list.resolve()
-    read_approved(approved_list)
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    from mstkd.atomic import write_bytes
+
+    read_approved(approved_list)  # as given: a link is refused before anything resolves it
+    approved_list = Path(os.path.abspath(approved_list))
     if folder.is_symlink():
         raise ValueError(f"{folder}: a link; give a folder of the node's own")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
     command = [sys.executable, str(Path(__file__).resolve()), "gate", "--list", str(approved_list), "--"]
-    script = "#!/bin/sh\nexec " + " ".join(shlex.quote(c) for c in command) + ' "$@"\n'
-    write_bytes(folder / GATE, script.encode())
-    (folder / GATE).chmod(0o700)
+    scripts = {GATE: "exec " + " ".join(shlex.quote(c) for c in command) + ' "$@"'}
+    for other in set(TASK_TYPE_TO_COMMAND.values()) - {GATE}:
+        refusal = f"error: this node runs only the ClientApps of approved apps (deploy/approval.py): {other} refused"
+        scripts[other] = f"echo {shlex.quote(refusal)} >&2\nexit 1"
+    for name, body in scripts.items():
+        write_bytes(folder / name, f"#!/bin/sh\n{body}\n".encode())
+        (folder / name).chmod(0o700)
     return folder
 
 
-def _commit(app_dir: Path) -> str:
-    out = subprocess.run(["git", "-C", str(app_dir), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else "no git commit"
+def checkout(app_dir: Path) -> str:
+    """The checkout's short commit, followed by `` + local changes`` where files differ from it (changed, or
+    untracked and not ignored), whose bundle may then differ from a clean checkout's."""
+    git = ["git", "-C", str(app_dir)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "no git commit"
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all", "--", "."], capture_output=True)
+    return head.stdout.strip() + (" + local changes" if status.stdout.strip() else "")
+
+
+def _note_changes(app_dir: Path) -> str:
+    """:func:`checkout`, with a note on standard error where the checkout has local changes."""
+    state = checkout(app_dir)
+    if state.endswith("local changes"):
+        print(
+            f"note: {app_dir} differs from commit {state.split()[0]} (git status): a clean checkout of that commit "
+            "may have another digest",
+            file=sys.stderr,
+        )
+    return state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             rest = args.flwr_args
             run_gate(args.approved, rest[1:] if rest[:1] == ["--"] else rest)
         elif args.verb == "digest":
-            print(app_digest(args.app_dir))
+            value = app_digest(args.app_dir)
+            _note_changes(args.app_dir)
+            print(value)
         elif args.verb == "check":
             print(f"{args.approved}: {len(read_approved(args.approved))} app(s) approved")
         elif args.verb == "install-gate":
@@ -239,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             if value in (read_approved(args.approved, empty=True) if exists else set()):
                 print(f"{value} is on {args.approved} already")
                 return 0
+            from mstkd.atomic import write_bytes
+
             text = args.approved.read_text() if exists else ""
-            line = f"{value}  # {_commit(args.app_dir)}, approved {date.today().isoformat()}\n"
+            line = f"{value}  # {_note_changes(args.app_dir)}, approved {date.today().isoformat()}\n"
             write_bytes(args.approved, (text + ("" if text.endswith("\n") or not text else "\n") + line).encode())
             print(f"{value} added to {args.approved}")
     except (ValueError, NotApproved) as exc:

@@ -133,7 +133,7 @@ def test_an_approval_list_others_may_write_a_link_or_a_line_that_is_no_digest_is
     link.symlink_to(good)
     for path, reason in [
         (writable, "others may write to it"),
-        (link, "not a plain file"),
+        (link, "a link is refused"),
         (_list(tmp_path / "upper.txt", "A" * 64), "line 1: not a digest"),
         (_list(tmp_path / "short.txt", f"{'a' * 64}\n{'a' * 63}\n"), "line 2: not a digest"),
         (_list(tmp_path / "empty.txt", "# nothing yet\n"), "approves no app"),
@@ -194,3 +194,76 @@ def test_start_supernode_sh_puts_the_gate_first_on_the_nodes_path(tmp_path):
     assert done.returncode == 0, done.stderr
     first = Path(record.read_text().split(os.pathsep)[0])
     assert first == creds / "supernodes" / "hospital-a" / "approval-gate" and (first / approval.GATE).exists()
+
+
+def test_a_list_whose_owner_or_folder_lets_others_replace_it_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    listed = _list(shared / "approved.txt", "a" * 64)
+    shared.chmod(0o777)  # anyone may rename the list away and put their own in its place
+    with pytest.raises(ValueError, match=f"the folder of approval list {shared}: others may write to it"):
+        approval.read_approved(listed)
+    shared.chmod(0o1777)  # as /tmp: others may add entries, not move this user's
+    assert approval.read_approved(listed) == {"a" * 64}
+    info = os.stat(listed)
+    stranger = os.stat_result((info.st_mode, 0, 0, 1, os.geteuid() + 1, 0, 64, 0, 0, 0))
+    with pytest.raises(ValueError, match="owned by another user"):
+        approval._check_owner(listed, stranger, "approval list")
+
+
+def _gate(tmp_path: Path, app: Path, approved: set[str], *, version: str = "1.0.0"):
+    """A :class:`approval.Gate` over Flower's own installer, pulling the bundle of ``app`` for a run that names
+    ``version``; returns it and the bundle."""
+    from types import SimpleNamespace
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+
+    fab = build_fab_from_disk(app)
+    listed = _list(tmp_path / "approved.txt", "\n".join(approved) + "\n")
+    run = SimpleNamespace(fab_id="someone/tinyapp", fab_version=version)
+    bundle = SimpleNamespace(content=fab, hash_str=hashlib.sha256(fab).hexdigest())
+    pull = lambda client: ("message", "context", run, bundle)  # noqa: E731
+    gate = approval.Gate(listed, pull, install_from_fab, tmp_path / "home")
+    gate.pull(None)
+    return gate, fab
+
+
+def test_the_gate_installs_an_approved_bundle_apart_and_loads_it_only_from_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    app = _app(tmp_path / "app")
+    digest = approval.app_digest(app)
+    # a folder installed before the node had a list, where Flower would look for this app by name and hash
+    gate, fab = _gate(tmp_path, app, {digest})
+    stale = tmp_path / "home" / "apps" / f"someone.tinyapp.1.0.0.{hashlib.sha256(fab).hexdigest()[:8]}"
+    (stale / "tinyapp").mkdir(parents=True)
+    (stale / "tinyapp" / "client.py").write_text("import os; os.system('echo pwned')\n")
+    installed = gate.install(fab, skip_prompt=True)
+    assert installed.parent.parent == tmp_path / "home" / "approved" / digest
+    assert (installed / "tinyapp" / "client.py").read_text() == "app = None\n"
+    (installed / "tinyapp" / "client.py").write_text("app = 'changed'\n")  # a copy left half-written, or edited
+    with pytest.raises(approval.NotApproved, match="installed copy of this app differs"):
+        _gate(tmp_path, app, {digest})[0].install(fab, skip_prompt=True)
+    gate, fab = _gate(tmp_path, app, {digest}, version="../../elsewhere")
+    with pytest.raises(approval.NotApproved, match="names another app folder"):
+        gate.install(fab, skip_prompt=True)
+    with pytest.raises(approval.NotApproved, match="app not approved at this site"):
+        _gate(tmp_path, app, {"e" * 64})[0].install(fab, skip_prompt=True)
+    missing = approval.Gate(tmp_path / "none.txt", None, None, tmp_path / "home")
+    with pytest.raises(approval.NotApproved, match="list cannot be read"):
+        missing.install(fab)
+
+
+def test_the_gate_folder_refuses_every_other_process_flower_may_start(tmp_path):
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    folder = approval.write_gate(tmp_path / "gate", _list(tmp_path / "approved.txt", "a" * 64))
+    others = set(TASK_TYPE_TO_COMMAND.values()) - {approval.GATE}
+    assert "flwr-agentapp" in others
+    for name in others:
+        done = subprocess.run([folder / name, "--token", "x"], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1 and f"{name} refused" in done.stderr
+    link = tmp_path / "link.txt"
+    link.symlink_to(tmp_path / "approved.txt")
+    with pytest.raises(ValueError, match="a link is refused"):
+        approval.write_gate(tmp_path / "gate2", link)
