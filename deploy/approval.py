@@ -44,6 +44,7 @@ from pathlib import Path
 MAX_FILES = 10_000
 MAX_BYTES = 256 * 1024 * 1024  # unpacked; Flower refuses a bundle over 10 MB packed
 DIGEST = re.compile(r"[0-9a-f]{64}")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 GATE = "flwr-clientapp"  # the name Flower's task launcher starts a ClientApp process by (flwr 1.42)
 
 
@@ -57,7 +58,8 @@ def bundle_files(fab: bytes) -> dict[str, bytes]:
 
     Raises:
         NotApproved: not a zip, more than :data:`MAX_FILES` entries or :data:`MAX_BYTES` unpacked, a name
-            that is absolute, climbs out (``..``) or appears twice, or an entry larger than its header says.
+            that is absolute, climbs out (``..``), holds a control character or appears twice, or an entry larger
+            than its header says.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(fab))
@@ -70,7 +72,8 @@ def bundle_files(fab: bytes) -> dict[str, bytes]:
         for entry in entries:
             name = entry.filename
             parts = name.split("/")
-            if name.startswith("/") or "\\" in name or ".." in parts or name in files:
+            # a control character in a name could make two bundles' lists of names and hashes read alike
+            if name.startswith("/") or "\\" in name or ".." in parts or name in files or CONTROL.search(name):
                 raise NotApproved(f"the app bundle names a file {name[:80]!r}")
             if entry.is_dir():
                 continue

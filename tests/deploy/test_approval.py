@@ -85,6 +85,7 @@ def test_a_checkouts_digest_changes_with_what_the_bundle_sends_and_only_with_tha
         ({"../outside.py": b"x"}, "names a file"),
         ({"/etc/cron.d/x": b"x"}, "names a file"),
         ({"a\\..\\b.py": b"x"}, "names a file"),
+        ({"a.py\nb.py": b"x"}, "names a file"),  # zip names end at a NUL; a line feed could join two entries
         ({f"f{i}.py": b"" for i in range(12)}, "entries"),
     ],
 )
