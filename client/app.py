@@ -10,13 +10,14 @@ Where the work runs: in this process in a simulation (Ray keeps its workers warm
 warm worker (:mod:`client.worker`) on a deployed SuperNode, which starts a fresh process for
 every message. This module therefore imports neither PyTorch nor MONAI.
 
-Mods, outermost first: ``private_errors`` turns any failure into an error reply that tells the
-server a category and a short code only (:func:`mstkd.errors.public_reason`; the details go to the
-node's own log); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and
-packs the reply (:mod:`messages.arrays`); ``checked_input`` reads every incoming array safely and refuses
-a global model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks
-for secure aggregation (``secagg=true``; :mod:`client.secagg`); ``clip_updates`` clips the update
-for client-side differential privacy (``dp='client'``, fixed or adaptive clipping; :mod:`messages.clipping`).
+Mods, outermost first: ``private_errors`` turns any failure into an error reply that tells the server a
+category and a short code only (:func:`mstkd.errors.public_reason`; the details go to the node's own log);
+``required_secagg`` refuses what breaks the site's own terms for its update (node config ``require-secagg``:
+:mod:`client.secagg`); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and packs
+the reply (:mod:`messages.arrays`); ``checked_input`` reads every incoming array safely and refuses a global
+model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks for secure
+aggregation (``secagg=true``; :mod:`client.secagg`); ``clip_updates`` clips the update for client-side
+differential privacy (``dp='client'``, fixed or adaptive clipping; :mod:`messages.clipping`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT 
 
 from client import worker
 from client.context import Job, NodeContext, configure_logging, ray_node
-from client.secagg import is_secagg_fit, secagg_mod, secagg_train
+from client.secagg import is_secagg_fit, required_secagg, secagg_mod, secagg_train
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
 from mstkd.errors import RefusedMessage, public_reason
@@ -96,7 +97,7 @@ def clip_updates(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-MODS = [private_errors, packed_arrays_mod, checked_input, secagg_mod, clip_updates]
+MODS = [private_errors, required_secagg, packed_arrays_mod, checked_input, secagg_mod, clip_updates]
 app = ClientApp(mods=MODS)
 
 _SERVED = False  # has this process handled a message yet

@@ -216,6 +216,8 @@ class NodeConfig:
     log_level: LogLevel | None = None  # empty: info when deployed, warning in a simulation
     worker: WorkerMode = WorkerMode.AUTO
     worker_idle: float = _key(POSITIVE, 1800.0)  # seconds a warm worker waits for a message before it ends
+    # > 0: this site's update leaves it only masked, under SecAgg+ among at least this many nodes (2 at least)
+    require_secagg: int = _key(NON_NEGATIVE, 0)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> NodeConfig:

@@ -132,3 +132,43 @@ def test_a_deployed_node_never_writes_where_the_run_config_says(tmp_path, monkey
     monkeypatch.setenv("MSTKD_HOME", str(home))
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
     assert not elsewhere.exists() and list((home / "nodes").rglob("local.pt"))
+
+
+def _secagg_stage(stage: str, **configs) -> Message:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **configs})})
+    return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
+
+
+def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_path, monkeypatch):
+    """node config require-secagg=3: a plain train message, a set-up whose threshold is half the shares or less,
+    and a key exchange among fewer than 3 nodes are refused before any work; the protocol's messages that keep
+    to the terms reach Flower's SecAgg+ client (which here fails on its own checks, not on the site's terms)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    import client.secagg as secagg
+
+    _, context = _node(tmp_path)
+    context.node_config["require-secagg"] = "3"  # as a deployed node's --node-config gives it: text
+    worked = []
+    monkeypatch.setattr(secagg, "secaggplus_mod", lambda msg, ctx, call_next: worked.append(msg) or msg)
+    terms = "node refused: this site sends its update only under secure aggregation among 3 nodes or more"
+    plain = client_app(_train_message(tiny_arrays(), 1), context)
+    assert plain.has_error() and plain.error.reason == f"{terms} (require-secagg); this run asked for it in the clear"
+    assert not list((tmp_path / "state").rglob("local.pt"))  # no training ran
+    setup = {Key.SAMPLE_NUMBER: 3, Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 4194304, Key.MOD_RANGE: 4294967296}
+    setup[Key.MAX_WEIGHT] = 10.0
+    for shares, threshold in ((3, 1), (4, 2), (2, 2), ("3", 2)):
+        reply = client_app(_secagg_stage(Stage.SETUP, **setup, share_num=shares, threshold=threshold), context)
+        assert reply.has_error() and reply.error.reason.startswith(terms), (shares, threshold)
+        assert f"set-up ({threshold} of {shares} shares) is not" in reply.error.reason
+    two = {"1": [b"a", b"b"], "2": [b"c", b"d"]}
+    reply = client_app(_secagg_stage(Stage.SHARE_KEYS, **two), context)
+    assert reply.has_error() and reply.error.reason.endswith("this round has 2")
+    assert not worked
+    client_app(_secagg_stage(Stage.SETUP, **setup, share_num=3, threshold=2), context)
+    client_app(_secagg_stage(Stage.SHARE_KEYS, **two, **{"3": [b"e", b"f"]}), context)
+    assert len(worked) == 2
+    context.node_config["require-secagg"] = "0"  # off: a plain train message trains
+    assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
