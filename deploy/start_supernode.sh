@@ -7,10 +7,12 @@
 #   LOCAL_PORT  optional port of the node's local API (default 9094; differ when nodes share a machine)
 #   APPROVED    optional, in the environment: the site's approval list; the node then runs only the app
 #               versions it names (python deploy/approval.py approve CHECKOUT --list FILE)
+#   REQUIRE_SECAGG  optional, in the environment: N > 0, the site's update leaves only under secure aggregation
+#               among N nodes or more (node config require-secagg)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
-[ $# -ge 3 ] || { sed -n '3,10p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '3,12p' "$0" >&2; exit 2; }
 fail() { echo "error: ${*//[[:cntrl:]]/?}" >&2; exit 2; }  # one line, whatever the arguments hold
 SITE="$1"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
 # SITE names files, as in deploy/credentials.py: 1..64 letters, digits, . _ -, the first a letter or digit (no
@@ -31,6 +33,9 @@ for value in "$DATA" "$STATE" "$MODS"; do
         *[\"\\]* | *[[:cntrl:]]*) fail "'$value': a quote, backslash or control character cannot pass --node-config" ;;
     esac
 done
+case "${REQUIRE_SECAGG:-}" in
+    *[!0-9]*) fail "REQUIRE_SECAGG='$REQUIRE_SECAGG': give a whole number of nodes (0: off)" ;;
+esac
 KEY="$CREDS/nodes/$SITE"
 [ -f "$KEY" ] || fail "no key $KEY; run python deploy/credentials.py node $SITE"
 # a new state folder is private: the node's state and the apps it installs
@@ -43,6 +48,7 @@ if [ -n "${APPROVED:-}" ]; then
 fi
 CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
+[ -n "${REQUIRE_SECAGG:-}" ] && CONFIG="$CONFIG require-secagg=\"$REQUIRE_SECAGG\""
 export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # Flower looks for work every 1 s otherwise
 exec flower-supernode --root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$KEY" \

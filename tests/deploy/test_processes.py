@@ -111,3 +111,17 @@ def test_a_new_superlink_or_supernode_state_folder_is_its_users_only(tmp_path, m
     link = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
     assert link.returncode == 0, link.stderr
     assert (tmp_path / "creds" / "superlink").stat().st_mode & 0o777 == 0o700
+
+
+def test_start_supernode_sh_passes_the_sites_secure_aggregation_terms_or_refuses_them(tmp_path, monkeypatch):
+    (tmp_path / "creds" / "nodes").mkdir(parents=True)
+    (tmp_path / "creds" / "nodes" / "hospital-a").write_text("")
+    monkeypatch.setenv("REQUIRE_SECAGG", "3")
+    done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
+    assert done.returncode == 0, done.stderr
+    args = record.read_text().splitlines()
+    assert parse_config_args([args[args.index("--node-config") + 1]])["require-secagg"] == "3"
+    record.unlink()
+    monkeypatch.setenv("REQUIRE_SECAGG", "3 nodes")
+    done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
+    assert done.returncode == 2 and "REQUIRE_SECAGG" in done.stderr and not record.exists()

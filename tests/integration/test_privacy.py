@@ -514,3 +514,24 @@ def test_under_secagg_a_nodes_metrics_pass_the_same_name_and_clock_rules(tmp_pat
     assert sum("train-ok" in s for s in sites) == 1  # node 3's metrics arrived, and a plain one was kept
     assert not any(s.get("device") == 1.0 or "val-mean-dice" in s for s in sites)
     assert all(s.get("train-time-train", 0.0) < 1e6 for s in sites)
+
+
+@pytest.mark.slow
+def test_a_site_that_requires_secure_aggregation_trains_under_it_and_sits_out_a_run_without(tmp_path):
+    """Node 3 requires SecAgg+ among 3 nodes (require-secagg=3). With secagg=true every site trains and the round
+    aggregates all three; in a run without it, node 3 refuses each train message before any work, and the other
+    two aggregate without it."""
+    strict = [{**config, "require-secagg": 3 if config["partition-id"] == 2 else 0} for config in nodes()]
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path / "secagg", **SECAGG_RUN), strict)
+    record = _records(tmp_path / "secagg" / "run")[1]
+    assert "skipped" not in record and not record["failures"] and set(by_name(record)) == {"site-1", "site-2", "site-3"}
+    plain = {k: v for k, v in SECAGG_RUN.items() if k != "secagg"}
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path / "plain", **plain), strict)
+    record = _records(tmp_path / "plain" / "run")[1]
+    assert "skipped" not in record and [f["stage"] for f in record["failures"]] == ["train"]
+    assert record["failures"][0]["reason"].startswith("node refused: this site sends its update only under secure")
+    assert {name: "train-loss" in site for name, site in by_name(record).items()} == {
+        "site-1": True,
+        "site-2": True,
+        "site-3": False,  # site 3 still validated the round's model
+    }

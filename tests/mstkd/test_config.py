@@ -182,3 +182,9 @@ def test_a_node_config_reads_numbers_given_as_text_and_leaves_other_apps_keys_ou
     assert "did you mean worker-idle" in caplog.text
     with pytest.raises(InputError, match="worker-idle"):
         NodeConfig.parse({"worker-idle": "soon"})
+    # a site's terms are never ignored: misspelt, the site would train without them
+    assert NodeConfig.parse({"require-secagg": "3"}).require_secagg == 3
+    with pytest.raises(InputError, match=r"unknown node config key 'require-secgg' \(did you mean require-secagg"):
+        NodeConfig.parse({"require-secgg": "3"})
+    with pytest.raises(InputError, match="require-secagg"):
+        NodeConfig.parse({"require-secagg": "yes"})
