@@ -13,7 +13,7 @@ every message. This module therefore imports neither PyTorch nor MONAI.
 Mods, outermost first: ``private_errors`` turns any failure into an error reply that tells the server a
 category and a short code only (:func:`mstkd.errors.public_reason`; the details go to the node's own log);
 ``required_secagg`` refuses what breaks the site's own terms for its update (node config ``require-secagg``:
-:mod:`client.secagg`); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and packs
+:mod:`client.terms`); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and packs
 the reply (:mod:`messages.arrays`); ``checked_input`` reads every incoming array safely and refuses a global
 model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks for secure
 aggregation (``secagg=true``; :mod:`client.secagg`); ``clip_updates`` clips the update for client-side
@@ -34,8 +34,9 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT  # what Flower's DP wrappers use
 
 from client import worker
-from client.context import Job, NodeContext, configure_logging, ray_node
-from client.secagg import is_secagg_fit, required_secagg, secagg_mod, secagg_train
+from client.context import Job, NodeContext, configure_logging, message_kind, ray_node
+from client.secagg import is_secagg_fit, secagg_mod, secagg_train
+from client.terms import required_secagg
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
 from mstkd.errors import RefusedMessage, public_reason
@@ -80,7 +81,7 @@ def clip_updates(msg: Message, context: Context, call_next) -> Message:
     and, with ``dp-clipping='adaptive'``, say whether it was scaled (``norm_bit``, which the server's adaptive norm
     follows). Everything else passes."""
     config = msg.content.config_records.get("config")
-    if msg.metadata.message_type != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
+    if message_kind(msg) != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     norm = config[KEY_CLIPPING_NORM]
     if not is_finite(norm) or norm <= 0:

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from mstkd.runconfig import NodeConfig, RunConfig
 
@@ -51,6 +52,12 @@ class NodeContext:
     run: RunConfig
     startup: float = 0.0
     sent_at: float = field(default_factory=time.time)
+
+
+def message_kind(msg: Any) -> str:
+    """A message's kind as Flower routes it: ``train.default`` (or ``train.<name>``) reaches the ``train`` function
+    and its mods as ``train`` does, so every check of a message's type compares this."""
+    return str(msg.metadata.message_type).partition(".")[0]
 
 
 def configure_logging(node: NodeConfig) -> None:

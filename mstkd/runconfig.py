@@ -296,7 +296,7 @@ def _typed(what: str, key: str, value: Any, kind: Any, lenient: bool) -> Any:
 def _parse(cls: type, values: Mapping[str, Any], what: str, lenient: bool = False) -> Any:
     """``lenient`` (a node config): numbers read from text and text from numbers, and an unknown key is left out
     with a warning instead of refused, since one SuperNode's node config also serves other Flower apps; except an
-    unknown ``require...`` key, a site's term misspelt, which would otherwise leave the site without it."""
+    unknown ``require-...`` key, a site's term misspelt, which would otherwise leave the site without it."""
     fields = _fields(cls)
     checked = {}
     for key, value in values.items():
@@ -304,7 +304,7 @@ def _parse(cls: type, values: Mapping[str, Any], what: str, lenient: bool = Fals
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             # a site's terms (require-...) misspelt would be no terms at all: refused, not ignored
-            if lenient and not str(key).startswith("require"):
+            if lenient and not str(key).startswith("require-"):
                 _unknown_node_key(str(key), hint)
                 continue
             raise InputError(f"unknown {what} key {key!r}{hint}")

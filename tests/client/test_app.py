@@ -141,11 +141,15 @@ def _secagg_stage(stage: str, **configs) -> Message:
     return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
 
 
+SETUP = {"sample_num": 3, "clipping_range": 8.0, "target_range": 4194304, "mod_range": 2**32, "max_weight": 10.0}
+"""A SecAgg+ set-up as this project's server sends it for three nodes (share_num 3 and threshold 2 added)."""
+
+
 def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_path, monkeypatch):
-    """node config require-secagg=3: a plain train message, a set-up whose threshold is half the shares or less,
-    and a key exchange among fewer than 3 nodes are refused before any work; the protocol's messages that keep
-    to the terms reach Flower's SecAgg+ client (which here fails on its own checks, not on the site's terms)."""
-    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+    """node config require-secagg=3 (this node is node 5): every message that breaks the site's terms is refused
+    before any work, stage by stage of SecAgg+; the protocol's messages that keep to them reach Flower's SecAgg+
+    client (here a stand-in that records them)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
     import client.secagg as secagg
 
@@ -154,21 +158,59 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     worked = []
     monkeypatch.setattr(secagg, "secaggplus_mod", lambda msg, ctx, call_next: worked.append(msg) or msg)
     terms = "node refused: this site sends its update only under secure aggregation among 3 nodes or more"
-    plain = client_app(_train_message(tiny_arrays(), 1), context)
-    assert plain.has_error() and plain.error.reason == f"{terms} (require-secagg); this run asked for it in the clear"
+
+    def refused(message: Message, why: str) -> None:
+        reply = client_app(message, context)
+        assert reply.has_error() and reply.error.reason.startswith(terms), reply.error.reason
+        assert why in reply.error.reason and "\n" not in reply.error.reason, reply.error.reason
+
+    refused(_train_message(tiny_arrays(), 1), "this run asked for it in the clear")
+    routed = _train_message(tiny_arrays(), 1)  # Flower hands train.<name> to the same train function
+    routed.metadata.message_type = "train.default"
+    refused(routed, "it answers train, evaluate and query messages only")
     assert not list((tmp_path / "state").rglob("local.pt"))  # no training ran
-    setup = {Key.SAMPLE_NUMBER: 3, Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 4194304, Key.MOD_RANGE: 4294967296}
-    setup[Key.MAX_WEIGHT] = 10.0
-    for shares, threshold in ((3, 1), (4, 2), (2, 2), ("3", 2)):
-        reply = client_app(_secagg_stage(Stage.SETUP, **setup, share_num=shares, threshold=threshold), context)
-        assert reply.has_error() and reply.error.reason.startswith(terms), (shares, threshold)
-        assert f"set-up ({threshold} of {shares} shares) is not" in reply.error.reason
-    two = {"1": [b"a", b"b"], "2": [b"c", b"d"]}
-    reply = client_app(_secagg_stage(Stage.SHARE_KEYS, **two), context)
-    assert reply.has_error() and reply.error.reason.endswith("this round has 2")
-    assert not worked
-    client_app(_secagg_stage(Stage.SETUP, **setup, share_num=3, threshold=2), context)
-    client_app(_secagg_stage(Stage.SHARE_KEYS, **two, **{"3": [b"e", b"f"]}), context)
-    assert len(worked) == 2
+
+    for shares, threshold in ((3, 1), (4, 2), (2, 2), ("3\nx", 2)):
+        shown = shares if isinstance(shares, int) else "?"
+        refused(_secagg_stage(Stage.SETUP, **SETUP, share_num=shares, threshold=threshold), f"({threshold} of {shown}")
+    refused(_secagg_stage(Stage.SETUP, **{**SETUP, "mod_range": 2}, share_num=3, threshold=2), "2^32 values")
+    keys = {"5": [b"a", b"b"], "6": [b"c", b"d"], "7": [b"e", b"f"]}
+    client_app(_secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
+    refused(_secagg_stage(Stage.SHARE_KEYS, **{"5": keys["5"], "6": keys["6"]}), "this round has 2")
+    refused(_secagg_stage(Stage.SHARE_KEYS, **{**keys, "06": [b"g", b"h"]}), "a node that is not a node id")
+    refused(_secagg_stage(Stage.SHARE_KEYS, **{"6": [b"c"], "7": [b"e"], "8": [b"g"]}), "leaves this node out")
+    client_app(_secagg_stage(Stage.SHARE_KEYS, **keys), context)
+    # masked with one partner only, whose key the other nodes' unmasking answers could then rebuild
+    refused(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "masked with 1 of the round's 2")
+    refused(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 9], ctxts=[b"x", b"y"]), "masked with 2")
+    client_app(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"]), context)
+    for alive, dead, why in (
+        ([5, 6], [6], "names a node twice"),  # both secrets of node 6 in one answer
+        ([6, 7], [5], "names this node dead"),
+        ([5, 6, 9], [], "one not in the round"),
+        ([5], [6], "fewer nodes alive than the threshold"),
+    ):
+        refused(_secagg_stage(Stage.UNMASK, active_nids=alive, dead_nids=dead), why)
+    client_app(_secagg_stage(Stage.UNMASK, active_nids=[5, 6], dead_nids=[7]), context)
+    assert [m.content["secaggplus_configs"]["stage"] for m in worked] == [
+        Stage.SETUP,
+        Stage.SHARE_KEYS,
+        Stage.COLLECT_MASKED_VECTORS,
+        Stage.UNMASK,
+    ]
     context.node_config["require-secagg"] = "0"  # off: a plain train message trains
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
+
+
+def test_a_train_message_under_another_name_is_clipped_as_a_train_message(tmp_path):
+    """Flower routes train.<name> to the train function and its mods: client-side DP clips it too."""
+    _, context = _node(tmp_path)
+    arrays = tiny_arrays()
+    message = _train_message(arrays, 1)
+    message.metadata.message_type = "train.default"
+    message.content["config"][KEY_CLIPPING_NORM] = 0.01
+    reply = client_app(message, context)
+    assert not reply.has_error()
+    update = [reply.content["arrays"][k].numpy().astype(np.float64) - arrays[k].astype(np.float64) for k in arrays]
+    assert reply.content["metrics"]["update-norm"] > 0.1
+    assert np.sqrt(sum(float(np.sum(u**2)) for u in update)) <= 0.01 * 1.01

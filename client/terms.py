@@ -1,0 +1,142 @@
+"""A site's own terms for what leaves it, from its node config, which no run submitter can change.
+
+``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
+:func:`required_secagg` (a ClientApp mod, outside Flower's SecAgg+ client) refuses, before any work:
+
+- any message but ``train``, ``evaluate`` and ``query`` (Flower routes ``train.<name>`` to the same function);
+- a train message outside the protocol (a run without ``secagg``, or a coordinator that turned it off);
+- a set-up whose threshold t is not more than half of its shares, whose shares are fewer than N, or whose masks
+  are not drawn from 2^32 values (Flower's; with 2 values every mask would be 0);
+- a key exchange whose node list is not n >= N distinct node ids in canonical form, this node's among them;
+- a collection of masked vectors whose partners (``srcs``, the nodes whose masks this node adds) are so few that
+  the nodes' unmasking answers could rebuild all their keys: each of the n nodes answers once, naming at least t
+  nodes alive, so at most n (n - t) keys shares are given out for nodes named dead, and t are needed per
+  partner; the partners must number more than n (n - t) / t (with none dropped, n - 1 partners, this is
+  t > n^2 / (2n - 1), which Flower's two-thirds threshold meets for every n >= 3);
+- an unmasking request that names a node both alive and dead, this node dead, or a node not in the exchange.
+
+These close the ways a coordinator that crafts messages was found to recover a node's update from Flower's
+SecAgg+ client (which checks none of them), provided every site runs them: the unmasking checks protect the other
+sites' keys. They do not make SecAgg+ secure against such a coordinator. Nothing authenticates the nodes of a
+round to each other (the server relays their keys, so it can add nodes of its own); Flower derives each mask from
+a 32-bit seed; and a round replayed with another group of nodes is not detected. What they hold against is a
+coordinator that runs without secure aggregation, or runs it too small or with a threshold too low, by mistake or
+by choice.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client.context import message_kind
+from mstkd.errors import RefusedMessage
+from mstkd.numbers import is_whole
+from mstkd.runconfig import NodeConfig
+
+STATE = "mstkd.secagg-terms"
+"""Where a node keeps, between a round's stages, the threshold of its set-up and the nodes of its key exchange."""
+MOD_RANGE = 2**32
+ANSWERED = (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)
+
+
+def required_secagg(msg: Message, context: Context, call_next) -> Message:
+    """A ClientApp mod: the site's ``require-secagg`` terms (see the module doc).
+
+    Raises:
+        RefusedMessage: which term the message breaks, in one line; the others' round goes on without this site.
+    """
+    needed = NodeConfig.parse(context.node_config).require_secagg
+    if not needed:
+        return call_next(msg, context)
+    needed = max(needed, 2)
+    terms = f"this site sends its update only under secure aggregation among {needed} nodes or more (require-secagg)"
+    if msg.metadata.message_type not in ANSWERED:
+        raise RefusedMessage(f"{terms}; it answers train, evaluate and query messages only")
+    if message_kind(msg) != MessageType.TRAIN:
+        return call_next(msg, context)
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None:
+        raise RefusedMessage(f"{terms}; this run asked for it in the clear")
+    stage = configs.get(Key.STAGE)
+    broken = None
+    if stage == Stage.SETUP:
+        broken = _setup(configs, context, needed)
+    elif stage == Stage.SHARE_KEYS:
+        broken = _share_keys(configs, context, needed)
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        broken = _collect(configs, context)
+    elif stage == Stage.UNMASK:
+        broken = _unmask(configs, context)
+    if broken:
+        raise RefusedMessage(f"{terms}; {broken}")
+    return call_next(msg, context)
+
+
+def _shown(value) -> str:
+    """A value from the message in a reason: a whole number as itself, anything else not at all."""
+    return str(int(value)) if is_whole(value) else "?"
+
+
+def _setup(configs: ConfigRecord, context: Context, needed: int) -> str | None:
+    shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
+    context.state.config_records.pop(STATE, None)  # a new round
+    if not (is_whole(shares) and is_whole(threshold) and 2 * threshold > shares >= needed):
+        return f"this round's set-up ({_shown(threshold)} of {_shown(shares)} shares) is not"
+    if configs.get(Key.MOD_RANGE) != MOD_RANGE or not is_whole(configs.get(Key.MOD_RANGE)):
+        return "this round's masks would not be drawn from 2^32 values"
+    context.state[STATE] = ConfigRecord({"threshold": int(threshold)})
+    return None
+
+
+def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> str | None:
+    names = [k for k in configs if k != Key.STAGE]
+    if not all(name.isascii() and name.isdigit() and str(int(name)) == name for name in names):
+        return "this round's key exchange names a node that is not a node id"
+    if str(context.node_id) not in names:
+        return "this round's key exchange leaves this node out"
+    if len(names) < needed:
+        return f"this round has {len(names)}"
+    if STATE not in context.state.config_records:
+        return "this round's key exchange came before its set-up"
+    context.state[STATE]["nodes"] = sorted(names)
+    return None
+
+
+def _round(context: Context) -> tuple[int, set[int]] | None:
+    """The threshold and the nodes of the round under way, or None before its key exchange."""
+    record = context.state.config_records.get(STATE)
+    if record is None or "nodes" not in record:
+        return None
+    return int(record["threshold"]), {int(n) for n in record["nodes"]}
+
+
+def _collect(configs: ConfigRecord, context: Context) -> str | None:
+    known = _round(context)
+    if known is None:
+        return "this round's masked vectors were asked for before its key exchange"
+    threshold, nodes = known
+    partners = configs.get(Key.SOURCE_LIST)
+    if not isinstance(partners, list) or not all(is_whole(p) for p in partners):
+        return "this round names its partners not as node ids"
+    partners = set(partners)
+    n = len(nodes)
+    if not partners <= nodes - {context.node_id} or len(partners) * threshold <= n * (n - threshold):
+        return f"this node would be masked with {len(partners)} of the round's {n - 1} other nodes"
+    return None
+
+
+def _unmask(configs: ConfigRecord, context: Context) -> str | None:
+    known = _round(context)
+    if known is None:
+        return "this round's unmasking came before its key exchange"
+    threshold, nodes = known
+    alive, dead = configs.get(Key.ACTIVE_NODE_ID_LIST), configs.get(Key.DEAD_NODE_ID_LIST)
+    if not all(isinstance(ids, list) and all(is_whole(i) for i in ids) for ids in (alive, dead)):
+        return "this round's unmasking names its nodes not as node ids"
+    named = list(alive) + list(dead)
+    if len(set(named)) != len(named) or not set(named) <= nodes:
+        return "this round's unmasking names a node twice, or one not in the round"
+    if context.node_id in dead or len(alive) < threshold:
+        return "this round's unmasking names this node dead, or fewer nodes alive than the threshold"
+    return None
