@@ -202,6 +202,7 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
     """hospital-a approved the app this checkout sends and trains; hospital-b approved another version and refuses
     every message before any of the bundle's code runs; the server records why, and the run goes on without it."""
     from deploy.approval import main as approval
+    from deploy.approval import read_approved
 
     creds = tmp_path / "creds"
     make_ca(creds)
@@ -241,3 +242,7 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
     assert {stage for stage, _ in reasons} == {"train", "evaluate"}, reasons
     assert all("app not approved at this site (digest " in reason for _, reason in reasons), reasons
     assert "started the node's worker" not in (tmp_path / "hospital-b.log").read_text()  # none of the app ran
+    # hospital-a's app was installed apart, under its digest; hospital-b installed nothing
+    (digest,) = read_approved(lists["hospital-a"])
+    assert [p.name for p in (tmp_path / "nodes" / "hospital-a" / "approved").iterdir()] == [digest]
+    assert not any((tmp_path / "nodes" / "hospital-b" / name).exists() for name in ("apps", "approved"))
