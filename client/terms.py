@@ -10,7 +10,7 @@
 - a key exchange whose node list is not n >= N distinct node ids in canonical form, this node's among them;
 - a collection of masked vectors whose partners (``srcs``, the nodes whose masks this node adds) are so few that
   the nodes' unmasking answers could rebuild all their keys: each of the n nodes answers once, naming at least t
-  nodes alive, so at most n (n - t) keys shares are given out for nodes named dead, and t are needed per
+  nodes alive, so at most n (n - t) key shares are given out for nodes named dead, and t are needed per
   partner; the partners must number more than n (n - t) / t (with none dropped, n - 1 partners, this is
   t > n^2 / (2n - 1), which Flower's two-thirds threshold meets for every n >= 3);
 - an unmasking request that names a node both alive and dead, this node dead, or a node not in the exchange.
@@ -59,18 +59,27 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
     if configs is None:
         raise RefusedMessage(f"{terms}; this run asked for it in the clear")
     stage = configs.get(Key.STAGE)
-    broken = None
     if stage == Stage.SETUP:
-        broken = _setup(configs, context, needed)
+        context.state.config_records.pop(STATE, None)  # a new round: nothing of the last one holds
+        broken, kept = _setup(configs, needed)
     elif stage == Stage.SHARE_KEYS:
-        broken = _share_keys(configs, context, needed)
-    elif stage == Stage.COLLECT_MASKED_VECTORS:
-        broken = _collect(configs, context)
-    elif stage == Stage.UNMASK:
-        broken = _unmask(configs, context)
+        broken, kept = _share_keys(configs, context, needed)
+    else:
+        broken, kept = (_collect if stage == Stage.COLLECT_MASKED_VECTORS else _unmask)(configs, context), None
     if broken:
         raise RefusedMessage(f"{terms}; {broken}")
-    return call_next(msg, context)
+    # what the terms remember of a stage holds only once Flower's SecAgg+ client has taken it: a stage it refuses
+    # (a set-up it cannot read, a second key exchange) leaves the terms without a round, so later stages are refused
+    try:
+        reply = call_next(msg, context)
+    except BaseException:
+        context.state.config_records.pop(STATE, None)
+        raise
+    if reply.has_error():
+        context.state.config_records.pop(STATE, None)
+    elif kept is not None:
+        context.state[STATE] = kept
+    return reply
 
 
 def _shown(value) -> str:
@@ -78,29 +87,27 @@ def _shown(value) -> str:
     return str(int(value)) if is_whole(value) else "?"
 
 
-def _setup(configs: ConfigRecord, context: Context, needed: int) -> str | None:
+def _setup(configs: ConfigRecord, needed: int) -> tuple[str | None, ConfigRecord | None]:
     shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
-    context.state.config_records.pop(STATE, None)  # a new round
     if not (is_whole(shares) and is_whole(threshold) and 2 * threshold > shares >= needed):
-        return f"this round's set-up ({_shown(threshold)} of {_shown(shares)} shares) is not"
+        return f"this round's threshold and shares ({_shown(threshold)} of {_shown(shares)}) are not", None
     if configs.get(Key.MOD_RANGE) != MOD_RANGE or not is_whole(configs.get(Key.MOD_RANGE)):
-        return "this round's masks would not be drawn from 2^32 values"
-    context.state[STATE] = ConfigRecord({"threshold": int(threshold)})
-    return None
+        return "this round's masks would not be drawn from 2^32 values", None
+    return None, ConfigRecord({"threshold": int(threshold)})
 
 
-def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> str | None:
+def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> tuple[str | None, ConfigRecord | None]:
     names = [k for k in configs if k != Key.STAGE]
     if not all(name.isascii() and name.isdigit() and str(int(name)) == name for name in names):
-        return "this round's key exchange names a node that is not a node id"
+        return "this round's key exchange names a node that is not a node id", None
     if str(context.node_id) not in names:
-        return "this round's key exchange leaves this node out"
+        return "this round's key exchange leaves this node out", None
     if len(names) < needed:
-        return f"this round has {len(names)}"
-    if STATE not in context.state.config_records:
-        return "this round's key exchange came before its set-up"
-    context.state[STATE]["nodes"] = sorted(names)
-    return None
+        return f"this round has {len(names)}", None
+    record = context.state.config_records.get(STATE)
+    if record is None or "nodes" in record:
+        return "this round's key exchange did not follow its set-up", None
+    return None, ConfigRecord({"threshold": int(record["threshold"]), "nodes": sorted(names)})
 
 
 def _round(context: Context) -> tuple[int, set[int]] | None:

@@ -156,7 +156,15 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     _, context = _node(tmp_path)
     context.node_config["require-secagg"] = "3"  # as a deployed node's --node-config gives it: text
     worked = []
-    monkeypatch.setattr(secagg, "secaggplus_mod", lambda msg, ctx, call_next: worked.append(msg) or msg)
+
+    def flowers_client(msg, ctx, call_next):  # a stand-in that, as Flower's, fails on a set-up it cannot read
+        configs = msg.content["secaggplus_configs"]
+        if configs["stage"] == Stage.SETUP and "clipping_range" not in configs:
+            raise KeyError("clipping_range")
+        worked.append(msg)
+        return msg
+
+    monkeypatch.setattr(secagg, "secaggplus_mod", flowers_client)
     terms = "node refused: this site sends its update only under secure aggregation among 3 nodes or more"
 
     def refused(message: Message, why: str) -> None:
@@ -198,6 +206,18 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
         Stage.COLLECT_MASKED_VECTORS,
         Stage.UNMASK,
     ]
+    # the terms remember a stage only once Flower's client has taken it. After a set-up Flower refused (here one of
+    # 101 shares, threshold 100, without clipping_range), Flower still holds the last good set-up's threshold 2:
+    # had the terms kept 100, a key exchange and a one-partner request would pass them, and Flower would mask with
+    # one partner at threshold 2
+    client_app(_secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
+    unreadable = {k: v for k, v in SETUP.items() if k != "clipping_range"}
+    assert client_app(_secagg_stage(Stage.SETUP, **unreadable, share_num=101, threshold=100), context).has_error()
+    refused(_secagg_stage(Stage.SHARE_KEYS, **keys), "did not follow its set-up")
+    refused(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "before its key exchange")
+    client_app(_secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
+    client_app(_secagg_stage(Stage.SHARE_KEYS, **keys), context)
+    refused(_secagg_stage(Stage.SHARE_KEYS, **keys), "did not follow its set-up")  # a second key exchange
     context.node_config["require-secagg"] = "0"  # off: a plain train message trains
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
 
