@@ -56,7 +56,7 @@ class NodeContext:
 
 def message_kind(msg: Any) -> str:
     """A message's kind as Flower routes it: ``train.default`` (or ``train.<name>``) reaches the ``train`` function
-    and its mods as ``train`` does, so every check of a message's type compares this."""
+    and its mods as ``train`` does, so a check that must see every message of a kind compares this."""
     return str(msg.metadata.message_type).partition(".")[0]
 
 

@@ -28,14 +28,23 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.context import Job, message_kind
+from mstkd.errors import RefusedMessage
 from mstkd.runconfig import Transport
 
 FIT_PARAMETERS = "fitins.parameters"
 
 
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
-    """Run the SecAgg+ client protocol on its own messages; leave every other message alone."""
+    """Run the SecAgg+ client protocol on its own messages; leave every other message alone. Flower's protocol
+    runs only on messages of type ``train`` and passes ``train.<name>`` on unmasked, so such a message that
+    carries the protocol's record is refused.
+
+    Raises:
+        RefusedMessage: a ``train.<name>`` message with the protocol's record.
+    """
     if message_kind(msg) == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            raise RefusedMessage("secure aggregation runs on train messages only, not on train.<name> ones")
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 

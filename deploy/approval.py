@@ -16,8 +16,8 @@ order, so the same files give the same digest whatever the zip compression did. 
 bundle ``flwr run APP_DIR`` builds from its checkout (the files ``fab-include`` names); a hospital gets the
 digest of the same bundle from its own reviewed checkout of the agreed commit:
 
-    python deploy/approval.py digest .                     # prints the digest
-    python deploy/approval.py approve . --list approved.txt  # adds it to the site's list
+    python deploy/approval.py digest .                              # prints the digest
+    python deploy/approval.py approve . --list ~/mstkd/approved.txt  # adds it to the site's list
 
 The list holds one digest per line; ``#`` starts a comment. Like ``authorized_keys``, a list that others may
 write to is refused: whoever could add a line could run code on the node.
@@ -297,17 +297,22 @@ def write_gate(folder: Path, approved_list: Path) -> Path:
 
 def checkout(app_dir: Path) -> str:
     """The checkout's short commit, followed by `` + local changes`` where files differ from it (changed, or
-    untracked and not ignored), whose bundle may then differ from a clean checkout's."""
+    untracked and not ignored), whose bundle may then differ from a clean checkout's; or, where git cannot say,
+    why (``git not found``, or git's own first line, e.g. a checkout another user owns)."""
     git = ["git", "-C", str(app_dir)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if head.returncode:
-        return "no git commit"
-    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all", "--", "."], capture_output=True)
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if head.returncode:
+            why = (head.stderr.strip().splitlines() or ["not a git checkout"])[0]
+            return f"no git commit ({why[:160]})"
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], capture_output=True)
+    except OSError:
+        return "no git commit (git not found)"
     return head.stdout.strip() + (" + local changes" if status.stdout.strip() else "")
 
 
 def _note_changes(app_dir: Path) -> str:
-    """:func:`checkout`, with a note on standard error where the checkout has local changes."""
+    """:func:`checkout`, with a note on standard error where the checkout has local changes or git cannot tell."""
     state = checkout(app_dir)
     if state.endswith("local changes"):
         print(
@@ -315,6 +320,8 @@ def _note_changes(app_dir: Path) -> str:
             "may have another digest",
             file=sys.stderr,
         )
+    elif state.startswith("no git commit"):
+        print(f"note: {app_dir}: {state}; whether it is a clean checkout is not known", file=sys.stderr)
     return state
 
 
@@ -356,11 +363,17 @@ def main(argv: list[str] | None = None) -> int:
             from mstkd.atomic import write_bytes
 
             text = args.approved.read_text() if exists else ""
+            # a new list's folder is made for the node's user alone to change (a 0775 one would be refused)
+            args.approved.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             line = f"{value}  # {_note_changes(args.app_dir)}, approved {date.today().isoformat()}\n"
             write_bytes(args.approved, (text + ("" if text.endswith("\n") or not text else "\n") + line).encode())
+            read_approved(args.approved)  # as the node will read it
             print(f"{value} added to {args.approved}")
     except (ValueError, NotApproved) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a list's folder that cannot be written, a file where a folder should be
+        print(f"error: {exc.filename or args.approved}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 

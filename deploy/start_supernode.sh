@@ -12,7 +12,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
-[ $# -ge 3 ] || { sed -n '3,12p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '3,11p' "$0" >&2; exit 2; }
 fail() { echo "error: ${*//[[:cntrl:]]/?}" >&2; exit 2; }  # one line, whatever the arguments hold
 SITE="$1"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
 # SITE names files, as in deploy/credentials.py: 1..64 letters, digits, . _ -, the first a letter or digit (no

@@ -234,3 +234,17 @@ def test_a_train_message_under_another_name_is_clipped_as_a_train_message(tmp_pa
     update = [reply.content["arrays"][k].numpy().astype(np.float64) - arrays[k].astype(np.float64) for k in arrays]
     assert reply.content["metrics"]["update-norm"] > 0.1
     assert np.sqrt(sum(float(np.sum(u**2)) for u in update)) <= 0.01 * 1.01
+
+
+def test_secure_aggregation_under_another_train_name_is_refused_not_sent_unmasked(tmp_path):
+    """Flower's SecAgg+ client masks only messages of type train and passes train.<name> on: such a message with
+    the protocol's record would have trained and replied unmasked."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    _, context = _node(tmp_path)
+    message = _secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2)
+    message.metadata.message_type = "train.default"
+    reply = client_app(message, context)
+    assert reply.has_error() and reply.error.reason == (
+        "node refused: secure aggregation runs on train messages only, not on train.<name> ones"
+    )

@@ -107,9 +107,9 @@ def test_a_bundle_that_is_no_zip_names_a_file_twice_or_lies_about_a_size_is_refu
     with pytest.raises(approval.NotApproved, match="names a file 'a.py'"):
         approval.bundle_files(twice.getvalue())
     big = _zip({"a.py": b"x" * 1000}, method=zipfile.ZIP_STORED)
-    header = big.index(b"PK\x01\x02")  # the central directory's entry: its size field says 10, the data is 1000
-    lying = big[: header + 24] + (10).to_bytes(4, "little") + big[header + 28 :]
-    with pytest.raises(approval.NotApproved):
+    header = big.index(b"PK\x01\x02")  # the central directory's entry: its size field says 2000, the data is 1000
+    lying = big[: header + 24] + (2000).to_bytes(4, "little") + big[header + 28 :]
+    with pytest.raises(approval.NotApproved, match="'a.py' is not the size its header gives"):
         approval.bundle_files(lying)
 
 
