@@ -168,12 +168,18 @@ def check_bundle(fab: bytes, fab_hash: str, approved: set[str]) -> str:
     Raises:
         NotApproved: the reason, naming the digest.
     """
+    return _approved_files(fab, fab_hash, approved)[0]
+
+
+def _approved_files(fab: bytes, fab_hash: str, approved: set[str]) -> tuple[str, dict[str, bytes]]:
+    """:func:`check_bundle`'s digest with the bundle's files, read once for both the digest and the install check."""
     if hashlib.sha256(fab).hexdigest() != fab_hash:
         raise NotApproved("the app bundle is not the one its run names (hash mismatch)")
-    digest = files_digest(bundle_files(fab))
+    files = bundle_files(fab)
+    digest = files_digest(files)
     if digest not in approved:
         raise NotApproved(f"app not approved at this site (digest {digest[:16]})")
-    return digest
+    return digest, files
 
 
 def check_installed(folder: Path, files: dict[str, bytes]) -> None:
@@ -229,7 +235,7 @@ class Gate:
 
         if self.problem:
             raise NotApproved(self.problem)
-        digest = check_bundle(fab, self.fab_hash, self.approved)
+        digest, files = _approved_files(fab, self.fab_hash, self.approved)
         apps = self.home / "approved" / digest
         apps.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.environ["FLWR_HOME"] = str(apps)  # where Flower installs the app and loads it from
@@ -240,7 +246,7 @@ class Gate:
             named = None
         if named is None or os.path.realpath(named) != os.path.realpath(installed):
             raise NotApproved("the run names another app folder than its bundle's (its id or version)")
-        check_installed(installed, bundle_files(fab))
+        check_installed(installed, files)
         return installed
 
 
