@@ -25,17 +25,40 @@ from tests.helpers import ROOT, by_name
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
-@pytest.mark.slow
-def test_tls_authenticated_deployment_two_rounds(tmp_path):
+def _credentials_and_cases(tmp_path: Path, sites, *, hosts=(), strangers=()) -> tuple[Path, dict[str, Path]]:
+    """The federation's CA and a server certificate for ``hosts``, in tmp_path/creds; a node key for each of
+    ``sites`` and ``strangers``; four phantom cases per site in tmp_path/data/<site>, and two held-out cases in
+    tmp_path/test. Returns the credentials folder and the private keys by name."""
     creds = tmp_path / "creds"
     make_ca(creds)
-    make_server(creds, [])
-    keys = {site: make_node_key(creds, site)[0] for site in (*SITES, "intruder")}
-    for i, site in enumerate(SITES):
+    make_server(creds, list(hosts))
+    keys = {name: make_node_key(creds, name)[0] for name in (*sites, *strangers)}
+    for i, site in enumerate(sites):
         write_federation(tmp_path / "data" / site, cases=4, sites=1, shape=(48, 48, 32), seed=10 + i, progress=False)
+    write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
+    return creds, keys
+
+
+def _tiny_run(tmp_path: Path, cli: Path, connection: str, settings: str) -> list[dict]:
+    """`flwr run` of the tiny preset (two local steps a round, the full-modality subset, tmp_path's held-out
+    cases) with ``settings`` added to its run config; asserts that it is the only run and finished completed, and
+    returns its round records."""
+    run_config = (
+        f"model='tiny' local-steps=2 eval-subsets='full' {settings} "
+        f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
+        f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
+    )
+    run = flwr_cli(["run", ".", connection, "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
+    runs = json.loads(flwr_cli(["ls", connection, "--format", "json"], cli).stdout)["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]  # and no other run started
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tls_authenticated_deployment_two_rounds(tmp_path):
+    creds, keys = _credentials_and_cases(tmp_path, SITES, strangers=["intruder"])
     for t1ce in (tmp_path / "data" / "hospital-c").glob("*/*_t1ce.nii.gz"):
         t1ce.unlink()  # this hospital has no T1ce at all
-    write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
 
     port = free_port()
     nodes = {
@@ -67,17 +90,9 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
         assert intruder.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
 
-        run_config = (
-            f"model='tiny' num-server-rounds=2 local-steps=2 eval-subsets='full' min-nodes=3 "
-            f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
-            f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
-        )
         start = time.perf_counter()
-        run = flwr_cli(["run", ".", "hospitals", "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
+        records = _tiny_run(tmp_path, cli, "hospitals", "num-server-rounds=2 min-nodes=3")
         seconds = time.perf_counter() - start
-        listing = json.loads(flwr_cli(["ls", "hospitals", "--format", "json"], cli).stdout)
-        assert listing["runs"][0]["status"] == "finished:completed", run.stdout[-3000:]
-        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [0, 1, 2]
         for r in records[1:]:
             assert set(by_name(r)) == set(SITES) and not r["failures"]
@@ -121,14 +136,8 @@ def test_strangers_reach_only_the_fleet_api_through_the_public_address(tmp_path)
         install_nginx()
     except ProxyUnavailable as exc:
         pytest.skip(f"no reverse proxy to test: {exc}")
-    creds = tmp_path / "creds"
-    make_ca(creds)
-    make_server(creds, ["127.0.0.2"])
     sites = SITES[:2]
-    keys = {site: make_node_key(creds, site)[0] for site in (*sites, "stranger")}
-    for i, site in enumerate(sites):
-        write_federation(tmp_path / "data" / site, cases=4, sites=1, shape=(48, 48, 32), seed=10 + i, progress=False)
-    write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
+    creds, keys = _credentials_and_cases(tmp_path, sites, hosts=["127.0.0.2"], strangers=["stranger"])
     link, public = free_port(), free_port()
     nodes = {
         site: (keys[site], {"data-path": str(tmp_path / "data" / site), "site-name": site, "state-dir": str(tmp_path)})
@@ -179,15 +188,8 @@ def test_strangers_reach_only_the_fleet_api_through_the_public_address(tmp_path)
         # the Fleet API answers the same stranger (it still needs a registered node key to do anything)
         assert _https_status("127.0.0.2", public, "/v1/fleet/get-run", creds / "ca.crt", source="127.0.0.3") != 403
 
-        run_config = (
-            f"model='tiny' num-server-rounds=1 local-steps=2 eval-subsets='full' min-nodes={len(sites)} "
-            f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
-            f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
-        )
-        run = flwr_cli(["run", ".", "coordinator", "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
-        runs = json.loads(flwr_cli(["ls", "coordinator", "--format", "json"], cli).stdout)["runs"]
-        assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]  # the stranger's never started
-        record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+        # the only run, completed: the stranger's never started
+        record = _tiny_run(tmp_path, cli, "coordinator", f"num-server-rounds=1 min-nodes={len(sites)}")[1]
         assert set(by_name(record)) == set(sites) and not record["failures"]
         listed = flwr_cli(["supernode", "list", "coordinator", "--format", "json"], cli).stdout
         assert "stranger" not in listed and listed.count('"node-id"') == len(sites), listed
@@ -204,14 +206,8 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
     from deploy.approval import main as approval
     from deploy.approval import read_approved
 
-    creds = tmp_path / "creds"
-    make_ca(creds)
-    make_server(creds, [])
     sites = SITES[:2]
-    keys = {site: make_node_key(creds, site)[0] for site in sites}
-    for i, site in enumerate(sites):
-        write_federation(tmp_path / "data" / site, cases=4, sites=1, shape=(48, 48, 32), seed=10 + i, progress=False)
-    write_federation(tmp_path / "test", cases=2, sites=1, shape=(48, 48, 32), seed=99, progress=False)
+    creds, keys = _credentials_and_cases(tmp_path, sites)
     lists = {site: tmp_path / f"{site}-approved.txt" for site in sites}
     assert approval(["approve", str(ROOT), "--list", str(lists["hospital-a"])]) == 0
     lists["hospital-b"].write_text(f"{'0' * 64}  # another version\n")
@@ -225,18 +221,10 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
         cli = start_local_federation(
             procs, tmp_path, creds, nodes, port=port, node_ports=[free_port() for _ in sites], approved=lists
         )
-        run_config = (
-            f"model='tiny' num-server-rounds=1 local-steps=2 eval-subsets='full' min-nodes=2 min-replies=1 "
-            f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
-            f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
-        )
-        run = flwr_cli(["run", ".", "local", "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
-        runs = json.loads(flwr_cli(["ls", "local", "--format", "json"], cli).stdout)["runs"]
-        assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]
+        record = _tiny_run(tmp_path, cli, "local", "num-server-rounds=1 min-nodes=2 min-replies=1")[1]
     finally:
         for proc in reversed(procs):
             stop_group(proc)
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     assert set(by_name(record)) == {"hospital-a"}
     reasons = {(f["stage"], f["reason"]) for f in record["failures"]}
     assert {stage for stage, _ in reasons} == {"train", "evaluate"}, reasons
