@@ -10,7 +10,8 @@ Where the work runs: in this process in a simulation (Ray keeps its workers warm
 warm worker (:mod:`client.worker`) on a deployed SuperNode, which starts a fresh process for
 every message. This module therefore imports neither PyTorch nor MONAI.
 
-Mods, outermost first: ``private_errors`` turns any failure into an error reply that tells the server a
+Mods, outermost first: ``disclosed`` writes every reply this node sends in its own disclosure log before it
+leaves (:mod:`client.disclosures`); ``private_errors`` turns any failure into an error reply that tells the server a
 category and a short code only (:func:`mstkd.errors.public_reason`; the details go to the node's own log);
 ``required_secagg`` refuses what breaks the site's own terms for its update (node config ``require-secagg``:
 :mod:`client.terms`); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and packs
@@ -35,6 +36,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT 
 
 from client import worker
 from client.context import Job, NodeContext, configure_logging, message_kind, ray_node
+from client.disclosures import disclosed
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from client.terms import required_secagg
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
@@ -98,7 +100,7 @@ def clip_updates(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-MODS = [private_errors, required_secagg, packed_arrays_mod, checked_input, secagg_mod, clip_updates]
+MODS = [disclosed, private_errors, required_secagg, packed_arrays_mod, checked_input, secagg_mod, clip_updates]
 app = ClientApp(mods=MODS)
 
 _SERVED = False  # has this process handled a message yet

@@ -46,6 +46,7 @@ MAX_BYTES = 256 * 1024 * 1024  # unpacked; Flower refuses a bundle over 10 MB pa
 DIGEST = re.compile(r"[0-9a-f]{64}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 GATE = "flwr-clientapp"  # the name Flower's task launcher starts a ClientApp process by (flwr 1.42)
+APP_DIGEST = "MSTKD_APPROVED_APP"  # client/disclosures.py's: the digest the gate let run, for the node's log
 
 
 class NotApproved(Exception):
@@ -247,6 +248,7 @@ class Gate:
         if named is None or os.path.realpath(named) != os.path.realpath(installed):
             raise NotApproved("the run names another app folder than its bundle's (its id or version)")
         check_installed(installed, files)
+        os.environ[APP_DIGEST] = digest  # the ClientApp names it in the node's disclosure log
         return installed
 
 

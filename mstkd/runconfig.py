@@ -218,6 +218,9 @@ class NodeConfig:
     worker_idle: float = _key(POSITIVE, 1800.0)  # seconds a warm worker waits for a message before it ends
     # > 0: this site's update leaves it only masked, under SecAgg+ among at least this many nodes (2 at least)
     require_secagg: int = _key(NON_NEGATIVE, 0)
+    # where the node logs every reply it sends (client/disclosures.py); empty: <state-dir>/disclosures.jsonl when
+    # deployed, none in a simulation; "off": none
+    disclosure_log: str = ""
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> NodeConfig:

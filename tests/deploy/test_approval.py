@@ -232,6 +232,7 @@ def _gate(tmp_path: Path, app: Path, approved: set[str], *, version: str = "1.0.
 
 def test_the_gate_installs_an_approved_bundle_apart_and_loads_it_only_from_there(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(approval.APP_DIGEST, raising=False)
     app = _app(tmp_path / "app")
     digest = approval.app_digest(app)
     # a folder installed before the node had a list, where Flower would look for this app by name and hash
@@ -242,6 +243,7 @@ def test_the_gate_installs_an_approved_bundle_apart_and_loads_it_only_from_there
     installed = gate.install(fab, skip_prompt=True)
     assert installed.parent.parent == tmp_path / "home" / "approved" / digest
     assert (installed / "tinyapp" / "client.py").read_text() == "app = None\n"
+    assert os.environ[approval.APP_DIGEST] == digest  # the app names it in the node's disclosure log
     (installed / "tinyapp" / "client.py").write_text("app = 'changed'\n")  # a copy left half-written, or edited
     with pytest.raises(approval.NotApproved, match="installed copy of this app differs"):
         _gate(tmp_path, app, {digest})[0].install(fab, skip_prompt=True)

@@ -203,6 +203,7 @@ def test_strangers_reach_only_the_fleet_api_through_the_public_address(tmp_path)
 def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
     """hospital-a approved the app this checkout sends and trains; hospital-b approved another version and refuses
     every message before any of the bundle's code runs; the server records why, and the run goes on without it."""
+    from client.disclosures import summary
     from deploy.approval import main as approval
     from deploy.approval import read_approved
 
@@ -234,3 +235,6 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
     (digest,) = read_approved(lists["hospital-a"])
     assert [p.name for p in (tmp_path / "nodes" / "hospital-a" / "approved").iterdir()] == [digest]
     assert not any((tmp_path / "nodes" / "hospital-b" / name).exists() for name in ("apps", "approved"))
+    # what hospital-a's app sent is in the node's disclosure log, under the digest its site approved
+    (sent,) = summary(tmp_path / "disclosures.jsonl")["runs"].values()
+    assert sent["apps"] == [digest] and sent["replies"]["train"] == 1 and sent["bytes"] > 0, sent

@@ -1,0 +1,253 @@
+"""What left this node: one line per reply in the node's own disclosure log, and a summary of it.
+
+A hospital that joins a federation answers to its data protection officer for what its node sends. The ClientApp's
+outermost mod, :func:`disclosed`, writes one JSON line for every reply this node sends, error replies included,
+before Flower sends it: when, to which run and message, which app (the approved bundle's digest, where the node
+runs the approval gate of ``deploy/approval.py``), and what the reply carries. Metrics and short texts are written
+as sent; arrays, byte strings, long texts and lists as their count, size and SHA-256, so the log proves what left
+without holding a second copy of the model. A reply that cannot be logged does not leave: the node answers
+``node refused: its disclosure log cannot be written`` instead (the reason goes to the node's own log).
+
+Node config ``disclosure-log``: the log's path; empty (the default) is ``<state-dir>/disclosures.jsonl`` on a
+deployed node (``$MSTKD_HOME`` without a ``state-dir``) and no log in a simulation; ``off`` writes none. The file
+is the node user's only (0600, in a folder made 0700), never written through a link, and appended under a lock, so
+the processes of several runs can share it.
+
+``python -m client.disclosures [LOG] [--run ID] [--json]`` sums it up per run: messages answered, errors and
+their reasons, bytes sent, and the names of every metric and text that left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
+
+from mstkd.runconfig import NodeConfig, default_home
+
+APP_DIGEST = "MSTKD_APPROVED_APP"
+"""Environment variable in which the approval gate tells the ClientApp the digest of the bundle it let run."""
+OFF = "off"
+SHORT_TEXT = 200
+"""Texts up to this many characters are logged as sent; longer ones as their size and SHA-256."""
+REFUSED = "node refused: its disclosure log cannot be written"
+
+log = logging.getLogger("mstkd.client")
+
+
+def log_path(node: NodeConfig) -> Path | None:
+    """Where this node logs what it sends (see the module doc), or None for no log."""
+    if node.disclosure_log == OFF or (not node.disclosure_log and node.simulated):
+        return None
+    if node.disclosure_log:
+        return Path(node.disclosure_log).expanduser()
+    return Path(node.state_dir or default_home()).expanduser() / "disclosures.jsonl"
+
+
+def disclosed(msg: Message, context: Context, call_next) -> Message:
+    """A ClientApp mod, the outermost: log the reply (:func:`entry`) before it leaves, or replace it by an error that
+    says the log cannot be written. A node config that does not parse is left to the inner mods to report."""
+    reply = call_next(msg, context)
+    try:
+        path = log_path(NodeConfig.parse(context.node_config))
+    except Exception:
+        return reply
+    if path is None:
+        return reply
+    try:
+        append(path, entry(msg, reply, context))
+    except Exception as exc:  # a full disk, a link in the log's place, a folder of another user
+        log.error("this node's reply was not sent, because its disclosure log %s cannot be written: %s", path, exc)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=REFUSED), reply_to=msg)
+    return reply
+
+
+def entry(msg: Message, reply: Message, context: Context) -> dict[str, Any]:
+    """The log's line for ``reply``, this node's answer to ``msg``."""
+    line: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run": int(context.run_id),
+        "node": int(context.node_id),
+        "type": str(msg.metadata.message_type),
+        "message": msg.metadata.message_id,
+        "group": msg.metadata.group_id,
+        "app": os.environ.get(APP_DIGEST) or None,
+    }
+    if reply.has_error():
+        line["error"] = {"code": int(reply.error.code), "reason": str(reply.error.reason)}
+        return line
+    content = reply.content
+    line["arrays"] = {name: _arrays(record) for name, record in content.array_records.items()}
+    line["metrics"] = {
+        name: {k: _value(v) for k, v in record.items()} for name, record in content.metric_records.items()
+    }
+    line["configs"] = {
+        name: {k: _value(v) for k, v in record.items()} for name, record in content.config_records.items()
+    }
+    return line
+
+
+def _arrays(record) -> dict[str, Any]:
+    """An array record as its number of arrays, bytes and SHA-256 over each array's name, dtype, shape and bytes."""
+    digest, size = hashlib.sha256(), 0
+    for name, array in record.items():
+        digest.update(f"{name}\0{array.dtype}\0{list(array.shape)}\0".encode())
+        digest.update(array.data)
+        size += len(array.data)
+    return {"count": len(record), "bytes": size, "sha256": digest.hexdigest()}
+
+
+def _value(value: Any) -> Any:
+    """A metric or config value as logged: numbers and short texts as they are, the rest as size and SHA-256."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": JSON has no such number
+    if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= SHORT_TEXT):
+        return value
+    if isinstance(value, bytes):
+        return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, str):
+        return {"chars": len(value), "sha256": hashlib.sha256(value.encode()).hexdigest()}
+    items = list(value)
+    canonical = json.dumps([v.hex() if isinstance(v, bytes) else v for v in items]).encode()
+    return {"items": len(items), "sha256": hashlib.sha256(canonical).hexdigest()}
+
+
+def append(path: Path, line: dict[str, Any]) -> None:
+    """Append ``line`` as one JSON line, under an exclusive lock, and fsync it. The folder is made 0700 if it is
+    new; the file is created 0600 and never opened through a link; after a line cut off by a crash, the new one
+    starts on a line of its own.
+
+    Raises:
+        OSError: the log cannot be written (including a link in its place).
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = (json.dumps(line, allow_nan=False, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        end = os.fstat(fd).st_size
+        if end and os.pread(fd, 1, end - 1) != b"\n":  # a line cut off by a crash stays the only one lost
+            data = b"\n" + data
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+# ----------------------------------------------------------------------------- reading it
+
+
+def read_log(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """``(line number, entry)`` for every line of the log; ``None`` for a line that is not an entry (a write cut off
+    by a crash, or an edit)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = None
+            yield number, value if isinstance(value, dict) and isinstance(value.get("run"), int) else None
+
+
+def summary(path: Path, run: int | None = None) -> dict[str, Any]:
+    """Per run: the first and last time, replies by message type, errors by reason, bytes of arrays sent, the names
+    of the metrics and texts sent (``record.name``), the app digests; and the numbers of lines that are not entries."""
+    runs: dict[int, dict[str, Any]] = {}
+    unreadable = []
+    for number, line in read_log(path):
+        if line is None:
+            unreadable.append(number)
+            continue
+        if run is not None and line["run"] != run:
+            continue
+        seen = runs.setdefault(
+            line["run"],
+            {
+                "first": line.get("time"),
+                "last": None,
+                "replies": {},
+                "errors": {},
+                "bytes": 0,
+                "metrics": set(),
+                "configs": set(),
+                "apps": set(),
+            },
+        )
+        seen["last"] = line.get("time")
+        kind = str(line.get("type", "?")).partition(".")[0]
+        seen["replies"][kind] = seen["replies"].get(kind, 0) + 1
+        if line.get("app"):
+            seen["apps"].add(str(line["app"]))
+        if isinstance(line.get("error"), dict):
+            reason = str(line["error"].get("reason", "?"))
+            seen["errors"][reason] = seen["errors"].get(reason, 0) + 1
+            continue
+        seen["bytes"] += sum(int(a.get("bytes", 0)) for a in _records(line, "arrays").values() if isinstance(a, dict))
+        for kind in ("metrics", "configs"):
+            for record, values in _records(line, kind).items():
+                seen[kind].update(f"{record}.{name}" for name in (values if isinstance(values, dict) else {}))
+    for seen in runs.values():
+        for key in ("metrics", "configs", "apps"):
+            seen[key] = sorted(seen[key])
+    return {"runs": runs, "unreadable": unreadable}
+
+
+def _records(line: dict[str, Any], kind: str) -> dict[str, Any]:
+    records = line.get(kind)
+    return records if isinstance(records, dict) else {}
+
+
+def _text(result: dict[str, Any]) -> str:
+    out = []
+    for run, seen in sorted(result["runs"].items()):
+        replies = ", ".join(f"{n} {kind}" for kind, n in sorted(seen["replies"].items()))
+        out.append(f"run {run}: {seen['first']} to {seen['last']}: {replies}; {seen['bytes'] / 1e6:.2f} MB of arrays")
+        out += [f"  app {digest}" for digest in seen["apps"]]
+        out += [f"  {n} x error: {reason}" for reason, n in sorted(seen["errors"].items())]
+        out.append(f"  metrics: {', '.join(seen['metrics']) or '-'}")
+        out.append(f"  texts: {', '.join(seen['configs']) or '-'}")
+    if not result["runs"]:
+        out.append("no replies logged")
+    if result["unreadable"]:
+        lines = ", ".join(map(str, result["unreadable"][:10]))
+        out.append(f"{len(result['unreadable'])} line(s) are not entries (cut off or edited): line {lines}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.disclosures", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "log",
+        nargs="?",
+        type=Path,
+        default=default_home() / "disclosures.jsonl",
+        help="the node's disclosure log (default: $MSTKD_HOME/disclosures.jsonl)",
+    )
+    parser.add_argument("--run", type=int, help="only this run id")
+    parser.add_argument("--json", action="store_true", help="the summary as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = summary(args.log, args.run)
+    except OSError as exc:
+        print(f"error: cannot read {args.log}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else _text(result))
+    return 1 if result["unreadable"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
