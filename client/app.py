@@ -35,7 +35,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT  # what Flower's DP wrappers use
 
 from client import worker
-from client.context import Job, NodeContext, configure_logging, message_kind, ray_node
+from client.context import Job, NodeContext, configure_logging, message_kind, ray_node, work_deadline
 from client.disclosures import disclosed
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from client.terms import required_secagg
@@ -116,11 +116,11 @@ def _process_age() -> float:
     return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
-def site_runner(context: Context, *, timed: bool = True):
-    """``do_job(job, *args)``: ``client.site.<job>`` in the node's warm worker or in this process
-    (:func:`client.worker.wanted`), called with a :class:`client.context.NodeContext` first. ``timed``: the
-    work reports this process's start-up (the voxel-size report before round 1 does not, so the first
-    train message still carries it)."""
+def site_runner(msg: Message, context: Context, *, timed: bool = True):
+    """``do_job(job, *args)``: ``client.site.<job>`` for ``msg`` in the node's warm worker or in this process
+    (:func:`client.worker.wanted`), called with a :class:`client.context.NodeContext` first, which carries the
+    message's deadline (:func:`client.context.work_deadline`). ``timed``: the work reports this process's
+    start-up (the voxel-size report before round 1 does not, so the first train message still carries it)."""
     global _SERVED
     node_config = NodeConfig.parse(context.node_config)
     configure_logging(node_config)
@@ -132,6 +132,7 @@ def site_runner(context: Context, *, timed: bool = True):
         node=node_config,
         run=RunConfig.parse(context.run_config),
         startup=_process_age() if first else 0.0,
+        deadline=work_deadline(msg.metadata, node_config.max_work_seconds),
     )
     remote = worker.wanted(node_config)
 
@@ -146,7 +147,7 @@ def site_runner(context: Context, *, timed: bool = True):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    do_job = site_runner(context)
+    do_job = site_runner(msg, context)
     if is_secagg_fit(msg):
         return secagg_train(msg, do_job)
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
@@ -165,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Before its first round the federation plans its target geometry: this site's median voxel size."""
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    metrics = site_runner(context, timed=False)(Job.SITE_GEOMETRY, config)
+    metrics = site_runner(msg, context, timed=False)(Job.SITE_GEOMETRY, config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -173,6 +174,6 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
-    metrics, site = site_runner(context)(Job.EVALUATE_SITE, arrays, config)
+    metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
     return Message(content=content, reply_to=msg)

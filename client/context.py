@@ -8,9 +8,11 @@ imports the other. It imports neither PyTorch nor MONAI, so the ClientApp's per-
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -52,12 +54,33 @@ class NodeContext:
     run: RunConfig
     startup: float = 0.0
     sent_at: float = field(default_factory=time.time)
+    deadline: float | None = None  # time.time() by which the work must end (:func:`work_deadline`)
 
 
 def message_kind(msg: Any) -> str:
     """A message's kind as Flower routes it: ``train.default`` (or ``train.<name>``) reaches the ``train`` function
     and its mods as ``train`` does, so a check that must see every message of a kind compares this."""
     return str(msg.metadata.message_type).partition(".")[0]
+
+
+def work_deadline(metadata: Any, cap: float = 0.0, now: float | None = None) -> float | None:
+    """When this node's work for a message must end, in ``time.time()`` seconds; None for no limit.
+
+    When the message expires (``created_at + ttl``, the server's clock: Flower drops a reply made later), carried
+    over to this node's clock by the time the SuperLink delivered it (``delivered_at``; without it, as if the two
+    clocks agreed), and at most ``cap`` seconds from ``now`` (node config ``max-work-seconds``; 0: no cap).
+    A message whose times do not read as finite numbers leaves only the cap.
+    """
+    now = time.time() if now is None else now
+    deadline = now + cap if cap > 0 else math.inf
+    try:
+        expires = float(metadata.created_at) + float(metadata.ttl)
+        delivered = datetime.fromisoformat(metadata.delivered_at).timestamp() if metadata.delivered_at else None
+    except (TypeError, ValueError, OverflowError):
+        expires, delivered = math.nan, None
+    if math.isfinite(expires):
+        deadline = min(deadline, now + (expires - delivered) if delivered is not None else expires)
+    return deadline if math.isfinite(deadline) else None
 
 
 def configure_logging(node: NodeConfig) -> None:

@@ -237,6 +237,7 @@ def local_round(
         proximal_mu=proximal_mu,
         progress=False,
         desc=data.name,
+        deadline=context.deadline,
     )
     clock.lap("train")
     if metrics["skipped_steps"] >= steps:  # nothing learned: sending the model back would count as a round of work

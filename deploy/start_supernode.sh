@@ -9,10 +9,12 @@
 #               versions it names (python deploy/approval.py approve CHECKOUT --list FILE)
 #   REQUIRE_SECAGG  optional, in the environment: N > 0, the site's update leaves only under secure aggregation
 #               among N nodes or more (node config require-secagg)
+#   MAX_WORK_SECONDS  optional, in the environment: no message's training holds the node longer (node config
+#               max-work-seconds; work past it is dropped, unsent)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
-[ $# -ge 3 ] || { sed -n '3,11p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '3,13p' "$0" >&2; exit 2; }
 fail() { echo "error: ${*//[[:cntrl:]]/?}" >&2; exit 2; }  # one line, whatever the arguments hold
 SITE="$1"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
 # SITE names files, as in deploy/credentials.py: 1..64 letters, digits, . _ -, the first a letter or digit (no
@@ -36,6 +38,9 @@ done
 case "${REQUIRE_SECAGG:-}" in
     *[!0-9]*) fail "REQUIRE_SECAGG='$REQUIRE_SECAGG': give a whole number of nodes (0: off)" ;;
 esac
+case "${MAX_WORK_SECONDS:-}" in
+    *[!0-9]*) fail "MAX_WORK_SECONDS='$MAX_WORK_SECONDS': give a whole number of seconds (0: no cap)" ;;
+esac
 KEY="$CREDS/nodes/$SITE"
 [ -f "$KEY" ] || fail "no key $KEY; run python deploy/credentials.py node $SITE"
 # a new state folder is private: the node's state and the apps it installs
@@ -49,6 +54,7 @@ fi
 CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
 [ -n "${REQUIRE_SECAGG:-}" ] && CONFIG="$CONFIG require-secagg=\"$REQUIRE_SECAGG\""
+[ -n "${MAX_WORK_SECONDS:-}" ] && CONFIG="$CONFIG max-work-seconds=\"$MAX_WORK_SECONDS\""
 export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # Flower looks for work every 1 s otherwise
 exec flower-supernode --root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$KEY" \

@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mstkd.data.labels import CLASSES
+from mstkd.errors import RefusedMessage
 from mstkd.losses import MSTKDLoss, class_targets, discriminator_loss, probabilities
 from mstkd.modalities import SUBSETS, Subset, sample_subset, zero_fill
 from mstkd.model import MSTKDNet, StyleDiscriminator
@@ -110,6 +111,30 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+PACE_STEPS = 5
+"""Steps taken before :func:`check_pace` judges the pace (the first steps warm the kernels up)."""
+
+
+def check_pace(deadline: float, done: int, steps: int, begun: float) -> None:
+    """Stop work whose result no one will receive: it is past ``deadline`` (``time.time()``), or, after
+    :data:`PACE_STEPS` of its ``steps``, the steps left would end past it at the mean pace since ``begun``
+    (``time.perf_counter()`` when the first step started).
+
+    Raises:
+        RefusedMessage: why, in one line that names no data (a federated node sends it to the server).
+    """
+    now = time.time()
+    if now > deadline:
+        raise RefusedMessage(f"this round's work reached its message's deadline after {done} of {steps} steps")
+    if done >= PACE_STEPS:
+        pace = (time.perf_counter() - begun) / done
+        if now + pace * (steps - done) > deadline:
+            raise RefusedMessage(
+                f"this round's {steps} steps would end past its message's deadline: {steps - done} left at "
+                f"{pace:.2f} s a step, {deadline - now:.0f} s left"
+            )
+
+
 def train_local(
     nets: Networks,
     optimizers: Optimizers,
@@ -125,6 +150,7 @@ def train_local(
     proximal_mu: float = 0.0,
     progress: bool = True,
     desc: str = "train",
+    deadline: float | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` teacher-student steps (default: one pass over ``loader``), updating ``nets`` in place.
 
@@ -142,6 +168,9 @@ def train_local(
         device: where to train (default: CUDA if present, else CPU).
         proximal_mu: FedProx term ``mu / 2 * ||w - w_0||^2`` on the student, ``w_0`` = its weights at the start.
         progress: show a progress bar.
+        deadline: ``time.time()`` by which the work must end (a federated message's, when its reply would be
+            dropped): :func:`check_pace` stops it before any step that starts past it, or once the steps left
+            would, at the pace so far, end past it.
 
     Returns:
         Mean of each weighted loss term over the steps taken, ``loss`` (their sum), ``disc_loss``, ``steps``,
@@ -180,6 +209,8 @@ def train_local(
     start = time.perf_counter()
     bar = tqdm(islice(cycle(loader), steps), total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     for i, batch in enumerate(bar):
+        if deadline is not None:
+            check_pace(deadline, i, steps, start)
         e = epoch + i / epoch_len
         lr = poly_lr(cfg.train, e)
         for group in optimizers.main.param_groups:

@@ -248,3 +248,17 @@ def test_secure_aggregation_under_another_train_name_is_refused_not_sent_unmaske
     assert reply.has_error() and reply.error.reason == (
         "node refused: secure aggregation runs on train messages only, not on train.<name> ones"
     )
+
+
+def test_a_round_whose_work_would_outlive_its_message_is_refused_and_nothing_is_saved(tmp_path):
+    _, context = _node(tmp_path)
+    expired = _train_message(tiny_arrays(), 1)
+    expired.metadata.ttl = 1e-3  # Flower drops any reply made after this
+    reply = client_app(expired, context)
+    assert reply.has_error() and "node refused: this round's work reached its message's deadline" in reply.error.reason
+    assert not list((tmp_path / "state").rglob("local.pt"))  # the round is dropped whole, its state unsaved
+    context.node_config["max-work-seconds"] = 1e-3  # the site's own cap, whatever the message allows
+    capped = client_app(_train_message(tiny_arrays(), 1), context)
+    assert capped.has_error() and "deadline after 0 of 2 steps" in capped.error.reason
+    del context.node_config["max-work-seconds"]
+    assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()

@@ -28,3 +28,25 @@ def test_sites_log_at_info_in_deployment_and_stay_quiet_in_simulation():
         logger.setLevel(level)
         for h in [h for h in logger.handlers if getattr(h, "mstkd_site", False)]:
             logger.removeHandler(h)
+
+
+def _metadata(created: float, ttl: float, delivered: float | str | None = None):
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    if isinstance(delivered, float):
+        delivered = datetime.fromtimestamp(delivered, UTC).isoformat()
+    return SimpleNamespace(created_at=created, ttl=ttl, delivered_at=delivered or "")
+
+
+def test_a_nodes_work_ends_when_its_message_expires_read_on_the_nodes_clock_or_at_its_cap():
+    from client.context import work_deadline
+
+    now = 5_000.0  # the node's clock; the server's runs 5010 s ahead (delivered at 10 010 on its clock)
+    assert work_deadline(_metadata(10_000.0, 100.0, 10_010.0), now=now) == pytest.approx(now + 90)
+    assert work_deadline(_metadata(10_000.0, 100.0, 10_010.0), cap=30, now=now) == pytest.approx(now + 30)
+    assert work_deadline(_metadata(4_000.0, 1_500.0), now=now) == 5_500.0  # no delivery time: clocks taken to agree
+    # times that do not read as numbers leave only the node's own cap
+    assert work_deadline(_metadata(float("nan"), 100.0), now=now) is None
+    assert work_deadline(_metadata(10_000.0, 100.0, "yesterday"), cap=60, now=now) == now + 60
+    assert work_deadline(_metadata(10_000.0, float("inf")), now=now) is None

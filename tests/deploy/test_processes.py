@@ -113,15 +113,19 @@ def test_a_new_superlink_or_supernode_state_folder_is_its_users_only(tmp_path, m
     assert (tmp_path / "creds" / "superlink").stat().st_mode & 0o777 == 0o700
 
 
-def test_start_supernode_sh_passes_the_sites_secure_aggregation_terms_or_refuses_them(tmp_path, monkeypatch):
+def test_start_supernode_sh_passes_the_sites_terms_or_refuses_them(tmp_path, monkeypatch):
     (tmp_path / "creds" / "nodes").mkdir(parents=True)
     (tmp_path / "creds" / "nodes" / "hospital-a").write_text("")
     monkeypatch.setenv("REQUIRE_SECAGG", "3")
+    monkeypatch.setenv("MAX_WORK_SECONDS", "7200")
     done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
     assert done.returncode == 0, done.stderr
     args = record.read_text().splitlines()
-    assert parse_config_args([args[args.index("--node-config") + 1]])["require-secagg"] == "3"
-    record.unlink()
-    monkeypatch.setenv("REQUIRE_SECAGG", "3 nodes")
-    done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
-    assert done.returncode == 2 and "REQUIRE_SECAGG" in done.stderr and not record.exists()
+    config = parse_config_args([args[args.index("--node-config") + 1]])
+    assert config["require-secagg"] == "3" and config["max-work-seconds"] == "7200"
+    for name, value in (("REQUIRE_SECAGG", "3 nodes"), ("MAX_WORK_SECONDS", "2h")):
+        record.unlink(missing_ok=True)
+        monkeypatch.setenv(name, value)
+        done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
+        assert done.returncode == 2 and name in done.stderr and not record.exists()
+        monkeypatch.delenv(name)

@@ -8,6 +8,7 @@ import functools
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -20,12 +21,12 @@ from mstkd.checkpoint import checkpoint_geometry, load_checkpoint, save_checkpoi
 from mstkd.cli import main
 from mstkd.config import load_config
 from mstkd.data.dataset import make_loader, prepare_federation
-from mstkd.errors import InputError
+from mstkd.errors import InputError, RefusedMessage
 from mstkd.evaluate import evaluate_cases, parse_subsets
 from mstkd.modalities import SUBSETS, Subset
 from mstkd.model import build_networks
 from mstkd.phantoms import write_federation
-from mstkd.train import Networks, make_optimizers, poly_lr, seed_everything, train_local
+from mstkd.train import PACE_STEPS, Networks, check_pace, make_optimizers, poly_lr, seed_everything, train_local
 from tests.helpers import tiny_checkpoint, write_case
 
 TINY = ["model=tiny", "train.amp=false"]
@@ -44,6 +45,26 @@ def test_poly_lr_schedule():
     assert poly_lr(cfg, 0) == cfg.lr
     assert poly_lr(cfg, 99) > 0  # the last epoch still learns
     assert poly_lr(cfg, 50) == pytest.approx(cfg.lr * 0.5**0.9)
+
+
+def test_training_stops_at_its_deadline_or_once_its_pace_cannot_meet_it(phantoms):
+    now, clock = time.time(), time.perf_counter()
+    with pytest.raises(RefusedMessage, match="reached its message's deadline after 0 of 10 steps"):
+        check_pace(now - 1, 0, 10, clock)
+    # 5 steps in 50 s: the 95 left need 950 s
+    with pytest.raises(RefusedMessage, match="would end past its message's deadline: 95 left at 10.00 s a step"):
+        check_pace(now + 100, 5, 100, clock - 50)
+    check_pace(now + 2000, 5, 100, clock - 50)  # time enough
+    check_pace(now + 100, PACE_STEPS - 1, 100, clock - 50)  # the pace is judged after PACE_STEPS only
+
+    cfg = load_config(TINY)
+    fed = prepare_federation(phantoms, cfg.data, progress=False)
+    loader = make_loader(fed.site_cases("1", "train"), cfg.data, train=True, patch=cfg.model.input_size)
+    nets = Networks(*build_networks(cfg.model))
+    before = [p.detach().clone() for p in nets.student.parameters()]
+    with pytest.raises(RefusedMessage, match="after 0 of 3 steps"):
+        train_local(nets, make_optimizers(nets, cfg.train), loader, cfg, steps=3, progress=False, deadline=now - 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, nets.student.parameters(), strict=True))
 
 
 def test_loss_goes_down_on_tiny_phantoms(phantoms):
