@@ -1,17 +1,24 @@
 """What left this node: one line per reply in the node's own disclosure log, and a summary of it.
 
 A hospital that joins a federation answers to its data protection officer for what its node sends. The ClientApp's
-outermost mod, :func:`disclosed`, writes one JSON line for every reply this node sends, error replies included,
-before Flower sends it: when, to which run and message, which app (the approved bundle's digest, where the node
-runs the approval gate of ``deploy/approval.py``), and what the reply carries. Metrics and short texts are written
-as sent; arrays, byte strings, long texts and lists as their count, size and SHA-256, so the log proves what left
-without holding a second copy of the model. A reply that cannot be logged does not leave: the node answers
-``node refused: its disclosure log cannot be written`` instead (the reason goes to the node's own log).
+outermost mod, :func:`disclosed`, writes one JSON line for every reply the app hands Flower to send, error replies
+included, before Flower sends it: when, to which run and message, which app (the approved bundle's digest, where
+the node runs the approval gate of ``deploy/approval.py``), and what the reply carries. Finite numbers and short
+texts are written as sent; arrays as their count, bytes and SHA-256; byte strings, long texts and lists as their
+size and SHA-256; so the log shows what was handed over without holding a second copy of the model. A reply that
+cannot be logged does not leave: the node answers ``node refused: its disclosure log cannot be written`` instead
+(the reason goes to the node's own log), and a line whose write failed part-way is taken back.
+
+Not in the log: Flower's own replies, made before the app runs or around it (a message type the app has no function
+for, an app that does not load, a bundle the approval gate refuses), and the error reply of a node whose node config
+does not parse; none carries anything of the site's. The log is written by the app the run brought, so it means
+what it says where the node runs only approved apps (``APPROVED``); :func:`main` says which replies name no app.
 
 Node config ``disclosure-log``: the log's path; empty (the default) is ``<state-dir>/disclosures.jsonl`` on a
-deployed node (``$MSTKD_HOME`` without a ``state-dir``) and no log in a simulation; ``off`` writes none. The file
-is the node user's only (0600, in a folder made 0700), never written through a link, and appended under a lock, so
-the processes of several runs can share it.
+deployed node (``$MSTKD_HOME`` without a ``state-dir``) and no log in a simulation; ``off`` writes none. The log
+must be a plain file of the node's user with one name; it is created 0600 (one that others may read is made so),
+in a folder made 0700 if new, never opened through a link in its own place, and appended under a lock, so the
+processes of several runs can share it.
 
 ``python -m client.disclosures [LOG] [--run ID] [--json]`` sums it up per run: messages answered, errors and
 their reasons, bytes sent, and the names of every metric and text that left.
@@ -26,6 +33,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -110,18 +118,23 @@ def _arrays(record) -> dict[str, Any]:
 
 
 def _value(value: Any) -> Any:
-    """A metric or config value as logged: numbers and short texts as they are, the rest as size and SHA-256."""
+    """A metric or config value as logged: finite numbers and short texts as they are, a number JSON cannot hold as
+    ``{"float": "nan"}``, the rest as size and SHA-256 (a list: over each item's type, length and bytes)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan", "inf": JSON has no such number
+        return {"float": str(value)}  # "nan", "inf", "-inf": JSON has no such number, and a text may say "nan"
     if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= SHORT_TEXT):
         return value
     if isinstance(value, bytes):
         return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
     if isinstance(value, str):
-        return {"chars": len(value), "sha256": hashlib.sha256(value.encode()).hexdigest()}
-    items = list(value)
-    canonical = json.dumps([v.hex() if isinstance(v, bytes) else v for v in items]).encode()
-    return {"items": len(items), "sha256": hashlib.sha256(canonical).hexdigest()}
+        return {"chars": len(value), "sha256": hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()}
+    digest, count = hashlib.sha256(), 0
+    for item in value:  # item by item: a masked SecAgg+ vector is the whole update, hashed without a copy
+        data = item if isinstance(item, bytes) else repr(item).encode("utf-8", "surrogatepass")
+        digest.update(f"{type(item).__name__}:{len(data)}:".encode())
+        digest.update(data)
+        count += 1
+    return {"items": count, "sha256": digest.hexdigest()}
 
 
 def append(path: Path, line: dict[str, Any]) -> None:
@@ -134,38 +147,81 @@ def append(path: Path, line: dict[str, Any]) -> None:
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = (json.dumps(line, allow_nan=False, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     try:
+        _check_own_file(fd)
         fcntl.flock(fd, fcntl.LOCK_EX)
         end = os.fstat(fd).st_size
         if end and os.pread(fd, 1, end - 1) != b"\n":  # a line cut off by a crash stays the only one lost
             data = b"\n" + data
-        written = 0
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, end)  # the reply is not sent: its line must not say it was
+            raise
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _check_own_file(fd: int) -> None:
+    """The open log must be a plain file of this user's, with one name; one that others may read is made 0600.
+
+    Raises:
+        OSError: not a plain file, another user's, or a hard link's.
+    """
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
+        raise OSError("the log must be a plain file of the node's user, with no other name")
+    if info.st_mode & 0o077:
+        os.fchmod(fd, 0o600)
 
 
 # ----------------------------------------------------------------------------- reading it
 
 
 def read_log(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """``(line number, entry)`` for every line of the log; ``None`` for a line that is not an entry (a write cut off
-    by a crash, or an edit)."""
+    """``(line number, entry)`` for every line of the log; ``None`` for a line that is not an entry as
+    :func:`entry` writes one (a write cut off by a crash, an edit, a file from elsewhere).
+
+    Raises:
+        OSError: the log cannot be read, or is not a plain file (a FIFO would wait for ever).
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path} is not a plain file")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 value = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 value = None
-            yield number, value if isinstance(value, dict) and isinstance(value.get("run"), int) else None
+            yield number, value if _is_entry(value) else None
+
+
+def _is_entry(value: Any) -> bool:
+    """A log line's shape, as :func:`entry` writes it: what the summary reads is of the right type."""
+    if not (isinstance(value, dict) and type(value.get("run")) is int and isinstance(value.get("time"), str)):
+        return False
+    if not isinstance(value.get("type"), str) or not isinstance(value.get("app"), str | None):
+        return False
+    if "error" in value:
+        return isinstance(value["error"], dict) and isinstance(value["error"].get("reason"), str)
+    records = [value.get(kind) for kind in ("arrays", "metrics", "configs")]
+    if not all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values()) for r in records):
+        return False
+    return all(type(a.get("bytes")) is int and a["bytes"] >= 0 for a in value["arrays"].values())
 
 
 def summary(path: Path, run: int | None = None) -> dict[str, Any]:
     """Per run: the first and last time, replies by message type, errors by reason, bytes of arrays sent, the names
-    of the metrics and texts sent (``record.name``), the app digests; and the numbers of lines that are not entries."""
+    of the metrics and texts sent (``record.name``), the app digests and the replies logged with none; and the
+    numbers of the lines that are not entries.
+
+    Raises:
+        OSError: the log cannot be read, or is not a plain file.
+    """
     runs: dict[int, dict[str, Any]] = {}
     unreadable = []
     for number, line in read_log(path):
@@ -174,41 +230,27 @@ def summary(path: Path, run: int | None = None) -> dict[str, Any]:
             continue
         if run is not None and line["run"] != run:
             continue
-        seen = runs.setdefault(
-            line["run"],
-            {
-                "first": line.get("time"),
-                "last": None,
-                "replies": {},
-                "errors": {},
-                "bytes": 0,
-                "metrics": set(),
-                "configs": set(),
-                "apps": set(),
-            },
-        )
-        seen["last"] = line.get("time")
-        kind = str(line.get("type", "?")).partition(".")[0]
+        seen = runs.setdefault(line["run"], {"times": [], "replies": {}, "errors": {}, "bytes": 0, "unapproved": 0})
+        seen["times"].append(line["time"])
+        kind = line["type"].partition(".")[0]
         seen["replies"][kind] = seen["replies"].get(kind, 0) + 1
-        if line.get("app"):
-            seen["apps"].add(str(line["app"]))
-        if isinstance(line.get("error"), dict):
-            reason = str(line["error"].get("reason", "?"))
+        if line["app"]:
+            seen.setdefault("apps", set()).add(line["app"])
+        else:
+            seen["unapproved"] += 1
+        if "error" in line:
+            reason = line["error"]["reason"]
             seen["errors"][reason] = seen["errors"].get(reason, 0) + 1
             continue
-        seen["bytes"] += sum(int(a.get("bytes", 0)) for a in _records(line, "arrays").values() if isinstance(a, dict))
+        seen["bytes"] += sum(a["bytes"] for a in line["arrays"].values())
         for kind in ("metrics", "configs"):
-            for record, values in _records(line, kind).items():
-                seen[kind].update(f"{record}.{name}" for name in (values if isinstance(values, dict) else {}))
+            seen.setdefault(kind, set()).update(f"{r}.{name}" for r, values in line[kind].items() for name in values)
     for seen in runs.values():
+        times = seen.pop("times")
+        seen["first"], seen["last"] = min(times), max(times)  # ISO times in UTC: their order is the text's
         for key in ("metrics", "configs", "apps"):
-            seen[key] = sorted(seen[key])
+            seen[key] = sorted(seen.get(key, ()))
     return {"runs": runs, "unreadable": unreadable}
-
-
-def _records(line: dict[str, Any], kind: str) -> dict[str, Any]:
-    records = line.get(kind)
-    return records if isinstance(records, dict) else {}
 
 
 def _text(result: dict[str, Any]) -> str:
@@ -217,6 +259,11 @@ def _text(result: dict[str, Any]) -> str:
         replies = ", ".join(f"{n} {kind}" for kind, n in sorted(seen["replies"].items()))
         out.append(f"run {run}: {seen['first']} to {seen['last']}: {replies}; {seen['bytes'] / 1e6:.2f} MB of arrays")
         out += [f"  app {digest}" for digest in seen["apps"]]
+        if seen["unapproved"]:
+            out.append(
+                f"  app: none named for {seen['unapproved']} replies (a node without an approval list runs, and logs "
+                "with, the code the run brought)"
+            )
         out += [f"  {n} x error: {reason}" for reason, n in sorted(seen["errors"].items())]
         out.append(f"  metrics: {', '.join(seen['metrics']) or '-'}")
         out.append(f"  texts: {', '.join(seen['configs']) or '-'}")
@@ -245,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot read {args.log}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else _text(result))
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else _text(result))
     return 1 if result["unreadable"] else 0
 
 

@@ -11,10 +11,12 @@
 #               among N nodes or more (node config require-secagg)
 #   MAX_WORK_SECONDS  optional, in the environment: no message's training holds the node longer (node config
 #               max-work-seconds; work past it is dropped, unsent)
+#   DISCLOSURE_LOG  optional, in the environment: where the node logs every reply it sends (default
+#               STATE/disclosures.jsonl; off: none; node config disclosure-log)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
-[ $# -ge 3 ] || { sed -n '3,13p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '3,15p' "$0" >&2; exit 2; }
 fail() { echo "error: ${*//[[:cntrl:]]/?}" >&2; exit 2; }  # one line, whatever the arguments hold
 SITE="$1"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
 # SITE names files, as in deploy/credentials.py: 1..64 letters, digits, . _ -, the first a letter or digit (no
@@ -30,7 +32,7 @@ case "$SITE" in *[!$ALNUM._-]*) fail "site name '$SITE': use letters, digits, '.
 [ "${#SITE}" -le 64 ] || fail "site name '$SITE': at most 64 characters"
 DATA="$(CDPATH='' cd -- "$2" 2>/dev/null && pwd)" || fail "no data folder '$2'"
 STATE="${STATE:-$CREDS/supernodes/$SITE}"
-for value in "$DATA" "$STATE" "$MODS"; do
+for value in "$DATA" "$STATE" "$MODS" "${DISCLOSURE_LOG:-}"; do
     case "$value" in
         *[\"\\]* | *[[:cntrl:]]*) fail "'$value': a quote, backslash or control character cannot pass --node-config" ;;
     esac
@@ -55,6 +57,7 @@ CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
 [ -n "${REQUIRE_SECAGG:-}" ] && CONFIG="$CONFIG require-secagg=\"$REQUIRE_SECAGG\""
 [ -n "${MAX_WORK_SECONDS:-}" ] && CONFIG="$CONFIG max-work-seconds=\"$MAX_WORK_SECONDS\""
+[ -n "${DISCLOSURE_LOG:-}" ] && CONFIG="$CONFIG disclosure-log=\"$DISCLOSURE_LOG\""
 export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # Flower looks for work every 1 s otherwise
 exec flower-supernode --root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$KEY" \

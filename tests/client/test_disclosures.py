@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import stat
 
 import numpy as np
@@ -101,26 +103,86 @@ def test_where_the_log_goes_and_when_there_is_none(tmp_path, monkeypatch):
 
 def test_values_are_logged_as_sent_or_as_their_size_and_hash():
     assert disclosures._value(0.5) == 0.5 and disclosures._value(3) == 3 and disclosures._value("h1") == "h1"
-    assert disclosures._value(math.nan) == "nan" and disclosures._value(-math.inf) == "-inf"  # JSON has no NaN
+    # JSON has no NaN, and a text may say "nan"
+    assert disclosures._value(math.nan) == {"float": "nan"} and disclosures._value(-math.inf) == {"float": "-inf"}
     assert disclosures._value(b"key") == {"bytes": 3, "sha256": hashlib.sha256(b"key").hexdigest()}
     long = "x" * (disclosures.SHORT_TEXT + 1)
     assert disclosures._value(long) == {"chars": len(long), "sha256": hashlib.sha256(long.encode()).hexdigest()}
     shares = disclosures._value([b"\x01", b"\x02"])
     assert shares["items"] == 2 and shares != disclosures._value([b"\x01", b"\x03"])
+    assert shares != disclosures._value(["01", "02"])  # the items' type is hashed too
 
 
 def test_a_line_cut_off_by_a_crash_costs_only_itself(tmp_path, capsys):
     path = tmp_path / "log.jsonl"
-    disclosures.append(path, {"run": 1, "type": "train", "time": "t0"})
+    empty = {"app": None, "arrays": {}, "metrics": {}, "configs": {}}
+    disclosures.append(path, {"run": 1, "type": "train", "time": "t0"} | empty)
     with path.open("ab") as handle:
         handle.write(b'{"run": 1, "type": "tr')  # a write cut off
-    disclosures.append(path, {"run": 2, "type": "evaluate", "time": "t1"})
+    disclosures.append(path, {"run": 2, "type": "evaluate", "time": "t1"} | empty)
     assert [n for n, line in disclosures.read_log(path) if line is None] == [2]
     assert sorted(disclosures.summary(path)["runs"]) == [1, 2]
     assert disclosures.main([str(path), "--run", "2"]) == 1  # the cut line is reported, and the exit says so
     out = capsys.readouterr().out
     assert "run 2: t1 to t1: 1 evaluate" in out and "run 1" not in out and "line 2" in out
     assert disclosures.main([str(tmp_path / "none.jsonl")]) == 2
+
+
+def test_a_log_is_the_node_users_own_plain_file_and_a_failed_write_is_taken_back(tmp_path, monkeypatch):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"run": 1}\n')
+    path.chmod(0o644)
+    disclosures.append(path, {"run": 2})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().count("\n") == 2  # made private
+    (tmp_path / "other-name").hardlink_to(path)
+    with pytest.raises(OSError, match="no other name"):
+        disclosures.append(path, {"run": 3})
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError, match="plain file"):
+        disclosures.append(tmp_path / "fifo", {"run": 3})
+
+    before = (tmp_path / "other-name").read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(disclosures.os, "fsync", failing_fsync)
+    (tmp_path / "other-name").unlink()
+    with pytest.raises(OSError, match="I/O error"):
+        disclosures.append(path, {"run": 4})
+    assert path.read_bytes() == before  # the reply was not sent: its line is not left behind
+
+
+def test_the_summary_reads_a_log_from_elsewhere_line_by_line_without_a_traceback(tmp_path, capsys):
+    good = {"run": 1, "type": "train", "time": "2026-12-07T06:00:00+00:00", "app": None, "arrays": {}}
+    good |= {"metrics": {"metrics": {"train-loss": 1.0}}, "configs": {}}
+    bad = [
+        good | {"arrays": {"arrays": {"bytes": "12 MB"}}},
+        good | {"arrays": {"arrays": {"bytes": None}}},
+        good | {"arrays": {"arrays": {"bytes": -5_000_000}}},
+        good | {"arrays": {"arrays": {"bytes": True}}},
+        good | {"run": True},
+        good | {"time": None},
+        good | {"metrics": ["train-loss"]},
+        good | {"error": "oops"},
+    ]
+    lines = [json.dumps(good | {"time": "2026-12-07T07:00:00+00:00"}), json.dumps(good), *map(json.dumps, bad)]
+    lines += ["[" * 100_000, '{"run": 1, "bytes": 1e999}']
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = disclosures.summary(path)
+    assert result["unreadable"] == list(range(3, len(lines) + 1))
+    seen = result["runs"][1]
+    assert (seen["first"], seen["last"]) == ("2026-12-07T06:00:00+00:00", "2026-12-07T07:00:00+00:00")  # not file order
+    assert seen["replies"] == {"train": 2} and seen["unapproved"] == 2 and seen["bytes"] == 0
+    assert disclosures.main([str(path), "--json"]) == 1
+    out = capsys.readouterr().out
+    assert json.loads(out)["runs"]["1"]["replies"] == {"train": 2}
+    assert disclosures.main([str(path)]) == 1
+    assert "app: none named for 2 replies" in capsys.readouterr().out
+    os.mkfifo(tmp_path / "fifo")
+    assert disclosures.main([str(tmp_path / "fifo")]) == 2  # refused, not waited on
+    assert "not a plain file" in capsys.readouterr().err
 
 
 def test_the_gate_and_the_app_agree_on_where_the_digest_travels():

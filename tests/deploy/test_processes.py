@@ -118,14 +118,16 @@ def test_start_supernode_sh_passes_the_sites_terms_or_refuses_them(tmp_path, mon
     (tmp_path / "creds" / "nodes" / "hospital-a").write_text("")
     monkeypatch.setenv("REQUIRE_SECAGG", "3")
     monkeypatch.setenv("MAX_WORK_SECONDS", "7200")
+    monkeypatch.setenv("DISCLOSURE_LOG", "/var/log/mstkd/sent.jsonl")
     done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
     assert done.returncode == 0, done.stderr
     args = record.read_text().splitlines()
     config = parse_config_args([args[args.index("--node-config") + 1]])
     assert config["require-secagg"] == "3" and config["max-work-seconds"] == "7200"
-    for name, value in (("REQUIRE_SECAGG", "3 nodes"), ("MAX_WORK_SECONDS", "2h")):
+    assert config["disclosure-log"] == "/var/log/mstkd/sent.jsonl"
+    for name, value in (("REQUIRE_SECAGG", "3 nodes"), ("MAX_WORK_SECONDS", "2h"), ("DISCLOSURE_LOG", 'a"b')):
         record.unlink(missing_ok=True)
         monkeypatch.setenv(name, value)
         done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
-        assert done.returncode == 2 and name in done.stderr and not record.exists()
+        assert done.returncode == 2 and (name in done.stderr or value in done.stderr) and not record.exists()
         monkeypatch.delenv(name)
