@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -66,20 +65,19 @@ def message_kind(msg: Any) -> str:
 def work_deadline(metadata: Any, cap: float = 0.0, now: float | None = None) -> float | None:
     """When this node's work for a message must end, in ``time.time()`` seconds; None for no limit.
 
-    When the message expires (``created_at + ttl``, the server's clock: Flower drops a reply made later), carried
-    over to this node's clock by the time the SuperLink delivered it (``delivered_at``; without it, as if the two
-    clocks agreed), and at most ``cap`` seconds from ``now`` (node config ``max-work-seconds``; 0: no cap).
-    A message whose times do not read as finite numbers leaves only the cap.
+    When the message expires, ``created_at + ttl``, read on this node's clock as Flower reckons its reply's lifetime
+    (a reply made later has no lifetime left, and the SuperLink refuses it), and at most ``cap`` seconds from
+    ``now`` (node config ``max-work-seconds``; 0: no cap). A message whose times do not read as finite numbers
+    leaves only the cap.
     """
     now = time.time() if now is None else now
     deadline = now + cap if cap > 0 else math.inf
     try:
         expires = float(metadata.created_at) + float(metadata.ttl)
-        delivered = datetime.fromisoformat(metadata.delivered_at).timestamp() if metadata.delivered_at else None
     except (TypeError, ValueError, OverflowError):
-        expires, delivered = math.nan, None
+        expires = math.nan
     if math.isfinite(expires):
-        deadline = min(deadline, now + (expires - delivered) if delivered is not None else expires)
+        deadline = min(deadline, expires)
     return deadline if math.isfinite(deadline) else None
 
 

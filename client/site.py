@@ -176,6 +176,17 @@ class Stopwatch:
         self._last = now
 
 
+def in_time(context: NodeContext) -> None:
+    """Refuse a message that expired before its work began (its deadline: :func:`client.context.work_deadline`),
+    such as one that waited in a queue while the node was away: its reply would be dropped.
+
+    Raises:
+        RefusedMessage: the message has expired.
+    """
+    if context.deadline is not None and time.time() > context.deadline:
+        raise RefusedMessage("this message's deadline passed before its work began")
+
+
 def local_round(
     context: NodeContext,
     arrays: Mapping[str, np.ndarray],
@@ -184,6 +195,7 @@ def local_round(
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int], dict[str, str]]:
     """One round of local training from the global ``arrays``: the updated student + discriminator arrays,
     the scalar metrics and the site's name, device and modalities (everything a reply carries)."""
+    in_time(context)
     clock = Stopwatch("train", context)
     # the message's numbers, checked before the site's data or state is read
     server_round = message_round(instructions, context.run)
@@ -296,6 +308,7 @@ def evaluate_site(
     context: NodeContext, arrays: Mapping[str, np.ndarray], instructions: Mapping[str, Any]
 ) -> tuple[dict[str, float | int], dict[str, str]]:
     """Score the global student ``arrays`` on the site's validation cases: the metrics and the site's name."""
+    in_time(context)
     clock = Stopwatch("val", context)
     server_round = message_round(instructions, context.run)  # checked before anything is read
     cfg, data, device, _, student, _ = _setup(arrays, instructions, server_round, context, clock)

@@ -27,9 +27,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import cycle, islice
+from itertools import islice
 
 import numpy as np
 import torch
@@ -111,14 +111,29 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def passes(loader: Iterable) -> Iterator:
+    """The loader's batches, pass after pass, each pass drawn anew: its own order, random crops and augmentation
+    (``itertools.cycle`` would replay the first pass, and hold all of its batches in memory). Ends when a pass
+    yields nothing."""
+    while True:
+        drawn = False
+        for batch in loader:
+            drawn = True
+            yield batch
+        if not drawn:
+            return
+
+
 PACE_STEPS = 5
-"""Steps taken before :func:`check_pace` judges the pace (the first steps warm the kernels up)."""
+"""Steps left out of the pace as warm-up (the first steps load kernels), and then timed before it is judged."""
+PACE_MARGIN = 1.25
+"""The pace refuses work only when the steps left would need this many times the time left."""
 
 
-def check_pace(deadline: float, done: int, steps: int, begun: float) -> None:
-    """Stop work whose result no one will receive: it is past ``deadline`` (``time.time()``), or, after
-    :data:`PACE_STEPS` of its ``steps``, the steps left would end past it at the mean pace since ``begun``
-    (``time.perf_counter()`` when the first step started).
+def check_pace(deadline: float, done: int, steps: int, since: float | None) -> None:
+    """Stop work whose result no one will receive: it is past ``deadline`` (``time.time()``), or, once
+    2 x :data:`PACE_STEPS` of its ``steps`` are done, the steps left would need over :data:`PACE_MARGIN` times the
+    time left at the mean pace since ``since`` (``time.perf_counter()`` when step :data:`PACE_STEPS` began).
 
     Raises:
         RefusedMessage: why, in one line that names no data (a federated node sends it to the server).
@@ -126,9 +141,9 @@ def check_pace(deadline: float, done: int, steps: int, begun: float) -> None:
     now = time.time()
     if now > deadline:
         raise RefusedMessage(f"this round's work reached its message's deadline after {done} of {steps} steps")
-    if done >= PACE_STEPS:
-        pace = (time.perf_counter() - begun) / done
-        if now + pace * (steps - done) > deadline:
+    if since is not None and done >= 2 * PACE_STEPS:
+        pace = (time.perf_counter() - since) / (done - PACE_STEPS)
+        if pace * (steps - done) > PACE_MARGIN * (deadline - now):
             raise RefusedMessage(
                 f"this round's {steps} steps would end past its message's deadline: {steps - done} left at "
                 f"{pace:.2f} s a step, {deadline - now:.0f} s left"
@@ -159,7 +174,7 @@ def train_local(
         optimizers: their optimisers, whose state carries over between calls.
         loader: yields dicts with ``image`` ``B x 4 x h x w x d`` and ``label`` ``B x 3 x h x w x d``.
         cfg: the full config (``train`` and ``loss`` sections are read).
-        steps: number of steps; the loader is cycled when shorter.
+        steps: number of steps; the loader is iterated again when shorter (:func:`passes`).
         epoch: the global epoch at the start, for the lr schedule and the consistency ramp.
         subsets: the student's possible modality subsets (a site lacking a modality passes fewer).
         subset_weights: sampling weights over ``subsets`` (None: ``train.subset_weights`` when ``subsets``
@@ -170,7 +185,7 @@ def train_local(
         progress: show a progress bar.
         deadline: ``time.time()`` by which the work must end (a federated message's, when its reply would be
             dropped): :func:`check_pace` stops it before any step that starts past it, or once the steps left
-            would, at the pace so far, end past it.
+            clearly would, at the pace so far.
 
     Returns:
         Mean of each weighted loss term over the steps taken, ``loss`` (their sum), ``disc_loss``, ``steps``,
@@ -207,10 +222,13 @@ def train_local(
     sums: defaultdict[str, float] = defaultdict(float)
     drawn: Counter[str] = Counter()
     start = time.perf_counter()
-    bar = tqdm(islice(cycle(loader), steps), total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    bar = tqdm(islice(passes(loader), steps), total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    paced = None  # when the pace began to be timed
     for i, batch in enumerate(bar):
+        if i == PACE_STEPS:
+            paced = time.perf_counter()
         if deadline is not None:
-            check_pace(deadline, i, steps, start)
+            check_pace(deadline, i, steps, paced)
         e = epoch + i / epoch_len
         lr = poly_lr(cfg.train, e)
         for group in optimizers.main.param_groups:

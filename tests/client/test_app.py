@@ -4,6 +4,7 @@ poisoned global model, a state key that leaves its state folder and a work-dir c
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -251,14 +252,24 @@ def test_secure_aggregation_under_another_train_name_is_refused_not_sent_unmaske
 
 
 def test_a_round_whose_work_would_outlive_its_message_is_refused_and_nothing_is_saved(tmp_path):
-    _, context = _node(tmp_path)
+    run_config, context = _node(tmp_path)
     expired = _train_message(tiny_arrays(), 1)
-    expired.metadata.ttl = 1e-3  # Flower drops any reply made after this
+    expired.metadata.created_at -= 100  # made 100 s ago, to live 10 s: Flower would drop any reply to it
+    expired.metadata.ttl = 10
     reply = client_app(expired, context)
-    assert reply.has_error() and "node refused: this round's work reached its message's deadline" in reply.error.reason
-    assert not list((tmp_path / "state").rglob("local.pt"))  # the round is dropped whole, its state unsaved
-    context.node_config["max-work-seconds"] = 1e-3  # the site's own cap, whatever the message allows
+    assert reply.error.reason == "node refused: this message's deadline passed before its work began"
+    context.node_config["max-work-seconds"] = 1e-9  # the site's own cap, whatever the message allows
     capped = client_app(_train_message(tiny_arrays(), 1), context)
-    assert capped.has_error() and "deadline after 0 of 2 steps" in capped.error.reason
+    assert capped.error.reason == "node refused: this message's deadline passed before its work began"
     del context.node_config["max-work-seconds"]
+    # a run config that asks for more than the message's 660 s: refused once the pace shows it, in seconds
+    run_config["local-steps"] = 1_000_000
+    started = time.monotonic()
+    message = _train_message(tiny_arrays(), 1)
+    message.metadata.ttl = 660
+    reply = client_app(message, context)
+    assert "node refused: this round's 1000000 steps would end past its message's deadline" in reply.error.reason
+    assert time.monotonic() - started < 120
+    assert not list((tmp_path / "state").rglob("local.pt"))  # each round dropped whole, its state unsaved
+    run_config["local-steps"] = 2
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import time
+from itertools import islice
 from pathlib import Path
 
 import nibabel as nib
@@ -26,7 +27,16 @@ from mstkd.evaluate import evaluate_cases, parse_subsets
 from mstkd.modalities import SUBSETS, Subset
 from mstkd.model import build_networks
 from mstkd.phantoms import write_federation
-from mstkd.train import PACE_STEPS, Networks, check_pace, make_optimizers, poly_lr, seed_everything, train_local
+from mstkd.train import (
+    PACE_STEPS,
+    Networks,
+    check_pace,
+    make_optimizers,
+    passes,
+    poly_lr,
+    seed_everything,
+    train_local,
+)
 from tests.helpers import tiny_checkpoint, write_case
 
 TINY = ["model=tiny", "train.amp=false"]
@@ -50,12 +60,12 @@ def test_poly_lr_schedule():
 def test_training_stops_at_its_deadline_or_once_its_pace_cannot_meet_it(phantoms):
     now, clock = time.time(), time.perf_counter()
     with pytest.raises(RefusedMessage, match="reached its message's deadline after 0 of 10 steps"):
-        check_pace(now - 1, 0, 10, clock)
-    # 5 steps in 50 s: the 95 left need 950 s
-    with pytest.raises(RefusedMessage, match="would end past its message's deadline: 95 left at 10.00 s a step"):
-        check_pace(now + 100, 5, 100, clock - 50)
-    check_pace(now + 2000, 5, 100, clock - 50)  # time enough
-    check_pace(now + 100, PACE_STEPS - 1, 100, clock - 50)  # the pace is judged after PACE_STEPS only
+        check_pace(now - 1, 0, 10, None)
+    # steps 5 to 10 took 50 s: the 90 left need 900 s
+    with pytest.raises(RefusedMessage, match="would end past its message's deadline: 90 left at 10.00 s a step"):
+        check_pace(now + 100, 10, 100, clock - 50)
+    check_pace(now + 800, 10, 100, clock - 50)  # 900 s against 800 left: within the margin, so it goes on
+    check_pace(now + 100, 2 * PACE_STEPS - 1, 100, clock - 50)  # the pace is judged from 2 x PACE_STEPS on
 
     cfg = load_config(TINY)
     fed = prepare_federation(phantoms, cfg.data, progress=False)
@@ -65,6 +75,30 @@ def test_training_stops_at_its_deadline_or_once_its_pace_cannot_meet_it(phantoms
     with pytest.raises(RefusedMessage, match="after 0 of 3 steps"):
         train_local(nets, make_optimizers(nets, cfg.train), loader, cfg, steps=3, progress=False, deadline=now - 1)
     assert all(torch.equal(a, b) for a, b in zip(before, nets.student.parameters(), strict=True))
+
+
+def test_each_pass_over_a_sites_cases_draws_its_own_crops_and_an_empty_loader_ends(phantoms):
+    cfg = load_config(TINY)
+    fed = prepare_federation(phantoms, cfg.data, progress=False)
+    loader = make_loader(fed.site_cases("1", "train"), cfg.data, train=True, patch=cfg.model.input_size, shuffle=False)
+    n = len(loader)
+    batches = [b["image"] for b in islice(passes(loader), 2 * n)]
+    assert not any(torch.equal(a, b) for a, b in zip(batches[:n], batches[n:], strict=True))  # not the first replayed
+    assert list(passes([])) == []
+
+    class Counted:  # the loader, counting the passes drawn from it
+        drawn = 0
+
+        def __len__(self):
+            return n
+
+        def __iter__(self):
+            Counted.drawn += 1
+            return iter(loader)
+
+    nets = Networks(*build_networks(cfg.model))
+    train_local(nets, make_optimizers(nets, cfg.train), Counted(), cfg, steps=2 * n, progress=False)
+    assert Counted.drawn == 2, (Counted.drawn, n)
 
 
 def test_loss_goes_down_on_tiny_phantoms(phantoms):
