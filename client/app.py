@@ -132,8 +132,8 @@ def site_runner(msg: Message, context: Context, *, timed: bool = True):
         node=node_config,
         run=RunConfig.parse(context.run_config),
         startup=_process_age() if first else 0.0,
-        deadline=work_deadline(msg.metadata, node_config.max_work_seconds),
     )
+    node.deadline, node.deadline_of = work_deadline(msg.metadata, node_config.max_work_seconds)
     remote = worker.wanted(node_config)
 
     def do_job(job: Job, *args: Any) -> Any:

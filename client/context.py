@@ -17,6 +17,10 @@ from typing import Any
 
 from mstkd.runconfig import NodeConfig, RunConfig
 
+EXPIRY = "the message's expiry"
+CAP = "this site's max-work-seconds"
+"""The two limits of a node's work for a message (:func:`work_deadline`), as its refusal names them."""
+
 
 class Job(StrEnum):
     """The work a node does for a message: each is the function of :mod:`client.site` of that name."""
@@ -54,6 +58,7 @@ class NodeContext:
     startup: float = 0.0
     sent_at: float = field(default_factory=time.time)
     deadline: float | None = None  # time.time() by which the work must end (:func:`work_deadline`)
+    deadline_of: str = EXPIRY  # which limit that is
 
 
 def message_kind(msg: Any) -> str:
@@ -62,8 +67,9 @@ def message_kind(msg: Any) -> str:
     return str(msg.metadata.message_type).partition(".")[0]
 
 
-def work_deadline(metadata: Any, cap: float = 0.0, now: float | None = None) -> float | None:
-    """When this node's work for a message must end, in ``time.time()`` seconds; None for no limit.
+def work_deadline(metadata: Any, cap: float = 0.0, now: float | None = None) -> tuple[float | None, str]:
+    """When this node's work for a message must end, in ``time.time()`` seconds (None for no limit), and which limit
+    that is (:data:`EXPIRY` or :data:`CAP`).
 
     When the message expires, ``created_at + ttl``, read on this node's clock as Flower reckons its reply's lifetime
     (a reply made later has no lifetime left, and the SuperLink refuses it), and at most ``cap`` seconds from
@@ -71,14 +77,14 @@ def work_deadline(metadata: Any, cap: float = 0.0, now: float | None = None) -> 
     leaves only the cap.
     """
     now = time.time() if now is None else now
-    deadline = now + cap if cap > 0 else math.inf
+    deadline, which = (now + cap, CAP) if cap > 0 else (math.inf, EXPIRY)
     try:
         expires = float(metadata.created_at) + float(metadata.ttl)
     except (TypeError, ValueError, OverflowError):
         expires = math.nan
-    if math.isfinite(expires):
-        deadline = min(deadline, expires)
-    return deadline if math.isfinite(deadline) else None
+    if math.isfinite(expires) and expires < deadline:
+        deadline, which = expires, EXPIRY
+    return (deadline, which) if math.isfinite(deadline) else (None, which)
 
 
 def configure_logging(node: NodeConfig) -> None:

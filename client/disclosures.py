@@ -10,18 +10,20 @@ cannot be logged does not leave: the node answers ``node refused: its disclosure
 (the reason goes to the node's own log), and a line whose write failed part-way is taken back.
 
 Not in the log: Flower's own replies, made before the app runs or around it (a message type the app has no function
-for, an app that does not load, a bundle the approval gate refuses), and the error reply of a node whose node config
-does not parse; none carries anything of the site's. The log is written by the app the run brought, so it means
+for, an app that does not load, a bundle the approval gate refuses), the error reply of a node whose node config
+does not parse, and the refusal sent in place of a reply that could not be logged; none carries anything of the
+site's. The log is written by the app the run brought, so it means
 what it says where the node runs only approved apps (``APPROVED``); :func:`main` says which replies name no app.
 
 Node config ``disclosure-log``: the log's path; empty (the default) is ``<state-dir>/disclosures.jsonl`` on a
-deployed node (``$MSTKD_HOME`` without a ``state-dir``) and no log in a simulation; ``off`` writes none. The log
+deployed node (``$MSTKD_HOME`` without a ``state-dir``) and no log in a simulation; ``off`` (any case) writes none. The log
 must be a plain file of the node's user with one name; it is created 0600 (one that others may read is made so),
 in a folder made 0700 if new, never opened through a link in its own place, and appended under a lock, so the
 processes of several runs can share it.
 
-``python -m client.disclosures [LOG] [--run ID] [--json]`` sums it up per run: messages answered, errors and
-their reasons, bytes sent, and the names of every metric and text that left.
+``python -m client.disclosures LOG [--run ID] [--json]`` sums it up per run: the nodes, messages answered, errors
+and their reasons, bytes sent (arrays, and byte strings in configs), and the names of every metric and config value
+that left.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ log = logging.getLogger("mstkd.client")
 
 def log_path(node: NodeConfig) -> Path | None:
     """Where this node logs what it sends (see the module doc), or None for no log."""
-    if node.disclosure_log == OFF or (not node.disclosure_log and node.simulated):
+    if node.disclosure_log.lower() == OFF or (not node.disclosure_log and node.simulated):
         return None
     if node.disclosure_log:
         return Path(node.disclosure_log).expanduser()
@@ -128,24 +130,27 @@ def _value(value: Any) -> Any:
         return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
     if isinstance(value, str):
         return {"chars": len(value), "sha256": hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()}
-    digest, count = hashlib.sha256(), 0
+    digest, count, size = hashlib.sha256(), 0, 0
     for item in value:  # item by item: a masked SecAgg+ vector is the whole update, hashed without a copy
         data = item if isinstance(item, bytes) else repr(item).encode("utf-8", "surrogatepass")
         digest.update(f"{type(item).__name__}:{len(data)}:".encode())
         digest.update(data)
         count += 1
-    return {"items": count, "sha256": digest.hexdigest()}
+        size += len(item) if isinstance(item, bytes) else 0
+    return {"items": count, "bytes": size, "sha256": digest.hexdigest()}
 
 
 def append(path: Path, line: dict[str, Any]) -> None:
     """Append ``line`` as one JSON line, under an exclusive lock, and fsync it. The folder is made 0700 if it is
-    new; the file is created 0600 and never opened through a link; after a line cut off by a crash, the new one
-    starts on a line of its own.
+    new (every folder it makes); the file is created 0600 and never opened through a link; after a line cut off by a
+    crash, the new one starts on a line of its own.
 
     Raises:
         OSError: the log cannot be written (including a link in its place).
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in reversed([path.parent, *path.parent.parents]):
+        if not folder.exists():
+            folder.mkdir(mode=0o700, exist_ok=True)  # each new folder private, not only the last
     data = (json.dumps(line, allow_nan=False, separators=(",", ":")) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     try:
@@ -173,8 +178,12 @@ def _check_own_file(fd: int) -> None:
         OSError: not a plain file, another user's, or a hard link's.
     """
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
-        raise OSError("the log must be a plain file of the node's user, with no other name")
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError("the log is not a plain file")
+    if info.st_uid != os.geteuid():
+        raise OSError("the log belongs to another user")
+    if info.st_nlink != 1:
+        raise OSError("the log has another name (a hard link)")
     if info.st_mode & 0o077:
         os.fchmod(fd, 0o600)
 
@@ -215,9 +224,10 @@ def _is_entry(value: Any) -> bool:
 
 
 def summary(path: Path, run: int | None = None) -> dict[str, Any]:
-    """Per run: the first and last time, replies by message type, errors by reason, bytes of arrays sent, the names
-    of the metrics and texts sent (``record.name``), the app digests and the replies logged with none; and the
-    numbers of the lines that are not entries.
+    """Per run: the nodes, the first and last time, replies by message type, errors by reason, the bytes sent (arrays,
+    and byte strings in configs, such as SecAgg+'s masked update), the names of the metrics and config values sent
+    (``record.name``), the app digests and the replies logged with none; and the numbers of the lines that are not
+    entries.
 
     Raises:
         OSError: the log cannot be read, or is not a plain file.
@@ -232,6 +242,8 @@ def summary(path: Path, run: int | None = None) -> dict[str, Any]:
             continue
         seen = runs.setdefault(line["run"], {"times": [], "replies": {}, "errors": {}, "bytes": 0, "unapproved": 0})
         seen["times"].append(line["time"])
+        if type(line.get("node")) is int:
+            seen.setdefault("nodes", set()).add(line["node"])
         kind = line["type"].partition(".")[0]
         seen["replies"][kind] = seen["replies"].get(kind, 0) + 1
         if line["app"]:
@@ -242,22 +254,30 @@ def summary(path: Path, run: int | None = None) -> dict[str, Any]:
             reason = line["error"]["reason"]
             seen["errors"][reason] = seen["errors"].get(reason, 0) + 1
             continue
-        seen["bytes"] += sum(a["bytes"] for a in line["arrays"].values())
+        seen["bytes"] += sum(a["bytes"] for a in line["arrays"].values()) + _config_bytes(line["configs"])
         for kind in ("metrics", "configs"):
             seen.setdefault(kind, set()).update(f"{r}.{name}" for r, values in line[kind].items() for name in values)
     for seen in runs.values():
         times = seen.pop("times")
         seen["first"], seen["last"] = min(times), max(times)  # ISO times in UTC: their order is the text's
-        for key in ("metrics", "configs", "apps"):
+        for key in ("metrics", "configs", "apps", "nodes"):
             seen[key] = sorted(seen.get(key, ()))
     return {"runs": runs, "unreadable": unreadable}
+
+
+def _config_bytes(configs: dict[str, dict[str, Any]]) -> int:
+    """The bytes a reply's config records carried as byte strings (SecAgg+'s keys, shares and masked update)."""
+    sizes = [v.get("bytes") for record in configs.values() for v in record.values() if isinstance(v, dict)]
+    return sum(n for n in sizes if type(n) is int and n >= 0)
 
 
 def _text(result: dict[str, Any]) -> str:
     out = []
     for run, seen in sorted(result["runs"].items()):
         replies = ", ".join(f"{n} {kind}" for kind, n in sorted(seen["replies"].items()))
-        out.append(f"run {run}: {seen['first']} to {seen['last']}: {replies}; {seen['bytes'] / 1e6:.2f} MB of arrays")
+        who = f" (node {', '.join(map(str, seen['nodes']))})" if seen["nodes"] else ""
+        megabytes = seen["bytes"] / 1e6
+        out.append(f"run {run}{who}: {seen['first']} to {seen['last']}: {replies}; {megabytes:.2f} MB sent")
         out += [f"  app {digest}" for digest in seen["apps"]]
         if seen["unapproved"]:
             out.append(
@@ -266,7 +286,7 @@ def _text(result: dict[str, Any]) -> str:
             )
         out += [f"  {n} x error: {reason}" for reason, n in sorted(seen["errors"].items())]
         out.append(f"  metrics: {', '.join(seen['metrics']) or '-'}")
-        out.append(f"  texts: {', '.join(seen['configs']) or '-'}")
+        out.append(f"  configs: {', '.join(seen['configs']) or '-'}")
     if not result["runs"]:
         out.append("no replies logged")
     if result["unreadable"]:
@@ -279,10 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.disclosures", description=__doc__.splitlines()[0])
     parser.add_argument(
         "log",
-        nargs="?",
         type=Path,
-        default=default_home() / "disclosures.jsonl",
-        help="the node's disclosure log (default: $MSTKD_HOME/disclosures.jsonl)",
+        help="the node's disclosure log: <state>/disclosures.jsonl (deploy/start_supernode.sh: "
+        "deploy/generated/supernodes/<site>/), or the node config's disclosure-log",
     )
     parser.add_argument("--run", type=int, help="only this run id")
     parser.add_argument("--json", action="store_true", help="the summary as JSON")

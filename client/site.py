@@ -184,7 +184,7 @@ def in_time(context: NodeContext) -> None:
         RefusedMessage: the message has expired.
     """
     if context.deadline is not None and time.time() > context.deadline:
-        raise RefusedMessage("this message's deadline passed before its work began")
+        raise RefusedMessage(f"this message's deadline ({context.deadline_of}) passed before its work began")
 
 
 def local_round(
@@ -250,6 +250,7 @@ def local_round(
         progress=False,
         desc=data.name,
         deadline=context.deadline,
+        deadline_of=context.deadline_of,
     )
     clock.lap("train")
     if metrics["skipped_steps"] >= steps:  # nothing learned: sending the model back would count as a round of work
@@ -340,6 +341,7 @@ def site_geometry(context: NodeContext, instructions: Mapping[str, Any]) -> dict
     """What this site tells the federation when it plans its target geometry: the median voxel size of its cases
     in the orientation asked for (``spacing-0`` .. ``spacing-2``, mm) and how many cases that is (``num-examples``).
     Only image headers are read, and only these four numbers leave the site."""
+    in_time(context)
     configure_logging(context.node)
     cfg = project_config(context.run)
     try:

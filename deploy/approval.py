@@ -262,6 +262,7 @@ def run_gate(approved_list: Path, flwr_args: list[str]) -> None:
     if not all(hasattr(runtime, name) for name in ("pull_task_input", "install_from_fab")):
         # another Flower: its ClientApp process no longer has the steps checked here; run no code unchecked
         sys.exit("error: this Flower's ClientApp process has no install step the approval check knows; refused")
+    os.environ.pop(APP_DIGEST, None)  # named only once this process's bundle is approved
     gate = Gate(approved_list, runtime.pull_task_input, runtime.install_from_fab, get_flwr_home())
     runtime.pull_task_input, runtime.install_from_fab = gate.pull, gate.install
     # the app's own packages, not the node checkout's, must be the ones it imports (Flower puts the installed

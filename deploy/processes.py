@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.approval import read_approved, write_gate
+from deploy.approval import APP_DIGEST, read_approved, write_gate
 
 TASK_POLL = "0.2"
 CONFIG_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -52,7 +52,7 @@ def flower_bin(name: str) -> str:
 
 def _env(flwr_home: Path) -> dict[str, str]:
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != APP_DIGEST},  # only the gate may name an approved app
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",

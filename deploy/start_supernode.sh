@@ -57,7 +57,12 @@ CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
 [ -n "${REQUIRE_SECAGG:-}" ] && CONFIG="$CONFIG require-secagg=\"$REQUIRE_SECAGG\""
 [ -n "${MAX_WORK_SECONDS:-}" ] && CONFIG="$CONFIG max-work-seconds=\"$MAX_WORK_SECONDS\""
+case "${DISCLOSURE_LOG:-}" in
+    "" | /* | [oO][fF][fF]) ;;
+    *) DISCLOSURE_LOG="$PWD/$DISCLOSURE_LOG" ;;  # the ClientApp runs elsewhere: an absolute path
+esac
 [ -n "${DISCLOSURE_LOG:-}" ] && CONFIG="$CONFIG disclosure-log=\"$DISCLOSURE_LOG\""
+unset MSTKD_APPROVED_APP  # only the approval gate names an approved app (deploy/approval.py APP_DIGEST)
 export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # Flower looks for work every 1 s otherwise
 exec flower-supernode --root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$KEY" \

@@ -130,22 +130,23 @@ PACE_MARGIN = 1.25
 """The pace refuses work only when the steps left would need this many times the time left."""
 
 
-def check_pace(deadline: float, done: int, steps: int, since: float | None) -> None:
+def check_pace(deadline: float, done: int, steps: int, since: float | None, of: str = "the message's expiry") -> None:
     """Stop work whose result no one will receive: it is past ``deadline`` (``time.time()``), or, once
     2 x :data:`PACE_STEPS` of its ``steps`` are done, the steps left would need over :data:`PACE_MARGIN` times the
-    time left at the mean pace since ``since`` (``time.perf_counter()`` when step :data:`PACE_STEPS` began).
+    time left at the mean pace since ``since`` (``time.perf_counter()`` when step :data:`PACE_STEPS` began). ``of``
+    names the limit in the reason.
 
     Raises:
         RefusedMessage: why, in one line that names no data (a federated node sends it to the server).
     """
     now = time.time()
     if now > deadline:
-        raise RefusedMessage(f"this round's work reached its message's deadline after {done} of {steps} steps")
+        raise RefusedMessage(f"this round's work reached its deadline ({of}) after {done} of {steps} steps")
     if since is not None and done >= 2 * PACE_STEPS:
         pace = (time.perf_counter() - since) / (done - PACE_STEPS)
         if pace * (steps - done) > PACE_MARGIN * (deadline - now):
             raise RefusedMessage(
-                f"this round's {steps} steps would end past its message's deadline: {steps - done} left at "
+                f"this round's {steps} steps would end past its deadline ({of}): {steps - done} left at "
                 f"{pace:.2f} s a step, {deadline - now:.0f} s left"
             )
 
@@ -166,13 +167,15 @@ def train_local(
     progress: bool = True,
     desc: str = "train",
     deadline: float | None = None,
+    deadline_of: str = "the message's expiry",
 ) -> dict[str, float]:
     """Run ``steps`` teacher-student steps (default: one pass over ``loader``), updating ``nets`` in place.
 
     Args:
         nets: teacher, student and discriminator (moved to ``device``).
         optimizers: their optimisers, whose state carries over between calls.
-        loader: yields dicts with ``image`` ``B x 4 x h x w x d`` and ``label`` ``B x 3 x h x w x d``.
+        loader: yields dicts with ``image`` ``B x 4 x h x w x d`` and ``label`` ``B x 3 x h x w x d``; iterated
+            once per pass, so it must be re-iterable (a DataLoader or a list, not a generator).
         cfg: the full config (``train`` and ``loss`` sections are read).
         steps: number of steps; the loader is iterated again when shorter (:func:`passes`).
         epoch: the global epoch at the start, for the lr schedule and the consistency ramp.
@@ -185,7 +188,7 @@ def train_local(
         progress: show a progress bar.
         deadline: ``time.time()`` by which the work must end (a federated message's, when its reply would be
             dropped): :func:`check_pace` stops it before any step that starts past it, or once the steps left
-            clearly would, at the pace so far.
+            clearly would, at the pace so far; ``deadline_of`` names it in the reason.
 
     Returns:
         Mean of each weighted loss term over the steps taken, ``loss`` (their sum), ``disc_loss``, ``steps``,
@@ -224,11 +227,13 @@ def train_local(
     start = time.perf_counter()
     bar = tqdm(islice(passes(loader), steps), total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     paced = None  # when the pace began to be timed
+    taken = 0
     for i, batch in enumerate(bar):
+        taken = i + 1
         if i == PACE_STEPS:
             paced = time.perf_counter()
         if deadline is not None:
-            check_pace(deadline, i, steps, paced)
+            check_pace(deadline, i, steps, paced, deadline_of)
         e = epoch + i / epoch_len
         lr = poly_lr(cfg.train, e)
         for group in optimizers.main.param_groups:
@@ -288,6 +293,8 @@ def train_local(
             bar.set_postfix(loss=f"{sums['loss'] / counted:.3f}", refresh=False)
 
     out = {name: total / max(counted, 1) for name, total in sums.items()}  # means over the steps taken
+    if taken < steps:  # a loader that cannot be iterated again (a generator) ran dry
+        raise ValueError(f"the loader gave {taken} of the {steps} batches asked for; pass one that can be re-iterated")
     out.update(steps=float(steps), lr=lr, seconds=time.perf_counter() - start, epoch=epoch + steps / epoch_len)
     out["skipped_steps"] = float(skipped)
     out["subsets_drawn"] = float(len(drawn))

@@ -257,10 +257,19 @@ def test_a_round_whose_work_would_outlive_its_message_is_refused_and_nothing_is_
     expired.metadata.created_at -= 100  # made 100 s ago, to live 10 s: Flower would drop any reply to it
     expired.metadata.ttl = 10
     reply = client_app(expired, context)
-    assert reply.error.reason == "node refused: this message's deadline passed before its work began"
+    assert (
+        reply.error.reason
+        == "node refused: this message's deadline (the message's expiry) passed before its work began"
+    )
+    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=5, message_type=MessageType.QUERY)
+    query.metadata.created_at -= 100
+    query.metadata.ttl = 10
+    assert "deadline (the message's expiry) passed" in client_app(query, context).error.reason
     context.node_config["max-work-seconds"] = 1e-9  # the site's own cap, whatever the message allows
     capped = client_app(_train_message(tiny_arrays(), 1), context)
-    assert capped.error.reason == "node refused: this message's deadline passed before its work began"
+    assert capped.error.reason == (
+        "node refused: this message's deadline (this site's max-work-seconds) passed before its work began"
+    )
     del context.node_config["max-work-seconds"]
     # a run config that asks for more than the message's 660 s: refused once the pace shows it, in seconds
     run_config["local-steps"] = 1_000_000
@@ -268,8 +277,9 @@ def test_a_round_whose_work_would_outlive_its_message_is_refused_and_nothing_is_
     message = _train_message(tiny_arrays(), 1)
     message.metadata.ttl = 660
     reply = client_app(message, context)
-    assert "node refused: this round's 1000000 steps would end past its message's deadline" in reply.error.reason
+    assert "node refused: this round's 1000000 steps would end past its deadline (the message's" in reply.error.reason
     assert time.monotonic() - started < 120
     assert not list((tmp_path / "state").rglob("local.pt"))  # each round dropped whole, its state unsaved
     run_config["local-steps"] = 2
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
+    assert list((tmp_path / "state").rglob("local.pt"))  # the round in time is saved

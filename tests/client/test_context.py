@@ -33,18 +33,18 @@ def test_sites_log_at_info_in_deployment_and_stay_quiet_in_simulation():
 def _metadata(created, ttl):
     from types import SimpleNamespace
 
-    return SimpleNamespace(created_at=created, ttl=ttl, delivered_at="")
+    return SimpleNamespace(created_at=created, ttl=ttl)
 
 
 def test_a_nodes_work_ends_when_its_message_expires_or_at_the_sites_cap():
-    from client.context import work_deadline
+    from client.context import CAP, EXPIRY, work_deadline
 
     now = 5_000.0  # the node's clock, on which Flower reckons a reply's lifetime too
-    assert work_deadline(_metadata(4_000.0, 1_500.0), now=now) == 5_500.0
-    assert work_deadline(_metadata(4_000.0, 1_500.0), cap=30, now=now) == now + 30
-    assert work_deadline(_metadata(4_000.0, 1_500.0), cap=3_000, now=now) == 5_500.0
-    assert work_deadline(_metadata(4_000.0, 500.0), now=now) == 4_500.0  # expired already: no work at all
+    assert work_deadline(_metadata(4_000.0, 1_500.0), now=now) == (5_500.0, EXPIRY)
+    assert work_deadline(_metadata(4_000.0, 1_500.0), cap=30, now=now) == (now + 30, CAP)
+    assert work_deadline(_metadata(4_000.0, 1_500.0), cap=3_000, now=now) == (5_500.0, EXPIRY)
+    assert work_deadline(_metadata(4_000.0, 500.0), now=now) == (4_500.0, EXPIRY)  # expired already: no work at all
     # times that do not read as finite numbers leave only the node's own cap
-    assert work_deadline(_metadata(float("nan"), 100.0), now=now) is None
-    assert work_deadline(_metadata("yesterday", 100.0), cap=60, now=now) == now + 60
-    assert work_deadline(_metadata(4_000.0, float("inf")), now=now) is None
+    assert work_deadline(_metadata(float("nan"), 100.0), now=now)[0] is None
+    assert work_deadline(_metadata("yesterday", 100.0), cap=60, now=now) == (now + 60, CAP)
+    assert work_deadline(_metadata(4_000.0, float("inf")), now=now)[0] is None

@@ -70,7 +70,7 @@ def test_a_deployed_node_logs_every_reply_it_sends_before_it_leaves(tmp_path, mo
     seen = result["runs"][7]
     assert seen["replies"] == {"train": 2, "evaluate": 1} and seen["errors"] == {refused.error.reason: 1}
     assert seen["bytes"] == train["arrays"]["arrays"]["bytes"] and "metrics.train-loss" in seen["metrics"]
-    assert "site.name" in seen["configs"] and seen["apps"] == ["d" * 64]
+    assert "site.name" in seen["configs"] and seen["apps"] == ["d" * 64] and seen["nodes"] == [5]
 
 
 def test_a_reply_that_cannot_be_logged_does_not_leave(tmp_path):
@@ -124,7 +124,7 @@ def test_a_line_cut_off_by_a_crash_costs_only_itself(tmp_path, capsys):
     assert sorted(disclosures.summary(path)["runs"]) == [1, 2]
     assert disclosures.main([str(path), "--run", "2"]) == 1  # the cut line is reported, and the exit says so
     out = capsys.readouterr().out
-    assert "run 2: t1 to t1: 1 evaluate" in out and "run 1" not in out and "line 2" in out
+    assert "run 2: t1 to t1: 1 evaluate; 0.00 MB sent" in out and "run 1" not in out and "line 2" in out
     assert disclosures.main([str(tmp_path / "none.jsonl")]) == 2
 
 
@@ -135,7 +135,7 @@ def test_a_log_is_the_node_users_own_plain_file_and_a_failed_write_is_taken_back
     disclosures.append(path, {"run": 2})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().count("\n") == 2  # made private
     (tmp_path / "other-name").hardlink_to(path)
-    with pytest.raises(OSError, match="no other name"):
+    with pytest.raises(OSError, match="has another name"):
         disclosures.append(path, {"run": 3})
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(OSError, match="plain file"):
@@ -167,7 +167,7 @@ def test_the_summary_reads_a_log_from_elsewhere_line_by_line_without_a_traceback
         good | {"error": "oops"},
     ]
     lines = [json.dumps(good | {"time": "2026-12-07T07:00:00+00:00"}), json.dumps(good), *map(json.dumps, bad)]
-    lines += ["[" * 100_000, '{"run": 1, "bytes": 1e999}']
+    lines += ["[" * 100_000, json.dumps(good | {"arrays": {"arrays": {"bytes": 1}}}).replace('"bytes": 1}', '"bytes": 1e999}')]
     path = tmp_path / "log.jsonl"
     path.write_text("\n".join(lines) + "\n")
     result = disclosures.summary(path)
@@ -183,6 +183,17 @@ def test_the_summary_reads_a_log_from_elsewhere_line_by_line_without_a_traceback
     os.mkfifo(tmp_path / "fifo")
     assert disclosures.main([str(tmp_path / "fifo")]) == 2  # refused, not waited on
     assert "not a plain file" in capsys.readouterr().err
+
+
+def test_a_masked_update_sent_as_byte_strings_counts_as_sent(tmp_path):
+    """Under SecAgg+ the update leaves as a config record's list of byte strings, not as arrays."""
+    masked = [b"\x01" * 1000, b"\x02" * 500]
+    line = {"run": 3, "node": 5, "type": "train", "time": "t", "app": None, "arrays": {}, "metrics": {}}
+    line["configs"] = {"secaggplus": {"masked_parameters": disclosures._value(masked), "stage": "collect"}}
+    assert line["configs"]["secaggplus"]["masked_parameters"]["bytes"] == 1500
+    disclosures.append(tmp_path / "log.jsonl", line)
+    seen = disclosures.summary(tmp_path / "log.jsonl")["runs"][3]
+    assert seen["bytes"] == 1500 and seen["configs"] == ["secaggplus.masked_parameters", "secaggplus.stage"]
 
 
 def test_the_gate_and_the_app_agree_on_where_the_digest_travels():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from deploy import processes
+from deploy import approval, processes
 
 ROOT = Path(__file__).resolve().parents[2]
 SMUGGLING = ['hospital-b" extra="1', "a\\", 'x" site-name="hospital-b', "a\nb"]
@@ -46,7 +46,8 @@ def _supernode_sh(tmp_path: Path, site: str, data: Path) -> tuple[subprocess.Com
     creds, fake = tmp_path / "creds", tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     record = tmp_path / "flower-supernode.args"
-    (fake / "flower-supernode").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{record}"\n')
+    recorder = f'#!/bin/sh\nprintf "%s\\n" "$@" "app=${{{approval.APP_DIGEST}:-}}" > "{record}"\n'
+    (fake / "flower-supernode").write_text(recorder)
     (fake / "flower-supernode").chmod(0o755)
     env = os.environ | {"CREDS": str(creds), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
     env.pop("STATE", None)
@@ -118,13 +119,16 @@ def test_start_supernode_sh_passes_the_sites_terms_or_refuses_them(tmp_path, mon
     (tmp_path / "creds" / "nodes" / "hospital-a").write_text("")
     monkeypatch.setenv("REQUIRE_SECAGG", "3")
     monkeypatch.setenv("MAX_WORK_SECONDS", "7200")
-    monkeypatch.setenv("DISCLOSURE_LOG", "/var/log/mstkd/sent.jsonl")
+    monkeypatch.setenv("DISCLOSURE_LOG", "logs/sent.jsonl")
+    monkeypatch.setenv(approval.APP_DIGEST, "a" * 64)  # left in the operator's shell: no node may inherit it
     done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
     assert done.returncode == 0, done.stderr
     args = record.read_text().splitlines()
     config = parse_config_args([args[args.index("--node-config") + 1]])
     assert config["require-secagg"] == "3" and config["max-work-seconds"] == "7200"
-    assert config["disclosure-log"] == "/var/log/mstkd/sent.jsonl"
+    assert config["disclosure-log"] == f"{os.getcwd()}/logs/sent.jsonl"  # made absolute: the app runs elsewhere
+    assert args[-1] == "app="
+    assert approval.APP_DIGEST not in processes._env(tmp_path)
     for name, value in (("REQUIRE_SECAGG", "3 nodes"), ("MAX_WORK_SECONDS", "2h"), ("DISCLOSURE_LOG", 'a"b')):
         record.unlink(missing_ok=True)
         monkeypatch.setenv(name, value)

@@ -237,4 +237,5 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
     assert not any((tmp_path / "nodes" / "hospital-b" / name).exists() for name in ("apps", "approved"))
     # what hospital-a's app sent is in the node's disclosure log, under the digest its site approved
     (sent,) = summary(tmp_path / "disclosures.jsonl")["runs"].values()
-    assert sent["apps"] == [digest] and sent["replies"]["train"] == 1 and sent["bytes"] > 0, sent
+    assert sent["apps"] == [digest] and not sent["unapproved"] and sent["replies"]["train"] == 1, sent
+    assert sent["bytes"] > 0, sent

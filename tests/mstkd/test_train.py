@@ -59,11 +59,11 @@ def test_poly_lr_schedule():
 
 def test_training_stops_at_its_deadline_or_once_its_pace_cannot_meet_it(phantoms):
     now, clock = time.time(), time.perf_counter()
-    with pytest.raises(RefusedMessage, match="reached its message's deadline after 0 of 10 steps"):
+    with pytest.raises(RefusedMessage, match=r"reached its deadline \(the message's expiry\) after 0 of 10 steps"):
         check_pace(now - 1, 0, 10, None)
     # steps 5 to 10 took 50 s: the 90 left need 900 s
-    with pytest.raises(RefusedMessage, match="would end past its message's deadline: 90 left at 10.00 s a step"):
-        check_pace(now + 100, 10, 100, clock - 50)
+    with pytest.raises(RefusedMessage, match=r"would end past its deadline \(a cap\): 90 left at 10\.0\d s a step"):
+        check_pace(now + 100, 10, 100, clock - 50, "a cap")
     check_pace(now + 800, 10, 100, clock - 50)  # 900 s against 800 left: within the margin, so it goes on
     check_pace(now + 100, 2 * PACE_STEPS - 1, 100, clock - 50)  # the pace is judged from 2 x PACE_STEPS on
 
@@ -75,6 +75,9 @@ def test_training_stops_at_its_deadline_or_once_its_pace_cannot_meet_it(phantoms
     with pytest.raises(RefusedMessage, match="after 0 of 3 steps"):
         train_local(nets, make_optimizers(nets, cfg.train), loader, cfg, steps=3, progress=False, deadline=now - 1)
     assert all(torch.equal(a, b) for a, b in zip(before, nets.student.parameters(), strict=True))
+    one_shot = (batch for batch in loader)  # a generator cannot be drawn from twice: never fewer steps than asked
+    with pytest.raises(ValueError, match=f"the loader gave {len(loader)} of the {2 * len(loader)} batches"):
+        train_local(nets, make_optimizers(nets, cfg.train), one_shot, cfg, steps=2 * len(loader), progress=False)
 
 
 def test_each_pass_over_a_sites_cases_draws_its_own_crops_and_an_empty_loader_ends(phantoms):
