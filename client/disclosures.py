@@ -16,8 +16,8 @@ site's. The log is written by the app the run brought, so it means
 what it says where the node runs only approved apps (``APPROVED``); :func:`main` says which replies name no app.
 
 Node config ``disclosure-log``: the log's path; empty (the default) is ``<state-dir>/disclosures.jsonl`` on a
-deployed node (``$MSTKD_HOME`` without a ``state-dir``) and no log in a simulation; ``off`` (any case) writes none. The log
-must be a plain file of the node's user with one name; it is created 0600 (one that others may read is made so),
+deployed node (``$MSTKD_HOME`` without a ``state-dir``) and no log in a simulation; ``off`` (any case) writes none.
+The log must be a plain file of the node's user with one name; it is created 0600 (one that others may read is made so),
 in a folder made 0700 if new, never opened through a link in its own place, and appended under a lock, so the
 processes of several runs can share it.
 

@@ -167,7 +167,8 @@ def test_the_summary_reads_a_log_from_elsewhere_line_by_line_without_a_traceback
         good | {"error": "oops"},
     ]
     lines = [json.dumps(good | {"time": "2026-12-07T07:00:00+00:00"}), json.dumps(good), *map(json.dumps, bad)]
-    lines += ["[" * 100_000, json.dumps(good | {"arrays": {"arrays": {"bytes": 1}}}).replace('"bytes": 1}', '"bytes": 1e999}')]
+    infinite = json.dumps(good | {"arrays": {"arrays": {"bytes": 1}}}).replace('"bytes": 1}', '"bytes": 1e999}')
+    lines += ["[" * 100_000, infinite]
     path = tmp_path / "log.jsonl"
     path.write_text("\n".join(lines) + "\n")
     result = disclosures.summary(path)
