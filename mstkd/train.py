@@ -227,9 +227,7 @@ def train_local(
     start = time.perf_counter()
     bar = tqdm(islice(passes(loader), steps), total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     paced = None  # when the pace began to be timed
-    taken = 0
     for i, batch in enumerate(bar):
-        taken = i + 1
         if i == PACE_STEPS:
             paced = time.perf_counter()
         if deadline is not None:
@@ -293,7 +291,8 @@ def train_local(
             bar.set_postfix(loss=f"{sums['loss'] / counted:.3f}", refresh=False)
 
     out = {name: total / max(counted, 1) for name, total in sums.items()}  # means over the steps taken
-    if taken < steps:  # a loader that cannot be iterated again (a generator) ran dry
+    if counted + skipped < steps:  # a loader that cannot be iterated again (a generator) ran dry
+        taken = counted + skipped
         raise ValueError(f"the loader gave {taken} of the {steps} batches asked for; pass one that can be re-iterated")
     out.update(steps=float(steps), lr=lr, seconds=time.perf_counter() - start, epoch=epoch + steps / epoch_len)
     out["skipped_steps"] = float(skipped)
