@@ -5,7 +5,8 @@ Flower 1.42 runs SecAgg+ only through its legacy workflow, whose train messages 
 (``secaggplus_mod``) masks the reply's parameters before they leave the node. This module:
 
 - :func:`secagg_mod` hands the protocol's messages (those with a ``secaggplus_configs`` record)
-  to ``secaggplus_mod`` and passes every other message through;
+  to ``secaggplus_mod`` and passes every other message through; ``secaggplus_mod`` draws its masks from
+  the whole of each seed (:mod:`messages.masks`), as the server unmasks them;
 - :func:`secagg_train` turns a legacy fit message into the same local round as any other
   (:func:`client.site.local_round`, wherever the node runs it) and its result back into a legacy
   fit reply.
@@ -18,6 +19,7 @@ the protocol quantises them itself.
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
@@ -28,8 +30,12 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.context import Job, message_kind
+from messages.masks import use_full_seeds
 from mstkd.errors import RefusedMessage
 from mstkd.runconfig import Transport
+
+# the module, not the function of the same name its package exports: its masks are drawn from the whole seed
+use_full_seeds(import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"))
 
 FIT_PARAMETERS = "fitins.parameters"
 

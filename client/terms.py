@@ -18,10 +18,10 @@
 These close the ways a coordinator that crafts messages was found to recover a node's update from Flower's
 SecAgg+ client (which checks none of them), provided every site runs them: the unmasking checks protect the other
 sites' keys. They do not make SecAgg+ secure against such a coordinator. Nothing authenticates the nodes of a
-round to each other (the server relays their keys, so it can add nodes of its own); Flower derives each mask from
-a 32-bit seed; and a round replayed with another group of nodes is not detected. What they hold against is a
-coordinator that runs without secure aggregation, or runs it too small or with a threshold too low, by mistake or
-by choice.
+round to each other (the server relays their keys, so it can add nodes of its own), and a round replayed with
+another group of nodes is not detected. (Flower's 32-bit mask seeds are replaced: :mod:`messages.masks`.) What
+they hold against is a coordinator that runs without secure aggregation, or runs it too small or with a threshold
+too low, by mistake or by choice.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_secagg
 
 from messages.arrays import NDARRAY, WireError, decode_array
+from messages.masks import use_full_seeds
 from mstkd.errors import InputError
 from mstkd.numbers import is_whole
 from mstkd.runconfig import RunConfig
@@ -144,12 +145,14 @@ def _checked_factor_extract(parameters):
     expected = _EXPECTED_WEIGHT.get()
     if expected is not None and total != expected:
         raise ValueError(
-            f"the nodes' weights sum to {total}, not the {expected} their case counts give: some node lied"
+            f"the nodes' weights sum to {total}, not the {expected} their case counts give: a node "
+            "lied, or masked with another version's generator"
         )
     return total, rest
 
 
 flower_secagg.factor_extract = _checked_factor_extract
+use_full_seeds(flower_secagg)  # the nodes' masks, drawn from the whole of each seed (:mod:`client.secagg`)
 
 
 class RoundSafeSecAgg(SecAggPlusWorkflow):
