@@ -27,15 +27,16 @@ import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.context import Job, message_kind
-from messages.masks import use_full_seeds
+from messages import signed_keys
+from messages.masks import check_range, use_full_seeds
 from mstkd.errors import RefusedMessage
-from mstkd.runconfig import Transport
+from mstkd.runconfig import NodeConfig, Transport
 
 # the module, not the function of the same name its package exports: its masks are drawn from the whole seed
-use_full_seeds(import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"))
+FULL_SEEDS = use_full_seeds(import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"))
 
 FIT_PARAMETERS = "fitins.parameters"
 
@@ -43,7 +44,8 @@ FIT_PARAMETERS = "fitins.parameters"
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     """Run the SecAgg+ client protocol on its own messages; leave every other message alone. Flower's protocol
     runs only on messages of type ``train`` and passes ``train.<name>`` on unmasked, so such a message that
-    carries the protocol's record is refused.
+    carries the protocol's record is refused. A node with a ``secagg-key`` signs the round keys of its set-up reply
+    (:mod:`messages.signed_keys`); the signatures a key exchange relays are taken out before Flower's client reads it.
 
     Raises:
         RefusedMessage: a ``train.<name>`` message with the protocol's record.
@@ -51,7 +53,29 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     if message_kind(msg) == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
         if msg.metadata.message_type != MessageType.TRAIN:
             raise RefusedMessage("secure aggregation runs on train messages only, not on train.<name> ones")
-        return secaggplus_mod(msg, context, call_next)
+        if not FULL_SEEDS:
+            raise RefusedMessage(
+                "secure aggregation: this node's Flower draws masks in a way this version does not know"
+            )
+        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+        if configs.get(Key.STAGE) == Stage.SETUP:
+            try:  # before the node trains for a round whose masks it could not draw
+                check_range(configs.get(Key.MOD_RANGE))
+            except ValueError as exc:
+                raise RefusedMessage(f"secure aggregation: {exc}") from None
+        for name in [k for k in configs if k.startswith(signed_keys.SIGNED_BY)]:
+            del configs[name]  # the keys' signatures, for the site's terms (client/terms.py), not for Flower's client
+        stage = configs.get(Key.STAGE)  # before Flower's client, which takes it out of the record
+        reply = secaggplus_mod(msg, context, call_next)
+        key = NodeConfig.parse(context.node_config).secagg_key
+        if key and stage == Stage.SETUP and not reply.has_error():
+            keys = reply.content.config_records[RECORD_KEY_CONFIGS]
+            pk1, pk2 = keys[Key.PUBLIC_KEY_1], keys[Key.PUBLIC_KEY_2]
+            node = msg.metadata.dst_node_id  # the node id Flower's client signs up with
+            keys[signed_keys.SIGNED_BY] = signed_keys.sign(
+                signed_keys.load_signing_key(key), context.run_id, node, pk1, pk2
+            )
+        return reply
     return call_next(msg, context)
 
 

@@ -1,6 +1,8 @@
 """A site's own terms for what leaves it, from its node config, which no run submitter can change.
 
 ``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
+With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed
+(:mod:`messages.signed_keys`).
 :func:`required_secagg` (a ClientApp mod, outside Flower's SecAgg+ client) refuses, before any work:
 
 - any message but ``train``, ``evaluate`` and ``query`` (Flower routes ``train.<name>`` to the same function);
@@ -17,11 +19,10 @@
 
 These close the ways a coordinator that crafts messages was found to recover a node's update from Flower's
 SecAgg+ client (which checks none of them), provided every site runs them: the unmasking checks protect the other
-sites' keys. They do not make SecAgg+ secure against such a coordinator. Nothing authenticates the nodes of a
-round to each other (the server relays their keys, so it can add nodes of its own), and a round replayed with
-another group of nodes is not detected. (Flower's 32-bit mask seeds are replaced: :mod:`messages.masks`.) What
-they hold against is a coordinator that runs without secure aggregation, or runs it too small or with a threshold
-too low, by mistake or by choice.
+sites' keys. Without ``secagg-peers`` nothing authenticates the nodes of a round to each other: the server relays
+their keys, so it can add nodes of its own or put its keys in place of a node's. With it, those are refused
+(:mod:`messages.signed_keys`). A round replayed with another group of nodes is not detected either way. (Flower's
+32-bit mask seeds are replaced: :mod:`messages.masks`.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.context import message_kind
+from messages import signed_keys
 from mstkd.errors import RefusedMessage
 from mstkd.numbers import is_whole
 from mstkd.runconfig import NodeConfig
@@ -46,8 +48,11 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
     Raises:
         RefusedMessage: which term the message breaks, in one line; the others' round goes on without this site.
     """
-    needed = NodeConfig.parse(context.node_config).require_secagg
+    node = NodeConfig.parse(context.node_config)
+    needed = node.require_secagg
     if not needed:
+        if node.secagg_peers:  # the site believes its keys are checked: say so rather than run unchecked
+            raise RefusedMessage("this site's secagg-peers checks SecAgg+ keys only with require-secagg, which is 0")
         return call_next(msg, context)
     needed = max(needed, 2)
     terms = f"this site sends its update only under secure aggregation among {needed} nodes or more (require-secagg)"
@@ -64,6 +69,8 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
         broken, kept = _setup(configs, needed)
     elif stage == Stage.SHARE_KEYS:
         broken, kept = _share_keys(configs, context, needed)
+        if not broken and node.secagg_peers:
+            broken = _signed(configs, node.secagg_peers, context.run_id)
     else:
         broken, kept = (_collect if stage == Stage.COLLECT_MASKED_VECTORS else _unmask)(configs, context), None
     if broken:
@@ -97,7 +104,7 @@ def _setup(configs: ConfigRecord, needed: int) -> tuple[str | None, ConfigRecord
 
 
 def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> tuple[str | None, ConfigRecord | None]:
-    names = [k for k in configs if k != Key.STAGE]
+    names = [k for k in configs if k != Key.STAGE and not k.startswith(signed_keys.SIGNED_BY)]
     if not all(name.isascii() and name.isdigit() and str(int(name)) == name for name in names):
         return "this round's key exchange names a node that is not a node id", None
     if str(context.node_id) not in names:
@@ -108,6 +115,14 @@ def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> tuple[s
     if record is None or "nodes" in record:
         return "this round's key exchange did not follow its set-up", None
     return None, ConfigRecord({"threshold": int(record["threshold"]), "nodes": sorted(names)})
+
+
+def _signed(configs: ConfigRecord, peers: str, run_id: int) -> str | None:
+    """Why the key exchange's keys are not each signed by a key of the site's ``secagg-peers``, if they are not."""
+    keys = {int(k): v for k, v in configs.items() if k.isdigit()}
+    signatures = {node: configs.get(signed_keys.entry(node)) for node in keys}
+    why = signed_keys.unsigned(keys, signatures, signed_keys.read_peers(peers), run_id)
+    return f"this round's key exchange {why}" if why else None
 
 
 def _round(context: Context) -> tuple[int, set[int]] | None:

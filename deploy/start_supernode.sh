@@ -13,10 +13,12 @@
 #               max-work-seconds; work past it is dropped, unsent)
 #   DISCLOSURE_LOG  optional, in the environment: where the node logs every reply it sends (default
 #               STATE/disclosures.jsonl; off: none; node config disclosure-log)
+#   SECAGG_PEERS  optional, with REQUIRE_SECAGG: the consortium's node public keys (one .pub line each); the node
+#               then takes part only in rounds whose every SecAgg+ key one of them signed (node config secagg-peers)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CREDS="${CREDS:-$HERE/generated}"
-[ $# -ge 3 ] || { sed -n '3,15p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '3,17p' "$0" >&2; exit 2; }
 fail() { echo "error: ${*//[[:cntrl:]]/?}" >&2; exit 2; }  # one line, whatever the arguments hold
 SITE="$1"; LINK="$3"; MODS="${4:-}"; LOCAL="${5:-9094}"
 # SITE names files, as in deploy/credentials.py: 1..64 letters, digits, . _ -, the first a letter or digit (no
@@ -32,7 +34,11 @@ case "$SITE" in *[!$ALNUM._-]*) fail "site name '$SITE': use letters, digits, '.
 [ "${#SITE}" -le 64 ] || fail "site name '$SITE': at most 64 characters"
 DATA="$(CDPATH='' cd -- "$2" 2>/dev/null && pwd)" || fail "no data folder '$2'"
 STATE="${STATE:-$CREDS/supernodes/$SITE}"
-for value in "$DATA" "$STATE" "$MODS" "${DISCLOSURE_LOG:-}"; do
+absolute() { case "$1" in "" | /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # the ClientApp runs elsewhere
+KEY="$(absolute "$CREDS/nodes/$SITE")"
+SECAGG_PEERS="$(absolute "${SECAGG_PEERS:-}")"
+case "${DISCLOSURE_LOG:-}" in [oO][fF][fF]) ;; *) DISCLOSURE_LOG="$(absolute "${DISCLOSURE_LOG:-}")" ;; esac
+for value in "$DATA" "$STATE" "$MODS" "${DISCLOSURE_LOG:-}" "$KEY" "$SECAGG_PEERS"; do
     case "$value" in
         *[\"\\]* | *[[:cntrl:]]*) fail "'$value': a quote, backslash or control character cannot pass --node-config" ;;
     esac
@@ -43,7 +49,7 @@ esac
 case "${MAX_WORK_SECONDS:-}" in
     *[!0-9]*) fail "MAX_WORK_SECONDS='$MAX_WORK_SECONDS': give a whole number of seconds (0: no cap)" ;;
 esac
-KEY="$CREDS/nodes/$SITE"
+[ -z "$SECAGG_PEERS" ] || [ "${REQUIRE_SECAGG:-0}" -gt 0 ] || fail "SECAGG_PEERS needs REQUIRE_SECAGG (it checks SecAgg+ keys)"
 [ -f "$KEY" ] || fail "no key $KEY; run python deploy/credentials.py node $SITE"
 # a new state folder is private: the node's state and the apps it installs
 [ -d "$STATE" ] || mkdir -p -m 700 "$STATE"
@@ -53,14 +59,12 @@ if [ -n "${APPROVED:-}" ]; then
     GATE="$(python "$HERE/approval.py" install-gate "$STATE/approval-gate" --list "$APPROVED")" || exit 2
     export PATH="$GATE:$PATH"
 fi
-CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\""
+# the node's key also signs its SecAgg+ round keys, so that sites that check them know them for its own
+CONFIG="data-path=\"$DATA\" site-name=\"$SITE\" state-dir=\"$STATE\" secagg-key=\"$KEY\""
 [ -n "$MODS" ] && CONFIG="$CONFIG modalities=\"$MODS\""
 [ -n "${REQUIRE_SECAGG:-}" ] && CONFIG="$CONFIG require-secagg=\"$REQUIRE_SECAGG\""
 [ -n "${MAX_WORK_SECONDS:-}" ] && CONFIG="$CONFIG max-work-seconds=\"$MAX_WORK_SECONDS\""
-case "${DISCLOSURE_LOG:-}" in
-    "" | /* | [oO][fF][fF]) ;;
-    *) DISCLOSURE_LOG="$PWD/$DISCLOSURE_LOG" ;;  # the ClientApp runs elsewhere: an absolute path
-esac
+[ -n "$SECAGG_PEERS" ] && CONFIG="$CONFIG secagg-peers=\"$SECAGG_PEERS\""
 [ -n "${DISCLOSURE_LOG:-}" ] && CONFIG="$CONFIG disclosure-log=\"$DISCLOSURE_LOG\""
 unset MSTKD_APPROVED_APP  # only the approval gate names an approved app (deploy/approval.py APP_DIGEST)
 export FLWR_HOME="$STATE" FLWR_TELEMETRY_ENABLED=0

@@ -218,6 +218,8 @@ class NodeConfig:
     worker_idle: float = _key(POSITIVE, 1800.0)  # seconds a warm worker waits for a message before it ends
     # > 0: this site's update leaves it only masked, under SecAgg+ among at least this many nodes (2 at least)
     require_secagg: int = _key(NON_NEGATIVE, 0)
+    secagg_key: str = ""  # this node's SuperNode private key, which signs its SecAgg+ keys (messages/signed_keys.py)
+    secagg_peers: str = ""  # with require-secagg: the consortium's node public keys; every round key must be signed
     # > 0: no message's training holds this node longer than this many seconds (work past it is dropped, unsent)
     max_work_seconds: float = _key(NON_NEGATIVE, 0.0)
     # where the node logs every reply it sends (client/disclosures.py); empty: <state-dir>/disclosures.jsonl when

@@ -37,6 +37,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_secagg
 
+from messages import signed_keys
 from messages.arrays import NDARRAY, WireError, decode_array
 from messages.masks import use_full_seeds
 from mstkd.errors import InputError
@@ -74,6 +75,8 @@ class CheckedGrid:
     def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], max_examples: int) -> None:
         self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
         self.counts: dict[int, int] = {}  # the case count of each node whose masked vectors were taken, this round
+        self.signatures: dict[int, list[bytes]] = {}  # each node's signature of its round keys, this round
+        self.errors: list[str] = []  # the reasons of this round's error replies
 
     def __getattr__(self, name: str):
         return getattr(self.grid, name)
@@ -81,9 +84,29 @@ class CheckedGrid:
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
         asked = {m.metadata.dst_node_id: _asked(m) for m in messages}
+        for message in messages:
+            self._relay_signatures(message, asked[message.metadata.dst_node_id][0])
         expire(messages, timeout)
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
-        return [self._checked(reply, asked) for reply in replies]
+        replies = [self._checked(reply, asked) for reply in self.grid.send_and_receive(messages, timeout=timeout)]
+        for reply in replies:
+            if reply.has_error():
+                self.errors.append(printable(reply.error.reason, 200))
+            elif asked.get(reply.metadata.src_node_id, ("",))[0] == Stage.SETUP:
+                signed = reply.content.config_records[RECORD_KEY_CONFIGS].get(signed_keys.SIGNED_BY)
+                if isinstance(signed, list) and len(signed) == 2 and all(_short_bytes(v) for v in signed):
+                    self.signatures[reply.metadata.src_node_id] = signed
+        return replies
+
+    def _relay_signatures(self, message: Message, stage: str | None) -> None:
+        """A set-up starts a round with no signature; a key exchange carries each listed node's beside its keys, for
+        nodes whose sites check them (:mod:`messages.signed_keys`)."""
+        if stage == Stage.SETUP:
+            self.signatures, self.errors = {}, []
+        elif stage == Stage.SHARE_KEYS:
+            record = message.content.config_records[RECORD_KEY_CONFIGS]
+            for node in [int(k) for k in record if k.isdigit()]:
+                if node in self.signatures:
+                    record[signed_keys.entry(node)] = self.signatures[node]
 
     def _checked(self, reply: Message, asked: dict[int, tuple[str | None, list[int]]]) -> Message:
         if reply.has_error():
@@ -152,7 +175,7 @@ def _checked_factor_extract(parameters):
 
 
 flower_secagg.factor_extract = _checked_factor_extract
-use_full_seeds(flower_secagg)  # the nodes' masks, drawn from the whole of each seed (:mod:`client.secagg`)
+FULL_SEEDS = use_full_seeds(flower_secagg)  # the nodes' masks, drawn from the whole of each seed (client.secagg)
 
 
 class RoundSafeSecAgg(SecAggPlusWorkflow):
@@ -185,15 +208,23 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
     # node sampled, or one) stays stopped.
     def setup_stage(self, grid, context, state) -> bool:
         super().setup_stage(grid, context, state)
-        return bool(state.nid_to_neighbours) and self._forget_lost(state)
+        return self._went_on(bool(state.nid_to_neighbours) and self._forget_lost(state), grid, "set-up")
 
     def share_keys_stage(self, grid, context, state) -> bool:
         super().share_keys_stage(grid, context, state)
-        return self._forget_lost(state)
+        return self._went_on(self._forget_lost(state), grid, "key exchange")
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         grid.counts = {}
-        return super().collect_masked_vectors_stage(grid, context, state)
+        return self._went_on(super().collect_masked_vectors_stage(grid, context, state), grid, "masked updates")
+
+    def _went_on(self, went_on: bool, grid, stage: str) -> bool:
+        """A stage that leaves too few nodes halts Flower's workflow, which says nothing more: the round is recorded
+        as skipped, with the nodes' reasons."""
+        if not went_on:
+            why = "; ".join(sorted(set(grid.errors))[:2]) or "nodes silent"
+            self.on_failure(RuntimeError(f"too few nodes left after its {stage}: {why}"))
+        return went_on
 
     def unmask_stage(self, grid, context, state) -> bool:
         """Flower's unmasking, which divides the sum by the sum of the nodes' weight factors (each node's first masked
@@ -211,11 +242,16 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
 
     def _forget_lost(self, state) -> bool:
         """Make the nodes still active the round's nodes, and their neighbours among them (a node that never sent its
-        key shares holds no part of the sum and no share another node needs); then check the protocol's threshold."""
+        key shares holds no part of the sum and no share another node needs); then check the protocol's threshold
+        (Flower's check passes a round with no node left, whose unmasking then failed with an ``IndexError``)."""
         kept = set(state.active_node_ids)
         state.sampled_node_ids = kept
         state.nid_to_neighbours = {n: ns & kept for n, ns in state.nid_to_neighbours.items() if n in kept}
-        return self._check_threshold(state)
+        return bool(kept) and self._check_threshold(state)
+
+
+def _short_bytes(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) <= signed_keys.MAX_FIELD
 
 
 def _asked(message: Message) -> tuple[str | None, list[int]]:
@@ -248,6 +284,8 @@ def run_secagg(
     local_epochs, max_weight = run.local_epochs, run.secagg_max_weight
     if min_nodes < 3:
         raise InputError(f"secure aggregation needs min-nodes >= 3 (key shares among the others), got {min_nodes}")
+    if not FULL_SEEDS:
+        raise InputError("secure aggregation: this Flower draws SecAgg+ masks in a way this version does not know")
     names = list(initial)
     current = {"round": 0, "arrays": dict(initial)}
 
@@ -295,7 +333,7 @@ def run_secagg(
     )
 
     def failed(exc: Exception) -> None:
-        reason = f"secure aggregation failed ({type(exc).__name__}: {printable(str(exc), 120)})"
+        reason = f"secure aggregation failed ({type(exc).__name__}: {printable(str(exc), 300)})"
         runlog.record(current["round"])["skipped"] = reason
 
     workflow = DefaultWorkflow(

@@ -85,7 +85,10 @@ def test_start_supernode_sh_passes_a_good_site_through_as_flower_reads_it(tmp_pa
     args = record.read_text().splitlines()
     config = parse_config_args([args[args.index("--node-config") + 1]])
     state = str(tmp_path / "creds" / "supernodes" / "hospital-a")
-    assert config == {"data-path": str(tmp_path / "my data"), "site-name": "hospital-a", "state-dir": state}
+    key = str(tmp_path / "creds" / "nodes" / "hospital-a")
+    assert config == {"data-path": str(tmp_path / "my data"), "site-name": "hospital-a", "state-dir": state} | {
+        "secagg-key": key  # its SuperNode key also signs its SecAgg+ round keys
+    }
 
 
 def test_a_new_superlink_or_supernode_state_folder_is_its_users_only(tmp_path, monkeypatch):
@@ -120,6 +123,7 @@ def test_start_supernode_sh_passes_the_sites_terms_or_refuses_them(tmp_path, mon
     monkeypatch.setenv("REQUIRE_SECAGG", "3")
     monkeypatch.setenv("MAX_WORK_SECONDS", "7200")
     monkeypatch.setenv("DISCLOSURE_LOG", "logs/sent.jsonl")
+    monkeypatch.setenv("SECAGG_PEERS", "consortium.pub")
     monkeypatch.setenv(approval.APP_DIGEST, "a" * 64)  # left in the operator's shell: no node may inherit it
     done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)
     assert done.returncode == 0, done.stderr
@@ -127,9 +131,17 @@ def test_start_supernode_sh_passes_the_sites_terms_or_refuses_them(tmp_path, mon
     config = parse_config_args([args[args.index("--node-config") + 1]])
     assert config["require-secagg"] == "3" and config["max-work-seconds"] == "7200"
     assert config["disclosure-log"] == f"{os.getcwd()}/logs/sent.jsonl"  # made absolute: the app runs elsewhere
+    assert config["secagg-peers"] == f"{os.getcwd()}/consortium.pub"
+    assert config["secagg-key"] == str(tmp_path / "creds" / "nodes" / "hospital-a")  # its key signs its round keys
     assert args[-1] == "app="
     assert approval.APP_DIGEST not in processes._env(tmp_path)
-    for name, value in (("REQUIRE_SECAGG", "3 nodes"), ("MAX_WORK_SECONDS", "2h"), ("DISCLOSURE_LOG", 'a"b')):
+    for name, value in (
+        ("REQUIRE_SECAGG", "3 nodes"),
+        ("MAX_WORK_SECONDS", "2h"),
+        ("DISCLOSURE_LOG", 'a"b'),
+        ("REQUIRE_SECAGG", "0"),  # with SECAGG_PEERS set: a check that would guard nothing
+        ("SECAGG_PEERS", "x\\y"),
+    ):
         record.unlink(missing_ok=True)
         monkeypatch.setenv(name, value)
         done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path)

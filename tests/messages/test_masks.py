@@ -3,6 +3,8 @@ declares a node lost after taking its masked update is left with a mask it canno
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import os
 import types
@@ -11,6 +13,7 @@ from importlib import import_module
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
@@ -22,6 +25,8 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 import client.secagg  # noqa: F401  (puts the masks in place on the node's side)
 import server.secagg  # noqa: F401  (and on the server's)
 from messages.masks import masks, use_full_seeds
+from mstkd.errors import InputError, RefusedMessage
+from mstkd.runconfig import RunConfig
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
 
@@ -54,33 +59,64 @@ def test_a_mask_depends_on_every_bit_of_its_seed():
     assert not np.array_equal(masks(seed, RANGE, [(64,)])[0], masks(bytes(twin), RANGE, [(64,)])[0])
 
 
-@pytest.mark.parametrize("num_range", [2**32, 2**22, 3 * 2**30, 1000])
-def test_masks_are_flowers_shapes_and_type_uniform_over_their_range_and_one_stream(num_range):
+def test_masks_are_the_aes_ctr_stream_of_the_seeds_hash_as_the_docstring_defines_it():
+    """A known answer, computed here from the definition: one stream of little-endian words across the arrays."""
+    seed, shapes = bytes(range(32)), [(3,), (2, 2), (), (5,)]
+    for num_range, width in ((2**32, 4), (2**20, 4), (2**40, 8)):
+        key = hashlib.sha256(b"mstkd SecAgg+ mask, AES-256-CTR, v1\x00" + seed).digest()
+        stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(13 * width))
+        words = [int.from_bytes(stream[i : i + width], "little") % num_range for i in range(0, len(stream), width)]
+        drawn = np.concatenate([m.ravel() for m in masks(seed, num_range, shapes)])
+        assert drawn.tolist() == words, num_range  # every array, the last included, at its offset in the stream
+
+
+@pytest.mark.parametrize("num_range", [2**32, 2**22, 2**63, 2])
+def test_masks_are_flowers_shapes_and_type_and_uniform_over_their_range(num_range):
     seed = b"a pairwise key of 44 bytes, as Flower's..."
     drawn = masks(seed, num_range, SHAPES)
     assert [m.shape for m in drawn] == SHAPES and all(m.dtype == np.int64 for m in drawn)
     assert all(np.array_equal(a, b) for a, b in zip(drawn, masks(seed, num_range, SHAPES), strict=True))
-    big = masks(seed, num_range, [(50, 1000), (50_000,)])
-    assert np.array_equal(big[0].ravel(), masks(seed, num_range, [(100_000,)])[0][:50_000])  # one stream
-    values = np.concatenate([m.ravel() for m in big])
-    assert values.min() >= 0 and values.max() < num_range
-    counts = np.bincount(values * 10 // num_range, minlength=10)  # ten equal bins: about 10,000 each
-    assert counts.min() > 9_400 and counts.max() < 10_600, counts
-    for bad in (1, 0, 2**63, True, 2.0**32):
-        with pytest.raises(ValueError, match="a mask's range must be a whole number in 2..2\\*\\*62"):
-            masks(seed, bad, SHAPES)
+    values = masks(seed, num_range, [(100_000,)])[0]
+    assert values.min() >= 0 and values.max() <= num_range - 1
+    bins = min(num_range, 10)
+    counts = np.bincount((values // (num_range // bins)).astype(np.int64), minlength=bins)  # bins of equal width
+    assert counts.min() > 100_000 / bins * 0.94 and counts.max() < 100_000 / bins * 1.06, counts
 
 
-def test_the_node_and_the_server_draw_their_masks_alike_and_from_the_whole_seed():
+def test_a_range_or_seed_no_mask_can_be_drawn_from_is_refused():
+    for bad in (1, 0, 3 * 2**30, 1000, 2**64, True, 2.0**32, "4294967296"):
+        with pytest.raises(ValueError, match="a mask's range must be a power of two in 2..2\\*\\*63"):
+            masks(b"k" * 32, bad, SHAPES)
+    for bad in (b"short", 32, "text of enough characters"):
+        with pytest.raises(ValueError, match="a mask's seed must be at least 16 bytes"):
+            masks(bad, RANGE, SHAPES)
+    # a node refuses such a range at its set-up, before it trains for a round it could not mask
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    setup = {"sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": 8.0, "target_range": TARGET}
+    message = _stage(5, Stage.SETUP, **setup, mod_range=3 * 2**30, max_weight=1.0)
+    with pytest.raises(RefusedMessage, match="secure aggregation: a mask's range must be a power of two"):
+        client.secagg.secagg_mod(message, context, lambda m, c: pytest.fail("no work for such a round"))
+
+
+def test_the_node_and_the_server_draw_their_masks_alike_and_from_the_whole_seed(monkeypatch):
     assert FLOWERS_CLIENT.pseudo_rand_gen is masks and server.secagg.flower_secagg.pseudo_rand_gen is masks
-    use_full_seeds(FLOWERS_CLIENT)  # a second time changes nothing
-    assert FLOWERS_CLIENT.pseudo_rand_gen is masks
+    assert client.secagg.FULL_SEEDS and server.secagg.FULL_SEEDS
+    assert use_full_seeds(FLOWERS_CLIENT) and FLOWERS_CLIENT.pseudo_rand_gen is masks  # a second time: unchanged
+    again = types.ModuleType("flower_module_seen_by_a_second_import")
+    again.pseudo_rand_gen = types.FunctionType(masks.__code__, masks.__globals__)  # another copy of this function
+    again.pseudo_rand_gen.full_seed = masks.full_seed
+    assert use_full_seeds(again) and again.pseudo_rand_gen is not masks  # known, kept
     unknown = types.ModuleType("a_later_flower")
     unknown.pseudo_rand_gen = lambda seed, num_range, shapes: []
-    with pytest.raises(RuntimeError, match="a_later_flower does not draw its SecAgg\\+ masks with Flower 1.42's"):
-        use_full_seeds(unknown)
-    with pytest.raises(RuntimeError):
-        use_full_seeds(types.ModuleType("no_generator"))
+    assert not use_full_seeds(unknown) and not use_full_seeds(types.ModuleType("no_generator"))
+    # where the masks could not be put in place, neither side takes part in secure aggregation
+    monkeypatch.setattr(client.secagg, "FULL_SEEDS", False)
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(RefusedMessage, match="this node's Flower draws masks in a way this version does not know"):
+        client.secagg.secagg_mod(_stage(5, Stage.SETUP), context, lambda m, c: pytest.fail("no work"))
+    monkeypatch.setattr(server.secagg, "FULL_SEEDS", False)
+    with pytest.raises(InputError, match="this Flower draws SecAgg\\+ masks in a way this version does not know"):
+        server.secagg.run_secagg(None, None, dataclasses.replace(RunConfig(), min_nodes=3), {}, {}, None, None)
 
 
 # --------------------------------------------------------------------------- the attack, through Flower's own client
@@ -153,7 +189,7 @@ def test_a_coordinator_that_declares_a_masked_node_lost_must_guess_its_private_m
     shapes = [v.shape for v in left]
 
     def unmasked_by(guess: int) -> list[np.ndarray]:
-        drawn = FLOWERS_CLIENT.pseudo_rand_gen(guess.to_bytes(4, "little"), RANGE, shapes)
+        drawn = flowers_masks(guess.to_bytes(4, "little"), RANGE, shapes)  # the search: 2**32 such masks
         return [(v - m) % RANGE for v, m in zip(left, drawn, strict=True)]
 
     def plausible(values: list[np.ndarray]) -> bool:  # a quantised update lies in 0..TARGET
