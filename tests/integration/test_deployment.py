@@ -239,3 +239,33 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
     (sent,) = summary(tmp_path / "disclosures.jsonl")["runs"].values()
     assert sent["apps"] == [digest] and not sent["unapproved"] and sent["replies"]["train"] == 1, sent
     assert sent["bytes"] > 0, sent
+
+
+@pytest.mark.slow
+def test_deployed_sites_mask_their_updates_only_among_nodes_the_consortium_signed(tmp_path):
+    """Three hospitals that require SecAgg+ among three nodes and hold the consortium's node keys (secagg-peers):
+    each node's process signs its round keys with its SuperNode key, the signatures cross the SuperLink with the keys,
+    each site checks them, and the round aggregates all three."""
+    creds, keys = _credentials_and_cases(tmp_path, SITES)
+    peers = tmp_path / "consortium.pub"
+    peers.write_bytes(b"".join((creds / "nodes" / f"{site}.pub").read_bytes() for site in SITES))
+    terms = {"require-secagg": "3", "secagg-peers": str(peers)}
+    nodes = {
+        site: (
+            keys[site],
+            {"data-path": str(tmp_path / "data" / site), "site-name": site, "state-dir": str(tmp_path / "state" / site)}
+            | terms,
+        )
+        for site in SITES
+    }
+    procs = []
+    try:
+        cli = start_local_federation(
+            procs, tmp_path, creds, nodes, port=free_port(), node_ports=[free_port() for _ in SITES], connection="h"
+        )
+        records = _tiny_run(tmp_path, cli, "h", "num-server-rounds=1 min-nodes=3 secagg=true secagg-max-weight=10.0")
+    finally:
+        for proc in reversed(procs):
+            stop_group(proc)
+    assert records[1]["secure_aggregation"] == "SecAgg+" and "skipped" not in records[1], records[1]
+    assert len(records[1]["sites"]) == 3 and not records[1]["failures"]
