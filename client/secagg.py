@@ -24,7 +24,7 @@ from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -41,42 +41,58 @@ FULL_SEEDS = use_full_seeds(import_module("flwr.client.mod.secure_aggregation.se
 FIT_PARAMETERS = "fitins.parameters"
 
 
+ROUND = "mstkd.secagg-round"
+"""Where a node that signs keeps its round's terms (:func:`messages.signed_keys.round_terms`) for its key list."""
+
+
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     """Run the SecAgg+ client protocol on its own messages; leave every other message alone. Flower's protocol
     runs only on messages of type ``train`` and passes ``train.<name>`` on unmasked, so such a message that
-    carries the protocol's record is refused. A node with a ``secagg-key`` signs the round keys of its set-up reply
-    (:mod:`messages.signed_keys`); the signatures a key exchange relays are taken out before Flower's client reads it.
+    carries the protocol's record is refused. A node with a ``secagg-key`` signs its round keys in its set-up reply
+    and the key list it was given in its key-exchange reply (:mod:`messages.signed_keys`); the signatures the server
+    relays are taken out before Flower's client reads a message.
 
     Raises:
-        RefusedMessage: a ``train.<name>`` message with the protocol's record.
+        RefusedMessage: a ``train.<name>`` message with the protocol's record; a set-up for another node, or with a
+            range no mask can be drawn from; a Flower whose masks this version cannot draw.
     """
-    if message_kind(msg) == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        if msg.metadata.message_type != MessageType.TRAIN:
-            raise RefusedMessage("secure aggregation runs on train messages only, not on train.<name> ones")
-        if not FULL_SEEDS:
-            raise RefusedMessage(
-                "secure aggregation: this node's Flower draws masks in a way this version does not know"
-            )
-        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-        if configs.get(Key.STAGE) == Stage.SETUP:
-            try:  # before the node trains for a round whose masks it could not draw
-                check_range(configs.get(Key.MOD_RANGE))
-            except ValueError as exc:
-                raise RefusedMessage(f"secure aggregation: {exc}") from None
-        for name in [k for k in configs if k.startswith(signed_keys.SIGNED_BY)]:
-            del configs[name]  # the keys' signatures, for the site's terms (client/terms.py), not for Flower's client
-        stage = configs.get(Key.STAGE)  # before Flower's client, which takes it out of the record
-        reply = secaggplus_mod(msg, context, call_next)
-        key = NodeConfig.parse(context.node_config).secagg_key
-        if key and stage == Stage.SETUP and not reply.has_error():
-            keys = reply.content.config_records[RECORD_KEY_CONFIGS]
-            pk1, pk2 = keys[Key.PUBLIC_KEY_1], keys[Key.PUBLIC_KEY_2]
-            node = msg.metadata.dst_node_id  # the node id Flower's client signs up with
-            keys[signed_keys.SIGNED_BY] = signed_keys.sign(
-                signed_keys.load_signing_key(key), context.run_id, node, pk1, pk2
-            )
-        return reply
-    return call_next(msg, context)
+    if message_kind(msg) != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN:
+        raise RefusedMessage("secure aggregation runs on train messages only, not on train.<name> ones")
+    if not FULL_SEEDS:
+        raise RefusedMessage("secure aggregation: this node's Flower draws masks in a way this version does not know")
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = configs.get(Key.STAGE)  # read before Flower's client, which takes it out of the record
+    if stage == Stage.SETUP:
+        if msg.metadata.dst_node_id != context.node_id:
+            raise RefusedMessage("secure aggregation: this set-up is addressed to another node")
+        try:  # before the node trains for a round whose masks it could not draw
+            check_range(configs.get(Key.MOD_RANGE))
+        except ValueError as exc:
+            raise RefusedMessage(f"secure aggregation: {exc}") from None
+    for name in [k for k in configs if k.startswith(signed_keys.SIGNED_BY)]:
+        del configs[name]  # the relayed signatures, for the site's terms (client/terms.py), not for Flower's client
+    terms = signed_keys.round_terms(configs, msg.metadata.group_id)
+    given = {int(k): v for k, v in configs.items() if k.isdigit()}  # a key exchange's keys
+    reply = secaggplus_mod(msg, context, call_next)
+    path = NodeConfig.parse(context.node_config).secagg_key
+    if path and not reply.has_error() and stage in (Stage.SETUP, Stage.SHARE_KEYS):
+        _sign(reply.content.config_records[RECORD_KEY_CONFIGS], stage, context, path, terms, given)
+    return reply
+
+
+def _sign(out: ConfigRecord, stage: str, context: Context, path: str, terms: bytes, given: dict) -> None:
+    """Sign this node's round keys (set-up) or the key list it was given (key exchange) into its reply ``out``."""
+    key = signed_keys.load_signing_key(path)
+    if stage == Stage.SETUP:
+        context.state[ROUND] = ConfigRecord({"terms": terms})
+        pk1, pk2 = out[Key.PUBLIC_KEY_1], out[Key.PUBLIC_KEY_2]
+        out[signed_keys.SIGNED_BY] = signed_keys.sign(key, context.run_id, context.node_id, terms, pk1, pk2)
+    elif ROUND in context.state.config_records:
+        terms = context.state.config_records[ROUND]["terms"]
+        digest = signed_keys.list_digest(given)
+        out[signed_keys.LIST_SIGNED_BY] = signed_keys.sign_list(key, context.run_id, context.node_id, terms, digest)
 
 
 def is_secagg_fit(msg: Message) -> bool:

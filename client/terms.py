@@ -1,7 +1,8 @@
 """A site's own terms for what leaves it, from its node config, which no run submitter can change.
 
 ``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
-With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed
+With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed, each node's by its own,
+for this round's set-up, and masked only with partners that signed the key list this node was given
 (:mod:`messages.signed_keys`).
 :func:`required_secagg` (a ClientApp mod, outside Flower's SecAgg+ client) refuses, before any work:
 
@@ -19,14 +20,16 @@ With ``secagg-peers`` too, only in a round whose every node's keys a key of that
 
 These close the ways a coordinator that crafts messages was found to recover a node's update from Flower's
 SecAgg+ client (which checks none of them), provided every site runs them: the unmasking checks protect the other
-sites' keys. Without ``secagg-peers`` nothing authenticates the nodes of a round to each other: the server relays
-their keys, so it can add nodes of its own or put its keys in place of a node's. With it, those are refused
-(:mod:`messages.signed_keys`). A round replayed with another group of nodes is not detected either way. (Flower's
-32-bit mask seeds are replaced: :mod:`messages.masks`.)
+sites' keys. The bound on partners assumes that every node of the round has this node's set-up and key list.
+Without ``secagg-peers`` nothing makes it so, nor authenticates the nodes of a round to each other: the server
+relays their keys, so it can add nodes of its own, put its keys in place of a node's, or give nodes different
+thresholds or key lists. With it, each of those is refused (:mod:`messages.signed_keys`). A round replayed with
+another group of nodes is not detected either way. (Flower's 32-bit mask seeds are replaced: :mod:`messages.masks`.)
 """
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
@@ -67,12 +70,18 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
     if stage == Stage.SETUP:
         context.state.config_records.pop(STATE, None)  # a new round: nothing of the last one holds
         broken, kept = _setup(configs, needed)
+        if kept is not None:
+            kept["terms"] = signed_keys.round_terms(configs, msg.metadata.group_id)
     elif stage == Stage.SHARE_KEYS:
         broken, kept = _share_keys(configs, context, needed)
         if not broken and node.secagg_peers:
-            broken = _signed(configs, node.secagg_peers, context.run_id)
+            broken = _signed(configs, node, context, kept)
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        broken, kept = _collect(configs, context), None
+        if not broken and node.secagg_peers:
+            broken = _partners_signed(configs, context)
     else:
-        broken, kept = (_collect if stage == Stage.COLLECT_MASKED_VECTORS else _unmask)(configs, context), None
+        broken, kept = _unmask(configs, context), None
     if broken:
         raise RefusedMessage(f"{terms}; {broken}")
     # what the terms remember of a stage holds only once Flower's SecAgg+ client has taken it: a stage it refuses
@@ -111,18 +120,46 @@ def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> tuple[s
         return "this round's key exchange leaves this node out", None
     if len(names) < needed:
         return f"this round has {len(names)}", None
+    if any(int(name) > signed_keys.MAX_NODE_ID for name in names):
+        return "this round's key exchange names a node that is not a node id", None
     record = context.state.config_records.get(STATE)
     if record is None or "nodes" in record:
         return "this round's key exchange did not follow its set-up", None
-    return None, ConfigRecord({"threshold": int(record["threshold"]), "nodes": sorted(names)})
+    kept = ConfigRecord({"threshold": int(record["threshold"]), "nodes": sorted(names), "terms": record["terms"]})
+    return None, kept
 
 
-def _signed(configs: ConfigRecord, peers: str, run_id: int) -> str | None:
-    """Why the key exchange's keys are not each signed by a key of the site's ``secagg-peers``, if they are not."""
+def _signed(configs: ConfigRecord, node: NodeConfig, context: Context, kept: ConfigRecord) -> str | None:
+    """Why the key exchange's keys are not each signed by a key of the site's ``secagg-peers`` for this round, if
+    they are not; else the signers and the key list's digest go into ``kept``, for the partners' check."""
+    if not node.secagg_key:
+        return "this site's secagg-peers needs its own secagg-key, to sign its keys as the others check theirs"
     keys = {int(k): v for k, v in configs.items() if k.isdigit()}
-    signatures = {node: configs.get(signed_keys.entry(node)) for node in keys}
-    why = signed_keys.unsigned(keys, signatures, signed_keys.read_peers(peers), run_id)
-    return f"this round's key exchange {why}" if why else None
+    signatures = {n: configs.get(signed_keys.entry(n)) for n in keys}
+    peers = signed_keys.read_peers(node.secagg_peers)
+    own = signed_keys.load_signing_key(node.secagg_key).public_key()
+    if signed_keys.public_line(own.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)) not in peers:
+        return "this site's own secagg-key is not in its secagg-peers"
+    try:
+        signers = signed_keys.verified_signers(keys, signatures, peers, context.run_id, kept["terms"])
+    except ValueError as exc:
+        return f"this round's key exchange {exc}"
+    kept["signers"] = [signers[int(name)] for name in kept["nodes"]]
+    kept["digest"] = signed_keys.list_digest(keys)
+    return None
+
+
+def _partners_signed(configs: ConfigRecord, context: Context) -> str | None:
+    """Why some partner did not sign the key list this node was given, if one did not."""
+    record = context.state.config_records[STATE]
+    if "digest" not in record:
+        return "this round's key exchange was not checked against secagg-peers"
+    signers = dict(zip((int(n) for n in record["nodes"]), record["signers"], strict=True))
+    partners = [int(p) for p in configs[Key.SOURCE_LIST]]
+    field = signed_keys.LIST_SIGNED_BY
+    signatures = {p: configs.get(signed_keys.entry(p, field)) for p in partners}
+    why = signed_keys.list_unsigned(partners, signatures, signers, context.run_id, record["terms"], record["digest"])
+    return f"this round {why}" if why else None
 
 
 def _round(context: Context) -> tuple[int, set[int]] | None:

@@ -110,7 +110,7 @@ def start_supernode(
         ValueError: a node config Flower cannot carry (:func:`node_config_arg`), or an approval list that cannot
             be read, before anything starts.
     """
-    config = node_config_arg({"secagg-key": str(key), **node_config})  # its key also signs its SecAgg+ keys
+    config = node_config_arg({"secagg-key": os.path.abspath(key), **node_config})  # it also signs its SecAgg+ keys
     home.mkdir(mode=0o700, parents=True, exist_ok=True)  # the apps it installs, its state; a new one is private
     env = _env(home) | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
     if approved is not None:  # Flower starts each message's ClientApp process by name: the gate's comes first

@@ -1,4 +1,5 @@
-"""Signed SecAgg+ keys: a coordinator can neither put keys of its own in place of a node's nor make up nodes.
+"""Signed SecAgg+ rounds: a coordinator can neither put keys of its own in place of a node's, nor make up nodes, nor
+give the nodes of one round different rounds.
 
 In SecAgg+ each node makes two key pairs per round and the server relays the public halves to the others: the first
 for the pairwise masks, the second to encrypt the node's shares of its secrets for each neighbour. Flower 1.42 checks
@@ -7,17 +8,28 @@ nothing of what it relays. A coordinator that writes its own messages can theref
 - put its own second key in place of a neighbour's: the node then encrypts that neighbour's shares of its secrets for
   the coordinator, and with ``threshold`` such shares the coordinator rebuilds the node's mask seed and first secret
   key, and so its update;
-- add nodes it runs itself: with all but one of a round's nodes its own, the "sum" is the one honest node's update.
+- add nodes it runs itself: with all but one of a round's nodes its own, the "sum" is the one honest node's update;
+- give the nodes different set-ups (thresholds) or different key lists: each node's share of the unmasking is then
+  counted against another round than the victim's, and enough shares of its partners' keys are given out to take
+  their masks off its update (the bound :mod:`client.terms` checks holds only when every node has the same round).
 
-Bonawitz et al. (2017) close both with signed keys. Here each node signs (run id, its node id, its two public keys)
-with its SuperNode key, the ECDSA P-384 key the SuperLink already authenticates it by (node config ``secagg-key``),
-and the server relays each signature with the keys (:mod:`server.secagg`). A site that holds the consortium's node
-public keys (``secagg-peers``, one OpenSSH public key a line, as the coordinator registers them) takes part in a key
-exchange only if every node's keys in it are signed by a key of that list, each by its own (:func:`unsigned`).
+Bonawitz et al. (2017) close these with signatures. Here each node signs, with its SuperNode key (the ECDSA P-384 key
+the SuperLink already authenticates it by; node config ``secagg-key``):
+
+- at the set-up, its two public keys, with the run id, its node id and the round's terms (:func:`round_terms`: the
+  round, from the message's group, and every setting of the set-up);
+- at the key exchange, the list of keys it was given (:func:`list_digest`).
+
+The server relays the first beside the keys and the second beside the encrypted shares (:mod:`server.secagg`). A site
+that holds the consortium's node public keys (``secagg-peers``, one OpenSSH public key a line, as the coordinator
+registers them) takes part in a key exchange only if every node's keys in it are signed by a key of that list, each
+node by its own, for its own round's terms (:func:`verified_signers`), and masks its update only with partners that
+signed the key list it was given (:func:`list_unsigned`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import struct
@@ -25,49 +37,91 @@ import struct
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord
+from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 from mstkd.errors import InputError
 
 SIGNED_BY = "mstkd-signed-by"
 """A set-up reply's field: [signature, the signer's OpenSSH public key]; in a key exchange ``mstkd-signed-by:<node id>``
-beside that node's keys."""
-DOMAIN = b"mstkd SecAgg+ round keys, v1\x00"
+beside that node's keys. Every field of this scheme begins so (the node takes them out before Flower reads)."""
+LIST_SIGNED_BY = "mstkd-signed-by-list"
+"""A key-exchange reply's field: the signature of the key list the node was given; in a request for masked vectors
+``mstkd-signed-by-list:<node id>`` for each partner."""
+DOMAIN = b"mstkd SecAgg+ round keys, v2\x00"
+LIST_DOMAIN = b"mstkd SecAgg+ key list, v2\x00"
 MAX_FIELD = 4096
 """The most bytes a signature or a public key may have (a P-384 signature is about 104, an OpenSSH key about 200)."""
+MAX_NODE_ID = 2**64 - 1
+SETTINGS = (
+    Key.SAMPLE_NUMBER,
+    Key.SHARE_NUMBER,
+    Key.THRESHOLD,
+    Key.CLIPPING_RANGE,
+    Key.TARGET_RANGE,
+    Key.MOD_RANGE,
+    Key.MAX_WEIGHT,
+)
 
 
-def entry(node_id: int) -> str:
-    """The key-exchange field that carries ``node_id``'s signature."""
-    return f"{SIGNED_BY}:{node_id}"
+def entry(node_id: int, field: str = SIGNED_BY) -> str:
+    """The field that carries ``node_id``'s signature in a message to another node."""
+    return f"{field}:{node_id}"
 
 
-def signed_bytes(run_id: int, node_id: int, pk1: bytes, pk2: bytes) -> bytes:
-    """What a node signs: this scheme, the run, the node, and its two public keys, each length first."""
-    return DOMAIN + struct.pack("<QQII", run_id, node_id, len(pk1), len(pk2)) + pk1 + pk2
+def round_terms(configs: ConfigRecord, group_id: str) -> bytes:
+    """What makes a round one round: its group (the server round) and every setting of its set-up."""
+    return repr([str(group_id), *(configs.get(key) for key in SETTINGS)]).encode()
 
 
-def _private_file(path: str, what: str) -> bytes:
-    """A file only this user (or root) owns and may write to, read without following a link in its own place."""
+def _signed_bytes(run_id: int, node_id: int, terms: bytes, pk1: bytes, pk2: bytes) -> bytes:
+    """What a node signs at a set-up: this scheme, the run, the node, the round's terms and its two public keys."""
+    sizes = struct.pack("<QQIII", run_id, node_id, len(terms), len(pk1), len(pk2))
+    return DOMAIN + sizes + terms + pk1 + pk2
+
+
+def list_digest(keys: dict[int, list[bytes]]) -> bytes:
+    """SHA-256 of a key exchange's node ids and keys, in node order."""
+    digest = hashlib.sha256()
+    for node, (pk1, pk2) in sorted(keys.items()):
+        digest.update(struct.pack("<QII", node, len(pk1), len(pk2)) + pk1 + pk2)
+    return digest.digest()
+
+
+def _list_bytes(run_id: int, node_id: int, terms: bytes, digest: bytes) -> bytes:
+    return LIST_DOMAIN + struct.pack("<QQI", run_id, node_id, len(terms)) + terms + digest
+
+
+def _private_file(path: str, what: str, *, secret: bool = False) -> bytes:
+    """A plain file only this user (or root) owns and may write to (and, for a ``secret``, read), read without
+    following a link in its own place."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise InputError(f"{what} {path}: cannot be read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > 1_000_000:
             raise InputError(f"{what} {path}: not a plain file of at most 1 MB")
         if info.st_uid not in (0, os.geteuid()) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise InputError(f"{what} {path}: another user owns it or others may write to it")
-        return handle.read()
+        if secret and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise InputError(f"{what} {path}: others may read it; chmod 600 it")
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1
+            return handle.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def load_signing_key(path: str) -> ec.EllipticCurvePrivateKey:
     """This node's SuperNode private key (OpenSSH format, ECDSA), which signs its round keys.
 
     Raises:
-        InputError: unreadable, not this user's, or not an unencrypted ECDSA key (one line).
+        InputError: unreadable, not this user's, readable by others, or not an unencrypted ECDSA key (one line).
     """
-    data = _private_file(path, "secagg-key")
+    data = _private_file(path, "secagg-key", secret=True)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -77,13 +131,14 @@ def load_signing_key(path: str) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _public_line(data: bytes) -> bytes:
+def public_line(data: bytes) -> bytes:
     """An OpenSSH public key's type and body, without its comment: how keys are compared."""
     return b" ".join(data.split()[:2])
 
 
 def read_peers(path: str) -> frozenset[bytes]:
-    """The consortium's node public keys: one OpenSSH public key a line; ``#`` starts a comment.
+    """The consortium's node public keys (:func:`public_line`): one OpenSSH public key a line; ``#`` starts a
+    comment.
 
     Raises:
         InputError: unreadable, not this user's or root's, writable by others, or a line that is not an ECDSA key.
@@ -99,39 +154,68 @@ def read_peers(path: str) -> frozenset[bytes]:
             key = None
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise InputError(f"secagg-peers {path}, line {number}: not an ECDSA OpenSSH public key")
-        keys.add(_public_line(line))
+        keys.add(public_line(line))
     if not keys:
         raise InputError(f"secagg-peers {path}: lists no key")
     return frozenset(keys)
 
 
-def sign(key: ec.EllipticCurvePrivateKey, run_id: int, node_id: int, pk1: bytes, pk2: bytes) -> list[bytes]:
-    """A set-up reply's :data:`SIGNED_BY` field: the signature of :func:`signed_bytes`, and the signer's public key."""
-    signature = key.sign(signed_bytes(run_id, node_id, pk1, pk2), ec.ECDSA(hashes.SHA384()))
+def sign(key: ec.EllipticCurvePrivateKey, run_id: int, node_id: int, terms: bytes, pk1: bytes, pk2: bytes) -> list:
+    """A set-up reply's :data:`SIGNED_BY` field: the signature of this node's keys for its round, and its public key."""
+    signature = key.sign(_signed_bytes(run_id, node_id, terms, pk1, pk2), ec.ECDSA(hashes.SHA384()))
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return [signature, public]
 
 
-def unsigned(keys: dict[int, object], signatures: dict[int, object], peers: frozenset[bytes], run_id: int) -> str:
-    """Why a key exchange's ``keys`` (node id -> [pk1, pk2]) are not each signed by a key of ``peers``, each node by a
-    key of its own (``signatures``: node id -> the relayed :data:`SIGNED_BY` value); empty when they are."""
-    signers = set()
+def sign_list(key: ec.EllipticCurvePrivateKey, run_id: int, node_id: int, terms: bytes, digest: bytes) -> bytes:
+    """A key-exchange reply's :data:`LIST_SIGNED_BY` field: the signature of the key list this node was given."""
+    return key.sign(_list_bytes(run_id, node_id, terms, digest), ec.ECDSA(hashes.SHA384()))
+
+
+def _verifies(signer: bytes, signature: object, data: bytes) -> bool:
+    if not isinstance(signature, bytes) or len(signature) > MAX_FIELD:
+        return False
+    try:
+        serialization.load_ssh_public_key(signer).verify(signature, data, ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError, TypeError, AttributeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def verified_signers(
+    keys: dict[int, object], signatures: dict[int, object], peers: frozenset[bytes], run_id: int, terms: bytes
+) -> dict[int, bytes]:
+    """Each node's signer (:func:`public_line`) if every node's keys in a key exchange (node id -> [pk1, pk2]) are
+    signed by a key of ``peers``, each node by its own, for this run, that node id and this node's round ``terms``.
+
+    Raises:
+        ValueError: the first node whose keys are not so signed, and why (one line).
+    """
+    signers: dict[int, bytes] = {}
     for node, pair in sorted(keys.items()):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(k, bytes) for k in pair)):
-            return f"has keys for node {node} that are not two keys"
-        pk1, pk2 = pair
+            raise ValueError(f"has keys for node {node} that are not two keys")
         value = signatures.get(node)
         if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, bytes) for v in value)):
-            return f"carries no signature for node {node}'s keys"
-        signature, signer = value
-        if len(signature) > MAX_FIELD or _public_line(signer) not in peers:
-            return f"has node {node}'s keys signed by a key this site's secagg-peers does not list"
-        if _public_line(signer) in signers:
-            return f"has node {node}'s keys signed by a key that signed another node's"
-        signers.add(_public_line(signer))
-        try:
-            public = serialization.load_ssh_public_key(_public_line(signer))
-            public.verify(signature, signed_bytes(run_id, node, pk1, pk2), ec.ECDSA(hashes.SHA384()))
-        except (InvalidSignature, ValueError, TypeError, AttributeError, UnsupportedAlgorithm):
-            return f"has keys for node {node} that its signature does not match"
+            raise ValueError(f"carries no signature for node {node}'s keys")
+        signature, signer = value[0], public_line(value[1])
+        if signer not in peers:
+            raise ValueError(f"has node {node}'s keys signed by a key this site's secagg-peers does not list")
+        if signer in signers.values():
+            raise ValueError(f"has node {node}'s keys signed by a key that signed another node's")
+        if not _verifies(signer, signature, _signed_bytes(run_id, node, terms, *pair)):
+            raise ValueError(f"has keys for node {node} that its signature does not match, for this run and round")
+        signers[node] = signer
+    return signers
+
+
+def list_unsigned(
+    partners: list[int], signatures: dict, signers: dict[int, bytes], run_id: int, terms: bytes, digest: bytes
+) -> str:
+    """Why some of ``partners`` did not sign the key list this node was given (``digest``) for this round's
+    ``terms``, each with the key that signed its keys (``signers``); empty when they all did."""
+    for node in partners:
+        signed = _list_bytes(run_id, node, terms, digest)
+        if node not in signers or not _verifies(signers[node], signatures.get(node), signed):
+            return f"pairs this node with node {node}, which did not sign the key list this node was given"
     return ""

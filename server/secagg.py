@@ -23,6 +23,7 @@ the clear give, or the round is skipped. The scalar metrics (losses, ``update-no
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from contextvars import ContextVar
 
@@ -76,6 +77,7 @@ class CheckedGrid:
         self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
         self.counts: dict[int, int] = {}  # the case count of each node whose masked vectors were taken, this round
         self.signatures: dict[int, list[bytes]] = {}  # each node's signature of its round keys, this round
+        self.list_signatures: dict[int, bytes] = {}  # each node's signature of the key list it was given
         self.errors: list[str] = []  # the reasons of this round's error replies
 
     def __getattr__(self, name: str):
@@ -91,22 +93,38 @@ class CheckedGrid:
         for reply in replies:
             if reply.has_error():
                 self.errors.append(printable(reply.error.reason, 200))
-            elif asked.get(reply.metadata.src_node_id, ("",))[0] == Stage.SETUP:
-                signed = reply.content.config_records[RECORD_KEY_CONFIGS].get(signed_keys.SIGNED_BY)
-                if isinstance(signed, list) and len(signed) == 2 and all(_short_bytes(v) for v in signed):
-                    self.signatures[reply.metadata.src_node_id] = signed
+            else:
+                self._keep_signature(reply, asked.get(reply.metadata.src_node_id, ("",))[0])
         return replies
 
-    def _relay_signatures(self, message: Message, stage: str | None) -> None:
-        """A set-up starts a round with no signature; a key exchange carries each listed node's beside its keys, for
-        nodes whose sites check them (:mod:`messages.signed_keys`)."""
+    def _keep_signature(self, reply: Message, stage: str | None) -> None:
+        """A set-up reply's signature of the node's keys, or a key-exchange reply's of its key list, to relay; one
+        that is not of the form a node signs is dropped (the sites that check then refuse that node)."""
+        record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        node = reply.metadata.src_node_id
         if stage == Stage.SETUP:
-            self.signatures, self.errors = {}, []
-        elif stage == Stage.SHARE_KEYS:
-            record = message.content.config_records[RECORD_KEY_CONFIGS]
+            signed = record.get(signed_keys.SIGNED_BY)
+            if isinstance(signed, list) and len(signed) == 2 and all(map(_short_bytes, signed)):
+                self.signatures[node] = signed
+        elif stage == Stage.SHARE_KEYS and _short_bytes(record.get(signed_keys.LIST_SIGNED_BY)):
+            self.list_signatures[node] = record[signed_keys.LIST_SIGNED_BY]
+
+    def _relay_signatures(self, message: Message, stage: str | None) -> None:
+        """A set-up starts a round with no signature; a key exchange carries each listed node's signature of its keys
+        beside them, and a request for masked vectors each partner's signature of its key list, for nodes whose
+        sites check them (:mod:`messages.signed_keys`)."""
+        if stage == Stage.SETUP:
+            self.signatures, self.list_signatures, self.errors = {}, {}, []
+            return
+        record = message.content.config_records[RECORD_KEY_CONFIGS]
+        if stage == Stage.SHARE_KEYS:
             for node in [int(k) for k in record if k.isdigit()]:
                 if node in self.signatures:
                     record[signed_keys.entry(node)] = self.signatures[node]
+        elif stage == Stage.COLLECT_MASKED_VECTORS:
+            for node in record[Key.SOURCE_LIST]:
+                if node in self.list_signatures:
+                    record[signed_keys.entry(node, signed_keys.LIST_SIGNED_BY)] = self.list_signatures[node]
 
     def _checked(self, reply: Message, asked: dict[int, tuple[str | None, list[int]]]) -> Message:
         if reply.has_error():
@@ -221,8 +239,8 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
     def _went_on(self, went_on: bool, grid, stage: str) -> bool:
         """A stage that leaves too few nodes halts Flower's workflow, which says nothing more: the round is recorded
         as skipped, with the nodes' reasons."""
-        if not went_on:
-            why = "; ".join(sorted(set(grid.errors))[:2]) or "nodes silent"
+        if not went_on:  # the nodes' most common reasons, with how many gave each
+            why = "; ".join(f"{n} x {reason}" for reason, n in Counter(grid.errors).most_common(2)) or "nodes silent"
             self.on_failure(RuntimeError(f"too few nodes left after its {stage}: {why}"))
         return went_on
 
@@ -236,7 +254,7 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
             raise ValueError(f"the nodes' {sum(counts)} cases are too many for secagg-max-weight {self.max_weight:g}")
         token = _EXPECTED_WEIGHT.set(expected)
         try:
-            return super().unmask_stage(grid, context, state)
+            return self._went_on(super().unmask_stage(grid, context, state), grid, "unmasking")
         finally:
             _EXPECTED_WEIGHT.reset(token)
 

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from client.app import app as client_app
 from messages import signed_keys
@@ -50,62 +50,122 @@ def _stage(stage: str, **configs) -> Message:
     return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
 
 
-def _other_node(folder: Path, node: int) -> tuple[list[bytes], list[bytes], bytes]:
-    """Another node's round keys as its set-up reply gives them: [pk1, pk2], its signature entry, its public line."""
-    path, public = _key_file(folder, f"node-{node}")
-    pair = [
-        ec.generate_private_key(ec.SECP384R1())
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        for _ in range(2)
-    ]
-    return pair, signed_keys.sign(signed_keys.load_signing_key(path), 1, node, *pair), public
+ROUND_TERMS = signed_keys.round_terms(ConfigRecord({Key.STAGE: Stage.SETUP, **SETUP}), "")
+"""The round's terms as node 5 reads them from its set-up (the messages here have no group)."""
+
+
+class _OtherNode:
+    """Another consortium node (or one the coordinator made): its SuperNode key, and round keys it signs."""
+
+    def __init__(self, folder: Path, node: int, terms: bytes = ROUND_TERMS, run_id: int = 1, like=None) -> None:
+        if like is None:
+            path, self.public = _key_file(folder, f"node-{node}-{os.urandom(4).hex()}")
+            self.key = signed_keys.load_signing_key(path)
+        else:  # the same consortium node, in another run or round
+            self.key, self.public = like.key, like.public
+        self.pair = [
+            ec.generate_private_key(ec.SECP384R1())
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            for _ in range(2)
+        ]
+        self.signed = signed_keys.sign(self.key, run_id, node, terms, *self.pair)
+        self.node = node
+
+    def signs_list(self, keys: dict) -> bytes:
+        return signed_keys.sign_list(self.key, 1, self.node, ROUND_TERMS, signed_keys.list_digest(keys))
 
 
 def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium_signed(tmp_path):
     keys = tmp_path / "keys"
     keys.mkdir()
     mine, my_public = _key_file(keys, "site-5")
-    others = {node: _other_node(keys, node) for node in (6, 7)}
+    others = {node: _OtherNode(keys, node) for node in (6, 7)}
     run_config, node_config = deployed_site(tmp_path, worker="off", **{"require-secagg": 3, "secagg-key": mine})
-    node_config["secagg-peers"] = _peers(keys, [my_public, *(o[2] for o in others.values())])
+    node_config["secagg-peers"] = _peers(keys, [my_public, *(o.public for o in others.values())])
     context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config)
 
-    def exchange(drop: str = "", **changes) -> Message:
-        """Set up a round, then send a key exchange: the honest one, with ``changes`` made to it and ``drop`` out."""
+    def exchange(drop: str = "", **changes) -> tuple[Message, dict]:
+        """Set up a round, then send a key exchange: the honest one, with ``changes`` made to it and ``drop`` out.
+        Returns the reply and the keys it listed."""
         reply = client_app(_stage(Stage.SETUP, **SETUP), context).content[RECORD_KEY_CONFIGS]
         own = [reply[Key.PUBLIC_KEY_1], reply[Key.PUBLIC_KEY_2]]
-        assert reply[signed_keys.SIGNED_BY][1] == my_public  # the set-up reply carries this node's signature
-        fields = {"5": own, signed_keys.entry(5): reply[signed_keys.SIGNED_BY]}
-        for node, (pair, signature, _) in others.items():
-            fields |= {str(node): pair, signed_keys.entry(node): signature}
-        fields = {k: v for k, v in {**fields, **changes}.items() if k != drop}
-        return client_app(_stage(Stage.SHARE_KEYS, **fields), context)
+        signed = reply.get(signed_keys.SIGNED_BY)  # the set-up reply carries this node's signature (if it has a key)
+        assert signed is None or signed[1] == my_public
+        fields = {"5": own, signed_keys.entry(5): signed}
+        for node, other in others.items():
+            fields |= {str(node): other.pair, signed_keys.entry(node): other.signed}
+        fields = {k: v for k, v in {**fields, **changes}.items() if k != drop and v is not None}
+        listed = {int(k): v for k, v in fields.items() if k.isdigit()}
+        return client_app(_stage(Stage.SHARE_KEYS, **fields), context), listed
 
-    honest = exchange()
-    assert not honest.has_error(), honest.error.reason
-    assert honest.content[RECORD_KEY_CONFIGS][Key.DESTINATION_LIST] == [6, 7]  # Flower's client shared its keys
-    coordinators_pair, _, _ = _other_node(keys, 8)  # keys whose secrets the coordinator holds
-    stranger = _other_node(keys, 6)  # node 6's keys signed, but by a key the consortium never listed
-    pair6, signature6, _ = others[6]
-    for drop, changes, why in (
-        ("", {"6": [pair6[0], coordinators_pair[1]]}, "has keys for node 6 that its signature does not match"),
-        (signed_keys.entry(6), {}, "carries no signature for node 6's keys"),
-        ("", {"6": stranger[0], signed_keys.entry(6): stranger[1]}, "signed by a key this site's secagg-peers does"),
-        ("", {"8": coordinators_pair, signed_keys.entry(8): signature6}, "signed by a key that signed another"),
-    ):
-        reply = exchange(drop, **changes)
+    def refused(reply: Message, why: str) -> None:
         assert reply.has_error(), why
         assert reply.error.reason.startswith("node refused: this site sends its update only under secure"), why
         assert why in reply.error.reason, reply.error.reason
+
+    honest, listed = exchange()
+    assert not honest.has_error(), honest.error.reason
+    assert honest.content[RECORD_KEY_CONFIGS][Key.DESTINATION_LIST] == [6, 7]  # Flower's client shared its keys
+    assert honest.content[RECORD_KEY_CONFIGS][signed_keys.LIST_SIGNED_BY]  # and this node signed the list it got
+    coordinators = _OtherNode(keys, 8)  # keys whose secrets the coordinator holds, signed by a key of its own
+    stranger = _OtherNode(keys, 6)  # node 6's keys signed, but by a key the consortium never listed
+    six = others[6]
+    elsewhere = _OtherNode(keys, 6, run_id=2, like=six)  # node 6's keys from another run
+    looser = _OtherNode(keys, 6, signed_keys.round_terms(ConfigRecord({**SETUP, "threshold": 3}), ""), like=six)
+    earlier = _OtherNode(keys, 6, signed_keys.round_terms(ConfigRecord(SETUP), "1"), like=six)  # another round
+    twin = _OtherNode(keys, 8, like=six)  # node 6's key signing for a second node id: one member as two
+    flowers_state = RECORD_KEY_STATE
+    for drop, changes, why in (
+        ("", {"6": [six.pair[0], coordinators.pair[1]]}, "has keys for node 6 that its signature does not match"),
+        (signed_keys.entry(6), {}, "carries no signature for node 6's keys"),
+        ("", {"6": stranger.pair, signed_keys.entry(6): stranger.signed}, "signed by a key this site's secagg-peers"),
+        ("", {"8": twin.pair, signed_keys.entry(8): twin.signed}, "signed by a key that signed another node's"),
+        ("", {"6": elsewhere.pair, signed_keys.entry(6): elsewhere.signed}, "does not match, for this run and round"),
+        ("", {"6": looser.pair, signed_keys.entry(6): looser.signed}, "does not match, for this run and round"),
+        ("", {"6": earlier.pair, signed_keys.entry(6): earlier.signed}, "does not match, for this run and round"),
+    ):
+        reply, _ = exchange(drop, **changes)
+        refused(reply, why)
+        # refused before Flower's client read it: no key shares were made, let alone encrypted for anyone
+        assert "ss2_dict:K" not in context.state.config_records[flowers_state] or not list(
+            context.state.config_records[flowers_state]["ss2_dict:K"]
+        )
+    # node 6's genuine keys, relayed under another node id: its signature names node 6
+    relabelled = {"8": six.pair, signed_keys.entry(8): six.signed}
+    refused(exchange("6", **relabelled)[0], "has keys for node 8 that its signature does not match")
+
+    # masking: only with partners that signed the key list this node was given
+    _, listed = exchange()
+    collect = {"srcs": [6, 7], "ctxts": [b"x", b"y"]}
+    signed = {signed_keys.entry(n, signed_keys.LIST_SIGNED_BY): o.signs_list(listed) for n, o in others.items()}
+    through = client_app(_stage(Stage.COLLECT_MASKED_VECTORS, **collect, **signed), context)
+    assert not through.error.reason.startswith("node refused"), through.error.reason  # Flower's own error: fake ctxts
+    _, listed = exchange()
+    other_list = {**listed, 9: coordinators.pair}  # node 7 was shown another list (with a node 9)
+    signed = {
+        signed_keys.entry(6, signed_keys.LIST_SIGNED_BY): others[6].signs_list(listed),
+        signed_keys.entry(7, signed_keys.LIST_SIGNED_BY): others[7].signs_list(other_list),
+    }
+    refused(
+        client_app(_stage(Stage.COLLECT_MASKED_VECTORS, **collect, **signed), context),
+        "pairs this node with node 7, which did not sign the key list this node was given",
+    )
+
+    # a site's own terms that cannot hold, said as such
+    context.node_config["secagg-peers"] = _peers(keys, [o.public for o in others.values()])
+    refused(exchange()[0], "this site's own secagg-key is not in its secagg-peers")
+    context.node_config["secagg-peers"] = _peers(keys, [my_public, *(o.public for o in others.values())])
+    context.node_config.pop("secagg-key")
+    refused(exchange(**{signed_keys.entry(5): others[6].signed})[0], "secagg-peers needs its own secagg-key")
+    context.node_config["secagg-key"] = mine
     context.node_config["require-secagg"] = 0  # a check that would guard nothing is refused, not left unchecked
-    refused = client_app(_stage(Stage.SETUP, **SETUP), context)
-    assert refused.error.reason == (
+    assert client_app(_stage(Stage.SETUP, **SETUP), context).error.reason == (
         "node refused: this site's secagg-peers checks SecAgg+ keys only with require-secagg, which is 0"
     )
     context.node_config["require-secagg"] = 3
     context.node_config.pop("secagg-peers")  # a site that does not check still takes the relayed signatures out
-    assert not exchange().has_error()
+    assert not exchange()[0].has_error()
 
 
 def test_under_secure_aggregation_every_node_signs_the_server_relays_and_each_site_checks(tmp_path):
@@ -152,5 +212,13 @@ def test_a_key_or_peer_list_that_is_not_the_sites_own_is_refused_in_one_line(tmp
     (tmp_path / "bad").write_bytes(b"ssh-rsa AAAA not a key\n")
     with pytest.raises(InputError, match="line 1: not an ECDSA OpenSSH public key"):
         signed_keys.read_peers(str(tmp_path / "bad"))
+    with pytest.raises(InputError, match="others may read it; chmod 600 it"):  # a private key, as ssh reads one
+        signed_keys.load_signing_key(peers)
+    os.chmod(peers, 0o600)
     with pytest.raises(InputError, match="not an unencrypted OpenSSH private key"):
         signed_keys.load_signing_key(peers)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(InputError, match="secagg-peers .*: not a plain file of at most 1 MB"):
+            signed_keys.read_peers(str(tmp_path))  # a folder
+    assert len(os.listdir("/proc/self/fd")) == before  # no descriptor left open

@@ -426,6 +426,19 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypat
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "REPORT.md").is_file()
 
 
+def test_a_secagg_round_that_halts_for_want_of_nodes_is_recorded_as_skipped_with_their_reasons(tmp_path):
+    """Two of three nodes lost while unmasking leave too few shares: Flower's workflow halts and says no more. The
+    round is recorded as skipped, with the stage and the reasons, and the run ends as one that never aggregated."""
+    from server.report import RunFailed
+
+    hostile = _secagg_liars({2: "unmask", 3: "unmask"})
+    with pytest.raises(RunFailed, match="no round aggregated"):
+        run_inproc(server_app, hostile, tiny_run_config(tmp_path, **SECAGG_RUN), nodes())
+    skipped = _records(tmp_path / "run")[1]["skipped"]
+    assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its unmasking: 2 x ")
+    assert "SecAgg+ unmask: nids does not name each node it was asked about once" in skipped
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first", ["setup", "share_keys"])
 def test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others(tmp_path, monkeypatch, first):
