@@ -42,15 +42,19 @@ FIT_PARAMETERS = "fitins.parameters"
 
 
 ROUND = "mstkd.secagg-round"
-"""Where a node that signs keeps its round's terms (:func:`messages.signed_keys.round_terms`) for its key list."""
+"""What a node keeps of its SecAgg+ round for what it signs, and for its site's terms (:mod:`client.terms`): the
+round's terms (:func:`messages.signed_keys.round_terms`), the digest of the key list it was given and of the fit
+instructions it trained on."""
+SIGNED = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS)
 
 
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     """Run the SecAgg+ client protocol on its own messages; leave every other message alone. Flower's protocol
     runs only on messages of type ``train`` and passes ``train.<name>`` on unmasked, so such a message that
-    carries the protocol's record is refused. A node with a ``secagg-key`` signs its round keys in its set-up reply
-    and the key list it was given in its key-exchange reply (:mod:`messages.signed_keys`); the signatures the server
-    relays are taken out before Flower's client reads a message.
+    carries the protocol's record is refused. A node with a ``secagg-key`` signs its round keys in its set-up reply,
+    the key list it was given in its key-exchange reply and the fit instructions it trained on in its masked-vector
+    reply (:mod:`messages.signed_keys`); the signatures the server relays are taken out before Flower's client reads
+    a message.
 
     Raises:
         RefusedMessage: a ``train.<name>`` message with the protocol's record; a set-up for another node, or with a
@@ -71,28 +75,40 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
             check_range(configs.get(Key.MOD_RANGE))
         except ValueError as exc:
             raise RefusedMessage(f"secure aggregation: {exc}") from None
+        context.state.config_records.pop(ROUND, None)
     for name in [k for k in configs if k.startswith(signed_keys.SIGNED_BY)]:
         del configs[name]  # the relayed signatures, for the site's terms (client/terms.py), not for Flower's client
-    terms = signed_keys.round_terms(configs, msg.metadata.group_id)
-    given = {int(k): v for k, v in configs.items() if k.isdigit()}  # a key exchange's keys
+    kept = context.state.config_records.get(ROUND, ConfigRecord())
+    if stage == Stage.SETUP:
+        kept = ConfigRecord({"terms": signed_keys.round_terms(configs, msg.metadata.group_id)})
+    elif stage == Stage.SHARE_KEYS:
+        kept["list"] = signed_keys.list_digest({int(k): v for k, v in configs.items() if k.isdigit()})
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        kept["fit"] = signed_keys.fit_digest(msg.content)  # before training, which may change the message
     reply = secaggplus_mod(msg, context, call_next)
+    if reply.has_error() or stage not in SIGNED:
+        return reply
+    context.state[ROUND] = kept
     path = NodeConfig.parse(context.node_config).secagg_key
-    if path and not reply.has_error() and stage in (Stage.SETUP, Stage.SHARE_KEYS):
-        _sign(reply.content.config_records[RECORD_KEY_CONFIGS], stage, context, path, terms, given)
+    if path and "terms" in kept:
+        _sign(reply.content.config_records[RECORD_KEY_CONFIGS], stage, context, signed_keys.load_signing_key(path))
     return reply
 
 
-def _sign(out: ConfigRecord, stage: str, context: Context, path: str, terms: bytes, given: dict) -> None:
-    """Sign this node's round keys (set-up) or the key list it was given (key exchange) into its reply ``out``."""
-    key = signed_keys.load_signing_key(path)
+def _sign(out: ConfigRecord, stage: str, context: Context, key) -> None:
+    """Sign, into this node's reply ``out``, what it was given at this stage (:data:`ROUND`)."""
+    kept, run, node = context.state.config_records[ROUND], context.run_id, context.node_id
     if stage == Stage.SETUP:
-        context.state[ROUND] = ConfigRecord({"terms": terms})
         pk1, pk2 = out[Key.PUBLIC_KEY_1], out[Key.PUBLIC_KEY_2]
-        out[signed_keys.SIGNED_BY] = signed_keys.sign(key, context.run_id, context.node_id, terms, pk1, pk2)
-    elif ROUND in context.state.config_records:
-        terms = context.state.config_records[ROUND]["terms"]
-        digest = signed_keys.list_digest(given)
-        out[signed_keys.LIST_SIGNED_BY] = signed_keys.sign_list(key, context.run_id, context.node_id, terms, digest)
+        out[signed_keys.SIGNED_BY] = signed_keys.sign(key, run, node, kept["terms"], pk1, pk2)
+    elif stage == Stage.SHARE_KEYS and "list" in kept:
+        out[signed_keys.LIST_SIGNED_BY] = signed_keys.sign_statement(
+            key, signed_keys.LIST_DOMAIN, run, node, kept["terms"], kept["list"]
+        )
+    elif stage == Stage.COLLECT_MASKED_VECTORS and "list" in kept and "fit" in kept:
+        out[signed_keys.FIT_SIGNED_BY] = signed_keys.sign_statement(
+            key, signed_keys.FIT_DOMAIN, run, node, kept["terms"], kept["list"], kept["fit"]
+        )
 
 
 def is_secagg_fit(msg: Message) -> bool:

@@ -2,8 +2,8 @@
 
 ``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
 With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed, each node's by its own,
-for this round's set-up, and masked only with partners that signed the key list this node was given
-(:mod:`messages.signed_keys`).
+for this round's set-up, masked only with partners that signed the key list this node was given, and unmasked only
+among nodes that signed that they trained on the instructions this node trained on (:mod:`messages.signed_keys`).
 :func:`required_secagg` (a ClientApp mod, outside Flower's SecAgg+ client) refuses, before any work:
 
 - any message but ``train``, ``evaluate`` and ``query`` (Flower routes ``train.<name>`` to the same function);
@@ -23,8 +23,10 @@ SecAgg+ client (which checks none of them), provided every site runs them: the u
 sites' keys. The bound on partners assumes that every node of the round has this node's set-up and key list.
 Without ``secagg-peers`` nothing makes it so, nor authenticates the nodes of a round to each other: the server
 relays their keys, so it can add nodes of its own, put its keys in place of a node's, or give nodes different
-thresholds or key lists. With it, each of those is refused (:mod:`messages.signed_keys`). A round replayed with
-another group of nodes is not detected either way. (Flower's 32-bit mask seeds are replaced: :mod:`messages.masks`.)
+thresholds, key lists or fit instructions. With it, each of those is refused (:mod:`messages.signed_keys`). Either
+way each node sees only its own unmasking request, so a coordinator that names different nodes dead to different
+nodes can unmask a sum over as few as two of a round's nodes, and a round replayed with another group of nodes is
+not detected. (Flower's 32-bit mask seeds are replaced: :mod:`messages.masks`.)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.context import message_kind
+from client.secagg import ROUND
 from messages import signed_keys
 from mstkd.errors import RefusedMessage
 from mstkd.numbers import is_whole
@@ -82,6 +85,8 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
             broken = _partners_signed(configs, context)
     else:
         broken, kept = _unmask(configs, context), None
+        if not broken and node.secagg_peers:
+            broken = _alive_trained_alike(configs, context)
     if broken:
         raise RefusedMessage(f"{terms}; {broken}")
     # what the terms remember of a stage holds only once Flower's SecAgg+ client has taken it: a stage it refuses
@@ -149,17 +154,47 @@ def _signed(configs: ConfigRecord, node: NodeConfig, context: Context, kept: Con
     return None
 
 
+def _signers(context: Context) -> dict[int, bytes] | None:
+    """The key that signed each node's round keys, as this site's check found them; None if it did not check."""
+    record = context.state.config_records[STATE]
+    if "signers" not in record:
+        return None
+    return dict(zip((int(n) for n in record["nodes"]), record["signers"], strict=True))
+
+
 def _partners_signed(configs: ConfigRecord, context: Context) -> str | None:
     """Why some partner did not sign the key list this node was given, if one did not."""
-    record = context.state.config_records[STATE]
-    if "digest" not in record:
+    record, signers = context.state.config_records[STATE], _signers(context)
+    if signers is None:
         return "this round's key exchange was not checked against secagg-peers"
-    signers = dict(zip((int(n) for n in record["nodes"]), record["signers"], strict=True))
     partners = [int(p) for p in configs[Key.SOURCE_LIST]]
-    field = signed_keys.LIST_SIGNED_BY
-    signatures = {p: configs.get(signed_keys.entry(p, field)) for p in partners}
-    why = signed_keys.list_unsigned(partners, signatures, signers, context.run_id, record["terms"], record["digest"])
-    return f"this round {why}" if why else None
+    signatures = {p: configs.get(signed_keys.entry(p, signed_keys.LIST_SIGNED_BY)) for p in partners}
+    domain = signed_keys.LIST_DOMAIN
+    unsigned = signed_keys.first_unsigned(
+        partners, signatures, signers, domain, context.run_id, record["terms"], record["digest"]
+    )
+    if unsigned is None:
+        return None
+    return f"this round pairs this node with node {unsigned}, which did not sign the key list this node was given"
+
+
+def _alive_trained_alike(configs: ConfigRecord, context: Context) -> str | None:
+    """Why some node named alive did not sign that it trained on the fit instructions this node trained on, if one
+    did not: a coordinator that gave the others instructions that leave their models as sent (an epoch past the
+    schedule's end trains at learning rate 0) would read this node's update off the sum."""
+    record, signers = context.state.config_records[STATE], _signers(context)
+    mine = context.state.config_records.get(ROUND)
+    if signers is None or mine is None or "fit" not in mine:
+        return "this round's unmasking came before this node's checked masked update"
+    alive = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST] if int(n) != context.node_id]
+    signatures = {n: configs.get(signed_keys.entry(n, signed_keys.FIT_SIGNED_BY)) for n in alive}
+    domain, terms = signed_keys.FIT_DOMAIN, record["terms"]
+    unsigned = signed_keys.first_unsigned(
+        alive, signatures, signers, domain, context.run_id, terms, record["digest"], mine["fit"]
+    )
+    if unsigned is None:
+        return None
+    return f"this round names node {unsigned} alive, which did not train on the instructions this node trained on"
 
 
 def _round(context: Context) -> tuple[int, set[int]] | None:

@@ -1,5 +1,5 @@
 """Signed SecAgg+ rounds: a coordinator can neither put keys of its own in place of a node's, nor make up nodes, nor
-give the nodes of one round different rounds.
+give the nodes of one round different set-ups, key lists or fit instructions.
 
 In SecAgg+ each node makes two key pairs per round and the server relays the public halves to the others: the first
 for the pairwise masks, the second to encrypt the node's shares of its secrets for each neighbour. Flower 1.42 checks
@@ -18,13 +18,20 @@ the SuperLink already authenticates it by; node config ``secagg-key``):
 
 - at the set-up, its two public keys, with the run id, its node id and the round's terms (:func:`round_terms`: the
   round, from the message's group, and every setting of the set-up);
-- at the key exchange, the list of keys it was given (:func:`list_digest`).
+- at the key exchange, the list of keys it was given (:func:`list_digest`);
+- with its masked update, the fit instructions it trained on (:func:`fit_digest`): a coordinator that gave the
+  others instructions that leave their models as sent (an epoch at the schedule's end trains at learning rate 0)
+  would otherwise read one node's update off the honestly unmasked sum (Pasquini et al., 2022).
 
-The server relays the first beside the keys and the second beside the encrypted shares (:mod:`server.secagg`). A site
-that holds the consortium's node public keys (``secagg-peers``, one OpenSSH public key a line, as the coordinator
-registers them) takes part in a key exchange only if every node's keys in it are signed by a key of that list, each
-node by its own, for its own round's terms (:func:`verified_signers`), and masks its update only with partners that
-signed the key list it was given (:func:`list_unsigned`).
+The server relays each beside what the next stage carries (:mod:`server.secagg`). A site that holds the consortium's
+node public keys (``secagg-peers``, one OpenSSH public key a line, as the coordinator registers them) takes part in a
+key exchange only if every node's keys in it are signed by a key of that list, each node by its own, for its own
+round's terms (:func:`verified_signers`); masks its update only with partners that signed the key list it was given;
+and answers an unmasking request only if every node it names alive signed that it trained on the instructions this
+node trained on (:func:`first_unsigned`). Not closed: each node sees only its own unmasking request, so a coordinator
+that names different nodes dead to different nodes can unmask a sum over as few as two of a round's nodes; Bonawitz
+et al.'s consistency round (every node signs the set of survivors before any unmasking) would close it, and Flower's
+workflow has no such stage.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ import struct
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import ConfigRecord
-from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from mstkd.errors import InputError
 
@@ -48,8 +55,12 @@ beside that node's keys. Every field of this scheme begins so (the node takes th
 LIST_SIGNED_BY = "mstkd-signed-by-list"
 """A key-exchange reply's field: the signature of the key list the node was given; in a request for masked vectors
 ``mstkd-signed-by-list:<node id>`` for each partner."""
+FIT_SIGNED_BY = "mstkd-signed-by-fit"
+"""A masked-vector reply's field: the signature of the fit instructions the node trained on; in an unmasking request
+``mstkd-signed-by-fit:<node id>`` for each node named alive."""
 DOMAIN = b"mstkd SecAgg+ round keys, v2\x00"
 LIST_DOMAIN = b"mstkd SecAgg+ key list, v2\x00"
+FIT_DOMAIN = b"mstkd SecAgg+ fit instructions, v2\x00"
 MAX_FIELD = 4096
 """The most bytes a signature or a public key may have (a P-384 signature is about 104, an OpenSSH key about 200)."""
 MAX_NODE_ID = 2**64 - 1
@@ -88,8 +99,25 @@ def list_digest(keys: dict[int, list[bytes]]) -> bytes:
     return digest.digest()
 
 
-def _list_bytes(run_id: int, node_id: int, terms: bytes, digest: bytes) -> bytes:
-    return LIST_DOMAIN + struct.pack("<QQI", run_id, node_id, len(terms)) + terms + digest
+def fit_digest(content: RecordDict) -> bytes:
+    """SHA-256 of what a request for masked vectors asks a node to train on: every array record and every config
+    record but the protocol's own (which differs from node to node)."""
+    digest = hashlib.sha256()
+    for name in sorted(content.array_records):
+        digest.update(b"arrays " + name.encode() + b"\x00")
+        for key, array in content.array_records[name].items():
+            header = repr((key, array.dtype, tuple(array.shape), array.stype)).encode()
+            digest.update(struct.pack("<QQ", len(header), len(array.data)) + header + array.data)
+    for name in sorted(k for k in content.config_records if k != RECORD_KEY_CONFIGS):
+        text = repr(sorted(content.config_records[name].items())).encode()
+        digest.update(b"config " + name.encode() + b"\x00" + struct.pack("<Q", len(text)) + text)
+    return digest.digest()
+
+
+def _statement(domain: bytes, run_id: int, node_id: int, terms: bytes, digests: tuple[bytes, ...]) -> bytes:
+    """What a node signs after its set-up: ``domain`` (what it is), the run, the node, the round's terms, and the
+    digests (each 32 bytes) of what it was given."""
+    return domain + struct.pack("<QQI", run_id, node_id, len(terms)) + terms + b"".join(digests)
 
 
 def _private_file(path: str, what: str, *, secret: bool = False) -> bytes:
@@ -167,9 +195,12 @@ def sign(key: ec.EllipticCurvePrivateKey, run_id: int, node_id: int, terms: byte
     return [signature, public]
 
 
-def sign_list(key: ec.EllipticCurvePrivateKey, run_id: int, node_id: int, terms: bytes, digest: bytes) -> bytes:
-    """A key-exchange reply's :data:`LIST_SIGNED_BY` field: the signature of the key list this node was given."""
-    return key.sign(_list_bytes(run_id, node_id, terms, digest), ec.ECDSA(hashes.SHA384()))
+def sign_statement(
+    key: ec.EllipticCurvePrivateKey, domain: bytes, run_id: int, node_id: int, terms: bytes, *digests: bytes
+) -> bytes:
+    """A key-exchange reply's :data:`LIST_SIGNED_BY` field (``domain`` :data:`LIST_DOMAIN`, the key list's digest)
+    or a masked-vector reply's :data:`FIT_SIGNED_BY` (:data:`FIT_DOMAIN`, the key list's and the fit instructions')."""
+    return key.sign(_statement(domain, run_id, node_id, terms, digests), ec.ECDSA(hashes.SHA384()))
 
 
 def _verifies(signer: bytes, signature: object, data: bytes) -> bool:
@@ -209,13 +240,19 @@ def verified_signers(
     return signers
 
 
-def list_unsigned(
-    partners: list[int], signatures: dict, signers: dict[int, bytes], run_id: int, terms: bytes, digest: bytes
-) -> str:
-    """Why some of ``partners`` did not sign the key list this node was given (``digest``) for this round's
-    ``terms``, each with the key that signed its keys (``signers``); empty when they all did."""
-    for node in partners:
-        signed = _list_bytes(run_id, node, terms, digest)
+def first_unsigned(
+    nodes: list[int],
+    signatures: dict,
+    signers: dict[int, bytes],
+    domain: bytes,
+    run_id: int,
+    terms: bytes,
+    *digests: bytes,
+) -> int | None:
+    """The first of ``nodes`` that did not sign (:func:`sign_statement`) this node's own ``digests`` for this round's
+    ``terms``, each with the key that signed its round keys (``signers``); None when they all did."""
+    for node in nodes:
+        signed = _statement(domain, run_id, node, terms, digests)
         if node not in signers or not _verifies(signers[node], signatures.get(node), signed):
-            return f"pairs this node with node {node}, which did not sign the key list this node was given"
-    return ""
+            return node
+    return None

@@ -78,6 +78,7 @@ class CheckedGrid:
         self.counts: dict[int, int] = {}  # the case count of each node whose masked vectors were taken, this round
         self.signatures: dict[int, list[bytes]] = {}  # each node's signature of its round keys, this round
         self.list_signatures: dict[int, bytes] = {}  # each node's signature of the key list it was given
+        self.fit_signatures: dict[int, bytes] = {}  # each node's signature of the fit instructions it trained on
         self.errors: list[str] = []  # the reasons of this round's error replies
 
     def __getattr__(self, name: str):
@@ -108,13 +109,16 @@ class CheckedGrid:
                 self.signatures[node] = signed
         elif stage == Stage.SHARE_KEYS and _short_bytes(record.get(signed_keys.LIST_SIGNED_BY)):
             self.list_signatures[node] = record[signed_keys.LIST_SIGNED_BY]
+        elif stage == Stage.COLLECT_MASKED_VECTORS and _short_bytes(record.get(signed_keys.FIT_SIGNED_BY)):
+            self.fit_signatures[node] = record[signed_keys.FIT_SIGNED_BY]
 
     def _relay_signatures(self, message: Message, stage: str | None) -> None:
         """A set-up starts a round with no signature; a key exchange carries each listed node's signature of its keys
-        beside them, and a request for masked vectors each partner's signature of its key list, for nodes whose
-        sites check them (:mod:`messages.signed_keys`)."""
+        beside them, a request for masked vectors each partner's signature of its key list, and an unmasking request
+        each living node's signature of its fit instructions, for nodes whose sites check them
+        (:mod:`messages.signed_keys`)."""
         if stage == Stage.SETUP:
-            self.signatures, self.list_signatures, self.errors = {}, {}, []
+            self.signatures, self.list_signatures, self.fit_signatures, self.errors = {}, {}, {}, []
             return
         record = message.content.config_records[RECORD_KEY_CONFIGS]
         if stage == Stage.SHARE_KEYS:
@@ -125,6 +129,10 @@ class CheckedGrid:
             for node in record[Key.SOURCE_LIST]:
                 if node in self.list_signatures:
                     record[signed_keys.entry(node, signed_keys.LIST_SIGNED_BY)] = self.list_signatures[node]
+        elif stage == Stage.UNMASK:
+            for node in record[Key.ACTIVE_NODE_ID_LIST]:
+                if node in self.fit_signatures:
+                    record[signed_keys.entry(node, signed_keys.FIT_SIGNED_BY)] = self.fit_signatures[node]
 
     def _checked(self, reply: Message, asked: dict[int, tuple[str | None, list[int]]]) -> Message:
         if reply.has_error():

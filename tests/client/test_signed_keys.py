@@ -73,7 +73,8 @@ class _OtherNode:
         self.node = node
 
     def signs_list(self, keys: dict) -> bytes:
-        return signed_keys.sign_list(self.key, 1, self.node, ROUND_TERMS, signed_keys.list_digest(keys))
+        digest = signed_keys.list_digest(keys)
+        return signed_keys.sign_statement(self.key, signed_keys.LIST_DOMAIN, 1, self.node, ROUND_TERMS, digest)
 
 
 def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium_signed(tmp_path):
@@ -185,16 +186,35 @@ def test_under_secure_aggregation_every_node_signs_the_server_relays_and_each_si
     assert "skipped" not in record and not record["failures"], record
     assert set(by_name(record)) == {"site-1", "site-2", "site-3"}
 
-    relayed = CheckedGrid._relay_signatures
-    try:  # a server that keeps the signatures to itself
-        CheckedGrid._relay_signatures = lambda self, message, stage: None
-        with pytest.raises(RunFailed, match="no round aggregated"):
-            run_inproc(server_app, client_app, tiny_run_config(tmp_path / "unsigned", **run), sites)
-    finally:
-        CheckedGrid._relay_signatures = relayed
-    skipped = _records(tmp_path / "unsigned" / "run")[1]["skipped"]
+    def skipped_with(name: str, method: str, replacement) -> str:
+        """The round's skip reason when the server's ``CheckedGrid.<method>`` is ``replacement``."""
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(CheckedGrid, method, replacement)
+            with pytest.raises(RunFailed, match="no round aggregated"):
+                run_inproc(server_app, client_app, tiny_run_config(tmp_path / name, **run), sites)
+        return _records(tmp_path / name / "run")[1]["skipped"]
+
+    # a server that keeps the signatures to itself
+    skipped = skipped_with("unsigned", "_relay_signatures", lambda self, message, stage: None)
     assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its key exchange: ")
     assert "this round's key exchange carries no signature for node 1's keys" in skipped
+
+    # a coordinator that gives nodes 2 and 3 other fit instructions (here another epoch; one at the schedule's end
+    # trains at learning rate 0, leaving their models as sent, so that the sum less them is node 1's update)
+    sending = CheckedGrid.send_and_receive
+
+    def other_instructions(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            configs = message.content.config_records.get("secaggplus_configs")
+            collect = configs is not None and configs.get("stage") == "collect_masked_vectors"
+            if collect and message.metadata.dst_node_id != 1:
+                message.content.config_records["fitins.config"]["epoch"] += 1
+        return sending(self, messages, timeout=timeout)
+
+    skipped = skipped_with("inconsistent", "send_and_receive", other_instructions)
+    assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its unmasking: ")
+    assert "alive, which did not train on the instructions" in skipped  # each node refused to unmask
 
 
 def test_a_key_or_peer_list_that_is_not_the_sites_own_is_refused_in_one_line(tmp_path):
