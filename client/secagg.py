@@ -42,9 +42,9 @@ FIT_PARAMETERS = "fitins.parameters"
 
 
 ROUND = "mstkd.secagg-round"
-"""What a node keeps of its SecAgg+ round for what it signs, and for its site's terms (:mod:`client.terms`): the
-round's terms (:func:`messages.signed_keys.round_terms`), the digest of the key list it was given and of the fit
-instructions it trained on."""
+"""What a node with a ``secagg-key`` keeps of its SecAgg+ round, to sign and for its site's terms
+(:mod:`client.terms`): the round's terms (:func:`messages.signed_keys.round_terms`), the digest of the key list it
+was given and of the fit instructions it trained on."""
 SIGNED = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS)
 
 
@@ -78,19 +78,21 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         context.state.config_records.pop(ROUND, None)
     for name in [k for k in configs if k.startswith(signed_keys.SIGNED_BY)]:
         del configs[name]  # the relayed signatures, for the site's terms (client/terms.py), not for Flower's client
+    path = NodeConfig.parse(context.node_config).secagg_key
+    if not path or stage not in SIGNED:  # a node without a key signs nothing, and keeps nothing to sign
+        return secaggplus_mod(msg, context, call_next)
     kept = context.state.config_records.get(ROUND, ConfigRecord())
     if stage == Stage.SETUP:
         kept = ConfigRecord({"terms": signed_keys.round_terms(configs, msg.metadata.group_id)})
     elif stage == Stage.SHARE_KEYS:
-        kept["list"] = signed_keys.list_digest({int(k): v for k, v in configs.items() if k.isdigit()})
-    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        kept["list"] = signed_keys.list_digest(signed_keys.exchange_keys(configs))
+    else:
         kept["fit"] = signed_keys.fit_digest(msg.content)  # before training, which may change the message
     reply = secaggplus_mod(msg, context, call_next)
-    if reply.has_error() or stage not in SIGNED:
+    if reply.has_error():
         return reply
     context.state[ROUND] = kept
-    path = NodeConfig.parse(context.node_config).secagg_key
-    if path and "terms" in kept:
+    if "terms" in kept:
         _sign(reply.content.config_records[RECORD_KEY_CONFIGS], stage, context, signed_keys.load_signing_key(path))
     return reply
 

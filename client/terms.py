@@ -31,7 +31,6 @@ not detected. (Flower's 32-bit mask seeds are replaced: :mod:`messages.masks`.)
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
@@ -73,8 +72,6 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
     if stage == Stage.SETUP:
         context.state.config_records.pop(STATE, None)  # a new round: nothing of the last one holds
         broken, kept = _setup(configs, needed)
-        if kept is not None:
-            kept["terms"] = signed_keys.round_terms(configs, msg.metadata.group_id)
     elif stage == Stage.SHARE_KEYS:
         broken, kept = _share_keys(configs, context, needed)
         if not broken and node.secagg_peers:
@@ -119,59 +116,63 @@ def _setup(configs: ConfigRecord, needed: int) -> tuple[str | None, ConfigRecord
 
 def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> tuple[str | None, ConfigRecord | None]:
     names = [k for k in configs if k != Key.STAGE and not k.startswith(signed_keys.SIGNED_BY)]
-    if not all(name.isascii() and name.isdigit() and str(int(name)) == name for name in names):
+    if not all(name.isascii() and name.isdigit() and _node_id(name) for name in names):
         return "this round's key exchange names a node that is not a node id", None
     if str(context.node_id) not in names:
         return "this round's key exchange leaves this node out", None
     if len(names) < needed:
         return f"this round has {len(names)}", None
-    if any(int(name) > signed_keys.MAX_NODE_ID for name in names):
-        return "this round's key exchange names a node that is not a node id", None
     record = context.state.config_records.get(STATE)
     if record is None or "nodes" in record:
         return "this round's key exchange did not follow its set-up", None
-    kept = ConfigRecord({"threshold": int(record["threshold"]), "nodes": sorted(names), "terms": record["terms"]})
-    return None, kept
+    return None, ConfigRecord({"threshold": int(record["threshold"]), "nodes": sorted(names)})
+
+
+def _node_id(name: str) -> bool:
+    """A node id as Flower writes one: canonical digits of a 64-bit number."""
+    return str(int(name)) == name and int(name) <= signed_keys.MAX_NODE_ID
 
 
 def _signed(configs: ConfigRecord, node: NodeConfig, context: Context, kept: ConfigRecord) -> str | None:
-    """Why the key exchange's keys are not each signed by a key of the site's ``secagg-peers`` for this round, if
-    they are not; else the signers and the key list's digest go into ``kept``, for the partners' check."""
+    """Why the key exchange's keys are not each signed by a key of the site's ``secagg-peers`` for this round (its
+    terms as this node signed them), if they are not; else the signers go into ``kept``, for the later checks."""
     if not node.secagg_key:
         return "this site's secagg-peers needs its own secagg-key, to sign its keys as the others check theirs"
-    keys = {int(k): v for k, v in configs.items() if k.isdigit()}
+    keys = signed_keys.exchange_keys(configs)
     signatures = {n: configs.get(signed_keys.entry(n)) for n in keys}
     peers = signed_keys.read_peers(node.secagg_peers)
-    own = signed_keys.load_signing_key(node.secagg_key).public_key()
-    if signed_keys.public_line(own.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)) not in peers:
+    if signed_keys.public_of(signed_keys.load_signing_key(node.secagg_key)) not in peers:
         return "this site's own secagg-key is not in its secagg-peers"
+    signed = context.state.config_records.get(ROUND, {})  # what this node keeps to sign (client.secagg)
+    if "terms" not in signed:
+        return "this round's key exchange did not follow a set-up this node signed"
     try:
-        signers = signed_keys.verified_signers(keys, signatures, peers, context.run_id, kept["terms"])
+        signers = signed_keys.verified_signers(keys, signatures, peers, context.run_id, signed["terms"])
     except ValueError as exc:
         return f"this round's key exchange {exc}"
     kept["signers"] = [signers[int(name)] for name in kept["nodes"]]
-    kept["digest"] = signed_keys.list_digest(keys)
     return None
 
 
-def _signers(context: Context) -> dict[int, bytes] | None:
-    """The key that signed each node's round keys, as this site's check found them; None if it did not check."""
-    record = context.state.config_records[STATE]
-    if "signers" not in record:
+def _checked(context: Context, *needed: str) -> tuple[dict[int, bytes], ConfigRecord] | None:
+    """The key that signed each node's round keys, as this site's check found them, and what this node keeps of the
+    round to sign (:data:`client.secagg.ROUND`); None if the check did not run or the node keeps ``needed`` not."""
+    record, mine = context.state.config_records[STATE], context.state.config_records.get(ROUND)
+    if "signers" not in record or mine is None or not all(key in mine for key in needed):
         return None
-    return dict(zip((int(n) for n in record["nodes"]), record["signers"], strict=True))
+    return dict(zip((int(n) for n in record["nodes"]), record["signers"], strict=True)), mine
 
 
 def _partners_signed(configs: ConfigRecord, context: Context) -> str | None:
     """Why some partner did not sign the key list this node was given, if one did not."""
-    record, signers = context.state.config_records[STATE], _signers(context)
-    if signers is None:
+    checked = _checked(context, "terms", "list")
+    if checked is None:
         return "this round's key exchange was not checked against secagg-peers"
-    partners = [int(p) for p in configs[Key.SOURCE_LIST]]
+    (signers, mine), partners = checked, [int(p) for p in configs[Key.SOURCE_LIST]]
     signatures = {p: configs.get(signed_keys.entry(p, signed_keys.LIST_SIGNED_BY)) for p in partners}
     domain = signed_keys.LIST_DOMAIN
     unsigned = signed_keys.first_unsigned(
-        partners, signatures, signers, domain, context.run_id, record["terms"], record["digest"]
+        partners, signatures, signers, domain, context.run_id, mine["terms"], mine["list"]
     )
     if unsigned is None:
         return None
@@ -182,15 +183,15 @@ def _alive_trained_alike(configs: ConfigRecord, context: Context) -> str | None:
     """Why some node named alive did not sign that it trained on the fit instructions this node trained on, if one
     did not: a coordinator that gave the others instructions that leave their models as sent (an epoch past the
     schedule's end trains at learning rate 0) would read this node's update off the sum."""
-    record, signers = context.state.config_records[STATE], _signers(context)
-    mine = context.state.config_records.get(ROUND)
-    if signers is None or mine is None or "fit" not in mine:
+    checked = _checked(context, "terms", "list", "fit")
+    if checked is None:
         return "this round's unmasking came before this node's checked masked update"
-    alive = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST] if int(n) != context.node_id]
+    (signers, mine), me = checked, context.node_id
+    alive = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST] if int(n) != me]
     signatures = {n: configs.get(signed_keys.entry(n, signed_keys.FIT_SIGNED_BY)) for n in alive}
-    domain, terms = signed_keys.FIT_DOMAIN, record["terms"]
+    domain, terms = signed_keys.FIT_DOMAIN, mine["terms"]
     unsigned = signed_keys.first_unsigned(
-        alive, signatures, signers, domain, context.run_id, terms, record["digest"], mine["fit"]
+        alive, signatures, signers, domain, context.run_id, terms, mine["list"], mine["fit"]
     )
     if unsigned is None:
         return None

@@ -91,6 +91,12 @@ def _signed_bytes(run_id: int, node_id: int, terms: bytes, pk1: bytes, pk2: byte
     return DOMAIN + sizes + terms + pk1 + pk2
 
 
+def exchange_keys(configs: ConfigRecord) -> dict[int, object]:
+    """A key exchange's keys by node id (its fields named by a node id); the one reading of them that the node's
+    signature of its key list and its site's check both use."""
+    return {int(k): v for k, v in configs.items() if k.isdigit()}
+
+
 def list_digest(keys: dict[int, list[bytes]]) -> bytes:
     """SHA-256 of a key exchange's node ids and keys, in node order."""
     digest = hashlib.sha256()
@@ -188,11 +194,15 @@ def read_peers(path: str) -> frozenset[bytes]:
     return frozenset(keys)
 
 
+def public_of(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key's public half as an OpenSSH line (its :func:`public_line`: no comment)."""
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
 def sign(key: ec.EllipticCurvePrivateKey, run_id: int, node_id: int, terms: bytes, pk1: bytes, pk2: bytes) -> list:
     """A set-up reply's :data:`SIGNED_BY` field: the signature of this node's keys for its round, and its public key."""
     signature = key.sign(_signed_bytes(run_id, node_id, terms, pk1, pk2), ec.ECDSA(hashes.SHA384()))
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return [signature, public]
+    return [signature, public_of(key)]
 
 
 def sign_statement(
