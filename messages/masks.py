@@ -41,12 +41,10 @@ def check_range(num_range: object) -> int:
     Raises:
         ValueError: any other value.
     """
-    if isinstance(num_range, bool) or not isinstance(num_range, int | np.integer):
+    whole = isinstance(num_range, int | np.integer) and not isinstance(num_range, bool)
+    if not whole or not 2 <= int(num_range) <= 2**63 or int(num_range) & (int(num_range) - 1):
         raise ValueError(f"a mask's range must be a power of two in 2..2**63, not {num_range!r}")
-    num_range = int(num_range)
-    if not 2 <= num_range <= 2**63 or num_range & (num_range - 1):
-        raise ValueError(f"a mask's range must be a power of two in 2..2**63, not {num_range!r}")
-    return num_range
+    return int(num_range)
 
 
 def masks(seed: bytes, num_range: int, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -248,6 +249,12 @@ class InProcGrid(Grid):
                 "error": message.has_error(),
             }
         )
+
+
+def secagg_stage(stage: str, node: int = 5, **configs) -> Message:
+    """A SecAgg+ stage's train message to ``node``, as the server's workflow writes one (no group)."""
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **configs})})
+    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
 def run_inproc(server_app, client_app, run_config: dict, node_configs: list[dict]) -> InProcGrid:

@@ -17,7 +17,7 @@ from client.app import app as client_app
 from messages.arrays import is_packed, pack, unpack
 from mstkd.errors import RefusedMessage
 from mstkd.runconfig import check_state_key
-from tests.helpers import deployed_site, tiny_arrays
+from tests.helpers import deployed_site, secagg_stage, tiny_arrays
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
 
@@ -135,13 +135,6 @@ def test_a_deployed_node_never_writes_where_the_run_config_says(tmp_path, monkey
     assert not elsewhere.exists() and list((home / "nodes").rglob("local.pt"))
 
 
-def _secagg_stage(stage: str, **configs) -> Message:
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **configs})})
-    return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
-
-
 SETUP = {"sample_num": 3, "clipping_range": 8.0, "target_range": 4194304, "mod_range": 2**32, "max_weight": 10.0}
 """A SecAgg+ set-up as this project's server sends it for three nodes (share_num 3 and threshold 2 added)."""
 
@@ -181,26 +174,26 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
 
     for shares, threshold in ((3, 1), (4, 2), (2, 2), ("3\nx", 2)):
         shown = shares if isinstance(shares, int) else "?"
-        refused(_secagg_stage(Stage.SETUP, **SETUP, share_num=shares, threshold=threshold), f"({threshold} of {shown}")
-    refused(_secagg_stage(Stage.SETUP, **{**SETUP, "mod_range": 2}, share_num=3, threshold=2), "2^32 values")
+        refused(secagg_stage(Stage.SETUP, **SETUP, share_num=shares, threshold=threshold), f"({threshold} of {shown}")
+    refused(secagg_stage(Stage.SETUP, **{**SETUP, "mod_range": 2}, share_num=3, threshold=2), "2^32 values")
     keys = {"5": [b"a", b"b"], "6": [b"c", b"d"], "7": [b"e", b"f"]}
-    client_app(_secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
-    refused(_secagg_stage(Stage.SHARE_KEYS, **{"5": keys["5"], "6": keys["6"]}), "this round has 2")
-    refused(_secagg_stage(Stage.SHARE_KEYS, **{**keys, "06": [b"g", b"h"]}), "a node that is not a node id")
-    refused(_secagg_stage(Stage.SHARE_KEYS, **{"6": [b"c"], "7": [b"e"], "8": [b"g"]}), "leaves this node out")
-    client_app(_secagg_stage(Stage.SHARE_KEYS, **keys), context)
+    client_app(secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
+    refused(secagg_stage(Stage.SHARE_KEYS, **{"5": keys["5"], "6": keys["6"]}), "this round has 2")
+    refused(secagg_stage(Stage.SHARE_KEYS, **{**keys, "06": [b"g", b"h"]}), "a node that is not a node id")
+    refused(secagg_stage(Stage.SHARE_KEYS, **{"6": [b"c"], "7": [b"e"], "8": [b"g"]}), "leaves this node out")
+    client_app(secagg_stage(Stage.SHARE_KEYS, **keys), context)
     # masked with one partner only, whose key the other nodes' unmasking answers could then rebuild
-    refused(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "masked with 1 of the round's 2")
-    refused(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 9], ctxts=[b"x", b"y"]), "masked with 2")
-    client_app(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"]), context)
+    refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "masked with 1 of the round's 2")
+    refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 9], ctxts=[b"x", b"y"]), "masked with 2")
+    client_app(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"]), context)
     for alive, dead, why in (
         ([5, 6], [6], "names a node twice"),  # both secrets of node 6 in one answer
         ([6, 7], [5], "names this node dead"),
         ([5, 6, 9], [], "one not in the round"),
         ([5], [6], "fewer nodes alive than the threshold"),
     ):
-        refused(_secagg_stage(Stage.UNMASK, active_nids=alive, dead_nids=dead), why)
-    client_app(_secagg_stage(Stage.UNMASK, active_nids=[5, 6], dead_nids=[7]), context)
+        refused(secagg_stage(Stage.UNMASK, active_nids=alive, dead_nids=dead), why)
+    client_app(secagg_stage(Stage.UNMASK, active_nids=[5, 6], dead_nids=[7]), context)
     assert [m.content["secaggplus_configs"]["stage"] for m in worked] == [
         Stage.SETUP,
         Stage.SHARE_KEYS,
@@ -211,14 +204,14 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     # 101 shares, threshold 100, without clipping_range), Flower still holds the last good set-up's threshold 2:
     # had the terms kept 100, a key exchange and a one-partner request would pass them, and Flower would mask with
     # one partner at threshold 2
-    client_app(_secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
+    client_app(secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
     unreadable = {k: v for k, v in SETUP.items() if k != "clipping_range"}
-    assert client_app(_secagg_stage(Stage.SETUP, **unreadable, share_num=101, threshold=100), context).has_error()
-    refused(_secagg_stage(Stage.SHARE_KEYS, **keys), "did not follow its set-up")
-    refused(_secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "before its key exchange")
-    client_app(_secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
-    client_app(_secagg_stage(Stage.SHARE_KEYS, **keys), context)
-    refused(_secagg_stage(Stage.SHARE_KEYS, **keys), "did not follow its set-up")  # a second key exchange
+    assert client_app(secagg_stage(Stage.SETUP, **unreadable, share_num=101, threshold=100), context).has_error()
+    refused(secagg_stage(Stage.SHARE_KEYS, **keys), "did not follow its set-up")
+    refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "before its key exchange")
+    client_app(secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
+    client_app(secagg_stage(Stage.SHARE_KEYS, **keys), context)
+    refused(secagg_stage(Stage.SHARE_KEYS, **keys), "did not follow its set-up")  # a second key exchange
     context.node_config["require-secagg"] = "0"  # off: a plain train message trains
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
 
@@ -243,7 +236,7 @@ def test_secure_aggregation_under_another_train_name_is_refused_not_sent_unmaske
     from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
     _, context = _node(tmp_path)
-    message = _secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2)
+    message = secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2)
     message.metadata.message_type = "train.default"
     reply = client_app(message, context)
     assert reply.has_error() and reply.error.reason == (

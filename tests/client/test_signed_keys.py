@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from client.app import app as client_app
@@ -18,7 +18,7 @@ from mstkd.errors import InputError
 from server.app import app as server_app
 from server.report import RunFailed
 from server.secagg import CheckedGrid
-from tests.helpers import by_name, deployed_site, nodes, run_inproc, tiny_run_config
+from tests.helpers import by_name, deployed_site, nodes, run_inproc, secagg_stage, tiny_run_config
 from tests.helpers import run_records as _records
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
@@ -43,11 +43,6 @@ def _peers(folder: Path, lines: list[bytes]) -> str:
     path.write_bytes(b"# the consortium's nodes\n" + b"".join(line + b" site\n" for line in lines))
     path.chmod(0o644)
     return str(path)
-
-
-def _stage(stage: str, **configs) -> Message:
-    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **configs})})
-    return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
 
 
 ROUND_TERMS = signed_keys.round_terms(ConfigRecord({Key.STAGE: Stage.SETUP, **SETUP}), "")
@@ -89,7 +84,7 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
     def exchange(drop: str = "", **changes) -> tuple[Message, dict]:
         """Set up a round, then send a key exchange: the honest one, with ``changes`` made to it and ``drop`` out.
         Returns the reply and the keys it listed."""
-        reply = client_app(_stage(Stage.SETUP, **SETUP), context).content[RECORD_KEY_CONFIGS]
+        reply = client_app(secagg_stage(Stage.SETUP, **SETUP), context).content[RECORD_KEY_CONFIGS]
         own = [reply[Key.PUBLIC_KEY_1], reply[Key.PUBLIC_KEY_2]]
         signed = reply.get(signed_keys.SIGNED_BY)  # the set-up reply carries this node's signature (if it has a key)
         assert signed is None or signed[1] == my_public
@@ -98,7 +93,7 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
             fields |= {str(node): other.pair, signed_keys.entry(node): other.signed}
         fields = {k: v for k, v in {**fields, **changes}.items() if k != drop and v is not None}
         listed = {int(k): v for k, v in fields.items() if k.isdigit()}
-        return client_app(_stage(Stage.SHARE_KEYS, **fields), context), listed
+        return client_app(secagg_stage(Stage.SHARE_KEYS, **fields), context), listed
 
     def refused(reply: Message, why: str) -> None:
         assert reply.has_error(), why
@@ -140,7 +135,7 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
     _, listed = exchange()
     collect = {"srcs": [6, 7], "ctxts": [b"x", b"y"]}
     signed = {signed_keys.entry(n, signed_keys.LIST_SIGNED_BY): o.signs_list(listed) for n, o in others.items()}
-    through = client_app(_stage(Stage.COLLECT_MASKED_VECTORS, **collect, **signed), context)
+    through = client_app(secagg_stage(Stage.COLLECT_MASKED_VECTORS, **collect, **signed), context)
     assert not through.error.reason.startswith("node refused"), through.error.reason  # Flower's own error: fake ctxts
     _, listed = exchange()
     other_list = {**listed, 9: coordinators.pair}  # node 7 was shown another list (with a node 9)
@@ -149,7 +144,7 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
         signed_keys.entry(7, signed_keys.LIST_SIGNED_BY): others[7].signs_list(other_list),
     }
     refused(
-        client_app(_stage(Stage.COLLECT_MASKED_VECTORS, **collect, **signed), context),
+        client_app(secagg_stage(Stage.COLLECT_MASKED_VECTORS, **collect, **signed), context),
         "pairs this node with node 7, which did not sign the key list this node was given",
     )
 
@@ -161,7 +156,7 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
     refused(exchange(**{signed_keys.entry(5): others[6].signed})[0], "secagg-peers needs its own secagg-key")
     context.node_config["secagg-key"] = mine
     context.node_config["require-secagg"] = 0  # a check that would guard nothing is refused, not left unchecked
-    assert client_app(_stage(Stage.SETUP, **SETUP), context).error.reason == (
+    assert client_app(secagg_stage(Stage.SETUP, **SETUP), context).error.reason == (
         "node refused: this site's secagg-peers checks SecAgg+ keys only with require-secagg, which is 0"
     )
     context.node_config["require-secagg"] = 3

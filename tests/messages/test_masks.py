@@ -14,7 +14,7 @@ import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
@@ -27,6 +27,7 @@ import server.secagg  # noqa: F401  (and on the server's)
 from messages.masks import masks, use_full_seeds
 from mstkd.errors import InputError, RefusedMessage
 from mstkd.runconfig import RunConfig
+from tests.helpers import secagg_stage
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
 
@@ -93,7 +94,7 @@ def test_a_range_or_seed_no_mask_can_be_drawn_from_is_refused():
     # a node refuses such a range at its set-up, before it trains for a round it could not mask
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     setup = {"sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": 8.0, "target_range": TARGET}
-    message = _stage(5, Stage.SETUP, **setup, mod_range=3 * 2**30, max_weight=1.0)
+    message = secagg_stage(Stage.SETUP, node=5, **setup, mod_range=3 * 2**30, max_weight=1.0)
     with pytest.raises(RefusedMessage, match="secure aggregation: a mask's range must be a power of two"):
         client.secagg.secagg_mod(message, context, lambda m, c: pytest.fail("no work for such a round"))
 
@@ -113,18 +114,13 @@ def test_the_node_and_the_server_draw_their_masks_alike_and_from_the_whole_seed(
     monkeypatch.setattr(client.secagg, "FULL_SEEDS", False)
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(RefusedMessage, match="this node's Flower draws masks in a way this version does not know"):
-        client.secagg.secagg_mod(_stage(5, Stage.SETUP), context, lambda m, c: pytest.fail("no work"))
+        client.secagg.secagg_mod(secagg_stage(Stage.SETUP, node=5), context, lambda m, c: pytest.fail("no work"))
     monkeypatch.setattr(server.secagg, "FULL_SEEDS", False)
     with pytest.raises(InputError, match="this Flower draws SecAgg\\+ masks in a way this version does not know"):
         server.secagg.run_secagg(None, None, dataclasses.replace(RunConfig(), min_nodes=3), {}, {}, None, None)
 
 
 # --------------------------------------------------------------------------- the attack, through Flower's own client
-
-
-def _stage(node: int, stage: str, **configs) -> Message:
-    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **configs})})
-    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
 def _masked_round(updates: dict[int, np.ndarray]) -> tuple:
@@ -141,9 +137,9 @@ def _masked_round(updates: dict[int, np.ndarray]) -> tuple:
 
     setup = {"sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": 8.0, "target_range": TARGET}
     setup |= {"mod_range": RANGE, "max_weight": 1.0}
-    keys = {n: answer(n, _stage(n, Stage.SETUP, **setup)) for n in updates}
+    keys = {n: answer(n, secagg_stage(Stage.SETUP, node=n, **setup)) for n in updates}
     public = {str(n): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for n, k in keys.items()}
-    shared = {n: answer(n, _stage(n, Stage.SHARE_KEYS, **public)) for n in updates}
+    shared = {n: answer(n, secagg_stage(Stage.SHARE_KEYS, node=n, **public)) for n in updates}
     masked = {}
     for node in updates:
         sent = [
@@ -152,7 +148,9 @@ def _masked_round(updates: dict[int, np.ndarray]) -> tuple:
             for d, c in zip(s[Key.DESTINATION_LIST], s[Key.CIPHERTEXT_LIST], strict=True)
             if d == node
         ]
-        message = _stage(node, Stage.COLLECT_MASKED_VECTORS, srcs=[s for s, _ in sent], ctxts=[c for _, c in sent])
+        message = secagg_stage(
+            Stage.COLLECT_MASKED_VECTORS, node=node, srcs=[s for s, _ in sent], ctxts=[c for _, c in sent]
+        )
         vectors = answer(node, message, updates[node])[Key.MASKED_PARAMETERS]
         masked[node] = [np.load(io.BytesIO(v), allow_pickle=False) for v in vectors]
     return contexts, public, masked, answer
@@ -164,7 +162,7 @@ def _strip_pairwise_masks_of(victim: int, others: list[int], round_) -> tuple[li
     contexts, public, masked, answer = round_
     shares = []
     for node in others:
-        reply = answer(node, _stage(node, Stage.UNMASK, active_nids=others, dead_nids=[victim]))
+        reply = answer(node, secagg_stage(Stage.UNMASK, node=node, active_nids=others, dead_nids=[victim]))
         shares.append(dict(zip(reply[Key.NODE_ID_LIST], reply[Key.SHARE_LIST], strict=True))[victim])
     first_key = bytes_to_private_key(combine_shares(shares))
     left = [v.copy() for v in masked[victim]]
