@@ -6,7 +6,8 @@ Flower 1.42 runs SecAgg+ only through its legacy workflow, whose train messages 
 
 - :func:`secagg_mod` hands the protocol's messages (those with a ``secaggplus_configs`` record)
   to ``secaggplus_mod`` and passes every other message through; ``secaggplus_mod`` draws its masks from
-  the whole of each seed (:mod:`messages.masks`), as the server unmasks them;
+  the whole of each seed (:mod:`messages.masks`), as the server unmasks them, and answers the consistency round
+  between masking and unmasking that Flower's protocol lacks (:data:`messages.signed_keys.SURVIVORS`);
 - :func:`secagg_train` turns a legacy fit message into the same local round as any other
   (:func:`client.site.local_round`, wherever the node runs it) and its result back into a legacy
   fit reply.
@@ -24,7 +25,7 @@ from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -33,6 +34,7 @@ from client.context import Job, message_kind
 from messages import signed_keys
 from messages.masks import check_range, use_full_seeds
 from mstkd.errors import RefusedMessage
+from mstkd.numbers import is_whole
 from mstkd.runconfig import NodeConfig, Transport
 
 # the module, not the function of the same name its package exports: its masks are drawn from the whole seed
@@ -44,7 +46,7 @@ FIT_PARAMETERS = "fitins.parameters"
 ROUND = "mstkd.secagg-round"
 """What a node with a ``secagg-key`` keeps of its SecAgg+ round, to sign and for its site's terms
 (:mod:`client.terms`): the round's terms (:func:`messages.signed_keys.round_terms`), the digest of the key list it
-was given and of the fit instructions it trained on."""
+was given and of the fit instructions it trained on, and the survivors it signed."""
 SIGNED = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS)
 
 
@@ -53,8 +55,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     runs only on messages of type ``train`` and passes ``train.<name>`` on unmasked, so such a message that
     carries the protocol's record is refused. A node with a ``secagg-key`` signs its round keys in its set-up reply,
     the key list it was given in its key-exchange reply and the fit instructions it trained on in its masked-vector
-    reply (:mod:`messages.signed_keys`); the signatures the server relays are taken out before Flower's client reads
-    a message.
+    reply (:mod:`messages.signed_keys`), and answers the project's consistency round itself (:func:`_survivors`); the
+    signatures the server relays are taken out before Flower's client reads a message.
 
     Raises:
         RefusedMessage: a ``train.<name>`` message with the protocol's record; a set-up for another node, or with a
@@ -68,6 +70,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         raise RefusedMessage("secure aggregation: this node's Flower draws masks in a way this version does not know")
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = configs.get(Key.STAGE)  # read before Flower's client, which takes it out of the record
+    if stage == signed_keys.SURVIVORS:  # the project's own stage, which Flower's client does not know
+        return _survivors(msg, context, configs.get(Key.ACTIVE_NODE_ID_LIST))
     if stage == Stage.SETUP:
         if msg.metadata.dst_node_id != context.node_id:
             raise RefusedMessage("secure aggregation: this set-up is addressed to another node")
@@ -111,6 +115,28 @@ def _sign(out: ConfigRecord, stage: str, context: Context, key) -> None:
         out[signed_keys.FIT_SIGNED_BY] = signed_keys.sign_statement(
             key, signed_keys.FIT_DOMAIN, run, node, kept["terms"], kept["list"], kept["fit"]
         )
+
+
+def _survivors(msg: Message, context: Context, survivors: object) -> Message:
+    """The consistency round (:data:`messages.signed_keys.SURVIVORS`): a node with a ``secagg-key`` signs the nodes
+    that the server says sent masked updates, once a round and only after its own; a node without one answers with
+    nothing signed."""
+    if not (isinstance(survivors, list) and all(is_whole(n) for n in survivors) and context.node_id in survivors):
+        raise RefusedMessage("secure aggregation: a list of survivors that is not node ids, this node's among them")
+    out = ConfigRecord()
+    path = NodeConfig.parse(context.node_config).secagg_key
+    if path:
+        kept = context.state.config_records.get(ROUND)
+        if kept is None or "list" not in kept or "fit" not in kept or "survivors" in kept:
+            raise RefusedMessage("secure aggregation: survivors asked for before this node's masked update, or twice")
+        kept["survivors"] = sorted({int(n) for n in survivors})
+        run, node, key = context.run_id, context.node_id, signed_keys.load_signing_key(path)
+        digests = kept["list"], signed_keys.nodes_digest(kept["survivors"])
+        out[signed_keys.SURVIVORS_SIGNED_BY] = signed_keys.sign_statement(
+            key, signed_keys.SURVIVORS_DOMAIN, run, node, kept["terms"], *digests
+        )
+        context.state[ROUND] = kept
+    return Message(content=RecordDict({RECORD_KEY_CONFIGS: out}), reply_to=msg)
 
 
 def is_secagg_fit(msg: Message) -> bool:

@@ -3,7 +3,8 @@
 ``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
 With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed, each node's by its own,
 for this round's set-up, masked only with partners that signed the key list this node was given, and unmasked only
-among nodes that signed that they trained on the instructions this node trained on (:mod:`messages.signed_keys`).
+among nodes that signed that they trained on the instructions this node trained on, and only with alive the
+survivors this node signed, which at least the round's threshold of its nodes signed too (:mod:`messages.signed_keys`).
 :func:`required_secagg` (a ClientApp mod, outside Flower's SecAgg+ client) refuses, before any work:
 
 - any message but ``train``, ``evaluate`` and ``query`` (Flower routes ``train.<name>`` to the same function);
@@ -16,6 +17,8 @@ among nodes that signed that they trained on the instructions this node trained 
   nodes alive, so at most n (n - t) key shares are given out for nodes named dead, and t are needed per
   partner; the partners must number more than n (n - t) / t (with none dropped, n - 1 partners, this is
   t > n^2 / (2n - 1), which Flower's two-thirds threshold meets for every n >= 3);
+- a list of survivors (the nodes said to have sent masked updates, for the consistency round) fewer than the
+  threshold, or naming a node twice or one not in the exchange;
 - an unmasking request that names a node both alive and dead, this node dead, or a node not in the exchange.
 
 These close the ways a coordinator that crafts messages was found to recover a node's update from Flower's
@@ -23,10 +26,11 @@ SecAgg+ client (which checks none of them), provided every site runs them: the u
 sites' keys. The bound on partners assumes that every node of the round has this node's set-up and key list.
 Without ``secagg-peers`` nothing makes it so, nor authenticates the nodes of a round to each other: the server
 relays their keys, so it can add nodes of its own, put its keys in place of a node's, or give nodes different
-thresholds, key lists or fit instructions. With it, each of those is refused (:mod:`messages.signed_keys`). Either
-way each node sees only its own unmasking request, so a coordinator that names different nodes dead to different
-nodes can unmask a sum over as few as two of a round's nodes, and a round replayed with another group of nodes is
-not detected. (Flower's 32-bit mask seeds are replaced: :mod:`messages.masks`.)
+thresholds, key lists or fit instructions; and since each node sees only its own unmasking request, a coordinator
+that names different nodes dead to different nodes can unmask a sum over as few as two of a round's nodes. With it,
+each of those is refused (:mod:`messages.signed_keys`), unless more than 2t - n of a round's n nodes sign for the
+coordinator. Either way a round replayed with another group of nodes is not detected. (Flower's 32-bit mask seeds are
+replaced: :mod:`messages.masks`.)
 """
 
 from __future__ import annotations
@@ -80,10 +84,12 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
         broken, kept = _collect(configs, context), None
         if not broken and node.secagg_peers:
             broken = _partners_signed(configs, context)
+    elif stage == signed_keys.SURVIVORS:
+        broken, kept = _survivors(configs, context), None
     else:
         broken, kept = _unmask(configs, context), None
         if not broken and node.secagg_peers:
-            broken = _alive_trained_alike(configs, context)
+            broken = _alive_trained_alike(configs, context) or _survivors_signed(configs, context)
     if broken:
         raise RefusedMessage(f"{terms}; {broken}")
     # what the terms remember of a stage holds only once Flower's SecAgg+ client has taken it: a stage it refuses
@@ -171,12 +177,10 @@ def _partners_signed(configs: ConfigRecord, context: Context) -> str | None:
     (signers, mine), partners = checked, [int(p) for p in configs[Key.SOURCE_LIST]]
     signatures = {p: configs.get(signed_keys.entry(p, signed_keys.LIST_SIGNED_BY)) for p in partners}
     domain = signed_keys.LIST_DOMAIN
-    unsigned = signed_keys.first_unsigned(
-        partners, signatures, signers, domain, context.run_id, mine["terms"], mine["list"]
-    )
-    if unsigned is None:
+    unsigned = signed_keys.unsigned(partners, signatures, signers, domain, context.run_id, mine["terms"], mine["list"])
+    if not unsigned:
         return None
-    return f"this round pairs this node with node {unsigned}, which did not sign the key list this node was given"
+    return f"this round pairs this node with node {unsigned[0]}, which did not sign the key list this node was given"
 
 
 def _alive_trained_alike(configs: ConfigRecord, context: Context) -> str | None:
@@ -189,13 +193,34 @@ def _alive_trained_alike(configs: ConfigRecord, context: Context) -> str | None:
     (signers, mine), me = checked, context.node_id
     alive = [int(n) for n in configs[Key.ACTIVE_NODE_ID_LIST] if int(n) != me]
     signatures = {n: configs.get(signed_keys.entry(n, signed_keys.FIT_SIGNED_BY)) for n in alive}
-    domain, terms = signed_keys.FIT_DOMAIN, mine["terms"]
-    unsigned = signed_keys.first_unsigned(
-        alive, signatures, signers, domain, context.run_id, terms, mine["list"], mine["fit"]
-    )
-    if unsigned is None:
+    domain, digests = signed_keys.FIT_DOMAIN, (mine["list"], mine["fit"])
+    unsigned = signed_keys.unsigned(alive, signatures, signers, domain, context.run_id, mine["terms"], *digests)
+    if not unsigned:
         return None
-    return f"this round names node {unsigned} alive, which did not train on the instructions this node trained on"
+    return f"this round names node {unsigned[0]} alive, which did not train on the instructions this node trained on"
+
+
+def _survivors_signed(configs: ConfigRecord, context: Context) -> str | None:
+    """Why the unmasking request does not name alive exactly the survivors this node signed, with signatures of that
+    list from at least the round's threshold of its nodes, if it does not (the consistency round,
+    :data:`messages.signed_keys.SURVIVORS`): a coordinator that named a node alive to some nodes and dead to others
+    would gather both its secrets."""
+    checked = _checked(context, "terms", "list", "survivors")
+    if checked is None:
+        return "this round's unmasking came before this node signed who sent masked updates"
+    (signers, mine), threshold = checked, int(context.state.config_records[STATE]["threshold"])
+    survivors, alive = set(mine["survivors"]), set(configs[Key.ACTIVE_NODE_ID_LIST])
+    if alive != survivors & (alive | set(configs[Key.DEAD_NODE_ID_LIST])):
+        return "this round's unmasking names alive other nodes than the survivors this node signed"
+    others = sorted(survivors - {context.node_id})  # this node signed that list itself
+    signatures = {n: configs.get(signed_keys.entry(n, signed_keys.SURVIVORS_SIGNED_BY)) for n in others}
+    digests = mine["list"], signed_keys.nodes_digest(mine["survivors"])
+    domain, terms = signed_keys.SURVIVORS_DOMAIN, mine["terms"]
+    unsigned = signed_keys.unsigned(others, signatures, signers, domain, context.run_id, terms, *digests)
+    signed = 1 + len(others) - len(unsigned)
+    if signed >= threshold:
+        return None
+    return f"only {signed} of this round's nodes signed the survivors this node signed, not the threshold {threshold}"
 
 
 def _round(context: Context) -> tuple[int, set[int]] | None:
@@ -218,6 +243,19 @@ def _collect(configs: ConfigRecord, context: Context) -> str | None:
     n = len(nodes)
     if not partners <= nodes - {context.node_id} or len(partners) * threshold <= n * (n - threshold):
         return f"this node would be masked with {len(partners)} of the round's {n - 1} other nodes"
+    return None
+
+
+def _survivors(configs: ConfigRecord, context: Context) -> str | None:
+    known = _round(context)
+    if known is None:
+        return "this round's survivors were asked for before its key exchange"
+    threshold, nodes = known
+    survivors = configs.get(Key.ACTIVE_NODE_ID_LIST)
+    if not (isinstance(survivors, list) and all(is_whole(n) for n in survivors)):
+        return "this round names its survivors not as node ids"
+    if len(set(survivors)) != len(survivors) or not set(survivors) <= nodes or len(survivors) < threshold:
+        return f"this round lists {len(survivors)} survivors: fewer than its threshold, or a node twice or not in it"
     return None
 
 

@@ -28,10 +28,18 @@ node public keys (``secagg-peers``, one OpenSSH public key a line, as the coordi
 key exchange only if every node's keys in it are signed by a key of that list, each node by its own, for its own
 round's terms (:func:`verified_signers`); masks its update only with partners that signed the key list it was given;
 and answers an unmasking request only if every node it names alive signed that it trained on the instructions this
-node trained on (:func:`first_unsigned`). Not closed: each node sees only its own unmasking request, so a coordinator
-that names different nodes dead to different nodes can unmask a sum over as few as two of a round's nodes; Bonawitz
-et al.'s consistency round (every node signs the set of survivors before any unmasking) would close it, and Flower's
-workflow has no such stage.
+node trained on (:func:`unsigned`).
+
+Each node sees only its own unmasking request, in which the server names each of its partners alive (the node hands
+over a share of that partner's mask seed) or dead (a share of its first secret key). A coordinator that names a node
+alive to some nodes and dead to others gathers both secrets of it, and so its update; with a plan over several nodes
+it unmasked the sum of two of a round of ten. Bonawitz et al.'s consistency round closes this, and Flower's workflow
+has no such stage, so the project adds one (:data:`SURVIVORS`, between masking and unmasking): the server sends each
+node that sent a masked update the list of those nodes, and each node with a key signs it, once a round
+(:func:`nodes_digest`). A checking site answers an unmasking request only if it names alive exactly the listed nodes
+that this node signed, and carries signatures of that same list from at least the round's threshold t of its nodes.
+Two lists each signed by t of the round's n < 2t nodes share a signer, who signs one list a round: all the checking
+sites that answer were given one list, unless more than 2t - n of the round's nodes sign for the coordinator.
 """
 
 from __future__ import annotations
@@ -60,7 +68,14 @@ FIT_SIGNED_BY = "mstkd-signed-by-fit"
 ``mstkd-signed-by-fit:<node id>`` for each node named alive."""
 DOMAIN = b"mstkd SecAgg+ round keys, v2\x00"
 LIST_DOMAIN = b"mstkd SecAgg+ key list, v2\x00"
+SURVIVORS_SIGNED_BY = "mstkd-signed-by-survivors"
+"""A reply to :data:`SURVIVORS`: the node's signature of the list it was given; in an unmasking request
+``mstkd-signed-by-survivors:<node id>`` for each listed node."""
+SURVIVORS = "mstkd-survivors"
+"""The stage (``Key.STAGE``) of the project's consistency round, with the nodes that sent masked updates in
+``Key.ACTIVE_NODE_ID_LIST``; a node answers it itself, not Flower's client (:mod:`client.secagg`)."""
 FIT_DOMAIN = b"mstkd SecAgg+ fit instructions, v2\x00"
+SURVIVORS_DOMAIN = b"mstkd SecAgg+ survivors, v2\x00"
 MAX_FIELD = 4096
 """The most bytes a signature or a public key may have (a P-384 signature is about 104, an OpenSSH key about 200)."""
 MAX_NODE_ID = 2**64 - 1
@@ -118,6 +133,11 @@ def fit_digest(content: RecordDict) -> bytes:
         text = repr(sorted(content.config_records[name].items())).encode()
         digest.update(b"config " + name.encode() + b"\x00" + struct.pack("<Q", len(text)) + text)
     return digest.digest()
+
+
+def nodes_digest(nodes: list[int]) -> bytes:
+    """SHA-256 of a set of node ids, in order."""
+    return hashlib.sha256(b"".join(struct.pack("<Q", node) for node in sorted(nodes))).digest()
 
 
 def _statement(domain: bytes, run_id: int, node_id: int, terms: bytes, digests: tuple[bytes, ...]) -> bytes:
@@ -208,8 +228,10 @@ def sign(key: ec.EllipticCurvePrivateKey, run_id: int, node_id: int, terms: byte
 def sign_statement(
     key: ec.EllipticCurvePrivateKey, domain: bytes, run_id: int, node_id: int, terms: bytes, *digests: bytes
 ) -> bytes:
-    """A key-exchange reply's :data:`LIST_SIGNED_BY` field (``domain`` :data:`LIST_DOMAIN`, the key list's digest)
-    or a masked-vector reply's :data:`FIT_SIGNED_BY` (:data:`FIT_DOMAIN`, the key list's and the fit instructions')."""
+    """A key-exchange reply's :data:`LIST_SIGNED_BY` field (``domain`` :data:`LIST_DOMAIN`, the key list's digest),
+    a masked-vector reply's :data:`FIT_SIGNED_BY` (:data:`FIT_DOMAIN`, the key list's and the fit instructions'),
+    or a :data:`SURVIVORS` reply's :data:`SURVIVORS_SIGNED_BY` (:data:`SURVIVORS_DOMAIN`, the key list's and the
+    survivors')."""
     return key.sign(_statement(domain, run_id, node_id, terms, digests), ec.ECDSA(hashes.SHA384()))
 
 
@@ -250,7 +272,7 @@ def verified_signers(
     return signers
 
 
-def first_unsigned(
+def unsigned(
     nodes: list[int],
     signatures: dict,
     signers: dict[int, bytes],
@@ -258,11 +280,12 @@ def first_unsigned(
     run_id: int,
     terms: bytes,
     *digests: bytes,
-) -> int | None:
-    """The first of ``nodes`` that did not sign (:func:`sign_statement`) this node's own ``digests`` for this round's
-    ``terms``, each with the key that signed its round keys (``signers``); None when they all did."""
-    for node in nodes:
-        signed = _statement(domain, run_id, node, terms, digests)
-        if node not in signers or not _verifies(signers[node], signatures.get(node), signed):
-            return node
-    return None
+) -> list[int]:
+    """Those of ``nodes`` that did not sign (:func:`sign_statement`) this node's own ``digests`` for this round's
+    ``terms``, each with the key that signed its round keys (``signers``), in their order."""
+    return [
+        node
+        for node in nodes
+        if node not in signers
+        or not _verifies(signers[node], signatures.get(node), _statement(domain, run_id, node, terms, digests))
+    ]

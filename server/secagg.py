@@ -27,160 +27,28 @@ from collections import Counter
 from collections.abc import Callable
 from contextvars import ContextVar
 
-import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from cryptography.exceptions import UnsupportedAlgorithm
-from flwr.app import Array, ArrayRecord, Context, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_secagg
 
 from messages import signed_keys
-from messages.arrays import NDARRAY, WireError, decode_array
 from messages.masks import use_full_seeds
 from mstkd.errors import InputError
-from mstkd.numbers import is_whole
 from mstkd.runconfig import RunConfig
-from server.loop import expire
 from server.replies import metric_problem, printable
 from server.runlog import RunLog
+from server.secagg_grid import CheckedGrid
 
 RECONSTRUCTION = 2 / 3
 """Share of key shares needed to recover a dropped node's mask."""
-
-_KEY, _BYTES, _NODES = "key", "bytes", "nodes"
-STAGE_FIELDS = {
-    Stage.SETUP: {Key.PUBLIC_KEY_1: _KEY, Key.PUBLIC_KEY_2: _KEY},
-    Stage.SHARE_KEYS: {Key.DESTINATION_LIST: _NODES, Key.CIPHERTEXT_LIST: _BYTES},
-    Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: _BYTES},
-    Stage.UNMASK: {Key.NODE_ID_LIST: _NODES, Key.SHARE_LIST: _BYTES},
-}
-"""What Flower's SecAgg+ workflow reads from each stage's replies: a key (bytes), a list of bytes, or a list of node
-ids under each key; the lists of one reply have one length, and a list of node ids names exactly the nodes its message
-asked about, each once (its key shares go to each neighbour it was given the keys of; its shares for unmasking are
-of each node it was asked for)."""
-
-
-class CheckedGrid:
-    """A grid whose SecAgg+ replies are checked for what the workflow reads before it reads them (the workflow indexes
-    them unchecked, so one malformed reply ended the run with a ``KeyError``): a reply that lacks a field, holds
-    another type, names a node outside the round, sends masked vectors of other shapes or a case count out of range
-    becomes that node's error, which the protocol treats as a dropped node. So does one whose key shares skip a
-    neighbour or whose unmasking shares skip a node asked for: the masks would no longer cancel, or too few shares
-    would be left, and the round's sum would be wrong or lost. The contents of keys, ciphertexts and shares cannot be
-    checked: with secure aggregation the server cannot tell a wrong one (docs/security.md)."""
-
-    def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], max_examples: int) -> None:
-        self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
-        self.counts: dict[int, int] = {}  # the case count of each node whose masked vectors were taken, this round
-        self.signatures: dict[int, list[bytes]] = {}  # each node's signature of its round keys, this round
-        self.list_signatures: dict[int, bytes] = {}  # each node's signature of the key list it was given
-        self.fit_signatures: dict[int, bytes] = {}  # each node's signature of the fit instructions it trained on
-        self.errors: list[str] = []  # the reasons of this round's error replies
-
-    def __getattr__(self, name: str):
-        return getattr(self.grid, name)
-
-    def send_and_receive(self, messages, *, timeout: float | None = None):
-        messages = list(messages)
-        asked = {m.metadata.dst_node_id: _asked(m) for m in messages}
-        for message in messages:
-            self._relay_signatures(message, asked[message.metadata.dst_node_id][0])
-        expire(messages, timeout)
-        replies = [self._checked(reply, asked) for reply in self.grid.send_and_receive(messages, timeout=timeout)]
-        for reply in replies:
-            if reply.has_error():
-                self.errors.append(printable(reply.error.reason, 200))
-            else:
-                self._keep_signature(reply, asked.get(reply.metadata.src_node_id, ("",))[0])
-        return replies
-
-    def _keep_signature(self, reply: Message, stage: str | None) -> None:
-        """A set-up reply's signature of the node's keys, or a key-exchange reply's of its key list, to relay; one
-        that is not of the form a node signs is dropped (the sites that check then refuse that node)."""
-        record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-        node = reply.metadata.src_node_id
-        if stage == Stage.SETUP:
-            signed = record.get(signed_keys.SIGNED_BY)
-            if isinstance(signed, list) and len(signed) == 2 and all(map(_short_bytes, signed)):
-                self.signatures[node] = signed
-        elif stage == Stage.SHARE_KEYS and _short_bytes(record.get(signed_keys.LIST_SIGNED_BY)):
-            self.list_signatures[node] = record[signed_keys.LIST_SIGNED_BY]
-        elif stage == Stage.COLLECT_MASKED_VECTORS and _short_bytes(record.get(signed_keys.FIT_SIGNED_BY)):
-            self.fit_signatures[node] = record[signed_keys.FIT_SIGNED_BY]
-
-    def _relay_signatures(self, message: Message, stage: str | None) -> None:
-        """A set-up starts a round with no signature; a key exchange carries each listed node's signature of its keys
-        beside them, a request for masked vectors each partner's signature of its key list, and an unmasking request
-        each living node's signature of its fit instructions, for nodes whose sites check them
-        (:mod:`messages.signed_keys`)."""
-        if stage == Stage.SETUP:
-            self.signatures, self.list_signatures, self.fit_signatures, self.errors = {}, {}, {}, []
-            return
-        record = message.content.config_records[RECORD_KEY_CONFIGS]
-        if stage == Stage.SHARE_KEYS:
-            for node in [int(k) for k in record if k.isdigit()]:
-                if node in self.signatures:
-                    record[signed_keys.entry(node)] = self.signatures[node]
-        elif stage == Stage.COLLECT_MASKED_VECTORS:
-            for node in record[Key.SOURCE_LIST]:
-                if node in self.list_signatures:
-                    record[signed_keys.entry(node, signed_keys.LIST_SIGNED_BY)] = self.list_signatures[node]
-        elif stage == Stage.UNMASK:
-            for node in record[Key.ACTIVE_NODE_ID_LIST]:
-                if node in self.fit_signatures:
-                    record[signed_keys.entry(node, signed_keys.FIT_SIGNED_BY)] = self.fit_signatures[node]
-
-    def _checked(self, reply: Message, asked: dict[int, tuple[str | None, list[int]]]) -> Message:
-        if reply.has_error():
-            return reply
-        stage, nodes = asked.get(reply.metadata.src_node_id, ("", []))
-        if reply.metadata.src_node_id not in asked:
-            problem = "a reply from a node not asked"
-        elif stage not in STAGE_FIELDS:  # the workflow's other messages
-            return reply
-        else:
-            try:
-                problem = self._problem(reply, stage, nodes)
-            except Exception as exc:  # a reply that does not even read
-                problem = f"unreadable ({type(exc).__name__})"
-        if problem is None:
-            return reply
-        return Message(metadata=reply.metadata, error=Error(code=0, reason=f"SecAgg+ {stage}: {problem}"))
-
-    def _problem(self, reply: Message, stage: str, nodes: list[int]) -> str | None:
-        fields = STAGE_FIELDS[stage]
-        record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-        values = {key: record.get(key) if record is not None else None for key in fields}
-        for key, kind in fields.items():
-            value = values[key]
-            if kind == _KEY and not isinstance(value, bytes):
-                return f"{key} is not a key"
-            if kind != _KEY and not isinstance(value, list):
-                return f"{key} is not a list"
-            if kind == _BYTES and not all(isinstance(v, bytes) for v in value):
-                return f"{key} holds something other than bytes"
-            if kind == _NODES and not (all(is_whole(v) for v in value) and sorted(value) == sorted(nodes)):
-                return f"{key} does not name each node it was asked about once"
-        if len({len(v) for v in values.values() if isinstance(v, list)}) > 1:
-            return "its lists differ in length"
-        if stage == Stage.COLLECT_MASKED_VECTORS:
-            try:  # the header against the bytes that came, before Flower's reader allocates what it claims
-                masked = values[Key.MASKED_PARAMETERS]
-                vectors = [decode_array(Array(dtype="", shape=(), stype=NDARRAY, data=b), "iu") for b in masked]
-            except WireError as exc:
-                return f"a masked vector does not read ({exc})"
-            if [v.shape for v in vectors] != self.shapes:
-                return "its masked vectors are not of the model's shapes"
-            examples = compat.recorddict_to_fitres(reply.content, True).num_examples
-            if not (is_whole(examples) and 1 <= examples <= self.max_examples):
-                return f"a case count outside 1..{self.max_examples}"
-            self.counts[reply.metadata.src_node_id] = int(examples)
-        return None
-
 
 _EXPECTED_WEIGHT: ContextVar[int | None] = ContextVar("secagg_expected_weight", default=None)
 """The sum of weight factors the round being unmasked (in this thread) must have; None outside an unmasking."""
@@ -242,7 +110,28 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         grid.counts = {}
-        return self._went_on(super().collect_masked_vectors_stage(grid, context, state), grid, "masked updates")
+        if not self._went_on(super().collect_masked_vectors_stage(grid, context, state), grid, "masked updates"):
+            return False
+        return self._went_on(self._survivors_stage(grid, context, state), grid, "list of survivors")
+
+    def _survivors_stage(self, grid, context, state) -> bool:
+        """The consistency round Flower's workflow lacks (:data:`messages.signed_keys.SURVIVORS`): each node that sent
+        a masked update is sent the list of those nodes, which nodes with keys sign; the round goes on while the
+        threshold of them answer. Those that do not are still asked to unmask: their updates are in the sum."""
+        survivors = sorted(state.active_node_ids)
+        group = str(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        asked = {Key.STAGE: signed_keys.SURVIVORS, Key.ACTIVE_NODE_ID_LIST: survivors}
+        messages = [
+            Message(
+                content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(asked)}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+                group_id=group,
+            )
+            for node in survivors
+        ]
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        return sum(not reply.has_error() for reply in replies) >= state.threshold
 
     def _went_on(self, went_on: bool, grid, stage: str) -> bool:
         """A stage that leaves too few nodes halts Flower's workflow, which says nothing more: the round is recorded
@@ -274,25 +163,6 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
         state.sampled_node_ids = kept
         state.nid_to_neighbours = {n: ns & kept for n, ns in state.nid_to_neighbours.items() if n in kept}
         return bool(kept) and self._check_threshold(state)
-
-
-def _short_bytes(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) <= signed_keys.MAX_FIELD
-
-
-def _asked(message: Message) -> tuple[str | None, list[int]]:
-    """The SecAgg+ stage a message asks for (None for the workflow's other messages), and the nodes its reply must name:
-    the neighbours whose keys it carries (but the node itself) when sharing keys, the nodes whose shares it asks for
-    when unmasking."""
-    record = message.content.config_records.get(RECORD_KEY_CONFIGS) if message.has_content() else None
-    stage = record.get(Key.STAGE) if record is not None else None
-    if stage == Stage.SHARE_KEYS:
-        nodes = [int(k) for k in record if k.isdigit() and int(k) != message.metadata.dst_node_id]
-    elif stage == Stage.UNMASK:
-        nodes = [*record[Key.ACTIVE_NODE_ID_LIST], *record[Key.DEAD_NODE_ID_LIST]]
-    else:
-        nodes = []
-    return (stage if isinstance(stage, str) else None), nodes
 
 
 def run_secagg(

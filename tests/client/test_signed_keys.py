@@ -17,7 +17,7 @@ from messages import signed_keys
 from mstkd.errors import InputError
 from server.app import app as server_app
 from server.report import RunFailed
-from server.secagg import CheckedGrid
+from server.secagg_grid import RELAYED_IN, CheckedGrid
 from tests.helpers import by_name, deployed_site, nodes, run_inproc, secagg_stage, tiny_run_config
 from tests.helpers import run_records as _records
 
@@ -210,6 +210,58 @@ def test_under_secure_aggregation_every_node_signs_the_server_relays_and_each_si
     skipped = skipped_with("inconsistent", "send_and_receive", other_instructions)
     assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its unmasking: ")
     assert "alive, which did not train on the instructions" in skipped  # each node refused to unmask
+
+    # a coordinator that names node 3 dead to nodes 1 and 2 (for shares of its first secret key) but alive to node 3
+    # (for a share of its mask seed), and that gives node 2 a list of survivors without node 3 to sign
+    def two_faced(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            configs, node = message.content.config_records["secaggplus_configs"], message.metadata.dst_node_id
+            stage = configs["stage"]
+            if (node == 2 and stage == signed_keys.SURVIVORS) or (node in (1, 2) and stage == "unmask"):
+                configs["active_nids"] = [n for n in configs["active_nids"] if n != 3]
+                if stage == "unmask":
+                    configs["dead_nids"] = [*configs["dead_nids"], 3]
+        replies = sending(self, messages, timeout=timeout)
+        refusals.extend((r.metadata.src_node_id, r.error.reason) for r in replies if r.has_error())
+        return replies
+
+    refusals: list[tuple[int, str]] = []
+    skipped = skipped_with("two-faced", "send_and_receive", two_faced)
+    assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its unmasking: ")
+    (one, why_one), (two, why_two) = sorted(refusals)  # node 3, asked honestly, answered (alone: too few shares)
+    assert (one, two) == (1, 2), refusals
+    assert why_one.endswith("this round's unmasking names alive other nodes than the survivors this node signed")
+    assert why_two.endswith("only 1 of this round's nodes signed the survivors this node signed, not the threshold 2")
+
+    # a coordinator that asks node 1 to sign a second list of survivors: it signs one list a round (two lists each
+    # signed by t of n < 2t nodes share a signer), so the round goes on without node 1's answers
+    def twice(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages[0].content.config_records["secaggplus_configs"]["stage"] == signed_keys.SURVIVORS:
+            first = {"stage": signed_keys.SURVIVORS, "active_nids": [1, 2]}
+            asked = Message(RecordDict({"secaggplus_configs": ConfigRecord(first)}), 1, "train", group_id="1")
+            assert not sending(self, [asked], timeout=timeout)[0].has_error()
+        replies = sending(self, messages, timeout=timeout)
+        refusals.extend((r.metadata.src_node_id, r.error.reason) for r in replies if r.has_error())
+        return replies
+
+    refusals.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CheckedGrid, "send_and_receive", twice)
+        run_inproc(server_app, client_app, tiny_run_config(tmp_path / "twice", **run), sites)
+    assert "skipped" not in _records(tmp_path / "twice" / "run")[1]
+    (node, why), *later = refusals  # and node 1 refused to unmask after its refusal
+    assert node == 1 and why.endswith("survivors asked for before this node's masked update, or twice"), refusals
+    assert [node for node, _ in later] == [1], refusals
+
+    # a server that does not relay the nodes' signatures of the survivors
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(RELAYED_IN, "unmask", [signed_keys.FIT_SIGNED_BY])
+        with pytest.raises(RunFailed, match="no round aggregated"):
+            run_inproc(server_app, client_app, tiny_run_config(tmp_path / "unrelayed", **run), sites)
+    skipped = _records(tmp_path / "unrelayed" / "run")[1]["skipped"]
+    assert "3 x node refused: " in skipped and "only 1 of this round's nodes signed the survivors" in skipped
 
 
 def test_a_key_or_peer_list_that_is_not_the_sites_own_is_refused_in_one_line(tmp_path):
