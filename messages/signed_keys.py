@@ -23,23 +23,23 @@ the SuperLink already authenticates it by; node config ``secagg-key``):
   others instructions that leave their models as sent (an epoch at the schedule's end trains at learning rate 0)
   would otherwise read one node's update off the honestly unmasked sum (Pasquini et al., 2022).
 
-The server relays each beside what the next stage carries (:mod:`server.secagg`). A site that holds the consortium's
-node public keys (``secagg-peers``, one OpenSSH public key a line, as the coordinator registers them) takes part in a
-key exchange only if every node's keys in it are signed by a key of that list, each node by its own, for its own
-round's terms (:func:`verified_signers`); masks its update only with partners that signed the key list it was given;
-and answers an unmasking request only if every node it names alive signed that it trained on the instructions this
-node trained on (:func:`unsigned`).
+The server relays each beside what the next stage carries (:mod:`server.secagg_grid`). A site that holds the
+consortium's node public keys (``secagg-peers``, one OpenSSH public key a line, as the coordinator registers them) takes
+part in a key exchange only if every node's keys in it are signed by a key of that list, each node by its own, for its
+own round's terms (:func:`verified_signers`); masks its update only with partners that signed the key list it was given;
+and answers an unmasking request only if every node it names alive signed that it trained on the instructions this node
+trained on (:func:`unsigned`).
 
-Each node sees only its own unmasking request, in which the server names each of its partners alive (the node hands
-over a share of that partner's mask seed) or dead (a share of its first secret key). A coordinator that names a node
-alive to some nodes and dead to others gathers both secrets of it, and so its update; with a plan over several nodes
-it unmasked the sum of two of a round of ten. Bonawitz et al.'s consistency round closes this, and Flower's workflow
-has no such stage, so the project adds one (:data:`SURVIVORS`, between masking and unmasking): the server sends each
-node that sent a masked update the list of those nodes, and each node with a key signs it, once a round
+Each node sees only its own unmasking request, in which the server names each of its partners alive (the node hands over
+a share of that partner's mask seed) or dead (a share of its first secret key). A coordinator that names nodes alive to
+some nodes and dead to others gathers shares of both secrets of each; with a plan over several nodes it unmasked the sum
+of just two sites of rounds of 5, 8 and 10. Bonawitz et al.'s consistency round closes this, and Flower's workflow has
+no such stage, so the project adds one (:data:`SURVIVORS`, between masking and unmasking): the server sends each node
+that sent a masked update the list of those nodes, and each node with a key signs it, once a round
 (:func:`nodes_digest`). A checking site answers an unmasking request only if it names alive exactly the listed nodes
-that this node signed, and carries signatures of that same list from at least the round's threshold t of its nodes.
-Two lists each signed by t of the round's n < 2t nodes share a signer, who signs one list a round: all the checking
-sites that answer were given one list, unless more than 2t - n of the round's nodes sign for the coordinator.
+that this node signed, and carries signatures of that same list from at least the round's threshold t of its nodes. Two
+lists each signed by t of the round's n < 2t nodes share a signer, who signs one list a round: all the checking sites
+that answer were given one list, unless more than 2t - n of the round's nodes sign for the coordinator.
 """
 
 from __future__ import annotations
