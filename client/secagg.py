@@ -41,6 +41,11 @@ from mstkd.runconfig import NodeConfig, Transport
 FULL_SEEDS = use_full_seeds(import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"))
 
 FIT_PARAMETERS = "fitins.parameters"
+FIT_CONFIG = "fitins.config"
+MASKED = "mstkd.secagg-masked"
+"""The server rounds of this run for which this node has sent a masked update. It sends one a round: trained again for
+the same round, from the same state, it sends the same update, and the sums of two groups of nodes that differ in one
+node would then give that node's update away."""
 
 
 ROUND = "mstkd.secagg-round"
@@ -60,7 +65,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
 
     Raises:
         RefusedMessage: a ``train.<name>`` message with the protocol's record; a set-up for another node, or with a
-            range no mask can be drawn from; a Flower whose masks this version cannot draw.
+            range no mask can be drawn from; a second request for a masked update in a round of this run
+            (:data:`MASKED`); a Flower whose masks this version cannot draw.
     """
     if message_kind(msg) != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
@@ -82,6 +88,24 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         context.state.config_records.pop(ROUND, None)
     for name in [k for k in configs if k.startswith(signed_keys.SIGNED_BY)]:
         del configs[name]  # the relayed signatures, for the site's terms (client/terms.py), not for Flower's client
+    if stage != Stage.COLLECT_MASKED_VECTORS:
+        return _protocol(msg, context, call_next, configs, stage)
+    fit_round = msg.content.config_records.get(FIT_CONFIG, ConfigRecord()).get("server-round", 0)
+    masked = context.state.config_records.get(MASKED)
+    rounds = list(masked["rounds"]) if masked is not None else []
+    if fit_round in rounds:
+        raise RefusedMessage(
+            f"secure aggregation: this node sent its masked update for round {fit_round} of this run already; a "
+            "second, summed with other nodes, would single it out"
+        )
+    reply = _protocol(msg, context, call_next, configs, stage)
+    if not reply.has_error() and is_whole(fit_round):  # a round that is not a whole number was refused by training
+        context.state[MASKED] = ConfigRecord({"rounds": [*rounds, int(fit_round)]})
+    return reply
+
+
+def _protocol(msg: Message, context: Context, call_next, configs: ConfigRecord, stage: str) -> Message:
+    """Flower's SecAgg+ client on a stage of its protocol; a node with a ``secagg-key`` signs what it was given."""
     path = NodeConfig.parse(context.node_config).secagg_key
     if not path or stage not in SIGNED:  # a node without a key signs nothing, and keeps nothing to sign
         return secaggplus_mod(msg, context, call_next)

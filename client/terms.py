@@ -29,8 +29,8 @@ relays their keys, so it can add nodes of its own, put its keys in place of a no
 thresholds, key lists or fit instructions; and since each node sees only its own unmasking request, a coordinator
 that names different nodes dead to different nodes can unmask a sum over as few as two of a round's nodes. With it,
 each of those is refused (:mod:`messages.signed_keys`), unless more than 2t - n of a round's n nodes sign for the
-coordinator. Either way a round replayed with another group of nodes is not detected. (Flower's 32-bit mask seeds are
-replaced: :mod:`messages.masks`.)
+coordinator. A round replayed over another group of nodes gets no second update from any node
+(:data:`client.secagg.MASKED`), and Flower's 32-bit mask seeds are replaced (:mod:`messages.masks`).
 """
 
 from __future__ import annotations

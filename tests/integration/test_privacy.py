@@ -548,3 +548,42 @@ def test_a_site_that_requires_secure_aggregation_trains_under_it_and_sits_out_a_
         "site-2": True,
         "site-3": False,  # site 3 still validated the round's model
     }
+
+
+def test_a_node_sends_one_masked_update_a_round_so_a_replayed_round_cannot_single_it_out(tmp_path, monkeypatch):
+    """A node trained again for the same round, from the same state, sends the same update: a coordinator that ran a
+    round's SecAgg+ twice, over groups that differ in one node, would read that node's update off the two sums. Each
+    node sends one masked update a round of a run, and refuses the second request before it trains."""
+    from server.report import RunFailed
+    from server.secagg import RoundSafeSecAgg
+    from server.secagg_grid import CheckedGrid
+
+    once, sending, refusals = RoundSafeSecAgg.__call__, CheckedGrid.send_and_receive, []
+
+    def twice(self, grid, context):  # the round's protocol run a second time, with the same fit instructions
+        once(self, grid, context)
+        once(self, grid, context)
+
+    def kept(self, messages, *, timeout=None):
+        replies = sending(self, messages, timeout=timeout)
+        refusals.extend(r.error.reason for r in replies if r.has_error())
+        return replies
+
+    monkeypatch.setattr(RoundSafeSecAgg, "__call__", twice)
+    monkeypatch.setattr(CheckedGrid, "send_and_receive", kept)
+    import client.site
+
+    trained, plain_round = [], client.site.local_round
+
+    def counted_round(context, *args):
+        trained.append(context.node_id)
+        return plain_round(context, *args)
+
+    monkeypatch.setattr(client.site, "local_round", counted_round)
+    with pytest.raises(RunFailed, match="no round aggregated"):  # the second run of round 1 halts, and is recorded
+        run_inproc(server_app, client_app, tiny_run_config(tmp_path, **SECAGG_RUN), nodes())
+    assert sorted(trained) == [1, 2, 3]  # each node trained once: the second request was refused before training
+    again = "secure aggregation: this node sent its masked update for round 1 of this run already"
+    assert len(refusals) == 3 and all(again in reason for reason in refusals), refusals
+    skipped = _records(tmp_path / "run")[1]["skipped"]
+    assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its masked updates")
