@@ -109,7 +109,7 @@ def _protocol(msg: Message, context: Context, call_next, configs: ConfigRecord, 
     path = NodeConfig.parse(context.node_config).secagg_key
     if not path or stage not in SIGNED:  # a node without a key signs nothing, and keeps nothing to sign
         return secaggplus_mod(msg, context, call_next)
-    kept = context.state.config_records.get(ROUND, ConfigRecord())
+    kept = ConfigRecord(dict(context.state.config_records.get(ROUND, {})))  # kept only once the stage succeeds
     if stage == Stage.SETUP:
         kept = ConfigRecord({"terms": signed_keys.round_terms(configs, msg.metadata.group_id)})
     elif stage == Stage.SHARE_KEYS:
@@ -145,7 +145,8 @@ def _survivors(msg: Message, context: Context, survivors: object) -> Message:
     """The consistency round (:data:`messages.signed_keys.SURVIVORS`): a node with a ``secagg-key`` signs the nodes
     that the server says sent masked updates, once a round and only after its own; a node without one answers with
     nothing signed."""
-    if not (isinstance(survivors, list) and all(is_whole(n) for n in survivors) and context.node_id in survivors):
+    ids = isinstance(survivors, list) and all(is_whole(n) and 0 <= n <= signed_keys.MAX_NODE_ID for n in survivors)
+    if not (ids and context.node_id in survivors):
         raise RefusedMessage("secure aggregation: a list of survivors that is not node ids, this node's among them")
     out = ConfigRecord()
     path = NodeConfig.parse(context.node_config).secagg_key
@@ -153,13 +154,13 @@ def _survivors(msg: Message, context: Context, survivors: object) -> Message:
         kept = context.state.config_records.get(ROUND)
         if kept is None or "list" not in kept or "fit" not in kept or "survivors" in kept:
             raise RefusedMessage("secure aggregation: survivors asked for before this node's masked update, or twice")
-        kept["survivors"] = sorted({int(n) for n in survivors})
+        listed = sorted({int(n) for n in survivors})
         run, node, key = context.run_id, context.node_id, signed_keys.load_signing_key(path)
-        digests = kept["list"], signed_keys.nodes_digest(kept["survivors"])
+        digests = kept["list"], signed_keys.nodes_digest(listed)
         out[signed_keys.SURVIVORS_SIGNED_BY] = signed_keys.sign_statement(
             key, signed_keys.SURVIVORS_DOMAIN, run, node, kept["terms"], *digests
         )
-        context.state[ROUND] = kept
+        context.state[ROUND] = ConfigRecord({**kept, "survivors": listed})
     return Message(content=RecordDict({RECORD_KEY_CONFIGS: out}), reply_to=msg)
 
 

@@ -28,9 +28,9 @@ Without ``secagg-peers`` nothing makes it so, nor authenticates the nodes of a r
 relays their keys, so it can add nodes of its own, put its keys in place of a node's, or give nodes different
 thresholds, key lists or fit instructions; and since each node sees only its own unmasking request, a coordinator
 that names different nodes dead to different nodes can unmask a sum over as few as two of a round's nodes. With it,
-each of those is refused (:mod:`messages.signed_keys`), unless more than 2t - n of a round's n nodes sign for the
-coordinator. A round replayed over another group of nodes gets no second update from any node
-(:data:`client.secagg.MASKED`), and Flower's 32-bit mask seeds are replaced (:mod:`messages.masks`).
+each of those is refused (:mod:`messages.signed_keys`), provided every site of the round checks and fewer than 2t - n
+of its n nodes sign for the coordinator. A round replayed over another group of nodes gets no second update from any
+node (:data:`client.secagg.MASKED`), and Flower's 32-bit mask seeds are replaced (:mod:`messages.masks`).
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def _share_keys(configs: ConfigRecord, context: Context, needed: int) -> tuple[s
     record = context.state.config_records.get(STATE)
     if record is None or "nodes" in record:
         return "this round's key exchange did not follow its set-up", None
+    if len(names) >= 2 * record["threshold"]:  # two lists of survivors, each signed by t of the nodes, share a signer
+        return f"this round's {len(names)} nodes are not fewer than twice its threshold", None
     return None, ConfigRecord({"threshold": int(record["threshold"]), "nodes": sorted(names)})
 
 
@@ -201,7 +203,8 @@ def _alive_trained_alike(configs: ConfigRecord, context: Context) -> str | None:
 
 
 def _survivors_signed(configs: ConfigRecord, context: Context) -> str | None:
-    """Why the unmasking request does not name alive exactly the survivors this node signed, with signatures of that
+    """Why the unmasking request names alive a node not among the survivors this node signed, or dead one among them,
+    or lacks signatures of that
     list from at least the round's threshold of its nodes, if it does not (the consistency round,
     :data:`messages.signed_keys.SURVIVORS`): a coordinator that named a node alive to some nodes and dead to others
     would gather both its secrets."""

@@ -36,10 +36,11 @@ some nodes and dead to others gathers shares of both secrets of each; with a pla
 of just two sites of rounds of 5, 8 and 10. Bonawitz et al.'s consistency round closes this, and Flower's workflow has
 no such stage, so the project adds one (:data:`SURVIVORS`, between masking and unmasking): the server sends each node
 that sent a masked update the list of those nodes, and each node with a key signs it, once a round
-(:func:`nodes_digest`). A checking site answers an unmasking request only if it names alive exactly the listed nodes
-that this node signed, and carries signatures of that same list from at least the round's threshold t of its nodes. Two
-lists each signed by t of the round's n < 2t nodes share a signer, who signs one list a round: all the checking sites
-that answer were given one list, unless more than 2t - n of the round's nodes sign for the coordinator.
+(:func:`nodes_digest`). A checking site answers an unmasking request only if every node it names alive is on the list
+this node signed and none it names dead is, and the request carries signatures of that same list from at least the
+round's threshold t of its nodes. Two lists each signed by t of the round's n < 2t nodes share 2t - n signers or more,
+and each signs one list a round: all the checking sites that answer were given one list, unless 2t - n or more of the
+round's nodes sign for the coordinator (with t = 3 of 5, one node), and every site of the round checks.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.app import app as client_app
+from messages import signed_keys
 from messages.arrays import is_packed, pack, unpack
 from mstkd.errors import RefusedMessage
 from mstkd.runconfig import check_state_key
@@ -181,11 +182,18 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     refused(secagg_stage(Stage.SHARE_KEYS, **{"5": keys["5"], "6": keys["6"]}), "this round has 2")
     refused(secagg_stage(Stage.SHARE_KEYS, **{**keys, "06": [b"g", b"h"]}), "a node that is not a node id")
     refused(secagg_stage(Stage.SHARE_KEYS, **{"6": [b"c"], "7": [b"e"], "8": [b"g"]}), "leaves this node out")
+    # 2t nodes or more: two lists of survivors, each signed by t of them, need share no signer
+    refused(secagg_stage(Stage.SHARE_KEYS, **keys, **{"8": [b"g", b"h"]}), "4 nodes are not fewer than twice its")
+    refused(secagg_stage(signed_keys.SURVIVORS, active_nids=[5, 6]), "survivors were asked for before its key")
     client_app(secagg_stage(Stage.SHARE_KEYS, **keys), context)
     # masked with one partner only, whose key the other nodes' unmasking answers could then rebuild
     refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "masked with 1 of the round's 2")
     refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 9], ctxts=[b"x", b"y"]), "masked with 2")
     client_app(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"]), context)
+    for survivors in ([5], [5, 5, 6], [5, 6, 9], [5, -1]):  # the consistency round's list, before it is signed
+        refused(secagg_stage(signed_keys.SURVIVORS, active_nids=survivors), "survivors")
+    answered = client_app(secagg_stage(signed_keys.SURVIVORS, active_nids=[5, 6, 7]), context)
+    assert dict(answered.content["secaggplus_configs"]) == {}  # a node without a secagg-key signs nothing
     for alive, dead, why in (
         ([5, 6], [6], "names a node twice"),  # both secrets of node 6 in one answer
         ([6, 7], [5], "names this node dead"),
@@ -213,6 +221,9 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     client_app(secagg_stage(Stage.SHARE_KEYS, **keys), context)
     refused(secagg_stage(Stage.SHARE_KEYS, **keys), "did not follow its set-up")  # a second key exchange
     context.node_config["require-secagg"] = "0"  # off: a plain train message trains
+    own = "node refused: secure aggregation: a list of survivors that is not node ids, this node's among them"
+    for survivors in ([6, 7], [5, -1]):  # the node's own part, whatever its terms: node ids, itself among them
+        assert client_app(secagg_stage(signed_keys.SURVIVORS, active_nids=survivors), context).error.reason == own
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
 
 

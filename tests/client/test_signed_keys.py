@@ -116,7 +116,7 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
         ("", {"6": [six.pair[0], coordinators.pair[1]]}, "has keys for node 6 that its signature does not match"),
         (signed_keys.entry(6), {}, "carries no signature for node 6's keys"),
         ("", {"6": stranger.pair, signed_keys.entry(6): stranger.signed}, "signed by a key this site's secagg-peers"),
-        ("", {"8": twin.pair, signed_keys.entry(8): twin.signed}, "signed by a key that signed another node's"),
+        ("7", {"8": twin.pair, signed_keys.entry(8): twin.signed}, "signed by a key that signed another node's"),
         ("", {"6": elsewhere.pair, signed_keys.entry(6): elsewhere.signed}, "does not match, for this run and round"),
         ("", {"6": looser.pair, signed_keys.entry(6): looser.signed}, "does not match, for this run and round"),
         ("", {"6": earlier.pair, signed_keys.entry(6): earlier.signed}, "does not match, for this run and round"),
@@ -162,6 +162,14 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
     context.node_config["require-secagg"] = 3
     context.node_config.pop("secagg-peers")  # a site that does not check still takes the relayed signatures out
     assert not exchange()[0].has_error()
+
+    # a node signs a list of survivors only after its own masked update left it (here Flower's client refuses the
+    # made-up key shares, so none did), whatever its terms
+    context.node_config["require-secagg"] = 0
+    assert not exchange()[0].has_error()
+    assert client_app(secagg_stage(Stage.COLLECT_MASKED_VECTORS, **collect), context).has_error()
+    reply = client_app(secagg_stage(signed_keys.SURVIVORS, active_nids=[5, 6, 7]), context)
+    assert reply.error.reason.endswith("survivors asked for before this node's masked update, or twice")
 
 
 def test_under_secure_aggregation_every_node_signs_the_server_relays_and_each_site_checks(tmp_path):
