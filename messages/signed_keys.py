@@ -246,10 +246,29 @@ def _verifies(signer: bytes, signature: object, data: bytes) -> bool:
     return True
 
 
+def signer_of(node: int, pair: object, value: object, peers: frozenset[bytes], run_id: int, terms: bytes) -> bytes:
+    """The key of ``peers`` (:func:`public_line`) that signed ``node``'s round keys ``pair`` ([pk1, pk2]) for this run
+    and the round's ``terms``, from its :data:`SIGNED_BY` field ``value``.
+
+    Raises:
+        ValueError: why they are not so signed (one line).
+    """
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(k, bytes) for k in pair)):
+        raise ValueError(f"has keys for node {node} that are not two keys")
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, bytes) for v in value)):
+        raise ValueError(f"carries no signature for node {node}'s keys")
+    signature, signer = value[0], public_line(value[1])
+    if signer not in peers:
+        raise ValueError(f"has node {node}'s keys signed by a key that secagg-peers does not list")
+    if not _verifies(signer, signature, _signed_bytes(run_id, node, terms, *pair)):
+        raise ValueError(f"has keys for node {node} that its signature does not match, for this run and round")
+    return signer
+
+
 def verified_signers(
     keys: dict[int, object], signatures: dict[int, object], peers: frozenset[bytes], run_id: int, terms: bytes
 ) -> dict[int, bytes]:
-    """Each node's signer (:func:`public_line`) if every node's keys in a key exchange (node id -> [pk1, pk2]) are
+    """Each node's signer (:func:`signer_of`) if every node's keys in a key exchange (node id -> [pk1, pk2]) are
     signed by a key of ``peers``, each node by its own, for this run, that node id and this node's round ``terms``.
 
     Raises:
@@ -257,18 +276,9 @@ def verified_signers(
     """
     signers: dict[int, bytes] = {}
     for node, pair in sorted(keys.items()):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(k, bytes) for k in pair)):
-            raise ValueError(f"has keys for node {node} that are not two keys")
-        value = signatures.get(node)
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, bytes) for v in value)):
-            raise ValueError(f"carries no signature for node {node}'s keys")
-        signature, signer = value[0], public_line(value[1])
-        if signer not in peers:
-            raise ValueError(f"has node {node}'s keys signed by a key this site's secagg-peers does not list")
+        signer = signer_of(node, pair, signatures.get(node), peers, run_id, terms)
         if signer in signers.values():
             raise ValueError(f"has node {node}'s keys signed by a key that signed another node's")
-        if not _verifies(signer, signature, _signed_bytes(run_id, node, terms, *pair)):
-            raise ValueError(f"has keys for node {node} that its signature does not match, for this run and round")
         signers[node] = signer
     return signers
 

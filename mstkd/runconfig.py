@@ -136,6 +136,7 @@ class RunConfig:
     dp_max_epsilon: float = _key(NON_NEGATIVE, 0.0)
     secagg: bool = False
     secagg_max_weight: float = _key(POSITIVE, 100.0)
+    secagg_peers: str = ""
     transport: Transport = Transport.FLOAT16
     eval_every: int = _key(POSITIVE, 5)
     eval_initial: bool = False

@@ -242,5 +242,6 @@ def run_secagg(
         )
     )
     shapes = [np.shape(initial[n]) for n in names]
-    workflow(CheckedGrid(grid, shapes, run.max_examples), legacy)  # type: ignore[arg-type]
+    peers = signed_keys.read_peers(run.secagg_peers) if run.secagg_peers else frozenset()
+    workflow(CheckedGrid(grid, shapes, run.max_examples, peers), legacy)  # type: ignore[arg-type]
     return current["arrays"]

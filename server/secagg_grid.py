@@ -51,8 +51,13 @@ class CheckedGrid:
     would be left, and the round's sum would be wrong or lost. The contents of keys, ciphertexts and shares cannot be
     checked: with secure aggregation the server cannot tell a wrong one (docs/security.md)."""
 
-    def __init__(self, grid, shapes: list[tuple[int, ...]], max_examples: int) -> None:
+    def __init__(
+        self, grid, shapes: list[tuple[int, ...]], max_examples: int, peers: frozenset[bytes] = frozenset()
+    ) -> None:
         self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
+        self.peers = peers  # the consortium's node keys (run config secagg-peers): set-up replies must be signed by one
+        self.terms = b""  # this round's terms (signed_keys.round_terms), from its set-up
+        self.signers: dict[bytes, int] = {}  # the key that signed each set-up reply's round keys, and that reply's node
         self.counts: dict[int, int] = {}  # the case count of each node whose masked vectors were taken, this round
         self.signatures: dict[str, dict[int, object]] = {}  # by field (SIGNED_IN): each node's signature, this round
         self.errors: list[str] = []  # the reasons of this round's error replies
@@ -87,7 +92,8 @@ class CheckedGrid:
         each living node's signatures of its fit instructions and of the survivors, for nodes whose sites check them
         (:mod:`messages.signed_keys`)."""
         if stage == Stage.SETUP:
-            self.signatures, self.errors = {}, []
+            self.signatures, self.errors, self.signers = {}, [], {}
+            self.terms = signed_keys.round_terms(message.content[RECORD_KEY_CONFIGS], message.metadata.group_id)
             return
         if stage not in RELAYED_IN:
             return
@@ -131,6 +137,8 @@ class CheckedGrid:
                 return f"{key} does not name each node it was asked about once"
         if len({len(v) for v in values.values() if isinstance(v, list)}) > 1:
             return "its lists differ in length"
+        if stage == Stage.SETUP and self.peers:
+            return self._unsigned(reply, [values[Key.PUBLIC_KEY_1], values[Key.PUBLIC_KEY_2]])
         if stage == Stage.COLLECT_MASKED_VECTORS:
             try:  # the header against the bytes that came, before Flower's reader allocates what it claims
                 masked = values[Key.MASKED_PARAMETERS]
@@ -143,6 +151,19 @@ class CheckedGrid:
             if not (is_whole(examples) and 1 <= examples <= self.max_examples):
                 return f"a case count outside 1..{self.max_examples}"
             self.counts[reply.metadata.src_node_id] = int(examples)
+        return None
+
+    def _unsigned(self, reply: Message, pair: list[bytes]) -> str | None:
+        """Why a set-up reply's round keys are not signed by a consortium key (run config ``secagg-peers``) of their
+        own, if they are not: every site that checks would refuse the round's key exchange for them, so the node is
+        left out of the round here instead."""
+        node, signed = reply.metadata.src_node_id, reply.content[RECORD_KEY_CONFIGS].get(signed_keys.SIGNED_BY)
+        try:
+            signer = signed_keys.signer_of(node, pair, signed, self.peers, reply.metadata.run_id, self.terms)
+        except ValueError as exc:
+            return f"the reply {exc}"
+        if self.signers.setdefault(signer, node) != node:
+            return f"node {node}'s keys are signed by the key that signed node {self.signers[signer]}'s"
         return None
 
 

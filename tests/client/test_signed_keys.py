@@ -115,7 +115,7 @@ def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium
     for drop, changes, why in (
         ("", {"6": [six.pair[0], coordinators.pair[1]]}, "has keys for node 6 that its signature does not match"),
         (signed_keys.entry(6), {}, "carries no signature for node 6's keys"),
-        ("", {"6": stranger.pair, signed_keys.entry(6): stranger.signed}, "signed by a key this site's secagg-peers"),
+        ("", {"6": stranger.pair, signed_keys.entry(6): stranger.signed}, "signed by a key that secagg-peers does not"),
         ("7", {"8": twin.pair, signed_keys.entry(8): twin.signed}, "signed by a key that signed another node's"),
         ("", {"6": elsewhere.pair, signed_keys.entry(6): elsewhere.signed}, "does not match, for this run and round"),
         ("", {"6": looser.pair, signed_keys.entry(6): looser.signed}, "does not match, for this run and round"),
@@ -270,6 +270,30 @@ def test_under_secure_aggregation_every_node_signs_the_server_relays_and_each_si
             run_inproc(server_app, client_app, tiny_run_config(tmp_path / "unrelayed", **run), sites)
     skipped = _records(tmp_path / "unrelayed" / "run")[1]["skipped"]
     assert "3 x node refused: " in skipped and "only 1 of this round's nodes signed the survivors" in skipped
+
+
+def test_a_server_with_the_consortiums_keys_leaves_out_a_node_they_do_not_sign_and_the_round_goes_on(tmp_path):
+    """Sites 1 and 2 check every round key against the consortium's list; node 3 signs with a key that is not on it.
+    Each checking site refuses every key exchange that holds node 3, so its round halts. A server given the list too
+    (run config ``secagg-peers``) leaves node 3 out at its set-up, and the others' round aggregates."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    made = [_key_file(keys, f"site-{i}") for i in range(3)]
+    peers = _peers(keys, [public for _, public in made[:2]])
+    sites = [{**config, "secagg-key": made[i][0]} for i, config in enumerate(nodes())]
+    for site in sites[:2]:
+        site |= {"require-secagg": 2, "secagg-peers": peers}
+    run = {"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
+    with pytest.raises(RunFailed, match="no round aggregated"):
+        run_inproc(server_app, client_app, tiny_run_config(tmp_path / "halts", **run), sites)
+    skipped = _records(tmp_path / "halts" / "run")[1]["skipped"]
+    assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its key exchange: 2 x")
+
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path / "left-out", **run, **{"secagg-peers": peers}), sites)
+    record = _records(tmp_path / "left-out" / "run")[1]
+    assert "skipped" not in record and set(by_name(record)) == {"site-1", "site-2"}, record
+    with pytest.raises(InputError, match="secagg-peers x: cannot be read"):  # the server's list, read as a site's
+        run_inproc(server_app, client_app, tiny_run_config(tmp_path / "no-list", **run, **{"secagg-peers": "x"}), sites)
 
 
 def test_a_key_or_peer_list_that_is_not_the_sites_own_is_refused_in_one_line(tmp_path):
