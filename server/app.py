@@ -52,6 +52,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     run = RunConfig.parse(context.run_config)
+    if run.secagg_peers and not run.secagg:  # a check the coordinator believes in, which would not run
+        raise InputError("secagg-peers checks the nodes' SecAgg+ round keys: it needs secagg=true")
     cfg = project_config(run)
     seed_everything(int(cfg.train.seed))
     out = run_folder(run, context.run_id)

@@ -294,6 +294,9 @@ def test_a_server_with_the_consortiums_keys_leaves_out_a_node_they_do_not_sign_a
     assert "skipped" not in record and set(by_name(record)) == {"site-1", "site-2"}, record
     with pytest.raises(InputError, match="secagg-peers x: cannot be read"):  # the server's list, read as a site's
         run_inproc(server_app, client_app, tiny_run_config(tmp_path / "no-list", **run, **{"secagg-peers": "x"}), sites)
+    plain = tiny_run_config(tmp_path / "plain", **{**run, "secagg": False, "secagg-peers": peers})
+    with pytest.raises(InputError, match="secagg-peers checks the nodes' SecAgg.* round keys: it needs secagg=true"):
+        run_inproc(server_app, client_app, plain, sites)
 
 
 def test_a_key_or_peer_list_that_is_not_the_sites_own_is_refused_in_one_line(tmp_path):
