@@ -19,6 +19,7 @@ the protocol quantises them itself.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from importlib import import_module
 from typing import Any
@@ -42,6 +43,10 @@ FULL_SEEDS = use_full_seeds(import_module("flwr.client.mod.secure_aggregation.se
 
 FIT_PARAMETERS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"
+SECAGG_SEED = "secagg-seed"
+"""A fit config's key that this node sets itself before it trains under SecAgg+: a number drawn from the OS that
+joins the round's training seed (:func:`client.site.local_round`), so that no two of its trainings, in one run or in
+two, send the same update, which sums over groups that differ in one node would give away."""
 MASKED = "mstkd.secagg-masked"
 """The server rounds of this run for which this node has sent a masked update. It sends one a round: trained again for
 the same round, from the same state, it sends the same update, and the sums of two groups of nodes that differ in one
@@ -91,6 +96,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     if stage != Stage.COLLECT_MASKED_VECTORS:
         return _protocol(msg, context, call_next, configs, stage)
     fit_round = msg.content.config_records.get(FIT_CONFIG, ConfigRecord()).get("server-round", 0)
+    if not is_whole(fit_round):  # as Flower sends it: training would take 1.0 as round 1, a second time
+        raise RefusedMessage("secure aggregation: the message's server-round is not a whole number")
     masked = context.state.config_records.get(MASKED)
     rounds = list(masked["rounds"]) if masked is not None else []
     if fit_round in rounds:
@@ -99,8 +106,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
             "second, summed with other nodes, would single it out"
         )
     reply = _protocol(msg, context, call_next, configs, stage)
-    if not reply.has_error() and is_whole(fit_round):  # a round that is not a whole number was refused by training
-        context.state[MASKED] = ConfigRecord({"rounds": [*rounds, int(fit_round)]})
+    if not reply.has_error():
+        context.state[MASKED] = ConfigRecord({"rounds": [*rounds, fit_round]})
     return reply
 
 
@@ -179,7 +186,8 @@ def secagg_train(msg: Message, do_job: Callable[..., Any]) -> Message:
     if len(values) != len(names):
         raise ValueError(f"secure aggregation: {len(values)} arrays received, the model federates {len(names)}")
     arrays = dict(zip(names, values, strict=True))
-    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, dict(fitins.config), Transport.FLOAT32)
+    config = {**fitins.config, SECAGG_SEED: secrets.randbelow(2**31)}  # the node's own, whatever the server sent
+    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config, Transport.FLOAT32)
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters([np.asarray(updated[n], dtype=np.float32) for n in names]),

@@ -98,9 +98,10 @@ def _setup(
     clock.lap("data")
     device = pick_device()
     # distinct per site and per round: a node must not redraw the same crops every round, nor the same as
-    # another site (a simulated site by its partition, a deployed one by its name)
+    # another site (a simulated site by its partition, a deployed one by its name); under SecAgg+ also per training,
+    # by a number the node draws itself (client.secagg.SECAGG_SEED)
     seed = int(cfg.train.seed) + 1000 * site_number(context.node, data.name)
-    seed_everything(seed + server_round)
+    seed_everything(seed + server_round + int(instruction(instructions, "secagg-seed", 0, 0, 2**31)))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
     try:
         load_federated_arrays(student, disc, arrays)

@@ -11,7 +11,8 @@ survivors this node signed, which at least the round's threshold of its nodes si
 - a train message outside the protocol (a run without ``secagg``, or a coordinator that turned it off);
 - a set-up whose threshold t is not more than half of its shares, whose shares are fewer than N, or whose masks
   are not drawn from 2^32 values (Flower's; with 2 values every mask would be 0);
-- a key exchange whose node list is not n >= N distinct node ids in canonical form, this node's among them;
+- a key exchange whose node list is not n >= N distinct node ids in canonical form, this node's among them, or
+  whose n is 2t or more (two lists of survivors each signed by t nodes must share a signer);
 - a collection of masked vectors whose partners (``srcs``, the nodes whose masks this node adds) are so few that
   the nodes' unmasking answers could rebuild all their keys: each of the n nodes answers once, naming at least t
   nodes alive, so at most n (n - t) key shares are given out for nodes named dead, and t are needed per
@@ -29,8 +30,10 @@ relays their keys, so it can add nodes of its own, put its keys in place of a no
 thresholds, key lists or fit instructions; and since each node sees only its own unmasking request, a coordinator
 that names different nodes dead to different nodes can unmask a sum over as few as two of a round's nodes. With it,
 each of those is refused (:mod:`messages.signed_keys`), provided every site of the round checks and fewer than 2t - n
-of its n nodes sign for the coordinator. A round replayed over another group of nodes gets no second update from any
-node (:data:`client.secagg.MASKED`), and Flower's 32-bit mask seeds are replaced (:mod:`messages.masks`).
+of its n nodes sign for the coordinator. A round replayed over another group of nodes within a run gets no second
+update from any node (:data:`client.secagg.MASKED`); a node seeds each training afresh
+(:data:`client.secagg.SECAGG_SEED`), so no two of its updates are the same; and Flower's 32-bit mask seeds are
+replaced (:mod:`messages.masks`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
+from messages.signed_keys import read_peers
 from mstkd.atomic import write_text
 from mstkd.config import save_config
 from mstkd.errors import InputError
@@ -54,6 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.parse(context.run_config)
     if run.secagg_peers and not run.secagg:  # a check the coordinator believes in, which would not run
         raise InputError("secagg-peers checks the nodes' SecAgg+ round keys: it needs secagg=true")
+    peers = read_peers(run.secagg_peers) if run.secagg_peers else frozenset()  # before any node is asked anything
     cfg = project_config(run)
     seed_everything(int(cfg.train.seed))
     out = run_folder(run, context.run_id)
@@ -122,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
             say(f"secure aggregation (SecAgg+) over {run.min_nodes} nodes per round")
             start = time.perf_counter()
             start_arrays = arrays_to_numpy(initial)
-            final = run_secagg(grid, context, run, start_arrays, train_config, runlog, round_end)
+            final = run_secagg(grid, context, run, start_arrays, train_config, runlog, round_end, peers)
             moved = any(not np.array_equal(start_arrays[k], np.asarray(v, np.float32)) for k, v in final.items())
             finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, tracker, changed=moved)
             return

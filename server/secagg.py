@@ -173,9 +173,11 @@ def run_secagg(
     train_config: dict,
     runlog: RunLog,
     evaluate_fn: Callable[[int, ArrayRecord], object],
+    peers: frozenset[bytes] = frozenset(),
 ) -> dict[str, np.ndarray]:
     """Run the run's rounds of FedAvg with SecAgg+ over ``min-nodes`` nodes (``secagg-max-weight`` sets the
-    quantisation step); return the final global arrays (by name)."""
+    quantisation step; a set-up reply whose round keys no key of ``peers``, the run's ``secagg-peers``, signed is that
+    node's error); return the final global arrays (by name)."""
     rounds, min_nodes, timeout = run.num_server_rounds, run.min_nodes, run.round_timeout
     local_epochs, max_weight = run.local_epochs, run.secagg_max_weight
     if min_nodes < 3:
@@ -242,6 +244,5 @@ def run_secagg(
         )
     )
     shapes = [np.shape(initial[n]) for n in names]
-    peers = signed_keys.read_peers(run.secagg_peers) if run.secagg_peers else frozenset()
     workflow(CheckedGrid(grid, shapes, run.max_examples, peers), legacy)  # type: ignore[arg-type]
     return current["arrays"]

@@ -20,6 +20,7 @@ STAGE_FIELDS = {
     Stage.SHARE_KEYS: {Key.DESTINATION_LIST: _NODES, Key.CIPHERTEXT_LIST: _BYTES},
     Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: _BYTES},
     Stage.UNMASK: {Key.NODE_ID_LIST: _NODES, Key.SHARE_LIST: _BYTES},
+    signed_keys.SURVIVORS: {},  # the project's consistency round: nothing Flower reads
 }
 """What Flower's SecAgg+ workflow reads from each stage's replies: a key (bytes), a list of bytes, or a list of node
 ids under each key; the lists of one reply have one length, and a list of node ids names exactly the nodes its message
@@ -57,7 +58,8 @@ class CheckedGrid:
         self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
         self.peers = peers  # the consortium's node keys (run config secagg-peers): set-up replies must be signed by one
         self.terms = b""  # this round's terms (signed_keys.round_terms), from its set-up
-        self.signers: dict[bytes, int] = {}  # the key that signed each set-up reply's round keys, and that reply's node
+        self.signers: dict[int, bytes] = {}  # with peers: the key that signed each node's round keys, this round
+        self.sent: dict[int, tuple[bytes, tuple[bytes, ...]]] = {}  # with peers: what each node's next reply signs
         self.counts: dict[int, int] = {}  # the case count of each node whose masked vectors were taken, this round
         self.signatures: dict[str, dict[int, object]] = {}  # by field (SIGNED_IN): each node's signature, this round
         self.errors: list[str] = []  # the reasons of this round's error replies
@@ -92,9 +94,11 @@ class CheckedGrid:
         each living node's signatures of its fit instructions and of the survivors, for nodes whose sites check them
         (:mod:`messages.signed_keys`)."""
         if stage == Stage.SETUP:
-            self.signatures, self.errors, self.signers = {}, [], {}
+            self.signatures, self.errors, self.signers, self.sent = {}, [], {}, {}
             self.terms = signed_keys.round_terms(message.content[RECORD_KEY_CONFIGS], message.metadata.group_id)
             return
+        if self.peers and stage in SIGNED_IN:
+            self._expect(message, stage)
         if stage not in RELAYED_IN:
             return
         record = message.content.config_records[RECORD_KEY_CONFIGS]
@@ -137,8 +141,10 @@ class CheckedGrid:
                 return f"{key} does not name each node it was asked about once"
         if len({len(v) for v in values.values() if isinstance(v, list)}) > 1:
             return "its lists differ in length"
-        if stage == Stage.SETUP and self.peers:
-            return self._unsigned(reply, [values[Key.PUBLIC_KEY_1], values[Key.PUBLIC_KEY_2]])
+        if self.peers and stage == Stage.SETUP:
+            return self._unsigned_keys(reply, [values[Key.PUBLIC_KEY_1], values[Key.PUBLIC_KEY_2]])
+        if self.peers and stage in SIGNED_IN and (problem := self._unsigned(reply, stage)):
+            return problem
         if stage == Stage.COLLECT_MASKED_VECTORS:
             try:  # the header against the bytes that came, before Flower's reader allocates what it claims
                 masked = values[Key.MASKED_PARAMETERS]
@@ -153,7 +159,7 @@ class CheckedGrid:
             self.counts[reply.metadata.src_node_id] = int(examples)
         return None
 
-    def _unsigned(self, reply: Message, pair: list[bytes]) -> str | None:
+    def _unsigned_keys(self, reply: Message, pair: list[bytes]) -> str | None:
         """Why a set-up reply's round keys are not signed by a consortium key (run config ``secagg-peers``) of their
         own, if they are not: every site that checks would refuse the round's key exchange for them, so the node is
         left out of the round here instead."""
@@ -162,8 +168,34 @@ class CheckedGrid:
             signer = signed_keys.signer_of(node, pair, signed, self.peers, reply.metadata.run_id, self.terms)
         except ValueError as exc:
             return f"the reply {exc}"
-        if self.signers.setdefault(signer, node) != node:
-            return f"node {node}'s keys are signed by the key that signed node {self.signers[signer]}'s"
+        if signer in self.signers.values():
+            return f"node {node}'s keys are signed by a key that signed another node's"
+        self.signers[node] = signer
+        return None
+
+    def _expect(self, message: Message, stage: str | None) -> None:
+        """What the reply to ``message`` must sign (:func:`messages.signed_keys.sign_statement`), as its node signs it:
+        the key list it is sent; the fit instructions it is sent, with that list; the survivors it is sent, with that
+        list."""
+        node, record = message.metadata.dst_node_id, message.content[RECORD_KEY_CONFIGS]
+        if stage == Stage.SHARE_KEYS:
+            self.sent[node] = signed_keys.LIST_DOMAIN, (signed_keys.list_digest(signed_keys.exchange_keys(record)),)
+        elif stage == Stage.COLLECT_MASKED_VECTORS and node in self.sent:
+            listed = self.sent[node][1][0]
+            self.sent[node] = signed_keys.FIT_DOMAIN, (listed, signed_keys.fit_digest(message.content))
+        elif stage == signed_keys.SURVIVORS and node in self.sent:
+            listed, survivors = self.sent[node][1][0], record[Key.ACTIVE_NODE_ID_LIST]
+            self.sent[node] = signed_keys.SURVIVORS_DOMAIN, (listed, signed_keys.nodes_digest(survivors))
+
+    def _unsigned(self, reply: Message, stage: str) -> str | None:
+        """Why a reply does not carry its node's signature of what it was sent, by the key that signed its round keys,
+        if it does not: every site that checks would refuse the next stage for it, so the node is lost here instead
+        (after the key exchange, recovered from the others' shares, as any node lost on the way)."""
+        node, signed = reply.metadata.src_node_id, reply.content[RECORD_KEY_CONFIGS].get(SIGNED_IN[stage])
+        domain, digests = self.sent.get(node, (b"", ()))
+        run = reply.metadata.run_id
+        if not digests or signed_keys.unsigned([node], {node: signed}, self.signers, domain, run, self.terms, *digests):
+            return "the reply does not carry the node's signature of what it was sent"
         return None
 
 

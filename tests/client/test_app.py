@@ -224,7 +224,37 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     own = "node refused: secure aggregation: a list of survivors that is not node ids, this node's among them"
     for survivors in ([6, 7], [5, -1]):  # the node's own part, whatever its terms: node ids, itself among them
         assert client_app(secagg_stage(signed_keys.SURVIVORS, active_nids=survivors), context).error.reason == own
+    # a round named 1.0, which training would take as round 1 a second time (client.secagg.MASKED keeps ints)
+    collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
+    collect.content["fitins.config"] = ConfigRecord({"server-round": 1.0})
+    assert client_app(collect, context).error.reason.endswith("the message's server-round is not a whole number")
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
+
+
+def test_under_secure_aggregation_a_node_seeds_each_training_afresh():
+    """A node trained twice from the same state with the same seed sends the same update, which sums over groups of
+    nodes that differ in one would give away: under SecAgg+ the node draws a seed of its own for each training,
+    whatever the server's message says."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    from client.context import Job
+    from client.secagg import SECAGG_SEED, secagg_train
+
+    seeds = []
+
+    def do_job(job: Job, *args):
+        if job == Job.ARRAY_NAMES:
+            return ["w"]
+        arrays, config, _ = args
+        seeds.append(config[SECAGG_SEED])
+        return arrays, {"num-examples": 1}, {"name": "h1"}
+
+    fitins = FitIns(ndarrays_to_parameters([np.zeros(2, np.float32)]), {"server-round": 1, SECAGG_SEED: 7})
+    message = Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=5, message_type="train")
+    for _ in range(3):
+        assert not secagg_train(message, do_job).has_error()
+    assert len(set(seeds)) == 3 and 7 not in seeds, seeds
 
 
 def test_a_train_message_under_another_name_is_clipped_as_a_train_message(tmp_path):

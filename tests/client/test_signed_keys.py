@@ -299,6 +299,34 @@ def test_a_server_with_the_consortiums_keys_leaves_out_a_node_they_do_not_sign_a
         run_inproc(server_app, client_app, plain, sites)
 
 
+@pytest.mark.parametrize("field", [signed_keys.LIST_SIGNED_BY, signed_keys.FIT_SIGNED_BY])
+def test_a_server_with_the_consortiums_keys_loses_a_node_whose_later_signature_does_not_match(tmp_path, field):
+    """Of four nodes, node 4 signs its round keys, then sends a signature of its key list or of its fit instructions
+    that does not match. Every checking site would refuse the next stage for it; a server with the consortium's keys
+    checks each signature as the sites will, loses node 4 at that stage (recovering its masks from the others' shares
+    once it has masked), and the others' round aggregates."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    made = [_key_file(keys, f"site-{i}") for i in range(4)]
+    peers = _peers(keys, [public for _, public in made])
+    sites = [{"partition-id": i, "num-partitions": 4, "secagg-key": made[i][0]} for i in range(4)]
+    for site in sites[:3]:
+        site |= {"require-secagg": 3, "secagg-peers": peers}
+
+    def garbling(msg, context):
+        reply = client_app(msg, context)
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if reply.has_content() else None
+        if context.node_id == 4 and configs is not None and field in configs:
+            configs[field] = b"not a signature"
+        return reply
+
+    run = {"num-server-rounds": 1, "eval-subsets": "full", "secagg": True, "secagg-max-weight": 10.0}
+    run |= {"min-nodes": 4, "phantom-cases": 24, "secagg-peers": peers}
+    run_inproc(server_app, garbling, tiny_run_config(tmp_path / "run", **run), sites)
+    record = _records(tmp_path / "run" / "run")[1]
+    assert "skipped" not in record and set(by_name(record)) == {"site-1", "site-2", "site-3"}, record
+
+
 def test_a_key_or_peer_list_that_is_not_the_sites_own_is_refused_in_one_line(tmp_path):
     path, public = _key_file(tmp_path, "site")
     assert isinstance(signed_keys.load_signing_key(path), ec.EllipticCurvePrivateKey)
