@@ -20,6 +20,11 @@ from mstkd.runconfig import NodeConfig, RunConfig
 EXPIRY = "the message's expiry"
 CAP = "this site's max-work-seconds"
 """The two limits of a node's work for a message (:func:`work_deadline`), as its refusal names them."""
+SECAGG_SEED = "secagg-seed"
+"""A fit config's key that the node sets itself before it trains under SecAgg+ (:func:`client.secagg.secagg_train`): a
+number drawn from the OS that joins the round's training seed (:func:`client.site.local_round`: crops, shuffling,
+dropout; not the modality subsets, whose generator lives in the site's state), so that no two of its trainings, in one
+run or in two, send the same update, which sums over groups that differ in one node would give away."""
 
 
 class Job(StrEnum):

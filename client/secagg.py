@@ -31,7 +31,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.context import Job, message_kind
+from client.context import SECAGG_SEED, Job, message_kind
 from messages import signed_keys
 from messages.masks import check_range, use_full_seeds
 from mstkd.errors import RefusedMessage
@@ -43,10 +43,6 @@ FULL_SEEDS = use_full_seeds(import_module("flwr.client.mod.secure_aggregation.se
 
 FIT_PARAMETERS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"
-SECAGG_SEED = "secagg-seed"
-"""A fit config's key that this node sets itself before it trains under SecAgg+: a number drawn from the OS that
-joins the round's training seed (:func:`client.site.local_round`), so that no two of its trainings, in one run or in
-two, send the same update, which sums over groups that differ in one node would give away."""
 MASKED = "mstkd.secagg-masked"
 """The server rounds of this run for which this node has sent a masked update. It sends one a round: trained again for
 the same round, from the same state, it sends the same update, and the sums of two groups of nodes that differ in one

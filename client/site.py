@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.context import NodeContext, configure_logging, ray_node
+from client.context import SECAGG_SEED, NodeContext, configure_logging, ray_node
 from client.state import SiteState
 from mstkd.data.dataset import make_loader
 from mstkd.data.geometry import check_orientation
@@ -99,9 +99,9 @@ def _setup(
     device = pick_device()
     # distinct per site and per round: a node must not redraw the same crops every round, nor the same as
     # another site (a simulated site by its partition, a deployed one by its name); under SecAgg+ also per training,
-    # by a number the node draws itself (client.secagg.SECAGG_SEED)
+    # by a number the node draws itself (client.context.SECAGG_SEED)
     seed = int(cfg.train.seed) + 1000 * site_number(context.node, data.name)
-    seed_everything(seed + server_round + int(instruction(instructions, "secagg-seed", 0, 0, 2**31)))
+    seed_everything(seed + server_round + int(instruction(instructions, SECAGG_SEED, 0, 0, 2**31)))
     student, disc = MSTKDNet(cfg.model), build_discriminator(cfg.model)
     try:
         load_federated_arrays(student, disc, arrays)

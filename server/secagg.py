@@ -84,6 +84,9 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
       node holds, and its neighbours for shares of a key they never received. As in the protocol's paper, the round's
       nodes are now those that shared their keys: a node lost before then is forgotten (no node masked its update
       with it, and it sent no update), and one lost after is recovered from the others' shares, as before.
+
+    It also adds the consistency round Flower's protocol lacks, between masking and unmasking
+    (:meth:`_survivors_stage`, :data:`messages.signed_keys.SURVIVORS`).
     """
 
     def __init__(self, *args, on_failure: Callable[[Exception], None], **kwargs) -> None:
@@ -176,8 +179,8 @@ def run_secagg(
     peers: frozenset[bytes] = frozenset(),
 ) -> dict[str, np.ndarray]:
     """Run the run's rounds of FedAvg with SecAgg+ over ``min-nodes`` nodes (``secagg-max-weight`` sets the
-    quantisation step; a set-up reply whose round keys no key of ``peers``, the run's ``secagg-peers``, signed is that
-    node's error); return the final global arrays (by name)."""
+    quantisation step; with ``peers``, the run's ``secagg-peers``, a reply whose signature the checking sites would
+    refuse is that node's error: :class:`server.secagg_grid.CheckedGrid`); return the final global arrays (by name)."""
     rounds, min_nodes, timeout = run.num_server_rounds, run.min_nodes, run.round_timeout
     local_epochs, max_weight = run.local_epochs, run.secagg_max_weight
     if min_nodes < 3:

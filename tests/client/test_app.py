@@ -238,8 +238,8 @@ def test_under_secure_aggregation_a_node_seeds_each_training_afresh():
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import FitIns, ndarrays_to_parameters
 
-    from client.context import Job
-    from client.secagg import SECAGG_SEED, secagg_train
+    from client.context import SECAGG_SEED, Job
+    from client.secagg import secagg_train
 
     seeds = []
 
