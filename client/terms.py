@@ -214,7 +214,7 @@ def _survivors_signed(configs: ConfigRecord, context: Context) -> str | None:
     checked = _checked(context, "terms", "list", "survivors")
     if checked is None:
         return "this round's unmasking came before this node signed who sent masked updates"
-    (signers, mine), threshold = checked, int(context.state.config_records[STATE]["threshold"])
+    (signers, mine), (threshold, _) = checked, _round(context)
     survivors, alive = set(mine["survivors"]), set(configs[Key.ACTIVE_NODE_ID_LIST])
     if alive != survivors & (alive | set(configs[Key.DEAD_NODE_ID_LIST])):
         return "this round's unmasking names alive other nodes than the survivors this node signed"
@@ -237,13 +237,18 @@ def _round(context: Context) -> tuple[int, set[int]] | None:
     return int(record["threshold"]), {int(n) for n in record["nodes"]}
 
 
+def _ids(value: object) -> bool:
+    """A message's list of node ids: whole numbers (whether they are the round's nodes is each check's own)."""
+    return isinstance(value, list) and all(is_whole(n) for n in value)
+
+
 def _collect(configs: ConfigRecord, context: Context) -> str | None:
     known = _round(context)
     if known is None:
         return "this round's masked vectors were asked for before its key exchange"
     threshold, nodes = known
     partners = configs.get(Key.SOURCE_LIST)
-    if not isinstance(partners, list) or not all(is_whole(p) for p in partners):
+    if not _ids(partners):
         return "this round names its partners not as node ids"
     partners = set(partners)
     n = len(nodes)
@@ -258,7 +263,7 @@ def _survivors(configs: ConfigRecord, context: Context) -> str | None:
         return "this round's survivors were asked for before its key exchange"
     threshold, nodes = known
     survivors = configs.get(Key.ACTIVE_NODE_ID_LIST)
-    if not (isinstance(survivors, list) and all(is_whole(n) for n in survivors)):
+    if not _ids(survivors):
         return "this round names its survivors not as node ids"
     if len(set(survivors)) != len(survivors) or not set(survivors) <= nodes or len(survivors) < threshold:
         return f"this round lists {len(survivors)} survivors: fewer than its threshold, or a node twice or not in it"
@@ -271,7 +276,7 @@ def _unmask(configs: ConfigRecord, context: Context) -> str | None:
         return "this round's unmasking came before its key exchange"
     threshold, nodes = known
     alive, dead = configs.get(Key.ACTIVE_NODE_ID_LIST), configs.get(Key.DEAD_NODE_ID_LIST)
-    if not all(isinstance(ids, list) and all(is_whole(i) for i in ids) for ids in (alive, dead)):
+    if not (_ids(alive) and _ids(dead)):
         return "this round's unmasking names its nodes not as node ids"
     named = list(alive) + list(dead)
     if len(set(named)) != len(named) or not set(named) <= nodes:
