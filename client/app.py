@@ -41,6 +41,8 @@ from client.secagg import is_secagg_fit, secagg_mod, secagg_train
 from client.terms import required_secagg
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
+from messages.signed_keys import load_signing_key
+from messages.signed_replies import SIGNED, sign_reply
 from mstkd.errors import RefusedMessage, public_reason
 from mstkd.numbers import is_finite
 from mstkd.runconfig import NodeConfig, RunConfig
@@ -159,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
             "site": ConfigRecord(site),
         }
     )
-    return Message(content=content, reply_to=msg)
+    return Message(content=signed(content, msg, context), reply_to=msg)
 
 
 @app.query()
@@ -176,4 +178,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
     metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
-    return Message(content=content, reply_to=msg)
+    return Message(content=signed(content, msg, context), reply_to=msg)
+
+
+def signed(content: RecordDict, msg: Message, context: Context) -> RecordDict:
+    """A train or evaluate reply's ``content``, signed with this node's SuperNode key where it has one (node config
+    ``secagg-key``): the server weighs it by at most the case count the consortium lists for that key
+    (:mod:`messages.signed_replies`)."""
+    if key := NodeConfig.parse(context.node_config).secagg_key:
+        server_round = int(msg.content.config_records.get("config", ConfigRecord()).get("server-round", 0))  # checked
+        cases = int(content["metrics"]["num-examples"])  # type: ignore[arg-type]
+        kind, node = message_kind(msg), context.node_id
+        content[SIGNED] = sign_reply(load_signing_key(key), context.run_id, node, kind, server_round, cases)
+    return content

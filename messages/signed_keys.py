@@ -147,7 +147,7 @@ def _statement(domain: bytes, run_id: int, node_id: int, terms: bytes, digests: 
     return domain + struct.pack("<QQI", run_id, node_id, len(terms)) + terms + b"".join(digests)
 
 
-def _private_file(path: str, what: str, *, secret: bool = False) -> bytes:
+def private_file(path: str, what: str, *, secret: bool = False) -> bytes:
     """A plain file only this user (or root) owns and may write to (and, for a ``secret``, read), read without
     following a link in its own place."""
     try:
@@ -176,7 +176,7 @@ def load_signing_key(path: str) -> ec.EllipticCurvePrivateKey:
     Raises:
         InputError: unreadable, not this user's, readable by others, or not an unencrypted ECDSA key (one line).
     """
-    data = _private_file(path, "secagg-key", secret=True)
+    data = private_file(path, "secagg-key", secret=True)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -191,6 +191,15 @@ def public_line(data: bytes) -> bytes:
     return b" ".join(data.split()[:2])
 
 
+def peer_key(line: bytes) -> bytes | None:
+    """One OpenSSH public key line's :func:`public_line`, or None where it is not an ECDSA public key."""
+    try:
+        key = serialization.load_ssh_public_key(line)
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    return public_line(line) if isinstance(key, ec.EllipticCurvePublicKey) else None
+
+
 def read_peers(path: str) -> frozenset[bytes]:
     """The consortium's node public keys (:func:`public_line`): one OpenSSH public key a line; ``#`` starts a
     comment.
@@ -199,17 +208,13 @@ def read_peers(path: str) -> frozenset[bytes]:
         InputError: unreadable, not this user's or root's, writable by others, or a line that is not an ECDSA key.
     """
     keys = set()
-    for number, line in enumerate(_private_file(path, "secagg-peers").splitlines(), 1):
+    for number, line in enumerate(private_file(path, "secagg-peers").splitlines(), 1):
         line = line.split(b"#", 1)[0].strip()
         if not line:
             continue
-        try:
-            key = serialization.load_ssh_public_key(line)
-        except (ValueError, UnsupportedAlgorithm):
-            key = None
-        if not isinstance(key, ec.EllipticCurvePublicKey):
+        if (key := peer_key(line)) is None:
             raise InputError(f"secagg-peers {path}, line {number}: not an ECDSA OpenSSH public key")
-        keys.add(public_line(line))
+        keys.add(key)
     if not keys:
         raise InputError(f"secagg-peers {path}: lists no key")
     return frozenset(keys)

@@ -6,9 +6,8 @@ the ClientApp's work, a benchmark scenario, the CLI); everything after that read
 keeps a default of its own. Flower passes ``--run-config`` values through as TOML gives them: ``parse`` refuses an
 unknown key (naming the closest one), a value of the wrong type and a value out of range with one line naming the
 key, before any work. Choices are :class:`~enum.StrEnum` members, and the registries that dispatch on them
-(strategies, DP wrappers, transport dtypes) are keyed by those enums.
-
-A key's name is its field's with ``-`` for ``_`` (``num-server-rounds`` is ``num_server_rounds``).
+(strategies, DP wrappers, transport dtypes) are keyed by those enums. A key's name is its field's with ``-`` for
+``_`` (``num-server-rounds`` is ``num_server_rounds``).
 """
 
 from __future__ import annotations
@@ -117,6 +116,7 @@ class RunConfig:
     krum_select: int = _key(NON_NEGATIVE, 0)
     update_bound: float = _key(NON_NEGATIVE, 0.0)
     max_examples: int = _key(POSITIVE, 10_000)
+    site_cases: str = ""
     min_nodes: int = _key(POSITIVE, 2)
     fraction_train: float = _key(UNIT, 1.0)
     fraction_evaluate: float = _key(UNIT, 1.0)
@@ -219,7 +219,7 @@ class NodeConfig:
     worker_idle: float = _key(POSITIVE, 1800.0)  # seconds a warm worker waits for a message before it ends
     # > 0: this site's update leaves it only masked, under SecAgg+ among at least this many nodes (2 at least)
     require_secagg: int = _key(NON_NEGATIVE, 0)
-    secagg_key: str = ""  # this node's SuperNode private key, which signs its SecAgg+ keys (messages/signed_keys.py)
+    secagg_key: str = ""  # this node's SuperNode private key: it signs its SecAgg+ keys and its replies (messages/)
     secagg_peers: str = ""  # with require-secagg: the consortium's node public keys; every round key must be signed
     # > 0: no message's training holds this node longer than this many seconds (work past it is dropped, unsent)
     max_work_seconds: float = _key(NON_NEGATIVE, 0.0)

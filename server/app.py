@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from messages.signed_keys import read_peers
+from messages.signed_replies import read_site_cases
 from mstkd.atomic import write_text
 from mstkd.config import save_config
 from mstkd.errors import InputError
@@ -38,6 +39,7 @@ from server.ledger import PrivacyLedger, resumed_account
 from server.loop import run_rounds
 from server.plan import agree_target
 from server.privacy import privacy_settings, wrap_for_privacy
+from server.replies import SiteCases
 from server.report import describe_best, finish_run
 from server.runfolder import claim_folder, original_target, run_folder
 from server.runlog import RunLog
@@ -56,6 +58,9 @@ def main(grid: Grid, context: Context) -> None:
     if run.secagg_peers and not run.secagg:  # a check the coordinator believes in, which would not run
         raise InputError("secagg-peers checks the nodes' SecAgg+ round keys: it needs secagg=true")
     peers = read_peers(run.secagg_peers) if run.secagg_peers else frozenset()  # before any node is asked anything
+    if run.site_cases and run.secagg and not peers:
+        raise InputError("site-cases under SecAgg+ knows a node's key from its signed round keys: give secagg-peers")
+    listing = SiteCases(context.run_id, read_site_cases(run.site_cases)) if run.site_cases else None
     cfg = project_config(run)
     seed_everything(int(cfg.train.seed))
     out = run_folder(run, context.run_id)
@@ -124,7 +129,7 @@ def main(grid: Grid, context: Context) -> None:
             say(f"secure aggregation (SecAgg+) over {run.min_nodes} nodes per round")
             start = time.perf_counter()
             start_arrays = arrays_to_numpy(initial)
-            final = run_secagg(grid, context, run, start_arrays, train_config, runlog, round_end, peers)
+            final = run_secagg(grid, context, run, start_arrays, train_config, runlog, round_end, peers, listing)
             moved = any(not np.array_equal(start_arrays[k], np.asarray(v, np.float32)) for k, v in final.items())
             finish_run(out, runlog, cfg, run, time.perf_counter() - start, best, first_round, tracker, changed=moved)
             return
@@ -164,6 +169,7 @@ def main(grid: Grid, context: Context) -> None:
             min_replies=run.min_replies,  # with DP too: a node that does not reply adds a zero update (privacy.py)
             node_wait=run.node_wait,
             max_examples=run.max_examples,
+            site_cases=listing,
             required_metrics=("norm_bit",)
             if run.dp == DPMode.CLIENT and run.dp_clipping == DPClipping.ADAPTIVE
             else (),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,15 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from messages.arrays import LAYOUT, decode_array, pack, unpack
-from server.replies import RefusedReply, ReplyRules, check_reply, common_metrics, finite_arrays, printable
+from server.replies import (
+    RefusedReply,
+    ReplyRules,
+    SiteCases,
+    check_reply,
+    common_metrics,
+    finite_arrays,
+    printable,
+)
 from server.runlog import RunLog
 from server.silence import NodesAsked, SilentNodes
 from server.state import finite_memory, restore_strategy, strategy_memory
@@ -137,7 +146,7 @@ def split_replies(
     """The good replies, each checked (:func:`server.replies.check_reply`) and its node's numbers recorded in the run
     log; failed, refused and silent nodes are recorded as failures, keyed by the node id Flower authenticated."""
     rec = runlog.record(server_round)
-    good: list[Message] = []
+    taken: list[tuple[Message, bytes, int]] = []  # each checked reply, and (site-cases) its signer and listed count
     for reply in replies:
         node = replier(reply, sent)
         if reply.has_error():
@@ -145,14 +154,33 @@ def split_replies(
             _failure(rec, server_round, stage, node, reason, "refused" if isinstance(reply, ServerRefusal) else "error")
             continue
         rec["bytes_received"] += sum(a.count_bytes() for a in reply.content.array_records.values())
-        if any(g.metadata.src_node_id == node for g in good):
+        if any(t.metadata.src_node_id == node for t, _, _ in taken):
             _failure(rec, server_round, stage, node, f"{REFUSED}a second reply from this node", "refused")
             continue
         try:
-            reply.content = check_reply(reply.content, stage, rules)
+            raw, reply.content = reply.content, check_reply(reply.content, stage, rules)
+            signer, listed = b"", 0
+            if rules.site_cases is not None:
+                claimed = int(reply.content["metrics"]["num-examples"])  # type: ignore[arg-type]
+                signer, listed = rules.site_cases.vouched(raw, node, stage, server_round, claimed)
         except RefusedReply as exc:
             _failure(rec, server_round, stage, node, f"{REFUSED}{exc}", "refused")
             continue
+        taken.append((reply, signer, listed))
+    signed = Counter(signer for _, signer, _ in taken)
+    good: list[Message] = []
+    for reply, signer, listed in taken:
+        node = reply.metadata.src_node_id
+        if signer and signed[signer] > 1:  # which node holds the key is unknown: neither is taken
+            reason = f"{REFUSED}its reply is signed by a key that signed another node's too (site-cases)"
+            _failure(rec, server_round, stage, node, reason, "refused")
+            continue
+        if signer and (claimed := int(reply.content["metrics"]["num-examples"])) > listed:  # type: ignore[arg-type]
+            reply.content["metrics"]["num-examples"] = listed
+            rec.setdefault("capped", []).append({"stage": stage, "node": node, "claimed": claimed, "listed": listed})
+            log.warning(
+                "round %d: node %s claims %d %s cases, site-cases %d", server_round, node, claimed, stage, listed
+            )
         record_site(runlog, server_round, stage, node, reply.content)
         good.append(reply)
     common_metrics([r.content for r in good])
@@ -208,6 +236,7 @@ def run_rounds(
     min_replies: int,
     node_wait: float,
     max_examples: int = 10_000,
+    site_cases: SiteCases | None = None,
     required_metrics: tuple[str, ...] = (),
     evaluate_config: dict[str, Any] | None = None,
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
@@ -246,7 +275,7 @@ def run_rounds(
                     server_round, arrays, ConfigRecord(dict(train_config)), NodesAsked(everyone, resting)
                 )
             )
-            rules = ReplyRules.of(arrays, max_examples, required_metrics, sent[0].content if sent else None)
+            rules = ReplyRules.of(arrays, max_examples, required_metrics, sent[0].content if sent else None, site_cases)
             replies = send_and_receive(grid, sent, timeout)
             good = split_replies(runlog, server_round, "train", sent, replies, timeout, rules)
             silent = set(_silent(sent, replies))

@@ -17,9 +17,11 @@ A train reply must hold exactly these records:
   and brain shares within [0, 1], the node's clocks within 0 .. a week, ``num-examples`` a whole
   number from 1 to ``max-examples`` (0 is allowed in an evaluate reply: a site without validation
   cases), adaptive clipping's ``norm_bit`` 0 or 1;
-- optionally ``site``: short strings under known keys (the site's name, device, modalities).
+- optionally ``site``: short strings under known keys (the site's name, device, modalities);
+- optionally ``mstkd-signed``: the node's signature of its claim (:mod:`messages.signed_replies`), which the round
+  loop checks where the run lists the case counts the consortium vouches for (``site-cases``), and drops.
 
-An evaluate reply holds ``metrics`` and optionally ``site``. :func:`check_reply` returns a clean
+An evaluate reply holds ``metrics`` and optionally ``site`` and ``mstkd-signed``. :func:`check_reply` returns a clean
 copy (arrays as float32, strings trimmed to printable text) or raises :class:`RefusedReply`
 with a short reason, which the round loop records against the node id Flower authenticated.
 """
@@ -37,6 +39,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from messages.arrays import WireError, decode_array, nonfinite
 from messages.clipping import unclipped_by
+from messages.signed_replies import SIGNED, reply_signer
 from mstkd.numbers import is_number
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -68,6 +71,30 @@ class RefusedReply(ValueError):
     """A reply that is not what an honest node sends; the message is the reason, in a few words."""
 
 
+@dataclass(frozen=True)
+class SiteCases:
+    """Run config ``site-cases`` (:mod:`messages.signed_replies`): the case count the consortium vouches for, by node
+    key, and this run's id, which every signature names."""
+
+    run_id: int
+    cases: Mapping[bytes, int]
+
+    def vouched(self, raw: RecordDict, node: int, stage: str, server_round: int, claimed: int) -> tuple[bytes, int]:
+        """The key that signed a reply's claim of ``claimed`` cases (``raw``: the reply as it came), and the count
+        listed for it.
+
+        Raises:
+            RefusedReply: not signed, by a key the list does not hold, or not for this run, node, round and count.
+        """
+        try:
+            signer = reply_signer(raw, self.run_id, node, stage, server_round, claimed)
+        except ValueError as exc:
+            raise RefusedReply(f"{exc} (site-cases)") from None
+        if signer not in self.cases:
+            raise RefusedReply("its reply is signed by a key that site-cases does not list")
+        return signer, self.cases[signer]
+
+
 def printable(text: object, limit: int = MAX_TEXT) -> str:
     """``text`` as one line of printable characters, at most ``limit`` long (what a log or table may show).
 
@@ -88,10 +115,16 @@ class ReplyRules:
     required: tuple[str, ...] = ()  # metric keys a train reply must carry besides REQUIRED's
     clip: float | None = None  # client-side DP: the norm every update was to be clipped to ...
     sent: Mapping[str, np.ndarray] | None = None  # ... from these arrays, as they were sent
+    site_cases: SiteCases | None = None  # run config site-cases: each node's count at most its key's listing
 
     @classmethod
     def of(
-        cls, arrays: ArrayRecord, max_examples: int, required: Iterable[str] = (), sent: RecordDict | None = None
+        cls,
+        arrays: ArrayRecord,
+        max_examples: int,
+        required: Iterable[str] = (),
+        sent: RecordDict | None = None,
+        site_cases: SiteCases | None = None,
     ) -> ReplyRules:
         """The rules for replies to a round of ``arrays``; ``sent``, the content of the train messages (the server's
         own), names the clipping norm when the nodes clip their updates (client-side differential privacy)."""
@@ -101,7 +134,7 @@ class ReplyRules:
             clip = float(config[KEY_CLIPPING_NORM])  # type: ignore[arg-type]
             sent_arrays = {k: decode_array(v, "f") for k, v in sent["arrays"].items()}  # views of the sent bytes
         shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-        return cls(shapes, int(max_examples), tuple(required), clip, sent_arrays)
+        return cls(shapes, int(max_examples), tuple(required), clip, sent_arrays, site_cases)
 
 
 def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDict:
@@ -114,7 +147,7 @@ def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDic
     names = set(content.keys())
     if missing := sorted(wanted - names):
         raise RefusedReply(f"no {missing[0]!r} record")
-    if extra := sorted(names - wanted - {"site"}):
+    if extra := sorted(names - wanted - {"site", SIGNED}):
         raise RefusedReply(f"unexpected record {printable(extra[0], 40)!r}")
     out = RecordDict()
     if stage == "train":

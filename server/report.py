@@ -78,8 +78,8 @@ def code(text: object) -> str:
 
 
 def _faults(record: dict) -> str:
-    """What went wrong in a round, for the report: failed or silent nodes, updates scaled down, nodes that sat the
-    round out, a skipped round."""
+    """What went wrong in a round, for the report: failed or silent nodes, updates scaled down, counts cut to what
+    ``site-cases`` lists, nodes that sat the round out, a skipped round."""
     parts = [  # a resumed run's records come from a file: every part is shown as text
         f"node {plain(f.get('node'))} ({plain(f.get('stage'))}): {plain(str(f.get('reason'))[:120])}"
         for f in record.get("failures", [])
@@ -87,6 +87,11 @@ def _faults(record: dict) -> str:
     parts += [
         f"node {plain(b.get('node'))}'s update (norm {b['norm']:.3g}) scaled down to update-bound's {b['limit']:.3g}"
         for b in record.get("bounded", [])
+    ]
+    parts += [
+        f"node {plain(c.get('node'))} ({plain(c.get('stage'))}) claimed {c['claimed']} cases, weighed as site-cases' "
+        f"{c['listed']}"
+        for c in record.get("capped", [])
     ]
     if record.get("rested"):
         parts.append(f"nodes {', '.join(plain(n) for n in record['rested'])} sat out (silent before)")

@@ -43,7 +43,7 @@ from messages import signed_keys
 from messages.masks import use_full_seeds
 from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
-from server.replies import metric_problem, printable
+from server.replies import SiteCases, metric_problem, printable
 from server.runlog import RunLog
 from server.secagg_grid import CheckedGrid
 
@@ -177,10 +177,12 @@ def run_secagg(
     runlog: RunLog,
     evaluate_fn: Callable[[int, ArrayRecord], object],
     peers: frozenset[bytes] = frozenset(),
+    listing: SiteCases | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the run's rounds of FedAvg with SecAgg+ over ``min-nodes`` nodes (``secagg-max-weight`` sets the
     quantisation step; with ``peers``, the run's ``secagg-peers``, a reply whose signature the checking sites would
-    refuse is that node's error: :class:`server.secagg_grid.CheckedGrid`); return the final global arrays (by name)."""
+    refuse is that node's error, and with ``listing``, the run's ``site-cases``, so is a case count above its key's:
+    :class:`server.secagg_grid.CheckedGrid`); return the final global arrays (by name)."""
     rounds, min_nodes, timeout = run.num_server_rounds, run.min_nodes, run.round_timeout
     local_epochs, max_weight = run.local_epochs, run.secagg_max_weight
     if min_nodes < 3:
@@ -247,5 +249,5 @@ def run_secagg(
         )
     )
     shapes = [np.shape(initial[n]) for n in names]
-    workflow(CheckedGrid(grid, shapes, run.max_examples, peers), legacy)  # type: ignore[arg-type]
+    workflow(CheckedGrid(grid, shapes, run.max_examples, peers, listing), legacy)  # type: ignore[arg-type]
     return current["arrays"]

@@ -12,7 +12,7 @@ from messages import signed_keys
 from messages.arrays import NDARRAY, WireError, decode_array
 from mstkd.numbers import is_whole
 from server.loop import expire
-from server.replies import printable
+from server.replies import SiteCases, printable
 
 _KEY, _BYTES, _NODES = "key", "bytes", "nodes"
 STAGE_FIELDS = {
@@ -53,10 +53,16 @@ class CheckedGrid:
     checked: with secure aggregation the server cannot tell a wrong one (docs/security.md)."""
 
     def __init__(
-        self, grid, shapes: list[tuple[int, ...]], max_examples: int, peers: frozenset[bytes] = frozenset()
+        self,
+        grid,
+        shapes: list[tuple[int, ...]],
+        max_examples: int,
+        peers: frozenset[bytes] = frozenset(),
+        listing: SiteCases | None = None,
     ) -> None:
         self.grid, self.shapes, self.max_examples = grid, [(1,), *shapes], max_examples  # the weight factor first
         self.peers = peers  # the consortium's node keys (run config secagg-peers): set-up replies must be signed by one
+        self.listing = listing  # run config site-cases: a node's count at most its signer's listing
         self.terms = b""  # this round's terms (signed_keys.round_terms), from its set-up
         self.signers: dict[int, bytes] = {}  # with peers: the key that signed each node's round keys, this round
         self.sent: dict[int, tuple[bytes, tuple[bytes, ...]]] = {}  # with peers: what each node's next reply signs
@@ -156,6 +162,9 @@ class CheckedGrid:
             examples = compat.recorddict_to_fitres(reply.content, True).num_examples
             if not (is_whole(examples) and 1 <= examples <= self.max_examples):
                 return f"a case count outside 1..{self.max_examples}"
+            signer = self.signers.get(reply.metadata.src_node_id, b"")
+            if self.listing is not None and examples > (listed := self.listing.cases.get(signer, 0)):
+                return f"a case count of {int(examples)}, above the {listed} that site-cases lists for its key"
             self.counts[reply.metadata.src_node_id] = int(examples)
         return None
 

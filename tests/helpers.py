@@ -302,3 +302,17 @@ def tiny_checkpoint(folder: Path) -> Path:
     cfg = load_config(["model=tiny", "train.amp=false", "data.target_spacing=[1,1,1]"])
     torch.manual_seed(0)
     return save_checkpoint(folder / "student.pt", build_networks(cfg.model)[1], cfg)
+
+
+def supernode_key(folder: Path, name: str) -> tuple[str, bytes]:
+    """A SuperNode key pair as `deploy/credentials.py node` writes it: the private key's path, the public line."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path = folder / name
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+    return str(path), key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

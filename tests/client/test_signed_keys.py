@@ -18,24 +18,13 @@ from mstkd.errors import InputError
 from server.app import app as server_app
 from server.report import RunFailed
 from server.secagg_grid import RELAYED_IN, CheckedGrid
-from tests.helpers import by_name, deployed_site, nodes, run_inproc, secagg_stage, tiny_run_config
+from tests.helpers import by_name, deployed_site, nodes, run_inproc, secagg_stage, supernode_key, tiny_run_config
 from tests.helpers import run_records as _records
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
 
 SETUP = {"sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": 8.0, "target_range": 2**22}
 SETUP |= {"mod_range": 2**32, "max_weight": 10.0}
-
-
-def _key_file(folder: Path, name: str) -> tuple[str, bytes]:
-    """A SuperNode key pair as `deploy/credentials.py node` writes it: the private key's path, the public line."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    path = folder / name
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    )
-    path.chmod(0o600)
-    return str(path), key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
 def _peers(folder: Path, lines: list[bytes]) -> str:
@@ -54,7 +43,7 @@ class _OtherNode:
 
     def __init__(self, folder: Path, node: int, terms: bytes = ROUND_TERMS, run_id: int = 1, like=None) -> None:
         if like is None:
-            path, self.public = _key_file(folder, f"node-{node}-{os.urandom(4).hex()}")
+            path, self.public = supernode_key(folder, f"node-{node}-{os.urandom(4).hex()}")
             self.key = signed_keys.load_signing_key(path)
         else:  # the same consortium node, in another run or round
             self.key, self.public = like.key, like.public
@@ -75,7 +64,7 @@ class _OtherNode:
 def test_a_site_takes_part_only_in_a_key_exchange_whose_every_key_its_consortium_signed(tmp_path):
     keys = tmp_path / "keys"
     keys.mkdir()
-    mine, my_public = _key_file(keys, "site-5")
+    mine, my_public = supernode_key(keys, "site-5")
     others = {node: _OtherNode(keys, node) for node in (6, 7)}
     run_config, node_config = deployed_site(tmp_path, worker="off", **{"require-secagg": 3, "secagg-key": mine})
     node_config["secagg-peers"] = _peers(keys, [my_public, *(o.public for o in others.values())])
@@ -177,7 +166,7 @@ def test_under_secure_aggregation_every_node_signs_the_server_relays_and_each_si
     the signatures, so the round aggregates all three. A server that relays none loses the round, not the run."""
     keys = tmp_path / "keys"
     keys.mkdir()
-    made = [_key_file(keys, f"site-{i}") for i in range(3)]
+    made = [supernode_key(keys, f"site-{i}") for i in range(3)]
     peers = _peers(keys, [public for _, public in made])
     sites = [
         {**config, "require-secagg": 3, "secagg-key": made[i][0], "secagg-peers": peers}
@@ -278,7 +267,7 @@ def test_a_server_with_the_consortiums_keys_leaves_out_a_node_they_do_not_sign_a
     (run config ``secagg-peers``) leaves node 3 out at its set-up, and the others' round aggregates."""
     keys = tmp_path / "keys"
     keys.mkdir()
-    made = [_key_file(keys, f"site-{i}") for i in range(3)]
+    made = [supernode_key(keys, f"site-{i}") for i in range(3)]
     peers = _peers(keys, [public for _, public in made[:2]])
     sites = [{**config, "secagg-key": made[i][0]} for i, config in enumerate(nodes())]
     for site in sites[:2]:
@@ -307,7 +296,7 @@ def test_a_server_with_the_consortiums_keys_loses_a_node_whose_later_signature_d
     once it has masked), and the others' round aggregates."""
     keys = tmp_path / "keys"
     keys.mkdir()
-    made = [_key_file(keys, f"site-{i}") for i in range(4)]
+    made = [supernode_key(keys, f"site-{i}") for i in range(4)]
     peers = _peers(keys, [public for _, public in made])
     sites = [{"partition-id": i, "num-partitions": 4, "secagg-key": made[i][0]} for i in range(4)]
     for site in sites[:3]:
@@ -328,7 +317,7 @@ def test_a_server_with_the_consortiums_keys_loses_a_node_whose_later_signature_d
 
 
 def test_a_key_or_peer_list_that_is_not_the_sites_own_is_refused_in_one_line(tmp_path):
-    path, public = _key_file(tmp_path, "site")
+    path, public = supernode_key(tmp_path, "site")
     assert isinstance(signed_keys.load_signing_key(path), ec.EllipticCurvePrivateKey)
     peers = _peers(tmp_path, [public])
     assert signed_keys.read_peers(peers) == {b" ".join(public.split()[:2])}

@@ -1,0 +1,159 @@
+"""Run config site-cases (messages.signed_replies): each node signs its replies with its SuperNode key, and the server
+weighs each by at most the case count the consortium lists for that key, so a node that claims every case of the
+federation weighs what it brings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from flwr.app import Message
+
+from client.app import app as client_app
+from messages.signed_keys import load_signing_key
+from messages.signed_replies import SIGNED, read_site_cases, sign_reply
+from mstkd.errors import InputError
+from server.app import app as server_app
+from tests.helpers import by_name, nodes, run_inproc, supernode_key, tiny_run_config
+from tests.helpers import run_records as _records
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+RUN = {"num-server-rounds": 1, "eval-subsets": "full"}
+CLAIM = 10_000  # every case max-examples allows: 99.8 % of the weight beside sites of a few cases
+
+
+def _listing(folder: Path, counts: dict[bytes, int]) -> str:
+    path = folder / "site-cases"
+    path.write_bytes(b"# cases, node key\n" + b"".join(b"%d %s hospital\n" % (n, k) for k, n in counts.items()))
+    path.chmod(0o644)
+    return str(path)
+
+
+def _claiming(node: int, key: str | None, *, resign: bool = True):
+    """The project's ClientApp, except that node ``node`` claims :data:`CLAIM` cases in each train and evaluate reply,
+    signing the claim with ``key`` (its own, or another's) unless ``resign`` is false."""
+
+    def app(msg: Message, context):
+        reply = client_app(msg, context)
+        if context.node_id != node or not reply.has_content() or "metrics" not in reply.content.metric_records:
+            return reply
+        reply.content["metrics"]["num-examples"] = CLAIM
+        if resign and key is not None:
+            kind, server_round = msg.metadata.message_type, int(msg.content["config"]["server-round"])
+            signed = sign_reply(load_signing_key(key), context.run_id, node, kind, server_round, CLAIM)
+            reply.content[SIGNED] = signed
+        return reply
+
+    return app
+
+
+def _round_1(run: Path) -> dict:
+    return next(r for r in _records(run) if r["round"] == 1)
+
+
+def _counts(run: Path) -> dict[str, tuple[int, int]]:
+    """Each site's train and validation case counts as the server weighed them in round 1."""
+    sites = by_name(_round_1(run))
+    return {name: (int(s["train-examples"]), int(s["evaluate-examples"])) for name, s in sites.items()}
+
+
+def test_a_node_that_claims_every_case_weighs_what_the_consortium_lists_for_its_key(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    made = [supernode_key(keys, f"site-{i}") for i in range(3)]
+    sites = [{**config, "secagg-key": made[i][0]} for i, config in enumerate(nodes())]
+    hostile = _claiming(3, made[2][0])
+
+    run_inproc(server_app, hostile, tiny_run_config(tmp_path / "open", **RUN), sites)
+    honest = _counts(tmp_path / "open" / "run")
+    assert honest["site-3"] == (CLAIM, CLAIM)  # without a listing the claim is taken: nearly the whole average
+    listed = {made[0][1]: 100, made[1][1]: 100, made[2][1]: 2}
+    run = tiny_run_config(tmp_path / "listed", **RUN, **{"site-cases": _listing(keys, listed)})
+    run_inproc(server_app, hostile, run, sites)
+    record = _round_1(tmp_path / "listed" / "run")
+    counts = _counts(tmp_path / "listed" / "run")
+    assert counts["site-3"] == (2, 2)
+    assert counts["site-1"] == honest["site-1"] and counts["site-2"] == honest["site-2"]  # below their listing
+    assert record["capped"] == [
+        {"stage": stage, "node": 3, "claimed": CLAIM, "listed": 2} for stage in ("train", "evaluate")
+    ]
+    assert not record["failures"]
+    report = (tmp_path / "listed" / "run" / "REPORT.md").read_text()
+    assert f"node 3 (train) claimed {CLAIM} cases, weighed as site-cases' 2" in report
+
+
+@pytest.mark.parametrize("case", ["no key", "unlisted key", "another node's key", "claim not signed"])
+def test_with_site_cases_a_reply_not_signed_by_its_own_listed_key_costs_its_node_the_round(tmp_path, case):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    made = [supernode_key(keys, f"site-{i}") for i in range(4)]  # the fourth is a key the consortium never listed
+    key_of_3 = {"no key": None, "unlisted key": made[3][0], "another node's key": made[0][0]}.get(case, made[2][0])
+    sites = [{**config, "secagg-key": made[i][0]} for i, config in enumerate(nodes())]
+    if key_of_3 is None:
+        del sites[2]["secagg-key"]
+    else:
+        sites[2]["secagg-key"] = key_of_3
+    listing = _listing(keys, {public: 100 for _, public in made[:3]})
+    app = _claiming(3, key_of_3, resign=False) if case == "claim not signed" else client_app
+    run_inproc(server_app, app, tiny_run_config(tmp_path / "run", **RUN, **{"site-cases": listing}), sites)
+    record = _round_1(tmp_path / "run" / "run")
+    reasons = {(f["node"], f["stage"]): f["reason"] for f in record["failures"]}
+    expected = {
+        "no key": "its reply is not signed (site-cases)",
+        "unlisted key": "its reply is signed by a key that site-cases does not list",
+        "another node's key": "its reply is signed by a key that signed another node's too (site-cases)",
+        "claim not signed": "its reply's signature does not match this run, node, round and case count (site-cases)",
+    }[case]
+    refused = (1, 3) if case == "another node's key" else (3,)  # which node holds the key is unknown: neither counts
+    assert reasons == {(node, stage): f"refused: {expected}" for node in refused for stage in ("train", "evaluate")}
+    assert "skipped" not in record and set(by_name(record)) == {f"site-{n}" for n in (1, 2) if n not in refused}
+    assert "capped" not in record
+
+
+def test_under_secure_aggregation_a_count_above_its_keys_listing_loses_the_node(tmp_path):
+    """Under SecAgg+ a node's weight lies inside the masked sum, where the server cannot lower it: a masked update
+    whose clear count is above what site-cases lists for the key that signed its round keys is lost, and the others'
+    round aggregates."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    made = [supernode_key(keys, f"site-{i}") for i in range(3)]
+    peers = keys / "peers"
+    peers.write_bytes(b"".join(public + b"\n" for _, public in made))
+    sites = [{**config, "secagg-key": made[i][0]} for i, config in enumerate(nodes())]
+    listing = _listing(keys, {made[0][1]: 100, made[1][1]: 100, made[2][1]: 1})
+    run = {**RUN, "secagg": True, "secagg-max-weight": 10.0, "site-cases": listing}
+    with pytest.raises(InputError, match="site-cases under SecAgg.* knows a node's key from its signed round keys"):
+        run_inproc(server_app, client_app, tiny_run_config(tmp_path / "no-peers", **run), sites)
+    run_inproc(server_app, client_app, tiny_run_config(tmp_path / "run", **run, **{"secagg-peers": str(peers)}), sites)
+    record = _round_1(tmp_path / "run" / "run")
+    assert "skipped" not in record and set(by_name(record)) == {"site-1", "site-2"}, record
+
+
+def test_a_site_cases_file_is_the_servers_and_lists_each_key_once_with_a_count(tmp_path):
+    (_, public), (_, other) = supernode_key(tmp_path, "a"), supernode_key(tmp_path, "b")
+    good = tmp_path / "good"
+    good.write_bytes(b"# the consortium\n\n 120\t" + public + b" hospital-a # its FeTS cases\n7 " + other + b"\n")
+    good.chmod(0o644)
+    assert read_site_cases(str(good)) == {b" ".join(public.split()[:2]): 120, b" ".join(other.split()[:2]): 7}
+    for text, problem in [
+        (b"0 " + public, "line 1: begins with b'0', not a case count in 1..1000000000"),
+        (b"-3 " + public, "not a case count"),
+        (b"\xc2\xb2 " + public, "not a case count"),  # a Unicode digit
+        (b"99999999999999999999 " + public, "not a case count"),
+        (b"12", "line 1: the count is not followed by an ECDSA OpenSSH public key"),
+        (b"12 ssh-rsa AAAA hospital", "not followed by an ECDSA OpenSSH public key"),
+        (b"1 " + public + b"\n2 " + public, "line 2: a key listed before"),
+        (b"# nothing\n", "lists no node"),
+    ]:
+        bad = tmp_path / "bad"
+        bad.write_bytes(text)
+        bad.chmod(0o644)
+        with pytest.raises(InputError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+            read_site_cases(str(bad))
+    os.chmod(good, 0o666)
+    with pytest.raises(InputError, match="others may write to it"):
+        read_site_cases(str(good))
+    with pytest.raises(InputError, match="site-cases nowhere: cannot be read"):
+        read_site_cases("nowhere")
