@@ -42,7 +42,7 @@ from client.terms import required_secagg
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
 from messages.signed_keys import load_signing_key
-from messages.signed_replies import SIGNED, sign_reply
+from messages.signed_replies import ASKED, SIGNED, sign_reply
 from mstkd.errors import RefusedMessage, public_reason
 from mstkd.numbers import is_finite
 from mstkd.runconfig import NodeConfig, RunConfig
@@ -182,11 +182,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def signed(content: RecordDict, msg: Message, context: Context) -> RecordDict:
-    """A train or evaluate reply's ``content``, signed with this node's SuperNode key where it has one (node config
-    ``secagg-key``): the server weighs it by at most the case count the consortium lists for that key
-    (:mod:`messages.signed_replies`)."""
-    if key := NodeConfig.parse(context.node_config).secagg_key:
-        server_round = int(msg.content.config_records.get("config", ConfigRecord()).get("server-round", 0))  # checked
+    """A train or evaluate reply's ``content``, signed with this node's SuperNode key (node config ``secagg-key``)
+    where the server asks for it: it then weighs the reply by at most the cases the consortium lists for that key
+    (run config ``site-cases``, :mod:`messages.signed_replies`). A node without a key sends it unsigned."""
+    config = msg.content.config_records.get("config", ConfigRecord())
+    if config.get(ASKED) is True and (key := NodeConfig.parse(context.node_config).secagg_key):
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]  # checked by the site's work
         cases = int(content["metrics"]["num-examples"])  # type: ignore[arg-type]
         kind, node = message_kind(msg), context.node_id
         content[SIGNED] = sign_reply(load_signing_key(key), context.run_id, node, kind, server_round, cases)

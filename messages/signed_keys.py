@@ -195,7 +195,7 @@ def peer_key(line: bytes) -> bytes | None:
     """One OpenSSH public key line's :func:`public_line`, or None where it is not an ECDSA public key."""
     try:
         key = serialization.load_ssh_public_key(line)
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm, NotImplementedError):  # the last: a compressed point
         return None
     return public_line(line) if isinstance(key, ec.EllipticCurvePublicKey) else None
 
@@ -246,8 +246,8 @@ def _verifies(signer: bytes, signature: object, data: bytes) -> bool:
         return False
     try:
         serialization.load_ssh_public_key(signer).verify(signature, data, ec.ECDSA(hashes.SHA384()))
-    except (InvalidSignature, ValueError, TypeError, AttributeError, UnsupportedAlgorithm):
-        return False
+    except (InvalidSignature, ValueError, TypeError, AttributeError, UnsupportedAlgorithm, NotImplementedError):
+        return False  # the last: a key whose point is compressed, which the library does not read
     return True
 
 

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from messages.signed_keys import read_peers
-from messages.signed_replies import read_site_cases
+from messages.signed_replies import ASKED, read_site_cases
 from mstkd.atomic import write_text
 from mstkd.config import save_config
 from mstkd.errors import InputError
@@ -60,8 +60,9 @@ def main(grid: Grid, context: Context) -> None:
     peers = read_peers(run.secagg_peers) if run.secagg_peers else frozenset()  # before any node is asked anything
     if run.site_cases and run.secagg and not peers:
         raise InputError("site-cases under SecAgg+ knows a node's key from its signed round keys: give secagg-peers")
-    listing = SiteCases(context.run_id, read_site_cases(run.site_cases)) if run.site_cases else None
     cfg = project_config(run)
+    val_fraction = float(cfg.data.split.val_fraction)
+    listing = SiteCases(context.run_id, read_site_cases(run.site_cases), val_fraction) if run.site_cases else None
     seed_everything(int(cfg.train.seed))
     out = run_folder(run, context.run_id)
     checkpoint = ServerCheckpoint.load(out) if run.resume_from else None
@@ -118,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
             say(f"resuming {out} after round {checkpoint.round} (best site-validation Dice {describe_best(best)})")
         # every node works at the agreed geometry (it caches its cases there)
         site_config = {"target-spacing": " ".join(repr(v) for v in target.spacing), "orientation": target.orientation}
+        site_config |= {ASKED: True} if listing is not None else {}  # the nodes sign their replies (site-cases)
         train_config = {"lr": float(cfg.train.lr), "state-key": state_key, **site_config}
         if privacy:
             train_config["dp-clipping"] = privacy["clipping"]  # client-side DP: whether a node reports norm_bit

@@ -146,7 +146,7 @@ def split_replies(
     """The good replies, each checked (:func:`server.replies.check_reply`) and its node's numbers recorded in the run
     log; failed, refused and silent nodes are recorded as failures, keyed by the node id Flower authenticated."""
     rec = runlog.record(server_round)
-    taken: list[tuple[Message, bytes, int]] = []  # each checked reply, and (site-cases) its signer and listed count
+    taken: list[tuple[Message, bytes, int]] = []  # each checked reply, and (site-cases) its signer and most cases
     for reply in replies:
         node = replier(reply, sent)
         if reply.has_error():
@@ -159,28 +159,26 @@ def split_replies(
             continue
         try:
             raw, reply.content = reply.content, check_reply(reply.content, stage, rules)
-            signer, listed = b"", 0
+            signer, most = b"", 0
             if rules.site_cases is not None:
                 claimed = int(reply.content["metrics"]["num-examples"])  # type: ignore[arg-type]
-                signer, listed = rules.site_cases.vouched(raw, node, stage, server_round, claimed)
+                signer, most = rules.site_cases.vouched(raw, node, stage, server_round, claimed)
         except RefusedReply as exc:
             _failure(rec, server_round, stage, node, f"{REFUSED}{exc}", "refused")
             continue
-        taken.append((reply, signer, listed))
+        taken.append((reply, signer, most))
     signed = Counter(signer for _, signer, _ in taken)
     good: list[Message] = []
-    for reply, signer, listed in taken:
+    for reply, signer, most in taken:
         node = reply.metadata.src_node_id
         if signer and signed[signer] > 1:  # which node holds the key is unknown: neither is taken
             reason = f"{REFUSED}its reply is signed by a key that signed another node's too (site-cases)"
             _failure(rec, server_round, stage, node, reason, "refused")
             continue
-        if signer and (claimed := int(reply.content["metrics"]["num-examples"])) > listed:  # type: ignore[arg-type]
-            reply.content["metrics"]["num-examples"] = listed
-            rec.setdefault("capped", []).append({"stage": stage, "node": node, "claimed": claimed, "listed": listed})
-            log.warning(
-                "round %d: node %s claims %d %s cases, site-cases %d", server_round, node, claimed, stage, listed
-            )
+        if signer and (claimed := int(reply.content["metrics"]["num-examples"])) > most:  # type: ignore[arg-type]
+            reply.content["metrics"]["num-examples"] = most
+            rec.setdefault("capped", []).append({"stage": stage, "node": node, "claimed": claimed, "most": most})
+            log.warning("round %d: node %s claims %d %s cases, site-cases %d", server_round, node, claimed, stage, most)
         record_site(runlog, server_round, stage, node, reply.content)
         good.append(reply)
     common_metrics([r.content for r in good])

@@ -39,7 +39,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from messages.arrays import WireError, decode_array, nonfinite
 from messages.clipping import unclipped_by
-from messages.signed_replies import SIGNED, reply_signer
+from messages.signed_replies import SIGNED, most_cases, record_problem, reply_signer
 from mstkd.numbers import is_number
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -73,26 +73,31 @@ class RefusedReply(ValueError):
 
 @dataclass(frozen=True)
 class SiteCases:
-    """Run config ``site-cases`` (:mod:`messages.signed_replies`): the case count the consortium vouches for, by node
-    key, and this run's id, which every signature names."""
+    """Run config ``site-cases`` (:mod:`messages.signed_replies`): the cases each node key brings, this run's id,
+    which every signature names, and the run's ``data.split.val_fraction``, which divides them between stages."""
 
     run_id: int
     cases: Mapping[bytes, int]
+    val_fraction: float
+
+    def most(self, key: bytes, stage: str) -> int:
+        """The most cases a reply of ``stage`` signed by ``key`` weighs (0 for a key the list does not hold)."""
+        return most_cases(self.cases[key], stage, self.val_fraction) if key in self.cases else 0
 
     def vouched(self, raw: RecordDict, node: int, stage: str, server_round: int, claimed: int) -> tuple[bytes, int]:
-        """The key that signed a reply's claim of ``claimed`` cases (``raw``: the reply as it came), and the count
-        listed for it.
+        """The key that signed a reply's claim of ``claimed`` cases (``raw``: the reply as it came), and the most
+        cases that reply weighs.
 
         Raises:
             RefusedReply: not signed, by a key the list does not hold, or not for this run, node, round and count.
         """
         try:
-            signer = reply_signer(raw, self.run_id, node, stage, server_round, claimed)
+            signer = reply_signer(raw, self.cases, self.run_id, node, stage, server_round, claimed)
         except ValueError as exc:
             raise RefusedReply(f"{exc} (site-cases)") from None
-        if signer not in self.cases:
-            raise RefusedReply("its reply is signed by a key that site-cases does not list")
-        return signer, self.cases[signer]
+        except Exception as exc:  # a signature no check foresaw must cost its sender, not the run
+            raise RefusedReply(f"its signature does not read ({type(exc).__name__}; site-cases)") from None
+        return signer, self.most(signer, stage)
 
 
 def printable(text: object, limit: int = MAX_TEXT) -> str:
@@ -149,6 +154,8 @@ def check_reply(content: RecordDict, stage: str, rules: ReplyRules) -> RecordDic
         raise RefusedReply(f"no {missing[0]!r} record")
     if extra := sorted(names - wanted - {"site", SIGNED}):
         raise RefusedReply(f"unexpected record {printable(extra[0], 40)!r}")
+    if SIGNED in names and (problem := record_problem(content[SIGNED])):
+        raise RefusedReply(problem)
     out = RecordDict()
     if stage == "train":
         arrays = content["arrays"]

@@ -89,8 +89,8 @@ def _faults(record: dict) -> str:
         for b in record.get("bounded", [])
     ]
     parts += [
-        f"node {plain(c.get('node'))} ({plain(c.get('stage'))}) claimed {c['claimed']} cases, weighed as site-cases' "
-        f"{c['listed']}"
+        f"node {plain(c.get('node'))} ({plain(c.get('stage'))}) claimed {c['claimed']} cases, weighed as the "
+        f"{c['most']} site-cases gives"
         for c in record.get("capped", [])
     ]
     if record.get("rested"):

@@ -77,7 +77,7 @@ RECORD_SHAPE: dict[str, Check] = {
     "failures": _list_of(_FAILURE),
     "rested": _list_of(is_whole),
     "bounded": _list_of(_fields({"node": _maybe(is_whole), "norm": is_finite, "limit": is_finite})),
-    "capped": _list_of(_fields({"stage": _text, "node": _maybe(is_whole), "claimed": is_whole, "listed": is_whole})),
+    "capped": _list_of(_fields({"stage": _text, "node": _maybe(is_whole), "claimed": is_whole, "most": is_whole})),
     "collapse": _list_of(_fields({"where": _text, "what": _text})),
     "privacy": _privacy,
     "global": _fields({"mean_dice": is_number, **_SCORES}, rest=is_number),  # an HD95 of nothing is NaN: a number too

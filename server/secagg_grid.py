@@ -163,8 +163,8 @@ class CheckedGrid:
             if not (is_whole(examples) and 1 <= examples <= self.max_examples):
                 return f"a case count outside 1..{self.max_examples}"
             signer = self.signers.get(reply.metadata.src_node_id, b"")
-            if self.listing is not None and examples > (listed := self.listing.cases.get(signer, 0)):
-                return f"a case count of {int(examples)}, above the {listed} that site-cases lists for its key"
+            if self.listing is not None and examples > (most := self.listing.most(signer, "train")):
+                return f"a case count of {int(examples)}, above the {most} training cases site-cases gives its key"
             self.counts[reply.metadata.src_node_id] = int(examples)
         return None
 
@@ -179,6 +179,8 @@ class CheckedGrid:
             return f"the reply {exc}"
         if signer in self.signers.values():
             return f"node {node}'s keys are signed by a key that signed another node's"
+        if self.listing is not None and signer not in self.listing.cases:
+            return f"node {node}'s keys are signed by a key that site-cases does not list"
         self.signers[node] = signer
         return None
 

@@ -135,6 +135,12 @@ def _site_rng(seed: int, site: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(site.encode())])
 
 
+def validation_count(cases: int, val_fraction: float) -> int:
+    """How many of a site's ``cases`` (its test cases set aside) :func:`make_split` keeps for validation: at least
+    one of two or more, while ``val_fraction`` is above 0."""
+    return max(1, int(round(cases * val_fraction))) if cases >= 2 and val_fraction > 0 else 0
+
+
 def make_split(
     partitions: Partitions,
     *,
@@ -158,7 +164,7 @@ def make_split(
             _site_rng(seed, site).shuffle(order)
             n_test = int(round(len(order) * test_fraction)) if len(order) >= min_site_cases_for_test else 0
             rest = order[n_test:]
-            n_val = max(1, int(round(len(rest) * val_fraction))) if len(rest) >= 2 and val_fraction > 0 else 0
+            n_val = validation_count(len(rest), val_fraction)
             chosen = {"test": order[:n_test], "val": sorted(rest[:n_val]), "train": sorted(rest[n_val:])}
         train[site], val[site] = chosen["train"], chosen["val"]
         test.extend(sorted(chosen["test"]))

@@ -90,17 +90,18 @@ def test_tls_authenticated_deployment_two_rounds(tmp_path):
         assert intruder.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
 
-        # the consortium vouches for one case of each hospital: every node signs its replies, and each weighs 1
+        # the consortium vouches for two cases of each hospital (one to train on, one to validate), not its four:
+        # every node signs its replies, and each weighs 1 in both stages
         listing = tmp_path / "site-cases"
-        listing.write_bytes(b"".join(b"1 " + (creds / "nodes" / f"{site}.pub").read_bytes() for site in SITES))
+        listing.write_bytes(b"".join(b"2 " + (creds / "nodes" / f"{site}.pub").read_bytes() for site in SITES))
         start = time.perf_counter()
         records = _tiny_run(tmp_path, cli, "hospitals", f"num-server-rounds=2 min-nodes=3 site-cases='{listing}'")
         seconds = time.perf_counter() - start
         assert [r["round"] for r in records] == [0, 1, 2]
         for r in records[1:]:
             assert set(by_name(r)) == set(SITES) and not r["failures"]
-            assert {s["train-examples"] for s in by_name(r).values()} == {1}
-            assert {(c["stage"], c["claimed"], c["listed"]) for c in r["capped"]} == {("train", 3, 1)}
+            assert {(s["train-examples"], s["evaluate-examples"]) for s in by_name(r).values()} == {(1, 1)}
+            assert {(c["stage"], c["claimed"], c["most"]) for c in r["capped"]} == {("train", 3, 1)}
         assert by_name(records[1])["hospital-c"]["modalities"] == "flair+t1+t2"
         print(f"deployed two-round run: {seconds:.1f} s")
         # each node's four messages went to one warm worker, started by the first
