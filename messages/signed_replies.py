@@ -25,6 +25,7 @@ nodes that collude can trade weight between them there, since the server checks 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Container
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,8 +42,9 @@ ASKED = "signed-replies"
 DOMAIN = b"mstkd reply, v1\x00"
 FIELDS = ("key", "signature")
 MAX_CASES = 10**9
-KEY_TYPES = (b"ecdsa-", b"ssh-", b"sk-")
-"""How OpenSSH public key types begin: a second one on a line is a second key whose line ended too early."""
+KEY_TYPE = re.compile(rb"ecdsa-sha2-nistp\d+|ssh-(ed25519|rsa|dss)|sk-\S+@openssh\.com")
+"""OpenSSH's public key types: one among a line's comment words is a second key, from a line that ended too early
+(a node's name such as ``ssh-gateway`` is not one)."""
 
 
 def _terms(stage: str, server_round: int, cases: int) -> bytes:
@@ -91,10 +93,11 @@ def reply_signer(
 
 
 def most_cases(listed: int, stage: str, val_fraction: float) -> int:
-    """The most cases a node with ``listed`` cases claims in a ``stage`` reply: the validation cases the run's split
-    keeps of them (:func:`mstkd.data.partitions.validation_count`), or the rest for training."""
+    """The most cases a node with at most ``listed`` cases claims in a ``stage`` reply: the validation cases the run's
+    split keeps of them (:func:`mstkd.data.partitions.validation_count`), or the rest for training, at least one (a
+    site of one case trains on it; with ``val_fraction`` 0.75 or more, a site of two keeps both for validation)."""
     validation = validation_count(listed, val_fraction)
-    return validation if stage == "evaluate" else listed - validation
+    return validation if stage == "evaluate" else max(listed - validation, 1)
 
 
 def read_site_cases(path: str) -> dict[bytes, int]:
@@ -118,7 +121,7 @@ def read_site_cases(path: str) -> dict[bytes, int]:
             raise InputError(f"{where}: begins with {count[:20]!r}, not a case count in 1..{MAX_CASES}")
         if (listed := peer_key(b" ".join(fields[1:3]))) is None:
             raise InputError(f"{where}: the count is not followed by an ECDSA OpenSSH public key")
-        if any(field.startswith(KEY_TYPES) for field in fields[3:]):
+        if any(KEY_TYPE.fullmatch(field) for field in fields[3:]):
             raise InputError(f"{where}: holds a second key (does the line before it end where it should?)")
         if listed in cases:
             raise InputError(f"{where}: a key listed before")

@@ -15,7 +15,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from client.app import app as client_app
 from messages.signed_keys import load_signing_key
-from messages.signed_replies import SIGNED, read_site_cases, reply_signer, sign_reply
+from messages.signed_replies import SIGNED, most_cases, read_site_cases, reply_signer, sign_reply
+from mstkd.data.partitions import make_split, single_site
 from mstkd.errors import InputError
 from server.app import app as server_app
 from server.replies import RefusedReply, ReplyRules, SiteCases, check_reply
@@ -159,7 +160,7 @@ def test_a_site_cases_file_is_the_servers_and_lists_each_key_once_with_a_count(t
     (_, public), (_, other) = supernode_key(tmp_path, "a"), supernode_key(tmp_path, "b")
     good = tmp_path / "good"
     good.write_bytes(
-        b"\xef\xbb\xbf# the consortium\n\n 120\t" + public + b" hospital-a # its FeTS cases\n7 " + other + b"\n"
+        b"\xef\xbb\xbf# the consortium\n\n 120\t" + public + b" ssh-gateway # its FeTS cases\n7 " + other + b"\n"
     )
     good.chmod(0o644)
     assert read_site_cases(str(good)) == {b" ".join(public.split()[:2]): 120, b" ".join(other.split()[:2]): 7}
@@ -233,3 +234,21 @@ def test_a_reply_signature_holds_for_one_run_node_stage_round_and_count_only(tmp
     huge = ConfigRecord({"key": b"k", "signature": b"s" * 10**6})
     with pytest.raises(RefusedReply, match="holds something other than a key and a signature"):
         check_reply(RecordDict({"metrics": metrics, SIGNED: huge}), "evaluate", rules)
+
+
+def test_an_honest_site_of_at_most_its_listed_cases_is_never_cut():
+    """Whatever the split settings, a site's own split (make_split, test cases held out or not) of n <= listed cases
+    trains and validates on no more than what most_cases gives the listing; with no test cases and n = listed, on
+    exactly that."""
+    for val_fraction in (0.0, 0.1, 0.2, 0.5, 0.75, 0.9):
+        for test_fraction in (0.0, 0.05):
+            for listed in range(1, 31):
+                most = {stage: most_cases(listed, stage, val_fraction) for stage in ("train", "evaluate")}
+                for n in range(1, listed + 1):
+                    split = make_split(
+                        single_site(f"c{i}" for i in range(n)), val_fraction=val_fraction, test_fraction=test_fraction
+                    )
+                    (train,), (val,) = split.train.values(), split.val.values()
+                    assert len(train) <= most["train"] and len(val) <= most["evaluate"], (val_fraction, listed, n)
+                    if n == listed and test_fraction == 0 and len(train):
+                        assert (len(train), len(val)) == (most["train"], most["evaluate"])
