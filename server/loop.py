@@ -8,8 +8,9 @@ these rules:
 - a round starts once ``min_nodes`` nodes are connected, or is **skipped** after ``node_wait``
   seconds with fewer;
 - the nodes have ``timeout`` seconds to reply; every reply is checked before the strategy sees it
-  (:mod:`server.replies`); a node that fails (error reply), sends a reply that is refused, or stays
-  silent is recorded in the run log with its node id and the reason, and the round aggregates the others;
+  (:mod:`server.replies`; with ``site-cases``, its signature and case count too); a node that fails (error
+  reply), sends a reply that is refused, or stays silent is recorded in the run log with its node id and the
+  reason, and the round aggregates the others;
 - a node that stayed silent sits the next rounds out (:mod:`server.silence`), so that it costs its timeout once;
 - an aggregate that is not finite is not taken: the round is **skipped**;
 - with fewer than ``min_replies`` good replies the round is **skipped**: the global model stays
@@ -144,7 +145,9 @@ def split_replies(
     rules: ReplyRules,
 ) -> list[Message]:
     """The good replies, each checked (:func:`server.replies.check_reply`) and its node's numbers recorded in the run
-    log; failed, refused and silent nodes are recorded as failures, keyed by the node id Flower authenticated."""
+    log; failed, refused and silent nodes are recorded as failures, keyed by the node id Flower authenticated. With
+    ``site-cases`` each must be signed by a listed key that signed no other reply here, and weighs at most its
+    stage's share of that key's cases (:class:`server.replies.SiteCases`; a cut is recorded in ``capped``)."""
     rec = runlog.record(server_round)
     taken: list[tuple[Message, bytes, int]] = []  # each checked reply, and (site-cases) its signer and most cases
     for reply in replies:
