@@ -169,7 +169,7 @@ def query(msg: Message, context: Context) -> Message:
     """Before its first round the federation plans its target geometry: this site's median voxel size."""
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
     metrics = site_runner(msg, context, timed=False)(Job.SITE_GEOMETRY, config)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=signed(RecordDict({"metrics": MetricRecord(metrics)}), msg, context), reply_to=msg)
 
 
 @app.evaluate()
@@ -182,9 +182,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def signed(content: RecordDict, msg: Message, context: Context) -> RecordDict:
-    """A train or evaluate reply's ``content``, signed with this node's SuperNode key (node config ``secagg-key``)
-    where the server asks for it: it then weighs the reply by at most the cases the consortium lists for that key
-    (run config ``site-cases``, :mod:`messages.signed_replies`). A node without a key sends it unsigned."""
+    """A train, evaluate or voxel-size reply's ``content``, signed with this node's SuperNode key (node config
+    ``secagg-key``) where the server asks for it: it then weighs the reply by at most the cases the consortium lists
+    for that key (run config ``site-cases``, :mod:`messages.signed_replies`). A node without a key sends it unsigned."""
     config = msg.content.config_records.get("config", ConfigRecord())
     if config.get(ASKED) is True and (key := NodeConfig.parse(context.node_config).secagg_key):
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]  # checked by the site's work

@@ -8,14 +8,15 @@ one line per node key, and the server then takes from each reply at most what th
 the validation cases the run's split keeps of them (``data.split.val_fraction``, :func:`validation_count`) in an
 evaluate reply, the rest in a train reply.
 
-Where the run lists them, the server asks for signatures (:data:`ASKED`, in the train and evaluate instructions), and a
-node with a SuperNode key (node config ``secagg-key``, which the start scripts always pass) signs its reply
-(:data:`SIGNED`): the run, its node id, the stage, the round and the case count it claims, with the SuperNode key the
-SuperLink already authenticates it by. The server refuses a reply that carries no such signature by a listed key, or
-whose key signed another node's reply of that round and stage, and cuts each other reply's count to its key's
-(:func:`server.loop.split_replies`). Flower does not tell the ServerApp which key authenticated which node, so the
-server checks that a listed key signed, for this node id, not that it is the key this node connected with: a party that
-holds several listed keys can move their listings among its nodes, never beyond their sum.
+Where the run lists them, the server asks for signatures (:data:`ASKED`, in the train and evaluate instructions and
+the voxel-size query before round 1), and a node with a SuperNode key (node config ``secagg-key``, which the start
+scripts always pass) signs its reply (:data:`SIGNED`): the run, its node id, the stage, the round and the case count it
+claims, with the SuperNode key the SuperLink already authenticates it by. The server refuses a reply that carries no
+such signature by a listed key, or whose key signed another node's reply of that round and stage, and cuts each other
+reply's count to its key's (:func:`server.loop.split_replies`); a voxel-size report so refused has no vote on the
+target geometry (:func:`server.plan.agree_target`). Flower does not tell the ServerApp which key authenticated which
+node, so the server checks that a listed key signed, for this node id, not that it is the key this node connected
+with: a party that holds several listed keys can move their listings among its nodes, never beyond their sum.
 
 Under SecAgg+ a node's key is the one that signed its round keys (``secagg-peers``), and a masked update whose clear
 count exceeds its key's is lost (:class:`server.secagg_grid.CheckedGrid`): its weight is inside the masked sum, where

@@ -88,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
             node_wait=run.node_wait,
             timeout=run.round_timeout,
             max_examples=run.max_examples,
+            listing=listing,
             say=say,
         )
         cfg = OmegaConf.merge(cfg, {"data": target.to_config()})  # the held-out cases, checkpoints and config.yaml

@@ -12,23 +12,26 @@ cases are cached at it, and every checkpoint stores it.
 
 A site's reply is input from outside: exactly the four numbers, each voxel size within
 :data:`~mstkd.data.geometry.MIN_SPACING` .. :data:`~mstkd.data.geometry.MAX_SPACING` mm, a case count in
-1 .. ``max-examples``. A reply that fails these checks, an error reply and silence are logged with the
+1 .. ``max-examples``; with run config ``site-cases``, signed by a listed key that signed no other site's report
+(:mod:`messages.signed_replies`). A reply that fails these checks, an error reply and silence are logged with the
 node's id and leave the plan to the others.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from messages.signed_replies import ASKED
 from mstkd.data.geometry import TargetGeometry, check_orientation, check_spacing, format_spacing, plan_spacing
 from mstkd.errors import InputError
 from mstkd.numbers import is_finite, is_number, is_whole
 from server.loop import send_and_receive, wait_for_nodes
-from server.replies import printable
+from server.replies import SiteCases, printable
 
 log = logging.getLogger("mstkd.server")
 
@@ -65,10 +68,12 @@ def agree_target(
     node_wait: float,
     timeout: float,
     max_examples: int,
+    listing: SiteCases | None = None,
     say: Callable[[str], None] = log.info,
 ) -> TargetGeometry:
     """``data.target_spacing`` when the run config sets it; otherwise the median of the connected sites' median
-    voxel sizes, one vote per site (see the module doc).
+    voxel sizes, one vote per site (see the module doc). With ``listing`` (run config ``site-cases``) a site votes
+    only with a report signed by a listed key that signed no other site's.
 
     Raises:
         InputError: no site gave a usable report.
@@ -80,9 +85,11 @@ def agree_target(
     orientation = check_orientation(data_cfg.orientation)
     wait_for_nodes(grid, min_nodes, node_wait)
     nodes = sorted(grid.get_node_ids())
-    content = RecordDict({"config": ConfigRecord({"orientation": orientation})})
+    config = {"orientation": orientation, **({ASKED: True} if listing is not None else {})}
+    content = RecordDict({"config": ConfigRecord(config)})
     sent = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
-    spacings, cases, heard = [], [], set()
+    reports: dict[int, tuple[tuple[float, float, float], int, bytes]] = {}
+    heard: set[int] = set()
     for reply in send_and_receive(grid, sent, timeout):
         node = reply.metadata.src_node_id
         try:
@@ -92,11 +99,16 @@ def agree_target(
             if reply.has_error():
                 raise ValueError(f"error reply: {printable(reply.error.reason)}")
             spacing, count = reported_spacing(reply.content, max_examples)
+            signer = listing.vouched(reply.content, node, "query", 0, count)[0] if listing is not None else b""
         except ValueError as exc:
             log.warning("planning the target geometry: node %s left out: %s", node, exc)
             continue
-        spacings.append(spacing)
-        cases.append(count)
+        reports[node] = spacing, count, signer
+    signers = Counter(signer for _, _, signer in reports.values())
+    for node in [n for n, (_, _, signer) in reports.items() if signer and signers[signer] > 1]:
+        log.warning("planning the target geometry: node %s left out: its key signed another node's report", node)
+        del reports[node]
+    spacings, cases = [r[0] for r in reports.values()], [r[1] for r in reports.values()]
     for node in sorted(set(nodes) - heard):
         log.warning("planning the target geometry: node %s left out: no reply within %g s", node, timeout)
     if not spacings:

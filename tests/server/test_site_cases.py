@@ -100,7 +100,8 @@ def test_a_node_that_claims_every_case_weighs_what_the_consortium_lists_for_its_
 
 
 @pytest.mark.parametrize("case", ["no key", "unlisted key", "another node's key", "claim not signed"])
-def test_with_site_cases_a_reply_not_signed_by_its_own_listed_key_costs_its_node_the_round(tmp_path, case):
+def test_with_site_cases_a_reply_not_signed_by_its_own_listed_key_costs_its_node_the_round(tmp_path, case, caplog):
+    """Also before round 1: such a node's voxel-size report gets no vote on the target geometry."""
     keys = tmp_path / "keys"
     keys.mkdir()
     made = [supernode_key(keys, f"site-{i}") for i in range(4)]  # the fourth is a key the consortium never listed
@@ -125,6 +126,15 @@ def test_with_site_cases_a_reply_not_signed_by_its_own_listed_key_costs_its_node
     assert reasons == {(node, stage): f"refused: {expected}" for node in refused for stage in ("train", "evaluate")}
     assert "skipped" not in record and set(by_name(record)) == {f"site-{n}" for n in (1, 2) if n not in refused}
     assert "capped" not in record
+    planned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("planning the target geometry")]
+    if case == "claim not signed":  # its report before round 1 was its own, signed
+        assert not planned
+    elif case == "another node's key":
+        assert planned == [
+            f"planning the target geometry: node {n} left out: its key signed another node's report" for n in (1, 3)
+        ]
+    else:
+        assert planned == [f"planning the target geometry: node 3 left out: {expected}"]
 
 
 def test_under_secure_aggregation_a_count_above_its_keys_listing_loses_the_node(tmp_path):
