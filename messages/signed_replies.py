@@ -37,9 +37,10 @@ from mstkd.data.partitions import validation_count
 from mstkd.errors import InputError
 
 SIGNED = "mstkd-signed"
-"""The record of a train or evaluate reply that holds its node's signature (``signature``) and public key (``key``)."""
+"""The record of a train, evaluate or voxel-size reply that holds its node's signature (``signature``) and public key
+(``key``)."""
 ASKED = "signed-replies"
-"""The instruction (``True``) under which a node signs its train and evaluate replies."""
+"""The instruction (``True``) under which a node signs its train, evaluate and voxel-size replies."""
 DOMAIN = b"mstkd reply, v1\x00"
 FIELDS = ("key", "signature")
 MAX_CASES = 10**9

@@ -2,9 +2,10 @@
 
 nnU-Net plans the target spacing as the median voxel size of the training cases. No party here
 sees every case, so each site reports the median of its own cases and how many cases that is (from
-the image headers; four numbers leave the site), and the server takes the per-axis median of the
-sites' medians, one vote per site. The case counts are logged but not weighed: a count is its
-site's word, and a weighted median lets one site that claims ``max-examples`` cases decide alone.
+the image headers; four numbers leave the site, and with ``site-cases`` its public key and a
+signature), and the server takes the per-axis median of the sites' medians, one vote per site. The
+case counts are logged but not weighed: a count is its site's word, and a weighted median lets one
+site that claims ``max-examples`` cases decide alone.
 With one vote each, a site among three or more cannot move the target beyond the other sites'
 medians. A run config that sets ``data.target_spacing`` (``overrides``) skips the exchange. The
 agreed value goes to every node with every train and evaluate message, the server's held-out
@@ -105,12 +106,17 @@ def agree_target(
             continue
         reports[node] = spacing, count, signer
     signers = Counter(signer for _, _, signer in reports.values())
-    for node in [n for n, (_, _, signer) in reports.items() if signer and signers[signer] > 1]:
+    for node in [n for n, (_, _, signer) in sorted(reports.items()) if signer and signers[signer] > 1]:
         log.warning("planning the target geometry: node %s left out: its key signed another node's report", node)
         del reports[node]
     spacings, cases = [r[0] for r in reports.values()], [r[1] for r in reports.values()]
     for node in sorted(set(nodes) - heard):
         log.warning("planning the target geometry: node %s left out: no reply within %g s", node, timeout)
+    if not spacings and listing is not None:  # a target set by hand would only move the refusals to round 1
+        raise InputError(
+            f"no site reported its voxel size signed by a key of site-cases ({len(nodes)} asked): are the nodes "
+            "started with their secagg-key, and are their keys listed?"
+        )
     if not spacings:
         raise InputError(
             f"no site reported its voxel size ({len(nodes)} asked); set one with "

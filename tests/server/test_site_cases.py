@@ -166,6 +166,16 @@ def test_under_secure_aggregation_a_count_above_its_keys_listing_loses_the_node(
     assert (3, "setup") in stages and (3, "collect_masked_vectors") not in stages
 
 
+def test_with_site_cases_and_no_signed_voxel_size_report_the_run_stops_naming_the_keys(tmp_path):
+    """Nodes started without their key (or not listed): a target set by hand would only move the refusals to round
+    1, so the run stops before it, saying where to look."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    listing = _listing(keys, {supernode_key(keys, "site")[1]: 5})
+    with pytest.raises(InputError, match=r"signed by a key of site-cases \(3 asked\): are the nodes started with"):
+        run_inproc(server_app, client_app, tiny_run_config(tmp_path, **RUN, **{"site-cases": listing}), nodes())
+
+
 def test_a_site_cases_file_is_the_servers_and_lists_each_key_once_with_a_count(tmp_path):
     (_, public), (_, other) = supernode_key(tmp_path, "a"), supernode_key(tmp_path, "b")
     good = tmp_path / "good"
