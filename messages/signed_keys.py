@@ -241,8 +241,13 @@ def sign_statement(
     return key.sign(_statement(domain, run_id, node_id, terms, digests), ec.ECDSA(hashes.SHA384()))
 
 
+def short_bytes(value: object) -> bool:
+    """Bytes of at most :data:`MAX_FIELD`: the form of a signature or public key a node sends."""
+    return isinstance(value, bytes) and len(value) <= MAX_FIELD
+
+
 def _verifies(signer: bytes, signature: object, data: bytes) -> bool:
-    if not isinstance(signature, bytes) or len(signature) > MAX_FIELD:
+    if not short_bytes(signature):
         return False
     try:
         serialization.load_ssh_public_key(signer).verify(signature, data, ec.ECDSA(hashes.SHA384()))

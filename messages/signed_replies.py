@@ -27,12 +27,21 @@ nodes that collude can trade weight between them there, since the server checks 
 from __future__ import annotations
 
 import re
-from collections.abc import Container
+from collections import Counter
+from collections.abc import Container, Iterable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, RecordDict
 
-from messages.signed_keys import MAX_FIELD, peer_key, private_file, public_line, public_of, sign_statement, unsigned
+from messages.signed_keys import (
+    peer_key,
+    private_file,
+    public_line,
+    public_of,
+    short_bytes,
+    sign_statement,
+    unsigned,
+)
 from mstkd.data.partitions import validation_count
 from mstkd.errors import InputError
 
@@ -66,7 +75,7 @@ def record_problem(record: object) -> str | None:
     :data:`~messages.signed_keys.MAX_FIELD` bytes), or None."""
     if not isinstance(record, ConfigRecord) or sorted(record.keys()) != list(FIELDS):
         return f"its {SIGNED!r} record is not a key and a signature"
-    if not all(isinstance(record[f], bytes) and len(record[f]) <= MAX_FIELD for f in FIELDS):  # type: ignore[arg-type]
+    if not all(short_bytes(record[f]) for f in FIELDS):
         return f"its {SIGNED!r} record holds something other than a key and a signature"
     return None
 
@@ -92,6 +101,12 @@ def reply_signer(
     if unsigned([node_id], signature, {node_id: signer}, DOMAIN, run_id, _terms(stage, server_round, cases)):
         raise ValueError("its reply's signature does not match this run, node, round and case count")
     return signer
+
+
+def shared_keys(signers: Iterable[bytes]) -> set[bytes]:
+    """The keys among ``signers`` (one per reply, b"" for none) that signed for more than one node: which node holds
+    such a key cannot be told, so none of their replies counts."""
+    return {key for key, n in Counter(signers).items() if key and n > 1}
 
 
 def most_cases(listed: int, stage: str, val_fraction: float) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from messages.arrays import LAYOUT, decode_array, pack, unpack
+from messages.signed_replies import shared_keys
 from server.replies import (
     RefusedReply,
     ReplyRules,
@@ -170,11 +170,11 @@ def split_replies(
             _failure(rec, server_round, stage, node, f"{REFUSED}{exc}", "refused")
             continue
         taken.append((reply, signer, most))
-    signed = Counter(signer for _, signer, _ in taken)
+    shared = shared_keys(signer for _, signer, _ in taken)
     good: list[Message] = []
     for reply, signer, most in taken:
         node = reply.metadata.src_node_id
-        if signer and signed[signer] > 1:  # which node holds the key is unknown: neither is taken
+        if signer in shared:
             reason = f"{REFUSED}its reply is signed by a key that signed another node's too (site-cases)"
             _failure(rec, server_round, stage, node, reason, "refused")
             continue

@@ -21,13 +21,12 @@ node's id and leave the plan to the others.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from messages.signed_replies import ASKED
+from messages.signed_replies import ASKED, shared_keys
 from mstkd.data.geometry import TargetGeometry, check_orientation, check_spacing, format_spacing, plan_spacing
 from mstkd.errors import InputError
 from mstkd.numbers import is_finite, is_number, is_whole
@@ -105,8 +104,8 @@ def agree_target(
             log.warning("planning the target geometry: node %s left out: %s", node, exc)
             continue
         reports[node] = spacing, count, signer
-    signers = Counter(signer for _, _, signer in reports.values())
-    for node in [n for n, (_, _, signer) in sorted(reports.items()) if signer and signers[signer] > 1]:
+    shared = shared_keys(signer for _, _, signer in reports.values())
+    for node in [n for n, (_, _, signer) in sorted(reports.items()) if signer in shared]:
         log.warning("planning the target geometry: node %s left out: its key signed another node's report", node)
         del reports[node]
     spacings, cases = [r[0] for r in reports.values()], [r[1] for r in reports.values()]

@@ -210,10 +210,6 @@ class CheckedGrid:
         return None
 
 
-def _short_bytes(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) <= signed_keys.MAX_FIELD
-
-
 def _asked(message: Message) -> tuple[str | None, list[int]]:
     """The SecAgg+ stage a message asks for (None for the workflow's other messages), and the nodes its reply must name:
     the neighbours whose keys it carries (but the node itself) when sharing keys, the nodes whose shares it asks for
@@ -232,8 +228,8 @@ def _asked(message: Message) -> tuple[str | None, list[int]]:
 def _signed_form(value: object, stage: str | None) -> bool:
     """A signature (bytes), or at a set-up [signature, public key]; each of at most ``MAX_FIELD`` bytes."""
     if stage == Stage.SETUP:
-        return isinstance(value, list) and len(value) == 2 and all(map(_short_bytes, value))
-    return _short_bytes(value)
+        return isinstance(value, list) and len(value) == 2 and all(map(signed_keys.short_bytes, value))
+    return signed_keys.short_bytes(value)
 
 
 def _relayed_for(record, stage: str) -> list[int]:
