@@ -39,7 +39,7 @@ from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
 from mstkd.numbers import is_finite
-from mstkd.runconfig import NodeConfig, RunConfig, Transport, check_state_key, default_home, project_config
+from mstkd.runconfig import NodeConfig, RunConfig, Strategy, Transport, check_state_key, default_home, project_config
 from mstkd.train import (
     Networks,
     make_optimizers,
@@ -125,6 +125,19 @@ def instruction(instructions: Mapping[str, Any], key: str, default: float, low: 
     return value
 
 
+def message_mu(instructions: Mapping[str, Any], run: RunConfig) -> float:
+    """FedProx's ``proximal-mu`` as the message gives it, which must be the run config's (0 under any other
+    strategy): the run config is what a site approves (``deploy/plans.py``), the message what the server sends.
+
+    Raises:
+        RefusedMessage: not a finite number from 0, or not the run config's.
+    """
+    value = float(instruction(instructions, "proximal-mu", 0.0, 0, math.inf))
+    if value != (run.proximal_mu if run.strategy is Strategy.FEDPROX else 0.0):
+        raise RefusedMessage(f"the message's proximal-mu {value:g} is not this run's ({run.strategy})")
+    return value
+
+
 def message_round(instructions: Mapping[str, Any], run: RunConfig) -> int:
     """The round a message belongs to: a whole number from 0 (a server that names none) to ``num-server-rounds``.
 
@@ -202,7 +215,7 @@ def local_round(
     server_round = message_round(instructions, context.run)
     last_epoch = context.run.num_server_rounds * context.run.local_epochs  # where the server's schedule ends
     given_epoch = instruction(instructions, "epoch", 0, 0, last_epoch) if "epoch" in instructions else None
-    proximal_mu = float(instruction(instructions, "proximal-mu", 0.0, 0, math.inf))
+    proximal_mu = message_mu(instructions, context.run)
     cfg, data, device, seed, student, disc = _setup(arrays, instructions, server_round, context, clock)
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)

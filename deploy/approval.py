@@ -19,8 +19,9 @@ digest of the same bundle from its own reviewed checkout of the agreed commit:
     python deploy/approval.py digest .                              # prints the digest
     python deploy/approval.py approve . --list ~/mstkd/approved.txt  # adds it to the site's list
 
-The list holds one digest per line; ``#`` starts a comment. Like ``authorized_keys``, a list that others may
-write to is refused: whoever could add a line could run code on the node.
+The list holds one digest per line; ``#`` starts a comment. A line ``plan <digest>`` approves an app only with one
+run config (:mod:`deploy.plans`). Like ``authorized_keys``, a list that others may write to is refused: whoever
+could add a line could run code on the node.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ import os
 import re
 import shlex
 import stat
-import subprocess
 import sys
 import zipfile
 import zlib
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
+
+from deploy.plans import PLAN, fused_config, note_changes, plan_line, show
 
 MAX_FILES = 10_000
 MAX_BYTES = 256 * 1024 * 1024  # unpacked; Flower refuses a bundle over 10 MB packed
@@ -47,6 +50,8 @@ DIGEST = re.compile(r"[0-9a-f]{64}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 GATE = "flwr-clientapp"  # the name Flower's task launcher starts a ClientApp process by (flwr 1.42)
 APP_DIGEST = "MSTKD_APPROVED_APP"  # client/disclosures.py's: the digest the gate let run, for the node's log
+# what reading a zip may raise (RuntimeError: an entry flagged encrypted)
+UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error)
 
 
 class NotApproved(Exception):
@@ -84,16 +89,7 @@ def bundle_files(fab: bytes) -> dict[str, bytes]:
                 raise NotApproved(f"the app bundle's {name[:80]!r} is not the size its header gives")
             files[name] = data
         return files
-    except (
-        zipfile.BadZipFile,
-        zipfile.LargeZipFile,
-        OSError,
-        EOFError,
-        ValueError,
-        RuntimeError,
-        zlib.error,
-        NotImplementedError,
-    ) as exc:  # RuntimeError: an entry flagged encrypted
+    except (*UNREADABLE, NotImplementedError) as exc:
         raise NotApproved(f"the app bundle is not a readable zip ({type(exc).__name__})") from None
 
 
@@ -105,25 +101,42 @@ def files_digest(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def app_digest(app_dir: Path) -> str:
-    """The digest of the bundle ``flwr run app_dir`` sends, built with Flower's own builder."""
+def app_bundle(app_dir: Path) -> bytes:
+    """The bundle ``flwr run app_dir`` sends, built with Flower's own builder."""
     from flwr.cli.build import build_fab_from_disk
 
     try:
-        fab = build_fab_from_disk(app_dir)
+        return build_fab_from_disk(app_dir)
     except Exception as exc:  # Flower's builder raises what it meets: no pyproject.toml, a tree too deep, ...
         raise ValueError(f"{app_dir}: no Flower app bundle can be built from it ({exc})") from None
-    return files_digest(bundle_files(fab))
+
+
+def app_digest(app_dir: Path) -> str:
+    """The digest of the bundle ``flwr run app_dir`` sends."""
+    return approval_entry(app_dir, None)
+
+
+def approval_entry(app_dir: Path, run_config: list[str] | None) -> str:
+    """The list entry that approves ``app_dir``'s bundle: its digest, or with ``run_config`` (the ``--run-config``
+    values of ``flwr run``) the plan of the two, whose run config is printed on standard error for review."""
+    fab = app_bundle(app_dir)
+    digest = files_digest(bundle_files(fab))
+    if run_config is None:
+        return digest
+    config = fused_config(fab, run_config)
+    print(f"# the run config of this plan ({len(config)} values)\n{show(config)}", end="", file=sys.stderr)
+    return plan_line(digest, config)
 
 
 def read_approved(path: Path, *, empty: bool = False) -> set[str]:
-    """The digests a site's list approves (``empty``: a list that approves none is no error). The list is read
-    as ``sshd`` reads ``authorized_keys``: whoever could replace it could run code on the node.
+    """The digests a site's list approves (``empty``: a list that approves none is no error), each app's as it
+    is and each plan's as its line (``plan <digest>``). The list is read as ``sshd`` reads ``authorized_keys``:
+    whoever could replace it could run code on the node.
 
     Raises:
         ValueError: one line: no such file, a link, a file owned by another user or that others may write to,
-            a folder above it that others may write to (without the sticky bit), a line that is not a digest,
-            or a list that approves nothing.
+            a folder above it that others may write to (without the sticky bit), a line that is not a digest
+            or a plan's, or a list that approves nothing.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -142,11 +155,12 @@ def read_approved(path: Path, *, empty: bool = False) -> set[str]:
         text = file.read(1_000_001).decode("utf-8", "replace")
     approved = set()
     for number, line in enumerate(text.splitlines(), 1):
-        value = line.split("#", 1)[0].strip()
+        value = " ".join(line.split("#", 1)[0].split())
         if not value:
             continue
-        if not DIGEST.fullmatch(value):
-            raise ValueError(f"approval list {path}, line {number}: not a digest (64 lower-case hex digits)")
+        kind, _, digest = value.rpartition(" ")
+        if kind not in ("", PLAN) or not DIGEST.fullmatch(digest):
+            raise ValueError(f"approval list {path}, line {number}: not a digest (64 lower-case hex digits) or a plan")
         approved.add(value)
     if not approved and not empty:
         raise ValueError(f"approval list {path}: approves no app")
@@ -162,24 +176,33 @@ def _check_owner(path: Path, info: os.stat_result, what: str, *, sticky_ok: bool
         raise ValueError(f"{what} {path}: others may write to it; chmod go-w {shlex.quote(str(path))}")
 
 
-def check_bundle(fab: bytes, fab_hash: str, approved: set[str]) -> str:
-    """The bundle's digest, when ``approved`` holds it and the bundle is the one the run names (Flower installs
-    a bundle under the SHA-256 of its bytes and loads the app by the run's ``fab_hash``).
+def check_bundle(fab: bytes, fab_hash: str, approved: set[str], run_config: Any = None) -> str:
+    """The bundle's digest, when ``approved`` holds it, or the plan of it with ``run_config`` (the run config the
+    node's ClientApp will read), and the bundle is the one the run names (Flower installs a bundle under the
+    SHA-256 of its bytes and loads the app by the run's ``fab_hash``).
 
     Raises:
-        NotApproved: the reason, naming the digest.
+        NotApproved: the reason, naming the digest (and the plan's, where the list approves plans).
     """
-    return _approved_files(fab, fab_hash, approved)[0]
+    return _approved_files(fab, fab_hash, approved, run_config)[0]
 
 
-def _approved_files(fab: bytes, fab_hash: str, approved: set[str]) -> tuple[str, dict[str, bytes]]:
+def _approved_files(fab: bytes, fab_hash: str, approved: set[str], run_config: Any) -> tuple[str, dict[str, bytes]]:
     """:func:`check_bundle`'s digest with the bundle's files, read once for both the digest and the install check."""
     if hashlib.sha256(fab).hexdigest() != fab_hash:
         raise NotApproved("the app bundle is not the one its run names (hash mismatch)")
     files = bundle_files(fab)
     digest = files_digest(files)
-    if digest not in approved:
+    if digest in approved:
+        return digest, files
+    if not any(entry.startswith(PLAN) for entry in approved):
         raise NotApproved(f"app not approved at this site (digest {digest[:16]})")
+    try:
+        plan = plan_line(digest, dict(run_config or {}))
+    except (TypeError, ValueError):  # not a mapping of run-config values: no plan holds it
+        plan = f"{PLAN} unreadable"
+    if plan not in approved:
+        raise NotApproved(f"app and run config not approved at this site (digest {digest[:16]}, {plan[:21]})")
     return digest, files
 
 
@@ -215,11 +238,12 @@ class Gate:
             print(f"error: {exc}", file=sys.stderr)  # the node's log; the server is told no path
             self.approved, self.problem = set(), "this site's approval list cannot be read (see the node's log)"
         self._pull, self._install, self.home = pull, install, home
-        self.run, self.fab_hash = None, ""
+        self.run, self.fab_hash, self.run_config = None, "", None
 
     def pull(self, client):
         message, context, run, fab = self._pull(client)
-        self.run, self.fab_hash = run, fab.hash_str
+        # the run config the ClientApp will be given with this message: a plan approves the app with it alone
+        self.run, self.fab_hash, self.run_config = run, fab.hash_str, getattr(context, "run_config", None)
         return message, context, run, fab
 
     def install(self, fab: bytes, *args, **kwargs) -> Path:
@@ -229,14 +253,14 @@ class Gate:
         to wait out its timeout.
 
         Raises:
-            NotApproved: a list that cannot be read, a bundle not approved or not its run's, a run that names
-                another folder (its id or version), or an installed folder that differs from the bundle.
+            NotApproved: a list that cannot be read, a bundle (or its plan) not approved or not its run's, a run
+                that names another folder (its id or version), or an installed folder that differs from the bundle.
         """
         from flwr.common.config import get_project_dir
 
         if self.problem:
             raise NotApproved(self.problem)
-        digest, files = _approved_files(fab, self.fab_hash, self.approved)
+        digest, files = _approved_files(fab, self.fab_hash, self.approved, self.run_config)
         apps = self.home / "approved" / digest
         apps.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.environ["FLWR_HOME"] = str(apps)  # where Flower installs the app and loads it from
@@ -304,44 +328,21 @@ def write_gate(folder: Path, approved_list: Path) -> Path:
     return folder
 
 
-def checkout(app_dir: Path) -> str:
-    """The checkout's short commit, followed by `` + local changes`` where files differ from it (changed, or
-    untracked and not ignored), whose bundle may then differ from a clean checkout's; or, where git cannot say,
-    why (``git not found``, or git's own first line, e.g. a checkout another user owns)."""
-    git = ["git", "-C", str(app_dir)]
-    try:
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        if head.returncode:
-            why = (head.stderr.strip().splitlines() or ["not a git checkout"])[0]
-            return f"no git commit ({why[:160]})"
-        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], capture_output=True)
-    except OSError:
-        return "no git commit (git not found)"
-    return head.stdout.strip() + (" + local changes" if status.stdout.strip() else "")
-
-
-def _note_changes(app_dir: Path) -> str:
-    """:func:`checkout`, with a note on standard error where the checkout has local changes or git cannot tell."""
-    state = checkout(app_dir)
-    if state.endswith("local changes"):
-        print(
-            f"note: {app_dir} differs from commit {state.split()[0]} (git status): a clean checkout of that commit "
-            "may have another digest",
-            file=sys.stderr,
-        )
-    elif state.startswith("no git commit"):
-        print(f"note: {app_dir}: {state}; whether it is a clean checkout is not known", file=sys.stderr)
-    return state
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy/approval.py", description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    digest = verbs.add_parser("digest", help="the digest of the app bundle that flwr run APP_DIR sends")
+    digest = verbs.add_parser("digest", help="the digest of the app bundle that flwr run APP_DIR sends, or its plan")
     digest.add_argument("app_dir", nargs="?", default=".", type=Path)
-    approve = verbs.add_parser("approve", help="add APP_DIR's digest to a site's approval list")
+    approve = verbs.add_parser("approve", help="add APP_DIR's digest, or its plan, to a site's approval list")
     approve.add_argument("app_dir", nargs="?", default=".", type=Path)
     approve.add_argument("--list", required=True, type=Path, dest="approved")
+    for verb in (digest, approve):
+        verb.add_argument(
+            "--run-config",
+            action="append",
+            metavar="VALUES",
+            help="the plan of the app with this run config (as flwr run's --run-config), not the app with any",
+        )
     check = verbs.add_parser("check", help="check a site's approval list")
     check.add_argument("approved", type=Path)
     install = verbs.add_parser("install-gate", help="write the gate for a SuperNode's PATH into FOLDER")
@@ -356,15 +357,17 @@ def main(argv: list[str] | None = None) -> int:
             rest = args.flwr_args
             run_gate(args.approved, rest[1:] if rest[:1] == ["--"] else rest)
         elif args.verb == "digest":
-            value = app_digest(args.app_dir)
-            _note_changes(args.app_dir)
+            value = approval_entry(args.app_dir, args.run_config)
+            note_changes(args.app_dir)
             print(value)
         elif args.verb == "check":
-            print(f"{args.approved}: {len(read_approved(args.approved))} app(s) approved")
+            entries = read_approved(args.approved)
+            plans = sum(entry.startswith(PLAN) for entry in entries)
+            print(f"{args.approved}: {len(entries) - plans} app(s) and {plans} plan(s) approved")
         elif args.verb == "install-gate":
             print(write_gate(args.folder, args.approved))
         else:
-            value = app_digest(args.app_dir)
+            value = approval_entry(args.app_dir, args.run_config)
             exists = args.approved.exists() or args.approved.is_symlink()
             if value in (read_approved(args.approved, empty=True) if exists else set()):
                 print(f"{value} is on {args.approved} already")
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             text = args.approved.read_text() if exists else ""
             # a new list's folder is made for the node's user alone to change (a 0775 one would be refused)
             args.approved.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            line = f"{value}  # {_note_changes(args.app_dir)}, approved {date.today().isoformat()}\n"
+            line = f"{value}  # {note_changes(args.app_dir)}, approved {date.today().isoformat()}\n"
             write_bytes(args.approved, (text + ("" if text.endswith("\n") or not text else "\n") + line).encode())
             read_approved(args.approved)  # as the node will read it
             print(f"{value} added to {args.approved}")

@@ -149,10 +149,13 @@ def site_spacing(run: RunConfig, node: NodeConfig, orientation: str) -> tuple[li
 
 def with_target(cfg: DictConfig, config: Mapping[str, Any]) -> DictConfig:
     """``cfg`` with the target geometry a message's ``config`` names (``target-spacing``: three numbers in one
-    string, ``orientation``), which the federation agreed on before its first round.
+    string, ``orientation``), which the federation agreed on before its first round. Where ``cfg`` (the run config)
+    sets ``data.target_spacing``, the message must name that geometry: the run config is what a site approves
+    (``deploy/plans.py``), the message what the server sends.
 
     Raises:
-        RefusedMessage: a target that is not three voxel sizes in range, or not an orientation.
+        RefusedMessage: a target that is not three voxel sizes in range, or not an orientation, or not the run
+            config's.
     """
     if "target-spacing" not in config:
         if cfg.data.target_spacing is None:
@@ -165,6 +168,9 @@ def with_target(cfg: DictConfig, config: Mapping[str, Any]) -> DictConfig:
         )
     except InputError as exc:
         raise RefusedMessage(f"the message's target geometry is not valid ({exc})") from None
+    pinned = TargetGeometry.from_config(cfg.data)
+    if pinned is not None and (pinned.orientation, pinned.spacing) != (target.orientation, target.spacing):
+        raise RefusedMessage(f"the message's target geometry {target.describe()} is not this run's {pinned.describe()}")
     return OmegaConf.merge(cfg, {"data": target.to_config()})
 
 

@@ -85,7 +85,8 @@ def test_a_node_refuses_a_global_model_that_is_not_finite_and_keeps_its_state(tm
 
 def test_a_node_refuses_a_round_epoch_or_mu_out_of_range_and_keeps_its_state(tmp_path):
     """A round far beyond the run's last would make every later round look late to the site's state (never saved
-    again); a NaN epoch would reach the learning rate. Each is refused before the site's state is touched."""
+    again); a NaN epoch would reach the learning rate; a proximal term the run config does not set changes what the
+    site approved. Each is refused before the site's state is touched."""
     run_config, context = _node(tmp_path)
     arrays = tiny_arrays()
     assert not client_app(_train_message(arrays, 1), context).has_error()
@@ -99,6 +100,7 @@ def test_a_node_refuses_a_round_epoch_or_mu_out_of_range_and_keeps_its_state(tmp
         ("epoch", float("nan"), "epoch is not a finite number in 0.."),
         ("proximal-mu", -1.0, "proximal-mu is not a finite number in 0..inf"),
         ("proximal-mu", float("inf"), "proximal-mu is not a finite number in 0..inf"),
+        ("proximal-mu", 0.5, "proximal-mu 0.5 is not this run's (fedavg)"),  # a run config a site approved
     ):
         message = _train_message(arrays, 2)
         message.content["config"][key] = value

@@ -8,10 +8,11 @@ import os
 import subprocess
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from deploy import approval, processes
+from deploy import approval, plans, processes
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = """[build-system]
@@ -212,9 +213,9 @@ def test_a_list_whose_owner_or_folder_lets_others_replace_it_is_refused(tmp_path
         approval._check_owner(listed, stranger, "approval list")
 
 
-def _gate(tmp_path: Path, app: Path, approved: set[str], *, version: str = "1.0.0"):
+def _gate(tmp_path: Path, app: Path, approved: set[str], *, version: str = "1.0.0", run_config=None):
     """A :class:`approval.Gate` over Flower's own installer, pulling the bundle of ``app`` for a run that names
-    ``version``; returns it and the bundle."""
+    ``version``, with ``run_config`` in the message's context; returns it and the bundle."""
     from types import SimpleNamespace
 
     from flwr.cli.build import build_fab_from_disk
@@ -224,7 +225,8 @@ def _gate(tmp_path: Path, app: Path, approved: set[str], *, version: str = "1.0.
     listed = _list(tmp_path / "approved.txt", "\n".join(approved) + "\n")
     run = SimpleNamespace(fab_id="someone/tinyapp", fab_version=version)
     bundle = SimpleNamespace(content=fab, hash_str=hashlib.sha256(fab).hexdigest())
-    pull = lambda client: ("message", "context", run, bundle)  # noqa: E731
+    context = SimpleNamespace(run_config=run_config)
+    pull = lambda client: ("message", context, run, bundle)  # noqa: E731
     gate = approval.Gate(listed, pull, install_from_fab, tmp_path / "home")
     gate.pull(None)
     return gate, fab
@@ -270,3 +272,72 @@ def test_the_gate_folder_refuses_every_other_process_flower_may_start(tmp_path):
     link.symlink_to(tmp_path / "approved.txt")
     with pytest.raises(ValueError, match="a link is refused"):
         approval.write_gate(tmp_path / "gate2", link)
+
+
+def _planned_app(folder: Path) -> Path:
+    """:func:`_app` with settings of the kinds a run config holds."""
+    app = _app(folder)
+    with (app / "pyproject.toml").open("a") as file:
+        file.write('\n[tool.flwr.app.config]\nnum-server-rounds = 3\nlr = 0.001\ndp = "off"\nsecagg = false\n')
+    return app
+
+
+def test_the_run_config_of_a_plan_is_the_one_flowers_node_fuses_for_the_app(tmp_path):
+    """What a site approves is what its node's ClientApp reads: Flower's own parse, transport and fuse."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import get_fused_config_from_fab, parse_config_args
+    from flwr.common.serde import user_config_from_proto, user_config_to_proto
+
+    fab = build_fab_from_disk(_planned_app(tmp_path / "app"))
+    values = ["num-server-rounds=20 dp='client' lr=2e-3"]
+    sent = user_config_from_proto(user_config_to_proto(parse_config_args(values)))  # over the wire
+    on_node = get_fused_config_from_fab(fab, SimpleNamespace(override_config=sent))
+    assert plans.fused_config(fab, values) == on_node
+    assert on_node == {"num-server-rounds": 20, "lr": 0.002, "dp": "client", "secagg": False}
+    with pytest.raises(ValueError, match="the app has no setting 'bogus'"):
+        plans.fused_config(fab, ["bogus=1"])
+    with pytest.raises(ValueError, match="--run-config: .*format"):
+        plans.fused_config(fab, ["rounds=="])
+
+
+def test_a_plan_approves_its_app_under_its_run_config_alone(tmp_path, monkeypatch, capsys):
+    """A site approves an app with one run config; a coordinator that changes any value of it, or its type, is
+    refused before the bundle is installed, while a list that approves the app itself takes any run config."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    app = _planned_app(tmp_path / "app")
+    listed = tmp_path / "site" / "approved.txt"
+    values = "num-server-rounds=20 dp='client'"
+    assert approval.main(["approve", str(app), "--list", str(listed), "--run-config", values]) == 0
+    shown = capsys.readouterr().err
+    assert 'dp = "client"' in shown and "num-server-rounds = 20" in shown and "lr = 0.001" in shown
+    assert approval.main(["digest", str(app), "--run-config", values]) == 0
+    (plan,) = approval.read_approved(listed)
+    assert capsys.readouterr().out.strip() == plan and plan.startswith("plan ")
+    assert approval.main(["check", str(listed)]) == 0 and "0 app(s) and 1 plan(s)" in capsys.readouterr().out
+    digest = approval.app_digest(app)
+    assert plan not in (digest, f"plan {digest}")
+
+    approved = {"num-server-rounds": 20, "lr": 0.001, "dp": "client", "secagg": False}
+    gate, fab = _gate(tmp_path, app, {plan}, run_config=approved)
+    assert gate.install(fab, skip_prompt=True).parent.parent == tmp_path / "home" / "approved" / digest
+    retyped = ({"num-server-rounds": 20.0}, {"num-server-rounds": "20"}, {"secagg": 0}, {"secagg": "False"})
+    for changed in ({"dp": "off"}, {"num-server-rounds": 21}, {"x": 1}, *retyped):
+        gate, fab = _gate(tmp_path, app, {plan}, run_config=approved | changed)
+        with pytest.raises(approval.NotApproved, match=f"app and run config not approved .*digest {digest[:16]}"):
+            gate.install(fab, skip_prompt=True)
+    for unreadable in (None, {"lr": [1]}, "dp=off"):
+        with pytest.raises(approval.NotApproved, match="not approved at this site"):
+            _gate(tmp_path, app, {plan}, run_config=unreadable)[0].install(fab, skip_prompt=True)
+    # the same plan under another app version is another plan; the app's own digest approves any run config
+    with pytest.raises(approval.NotApproved, match="app and run config not approved"):
+        approval.check_bundle(fab, hashlib.sha256(fab).hexdigest(), {plans.plan_line("e" * 64, approved)}, approved)
+    assert approval.check_bundle(fab, hashlib.sha256(fab).hexdigest(), {digest}, approved | {"dp": "off"}) == digest
+
+
+def test_a_plan_line_is_read_as_the_node_will_and_nothing_like_one_passes(tmp_path):
+    good = _list(tmp_path / "approved.txt", f"plan  {'a' * 64}  # with 20 rounds\n{'b' * 64}\n")
+    assert approval.read_approved(good) == {f"plan {'a' * 64}", "b" * 64}
+    digest = "a" * 64
+    for n, line in enumerate(["plan", f"plan {digest[1:]}", f"app {digest}", f"plan plan {digest}", f"PLAN {digest}"]):
+        with pytest.raises(ValueError, match="line 1: not a digest .* or a plan"):
+            approval.read_approved(_list(tmp_path / f"bad{n}.txt", line + "\n"))

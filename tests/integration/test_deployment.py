@@ -39,15 +39,20 @@ def _credentials_and_cases(tmp_path: Path, sites, *, hosts=(), strangers=()) -> 
     return creds, keys
 
 
-def _tiny_run(tmp_path: Path, cli: Path, connection: str, settings: str) -> list[dict]:
-    """`flwr run` of the tiny preset (two local steps a round, the full-modality subset, tmp_path's held-out
-    cases) with ``settings`` added to its run config; asserts that it is the only run and finished completed, and
-    returns its round records."""
-    run_config = (
+def _tiny_config(tmp_path: Path, settings: str) -> str:
+    """The run config of the tiny preset (two local steps a round, the full-modality subset, tmp_path's held-out
+    cases) with ``settings`` added, as ``flwr run --run-config`` takes it."""
+    return (
         f"model='tiny' local-steps=2 eval-subsets='full' {settings} "
         f"work-dir='{tmp_path / 'work'}' out-dir='{tmp_path / 'run'}' "
         f"test-data-path='{tmp_path / 'test'}' overrides='train.amp=false'"
     )
+
+
+def _tiny_run(tmp_path: Path, cli: Path, connection: str, settings: str) -> list[dict]:
+    """`flwr run` of :func:`_tiny_config`; asserts that it is the only run and finished completed, and returns its
+    round records."""
+    run_config = _tiny_config(tmp_path, settings)
     run = flwr_cli(["run", ".", connection, "--stream", "--run-config", run_config], cli, timeout=900, cwd=ROOT)
     runs = json.loads(flwr_cli(["ls", connection, "--format", "json"], cli).stdout)["runs"]
     assert [r["status"] for r in runs] == ["finished:completed"], run.stdout[-3000:]  # and no other run started
@@ -207,16 +212,20 @@ def test_strangers_reach_only_the_fleet_api_through_the_public_address(tmp_path)
 
 @pytest.mark.slow
 def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
-    """hospital-a approved the app this checkout sends and trains; hospital-b approved another version and refuses
-    every message before any of the bundle's code runs; the server records why, and the run goes on without it."""
+    """hospital-a approved the plan of this run (the app this checkout sends, with this run config) and trains;
+    hospital-b approved another version, and hospital-c this app with one setting of the run changed: both refuse
+    every message before any of the bundle's code runs; the server records why, and the run goes on without them."""
     from client.disclosures import summary
+    from deploy.approval import app_digest
     from deploy.approval import main as approval
-    from deploy.approval import read_approved
 
-    sites = SITES[:2]
+    sites = SITES
     creds, keys = _credentials_and_cases(tmp_path, sites)
     lists = {site: tmp_path / f"{site}-approved.txt" for site in sites}
-    assert approval(["approve", str(ROOT), "--list", str(lists["hospital-a"])]) == 0
+    settings = "num-server-rounds=1 min-nodes=3 min-replies=1"
+    for site, rounds in (("hospital-a", 1), ("hospital-c", 2)):
+        planned = _tiny_config(tmp_path, settings.replace("num-server-rounds=1", f"num-server-rounds={rounds}"))
+        assert approval(["approve", str(ROOT), "--list", str(lists[site]), "--run-config", planned]) == 0
     lists["hospital-b"].write_text(f"{'0' * 64}  # another version\n")
     nodes = {
         site: (keys[site], {"data-path": str(tmp_path / "data" / site), "site-name": site, "state-dir": str(tmp_path)})
@@ -228,19 +237,22 @@ def test_a_node_runs_only_the_app_its_site_approved(tmp_path):
         cli = start_local_federation(
             procs, tmp_path, creds, nodes, port=port, node_ports=[free_port() for _ in sites], approved=lists
         )
-        record = _tiny_run(tmp_path, cli, "local", "num-server-rounds=1 min-nodes=2 min-replies=1")[1]
+        record = _tiny_run(tmp_path, cli, "local", settings)[1]
     finally:
         for proc in reversed(procs):
             stop_group(proc)
     assert set(by_name(record)) == {"hospital-a"}
-    reasons = {(f["stage"], f["reason"]) for f in record["failures"]}
-    assert {stage for stage, _ in reasons} == {"train", "evaluate"}, reasons
-    assert all("app not approved at this site (digest " in reason for _, reason in reasons), reasons
-    assert "started the node's worker" not in (tmp_path / "hospital-b.log").read_text()  # none of the app ran
-    # hospital-a's app was installed apart, under its digest; hospital-b installed nothing
-    (digest,) = read_approved(lists["hospital-a"])
+    # a refused node never names its site: its failures are known by their reasons, one node each
+    refusals = ("app not approved at this site (", "app and run config not approved at this site (")
+    reasons = sorted((f["stage"], why) for f in record["failures"] for why in refusals if why in f["reason"])
+    assert reasons == sorted((stage, why) for why in refusals for stage in ("train", "evaluate")), record["failures"]
+    assert len({f["node"] for f in record["failures"]}) == 2
+    for site in ("hospital-b", "hospital-c"):
+        assert "started the node's worker" not in (tmp_path / f"{site}.log").read_text()  # none of the app ran
+        assert not any((tmp_path / "nodes" / site / name).exists() for name in ("apps", "approved"))
+    # hospital-a's app was installed apart, under its digest; the others installed nothing
+    digest = app_digest(ROOT)
     assert [p.name for p in (tmp_path / "nodes" / "hospital-a" / "approved").iterdir()] == [digest]
-    assert not any((tmp_path / "nodes" / "hospital-b" / name).exists() for name in ("apps", "approved"))
     # what hospital-a's app sent is in the node's disclosure log, under the digest its site approved
     (sent,) = summary(tmp_path / "disclosures.jsonl")["runs"].values()
     assert sent["apps"] == [digest] and not sent["unapproved"] and sent["replies"]["train"] == 1, sent

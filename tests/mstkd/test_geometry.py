@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mstkd.checkpoint import checkpoint_geometry, load_checkpoint, save_checkpoint
 from mstkd.cli import main
@@ -177,6 +178,13 @@ def test_a_node_takes_the_agreed_target_from_its_message_and_refuses_a_bad_one()
     for bad in ("1 1", "nan 1 1", "0 1 1", "a b c", "1e9 1 1"):
         with pytest.raises(RefusedMessage, match="target geometry"):
             with_target(cfg, {"target-spacing": bad})
+    # a run config that sets the geometry (a plan a site approved) takes that geometry only
+    pinned = OmegaConf.merge(cfg, {"data": {"target_spacing": [1.0, 1.0, 2.0], "orientation": "LPS"}})
+    same = with_target(pinned, {"target-spacing": "1.0 1 2", "orientation": "LPS"})
+    assert list(same.data.target_spacing) == [1, 1, 2]
+    for spacing, orientation in (("1 1 2.0001", "LPS"), ("1 1 2", "RAS"), ("2 1 1", "LPS")):
+        with pytest.raises(RefusedMessage, match="target geometry .* is not this run's 1 x 1 x 2 mm LPS"):
+            with_target(pinned, {"target-spacing": spacing, "orientation": orientation})
 
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "data" / "demo-best.pt"
