@@ -81,7 +81,7 @@ def main(grid: Grid, context: Context) -> None:
     tracker = Tracker(out, run.trackers)  # refuses now if a package is missing
     with tracker.failed_on_error():  # a run that stops on an error is marked failed where it is tracked
         out.mkdir(parents=True, exist_ok=True)
-        target = (original_target(out) if checkpoint is not None else None) or agree_target(
+        target = (original_target(out, cfg.data) if checkpoint is not None else None) or agree_target(
             grid,
             cfg.data,
             min_nodes=run.min_nodes,

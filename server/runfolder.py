@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -50,14 +51,23 @@ def claim_folder(out: Path, overwrite: bool) -> None:
         (out / MLFLOW_DB).unlink(missing_ok=True)  # the replaced run's local MLflow store
 
 
-def original_target(out: Path) -> TargetGeometry | None:
+def original_target(out: Path, data_cfg: Any = None) -> TargetGeometry | None:
     """The target geometry a run being resumed agreed on (its ``config.yaml``), which a resumed run keeps; None
-    for a run of an older version, which planned none (the resumed run plans it now).
+    for a run of an older version, which planned none (the resumed run plans it now). ``data_cfg``: the resumed run
+    config's ``data`` section, whose ``target_spacing``, where it sets one, must be that geometry (the nodes take no
+    other: ``mstkd.data.sites.with_target``).
 
     Raises:
-        InputError: the file is missing or does not read.
+        InputError: the file is missing or does not read, or the run config sets another geometry.
     """
     try:
-        return TargetGeometry.from_config(OmegaConf.load(out / "config.yaml").data)
+        kept = TargetGeometry.from_config(OmegaConf.load(out / "config.yaml").data)
     except Exception as exc:  # a missing or damaged file: OSError, a YAML error, a missing key, a bad value
         raise InputError(f"resume-from: {out}/config.yaml does not read ({type(exc).__name__})") from None
+    given = TargetGeometry.from_config(data_cfg) if data_cfg is not None else None
+    if kept is not None and given is not None and given != kept:
+        raise InputError(
+            f"resume-from: the run trained at {kept.describe()}, and the run config sets {given.describe()} "
+            "(data.target_spacing): set the run's, or leave it out"
+        )
+    return kept

@@ -57,3 +57,22 @@ def test_a_site_that_claims_every_case_has_one_vote_like_the_others():
         "target geometry 1.1 x 1.1 x 2.25 mm LPS: the median of 4 sites' median voxel sizes (9 x 9 x 9 of 10000 "
         "cases, 1 x 1 x 1 of 12 cases, 1 x 1 x 1.5 of 30 cases, 1.2 x 1.2 x 3 of 8 cases)"
     ]
+
+
+def test_a_resumed_run_keeps_its_geometry_and_a_run_config_that_sets_another_is_refused(tmp_path):
+    """The nodes take only the geometry a run config sets (a plan a site approved), so a resumed run config that sets
+    another than the run trained at would have every node refuse every round: it is refused at start instead."""
+    from mstkd.errors import InputError
+    from server.runfolder import original_target
+
+    OmegaConf.save({"data": {"target_spacing": [1.0, 1.0, 2.0], "orientation": "LPS"}}, tmp_path / "config.yaml")
+    unset = OmegaConf.create({"target_spacing": None, "orientation": "RAS"})
+    assert original_target(tmp_path, unset).describe() == "1 x 1 x 2 mm LPS"
+    same = OmegaConf.create({"target_spacing": [1, 1, 2], "orientation": "LPS"})
+    assert original_target(tmp_path, same).describe() == "1 x 1 x 2 mm LPS"
+    for spacing, orientation in (([1, 1, 1], "LPS"), ([1, 1, 2], "RAS")):
+        other = OmegaConf.create({"target_spacing": spacing, "orientation": orientation})
+        with pytest.raises(InputError, match="resume-from: the run trained at 1 x 1 x 2 mm LPS, and the run config"):
+            original_target(tmp_path, other)
+    with pytest.raises(InputError, match="config.yaml does not read"):
+        original_target(tmp_path / "missing", same)
