@@ -45,7 +45,7 @@ from messages.signed_keys import load_signing_key
 from messages.signed_replies import ASKED, SIGNED, sign_reply
 from mstkd.errors import RefusedMessage, public_reason
 from mstkd.numbers import is_finite
-from mstkd.runconfig import NodeConfig, RunConfig
+from mstkd.runconfig import DPClipping, DPMode, NodeConfig, RunConfig
 
 log = logging.getLogger("mstkd.client")
 
@@ -83,8 +83,14 @@ def clip_updates(msg: Message, context: Context, call_next) -> Message:
     """Client-side differential privacy: on a train message that carries a clipping norm (the server runs
     ``dp='client'``), scale this site's update down to that norm (:func:`messages.clipping.clip_update`, in float64)
     and, with ``dp-clipping='adaptive'``, say whether it was scaled (``norm_bit``, which the server's adaptive norm
-    follows). Everything else passes."""
+    follows). Everything else passes, but where the run config says ``dp='client'`` (what a site approves in a plan,
+    ``deploy/plans.py``) a train message must carry its clipping: the run's ``dp-clip`` when it is fixed."""
     config = msg.content.config_records.get("config")
+    if message_kind(msg) == MessageType.TRAIN and (run := RunConfig.parse(context.run_config)).dp is DPMode.CLIENT:
+        norm, clipping = (None, None) if config is None else (config.get(KEY_CLIPPING_NORM), config.get("dp-clipping"))
+        fixed = run.dp_clipping is DPClipping.FIXED
+        if norm is None or clipping != run.dp_clipping or (fixed and norm != run.dp_clip):
+            raise RefusedMessage(f"this run clips each update (dp='client', {run.dp_clipping}); the message does not")
     if message_kind(msg) != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     norm = config[KEY_CLIPPING_NORM]

@@ -127,13 +127,14 @@ def instruction(instructions: Mapping[str, Any], key: str, default: float, low: 
 
 def message_mu(instructions: Mapping[str, Any], run: RunConfig) -> float:
     """FedProx's ``proximal-mu`` as the message gives it, which must be the run config's (0 under any other
-    strategy): the run config is what a site approves (``deploy/plans.py``), the message what the server sends.
+    strategy, and under SecAgg+, whose workflow averages): the run config is what a site approves
+    (``deploy/plans.py``), the message what the server sends.
 
     Raises:
         RefusedMessage: not a finite number from 0, or not the run config's.
     """
     value = float(instruction(instructions, "proximal-mu", 0.0, 0, math.inf))
-    if value != (run.proximal_mu if run.strategy is Strategy.FEDPROX else 0.0):
+    if value != (run.proximal_mu if run.strategy is Strategy.FEDPROX and not run.secagg else 0.0):
         raise RefusedMessage(f"the message's proximal-mu {value:g} is not this run's ({run.strategy})")
     return value
 

@@ -1,6 +1,8 @@
 """A site's own terms for what leaves it, from its node config, which no run submitter can change.
 
 ``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
+Without it, a run config with ``secagg=true`` (what a site approves in a plan, ``deploy/plans.py``) still refuses a
+train message outside the protocol, but none of the terms below.
 With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed, each node's by its own,
 for this round's set-up, masked only with partners that signed the key list this node was given, and unmasked only
 among nodes that signed that they trained on the instructions this node trained on, and only with alive the
@@ -46,7 +48,7 @@ from client.secagg import ROUND
 from messages import signed_keys
 from mstkd.errors import RefusedMessage
 from mstkd.numbers import is_whole
-from mstkd.runconfig import NodeConfig
+from mstkd.runconfig import NodeConfig, RunConfig
 
 STATE = "mstkd.secagg-terms"
 """Where a node keeps, between a round's stages, the threshold of its set-up and the nodes of its key exchange."""
@@ -65,6 +67,9 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
     if not needed:
         if node.secagg_peers:  # the site believes its keys are checked: say so rather than run unchecked
             raise RefusedMessage("this site's secagg-peers checks SecAgg+ keys only with require-secagg, which is 0")
+        in_the_clear = message_kind(msg) == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records
+        if in_the_clear and RunConfig.parse(context.run_config).secagg:  # what a site approves in a plan
+            raise RefusedMessage("this run's secagg=true sends an update only under SecAgg+; this message is not")
         return call_next(msg, context)
     needed = max(needed, 2)
     terms = f"this site sends its update only under secure aggregation among {needed} nodes or more (require-secagg)"

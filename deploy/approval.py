@@ -42,7 +42,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from deploy.plans import PLAN, fused_config, note_changes, plan_line, show
+from deploy.plans import PLAN, described, fused_config, note_changes, plan_line, show
 
 MAX_FILES = 10_000
 MAX_BYTES = 256 * 1024 * 1024  # unpacked; Flower refuses a bundle over 10 MB packed
@@ -154,7 +154,7 @@ def read_approved(path: Path, *, empty: bool = False) -> set[str]:
             raise ValueError(f"approval list {path}: {info.st_size} bytes is not a list of digests")
         text = file.read(1_000_001).decode("utf-8", "replace")
     approved = set()
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: a U+2028 in a comment ends no line
         value = " ".join(line.split("#", 1)[0].split())
         if not value:
             continue
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             text = args.approved.read_text() if exists else ""
             # a new list's folder is made for the node's user alone to change (a 0775 one would be refused)
             args.approved.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            line = f"{value}  # {note_changes(args.app_dir)}, approved {date.today().isoformat()}\n"
+            plan = f", {described(args.run_config)}" if args.run_config is not None else ""
+            line = f"{value}  # {note_changes(args.app_dir)}{plan}, approved {date.today().isoformat()}\n"
             write_bytes(args.approved, (text + ("" if text.endswith("\n") or not text else "\n") + line).encode())
             read_approved(args.approved)  # as the node will read it
             print(f"{value} added to {args.approved}")

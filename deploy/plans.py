@@ -6,7 +6,10 @@ trains with differential privacy or without, for 5 rounds or 5000, scoring one s
 A site that approves a *plan* instead pins both, as OpenFL's collaborators check the plan they signed: the
 digest of the app bundle joined with every value of the run config that the node's ClientApp will read (the app's
 defaults with the run's ``--run-config`` on top, as Flower fuses them on the node). A run with one value changed
-is another plan, and the node refuses it before any of its code is installed.
+is another plan, and the node refuses it before any of its code is installed. Within a run the ClientApp holds the
+server's messages to what the run config sets for the site (``client.app.clip_updates``, ``client.terms``,
+``client.site.message_mu``, ``mstkd.data.sites.with_target``); what the server does with the replies no node can
+check (docs/deployment.md, "Approve the run's settings too").
 
     python deploy/approval.py digest . --run-config "num-server-rounds=20 dp='client'"   # prints "plan <digest>"
     python deploy/approval.py approve . --list ~/mstkd/approved.txt --run-config "..."     # adds it to the list
@@ -71,7 +74,16 @@ def fused_config(fab: bytes, overrides: list[str] | None) -> dict[str, Any]:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"--run-config: the app has no setting {unknown[0]!r}")
+    for key, value in given.items():  # Flower sends whole numbers as 64-bit integers: a plan no run could use
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ValueError(f"--run-config: {key} = {value} is beyond a 64-bit integer, which flwr run refuses")
     return fuse_dicts(defaults, given)
+
+
+def described(overrides: list[str] | None) -> str:
+    """The ``--run-config`` values as one line of text for an approval list's comment (at most 300 characters)."""
+    text = " ".join(" ".join(overrides or []).split())  # every line break and control space becomes one space
+    return f"--run-config {text[:280]!r}" + (" ..." if len(text) > 280 else "")
 
 
 def show(run_config: Mapping[str, Any]) -> str:

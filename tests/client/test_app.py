@@ -319,3 +319,34 @@ def test_a_round_whose_work_would_outlive_its_message_is_refused_and_nothing_is_
     run_config["local-steps"] = 2
     assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
     assert list((tmp_path / "state").rglob("local.pt"))  # the round in time is saved
+
+
+def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_path):
+    """A site approves a run config (a plan, deploy/plans.py); the server's messages cannot take back what it sets:
+    with dp='client' a train message must name the clipping (the run's dp-clip when fixed), and with secagg=true a
+    train message in the clear is refused. Each refusal comes before any work."""
+    run_config, context = _node(tmp_path)
+    arrays = tiny_arrays()
+
+    def reply(settings: dict, config: dict):
+        message = _train_message(arrays, 1)
+        message.content["config"] = ConfigRecord({**message.content["config"], **config})
+        run = run_config | settings
+        return client_app(message, Context(1, 5, context.node_config, RecordDict(), run))
+
+    fixed = {"dp": "client", "dp-clip": 2.0, "min-nodes": 3}
+    adaptive = fixed | {"dp-clipping": "adaptive"}
+    for settings, config, reason in [
+        (fixed, {}, "(dp='client', fixed)"),
+        (fixed, {KEY_CLIPPING_NORM: 1e300, "dp-clipping": "fixed"}, "(dp='client', fixed)"),
+        (fixed, {KEY_CLIPPING_NORM: 2.0}, "(dp='client', fixed)"),
+        (adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "fixed"}, "(dp='client', adaptive)"),
+        ({"secagg": True, "min-nodes": 3}, {}, "this run's secagg=true sends an update only under SecAgg+"),
+    ]:
+        refused = reply(settings, config)
+        assert refused.has_error() and reason in refused.error.reason, (settings, config, refused.error.reason)
+    assert not list(tmp_path.rglob("local.pt"))  # nothing trained
+    assert not reply(fixed, {KEY_CLIPPING_NORM: 2.0, "dp-clipping": "fixed"}).has_error()
+    done = reply(adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "adaptive"})  # the norm moves from round to round
+    assert not done.has_error() and done.content["metrics"]["norm_bit"] in (0, 1)
+    assert not reply({"dp": "server", "min-nodes": 3}, {}).has_error()  # the server clips: nothing asked of the node

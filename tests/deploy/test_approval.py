@@ -298,6 +298,8 @@ def test_the_run_config_of_a_plan_is_the_one_flowers_node_fuses_for_the_app(tmp_
         plans.fused_config(fab, ["bogus=1"])
     with pytest.raises(ValueError, match="--run-config: .*format"):
         plans.fused_config(fab, ["rounds=="])
+    with pytest.raises(ValueError, match="num-server-rounds = 9223372036854775808 is beyond a 64-bit integer"):
+        plans.fused_config(fab, [f"num-server-rounds={2**63}"])  # flwr run could not send it: no run has this plan
 
 
 def test_a_plan_approves_its_app_under_its_run_config_alone(tmp_path, monkeypatch, capsys):
@@ -313,6 +315,7 @@ def test_a_plan_approves_its_app_under_its_run_config_alone(tmp_path, monkeypatc
     assert approval.main(["digest", str(app), "--run-config", values]) == 0
     (plan,) = approval.read_approved(listed)
     assert capsys.readouterr().out.strip() == plan and plan.startswith("plan ")
+    assert f"--run-config {values!r}" in listed.read_text()  # which run a line approves, for the site to read later
     assert approval.main(["check", str(listed)]) == 0 and "0 app(s) and 1 plan(s)" in capsys.readouterr().out
     digest = approval.app_digest(app)
     assert plan not in (digest, f"plan {digest}")
@@ -338,6 +341,9 @@ def test_a_plan_line_is_read_as_the_node_will_and_nothing_like_one_passes(tmp_pa
     good = _list(tmp_path / "approved.txt", f"plan  {'a' * 64}  # with 20 rounds\n{'b' * 64}\n")
     assert approval.read_approved(good) == {f"plan {'a' * 64}", "b" * 64}
     digest = "a" * 64
+    # a line break only ends a line: a comment holding another kind (U+2028, a form feed) approves nothing more
+    retired = _list(tmp_path / "retired.txt", f"{'b' * 64}  # replaces:\u2028{digest}\x0c{digest}\n")
+    assert approval.read_approved(retired) == {"b" * 64}
     for n, line in enumerate(["plan", f"plan {digest[1:]}", f"app {digest}", f"plan plan {digest}", f"PLAN {digest}"]):
         with pytest.raises(ValueError, match="line 1: not a digest .* or a plan"):
             approval.read_approved(_list(tmp_path / f"bad{n}.txt", line + "\n"))

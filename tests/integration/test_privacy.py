@@ -360,6 +360,16 @@ def test_secagg_aggregate_equals_plain_fedavg(tmp_path, monkeypatch):
     assert record["secure_aggregation"] == "SecAgg+" and set(by_name(record)) == {"site-1", "site-2", "site-3"}
 
 
+def test_under_secagg_a_fedprox_run_config_trains_without_the_proximal_term(tmp_path):
+    """SecAgg+'s workflow averages whatever the strategy: it sends no proximal-mu, and the nodes, which take that term
+    only as the run config sets it, expect none (they refused every round of such a run once)."""
+    run_config = tiny_run_config(tmp_path, **SECAGG_RUN, strategy="fedprox")
+    grid = run_inproc(server_app, client_app, run_config, nodes())
+    assert not any(r.has_error() for r in grid.replies)
+    record = _records(tmp_path / "run")[1]
+    assert "skipped" not in record and len(record["sites"]) == 3, record
+
+
 HOSTILE_SECAGG = {  # what one node answers at a stage of SecAgg+, from what it would have answered
     "setup": lambda honest: {"x": 1},
     "share_keys": lambda honest: {"dsts": [999], "ctxts": [b"x", b"y"]},
