@@ -153,13 +153,26 @@ def site_runner(msg: Message, context: Context, *, timed: bool = True):
     return do_job
 
 
+TRAINED = "mstkd.trained"
+"""The server rounds of this run for which this node has sent an update in the clear (:data:`client.secagg.MASKED`
+under SecAgg+). A server asks a node for a round's update once: asked again, the node would train from the same
+state on whatever global model came, and so tell a server of other code than the run's how its cases answer it."""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     do_job = site_runner(msg, context)
     if is_secagg_fit(msg):
         return secagg_train(msg, do_job)
+    config = dict(msg.content["config"])
+    given = config.get("server-round", 0)  # its range is checked by the site's work
+    server_round = int(given) if is_finite(given) and given == int(given) else None
+    done = context.state.config_records.get(TRAINED)
+    rounds = list(done["rounds"]) if done is not None else []
+    if server_round in rounds:
+        raise RefusedMessage(f"this node sent its update for round {server_round} of this run already")
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
-    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, dict(msg.content["config"]))
+    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config)
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),
@@ -167,6 +180,8 @@ def train(msg: Message, context: Context) -> Message:
             "site": ConfigRecord(site),
         }
     )
+    if server_round is not None:
+        context.state[TRAINED] = ConfigRecord({"rounds": [*rounds, server_round]})
     return Message(content=signed(content, msg, context), reply_to=msg)
 
 

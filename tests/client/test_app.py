@@ -350,3 +350,19 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
     done = reply(adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "adaptive"})  # the norm moves from round to round
     assert not done.has_error() and done.content["metrics"]["norm_bit"] in (0, 1)
     assert not reply({"dp": "server", "min-nodes": 3}, {}).has_error()  # the server clips: nothing asked of the node
+
+
+def test_a_node_sends_one_update_a_round_of_a_run(tmp_path):
+    """Asked again for a round it has trained, under another state key or for another model, a node refuses before
+    any work: a server of other code than the run's would learn how the site's cases answer each model it sends."""
+    _, context = _node(tmp_path)
+    arrays = tiny_arrays()
+    assert not client_app(_train_message(arrays, 1), context).has_error()
+    other = {k: v * 0.5 for k, v in arrays.items()}
+    for again in (_train_message(other, 1, state_key="run-1.other"), _train_message(arrays, 1.0)):
+        refused = client_app(again, context)
+        assert refused.has_error() and "sent its update for round 1 of this run already" in refused.error.reason
+    assert not list((tmp_path / "state").rglob("*other*"))  # refused before any work
+    assert not client_app(_train_message(arrays, 2), context).has_error()
+    fresh = Context(2, 5, context.node_config, RecordDict(), context.run_config)  # another run asks for its round 1
+    assert not client_app(_train_message(arrays, 1, state_key="run-2.test"), fresh).has_error()
