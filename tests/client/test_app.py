@@ -341,6 +341,7 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
         (fixed, {KEY_CLIPPING_NORM: 1e300, "dp-clipping": "fixed"}, "(dp='client', fixed)"),
         (fixed, {KEY_CLIPPING_NORM: 2.0}, "(dp='client', fixed)"),
         (adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "fixed"}, "(dp='client', adaptive)"),
+        (adaptive, {"dp-clipping": "adaptive"}, "(dp='client', adaptive)"),  # no norm: the update would leave unclipped
         ({"secagg": True, "min-nodes": 3}, {}, "this run's secagg=true sends an update only under SecAgg+"),
     ]:
         refused = reply(settings, config)
