@@ -32,12 +32,13 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT  # what Flower's DP wrappers use
 
 from client import worker
 from client.context import Job, NodeContext, configure_logging, message_kind, ray_node, work_deadline
 from client.disclosures import disclosed
-from client.secagg import is_secagg_fit, secagg_mod, secagg_train
+from client.secagg import is_secagg_fit, once_a_round, secagg_mod, secagg_train
 from client.terms import required_secagg
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
@@ -153,24 +154,15 @@ def site_runner(msg: Message, context: Context, *, timed: bool = True):
     return do_job
 
 
-TRAINED = "mstkd.trained"
-"""The server rounds of this run for which this node has sent an update in the clear (:data:`client.secagg.MASKED`
-under SecAgg+). A server asks a node for a round's update once: asked again, the node would train from the same
-state on whatever global model came, and so tell a server of other code than the run's how its cases answer it."""
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     do_job = site_runner(msg, context)
     if is_secagg_fit(msg):
-        return secagg_train(msg, do_job)
+        if RECORD_KEY_CONFIGS not in msg.content.config_records:  # only SecAgg+'s client asks with a legacy fit record
+            raise RefusedMessage("a legacy fit message outside SecAgg+ is not answered")
+        return secagg_train(msg, do_job)  # one update a round: client.secagg.secagg_mod
     config = dict(msg.content["config"])
-    given = config.get("server-round", 0)  # its range is checked by the site's work
-    server_round = int(given) if is_finite(given) and given == int(given) else None
-    done = context.state.config_records.get(TRAINED)
-    rounds = list(done["rounds"]) if done is not None else []
-    if server_round in rounds:
-        raise RefusedMessage(f"this node sent its update for round {server_round} of this run already")
+    sent = once_a_round(context, "update", message_number(config, 1), "update")
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
     updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config)
     content = RecordDict(
@@ -180,9 +172,23 @@ def train(msg: Message, context: Context) -> Message:
             "site": ConfigRecord(site),
         }
     )
-    if server_round is not None:
-        context.state[TRAINED] = ConfigRecord({"rounds": [*rounds, server_round]})
+    sent()
     return Message(content=signed(content, msg, context), reply_to=msg)
+
+
+def message_number(config: dict[str, Any], first: int) -> int | None:
+    """The round a train or evaluate message names, for :func:`client.secagg.once_a_round` (none named: 0); None for
+    one that is not a whole number, which the site's work refuses (:func:`client.site.message_round`).
+
+    Raises:
+        RefusedMessage: a round before ``first`` (training starts at round 1: a round 0 would be one more a run).
+    """
+    given = config.get("server-round", 0)
+    if not is_finite(given) or given != int(given):
+        return None
+    if given < first:
+        raise RefusedMessage(f"the message's server-round is not a whole number from {first}")
+    return int(given)
 
 
 @app.query()
@@ -196,9 +202,11 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
+    sent = once_a_round(context, "validation", message_number(config, 0), "validation")
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
     metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
+    sent()
     return Message(content=signed(content, msg, context), reply_to=msg)
 
 

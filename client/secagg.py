@@ -43,10 +43,33 @@ FULL_SEEDS = use_full_seeds(import_module("flwr.client.mod.secure_aggregation.se
 
 FIT_PARAMETERS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"
-MASKED = "mstkd.secagg-masked"
-"""The server rounds of this run for which this node has sent a masked update. It sends one a round: trained again for
-the same round, from the same state, it sends the same update, and the sums of two groups of nodes that differ in one
-node would then give that node's update away."""
+SENT = "mstkd.sent"
+"""What this node has sent in this run (Flower keeps it with the run's node state): the server rounds it sent an
+update for, masked or in the clear (``update``), and those it validated a model of (``validation``). It sends one of
+each a round. Trained again for a round from the same state, it would send the same update under SecAgg+, and the sums
+of two groups of nodes that differ in one node would then give that node's update away; in the clear, or validating
+again, it would tell a server of other code than the run's how its cases answer each model it sends."""
+
+
+def once_a_round(context: Context, kind: str, server_round: int | None, what: str) -> Callable[[], None]:
+    """Refuse a second ``kind`` (``update`` or ``validation``) for ``server_round`` of this run; return what notes it
+    as sent (call it once the reply is made). None: a round the site's work refuses, noted nowhere.
+
+    Raises:
+        RefusedMessage: this node sent its ``what`` for that round already.
+    """
+    if server_round is None:
+        return lambda: None
+    record = context.state.config_records.get(SENT)
+    rounds = list(record[kind]) if record is not None and kind in record else []  # type: ignore[arg-type]
+    if server_round in rounds:
+        raise RefusedMessage(f"this node sent its {what} for round {server_round} of this run already")
+
+    def sent() -> None:
+        kept = context.state.config_records.get(SENT) or ConfigRecord()
+        context.state[SENT] = ConfigRecord({**kept, kind: [*rounds, server_round]})
+
+    return sent
 
 
 ROUND = "mstkd.secagg-round"
@@ -67,7 +90,7 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     Raises:
         RefusedMessage: a ``train.<name>`` message with the protocol's record; a set-up for another node, or with a
             range no mask can be drawn from; a second request for a masked update in a round of this run
-            (:data:`MASKED`); a Flower whose masks this version cannot draw.
+            (:data:`SENT`); a Flower whose masks this version cannot draw.
     """
     if message_kind(msg) != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
@@ -94,16 +117,13 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     fit_round = msg.content.config_records.get(FIT_CONFIG, ConfigRecord()).get("server-round", 0)
     if not is_whole(fit_round):  # as Flower sends it: training would take 1.0 as round 1, a second time
         raise RefusedMessage("secure aggregation: the message's server-round is not a whole number")
-    masked = context.state.config_records.get(MASKED)
-    rounds = list(masked["rounds"]) if masked is not None else []
-    if fit_round in rounds:
-        raise RefusedMessage(
-            f"secure aggregation: this node sent its masked update for round {fit_round} of this run already; a "
-            "second, summed with other nodes, would single it out"
-        )
+    try:  # masked or in the clear: a second, summed with other nodes, would single it out
+        sent = once_a_round(context, "update", int(fit_round), "update")
+    except RefusedMessage as exc:
+        raise RefusedMessage(f"secure aggregation: {exc}") from None
     reply = _protocol(msg, context, call_next, configs, stage)
     if not reply.has_error():
-        context.state[MASKED] = ConfigRecord({"rounds": [*rounds, fit_round]})
+        sent()
     return reply
 
 

@@ -58,11 +58,14 @@ def strategy_memory(strategy, *, copy: bool = True) -> dict[str, Any]:
 
 def restore_strategy(strategy, state: dict[str, Any]) -> None:
     """Put ``state`` (:func:`strategy_memory`, or what a checkpoint held) back into ``strategy``: only the attributes
-    that carry its memory, whatever else a state file names."""
+    that carry its memory, whatever else a state file names. A fixed clipping norm is the run config's, not memory
+    (a resumed run's nodes clip at the ``dp-clip`` its run config gives, and refuse another)."""
     inner = _inner(strategy)
+    moves = hasattr(strategy, "target_clipped_quantile")  # adaptive clipping moves its norm from round to round
     for name, value in state.items():
         if name.startswith("wrapper.") and name.removeprefix("wrapper.") in WRAPPER_STATE and inner is not strategy:
-            setattr(strategy, name.removeprefix("wrapper."), value)
+            if moves:
+                setattr(strategy, name.removeprefix("wrapper."), value)
         elif name in STRATEGY_STATE:
             setattr(inner, name, value)
 

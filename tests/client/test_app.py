@@ -31,9 +31,11 @@ def test_the_node_answers_a_packed_message_in_kind(tmp_path):
     def ask(kind: str, content: RecordDict) -> RecordDict:
         return client_app(Message(content, dst_node_id=1, message_type=kind), context).content
 
-    evaluate = RecordDict({"arrays": arrays, "config": ConfigRecord()})
-    plain_scores = ask(MessageType.EVALUATE, evaluate)["metrics"]
-    packed_scores = ask(MessageType.EVALUATE, pack(evaluate))["metrics"]
+    def evaluate(server_round: int) -> RecordDict:
+        return RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+
+    plain_scores = ask(MessageType.EVALUATE, evaluate(1))["metrics"]
+    packed_scores = ask(MessageType.EVALUATE, pack(evaluate(2)))["metrics"]  # one validation a round
     assert {k: v for k, v in plain_scores.items() if "-time-" not in k} == {
         k: v for k, v in packed_scores.items() if "-time-" not in k
     }
@@ -226,7 +228,7 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     own = "node refused: secure aggregation: a list of survivors that is not node ids, this node's among them"
     for survivors in ([6, 7], [5, -1]):  # the node's own part, whatever its terms: node ids, itself among them
         assert client_app(secagg_stage(signed_keys.SURVIVORS, active_nids=survivors), context).error.reason == own
-    # a round named 1.0, which training would take as round 1 a second time (client.secagg.MASKED keeps ints)
+    # a round named 1.0, which training would take as round 1 a second time (client.secagg.SENT keeps ints)
     collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
     collect.content["fitins.config"] = ConfigRecord({"server-round": 1.0})
     assert client_app(collect, context).error.reason.endswith("the message's server-round is not a whole number")
@@ -353,17 +355,40 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
     assert not reply({"dp": "server", "min-nodes": 3}, {}).has_error()  # the server clips: nothing asked of the node
 
 
-def test_a_node_sends_one_update_a_round_of_a_run(tmp_path):
-    """Asked again for a round it has trained, under another state key or for another model, a node refuses before
-    any work: a server of other code than the run's would learn how the site's cases answer each model it sends."""
+def test_a_node_sends_one_update_and_one_validation_a_round_of_a_run(tmp_path):
+    """Asked again for a round it has trained (under another state key, for another model, or masked after in the
+    clear) or validated, a node refuses before any work: a server of other code than the run's would learn how the
+    site's cases answer each model it sends. A round 0, or none, is not a training round; a legacy fit message
+    outside SecAgg+ is not answered."""
     _, context = _node(tmp_path)
     arrays = tiny_arrays()
+
+    def refused(message: Message, reason: str) -> None:
+        reply = client_app(message, context)
+        assert reply.has_error() and reason in reply.error.reason, reply.error.reason
+
     assert not client_app(_train_message(arrays, 1), context).has_error()
     other = {k: v * 0.5 for k, v in arrays.items()}
-    for again in (_train_message(other, 1, state_key="run-1.other"), _train_message(arrays, 1.0)):
-        refused = client_app(again, context)
-        assert refused.has_error() and "sent its update for round 1 of this run already" in refused.error.reason
+    refused(_train_message(other, 1, state_key="run-1.other"), "sent its update for round 1 of this run already")
+    refused(_train_message(arrays, 1.0), "sent its update for round 1 of this run already")
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
+    collect.content["fitins.config"] = ConfigRecord({"server-round": 1})
+    refused(collect, "secure aggregation: this node sent its update for round 1 of this run already")
+    refused(_train_message(arrays, 0), "server-round is not a whole number from 1")
+    legacy = RecordDict({"fitins.parameters": ArrayRecord(), "fitins.config": ConfigRecord({"server-round": 2})})
+    refused(Message(legacy, dst_node_id=5, message_type=MessageType.TRAIN), "a legacy fit message outside SecAgg+")
     assert not list((tmp_path / "state").rglob("*other*"))  # refused before any work
+
+    def evaluate(model: dict, server_round: int) -> Message:
+        config = ConfigRecord({"server-round": server_round, "state-key": "run-1.test"})
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in model.items()}), "config": config})
+        return Message(content, dst_node_id=5, message_type=MessageType.EVALUATE)
+
+    assert not client_app(evaluate(arrays, 1), context).has_error()
+    refused(evaluate(other, 1), "sent its validation for round 1 of this run already")
     assert not client_app(_train_message(arrays, 2), context).has_error()
+    assert not client_app(evaluate(other, 2), context).has_error()
     fresh = Context(2, 5, context.node_config, RecordDict(), context.run_config)  # another run asks for its round 1
     assert not client_app(_train_message(arrays, 1, state_key="run-2.test"), fresh).has_error()

@@ -30,6 +30,25 @@ def test_strategy_state_round_trips():
     assert np.array_equal(fresh.current_arrays["w"].numpy(), np.ones(3))
 
 
+def test_a_resumed_fixed_clipping_norm_is_the_run_configs_and_an_adaptive_one_is_restored():
+    """The nodes clip at the run config's dp-clip and refuse another: a DP run resumed with another dp-clip clips at it
+    (the noise multiplier, which the account counts, is unchanged); an adaptive norm is memory and comes back."""
+    from server.privacy import privacy_settings, wrap_for_privacy
+    from server.runlog import RunLog
+    from server.strategy import make_strategy
+
+    def wrapped(**settings):
+        run = RunConfig.parse({"dp": "client", "min-nodes": 3, **settings})
+        return wrap_for_privacy(make_strategy(run, runlog=RunLog("/nonexistent"), nodes=3), privacy_settings(run))
+
+    fixed = wrapped(**{"dp-clip": 0.25})
+    restore_strategy(fixed, {"wrapper.clipping_norm": 0.5})
+    assert fixed.clipping_norm == 0.25
+    adaptive = wrapped(**{"dp-clip": 0.25, "dp-clipping": "adaptive"})
+    restore_strategy(adaptive, {"wrapper.clipping_norm": 0.5})
+    assert adaptive.clipping_norm == 0.5
+
+
 def _records() -> dict[int, dict]:
     """Two rounds' records as the server writes them: the held-out scores of round 0, and round 1 with one node's
     numbers, a refused reply, a collapse warning and the privacy spent."""
