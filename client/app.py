@@ -187,7 +187,7 @@ def message_number(config: dict[str, Any], first: int) -> int | None:
     if not is_finite(given) or given != int(given):
         return None
     if given < first:
-        raise RefusedMessage(f"the message's server-round is not a whole number from {first}")
+        raise RefusedMessage(f"the message's server-round {int(given)} is before round {first}")
     return int(given)
 
 

@@ -65,9 +65,10 @@ def once_a_round(context: Context, kind: str, server_round: int | None, what: st
     if server_round in rounds:
         raise RefusedMessage(f"this node sent its {what} for round {server_round} of this run already")
 
-    def sent() -> None:
+    def sent() -> None:  # as the record is now: another message of the run may have added to it meanwhile
         kept = context.state.config_records.get(SENT) or ConfigRecord()
-        context.state[SENT] = ConfigRecord({**kept, kind: [*rounds, server_round]})
+        now = list(kept[kind]) if kind in kept else []  # type: ignore[arg-type]
+        context.state[SENT] = ConfigRecord({**kept, kind: [*now, server_round]})
 
     return sent
 
@@ -117,6 +118,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     fit_round = msg.content.config_records.get(FIT_CONFIG, ConfigRecord()).get("server-round", 0)
     if not is_whole(fit_round):  # as Flower sends it: training would take 1.0 as round 1, a second time
         raise RefusedMessage("secure aggregation: the message's server-round is not a whole number")
+    if fit_round < 1:  # a round 0 (or none named) would be one update more a run
+        raise RefusedMessage(f"secure aggregation: the message's server-round {fit_round} is before round 1")
     try:  # masked or in the clear: a second, summed with other nodes, would single it out
         sent = once_a_round(context, "update", int(fit_round), "update")
     except RefusedMessage as exc:

@@ -193,7 +193,9 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     # masked with one partner only, whose key the other nodes' unmasking answers could then rebuild
     refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "masked with 1 of the round's 2")
     refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 9], ctxts=[b"x", b"y"]), "masked with 2")
-    client_app(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"]), context)
+    collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
+    collect.content["fitins.config"] = ConfigRecord({"server-round": 1})  # as the server's workflow names it
+    client_app(collect, context)
     for survivors in ([5], [5, 5, 6], [5, 6, 9], [5, -1]):  # the consistency round's list, before it is signed
         refused(secagg_stage(signed_keys.SURVIVORS, active_nids=survivors), "survivors")
     answered = client_app(secagg_stage(signed_keys.SURVIVORS, active_nids=[5, 6, 7]), context)
@@ -232,7 +234,7 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
     collect.content["fitins.config"] = ConfigRecord({"server-round": 1.0})
     assert client_app(collect, context).error.reason.endswith("the message's server-round is not a whole number")
-    assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
+    assert not client_app(_train_message(tiny_arrays(), 2), context).has_error()  # round 1 went masked
 
 
 def test_under_secure_aggregation_a_node_seeds_each_training_afresh():
@@ -376,7 +378,9 @@ def test_a_node_sends_one_update_and_one_validation_a_round_of_a_run(tmp_path):
     collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
     collect.content["fitins.config"] = ConfigRecord({"server-round": 1})
     refused(collect, "secure aggregation: this node sent its update for round 1 of this run already")
-    refused(_train_message(arrays, 0), "server-round is not a whole number from 1")
+    refused(_train_message(arrays, 0), "the message's server-round 0 is before round 1")
+    collect.content["fitins.config"] = ConfigRecord({"server-round": 0})  # masked, a round 0 is one update more too
+    refused(collect, "secure aggregation: the message's server-round 0 is before round 1")
     legacy = RecordDict({"fitins.parameters": ArrayRecord(), "fitins.config": ConfigRecord({"server-round": 2})})
     refused(Message(legacy, dst_node_id=5, message_type=MessageType.TRAIN), "a legacy fit message outside SecAgg+")
     assert not list((tmp_path / "state").rglob("*other*"))  # refused before any work
