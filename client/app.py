@@ -181,7 +181,8 @@ def message_number(config: dict[str, Any], first: int) -> int | None:
     one that is not a whole number, which the site's work refuses (:func:`client.site.message_round`).
 
     Raises:
-        RefusedMessage: a round before ``first`` (training starts at round 1: a round 0 would be one more a run).
+        RefusedMessage: a round before ``first`` (rounds start at 1: the server trains and validates no round 0, and
+            one would be one update or validation more a run).
     """
     given = config.get("server-round", 0)
     if not is_finite(given) or given != int(given):
@@ -202,7 +203,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    sent = once_a_round(context, "validation", message_number(config, 0), "validation")
+    sent = once_a_round(context, "validation", message_number(config, 1), "validation")
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
     metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})

@@ -51,9 +51,14 @@ def strategy_memory(strategy, *, copy: bool = True) -> dict[str, Any]:
     take = deepcopy if copy else (lambda value: value)
     inner = _inner(strategy)
     memory = {name: take(getattr(inner, name)) for name in STRATEGY_STATE if hasattr(inner, name)}
-    if inner is not strategy:
+    if inner is not strategy and _moves(strategy):  # a fixed clipping norm is the run config's, not memory
         memory |= {f"wrapper.{name}": getattr(strategy, name) for name in WRAPPER_STATE if hasattr(strategy, name)}
     return memory
+
+
+def _moves(strategy) -> bool:
+    """Whether a differential-privacy wrapper moves its clipping norm from round to round (adaptive clipping)."""
+    return hasattr(strategy, "target_clipped_quantile")
 
 
 def restore_strategy(strategy, state: dict[str, Any]) -> None:
@@ -61,10 +66,9 @@ def restore_strategy(strategy, state: dict[str, Any]) -> None:
     that carry its memory, whatever else a state file names. A fixed clipping norm is the run config's, not memory
     (a resumed run's nodes clip at the ``dp-clip`` its run config gives, and refuse another)."""
     inner = _inner(strategy)
-    moves = hasattr(strategy, "target_clipped_quantile")  # adaptive clipping moves its norm from round to round
     for name, value in state.items():
         if name.startswith("wrapper.") and name.removeprefix("wrapper.") in WRAPPER_STATE and inner is not strategy:
-            if moves:
+            if _moves(strategy):
                 setattr(strategy, name.removeprefix("wrapper."), value)
         elif name in STRATEGY_STATE:
             setattr(inner, name, value)

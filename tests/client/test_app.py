@@ -392,6 +392,7 @@ def test_a_node_sends_one_update_and_one_validation_a_round_of_a_run(tmp_path):
 
     assert not client_app(evaluate(arrays, 1), context).has_error()
     refused(evaluate(other, 1), "sent its validation for round 1 of this run already")
+    refused(evaluate(other, 0), "the message's server-round 0 is before round 1")  # the server validates no round 0
     assert not client_app(_train_message(arrays, 2), context).has_error()
     assert not client_app(evaluate(other, 2), context).has_error()
     fresh = Context(2, 5, context.node_config, RecordDict(), context.run_config)  # another run asks for its round 1

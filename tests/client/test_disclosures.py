@@ -40,7 +40,7 @@ def test_a_deployed_node_logs_every_reply_it_sends_before_it_leaves(tmp_path, mo
     context = Context(run_id=7, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config)
     arrays = tiny_arrays()
     trained = _ask(context, MessageType.TRAIN, arrays, {"server-round": 1, "state-key": "run-7.test"})
-    scored = _ask(context, MessageType.EVALUATE, arrays, {})
+    scored = _ask(context, MessageType.EVALUATE, arrays, {"server-round": 1})
     poisoned = dict(arrays, **{next(iter(arrays)): np.full_like(next(iter(arrays.values())), np.nan)})
     refused = _ask(context, MessageType.TRAIN, poisoned, {"server-round": 2, "state-key": "run-7.test"})
     assert not trained.has_error() and not scored.has_error() and refused.has_error()
@@ -81,7 +81,7 @@ def test_a_reply_that_cannot_be_logged_does_not_leave(tmp_path):
     link.symlink_to(elsewhere)
     node_config["disclosure-log"] = str(link)
     context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config)
-    reply = _ask(context, MessageType.EVALUATE, tiny_arrays(), {})
+    reply = _ask(context, MessageType.EVALUATE, tiny_arrays(), {"server-round": 1})
     assert reply.has_error() and reply.error.reason == disclosures.REFUSED
     assert elsewhere.read_text() == "someone else's file\n"  # never written through the link
 

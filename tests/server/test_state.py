@@ -9,7 +9,7 @@ import pytest
 
 from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
-from server.state import ServerCheckpoint, restore_strategy, strategy_state
+from server.state import ServerCheckpoint, restore_strategy, strategy_memory, strategy_state
 
 
 def test_strategy_state_round_trips():
@@ -47,6 +47,11 @@ def test_a_resumed_fixed_clipping_norm_is_the_run_configs_and_an_adaptive_one_is
     adaptive = wrapped(**{"dp-clip": 0.25, "dp-clipping": "adaptive"})
     restore_strategy(adaptive, {"wrapper.clipping_norm": 0.5})
     assert adaptive.clipping_norm == 0.5
+    # a fixed run's state holds no norm, so an adaptive run resumed from it starts at its own dp-clip
+    assert "wrapper.clipping_norm" not in strategy_memory(fixed) and strategy_memory(adaptive)["wrapper.clipping_norm"]
+    resumed = wrapped(**{"dp-clip": 0.25, "dp-clipping": "adaptive"})
+    restore_strategy(resumed, strategy_memory(fixed))
+    assert resumed.clipping_norm == 0.25
 
 
 def _records() -> dict[int, dict]:
