@@ -162,7 +162,7 @@ def train(msg: Message, context: Context) -> Message:
             raise RefusedMessage("a legacy fit message outside SecAgg+ is not answered")
         return secagg_train(msg, do_job)  # one update a round: client.secagg.secagg_mod
     config = dict(msg.content["config"])
-    sent = once_a_round(context, "update", message_number(config, 1), "update")
+    sent = once_a_round(context, "update", message_number(config), "update")
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
     updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config)
     content = RecordDict(
@@ -176,20 +176,11 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=signed(content, msg, context), reply_to=msg)
 
 
-def message_number(config: dict[str, Any], first: int) -> int | None:
+def message_number(config: dict[str, Any]) -> int | None:
     """The round a train or evaluate message names, for :func:`client.secagg.once_a_round` (none named: 0); None for
-    one that is not a whole number, which the site's work refuses (:func:`client.site.message_round`).
-
-    Raises:
-        RefusedMessage: a round before ``first`` (rounds start at 1: the server trains and validates no round 0, and
-            one would be one update or validation more a run).
-    """
+    one that is not a whole number, which the site's work refuses (:func:`client.site.message_round`)."""
     given = config.get("server-round", 0)
-    if not is_finite(given) or given != int(given):
-        return None
-    if given < first:
-        raise RefusedMessage(f"the message's server-round {int(given)} is before round {first}")
-    return int(given)
+    return int(given) if is_finite(given) and given == int(given) else None
 
 
 @app.query()
@@ -203,7 +194,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    sent = once_a_round(context, "validation", message_number(config, 1), "validation")
+    sent = once_a_round(context, "validation", message_number(config), "validation")
     arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
     metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})

@@ -56,10 +56,13 @@ def once_a_round(context: Context, kind: str, server_round: int | None, what: st
     as sent (call it once the reply is made). None: a round the site's work refuses, noted nowhere.
 
     Raises:
-        RefusedMessage: this node sent its ``what`` for that round already.
+        RefusedMessage: a round before 1 (the server trains and validates no round 0, and one would be one update or
+            validation more a run); this node sent its ``what`` for that round already.
     """
     if server_round is None:
         return lambda: None
+    if server_round < 1:
+        raise RefusedMessage(f"the message's server-round {server_round} is before round 1")
     record = context.state.config_records.get(SENT)
     rounds = list(record[kind]) if record is not None and kind in record else []  # type: ignore[arg-type]
     if server_round in rounds:
@@ -118,9 +121,7 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     fit_round = msg.content.config_records.get(FIT_CONFIG, ConfigRecord()).get("server-round", 0)
     if not is_whole(fit_round):  # as Flower sends it: training would take 1.0 as round 1, a second time
         raise RefusedMessage("secure aggregation: the message's server-round is not a whole number")
-    if fit_round < 1:  # a round 0 (or none named) would be one update more a run
-        raise RefusedMessage(f"secure aggregation: the message's server-round {fit_round} is before round 1")
-    try:  # masked or in the clear: a second, summed with other nodes, would single it out
+    try:  # masked or in the clear: a second, summed with other nodes, would single it out; a round 0 one more
         sent = once_a_round(context, "update", int(fit_round), "update")
     except RefusedMessage as exc:
         raise RefusedMessage(f"secure aggregation: {exc}") from None

@@ -113,7 +113,7 @@ def app_bundle(app_dir: Path) -> bytes:
 
 def app_digest(app_dir: Path) -> str:
     """The digest of the bundle ``flwr run app_dir`` sends."""
-    return approval_entry(app_dir, None)
+    return files_digest(bundle_files(app_bundle(app_dir)))
 
 
 def approval_entry(app_dir: Path, run_config: list[str] | None) -> str:

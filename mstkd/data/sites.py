@@ -169,7 +169,7 @@ def with_target(cfg: DictConfig, config: Mapping[str, Any]) -> DictConfig:
     except InputError as exc:
         raise RefusedMessage(f"the message's target geometry is not valid ({exc})") from None
     pinned = TargetGeometry.from_config(cfg.data)
-    if pinned is not None and (pinned.orientation, pinned.spacing) != (target.orientation, target.spacing):
+    if pinned is not None and pinned != target:
         raise RefusedMessage(f"the message's target geometry {target.describe()} is not this run's {pinned.describe()}")
     return OmegaConf.merge(cfg, {"data": target.to_config()})
 
