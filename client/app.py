@@ -38,7 +38,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT 
 from client import worker
 from client.context import Job, NodeContext, configure_logging, message_kind, ray_node, work_deadline
 from client.disclosures import disclosed
-from client.secagg import is_secagg_fit, once_a_round, secagg_mod, secagg_train
+from client.secagg import is_secagg_fit, secagg_mod, secagg_train
+from client.sent import round_taken
 from client.terms import required_secagg
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
@@ -162,22 +163,21 @@ def train(msg: Message, context: Context) -> Message:
             raise RefusedMessage("a legacy fit message outside SecAgg+ is not answered")
         return secagg_train(msg, do_job)  # one update a round: client.secagg.secagg_mod
     config = dict(msg.content["config"])
-    sent = once_a_round(context, "update", message_number(config), "update")
-    arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
-    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord(site),
-        }
-    )
-    sent()
-    return Message(content=signed(content, msg, context), reply_to=msg)
+    with round_taken(context, "update", message_number(config)):
+        arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
+        updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),
+                "metrics": MetricRecord(metrics),
+                "site": ConfigRecord(site),
+            }
+        )
+        return Message(content=signed(content, msg, context), reply_to=msg)
 
 
 def message_number(config: dict[str, Any]) -> int | None:
-    """The round a train or evaluate message names, for :func:`client.secagg.once_a_round` (none named: 0); None for
+    """The round a train or evaluate message names, for :func:`client.sent.take_round` (none named: 0); None for
     one that is not a whole number, which the site's work refuses (:func:`client.site.message_round`)."""
     given = config.get("server-round", 0)
     return int(given) if is_finite(given) and given == int(given) else None
@@ -194,12 +194,11 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    sent = once_a_round(context, "validation", message_number(config), "validation")
-    arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
-    metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
-    sent()
-    return Message(content=signed(content, msg, context), reply_to=msg)
+    with round_taken(context, "validation", message_number(config)):
+        arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
+        metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
+        content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
+        return Message(content=signed(content, msg, context), reply_to=msg)
 
 
 def signed(content: RecordDict, msg: Message, context: Context) -> RecordDict:

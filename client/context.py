@@ -13,9 +13,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from mstkd.runconfig import NodeConfig, RunConfig
+from mstkd.runconfig import NodeConfig, RunConfig, default_home
 
 EXPIRY = "the message's expiry"
 CAP = "this site's max-work-seconds"
@@ -64,6 +65,14 @@ class NodeContext:
     sent_at: float = field(default_factory=time.time)
     deadline: float | None = None  # time.time() by which the work must end (:func:`work_deadline`)
     deadline_of: str = EXPIRY  # which limit that is
+
+
+def node_base(node: NodeConfig, run: RunConfig) -> Path:
+    """The folder a node keeps its own files in (its sites' state, what it sent): the node config's ``state-dir``,
+    else (in a simulation only) the run config's ``work-dir``, else ``$MSTKD_HOME``. A deployed node never lets a run
+    submitter choose where it writes."""
+    base = node.state_dir or (run.work_dir if node.simulated else None)
+    return Path(base or default_home()).expanduser().resolve()
 
 
 def message_kind(msg: Any) -> str:

@@ -29,7 +29,6 @@ that left.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
+from client.sent import append_line, private_file
 from mstkd.runconfig import NodeConfig, default_home
 
 APP_DIGEST = "MSTKD_APPROVED_APP"
@@ -141,51 +141,16 @@ def _value(value: Any) -> Any:
 
 
 def append(path: Path, line: dict[str, Any]) -> None:
-    """Append ``line`` as one JSON line, under an exclusive lock, and fsync it. The folder is made 0700 if it is
-    new (every folder it makes); the file is created 0600 and never opened through a link; after a line cut off by a
-    crash, the new one starts on a line of its own.
+    """Append ``line`` as one JSON line, under an exclusive lock, and fsync it (:func:`client.sent.private_file`:
+    new folders 0700, the file 0600 and never opened through a link); after a line cut off by a crash, the new one
+    starts on a line of its own, and a line whose write failed part-way is taken back.
 
     Raises:
         OSError: the log cannot be written (including a link in its place).
     """
-    for folder in reversed([path.parent, *path.parent.parents]):
-        if not folder.exists():
-            folder.mkdir(mode=0o700, exist_ok=True)  # each new folder private, not only the last
     data = (json.dumps(line, allow_nan=False, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    try:
-        _check_own_file(fd)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        end = os.fstat(fd).st_size
-        if end and os.pread(fd, 1, end - 1) != b"\n":  # a line cut off by a crash stays the only one lost
-            data = b"\n" + data
-        try:
-            written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, end)  # the reply is not sent: its line must not say it was
-            raise
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _check_own_file(fd: int) -> None:
-    """The open log must be a plain file of this user's, with one name; one that others may read is made 0600.
-
-    Raises:
-        OSError: not a plain file, another user's, or a hard link's.
-    """
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise OSError("the log is not a plain file")
-    if info.st_uid != os.geteuid():
-        raise OSError("the log belongs to another user")
-    if info.st_nlink != 1:
-        raise OSError("the log has another name (a hard link)")
-    if info.st_mode & 0o077:
-        os.fchmod(fd, 0o600)
+    with private_file(path) as fd:
+        append_line(fd, data)
 
 
 # ----------------------------------------------------------------------------- reading it

@@ -32,6 +32,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.context import SECAGG_SEED, Job, message_kind
+from client.sent import take_round
 from messages import signed_keys
 from messages.masks import check_range, use_full_seeds
 from mstkd.errors import RefusedMessage
@@ -43,39 +44,6 @@ FULL_SEEDS = use_full_seeds(import_module("flwr.client.mod.secure_aggregation.se
 
 FIT_PARAMETERS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"
-SENT = "mstkd.sent"
-"""What this node has sent in this run (Flower keeps it with the run's node state): the server rounds it sent an
-update for, masked or in the clear (``update``), and those it validated a model of (``validation``). It sends one of
-each a round. Trained again for a round from the same state, it would send the same update under SecAgg+, and the sums
-of two groups of nodes that differ in one node would then give that node's update away; in the clear, or validating
-again, it would tell a server of other code than the run's how its cases answer each model it sends."""
-
-
-def once_a_round(context: Context, kind: str, server_round: int | None, what: str) -> Callable[[], None]:
-    """Refuse a second ``kind`` (``update`` or ``validation``) for ``server_round`` of this run; return what notes it
-    as sent (call it once the reply is made). None: a round the site's work refuses, noted nowhere.
-
-    Raises:
-        RefusedMessage: a round before 1 (the server trains and validates no round 0, and one would be one update or
-            validation more a run); this node sent its ``what`` for that round already.
-    """
-    if server_round is None:
-        return lambda: None
-    if server_round < 1:
-        raise RefusedMessage(f"the message's server-round {server_round} is before round 1")
-    record = context.state.config_records.get(SENT)
-    rounds = list(record[kind]) if record is not None and kind in record else []  # type: ignore[arg-type]
-    if server_round in rounds:
-        raise RefusedMessage(f"this node sent its {what} for round {server_round} of this run already")
-
-    def sent() -> None:  # as the record is now: another message of the run may have added to it meanwhile
-        kept = context.state.config_records.get(SENT) or ConfigRecord()
-        now = list(kept[kind]) if kind in kept else []  # type: ignore[arg-type]
-        context.state[SENT] = ConfigRecord({**kept, kind: [*now, server_round]})
-
-    return sent
-
-
 ROUND = "mstkd.secagg-round"
 """What a node with a ``secagg-key`` keeps of its SecAgg+ round, to sign and for its site's terms
 (:mod:`client.terms`): the round's terms (:func:`messages.signed_keys.round_terms`), the digest of the key list it
@@ -94,7 +62,7 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     Raises:
         RefusedMessage: a ``train.<name>`` message with the protocol's record; a set-up for another node, or with a
             range no mask can be drawn from; a second request for a masked update in a round of this run
-            (:data:`SENT`); a Flower whose masks this version cannot draw.
+            (:mod:`client.sent`); a Flower whose masks this version cannot draw.
     """
     if message_kind(msg) != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
@@ -122,13 +90,14 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     if not is_whole(fit_round):  # as Flower sends it: training would take 1.0 as round 1, a second time
         raise RefusedMessage("secure aggregation: the message's server-round is not a whole number")
     try:  # masked or in the clear: a second, summed with other nodes, would single it out; a round 0 one more
-        sent = once_a_round(context, "update", int(fit_round), "update")
+        give_back = take_round(context, "update", int(fit_round))
     except RefusedMessage as exc:
         raise RefusedMessage(f"secure aggregation: {exc}") from None
-    reply = _protocol(msg, context, call_next, configs, stage)
-    if not reply.has_error():
-        sent()
-    return reply
+    try:
+        return _protocol(msg, context, call_next, configs, stage)
+    except BaseException:  # no masked update left the node
+        give_back()
+        raise
 
 
 def _protocol(msg: Message, context: Context, call_next, configs: ConfigRecord, stage: str) -> Message:

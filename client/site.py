@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.context import SECAGG_SEED, NodeContext, configure_logging, ray_node
+from client.context import SECAGG_SEED, NodeContext, configure_logging, node_base, ray_node
 from client.state import SiteState
 from mstkd.data.dataset import make_loader
 from mstkd.data.geometry import check_orientation
@@ -39,7 +39,7 @@ from mstkd.losses import TERMS
 from mstkd.model import MSTKDNet, build_discriminator
 from mstkd.model.federated import TRANSPORT_DTYPES, federated_arrays, load_federated_arrays
 from mstkd.numbers import is_finite
-from mstkd.runconfig import NodeConfig, RunConfig, Strategy, Transport, check_state_key, default_home, project_config
+from mstkd.runconfig import NodeConfig, RunConfig, Strategy, Transport, check_state_key, project_config
 from mstkd.train import (
     Networks,
     make_optimizers,
@@ -59,17 +59,14 @@ log = logging.getLogger("mstkd.client")
 def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
     """``<base>/nodes/<key>/<site>``: one folder per run and site, always inside the node's own base folder.
 
-    The base is the node config's ``state-dir``, else (in a simulation only) the run config's ``work-dir``,
-    else ``$MSTKD_HOME``: a deployed node never lets a run submitter choose where it writes. ``key``
+    The base is :func:`client.context.node_base`, which a deployed node never lets a run submitter choose. ``key``
     comes from the server (``state-key``: the run's name and a token of its own, kept when a run is
     resumed); without it, this run's id. It must be a plain folder name; the site's name is made one.
 
     Raises:
         InputError: a key that is not a plain folder name (``..``, ``/``, an absolute path).
     """
-    node, run = context.node, context.run
-    base = node.state_dir or (run.work_dir if node.simulated else None)
-    nodes = Path(base or default_home()).expanduser().resolve() / "nodes"
+    nodes = node_base(context.node, context.run) / "nodes"
     key = check_state_key(key or f"run-{context.run_id}")
     site = re.sub(r"[^A-Za-z0-9._-]", "_", site_name).lstrip(".-") or "site"  # the node's own name, made a folder name
     folder = (nodes / key / site).resolve()

@@ -33,7 +33,7 @@ thresholds, key lists or fit instructions; and since each node sees only its own
 that names different nodes dead to different nodes can unmask a sum over as few as two of a round's nodes. With it,
 each of those is refused (:mod:`messages.signed_keys`), provided every site of the round checks and fewer than 2t - n
 of its n nodes sign for the coordinator. A round replayed over another group of nodes within a run gets no second
-update from any node (:data:`client.secagg.SENT`); a node seeds each training afresh
+update from any node (:mod:`client.sent`); a node seeds each training afresh
 (:data:`client.context.SECAGG_SEED`), so no two of its updates are the same; and Flower's 32-bit mask seeds are
 replaced (:mod:`messages.masks`).
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import gzip
+import itertools
 import json
 import threading
 import tomllib
@@ -167,6 +168,10 @@ def tiny_arrays(dtype: str = "float16") -> dict:
     return federated_arrays(MSTKDNet(cfg.model), build_discriminator(cfg.model), dtype)
 
 
+RUN_IDS = itertools.count(1001)
+"""The run ids the in-process grids give their runs, one each."""
+
+
 class InProcGrid(Grid):
     """A Grid whose nodes are ClientApp calls with one persistent Context per node.
 
@@ -174,18 +179,21 @@ class InProcGrid(Grid):
     of transfer, each message's array names and dtypes (the server may convert replies afterwards).
     """
 
-    def __init__(self, client_app, run_config: dict, node_configs: list[dict]) -> None:
+    def __init__(self, client_app, run_config: dict, node_configs: list[dict], run_id: int | None = None) -> None:
         self.client_app = client_app
+        # each run its own id, as Flower gives one: a node records what it sent per run id (client.sent), and
+        # several runs of a test share the nodes' folders
+        self.run_id = next(RUN_IDS) if run_id is None else run_id
         self.contexts = {
-            i + 1: Context(run_id=1, node_id=i + 1, node_config=nc, state=RecordDict(), run_config=run_config)
+            i + 1: Context(run_id=self.run_id, node_id=i + 1, node_config=nc, state=RecordDict(), run_config=run_config)
             for i, nc in enumerate(node_configs)
         }
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.wire: list[dict] = []
         self.offline: set[int] = set()  # nodes get_node_ids does not list (disconnected)
-        self._run = SimpleNamespace(run_id=1)  # what Flower's legacy workflow reads (grid.run.run_id)
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self._run = SimpleNamespace(run_id=self.run_id)  # what Flower's legacy workflow reads (grid.run.run_id)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, 0, 1
 
     def set_run(self, run) -> None:
         self._run = run
@@ -260,8 +268,13 @@ def secagg_stage(stage: str, node: int = 5, **configs) -> Message:
 def run_inproc(server_app, client_app, run_config: dict, node_configs: list[dict]) -> InProcGrid:
     """Run a whole federation in this process; return the grid with its message record."""
     grid = InProcGrid(client_app, run_config, node_configs)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+    server_app(grid, server_context(grid, run_config))
     return grid
+
+
+def server_context(grid: InProcGrid, run_config: dict) -> Context:
+    """The ServerApp's context for a run on ``grid``: the same run id as its nodes'."""
+    return Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
 
 
 FAULT_REASONS = {

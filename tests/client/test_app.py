@@ -332,11 +332,11 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
     run_config, context = _node(tmp_path)
     arrays = tiny_arrays()
 
-    def reply(settings: dict, config: dict):
+    def reply(settings: dict, config: dict, run_id: int = 1):  # each answered one a run of its own: one update a round
         message = _train_message(arrays, 1)
         message.content["config"] = ConfigRecord({**message.content["config"], **config})
         run = run_config | settings
-        return client_app(message, Context(1, 5, context.node_config, RecordDict(), run))
+        return client_app(message, Context(run_id, 5, context.node_config, RecordDict(), run))
 
     fixed = {"dp": "client", "dp-clip": 2.0, "min-nodes": 3}
     adaptive = fixed | {"dp-clipping": "adaptive"}
@@ -351,10 +351,10 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
         refused = reply(settings, config)
         assert refused.has_error() and reason in refused.error.reason, (settings, config, refused.error.reason)
     assert not list(tmp_path.rglob("local.pt"))  # nothing trained
-    assert not reply(fixed, {KEY_CLIPPING_NORM: 2.0, "dp-clipping": "fixed"}).has_error()
-    done = reply(adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "adaptive"})  # the norm moves from round to round
+    assert not reply(fixed, {KEY_CLIPPING_NORM: 2.0, "dp-clipping": "fixed"}, 2).has_error()
+    done = reply(adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "adaptive"}, 3)  # the norm moves round to round
     assert not done.has_error() and done.content["metrics"]["norm_bit"] in (0, 1)
-    assert not reply({"dp": "server", "min-nodes": 3}, {}).has_error()  # the server clips: nothing asked of the node
+    assert not reply({"dp": "server", "min-nodes": 3}, {}, 4).has_error()  # the server clips: nothing asked of the node
 
 
 def test_a_node_sends_one_update_and_one_validation_a_round_of_a_run(tmp_path):

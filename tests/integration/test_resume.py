@@ -62,7 +62,7 @@ def test_a_server_killed_after_round_2_resumes_to_the_same_result(tmp_path):
 
 
 def test_a_reused_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
-    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full"})
+    run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 1, "eval-subsets": "full", "run-name": "study"})
     run_inproc(server_app, client_app, run_config, nodes())
     report = (tmp_path / "run" / "REPORT.md").read_text()
     (tmp_path / "run" / "eval" / "round_7.md").write_text("stale")
@@ -72,9 +72,9 @@ def test_a_reused_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     assert "\n" not in str(refused.value) and (tmp_path / "run" / "REPORT.md").read_text() == report
     run_inproc(server_app, client_app, {**run_config, "overwrite": True}, nodes())
     assert not (tmp_path / "run" / "eval" / "round_7.md").exists()
-    # the same run name (here: none, so run-1) twice: two state folders, neither run half-using the other's
+    # the same run name twice: two state folders, neither run half-using the other's
     keys = sorted(p.name for p in (tmp_path / "work" / "nodes").iterdir())
-    assert len(keys) == 2 and all(k.startswith("run-1.") for k in keys)
+    assert len(keys) == 2 and all(k.startswith("study.") for k in keys)
 
 
 def test_a_dp_run_killed_after_a_release_counts_it_and_resumes_only_with_its_noise(tmp_path):
