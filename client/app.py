@@ -39,7 +39,6 @@ from client import worker
 from client.context import Job, NodeContext, configure_logging, message_kind, ray_node, work_deadline
 from client.disclosures import disclosed
 from client.secagg import is_secagg_fit, secagg_mod, secagg_train
-from client.sent import round_taken
 from client.terms import required_secagg
 from messages.arrays import NUMERIC, WireError, decode_array, nonfinite, packed_arrays_mod
 from messages.clipping import clip_update
@@ -161,26 +160,18 @@ def train(msg: Message, context: Context) -> Message:
     if is_secagg_fit(msg):
         if RECORD_KEY_CONFIGS not in msg.content.config_records:  # only SecAgg+'s client asks with a legacy fit record
             raise RefusedMessage("a legacy fit message outside SecAgg+ is not answered")
-        return secagg_train(msg, do_job)  # one update a round: client.secagg.secagg_mod
+        return secagg_train(msg, do_job)
     config = dict(msg.content["config"])
-    with round_taken(context, "update", message_number(config)):
-        arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
-        updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config)
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),
-                "metrics": MetricRecord(metrics),
-                "site": ConfigRecord(site),
-            }
-        )
-        return Message(content=signed(content, msg, context), reply_to=msg)
-
-
-def message_number(config: dict[str, Any]) -> int | None:
-    """The round a train or evaluate message names, for :func:`client.sent.take_round` (none named: 0); None for
-    one that is not a whole number, which the site's work refuses (:func:`client.site.message_round`)."""
-    given = config.get("server-round", 0)
-    return int(given) if is_finite(given) and given == int(given) else None
+    arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}  # read, checked, by checked_input
+    updated, metrics, site = do_job(Job.LOCAL_ROUND, arrays, config)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in updated.items()}),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord(site),
+        }
+    )
+    return Message(content=signed(content, msg, context), reply_to=msg)
 
 
 @app.query()
@@ -194,11 +185,10 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
-    with round_taken(context, "validation", message_number(config)):
-        arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
-        metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
-        content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
-        return Message(content=signed(content, msg, context), reply_to=msg)
+    arrays = {k: decode_array(v) for k, v in msg.content["arrays"].items()}
+    metrics, site = site_runner(msg, context)(Job.EVALUATE_SITE, arrays, config)
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(site)})
+    return Message(content=signed(content, msg, context), reply_to=msg)
 
 
 def signed(content: RecordDict, msg: Message, context: Context) -> RecordDict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,19 @@ def node_base(node: NodeConfig, run: RunConfig) -> Path:
     submitter choose where it writes."""
     base = node.state_dir or (run.work_dir if node.simulated else None)
     return Path(base or default_home()).expanduser().resolve()
+
+
+def file_name(name: str) -> str:
+    """A node's own name (its site's) made a plain file or folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".-") or "site"
+
+
+def node_label(node: NodeConfig) -> str:
+    """Which of the sites that may share a base folder this node is, from its node config alone (nothing the server
+    sends): a simulated site's partition, a deployed site's name (else its data folder's)."""
+    if node.simulated:
+        return f"partition-{int(node.partition_id)}"
+    return "site-" + file_name(node.site_name or Path(node.data_path).name)
 
 
 def message_kind(msg: Any) -> str:

@@ -32,7 +32,6 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.context import SECAGG_SEED, Job, message_kind
-from client.sent import take_round
 from messages import signed_keys
 from messages.masks import check_range, use_full_seeds
 from mstkd.errors import RefusedMessage
@@ -61,8 +60,9 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
 
     Raises:
         RefusedMessage: a ``train.<name>`` message with the protocol's record; a set-up for another node, or with a
-            range no mask can be drawn from; a second request for a masked update in a round of this run
-            (:mod:`client.sent`); a Flower whose masks this version cannot draw.
+            range no mask can be drawn from; a masked update for a round that is not a whole number; a Flower whose
+            masks this version cannot draw. (A second request for an update of a round is refused by the training,
+            :func:`client.sent.take_round`.)
     """
     if message_kind(msg) != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
@@ -84,20 +84,11 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         context.state.config_records.pop(ROUND, None)
     for name in [k for k in configs if k.startswith(signed_keys.SIGNED_BY)]:
         del configs[name]  # the relayed signatures, for the site's terms (client/terms.py), not for Flower's client
-    if stage != Stage.COLLECT_MASKED_VECTORS:
-        return _protocol(msg, context, call_next, configs, stage)
-    fit_round = msg.content.config_records.get(FIT_CONFIG, ConfigRecord()).get("server-round", 0)
-    if not is_whole(fit_round):  # as Flower sends it: training would take 1.0 as round 1, a second time
-        raise RefusedMessage("secure aggregation: the message's server-round is not a whole number")
-    try:  # masked or in the clear: a second, summed with other nodes, would single it out; a round 0 one more
-        give_back = take_round(context, "update", int(fit_round))
-    except RefusedMessage as exc:
-        raise RefusedMessage(f"secure aggregation: {exc}") from None
-    try:
-        return _protocol(msg, context, call_next, configs, stage)
-    except BaseException:  # no masked update left the node
-        give_back()
-        raise
+    if stage == Stage.COLLECT_MASKED_VECTORS:  # training takes its round (client.sent.take_round): one update a round
+        fit_round = msg.content.config_records.get(FIT_CONFIG, ConfigRecord()).get("server-round", 0)
+        if not is_whole(fit_round):  # Flower's workflow sends a whole number
+            raise RefusedMessage("secure aggregation: the message's server-round is not a whole number")
+    return _protocol(msg, context, call_next, configs, stage)
 
 
 def _protocol(msg: Message, context: Context, call_next, configs: ConfigRecord, stage: str) -> Message:

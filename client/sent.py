@@ -2,18 +2,21 @@
 
 Trained again for a round from the same state, a node would send the same update under SecAgg+, and the sums of two
 groups of nodes that differ in one node would then give that node's update away; in the clear, or validating again,
-it would tell a server of other code than the run's how its cases answer each model it sends. So a node takes up each
-round of a run once for its ``update`` and once for its ``validation``, masked or in the clear, whatever state key or
-model the message names (:func:`round_taken`); and no round before 1, which the server never asks for.
+it would tell a server of other code than the run's how its cases answer each model it sends, and each refusal or
+failure it reports is a bit more. So a node answers each round of a run once for its ``update`` and once for its
+``validation``, masked or in the clear, whatever state key or model the message names, whether the answer is a reply
+or an error (:func:`take_round`); and no round before 1, which the server never asks for. The server never asks a node
+for a round twice, so an honest run loses nothing by it.
 
-The record is one file a run and node, ``<base>/sent/run-<run id>-node-<node id>.jsonl`` in the node's base folder
+The record is one file a run and site, ``<base>/sent/run-<run id>-<site>.jsonl`` in the node's base folder
 (:func:`client.context.node_base`: the node config's ``state-dir``; in a simulation the run config's ``work-dir``;
-else ``$MSTKD_HOME``), with a line for each round the node takes up and one for each it gives back. A round is taken
-up under an exclusive lock on the file, before any work, so of two messages of a run that the node handles at once
-(a SuperNode starts a process for each) one only gets it; the file outlives the SuperNode, so a node started again
-within a run still refuses the rounds it took. A round is given back when its work fails before a reply is made, and
-may then be asked for again. A process that dies while it holds a round leaves the round taken: the run goes on at
-its next round without this node, rather than risk a second update.
+else ``$MSTKD_HOME``), named for the site by its node config (:func:`client.context.node_label`), not by the node
+id, which the SuperLink hands out and may change when a node connects again. A round is taken, a line of the file,
+before any work, under an exclusive lock on the file: of two messages of one round that run at once (a simulation
+runs a node's messages on worker threads; a deployed SuperNode that heard nothing from a message's process for a
+minute gives up on it and goes on to the next message while that process may still work), one only gets it. The
+line is flushed to disk, with the folder entries that lead to it, before any work, so a node started again within a
+run, even after a power cut, still refuses the rounds it took.
 
 The files are the node user's own, as the disclosure log (:mod:`client.disclosures`): created 0600 in folders made
 0700, never opened through a link, appended under a lock (:func:`private_file`).
@@ -23,24 +26,18 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flwr.app import Context
-
-from client.context import node_base
+from client.context import NodeContext, node_base, node_label
+from mstkd.atomic import fsync_path
 from mstkd.errors import RefusedMessage
-from mstkd.runconfig import NodeConfig, RunConfig
 
 KINDS = ("update", "validation")
-TAKEN, GIVEN_BACK = "taken", "given back"
-
-log = logging.getLogger("mstkd.client")
 
 
 @contextmanager
@@ -56,8 +53,12 @@ def private_file(path: Path) -> Iterator[int]:
     for folder in reversed([path.parent, *path.parent.parents]):
         if not folder.exists():
             folder.mkdir(mode=0o700, exist_ok=True)  # each new folder private, not only the last
+            fsync_path(folder.parent)  # its entry on disk: a power cut does not take the folder away
+    new = not os.path.lexists(path)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     try:
+        if new:
+            fsync_path(path.parent)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path.name} is not a plain file")
@@ -93,83 +94,42 @@ def append_line(fd: int, data: bytes) -> None:
         raise
 
 
-def record_path(context: Context) -> Path:
-    """Where this node records what it sent in this run (see the module doc): simulated nodes share a base folder."""
-    node, run = NodeConfig.parse(context.node_config), RunConfig.parse(context.run_config)
-    return node_base(node, run) / "sent" / f"run-{int(context.run_id)}-node-{int(context.node_id)}.jsonl"
+def record_path(context: NodeContext) -> Path:
+    """Where this node records what it sent in this run (see the module doc)."""
+    return node_base(context.node, context.run) / "sent" / f"run-{int(context.run_id)}-{node_label(context.node)}.jsonl"
 
 
 def taken_rounds(fd: int) -> dict[str, set[int]]:
-    """The rounds of each kind that the record open at ``fd`` holds taken. A line that is not one of the record's (a
-    write cut off by a crash, which was never acknowledged) takes nothing."""
+    """The rounds of each kind that the record open at ``fd`` holds. A line that is not one of the record's (a write
+    cut off by a crash, which never returned, so no work followed it) takes nothing."""
     taken: dict[str, set[int]] = {kind: set() for kind in KINDS}
-    size = os.fstat(fd).st_size
-    for raw in os.pread(fd, size, 0).splitlines():
+    for raw in os.pread(fd, os.fstat(fd).st_size, 0).splitlines():
         try:
             line = json.loads(raw)
         except (ValueError, RecursionError):
             continue
-        if not isinstance(line, dict) or line.get("kind") not in KINDS or type(line.get("round")) is not int:
-            continue
-        if line.get("event") == TAKEN:
+        if isinstance(line, dict) and line.get("kind") in KINDS and type(line.get("round")) is int:
             taken[line["kind"]].add(line["round"])
-        elif line.get("event") == GIVEN_BACK:
-            taken[line["kind"]].discard(line["round"])
     return taken
 
 
-def _write(fd: int, kind: str, server_round: int, event: str) -> None:
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    line = {"time": now, "kind": kind, "round": server_round, "event": event}
-    append_line(fd, (json.dumps(line, separators=(",", ":")) + "\n").encode())
-
-
-def take_round(context: Context, kind: str, server_round: int | None) -> Callable[[], None]:
-    """Take up ``server_round`` of this run for ``kind`` (``update`` or ``validation``), before any work; return what
-    gives it back (call it when the work fails, so no reply is made). None: a round the site's work refuses, taken
-    nowhere.
+def take_round(context: NodeContext, kind: str, server_round: int) -> None:
+    """Take ``server_round`` of this run for ``kind`` (``update`` or ``validation``) before the site's data or state
+    is read (:func:`client.site.local_round`, :func:`client.site.evaluate_site`, once they have checked the message);
+    it stays taken whatever the work's outcome.
 
     Raises:
         RefusedMessage: a round before 1 (the server trains and validates no round 0, and one would be one update or
             validation more a run); this node took that round of this run already; its record cannot be written.
     """
-    if server_round is None:
-        return lambda: None
     if server_round < 1:
         raise RefusedMessage(f"the message's server-round {server_round} is before round 1")
-    path = record_path(context)
     try:
-        with private_file(path) as fd:
+        with private_file(record_path(context)) as fd:
             if server_round in taken_rounds(fd)[kind]:
-                raise RefusedMessage(f"this node sent its {kind} for round {server_round} of this run already")
-            _write(fd, kind, server_round, TAKEN)
+                raise RefusedMessage(f"this node answered round {server_round} of this run for its {kind} already")
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            line = {"time": now, "kind": kind, "round": server_round}
+            append_line(fd, (json.dumps(line, separators=(",", ":")) + "\n").encode())
     except OSError as exc:
         raise RefusedMessage(f"this node's record of what it sent cannot be written: {exc.strerror or exc}") from None
-    given_back = False
-
-    def give_back() -> None:
-        nonlocal given_back
-        try:
-            if not given_back:
-                with private_file(path) as fd:
-                    _write(fd, kind, server_round, GIVEN_BACK)
-                given_back = True
-        except OSError as exc:  # the round stays taken: one update fewer, never one more
-            log.error("round %d stays taken in %s, which cannot be written: %s", server_round, path, exc)
-
-    return give_back
-
-
-@contextmanager
-def round_taken(context: Context, kind: str, server_round: int | None) -> Iterator[None]:
-    """:func:`take_round` around the work inside the block, which gives the round back if the block raises.
-
-    Raises:
-        RefusedMessage: as :func:`take_round`.
-    """
-    give_back = take_round(context, kind, server_round)
-    try:
-        yield
-    except BaseException:
-        give_back()
-        raise

@@ -18,7 +18,6 @@ import gc
 import hashlib
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.context import SECAGG_SEED, NodeContext, configure_logging, node_base, ray_node
+from client.context import SECAGG_SEED, NodeContext, configure_logging, file_name, node_base, ray_node
+from client.sent import take_round
 from client.state import SiteState
 from mstkd.data.dataset import make_loader
 from mstkd.data.geometry import check_orientation
@@ -68,7 +68,7 @@ def _state_folder(context: NodeContext, site_name: str, key: str = "") -> Path:
     """
     nodes = node_base(context.node, context.run) / "nodes"
     key = check_state_key(key or f"run-{context.run_id}")
-    site = re.sub(r"[^A-Za-z0-9._-]", "_", site_name).lstrip(".-") or "site"  # the node's own name, made a folder name
+    site = file_name(site_name)
     folder = (nodes / key / site).resolve()
     if not folder.is_relative_to(nodes):  # a symlink inside the base pointing out of it
         raise InputError(f"state folder {key}/{site_name} lies outside the node's state folder")
@@ -81,15 +81,19 @@ def _setup(
     server_round: int,
     context: NodeContext,
     clock: Stopwatch,
+    kind: str,
 ):
     """Project config, site data, device, seed, and the student + discriminator holding ``arrays``.
 
     ``instructions`` is the message's config record (the round, the state key, the agreed target geometry): what
     the server asks of this round, as opposed to the run config (``context.run``) and the project config ``cfg``;
-    ``server_round`` its round, which the caller checked (:func:`message_round`) before anything was read.
+    ``server_round`` its round, which the caller checked (:func:`message_round`) before anything was read. Once the
+    message is checked, the round is taken for ``kind`` (``update`` or ``validation``: :func:`client.sent.take_round`)
+    before the site's data are read: whatever comes of the work, the node answers that round once.
     """
     configure_logging(context.node)
     cfg = with_target(project_config(context.run), instructions)  # the geometry the federation agreed on
+    take_round(context, kind, server_round)
     clock.lap("config")
     data = site_data(context.run, context.node, cfg)
     clock.lap("data")
@@ -214,7 +218,7 @@ def local_round(
     last_epoch = context.run.num_server_rounds * context.run.local_epochs  # where the server's schedule ends
     given_epoch = instruction(instructions, "epoch", 0, 0, last_epoch) if "epoch" in instructions else None
     proximal_mu = message_mu(instructions, context.run)
-    cfg, data, device, seed, student, disc = _setup(arrays, instructions, server_round, context, clock)
+    cfg, data, device, seed, student, disc = _setup(arrays, instructions, server_round, context, clock, "update")
     nets = Networks(MSTKDNet(cfg.model), student, disc).to(device)
     optimizers = make_optimizers(nets, cfg.train)
     rng = np.random.default_rng(seed)
@@ -324,7 +328,7 @@ def evaluate_site(
     in_time(context)
     clock = Stopwatch("val", context)
     server_round = message_round(instructions, context.run)  # checked before anything is read
-    cfg, data, device, _, student, _ = _setup(arrays, instructions, server_round, context, clock)
+    cfg, data, device, _, student, _ = _setup(arrays, instructions, server_round, context, clock, "validation")
     clock.lap("build")
     # "full" means everything this site has; subsets it cannot form are skipped
     wanted = parse_subsets(context.run.site_eval_subsets)

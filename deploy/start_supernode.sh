@@ -33,8 +33,8 @@ esac
 case "$SITE" in *[!$ALNUM._-]*) fail "site name '$SITE': use letters, digits, '.', '_', '-' only" ;; esac
 [ "${#SITE}" -le 64 ] || fail "site name '$SITE': at most 64 characters"
 DATA="$(CDPATH='' cd -- "$2" 2>/dev/null && pwd)" || fail "no data folder '$2'"
-STATE="${STATE:-$CREDS/supernodes/$SITE}"
 absolute() { case "$1" in "" | /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # the ClientApp runs elsewhere
+STATE="$(absolute "${STATE:-$CREDS/supernodes/$SITE}")"
 KEY="$(absolute "$CREDS/nodes/$SITE")"
 SECAGG_PEERS="$(absolute "${SECAGG_PEERS:-}")"
 case "${DISCLOSURE_LOG:-}" in [oO][fF][fF]) ;; *) DISCLOSURE_LOG="$(absolute "${DISCLOSURE_LOG:-}")" ;; esac

@@ -34,9 +34,9 @@ def atomic_path(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -62,7 +62,7 @@ def stale_temporaries(path: str | Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{glob.escape(_temporary_stem(path))}.*") if name.fullmatch(p.name))
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush ``path`` (a file, or a folder's entries) to disk; a folder that cannot be opened is left as it is."""
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -7,13 +7,17 @@ import hashlib
 import time
 from pathlib import Path
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.app import app as client_app
+from client.app import site_runner
+from client.secagg import secagg_train
 from messages import signed_keys
 from messages.arrays import is_packed, pack, unpack
 from mstkd.errors import RefusedMessage
@@ -64,6 +68,13 @@ def _train_message(arrays: dict, server_round: int, state_key: str = "run-1.test
     config = ConfigRecord({"server-round": server_round, "lr": 1e-3, "state-key": state_key})
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": config})
     return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
+
+
+def _fit_message(arrays: dict, server_round: int) -> Message:
+    """A legacy fit message, as Flower's SecAgg+ workflow sends one to be trained (and masked)."""
+    values = [np.asarray(value, dtype=np.float32) for value in arrays.values()]  # the federated arrays' order
+    fitins = FitIns(ndarrays_to_parameters(values), {"server-round": server_round, "state-key": "run-1.test"})
+    return Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=5, message_type=MessageType.TRAIN)
 
 
 def test_a_node_refuses_a_global_model_that_is_not_finite_and_keeps_its_state(tmp_path):
@@ -230,7 +241,7 @@ def test_a_site_that_requires_secure_aggregation_sends_no_update_outside_it(tmp_
     own = "node refused: secure aggregation: a list of survivors that is not node ids, this node's among them"
     for survivors in ([6, 7], [5, -1]):  # the node's own part, whatever its terms: node ids, itself among them
         assert client_app(secagg_stage(signed_keys.SURVIVORS, active_nids=survivors), context).error.reason == own
-    # a round named 1.0, which training would take as round 1 a second time (client.secagg.SENT keeps ints)
+    # a round named 1.0, which training would take as round 1 a second time (client.sent records whole numbers)
     collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
     collect.content["fitins.config"] = ConfigRecord({"server-round": 1.0})
     assert client_app(collect, context).error.reason.endswith("the message's server-round is not a whole number")
@@ -320,8 +331,8 @@ def test_a_round_whose_work_would_outlive_its_message_is_refused_and_nothing_is_
     assert "node refused: this round's 1000000 steps would end past its deadline (the message's" in reply.error.reason
     assert time.monotonic() - started < 120
     assert not list((tmp_path / "state").rglob("local.pt"))  # each round dropped whole, its state unsaved
-    run_config["local-steps"] = 2
-    assert not client_app(_train_message(tiny_arrays(), 1), context).has_error()
+    run_config["local-steps"] = 2  # round 1 was answered (refused once training began: client.sent), so round 2
+    assert not client_app(_train_message(tiny_arrays(), 2), context).has_error()
     assert list((tmp_path / "state").rglob("local.pt"))  # the round in time is saved
 
 
@@ -371,16 +382,14 @@ def test_a_node_sends_one_update_and_one_validation_a_round_of_a_run(tmp_path):
 
     assert not client_app(_train_message(arrays, 1), context).has_error()
     other = {k: v * 0.5 for k, v in arrays.items()}
-    refused(_train_message(other, 1, state_key="run-1.other"), "sent its update for round 1 of this run already")
-    refused(_train_message(arrays, 1.0), "sent its update for round 1 of this run already")
-    from flwr.common.secure_aggregation.secaggplus_constants import Stage
-
-    collect = secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6, 7], ctxts=[b"x", b"y"])
-    collect.content["fitins.config"] = ConfigRecord({"server-round": 1})
-    refused(collect, "secure aggregation: this node sent its update for round 1 of this run already")
+    refused(_train_message(other, 1, state_key="run-1.other"), "answered round 1 of this run for its update already")
+    refused(_train_message(arrays, 1.0), "answered round 1 of this run for its update already")
     refused(_train_message(arrays, 0), "the message's server-round 0 is before round 1")
-    collect.content["fitins.config"] = ConfigRecord({"server-round": 0})  # masked, a round 0 is one update more too
-    refused(collect, "secure aggregation: the message's server-round 0 is before round 1")
+    # the training a masked update comes from (Flower's SecAgg+ client calls it with the legacy fit message)
+    for server_round, reason in ((1, "answered round 1 of this run for its update already"), (0, "before round 1")):
+        masked = _fit_message(arrays, server_round)
+        with pytest.raises(RefusedMessage, match=reason):
+            secagg_train(masked, site_runner(masked, context))
     legacy = RecordDict({"fitins.parameters": ArrayRecord(), "fitins.config": ConfigRecord({"server-round": 2})})
     refused(Message(legacy, dst_node_id=5, message_type=MessageType.TRAIN), "a legacy fit message outside SecAgg+")
     assert not list((tmp_path / "state").rglob("*other*"))  # refused before any work
@@ -391,7 +400,7 @@ def test_a_node_sends_one_update_and_one_validation_a_round_of_a_run(tmp_path):
         return Message(content, dst_node_id=5, message_type=MessageType.EVALUATE)
 
     assert not client_app(evaluate(arrays, 1), context).has_error()
-    refused(evaluate(other, 1), "sent its validation for round 1 of this run already")
+    refused(evaluate(other, 1), "answered round 1 of this run for its validation already")
     refused(evaluate(other, 0), "the message's server-round 0 is before round 1")  # the server validates no round 0
     assert not client_app(_train_message(arrays, 2), context).has_error()
     assert not client_app(evaluate(other, 2), context).has_error()

@@ -50,9 +50,10 @@ def test_the_worker_does_the_same_work_once_started_and_refuses_strangers(tmp_pa
         assert runtime.stat().st_mode & 0o777 == 0o700
         assert next(runtime.glob("*.key")).stat().st_mode & 0o777 == 0o600
 
-        # scoring is deterministic: the worker and this process agree to the last bit
-        remote, site = worker.call(node, Job.EVALUATE_SITE, arrays, {})
-        local, _ = client.site.evaluate_site(node, arrays, {})
+        # scoring is deterministic: the worker and this process agree to the last bit (a round is validated once a
+        # run, client.sent: this process's validation is another run's)
+        remote, site = worker.call(node, Job.EVALUATE_SITE, arrays, {"server-round": 1})
+        local, _ = client.site.evaluate_site(NodeContext(**{**vars(node), "run_id": 2}), arrays, {"server-round": 1})
         assert site["name"] == "h1"
         assert {k: v for k, v in remote.items() if "-time-" not in k} == {
             k: v for k, v in local.items() if "-time-" not in k

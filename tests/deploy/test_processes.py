@@ -41,8 +41,9 @@ def test_a_node_config_value_with_a_quote_or_backslash_is_refused_before_anythin
     assert parse_config_args([processes.node_config_arg(good)]) == good
 
 
-def _supernode_sh(tmp_path: Path, site: str, data: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """deploy/start_supernode.sh with a stand-in flower-supernode that records its arguments."""
+def _supernode_sh(tmp_path: Path, site: str, data: Path, **extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """deploy/start_supernode.sh, run in ``tmp_path`` with ``extra`` in its environment, with a stand-in
+    flower-supernode that records its arguments."""
     creds, fake = tmp_path / "creds", tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     record = tmp_path / "flower-supernode.args"
@@ -52,7 +53,8 @@ def _supernode_sh(tmp_path: Path, site: str, data: Path) -> tuple[subprocess.Com
     env = os.environ | {"CREDS": str(creds), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
     env.pop("STATE", None)
     cmd = ["bash", str(ROOT / "deploy" / "start_supernode.sh"), site, str(data), "127.0.0.1:9093"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60), record
+    done = subprocess.run(cmd, env=env | extra, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return done, record
 
 
 @pytest.mark.parametrize(
@@ -89,6 +91,11 @@ def test_start_supernode_sh_passes_a_good_site_through_as_flower_reads_it(tmp_pa
     assert config == {"data-path": str(tmp_path / "my data"), "site-name": "hospital-a", "state-dir": state} | {
         "secagg-key": key  # its SuperNode key also signs its SecAgg+ round keys
     }
+    # a STATE of the site's own, given relative to where the script runs: the ClientApp runs elsewhere
+    done, record = _supernode_sh(tmp_path, "hospital-a", tmp_path / "my data", STATE="node state")
+    assert done.returncode == 0, done.stderr
+    args = record.read_text().splitlines()
+    assert parse_config_args([args[args.index("--node-config") + 1]])["state-dir"] == str(tmp_path / "node state")
 
 
 def test_a_new_superlink_or_supernode_state_folder_is_its_users_only(tmp_path, monkeypatch):
@@ -130,8 +137,8 @@ def test_start_supernode_sh_passes_the_sites_terms_or_refuses_them(tmp_path, mon
     args = record.read_text().splitlines()
     config = parse_config_args([args[args.index("--node-config") + 1]])
     assert config["require-secagg"] == "3" and config["max-work-seconds"] == "7200"
-    assert config["disclosure-log"] == f"{os.getcwd()}/logs/sent.jsonl"  # made absolute: the app runs elsewhere
-    assert config["secagg-peers"] == f"{os.getcwd()}/consortium.pub"
+    assert config["disclosure-log"] == f"{tmp_path}/logs/sent.jsonl"  # made absolute: the app runs elsewhere
+    assert config["secagg-peers"] == f"{tmp_path}/consortium.pub"
     assert config["secagg-key"] == str(tmp_path / "creds" / "nodes" / "hospital-a")  # its key signs its round keys
     assert args[-1] == "app="
     assert approval.APP_DIGEST not in processes._env(tmp_path)

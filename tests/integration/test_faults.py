@@ -9,7 +9,7 @@ import pytest
 
 from client.app import app as client_app
 from server.app import app as server_app
-from tests.helpers import InProcGrid, by_name, nodes, run_inproc, tiny_run_config, write_case
+from tests.helpers import InProcGrid, by_name, nodes, run_inproc, server_context, tiny_run_config, write_case
 from tests.helpers import run_records as _records
 from tests.helpers import server_round as _round
 
@@ -110,12 +110,10 @@ def test_missing_nodes_skip_rounds_instead_of_waiting_forever(tmp_path):
     run_config = tiny_run_config(tmp_path, **{"num-server-rounds": 2, "eval-subsets": "full", "node-wait": 0.5})
     grid = InProcGrid(client_app, run_config, nodes())
     grid.offline = {3}
-    from flwr.app import Context, RecordDict
-
     from server.report import RunFailed
 
     with pytest.raises(RunFailed, match="no round aggregated"):  # so flwr ls and the launchers say failed
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+        server_app(grid, server_context(grid, run_config))
     records = _records(tmp_path / "run")
     assert [r.get("skipped") for r in records[1:]] == ["2 of 3 nodes connected after 0.5 s"] * 2
     # the connected nodes were asked for their voxel size (the plan goes on without the missing one); no round ran

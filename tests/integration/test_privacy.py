@@ -586,14 +586,15 @@ def test_a_node_sends_one_masked_update_a_round_so_a_replayed_round_cannot_singl
     trained, plain_round = [], client.site.local_round
 
     def counted_round(context, *args):
+        result = plain_round(context, *args)
         trained.append(context.node_id)
-        return plain_round(context, *args)
+        return result
 
     monkeypatch.setattr(client.site, "local_round", counted_round)
     with pytest.raises(RunFailed, match="no round aggregated"):  # the second run of round 1 halts, and is recorded
         run_inproc(server_app, client_app, tiny_run_config(tmp_path, **SECAGG_RUN), nodes())
-    assert sorted(trained) == [1, 2, 3]  # each node trained once: the second request was refused before training
-    again = "secure aggregation: this node sent its update for round 1 of this run already"
+    assert sorted(trained) == [1, 2, 3]  # each node trained once: the second request was refused before its data
+    again = "node refused: this node answered round 1 of this run for its update already"
     assert len(refusals) == 3 and all(again in reason for reason in refusals), refusals
     skipped = _records(tmp_path / "run")[1]["skipped"]
     assert skipped.startswith("secure aggregation failed (RuntimeError: too few nodes left after its masked updates")

@@ -10,7 +10,7 @@ from client.app import app as client_app
 from mstkd.errors import InputError
 from server.app import app as server_app
 from server.state import ServerCheckpoint
-from tests.helpers import InProcGrid, nodes, run_inproc, tiny_run_config
+from tests.helpers import InProcGrid, nodes, run_inproc, server_context, tiny_run_config
 from tests.helpers import run_records as _records
 from tests.helpers import server_round as _round
 
@@ -37,8 +37,6 @@ class KillAtRound(InProcGrid):
 
 @pytest.mark.slow
 def test_a_server_killed_after_round_2_resumes_to_the_same_result(tmp_path):
-    from flwr.app import Context, RecordDict
-
     extra = {"num-server-rounds": 3, "eval-subsets": "full", "eval-every": 1, "transport": "float32"}
     whole = tiny_run_config(tmp_path / "whole", **extra)
     run_inproc(server_app, client_app, whole, nodes())
@@ -46,7 +44,7 @@ def test_a_server_killed_after_round_2_resumes_to_the_same_result(tmp_path):
     broken = tiny_run_config(tmp_path / "crash", **extra)
     grid = KillAtRound(client_app, broken, nodes(), round=3)
     with pytest.raises(ServerKilled):
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(broken)))
+        server_app(grid, server_context(grid, broken))
     run = tmp_path / "crash" / "run"
     assert ServerCheckpoint.load(run).round == 2
     resumed = {**broken, "resume-from": str(run), "out-dir": ""}
@@ -81,13 +79,11 @@ def test_a_dp_run_killed_after_a_release_counts_it_and_resumes_only_with_its_noi
     """A release reached the nodes before it was counted, and the server's state (the account resume-from reads) was
     written only at the round's end: a server killed in between resumed with the release uncounted and released the
     round again. And a DP run resumed with dp='off' was taken, under a report that still showed the old epsilon."""
-    from flwr.app import Context, RecordDict
-
     extra = {"num-server-rounds": 2, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.0}
     broken = tiny_run_config(tmp_path, **extra)
     grid = KillAtRound(client_app, broken, nodes(), round=2, stage="evaluate")
     with pytest.raises(ServerKilled):
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(broken)))
+        server_app(grid, server_context(grid, broken))
     run = tmp_path / "run"
     assert ServerCheckpoint.load(run).round == 1
     resumed = {**broken, "resume-from": str(run), "out-dir": ""}
@@ -105,13 +101,11 @@ def test_a_dp_run_restored_from_an_older_copy_of_its_folder_counts_every_release
     own copy of the account (<work-dir>/privacy/<state key>.json) keeps it."""
     import shutil
 
-    from flwr.app import Context, RecordDict
-
     extra = {"num-server-rounds": 2, "eval-subsets": "full", "dp": "server", "dp-clip": 1.0, "dp-noise": 1.0}
     config = tiny_run_config(tmp_path, **extra)
     grid = KillAtRound(client_app, config, nodes(), round=2, stage="train")  # stopped after round 1's end
     with pytest.raises(ServerKilled):
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config)))
+        server_app(grid, server_context(grid, config))
     run, backup = tmp_path / "run", tmp_path / "backup"
     shutil.copytree(run, backup)  # the copy of the folder after round 1: one release
     resumed = {**config, "resume-from": str(run), "out-dir": ""}
