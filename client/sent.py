@@ -5,21 +5,24 @@ groups of nodes that differ in one node would then give that node's update away;
 it would tell a server of other code than the run's how its cases answer each model it sends, and each refusal or
 failure it reports is a bit more. So a node answers each round of a run once for its ``update`` and once for its
 ``validation``, masked or in the clear, whatever state key or model the message names, whether the answer is a reply
-or an error (:func:`take_round`); and no round before 1, which the server never asks for. The server never asks a node
-for a round twice, so an honest run loses nothing by it.
+or an error once the site's data were read (:func:`take_round`); and no round before 1, which the server never asks
+for. The server never asks a node for a round twice, so an honest run loses nothing by it.
 
-The record is one file a run and site, ``<base>/sent/run-<run id>-<site>.jsonl`` in the node's base folder
-(:func:`client.context.node_base`: the node config's ``state-dir``; in a simulation the run config's ``work-dir``;
-else ``$MSTKD_HOME``), named for the site by its node config (:func:`client.context.node_label`), not by the node
-id, which the SuperLink hands out and may change when a node connects again. A round is taken, a line of the file,
-before any work, under an exclusive lock on the file: of two messages of one round that run at once (a simulation
-runs a node's messages on worker threads; a deployed SuperNode that heard nothing from a message's process for a
-minute gives up on it and goes on to the next message while that process may still work), one only gets it. The
-line is flushed to disk, with the folder entries that lead to it, before any work, so a node started again within a
-run, even after a power cut, still refuses the rounds it took.
+The record is one file a run and site, ``<base>/sent/run-<run id>-site-<name>.jsonl`` (in a simulation
+``-partition-<id>``) in the node's base folder (:func:`client.context.node_base`: the node config's ``state-dir``;
+in a simulation the run config's ``work-dir``; else ``$MSTKD_HOME``), named for the site by its node config
+(:func:`client.context.node_label`), not by the node id, which the SuperLink hands out and may change when a node
+connects again. The run id is the SuperLink's too: the bound holds per run the coordinator starts, and the same run
+config submitted again starts a record of its own (a site sees each run in its disclosure log). A round is taken, a
+line of the file, before the site's data are read, under an exclusive lock on the file: of two messages of one round that run at
+once (a simulation runs a node's messages on worker threads; a deployed SuperNode that heard nothing from a
+message's process for a minute gives up on it and goes on to the next message while that process may still work),
+one only gets it. The line, and the entries of the record and its folder, are flushed to disk before any work (where
+the file system lets a folder be flushed), so a node started again within a run, even after a power cut, still
+refuses the rounds it took.
 
 The files are the node user's own, as the disclosure log (:mod:`client.disclosures`): created 0600 in folders made
-0700, never opened through a link, appended under a lock (:func:`private_file`).
+0700, never opened through a link in their own place, appended under a lock (:func:`private_file`).
 """
 
 from __future__ import annotations
@@ -125,11 +128,14 @@ def take_round(context: NodeContext, kind: str, server_round: int) -> None:
     if server_round < 1:
         raise RefusedMessage(f"the message's server-round {server_round} is before round 1")
     try:
-        with private_file(record_path(context)) as fd:
+        path = record_path(context)
+        with private_file(path) as fd:
             if server_round in taken_rounds(fd)[kind]:
                 raise RefusedMessage(f"this node answered round {server_round} of this run for its {kind} already")
             now = datetime.now(UTC).isoformat(timespec="seconds")
             line = {"time": now, "kind": kind, "round": server_round}
             append_line(fd, (json.dumps(line, separators=(",", ":")) + "\n").encode())
+            for folder in (path.parent, path.parent.parent):  # whoever made them: their entries before any work
+                fsync_path(folder)
     except OSError as exc:
         raise RefusedMessage(f"this node's record of what it sent cannot be written: {exc.strerror or exc}") from None
