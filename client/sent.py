@@ -14,12 +14,12 @@ in a simulation the run config's ``work-dir``; else ``$MSTKD_HOME``), named for 
 (:func:`client.context.node_label`), not by the node id, which the SuperLink hands out and may change when a node
 connects again. The run id is the SuperLink's too: the bound holds per run the coordinator starts, and the same run
 config submitted again starts a record of its own (a site sees each run in its disclosure log). A round is taken, a
-line of the file, before the site's data are read, under an exclusive lock on the file: of two messages of one round that run at
-once (a simulation runs a node's messages on worker threads; a deployed SuperNode that heard nothing from a
-message's process for a minute gives up on it and goes on to the next message while that process may still work),
-one only gets it. The line, and the entries of the record and its folder, are flushed to disk before any work (where
-the file system lets a folder be flushed), so a node started again within a run, even after a power cut, still
-refuses the rounds it took.
+line of the file, before the site's data are read, under an exclusive lock on the file: of two messages of one round
+that run at once (a simulation runs a node's messages on worker threads; a deployed SuperNode that heard nothing
+from a message's process for a minute gives up on it and goes on to the next message while that process may still
+work), one only gets it. The line, and the entries of the record and its folder, are flushed to disk before any work
+(where the file system lets a folder be flushed), so a node started again within a run, even after a power cut,
+still refuses the rounds it took.
 
 The files are the node user's own, as the disclosure log (:mod:`client.disclosures`): created 0600 in folders made
 0700, never opened through a link in their own place, appended under a lock (:func:`private_file`).

@@ -42,7 +42,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from deploy.plans import PLAN, described, fused_config, note_changes, plan_line, show
+from deploy.plans import PLAN, check_startable, described, fused_config, note_changes, plan_line, show
 
 MAX_FILES = 10_000
 MAX_BYTES = 256 * 1024 * 1024  # unpacked; Flower refuses a bundle over 10 MB packed
@@ -124,7 +124,8 @@ def approval_entry(app_dir: Path, run_config: list[str] | None) -> str:
     if run_config is None:
         return digest
     config = fused_config(fab, run_config)
-    print(f"# the run config of this plan ({len(config)} values)\n{show(config)}", end="", file=sys.stderr)
+    checked = check_startable(app_dir, config)
+    print(f"# the run config of this plan ({len(config)} values, {checked})\n{show(config)}", end="", file=sys.stderr)
     return plan_line(digest, config)
 
 

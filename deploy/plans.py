@@ -14,7 +14,8 @@ check (docs/deployment.md, "Approve the run's settings too").
     python deploy/approval.py digest . --run-config "num-server-rounds=20 dp='client'"   # prints "plan <digest>"
     python deploy/approval.py approve . --list ~/mstkd/approved.txt --run-config "..."     # adds it to the list
 
-Both print the run config the plan holds (one ``key = value`` a line, on standard error) for the site to review.
+Both print the run config the plan holds (one ``key = value`` a line, on standard error) for the site to review, and
+refuse a plan the app would refuse to start (:func:`check_startable`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,27 @@ def fused_config(fab: bytes, overrides: list[str] | None) -> dict[str, Any]:
         if isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise ValueError(f"--run-config: {key} = {value} is beyond a 64-bit integer, which flwr run refuses")
     return fuse_dicts(defaults, given)
+
+
+def check_startable(app_dir: Path, run_config: Mapping[str, Any]) -> str:
+    """Refuse a plan whose run config the app would refuse at start (:func:`server.checks.check_run_config`: a type,
+    a range, a combination such as ``secagg=true`` with ``dp``), so that a site approves no plan that cannot run.
+    The rules are this checkout's: they are applied where ``app_dir`` is this checkout, and otherwise not (the
+    return value says which).
+
+    Raises:
+        ValueError: the run config the app would refuse, in one line.
+    """
+    if Path(app_dir).resolve() != Path(__file__).resolve().parents[1]:
+        return f"not checked: {app_dir} is not the checkout of this approval tool"
+    from mstkd.runconfig import RunConfig
+    from server.checks import check_run_config
+
+    try:
+        check_run_config(RunConfig.parse(run_config))
+    except ValueError as exc:
+        raise ValueError(f"this plan's run config would not start: {exc}") from None
+    return "checked against the app's start-up rules"
 
 
 def described(overrides: list[str] | None) -> str:

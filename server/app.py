@@ -30,15 +30,15 @@ from messages.signed_keys import read_peers
 from messages.signed_replies import ASKED, read_site_cases
 from mstkd.atomic import write_text
 from mstkd.config import save_config
-from mstkd.errors import InputError
 from mstkd.runconfig import DPClipping, DPMode, RunConfig, check_state_key, project_config
 from mstkd.tracking import Tracker
 from mstkd.train import pick_device, seed_everything
+from server.checks import check_run_config
 from server.evaluation import RoundEnd, say
 from server.ledger import PrivacyLedger, resumed_account
 from server.loop import run_rounds
 from server.plan import agree_target
-from server.privacy import privacy_settings, wrap_for_privacy
+from server.privacy import wrap_for_privacy
 from server.replies import SiteCases
 from server.report import describe_best, finish_run
 from server.runfolder import claim_folder, original_target, run_folder
@@ -46,7 +46,7 @@ from server.runlog import RunLog
 from server.secagg import run_secagg
 from server.silence import SilentNodes
 from server.state import ServerCheckpoint, arrays_to_numpy, global_model, restore_strategy, strategy_state
-from server.strategy import make_strategy, strategy_caveat, strategy_options
+from server.strategy import make_strategy, strategy_caveat
 
 app = ServerApp()
 
@@ -55,22 +55,17 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     run = RunConfig.parse(context.run_config)
-    if run.secagg_peers and not run.secagg:  # a check the coordinator believes in, which would not run
-        raise InputError("secagg-peers checks the nodes' SecAgg+ round keys: it needs secagg=true")
-    peers = read_peers(run.secagg_peers) if run.secagg_peers else frozenset()  # before any node is asked anything
-    if run.site_cases and run.secagg and not peers:
-        raise InputError("site-cases under SecAgg+ knows a node's key from its signed round keys: give secagg-peers")
+    privacy = check_run_config(run)  # before any node is asked anything
+    peers = read_peers(run.secagg_peers) if run.secagg_peers else frozenset()
     cfg = project_config(run)
     val_fraction = float(cfg.data.split.val_fraction)
     listing = SiteCases(context.run_id, read_site_cases(run.site_cases), val_fraction) if run.site_cases else None
     seed_everything(int(cfg.train.seed))
     out = run_folder(run, context.run_id)
     checkpoint = ServerCheckpoint.load(out) if run.resume_from else None
-    privacy = privacy_settings(run)
     account = (
         resumed_account(privacy, out, checkpoint, run.home if privacy else None) if checkpoint is not None else None
     )
-    strategy_options(run, run.min_nodes)  # refuses impossible settings now
     if caveat := strategy_caveat(run, run.min_nodes):
         say(f"WARNING {caveat}")
     # the nodes' state folders: the run's name and a token of its own, so a reused run-name starts clean
@@ -127,8 +122,6 @@ def main(grid: Grid, context: Context) -> None:
 
         runlog.setup_seconds = time.perf_counter() - started  # what this server did before its first round
         if run.secagg:
-            if checkpoint is not None or privacy:
-                raise InputError("secagg=true cannot be combined with resume-from or dp")
             say(f"secure aggregation (SecAgg+) over {run.min_nodes} nodes per round")
             start = time.perf_counter()
             start_arrays = arrays_to_numpy(initial)

@@ -347,3 +347,22 @@ def test_a_plan_line_is_read_as_the_node_will_and_nothing_like_one_passes(tmp_pa
     for n, line in enumerate(["plan", f"plan {digest[1:]}", f"app {digest}", f"plan plan {digest}", f"PLAN {digest}"]):
         with pytest.raises(ValueError, match="line 1: not a digest .* or a plan"):
             approval.read_approved(_list(tmp_path / f"bad{n}.txt", line + "\n"))
+
+
+def test_a_site_approves_no_plan_its_app_would_refuse_to_start(tmp_path, capsys):
+    """This checkout's own rules (server.checks) judge a plan of it: secure aggregation with differential privacy, a
+    key of the wrong type or a strategy setting that cannot work is refused in one line, and nothing is listed."""
+    listed = tmp_path / "approved.txt"
+    for values, reason in (
+        ("secagg=true dp='client'", "secagg=true cannot be combined with resume-from or dp"),
+        ("strategy='bulyan' min-nodes=3", "bulyan with malicious-nodes=1 needs at least 7 nodes"),
+        ("local-epochs=-1.0", "local-epochs"),
+    ):
+        assert approval.main(["approve", str(ROOT), "--list", str(listed), "--run-config", values]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: this plan's run config would not start: ") and reason in error, error
+    assert not listed.exists()
+    assert approval.main(["digest", str(ROOT), "--run-config", "secagg=true min-nodes=3"]) == 0
+    assert "checked against the app's start-up rules" in capsys.readouterr().err
+    # another app's rules are its own: this checkout's are not applied to it
+    assert plans.check_startable(tmp_path, {"secagg": True, "dp": "client"}).startswith("not checked: ")
