@@ -84,16 +84,19 @@ def fused_config(fab: bytes, overrides: list[str] | None) -> dict[str, Any]:
 def check_startable(app_dir: Path, run_config: Mapping[str, Any]) -> str:
     """Refuse a plan whose run config the app would refuse at start (:func:`server.checks.check_run_config`: a type,
     a range, a combination such as ``secagg=true`` with ``dp``), so that a site approves no plan that cannot run.
-    The rules are this checkout's: they are applied where ``app_dir`` is this checkout, and otherwise not (the
-    return value says which).
+    The rules are those of the checkout this environment imports the project from: they are applied where
+    ``app_dir`` is that checkout, and otherwise not (the return value says which).
 
     Raises:
         ValueError: the run config the app would refuse, in one line.
     """
-    if Path(app_dir).resolve() != Path(__file__).resolve().parents[1]:
-        return f"not checked: {app_dir} is not the checkout of this approval tool"
+    import server.checks
     from mstkd.runconfig import RunConfig
     from server.checks import check_run_config
+
+    rules = Path(server.checks.__file__).resolve().parents[1]
+    if Path(app_dir).resolve() != rules:
+        return f"not checked: this environment's rules are those of {rules}, not of {app_dir}"
 
     try:
         check_run_config(RunConfig.parse(run_config))

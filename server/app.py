@@ -43,7 +43,7 @@ from server.replies import SiteCases
 from server.report import describe_best, finish_run
 from server.runfolder import claim_folder, original_target, run_folder
 from server.runlog import RunLog
-from server.secagg import run_secagg
+from server.secagg import check_masks, run_secagg
 from server.silence import SilentNodes
 from server.state import ServerCheckpoint, arrays_to_numpy, global_model, restore_strategy, strategy_state
 from server.strategy import make_strategy, strategy_caveat
@@ -56,6 +56,8 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     run = RunConfig.parse(context.run_config)
     privacy = check_run_config(run)  # before any node is asked anything
+    if run.secagg:
+        check_masks()  # what this environment's Flower allows
     peers = read_peers(run.secagg_peers) if run.secagg_peers else frozenset()
     cfg = project_config(run)
     val_fraction = float(cfg.data.split.val_fraction)

@@ -72,6 +72,16 @@ flower_secagg.factor_extract = _checked_factor_extract
 FULL_SEEDS = use_full_seeds(flower_secagg)  # the nodes' masks, drawn from the whole of each seed (client.secagg)
 
 
+def check_masks() -> None:
+    """Refuse secure aggregation where the masks could not be put in place (:mod:`messages.masks`).
+
+    Raises:
+        InputError: this Flower draws SecAgg+ masks in a way this version does not know.
+    """
+    if not FULL_SEEDS:
+        raise InputError("secure aggregation: this Flower draws SecAgg+ masks in a way this version does not know")
+
+
 class RoundSafeSecAgg(SecAggPlusWorkflow):
     """Flower's SecAgg+ fit stage, with two repairs so that a node's failure costs that node, or at worst its round,
     never the run:
@@ -185,8 +195,6 @@ def run_secagg(
     :class:`server.secagg_grid.CheckedGrid`); return the final global arrays (by name)."""
     rounds, min_nodes, timeout = run.num_server_rounds, run.min_nodes, run.round_timeout
     local_epochs, max_weight = run.local_epochs, run.secagg_max_weight
-    if not FULL_SEEDS:
-        raise InputError("secure aggregation: this Flower draws SecAgg+ masks in a way this version does not know")
     names = list(initial)
     current = {"round": 0, "arrays": dict(initial)}
 

@@ -3,7 +3,6 @@ declares a node lost after taking its masked update is left with a mask it canno
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -26,8 +25,8 @@ import client.secagg  # noqa: F401  (puts the masks in place on the node's side)
 import server.secagg  # noqa: F401  (and on the server's)
 from messages.masks import masks, use_full_seeds
 from mstkd.errors import InputError, RefusedMessage
-from mstkd.runconfig import RunConfig
-from tests.helpers import secagg_stage
+from server.app import app as server_app
+from tests.helpers import InProcGrid, secagg_stage, server_context
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's task identity, which making a message needs
 
@@ -116,8 +115,11 @@ def test_the_node_and_the_server_draw_their_masks_alike_and_from_the_whole_seed(
     with pytest.raises(RefusedMessage, match="this node's Flower draws masks in a way this version does not know"):
         client.secagg.secagg_mod(secagg_stage(Stage.SETUP, node=5), context, lambda m, c: pytest.fail("no work"))
     monkeypatch.setattr(server.secagg, "FULL_SEEDS", False)
+    run_config = {"secagg": True, "min-nodes": 3}
+    grid = InProcGrid(lambda message, context: pytest.fail("no node is asked"), run_config, [{}])
     with pytest.raises(InputError, match="this Flower draws SecAgg\\+ masks in a way this version does not know"):
-        server.secagg.run_secagg(None, None, dataclasses.replace(RunConfig(), min_nodes=3), {}, {}, None, None)
+        server_app(grid, server_context(grid, run_config))
+    assert grid.sent == []
 
 
 # --------------------------------------------------------------------------- the attack, through Flower's own client

@@ -23,6 +23,10 @@ REFUSED = [
     ({"dp": "server", "strategy": "fedadam"}, "use fedavg or fedprox with differential privacy"),
     ({"strategy": "multikrum", "krum-select": 9}, "krum-select=9: more replies than"),
     ({"overrides": "no.such=1"}, "unknown config key"),
+    ({"eval-subsets": "flair+bogus"}, "eval-subsets: unknown modality 'bogus'"),
+    ({"site-eval-subsets": "bogus"}, "site-eval-subsets: unknown modality 'bogus'"),
+    ({"run-name": "a/b"}, "run-name 'a/b.00000000' is not a plain folder name"),
+    ({"tracker": "wandb"}, "tracker wandb: choose from"),
 ]
 
 
