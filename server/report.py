@@ -89,6 +89,11 @@ def _faults(record: dict) -> str:
         for b in record.get("bounded", [])
     ]
     parts += [
+        f"site {plain(c.get('site'))} claimed an update of norm {c['claimed']:.3g}, counted as update-bound's "
+        f"{c['limit']:.3g} (SecAgg+)"
+        for c in record.get("claims-bounded", [])
+    ]
+    parts += [
         f"node {plain(c.get('node'))} ({plain(c.get('stage'))}) claimed {c['claimed']} cases, weighed as the "
         f"{c['most']} site-cases gives"
         for c in record.get("capped", [])

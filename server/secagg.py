@@ -19,6 +19,15 @@ error of the average is about ``nodes x 3.8e-6 x secagg-max-weight / total examp
 ``secagg-max-weight`` to about the largest site's number of training cases. The sum of the nodes' weight factors, which
 the sum of updates is divided by, is masked too: once unmasked it must be what the case counts the nodes sent in
 the clear give, or the round is skipped. The scalar metrics (losses, ``update-norm``, case counts) are not masked.
+
+Nor can a node's masked update be checked alone, but the unmasked average can (:func:`allowed_update`): it is a
+weighted mean of the nodes' updates, so no longer than the same mean of their lengths, which each node sends in the
+clear (``update-norm``). A node that masked another update than the one it describes makes the average longer than the
+claims allow (one that added 4.0 to each of its scaled weights moved the tiny test model by 2400, where the honest
+nodes' updates were about 1 long, and its evaluation collapsed), and the round is skipped with the model kept. A node
+can also claim a long update to cover one; with ``update-bound`` k each claim counts for at most k times the lower
+median of the claims, so a round moves the model by at most k times a typical update's length (in whatever direction
+a hostile node chooses), where before a node moved it at will.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from contextvars import ContextVar
 import numpy as np
 from cryptography.exceptions import UnsupportedAlgorithm
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common import ndarrays_to_parameters
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -40,6 +49,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_secagg
 
 from messages import signed_keys
+from messages.clipping import update_norm
 from messages.masks import use_full_seeds
 from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
@@ -47,6 +57,10 @@ from server.replies import SiteCases, metric_problem, printable
 from server.runlog import RunLog
 from server.secagg_grid import CheckedGrid
 
+RELATIVE_SLACK = 1e-6
+"""What float64 arithmetic may add to the lengths the nodes measure, relative to them."""
+CLIP, LEVELS = 8.0, 2**22
+"""The range each node's scaled weights are clipped to, and the steps they are quantised to (Flower's defaults)."""
 RECONSTRUCTION = 2 / 3
 """Share of key shares needed to recover a dropped node's mask."""
 
@@ -70,6 +84,33 @@ def _checked_factor_extract(parameters):
 
 flower_secagg.factor_extract = _checked_factor_extract
 FULL_SEEDS = use_full_seeds(flower_secagg)  # the nodes' masks, drawn from the whole of each seed (client.secagg)
+
+
+def allowed_update(
+    claims: list[tuple[int, float]], *, max_weight: float, levels: int, clip: float, size: int, bound: float = 0.0
+) -> tuple[float, list[tuple[int, float, float]]]:
+    """The longest update the unmasked average of ``claims`` can have, and the claims ``bound`` cut.
+
+    Each claim is a node's case count and the length of its update (``update-norm``, 0 when missing or not a finite
+    number from 0). The average weighs each node's update by its weight factor, ``round(count / max_weight * levels)``,
+    so by the triangle inequality it is no longer than the same weighted mean of the lengths; quantising each node's
+    scaled weights (``size`` of them) to ``levels`` steps over [-``clip``, ``clip``] moves each weight of the sum by
+    less than one step per node, which the division by the total weight factor scales. With ``bound`` k > 0, a claim is
+    first cut to k times the lower median of the claims above 0 (most nodes must be honest); the cut ones come back as
+    ``(position, claimed, limit)``.
+    """
+    weights = [round(count / max_weight * levels) for count, _ in claims]
+    norms = [float(norm) if np.isfinite(norm) and norm >= 0 else 0.0 for _, norm in claims]
+    cut: list[tuple[int, float, float]] = []
+    moved = sorted(n for n in norms if n > 0)
+    if bound and moved:
+        limit = bound * moved[(len(moved) - 1) // 2]
+        cut = [(i, n, limit) for i, n in enumerate(norms) if n > limit]
+        norms = [min(n, limit) for n in norms]
+    total = sum(weights)
+    mean = sum(w * n for w, n in zip(weights, norms, strict=True)) / total
+    quantisation = np.sqrt(size) * len(claims) * 2 * clip / total
+    return mean * (1 + RELATIVE_SLACK) + quantisation, cut
 
 
 def check_masks() -> None:
@@ -178,6 +219,68 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
         return bool(kept) and self._check_threshold(state)
 
 
+def _claimed_norm(metrics: dict) -> float:
+    """The length of its update a node claims (``update-norm``), or 0 where it sent none that reads as one."""
+    value = metrics.get("update-norm")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+class CheckedFedAvg(LegacyFedAvg):
+    """Flower's FedAvg as the SecAgg+ workflow calls it, with every result carrying the unmasked average: the average
+    is checked against the lengths the nodes claim (:func:`allowed_update`; each claim cut to ``update_bound`` lower
+    medians when it is above 0) before it becomes the round's model. A round whose average is longer is skipped with
+    the model kept (a ``ValueError``, which :class:`RoundSafeSecAgg` turns into a skipped round); either way the
+    round's record says how far the average moved the model and how far the claims allowed (``secagg-update``)."""
+
+    def __init__(self, *args, runlog: RunLog, names: list[str], max_weight: float, update_bound: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runlog, self.names, self.max_weight, self.update_bound = runlog, names, max_weight, update_bound
+        self.sent: list[np.ndarray] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.sent = [
+            np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(parameters)
+        ]  # as the nodes read it
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round, results, failures):
+        aggregated = super().aggregate_fit(server_round, results, failures)  # the nodes' metrics are recorded first
+        if results:  # each result holds the same unmasked average
+            self._check(
+                server_round, [fitres for _, fitres in results], parameters_to_ndarrays(results[0][1].parameters)
+            )
+        return aggregated
+
+    def _check(self, server_round: int, results: list, average: list[np.ndarray]) -> None:
+        claims = [(int(r.num_examples), _claimed_norm(r.metrics)) for r in results]
+        allowed, cut = allowed_update(
+            claims,
+            max_weight=self.max_weight,
+            levels=LEVELS,
+            clip=CLIP,
+            size=sum(a.size for a in self.sent),
+            bound=self.update_bound,
+        )
+        norm = update_norm(dict(zip(self.names, self.sent, strict=True)), dict(zip(self.names, average, strict=True)))
+        record = self.runlog.record(server_round)
+        record["secagg-update"] = {"norm": norm, "allowed": allowed}
+        if cut:
+            record["claims-bounded"] = [
+                {"site": printable(results[i].metrics.get("site", "?"), 64), "claimed": claimed, "limit": limit}
+                for i, claimed, limit in cut
+            ]
+        if norm <= allowed:
+            return
+        why = "a node masked another update than the one it describes"
+        reach = max(c for c, _ in claims) / self.max_weight * max(float(np.abs(a).max()) for a in self.sent)
+        if reach > 0.9 * CLIP:  # honest weights scaled past the range are clipped, and the sum is wrong too
+            why += f", or a site's weights scaled by its cases / secagg-max-weight ({reach:.3g}) passed {CLIP:g}"
+        raise ValueError(
+            f"the unmasked average moved the model by {norm:.4g}, more than the {allowed:.4g} the nodes' "
+            f"update-norm claims allow: {why}"
+        )
+
+
 def run_secagg(
     grid: Grid,
     context: Context,
@@ -226,7 +329,11 @@ def run_secagg(
         evaluate_fn(server_round, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
         return None
 
-    strategy = LegacyFedAvg(
+    strategy = CheckedFedAvg(
+        runlog=runlog,
+        names=names,
+        max_weight=max_weight,
+        update_bound=run.update_bound,
         fraction_fit=1.0,
         fraction_evaluate=0.0,
         min_fit_clients=min_nodes,
@@ -249,6 +356,8 @@ def run_secagg(
         fit_workflow=RoundSafeSecAgg(
             num_shares=1.0,  # every sampled node holds a share of every other node's key
             reconstruction_threshold=RECONSTRUCTION,
+            clipping_range=CLIP,
+            quantization_range=LEVELS,
             max_weight=max_weight,
             timeout=timeout,
             on_failure=failed,

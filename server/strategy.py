@@ -136,8 +136,9 @@ def strategy_options(run: RunConfig, nodes: int) -> dict:
 
 def check_update_bound(run: RunConfig) -> None:
     """Refuse an ``update-bound`` that cannot work: one below 1 (it would shrink a typical update too), or one with
-    secure aggregation (the server never sees a single update) or differential privacy (whose clipping bounds each
-    update at a norm of its own; a bound that follows the other sites' updates would change what the noise covers).
+    differential privacy (whose clipping bounds each update at a norm of its own; a bound that follows the other
+    sites' updates would change what the noise covers). Under secure aggregation it bounds the lengths the nodes claim
+    (:func:`server.secagg.allowed_update`), since the server never sees a single update.
 
     Raises:
         InputError: one line naming the setting.
@@ -147,8 +148,6 @@ def check_update_bound(run: RunConfig) -> None:
         return
     if not 1 <= bound < float("inf"):
         raise InputError(f"update-bound={bound:g}: give 0 (off) or a number from 1 (times the round's median update)")
-    if run.secagg:
-        raise InputError("update-bound with secagg=true: the server sees only the sum of the updates, not one")
     if run.dp != DPMode.OFF:
         raise InputError(
             f"update-bound with dp={str(run.dp)!r}: differential privacy clips each update at dp-clip already; "

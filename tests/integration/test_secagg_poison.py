@@ -1,0 +1,104 @@
+"""A hostile node under SecAgg+, in process: the server sees only the unmasked average, which must be no longer than
+the lengths the nodes claim allow (server.secagg.allowed_update)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.app import app as server_app
+from tests.helpers import nodes, run_inproc, tiny_run_config
+from tests.helpers import run_records as _records
+from tests.integration.test_privacy import SECAGG_RUN, _secagg_liars
+
+HOSTILE = 3
+
+
+def _shifted_by(steps: int):
+    """A masked-vectors reply whose every masked weight (the weight factor left alone) is ``steps`` quantisation
+    steps higher: the masks still cancel, the weight check passes, and the unmasked sum is moved by that much."""
+    from flwr.compat.common.parameter import bytes_to_ndarray, ndarray_to_bytes
+
+    def lie(honest):
+        factor, *vectors = honest["masked_params"]
+        moved = []
+        for raw in vectors:
+            vector = bytes_to_ndarray(raw)
+            moved.append(ndarray_to_bytes(((vector.astype(np.int64) + steps) % 2**32).astype(vector.dtype)))
+        return {**honest, "masked_params": [factor, *moved]}
+
+    return lie
+
+
+def _hostile_app(steps: int, claim: float | None = None, rounds: frozenset[int] = frozenset({1})):
+    """The node app, but node ``HOSTILE`` shifts its masked update by ``steps`` in ``rounds`` and, with ``claim``,
+    says its update is that long (``update-norm``, sent in the clear beside it)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    shifting = _secagg_liars(
+        {HOSTILE: "collect_masked_vectors-shift"}, {"collect_masked_vectors-shift": _shifted_by(steps)}
+    )
+    honest = _secagg_liars({})
+
+    def app(msg, context):
+        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if context.node_id != HOSTILE or msg.metadata.group_id not in {str(r) for r in rounds}:
+            return honest(msg, context)
+        asked = record.get(Key.STAGE) if record is not None else None
+        reply = shifting(msg, context)
+        if claim is not None and asked == "collect_masked_vectors" and reply.has_content():
+            reply.content.config_records["fitres.metrics"]["update-norm"] = claim
+        return reply
+
+    return app
+
+
+@pytest.mark.slow
+def test_a_node_that_masks_another_update_than_it_describes_loses_the_round_not_the_model(tmp_path):
+    """Node 3 adds 2**20 steps (4.0) to every weight of its masked update: the masks cancel and its weight factor is
+    true, so no earlier check saw it, and the round's model moved by about 2400 against the honest nodes' 1 (the
+    global evaluation collapsed). The average is now measured against the lengths the nodes claim: the round is
+    skipped, its model kept, and the next, honest, round aggregates within its bound."""
+    run_inproc(
+        server_app,
+        _hostile_app(2**20),
+        tiny_run_config(tmp_path, **{**SECAGG_RUN, "num-server-rounds": 2}),
+        nodes(),
+    )
+    records = _records(tmp_path / "run")
+    first, second = records[1], records[2]
+    assert first["skipped"].startswith("secure aggregation failed (ValueError: the unmasked average moved the model by")
+    assert first["secagg-update"]["norm"] > 100 * first["secagg-update"]["allowed"]
+    assert "skipped" not in second and "global" in second
+    assert 0 < second["secagg-update"]["norm"] <= second["secagg-update"]["allowed"]
+    assert second["model_norm"] < 2 * first["model_norm"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bound", [0.0, 3.0])
+def test_with_update_bound_a_long_claim_cannot_cover_a_shifted_update(tmp_path, bound):
+    """Node 3 shifts its masked update by 2**17 steps and claims an update of 1e6 to cover it. Claims alone cannot
+    stop that (without update-bound the round aggregates, moved by far more than the honest nodes' updates); with
+    update-bound 3 its claim counts for 3 times the lower median of the claims, and the round is skipped."""
+    from server.report import RunFailed
+
+    run_config = tiny_run_config(tmp_path, **{**SECAGG_RUN, "update-bound": bound})
+    if bound:  # its one round skipped, the run ends as one that never aggregated
+        with pytest.raises(RunFailed, match="no round aggregated"):
+            run_inproc(server_app, _hostile_app(2**17, claim=1e6), run_config, nodes())
+    else:
+        run_inproc(server_app, _hostile_app(2**17, claim=1e6), run_config, nodes())
+    record = _records(tmp_path / "run")[1]
+    honest = [s["update-norm"] for s in record["sites"].values() if s["update-norm"] < 1e6]
+    assert len(honest) == 2 and record["secagg-update"]["norm"] > 10 * max(honest)
+    if not bound:
+        assert "skipped" not in record and "claims-bounded" not in record
+        return
+    assert record["skipped"].startswith(
+        "secure aggregation failed (ValueError: the unmasked average moved the model by"
+    )
+    (cut,) = record["claims-bounded"]
+    assert cut["site"] == "site-3" and cut["claimed"] == 1e6
+    assert cut["limit"] == pytest.approx(3 * max(honest))  # the lower median of three claims: the longer honest one
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "site site-3 claimed an update of norm 1e+06, counted as update-bound's" in report
