@@ -88,11 +88,16 @@ def _faults(record: dict) -> str:
         f"node {plain(b.get('node'))}'s update (norm {b['norm']:.3g}) scaled down to update-bound's {b['limit']:.3g}"
         for b in record.get("bounded", [])
     ]
-    parts += [
-        f"site {plain(c.get('site'))} claimed an update of norm {c['claimed']:.3g}, counted as update-bound's "
-        f"{c['limit']:.3g} (SecAgg+)"
+    parts += [  # under SecAgg+ a node's name is its own word: the protocol hides which node sent what
+        f"a node calling itself {plain(c.get('site'))} claimed an update of norm {c['claimed']:.3g}, counted as "
+        f"update-bound's {c['limit']:.3g} (SecAgg+)"
         for c in record.get("claims-bounded", [])
     ]
+    if (average := record.get("secagg-update", {})).get("scaled"):
+        parts.append(
+            f"the unmasked average's update (norm {average['norm']:.3g}) scaled down to update-bound's "
+            f"{average['bound']:.3g} (SecAgg+)"
+        )
     parts += [
         f"node {plain(c.get('node'))} ({plain(c.get('stage'))}) claimed {c['claimed']} cases, weighed as the "
         f"{c['most']} site-cases gives"

@@ -78,6 +78,10 @@ RECORD_SHAPE: dict[str, Check] = {
     "rested": _list_of(is_whole),
     "bounded": _list_of(_fields({"node": _maybe(is_whole), "norm": is_finite, "limit": is_finite})),
     "capped": _list_of(_fields({"stage": _text, "node": _maybe(is_whole), "claimed": is_whole, "most": is_whole})),
+    "secagg-update": _fields(
+        {"norm": is_finite, "claims": is_finite, "bound": is_finite}, {"scaled": lambda v: isinstance(v, bool)}
+    ),
+    "claims-bounded": _list_of(_fields({"site": _text, "claimed": is_finite, "limit": is_finite})),
     "collapse": _list_of(_fields({"where": _text, "what": _text})),
     "privacy": _privacy,
     "global": _fields({"mean_dice": is_number, **_SCORES}, rest=is_number),  # an HD95 of nothing is NaN: a number too
