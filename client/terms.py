@@ -1,8 +1,10 @@
 """A site's own terms for what leaves it, from its node config, which no run submitter can change.
 
 ``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
-Without it, a run config with ``secagg=true`` (what a site approves in a plan, ``deploy/plans.py``) still refuses a
-train message outside the protocol, but none of the terms below.
+Without it, a run config with ``secagg=true`` (what a site approves in a plan, ``deploy/plans.py``) sets the same
+terms with N = 2 (a site that wants a floor on a round's size sets ``require-secagg``). Before, such a run refused only
+a train message outside the protocol, so a set-up whose masks were drawn from 2 values, all 0, or whose threshold was
+1 reached Flower's client, and so did a request to mask with too few partners after a node was lost.
 With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed, each node's by its own,
 for this round's set-up, masked only with partners that signed the key list this node was given, and unmasked only
 among nodes that signed that they trained on the instructions this node trained on, and only with alive the
@@ -64,15 +66,17 @@ def required_secagg(msg: Message, context: Context, call_next) -> Message:
     """
     node = NodeConfig.parse(context.node_config)
     needed = node.require_secagg
-    if not needed:
-        if node.secagg_peers:  # the site believes its keys are checked: say so rather than run unchecked
-            raise RefusedMessage("this site's secagg-peers checks SecAgg+ keys only with require-secagg, which is 0")
-        in_the_clear = message_kind(msg) == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records
-        if in_the_clear and RunConfig.parse(context.run_config).secagg:  # what a site approves in a plan
-            raise RefusedMessage("this run's secagg=true sends an update only under SecAgg+; this message is not")
+    if needed:
+        needed = max(needed, 2)
+        terms = (
+            f"this site sends its update only under secure aggregation among {needed} nodes or more (require-secagg)"
+        )
+    elif node.secagg_peers:  # the site believes its keys are checked: say so rather than run unchecked
+        raise RefusedMessage("this site's secagg-peers checks SecAgg+ keys only with require-secagg, which is 0")
+    elif RunConfig.parse(context.run_config).secagg:  # what a site approves in a plan: the protocol's terms hold too
+        needed, terms = 2, "this run's secagg=true sends this site's update only under secure aggregation"
+    else:
         return call_next(msg, context)
-    needed = max(needed, 2)
-    terms = f"this site sends its update only under secure aggregation among {needed} nodes or more (require-secagg)"
     if msg.metadata.message_type not in ANSWERED:
         raise RefusedMessage(f"{terms}; it answers train, evaluate and query messages only")
     if message_kind(msg) != MessageType.TRAIN:
@@ -122,7 +126,8 @@ def _shown(value) -> str:
 def _setup(configs: ConfigRecord, needed: int) -> tuple[str | None, ConfigRecord | None]:
     shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
     if not (is_whole(shares) and is_whole(threshold) and 2 * threshold > shares >= needed):
-        return f"this round's threshold and shares ({_shown(threshold)} of {_shown(shares)}) are not", None
+        shown = f"{_shown(threshold)} of {_shown(shares)}"
+        return f"this round's threshold ({shown}) is not over half of {needed} or more shares", None
     if configs.get(Key.MOD_RANGE) != MOD_RANGE or not is_whole(configs.get(Key.MOD_RANGE)):
         return "this round's masks would not be drawn from 2^32 values", None
     return None, ConfigRecord({"threshold": int(threshold)})

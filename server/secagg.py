@@ -305,6 +305,14 @@ class CheckedFedAvg(LegacyFedAvg):
         norm = update_norm(dict(zip(self.names, self.sent, strict=True)), dict(zip(self.names, average, strict=True)))
         record = self.runlog.record(server_round)
         record["secagg-update"] = {"norm": norm, "claims": allowed.claims, "bound": allowed.bound}
+        moved = sum(n > 0 for _, n in claims)
+        if self.update_bound and moved < 3:  # as server.strategy warns in the clear
+            log.warning(
+                "round %d: update-bound compares %d claim(s) of updates that moved: no median here that a hostile "
+                "site cannot set (three or more are needed)",
+                server_round,
+                moved,
+            )
         if allowed.cut:
             record["claims-bounded"] = [
                 {"site": printable(results[i].metrics.get("site", "?"), 64), "claimed": claimed, "limit": limit}

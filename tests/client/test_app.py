@@ -357,7 +357,7 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
         (fixed, {KEY_CLIPPING_NORM: 2.0}, "(dp='client', fixed)"),
         (adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "fixed"}, "(dp='client', adaptive)"),
         (adaptive, {"dp-clipping": "adaptive"}, "(dp='client', adaptive)"),  # no norm: the update would leave unclipped
-        ({"secagg": True, "min-nodes": 3}, {}, "this run's secagg=true sends an update only under SecAgg+"),
+        ({"secagg": True, "min-nodes": 3}, {}, "this run's secagg=true sends this site's update only under secure"),
     ]:
         refused = reply(settings, config)
         assert refused.has_error() and reason in refused.error.reason, (settings, config, refused.error.reason)
@@ -366,6 +366,37 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
     done = reply(adaptive, {KEY_CLIPPING_NORM: 0.7, "dp-clipping": "adaptive"}, 3)  # the norm moves round to round
     assert not done.has_error() and done.content["metrics"]["norm_bit"] in (0, 1)
     assert not reply({"dp": "server", "min-nodes": 3}, {}, 4).has_error()  # the server clips: nothing asked of the node
+
+
+def test_a_run_with_secagg_holds_its_rounds_to_the_protocols_terms_without_require_secagg(tmp_path, monkeypatch):
+    """A site that approves a plan with secagg=true but sets no require-secagg: its node refused only a train message
+    in the clear, so a set-up whose masks were drawn from 2 values (every mask 0) or whose threshold was 1 of 3 (one
+    share gives a secret away) reached Flower's SecAgg+ client, and so would the later stages' crafted messages. The
+    run's secagg=true now sets the protocol's terms with a floor of 2 nodes; an honest round keeps to them."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    import client.secagg as secagg
+
+    _, context = _node(tmp_path)
+    context.run_config.update({"secagg": True, "min-nodes": 3})
+    worked = []
+    monkeypatch.setattr(secagg, "secaggplus_mod", lambda msg, ctx, call_next: worked.append(msg) or msg)
+    terms = "node refused: this run's secagg=true sends this site's update only under secure aggregation; "
+
+    def refused(message: Message, why: str) -> None:
+        reply = client_app(message, context)
+        assert reply.has_error() and reply.error.reason.startswith(terms + why), reply.error.reason
+
+    refused(secagg_stage(Stage.SETUP, **{**SETUP, "mod_range": 2}, share_num=3, threshold=2), "this round's masks")
+    refused(secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=1), "this round's threshold (1 of 3) is not")
+    assert not worked
+    keys = {"5": [b"a", b"b"], "6": [b"c", b"d"], "7": [b"e", b"f"]}
+    client_app(secagg_stage(Stage.SETUP, **SETUP, share_num=3, threshold=2), context)
+    refused(secagg_stage(Stage.SHARE_KEYS, **keys, **{"8": [b"g", b"h"]}), "this round's 4 nodes are not fewer")
+    client_app(secagg_stage(Stage.SHARE_KEYS, **keys), context)
+    refused(secagg_stage(Stage.COLLECT_MASKED_VECTORS, srcs=[6], ctxts=[b"x"]), "this node would be masked with 1 of")
+    refused(secagg_stage(Stage.UNMASK, active_nids=[5, 6], dead_nids=[6]), "this round's unmasking names a node twice")
+    assert [m.content["secaggplus_configs"]["stage"] for m in worked] == [Stage.SETUP, Stage.SHARE_KEYS]
 
 
 def test_a_node_sends_one_update_and_one_validation_a_round_of_a_run(tmp_path):

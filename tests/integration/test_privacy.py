@@ -414,13 +414,17 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypat
     """Flower's SecAgg+ workflow reads every reply's fields unchecked: one node's reply without them ended the
     whole run with a KeyError. Now it is that node's error, which the protocol treats as a dropped node; the round
     aggregates the others' updates, whichever stage the node is lost in (one lost in the first two stages lost the
-    round for every node, and key shares that skipped a neighbour made the sum wrong)."""
+    round for every node, and key shares that skipped a neighbour made the sum wrong). Except after the key
+    exchange: of three nodes, each other node would be masked with one partner, whose key the others' unmasking
+    answers could rebuild, so they refuse (the protocol's terms, client/terms.py) and the round halts with that
+    reason (test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others: six nodes go on)."""
     from server.report import RunFailed
 
     hostile = _secagg_liars({3: stage})
     updates = _record_updates(monkeypatch)
     run_config = tiny_run_config(tmp_path, **SECAGG_RUN)
-    if stage == "unmask-shares":  # the run goes on and, with its one round lost, ends as failed
+    halts = stage == "unmask-shares" or stage.startswith("share_keys")
+    if halts:  # the run goes on and, with its one round lost, ends as failed
         with pytest.raises(RunFailed, match="no round aggregated|the global model never changed"):
             run_inproc(server_app, hostile, run_config, nodes())
     else:  # raised KeyError, ValueError or IndexError, lost the round, or made the sum wrong before
@@ -428,6 +432,9 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypat
     record = _records(tmp_path / "run")[1]
     if stage == "unmask-shares":
         assert record["skipped"].startswith("secure aggregation failed (ValueError: Failed to combine shares")
+    elif halts:
+        assert "2 x node refused: this run's secagg=true sends this site's update only under" in record["skipped"]
+        assert "this node would be masked with 1 of the round's 2 other nodes" in record["skipped"]
     else:  # the reply was refused before the workflow read it: the protocol went on without its node
         assert "skipped" not in record
         counted = [1, 2, 3] if stage.startswith("unmask") else [1, 2]  # node 3's update is in the sum or not at all
@@ -452,17 +459,19 @@ def test_a_secagg_round_that_halts_for_want_of_nodes_is_recorded_as_skipped_with
 @pytest.mark.slow
 @pytest.mark.parametrize("first", ["setup", "share_keys"])
 def test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others(tmp_path, monkeypatch, first):
-    """Five nodes: node 4 is lost before it has shared its keys, node 5 after (its masked vector is refused). The
-    round's sum is the FedAvg of nodes 1-3: node 5's masks with its neighbours are recovered from their shares, and
-    node 4, forgotten, is in no neighbourhood the server unmasks (were it, the sum was wrong, or a KeyError ended the
-    run)."""
+    """Six nodes: node 4 is lost before it has shared its keys, node 5 after (its masked vector is refused). The
+    round's sum is the FedAvg of nodes 1-3 and 6: node 5's masks with its neighbours are recovered from their shares,
+    and node 4, forgotten, is in no neighbourhood the server unmasks (were it, the sum was wrong, or a KeyError ended
+    the run). Six, not five: with node 4 lost after the key exchange, each node of five would be masked with 3
+    partners at threshold 3, few enough that the unmasking answers could rebuild their keys, and the protocol's terms
+    refuse that (client/terms.py)."""
     hostile = _secagg_liars({4: first, 5: "collect_masked_vectors"})
     updates = _record_updates(monkeypatch)
-    run_config = tiny_run_config(tmp_path, **SECAGG_RUN, **{"min-nodes": 5, "phantom-cases": 30})
-    run_inproc(server_app, hostile, run_config, [{"partition-id": i, "num-partitions": 5} for i in range(5)])
+    run_config = tiny_run_config(tmp_path, **SECAGG_RUN, **{"min-nodes": 6, "phantom-cases": 36})
+    run_inproc(server_app, hostile, run_config, [{"partition-id": i, "num-partitions": 6} for i in range(6)])
     record = _records(tmp_path / "run")[1]
     assert "skipped" not in record and record["secure_aggregation"] == "SecAgg+"
-    _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3], SECAGG_RUN["secagg-max-weight"])
+    _assert_secagg_global_is_fedavg_of(tmp_path / "run", updates, [1, 2, 3, 6], SECAGG_RUN["secagg-max-weight"])
 
 
 def _weight_plus(extra: int):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.common import parameters_to_ndarrays
 
+from messages.clipping import update_norm
 from server.app import app as server_app
 from tests.helpers import nodes, run_inproc, tiny_run_config
 from tests.helpers import run_records as _records
@@ -83,14 +85,15 @@ def test_with_update_bound_a_long_claim_moves_the_model_by_at_most_k_typical_upd
     down to what the cut claims allow: no single update can be told or scaled under SecAgg+."""
     from server.secagg import CheckedFedAvg
 
-    sent, configure = {}, CheckedFedAvg.configure_fit
+    sent, made, aggregate = {}, {}, CheckedFedAvg.aggregate_fit
 
-    def configure_and_keep(self, *args):  # the model the round sends, by name
-        out = configure(self, *args)
+    def aggregate_and_keep(self, *args):  # the model the round sent, and the one it made (student and discriminator)
+        parameters, metrics = aggregate(self, *args)
         sent.update(zip(self.names, self.sent, strict=True))
-        return out
+        made.update(zip(self.names, parameters_to_ndarrays(parameters), strict=True))
+        return parameters, metrics
 
-    monkeypatch.setattr(CheckedFedAvg, "configure_fit", configure_and_keep)
+    monkeypatch.setattr(CheckedFedAvg, "aggregate_fit", aggregate_and_keep)
     run_config = tiny_run_config(tmp_path, **{**SECAGG_RUN, "update-bound": bound})
     run_inproc(server_app, _hostile_app(2**17, claim=1e6), run_config, nodes())
     record = _records(tmp_path / "run")[1]
@@ -104,10 +107,11 @@ def test_with_update_bound_a_long_claim_moves_the_model_by_at_most_k_typical_upd
     assert cut["site"] == "site-3" and cut["claimed"] == 1e6
     assert cut["limit"] == pytest.approx(3 * max(honest))  # the lower median of three claims: the longer honest one
     assert moved["scaled"] and moved["bound"] <= cut["limit"] + 1e-3 < moved["norm"]
+    assert update_norm(sent, made) == pytest.approx(moved["bound"], rel=1e-6)  # the whole model, scaled to the bound
     from mstkd.checkpoint import load_checkpoint
 
-    kept = {f"student.{k}": v.numpy() for k, v in load_checkpoint(tmp_path / "run" / "last.pt")[0].state_dict().items()}
-    assert np.sqrt(sum(np.sum((kept[k] - sent[k]) ** 2) for k in kept)) <= moved["bound"]
+    kept = load_checkpoint(tmp_path / "run" / "last.pt")[0].state_dict()
+    assert all(np.allclose(v.numpy(), made[f"student.{k}"], atol=1e-6) for k, v in kept.items())  # and saved
     report = (tmp_path / "run" / "REPORT.md").read_text()
     assert "a node calling itself site-3 claimed an update of norm 1e+06, counted as update-bound's" in report
     assert "the unmasked average's update (norm" in report and "scaled down to update-bound's" in report

@@ -85,11 +85,12 @@ def test_a_node_that_masks_another_update_is_seen_in_the_average():
 
 
 def test_update_bound_cuts_a_claim_to_k_lower_medians_of_the_claims_that_moved():
-    claims = [(4, 1.0), (4, 1.2), (4, 0.0), (4, 0.9), (4, 300.0)]  # one node sent back what it got
+    claims = [(4, 1.0), (4, 1.2), (4, 0.0), (4, 0.0), (4, 0.9), (4, 300.0)]  # two nodes sent back what they got
     allowed = _allowed(claims, 100, bound=3.0)
-    assert allowed.cut == [(4, 300.0, 3.0)]  # the claims above 0 are 0.9, 1.0, 1.2, 300: the lower median is 1.0
-    assert allowed.bound == pytest.approx((1.0 + 1.2 + 0.0 + 0.9 + 3.0) / 5, rel=1e-3)
-    assert allowed.claims == pytest.approx((1.0 + 1.2 + 0.0 + 0.9 + 300.0) / 5, rel=1e-3)
+    # the claims above 0 are 0.9, 1.0, 1.2, 300: the lower median is 1.0 (with the zeros it would be 0.9)
+    assert allowed.cut == [(5, 300.0, 3.0)]
+    assert allowed.bound == pytest.approx((1.0 + 1.2 + 0.9 + 3.0) / 6, rel=1e-3)
+    assert allowed.claims == pytest.approx((1.0 + 1.2 + 0.9 + 300.0) / 6, rel=1e-3)
     unbounded = _allowed(claims, 100)
     assert unbounded.cut == [] and unbounded.bound == unbounded.claims
 
