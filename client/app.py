@@ -13,10 +13,10 @@ every message. This module therefore imports neither PyTorch nor MONAI.
 Mods, outermost first: ``disclosed`` writes every reply this node sends in its own disclosure log before it
 leaves (:mod:`client.disclosures`); ``private_errors`` turns any failure into an error reply that tells the server a
 category and a short code only (:func:`mstkd.errors.public_reason`; the details go to the node's own log);
-``required_secagg`` refuses what breaks the site's own terms for its update (node config ``require-secagg``:
-:mod:`client.terms`); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in one piece and packs
-the reply (:mod:`messages.arrays`); ``checked_input`` reads every incoming array safely and refuses a global
-model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks for secure
+``required_secagg`` refuses what breaks the site's own terms for its update (node config ``require-secagg``, or a
+``secagg=true`` run's: :mod:`client.terms`); ``packed_arrays_mod`` unpacks the arrays a deployed server sends in
+one piece and packs the reply (:mod:`messages.arrays`); ``checked_input`` reads every incoming array safely and
+refuses a global model that is not finite; ``secagg_mod`` runs Flower's SecAgg+ protocol when the server asks for secure
 aggregation (``secagg=true``; :mod:`client.secagg`); ``clip_updates`` clips the update for client-side
 differential privacy (``dp='client'``, fixed or adaptive clipping; :mod:`messages.clipping`).
 """

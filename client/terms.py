@@ -3,8 +3,8 @@
 ``require-secagg`` N > 0: the site's update leaves it only masked, under SecAgg+ among at least max(N, 2) nodes.
 Without it, a run config with ``secagg=true`` (what a site approves in a plan, ``deploy/plans.py``) sets the same
 terms with N = 2 (a site that wants a floor on a round's size sets ``require-secagg``). Before, such a run refused only
-a train message outside the protocol, so a set-up whose masks were drawn from 2 values, all 0, or whose threshold was
-1 reached Flower's client, and so did a request to mask with too few partners after a node was lost.
+a train message outside the protocol, so a set-up whose threshold was 1 of 3 and an unmasking request that names a
+node both alive and dead (both of its secrets, so its update) reached Flower's client.
 With ``secagg-peers`` too, only in a round whose every node's keys a key of that list signed, each node's by its own,
 for this round's set-up, masked only with partners that signed the key list this node was given, and unmasked only
 among nodes that signed that they trained on the instructions this node trained on, and only with alive the
@@ -14,7 +14,7 @@ survivors this node signed, which at least the round's threshold of its nodes si
 - any message but ``train``, ``evaluate`` and ``query`` (Flower routes ``train.<name>`` to the same function);
 - a train message outside the protocol (a run without ``secagg``, or a coordinator that turned it off);
 - a set-up whose threshold t is not more than half of its shares, whose shares are fewer than N, or whose masks
-  are not drawn from 2^32 values (Flower's; with 2 values every mask would be 0);
+  are not drawn from 2^32 values (Flower's; with Flower's own generator, 2 values make every mask 0);
 - a key exchange whose node list is not n >= N distinct node ids in canonical form, this node's among them, or
   whose n is 2t or more (two lists of survivors each signed by t nodes must share a signer);
 - a collection of masked vectors whose partners (``srcs``, the nodes whose masks this node adds) are so few that
@@ -59,7 +59,7 @@ ANSWERED = (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)
 
 
 def required_secagg(msg: Message, context: Context, call_next) -> Message:
-    """A ClientApp mod: the site's ``require-secagg`` terms (see the module doc).
+    """A ClientApp mod: the site's ``require-secagg`` terms, or a ``secagg=true`` run's (see the module doc).
 
     Raises:
         RefusedMessage: which term the message breaks, in one line; the others' round goes on without this site.

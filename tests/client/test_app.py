@@ -370,8 +370,8 @@ def test_what_a_run_config_sets_for_privacy_binds_the_messages_of_its_run(tmp_pa
 
 def test_a_run_with_secagg_holds_its_rounds_to_the_protocols_terms_without_require_secagg(tmp_path, monkeypatch):
     """A site that approves a plan with secagg=true but sets no require-secagg: its node refused only a train message
-    in the clear, so a set-up whose masks were drawn from 2 values (every mask 0) or whose threshold was 1 of 3 (one
-    share gives a secret away) reached Flower's SecAgg+ client, and so would the later stages' crafted messages. The
+    in the clear, so a set-up of another mask range or whose threshold was 1 of 3 (one share gives a secret away), and
+    an unmasking request naming a node both alive and dead (both its secrets), reached Flower's SecAgg+ client. The
     run's secagg=true now sets the protocol's terms with a floor of 2 nodes; an honest round keeps to them."""
     from flwr.common.secure_aggregation.secaggplus_constants import Stage
 

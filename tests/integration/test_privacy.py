@@ -414,10 +414,10 @@ def test_a_malformed_secagg_reply_costs_its_node_not_the_run(tmp_path, monkeypat
     """Flower's SecAgg+ workflow reads every reply's fields unchecked: one node's reply without them ended the
     whole run with a KeyError. Now it is that node's error, which the protocol treats as a dropped node; the round
     aggregates the others' updates, whichever stage the node is lost in (one lost in the first two stages lost the
-    round for every node, and key shares that skipped a neighbour made the sum wrong). Except after the key
-    exchange: of three nodes, each other node would be masked with one partner, whose key the others' unmasking
-    answers could rebuild, so they refuse (the protocol's terms, client/terms.py) and the round halts with that
-    reason (test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others: six nodes go on)."""
+    round for every node, and key shares that skipped a neighbour made the sum wrong). Except during the key
+    exchange: of three nodes, each other node would be masked with one partner, which the protocol's terms count as
+    too few (client/terms.py), so they refuse and the round halts with that reason
+    (test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others: six nodes go on)."""
     from server.report import RunFailed
 
     hostile = _secagg_liars({3: stage})
@@ -462,9 +462,9 @@ def test_secagg_with_two_nodes_lost_at_different_stages_sums_the_others(tmp_path
     """Six nodes: node 4 is lost before it has shared its keys, node 5 after (its masked vector is refused). The
     round's sum is the FedAvg of nodes 1-3 and 6: node 5's masks with its neighbours are recovered from their shares,
     and node 4, forgotten, is in no neighbourhood the server unmasks (were it, the sum was wrong, or a KeyError ended
-    the run). Six, not five: with node 4 lost after the key exchange, each node of five would be masked with 3
-    partners at threshold 3, few enough that the unmasking answers could rebuild their keys, and the protocol's terms
-    refuse that (client/terms.py)."""
+    the run). Six, not five: with node 4 lost during the key exchange, each node of five would be masked with 3
+    partners at threshold 3, which the protocol's terms count as few enough for the unmasking answers to rebuild
+    their keys, and refuse (client/terms.py)."""
     hostile = _secagg_liars({4: first, 5: "collect_masked_vectors"})
     updates = _record_updates(monkeypatch)
     run_config = tiny_run_config(tmp_path, **SECAGG_RUN, **{"min-nodes": 6, "phantom-cases": 36})
