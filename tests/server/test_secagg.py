@@ -112,3 +112,15 @@ def test_a_claim_counts_for_at_most_the_longest_update_a_node_can_carry():
 def test_weight_factors_that_sum_to_0_give_no_average():
     with pytest.raises(ValueError, match="weight factors sum to 0: secagg-max-weight 1e.09 is too large"):
         allowed_update([(1, 1.0), (1, 1.0)], max_weight=1e9, levels=LEVELS, clip=CLIP, size=10)
+
+
+@pytest.mark.parametrize(
+    ("sent", "counted"),
+    [(1.5, 1.5), (2, 2.0), (True, 0.0), ("1e6", 0.0), (float("nan"), 0.0), (None, 0.0), (10**400, 0.0)],
+)
+def test_a_claim_is_read_as_the_servers_metric_checks_take_a_metric(sent, counted):
+    """A claim sent as a bool, a text, NaN, nothing, or an int beyond float's range counts as no claim (0)."""
+    from server.secagg import _claimed_norm
+
+    metrics = {} if sent is None else {"update-norm": sent}
+    assert _claimed_norm(metrics) == counted
