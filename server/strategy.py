@@ -138,7 +138,7 @@ def check_update_bound(run: RunConfig) -> None:
     """Refuse an ``update-bound`` that cannot work: one below 1 (it would shrink a typical update too), or one with
     differential privacy (whose clipping bounds each update at a norm of its own; a bound that follows the other
     sites' updates would change what the noise covers). Under secure aggregation it bounds the lengths the nodes claim
-    (:func:`server.secagg.allowed_update`), since the server never sees a single update.
+    (:func:`server.secagg_average.allowed_update`), since the server never sees a single update.
 
     Raises:
         InputError: one line naming the setting.

@@ -1,5 +1,5 @@
 """A hostile node under SecAgg+, in process: the server sees only the unmasked average, which must be no longer than
-the lengths the nodes claim allow (server.secagg.allowed_update)."""
+the lengths the nodes claim allow (server.secagg_average.allowed_update)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_with_update_bound_a_long_claim_moves_the_model_by_at_most_k_typical_upd
     that through (without update-bound the round aggregates, moved by far more than the honest nodes' updates); with
     update-bound 3 its claim counts for 3 times the lower median of the claims, and the average's update is scaled
     down to what the cut claims allow: no single update can be told or scaled under SecAgg+."""
-    from server.secagg import CheckedFedAvg
+    from server.secagg_average import CheckedFedAvg
 
     sent, made, aggregate = {}, {}, CheckedFedAvg.aggregate_fit
 

@@ -169,5 +169,5 @@ def test_an_update_bound_that_cannot_work_is_refused_before_any_work(options, me
     with pytest.raises(InputError, match=message):
         strategy_options(RunConfig.parse(options), 4)
     assert strategy_options(RunConfig.parse({"update-bound": 1.0, "strategy": "fedmedian"}), 4) == {}
-    # under SecAgg+ it bounds the lengths the nodes claim (server.secagg.allowed_update)
+    # under SecAgg+ it bounds the lengths the nodes claim (server.secagg_average.allowed_update)
     assert strategy_options(RunConfig.parse({"update-bound": 3.0, "secagg": True}), 4) == {}

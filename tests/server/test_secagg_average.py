@@ -1,4 +1,4 @@
-"""The bound on SecAgg+'s unmasked average (server.secagg.allowed_update), against Flower's own quantisation."""
+"""The bound on SecAgg+'s unmasked average (server.secagg_average.allowed_update), against Flower's own quantisation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_multiply
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from server.secagg import CLIP, LEVELS, allowed_update
+from server.secagg_average import CLIP, LEVELS, allowed_update
 
 MAX_WEIGHT = 10.0
 
@@ -120,7 +120,7 @@ def test_weight_factors_that_sum_to_0_give_no_average():
 )
 def test_a_claim_is_read_as_the_servers_metric_checks_take_a_metric(sent, counted):
     """A claim sent as a bool, a text, NaN, nothing, or an int beyond float's range counts as no claim (0)."""
-    from server.secagg import _claimed_norm
+    from server.secagg_average import _claimed_norm
 
     metrics = {} if sent is None else {"update-norm": sent}
     assert _claimed_norm(metrics) == counted
