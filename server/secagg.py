@@ -55,7 +55,7 @@ from mstkd.errors import InputError
 from mstkd.runconfig import RunConfig
 from server.replies import SiteCases, metric_problem, printable
 from server.runlog import RunLog
-from server.secagg_average import CLIP, LEVELS, CheckedFedAvg
+from server.secagg_average import CLIP, LEVELS, CheckedFedAvg, weight_factor
 from server.secagg_grid import CheckedGrid
 
 RECONSTRUCTION = 2 / 3
@@ -170,7 +170,7 @@ class RoundSafeSecAgg(SecAggPlusWorkflow):
         value, which it chooses): that sum must be what the case counts the nodes sent in the clear give, or a node
         could scale the round's model (a sum of 1 multiplied it by a million) or make it infinite."""
         counts = [c for n, c in grid.counts.items() if n in state.active_node_ids]
-        expected = sum(round(c / self.max_weight * self.quantization_range) for c in counts)
+        expected = sum(weight_factor(c, self.max_weight, self.quantization_range) for c in counts)
         if expected >= self.modulus_range:  # the sum wraps round: Flower's division would be wrong for honest nodes
             raise ValueError(f"the nodes' {sum(counts)} cases are too many for secagg-max-weight {self.max_weight:g}")
         token = _EXPECTED_WEIGHT.set(expected)

@@ -17,9 +17,10 @@ import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 
-from messages.clipping import update_norm
+from messages.clipping import scaled_update, update_norm
 from server.replies import metric_problem, printable
 from server.runlog import RunLog
+from server.strategy import median_limit, warn_few_moved
 
 log = logging.getLogger("mstkd.server")
 
@@ -39,6 +40,14 @@ class Allowance:
     """The same with each claim cut to ``update-bound`` lower medians (``claims`` without ``update-bound``)."""
     cut: list[tuple[int, float, float]]
     """The claims cut: ``(position, the length claimed, limit)``."""
+    moved: int
+    """How many claims are above 0."""
+
+
+def weight_factor(count: int, max_weight: float, levels: int = LEVELS) -> int:
+    """A node's SecAgg+ weight factor, as Flower's client computes it from its case count: the integer its scaled
+    weights are multiplied by, over ``levels``."""
+    return round(count / max_weight * levels)
 
 
 def allowed_update(
@@ -57,7 +66,7 @@ def allowed_update(
     Raises:
         ValueError: the weight factors sum to 0 (``max_weight`` far above every case count): there is no average.
     """
-    weights = [round(count / max_weight * levels) for count, _ in claims]
+    weights = [weight_factor(count, max_weight, levels) for count, _ in claims]
     total = sum(weights)
     if total <= 0:
         raise ValueError(f"the nodes' weight factors sum to 0: secagg-max-weight {max_weight:g} is too large")
@@ -65,18 +74,16 @@ def allowed_update(
         min(norm if np.isfinite(norm) and norm >= 0 else 0.0, np.sqrt(size) * 2 * clip * levels / w if w else 0.0)
         for w, (_, norm) in zip(weights, claims, strict=True)
     ]
-    cut: list[tuple[int, float, float]] = []
-    moved = sorted(n for n in norms if n > 0)
-    if bound and moved:
-        limit = bound * moved[(len(moved) - 1) // 2]
-        cut = [(i, float(claims[i][1]), limit) for i, n in enumerate(norms) if n > limit]  # as claimed
+    limit, moved = median_limit(norms, bound)
+    if not bound or limit is None:
+        limit = float("inf")
+    cut = [(i, float(claims[i][1]), limit) for i, n in enumerate(norms) if n > limit]  # as claimed
     quantisation = np.sqrt(size) * len(claims) * 2 * clip / total
 
     def mean(lengths: list[float]) -> float:
         return sum(w * n for w, n in zip(weights, lengths, strict=True)) / total * (1 + RELATIVE_SLACK) + quantisation
 
-    bounded = [min(n, cut[0][2]) for n in norms] if cut else norms
-    return Allowance(claims=mean(norms), bound=mean(bounded), cut=cut)
+    return Allowance(claims=mean(norms), bound=mean([min(n, limit) for n in norms]), cut=cut, moved=moved)
 
 
 def _claimed_norm(metrics: dict) -> float:
@@ -117,10 +124,13 @@ class CheckedFedAvg(LegacyFedAvg):
             average = parameters_to_ndarrays(results[0][1].parameters)
             scale = self._check(server_round, [fitres for _, fitres in results], average)
             if scale < 1:
-                parameters = ndarrays_to_parameters(
-                    [s + (np.asarray(a, np.float64) - s) * scale for s, a in zip(self.sent, average, strict=True)]
-                )
+                scaled = scaled_update(self._named(self.sent), self._named(average), scale)
+                parameters = ndarrays_to_parameters(list(scaled.values()))
         return parameters, metrics
+
+    def _named(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """``arrays`` in the order both ends pack the federated arrays, by name."""
+        return dict(zip(self.names, arrays, strict=True))
 
     def _check(self, server_round: int, results: list, average: list[np.ndarray]) -> float:
         """What to scale the average's update by (1: nothing); raise ``ValueError`` where no honest nodes give it."""
@@ -133,17 +143,11 @@ class CheckedFedAvg(LegacyFedAvg):
             size=sum(a.size for a in self.sent),
             bound=self.update_bound,
         )
-        norm = update_norm(dict(zip(self.names, self.sent, strict=True)), dict(zip(self.names, average, strict=True)))
+        norm = update_norm(self._named(self.sent), self._named(average))
         record = self.runlog.record(server_round)
         record["secagg-update"] = {"norm": norm, "claims": allowed.claims, "bound": allowed.bound}
-        moved = sum(n > 0 for _, n in claims)
-        if self.update_bound and moved < 3:  # as server.strategy warns in the clear
-            log.warning(
-                "round %d: update-bound compares %d claim(s) of updates that moved: no median here that a hostile "
-                "site cannot set (three or more are needed)",
-                server_round,
-                moved,
-            )
+        if self.update_bound:
+            warn_few_moved(server_round, allowed.moved, "claim(s) of updates")
         if allowed.cut:
             record["claims-bounded"] = [
                 {"site": printable(results[i].metrics.get("site", "?"), 64), "claimed": claimed, "limit": limit}

@@ -236,17 +236,10 @@ class FederatedMixin:
         length, in place, and record which (``bounded`` in the round's record: node, norm, limit)."""
         returned = [_arrays(reply) for reply in replies]
         norms = [update_norm(self.bound_base, arrays) for arrays in returned]
-        moved = sorted(n for n in norms if n > 0)  # a node that sent back what it got adds nothing to compare
-        if not moved:
+        limit, moved = median_limit(norms, self.update_bound)
+        if limit is None:
             return
-        if len(moved) < 3:  # of two, the shorter bounds the other; one is never bounded
-            log.warning(
-                "round %d: update-bound compares %d update(s) that moved: no median here that a hostile site "
-                "cannot set (three or more are needed)",
-                server_round,
-                len(moved),
-            )
-        limit = self.update_bound * moved[(len(moved) - 1) // 2]  # the lower median: most replies must be honest
+        warn_few_moved(server_round, moved, "update(s)")
         bounded = []
         for reply, arrays, norm in zip(replies, returned, norms, strict=True):
             if norm <= limit:
@@ -270,6 +263,26 @@ class FederatedMixin:
         if metrics is not None:
             self.runlog.record(server_round)["val"] = {k: v for k, v in metrics.items()}
         return metrics
+
+
+def median_limit(lengths: Iterable[float], bound: float) -> tuple[float | None, int]:
+    """``bound`` times the lower median of the update ``lengths`` above 0 (most nodes must be honest; a node that sent
+    back what it got adds nothing to compare), or None where none is; and how many are above 0."""
+    moved = sorted(n for n in lengths if n > 0)
+    return (bound * moved[(len(moved) - 1) // 2] if moved else None), len(moved)
+
+
+def warn_few_moved(server_round: int, moved: int, what: str) -> None:
+    """Warn where ``update-bound`` compares only one or two ``what`` that moved: of two, the shorter bounds the other;
+    one is never bounded."""
+    if 0 < moved < 3:
+        log.warning(
+            "round %d: update-bound compares %d %s that moved: no median here that a hostile site cannot set (three "
+            "or more are needed)",
+            server_round,
+            moved,
+            what,
+        )
 
 
 def _arrays(reply: Message) -> dict[str, np.ndarray]:
